@@ -1,0 +1,113 @@
+//! Configuration: every flag has an environment variable (`DEPLOY_SVC_*`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::domain::model::HealthWindows;
+use crate::placement_log::WatchLimits;
+use crate::store::sqlite::SqliteOptions;
+
+/// deploy-svc's configuration.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "deploy-svc", about = "Deployment Management gRPC service", version)]
+pub struct Config {
+    /// Address to listen on (port 0 picks a free port; the bound address is printed).
+    #[arg(long, env = "DEPLOY_SVC_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// SQLite database file (created if missing).
+    #[arg(long, env = "DEPLOY_SVC_DATABASE", default_value = "data/deploy-svc.db")]
+    pub database: PathBuf,
+    /// SQLite durability: `full` survives power loss, `normal` only process crashes.
+    #[arg(long, env = "DEPLOY_SVC_SYNCHRONOUS", default_value = "full", value_parser = ["full", "normal"])]
+    pub synchronous: String,
+    /// Most writes committed in one transaction (group commit); 1 commits every write alone.
+    #[arg(long, env = "DEPLOY_SVC_MAX_BATCH", default_value_t = 1024)]
+    pub max_batch: usize,
+    /// Placement events retained for resuming watchers; older ones are pruned.
+    #[arg(long, env = "DEPLOY_SVC_RETENTION_EVENTS", default_value_t = 1_000_000)]
+    pub retention_events: u64,
+    /// Messages queued per watcher before it counts as slow.
+    #[arg(long, env = "DEPLOY_SVC_WATCH_QUEUE", default_value_t = 256)]
+    pub watch_queue: usize,
+    /// A watcher whose queue stays full this long is cut off (RESOURCE_EXHAUSTED).
+    #[arg(long, env = "DEPLOY_SVC_SLOW_WATCHER_TIMEOUT_MS", default_value_t = 30_000)]
+    pub slow_watcher_timeout_ms: u64,
+    /// A target without a heartbeat for this long is STALE.
+    #[arg(long, env = "DEPLOY_SVC_HEALTHY_WINDOW_MS", default_value_t = 30_000)]
+    pub healthy_window_ms: i64,
+    /// A target without a heartbeat for this long is LOST.
+    #[arg(long, env = "DEPLOY_SVC_LOST_WINDOW_MS", default_value_t = 300_000)]
+    pub lost_window_ms: i64,
+    /// On shutdown, the longest wait for in-flight calls before exiting.
+    #[arg(long, env = "DEPLOY_SVC_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub drain_timeout_ms: u64,
+    /// Largest request or response message in bytes.
+    #[arg(long, env = "DEPLOY_SVC_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+    /// Logging.
+    #[command(flatten)]
+    pub log: service_kit::LogArgs,
+}
+
+impl Config {
+    /// A configuration with defaults for a database at `database` (used by tests).
+    pub fn for_database(database: impl Into<PathBuf>) -> Self {
+        use clap::Parser;
+        let mut config = Self::parse_from(["deploy-svc"]);
+        config.database = database.into();
+        config
+    }
+
+    /// The storage options.
+    pub fn sqlite_options(&self) -> SqliteOptions {
+        SqliteOptions {
+            synchronous_full: self.synchronous == "full",
+            max_batch: self.max_batch,
+            retention: self.retention_events,
+            ..SqliteOptions::new(&self.database)
+        }
+    }
+
+    /// The health windows of targets.
+    pub fn health_windows(&self) -> HealthWindows {
+        HealthWindows {
+            healthy_ms: self.healthy_window_ms,
+            lost_ms: self.lost_window_ms,
+        }
+    }
+
+    /// The limits of every watcher.
+    pub fn watch_limits(&self) -> WatchLimits {
+        WatchLimits {
+            queue: self.watch_queue,
+            slow_timeout: Duration::from_millis(self.slow_watcher_timeout_ms),
+            ..WatchLimits::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn flags_parse() {
+        let c = Config::parse_from([
+            "deploy-svc",
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            "/tmp/x.db",
+            "--synchronous",
+            "normal",
+            "--max-batch",
+            "1",
+        ]);
+        assert_eq!(c.listen.port(), 0);
+        assert!(!c.sqlite_options().synchronous_full);
+        assert_eq!(c.sqlite_options().max_batch, 1);
+        assert!(Config::try_parse_from(["deploy-svc", "--synchronous", "off"]).is_err());
+    }
+}

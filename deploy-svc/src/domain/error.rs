@@ -1,0 +1,147 @@
+//! The one error type of deploy-svc. The gRPC layer maps it exhaustively to a status.
+
+/// A request field that failed validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    /// The field path, for example `deployment.environment`.
+    pub field: String,
+    /// What is wrong with it.
+    pub description: String,
+}
+
+impl FieldViolation {
+    /// A violation of `field`.
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+}
+
+/// A rule that refuses the operation in the current state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreconditionViolation {
+    /// Machine-readable rule, for example `PROMOTION_ORDER`.
+    pub kind: String,
+    /// The resource the rule is about, for example `environments/staging`.
+    pub subject: String,
+    /// Human-readable explanation.
+    pub description: String,
+}
+
+impl PreconditionViolation {
+    /// A violation of rule `kind` about `subject`.
+    pub fn new(
+        kind: impl Into<String>,
+        subject: impl Into<String>,
+        description: impl Into<String>,
+    ) -> Self {
+        Self {
+            kind: kind.into(),
+            subject: subject.into(),
+            description: description.into(),
+        }
+    }
+}
+
+/// Everything that can go wrong in deploy-svc.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// One or more request fields are invalid.
+    #[error("invalid argument: {}", describe_fields(.0))]
+    InvalidArgument(Vec<FieldViolation>),
+    /// The named resource does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The resource exists already (and differs from the request).
+    #[error("{resource} already exists: {detail}")]
+    AlreadyExists {
+        /// The resource name.
+        resource: String,
+        /// Why the request conflicts with it.
+        detail: String,
+    },
+    /// Rules refuse the operation; every violated rule is listed.
+    #[error("failed precondition: {}", describe_rules(.0))]
+    FailedPrecondition(Vec<PreconditionViolation>),
+    /// A concurrent change won (stale etag).
+    #[error("aborted: {0}")]
+    Aborted(String),
+    /// A position outside the valid range (a sequence ahead of the log head).
+    #[error("out of range: {0}")]
+    OutOfRange(String),
+    /// The caller is too slow or asks too much.
+    #[error("resource exhausted: {0}")]
+    ResourceExhausted(String),
+    /// The service cannot serve now (shutting down, storage unreachable); retry later.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// A bug or a storage failure; details are logged, not returned.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The result type of deploy-svc.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// One invalid field.
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self::InvalidArgument(vec![FieldViolation::new(field, description)])
+    }
+
+    /// One violated rule.
+    pub fn precondition(
+        kind: impl Into<String>,
+        subject: impl Into<String>,
+        description: impl Into<String>,
+    ) -> Self {
+        Self::FailedPrecondition(vec![PreconditionViolation::new(kind, subject, description)])
+    }
+}
+
+fn describe_fields(v: &[FieldViolation]) -> String {
+    v.iter()
+        .map(|f| format!("{}: {}", f.field, f.description))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn describe_rules(v: &[PreconditionViolation]) -> String {
+    v.iter()
+        .map(|r| format!("{} ({}): {}", r.kind, r.subject, r.description))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Collects field violations so a request reports all of them at once.
+#[derive(Debug, Default)]
+pub struct Violations(Vec<FieldViolation>);
+
+impl Violations {
+    /// Records the error of `check` (if any) against `field`.
+    pub fn check<T>(&mut self, field: &str, check: Result<T, String>) -> Option<T> {
+        match check {
+            Ok(v) => Some(v),
+            Err(description) => {
+                self.0.push(FieldViolation::new(field, description));
+                None
+            }
+        }
+    }
+
+    /// Records a violation.
+    pub fn push(&mut self, field: &str, description: impl Into<String>) {
+        self.0.push(FieldViolation::new(field, description));
+    }
+
+    /// `Ok` when nothing was recorded, else `InvalidArgument` with every violation.
+    pub fn finish(self) -> Result<()> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(self.0))
+        }
+    }
+}

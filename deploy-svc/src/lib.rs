@@ -1,0 +1,96 @@
+//! deploy-svc: Deployment Management. Environments with promotion paths, targets with
+//! heartbeats, immutable artifact versions, deployments whose state derives from per-target
+//! placements, and the placement event stream that release-svc follows.
+//!
+//! # Layout
+//!
+//! - [`config`]: command-line flags and environment variables.
+//! - [`domain`]: resources, validation, the deployment state machine, the promotion rule.
+//! - [`store`]: the storage trait and the SQLite backend (transactional outbox, group commit).
+//! - [`placement_log`]: the in-memory tail of the event log and WatchPlacements watchers.
+//! - [`grpc`]: the `deploy.v1.DeployService` handlers, conversions and status mapping.
+//! - [`serve`]: wires it all on an already-bound listener until a shutdown future resolves.
+
+pub mod config;
+pub mod domain;
+pub mod grpc;
+pub mod placement_log;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::deploy::v1::deploy_service_server::DeployServiceServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+use domain::clock::{Clock, SystemClock};
+use grpc::DeployApi;
+use store::sqlite::SqliteStore;
+
+/// The gRPC service name, as health checks know it.
+pub const SERVICE_NAME: &str = "deploy.v1.DeployService";
+
+/// Serves deploy-svc on `listener` until `shutdown` resolves, then drains and closes the
+/// store.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    serve_with_clock(listener, config, Arc::new(SystemClock), shutdown).await
+}
+
+/// [`serve`] with an injected clock.
+pub async fn serve_with_clock(
+    listener: TcpListener,
+    config: Config,
+    clock: Arc<dyn Clock>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (store, feed) = SqliteStore::open(config.sqlite_options(), clock.clone())?;
+    let store: Arc<dyn store::Store> = Arc::new(store);
+    let streams = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let api = DeployApi::new(
+        store.clone(),
+        feed,
+        clock,
+        config.health_windows(),
+        config.watch_limits(),
+        streams.clone(),
+        tasks.clone(),
+    );
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<DeployServiceServer<DeployApi>>().await;
+    let routes = tonic::service::Routes::new(health_service).add_service(
+        DeployServiceServer::new(api)
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes),
+    );
+    let routes = service_kit::reflection(routes)?;
+    tracing::info!(address = %listener.local_addr()?, database = %config.database.display(), "deploy-svc serving");
+    let result = service_kit::serve_gracefully(
+        listener,
+        routes,
+        health,
+        &[SERVICE_NAME],
+        streams,
+        service_kit::Drain {
+            timeout: Duration::from_millis(config.drain_timeout_ms),
+        },
+        shutdown,
+    )
+    .await;
+    tasks.close();
+    if tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await.is_err() {
+        tracing::warn!("watch tasks still running at exit");
+    }
+    store.close().await;
+    tracing::info!("deploy-svc stopped");
+    result
+}

@@ -1,0 +1,92 @@
+//! Storage: one trait, one implementation per backend.
+//!
+//! # Layout
+//!
+//! - [`Store`]: every read and write the service needs. Each write is one transaction that
+//!   includes its placement events (transactional outbox).
+//! - [`sqlite`]: the embedded default (WAL, group commit by one writer thread).
+//! - `migrations/sqlite/`: embedded schema migrations.
+//!
+//! The trait has no SQLite types, so a PostgreSQL backend can implement it unchanged.
+
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+
+use crate::domain::model::{
+    Artifact, Deployment, DeploymentFilter, Environment, EnvironmentUpdate, LogBounds,
+    NewDeployment, NewEnvironment, Page, PageRequest, Placement, PlacementEvent,
+    PlacementReport, ReportOutcome, Target,
+};
+use crate::domain::Result;
+
+/// Every read and write of deploy-svc.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates an environment (idempotent per `request_id`).
+    async fn create_environment(
+        &self,
+        env: NewEnvironment,
+        request_id: Option<String>,
+    ) -> Result<Environment>;
+    /// Reads one environment.
+    async fn get_environment(&self, id: &str) -> Result<Environment>;
+    /// Lists environments by id.
+    async fn list_environments(&self, page: PageRequest) -> Result<Page<Environment>>;
+    /// Applies a partial update with optimistic concurrency.
+    async fn update_environment(&self, update: EnvironmentUpdate) -> Result<Environment>;
+
+    /// Registers or re-registers a target.
+    async fn register_target(
+        &self,
+        environment: &str,
+        id: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Target>;
+    /// Lists the targets of an environment by id.
+    async fn list_targets(&self, environment: &str, page: PageRequest) -> Result<Page<Target>>;
+    /// Records a heartbeat.
+    async fn heartbeat_target(&self, environment: &str, id: &str) -> Result<Target>;
+
+    /// Registers an immutable artifact version (idempotent for the same digest).
+    async fn register_artifact(&self, artifact: Artifact) -> Result<Artifact>;
+    /// Reads one artifact version.
+    async fn get_artifact(&self, name: &str, version: &str) -> Result<Artifact>;
+    /// Lists artifact versions.
+    async fn list_artifacts(&self, name: Option<String>, page: PageRequest)
+        -> Result<Page<Artifact>>;
+
+    /// Creates a deployment after checking the promotion rules (idempotent per `request_id`).
+    async fn create_deployment(
+        &self,
+        deployment: NewDeployment,
+        request_id: Option<String>,
+    ) -> Result<Deployment>;
+    /// Reads one deployment with its placements.
+    async fn get_deployment(&self, id: i64) -> Result<Deployment>;
+    /// Lists deployments newest first, without placements.
+    async fn list_deployments(
+        &self,
+        filter: DeploymentFilter,
+        page: PageRequest,
+    ) -> Result<Page<Deployment>>;
+    /// Cancels an unfinished deployment.
+    async fn cancel_deployment(&self, id: i64, reason: String) -> Result<Deployment>;
+
+    /// Applies a placement report and writes its event in the same transaction.
+    async fn report_placement(&self, report: PlacementReport) -> Result<ReportOutcome>;
+
+    /// Reads up to `limit` events with a sequence greater than `after`, in order. Fails
+    /// with the retention error if events after `after` were pruned.
+    async fn read_events(&self, after: u64, limit: usize) -> Result<Vec<PlacementEvent>>;
+    /// A consistent snapshot of current placements (PLACING, PLACED, FAILED) and the
+    /// sequence it reflects.
+    async fn snapshot(&self) -> Result<(Vec<Placement>, u64)>;
+    /// The bounds of the retained log.
+    async fn log_bounds(&self) -> Result<LogBounds>;
+
+    /// Finishes queued writes and stops accepting new ones.
+    async fn close(&self);
+}

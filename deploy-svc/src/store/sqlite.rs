@@ -1,0 +1,1219 @@
+//! The embedded SQLite backend.
+//!
+//! One writer thread owns the only write connection and commits in groups: it drains up
+//! to `max_batch` queued writes, runs each inside its own SAVEPOINT (a failing write rolls
+//! back alone), commits once, publishes the batch's placement events to the [`Feed`] and
+//! only then acknowledges every caller. With `synchronous=FULL` one fsync covers the whole
+//! group, which is what makes durable acknowledgements fast. Because a single writer
+//! assigns sequences and commits in order, sequences follow commit order with no gaps.
+//!
+//! Reads use a small pool of WAL reader connections on the blocking thread pool.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use tokio::sync::{mpsc, oneshot};
+
+use super::Store;
+use crate::domain::clock::{Clock, Millis};
+use crate::domain::deployment::{check_transition, derive_state, PlacementCounts};
+use crate::domain::model::{
+    Artifact, Deployment, DeploymentFilter, DeploymentState, Environment, EnvironmentUpdate,
+    LogBounds, NewDeployment, NewEnvironment, Page, PageRequest, Placement, PlacementEvent,
+    PlacementReport, PlacementState, ReportOutcome, Target,
+};
+use crate::domain::names::{
+    artifact_version_name, deployment_name, environment_name, target_name,
+};
+use crate::domain::promotion::{check_new_deployment, check_upstream};
+use crate::domain::{Error, FieldViolation, Result};
+use crate::placement_log::{retention_error, Feed};
+
+const MIGRATIONS: &[&str] = &[include_str!("migrations/sqlite/0001_init.sql")];
+
+/// Options of the SQLite backend.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// The database file.
+    pub path: PathBuf,
+    /// `FULL` survives power loss; `NORMAL` only process crashes.
+    pub synchronous_full: bool,
+    /// Most writes committed together (1 disables group commit).
+    pub max_batch: usize,
+    /// Events kept in the log; older ones are pruned.
+    pub retention: u64,
+    /// Writes that may wait for the writer before callers are held back.
+    pub queue: usize,
+}
+
+impl SqliteOptions {
+    /// Defaults for a database at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            synchronous_full: true,
+            max_batch: 1024,
+            retention: 1_000_000,
+            queue: 8192,
+        }
+    }
+}
+
+type Completion = Box<dyn FnOnce(Result<()>) + Send>;
+type Job = Box<dyn FnOnce(&Connection, Millis, &mut Vec<PlacementEvent>) -> (bool, Completion) + Send>;
+
+enum Msg {
+    Write(Job),
+    Stop(oneshot::Sender<()>),
+}
+
+/// The SQLite store.
+pub struct SqliteStore {
+    writes: mpsc::Sender<Msg>,
+    readers: Arc<ReadPool>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.readers.path).finish()
+    }
+}
+
+fn open_connection(path: &Path, synchronous_full: bool) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {}; PRAGMA foreign_keys = ON;",
+        if synchronous_full { "FULL" } else { "NORMAL" }
+    ))?;
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate() {
+        let target = i64::try_from(i).unwrap_or(i64::MAX) + 1;
+        if version < target {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(sql)?;
+            tx.execute_batch(&format!("PRAGMA user_version = {target}"))?;
+            tx.commit()?;
+        }
+    }
+    Ok(())
+}
+
+fn internal(e: impl std::fmt::Display) -> Error {
+    Error::Internal(e.to_string())
+}
+
+fn sql(e: rusqlite::Error) -> Error {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(
+                f.code,
+                rusqlite::ErrorCode::DatabaseBusy
+                    | rusqlite::ErrorCode::DatabaseLocked
+                    | rusqlite::ErrorCode::DiskFull
+                    | rusqlite::ErrorCode::CannotOpen
+                    | rusqlite::ErrorCode::SystemIoFailure
+            ) =>
+        {
+            Error::Unavailable(format!("storage unavailable: {e}"))
+        }
+        e => Error::Internal(format!("sqlite: {e}")),
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating if needed) the database and starts the writer. Returns
+    /// the store and the log head, for the feed the caller creates.
+    pub fn open(options: SqliteOptions, clock: Arc<dyn Clock>) -> Result<(Self, Arc<Feed>)> {
+        if let Some(dir) = options.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                Error::Unavailable(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let conn = open_connection(&options.path, options.synchronous_full).map_err(sql)?;
+        migrate(&conn).map_err(sql)?;
+        let head = head_sequence(&conn).map_err(sql)?;
+        let feed = Arc::new(Feed::new(head, 65_536));
+        let (tx, rx) = mpsc::channel(options.queue.max(1));
+        let writer_feed = feed.clone();
+        let max_batch = options.max_batch.max(1);
+        let retention = options.retention.max(1);
+        let writer = std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx, writer_feed, clock, max_batch, retention))
+            .map_err(internal)?;
+        let readers = Arc::new(ReadPool {
+            path: options.path.clone(),
+            synchronous_full: options.synchronous_full,
+            idle: Mutex::new(Vec::new()),
+        });
+        Ok((
+            Self {
+                writes: tx,
+                readers,
+                writer: Mutex::new(Some(writer)),
+            },
+            feed,
+        ))
+    }
+
+    async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, Millis, &mut Vec<PlacementEvent>) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn, now, events| {
+            let result = f(conn, now, events);
+            let ok = result.is_ok();
+            let done: Completion = Box::new(move |commit| {
+                let _ = tx.send(commit.and(result));
+            });
+            (ok, done)
+        });
+        self.writes
+            .send(Msg::Write(job))
+            .await
+            .map_err(|_| Error::Unavailable("the store is closed".into()))?;
+        rx.await
+            .map_err(|_| Error::Unavailable("write not committed: storage unavailable; retry".into()))?
+    }
+
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let pool = self.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = pool.take()?;
+            let result = f(&conn);
+            pool.put(conn);
+            result
+        })
+        .await
+        .map_err(internal)?
+    }
+}
+
+struct ReadPool {
+    path: PathBuf,
+    synchronous_full: bool,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl ReadPool {
+    fn take(&self) -> Result<Connection> {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match idle {
+            Some(conn) => Ok(conn),
+            None => open_connection(&self.path, self.synchronous_full).map_err(sql),
+        }
+    }
+
+    fn put(&self, conn: Connection) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < 16 {
+            idle.push(conn);
+        }
+    }
+}
+
+fn writer_loop(
+    conn: Connection,
+    mut rx: mpsc::Receiver<Msg>,
+    feed: Arc<Feed>,
+    clock: Arc<dyn Clock>,
+    max_batch: usize,
+    retention: u64,
+) {
+    let mut stop = None;
+    while stop.is_none() {
+        let Some(first) = rx.blocking_recv() else {
+            break;
+        };
+        let mut jobs = Vec::new();
+        match first {
+            Msg::Write(job) => jobs.push(job),
+            Msg::Stop(done) => stop = Some(done),
+        }
+        while stop.is_none() && jobs.len() < max_batch {
+            match rx.try_recv() {
+                Ok(Msg::Write(job)) => jobs.push(job),
+                Ok(Msg::Stop(done)) => stop = Some(done),
+                Err(_) => break,
+            }
+        }
+        if !jobs.is_empty() {
+            run_batch(&conn, jobs, &feed, clock.now_ms(), retention);
+        }
+    }
+    // Refuse whatever is still queued: the callers get UNAVAILABLE, never a false ack.
+    rx.close();
+    while let Ok(msg) = rx.try_recv() {
+        if let Msg::Stop(done) = msg {
+            let _ = done.send(());
+        }
+    }
+    drop(conn);
+    if let Some(done) = stop {
+        let _ = done.send(());
+    }
+}
+
+fn run_batch(conn: &Connection, jobs: Vec<Job>, feed: &Feed, now: Millis, retention: u64) {
+    let mut completions = Vec::with_capacity(jobs.len());
+    let mut events = Vec::new();
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        // Dropping the jobs unrun tells every caller the write was not committed.
+        tracing::error!(error = %sql(e), "cannot begin a write transaction");
+        drop(jobs);
+        return;
+    }
+    let mut broken = None;
+    for job in jobs {
+        if broken.is_some() {
+            // Run nothing more in a transaction we cannot trust; the caller sees the error.
+            completions.push(Box::new(|_: Result<()>| {}) as Completion);
+            continue;
+        }
+        let mark = events.len();
+        if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+            broken = Some(sql(e));
+        }
+        let (ok, done) = job(conn, now, &mut events);
+        let end = if ok {
+            conn.execute_batch("RELEASE job")
+        } else {
+            events.truncate(mark);
+            conn.execute_batch("ROLLBACK TO job; RELEASE job")
+        };
+        if let Err(e) = end {
+            broken = Some(sql(e));
+        }
+        completions.push(done);
+    }
+    if broken.is_none() {
+        if let Err(e) = prune(conn, retention) {
+            broken = Some(e);
+        }
+    }
+    let outcome = match broken {
+        Some(e) => Err(e),
+        None => conn.execute_batch("COMMIT").map_err(sql),
+    };
+    match outcome {
+        Ok(()) => {
+            feed.publish(events);
+            for done in completions {
+                done(Ok(()));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "write transaction failed; rolled back");
+            let _ = conn.execute_batch("ROLLBACK");
+            for done in completions {
+                done(Err(Error::Unavailable(format!(
+                    "write not committed: {e}; retry"
+                ))));
+            }
+        }
+    }
+}
+
+fn prune(conn: &Connection, retention: u64) -> Result<()> {
+    let head = head_sequence(conn).map_err(sql)?;
+    let pruned: i64 = conn
+        .query_row("SELECT pruned_through FROM log_meta WHERE id = 1", [], |r| r.get(0))
+        .map_err(sql)?;
+    let pruned = u64::try_from(pruned).unwrap_or(0);
+    // Prune in steps of a tenth of the retention, so the delete cost is amortised.
+    if head.saturating_sub(pruned) > retention + retention / 10 {
+        let through = to_i64(head - retention);
+        conn.execute("DELETE FROM placement_events WHERE seq <= ?1", [through])
+            .map_err(sql)?;
+        conn.execute("UPDATE log_meta SET pruned_through = ?1 WHERE id = 1", [through])
+            .map_err(sql)?;
+    }
+    Ok(())
+}
+
+fn head_sequence(conn: &Connection) -> rusqlite::Result<u64> {
+    let seq: Option<i64> = conn
+        .query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'placement_events'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(seq.and_then(|s| u64::try_from(s).ok()).unwrap_or(0))
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn map_json(map: &BTreeMap<String, String>) -> Result<String> {
+    serde_json::to_string(map).map_err(internal)
+}
+
+fn json_map(s: &str) -> BTreeMap<String, String> {
+    serde_json::from_str(s).unwrap_or_default()
+}
+
+// ---- requests ids (AIP-155) ----
+
+/// What a request id maps to: `Some(resource)` to return, `None` to proceed.
+fn check_request_id(
+    conn: &Connection,
+    request_id: Option<&str>,
+    method: &str,
+    fingerprint: &str,
+) -> Result<Option<String>> {
+    let Some(request_id) = request_id else {
+        return Ok(None);
+    };
+    let row: Option<(String, String, String)> = conn
+        .query_row(
+            "SELECT method, fingerprint, resource FROM request_ids WHERE request_id = ?1",
+            [request_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()
+        .map_err(sql)?;
+    match row {
+        None => Ok(None),
+        Some((m, f, resource)) if m == method && f == fingerprint => Ok(Some(resource)),
+        Some(_) => Err(Error::InvalidArgument(vec![FieldViolation::new(
+            "request_id",
+            "was already used for a different request; use a new request_id",
+        )])),
+    }
+}
+
+fn record_request_id(
+    conn: &Connection,
+    request_id: Option<&str>,
+    method: &str,
+    fingerprint: &str,
+    resource: &str,
+    now: Millis,
+) -> Result<()> {
+    if let Some(request_id) = request_id {
+        conn.execute(
+            "INSERT INTO request_ids (request_id, method, fingerprint, resource, create_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![request_id, method, fingerprint, resource, now],
+        )
+        .map_err(sql)?;
+    }
+    Ok(())
+}
+
+// ---- environments ----
+
+const ENV_COLUMNS: &str = "id, description, protected, upstream, revision, create_ms, update_ms";
+
+fn env_row(r: &Row<'_>) -> rusqlite::Result<Environment> {
+    Ok(Environment {
+        id: r.get(0)?,
+        description: r.get(1)?,
+        protected: r.get(2)?,
+        upstream: r.get(3)?,
+        revision: r.get(4)?,
+        create_ms: r.get(5)?,
+        update_ms: r.get(6)?,
+        promotion_path: Vec::new(),
+    })
+}
+
+fn promotion_path(conn: &Connection, id: &str) -> Result<Vec<String>> {
+    let mut path = vec![id.to_owned()];
+    let mut current = id.to_owned();
+    let mut stmt = conn
+        .prepare_cached("SELECT upstream FROM environments WHERE id = ?1")
+        .map_err(sql)?;
+    while path.len() <= 64 {
+        let upstream: Option<String> = stmt
+            .query_row([&current], |r| r.get(0))
+            .optional()
+            .map_err(sql)?
+            .flatten();
+        match upstream {
+            Some(u) if !path.contains(&u) => {
+                path.push(u.clone());
+                current = u;
+            }
+            _ => break,
+        }
+    }
+    path.reverse();
+    Ok(path)
+}
+
+fn load_environment(conn: &Connection, id: &str) -> Result<Environment> {
+    let mut env = conn
+        .prepare_cached(&format!("SELECT {ENV_COLUMNS} FROM environments WHERE id = ?1"))
+        .map_err(sql)?
+        .query_row([id], env_row)
+        .optional()
+        .map_err(sql)?
+        .ok_or_else(|| Error::NotFound(environment_name(id)))?;
+    env.promotion_path = promotion_path(conn, id)?;
+    Ok(env)
+}
+
+fn require_environment(conn: &Connection, id: &str) -> Result<()> {
+    let exists: Option<i64> = conn
+        .prepare_cached("SELECT 1 FROM environments WHERE id = ?1")
+        .map_err(sql)?
+        .query_row([id], |r| r.get(0))
+        .optional()
+        .map_err(sql)?;
+    exists.map(|_| ()).ok_or_else(|| Error::NotFound(environment_name(id)))
+}
+
+// ---- targets ----
+
+const TARGET_COLUMNS: &str = "environment, id, labels, register_ms, heartbeat_ms";
+
+fn target_row(r: &Row<'_>) -> rusqlite::Result<Target> {
+    let labels: String = r.get(2)?;
+    Ok(Target {
+        environment: r.get(0)?,
+        id: r.get(1)?,
+        labels: json_map(&labels),
+        register_ms: r.get(3)?,
+        heartbeat_ms: r.get(4)?,
+    })
+}
+
+fn load_target(conn: &Connection, env: &str, id: &str) -> Result<Target> {
+    conn.prepare_cached(&format!(
+        "SELECT {TARGET_COLUMNS} FROM targets WHERE environment = ?1 AND id = ?2"
+    ))
+    .map_err(sql)?
+    .query_row([env, id], target_row)
+    .optional()
+    .map_err(sql)?
+    .ok_or_else(|| Error::NotFound(target_name(env, id)))
+}
+
+// ---- artifacts ----
+
+const ARTIFACT_COLUMNS: &str = "name, version, digest, metadata, create_ms";
+
+fn artifact_row(r: &Row<'_>) -> rusqlite::Result<Artifact> {
+    let metadata: String = r.get(3)?;
+    Ok(Artifact {
+        name: r.get(0)?,
+        version: r.get(1)?,
+        digest: r.get(2)?,
+        metadata: json_map(&metadata),
+        create_ms: r.get(4)?,
+    })
+}
+
+fn find_artifact(conn: &Connection, name: &str, version: &str) -> Result<Option<Artifact>> {
+    conn.prepare_cached(&format!(
+        "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE name = ?1 AND version = ?2"
+    ))
+    .map_err(sql)?
+    .query_row([name, version], artifact_row)
+    .optional()
+    .map_err(sql)
+}
+
+// ---- deployments and placements ----
+
+const DEPLOYMENT_COLUMNS: &str =
+    "id, artifact, version, environment, change_reference, state, create_ms, update_ms";
+
+fn deployment_row(r: &Row<'_>) -> rusqlite::Result<Deployment> {
+    let state: i64 = r.get(5)?;
+    Ok(Deployment {
+        id: r.get(0)?,
+        artifact: r.get(1)?,
+        version: r.get(2)?,
+        environment: r.get(3)?,
+        change_reference: r.get(4)?,
+        state: DeploymentState::from_code(state).unwrap_or(DeploymentState::Pending),
+        placements: Vec::new(),
+        create_ms: r.get(6)?,
+        update_ms: r.get(7)?,
+    })
+}
+
+fn placement_state(code: i64) -> PlacementState {
+    PlacementState::from_code(code).unwrap_or(PlacementState::Pending)
+}
+
+fn load_deployment(conn: &Connection, id: i64, with_placements: bool) -> Result<Deployment> {
+    let mut d = conn
+        .prepare_cached(&format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE id = ?1"))
+        .map_err(sql)?
+        .query_row([id], deployment_row)
+        .optional()
+        .map_err(sql)?
+        .ok_or_else(|| Error::NotFound(deployment_name(id)))?;
+    if with_placements {
+        let digest = find_artifact(conn, &d.artifact, &d.version)?
+            .map(|a| a.digest)
+            .unwrap_or_default();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT target, state, message, seq, update_ms FROM placements WHERE deployment = ?1 ORDER BY target",
+            )
+            .map_err(sql)?;
+        let rows = stmt
+            .query_map([id], |r| {
+                Ok(Placement {
+                    deployment: id,
+                    environment: d.environment.clone(),
+                    target: r.get(0)?,
+                    artifact: d.artifact.clone(),
+                    version: d.version.clone(),
+                    digest: digest.clone(),
+                    state: placement_state(r.get(1)?),
+                    message: r.get(2)?,
+                    sequence: to_u64(r.get(3)?),
+                    update_ms: r.get(4)?,
+                })
+            })
+            .map_err(sql)?;
+        d.placements = rows.collect::<rusqlite::Result<_>>().map_err(sql)?;
+    }
+    Ok(d)
+}
+
+fn placement_counts(conn: &Connection, deployment: i64) -> Result<PlacementCounts> {
+    let mut counts = PlacementCounts::default();
+    let mut stmt = conn
+        .prepare_cached("SELECT state, count(*) FROM placements WHERE deployment = ?1 GROUP BY state")
+        .map_err(sql)?;
+    let rows = stmt
+        .query_map([deployment], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+        .map_err(sql)?;
+    for row in rows {
+        let (state, n) = row.map_err(sql)?;
+        counts.add(placement_state(state), to_u64(n));
+    }
+    Ok(counts)
+}
+
+fn event_row(r: &Row<'_>) -> rusqlite::Result<PlacementEvent> {
+    let seq = to_u64(r.get(0)?);
+    Ok(PlacementEvent {
+        sequence: seq,
+        commit_ms: r.get(1)?,
+        previous_state: placement_state(r.get(9)?),
+        placement: Placement {
+            deployment: r.get(2)?,
+            environment: r.get(3)?,
+            target: r.get(4)?,
+            artifact: r.get(5)?,
+            version: r.get(6)?,
+            digest: r.get(7)?,
+            state: placement_state(r.get(8)?),
+            message: r.get(10)?,
+            sequence: seq,
+            update_ms: r.get(1)?,
+        },
+    })
+}
+
+fn apply_report(
+    conn: &Connection,
+    now: Millis,
+    events: &mut Vec<PlacementEvent>,
+    report: PlacementReport,
+) -> Result<ReportOutcome> {
+    let d = conn
+        .prepare_cached(&format!(
+            "SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE id = ?1"
+        ))
+        .map_err(sql)?
+        .query_row([report.deployment], deployment_row)
+        .optional()
+        .map_err(sql)?
+        .ok_or_else(|| Error::NotFound(deployment_name(report.deployment)))?;
+    let target = target_name(&report.environment, &report.target);
+    if d.environment != report.environment {
+        return Err(Error::precondition(
+            "TARGET_NOT_IN_ENVIRONMENT",
+            target,
+            format!(
+                "{} deploys to {}, not to the target's environment",
+                deployment_name(d.id),
+                environment_name(&d.environment)
+            ),
+        ));
+    }
+    let registered: Option<i64> = conn
+        .prepare_cached("SELECT 1 FROM targets WHERE environment = ?1 AND id = ?2")
+        .map_err(sql)?
+        .query_row([&report.environment, &report.target], |r| r.get(0))
+        .optional()
+        .map_err(sql)?;
+    if registered.is_none() {
+        return Err(Error::NotFound(target));
+    }
+    let current: Option<(i64, String, i64, i64)> = conn
+        .prepare_cached(
+            "SELECT state, message, seq, update_ms FROM placements WHERE deployment = ?1 AND target = ?2",
+        )
+        .map_err(sql)?
+        .query_row(params![d.id, report.target], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .optional()
+        .map_err(sql)?;
+    let from = current
+        .as_ref()
+        .map(|c| placement_state(c.0))
+        .unwrap_or(PlacementState::Pending);
+    let digest: String = conn
+        .prepare_cached("SELECT digest FROM artifacts WHERE name = ?1 AND version = ?2")
+        .map_err(sql)?
+        .query_row([&d.artifact, &d.version], |r| r.get(0))
+        .map_err(sql)?;
+    let changed = check_transition(d.state, from, report.state)
+        .map_err(|why| Error::precondition("PLACEMENT_TRANSITION", target.clone(), why))?;
+    let mut placement = Placement {
+        deployment: d.id,
+        environment: d.environment.clone(),
+        target: report.target.clone(),
+        artifact: d.artifact.clone(),
+        version: d.version.clone(),
+        digest,
+        state: from,
+        message: current.as_ref().map(|c| c.1.clone()).unwrap_or_default(),
+        sequence: current.as_ref().map(|c| to_u64(c.2)).unwrap_or(0),
+        update_ms: current.as_ref().map(|c| c.3).unwrap_or(now),
+    };
+    if !changed {
+        return Ok(ReportOutcome {
+            placement,
+            deployment_state: d.state,
+            changed: false,
+        });
+    }
+    conn.prepare_cached(
+        "INSERT INTO placement_events (commit_ms, deployment, environment, target, artifact, version, digest, state, previous_state, message)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )
+    .map_err(sql)?
+    .execute(params![
+        now,
+        d.id,
+        d.environment,
+        report.target,
+        d.artifact,
+        d.version,
+        placement.digest,
+        report.state.code(),
+        from.code(),
+        report.message
+    ])
+    .map_err(sql)?;
+    let seq = conn.last_insert_rowid();
+    conn.prepare_cached(
+        "INSERT INTO placements (deployment, target, state, message, seq, update_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (deployment, target) DO UPDATE SET state = excluded.state, message = excluded.message, seq = excluded.seq, update_ms = excluded.update_ms",
+    )
+    .map_err(sql)?
+    .execute(params![d.id, report.target, report.state.code(), report.message, seq, now])
+    .map_err(sql)?;
+    let state = derive_state(d.state, placement_counts(conn, d.id)?);
+    conn.prepare_cached("UPDATE deployments SET state = ?1, update_ms = ?2 WHERE id = ?3")
+        .map_err(sql)?
+        .execute(params![state.code(), now, d.id])
+        .map_err(sql)?;
+    placement.state = report.state;
+    placement.message = report.message;
+    placement.sequence = to_u64(seq);
+    placement.update_ms = now;
+    events.push(PlacementEvent {
+        sequence: to_u64(seq),
+        commit_ms: now,
+        placement: placement.clone(),
+        previous_state: from,
+    });
+    Ok(ReportOutcome {
+        placement,
+        deployment_state: state,
+        changed: true,
+    })
+}
+
+fn page<T>(mut items: Vec<T>, size: usize, key: impl Fn(&T) -> String) -> Page<T> {
+    let next = if items.len() > size {
+        items.truncate(size);
+        items.last().map(key)
+    } else {
+        None
+    };
+    Page { items, next }
+}
+
+fn limit(size: usize) -> i64 {
+    i64::try_from(size).unwrap_or(i64::MAX).saturating_add(1)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_environment(
+        &self,
+        env: NewEnvironment,
+        request_id: Option<String>,
+    ) -> Result<Environment> {
+        self.write(move |conn, now, _| {
+            let fingerprint = format!("{}|{}|{}|{:?}", env.id, env.description, env.protected, env.upstream);
+            if let Some(resource) =
+                check_request_id(conn, request_id.as_deref(), "CreateEnvironment", &fingerprint)?
+            {
+                let id = resource.trim_start_matches("environments/");
+                return load_environment(conn, id);
+            }
+            let exists: Option<i64> = conn
+                .query_row("SELECT 1 FROM environments WHERE id = ?1", [&env.id], |r| r.get(0))
+                .optional()
+                .map_err(sql)?;
+            if exists.is_some() {
+                return Err(Error::AlreadyExists {
+                    resource: environment_name(&env.id),
+                    detail: "choose another environment_id".into(),
+                });
+            }
+            if let Some(upstream) = &env.upstream {
+                require_environment(conn, upstream)?;
+            }
+            conn.execute(
+                &format!("INSERT INTO environments ({ENV_COLUMNS}) VALUES (?1, ?2, ?3, ?4, 1, ?5, ?5)"),
+                params![env.id, env.description, env.protected, env.upstream, now],
+            )
+            .map_err(sql)?;
+            record_request_id(
+                conn,
+                request_id.as_deref(),
+                "CreateEnvironment",
+                &fingerprint,
+                &environment_name(&env.id),
+                now,
+            )?;
+            load_environment(conn, &env.id)
+        })
+        .await
+    }
+
+    async fn get_environment(&self, id: &str) -> Result<Environment> {
+        let id = id.to_owned();
+        self.read(move |conn| load_environment(conn, &id)).await
+    }
+
+    async fn list_environments(&self, req: PageRequest) -> Result<Page<Environment>> {
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {ENV_COLUMNS} FROM environments WHERE id > ?1 ORDER BY id LIMIT ?2"
+                ))
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map(params![req.after.unwrap_or_default(), limit(req.size)], env_row)
+                .map_err(sql)?;
+            let mut items: Vec<Environment> = rows.collect::<rusqlite::Result<_>>().map_err(sql)?;
+            for env in &mut items {
+                env.promotion_path = promotion_path(conn, &env.id)?;
+            }
+            Ok(page(items, req.size, |e| e.id.clone()))
+        })
+        .await
+    }
+
+    async fn update_environment(&self, update: EnvironmentUpdate) -> Result<Environment> {
+        self.write(move |conn, now, _| {
+            let mut env = load_environment(conn, &update.id)?;
+            if let Some(expected) = update.expected_revision {
+                if expected != env.revision {
+                    return Err(Error::Aborted(format!(
+                        "etag {expected:?} is stale: {} is at etag \"{}\"; read it again and retry",
+                        environment_name(&env.id),
+                        env.revision
+                    )));
+                }
+            }
+            if let Some(description) = update.description {
+                env.description = description;
+            }
+            if let Some(protected) = update.protected {
+                env.protected = protected;
+            }
+            if let Some(upstream) = update.upstream {
+                if let Some(u) = &upstream {
+                    require_environment(conn, u)?;
+                    if let Some(v) = check_upstream(&env.id, &promotion_path(conn, u)?) {
+                        return Err(Error::FailedPrecondition(vec![v]));
+                    }
+                }
+                env.upstream = upstream;
+            }
+            conn.execute(
+                "UPDATE environments SET description = ?1, protected = ?2, upstream = ?3, revision = revision + 1, update_ms = ?4 WHERE id = ?5",
+                params![env.description, env.protected, env.upstream, now, env.id],
+            )
+            .map_err(sql)?;
+            load_environment(conn, &env.id)
+        })
+        .await
+    }
+
+    async fn register_target(
+        &self,
+        environment: &str,
+        id: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Target> {
+        let (environment, id) = (environment.to_owned(), id.to_owned());
+        self.write(move |conn, now, _| {
+            require_environment(conn, &environment)?;
+            conn.execute(
+                &format!(
+                    "INSERT INTO targets ({TARGET_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?4)
+                     ON CONFLICT (environment, id) DO UPDATE SET labels = excluded.labels, heartbeat_ms = excluded.heartbeat_ms"
+                ),
+                params![environment, id, map_json(&labels)?, now],
+            )
+            .map_err(sql)?;
+            load_target(conn, &environment, &id)
+        })
+        .await
+    }
+
+    async fn list_targets(&self, environment: &str, req: PageRequest) -> Result<Page<Target>> {
+        let environment = environment.to_owned();
+        self.read(move |conn| {
+            require_environment(conn, &environment)?;
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {TARGET_COLUMNS} FROM targets WHERE environment = ?1 AND id > ?2 ORDER BY id LIMIT ?3"
+                ))
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map(
+                    params![environment, req.after.unwrap_or_default(), limit(req.size)],
+                    target_row,
+                )
+                .map_err(sql)?;
+            let items = rows.collect::<rusqlite::Result<_>>().map_err(sql)?;
+            Ok(page(items, req.size, |t: &Target| t.id.clone()))
+        })
+        .await
+    }
+
+    async fn heartbeat_target(&self, environment: &str, id: &str) -> Result<Target> {
+        let (environment, id) = (environment.to_owned(), id.to_owned());
+        self.write(move |conn, now, _| {
+            let n = conn
+                .prepare_cached("UPDATE targets SET heartbeat_ms = ?1 WHERE environment = ?2 AND id = ?3")
+                .map_err(sql)?
+                .execute(params![now, environment, id])
+                .map_err(sql)?;
+            if n == 0 {
+                return Err(Error::NotFound(target_name(&environment, &id)));
+            }
+            load_target(conn, &environment, &id)
+        })
+        .await
+    }
+
+    async fn register_artifact(&self, artifact: Artifact) -> Result<Artifact> {
+        self.write(move |conn, now, _| {
+            if let Some(existing) = find_artifact(conn, &artifact.name, &artifact.version)? {
+                if existing.digest == artifact.digest {
+                    return Ok(existing);
+                }
+                return Err(Error::AlreadyExists {
+                    resource: artifact_version_name(&artifact.name, &artifact.version),
+                    detail: format!(
+                        "registered with digest {}; versions are immutable, register a new version",
+                        existing.digest
+                    ),
+                });
+            }
+            conn.execute(
+                &format!("INSERT INTO artifacts ({ARTIFACT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"),
+                params![
+                    artifact.name,
+                    artifact.version,
+                    artifact.digest,
+                    map_json(&artifact.metadata)?,
+                    now
+                ],
+            )
+            .map_err(sql)?;
+            Ok(Artifact {
+                create_ms: now,
+                ..artifact
+            })
+        })
+        .await
+    }
+
+    async fn get_artifact(&self, name: &str, version: &str) -> Result<Artifact> {
+        let (name, version) = (name.to_owned(), version.to_owned());
+        self.read(move |conn| {
+            find_artifact(conn, &name, &version)?
+                .ok_or_else(|| Error::NotFound(artifact_version_name(&name, &version)))
+        })
+        .await
+    }
+
+    async fn list_artifacts(
+        &self,
+        name: Option<String>,
+        req: PageRequest,
+    ) -> Result<Page<Artifact>> {
+        self.read(move |conn| {
+            let (after_name, after_version) = req
+                .after
+                .as_deref()
+                .and_then(|k| k.split_once('\n'))
+                .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                .unwrap_or_default();
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE (?1 IS NULL OR name = ?1) AND (name, version) > (?2, ?3)
+                     ORDER BY name, version LIMIT ?4"
+                ))
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map(params![name, after_name, after_version, limit(req.size)], artifact_row)
+                .map_err(sql)?;
+            let items = rows.collect::<rusqlite::Result<_>>().map_err(sql)?;
+            Ok(page(items, req.size, |a: &Artifact| format!("{}\n{}", a.name, a.version)))
+        })
+        .await
+    }
+
+    async fn create_deployment(
+        &self,
+        new: NewDeployment,
+        request_id: Option<String>,
+    ) -> Result<Deployment> {
+        self.write(move |conn, now, _| {
+            let fingerprint = format!(
+                "{}|{}|{}|{}",
+                new.artifact, new.version, new.environment, new.change_reference
+            );
+            if let Some(resource) =
+                check_request_id(conn, request_id.as_deref(), "CreateDeployment", &fingerprint)?
+            {
+                let id = crate::domain::names::parse_deployment(&resource).map_err(internal)?;
+                return load_deployment(conn, id, true);
+            }
+            if find_artifact(conn, &new.artifact, &new.version)?.is_none() {
+                return Err(Error::NotFound(artifact_version_name(&new.artifact, &new.version)));
+            }
+            let env = load_environment(conn, &new.environment)?;
+            let upstream_succeeded = match &env.upstream {
+                None => false,
+                Some(upstream) => conn
+                    .query_row(
+                        "SELECT 1 FROM deployments WHERE artifact = ?1 AND version = ?2 AND environment = ?3 AND state = ?4 LIMIT 1",
+                        params![new.artifact, new.version, upstream, DeploymentState::Succeeded.code()],
+                        |r| r.get::<_, i64>(0),
+                    )
+                    .optional()
+                    .map_err(sql)?
+                    .is_some(),
+            };
+            let violations = check_new_deployment(&new, &env, upstream_succeeded);
+            if !violations.is_empty() {
+                return Err(Error::FailedPrecondition(violations));
+            }
+            conn.execute(
+                "INSERT INTO deployments (artifact, version, environment, change_reference, state, create_ms, update_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+                params![
+                    new.artifact,
+                    new.version,
+                    new.environment,
+                    new.change_reference,
+                    DeploymentState::Pending.code(),
+                    now
+                ],
+            )
+            .map_err(sql)?;
+            let id = conn.last_insert_rowid();
+            conn.execute(
+                "INSERT INTO placements (deployment, target, state, message, seq, update_ms)
+                 SELECT ?1, id, ?2, '', 0, ?3 FROM targets WHERE environment = ?4",
+                params![id, PlacementState::Pending.code(), now, new.environment],
+            )
+            .map_err(sql)?;
+            record_request_id(
+                conn,
+                request_id.as_deref(),
+                "CreateDeployment",
+                &fingerprint,
+                &deployment_name(id),
+                now,
+            )?;
+            load_deployment(conn, id, true)
+        })
+        .await
+    }
+
+    async fn get_deployment(&self, id: i64) -> Result<Deployment> {
+        self.read(move |conn| load_deployment(conn, id, true)).await
+    }
+
+    async fn list_deployments(
+        &self,
+        filter: DeploymentFilter,
+        req: PageRequest,
+    ) -> Result<Page<Deployment>> {
+        self.read(move |conn| {
+            let before: i64 = req
+                .after
+                .as_deref()
+                .and_then(|k| k.parse().ok())
+                .unwrap_or(i64::MAX);
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {DEPLOYMENT_COLUMNS} FROM deployments
+                     WHERE id < ?1 AND (?2 IS NULL OR environment = ?2) AND (?3 IS NULL OR artifact = ?3)
+                     ORDER BY id DESC LIMIT ?4"
+                ))
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map(
+                    params![before, filter.environment, filter.artifact, limit(req.size)],
+                    deployment_row,
+                )
+                .map_err(sql)?;
+            let items = rows.collect::<rusqlite::Result<_>>().map_err(sql)?;
+            Ok(page(items, req.size, |d: &Deployment| d.id.to_string()))
+        })
+        .await
+    }
+
+    async fn cancel_deployment(&self, id: i64, reason: String) -> Result<Deployment> {
+        self.write(move |conn, now, _| {
+            let d = load_deployment(conn, id, false)?;
+            if d.state.is_final() {
+                return Err(Error::precondition(
+                    "DEPLOYMENT_FINISHED",
+                    deployment_name(id),
+                    format!("the deployment is already {:?} and cannot be cancelled", d.state),
+                ));
+            }
+            conn.execute(
+                "UPDATE deployments SET state = ?1, cancel_reason = ?2, update_ms = ?3 WHERE id = ?4",
+                params![DeploymentState::Cancelled.code(), reason, now, id],
+            )
+            .map_err(sql)?;
+            load_deployment(conn, id, true)
+        })
+        .await
+    }
+
+    async fn report_placement(&self, report: PlacementReport) -> Result<ReportOutcome> {
+        self.write(move |conn, now, events| apply_report(conn, now, events, report))
+            .await
+    }
+
+    async fn read_events(&self, after: u64, max: usize) -> Result<Vec<PlacementEvent>> {
+        self.read(move |conn| {
+            let tx = conn.unchecked_transaction().map_err(sql)?;
+            let pruned: i64 = tx
+                .query_row("SELECT pruned_through FROM log_meta WHERE id = 1", [], |r| r.get(0))
+                .map_err(sql)?;
+            if after < to_u64(pruned) {
+                return Err(retention_error(after, to_u64(pruned)));
+            }
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT seq, commit_ms, deployment, environment, target, artifact, version, digest, state, previous_state, message
+                     FROM placement_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                )
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map(params![to_i64(after), i64::try_from(max).unwrap_or(i64::MAX)], event_row)
+                .map_err(sql)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(sql)
+        })
+        .await
+    }
+
+    async fn snapshot(&self) -> Result<(Vec<Placement>, u64)> {
+        self.read(move |conn| {
+            let tx = conn.unchecked_transaction().map_err(sql)?;
+            let head = head_sequence(&tx).map_err(sql)?;
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT p.deployment, d.environment, p.target, d.artifact, d.version, a.digest, p.state, p.message, p.seq, p.update_ms
+                     FROM placements p JOIN deployments d ON d.id = p.deployment
+                     JOIN artifacts a ON a.name = d.artifact AND a.version = d.version
+                     WHERE p.state IN (2, 3, 4) ORDER BY p.seq",
+                )
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(Placement {
+                        deployment: r.get(0)?,
+                        environment: r.get(1)?,
+                        target: r.get(2)?,
+                        artifact: r.get(3)?,
+                        version: r.get(4)?,
+                        digest: r.get(5)?,
+                        state: placement_state(r.get(6)?),
+                        message: r.get(7)?,
+                        sequence: to_u64(r.get(8)?),
+                        update_ms: r.get(9)?,
+                    })
+                })
+                .map_err(sql)?;
+            let placements = rows.collect::<rusqlite::Result<_>>().map_err(sql)?;
+            Ok((placements, head))
+        })
+        .await
+    }
+
+    async fn log_bounds(&self) -> Result<LogBounds> {
+        self.read(move |conn| {
+            let tx = conn.unchecked_transaction().map_err(sql)?;
+            let pruned: i64 = tx
+                .query_row("SELECT pruned_through FROM log_meta WHERE id = 1", [], |r| r.get(0))
+                .map_err(sql)?;
+            Ok(LogBounds {
+                pruned_through: to_u64(pruned),
+                head: head_sequence(&tx).map_err(sql)?,
+            })
+        })
+        .await
+    }
+
+    async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.writes.send(Msg::Stop(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+}

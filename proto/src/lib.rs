@@ -1,0 +1,21 @@
+//! The gRPC contracts of the pair, compiled from `proto/` at build time.
+//!
+//! # Layout
+//!
+//! - [`deploy::v1`]: the `deploy.v1` package (Deployment Management).
+//! - [`FILE_DESCRIPTOR_SET`]: every compiled file with source info, for gRPC reflection
+//!   (v1 and v1alpha), so `grpcurl describe` shows the doc comments.
+//!
+//! Generated code is exempt from the workspace lints.
+
+/// The `deploy` package family.
+pub mod deploy {
+    /// `deploy.v1`: environments, targets, artifacts, deployments, placement events.
+    #[allow(clippy::all, clippy::pedantic, missing_docs, unused_qualifications)]
+    pub mod v1 {
+        tonic::include_proto!("deploy.v1");
+    }
+}
+
+/// Encoded `google.protobuf.FileDescriptorSet` of every contract, with source info.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
