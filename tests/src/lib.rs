@@ -1,1 +1,293 @@
+//! Helpers for the end-to-end tests: servers on port 0 (in-process and as real binaries),
+//! clients, and small assertions on gRPC statuses.
+//!
+//! # Layout
+//!
+//! - [`InProcess`]: deploy-svc served by the library on a listener bound to port 0.
+//! - [`Binary`]: the real deploy-svc binary started on port 0; the bound address is read
+//!   from its first stdout line.
+//! - [`status`]: assertions on codes, field violations and precondition violations.
 
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use proto::deploy::v1 as pb;
+use proto::deploy::v1::deploy_service_client::DeployServiceClient;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+/// A client of deploy-svc.
+pub type Client = DeployServiceClient<Channel>;
+
+/// Connects a client to `addr`.
+pub async fn connect(addr: SocketAddr) -> Client {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    DeployServiceClient::new(channel)
+}
+
+/// deploy-svc served in-process on a listener bound to `127.0.0.1:0`.
+pub struct InProcess {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// The temporary directory holding the database.
+    pub dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl InProcess {
+    /// Starts a server with default configuration on a fresh database.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a server after `tweak` adjusts the configuration.
+    pub async fn start_with(tweak: impl FnOnce(&mut deploy_svc::Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = deploy_svc::Config::for_database(dir.path().join("deploy.db"));
+        tweak(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(deploy_svc::serve(listener, config, async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// A new client.
+    pub async fn client(&self) -> Client {
+        connect(self.addr).await
+    }
+
+    /// The database file.
+    pub fn database(&self) -> PathBuf {
+        self.dir.path().join("deploy.db")
+    }
+
+    /// Triggers graceful shutdown and waits for the server to return.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await?,
+            None => Ok(()),
+        }
+    }
+}
+
+/// The directory holding the workspace's built binaries (next to the test executable).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> -> target/<profile>
+    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+}
+
+/// The real deploy-svc binary, started on port 0.
+pub struct Binary {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// The process.
+    pub child: Child,
+}
+
+impl Binary {
+    /// Starts `deploy-svc` with `args` (plus `--listen 127.0.0.1:0`) and waits for it to
+    /// print its address.
+    pub async fn start(database: &Path, args: &[&str]) -> Self {
+        let bin = bin_dir().join("deploy-svc");
+        assert!(
+            bin.exists(),
+            "{} is missing: run the tests with `cargo test --workspace`, which builds it",
+            bin.display()
+        );
+        let mut child = Command::new(&bin)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--database")
+            .arg(database)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("deploy-svc did not print its address within 30 s")
+            .unwrap()
+            .expect("deploy-svc exited before printing its address");
+        let addr = line
+            .rsplit(' ')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        Self { addr, child }
+    }
+
+    /// Sends SIGKILL and waits for the process to die.
+    pub async fn kill(mut self) {
+        self.child.kill().await.unwrap();
+    }
+
+    /// Sends `signal` (for example `TERM`) with the `kill` command.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().unwrap().to_string();
+        let ok = std::process::Command::new("kill")
+            .args(["-s", signal, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -s {signal} {pid} failed");
+    }
+}
+
+/// A `sha256:` digest derived from `seed` (the content does not matter to deploy-svc).
+pub fn digest(seed: &str) -> String {
+    let mut hex = String::new();
+    let mut x: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in seed.bytes() {
+        x = (x ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    while hex.len() < 64 {
+        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        hex.push_str(&format!("{x:016x}"));
+    }
+    format!("sha256:{}", &hex[..64])
+}
+
+/// Creates environment `id` (with `upstream` and `protected`) and returns it.
+pub async fn environment(c: &mut Client, id: &str, upstream: Option<&str>, protected: bool) -> pb::Environment {
+    c.create_environment(pb::CreateEnvironmentRequest {
+        environment_id: id.into(),
+        environment: Some(pb::Environment {
+            upstream: upstream.map(|u| format!("environments/{u}")).unwrap_or_default(),
+            protected,
+            ..Default::default()
+        }),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// Registers targets `{prefix}-1..=n` in `env`.
+pub async fn targets(c: &mut Client, env: &str, prefix: &str, n: usize) -> Vec<String> {
+    let mut names = Vec::new();
+    for i in 1..=n {
+        let t = c
+            .register_target(pb::RegisterTargetRequest {
+                parent: format!("environments/{env}"),
+                target_id: format!("{prefix}-{i}"),
+                labels: Default::default(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        names.push(t.name);
+    }
+    names
+}
+
+/// Registers artifact `name` at `version`.
+pub async fn artifact(c: &mut Client, name: &str, version: &str) -> pb::Artifact {
+    c.register_artifact(pb::RegisterArtifactRequest {
+        artifact: name.into(),
+        version: version.into(),
+        digest: digest(&format!("{name}@{version}")),
+        metadata: Default::default(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// Creates a deployment.
+pub async fn deploy(
+    c: &mut Client,
+    artifact: &str,
+    version: &str,
+    env: &str,
+    change: &str,
+) -> Result<pb::Deployment, tonic::Status> {
+    c.create_deployment(pb::CreateDeploymentRequest {
+        deployment: Some(pb::Deployment {
+            artifact_version: format!("artifacts/{artifact}/versions/{version}"),
+            environment: format!("environments/{env}"),
+            change_reference: change.into(),
+            ..Default::default()
+        }),
+        request_id: String::new(),
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// Reports `state` for `target` in `deployment`.
+pub async fn report(
+    c: &mut Client,
+    deployment: &str,
+    target: &str,
+    state: pb::PlacementState,
+) -> Result<pb::ReportPlacementResponse, tonic::Status> {
+    c.report_placement(pb::ReportPlacementRequest {
+        deployment: deployment.into(),
+        target: target.into(),
+        state: state.into(),
+        message: String::new(),
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// Assertions on statuses.
+pub mod status {
+    use tonic::{Code, Status};
+    use tonic_types::StatusExt;
+
+    /// Asserts `code` and returns the status.
+    pub fn expect_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) -> Status {
+        match result {
+            Ok(v) => panic!("expected {code:?}, got Ok({v:?})"),
+            Err(s) => {
+                assert_eq!(s.code(), code, "unexpected status: {s:?}");
+                s
+            }
+        }
+    }
+
+    /// The fields named by the BadRequest details of an INVALID_ARGUMENT status.
+    pub fn bad_fields<T: std::fmt::Debug>(result: Result<T, Status>) -> Vec<String> {
+        let s = expect_code(result, Code::InvalidArgument);
+        s.get_details_bad_request()
+            .map(|b| b.field_violations.into_iter().map(|f| f.field).collect())
+            .unwrap_or_default()
+    }
+
+    /// The violation types of a FAILED_PRECONDITION status.
+    pub fn violated_rules<T: std::fmt::Debug>(result: Result<T, Status>) -> Vec<String> {
+        let s = expect_code(result, Code::FailedPrecondition);
+        s.get_details_precondition_failure()
+            .map(|p| p.violations.into_iter().map(|v| v.r#type).collect())
+            .unwrap_or_default()
+    }
+}
