@@ -291,3 +291,147 @@ pub mod status {
             .unwrap_or_default()
     }
 }
+
+/// Placement stream helpers.
+pub mod watch {
+    use std::time::Duration;
+
+    use proto::deploy::v1 as pb;
+    use pb::watch_placements_response::Kind;
+    use tonic::Streaming;
+
+    use super::Client;
+
+    /// Opens a watch after `after` (or a snapshot when `None`) with optional filters.
+    pub async fn open(
+        c: &mut Client,
+        after: Option<u64>,
+        environment: &str,
+        artifact: &str,
+    ) -> Result<Streaming<pb::WatchPlacementsResponse>, tonic::Status> {
+        let start = match after {
+            Some(seq) => pb::watch_placements_request::Start::AfterSequence(seq),
+            None => pb::watch_placements_request::Start::Snapshot(true),
+        };
+        c.watch_placements(pb::WatchPlacementsRequest {
+            start: Some(start),
+            environment: environment.into(),
+            artifact: artifact.into(),
+            heartbeat_interval_seconds: 1,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+    }
+
+    /// Reads the snapshot part of a stream: (placements, sequence).
+    pub async fn snapshot(s: &mut Streaming<pb::WatchPlacementsResponse>) -> (Vec<pb::Placement>, u64) {
+        let mut placements = Vec::new();
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(30), s.message())
+                .await
+                .expect("snapshot timed out")
+                .expect("stream failed")
+                .expect("stream ended");
+            match msg.kind {
+                Some(Kind::SnapshotPlacement(p)) => placements.push(p),
+                Some(Kind::SnapshotEnd(end)) => return (placements, end.sequence),
+                other => panic!("unexpected message in snapshot: {other:?}"),
+            }
+        }
+    }
+
+    /// Reads `n` events, skipping heartbeats; panics on error, end, or 60 s of silence.
+    pub async fn events(s: &mut Streaming<pb::WatchPlacementsResponse>, n: usize) -> Vec<pb::PlacementEvent> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let msg = tokio::time::timeout(Duration::from_secs(60), s.message())
+                .await
+                .unwrap_or_else(|_| panic!("no event within 60 s after {} of {n}", out.len()))
+                .expect("stream failed")
+                .expect("stream ended");
+            if let Some(Kind::Event(e)) = msg.kind {
+                out.push(e);
+            }
+        }
+        out
+    }
+
+    /// Reads until a heartbeat shows the stream caught up with the log head; returns the
+    /// events seen before it and that heartbeat.
+    pub async fn until_heartbeat(
+        s: &mut Streaming<pb::WatchPlacementsResponse>,
+    ) -> (Vec<pb::PlacementEvent>, pb::Heartbeat) {
+        let mut out = Vec::new();
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(30), s.message())
+                .await
+                .expect("no heartbeat within 30 s")
+                .expect("stream failed")
+                .expect("stream ended");
+            match msg.kind {
+                Some(Kind::Event(e)) => out.push(e),
+                Some(Kind::Heartbeat(h)) if h.sequence >= h.head_sequence => return (out, h),
+                Some(Kind::Heartbeat(_)) => {}
+                other => panic!("unexpected message: {other:?}"),
+            }
+        }
+    }
+
+    /// The sequences of `events`.
+    pub fn sequences(events: &[pb::PlacementEvent]) -> Vec<u64> {
+        events.iter().map(|e| e.sequence).collect()
+    }
+
+    /// Asserts the sequences are `first, first+1, ...` (strictly increasing, no gap).
+    pub fn assert_gap_free(events: &[pb::PlacementEvent], first: u64) {
+        for (i, e) in events.iter().enumerate() {
+            assert_eq!(e.sequence, first + i as u64, "gap or reorder at index {i}");
+        }
+    }
+}
+
+/// A deployment whose targets can report forever: each target alternates PLACING and
+/// REMOVED, so every report writes one event.
+pub struct Churn {
+    /// The deployment name.
+    pub deployment: String,
+    /// The target names.
+    pub targets: Vec<String>,
+}
+
+impl Churn {
+    /// Sets up environment `env`, `n` targets, artifact `art` 1.0.0 and a deployment.
+    pub async fn setup(c: &mut Client, env: &str, art: &str, n: usize) -> Self {
+        environment(c, env, None, false).await;
+        let targets = targets(c, env, "t", n).await;
+        artifact(c, art, "1.0.0").await;
+        let d = deploy(c, art, "1.0.0", env, "").await.unwrap();
+        Self {
+            deployment: d.name,
+            targets,
+        }
+    }
+
+    /// The state report number `i` of a target should carry.
+    pub fn state(i: usize) -> pb::PlacementState {
+        if i % 2 == 0 {
+            pb::PlacementState::Placing
+        } else {
+            pb::PlacementState::Removed
+        }
+    }
+
+    /// Sends `count` reports for target `t` (starting at report number `from`); returns the
+    /// acknowledged sequences.
+    pub async fn run(&self, c: &mut Client, t: usize, from: usize, count: usize) -> Vec<u64> {
+        let mut seqs = Vec::with_capacity(count);
+        for i in from..from + count {
+            let r = report(c, &self.deployment, &self.targets[t], Self::state(i))
+                .await
+                .unwrap();
+            assert!(r.changed);
+            seqs.push(r.sequence);
+        }
+        seqs
+    }
+}
