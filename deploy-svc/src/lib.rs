@@ -9,7 +9,8 @@
 //! - [`store`]: the storage trait and the SQLite backend (transactional outbox, group commit).
 //! - [`placement_log`]: the in-memory tail of the event log and WatchPlacements watchers.
 //! - [`grpc`]: the `deploy.v1.DeployService` handlers, conversions and status mapping.
-//! - [`serve`]: wires it all on an already-bound listener until a shutdown future resolves.
+//! - [`Server`] / [`serve`]: opens the store, then serves an already-bound listener until a
+//!   shutdown future resolves.
 
 pub mod config;
 pub mod domain;
@@ -41,56 +42,82 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    serve_with_clock(listener, config, Arc::new(SystemClock), shutdown).await
+    Server::open(config, Arc::new(SystemClock))?
+        .run(listener, shutdown)
+        .await
 }
 
-/// [`serve`] with an injected clock.
-pub async fn serve_with_clock(
-    listener: TcpListener,
+/// deploy-svc with its store open, ready to serve.
+pub struct Server {
     config: Config,
     clock: Arc<dyn Clock>,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let (store, feed) = SqliteStore::open(config.sqlite_options(), clock.clone())?;
-    let store: Arc<dyn store::Store> = Arc::new(store);
-    let streams = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    let api = DeployApi::new(
-        store.clone(),
-        feed,
-        clock,
-        config.health_windows(),
-        config.watch_limits(),
-        streams.clone(),
-        tasks.clone(),
-    );
+    store: Arc<dyn store::Store>,
+    feed: Arc<placement_log::Feed>,
+}
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<DeployServiceServer<DeployApi>>().await;
-    let routes = tonic::service::Routes::new(health_service).add_service(
-        DeployServiceServer::new(api)
-            .max_decoding_message_size(config.max_message_bytes)
-            .max_encoding_message_size(config.max_message_bytes),
-    );
-    let routes = service_kit::reflection(routes)?;
-    tracing::info!(address = %listener.local_addr()?, database = %config.database.display(), "deploy-svc serving");
-    let result = service_kit::serve_gracefully(
-        listener,
-        routes,
-        health,
-        &[SERVICE_NAME],
-        streams,
-        service_kit::Drain {
-            timeout: Duration::from_millis(config.drain_timeout_ms),
-        },
-        shutdown,
-    )
-    .await;
-    tasks.close();
-    if tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await.is_err() {
-        tracing::warn!("watch tasks still running at exit");
+impl Server {
+    /// Opens (creating and migrating) the store, with an injected clock.
+    pub fn open(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        let (store, feed) = SqliteStore::open(config.sqlite_options(), clock.clone())?;
+        Ok(Self {
+            config,
+            clock,
+            store: Arc::new(store),
+            feed,
+        })
     }
-    store.close().await;
-    tracing::info!("deploy-svc stopped");
-    result
+
+    /// Serves on `listener` until `shutdown` resolves, then drains and closes the store.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let Self {
+            config,
+            clock,
+            store,
+            feed,
+        } = self;
+        let streams = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let api = DeployApi::new(
+            store.clone(),
+            feed,
+            clock,
+            config.health_windows(),
+            config.watch_limits(),
+            streams.clone(),
+            tasks.clone(),
+        );
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<DeployServiceServer<DeployApi>>().await;
+        let routes = tonic::service::Routes::new(health_service).add_service(
+            DeployServiceServer::new(api)
+                .max_decoding_message_size(config.max_message_bytes)
+                .max_encoding_message_size(config.max_message_bytes),
+        );
+        let routes = service_kit::reflection(routes)?;
+        tracing::info!(address = %listener.local_addr()?, database = %config.database.display(), "deploy-svc serving");
+        let result = service_kit::serve_gracefully(
+            listener,
+            routes,
+            health,
+            &[SERVICE_NAME],
+            streams,
+            service_kit::Drain {
+                timeout: Duration::from_millis(config.drain_timeout_ms),
+            },
+            shutdown,
+        )
+        .await;
+        tasks.close();
+        if tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await.is_err() {
+            tracing::warn!("watch tasks still running at exit");
+        }
+        store.close().await;
+        tracing::info!("deploy-svc stopped");
+        result
+    }
 }
