@@ -10,13 +10,21 @@ use crate::store::sqlite::SqliteOptions;
 
 /// deploy-svc's configuration.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "deploy-svc", about = "Deployment Management gRPC service", version)]
+#[command(
+    name = "deploy-svc",
+    about = "Deployment Management gRPC service",
+    version
+)]
 pub struct Config {
     /// Address to listen on (port 0 picks a free port; the bound address is printed).
     #[arg(long, env = "DEPLOY_SVC_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
     /// SQLite database file (created if missing).
-    #[arg(long, env = "DEPLOY_SVC_DATABASE", default_value = "data/deploy-svc.db")]
+    #[arg(
+        long,
+        env = "DEPLOY_SVC_DATABASE",
+        default_value = "data/deploy-svc.db"
+    )]
     pub database: PathBuf,
     /// SQLite durability: `full` survives power loss, `normal` only process crashes.
     #[arg(long, env = "DEPLOY_SVC_SYNCHRONOUS", default_value = "full", value_parser = ["full", "normal"])]
@@ -31,7 +39,11 @@ pub struct Config {
     #[arg(long, env = "DEPLOY_SVC_WATCH_QUEUE", default_value_t = 256)]
     pub watch_queue: usize,
     /// A watcher whose queue stays full this long is cut off (RESOURCE_EXHAUSTED).
-    #[arg(long, env = "DEPLOY_SVC_SLOW_WATCHER_TIMEOUT_MS", default_value_t = 30_000)]
+    #[arg(
+        long,
+        env = "DEPLOY_SVC_SLOW_WATCHER_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
     pub slow_watcher_timeout_ms: u64,
     /// A target without a heartbeat for this long is STALE.
     #[arg(long, env = "DEPLOY_SVC_HEALTHY_WINDOW_MS", default_value_t = 30_000)]

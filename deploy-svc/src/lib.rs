@@ -113,7 +113,10 @@ impl Server {
         )
         .await;
         tasks.close();
-        if tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(2), tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("watch tasks still running at exit");
         }
         store.close().await;

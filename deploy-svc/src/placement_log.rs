@@ -102,7 +102,9 @@ impl Feed {
         if after + 1 < first {
             return None;
         }
-        let start = usize::try_from(after + 1 - first).unwrap_or(usize::MAX).min(ring.len());
+        let start = usize::try_from(after + 1 - first)
+            .unwrap_or(usize::MAX)
+            .min(ring.len());
         let end = start.saturating_add(max).min(ring.len());
         Some(ring.range(start..end).cloned().collect())
     }
@@ -233,8 +235,15 @@ struct Watcher {
 
 impl Watcher {
     fn matches(&self, p: &Placement) -> bool {
-        self.request.environment.as_ref().is_none_or(|e| *e == p.environment)
-            && self.request.artifact.as_ref().is_none_or(|a| *a == p.artifact)
+        self.request
+            .environment
+            .as_ref()
+            .is_none_or(|e| *e == p.environment)
+            && self
+                .request
+                .artifact
+                .as_ref()
+                .is_none_or(|a| *a == p.artifact)
     }
 
     fn terminate(&mut self, error: Error) -> Flow {
@@ -280,7 +289,11 @@ impl Watcher {
             Sent::Gone => Flow::Stop,
             Sent::Cancelled => self.shutting_down(cursor),
             Sent::Slow => {
-                tracing::warn!(cursor, head = self.feed.head(), "cutting off a slow watcher");
+                tracing::warn!(
+                    cursor,
+                    head = self.feed.head(),
+                    "cutting off a slow watcher"
+                );
                 self.terminate(Error::ResourceExhausted(format!(
                     "watcher fell behind: its queue stayed full for {:?} (log head {}); resume with after_sequence set to the last sequence received",
                     self.limits.slow_timeout,
@@ -318,7 +331,10 @@ impl Watcher {
                 }
             }
         }
-        match self.send(WatchItem::SnapshotEnd { sequence, count }, sequence).await {
+        match self
+            .send(WatchItem::SnapshotEnd { sequence, count }, sequence)
+            .await
+        {
             Flow::Continue => Ok(Some(sequence)),
             Flow::Stop => Ok(None),
         }
@@ -377,7 +393,16 @@ impl Watcher {
             }
             if self.last_sent.elapsed() >= self.request.heartbeat {
                 let head = self.feed.head();
-                if let Flow::Stop = self.send(WatchItem::Heartbeat { sequence: cursor, head }, cursor).await {
+                if let Flow::Stop = self
+                    .send(
+                        WatchItem::Heartbeat {
+                            sequence: cursor,
+                            head,
+                        },
+                        cursor,
+                    )
+                    .await
+                {
                     return Ok(());
                 }
             }

@@ -13,7 +13,14 @@ fn help_lists_every_flag_with_its_environment_variable() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
-    for flag in ["--listen", "--database", "--synchronous", "--max-batch", "--retention-events", "--drain-timeout-ms"] {
+    for flag in [
+        "--listen",
+        "--database",
+        "--synchronous",
+        "--max-batch",
+        "--retention-events",
+        "--drain-timeout-ms",
+    ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
     assert!(help.contains("DEPLOY_SVC_LISTEN") && help.contains("DEPLOY_SVC_DATABASE"));
@@ -21,7 +28,10 @@ fn help_lists_every_flag_with_its_environment_variable() {
 
 #[test]
 fn bad_flags_are_refused() {
-    let out = Command::new(BIN).args(["--synchronous", "off"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["--synchronous", "off"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--synchronous"));
 }
@@ -38,10 +48,15 @@ fn environment_variables_configure_it_and_port_0_prints_the_address() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let addr: std::net::SocketAddr = line.trim().rsplit(' ').next().unwrap().parse().unwrap();
     assert_ne!(addr.port(), 0);
-    assert!(db.exists(), "the database named by DEPLOY_SVC_DATABASE was created");
+    assert!(
+        db.exists(),
+        "the database named by DEPLOY_SVC_DATABASE was created"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
 }

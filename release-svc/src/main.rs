@@ -14,13 +14,21 @@ use tokio_util::sync::CancellationToken;
 
 /// release-svc's configuration.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "release-svc", about = "Release Management gRPC service (skeleton)", version)]
+#[command(
+    name = "release-svc",
+    about = "Release Management gRPC service (skeleton)",
+    version
+)]
 struct Config {
     /// Address to listen on (port 0 picks a free port; the bound address is printed).
     #[arg(long, env = "RELEASE_SVC_LISTEN", default_value = "127.0.0.1:50052")]
     listen: SocketAddr,
     /// deploy-svc's address, whose placement stream release-svc will follow.
-    #[arg(long, env = "RELEASE_SVC_DEPLOY_SVC", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "RELEASE_SVC_DEPLOY_SVC",
+        default_value = "http://127.0.0.1:50051"
+    )]
     deploy_svc: String,
     /// On shutdown, the longest wait for in-flight calls before exiting.
     #[arg(long, env = "RELEASE_SVC_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]

@@ -113,7 +113,10 @@ pub async fn serve_gracefully(
         // Small unary messages: do not wait to coalesce packets.
         .tcp_nodelay(true)
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            stop.clone().cancelled_owned(),
+        );
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => return result.map_err(Into::into),

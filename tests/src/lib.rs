@@ -175,11 +175,18 @@ pub fn digest(seed: &str) -> String {
 }
 
 /// Creates environment `id` (with `upstream` and `protected`) and returns it.
-pub async fn environment(c: &mut Client, id: &str, upstream: Option<&str>, protected: bool) -> pb::Environment {
+pub async fn environment(
+    c: &mut Client,
+    id: &str,
+    upstream: Option<&str>,
+    protected: bool,
+) -> pb::Environment {
     c.create_environment(pb::CreateEnvironmentRequest {
         environment_id: id.into(),
         environment: Some(pb::Environment {
-            upstream: upstream.map(|u| format!("environments/{u}")).unwrap_or_default(),
+            upstream: upstream
+                .map(|u| format!("environments/{u}"))
+                .unwrap_or_default(),
             protected,
             ..Default::default()
         }),
@@ -296,8 +303,8 @@ pub mod status {
 pub mod watch {
     use std::time::Duration;
 
-    use proto::deploy::v1 as pb;
     use pb::watch_placements_response::Kind;
+    use proto::deploy::v1 as pb;
     use tonic::Streaming;
 
     use super::Client;
@@ -324,7 +331,9 @@ pub mod watch {
     }
 
     /// Reads the snapshot part of a stream: (placements, sequence).
-    pub async fn snapshot(s: &mut Streaming<pb::WatchPlacementsResponse>) -> (Vec<pb::Placement>, u64) {
+    pub async fn snapshot(
+        s: &mut Streaming<pb::WatchPlacementsResponse>,
+    ) -> (Vec<pb::Placement>, u64) {
         let mut placements = Vec::new();
         loop {
             let msg = tokio::time::timeout(Duration::from_secs(30), s.message())
@@ -341,7 +350,10 @@ pub mod watch {
     }
 
     /// Reads `n` events, skipping heartbeats; panics on error, end, or 60 s of silence.
-    pub async fn events(s: &mut Streaming<pb::WatchPlacementsResponse>, n: usize) -> Vec<pb::PlacementEvent> {
+    pub async fn events(
+        s: &mut Streaming<pb::WatchPlacementsResponse>,
+        n: usize,
+    ) -> Vec<pb::PlacementEvent> {
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
             let msg = tokio::time::timeout(Duration::from_secs(60), s.message())
@@ -414,7 +426,7 @@ impl Churn {
 
     /// The state report number `i` of a target should carry.
     pub fn state(i: usize) -> pb::PlacementState {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             pb::PlacementState::Placing
         } else {
             pb::PlacementState::Removed

@@ -19,7 +19,11 @@ async fn deploy_through_a_promotion_path_with_refusals() {
     let prod = environment(&mut c, "prod", Some("staging"), true).await;
     assert_eq!(
         prod.promotion_path,
-        ["environments/dev", "environments/staging", "environments/prod"]
+        [
+            "environments/dev",
+            "environments/staging",
+            "environments/prod"
+        ]
     );
     let dev_targets = targets(&mut c, "dev", "dev", 2).await;
     let staging_targets = targets(&mut c, "staging", "stg", 2).await;
@@ -35,28 +39,44 @@ async fn deploy_through_a_promotion_path_with_refusals() {
     assert_eq!(rules, ["PROMOTION_ORDER"]);
 
     // dev: PENDING -> IN_PROGRESS -> SUCCEEDED as the targets report.
-    let d = deploy(&mut c, "checkout", "1.0.0", "dev", "").await.unwrap();
+    let d = deploy(&mut c, "checkout", "1.0.0", "dev", "")
+        .await
+        .unwrap();
     assert_eq!(d.state(), D::Pending);
     assert_eq!(d.placements.len(), 2);
-    let r = report(&mut c, &d.name, &dev_targets[0], P::Placing).await.unwrap();
+    let r = report(&mut c, &d.name, &dev_targets[0], P::Placing)
+        .await
+        .unwrap();
     assert_eq!(r.deployment_state(), D::InProgress);
-    let r = report(&mut c, &d.name, &dev_targets[0], P::Placed).await.unwrap();
+    let r = report(&mut c, &d.name, &dev_targets[0], P::Placed)
+        .await
+        .unwrap();
     assert_eq!(r.deployment_state(), D::InProgress);
     // Still not promotable while dev is in progress.
     let rules = violated_rules(deploy(&mut c, "checkout", "1.0.0", "staging", "").await);
     assert_eq!(rules, ["PROMOTION_ORDER"]);
-    let r = report(&mut c, &d.name, &dev_targets[1], P::Placed).await.unwrap();
+    let r = report(&mut c, &d.name, &dev_targets[1], P::Placed)
+        .await
+        .unwrap();
     assert_eq!(r.deployment_state(), D::Succeeded);
     assert!(r.changed);
     // Repeating a report changes nothing and writes no event.
-    let again = report(&mut c, &d.name, &dev_targets[1], P::Placed).await.unwrap();
+    let again = report(&mut c, &d.name, &dev_targets[1], P::Placed)
+        .await
+        .unwrap();
     assert!(!again.changed);
     assert_eq!(again.sequence, r.sequence);
 
     // staging now allowed; a failure there fails the deployment.
-    let s = deploy(&mut c, "checkout", "1.0.0", "staging", "").await.unwrap();
-    report(&mut c, &s.name, &staging_targets[0], P::Placed).await.unwrap();
-    let r = report(&mut c, &s.name, &staging_targets[1], P::Failed).await.unwrap();
+    let s = deploy(&mut c, "checkout", "1.0.0", "staging", "")
+        .await
+        .unwrap();
+    report(&mut c, &s.name, &staging_targets[0], P::Placed)
+        .await
+        .unwrap();
+    let r = report(&mut c, &s.name, &staging_targets[1], P::Failed)
+        .await
+        .unwrap();
     assert_eq!(r.deployment_state(), D::Failed);
     let rules = violated_rules(deploy(&mut c, "checkout", "1.0.0", "prod", "CHG-1").await);
     assert_eq!(rules, ["PROMOTION_ORDER"]);
@@ -65,19 +85,25 @@ async fn deploy_through_a_promotion_path_with_refusals() {
     assert_eq!(rules, ["PLACEMENT_TRANSITION"]);
 
     // A second staging deployment succeeds; prod still needs the change reference.
-    let s2 = deploy(&mut c, "checkout", "1.0.0", "staging", "").await.unwrap();
+    let s2 = deploy(&mut c, "checkout", "1.0.0", "staging", "")
+        .await
+        .unwrap();
     for t in &staging_targets {
         report(&mut c, &s2.name, t, P::Placed).await.unwrap();
     }
     let rules = violated_rules(deploy(&mut c, "checkout", "1.0.0", "prod", "").await);
     assert_eq!(rules, ["CHANGE_REFERENCE_REQUIRED"]);
-    let p = deploy(&mut c, "checkout", "1.0.0", "prod", "CHG-42").await.unwrap();
+    let p = deploy(&mut c, "checkout", "1.0.0", "prod", "CHG-42")
+        .await
+        .unwrap();
     assert_eq!(p.change_reference, "CHG-42");
     for t in &prod_targets {
         report(&mut c, &p.name, t, P::Placed).await.unwrap();
     }
     let p = c
-        .get_deployment(pb::GetDeploymentRequest { name: p.name.clone() })
+        .get_deployment(pb::GetDeploymentRequest {
+            name: p.name.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -117,8 +143,16 @@ async fn create_deployment_is_idempotent_per_request_id() {
         }),
         request_id: "8d1f6f3e-retry-1".into(),
     };
-    let first = c.create_deployment(request.clone()).await.unwrap().into_inner();
-    let second = c.create_deployment(request.clone()).await.unwrap().into_inner();
+    let first = c
+        .create_deployment(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let second = c
+        .create_deployment(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(first.name, second.name);
     assert_eq!(first.create_time, second.create_time);
     let all = c
@@ -126,7 +160,11 @@ async fn create_deployment_is_idempotent_per_request_id() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(all.deployments.len(), 1, "a retry must not create a second deployment");
+    assert_eq!(
+        all.deployments.len(),
+        1,
+        "a retry must not create a second deployment"
+    );
 
     // The same request id for a different request is refused, naming the field.
     let mut other = request;
@@ -139,7 +177,11 @@ async fn create_deployment_is_idempotent_per_request_id() {
         environment: None,
         request_id: "env-req-1".into(),
     };
-    let a = c.create_environment(env_req.clone()).await.unwrap().into_inner();
+    let a = c
+        .create_environment(env_req.clone())
+        .await
+        .unwrap()
+        .into_inner();
     let b = c.create_environment(env_req).await.unwrap().into_inner();
     assert_eq!(a, b);
     // Without the request id, a second create is ALREADY_EXISTS.
@@ -190,9 +232,7 @@ async fn environment_updates_use_etags_and_keep_the_path_acyclic() {
     let mut c = server.client().await;
     environment(&mut c, "dev", None, false).await;
     let staging = environment(&mut c, "staging", Some("dev"), false).await;
-    let mask = |paths: &[&str]| {
-        Some(prost_types_mask(paths))
-    };
+    let mask = |paths: &[&str]| Some(prost_types_mask(paths));
     let updated = c
         .update_environment(pb::UpdateEnvironmentRequest {
             environment: Some(pb::Environment {
@@ -208,7 +248,10 @@ async fn environment_updates_use_etags_and_keep_the_path_acyclic() {
         .into_inner();
     assert!(updated.protected);
     assert_ne!(updated.etag, staging.etag);
-    assert_eq!(updated.upstream, "environments/dev", "fields outside the mask are kept");
+    assert_eq!(
+        updated.upstream, "environments/dev",
+        "fields outside the mask are kept"
+    );
     // The old etag is stale now.
     expect_code(
         c.update_environment(pb::UpdateEnvironmentRequest {
@@ -357,12 +400,30 @@ async fn bad_input_names_the_field_and_writes_nothing() {
         }),
         request_id: request_id.into(),
     };
-    assert_eq!(bad_fields(c.create_environment(env("", "", "")).await), ["environment_id"]);
-    assert_eq!(bad_fields(c.create_environment(env("Prod", "", "")).await), ["environment_id"]);
-    assert_eq!(bad_fields(c.create_environment(env(&"a".repeat(64), "", "")).await), ["environment_id"]);
-    assert_eq!(bad_fields(c.create_environment(env("x", "dev", "")).await), ["environment.upstream"]);
-    assert_eq!(bad_fields(c.create_environment(env("x", "environments/x", "")).await), ["environment.upstream"]);
-    assert_eq!(bad_fields(c.create_environment(env("x", "", "has space")).await), ["request_id"]);
+    assert_eq!(
+        bad_fields(c.create_environment(env("", "", "")).await),
+        ["environment_id"]
+    );
+    assert_eq!(
+        bad_fields(c.create_environment(env("Prod", "", "")).await),
+        ["environment_id"]
+    );
+    assert_eq!(
+        bad_fields(c.create_environment(env(&"a".repeat(64), "", "")).await),
+        ["environment_id"]
+    );
+    assert_eq!(
+        bad_fields(c.create_environment(env("x", "dev", "")).await),
+        ["environment.upstream"]
+    );
+    assert_eq!(
+        bad_fields(c.create_environment(env("x", "environments/x", "")).await),
+        ["environment.upstream"]
+    );
+    assert_eq!(
+        bad_fields(c.create_environment(env("x", "", "has space")).await),
+        ["request_id"]
+    );
     // Every bad field is reported at once.
     assert_eq!(
         bad_fields(c.create_environment(env("X", "nope", "a b")).await),
@@ -376,7 +437,10 @@ async fn bad_input_names_the_field_and_writes_nothing() {
         }),
         request_id: String::new(),
     };
-    assert_eq!(bad_fields(c.create_environment(long_description).await), ["environment.description"]);
+    assert_eq!(
+        bad_fields(c.create_environment(long_description).await),
+        ["environment.description"]
+    );
 
     let art = |name: &str, version: &str, digest: &str| pb::RegisterArtifactRequest {
         artifact: name.into(),
@@ -385,23 +449,53 @@ async fn bad_input_names_the_field_and_writes_nothing() {
         metadata: Default::default(),
     };
     let good = digest("x");
-    assert_eq!(bad_fields(c.register_artifact(art("api", "1.0.1", "md5:abc")).await), ["digest"]);
-    assert_eq!(bad_fields(c.register_artifact(art("api", "1.0.1", &good.to_uppercase())).await), ["digest"]);
-    assert_eq!(bad_fields(c.register_artifact(art("api", "1.0.1", &good[..70])).await), ["digest"]);
-    assert_eq!(bad_fields(c.register_artifact(art("api", "", &good)).await), ["version"]);
-    assert_eq!(bad_fields(c.register_artifact(art("api", "1 0", &good)).await), ["version"]);
-    assert_eq!(bad_fields(c.register_artifact(art("API", "1.0.1", &good)).await), ["artifact"]);
+    assert_eq!(
+        bad_fields(c.register_artifact(art("api", "1.0.1", "md5:abc")).await),
+        ["digest"]
+    );
+    assert_eq!(
+        bad_fields(
+            c.register_artifact(art("api", "1.0.1", &good.to_uppercase()))
+                .await
+        ),
+        ["digest"]
+    );
+    assert_eq!(
+        bad_fields(c.register_artifact(art("api", "1.0.1", &good[..70])).await),
+        ["digest"]
+    );
+    assert_eq!(
+        bad_fields(c.register_artifact(art("api", "", &good)).await),
+        ["version"]
+    );
+    assert_eq!(
+        bad_fields(c.register_artifact(art("api", "1 0", &good)).await),
+        ["version"]
+    );
+    assert_eq!(
+        bad_fields(c.register_artifact(art("API", "1.0.1", &good)).await),
+        ["artifact"]
+    );
     let mut too_many = art("api", "1.0.1", &good);
     too_many.metadata = (0..65).map(|i| (format!("k{i}"), "v".into())).collect();
-    assert_eq!(bad_fields(c.register_artifact(too_many).await), ["metadata"]);
+    assert_eq!(
+        bad_fields(c.register_artifact(too_many).await),
+        ["metadata"]
+    );
 
     let target = |parent: &str, id: &str| pb::RegisterTargetRequest {
         parent: parent.into(),
         target_id: id.into(),
         labels: Default::default(),
     };
-    assert_eq!(bad_fields(c.register_target(target("dev", "t-9")).await), ["parent"]);
-    assert_eq!(bad_fields(c.register_target(target("environments/dev", "T_9")).await), ["target_id"]);
+    assert_eq!(
+        bad_fields(c.register_target(target("dev", "t-9")).await),
+        ["parent"]
+    );
+    assert_eq!(
+        bad_fields(c.register_target(target("environments/dev", "T_9")).await),
+        ["target_id"]
+    );
     let mut bad_label = target("environments/dev", "t-9");
     bad_label.labels.insert("bad key".into(), "v".into());
     assert_eq!(bad_fields(c.register_target(bad_label).await), ["labels"]);
@@ -415,14 +509,36 @@ async fn bad_input_names_the_field_and_writes_nothing() {
         }),
         request_id: String::new(),
     };
-    assert_eq!(bad_fields(c.create_deployment(dep("api@1.0.0", "environments/dev", "")).await), ["deployment.artifact_version"]);
-    assert_eq!(bad_fields(c.create_deployment(dep("artifacts/api/versions/1.0.0", "dev", "")).await), ["deployment.environment"]);
     assert_eq!(
-        bad_fields(c.create_deployment(dep("artifacts/api/versions/1.0.0", "environments/dev", &"c".repeat(200))).await),
+        bad_fields(
+            c.create_deployment(dep("api@1.0.0", "environments/dev", ""))
+                .await
+        ),
+        ["deployment.artifact_version"]
+    );
+    assert_eq!(
+        bad_fields(
+            c.create_deployment(dep("artifacts/api/versions/1.0.0", "dev", ""))
+                .await
+        ),
+        ["deployment.environment"]
+    );
+    assert_eq!(
+        bad_fields(
+            c.create_deployment(dep(
+                "artifacts/api/versions/1.0.0",
+                "environments/dev",
+                &"c".repeat(200)
+            ))
+            .await
+        ),
         ["deployment.change_reference"]
     );
     assert_eq!(
-        bad_fields(c.create_deployment(pb::CreateDeploymentRequest::default()).await),
+        bad_fields(
+            c.create_deployment(pb::CreateDeploymentRequest::default())
+                .await
+        ),
         ["deployment.artifact_version", "deployment.environment"]
     );
 
@@ -432,49 +548,135 @@ async fn bad_input_names_the_field_and_writes_nothing() {
         state,
         message: String::new(),
     };
-    assert_eq!(bad_fields(c.report_placement(rep(&d.name, &t[0], 0)).await), ["state"]);
-    assert_eq!(bad_fields(c.report_placement(rep(&d.name, &t[0], P::Pending.into())).await), ["state"]);
-    assert_eq!(bad_fields(c.report_placement(rep(&d.name, &t[0], 99)).await), ["state"]);
-    assert_eq!(bad_fields(c.report_placement(rep("deployments/abc", &t[0], P::Placed.into())).await), ["deployment"]);
-    assert_eq!(bad_fields(c.report_placement(rep(&d.name, "t-1", P::Placed.into())).await), ["target"]);
+    assert_eq!(
+        bad_fields(c.report_placement(rep(&d.name, &t[0], 0)).await),
+        ["state"]
+    );
+    assert_eq!(
+        bad_fields(
+            c.report_placement(rep(&d.name, &t[0], P::Pending.into()))
+                .await
+        ),
+        ["state"]
+    );
+    assert_eq!(
+        bad_fields(c.report_placement(rep(&d.name, &t[0], 99)).await),
+        ["state"]
+    );
+    assert_eq!(
+        bad_fields(
+            c.report_placement(rep("deployments/abc", &t[0], P::Placed.into()))
+                .await
+        ),
+        ["deployment"]
+    );
+    assert_eq!(
+        bad_fields(
+            c.report_placement(rep(&d.name, "t-1", P::Placed.into()))
+                .await
+        ),
+        ["target"]
+    );
 
     assert_eq!(
-        bad_fields(c.list_environments(pb::ListEnvironmentsRequest { page_size: -1, page_token: String::new() }).await),
+        bad_fields(
+            c.list_environments(pb::ListEnvironmentsRequest {
+                page_size: -1,
+                page_token: String::new()
+            })
+            .await
+        ),
         ["page_size"]
     );
     assert_eq!(
-        bad_fields(c.list_environments(pb::ListEnvironmentsRequest { page_size: 0, page_token: "not-a-token".into() }).await),
+        bad_fields(
+            c.list_environments(pb::ListEnvironmentsRequest {
+                page_size: 0,
+                page_token: "not-a-token".into()
+            })
+            .await
+        ),
         ["page_token"]
     );
-    assert_eq!(bad_fields(c.get_environment(pb::GetEnvironmentRequest { name: "dev".into() }).await), ["name"]);
-    assert_eq!(bad_fields(c.get_deployment(pb::GetDeploymentRequest { name: "deployments/-1".into() }).await), ["name"]);
     assert_eq!(
-        bad_fields(c.update_environment(pb::UpdateEnvironmentRequest {
-            environment: Some(pb::Environment { name: "environments/dev".into(), ..Default::default() }),
-            update_mask: None,
-        }).await),
+        bad_fields(
+            c.get_environment(pb::GetEnvironmentRequest { name: "dev".into() })
+                .await
+        ),
+        ["name"]
+    );
+    assert_eq!(
+        bad_fields(
+            c.get_deployment(pb::GetDeploymentRequest {
+                name: "deployments/-1".into()
+            })
+            .await
+        ),
+        ["name"]
+    );
+    assert_eq!(
+        bad_fields(
+            c.update_environment(pb::UpdateEnvironmentRequest {
+                environment: Some(pb::Environment {
+                    name: "environments/dev".into(),
+                    ..Default::default()
+                }),
+                update_mask: None,
+            })
+            .await
+        ),
         ["update_mask"]
     );
 
     // Nothing was written by any refused call.
-    let envs = c.list_environments(pb::ListEnvironmentsRequest::default()).await.unwrap().into_inner();
+    let envs = c
+        .list_environments(pb::ListEnvironmentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(envs.environments.len(), 1);
-    let arts = c.list_artifacts(pb::ListArtifactsRequest::default()).await.unwrap().into_inner();
+    let arts = c
+        .list_artifacts(pb::ListArtifactsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(arts.artifacts.len(), 1);
     let tl = c
-        .list_targets(pb::ListTargetsRequest { parent: "environments/dev".into(), ..Default::default() })
+        .list_targets(pb::ListTargetsRequest {
+            parent: "environments/dev".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(tl.targets.len(), 1);
-    let deps = c.list_deployments(pb::ListDeploymentsRequest::default()).await.unwrap().into_inner();
+    let deps = c
+        .list_deployments(pb::ListDeploymentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(deps.deployments.len(), 1);
-    let got = c.get_deployment(pb::GetDeploymentRequest { name: d.name.clone() }).await.unwrap().into_inner();
+    let got = c
+        .get_deployment(pb::GetDeploymentRequest {
+            name: d.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(got.state(), D::Pending);
 
     // Missing resources are NOT_FOUND.
-    expect_code(deploy(&mut c, "api", "9.9.9", "dev", "").await, Code::NotFound);
-    expect_code(deploy(&mut c, "api", "1.0.0", "nowhere", "").await, Code::NotFound);
-    expect_code(report(&mut c, "deployments/999", &t[0], P::Placed).await, Code::NotFound);
+    expect_code(
+        deploy(&mut c, "api", "9.9.9", "dev", "").await,
+        Code::NotFound,
+    );
+    expect_code(
+        deploy(&mut c, "api", "1.0.0", "nowhere", "").await,
+        Code::NotFound,
+    );
+    expect_code(
+        report(&mut c, "deployments/999", &t[0], P::Placed).await,
+        Code::NotFound,
+    );
     server.shutdown().await.unwrap();
 }

@@ -24,7 +24,11 @@ async fn watcher_receives_1000_reports_in_order_and_resumes_after_300() {
     let acked = churn.run(&mut c, 0, 0, 1000).await;
     let got = watch::events(&mut w, 1000).await;
     assert_gap_free(&got, start + 1);
-    assert_eq!(sequences(&got), acked, "events arrive in commit order, once each");
+    assert_eq!(
+        sequences(&got),
+        acked,
+        "events arrive in commit order, once each"
+    );
     for (i, e) in got.iter().enumerate() {
         assert_eq!(e.placement.as_ref().unwrap().state(), Churn::state(i));
     }
@@ -35,7 +39,9 @@ async fn watcher_receives_1000_reports_in_order_and_resumes_after_300() {
     let head300 = watch::events(&mut first, 300).await;
     drop(first);
     let resume_after = head300.last().unwrap().sequence;
-    let mut resumed = watch::open(&mut c, Some(resume_after), "", "").await.unwrap();
+    let mut resumed = watch::open(&mut c, Some(resume_after), "", "")
+        .await
+        .unwrap();
     let (rest, hb) = watch::until_heartbeat(&mut resumed).await;
     assert_eq!(rest.len(), 700);
     assert_gap_free(&rest, resume_after + 1);
@@ -53,7 +59,9 @@ async fn eight_writers_three_watchers_match_the_stored_log() {
     let mut watchers = Vec::new();
     for _ in 0..3 {
         let mut w = watch::open(&mut c, Some(0), "", "").await.unwrap();
-        watchers.push(tokio::spawn(async move { watch::events(&mut w, 4000).await }));
+        watchers.push(tokio::spawn(
+            async move { watch::events(&mut w, 4000).await },
+        ));
     }
     let writers = (0..8).map(|t| {
         let churn = churn.clone();
@@ -63,7 +71,11 @@ async fn eight_writers_three_watchers_match_the_stored_log() {
             churn.run(&mut c, t, 0, 500).await
         })
     });
-    let mut acked: Vec<u64> = join_all(writers).await.into_iter().flat_map(Result::unwrap).collect();
+    let mut acked: Vec<u64> = join_all(writers)
+        .await
+        .into_iter()
+        .flat_map(Result::unwrap)
+        .collect();
     acked.sort_unstable();
 
     let stored: Vec<(u64, String, i64)> = {
@@ -71,14 +83,19 @@ async fn eight_writers_three_watchers_match_the_stored_log() {
         let mut stmt = db
             .prepare("SELECT seq, target, state FROM placement_events ORDER BY seq")
             .unwrap();
-        stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?)))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap()
+        stmt.query_map([], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
     };
     assert_eq!(stored.len(), 4000);
     let stored_seqs: Vec<u64> = stored.iter().map(|s| s.0).collect();
-    assert_eq!(stored_seqs, acked, "every acknowledged report is one stored event");
+    assert_eq!(
+        stored_seqs, acked,
+        "every acknowledged report is one stored event"
+    );
     for w in watchers {
         let got = w.await.unwrap();
         assert_eq!(sequences(&got), stored_seqs);
@@ -107,7 +124,14 @@ async fn sigkill_after_acknowledged_reports_loses_nothing() {
                 let mut c = tests::connect(addr).await;
                 let mut i = 0;
                 loop {
-                    match report(&mut c, &churn.deployment, &churn.targets[t], Churn::state(i)).await {
+                    match report(
+                        &mut c,
+                        &churn.deployment,
+                        &churn.targets[t],
+                        Churn::state(i),
+                    )
+                    .await
+                    {
                         Ok(r) => {
                             let p = r.placement.unwrap();
                             acked.lock().unwrap().push((r.sequence, p.target, p.state));
@@ -140,12 +164,20 @@ async fn sigkill_after_acknowledged_reports_loses_nothing() {
         })
         .collect();
     for a in &acked {
-        assert!(stored.contains(a), "acknowledged event {a:?} lost after SIGKILL");
+        assert!(
+            stored.contains(a),
+            "acknowledged event {a:?} lost after SIGKILL"
+        );
     }
     // The restarted server keeps streaming live events after the replay.
-    let next = report(&mut c, &churn.deployment, &churn.targets[0], pb::PlacementState::Placed)
-        .await
-        .unwrap();
+    let next = report(
+        &mut c,
+        &churn.deployment,
+        &churn.targets[0],
+        pb::PlacementState::Placed,
+    )
+    .await
+    .unwrap();
     let live = watch::events(&mut w, 1).await;
     assert_eq!(live[0].sequence, hb.head_sequence + 1);
     assert_eq!(live[0].sequence, next.sequence);
@@ -164,12 +196,32 @@ async fn snapshot_then_events_with_filters() {
     let api_dev = deploy(&mut c, "api", "1.0.0", "dev", "").await.unwrap();
     let web_dev = deploy(&mut c, "web", "1.0.0", "dev", "").await.unwrap();
     let api_qa = deploy(&mut c, "api", "1.0.0", "qa", "").await.unwrap();
-    report(&mut c, &api_dev.name, &dev_t[0], pb::PlacementState::Placed).await.unwrap();
-    report(&mut c, &api_dev.name, &dev_t[1], pb::PlacementState::Placing).await.unwrap();
-    report(&mut c, &web_dev.name, &dev_t[0], pb::PlacementState::Placed).await.unwrap();
-    report(&mut c, &api_qa.name, &qa_t[0], pb::PlacementState::Placed).await.unwrap();
+    report(&mut c, &api_dev.name, &dev_t[0], pb::PlacementState::Placed)
+        .await
+        .unwrap();
+    report(
+        &mut c,
+        &api_dev.name,
+        &dev_t[1],
+        pb::PlacementState::Placing,
+    )
+    .await
+    .unwrap();
+    report(&mut c, &web_dev.name, &dev_t[0], pb::PlacementState::Placed)
+        .await
+        .unwrap();
+    report(&mut c, &api_qa.name, &qa_t[0], pb::PlacementState::Placed)
+        .await
+        .unwrap();
     // A removed placement is not part of the current state.
-    report(&mut c, &web_dev.name, &dev_t[0], pb::PlacementState::Removed).await.unwrap();
+    report(
+        &mut c,
+        &web_dev.name,
+        &dev_t[0],
+        pb::PlacementState::Removed,
+    )
+    .await
+    .unwrap();
 
     let mut all = watch::open(&mut c, None, "", "").await.unwrap();
     let (snap, seq) = watch::snapshot(&mut all).await;
@@ -182,20 +234,40 @@ async fn snapshot_then_events_with_filters() {
     assert_eq!(
         current,
         vec![
-            (api_dev.name.clone(), dev_t[0].clone(), pb::PlacementState::Placed as i32),
-            (api_dev.name.clone(), dev_t[1].clone(), pb::PlacementState::Placing as i32),
-            (api_qa.name.clone(), qa_t[0].clone(), pb::PlacementState::Placed as i32),
+            (
+                api_dev.name.clone(),
+                dev_t[0].clone(),
+                pb::PlacementState::Placed as i32
+            ),
+            (
+                api_dev.name.clone(),
+                dev_t[1].clone(),
+                pb::PlacementState::Placing as i32
+            ),
+            (
+                api_qa.name.clone(),
+                qa_t[0].clone(),
+                pb::PlacementState::Placed as i32
+            ),
         ]
     );
-    let mut dev_api = watch::open(&mut c, None, "environments/dev", "api").await.unwrap();
+    let mut dev_api = watch::open(&mut c, None, "environments/dev", "api")
+        .await
+        .unwrap();
     let (snap, _) = watch::snapshot(&mut dev_api).await;
     assert_eq!(snap.len(), 2);
-    assert!(snap.iter().all(|p| p.environment == "environments/dev" && p.artifact == "api"));
+    assert!(snap
+        .iter()
+        .all(|p| p.environment == "environments/dev" && p.artifact == "api"));
 
     // Later events: only matching ones reach the filtered watcher, and its heartbeat still
     // advances past the filtered ones.
-    report(&mut c, &api_qa.name, &qa_t[0], pb::PlacementState::Removed).await.unwrap();
-    let placed = report(&mut c, &api_dev.name, &dev_t[1], pb::PlacementState::Placed).await.unwrap();
+    report(&mut c, &api_qa.name, &qa_t[0], pb::PlacementState::Removed)
+        .await
+        .unwrap();
+    let placed = report(&mut c, &api_dev.name, &dev_t[1], pb::PlacementState::Placed)
+        .await
+        .unwrap();
     let (events, hb) = watch::until_heartbeat(&mut dev_api).await;
     assert_eq!(sequences(&events), [placed.sequence]);
     assert_eq!(hb.sequence, placed.sequence);
@@ -215,10 +287,16 @@ async fn positions_outside_the_retained_log_are_refused() {
     let rules = violated_rules(watch::open(&mut c, Some(0), "", "").await);
     assert_eq!(rules, ["EVENT_RETENTION"]);
     // Ahead of the head.
-    expect_code(watch::open(&mut c, Some(head + 10), "", "").await, Code::OutOfRange);
+    expect_code(
+        watch::open(&mut c, Some(head + 10), "", "").await,
+        Code::OutOfRange,
+    );
     // A recent position still works, and so does a snapshot.
     let mut w = watch::open(&mut c, Some(head - 10), "", "").await.unwrap();
-    assert_eq!(sequences(&watch::events(&mut w, 10).await), acked[190..].to_vec());
+    assert_eq!(
+        sequences(&watch::events(&mut w, 10).await),
+        acked[190..].to_vec()
+    );
     let mut s = watch::open(&mut c, None, "", "").await.unwrap();
     assert_eq!(watch::snapshot(&mut s).await.1, head);
     // Bad start.
@@ -252,12 +330,18 @@ async fn a_slow_watcher_is_cut_off_without_stalling_writers_or_other_watchers() 
         .await
         .unwrap();
     let mut slow_client = tests::Client::new(channel);
-    let mut slow = watch::open(&mut slow_client, Some(0), "", "").await.unwrap();
+    let mut slow = watch::open(&mut slow_client, Some(0), "", "")
+        .await
+        .unwrap();
 
     let fast_reader = tokio::spawn(async move { watch::events(&mut fast, 5_000).await });
     let acked = churn.run(&mut c, 0, 0, 5_000).await;
     let fast_got = fast_reader.await.unwrap();
-    assert_eq!(sequences(&fast_got), acked, "the fast watcher got everything");
+    assert_eq!(
+        sequences(&fast_got),
+        acked,
+        "the fast watcher got everything"
+    );
 
     // Now the slow one reads: what was queued, then RESOURCE_EXHAUSTED.
     let mut got = Vec::new();
@@ -274,11 +358,16 @@ async fn a_slow_watcher_is_cut_off_without_stalling_writers_or_other_watchers() 
         }
     };
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert!(got.len() < acked.len(), "the slow watcher was cut off before the end");
+    assert!(
+        got.len() < acked.len(),
+        "the slow watcher was cut off before the end"
+    );
     assert_gap_free(&got, 1);
     // It resumes from its last sequence and receives exactly the rest.
     let last = got.last().map(|e| e.sequence).unwrap_or(0);
-    let mut resumed = watch::open(&mut slow_client, Some(last), "", "").await.unwrap();
+    let mut resumed = watch::open(&mut slow_client, Some(last), "", "")
+        .await
+        .unwrap();
     let rest = watch::events(&mut resumed, acked.len() - got.len()).await;
     assert_gap_free(&rest, last + 1);
     assert_eq!(rest.last().unwrap().sequence, *acked.last().unwrap());
@@ -304,7 +393,10 @@ async fn shutdown_ends_open_streams_and_returns() {
         .await
         .expect("shutdown blocked by an open stream")
         .unwrap();
-    let ended = tokio::time::timeout(Duration::from_secs(5), reader).await.unwrap().unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), reader)
+        .await
+        .unwrap()
+        .unwrap();
     let status = ended.expect("the stream ended without telling the client to resume");
     assert_eq!(status.code(), Code::Unavailable);
     assert!(status.message().contains("after_sequence"), "{status:?}");
@@ -324,5 +416,8 @@ async fn sigterm_drains_and_exits_with_an_open_stream() {
         .unwrap();
     assert!(status.success(), "exit status {status:?}");
     let end = w.message().await;
-    assert!(matches!(end, Err(ref s) if s.code() == Code::Unavailable), "{end:?}");
+    assert!(
+        matches!(end, Err(ref s) if s.code() == Code::Unavailable),
+        "{end:?}"
+    );
 }

@@ -120,22 +120,44 @@ mod tests {
             (D::Cancelled, &[P::Placed], D::Cancelled),
         ];
         for (current, states, want) in cases {
-            assert_eq!(derive_state(*current, counts(states)), *want, "{current:?} {states:?}");
+            assert_eq!(
+                derive_state(*current, counts(states)),
+                *want,
+                "{current:?} {states:?}"
+            );
         }
     }
 
     #[test]
     fn transitions() {
-        assert_eq!(check_transition(D::Pending, P::Pending, P::Placing), Ok(true));
-        assert_eq!(check_transition(D::InProgress, P::Placing, P::Placed), Ok(true));
-        assert_eq!(check_transition(D::InProgress, P::Placed, P::Placed), Ok(false));
-        assert_eq!(check_transition(D::InProgress, P::Failed, P::Placing), Ok(true));
+        assert_eq!(
+            check_transition(D::Pending, P::Pending, P::Placing),
+            Ok(true)
+        );
+        assert_eq!(
+            check_transition(D::InProgress, P::Placing, P::Placed),
+            Ok(true)
+        );
+        assert_eq!(
+            check_transition(D::InProgress, P::Placed, P::Placed),
+            Ok(false)
+        );
+        assert_eq!(
+            check_transition(D::InProgress, P::Failed, P::Placing),
+            Ok(true)
+        );
         assert!(check_transition(D::InProgress, P::Placed, P::Placing).is_err());
         assert!(check_transition(D::InProgress, P::Placing, P::Pending).is_err());
         assert!(check_transition(D::InProgress, P::Removed, P::Placed).is_err());
         // After success, a placement can still be removed or fail, but not be placed again.
-        assert_eq!(check_transition(D::Succeeded, P::Placed, P::Removed), Ok(true));
-        assert_eq!(check_transition(D::Succeeded, P::Placed, P::Failed), Ok(true));
+        assert_eq!(
+            check_transition(D::Succeeded, P::Placed, P::Removed),
+            Ok(true)
+        );
+        assert_eq!(
+            check_transition(D::Succeeded, P::Placed, P::Failed),
+            Ok(true)
+        );
         assert!(check_transition(D::Succeeded, P::Removed, P::Placing).is_err());
         assert!(check_transition(D::Cancelled, P::Pending, P::Placing).is_err());
         assert!(check_transition(D::Failed, P::Failed, P::Placing).is_err());

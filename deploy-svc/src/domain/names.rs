@@ -59,7 +59,11 @@ pub fn validate_digest(digest: &str) -> Result<(), String> {
     let Some(hex) = digest.strip_prefix("sha256:") else {
         return Err("must start with 'sha256:'".into());
     };
-    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return Err("must be 'sha256:' followed by 64 lowercase hex digits".into());
     }
     Ok(())
@@ -70,7 +74,10 @@ pub fn validate_text(text: &str, max: usize) -> Result<(), String> {
     if text.len() > max {
         return Err(format!("must be at most {max} bytes, got {}", text.len()));
     }
-    if text.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+    if text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
         return Err("must not contain control characters".into());
     }
     Ok(())
@@ -120,7 +127,8 @@ pub fn parse_environment(name: &str) -> Result<String, String> {
 
 /// Parses `environments/{environment}/targets/{target}` into (environment, target).
 pub fn parse_target(name: &str) -> Result<(String, String), String> {
-    let bad = || format!("{name:?} must look like 'environments/{{environment}}/targets/{{target}}'");
+    let bad =
+        || format!("{name:?} must look like 'environments/{{environment}}/targets/{{target}}'");
     let rest = name.strip_prefix("environments/").ok_or_else(bad)?;
     let (env, target) = rest.split_once("/targets/").ok_or_else(bad)?;
     validate_id(env)?;
@@ -171,7 +179,9 @@ pub fn page_size(size: i32) -> Result<usize, String> {
     match size {
         0 => Ok(DEFAULT_PAGE_SIZE),
         n if n < 0 => Err(format!("must not be negative, got {n}")),
-        n => Ok(usize::try_from(n).unwrap_or(MAX_PAGE_SIZE).min(MAX_PAGE_SIZE)),
+        n => Ok(usize::try_from(n)
+            .unwrap_or(MAX_PAGE_SIZE)
+            .min(MAX_PAGE_SIZE)),
     }
 }
 
@@ -218,7 +228,10 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        assert_eq!(parse_environment("environments/prod").as_deref(), Ok("prod"));
+        assert_eq!(
+            parse_environment("environments/prod").as_deref(),
+            Ok("prod")
+        );
         assert!(parse_environment("prod").is_err());
         assert_eq!(
             parse_target("environments/prod/targets/web-1"),

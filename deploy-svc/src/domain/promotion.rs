@@ -55,7 +55,10 @@ pub fn check_upstream(id: &str, upstream_path: &[String]) -> Option<Precondition
             environment_name(id),
             format!(
                 "making {} upstream of {} would create a cycle: {}",
-                upstream_path.last().map(|u| environment_name(u)).unwrap_or_default(),
+                upstream_path
+                    .last()
+                    .map(|u| environment_name(u))
+                    .unwrap_or_default(),
                 environment_name(id),
                 upstream_path.join(" -> ")
             ),
@@ -99,7 +102,9 @@ mod tests {
         let v = check_new_deployment(&new(""), &env("staging", Some("dev"), false), false);
         assert_eq!(v.len(), 1);
         assert_eq!(v[0].kind, PROMOTION_ORDER);
-        assert!(check_new_deployment(&new(""), &env("staging", Some("dev"), false), true).is_empty());
+        assert!(
+            check_new_deployment(&new(""), &env("staging", Some("dev"), false), true).is_empty()
+        );
     }
 
     #[test]
@@ -107,7 +112,10 @@ mod tests {
         let v = check_new_deployment(&new(""), &env("prod", Some("staging"), true), false);
         let kinds: Vec<_> = v.iter().map(|v| v.kind.as_str()).collect();
         assert_eq!(kinds, [PROMOTION_ORDER, CHANGE_REFERENCE_REQUIRED]);
-        assert!(check_new_deployment(&new("CHG-1"), &env("prod", Some("staging"), true), true).is_empty());
+        assert!(
+            check_new_deployment(&new("CHG-1"), &env("prod", Some("staging"), true), true)
+                .is_empty()
+        );
     }
 
     #[test]

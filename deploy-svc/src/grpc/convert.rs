@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use proto::deploy::v1 as pb;
 use prost_types::Timestamp;
+use proto::deploy::v1 as pb;
 
 use crate::domain::clock::Millis;
 use crate::domain::error::Violations;
@@ -14,8 +14,8 @@ use crate::domain::model::{
     PlacementState, Target, TargetHealth,
 };
 use crate::domain::names::{
-    self, artifact_version_name, decode_page_token, deployment_name, environment_name,
-    target_name, MAX_TEXT,
+    self, artifact_version_name, decode_page_token, deployment_name, environment_name, target_name,
+    MAX_TEXT,
 };
 use crate::domain::Result;
 
@@ -29,7 +29,9 @@ pub fn timestamp(ms: Millis) -> Option<Timestamp> {
 
 /// A page request from a page size and token, reporting bad values against `prefix`.
 pub fn page_request(v: &mut Violations, size: i32, token: &str) -> PageRequest {
-    let size = v.check("page_size", names::page_size(size)).unwrap_or_default();
+    let size = v
+        .check("page_size", names::page_size(size))
+        .unwrap_or_default();
     let after = v.check("page_token", decode_page_token(token)).flatten();
     PageRequest { size, after }
 }
@@ -47,21 +49,34 @@ fn optional_environment(v: &mut Violations, field: &str, name: &str) -> Option<S
     }
 }
 
-fn labels(v: &mut Violations, field: &str, map: &std::collections::HashMap<String, String>, max: usize) -> BTreeMap<String, String> {
+fn labels(
+    v: &mut Violations,
+    field: &str,
+    map: &std::collections::HashMap<String, String>,
+    max: usize,
+) -> BTreeMap<String, String> {
     let map: BTreeMap<_, _> = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     v.check(field, names::validate_map(&map, max));
     map
 }
 
 /// Validates a CreateEnvironment request.
-pub fn new_environment(req: pb::CreateEnvironmentRequest) -> Result<(NewEnvironment, Option<String>)> {
+pub fn new_environment(
+    req: pb::CreateEnvironmentRequest,
+) -> Result<(NewEnvironment, Option<String>)> {
     let mut v = Violations::default();
     v.check("environment_id", names::validate_id(&req.environment_id));
     let env = req.environment.unwrap_or_default();
-    v.check("environment.description", names::validate_text(&env.description, MAX_TEXT));
+    v.check(
+        "environment.description",
+        names::validate_text(&env.description, MAX_TEXT),
+    );
     let upstream = optional_environment(&mut v, "environment.upstream", &env.upstream);
     if upstream.as_deref() == Some(req.environment_id.as_str()) {
-        v.push("environment.upstream", "an environment cannot be its own upstream");
+        v.push(
+            "environment.upstream",
+            "an environment cannot be its own upstream",
+        );
     }
     let request_id = optional_request_id(&mut v, &req.request_id);
     v.finish()?;
@@ -80,7 +95,9 @@ pub fn new_environment(req: pb::CreateEnvironmentRequest) -> Result<(NewEnvironm
 pub fn environment_update(req: pb::UpdateEnvironmentRequest) -> Result<EnvironmentUpdate> {
     let mut v = Violations::default();
     let env = req.environment.unwrap_or_default();
-    let id = v.check("environment.name", names::parse_environment(&env.name)).unwrap_or_default();
+    let id = v
+        .check("environment.name", names::parse_environment(&env.name))
+        .unwrap_or_default();
     let mut update = EnvironmentUpdate {
         id,
         ..Default::default()
@@ -88,24 +105,36 @@ pub fn environment_update(req: pb::UpdateEnvironmentRequest) -> Result<Environme
     if !env.etag.is_empty() {
         update.expected_revision = v.check(
             "environment.etag",
-            env.etag.trim_matches('"').parse::<i64>().map_err(|_| "is not an etag returned by this service".to_owned()),
+            env.etag
+                .trim_matches('"')
+                .parse::<i64>()
+                .map_err(|_| "is not an etag returned by this service".to_owned()),
         );
     }
     let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
     if paths.is_empty() {
-        v.push("update_mask", "must name at least one of description, protected, upstream");
+        v.push(
+            "update_mask",
+            "must name at least one of description, protected, upstream",
+        );
     }
     for path in paths {
         match path.as_str() {
             "description" => {
-                v.check("environment.description", names::validate_text(&env.description, MAX_TEXT));
+                v.check(
+                    "environment.description",
+                    names::validate_text(&env.description, MAX_TEXT),
+                );
                 update.description = Some(env.description.clone());
             }
             "protected" => update.protected = Some(env.protected),
             "upstream" => {
                 let upstream = optional_environment(&mut v, "environment.upstream", &env.upstream);
                 if upstream.as_deref() == Some(update.id.as_str()) {
-                    v.push("environment.upstream", "an environment cannot be its own upstream");
+                    v.push(
+                        "environment.upstream",
+                        "an environment cannot be its own upstream",
+                    );
                 }
                 update.upstream = Some(upstream);
             }
@@ -120,9 +149,13 @@ pub fn environment_update(req: pb::UpdateEnvironmentRequest) -> Result<Environme
 }
 
 /// Validates a RegisterTarget request: (environment, target id, labels).
-pub fn register_target(req: pb::RegisterTargetRequest) -> Result<(String, String, BTreeMap<String, String>)> {
+pub fn register_target(
+    req: pb::RegisterTargetRequest,
+) -> Result<(String, String, BTreeMap<String, String>)> {
     let mut v = Violations::default();
-    let env = v.check("parent", names::parse_environment(&req.parent)).unwrap_or_default();
+    let env = v
+        .check("parent", names::parse_environment(&req.parent))
+        .unwrap_or_default();
     v.check("target_id", names::validate_id(&req.target_id));
     let labels = labels(&mut v, "labels", &req.labels, 256);
     v.finish()?;
@@ -150,9 +183,18 @@ pub fn new_artifact(req: pb::RegisterArtifactRequest) -> Result<Artifact> {
 pub fn new_deployment(req: pb::CreateDeploymentRequest) -> Result<(NewDeployment, Option<String>)> {
     let mut v = Violations::default();
     let d = req.deployment.unwrap_or_default();
-    let version = v.check("deployment.artifact_version", names::parse_artifact_version(&d.artifact_version));
-    let environment = v.check("deployment.environment", names::parse_environment(&d.environment));
-    v.check("deployment.change_reference", names::validate_key(&d.change_reference));
+    let version = v.check(
+        "deployment.artifact_version",
+        names::parse_artifact_version(&d.artifact_version),
+    );
+    let environment = v.check(
+        "deployment.environment",
+        names::parse_environment(&d.environment),
+    );
+    v.check(
+        "deployment.change_reference",
+        names::validate_key(&d.change_reference),
+    );
     let request_id = optional_request_id(&mut v, &req.request_id);
     v.finish()?;
     let (artifact, version) = version.unwrap_or_default();
@@ -184,7 +226,10 @@ fn reported_state(v: &mut Violations, state: i32) -> Option<PlacementState> {
             None
         }
         Ok(pb::PlacementState::Pending) => {
-            v.push("state", "PENDING is not reportable: use PLACING, PLACED, FAILED or REMOVED");
+            v.push(
+                "state",
+                "PENDING is not reportable: use PLACING, PLACED, FAILED or REMOVED",
+            );
             None
         }
         Err(_) => {
@@ -213,14 +258,19 @@ pub fn placement_report(req: pb::ReportPlacementRequest) -> Result<PlacementRepo
 }
 
 /// Validates a WatchPlacements request.
-pub fn watch_request(req: pb::WatchPlacementsRequest) -> Result<crate::placement_log::WatchRequest> {
+pub fn watch_request(
+    req: pb::WatchPlacementsRequest,
+) -> Result<crate::placement_log::WatchRequest> {
     use crate::placement_log::{Start, WatchRequest};
     let mut v = Violations::default();
     let start = match req.start {
         Some(pb::watch_placements_request::Start::AfterSequence(seq)) => Start::After(seq),
         Some(pb::watch_placements_request::Start::Snapshot(true)) => Start::Snapshot,
         Some(pb::watch_placements_request::Start::Snapshot(false)) | None => {
-            v.push("start", "set after_sequence (resume) or snapshot=true (start from current placements)");
+            v.push(
+                "start",
+                "set after_sequence (resume) or snapshot=true (start from current placements)",
+            );
             Start::Snapshot
         }
     };
@@ -228,13 +278,17 @@ pub fn watch_request(req: pb::WatchPlacementsRequest) -> Result<crate::placement
     let artifact = if req.artifact.is_empty() {
         None
     } else {
-        v.check("artifact", names::validate_id(&req.artifact)).map(|()| req.artifact.clone())
+        v.check("artifact", names::validate_id(&req.artifact))
+            .map(|()| req.artifact.clone())
     };
     let heartbeat = match req.heartbeat_interval_seconds {
         0 => 5,
         s @ 1..=300 => s,
         s => {
-            v.push("heartbeat_interval_seconds", format!("must be between 1 and 300, got {s}"));
+            v.push(
+                "heartbeat_interval_seconds",
+                format!("must be between 1 and 300, got {s}"),
+            );
             5
         }
     };
@@ -253,8 +307,15 @@ pub fn environment(env: Environment) -> pb::Environment {
         name: environment_name(&env.id),
         description: env.description,
         protected: env.protected,
-        upstream: env.upstream.map(|u| environment_name(&u)).unwrap_or_default(),
-        promotion_path: env.promotion_path.iter().map(|e| environment_name(e)).collect(),
+        upstream: env
+            .upstream
+            .map(|u| environment_name(&u))
+            .unwrap_or_default(),
+        promotion_path: env
+            .promotion_path
+            .iter()
+            .map(|e| environment_name(e))
+            .collect(),
         etag: format!("\"{}\"", env.revision),
         create_time: timestamp(env.create_ms),
         update_time: timestamp(env.update_ms),

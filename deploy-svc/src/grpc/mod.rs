@@ -86,18 +86,29 @@ fn watch_message(item: WatchItem) -> pb::WatchPlacementsResponse {
 
 #[tonic::async_trait]
 impl DeployService for DeployApi {
-    async fn create_environment(&self, req: Request<pb::CreateEnvironmentRequest>) -> Result<pb::Environment> {
+    async fn create_environment(
+        &self,
+        req: Request<pb::CreateEnvironmentRequest>,
+    ) -> Result<pb::Environment> {
         let (env, request_id) = convert::new_environment(req.into_inner())?;
         let env = self.store.create_environment(env, request_id).await?;
         Ok(Response::new(convert::environment(env)))
     }
 
-    async fn get_environment(&self, req: Request<pb::GetEnvironmentRequest>) -> Result<pb::Environment> {
+    async fn get_environment(
+        &self,
+        req: Request<pb::GetEnvironmentRequest>,
+    ) -> Result<pb::Environment> {
         let id = convert::name("name", &req.into_inner().name, names::parse_environment)?;
-        Ok(Response::new(convert::environment(self.store.get_environment(&id).await?)))
+        Ok(Response::new(convert::environment(
+            self.store.get_environment(&id).await?,
+        )))
     }
 
-    async fn list_environments(&self, req: Request<pb::ListEnvironmentsRequest>) -> Result<pb::ListEnvironmentsResponse> {
+    async fn list_environments(
+        &self,
+        req: Request<pb::ListEnvironmentsRequest>,
+    ) -> Result<pb::ListEnvironmentsResponse> {
         let req = req.into_inner();
         let mut v = Violations::default();
         let page = convert::page_request(&mut v, req.page_size, &req.page_token);
@@ -105,80 +116,140 @@ impl DeployService for DeployApi {
         let page = self.store.list_environments(page).await?;
         Ok(Response::new(pb::ListEnvironmentsResponse {
             environments: page.items.into_iter().map(convert::environment).collect(),
-            next_page_token: page.next.map(|k| names::encode_page_token(&k)).unwrap_or_default(),
+            next_page_token: page
+                .next
+                .map(|k| names::encode_page_token(&k))
+                .unwrap_or_default(),
         }))
     }
 
-    async fn update_environment(&self, req: Request<pb::UpdateEnvironmentRequest>) -> Result<pb::Environment> {
+    async fn update_environment(
+        &self,
+        req: Request<pb::UpdateEnvironmentRequest>,
+    ) -> Result<pb::Environment> {
         let update = convert::environment_update(req.into_inner())?;
-        Ok(Response::new(convert::environment(self.store.update_environment(update).await?)))
+        Ok(Response::new(convert::environment(
+            self.store.update_environment(update).await?,
+        )))
     }
 
     async fn register_target(&self, req: Request<pb::RegisterTargetRequest>) -> Result<pb::Target> {
         let (env, id, labels) = convert::register_target(req.into_inner())?;
         let target = self.store.register_target(&env, &id, labels).await?;
-        Ok(Response::new(convert::target(target, &self.health, self.clock.now_ms())))
+        Ok(Response::new(convert::target(
+            target,
+            &self.health,
+            self.clock.now_ms(),
+        )))
     }
 
-    async fn list_targets(&self, req: Request<pb::ListTargetsRequest>) -> Result<pb::ListTargetsResponse> {
+    async fn list_targets(
+        &self,
+        req: Request<pb::ListTargetsRequest>,
+    ) -> Result<pb::ListTargetsResponse> {
         let req = req.into_inner();
         let mut v = Violations::default();
-        let env = v.check("parent", names::parse_environment(&req.parent)).unwrap_or_default();
+        let env = v
+            .check("parent", names::parse_environment(&req.parent))
+            .unwrap_or_default();
         let page = convert::page_request(&mut v, req.page_size, &req.page_token);
         v.finish()?;
         let page = self.store.list_targets(&env, page).await?;
         let now = self.clock.now_ms();
         Ok(Response::new(pb::ListTargetsResponse {
-            targets: page.items.into_iter().map(|t| convert::target(t, &self.health, now)).collect(),
-            next_page_token: page.next.map(|k| names::encode_page_token(&k)).unwrap_or_default(),
+            targets: page
+                .items
+                .into_iter()
+                .map(|t| convert::target(t, &self.health, now))
+                .collect(),
+            next_page_token: page
+                .next
+                .map(|k| names::encode_page_token(&k))
+                .unwrap_or_default(),
         }))
     }
 
-    async fn heartbeat_target(&self, req: Request<pb::HeartbeatTargetRequest>) -> Result<pb::Target> {
+    async fn heartbeat_target(
+        &self,
+        req: Request<pb::HeartbeatTargetRequest>,
+    ) -> Result<pb::Target> {
         let (env, id) = convert::name("name", &req.into_inner().name, names::parse_target)?;
         let target = self.store.heartbeat_target(&env, &id).await?;
-        Ok(Response::new(convert::target(target, &self.health, self.clock.now_ms())))
+        Ok(Response::new(convert::target(
+            target,
+            &self.health,
+            self.clock.now_ms(),
+        )))
     }
 
-    async fn register_artifact(&self, req: Request<pb::RegisterArtifactRequest>) -> Result<pb::Artifact> {
+    async fn register_artifact(
+        &self,
+        req: Request<pb::RegisterArtifactRequest>,
+    ) -> Result<pb::Artifact> {
         let artifact = convert::new_artifact(req.into_inner())?;
-        Ok(Response::new(convert::artifact(self.store.register_artifact(artifact).await?)))
+        Ok(Response::new(convert::artifact(
+            self.store.register_artifact(artifact).await?,
+        )))
     }
 
     async fn get_artifact(&self, req: Request<pb::GetArtifactRequest>) -> Result<pb::Artifact> {
-        let (name, version) = convert::name("name", &req.into_inner().name, names::parse_artifact_version)?;
-        Ok(Response::new(convert::artifact(self.store.get_artifact(&name, &version).await?)))
+        let (name, version) = convert::name(
+            "name",
+            &req.into_inner().name,
+            names::parse_artifact_version,
+        )?;
+        Ok(Response::new(convert::artifact(
+            self.store.get_artifact(&name, &version).await?,
+        )))
     }
 
-    async fn list_artifacts(&self, req: Request<pb::ListArtifactsRequest>) -> Result<pb::ListArtifactsResponse> {
+    async fn list_artifacts(
+        &self,
+        req: Request<pb::ListArtifactsRequest>,
+    ) -> Result<pb::ListArtifactsResponse> {
         let req = req.into_inner();
         let mut v = Violations::default();
         let artifact = if req.artifact.is_empty() {
             None
         } else {
-            v.check("artifact", names::validate_id(&req.artifact)).map(|()| req.artifact.clone())
+            v.check("artifact", names::validate_id(&req.artifact))
+                .map(|()| req.artifact.clone())
         };
         let page = convert::page_request(&mut v, req.page_size, &req.page_token);
         v.finish()?;
         let page = self.store.list_artifacts(artifact, page).await?;
         Ok(Response::new(pb::ListArtifactsResponse {
             artifacts: page.items.into_iter().map(convert::artifact).collect(),
-            next_page_token: page.next.map(|k| names::encode_page_token(&k)).unwrap_or_default(),
+            next_page_token: page
+                .next
+                .map(|k| names::encode_page_token(&k))
+                .unwrap_or_default(),
         }))
     }
 
-    async fn create_deployment(&self, req: Request<pb::CreateDeploymentRequest>) -> Result<pb::Deployment> {
+    async fn create_deployment(
+        &self,
+        req: Request<pb::CreateDeploymentRequest>,
+    ) -> Result<pb::Deployment> {
         let (deployment, request_id) = convert::new_deployment(req.into_inner())?;
         let deployment = self.store.create_deployment(deployment, request_id).await?;
         Ok(Response::new(convert::deployment(deployment)))
     }
 
-    async fn get_deployment(&self, req: Request<pb::GetDeploymentRequest>) -> Result<pb::Deployment> {
+    async fn get_deployment(
+        &self,
+        req: Request<pb::GetDeploymentRequest>,
+    ) -> Result<pb::Deployment> {
         let id = convert::name("name", &req.into_inner().name, names::parse_deployment)?;
-        Ok(Response::new(convert::deployment(self.store.get_deployment(id).await?)))
+        Ok(Response::new(convert::deployment(
+            self.store.get_deployment(id).await?,
+        )))
     }
 
-    async fn list_deployments(&self, req: Request<pb::ListDeploymentsRequest>) -> Result<pb::ListDeploymentsResponse> {
+    async fn list_deployments(
+        &self,
+        req: Request<pb::ListDeploymentsRequest>,
+    ) -> Result<pb::ListDeploymentsResponse> {
         let req = req.into_inner();
         let mut v = Violations::default();
         let environment = if req.environment.is_empty() {
@@ -189,30 +260,50 @@ impl DeployService for DeployApi {
         let artifact = if req.artifact.is_empty() {
             None
         } else {
-            v.check("artifact", names::validate_id(&req.artifact)).map(|()| req.artifact.clone())
+            v.check("artifact", names::validate_id(&req.artifact))
+                .map(|()| req.artifact.clone())
         };
         let page = convert::page_request(&mut v, req.page_size, &req.page_token);
         v.finish()?;
         let page = self
             .store
-            .list_deployments(DeploymentFilter { environment, artifact }, page)
+            .list_deployments(
+                DeploymentFilter {
+                    environment,
+                    artifact,
+                },
+                page,
+            )
             .await?;
         Ok(Response::new(pb::ListDeploymentsResponse {
             deployments: page.items.into_iter().map(convert::deployment).collect(),
-            next_page_token: page.next.map(|k| names::encode_page_token(&k)).unwrap_or_default(),
+            next_page_token: page
+                .next
+                .map(|k| names::encode_page_token(&k))
+                .unwrap_or_default(),
         }))
     }
 
-    async fn cancel_deployment(&self, req: Request<pb::CancelDeploymentRequest>) -> Result<pb::Deployment> {
+    async fn cancel_deployment(
+        &self,
+        req: Request<pb::CancelDeploymentRequest>,
+    ) -> Result<pb::Deployment> {
         let req = req.into_inner();
         let mut v = Violations::default();
-        let id = v.check("name", names::parse_deployment(&req.name)).unwrap_or_default();
+        let id = v
+            .check("name", names::parse_deployment(&req.name))
+            .unwrap_or_default();
         v.check("reason", names::validate_text(&req.reason, names::MAX_TEXT));
         v.finish()?;
-        Ok(Response::new(convert::deployment(self.store.cancel_deployment(id, req.reason).await?)))
+        Ok(Response::new(convert::deployment(
+            self.store.cancel_deployment(id, req.reason).await?,
+        )))
     }
 
-    async fn report_placement(&self, req: Request<pb::ReportPlacementRequest>) -> Result<pb::ReportPlacementResponse> {
+    async fn report_placement(
+        &self,
+        req: Request<pb::ReportPlacementRequest>,
+    ) -> Result<pb::ReportPlacementResponse> {
         let report = convert::placement_report(req.into_inner())?;
         let outcome = self.store.report_placement(report).await?;
         Ok(Response::new(pb::ReportPlacementResponse {
@@ -225,7 +316,10 @@ impl DeployService for DeployApi {
 
     type WatchPlacementsStream = WatchPlacementsStream;
 
-    async fn watch_placements(&self, req: Request<pb::WatchPlacementsRequest>) -> Result<Self::WatchPlacementsStream> {
+    async fn watch_placements(
+        &self,
+        req: Request<pb::WatchPlacementsRequest>,
+    ) -> Result<Self::WatchPlacementsStream> {
         let request = convert::watch_request(req.into_inner())?;
         let stream = placement_log::watch(
             self.store.clone(),

@@ -17,8 +17,8 @@ use async_trait::async_trait;
 
 use crate::domain::model::{
     Artifact, Deployment, DeploymentFilter, Environment, EnvironmentUpdate, LogBounds,
-    NewDeployment, NewEnvironment, Page, PageRequest, Placement, PlacementEvent,
-    PlacementReport, ReportOutcome, Target,
+    NewDeployment, NewEnvironment, Page, PageRequest, Placement, PlacementEvent, PlacementReport,
+    ReportOutcome, Target,
 };
 use crate::domain::Result;
 
@@ -55,8 +55,11 @@ pub trait Store: Send + Sync + 'static {
     /// Reads one artifact version.
     async fn get_artifact(&self, name: &str, version: &str) -> Result<Artifact>;
     /// Lists artifact versions.
-    async fn list_artifacts(&self, name: Option<String>, page: PageRequest)
-        -> Result<Page<Artifact>>;
+    async fn list_artifacts(
+        &self,
+        name: Option<String>,
+        page: PageRequest,
+    ) -> Result<Page<Artifact>>;
 
     /// Creates a deployment after checking the promotion rules (idempotent per `request_id`).
     async fn create_deployment(

@@ -26,9 +26,7 @@ use crate::domain::model::{
     LogBounds, NewDeployment, NewEnvironment, Page, PageRequest, Placement, PlacementEvent,
     PlacementReport, PlacementState, ReportOutcome, Target,
 };
-use crate::domain::names::{
-    artifact_version_name, deployment_name, environment_name, target_name,
-};
+use crate::domain::names::{artifact_version_name, deployment_name, environment_name, target_name};
 use crate::domain::promotion::{check_new_deployment, check_upstream};
 use crate::domain::{Error, FieldViolation, Result};
 use crate::placement_log::{retention_error, Feed};
@@ -64,7 +62,8 @@ impl SqliteOptions {
 }
 
 type Completion = Box<dyn FnOnce(Result<()>) + Send>;
-type Job = Box<dyn FnOnce(&Connection, Millis, &mut Vec<PlacementEvent>) -> (bool, Completion) + Send>;
+type Job =
+    Box<dyn FnOnce(&Connection, Millis, &mut Vec<PlacementEvent>) -> (bool, Completion) + Send>;
 
 enum Msg {
     Write(Job),
@@ -80,7 +79,9 @@ pub struct SqliteStore {
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore").field("path", &self.readers.path).finish()
+        f.debug_struct("SqliteStore")
+            .field("path", &self.readers.path)
+            .finish()
     }
 }
 
@@ -135,9 +136,8 @@ impl SqliteStore {
     /// the store and the log head, for the feed the caller creates.
     pub fn open(options: SqliteOptions, clock: Arc<dyn Clock>) -> Result<(Self, Arc<Feed>)> {
         if let Some(dir) = options.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                Error::Unavailable(format!("cannot create {}: {e}", dir.display()))
-            })?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
         }
         let conn = open_connection(&options.path, options.synchronous_full).map_err(sql)?;
         migrate(&conn).map_err(sql)?;
@@ -184,8 +184,9 @@ impl SqliteStore {
             .send(Msg::Write(job))
             .await
             .map_err(|_| Error::Unavailable("the store is closed".into()))?;
-        rx.await
-            .map_err(|_| Error::Unavailable("write not committed: storage unavailable; retry".into()))?
+        rx.await.map_err(|_| {
+            Error::Unavailable("write not committed: storage unavailable; retry".into())
+        })?
     }
 
     async fn read<T, F>(&self, f: F) -> Result<T>
@@ -333,7 +334,11 @@ fn run_batch(conn: &Connection, jobs: Vec<Job>, feed: &Feed, now: Millis, retent
 fn prune(conn: &Connection, retention: u64) -> Result<()> {
     let head = head_sequence(conn).map_err(sql)?;
     let pruned: i64 = conn
-        .query_row("SELECT pruned_through FROM log_meta WHERE id = 1", [], |r| r.get(0))
+        .query_row(
+            "SELECT pruned_through FROM log_meta WHERE id = 1",
+            [],
+            |r| r.get(0),
+        )
         .map_err(sql)?;
     let pruned = u64::try_from(pruned).unwrap_or(0);
     // Prune in steps of a tenth of the retention, so the delete cost is amortised.
@@ -341,8 +346,11 @@ fn prune(conn: &Connection, retention: u64) -> Result<()> {
         let through = to_i64(head - retention);
         conn.execute("DELETE FROM placement_events WHERE seq <= ?1", [through])
             .map_err(sql)?;
-        conn.execute("UPDATE log_meta SET pruned_through = ?1 WHERE id = 1", [through])
-            .map_err(sql)?;
+        conn.execute(
+            "UPDATE log_meta SET pruned_through = ?1 WHERE id = 1",
+            [through],
+        )
+        .map_err(sql)?;
     }
     Ok(())
 }
@@ -465,7 +473,9 @@ fn promotion_path(conn: &Connection, id: &str) -> Result<Vec<String>> {
 
 fn load_environment(conn: &Connection, id: &str) -> Result<Environment> {
     let mut env = conn
-        .prepare_cached(&format!("SELECT {ENV_COLUMNS} FROM environments WHERE id = ?1"))
+        .prepare_cached(&format!(
+            "SELECT {ENV_COLUMNS} FROM environments WHERE id = ?1"
+        ))
         .map_err(sql)?
         .query_row([id], env_row)
         .optional()
@@ -482,7 +492,9 @@ fn require_environment(conn: &Connection, id: &str) -> Result<()> {
         .query_row([id], |r| r.get(0))
         .optional()
         .map_err(sql)?;
-    exists.map(|_| ()).ok_or_else(|| Error::NotFound(environment_name(id)))
+    exists
+        .map(|_| ())
+        .ok_or_else(|| Error::NotFound(environment_name(id)))
 }
 
 // ---- targets ----
@@ -562,7 +574,9 @@ fn placement_state(code: i64) -> PlacementState {
 
 fn load_deployment(conn: &Connection, id: i64, with_placements: bool) -> Result<Deployment> {
     let mut d = conn
-        .prepare_cached(&format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE id = ?1"))
+        .prepare_cached(&format!(
+            "SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE id = ?1"
+        ))
         .map_err(sql)?
         .query_row([id], deployment_row)
         .optional()
@@ -601,10 +615,14 @@ fn load_deployment(conn: &Connection, id: i64, with_placements: bool) -> Result<
 fn placement_counts(conn: &Connection, deployment: i64) -> Result<PlacementCounts> {
     let mut counts = PlacementCounts::default();
     let mut stmt = conn
-        .prepare_cached("SELECT state, count(*) FROM placements WHERE deployment = ?1 GROUP BY state")
+        .prepare_cached(
+            "SELECT state, count(*) FROM placements WHERE deployment = ?1 GROUP BY state",
+        )
         .map_err(sql)?;
     let rows = stmt
-        .query_map([deployment], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+        .query_map([deployment], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+        })
         .map_err(sql)?;
     for row in rows {
         let (state, n) = row.map_err(sql)?;
@@ -780,15 +798,23 @@ impl Store for SqliteStore {
         request_id: Option<String>,
     ) -> Result<Environment> {
         self.write(move |conn, now, _| {
-            let fingerprint = format!("{}|{}|{}|{:?}", env.id, env.description, env.protected, env.upstream);
-            if let Some(resource) =
-                check_request_id(conn, request_id.as_deref(), "CreateEnvironment", &fingerprint)?
-            {
+            let fingerprint = format!(
+                "{}|{}|{}|{:?}",
+                env.id, env.description, env.protected, env.upstream
+            );
+            if let Some(resource) = check_request_id(
+                conn,
+                request_id.as_deref(),
+                "CreateEnvironment",
+                &fingerprint,
+            )? {
                 let id = resource.trim_start_matches("environments/");
                 return load_environment(conn, id);
             }
             let exists: Option<i64> = conn
-                .query_row("SELECT 1 FROM environments WHERE id = ?1", [&env.id], |r| r.get(0))
+                .query_row("SELECT 1 FROM environments WHERE id = ?1", [&env.id], |r| {
+                    r.get(0)
+                })
                 .optional()
                 .map_err(sql)?;
             if exists.is_some() {
@@ -801,7 +827,9 @@ impl Store for SqliteStore {
                 require_environment(conn, upstream)?;
             }
             conn.execute(
-                &format!("INSERT INTO environments ({ENV_COLUMNS}) VALUES (?1, ?2, ?3, ?4, 1, ?5, ?5)"),
+                &format!(
+                    "INSERT INTO environments ({ENV_COLUMNS}) VALUES (?1, ?2, ?3, ?4, 1, ?5, ?5)"
+                ),
                 params![env.id, env.description, env.protected, env.upstream, now],
             )
             .map_err(sql)?;
@@ -831,7 +859,10 @@ impl Store for SqliteStore {
                 ))
                 .map_err(sql)?;
             let rows = stmt
-                .query_map(params![req.after.unwrap_or_default(), limit(req.size)], env_row)
+                .query_map(
+                    params![req.after.unwrap_or_default(), limit(req.size)],
+                    env_row,
+                )
                 .map_err(sql)?;
             let mut items: Vec<Environment> = rows.collect::<rusqlite::Result<_>>().map_err(sql)?;
             for env in &mut items {
@@ -926,7 +957,9 @@ impl Store for SqliteStore {
         let (environment, id) = (environment.to_owned(), id.to_owned());
         self.write(move |conn, now, _| {
             let n = conn
-                .prepare_cached("UPDATE targets SET heartbeat_ms = ?1 WHERE environment = ?2 AND id = ?3")
+                .prepare_cached(
+                    "UPDATE targets SET heartbeat_ms = ?1 WHERE environment = ?2 AND id = ?3",
+                )
                 .map_err(sql)?
                 .execute(params![now, environment, id])
                 .map_err(sql)?;
@@ -1196,7 +1229,11 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             let tx = conn.unchecked_transaction().map_err(sql)?;
             let pruned: i64 = tx
-                .query_row("SELECT pruned_through FROM log_meta WHERE id = 1", [], |r| r.get(0))
+                .query_row(
+                    "SELECT pruned_through FROM log_meta WHERE id = 1",
+                    [],
+                    |r| r.get(0),
+                )
                 .map_err(sql)?;
             Ok(LogBounds {
                 pruned_through: to_u64(pruned),
