@@ -92,11 +92,16 @@ impl InProcess {
     }
 }
 
-/// The directory holding the workspace's built binaries (next to the test executable).
+/// The directory holding the workspace's built binaries: `target/<profile>`, found from the
+/// running test (`target/<profile>/deps/<test>`) or benchmark (`target/<profile>/<bench>`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/<test> -> target/<profile>
-    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+    let dir = exe.parent().unwrap();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().unwrap().to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// The real deploy-svc binary, started on port 0.

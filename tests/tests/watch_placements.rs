@@ -170,14 +170,19 @@ async fn sigkill_after_acknowledged_reports_loses_nothing() {
         );
     }
     // The restarted server keeps streaming live events after the replay.
-    let next = report(
-        &mut c,
-        &churn.deployment,
-        &churn.targets[0],
-        pb::PlacementState::Placed,
-    )
-    .await
-    .unwrap();
+    let last_state = replayed
+        .iter()
+        .rev()
+        .find(|e| e.placement.as_ref().unwrap().target == churn.targets[0])
+        .map(|e| e.placement.as_ref().unwrap().state());
+    let next_state = if last_state == Some(pb::PlacementState::Placing) {
+        pb::PlacementState::Removed
+    } else {
+        pb::PlacementState::Placing
+    };
+    let next = report(&mut c, &churn.deployment, &churn.targets[0], next_state)
+        .await
+        .unwrap();
     let live = watch::events(&mut w, 1).await;
     assert_eq!(live[0].sequence, hb.head_sequence + 1);
     assert_eq!(live[0].sequence, next.sequence);

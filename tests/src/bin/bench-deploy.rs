@@ -1,0 +1,271 @@
+//! Benchmarks of deploy-svc (see BENCHMARKS.md). Starts the real release binary as a separate
+//! process on a fresh database for each measurement, so every figure and its baseline come
+//! from the same run on the same machine.
+//!
+//! ```sh
+//! cargo build --release -p deploy-svc -p tests
+//! target/release/bench-deploy ingest      # group commit vs one commit per report
+//! target/release/bench-deploy delivery    # commit-to-delivery latency, 100 watchers, one slow
+//! ```
+
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+use proto::deploy::v1 as pb;
+use tests::{connect, Binary, Churn};
+
+#[derive(Parser)]
+struct Args {
+    /// Where the databases go (a real disk: fsync must be real).
+    #[arg(long, default_value = "target/bench-data")]
+    dir: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Acknowledged reports per second with synchronous=FULL: group commit vs max-batch 1.
+    Ingest {
+        /// Concurrent in-flight reports (one target each).
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// HTTP/2 connections the reports are spread over.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Request-to-delivery latency with 100 watchers, without and with one slow watcher.
+    Delivery {
+        /// Watchers (one of them slow in the second phase).
+        #[arg(long, default_value_t = 100)]
+        watchers: usize,
+        /// Reports per second written during the measurement.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Seconds per phase.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    std::fs::create_dir_all(&args.dir).unwrap();
+    match args.command {
+        Cmd::Ingest {
+            concurrency,
+            connections,
+            seconds,
+        } => {
+            let baseline = ingest(&args.dir, "1", concurrency, connections, seconds).await;
+            let grouped = ingest(&args.dir, "1024", concurrency, connections, seconds).await;
+            println!("| mode | acknowledged reports/s |");
+            println!("|---|---|");
+            println!("| one commit per report (--max-batch 1) | {baseline:.0} |");
+            println!("| group commit (--max-batch 1024) | {grouped:.0} |");
+            println!("ratio: {:.1}x", grouped / baseline);
+        }
+        Cmd::Delivery {
+            watchers,
+            rate,
+            seconds,
+        } => {
+            let calm = delivery(&args.dir, watchers, 0, rate, seconds).await;
+            let with_slow = delivery(&args.dir, watchers - 1, 1, rate, seconds).await;
+            println!("| phase | deliveries | p50 ms | p99 ms | max ms |");
+            println!("|---|---|---|---|---|");
+            for (name, h) in [
+                (format!("{watchers} watchers"), &calm),
+                (
+                    format!("{} watchers + 1 slow (slow one excluded)", watchers - 1),
+                    &with_slow,
+                ),
+            ] {
+                println!(
+                    "| {name} | {} | {:.2} | {:.2} | {:.2} |",
+                    h.len(),
+                    h.value_at_quantile(0.5) as f64 / 1000.0,
+                    h.value_at_quantile(0.99) as f64 / 1000.0,
+                    h.max() as f64 / 1000.0
+                );
+            }
+            println!(
+                "slow-watcher impact on the others: p50 x{:.3}, p99 x{:.3}",
+                with_slow.value_at_quantile(0.5) as f64 / calm.value_at_quantile(0.5) as f64,
+                with_slow.value_at_quantile(0.99) as f64 / calm.value_at_quantile(0.99) as f64
+            );
+        }
+    }
+}
+
+async fn start(dir: &std::path::Path, name: &str, args: &[&str]) -> (Binary, tempfile::TempDir) {
+    let tmp = tempfile::Builder::new()
+        .prefix(name)
+        .tempdir_in(dir)
+        .unwrap();
+    let bin = Binary::start(&tmp.path().join("deploy.db"), args).await;
+    (bin, tmp)
+}
+
+async fn ingest(
+    dir: &std::path::Path,
+    max_batch: &str,
+    concurrency: usize,
+    connections: usize,
+    seconds: u64,
+) -> f64 {
+    let (bin, _tmp) = start(
+        dir,
+        "ingest",
+        &["--synchronous", "full", "--max-batch", max_batch],
+    )
+    .await;
+    let mut c = connect(bin.addr).await;
+    let churn = Arc::new(Churn::setup(&mut c, "bench", "api", concurrency).await);
+    let mut clients = Vec::new();
+    for _ in 0..connections {
+        clients.push(connect(bin.addr).await);
+    }
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for t in 0..concurrency {
+        let (churn, acked, stop) = (churn.clone(), acked.clone(), stop.clone());
+        let mut c = clients[t % connections].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let r = tests::report(
+                    &mut c,
+                    &churn.deployment,
+                    &churn.targets[t],
+                    Churn::state(i),
+                )
+                .await;
+                assert!(r.unwrap().changed);
+                acked.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        }));
+    }
+    // Warm up, then measure.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (start_count, started) = (acked.load(Ordering::Relaxed), Instant::now());
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let rate =
+        (acked.load(Ordering::Relaxed) - start_count) as f64 / started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    rate
+}
+
+/// Returns the histogram (µs) of request-sent to event-received over the normal watchers.
+async fn delivery(
+    dir: &std::path::Path,
+    normal: usize,
+    slow: usize,
+    rate: u64,
+    seconds: u64,
+) -> Histogram<u64> {
+    let (bin, _tmp) = start(dir, "delivery", &["--synchronous", "full"]).await;
+    let mut c = connect(bin.addr).await;
+    let writers = 8;
+    let churn = Arc::new(Churn::setup(&mut c, "bench", "api", writers).await);
+    let (_, head) = {
+        let mut w = tests::watch::open(&mut c, None, "", "").await.unwrap();
+        tests::watch::snapshot(&mut w).await
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    // Watchers spread over 10 connections; each records (sequence, receive instant).
+    let mut conns = Vec::new();
+    for _ in 0..10 {
+        conns.push(connect(bin.addr).await);
+    }
+    let mut watchers = Vec::new();
+    for i in 0..normal + slow {
+        let is_slow = i >= normal;
+        let mut client = conns[i % conns.len()].clone();
+        let stop = stop.clone();
+        watchers.push(tokio::spawn(async move {
+            let mut s = tests::watch::open(&mut client, Some(head), "", "")
+                .await
+                .unwrap();
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match tokio::time::timeout(Duration::from_millis(200), s.message()).await {
+                    Ok(Ok(Some(m))) => {
+                        if let Some(pb::watch_placements_response::Kind::Event(e)) = m.kind {
+                            seen.push((e.sequence, Instant::now()));
+                            if is_slow {
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                        }
+                    }
+                    Ok(_) => break,
+                    Err(_) => {}
+                }
+            }
+            (is_slow, seen)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Paced writers: request instant per acknowledged sequence.
+    let sent: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let per_writer = Duration::from_secs_f64(writers as f64 / rate as f64);
+    let mut tasks = Vec::new();
+    for t in 0..writers {
+        let (churn, sent, stop) = (churn.clone(), sent.clone(), stop.clone());
+        let mut c = connect(bin.addr).await;
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(per_writer);
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let at = Instant::now();
+                let r = tests::report(
+                    &mut c,
+                    &churn.deployment,
+                    &churn.targets[t],
+                    Churn::state(i),
+                )
+                .await
+                .unwrap();
+                sent.lock().unwrap().insert(r.sequence, at);
+                i += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let sent = sent.lock().unwrap().clone();
+    let mut h = Histogram::<u64>::new(3).unwrap();
+    for w in watchers {
+        let (is_slow, seen) = w.await.unwrap();
+        if is_slow {
+            continue;
+        }
+        for (seq, at) in seen {
+            if let Some(sent_at) = sent.get(&seq) {
+                h.record(at.duration_since(*sent_at).as_micros() as u64)
+                    .unwrap();
+            }
+        }
+    }
+    h
+}
