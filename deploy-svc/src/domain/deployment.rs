@@ -25,6 +25,18 @@ pub struct PlacementCounts {
 }
 
 impl PlacementCounts {
+    /// Removes one placement in `state` (saturating).
+    pub fn remove(&mut self, state: PlacementState) {
+        let n = match state {
+            PlacementState::Pending => &mut self.pending,
+            PlacementState::Placing => &mut self.placing,
+            PlacementState::Placed => &mut self.placed,
+            PlacementState::Failed => &mut self.failed,
+            PlacementState::Removed => &mut self.removed,
+        };
+        *n = n.saturating_sub(1);
+    }
+
     /// Adds `n` placements in `state`.
     pub fn add(&mut self, state: PlacementState, n: u64) {
         match state {

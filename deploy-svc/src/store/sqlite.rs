@@ -288,12 +288,12 @@ fn run_batch(conn: &Connection, jobs: Vec<Job>, feed: &Feed, now: Millis, retent
             continue;
         }
         let mark = events.len();
-        if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+        if let Err(e) = exec_cached(conn, "SAVEPOINT job") {
             broken = Some(sql(e));
         }
         let (ok, done) = job(conn, now, &mut events);
         let end = if ok {
-            conn.execute_batch("RELEASE job")
+            exec_cached(conn, "RELEASE job")
         } else {
             events.truncate(mark);
             conn.execute_batch("ROLLBACK TO job; RELEASE job")
@@ -331,14 +331,16 @@ fn run_batch(conn: &Connection, jobs: Vec<Job>, feed: &Feed, now: Millis, retent
     }
 }
 
+fn exec_cached(conn: &Connection, statement: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(statement)?.execute([]).map(|_| ())
+}
+
 fn prune(conn: &Connection, retention: u64) -> Result<()> {
     let head = head_sequence(conn).map_err(sql)?;
     let pruned: i64 = conn
-        .query_row(
-            "SELECT pruned_through FROM log_meta WHERE id = 1",
-            [],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT pruned_through FROM log_meta WHERE id = 1")
+        .map_err(sql)?
+        .query_row([], |r| r.get(0))
         .map_err(sql)?;
     let pruned = u64::try_from(pruned).unwrap_or(0);
     // Prune in steps of a tenth of the retention, so the delete cost is amortised.
@@ -357,11 +359,8 @@ fn prune(conn: &Connection, retention: u64) -> Result<()> {
 
 fn head_sequence(conn: &Connection) -> rusqlite::Result<u64> {
     let seq: Option<i64> = conn
-        .query_row(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'placement_events'",
-            [],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT seq FROM sqlite_sequence WHERE name = 'placement_events'")?
+        .query_row([], |r| r.get(0))
         .optional()?;
     Ok(seq.and_then(|s| u64::try_from(s).ok()).unwrap_or(0))
 }
@@ -612,23 +611,23 @@ fn load_deployment(conn: &Connection, id: i64, with_placements: bool) -> Result<
     Ok(d)
 }
 
+const COUNT_COLUMNS: &str = "n_pending, n_placing, n_placed, n_failed, n_removed";
+
 fn placement_counts(conn: &Connection, deployment: i64) -> Result<PlacementCounts> {
-    let mut counts = PlacementCounts::default();
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT state, count(*) FROM placements WHERE deployment = ?1 GROUP BY state",
-        )
-        .map_err(sql)?;
-    let rows = stmt
-        .query_map([deployment], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+    conn.prepare_cached(&format!(
+        "SELECT {COUNT_COLUMNS} FROM deployments WHERE id = ?1"
+    ))
+    .map_err(sql)?
+    .query_row([deployment], |r| {
+        Ok(PlacementCounts {
+            pending: to_u64(r.get(0)?),
+            placing: to_u64(r.get(1)?),
+            placed: to_u64(r.get(2)?),
+            failed: to_u64(r.get(3)?),
+            removed: to_u64(r.get(4)?),
         })
-        .map_err(sql)?;
-    for row in rows {
-        let (state, n) = row.map_err(sql)?;
-        counts.add(placement_state(state), to_u64(n));
-    }
-    Ok(counts)
+    })
+    .map_err(sql)
 }
 
 fn event_row(r: &Row<'_>) -> rusqlite::Result<PlacementEvent> {
@@ -754,11 +753,27 @@ fn apply_report(
     .map_err(sql)?
     .execute(params![d.id, report.target, report.state.code(), report.message, seq, now])
     .map_err(sql)?;
-    let state = derive_state(d.state, placement_counts(conn, d.id)?);
-    conn.prepare_cached("UPDATE deployments SET state = ?1, update_ms = ?2 WHERE id = ?3")
-        .map_err(sql)?
-        .execute(params![state.code(), now, d.id])
-        .map_err(sql)?;
+    let mut counts = placement_counts(conn, d.id)?;
+    if current.is_some() {
+        counts.remove(from);
+    }
+    counts.add(report.state, 1);
+    let state = derive_state(d.state, counts);
+    conn.prepare_cached(
+        "UPDATE deployments SET state = ?1, update_ms = ?2, n_pending = ?3, n_placing = ?4, n_placed = ?5, n_failed = ?6, n_removed = ?7 WHERE id = ?8",
+    )
+    .map_err(sql)?
+    .execute(params![
+        state.code(),
+        now,
+        to_i64(counts.pending),
+        to_i64(counts.placing),
+        to_i64(counts.placed),
+        to_i64(counts.failed),
+        to_i64(counts.removed),
+        d.id
+    ])
+    .map_err(sql)?;
     placement.state = report.state;
     placement.message = report.message;
     placement.sequence = to_u64(seq);
@@ -1090,10 +1105,16 @@ impl Store for SqliteStore {
             )
             .map_err(sql)?;
             let id = conn.last_insert_rowid();
+            let pending = conn
+                .execute(
+                    "INSERT INTO placements (deployment, target, state, message, seq, update_ms)
+                     SELECT ?1, id, ?2, '', 0, ?3 FROM targets WHERE environment = ?4",
+                    params![id, PlacementState::Pending.code(), now, new.environment],
+                )
+                .map_err(sql)?;
             conn.execute(
-                "INSERT INTO placements (deployment, target, state, message, seq, update_ms)
-                 SELECT ?1, id, ?2, '', 0, ?3 FROM targets WHERE environment = ?4",
-                params![id, PlacementState::Pending.code(), now, new.environment],
+                "UPDATE deployments SET n_pending = ?1 WHERE id = ?2",
+                params![i64::try_from(pending).unwrap_or(i64::MAX), id],
             )
             .map_err(sql)?;
             record_request_id(

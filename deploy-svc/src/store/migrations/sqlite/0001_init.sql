@@ -35,6 +35,13 @@ CREATE TABLE deployments (
     change_reference TEXT NOT NULL,
     state            INTEGER NOT NULL,
     cancel_reason    TEXT NOT NULL DEFAULT '',
+    -- Placement counts per state, kept in step with placements so a report derives the
+    -- deployment state in O(1) instead of counting every target.
+    n_pending        INTEGER NOT NULL DEFAULT 0,
+    n_placing        INTEGER NOT NULL DEFAULT 0,
+    n_placed         INTEGER NOT NULL DEFAULT 0,
+    n_failed         INTEGER NOT NULL DEFAULT 0,
+    n_removed        INTEGER NOT NULL DEFAULT 0,
     create_ms        INTEGER NOT NULL,
     update_ms        INTEGER NOT NULL,
     FOREIGN KEY (artifact, version) REFERENCES artifacts(name, version)
@@ -51,7 +58,6 @@ CREATE TABLE placements (
     update_ms  INTEGER NOT NULL,
     PRIMARY KEY (deployment, target)
 ) STRICT;
-CREATE INDEX placements_by_state ON placements (deployment, state);
 CREATE INDEX placements_current ON placements (state) WHERE state IN (2, 3, 4);
 
 -- The transactional outbox: one row per placement change, written in the same
