@@ -414,6 +414,8 @@ pub struct Churn {
     pub deployment: String,
     /// The target names.
     pub targets: Vec<String>,
+    /// The log head after the setup (the deployment's PENDING events included).
+    pub head: u64,
 }
 
 impl Churn {
@@ -423,9 +425,12 @@ impl Churn {
         let targets = targets(c, env, "t", n).await;
         artifact(c, art, "1.0.0").await;
         let d = deploy(c, art, "1.0.0", env, "").await.unwrap();
+        let mut w = watch::open(c, None, "", "").await.unwrap();
+        let (_, head) = watch::snapshot(&mut w).await;
         Self {
             deployment: d.name,
             targets,
+            head,
         }
     }
 

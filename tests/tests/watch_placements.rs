@@ -57,8 +57,13 @@ async fn eight_writers_three_watchers_match_the_stored_log() {
     let mut c = server.client().await;
     let churn = std::sync::Arc::new(Churn::setup(&mut c, "dev", "api", 8).await);
     let mut watchers = Vec::new();
+    let head = churn.head;
+    assert_eq!(
+        head, 8,
+        "one PENDING event per target of the new deployment"
+    );
     for _ in 0..3 {
-        let mut w = watch::open(&mut c, Some(0), "", "").await.unwrap();
+        let mut w = watch::open(&mut c, Some(head), "", "").await.unwrap();
         watchers.push(tokio::spawn(
             async move { watch::events(&mut w, 4000).await },
         ));
@@ -81,9 +86,9 @@ async fn eight_writers_three_watchers_match_the_stored_log() {
     let stored: Vec<(u64, String, i64)> = {
         let db = rusqlite::Connection::open(server.database()).unwrap();
         let mut stmt = db
-            .prepare("SELECT seq, target, state FROM placement_events ORDER BY seq")
+            .prepare("SELECT seq, target, state FROM placement_events WHERE seq > ?1 ORDER BY seq")
             .unwrap();
-        stmt.query_map([], |r| {
+        stmt.query_map([head as i64], |r| {
             Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))
         })
         .unwrap()
@@ -218,7 +223,7 @@ async fn snapshot_then_events_with_filters() {
     report(&mut c, &api_qa.name, &qa_t[0], pb::PlacementState::Placed)
         .await
         .unwrap();
-    // A removed placement is not part of the current state.
+    // A removed placement is not part of the current state; a pending one is.
     report(
         &mut c,
         &web_dev.name,
@@ -230,7 +235,8 @@ async fn snapshot_then_events_with_filters() {
 
     let mut all = watch::open(&mut c, None, "", "").await.unwrap();
     let (snap, seq) = watch::snapshot(&mut all).await;
-    assert_eq!(seq, 5);
+    // 5 PENDING events (one per included target of the 3 deployments) + 5 reports.
+    assert_eq!(seq, 10);
     let mut current: Vec<(String, String, i32)> = snap
         .iter()
         .map(|p| (p.deployment.clone(), p.target.clone(), p.state))
@@ -248,6 +254,11 @@ async fn snapshot_then_events_with_filters() {
                 api_dev.name.clone(),
                 dev_t[1].clone(),
                 pb::PlacementState::Placing as i32
+            ),
+            (
+                web_dev.name.clone(),
+                dev_t[1].clone(),
+                pb::PlacementState::Pending as i32
             ),
             (
                 api_qa.name.clone(),
@@ -277,7 +288,7 @@ async fn snapshot_then_events_with_filters() {
     assert_eq!(sequences(&events), [placed.sequence]);
     assert_eq!(hb.sequence, placed.sequence);
     let got = watch::events(&mut all, 2).await;
-    assert_gap_free(&got, 6);
+    assert_gap_free(&got, 11);
     server.shutdown().await.unwrap();
 }
 
@@ -324,7 +335,7 @@ async fn a_slow_watcher_is_cut_off_without_stalling_writers_or_other_watchers() 
     .await;
     let mut c = server.client().await;
     let churn = Churn::setup(&mut c, "dev", "api", 1).await;
-    let mut fast = watch::open(&mut c, Some(0), "", "").await.unwrap();
+    let mut fast = watch::open(&mut c, Some(churn.head), "", "").await.unwrap();
     // The slow watcher opens its own connection with a small HTTP/2 window, so the server
     // feels its backpressure quickly, and reads nothing for a while.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
@@ -335,7 +346,7 @@ async fn a_slow_watcher_is_cut_off_without_stalling_writers_or_other_watchers() 
         .await
         .unwrap();
     let mut slow_client = tests::Client::new(channel);
-    let mut slow = watch::open(&mut slow_client, Some(0), "", "")
+    let mut slow = watch::open(&mut slow_client, Some(churn.head), "", "")
         .await
         .unwrap();
 
@@ -367,9 +378,9 @@ async fn a_slow_watcher_is_cut_off_without_stalling_writers_or_other_watchers() 
         got.len() < acked.len(),
         "the slow watcher was cut off before the end"
     );
-    assert_gap_free(&got, 1);
+    assert_gap_free(&got, churn.head + 1);
     // It resumes from its last sequence and receives exactly the rest.
-    let last = got.last().map(|e| e.sequence).unwrap_or(0);
+    let last = got.last().map(|e| e.sequence).unwrap_or(churn.head);
     let mut resumed = watch::open(&mut slow_client, Some(last), "", "")
         .await
         .unwrap();

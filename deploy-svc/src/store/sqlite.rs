@@ -651,6 +651,57 @@ fn event_row(r: &Row<'_>) -> rusqlite::Result<PlacementEvent> {
     })
 }
 
+/// Appends the event of `placement` (already in its new state) to the outbox and sets the
+/// placement's sequence; returns the event, to publish after commit.
+fn append_event(
+    conn: &Connection,
+    now: Millis,
+    placement: &mut Placement,
+    previous: PlacementState,
+) -> Result<PlacementEvent> {
+    conn.prepare_cached(
+        "INSERT INTO placement_events (commit_ms, deployment, environment, target, artifact, version, digest, state, previous_state, message)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )
+    .map_err(sql)?
+    .execute(params![
+        now,
+        placement.deployment,
+        placement.environment,
+        placement.target,
+        placement.artifact,
+        placement.version,
+        placement.digest,
+        placement.state.code(),
+        previous.code(),
+        placement.message
+    ])
+    .map_err(sql)?;
+    let seq = conn.last_insert_rowid();
+    conn.prepare_cached(
+        "INSERT INTO placements (deployment, target, state, message, seq, update_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (deployment, target) DO UPDATE SET state = excluded.state, message = excluded.message, seq = excluded.seq, update_ms = excluded.update_ms",
+    )
+    .map_err(sql)?
+    .execute(params![
+        placement.deployment,
+        placement.target,
+        placement.state.code(),
+        placement.message,
+        seq,
+        now
+    ])
+    .map_err(sql)?;
+    placement.sequence = to_u64(seq);
+    placement.update_ms = now;
+    Ok(PlacementEvent {
+        sequence: placement.sequence,
+        commit_ms: now,
+        placement: placement.clone(),
+        previous_state: previous,
+    })
+}
+
 fn apply_report(
     conn: &Connection,
     now: Millis,
@@ -727,32 +778,9 @@ fn apply_report(
             changed: false,
         });
     }
-    conn.prepare_cached(
-        "INSERT INTO placement_events (commit_ms, deployment, environment, target, artifact, version, digest, state, previous_state, message)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-    )
-    .map_err(sql)?
-    .execute(params![
-        now,
-        d.id,
-        d.environment,
-        report.target,
-        d.artifact,
-        d.version,
-        placement.digest,
-        report.state.code(),
-        from.code(),
-        report.message
-    ])
-    .map_err(sql)?;
-    let seq = conn.last_insert_rowid();
-    conn.prepare_cached(
-        "INSERT INTO placements (deployment, target, state, message, seq, update_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (deployment, target) DO UPDATE SET state = excluded.state, message = excluded.message, seq = excluded.seq, update_ms = excluded.update_ms",
-    )
-    .map_err(sql)?
-    .execute(params![d.id, report.target, report.state.code(), report.message, seq, now])
-    .map_err(sql)?;
+    placement.state = report.state;
+    placement.message = report.message;
+    events.push(append_event(conn, now, &mut placement, from)?);
     let mut counts = placement_counts(conn, d.id)?;
     if current.is_some() {
         counts.remove(from);
@@ -774,16 +802,6 @@ fn apply_report(
         d.id
     ])
     .map_err(sql)?;
-    placement.state = report.state;
-    placement.message = report.message;
-    placement.sequence = to_u64(seq);
-    placement.update_ms = now;
-    events.push(PlacementEvent {
-        sequence: to_u64(seq),
-        commit_ms: now,
-        placement: placement.clone(),
-        previous_state: from,
-    });
     Ok(ReportOutcome {
         placement,
         deployment_state: state,
@@ -1060,7 +1078,7 @@ impl Store for SqliteStore {
         new: NewDeployment,
         request_id: Option<String>,
     ) -> Result<Deployment> {
-        self.write(move |conn, now, _| {
+        self.write(move |conn, now, events| {
             let fingerprint = format!(
                 "{}|{}|{}|{}",
                 new.artifact, new.version, new.environment, new.change_reference
@@ -1117,6 +1135,12 @@ impl Store for SqliteStore {
                 params![i64::try_from(pending).unwrap_or(i64::MAX), id],
             )
             .map_err(sql)?;
+            // Announce every included target with a PENDING event: consumers learn the
+            // deployment's target set (the denominator of coverage) from the stream.
+            let mut deployment = load_deployment(conn, id, true)?;
+            for placement in &mut deployment.placements {
+                events.push(append_event(conn, now, placement, PlacementState::Pending)?);
+            }
             record_request_id(
                 conn,
                 request_id.as_deref(),
@@ -1125,7 +1149,7 @@ impl Store for SqliteStore {
                 &deployment_name(id),
                 now,
             )?;
-            load_deployment(conn, id, true)
+            Ok(deployment)
         })
         .await
     }
@@ -1221,7 +1245,7 @@ impl Store for SqliteStore {
                     "SELECT p.deployment, d.environment, p.target, d.artifact, d.version, a.digest, p.state, p.message, p.seq, p.update_ms
                      FROM placements p JOIN deployments d ON d.id = p.deployment
                      JOIN artifacts a ON a.name = d.artifact AND a.version = d.version
-                     WHERE p.state IN (2, 3, 4) ORDER BY p.seq",
+                     WHERE p.state IN (1, 2, 3, 4) ORDER BY p.seq",
                 )
                 .map_err(sql)?;
             let rows = stmt
