@@ -5,7 +5,11 @@ use std::{env, fs, path::PathBuf};
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["deploy/v1/deploy.proto", "google/rpc/error_details.proto"];
+const PROTOS: &[&str] = &[
+    "deploy/v1/deploy.proto",
+    "release/v1/release.proto",
+    "google/rpc/error_details.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");

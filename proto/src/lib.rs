@@ -3,6 +3,7 @@
 //! # Layout
 //!
 //! - [`deploy::v1`]: the `deploy.v1` package (Deployment Management).
+//! - [`release::v1`]: the `release.v1` package (Release Management).
 //! - [`FILE_DESCRIPTOR_SET`]: every compiled file with source info, for gRPC reflection
 //!   (v1 and v1alpha), so `grpcurl describe` shows the doc comments.
 //!
@@ -14,6 +15,15 @@ pub mod deploy {
     #[allow(clippy::all, clippy::pedantic, missing_docs, unused_qualifications)]
     pub mod v1 {
         tonic::include_proto!("deploy.v1");
+    }
+}
+
+/// The `release` package family.
+pub mod release {
+    /// `release.v1`: features, releases, visibility decisions.
+    #[allow(clippy::all, clippy::pedantic, missing_docs, unused_qualifications)]
+    pub mod v1 {
+        tonic::include_proto!("release.v1");
     }
 }
 

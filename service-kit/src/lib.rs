@@ -8,6 +8,13 @@
 //! - [`reflection`]: gRPC reflection v1 and v1alpha over the contracts, with comments.
 //! - [`serve_gracefully`]: runs a tonic router until shutdown, then marks health
 //!   NOT_SERVING, ends open streams, drains in-flight calls with a hard timeout.
+//! - [`error`]: the request error type (field and precondition violations), no tonic types.
+//! - [`status`]: the one exhaustive `From<Error> for Status`, with rich error details.
+//! - [`validate`]: limits and checks every API shares (text, keys, pages, page tokens).
+
+pub mod error;
+pub mod status;
+pub mod validate;
 
 use std::future::Future;
 use std::time::Duration;

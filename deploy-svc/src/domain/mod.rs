@@ -3,7 +3,7 @@
 //!
 //! # Layout
 //!
-//! - [`error`]: the one error type of the service.
+//! - [`error`]: the request error type (shared with release-svc through service-kit).
 //! - [`names`]: resource ids and names, parsed and validated.
 //! - [`model`]: environments, targets, artifacts, deployments, placements, events.
 //! - [`deployment`]: placement transitions and the derived deployment state.
@@ -12,9 +12,9 @@
 
 pub mod clock;
 pub mod deployment;
-pub mod error;
 pub mod model;
 pub mod names;
 pub mod promotion;
 
-pub use error::{Error, FieldViolation, PreconditionViolation, Result};
+pub use service_kit::error;
+pub use service_kit::error::{Error, FieldViolation, PreconditionViolation, Result};

@@ -1,18 +1,7 @@
 //! Resource ids and names (AIP-122), parsed and validated. Each function returns the
 //! reason as a `String`, to be attached to the request field by the caller.
 
-use std::collections::BTreeMap;
-
-/// Most labels or metadata entries on one resource.
-pub const MAX_MAP_ENTRIES: usize = 64;
-/// Longest free-text field (descriptions, messages, reasons).
-pub const MAX_TEXT: usize = 1024;
-/// Longest request id or change reference.
-pub const MAX_KEY: usize = 128;
-/// Default page size of every List.
-pub const DEFAULT_PAGE_SIZE: usize = 50;
-/// Largest page size of every List.
-pub const MAX_PAGE_SIZE: usize = 1000;
+pub use service_kit::validate::*;
 
 /// Checks an RFC 1123 label: 1-63 of `a-z`, `0-9`, `-`, starting with a letter and not
 /// ending with `-`.
@@ -65,53 +54,6 @@ pub fn validate_digest(digest: &str) -> Result<(), String> {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     {
         return Err("must be 'sha256:' followed by 64 lowercase hex digits".into());
-    }
-    Ok(())
-}
-
-/// Checks a free-text field against a length limit.
-pub fn validate_text(text: &str, max: usize) -> Result<(), String> {
-    if text.len() > max {
-        return Err(format!("must be at most {max} bytes, got {}", text.len()));
-    }
-    if text
-        .chars()
-        .any(|c| c.is_control() && c != '\n' && c != '\t')
-    {
-        return Err("must not contain control characters".into());
-    }
-    Ok(())
-}
-
-/// Checks an optional idempotency key or reference (empty allowed).
-pub fn validate_key(key: &str) -> Result<(), String> {
-    if key.len() > MAX_KEY {
-        return Err(format!("must be at most {MAX_KEY} characters"));
-    }
-    if key.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err("must not contain whitespace or control characters".into());
-    }
-    Ok(())
-}
-
-/// Checks labels or metadata: entry count, key shape, value length.
-pub fn validate_map(map: &BTreeMap<String, String>, max_value: usize) -> Result<(), String> {
-    if map.len() > MAX_MAP_ENTRIES {
-        return Err(format!("must have at most {MAX_MAP_ENTRIES} entries"));
-    }
-    for (k, v) in map {
-        let key_ok = !k.is_empty()
-            && k.len() <= 63
-            && k.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'/'));
-        if !key_ok {
-            return Err(format!(
-                "key {k:?} must be 1-63 characters of letters, digits and '.-_/'"
-            ));
-        }
-        if v.len() > max_value {
-            return Err(format!("value of {k:?} must be at most {max_value} bytes"));
-        }
     }
     Ok(())
 }
@@ -174,34 +116,6 @@ pub fn deployment_name(id: i64) -> String {
     format!("deployments/{id}")
 }
 
-/// Validates a page size: 0 means the default, negatives are refused, large ones capped.
-pub fn page_size(size: i32) -> Result<usize, String> {
-    match size {
-        0 => Ok(DEFAULT_PAGE_SIZE),
-        n if n < 0 => Err(format!("must not be negative, got {n}")),
-        n => Ok(usize::try_from(n)
-            .unwrap_or(MAX_PAGE_SIZE)
-            .min(MAX_PAGE_SIZE)),
-    }
-}
-
-/// Encodes a keyset position as an opaque page token.
-pub fn encode_page_token(key: &str) -> String {
-    hex::encode(key.as_bytes())
-}
-
-/// Decodes a page token made by [`encode_page_token`]; empty means the first page.
-pub fn decode_page_token(token: &str) -> Result<Option<String>, String> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    hex::decode(token)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .map(Some)
-        .ok_or_else(|| "is not a page token returned by this service".to_owned())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,8 +158,5 @@ mod tests {
         assert_eq!(parse_deployment("deployments/42"), Ok(42));
         assert!(parse_deployment("deployments/0").is_err());
         assert!(parse_deployment("deployments/x").is_err());
-        let token = encode_page_token("prod");
-        assert_eq!(decode_page_token(&token), Ok(Some("prod".into())));
-        assert!(decode_page_token("zz").is_err());
     }
 }

@@ -1,13 +1,11 @@
 //! gRPC handlers of `deploy.v1.DeployService`: decode, validate (in [`convert`]), call the
-//! store or the placement log, map the error (in [`status`]), encode.
+//! store or the placement log, map the error (`service_kit::status`), encode.
 //!
 //! # Layout
 //!
 //! - [`convert`]: proto <-> domain conversions and request validation.
-//! - [`status`]: the one `From<Error> for Status`.
 
 pub mod convert;
-pub mod status;
 
 use std::pin::Pin;
 use std::sync::Arc;

@@ -1,4 +1,5 @@
-//! The one error type of deploy-svc. The gRPC layer maps it exhaustively to a status.
+//! The error type both services' domains return. It names no tonic type; [`crate::status`]
+//! maps it exhaustively to a gRPC status with rich details.
 
 /// A request field that failed validation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,7 +46,7 @@ impl PreconditionViolation {
     }
 }
 
-/// Everything that can go wrong in deploy-svc.
+/// Everything that can go wrong in a request.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// One or more request fields are invalid.
@@ -82,7 +83,7 @@ pub enum Error {
     Internal(String),
 }
 
-/// The result type of deploy-svc.
+/// The result type of both services.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {

@@ -3,7 +3,7 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::domain::Error;
+use crate::error::Error;
 
 impl From<Error> for Status {
     fn from(error: Error) -> Self {

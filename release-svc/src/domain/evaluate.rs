@@ -1,0 +1,492 @@
+//! Visibility decisions from an immutable snapshot.
+//!
+//! The snapshot is rebuilt whenever a feature, a release or the placement gate changes, and
+//! swapped atomically; `evaluate` reads only the snapshot (no database, no lock).
+//!
+//! Decision order: unknown feature -> error; DISABLED; NOT_RELEASED (no RELEASING or
+//! RELEASED release puts the feature in the environment); NOT_DEPLOYED (a carrier is below
+//! its required coverage there); deny list, allow list (TARGETING_MATCH); percentage rollout
+//! (SPLIT); targeting rule (TARGETING_MATCH); DEFAULT; STATIC (released at 100% with no rule
+//! and no lists: the same answer for every context).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use super::hash::{in_rollout, rollout_bucket};
+use super::model::{Feature, Release};
+use super::placements::PlacementIndex;
+use super::rules::context_data;
+
+/// Why a decision came out as it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Feature disabled.
+    Disabled,
+    /// No active release here.
+    NotReleased,
+    /// Carrier below coverage here.
+    NotDeployed,
+    /// A list or the rule decided.
+    TargetingMatch,
+    /// The percentage decided.
+    Split,
+    /// Default variant.
+    Default,
+    /// Context-free answer.
+    Static,
+}
+
+/// The release that governs a feature in an environment, and the gate there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Governing {
+    /// Release id.
+    pub release: i64,
+    /// Rollout percentage.
+    pub rollout_percent: f64,
+    /// `Ok` when the carriers are placed at coverage, else why not.
+    pub gate: Result<(), String>,
+}
+
+/// One feature in the snapshot.
+#[derive(Debug, Clone)]
+pub struct FeatureEntry {
+    /// The feature.
+    pub feature: Arc<Feature>,
+    /// Per environment where an active release includes it.
+    pub environments: HashMap<String, Governing>,
+}
+
+/// An immutable view of everything a decision needs.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Increases with every rebuild.
+    pub version: u64,
+    /// Features by key.
+    pub features: BTreeMap<String, FeatureEntry>,
+}
+
+/// A decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// Whether the feature is visible.
+    pub visible: bool,
+    /// The variant served.
+    pub variant: String,
+    /// Its value.
+    pub value: Value,
+    /// Why.
+    pub reason: Reason,
+    /// The deciding release.
+    pub release: Option<i64>,
+}
+
+/// Who and where.
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    /// Environment id.
+    pub environment: String,
+    /// Targeting key.
+    pub targeting_key: String,
+    /// Attributes.
+    pub attributes: Map<String, Value>,
+}
+
+impl Snapshot {
+    /// Builds a snapshot from the features, the releases and the placements.
+    pub fn build(
+        version: u64,
+        features: &BTreeMap<String, Arc<Feature>>,
+        releases: &BTreeMap<i64, Release>,
+        placements: &PlacementIndex,
+    ) -> Self {
+        // The governing release of (feature, environment): the active release with the
+        // highest rollout there (the newest on a tie).
+        let mut governing: HashMap<(&str, &str), (i64, f64)> = HashMap::new();
+        for r in releases.values().filter(|r| r.state.is_active()) {
+            for env in &r.environments {
+                for key in &r.features {
+                    let slot = governing
+                        .entry((key.as_str(), env.environment.as_str()))
+                        .or_insert((r.id, env.rollout_percent));
+                    if env.rollout_percent > slot.1
+                        || (env.rollout_percent == slot.1 && r.id > slot.0)
+                    {
+                        *slot = (r.id, env.rollout_percent);
+                    }
+                }
+            }
+        }
+        let view = placements.coverage_view();
+        let mut entries: BTreeMap<String, FeatureEntry> = features
+            .iter()
+            .map(|(k, f)| {
+                (
+                    k.clone(),
+                    FeatureEntry {
+                        feature: f.clone(),
+                        environments: HashMap::new(),
+                    },
+                )
+            })
+            .collect();
+        for ((key, env), (release, rollout_percent)) in governing {
+            if let Some(entry) = entries.get_mut(key) {
+                let gate = view.gate(env, &entry.feature.carriers);
+                entry.environments.insert(
+                    env.to_owned(),
+                    Governing {
+                        release,
+                        rollout_percent,
+                        gate,
+                    },
+                );
+            }
+        }
+        Self {
+            version,
+            features: entries,
+        }
+    }
+
+    /// The (feature, environment) pairs whose gate is open here and closed in `next`, with
+    /// the reason it closed.
+    pub fn withdrawn_in(&self, next: &Snapshot) -> Vec<(String, String, String)> {
+        let mut out = Vec::new();
+        for (key, entry) in &self.features {
+            for (env, g) in &entry.environments {
+                if g.gate.is_err() {
+                    continue;
+                }
+                if let Some(Err(why)) = next
+                    .features
+                    .get(key)
+                    .and_then(|e| e.environments.get(env))
+                    .map(|g| &g.gate)
+                {
+                    out.push((key.clone(), env.clone(), why.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// The (feature, environment) pairs whose governing state differs between the two
+    /// snapshots (release, rollout or gate).
+    pub fn changed_in(&self, next: &Snapshot) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let keys = self.features.keys().chain(next.features.keys());
+        let mut seen = std::collections::BTreeSet::new();
+        for key in keys {
+            if !seen.insert(key) {
+                continue;
+            }
+            let before = self.features.get(key);
+            let after = next.features.get(key);
+            let feature_changed = match (before, after) {
+                (Some(a), Some(b)) => !Arc::ptr_eq(&a.feature, &b.feature),
+                _ => true,
+            };
+            let empty = HashMap::new();
+            let be = before.map_or(&empty, |e| &e.environments);
+            let ae = after.map_or(&empty, |e| &e.environments);
+            for env in be.keys().chain(ae.keys()) {
+                if feature_changed || be.get(env) != ae.get(env) {
+                    let pair = (key.clone(), env.clone());
+                    if !out.contains(&pair) {
+                        out.push(pair);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Decides one feature for one context; `None` for an unknown feature.
+    pub fn evaluate(&self, key: &str, ctx: &Context) -> Option<Decision> {
+        let entry = self.features.get(key)?;
+        Some(decide(entry, key, ctx))
+    }
+}
+
+fn variant_value(f: &Feature, variant: &str) -> Value {
+    f.variants.get(variant).cloned().unwrap_or(Value::Null)
+}
+
+fn hidden(f: &Feature, reason: Reason, release: Option<i64>) -> Decision {
+    Decision {
+        visible: false,
+        variant: f.off_variant.clone(),
+        value: variant_value(f, &f.off_variant),
+        reason,
+        release,
+    }
+}
+
+fn served(f: &Feature, variant: String, reason: Reason, release: i64) -> Decision {
+    Decision {
+        visible: variant != f.off_variant,
+        value: variant_value(f, &variant),
+        variant,
+        reason,
+        release: Some(release),
+    }
+}
+
+/// The variant the targeting rule picks, if it names one of the feature's variants.
+fn rule_variant(f: &Feature, key: &str, ctx: &Context) -> Option<String> {
+    let rule = f.targeting.as_ref()?;
+    let data = context_data(&ctx.attributes, &ctx.targeting_key, key);
+    match rule.evaluate(&data, key) {
+        Value::String(v) if f.variants.contains_key(&v) => Some(v),
+        Value::Bool(b) => {
+            let name = if b { "on" } else { "off" };
+            f.variants.contains_key(name).then(|| name.to_owned())
+        }
+        _ => None,
+    }
+}
+
+fn decide(entry: &FeatureEntry, key: &str, ctx: &Context) -> Decision {
+    let f = &entry.feature;
+    if f.disabled {
+        return hidden(f, Reason::Disabled, None);
+    }
+    let Some(g) = entry.environments.get(&ctx.environment) else {
+        return hidden(f, Reason::NotReleased, None);
+    };
+    if g.gate.is_err() {
+        return hidden(f, Reason::NotDeployed, Some(g.release));
+    }
+    let tk = ctx.targeting_key.as_str();
+    if !tk.is_empty() && f.deny.iter().any(|d| d == tk) {
+        return hidden(f, Reason::TargetingMatch, Some(g.release));
+    }
+    if !tk.is_empty() && f.allow.iter().any(|a| a == tk) {
+        let variant = rule_variant(f, key, ctx).unwrap_or_else(|| f.default_variant.clone());
+        return served(f, variant, Reason::TargetingMatch, g.release);
+    }
+    if g.rollout_percent < 100.0 {
+        if !in_rollout(rollout_bucket(key, tk), g.rollout_percent) {
+            return hidden(f, Reason::Split, Some(g.release));
+        }
+        return match rule_variant(f, key, ctx) {
+            Some(v) => served(f, v, Reason::TargetingMatch, g.release),
+            None => served(f, f.default_variant.clone(), Reason::Split, g.release),
+        };
+    }
+    match rule_variant(f, key, ctx) {
+        Some(v) => served(f, v, Reason::TargetingMatch, g.release),
+        None if f.targeting.is_some() || !f.allow.is_empty() || !f.deny.is_empty() => {
+            served(f, f.default_variant.clone(), Reason::Default, g.release)
+        }
+        None => served(f, f.default_variant.clone(), Reason::Static, g.release),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::model::{Carrier, ReleaseEnvironment, ReleaseState};
+    use crate::domain::placements::{Placement, PlacementState};
+    use crate::domain::rules::Rule;
+
+    fn feature(key: &str) -> Feature {
+        Feature {
+            key: key.into(),
+            description: String::new(),
+            owner: String::new(),
+            variants: Feature::boolean_variants(),
+            default_variant: "on".into(),
+            off_variant: "off".into(),
+            targeting: None,
+            allow: vec![],
+            deny: vec![],
+            carriers: vec![],
+            disabled: false,
+            revision: 1,
+            create_ms: 0,
+            update_ms: 0,
+        }
+    }
+
+    fn release(id: i64, key: &str, env: &str, percent: f64, state: ReleaseState) -> Release {
+        Release {
+            id,
+            description: String::new(),
+            features: vec![key.into()],
+            environments: vec![ReleaseEnvironment {
+                environment: env.into(),
+                rollout_percent: percent,
+            }],
+            state,
+            revision: 1,
+            create_ms: 0,
+            update_ms: 0,
+        }
+    }
+
+    fn ctx(env: &str, key: &str) -> Context {
+        Context {
+            environment: env.into(),
+            targeting_key: key.into(),
+            attributes: Map::new(),
+        }
+    }
+
+    fn snapshot(
+        features: Vec<Feature>,
+        releases: Vec<Release>,
+        placements: &PlacementIndex,
+    ) -> Snapshot {
+        let features = features
+            .into_iter()
+            .map(|f| (f.key.clone(), Arc::new(f)))
+            .collect();
+        let releases = releases.into_iter().map(|r| (r.id, r)).collect();
+        Snapshot::build(1, &features, &releases, placements)
+    }
+
+    fn placed(idx: &mut PlacementIndex, env: &str, target: &str, version: &str, seq: u64) {
+        idx.apply(Placement {
+            deployment: 1,
+            environment: env.into(),
+            target: target.into(),
+            artifact: "web".into(),
+            version: version.into(),
+            state: PlacementState::Placed,
+            sequence: seq,
+        });
+    }
+
+    #[test]
+    fn decision_table() {
+        let mut gated = feature("gated");
+        gated.carriers = vec![Carrier {
+            artifact: "web".into(),
+            min_version: semver::Version::new(2, 0, 0),
+            required_coverage: 1.0,
+        }];
+        let mut disabled = feature("disabled");
+        disabled.disabled = true;
+        let mut listed = feature("listed");
+        listed.allow = vec!["vip".into()];
+        listed.deny = vec!["blocked".into()];
+        let mut ruled = feature("ruled");
+        ruled.targeting =
+            Rule::parse(r#"{"if": [{"ends_with": [{"var": "email"}, "@corp.com"]}, "on", null]}"#)
+                .ok();
+        let mut idx = PlacementIndex::default();
+        placed(&mut idx, "staging", "s1", "2.1.0", 1);
+        placed(&mut idx, "prod", "p1", "1.9.0", 2);
+        let s = snapshot(
+            vec![
+                feature("plain"),
+                gated,
+                disabled,
+                listed,
+                ruled,
+                feature("unreleased"),
+                feature("paused"),
+            ],
+            vec![
+                release(1, "plain", "prod", 100.0, ReleaseState::Released),
+                release(2, "gated", "staging", 100.0, ReleaseState::Released),
+                release(3, "gated", "prod", 100.0, ReleaseState::Released),
+                release(4, "disabled", "prod", 100.0, ReleaseState::Released),
+                release(5, "listed", "prod", 0.0, ReleaseState::Releasing),
+                release(6, "ruled", "prod", 100.0, ReleaseState::Released),
+                release(7, "paused", "prod", 100.0, ReleaseState::Paused),
+                release(8, "unreleased", "prod", 100.0, ReleaseState::Draft),
+            ],
+            &idx,
+        );
+        let d = |key: &str, c: Context| {
+            s.evaluate(key, &c)
+                .unwrap_or_else(|| panic!("{key} unknown"))
+        };
+        assert!(s.evaluate("nope", &ctx("prod", "u")).is_none());
+        assert_eq!(d("plain", ctx("prod", "u")).reason, Reason::Static);
+        assert!(d("plain", ctx("prod", "u")).visible);
+        assert_eq!(d("plain", ctx("staging", "u")).reason, Reason::NotReleased);
+        assert_eq!(d("disabled", ctx("prod", "u")).reason, Reason::Disabled);
+        assert_eq!(
+            d("unreleased", ctx("prod", "u")).reason,
+            Reason::NotReleased
+        );
+        assert_eq!(d("paused", ctx("prod", "u")).reason, Reason::NotReleased);
+        // Deployed to staging at 2.1.0, prod still on 1.9.0.
+        let g = d("gated", ctx("staging", "u"));
+        assert!(g.visible && g.reason == Reason::Static && g.release == Some(2));
+        let g = d("gated", ctx("prod", "u"));
+        assert!(!g.visible && g.reason == Reason::NotDeployed && g.release == Some(3));
+        assert_eq!(g.variant, "off");
+        assert_eq!(g.value, Value::Bool(false));
+        // At 0% only the allow list sees it; the deny list never does.
+        let l = d("listed", ctx("prod", "vip"));
+        assert!(l.visible && l.reason == Reason::TargetingMatch);
+        let l = d("listed", ctx("prod", "someone"));
+        assert!(!l.visible && l.reason == Reason::Split);
+        let l = d("listed", ctx("prod", "blocked"));
+        assert!(!l.visible && l.reason == Reason::TargetingMatch);
+        // Rules.
+        let mut corp = ctx("prod", "u1");
+        corp.attributes
+            .insert("email".into(), Value::String("ada@corp.com".into()));
+        let r = d("ruled", corp);
+        assert!(r.visible && r.reason == Reason::TargetingMatch);
+        let r = d("ruled", ctx("prod", "u2"));
+        assert!(r.visible && r.reason == Reason::Default);
+    }
+
+    #[test]
+    fn rollout_percentages_are_monotone_per_key() {
+        let idx = PlacementIndex::default();
+        let mut seen_in = std::collections::HashSet::new();
+        for p in [1.0, 10.0, 50.0, 100.0] {
+            let s = snapshot(
+                vec![feature("f")],
+                vec![release(1, "f", "prod", p, ReleaseState::Releasing)],
+                &idx,
+            );
+            let now: std::collections::HashSet<_> = (0..1000)
+                .filter(|i| {
+                    s.evaluate("f", &ctx("prod", &format!("user-{i}")))
+                        .is_some_and(|d| d.visible)
+                })
+                .collect();
+            assert!(seen_in.is_subset(&now), "a key left the rollout at {p}%");
+            seen_in = now;
+        }
+        assert_eq!(seen_in.len(), 1000);
+    }
+
+    #[test]
+    fn withdrawals_are_detected_between_snapshots() {
+        let mut gated = feature("gated");
+        gated.carriers = vec![Carrier {
+            artifact: "web".into(),
+            min_version: semver::Version::new(2, 0, 0),
+            required_coverage: 1.0,
+        }];
+        let mut idx = PlacementIndex::default();
+        placed(&mut idx, "prod", "p1", "2.0.0", 1);
+        let rel = vec![release(1, "gated", "prod", 100.0, ReleaseState::Released)];
+        let before = snapshot(vec![gated.clone()], rel.clone(), &idx);
+        idx.apply(Placement {
+            deployment: 1,
+            environment: "prod".into(),
+            target: "p1".into(),
+            artifact: "web".into(),
+            version: "2.0.0".into(),
+            state: PlacementState::Removed,
+            sequence: 2,
+        });
+        let after = snapshot(vec![gated], rel, &idx);
+        let w = before.withdrawn_in(&after);
+        assert_eq!(w.len(), 1);
+        assert_eq!((w[0].0.as_str(), w[0].1.as_str()), ("gated", "prod"));
+        assert!(after.withdrawn_in(&before).is_empty());
+    }
+}

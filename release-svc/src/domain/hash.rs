@@ -1,0 +1,117 @@
+//! Stable hashing for percentage rollouts and flagd's `fractional`.
+//!
+//! MurmurHash3 (x86, 32-bit, seed 0) is what flagd uses, so buckets agree with flagd for
+//! the same inputs. A rollout bucket is `murmur3("{feature}/{targeting_key}") % 10_000`:
+//! a key is inside a rollout of p% when its bucket is below p x 100, so a key inside at
+//! 10% is inside at every larger percentage (monotone), with 0.01% granularity.
+
+/// MurmurHash3 x86 32-bit.
+pub fn murmur3_32(data: &[u8], seed: u32) -> u32 {
+    const C1: u32 = 0xcc9e_2d51;
+    const C2: u32 = 0x1b87_3593;
+    let mut h = seed;
+    let chunks = data.chunks_exact(4);
+    let tail = chunks.remainder();
+    for c in chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
+        h ^= k;
+        h = h.rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64);
+    }
+    let mut k = 0u32;
+    if tail.len() >= 3 {
+        k ^= u32::from(tail[2]) << 16;
+    }
+    if tail.len() >= 2 {
+        k ^= u32::from(tail[1]) << 8;
+    }
+    if let Some(first) = tail.first() {
+        k ^= u32::from(*first);
+        k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
+        h ^= k;
+    }
+    // The length is mixed in modulo 2^32, as in the reference implementation.
+    h ^= u32::try_from(data.len() & 0xffff_ffff).unwrap_or(0);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
+/// The rollout bucket of a targeting key for a feature, in `0..10_000`.
+pub fn rollout_bucket(feature: &str, targeting_key: &str) -> u32 {
+    let mut key = String::with_capacity(feature.len() + targeting_key.len() + 1);
+    key.push_str(feature);
+    key.push('/');
+    key.push_str(targeting_key);
+    murmur3_32(key.as_bytes(), 0) % 10_000
+}
+
+/// Whether a key in `bucket` is inside a rollout of `percent` (0-100).
+pub fn in_rollout(bucket: u32, percent: f64) -> bool {
+    // Basis points; the cast is exact for 0..=10_000.
+    let threshold = (percent.clamp(0.0, 100.0) * 100.0).round() as u32;
+    bucket < threshold
+}
+
+/// flagd's fractional bucket of a hash key, in `[0, 100]` (flagd 0.7+ daemons: the hash read
+/// as a signed 32-bit integer, its absolute value over `i32::MAX`).
+pub fn fractional_bucket(hash_key: &str) -> f64 {
+    let signed = i32::from_ne_bytes(murmur3_32(hash_key.as_bytes(), 0).to_ne_bytes());
+    (f64::from(signed).abs() / f64::from(i32::MAX)) * 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur3_reference_vectors() {
+        assert_eq!(murmur3_32(b"", 0), 0);
+        assert_eq!(murmur3_32(b"", 1), 0x514e_28b7);
+        assert_eq!(murmur3_32(b"hello", 0), 0x248b_fa47);
+        assert_eq!(
+            murmur3_32(b"The quick brown fox jumps over the lazy dog", 0),
+            0x2e4f_f723
+        );
+    }
+
+    #[test]
+    fn buckets_are_stable() {
+        let a = rollout_bucket("checkout", "user-42");
+        assert_eq!(a, rollout_bucket("checkout", "user-42"));
+        assert!(a < 10_000);
+        // Another feature buckets the same user independently.
+        let differs = (0..100).any(|i| {
+            rollout_bucket("checkout", &format!("u{i}"))
+                != rollout_bucket("search", &format!("u{i}"))
+        });
+        assert!(differs);
+    }
+
+    #[test]
+    fn rollout_is_monotone() {
+        for i in 0..2_000 {
+            let b = rollout_bucket("checkout", &format!("user-{i}"));
+            let mut was_in = false;
+            for p in [0.0, 1.0, 5.0, 10.0, 25.0, 50.0, 99.0, 100.0] {
+                let now_in = in_rollout(b, p);
+                assert!(!was_in || now_in, "user-{i} left the rollout at {p}%");
+                was_in = now_in;
+            }
+            assert!(in_rollout(b, 100.0));
+            assert!(!in_rollout(b, 0.0));
+        }
+    }
+
+    #[test]
+    fn ten_percent_of_10000_keys_is_10_percent_within_1_5_points() {
+        let inside = (0..10_000)
+            .filter(|i| in_rollout(rollout_bucket("checkout", &format!("user-{i}")), 10.0))
+            .count();
+        let share = inside as f64 / 10_000.0;
+        assert!((share - 0.10).abs() <= 0.015, "10% rollout gave {share}");
+    }
+}

@@ -1,0 +1,20 @@
+//! Domain of Release Management: features, releases and their state machine, the rule
+//! language, stable hashing, the placement coverage gate and the evaluator. No tonic, no SQL.
+//!
+//! # Layout
+//!
+//! - [`model`]: features, carriers, releases, the release state machine.
+//! - [`rules`]: JSON Logic with flagd's operators.
+//! - [`hash`]: MurmurHash3 buckets for rollouts and `fractional`.
+//! - [`placements`]: the mirror of deploy-svc's placements and the coverage gate.
+//! - [`evaluate`]: the immutable snapshot and the decision order.
+//! - [`names`]: resource names (release.v1, and the deploy.v1 names the consumer reads).
+
+pub mod evaluate;
+pub mod hash;
+pub mod model;
+pub mod names;
+pub mod placements;
+pub mod rules;
+
+pub use service_kit::error::{Error, FieldViolation, PreconditionViolation, Result, Violations};

@@ -1,0 +1,379 @@
+//! The engine: the authoritative in-memory state (features, releases, placements), the
+//! store writes that make it durable, and the evaluation snapshot rebuilt after every change.
+//!
+//! Writers serialize on one async mutex: validate, write the store, update the state,
+//! rebuild and swap the snapshot, announce the change. Readers (`evaluate`) load the current
+//! snapshot from an `ArcSwap`: no lock, no database.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{broadcast, Mutex};
+
+use crate::domain::evaluate::{Context, Decision, Snapshot};
+use crate::domain::model::{Feature, Millis, Release, ReleaseState, Transition};
+use crate::domain::placements::{Placement, PlacementIndex};
+use crate::domain::{Error, Result};
+use crate::store::{Store, Withdrawal};
+
+/// A change that may alter decisions, announced on WatchVisibility.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    /// The snapshot version after the change.
+    pub version: u64,
+    /// Affected (feature, environment) pairs; empty with `all`.
+    pub pairs: Vec<(String, String)>,
+    /// Every feature may be affected.
+    pub all: bool,
+    /// What happened.
+    pub cause: String,
+}
+
+struct State {
+    features: BTreeMap<String, Arc<Feature>>,
+    releases: BTreeMap<i64, Release>,
+    placements: PlacementIndex,
+    cursor: u64,
+    events_applied: u64,
+}
+
+/// The engine.
+pub struct Engine {
+    store: Arc<dyn Store>,
+    state: Mutex<State>,
+    snapshot: ArcSwap<Snapshot>,
+    changes: broadcast::Sender<Change>,
+    clock: fn() -> Millis,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("version", &self.snapshot.load().version)
+            .finish()
+    }
+}
+
+/// The wall clock in milliseconds.
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Engine {
+    /// Loads the stored state and builds the first snapshot.
+    pub async fn load(store: Arc<dyn Store>) -> Result<Self> {
+        let loaded = store.load().await?;
+        let mut placements = PlacementIndex::default();
+        placements.replace(loaded.placements);
+        let snapshot = Snapshot::build(1, &loaded.features, &loaded.releases, &placements);
+        let (changes, _) = broadcast::channel(1024);
+        Ok(Self {
+            store,
+            state: Mutex::new(State {
+                features: loaded.features,
+                releases: loaded.releases,
+                placements,
+                cursor: loaded.cursor,
+                events_applied: loaded.events_applied,
+            }),
+            snapshot: ArcSwap::from_pointee(snapshot),
+            changes,
+            clock: now_ms,
+        })
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Decides one feature for one context from the current snapshot.
+    pub fn evaluate(&self, key: &str, ctx: &Context) -> Result<(Decision, u64)> {
+        let snapshot = self.snapshot.load();
+        snapshot
+            .evaluate(key, ctx)
+            .map(|d| (d, snapshot.version))
+            .ok_or_else(|| Error::NotFound(format!("features/{key}")))
+    }
+
+    /// Subscribes to changes.
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    /// The consumer cursor and the events applied so far.
+    pub async fn cursor(&self) -> (u64, u64) {
+        let s = self.state.lock().await;
+        (s.cursor, s.events_applied)
+    }
+
+    /// A feature by key.
+    pub async fn feature(&self, key: &str) -> Result<Arc<Feature>> {
+        self.state
+            .lock()
+            .await
+            .features
+            .get(key)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("features/{key}")))
+    }
+
+    /// Features after `after` in key order, at most `limit + 1` (to tell if more follow).
+    pub async fn features(&self, after: Option<&str>, limit: usize) -> Vec<Arc<Feature>> {
+        let s = self.state.lock().await;
+        s.features
+            .values()
+            .filter(|f| after.is_none_or(|a| f.key.as_str() > a))
+            .take(limit + 1)
+            .cloned()
+            .collect()
+    }
+
+    /// A release by id.
+    pub async fn release(&self, id: i64) -> Result<Release> {
+        self.state
+            .lock()
+            .await
+            .releases
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("releases/{id}")))
+    }
+
+    /// Releases before id `before`, newest first, at most `limit + 1`.
+    pub async fn releases(&self, before: Option<i64>, limit: usize) -> Vec<Release> {
+        let s = self.state.lock().await;
+        s.releases
+            .values()
+            .rev()
+            .filter(|r| before.is_none_or(|b| r.id < b))
+            .take(limit + 1)
+            .cloned()
+            .collect()
+    }
+
+    /// The store, for reads the engine does not cache (withdrawals).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Rebuilds the snapshot from `state`, swaps it in and announces what changed. Returns
+    /// the new snapshot.
+    fn publish(&self, state: &State, cause: String) -> Arc<Snapshot> {
+        let before = self.snapshot.load_full();
+        let next = Arc::new(Snapshot::build(
+            before.version + 1,
+            &state.features,
+            &state.releases,
+            &state.placements,
+        ));
+        self.snapshot.store(next.clone());
+        let pairs = before.changed_in(&next);
+        let _ = self.changes.send(Change {
+            version: next.version,
+            pairs,
+            all: false,
+            cause,
+        });
+        next
+    }
+
+    /// Creates a feature.
+    pub async fn create_feature(&self, mut feature: Feature) -> Result<Arc<Feature>> {
+        let mut state = self.state.lock().await;
+        let now = (self.clock)();
+        feature.revision = 1;
+        feature.create_ms = now;
+        feature.update_ms = now;
+        self.store.insert_feature(feature.clone()).await?;
+        let feature = Arc::new(feature);
+        state.features.insert(feature.key.clone(), feature.clone());
+        self.publish(&state, format!("feature features/{} created", feature.key));
+        Ok(feature)
+    }
+
+    /// Replaces a feature's mutable fields; `expected` is the caller's revision, if any.
+    pub async fn update_feature(
+        &self,
+        mut feature: Feature,
+        expected: Option<i64>,
+    ) -> Result<Arc<Feature>> {
+        let mut state = self.state.lock().await;
+        let current = state
+            .features
+            .get(&feature.key)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("features/{}", feature.key)))?;
+        if expected.is_some_and(|e| e != current.revision) {
+            return Err(Error::Aborted(format!(
+                "etag is stale: features/{} is at etag \"{}\"; read it again and retry",
+                feature.key, current.revision
+            )));
+        }
+        feature.revision = current.revision + 1;
+        feature.create_ms = current.create_ms;
+        feature.update_ms = (self.clock)();
+        self.store
+            .update_feature(feature.clone(), current.revision)
+            .await?;
+        let feature = Arc::new(feature);
+        state.features.insert(feature.key.clone(), feature.clone());
+        self.publish(&state, format!("feature features/{} updated", feature.key));
+        Ok(feature)
+    }
+
+    /// Creates a release in DRAFT (idempotent per request id).
+    pub async fn create_release(
+        &self,
+        mut release: Release,
+        request_id: Option<String>,
+    ) -> Result<Release> {
+        let mut state = self.state.lock().await;
+        let unknown: Vec<_> = release
+            .features
+            .iter()
+            .filter(|k| !state.features.contains_key(*k))
+            .map(|k| {
+                crate::domain::PreconditionViolation::new(
+                    "FEATURE_EXISTS",
+                    format!("features/{k}"),
+                    "the release names a feature that does not exist; create it first",
+                )
+            })
+            .collect();
+        if !unknown.is_empty() {
+            return Err(Error::FailedPrecondition(unknown));
+        }
+        let now = (self.clock)();
+        release.state = ReleaseState::Draft;
+        release.revision = 1;
+        release.create_ms = now;
+        release.update_ms = now;
+        let (id, created) = self
+            .store
+            .insert_release(release.clone(), request_id)
+            .await?;
+        if !created {
+            return state
+                .releases
+                .get(&id)
+                .cloned()
+                .ok_or_else(|| Error::Internal(format!("releases/{id} is stored but not loaded")));
+        }
+        release.id = id;
+        state.releases.insert(id, release.clone());
+        self.publish(&state, format!("release releases/{id} created"));
+        Ok(release)
+    }
+
+    /// Applies a release transition (the kill switch is `Pause` or `Rollback`).
+    pub async fn transition(&self, id: i64, t: Transition) -> Result<Release> {
+        let mut state = self.state.lock().await;
+        let current = state
+            .releases
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("releases/{id}")))?;
+        let mut next = current.clone();
+        next.apply(&t)
+            .map_err(|why| Error::precondition("RELEASE_STATE", format!("releases/{id}"), why))?;
+        next.revision = current.revision + 1;
+        next.update_ms = (self.clock)();
+        self.store
+            .update_release(next.clone(), current.revision)
+            .await?;
+        state.releases.insert(id, next.clone());
+        self.publish(&state, format!("release releases/{id} {:?}", next.state));
+        Ok(next)
+    }
+
+    /// Applies placement events received after `cursor` (ordered), advancing the cursor to
+    /// `cursor_after` and recording any automatic withdrawal, in one store transaction.
+    pub async fn apply_placements(&self, events: Vec<Placement>, cursor_after: u64) -> Result<()> {
+        let mut state = self.state.lock().await;
+        let fresh: Vec<Placement> = events
+            .into_iter()
+            .filter(|e| e.sequence > state.cursor)
+            .collect();
+        if fresh.is_empty() && cursor_after <= state.cursor {
+            return Ok(());
+        }
+        let mut next_placements = state.placements.clone();
+        for e in &fresh {
+            next_placements.apply(e.clone());
+        }
+        let withdrawals = self.withdrawals(&state, &next_placements, cursor_after);
+        let applied = self
+            .store
+            .apply_placements(fresh.clone(), cursor_after, withdrawals.clone())
+            .await?;
+        state.placements = next_placements;
+        state.cursor = state.cursor.max(cursor_after);
+        state.events_applied = applied;
+        if !fresh.is_empty() {
+            for w in &withdrawals {
+                tracing::info!(feature = %w.feature, environment = %w.environment, reason = %w.reason, sequence = w.sequence, "visibility withdrawn automatically");
+            }
+            self.publish(&state, placement_cause(&fresh, &withdrawals));
+        }
+        Ok(())
+    }
+
+    /// Replaces every placement with a snapshot from deploy-svc (a resync).
+    pub async fn resync(&self, placements: Vec<Placement>, cursor: u64) -> Result<()> {
+        let mut state = self.state.lock().await;
+        let mut next_placements = PlacementIndex::default();
+        next_placements.replace(placements.clone());
+        let withdrawals = self.withdrawals(&state, &next_placements, cursor);
+        self.store
+            .replace_placements(placements, cursor, withdrawals.clone())
+            .await?;
+        state.placements = next_placements;
+        state.cursor = cursor;
+        let next = self.publish(&state, format!("resynced placements at sequence {cursor}"));
+        let _ = self.changes.send(Change {
+            version: next.version,
+            pairs: Vec::new(),
+            all: true,
+            cause: "placement resync".into(),
+        });
+        Ok(())
+    }
+
+    fn withdrawals(&self, state: &State, next: &PlacementIndex, sequence: u64) -> Vec<Withdrawal> {
+        let before = self.snapshot.load();
+        let after = Snapshot::build(0, &state.features, &state.releases, next);
+        let now = (self.clock)();
+        before
+            .withdrawn_in(&after)
+            .into_iter()
+            .map(|(feature, environment, reason)| Withdrawal {
+                feature,
+                environment,
+                reason,
+                sequence,
+                time_ms: now,
+            })
+            .collect()
+    }
+}
+
+fn placement_cause(events: &[Placement], withdrawals: &[Withdrawal]) -> String {
+    let last = events.last().map(|e| e.sequence).unwrap_or_default();
+    if withdrawals.is_empty() {
+        format!(
+            "{} placement event(s) through sequence {last}",
+            events.len()
+        )
+    } else {
+        let w: Vec<_> = withdrawals
+            .iter()
+            .map(|w| format!("{} in {}", w.feature, w.environment))
+            .collect();
+        format!("withdrawn through sequence {last}: {}", w.join(", "))
+    }
+}

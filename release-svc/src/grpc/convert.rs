@@ -1,0 +1,418 @@
+//! Proto <-> domain conversions and request validation, in one place. A bad field becomes a
+//! `BadRequest` field violation naming it; all of a request's bad fields are reported at once.
+
+use std::collections::BTreeMap;
+
+use prost_types::value::Kind;
+use proto::release::v1 as pb;
+use serde_json::{Map, Value};
+
+use crate::domain::evaluate::{Context, Decision, Reason};
+use crate::domain::model::{Carrier, Feature, Millis, Release, ReleaseEnvironment, ReleaseState};
+use crate::domain::names;
+use crate::domain::rules::Rule;
+use crate::domain::{Result, Violations};
+use crate::store::Withdrawal;
+
+/// A timestamp from milliseconds since the epoch.
+pub fn timestamp(ms: Millis) -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    })
+}
+
+/// A protobuf Value as JSON.
+pub fn to_json(v: &prost_types::Value) -> Value {
+    match &v.kind {
+        None | Some(Kind::NullValue(_)) => Value::Null,
+        Some(Kind::NumberValue(n)) => {
+            serde_json::Number::from_f64(*n).map_or(Value::Null, Value::Number)
+        }
+        Some(Kind::StringValue(s)) => Value::String(s.clone()),
+        Some(Kind::BoolValue(b)) => Value::Bool(*b),
+        Some(Kind::StructValue(s)) => Value::Object(struct_to_json(s)),
+        Some(Kind::ListValue(l)) => Value::Array(l.values.iter().map(to_json).collect()),
+    }
+}
+
+/// A protobuf Struct as a JSON object.
+pub fn struct_to_json(s: &prost_types::Struct) -> Map<String, Value> {
+    s.fields
+        .iter()
+        .map(|(k, v)| (k.clone(), to_json(v)))
+        .collect()
+}
+
+/// JSON as a protobuf Value.
+pub fn from_json(v: &Value) -> prost_types::Value {
+    let kind = match v {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(*b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        Value::String(s) => Kind::StringValue(s.clone()),
+        Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.iter().map(from_json).collect(),
+        }),
+        Value::Object(map) => Kind::StructValue(prost_types::Struct {
+            fields: map.iter().map(|(k, v)| (k.clone(), from_json(v))).collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+fn text(v: &mut Violations, field: &str, s: &str, max: usize) {
+    v.check(field, service_kit::validate::validate_text(s, max));
+}
+
+fn keys(v: &mut Violations, field: &str, list: &[String]) {
+    if list.len() > 10_000 {
+        v.push(field, "must have at most 10000 entries");
+    }
+    if list.iter().any(|k| k.is_empty() || k.len() > 256) {
+        v.push(field, "entries must be 1-256 characters");
+    }
+}
+
+/// Validates a feature from a create or update request. `name_field` is where the key
+/// comes from (`feature.key` on create, `feature.name` on update).
+pub fn feature(f: pb::Feature, create: bool) -> Result<(Feature, Option<i64>)> {
+    let mut v = Violations::default();
+    let key = if create {
+        v.check("feature.key", names::validate_feature_key(&f.key));
+        f.key.clone()
+    } else {
+        v.check("feature.name", names::parse_feature(&f.name))
+            .unwrap_or_default()
+    };
+    text(
+        &mut v,
+        "feature.description",
+        &f.description,
+        service_kit::validate::MAX_TEXT,
+    );
+    text(&mut v, "feature.owner", &f.owner, 256);
+    let variants: BTreeMap<String, Value> = if f.variants.is_empty() {
+        Feature::boolean_variants()
+    } else {
+        f.variants
+            .iter()
+            .map(|(k, val)| (k.clone(), to_json(val)))
+            .collect()
+    };
+    if variants.len() > 64 || variants.keys().any(|k| k.is_empty() || k.len() > 128) {
+        v.push(
+            "feature.variants",
+            "must have at most 64 variants named by 1-128 characters",
+        );
+    }
+    let default_variant = if f.default_variant.is_empty() {
+        "on".to_owned()
+    } else {
+        f.default_variant.clone()
+    };
+    let off_variant = if f.off_variant.is_empty() {
+        "off".to_owned()
+    } else {
+        f.off_variant.clone()
+    };
+    if !variants.contains_key(&default_variant) {
+        v.push(
+            "feature.default_variant",
+            format!("{default_variant:?} is not one of the variants"),
+        );
+    }
+    if !variants.contains_key(&off_variant) {
+        v.push(
+            "feature.off_variant",
+            format!("{off_variant:?} is not one of the variants"),
+        );
+    }
+    let targeting = if f.targeting.trim().is_empty() {
+        None
+    } else if f.targeting.len() > 64 * 1024 {
+        v.push("feature.targeting", "must be at most 64 KiB");
+        None
+    } else {
+        v.check("feature.targeting", Rule::parse(&f.targeting))
+    };
+    keys(&mut v, "feature.allow", &f.allow);
+    keys(&mut v, "feature.deny", &f.deny);
+    let mut carriers = Vec::new();
+    for (i, c) in f.carriers.iter().enumerate() {
+        let field = format!("feature.carriers[{i}]");
+        if c.artifact.is_empty() || c.artifact.len() > 63 {
+            v.push(
+                &format!("{field}.artifact"),
+                "must be a deploy-svc artifact name",
+            );
+        }
+        let min = v.check(
+            &format!("{field}.min_version"),
+            semver::Version::parse(&c.min_version)
+                .map_err(|e| format!("{:?} is not a semantic version: {e}", c.min_version)),
+        );
+        let coverage = if c.required_coverage == 0.0 {
+            1.0
+        } else {
+            c.required_coverage
+        };
+        if !(coverage > 0.0 && coverage <= 1.0) {
+            v.push(
+                &format!("{field}.required_coverage"),
+                "must be in (0, 1] (0 means 1.0)",
+            );
+        }
+        if let Some(min_version) = min {
+            carriers.push(Carrier {
+                artifact: c.artifact.clone(),
+                min_version,
+                required_coverage: coverage,
+            });
+        }
+    }
+    let expected = if f.etag.is_empty() {
+        None
+    } else {
+        v.check(
+            "feature.etag",
+            f.etag
+                .trim_matches('"')
+                .parse::<i64>()
+                .map_err(|_| "is not an etag returned by this service".to_owned()),
+        )
+    };
+    v.finish()?;
+    Ok((
+        Feature {
+            key,
+            description: f.description,
+            owner: f.owner,
+            variants,
+            default_variant,
+            off_variant,
+            targeting,
+            allow: f.allow,
+            deny: f.deny,
+            carriers,
+            disabled: f.disabled,
+            revision: 0,
+            create_ms: 0,
+            update_ms: 0,
+        },
+        expected,
+    ))
+}
+
+/// The proto form of a feature.
+pub fn feature_pb(f: &Feature) -> pb::Feature {
+    pb::Feature {
+        name: format!("features/{}", f.key),
+        key: f.key.clone(),
+        description: f.description.clone(),
+        owner: f.owner.clone(),
+        variants: f
+            .variants
+            .iter()
+            .map(|(k, v)| (k.clone(), from_json(v)))
+            .collect(),
+        default_variant: f.default_variant.clone(),
+        off_variant: f.off_variant.clone(),
+        targeting: f
+            .targeting
+            .as_ref()
+            .map(|r| r.as_json().to_string())
+            .unwrap_or_default(),
+        allow: f.allow.clone(),
+        deny: f.deny.clone(),
+        carriers: f
+            .carriers
+            .iter()
+            .map(|c| pb::Carrier {
+                artifact: c.artifact.clone(),
+                min_version: c.min_version.to_string(),
+                required_coverage: c.required_coverage,
+            })
+            .collect(),
+        disabled: f.disabled,
+        etag: format!("\"{}\"", f.revision),
+        create_time: timestamp(f.create_ms),
+        update_time: timestamp(f.update_ms),
+    }
+}
+
+fn percent(v: &mut Violations, field: &str, p: f64) {
+    if !(0.0..=100.0).contains(&p) {
+        v.push(field, format!("must be between 0 and 100, got {p}"));
+    }
+}
+
+/// Validates a CreateRelease request.
+pub fn new_release(req: pb::CreateReleaseRequest) -> Result<(Release, Option<String>)> {
+    let mut v = Violations::default();
+    let r = req.release.unwrap_or_default();
+    text(
+        &mut v,
+        "release.description",
+        &r.description,
+        service_kit::validate::MAX_TEXT,
+    );
+    if r.features.is_empty() {
+        v.push("release.features", "must name at least one feature key");
+    }
+    for (i, k) in r.features.iter().enumerate() {
+        v.check(
+            &format!("release.features[{i}]"),
+            names::validate_feature_key(k),
+        );
+    }
+    if r.environments.is_empty() {
+        v.push("release.environments", "must name at least one environment");
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, e) in r.environments.iter().enumerate() {
+        v.check(
+            &format!("release.environments[{i}].environment"),
+            names::validate_environment(&e.environment),
+        );
+        if !seen.insert(e.environment.clone()) {
+            v.push(
+                &format!("release.environments[{i}].environment"),
+                "is listed twice",
+            );
+        }
+        percent(
+            &mut v,
+            &format!("release.environments[{i}].rollout_percent"),
+            e.rollout_percent,
+        );
+    }
+    v.check(
+        "request_id",
+        service_kit::validate::validate_key(&req.request_id),
+    );
+    v.finish()?;
+    Ok((
+        Release {
+            id: 0,
+            description: r.description,
+            features: r.features,
+            environments: r
+                .environments
+                .into_iter()
+                .map(|e| ReleaseEnvironment {
+                    environment: e.environment,
+                    rollout_percent: e.rollout_percent,
+                })
+                .collect(),
+            state: ReleaseState::Draft,
+            revision: 0,
+            create_ms: 0,
+            update_ms: 0,
+        },
+        (!req.request_id.is_empty()).then_some(req.request_id),
+    ))
+}
+
+/// Validates a rollout percentage field.
+pub fn rollout(p: f64) -> Result<f64> {
+    let mut v = Violations::default();
+    percent(&mut v, "rollout_percent", p);
+    v.finish()?;
+    Ok(p)
+}
+
+/// The proto number of a release state.
+pub fn release_state(s: ReleaseState) -> i32 {
+    match s {
+        ReleaseState::Draft => pb::ReleaseState::Draft,
+        ReleaseState::Releasing => pb::ReleaseState::Releasing,
+        ReleaseState::Released => pb::ReleaseState::Released,
+        ReleaseState::Paused => pb::ReleaseState::Paused,
+        ReleaseState::RolledBack => pb::ReleaseState::RolledBack,
+    }
+    .into()
+}
+
+/// The proto form of a release.
+pub fn release_pb(r: &Release) -> pb::Release {
+    pb::Release {
+        name: format!("releases/{}", r.id),
+        description: r.description.clone(),
+        features: r.features.clone(),
+        environments: r
+            .environments
+            .iter()
+            .map(|e| pb::ReleaseEnvironment {
+                environment: e.environment.clone(),
+                rollout_percent: e.rollout_percent,
+            })
+            .collect(),
+        state: release_state(r.state),
+        etag: format!("\"{}\"", r.revision),
+        create_time: timestamp(r.create_ms),
+        update_time: timestamp(r.update_ms),
+    }
+}
+
+/// Validates an evaluation context.
+pub fn context(v: &mut Violations, c: Option<pb::EvaluationContext>) -> Context {
+    let c = c.unwrap_or_default();
+    v.check(
+        "context.environment",
+        names::validate_environment(&c.environment),
+    );
+    if c.targeting_key.len() > 1024 {
+        v.push("context.targeting_key", "must be at most 1024 bytes");
+    }
+    Context {
+        environment: c.environment,
+        targeting_key: c.targeting_key,
+        attributes: c
+            .attributes
+            .as_ref()
+            .map(struct_to_json)
+            .unwrap_or_default(),
+    }
+}
+
+/// The proto number of a reason.
+pub fn reason(r: Reason) -> i32 {
+    match r {
+        Reason::Disabled => pb::Reason::Disabled,
+        Reason::NotReleased => pb::Reason::NotReleased,
+        Reason::NotDeployed => pb::Reason::NotDeployed,
+        Reason::TargetingMatch => pb::Reason::TargetingMatch,
+        Reason::Split => pb::Reason::Split,
+        Reason::Default => pb::Reason::Default,
+        Reason::Static => pb::Reason::Static,
+    }
+    .into()
+}
+
+/// The proto form of a decision.
+pub fn decision(feature: &str, d: Decision, version: u64) -> pb::EvaluateResponse {
+    pb::EvaluateResponse {
+        feature: feature.to_owned(),
+        visible: d.visible,
+        variant: d.variant,
+        value: Some(from_json(&d.value)),
+        reason: reason(d.reason),
+        release: d
+            .release
+            .map(|id| format!("releases/{id}"))
+            .unwrap_or_default(),
+        snapshot_version: version,
+    }
+}
+
+/// The proto form of a withdrawal.
+pub fn withdrawal(w: &Withdrawal) -> pb::Withdrawal {
+    pb::Withdrawal {
+        feature: w.feature.clone(),
+        environment: w.environment.clone(),
+        reason: w.reason.clone(),
+        sequence: w.sequence,
+        time: timestamp(w.time_ms),
+    }
+}

@@ -1,0 +1,399 @@
+//! gRPC handlers of `release.v1.ReleaseService`: decode, validate ([`convert`]), call the
+//! engine, map the error (`service_kit::status`), encode.
+//!
+//! # Layout
+//!
+//! - [`convert`]: proto <-> domain conversions and request validation.
+
+pub mod convert;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use proto::release::v1 as pb;
+use proto::release::v1::release_service_server::ReleaseService;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::consumer::SharedStatus;
+use crate::domain::model::Transition;
+use crate::domain::{names, Error, Violations};
+use crate::engine::{Change, Engine};
+
+/// The ReleaseService implementation.
+#[derive(Clone)]
+pub struct ReleaseApi {
+    engine: Arc<Engine>,
+    consumer: SharedStatus,
+    deploy_svc: String,
+    streams: CancellationToken,
+}
+
+impl ReleaseApi {
+    /// A service over `engine`; visibility streams end when `streams` is cancelled.
+    pub fn new(
+        engine: Arc<Engine>,
+        consumer: SharedStatus,
+        deploy_svc: String,
+        streams: CancellationToken,
+    ) -> Self {
+        Self {
+            engine,
+            consumer,
+            deploy_svc,
+            streams,
+        }
+    }
+}
+
+type Result<T> = std::result::Result<Response<T>, Status>;
+
+/// The response stream of WatchVisibility.
+pub type VisibilityStream =
+    Pin<Box<dyn Stream<Item = std::result::Result<pb::VisibilityChange, Status>> + Send>>;
+
+fn name<T>(
+    field: &str,
+    value: &str,
+    parse: impl Fn(&str) -> std::result::Result<T, String>,
+) -> std::result::Result<T, Status> {
+    parse(value).map_err(|d| Status::from(Error::invalid(field, d)))
+}
+
+fn page(v: &mut Violations, size: i32, token: &str) -> (usize, Option<String>) {
+    let size = v
+        .check("page_size", service_kit::validate::page_size(size))
+        .unwrap_or_default();
+    let after = v
+        .check(
+            "page_token",
+            service_kit::validate::decode_page_token(token),
+        )
+        .flatten();
+    (size, after)
+}
+
+fn next_token(more: bool, last: Option<String>) -> String {
+    if more {
+        last.map(|k| service_kit::validate::encode_page_token(&k))
+            .unwrap_or_default()
+    } else {
+        String::new()
+    }
+}
+
+fn change_message(c: &Change, environment: &str) -> Option<pb::VisibilityChange> {
+    let mut features = Vec::new();
+    let mut environments = Vec::new();
+    for (f, e) in &c.pairs {
+        if !environment.is_empty() && e != environment {
+            continue;
+        }
+        if !features.contains(f) {
+            features.push(f.clone());
+        }
+        if !environments.contains(e) {
+            environments.push(e.clone());
+        }
+    }
+    if !c.all && features.is_empty() {
+        return None;
+    }
+    Some(pb::VisibilityChange {
+        snapshot_version: c.version,
+        features,
+        environments,
+        all_features: c.all,
+        cause: c.cause.clone(),
+    })
+}
+
+#[tonic::async_trait]
+impl ReleaseService for ReleaseApi {
+    async fn create_feature(&self, req: Request<pb::CreateFeatureRequest>) -> Result<pb::Feature> {
+        let (feature, _) = convert::feature(req.into_inner().feature.unwrap_or_default(), true)?;
+        let feature = self.engine.create_feature(feature).await?;
+        Ok(Response::new(convert::feature_pb(&feature)))
+    }
+
+    async fn get_feature(&self, req: Request<pb::GetFeatureRequest>) -> Result<pb::Feature> {
+        let key = name("name", &req.into_inner().name, names::parse_feature)?;
+        let feature = self.engine.feature(&key).await?;
+        Ok(Response::new(convert::feature_pb(&feature)))
+    }
+
+    async fn list_features(
+        &self,
+        req: Request<pb::ListFeaturesRequest>,
+    ) -> Result<pb::ListFeaturesResponse> {
+        let req = req.into_inner();
+        let mut v = Violations::default();
+        let (size, after) = page(&mut v, req.page_size, &req.page_token);
+        v.finish()?;
+        let mut features = self.engine.features(after.as_deref(), size).await;
+        let more = features.len() > size;
+        features.truncate(size);
+        Ok(Response::new(pb::ListFeaturesResponse {
+            next_page_token: next_token(more, features.last().map(|f| f.key.clone())),
+            features: features.iter().map(|f| convert::feature_pb(f)).collect(),
+        }))
+    }
+
+    async fn update_feature(&self, req: Request<pb::UpdateFeatureRequest>) -> Result<pb::Feature> {
+        let (feature, expected) =
+            convert::feature(req.into_inner().feature.unwrap_or_default(), false)?;
+        let feature = self.engine.update_feature(feature, expected).await?;
+        Ok(Response::new(convert::feature_pb(&feature)))
+    }
+
+    async fn create_release(&self, req: Request<pb::CreateReleaseRequest>) -> Result<pb::Release> {
+        let (release, request_id) = convert::new_release(req.into_inner())?;
+        let release = self.engine.create_release(release, request_id).await?;
+        Ok(Response::new(convert::release_pb(&release)))
+    }
+
+    async fn get_release(&self, req: Request<pb::GetReleaseRequest>) -> Result<pb::Release> {
+        let id = name("name", &req.into_inner().name, names::parse_release)?;
+        Ok(Response::new(convert::release_pb(
+            &self.engine.release(id).await?,
+        )))
+    }
+
+    async fn list_releases(
+        &self,
+        req: Request<pb::ListReleasesRequest>,
+    ) -> Result<pb::ListReleasesResponse> {
+        let req = req.into_inner();
+        let mut v = Violations::default();
+        let (size, after) = page(&mut v, req.page_size, &req.page_token);
+        let before = match after {
+            Some(a) => v.check(
+                "page_token",
+                a.parse::<i64>()
+                    .map_err(|_| "is not a page token returned by this service".to_owned()),
+            ),
+            None => None,
+        };
+        v.finish()?;
+        let mut releases = self.engine.releases(before, size).await;
+        let more = releases.len() > size;
+        releases.truncate(size);
+        Ok(Response::new(pb::ListReleasesResponse {
+            next_page_token: next_token(more, releases.last().map(|r| r.id.to_string())),
+            releases: releases.iter().map(convert::release_pb).collect(),
+        }))
+    }
+
+    async fn set_rollout(&self, req: Request<pb::SetRolloutRequest>) -> Result<pb::Release> {
+        let req = req.into_inner();
+        let mut v = Violations::default();
+        let id = v
+            .check("name", names::parse_release(&req.name))
+            .unwrap_or_default();
+        v.check("environment", names::validate_environment(&req.environment));
+        v.finish()?;
+        let percent = convert::rollout(req.rollout_percent)?;
+        let release = self
+            .engine
+            .transition(
+                id,
+                Transition::SetRollout {
+                    environment: req.environment,
+                    percent,
+                },
+            )
+            .await?;
+        Ok(Response::new(convert::release_pb(&release)))
+    }
+
+    async fn pause_release(&self, req: Request<pb::PauseReleaseRequest>) -> Result<pb::Release> {
+        let req = req.into_inner();
+        let id = name("name", &req.name, names::parse_release)?;
+        let release = self.engine.transition(id, Transition::Pause).await?;
+        tracing::info!(release = %req.name, reason = %req.reason, "release paused (kill switch)");
+        Ok(Response::new(convert::release_pb(&release)))
+    }
+
+    async fn resume_release(&self, req: Request<pb::ResumeReleaseRequest>) -> Result<pb::Release> {
+        let id = name("name", &req.into_inner().name, names::parse_release)?;
+        Ok(Response::new(convert::release_pb(
+            &self.engine.transition(id, Transition::Resume).await?,
+        )))
+    }
+
+    async fn rollback_release(
+        &self,
+        req: Request<pb::RollbackReleaseRequest>,
+    ) -> Result<pb::Release> {
+        let req = req.into_inner();
+        let id = name("name", &req.name, names::parse_release)?;
+        let release = self.engine.transition(id, Transition::Rollback).await?;
+        tracing::info!(release = %req.name, reason = %req.reason, "release rolled back");
+        Ok(Response::new(convert::release_pb(&release)))
+    }
+
+    async fn evaluate(&self, req: Request<pb::EvaluateRequest>) -> Result<pb::EvaluateResponse> {
+        let req = req.into_inner();
+        let mut v = Violations::default();
+        v.check("feature", names::validate_feature_key(&req.feature));
+        let ctx = convert::context(&mut v, req.context);
+        v.finish()?;
+        let (decision, version) = self.engine.evaluate(&req.feature, &ctx)?;
+        Ok(Response::new(convert::decision(
+            &req.feature,
+            decision,
+            version,
+        )))
+    }
+
+    async fn evaluate_batch(
+        &self,
+        req: Request<pb::EvaluateBatchRequest>,
+    ) -> Result<pb::EvaluateBatchResponse> {
+        let req = req.into_inner();
+        let mut v = Violations::default();
+        for (i, k) in req.features.iter().enumerate() {
+            v.check(&format!("features[{i}]"), names::validate_feature_key(k));
+        }
+        let ctx = convert::context(&mut v, req.context);
+        v.finish()?;
+        let snapshot = self.engine.snapshot();
+        let keys: Vec<String> = if req.features.is_empty() {
+            snapshot.features.keys().cloned().collect()
+        } else {
+            let mut k = req.features.clone();
+            k.sort();
+            k.dedup();
+            k
+        };
+        let mut results = Vec::with_capacity(keys.len());
+        for key in keys {
+            let d = snapshot
+                .evaluate(&key, &ctx)
+                .ok_or_else(|| Status::from(Error::NotFound(format!("features/{key}"))))?;
+            results.push(convert::decision(&key, d, snapshot.version));
+        }
+        Ok(Response::new(pb::EvaluateBatchResponse {
+            results,
+            snapshot_version: snapshot.version,
+        }))
+    }
+
+    type WatchVisibilityStream = VisibilityStream;
+
+    async fn watch_visibility(
+        &self,
+        req: Request<pb::WatchVisibilityRequest>,
+    ) -> Result<Self::WatchVisibilityStream> {
+        let environment = req.into_inner().environment;
+        if !environment.is_empty() {
+            name("environment", &environment, names::validate_environment)?;
+        }
+        let rx = self.engine.subscribe();
+        let first = pb::VisibilityChange {
+            snapshot_version: self.engine.snapshot().version,
+            features: Vec::new(),
+            environments: Vec::new(),
+            all_features: true,
+            cause: "stream start: evaluate everything you cache".into(),
+        };
+        let start = (
+            Some(first),
+            rx,
+            self.streams.clone(),
+            self.engine.clone(),
+            environment,
+            false,
+        );
+        let stream = futures::stream::unfold(
+            start,
+            |(mut pending, mut rx, streams, engine, env, done)| async move {
+                if done {
+                    return None;
+                }
+                loop {
+                    if let Some(msg) = pending.take() {
+                        return Some((Ok(msg), (None, rx, streams, engine, env, false)));
+                    }
+                    let next = tokio::select! {
+                        () = streams.cancelled() => {
+                            let status = Status::unavailable("server is shutting down; reconnect and re-evaluate");
+                            return Some((Err(status), (None, rx, streams, engine, env, true)));
+                        }
+                        r = rx.recv() => r,
+                    };
+                    match next {
+                        Ok(change) => pending = change_message(&change, &env),
+                        Err(RecvError::Lagged(_)) => {
+                            pending = Some(pb::VisibilityChange {
+                            snapshot_version: engine.snapshot().version,
+                            features: Vec::new(),
+                            environments: Vec::new(),
+                            all_features: true,
+                            cause: "changes were dropped for this slow stream: evaluate everything again".into(),
+                        });
+                        }
+                        Err(RecvError::Closed) => return None,
+                    }
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_consumer_status(
+        &self,
+        _req: Request<pb::GetConsumerStatusRequest>,
+    ) -> Result<pb::ConsumerStatus> {
+        let (cursor, applied) = self.engine.cursor().await;
+        let s = self
+            .consumer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let head = s.head.max(cursor);
+        Ok(Response::new(pb::ConsumerStatus {
+            cursor,
+            head_sequence: head,
+            lag: head - cursor,
+            connected: s.connected,
+            deploy_svc: self.deploy_svc.clone(),
+            last_error: s.last_error,
+            events_applied: applied,
+            last_message_time: (s.last_message_ms > 0)
+                .then(|| convert::timestamp(s.last_message_ms))
+                .flatten(),
+        }))
+    }
+
+    async fn list_withdrawals(
+        &self,
+        req: Request<pb::ListWithdrawalsRequest>,
+    ) -> Result<pb::ListWithdrawalsResponse> {
+        let req = req.into_inner();
+        let mut v = Violations::default();
+        let (size, after) = page(&mut v, req.page_size, &req.page_token);
+        let before = match after {
+            Some(a) => v.check(
+                "page_token",
+                a.parse::<i64>()
+                    .map_err(|_| "is not a page token returned by this service".to_owned()),
+            ),
+            None => None,
+        };
+        v.finish()?;
+        let mut rows = self
+            .engine
+            .store()
+            .list_withdrawals(before, size + 1)
+            .await?;
+        let more = rows.len() > size;
+        rows.truncate(size);
+        Ok(Response::new(pb::ListWithdrawalsResponse {
+            next_page_token: next_token(more, rows.last().map(|r| r.0.to_string())),
+            withdrawals: rows.iter().map(|(_, w)| convert::withdrawal(w)).collect(),
+        }))
+    }
+}

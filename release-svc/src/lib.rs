@@ -1,0 +1,106 @@
+//! release-svc: Release Management. Features and releases, visibility decisions from an
+//! immutable in-memory snapshot, gated on deploy-svc's real placements, which a consumer
+//! follows over WatchPlacements.
+//!
+//! # Layout
+//!
+//! - [`config`]: command-line flags and environment variables.
+//! - [`domain`]: features, releases, rules, hashing, the coverage gate, the evaluator.
+//! - [`store`]: the storage trait and the SQLite backend.
+//! - [`engine`]: the state, its durable writes, the snapshot swap and change announcements.
+//! - [`consumer`]: follows deploy-svc's placement stream into the engine.
+//! - [`grpc`]: the `release.v1.ReleaseService` handlers and conversions.
+//! - [`Server`] / [`serve`]: opens the store, then serves an already-bound listener.
+
+pub mod config;
+pub mod consumer;
+pub mod domain;
+pub mod engine;
+pub mod grpc;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::release::v1::release_service_server::ReleaseServiceServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+use engine::Engine;
+use grpc::ReleaseApi;
+use store::sqlite::SqliteStore;
+
+/// The gRPC service name, as health checks know it.
+pub const SERVICE_NAME: &str = "release.v1.ReleaseService";
+
+/// Serves release-svc on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    Server::open(config).await?.run(listener, shutdown).await
+}
+
+/// release-svc with its state loaded, ready to serve.
+pub struct Server {
+    config: Config,
+    engine: Arc<Engine>,
+}
+
+impl Server {
+    /// Opens the store and loads the state (serving starts from it, before deploy-svc is
+    /// reachable).
+    pub async fn open(config: Config) -> anyhow::Result<Self> {
+        let store = Arc::new(SqliteStore::open(&config.database)?);
+        let engine = Arc::new(Engine::load(store).await?);
+        Ok(Self { config, engine })
+    }
+
+    /// Serves until `shutdown`, following deploy-svc meanwhile.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let Self { config, engine } = self;
+        let streams = CancellationToken::new();
+        let status = consumer::SharedStatus::default();
+        let consumer = tokio::spawn(consumer::run(
+            engine.clone(),
+            config.deploy_svc.clone(),
+            status.clone(),
+            streams.clone(),
+        ));
+        let api = ReleaseApi::new(engine, status, config.deploy_svc.clone(), streams.clone());
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<ReleaseServiceServer<ReleaseApi>>()
+            .await;
+        let routes = tonic::service::Routes::new(health_service).add_service(
+            ReleaseServiceServer::new(api)
+                .max_decoding_message_size(config.max_message_bytes)
+                .max_encoding_message_size(config.max_message_bytes),
+        );
+        let routes = service_kit::reflection(routes)?;
+        tracing::info!(address = %listener.local_addr()?, database = %config.database.display(), deploy_svc = %config.deploy_svc, "release-svc serving");
+        let result = service_kit::serve_gracefully(
+            listener,
+            routes,
+            health,
+            &[SERVICE_NAME],
+            streams.clone(),
+            service_kit::Drain {
+                timeout: Duration::from_millis(config.drain_timeout_ms),
+            },
+            shutdown,
+        )
+        .await;
+        streams.cancel();
+        let _ = consumer.await;
+        tracing::info!("release-svc stopped");
+        result
+    }
+}

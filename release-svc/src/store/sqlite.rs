@@ -1,0 +1,534 @@
+//! The embedded SQLite backend: one connection (release-svc writes rarely; placement events
+//! arrive in batches), used on the blocking thread pool.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+use super::{Loaded, Store, Withdrawal};
+use crate::domain::model::{Carrier, Feature, Release, ReleaseEnvironment, ReleaseState};
+use crate::domain::placements::{Placement, PlacementState};
+use crate::domain::rules::Rule;
+use crate::domain::{Error, Result};
+
+const MIGRATIONS: &[&str] = &[include_str!("migrations/sqlite/0001_init.sql")];
+
+/// The SQLite store.
+pub struct SqliteStore {
+    path: PathBuf,
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+fn sql(e: rusqlite::Error) -> Error {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(
+                f.code,
+                rusqlite::ErrorCode::DatabaseBusy
+                    | rusqlite::ErrorCode::DatabaseLocked
+                    | rusqlite::ErrorCode::DiskFull
+                    | rusqlite::ErrorCode::SystemIoFailure
+            ) =>
+        {
+            Error::Unavailable(format!("storage unavailable: {e}"))
+        }
+        e => Error::Internal(format!("sqlite: {e}")),
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Error {
+    Error::Internal(e.to_string())
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// The stored form of a feature's mutable fields.
+#[derive(Serialize, Deserialize)]
+struct FeatureBody {
+    description: String,
+    owner: String,
+    variants: BTreeMap<String, serde_json::Value>,
+    default_variant: String,
+    off_variant: String,
+    targeting: Option<serde_json::Value>,
+    allow: Vec<String>,
+    deny: Vec<String>,
+    carriers: Vec<CarrierBody>,
+    disabled: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CarrierBody {
+    artifact: String,
+    min_version: String,
+    required_coverage: f64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct EnvBody {
+    environment: String,
+    rollout_percent: f64,
+}
+
+fn feature_body(f: &Feature) -> Result<String> {
+    serde_json::to_string(&FeatureBody {
+        description: f.description.clone(),
+        owner: f.owner.clone(),
+        variants: f.variants.clone(),
+        default_variant: f.default_variant.clone(),
+        off_variant: f.off_variant.clone(),
+        targeting: f.targeting.as_ref().map(|r| r.as_json().clone()),
+        allow: f.allow.clone(),
+        deny: f.deny.clone(),
+        carriers: f
+            .carriers
+            .iter()
+            .map(|c| CarrierBody {
+                artifact: c.artifact.clone(),
+                min_version: c.min_version.to_string(),
+                required_coverage: c.required_coverage,
+            })
+            .collect(),
+        disabled: f.disabled,
+    })
+    .map_err(internal)
+}
+
+fn feature_from(
+    key: String,
+    body: &str,
+    revision: i64,
+    create_ms: i64,
+    update_ms: i64,
+) -> Result<Feature> {
+    let b: FeatureBody = serde_json::from_str(body).map_err(internal)?;
+    let targeting = match b.targeting {
+        Some(v) => Some(Rule::parse(&v.to_string()).map_err(internal)?),
+        None => None,
+    };
+    let carriers = b
+        .carriers
+        .into_iter()
+        .map(|c| {
+            Ok(Carrier {
+                artifact: c.artifact,
+                min_version: semver::Version::parse(&c.min_version).map_err(internal)?,
+                required_coverage: c.required_coverage,
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(Feature {
+        key,
+        description: b.description,
+        owner: b.owner,
+        variants: b.variants,
+        default_variant: b.default_variant,
+        off_variant: b.off_variant,
+        targeting,
+        allow: b.allow,
+        deny: b.deny,
+        carriers,
+        disabled: b.disabled,
+        revision,
+        create_ms,
+        update_ms,
+    })
+}
+
+fn release_columns(r: &Release) -> Result<(String, String)> {
+    let features = serde_json::to_string(&r.features).map_err(internal)?;
+    let envs: Vec<EnvBody> = r
+        .environments
+        .iter()
+        .map(|e| EnvBody {
+            environment: e.environment.clone(),
+            rollout_percent: e.rollout_percent,
+        })
+        .collect();
+    Ok((features, serde_json::to_string(&envs).map_err(internal)?))
+}
+
+fn insert_placement(conn: &Connection, p: &Placement) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO placements (deployment, target, environment, artifact, version, state, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (deployment, target) DO UPDATE SET state = excluded.state, seq = excluded.seq
+         WHERE excluded.seq > placements.seq",
+    )
+    .map_err(sql)?
+    .execute(params![
+        p.deployment,
+        p.target,
+        p.environment,
+        p.artifact,
+        p.version,
+        p.state.code(),
+        to_i64(p.sequence)
+    ])
+    .map_err(sql)?;
+    Ok(())
+}
+
+fn insert_withdrawals(conn: &Connection, withdrawals: &[Withdrawal]) -> Result<()> {
+    for w in withdrawals {
+        conn.prepare_cached(
+            "INSERT INTO withdrawals (feature, environment, reason, seq, time_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .map_err(sql)?
+        .execute(params![w.feature, w.environment, w.reason, to_i64(w.sequence), w.time_ms])
+        .map_err(sql)?;
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating) the database.
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let conn = Connection::open(path).map_err(sql)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(sql)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+        )
+        .map_err(sql)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(sql)?;
+        for (i, migration) in MIGRATIONS.iter().enumerate() {
+            let target = i64::try_from(i).unwrap_or(i64::MAX) + 1;
+            if version < target {
+                let tx = conn.unchecked_transaction().map_err(sql)?;
+                tx.execute_batch(migration).map_err(sql)?;
+                tx.execute_batch(&format!("PRAGMA user_version = {target}"))
+                    .map_err(sql)?;
+                tx.commit().map_err(sql)?;
+            }
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn run<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&conn)
+        })
+        .await
+        .map_err(internal)?
+    }
+
+    /// Runs `f` in a transaction: committed if it succeeds, rolled back otherwise.
+    async fn transaction<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        self.run(move |conn| {
+            let tx = conn.unchecked_transaction().map_err(sql)?;
+            let out = f(&tx)?;
+            tx.commit().map_err(sql)?;
+            Ok(out)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn load(&self) -> Result<Loaded> {
+        self.run(|conn| {
+            let mut loaded = Loaded::default();
+            let mut stmt = conn
+                .prepare("SELECT key, body, revision, create_ms, update_ms FROM features")
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+                .map_err(sql)?;
+            for row in rows {
+                let (key, body, revision, create_ms, update_ms): (String, String, i64, i64, i64) = row.map_err(sql)?;
+                let f = feature_from(key.clone(), &body, revision, create_ms, update_ms)?;
+                loaded.features.insert(key, Arc::new(f));
+            }
+            let mut stmt = conn
+                .prepare("SELECT id, description, features, environments, state, revision, create_ms, update_ms FROM releases")
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, i64>(5)?,
+                        r.get::<_, i64>(6)?,
+                        r.get::<_, i64>(7)?,
+                    ))
+                })
+                .map_err(sql)?;
+            for row in rows {
+                let (id, description, features, envs, state, revision, create_ms, update_ms) = row.map_err(sql)?;
+                let envs: Vec<EnvBody> = serde_json::from_str(&envs).map_err(internal)?;
+                loaded.releases.insert(
+                    id,
+                    Release {
+                        id,
+                        description,
+                        features: serde_json::from_str(&features).map_err(internal)?,
+                        environments: envs
+                            .into_iter()
+                            .map(|e| ReleaseEnvironment {
+                                environment: e.environment,
+                                rollout_percent: e.rollout_percent,
+                            })
+                            .collect(),
+                        state: ReleaseState::from_code(state).ok_or_else(|| internal("bad release state"))?,
+                        revision,
+                        create_ms,
+                        update_ms,
+                    },
+                );
+            }
+            let mut stmt = conn
+                .prepare("SELECT deployment, target, environment, artifact, version, state, seq FROM placements")
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(Placement {
+                        deployment: r.get(0)?,
+                        target: r.get(1)?,
+                        environment: r.get(2)?,
+                        artifact: r.get(3)?,
+                        version: r.get(4)?,
+                        state: PlacementState::from_code(r.get(5)?).unwrap_or(PlacementState::Pending),
+                        sequence: to_u64(r.get(6)?),
+                    })
+                })
+                .map_err(sql)?;
+            loaded.placements = rows.collect::<rusqlite::Result<_>>().map_err(sql)?;
+            let (cursor, applied): (i64, i64) = conn
+                .query_row("SELECT cursor, events_applied FROM consumer WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(sql)?;
+            loaded.cursor = to_u64(cursor);
+            loaded.events_applied = to_u64(applied);
+            Ok(loaded)
+        })
+        .await
+    }
+
+    async fn insert_feature(&self, feature: Feature) -> Result<()> {
+        self.transaction(move |conn| {
+            let exists: Option<i64> = conn
+                .query_row("SELECT 1 FROM features WHERE key = ?1", [&feature.key], |r| r.get(0))
+                .optional()
+                .map_err(sql)?;
+            if exists.is_some() {
+                return Err(Error::AlreadyExists {
+                    resource: format!("features/{}", feature.key),
+                    detail: "choose another key or update the feature".into(),
+                });
+            }
+            conn.execute(
+                "INSERT INTO features (key, body, revision, create_ms, update_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![feature.key, feature_body(&feature)?, feature.revision, feature.create_ms, feature.update_ms],
+            )
+            .map_err(sql)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn update_feature(&self, feature: Feature, expected: i64) -> Result<()> {
+        self.transaction(move |conn| {
+            let n = conn
+                .execute(
+                    "UPDATE features SET body = ?1, revision = ?2, update_ms = ?3 WHERE key = ?4 AND revision = ?5",
+                    params![feature_body(&feature)?, feature.revision, feature.update_ms, feature.key, expected],
+                )
+                .map_err(sql)?;
+            if n == 0 {
+                return Err(Error::Aborted(format!(
+                    "features/{} changed concurrently; read it again and retry",
+                    feature.key
+                )));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn insert_release(
+        &self,
+        release: Release,
+        request_id: Option<String>,
+    ) -> Result<(i64, bool)> {
+        self.transaction(move |conn| {
+            let (features, envs) = release_columns(&release)?;
+            let fingerprint = format!("{}|{features}|{envs}", release.description);
+            if let Some(request_id) = &request_id {
+                let seen: Option<(String, String)> = conn
+                    .query_row(
+                        "SELECT fingerprint, resource FROM request_ids WHERE request_id = ?1",
+                        [request_id],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()
+                    .map_err(sql)?;
+                if let Some((f, resource)) = seen {
+                    if f != fingerprint {
+                        return Err(Error::invalid(
+                            "request_id",
+                            "was already used for a different request; use a new request_id",
+                        ));
+                    }
+                    let id = resource.parse().map_err(internal)?;
+                    return Ok((id, false));
+                }
+            }
+            conn.execute(
+                "INSERT INTO releases (description, features, environments, state, revision, create_ms, update_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![release.description, features, envs, release.state.code(), release.revision, release.create_ms, release.update_ms],
+            )
+            .map_err(sql)?;
+            let id = conn.last_insert_rowid();
+            if let Some(request_id) = &request_id {
+                conn.execute(
+                    "INSERT INTO request_ids (request_id, fingerprint, resource) VALUES (?1, ?2, ?3)",
+                    params![request_id, fingerprint, id.to_string()],
+                )
+                .map_err(sql)?;
+            }
+            Ok((id, true))
+        })
+        .await
+    }
+
+    async fn update_release(&self, release: Release, expected: i64) -> Result<()> {
+        self.transaction(move |conn| {
+            let (features, envs) = release_columns(&release)?;
+            let n = conn
+                .execute(
+                    "UPDATE releases SET description = ?1, features = ?2, environments = ?3, state = ?4, revision = ?5, update_ms = ?6 WHERE id = ?7 AND revision = ?8",
+                    params![release.description, features, envs, release.state.code(), release.revision, release.update_ms, release.id, expected],
+                )
+                .map_err(sql)?;
+            if n == 0 {
+                return Err(Error::Aborted(format!(
+                    "releases/{} changed concurrently; read it again and retry",
+                    release.id
+                )));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn apply_placements(
+        &self,
+        events: Vec<Placement>,
+        cursor: u64,
+        withdrawals: Vec<Withdrawal>,
+    ) -> Result<u64> {
+        self.transaction(move |conn| {
+            let stored: i64 = conn
+                .query_row("SELECT cursor FROM consumer WHERE id = 1", [], |r| r.get(0))
+                .map_err(sql)?;
+            // Only events after the stored cursor are applied: a replay never double-applies.
+            let fresh: Vec<&Placement> = events.iter().filter(|e| e.sequence > to_u64(stored)).collect();
+            for e in &fresh {
+                insert_placement(conn, e)?;
+            }
+            insert_withdrawals(conn, &withdrawals)?;
+            conn.execute(
+                "UPDATE consumer SET cursor = max(cursor, ?1), events_applied = events_applied + ?2 WHERE id = 1",
+                params![to_i64(cursor), i64::try_from(fresh.len()).unwrap_or(i64::MAX)],
+            )
+            .map_err(sql)?;
+            let applied: i64 = conn
+                .query_row("SELECT events_applied FROM consumer WHERE id = 1", [], |r| r.get(0))
+                .map_err(sql)?;
+            Ok(to_u64(applied))
+        })
+        .await
+    }
+
+    async fn replace_placements(
+        &self,
+        placements: Vec<Placement>,
+        cursor: u64,
+        withdrawals: Vec<Withdrawal>,
+    ) -> Result<()> {
+        self.transaction(move |conn| {
+            conn.execute("DELETE FROM placements", []).map_err(sql)?;
+            for p in &placements {
+                insert_placement(conn, p)?;
+            }
+            insert_withdrawals(conn, &withdrawals)?;
+            conn.execute(
+                "UPDATE consumer SET cursor = ?1 WHERE id = 1",
+                [to_i64(cursor)],
+            )
+            .map_err(sql)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_withdrawals(
+        &self,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<(i64, Withdrawal)>> {
+        self.run(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id, feature, environment, reason, seq, time_ms FROM withdrawals WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
+                )
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map(params![before.unwrap_or(i64::MAX), i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+                    Ok((
+                        r.get(0)?,
+                        Withdrawal {
+                            feature: r.get(1)?,
+                            environment: r.get(2)?,
+                            reason: r.get(3)?,
+                            sequence: to_u64(r.get(4)?),
+                            time_ms: r.get(5)?,
+                        },
+                    ))
+                })
+                .map_err(sql)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(sql)
+        })
+        .await
+    }
+}
