@@ -457,3 +457,172 @@ impl Churn {
         seqs
     }
 }
+
+/// release-svc helpers.
+pub mod release {
+    use std::net::SocketAddr;
+    use std::time::{Duration, Instant};
+
+    use proto::release::v1 as rpb;
+    use proto::release::v1::release_service_client::ReleaseServiceClient;
+    use tokio::sync::oneshot;
+    use tonic::transport::Channel;
+
+    /// A client of release-svc.
+    pub type Client = ReleaseServiceClient<Channel>;
+
+    /// release-svc served in-process on port 0, following deploy-svc at `deploy`.
+    pub struct InProcess {
+        /// The bound address.
+        pub addr: SocketAddr,
+        /// Holds the database.
+        pub dir: tempfile::TempDir,
+        stop: Option<oneshot::Sender<()>>,
+        task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    }
+
+    impl InProcess {
+        /// Starts release-svc following deploy-svc at `deploy`.
+        pub async fn start(deploy: SocketAddr) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let config =
+                release_svc::Config::new(dir.path().join("release.db"), format!("http://{deploy}"));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (stop, stopped) = oneshot::channel::<()>();
+            let task = tokio::spawn(release_svc::serve(listener, config, async move {
+                let _ = stopped.await;
+            }));
+            Self {
+                addr,
+                dir,
+                stop: Some(stop),
+                task: Some(task),
+            }
+        }
+
+        /// A new client.
+        pub async fn client(&self) -> Client {
+            connect(self.addr).await
+        }
+
+        /// Graceful shutdown.
+        pub async fn shutdown(mut self) -> anyhow::Result<()> {
+            if let Some(stop) = self.stop.take() {
+                let _ = stop.send(());
+            }
+            match self.task.take() {
+                Some(task) => task.await?,
+                None => Ok(()),
+            }
+        }
+    }
+
+    /// Connects a release-svc client.
+    pub async fn connect(addr: SocketAddr) -> Client {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        ReleaseServiceClient::new(channel)
+    }
+
+    /// Creates a boolean feature carried by `artifact` >= `min_version` at `coverage`.
+    pub async fn feature(
+        c: &mut Client,
+        key: &str,
+        artifact: &str,
+        min_version: &str,
+        coverage: f64,
+    ) -> rpb::Feature {
+        c.create_feature(rpb::CreateFeatureRequest {
+            feature: Some(rpb::Feature {
+                key: key.into(),
+                carriers: vec![rpb::Carrier {
+                    artifact: artifact.into(),
+                    min_version: min_version.into(),
+                    required_coverage: coverage,
+                }],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    }
+
+    /// Creates a release of `features` to `envs` (all at 0%), returning its name.
+    pub async fn release(c: &mut Client, features: &[&str], envs: &[&str]) -> String {
+        c.create_release(rpb::CreateReleaseRequest {
+            release: Some(rpb::Release {
+                features: features.iter().map(|f| (*f).to_owned()).collect(),
+                environments: envs
+                    .iter()
+                    .map(|e| rpb::ReleaseEnvironment {
+                        environment: (*e).to_owned(),
+                        rollout_percent: 0.0,
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .name
+    }
+
+    /// Sets a release's rollout in one environment.
+    pub async fn rollout(c: &mut Client, release: &str, env: &str, percent: f64) -> rpb::Release {
+        c.set_rollout(rpb::SetRolloutRequest {
+            name: release.into(),
+            environment: env.into(),
+            rollout_percent: percent,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    }
+
+    /// Evaluates `feature` for `user` in `env`.
+    pub async fn evaluate(
+        c: &mut Client,
+        feature: &str,
+        env: &str,
+        user: &str,
+    ) -> rpb::EvaluateResponse {
+        c.evaluate(rpb::EvaluateRequest {
+            feature: feature.into(),
+            context: Some(rpb::EvaluationContext {
+                environment: env.into(),
+                targeting_key: user.into(),
+                attributes: None,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    }
+
+    /// Polls `evaluate` until the reason is `want` or `within` passes; returns the last
+    /// answer and how long it took.
+    pub async fn eventually(
+        c: &mut Client,
+        feature: &str,
+        env: &str,
+        user: &str,
+        want: rpb::Reason,
+        within: Duration,
+    ) -> (rpb::EvaluateResponse, Duration) {
+        let start = Instant::now();
+        loop {
+            let r = evaluate(c, feature, env, user).await;
+            if r.reason() == want || start.elapsed() > within {
+                return (r, start.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! Both services on port 0 over real gRPC: visibility is released by release-svc and gated
+//! on the placements release-svc learns from deploy-svc's stream.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use proto::deploy::v1::PlacementState as P;
+use proto::release::v1 as rpb;
+use rpb::Reason as R;
+use tests::release::{self, evaluate, eventually};
+use tests::{artifact, deploy, environment, report, targets, InProcess};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn visible_in_staging_only_while_prod_lacks_the_artifact() {
+    let d = InProcess::start().await;
+    let r = release::InProcess::start(d.addr).await;
+    let (mut dc, mut rc) = (d.client().await, r.client().await);
+    environment(&mut dc, "staging", None, false).await;
+    environment(&mut dc, "prod", Some("staging"), false).await;
+    let st = targets(&mut dc, "staging", "s", 2).await;
+    targets(&mut dc, "prod", "p", 2).await;
+    artifact(&mut dc, "checkout", "2.0.0").await;
+    release::feature(&mut rc, "new-cart", "checkout", "2.0.0", 1.0).await;
+    let rel = release::release(&mut rc, &["new-cart"], &["staging", "prod"]).await;
+
+    // Released nowhere yet.
+    assert_eq!(
+        evaluate(&mut rc, "new-cart", "staging", "u1")
+            .await
+            .reason(),
+        R::NotReleased
+    );
+    let started = release::rollout(&mut rc, &rel, "staging", 100.0).await;
+    assert_eq!(started.state(), rpb::ReleaseState::Releasing);
+    release::rollout(&mut rc, &rel, "prod", 100.0).await;
+    // Released, but not deployed anywhere.
+    assert_eq!(
+        evaluate(&mut rc, "new-cart", "staging", "u1")
+            .await
+            .reason(),
+        R::NotDeployed
+    );
+
+    let dep = deploy(&mut dc, "checkout", "2.0.0", "staging", "")
+        .await
+        .unwrap();
+    for t in &st {
+        report(&mut dc, &dep.name, t, P::Placed).await.unwrap();
+    }
+    let (s, _) = eventually(&mut rc, "new-cart", "staging", "u1", R::Static, WAIT).await;
+    assert!(s.visible, "{s:?}");
+    assert_eq!(s.release, rel);
+    let p = evaluate(&mut rc, "new-cart", "prod", "u1").await;
+    assert!(!p.visible);
+    assert_eq!(p.reason(), R::NotDeployed);
+    // Unknown features are NOT_FOUND.
+    let unknown = rc
+        .evaluate(rpb::EvaluateRequest {
+            feature: "nope".into(),
+            context: Some(rpb::EvaluationContext {
+                environment: "prod".into(),
+                ..Default::default()
+            }),
+        })
+        .await;
+    assert_eq!(unknown.unwrap_err().code(), tonic::Code::NotFound);
+    r.shutdown().await.unwrap();
+    d.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn canary_on_1_of_4_does_not_open_a_full_coverage_feature_until_the_4th_is_placed() {
+    let d = InProcess::start().await;
+    let r = release::InProcess::start(d.addr).await;
+    let (mut dc, mut rc) = (d.client().await, r.client().await);
+    environment(&mut dc, "prod", None, false).await;
+    let pt = targets(&mut dc, "prod", "p", 4).await;
+    artifact(&mut dc, "checkout", "2.0.0").await;
+    release::feature(&mut rc, "new-cart", "checkout", "2.0.0", 1.0).await;
+    let rel = release::release(&mut rc, &["new-cart"], &["prod"]).await;
+    release::rollout(&mut rc, &rel, "prod", 100.0).await;
+    let dep = deploy(&mut dc, "checkout", "2.0.0", "prod", "")
+        .await
+        .unwrap();
+    for t in &pt[..3] {
+        report(&mut dc, &dep.name, t, P::Placed).await.unwrap();
+    }
+    // Wait until release-svc has applied the three placements, then check it stays closed.
+    let mut status = rc.clone();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let s = status
+            .get_consumer_status(rpb::GetConsumerStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if s.cursor >= 7 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "consumer stuck: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let closed = evaluate(&mut rc, "new-cart", "prod", "u1").await;
+    assert!(!closed.visible);
+    assert_eq!(closed.reason(), R::NotDeployed);
+    report(&mut dc, &dep.name, &pt[3], P::Placed).await.unwrap();
+    let (open, _) = eventually(&mut rc, "new-cart", "prod", "u1", R::Static, WAIT).await;
+    assert!(open.visible, "{open:?}");
+    r.shutdown().await.unwrap();
+    d.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_removed_placement_withdraws_visibility_within_a_second_and_is_recorded() {
+    let d = InProcess::start().await;
+    let r = release::InProcess::start(d.addr).await;
+    let (mut dc, mut rc) = (d.client().await, r.client().await);
+    environment(&mut dc, "prod", None, false).await;
+    let pt = targets(&mut dc, "prod", "p", 2).await;
+    artifact(&mut dc, "checkout", "2.0.0").await;
+    release::feature(&mut rc, "new-cart", "checkout", "2.0.0", 1.0).await;
+    let rel = release::release(&mut rc, &["new-cart"], &["prod"]).await;
+    release::rollout(&mut rc, &rel, "prod", 100.0).await;
+    let dep = deploy(&mut dc, "checkout", "2.0.0", "prod", "")
+        .await
+        .unwrap();
+    for t in &pt {
+        report(&mut dc, &dep.name, t, P::Placed).await.unwrap();
+    }
+    let (open, _) = eventually(&mut rc, "new-cart", "prod", "u1", R::Static, WAIT).await;
+    assert!(open.visible);
+
+    let mut watch = rc
+        .watch_visibility(rpb::WatchVisibilityRequest {
+            environment: "prod".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.next().await.unwrap().unwrap();
+    assert!(
+        first.all_features,
+        "a new stream starts with a full invalidation"
+    );
+
+    report(&mut dc, &dep.name, &pt[1], P::Removed)
+        .await
+        .unwrap();
+    let (closed, took) = eventually(&mut rc, "new-cart", "prod", "u1", R::NotDeployed, WAIT).await;
+    assert_eq!(closed.reason(), R::NotDeployed, "{closed:?}");
+    assert!(took <= Duration::from_secs(1), "withdrawal took {took:?}");
+
+    // Announced on WatchVisibility, and recorded durably.
+    let change = tokio::time::timeout(WAIT, async {
+        loop {
+            let c = watch.next().await.unwrap().unwrap();
+            if c.features.contains(&"new-cart".to_owned()) {
+                return c;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(change.cause.contains("withdrawn"), "{change:?}");
+    let w = rc
+        .list_withdrawals(rpb::ListWithdrawalsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .withdrawals;
+    assert_eq!(w.len(), 1);
+    assert_eq!(
+        (w[0].feature.as_str(), w[0].environment.as_str()),
+        ("new-cart", "prod")
+    );
+    assert!(w[0].reason.contains("1/2"), "{:?}", w[0]);
+    r.shutdown().await.unwrap();
+    d.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn kill_switch_pause_and_rollback_hide_at_once() {
+    let d = InProcess::start().await;
+    let r = release::InProcess::start(d.addr).await;
+    let mut rc = r.client().await;
+    rc.create_feature(rpb::CreateFeatureRequest {
+        feature: Some(rpb::Feature {
+            key: "banner".into(),
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    let rel = release::release(&mut rc, &["banner"], &["prod"]).await;
+    release::rollout(&mut rc, &rel, "prod", 10.0).await;
+    let users: Vec<String> = (0..2000).map(|i| format!("user-{i}")).collect();
+    let mut at_10 = Vec::new();
+    for u in &users {
+        let e = evaluate(&mut rc, "banner", "prod", u).await;
+        assert_eq!(e.reason(), R::Split);
+        if e.visible {
+            at_10.push(u.clone());
+        }
+    }
+    assert!(
+        (140..=260).contains(&at_10.len()),
+        "10% of 2000 gave {}",
+        at_10.len()
+    );
+    let released = release::rollout(&mut rc, &rel, "prod", 100.0).await;
+    assert_eq!(released.state(), rpb::ReleaseState::Released);
+    for u in &at_10 {
+        assert!(
+            evaluate(&mut rc, "banner", "prod", u).await.visible,
+            "{u} left at 100%"
+        );
+    }
+    // Pause: the very next evaluation is hidden.
+    let paused = rc
+        .pause_release(rpb::PauseReleaseRequest {
+            name: rel.clone(),
+            reason: "incident".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(paused.state(), rpb::ReleaseState::Paused);
+    let e = evaluate(&mut rc, "banner", "prod", &at_10[0]).await;
+    assert!(!e.visible);
+    assert_eq!(e.reason(), R::NotReleased);
+    rc.resume_release(rpb::ResumeReleaseRequest { name: rel.clone() })
+        .await
+        .unwrap();
+    assert!(evaluate(&mut rc, "banner", "prod", &at_10[0]).await.visible);
+    rc.rollback_release(rpb::RollbackReleaseRequest {
+        name: rel.clone(),
+        reason: "bad".into(),
+    })
+    .await
+    .unwrap();
+    assert!(!evaluate(&mut rc, "banner", "prod", &at_10[0]).await.visible);
+    let refused = rc
+        .set_rollout(rpb::SetRolloutRequest {
+            name: rel,
+            environment: "prod".into(),
+            rollout_percent: 50.0,
+        })
+        .await;
+    assert_eq!(refused.unwrap_err().code(), tonic::Code::FailedPrecondition);
+    r.shutdown().await.unwrap();
+    d.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_release_input_names_the_field() {
+    let d = InProcess::start().await;
+    let r = release::InProcess::start(d.addr).await;
+    let mut rc = r.client().await;
+    let bad_feature = rc
+        .create_feature(rpb::CreateFeatureRequest {
+            feature: Some(rpb::Feature {
+                key: "has space".into(),
+                targeting: r#"{"regex": [1]}"#.into(),
+                carriers: vec![rpb::Carrier {
+                    artifact: "web".into(),
+                    min_version: "two".into(),
+                    required_coverage: 1.5,
+                }],
+                default_variant: "maybe".into(),
+                ..Default::default()
+            }),
+        })
+        .await;
+    assert_eq!(
+        tests::status::bad_fields(bad_feature),
+        [
+            "feature.key",
+            "feature.default_variant",
+            "feature.targeting",
+            "feature.carriers[0].min_version",
+            "feature.carriers[0].required_coverage"
+        ]
+    );
+    let bad_release = rc
+        .create_release(rpb::CreateReleaseRequest {
+            release: Some(rpb::Release {
+                features: vec![],
+                environments: vec![rpb::ReleaseEnvironment {
+                    environment: "environments/prod".into(),
+                    rollout_percent: 120.0,
+                }],
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await;
+    assert_eq!(
+        tests::status::bad_fields(bad_release),
+        [
+            "release.features",
+            "release.environments[0].environment",
+            "release.environments[0].rollout_percent"
+        ]
+    );
+    let missing = rc
+        .create_release(rpb::CreateReleaseRequest {
+            release: Some(rpb::Release {
+                features: vec!["ghost".into()],
+                environments: vec![rpb::ReleaseEnvironment {
+                    environment: "prod".into(),
+                    rollout_percent: 0.0,
+                }],
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await;
+    assert_eq!(tests::status::violated_rules(missing), ["FEATURE_EXISTS"]);
+    let no_env = rc
+        .evaluate(rpb::EvaluateRequest {
+            feature: "x".into(),
+            context: None,
+        })
+        .await;
+    assert_eq!(tests::status::bad_fields(no_env), ["context.environment"]);
+    r.shutdown().await.unwrap();
+    d.shutdown().await.unwrap();
+}
