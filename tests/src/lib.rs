@@ -116,17 +116,22 @@ impl Binary {
     /// Starts `deploy-svc` with `args` (plus `--listen 127.0.0.1:0`) and waits for it to
     /// print its address.
     pub async fn start(database: &Path, args: &[&str]) -> Self {
-        let bin = bin_dir().join("deploy-svc");
+        let db = database.to_string_lossy();
+        let mut all = vec!["--listen", "127.0.0.1:0", "--database", &db];
+        all.extend_from_slice(args);
+        Self::spawn("deploy-svc", &all).await
+    }
+
+    /// Starts the workspace binary `name` with exactly `args` and waits for it to print its
+    /// address (its first stdout line ends with it).
+    pub async fn spawn(name: &str, args: &[&str]) -> Self {
+        let bin = bin_dir().join(name);
         assert!(
             bin.exists(),
             "{} is missing: run the tests with `cargo test --workspace`, which builds it",
             bin.display()
         );
         let mut child = Command::new(&bin)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--database")
-            .arg(database)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -137,9 +142,9 @@ impl Binary {
         let mut lines = BufReader::new(stdout).lines();
         let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
             .await
-            .expect("deploy-svc did not print its address within 30 s")
+            .unwrap_or_else(|_| panic!("{name} did not print its address within 30 s"))
             .unwrap()
-            .expect("deploy-svc exited before printing its address");
+            .unwrap_or_else(|| panic!("{name} exited before printing its address"));
         let addr = line
             .rsplit(' ')
             .next()
