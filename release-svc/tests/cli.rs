@@ -10,7 +10,12 @@ fn help_lists_every_flag_with_its_environment_variable() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
-    for flag in ["--listen", "--database", "--deploy-svc", "--drain-timeout-ms"] {
+    for flag in [
+        "--listen",
+        "--database",
+        "--deploy-svc",
+        "--drain-timeout-ms",
+    ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
     assert!(help.contains("RELEASE_SVC_DEPLOY_SVC"));
@@ -18,7 +23,10 @@ fn help_lists_every_flag_with_its_environment_variable() {
 
 #[test]
 fn bad_flags_are_refused() {
-    let out = Command::new(BIN).args(["--listen", "not-an-address"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["--listen", "not-an-address"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--listen"));
 }

@@ -13,13 +13,18 @@ use tests::release::{self, eventually};
 use tests::{artifact, deploy, environment, report, targets, Binary, Churn, InProcess};
 
 async fn consumer_status(rc: &mut release::Client) -> rpb::ConsumerStatus {
-    rc.get_consumer_status(rpb::GetConsumerStatusRequest {}).await.unwrap().into_inner()
+    rc.get_consumer_status(rpb::GetConsumerStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 /// Every (deployment, target, state, seq) of a placements table.
 fn placements(db: &std::path::Path) -> BTreeSet<(i64, String, i64, i64)> {
     let conn = rusqlite::Connection::open(db).unwrap();
-    let mut stmt = conn.prepare("SELECT deployment, target, state, seq FROM placements").unwrap();
+    let mut stmt = conn
+        .prepare("SELECT deployment, target, state, seq FROM placements")
+        .unwrap();
     stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
         .unwrap()
         .collect::<Result<_, _>>()
@@ -32,7 +37,14 @@ async fn sigkill_while_5000_events_flow_loses_nothing_and_applies_nothing_twice(
     let dir = tempfile::tempdir().unwrap();
     let rdb = dir.path().join("release.db");
     let deploy_url = format!("http://{}", d.addr);
-    let args = ["--listen", "127.0.0.1:0", "--database", rdb.to_str().unwrap(), "--deploy-svc", &deploy_url];
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--database",
+        rdb.to_str().unwrap(),
+        "--deploy-svc",
+        &deploy_url,
+    ];
     // release-svc starts first, so it applies every event of the log (cursor 0, empty snapshot).
     let r = Binary::spawn("release-svc", &args).await;
     let mut rc = release::connect(r.addr).await;
@@ -57,7 +69,11 @@ async fn sigkill_while_5000_events_flow_loses_nothing_and_applies_nothing_twice(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     r.kill().await;
-    let acked: usize = join_all(writers).await.into_iter().map(|w| w.unwrap().len()).sum();
+    let acked: usize = join_all(writers)
+        .await
+        .into_iter()
+        .map(|w| w.unwrap().len())
+        .sum();
     assert_eq!(acked, 5000);
     let head = churn.head + 5000;
 
@@ -69,12 +85,22 @@ async fn sigkill_while_5000_events_flow_loses_nothing_and_applies_nothing_twice(
         if s.cursor >= head {
             break s;
         }
-        assert!(tokio::time::Instant::now() < deadline, "release-svc did not catch up: {s:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "release-svc did not catch up: {s:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(status.cursor, head);
-    assert_eq!(status.events_applied, head, "an event was applied twice or lost");
-    assert_eq!(placements(&rdb), placements(&d.database()), "placement state differs from deploy-svc's");
+    assert_eq!(
+        status.events_applied, head,
+        "an event was applied twice or lost"
+    );
+    assert_eq!(
+        placements(&rdb),
+        placements(&d.database()),
+        "placement state differs from deploy-svc's"
+    );
     d.shutdown().await.unwrap();
 }
 
@@ -92,18 +118,29 @@ async fn deploy_svc_outage_keeps_evaluate_answering_and_events_arrive_after() {
     release::feature(&mut rc, "new-cart", "checkout", "2.0.0", 1.0).await;
     let rel = release::release(&mut rc, &["new-cart"], &["prod"]).await;
     release::rollout(&mut rc, &rel, "prod", 100.0).await;
-    let dep = deploy(&mut dc, "checkout", "2.0.0", "prod", "").await.unwrap();
+    let dep = deploy(&mut dc, "checkout", "2.0.0", "prod", "")
+        .await
+        .unwrap();
     for t in &pt {
         report(&mut dc, &dep.name, t, P::Placed).await.unwrap();
     }
-    let (open, _) = eventually(&mut rc, "new-cart", "prod", "u", rpb::Reason::Static, Duration::from_secs(10)).await;
+    let (open, _) = eventually(
+        &mut rc,
+        "new-cart",
+        "prod",
+        "u",
+        rpb::Reason::Static,
+        Duration::from_secs(10),
+    )
+    .await;
     assert!(open.visible);
 
     // A client evaluates continuously through the outage.
     let stop = Arc::new(AtomicBool::new(false));
     let (answered, visible) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let poller = {
-        let (stop, answered, visible, mut rc) = (stop.clone(), answered.clone(), visible.clone(), rc.clone());
+        let (stop, answered, visible, mut rc) =
+            (stop.clone(), answered.clone(), visible.clone(), rc.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let e = release::evaluate(&mut rc, "new-cart", "prod", "u").await;
@@ -123,18 +160,42 @@ async fn deploy_svc_outage_keeps_evaluate_answering_and_events_arrive_after() {
     // deploy-svc comes back on the same address and database; a report made now reaches
     // release-svc once it reconnects.
     let listen = daddr.to_string();
-    let d = Binary::spawn("deploy-svc", &["--listen", &listen, "--database", ddb.to_str().unwrap()]).await;
+    let d = Binary::spawn(
+        "deploy-svc",
+        &["--listen", &listen, "--database", ddb.to_str().unwrap()],
+    )
+    .await;
     let mut dc = tests::connect(d.addr).await;
-    report(&mut dc, &dep.name, &pt[1], P::Removed).await.unwrap();
-    let (closed, _) = eventually(&mut rc, "new-cart", "prod", "u", rpb::Reason::NotDeployed, Duration::from_secs(20)).await;
-    assert_eq!(closed.reason(), rpb::Reason::NotDeployed, "the event reported after the outage never arrived");
+    report(&mut dc, &dep.name, &pt[1], P::Removed)
+        .await
+        .unwrap();
+    let (closed, _) = eventually(
+        &mut rc,
+        "new-cart",
+        "prod",
+        "u",
+        rpb::Reason::NotDeployed,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(
+        closed.reason(),
+        rpb::Reason::NotDeployed,
+        "the event reported after the outage never arrived"
+    );
     stop.store(true, Ordering::Relaxed);
     poller.await.unwrap();
-    let (answered, visible) = (answered.load(Ordering::Relaxed), visible.load(Ordering::Relaxed));
+    let (answered, visible) = (
+        answered.load(Ordering::Relaxed),
+        visible.load(Ordering::Relaxed),
+    );
     assert!(answered > 1000, "only {answered} evaluations in ~10 s");
     // Every call was answered (a failure would have panicked the poller); all but the last
     // few (after the withdrawal) were visible from the last known placements.
-    assert!(visible + 50 >= answered, "{visible} of {answered} visible during the outage");
+    assert!(
+        visible + 50 >= answered,
+        "{visible} of {answered} visible during the outage"
+    );
     assert!(consumer_status(&mut rc).await.connected);
     r.shutdown().await.unwrap();
 }
