@@ -1,6 +1,8 @@
 //! The release-svc binary's command line. (Being an integration test of this package also
 //! makes `cargo test --workspace` build the binary the end-to-end tests start.)
 
+#![allow(clippy::unwrap_used)]
+
 use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_release-svc");

@@ -5,6 +5,8 @@
 //! `# expect-output: TEXT` (the next call's output must contain TEXT; it is retried for up
 //! to 5 s, since release-svc learns placements from deploy-svc's stream asynchronously).
 
+#![allow(clippy::unwrap_used)]
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,8 @@
 //! Both services on port 0 over real gRPC: visibility is released by release-svc and gated
 //! on the placements release-svc learns from deploy-svc's stream.
 
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use futures::StreamExt;

@@ -1,6 +1,8 @@
 //! release-svc under failure: SIGKILL while placement events flow (no loss, no double
 //! apply), and a deploy-svc outage (every Evaluate answered; events arrive afterwards).
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
