@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 use super::hash::{in_rollout, rollout_bucket};
 use super::model::{Feature, Release};
 use super::placements::PlacementIndex;
-use super::rules::context_data;
+use super::rules::Data;
 
 /// Why a decision came out as it did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,8 +63,10 @@ pub struct FeatureEntry {
 pub struct Snapshot {
     /// Increases with every rebuild.
     pub version: u64,
-    /// Features by key.
-    pub features: BTreeMap<String, FeatureEntry>,
+    /// Features by key (hashed: the hot path is one lookup).
+    pub features: HashMap<String, FeatureEntry>,
+    /// The feature keys in order (for batch evaluation and listings).
+    pub keys: Vec<String>,
 }
 
 /// A decision.
@@ -119,7 +121,7 @@ impl Snapshot {
             }
         }
         let view = placements.coverage_view();
-        let mut entries: BTreeMap<String, FeatureEntry> = features
+        let mut entries: HashMap<String, FeatureEntry> = features
             .iter()
             .map(|(k, f)| {
                 (
@@ -147,6 +149,7 @@ impl Snapshot {
         Self {
             version,
             features: entries,
+            keys: features.keys().cloned().collect(),
         }
     }
 
@@ -237,11 +240,15 @@ fn served(f: &Feature, variant: String, reason: Reason, release: i64) -> Decisio
 /// The variant the targeting rule picks, if it names one of the feature's variants.
 fn rule_variant(f: &Feature, key: &str, ctx: &Context) -> Option<String> {
     let rule = f.targeting.as_ref()?;
-    let data = context_data(&ctx.attributes, &ctx.targeting_key, key);
-    match rule.evaluate(&data, key) {
-        Value::String(v) if f.variants.contains_key(&v) => Some(v),
+    let data = Data {
+        attributes: &ctx.attributes,
+        targeting_key: &ctx.targeting_key,
+        flag_key: key,
+    };
+    match rule.evaluate(&data).as_ref() {
+        Value::String(v) if f.variants.contains_key(v) => Some(v.clone()),
         Value::Bool(b) => {
-            let name = if b { "on" } else { "off" };
+            let name = if *b { "on" } else { "off" };
             f.variants.contains_key(name).then(|| name.to_owned())
         }
         _ => None,

@@ -42,11 +42,20 @@ pub fn murmur3_32(data: &[u8], seed: u32) -> u32 {
 
 /// The rollout bucket of a targeting key for a feature, in `0..10_000`.
 pub fn rollout_bucket(feature: &str, targeting_key: &str) -> u32 {
-    let mut key = String::with_capacity(feature.len() + targeting_key.len() + 1);
-    key.push_str(feature);
-    key.push('/');
-    key.push_str(targeting_key);
-    murmur3_32(key.as_bytes(), 0) % 10_000
+    let len = feature.len() + 1 + targeting_key.len();
+    // The hot path: keys up to 256 bytes are joined on the stack.
+    let mut stack = [0u8; 256];
+    let mut heap = Vec::new();
+    let buf: &mut [u8] = if len <= stack.len() {
+        &mut stack[..len]
+    } else {
+        heap.resize(len, 0);
+        &mut heap
+    };
+    buf[..feature.len()].copy_from_slice(feature.as_bytes());
+    buf[feature.len()] = b'/';
+    buf[feature.len() + 1..].copy_from_slice(targeting_key.as_bytes());
+    murmur3_32(buf, 0) % 10_000
 }
 
 /// Whether a key in `bucket` is inside a rollout of `percent` (0-100).

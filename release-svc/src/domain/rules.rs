@@ -6,9 +6,23 @@
 //! written) and evaluated against the context's attributes plus `targetingKey` and
 //! `$flagd.flagKey`.
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
 use super::hash::fractional_bucket;
+
+/// What a rule reads: the context's attributes, `targetingKey` and `$flagd.flagKey`, looked
+/// up in place (no merged copy is built per evaluation).
+#[derive(Debug, Clone, Copy)]
+pub struct Data<'a> {
+    /// The context attributes.
+    pub attributes: &'a Map<String, Value>,
+    /// The targeting key.
+    pub targeting_key: &'a str,
+    /// The feature (flag) key.
+    pub flag_key: &'a str,
+}
 
 /// Every operator the engine knows.
 pub const OPERATORS: &[&str] = &[
@@ -60,9 +74,9 @@ impl Rule {
         &self.0
     }
 
-    /// Evaluates the rule against `data` (the context) for feature `flag_key`.
-    pub fn evaluate(&self, data: &Value, flag_key: &str) -> Value {
-        apply(&self.0, data, flag_key)
+    /// Evaluates the rule against `data`.
+    pub fn evaluate<'a>(&'a self, data: &Data<'a>) -> Cow<'a, Value> {
+        apply(&self.0, data)
     }
 }
 
@@ -84,13 +98,6 @@ fn check(rule: &Value, depth: usize) -> Result<(), String> {
             Err("has an object with more than one key (an operator object has exactly one)".into())
         }
         _ => Ok(()),
-    }
-}
-
-fn args_of(v: &Value) -> Vec<&Value> {
-    match v {
-        Value::Array(items) => items.iter().collect(),
-        other => vec![other],
     }
 }
 
@@ -124,6 +131,14 @@ fn text(v: &Value) -> String {
     }
 }
 
+/// A value as text, borrowing strings.
+fn as_text(v: &Value) -> Cow<'_, str> {
+    match v {
+        Value::String(s) => Cow::Borrowed(s.as_str()),
+        other => Cow::Owned(text(other)),
+    }
+}
+
 fn loose_eq(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Null, Value::Null) => true,
@@ -143,13 +158,24 @@ fn f64_value(f: f64) -> Value {
         .unwrap_or(Value::Null)
 }
 
-fn var(data: &Value, path: &Value, default: Option<&Value>) -> Value {
-    let path = text(path);
-    if path.is_empty() {
-        return data.clone();
-    }
-    let mut current = data;
-    for part in path.split('.') {
+fn var<'a>(data: &Data<'a>, path: &str, default: Option<Cow<'a, Value>>) -> Cow<'a, Value> {
+    let mut parts = path.split('.');
+    let first = parts.next().unwrap_or_default();
+    let mut current: &'a Value = match first {
+        "" => return Cow::Owned(whole(data)),
+        "targetingKey" => return Cow::Owned(Value::String(data.targeting_key.to_owned())),
+        "$flagd" => {
+            return match parts.next() {
+                Some("flagKey") => Cow::Owned(Value::String(data.flag_key.to_owned())),
+                _ => default.unwrap_or(Cow::Owned(Value::Null)),
+            }
+        }
+        key => match data.attributes.get(key) {
+            Some(v) => v,
+            None => return default.unwrap_or(Cow::Owned(Value::Null)),
+        },
+    };
+    for part in parts {
         let next = match current {
             Value::Object(map) => map.get(part),
             Value::Array(items) => part.parse::<usize>().ok().and_then(|i| items.get(i)),
@@ -157,10 +183,23 @@ fn var(data: &Value, path: &Value, default: Option<&Value>) -> Value {
         };
         match next {
             Some(v) => current = v,
-            None => return default.cloned().unwrap_or(Value::Null),
+            None => return default.unwrap_or(Cow::Owned(Value::Null)),
         }
     }
-    current.clone()
+    Cow::Borrowed(current)
+}
+
+/// The whole data as one object (only for `{"var": ""}`).
+fn whole(data: &Data<'_>) -> Value {
+    let mut map = data.attributes.clone();
+    map.insert(
+        "targetingKey".into(),
+        Value::String(data.targeting_key.into()),
+    );
+    let mut flagd = Map::new();
+    flagd.insert("flagKey".into(), Value::String(data.flag_key.into()));
+    map.insert("$flagd".into(), Value::Object(flagd));
+    Value::Object(map)
 }
 
 fn compare(op: &str, a: f64, b: f64) -> bool {
@@ -172,29 +211,45 @@ fn compare(op: &str, a: f64, b: f64) -> bool {
     }
 }
 
-/// Evaluates `rule` against `data`.
-pub fn apply(rule: &Value, data: &Value, flag_key: &str) -> Value {
+fn bool_value<'a>(b: bool) -> Cow<'a, Value> {
+    Cow::Owned(Value::Bool(b))
+}
+
+fn number_value<'a>(f: Option<f64>) -> Cow<'a, Value> {
+    Cow::Owned(f.map_or(Value::Null, f64_value))
+}
+
+/// Evaluates `rule` against `data`, borrowing from the rule and the data where it can.
+pub fn apply<'a>(rule: &'a Value, data: &Data<'a>) -> Cow<'a, Value> {
     let map = match rule {
         Value::Object(map) if map.len() == 1 => map,
         Value::Array(items) => {
-            return Value::Array(items.iter().map(|v| apply(v, data, flag_key)).collect())
+            return Cow::Owned(Value::Array(
+                items.iter().map(|v| apply(v, data).into_owned()).collect(),
+            ))
         }
-        other => return other.clone(),
+        other => return Cow::Borrowed(other),
     };
     let Some((op, raw)) = map.iter().next() else {
-        return Value::Null;
+        return Cow::Owned(Value::Null);
     };
-    let args = args_of(raw);
+    let args: &'a [Value] = match raw {
+        Value::Array(items) => items,
+        other => std::slice::from_ref(other),
+    };
     let eval = |i: usize| {
         args.get(i)
-            .map(|v| apply(v, data, flag_key))
-            .unwrap_or(Value::Null)
+            .map_or(Cow::Owned(Value::Null), |v| apply(v, data))
     };
     match op.as_str() {
         "var" => {
             let path = eval(0);
-            let default = args.get(1).map(|v| apply(v, data, flag_key));
-            var(data, &path, default.as_ref())
+            let default = args.get(1).map(|v| apply(v, data));
+            match path.as_ref() {
+                Value::String(p) => var(data, p, default),
+                Value::Null => var(data, "", default),
+                other => var(data, &other.to_string(), default),
+            }
         }
         "if" | "?:" => {
             let mut i = 0;
@@ -207,17 +262,17 @@ pub fn apply(rule: &Value, data: &Value, flag_key: &str) -> Value {
             if i < args.len() {
                 eval(i)
             } else {
-                Value::Null
+                Cow::Owned(Value::Null)
             }
         }
-        "==" => Value::Bool(loose_eq(&eval(0), &eval(1))),
-        "!=" => Value::Bool(!loose_eq(&eval(0), &eval(1))),
-        "===" => Value::Bool(eval(0) == eval(1)),
-        "!==" => Value::Bool(eval(0) != eval(1)),
-        "!" => Value::Bool(!truthy(&eval(0))),
-        "!!" => Value::Bool(truthy(&eval(0))),
+        "==" => bool_value(loose_eq(&eval(0), &eval(1))),
+        "!=" => bool_value(!loose_eq(&eval(0), &eval(1))),
+        "===" => bool_value(eval(0) == eval(1)),
+        "!==" => bool_value(eval(0) != eval(1)),
+        "!" => bool_value(!truthy(&eval(0))),
+        "!!" => bool_value(truthy(&eval(0))),
         "and" => {
-            let mut last = Value::Bool(true);
+            let mut last = Cow::Owned(Value::Bool(true));
             for i in 0..args.len() {
                 last = eval(i);
                 if !truthy(&last) {
@@ -227,7 +282,7 @@ pub fn apply(rule: &Value, data: &Value, flag_key: &str) -> Value {
             last
         }
         "or" => {
-            let mut last = Value::Bool(false);
+            let mut last = Cow::Owned(Value::Bool(false));
             for i in 0..args.len() {
                 last = eval(i);
                 if truthy(&last) {
@@ -237,62 +292,68 @@ pub fn apply(rule: &Value, data: &Value, flag_key: &str) -> Value {
             last
         }
         "<" | "<=" | ">" | ">=" => {
-            let values: Vec<Option<f64>> = (0..args.len()).map(|i| number(&eval(i))).collect();
-            let ok = match values.as_slice() {
-                [Some(a), Some(b)] => compare(op, *a, *b),
+            let a = number(&eval(0));
+            let b = number(&eval(1));
+            let ok = match (a, b, args.len()) {
+                (Some(a), Some(b), 2) => compare(op, a, b),
                 // JSON Logic's "between": a < b < c.
-                [Some(a), Some(b), Some(c)] if op == "<" || op == "<=" => {
-                    compare(op, *a, *b) && compare(op, *b, *c)
+                (Some(a), Some(b), 3) if op == "<" || op == "<=" => {
+                    compare(op, a, b) && number(&eval(2)).is_some_and(|c| compare(op, b, c))
                 }
                 _ => false,
             };
-            Value::Bool(ok)
+            bool_value(ok)
         }
         "in" => {
             let needle = eval(0);
-            let ok = match eval(1) {
-                Value::String(hay) => hay.contains(&text(&needle)),
+            let ok = match eval(1).as_ref() {
+                Value::String(hay) => hay.contains(as_text(&needle).as_ref()),
                 Value::Array(items) => items
                     .iter()
-                    .any(|v| loose_eq(v, &needle) && v.is_string() == needle.is_string()),
+                    .any(|v| v.is_string() == needle.is_string() && loose_eq(v, &needle)),
                 _ => false,
             };
-            Value::Bool(ok)
+            bool_value(ok)
         }
-        "cat" => Value::String((0..args.len()).map(|i| text(&eval(i))).collect()),
+        "cat" => Cow::Owned(Value::String(
+            (0..args.len()).map(|i| text(&eval(i))).collect(),
+        )),
         "+" | "*" | "min" | "max" => {
             let nums: Option<Vec<f64>> = (0..args.len()).map(|i| number(&eval(i))).collect();
-            match nums {
-                Some(n) if !n.is_empty() => f64_value(match op.as_str() {
-                    "+" => n.iter().sum(),
-                    "*" => n.iter().product(),
-                    "min" => n.iter().copied().fold(f64::INFINITY, f64::min),
-                    _ => n.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-                }),
-                _ => Value::Null,
-            }
+            number_value(nums.filter(|n| !n.is_empty()).map(|n| match op.as_str() {
+                "+" => n.iter().sum(),
+                "*" => n.iter().product(),
+                "min" => n.iter().copied().fold(f64::INFINITY, f64::min),
+                _ => n.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            }))
         }
-        "-" | "/" | "%" => match (number(&eval(0)), args.len()) {
-            (Some(a), 1) if op == "-" => f64_value(-a),
+        "-" | "/" | "%" => number_value(match (number(&eval(0)), args.len()) {
+            (Some(a), 1) if op == "-" => Some(-a),
             (Some(a), _) => match number(&eval(1)) {
-                Some(b) if op == "-" => f64_value(a - b),
-                Some(b) if b != 0.0 && op == "/" => f64_value(a / b),
-                Some(b) if b != 0.0 => f64_value(a % b),
-                _ => Value::Null,
+                Some(b) if op == "-" => Some(a - b),
+                Some(b) if b != 0.0 && op == "/" => Some(a / b),
+                Some(b) if b != 0.0 => Some(a % b),
+                _ => None,
             },
-            _ => Value::Null,
-        },
-        "starts_with" => match (eval(0), eval(1)) {
-            (Value::String(s), Value::String(p)) => Value::Bool(s.starts_with(&p)),
-            _ => Value::Bool(false),
-        },
-        "ends_with" => match (eval(0), eval(1)) {
-            (Value::String(s), Value::String(p)) => Value::Bool(s.ends_with(&p)),
-            _ => Value::Bool(false),
-        },
-        "sem_ver" => Value::Bool(sem_ver(&text(&eval(0)), &text(&eval(1)), &text(&eval(2)))),
-        "fractional" => fractional(&args, data, flag_key),
-        _ => Value::Null,
+            _ => None,
+        }),
+        "starts_with" | "ends_with" => {
+            let (s, p) = (eval(0), eval(1));
+            let ok = match (s.as_ref(), p.as_ref()) {
+                (Value::String(s), Value::String(p)) if op == "starts_with" => {
+                    s.starts_with(p.as_str())
+                }
+                (Value::String(s), Value::String(p)) => s.ends_with(p.as_str()),
+                _ => false,
+            };
+            bool_value(ok)
+        }
+        "sem_ver" => {
+            let (a, o, b) = (eval(0), eval(1), eval(2));
+            bool_value(sem_ver(&as_text(&a), &as_text(&o), &as_text(&b)))
+        }
+        "fractional" => Cow::Owned(fractional(args, data)),
+        _ => Cow::Owned(Value::Null),
     }
 }
 
@@ -327,15 +388,12 @@ pub fn sem_ver(a: &str, op: &str, b: &str) -> bool {
     }
 }
 
-fn fractional(args: &[&Value], data: &Value, flag_key: &str) -> Value {
-    let mut args: Vec<Value> = args.iter().map(|v| apply(v, data, flag_key)).collect();
+fn fractional(args: &[Value], data: &Data<'_>) -> Value {
+    let mut args: Vec<Value> = args.iter().map(|v| apply(v, data).into_owned()).collect();
     // An optional first argument that is not a [variant, weight] pair is the bucketing key.
     let hash_key = match args.first() {
         Some(Value::String(_)) => text(&args.remove(0)),
-        _ => {
-            let key = var(data, &Value::String("targetingKey".into()), None);
-            format!("{flag_key}{}", text(&key))
-        }
+        _ => format!("{}{}", data.flag_key, data.targeting_key),
     };
     let buckets: Vec<(String, f64)> = args
         .iter()
@@ -365,24 +423,24 @@ fn fractional(args: &[&Value], data: &Value, flag_key: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// Builds the data a rule sees: the attributes, `targetingKey` and `$flagd.flagKey`.
-pub fn context_data(attributes: &Map<String, Value>, targeting_key: &str, flag_key: &str) -> Value {
-    let mut data = attributes.clone();
-    data.insert("targetingKey".into(), Value::String(targeting_key.into()));
-    let mut flagd = Map::new();
-    flagd.insert("flagKey".into(), Value::String(flag_key.into()));
-    data.insert("$flagd".into(), Value::Object(flagd));
-    Value::Object(data)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
-    fn eval(rule: Value, data: Value) -> Value {
+    fn eval(rule: Value, attributes: Value) -> Value {
+        eval_for(rule, attributes, "user")
+    }
+
+    fn eval_for(rule: Value, attributes: Value, targeting_key: &str) -> Value {
         let rule = Rule::parse(&rule.to_string()).unwrap_or_else(|e| panic!("{e}"));
-        rule.evaluate(&data, "flag")
+        let attributes = attributes.as_object().cloned().unwrap_or_default();
+        let data = Data {
+            attributes: &attributes,
+            targeting_key,
+            flag_key: "flag",
+        };
+        rule.evaluate(&data).into_owned()
     }
 
     #[test]
@@ -465,9 +523,9 @@ mod tests {
         let rule = json!({"fractional": [["a", 50], ["b", 50]]});
         let mut a = 0;
         for i in 0..2_000 {
-            let data = context_data(&Map::new(), &format!("user-{i}"), "flag");
-            let v = eval(rule.clone(), data.clone());
-            assert_eq!(v, eval(rule.clone(), data), "stable per key");
+            let key = format!("user-{i}");
+            let v = eval_for(rule.clone(), json!({}), &key);
+            assert_eq!(v, eval_for(rule.clone(), json!({}), &key), "stable per key");
             if v == json!("a") {
                 a += 1;
             }

@@ -261,7 +261,7 @@ impl ReleaseService for ReleaseApi {
         v.finish()?;
         let snapshot = self.engine.snapshot();
         let keys: Vec<String> = if req.features.is_empty() {
-            snapshot.features.keys().cloned().collect()
+            snapshot.keys.clone()
         } else {
             let mut k = req.features.clone();
             k.sort();

@@ -1,0 +1,378 @@
+//! Benchmarks of release-svc (see BENCHMARKS.md). Each starts the real release binaries.
+//!
+//! ```sh
+//! cargo build --release -p deploy-svc -p release-svc -p tests
+//! target/release/bench-release throughput   # Evaluate over h2load vs a no-op tonic baseline
+//! target/release/bench-release gate         # placement change -> visibility change latency
+//! target/release/bench-release memory       # RSS with 10,000 features x 10 environments, restart time
+//! ```
+
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+use prost::Message;
+use proto::deploy::v1::PlacementState as P;
+use proto::release::v1 as rpb;
+use tests::release::{self, evaluate};
+use tests::{artifact, deploy, environment, report, targets, Binary};
+
+#[derive(Parser)]
+struct Args {
+    /// Where the databases go.
+    #[arg(long, default_value = "target/bench-data")]
+    dir: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Evaluate requests/s with h2load against release-svc and a no-op baseline.
+    Throughput {
+        /// Requests per h2load run.
+        #[arg(long, default_value_t = 200_000)]
+        requests: u64,
+        /// Connections.
+        #[arg(long, default_value_t = 8)]
+        clients: u32,
+        /// Concurrent streams per connection.
+        #[arg(long, default_value_t = 32)]
+        streams: u32,
+        /// Alternating rounds (baseline, release-svc).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+    /// Placement change -> visibility change seen by an Evaluate poller.
+    Gate {
+        /// Gate flips measured (half opening, half closing).
+        #[arg(long, default_value_t = 200)]
+        flips: usize,
+    },
+    /// Resident memory with many features and environments; restart-to-serving time.
+    Memory {
+        /// Features.
+        #[arg(long, default_value_t = 10_000)]
+        features: usize,
+        /// Environments each feature is released to.
+        #[arg(long, default_value_t = 10)]
+        environments: usize,
+    },
+}
+
+struct Pair {
+    deploy: Binary,
+    release: Binary,
+    _dir: tempfile::TempDir,
+    release_args: Vec<String>,
+}
+
+async fn pair(dir: &Path) -> Pair {
+    let tmp = tempfile::Builder::new()
+        .prefix("pair")
+        .tempdir_in(dir)
+        .unwrap();
+    let deploy = Binary::start(&tmp.path().join("deploy.db"), &[]).await;
+    let release_args: Vec<String> = vec![
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--database".into(),
+        tmp.path().join("release.db").to_string_lossy().into_owned(),
+        "--deploy-svc".into(),
+        format!("http://{}", deploy.addr),
+    ];
+    let args: Vec<&str> = release_args.iter().map(String::as_str).collect();
+    let release = Binary::spawn("release-svc", &args).await;
+    Pair {
+        deploy,
+        release,
+        _dir: tmp,
+        release_args,
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    std::fs::create_dir_all(&args.dir).unwrap();
+    match args.command {
+        Cmd::Throughput {
+            requests,
+            clients,
+            streams,
+            rounds,
+        } => throughput(&args.dir, requests, clients, streams, rounds).await,
+        Cmd::Gate { flips } => gate(&args.dir, flips).await,
+        Cmd::Memory {
+            features,
+            environments,
+        } => memory(&args.dir, features, environments).await,
+    }
+}
+
+fn h2load(
+    addr: std::net::SocketAddr,
+    body: &Path,
+    requests: u64,
+    clients: u32,
+    streams: u32,
+) -> (f64, String) {
+    let out = Command::new("h2load")
+        .args([
+            "-n",
+            &requests.to_string(),
+            "-c",
+            &clients.to_string(),
+            "-m",
+            &streams.to_string(),
+            "-t",
+            "1",
+        ])
+        .arg("-d")
+        .arg(body)
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .arg(format!("http://{addr}/release.v1.ReleaseService/Evaluate"))
+        .output()
+        .expect("h2load missing: apt-get install nghttp2-client");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rps = text
+        .lines()
+        .find(|l| l.starts_with("finished in"))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read h2load output:\n{text}"));
+    let status = text
+        .lines()
+        .find(|l| l.starts_with("status codes:"))
+        .unwrap_or_default()
+        .to_owned();
+    (rps, status)
+}
+
+async fn throughput(dir: &Path, requests: u64, clients: u32, streams: u32, rounds: usize) {
+    let p = pair(dir).await;
+    let mut dc = tests::connect(p.deploy.addr).await;
+    let mut rc = release::connect(p.release.addr).await;
+    environment(&mut dc, "prod", None, false).await;
+    let pt = targets(&mut dc, "prod", "p", 4).await;
+    artifact(&mut dc, "checkout", "2.0.0").await;
+    rc.create_feature(rpb::CreateFeatureRequest {
+        feature: Some(rpb::Feature {
+            key: "new-cart".into(),
+            targeting: r#"{"if": [{"ends_with": [{"var": "email"}, "@corp.com"]}, "on", null]}"#
+                .into(),
+            carriers: vec![rpb::Carrier {
+                artifact: "checkout".into(),
+                min_version: "2.0.0".into(),
+                required_coverage: 1.0,
+            }],
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    let rel = release::release(&mut rc, &["new-cart"], &["prod"]).await;
+    release::rollout(&mut rc, &rel, "prod", 50.0).await;
+    let d = deploy(&mut dc, "checkout", "2.0.0", "prod", "")
+        .await
+        .unwrap();
+    for t in &pt {
+        report(&mut dc, &d.name, t, P::Placed).await.unwrap();
+    }
+    let request = rpb::EvaluateRequest {
+        feature: "new-cart".into(),
+        context: Some(rpb::EvaluationContext {
+            environment: "prod".into(),
+            targeting_key: "bob".into(),
+            attributes: None,
+        }),
+    };
+    // The answer h2load will get, checked once (h2load counts HTTP 200 even for gRPC errors).
+    let (check, _) = release::eventually(
+        &mut rc,
+        "new-cart",
+        "prod",
+        "bob",
+        rpb::Reason::Split,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(check.reason(), rpb::Reason::Split, "{check:?}");
+    let noop = Binary::spawn("noop-release", &[]).await;
+    let mut nc = release::connect(noop.addr).await;
+    assert!(
+        nc.evaluate(request.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .visible
+    );
+
+    let encoded = request.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(encoded.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&encoded);
+    let body = dir.join("evaluate.bin");
+    std::fs::write(&body, frame).unwrap();
+
+    // Warm both up (connections, allocator, caches) before measuring.
+    h2load(noop.addr, &body, requests / 4, clients, streams);
+    h2load(p.release.addr, &body, requests / 4, clients, streams);
+    println!("| round | server | requests/s | h2load status codes |");
+    println!("|---|---|---|---|");
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        let (base, bs) = h2load(noop.addr, &body, requests, clients, streams);
+        let (svc, ss) = h2load(p.release.addr, &body, requests, clients, streams);
+        println!("| {round} | no-op tonic baseline | {base:.0} | {bs} |");
+        println!("| {round} | release-svc Evaluate | {svc:.0} | {ss} |");
+        ratios.push(svc / base);
+    }
+    // Still correct after the load.
+    let after = evaluate(&mut rc, "new-cart", "prod", "bob").await;
+    assert_eq!(after.reason(), rpb::Reason::Split);
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "ratio release-svc / baseline: median {:.3} (rounds: {ratios:.3?})",
+        ratios[ratios.len() / 2]
+    );
+}
+
+async fn gate(dir: &Path, flips: usize) {
+    let p = pair(dir).await;
+    let mut dc = tests::connect(p.deploy.addr).await;
+    let mut rc = release::connect(p.release.addr).await;
+    environment(&mut dc, "prod", None, false).await;
+    let pt = targets(&mut dc, "prod", "p", 2).await;
+    artifact(&mut dc, "checkout", "2.0.0").await;
+    // 50% coverage of 2 targets: p-1 placed opens the gate, p-1 removed closes it; p-2
+    // stays pending so the deployment never finishes and p-1 can cycle.
+    release::feature(&mut rc, "new-cart", "checkout", "2.0.0", 0.5).await;
+    let rel = release::release(&mut rc, &["new-cart"], &["prod"]).await;
+    release::rollout(&mut rc, &rel, "prod", 100.0).await;
+    let d = deploy(&mut dc, "checkout", "2.0.0", "prod", "")
+        .await
+        .unwrap();
+    let mut h = Histogram::<u64>::new(3).unwrap();
+    for i in 0..flips {
+        let opening = i % 2 == 0;
+        if opening && i > 0 {
+            report(&mut dc, &d.name, &pt[0], P::Placing).await.unwrap();
+        }
+        let want = if opening {
+            rpb::Reason::Static
+        } else {
+            rpb::Reason::NotDeployed
+        };
+        let state = if opening { P::Placed } else { P::Removed };
+        let start = Instant::now();
+        report(&mut dc, &d.name, &pt[0], state).await.unwrap();
+        loop {
+            if evaluate(&mut rc, "new-cart", "prod", "u").await.reason() == want {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "flip {i} never seen"
+            );
+        }
+        h.record(start.elapsed().as_micros() as u64).unwrap();
+    }
+    println!(
+        "placement report sent -> Evaluate sees the change, {} flips: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        h.len(),
+        h.value_at_quantile(0.5) as f64 / 1000.0,
+        h.value_at_quantile(0.99) as f64 / 1000.0,
+        h.max() as f64 / 1000.0
+    );
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+async fn memory(dir: &Path, features: usize, environments: usize) {
+    let mut p = pair(dir).await;
+    let mut rc = release::connect(p.release.addr).await;
+    let idle = rss_kib(p.release.child.id().unwrap());
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let mut rc = rc.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (w..features).step_by(8) {
+                rc.create_feature(rpb::CreateFeatureRequest {
+                    feature: Some(rpb::Feature {
+                        key: format!("feature-{i:05}"),
+                        description: format!("benchmark feature {i}"),
+                        owner: "bench".into(),
+                        targeting: format!(r#"{{"if": [{{"in": [{{"var": "plan"}}, ["pro", "team-{i}"]]}}, "on", null]}}"#),
+                        carriers: vec![rpb::Carrier {
+                            artifact: format!("svc-{}", i % 50),
+                            min_version: "1.0.0".into(),
+                            required_coverage: 1.0,
+                        }],
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let envs: Vec<String> = (0..environments).map(|e| format!("env-{e}")).collect();
+    let env_refs: Vec<&str> = envs.iter().map(String::as_str).collect();
+    for chunk in (0..features).collect::<Vec<_>>().chunks(1000) {
+        let keys: Vec<String> = chunk.iter().map(|i| format!("feature-{i:05}")).collect();
+        let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let rel = release::release(&mut rc, &key_refs, &env_refs).await;
+        for e in &envs {
+            release::rollout(&mut rc, &rel, e, 50.0).await;
+        }
+    }
+    let load_time = started.elapsed();
+    let loaded = rss_kib(p.release.child.id().unwrap());
+    let probe = evaluate(&mut rc, "feature-00042", "env-3", "u").await;
+    println!("loaded {features} features x {environments} environments in {load_time:.1?}");
+    println!(
+        "release-svc RSS: idle {:.1} MiB, loaded {:.1} MiB",
+        idle as f64 / 1024.0,
+        loaded as f64 / 1024.0
+    );
+
+    // Restart to serving from the stored state.
+    p.release.signal("TERM");
+    let _ = p.release.child.wait().await;
+    let args: Vec<&str> = p.release_args.iter().map(String::as_str).collect();
+    let start = Instant::now();
+    let restarted = Binary::spawn("release-svc", &args).await;
+    let listening = start.elapsed();
+    let mut rc = release::connect(restarted.addr).await;
+    let again = evaluate(&mut rc, "feature-00042", "env-3", "u").await;
+    let serving = start.elapsed();
+    assert_eq!(
+        again.reason, probe.reason,
+        "the restarted service answers as before"
+    );
+    println!(
+        "restart: listening after {:.0} ms, first Evaluate answered after {:.0} ms; RSS after restart {:.1} MiB",
+        listening.as_secs_f64() * 1000.0,
+        serving.as_secs_f64() * 1000.0,
+        rss_kib(restarted.child.id().unwrap()) as f64 / 1024.0
+    );
+    drop(p.deploy);
+}
