@@ -347,16 +347,27 @@ impl Engine {
     fn withdrawals(&self, state: &State, next: &PlacementIndex, sequence: u64) -> Vec<Withdrawal> {
         let before = self.snapshot.load();
         let after = Snapshot::build(0, &state.features, &state.releases, next);
+        let withdrawn = before.withdrawn_in(&after);
+        if withdrawn.is_empty() {
+            return Vec::new();
+        }
+        let view = next.coverage_view();
         let now = (self.clock)();
-        before
-            .withdrawn_in(&after)
+        withdrawn
             .into_iter()
-            .map(|(feature, environment, reason)| Withdrawal {
-                feature,
-                environment,
-                reason,
-                sequence,
-                time_ms: now,
+            .map(|(feature, environment)| {
+                let reason = state
+                    .features
+                    .get(&feature)
+                    .and_then(|f| view.gate(&environment, &f.carriers).err())
+                    .unwrap_or_else(|| "carrier below the required coverage".into());
+                Withdrawal {
+                    feature,
+                    environment,
+                    reason,
+                    sequence,
+                    time_ms: now,
+                }
             })
             .collect()
     }

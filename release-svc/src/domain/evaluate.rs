@@ -45,8 +45,9 @@ pub struct Governing {
     pub release: i64,
     /// Rollout percentage.
     pub rollout_percent: f64,
-    /// `Ok` when the carriers are placed at coverage, else why not.
-    pub gate: Result<(), String>,
+    /// Whether the carriers are placed at coverage (the reason when not is computed on
+    /// demand from the placements, never stored per pair).
+    pub deployed: bool,
 }
 
 /// One feature in the snapshot.
@@ -54,8 +55,19 @@ pub struct Governing {
 pub struct FeatureEntry {
     /// The feature.
     pub feature: Arc<Feature>,
-    /// Per environment where an active release includes it.
-    pub environments: HashMap<String, Governing>,
+    /// Per environment where an active release includes it (a handful: searched linearly;
+    /// environment names are shared between features).
+    pub environments: Vec<(Arc<str>, Governing)>,
+}
+
+impl FeatureEntry {
+    /// The governing release in `environment`, if any.
+    pub fn governing(&self, environment: &str) -> Option<&Governing> {
+        self.environments
+            .iter()
+            .find(|(e, _)| e.as_ref() == environment)
+            .map(|(_, g)| g)
+    }
 }
 
 /// An immutable view of everything a decision needs.
@@ -128,22 +140,24 @@ impl Snapshot {
                     k.clone(),
                     FeatureEntry {
                         feature: f.clone(),
-                        environments: HashMap::new(),
+                        environments: Vec::new(),
                     },
                 )
             })
             .collect();
+        let mut names: HashMap<&str, Arc<str>> = HashMap::new();
         for ((key, env), (release, rollout_percent)) in governing {
             if let Some(entry) = entries.get_mut(key) {
-                let gate = view.gate(env, &entry.feature.carriers);
-                entry.environments.insert(
-                    env.to_owned(),
+                let deployed = view.gate(env, &entry.feature.carriers).is_ok();
+                let name = names.entry(env).or_insert_with(|| Arc::from(env)).clone();
+                entry.environments.push((
+                    name,
                     Governing {
                         release,
                         rollout_percent,
-                        gate,
+                        deployed,
                     },
-                );
+                ));
             }
         }
         Self {
@@ -153,22 +167,21 @@ impl Snapshot {
         }
     }
 
-    /// The (feature, environment) pairs whose gate is open here and closed in `next`, with
-    /// the reason it closed.
-    pub fn withdrawn_in(&self, next: &Snapshot) -> Vec<(String, String, String)> {
+    /// The (feature, environment) pairs whose gate is open here and closed in `next`.
+    pub fn withdrawn_in(&self, next: &Snapshot) -> Vec<(String, String)> {
         let mut out = Vec::new();
         for (key, entry) in &self.features {
             for (env, g) in &entry.environments {
-                if g.gate.is_err() {
+                if !g.deployed {
                     continue;
                 }
-                if let Some(Err(why)) = next
+                let closed = next
                     .features
                     .get(key)
-                    .and_then(|e| e.environments.get(env))
-                    .map(|g| &g.gate)
-                {
-                    out.push((key.clone(), env.clone(), why.clone()));
+                    .and_then(|e| e.governing(env))
+                    .is_some_and(|g| !g.deployed);
+                if closed {
+                    out.push((key.clone(), env.to_string()));
                 }
             }
         }
@@ -191,12 +204,15 @@ impl Snapshot {
                 (Some(a), Some(b)) => !Arc::ptr_eq(&a.feature, &b.feature),
                 _ => true,
             };
-            let empty = HashMap::new();
-            let be = before.map_or(&empty, |e| &e.environments);
-            let ae = after.map_or(&empty, |e| &e.environments);
-            for env in be.keys().chain(ae.keys()) {
-                if feature_changed || be.get(env) != ae.get(env) {
-                    let pair = (key.clone(), env.clone());
+            let envs = before
+                .iter()
+                .chain(after.iter())
+                .flat_map(|e| e.environments.iter().map(|(name, _)| name));
+            for env in envs {
+                let was = before.and_then(|e| e.governing(env));
+                let is = after.and_then(|e| e.governing(env));
+                if feature_changed || was != is {
+                    let pair = (key.clone(), env.to_string());
                     if !out.contains(&pair) {
                         out.push(pair);
                     }
@@ -260,10 +276,10 @@ fn decide(entry: &FeatureEntry, key: &str, ctx: &Context) -> Decision {
     if f.disabled {
         return hidden(f, Reason::Disabled, None);
     }
-    let Some(g) = entry.environments.get(&ctx.environment) else {
+    let Some(g) = entry.governing(&ctx.environment) else {
         return hidden(f, Reason::NotReleased, None);
     };
-    if g.gate.is_err() {
+    if !g.deployed {
         return hidden(f, Reason::NotDeployed, Some(g.release));
     }
     let tk = ctx.targeting_key.as_str();
@@ -492,8 +508,7 @@ mod tests {
         });
         let after = snapshot(vec![gated], rel, &idx);
         let w = before.withdrawn_in(&after);
-        assert_eq!(w.len(), 1);
-        assert_eq!((w[0].0.as_str(), w[0].1.as_str()), ("gated", "prod"));
+        assert_eq!(w, [("gated".to_owned(), "prod".to_owned())]);
         assert!(after.withdrawn_in(&before).is_empty());
     }
 }

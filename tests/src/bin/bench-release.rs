@@ -213,6 +213,16 @@ async fn throughput(dir: &Path, requests: u64, clients: u32, streams: u32, round
             .visible
     );
 
+    for pid in [p.release.child.id(), noop.child.id(), p.deploy.child.id()]
+        .into_iter()
+        .flatten()
+    {
+        let ok = Command::new("taskset")
+            .args(["-a", "-cp", "0", &pid.to_string()])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(ok, "taskset failed for pid {pid}");
+    }
     let encoded = request.encode_to_vec();
     let mut frame = vec![0u8];
     frame.extend_from_slice(&u32::try_from(encoded.len()).unwrap().to_be_bytes());
