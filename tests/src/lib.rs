@@ -35,14 +35,55 @@ pub async fn connect(addr: SocketAddr) -> Client {
     DeployServiceClient::new(channel)
 }
 
+/// A server running in-process on a listener bound to `127.0.0.1:0`, stopped gracefully
+/// through its shutdown future.
+pub struct Served {
+    /// The bound address.
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Served {
+    /// Binds port 0 and spawns `serve(listener, shutdown)`.
+    pub async fn spawn<F, Fut>(serve: F) -> Self
+    where
+        F: FnOnce(tokio::net::TcpListener, futures::future::BoxFuture<'static, ()>) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let shutdown = Box::pin(async move {
+            let _ = stopped.await;
+        });
+        let task = tokio::spawn(serve(listener, shutdown));
+        Self {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Triggers graceful shutdown and waits for the server to return.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await?,
+            None => Ok(()),
+        }
+    }
+}
+
 /// deploy-svc served in-process on a listener bound to `127.0.0.1:0`.
 pub struct InProcess {
     /// The bound address.
     pub addr: SocketAddr,
     /// The temporary directory holding the database.
     pub dir: tempfile::TempDir,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    served: Served,
 }
 
 impl InProcess {
@@ -56,17 +97,12 @@ impl InProcess {
         let dir = tempfile::tempdir().unwrap();
         let mut config = deploy_svc::Config::for_database(dir.path().join("deploy.db"));
         tweak(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(deploy_svc::serve(listener, config, async move {
-            let _ = stopped.await;
-        }));
+        let served =
+            Served::spawn(|listener, shutdown| deploy_svc::serve(listener, config, shutdown)).await;
         Self {
-            addr,
+            addr: served.addr,
             dir,
-            stop: Some(stop),
-            task: Some(task),
+            served,
         }
     }
 
@@ -81,14 +117,8 @@ impl InProcess {
     }
 
     /// Triggers graceful shutdown and waits for the server to return.
-    pub async fn shutdown(mut self) -> anyhow::Result<()> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        match self.task.take() {
-            Some(task) => task.await?,
-            None => Ok(()),
-        }
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.served.shutdown().await
     }
 }
 
@@ -470,7 +500,6 @@ pub mod release {
 
     use proto::release::v1 as rpb;
     use proto::release::v1::release_service_client::ReleaseServiceClient;
-    use tokio::sync::oneshot;
     use tonic::transport::Channel;
 
     /// A client of release-svc.
@@ -482,8 +511,7 @@ pub mod release {
         pub addr: SocketAddr,
         /// Holds the database.
         pub dir: tempfile::TempDir,
-        stop: Option<oneshot::Sender<()>>,
-        task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+        served: super::Served,
     }
 
     impl InProcess {
@@ -492,17 +520,14 @@ pub mod release {
             let dir = tempfile::tempdir().unwrap();
             let config =
                 release_svc::Config::new(dir.path().join("release.db"), format!("http://{deploy}"));
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let (stop, stopped) = oneshot::channel::<()>();
-            let task = tokio::spawn(release_svc::serve(listener, config, async move {
-                let _ = stopped.await;
-            }));
+            let served = super::Served::spawn(|listener, shutdown| {
+                release_svc::serve(listener, config, shutdown)
+            })
+            .await;
             Self {
-                addr,
+                addr: served.addr,
                 dir,
-                stop: Some(stop),
-                task: Some(task),
+                served,
             }
         }
 
@@ -512,14 +537,8 @@ pub mod release {
         }
 
         /// Graceful shutdown.
-        pub async fn shutdown(mut self) -> anyhow::Result<()> {
-            if let Some(stop) = self.stop.take() {
-                let _ = stop.send(());
-            }
-            match self.task.take() {
-                Some(task) => task.await?,
-                None => Ok(()),
-            }
+        pub async fn shutdown(self) -> anyhow::Result<()> {
+            self.served.shutdown().await
         }
     }
 
@@ -628,6 +647,49 @@ pub mod release {
                 return (r, start.elapsed());
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// The common gate fixture: `prod` with `n` targets, `checkout` 2.0.0 deployed there (not
+/// placed yet), and the feature `new-cart` carried by it at `coverage`, released to `prod`
+/// at `percent`.
+pub struct Gated {
+    /// The prod targets.
+    pub targets: Vec<String>,
+    /// The release name.
+    pub release: String,
+    /// The deployment name.
+    pub deployment: String,
+}
+
+impl Gated {
+    /// Builds the fixture through both services' APIs.
+    pub async fn setup(
+        dc: &mut Client,
+        rc: &mut release::Client,
+        n: usize,
+        coverage: f64,
+        percent: f64,
+    ) -> Self {
+        environment(dc, "prod", None, false).await;
+        let targets = targets(dc, "prod", "p", n).await;
+        artifact(dc, "checkout", "2.0.0").await;
+        release::feature(rc, "new-cart", "checkout", "2.0.0", coverage).await;
+        let rel = release::release(rc, &["new-cart"], &["prod"]).await;
+        release::rollout(rc, &rel, "prod", percent).await;
+        let d = deploy(dc, "checkout", "2.0.0", "prod", "").await.unwrap();
+        Self {
+            targets,
+            release: rel,
+            deployment: d.name,
+        }
+    }
+
+    /// Reports `state` for each of `targets`.
+    pub async fn report(&self, dc: &mut Client, targets: &[String], state: pb::PlacementState) {
+        for t in targets {
+            report(dc, &self.deployment, t, state).await.unwrap();
         }
     }
 }

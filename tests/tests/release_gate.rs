@@ -10,7 +10,7 @@ use proto::deploy::v1::PlacementState as P;
 use proto::release::v1 as rpb;
 use rpb::Reason as R;
 use tests::release::{self, evaluate, eventually};
-use tests::{artifact, deploy, environment, report, targets, InProcess};
+use tests::{artifact, deploy, environment, report, targets, Gated, InProcess};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -77,18 +77,8 @@ async fn canary_on_1_of_4_does_not_open_a_full_coverage_feature_until_the_4th_is
     let d = InProcess::start().await;
     let r = release::InProcess::start(d.addr).await;
     let (mut dc, mut rc) = (d.client().await, r.client().await);
-    environment(&mut dc, "prod", None, false).await;
-    let pt = targets(&mut dc, "prod", "p", 4).await;
-    artifact(&mut dc, "checkout", "2.0.0").await;
-    release::feature(&mut rc, "new-cart", "checkout", "2.0.0", 1.0).await;
-    let rel = release::release(&mut rc, &["new-cart"], &["prod"]).await;
-    release::rollout(&mut rc, &rel, "prod", 100.0).await;
-    let dep = deploy(&mut dc, "checkout", "2.0.0", "prod", "")
-        .await
-        .unwrap();
-    for t in &pt[..3] {
-        report(&mut dc, &dep.name, t, P::Placed).await.unwrap();
-    }
+    let g = Gated::setup(&mut dc, &mut rc, 4, 1.0, 100.0).await;
+    g.report(&mut dc, &g.targets[..3], P::Placed).await;
     // Wait until release-svc has applied the three placements, then check it stays closed.
     let mut status = rc.clone();
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -110,7 +100,7 @@ async fn canary_on_1_of_4_does_not_open_a_full_coverage_feature_until_the_4th_is
     let closed = evaluate(&mut rc, "new-cart", "prod", "u1").await;
     assert!(!closed.visible);
     assert_eq!(closed.reason(), R::NotDeployed);
-    report(&mut dc, &dep.name, &pt[3], P::Placed).await.unwrap();
+    g.report(&mut dc, &g.targets[3..], P::Placed).await;
     let (open, _) = eventually(&mut rc, "new-cart", "prod", "u1", R::Static, WAIT).await;
     assert!(open.visible, "{open:?}");
     r.shutdown().await.unwrap();
@@ -122,18 +112,8 @@ async fn a_removed_placement_withdraws_visibility_within_a_second_and_is_recorde
     let d = InProcess::start().await;
     let r = release::InProcess::start(d.addr).await;
     let (mut dc, mut rc) = (d.client().await, r.client().await);
-    environment(&mut dc, "prod", None, false).await;
-    let pt = targets(&mut dc, "prod", "p", 2).await;
-    artifact(&mut dc, "checkout", "2.0.0").await;
-    release::feature(&mut rc, "new-cart", "checkout", "2.0.0", 1.0).await;
-    let rel = release::release(&mut rc, &["new-cart"], &["prod"]).await;
-    release::rollout(&mut rc, &rel, "prod", 100.0).await;
-    let dep = deploy(&mut dc, "checkout", "2.0.0", "prod", "")
-        .await
-        .unwrap();
-    for t in &pt {
-        report(&mut dc, &dep.name, t, P::Placed).await.unwrap();
-    }
+    let g = Gated::setup(&mut dc, &mut rc, 2, 1.0, 100.0).await;
+    g.report(&mut dc, &g.targets, P::Placed).await;
     let (open, _) = eventually(&mut rc, "new-cart", "prod", "u1", R::Static, WAIT).await;
     assert!(open.visible);
 
@@ -150,9 +130,7 @@ async fn a_removed_placement_withdraws_visibility_within_a_second_and_is_recorde
         "a new stream starts with a full invalidation"
     );
 
-    report(&mut dc, &dep.name, &pt[1], P::Removed)
-        .await
-        .unwrap();
+    g.report(&mut dc, &g.targets[1..], P::Removed).await;
     let (closed, took) = eventually(&mut rc, "new-cart", "prod", "u1", R::NotDeployed, WAIT).await;
     assert_eq!(closed.reason(), R::NotDeployed, "{closed:?}");
     assert!(took <= Duration::from_secs(1), "withdrawal took {took:?}");

@@ -12,7 +12,7 @@ use futures::future::join_all;
 use proto::deploy::v1::PlacementState as P;
 use proto::release::v1 as rpb;
 use tests::release::{self, eventually};
-use tests::{artifact, deploy, environment, report, targets, Binary, Churn, InProcess};
+use tests::{Binary, Churn, Gated, InProcess};
 
 async fn consumer_status(rc: &mut release::Client) -> rpb::ConsumerStatus {
     rc.get_consumer_status(rpb::GetConsumerStatusRequest {})
@@ -114,18 +114,8 @@ async fn deploy_svc_outage_keeps_evaluate_answering_and_events_arrive_after() {
     let daddr = d.addr;
     let r = release::InProcess::start(daddr).await;
     let (mut dc, mut rc) = (tests::connect(daddr).await, r.client().await);
-    environment(&mut dc, "prod", None, false).await;
-    let pt = targets(&mut dc, "prod", "p", 2).await;
-    artifact(&mut dc, "checkout", "2.0.0").await;
-    release::feature(&mut rc, "new-cart", "checkout", "2.0.0", 1.0).await;
-    let rel = release::release(&mut rc, &["new-cart"], &["prod"]).await;
-    release::rollout(&mut rc, &rel, "prod", 100.0).await;
-    let dep = deploy(&mut dc, "checkout", "2.0.0", "prod", "")
-        .await
-        .unwrap();
-    for t in &pt {
-        report(&mut dc, &dep.name, t, P::Placed).await.unwrap();
-    }
+    let g = Gated::setup(&mut dc, &mut rc, 2, 1.0, 100.0).await;
+    g.report(&mut dc, &g.targets, P::Placed).await;
     let (open, _) = eventually(
         &mut rc,
         "new-cart",
@@ -168,9 +158,7 @@ async fn deploy_svc_outage_keeps_evaluate_answering_and_events_arrive_after() {
     )
     .await;
     let mut dc = tests::connect(d.addr).await;
-    report(&mut dc, &dep.name, &pt[1], P::Removed)
-        .await
-        .unwrap();
+    g.report(&mut dc, &g.targets[1..], P::Removed).await;
     let (closed, _) = eventually(
         &mut rc,
         "new-cart",
@@ -200,4 +188,57 @@ async fn deploy_svc_outage_keeps_evaluate_answering_and_events_arrive_after() {
     );
     assert!(consumer_status(&mut rc).await.connected);
     r.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_cursor_older_than_deploy_svc_retention_resyncs_from_a_snapshot() {
+    let d = InProcess::start_with(|c| c.retention_events = 50).await;
+    let dir = tempfile::tempdir().unwrap();
+    let rdb = dir.path().join("release.db");
+    let deploy_url = format!("http://{}", d.addr);
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--database",
+        rdb.to_str().unwrap(),
+        "--deploy-svc",
+        &deploy_url,
+    ];
+    let r = Binary::spawn("release-svc", &args).await;
+    let mut rc = release::connect(r.addr).await;
+    let mut dc = d.client().await;
+    let churn = Churn::setup(&mut dc, "dev", "api", 2).await;
+    churn.run(&mut dc, 0, 0, 10).await;
+    let before = churn.head + 10;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while consumer_status(&mut rc).await.cursor < before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "release-svc did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    r.kill().await;
+
+    // While release-svc is down, deploy-svc moves on and prunes past its cursor.
+    churn.run(&mut dc, 1, 0, 300).await;
+    let head = before + 300;
+    let r = Binary::spawn("release-svc", &args).await;
+    let mut rc = release::connect(r.addr).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let s = consumer_status(&mut rc).await;
+        if s.cursor >= head {
+            break s;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no resync: {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.cursor, head);
+    assert_eq!(
+        status.events_applied, before,
+        "the 300 pruned events came from a snapshot, not one by one"
+    );
+    assert_eq!(placements(&rdb), placements(&d.database()));
+    d.shutdown().await.unwrap();
 }

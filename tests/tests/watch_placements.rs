@@ -223,7 +223,7 @@ async fn snapshot_then_events_with_filters() {
     report(&mut c, &api_qa.name, &qa_t[0], pb::PlacementState::Placed)
         .await
         .unwrap();
-    // A removed placement is not part of the current state; a pending one is.
+    // The snapshot holds every placement in its current state, pending and removed ones too.
     report(
         &mut c,
         &web_dev.name,
@@ -254,6 +254,11 @@ async fn snapshot_then_events_with_filters() {
                 api_dev.name.clone(),
                 dev_t[1].clone(),
                 pb::PlacementState::Placing as i32
+            ),
+            (
+                web_dev.name.clone(),
+                dev_t[0].clone(),
+                pb::PlacementState::Removed as i32
             ),
             (
                 web_dev.name.clone(),

@@ -85,7 +85,7 @@ pub trait Store: Send + Sync + 'static {
     /// Reads up to `limit` events with a sequence greater than `after`, in order. Fails
     /// with the retention error if events after `after` were pruned.
     async fn read_events(&self, after: u64, limit: usize) -> Result<Vec<PlacementEvent>>;
-    /// A consistent snapshot of current placements (all but REMOVED) and the
+    /// A consistent snapshot of every placement in its current state and the
     /// sequence it reflects.
     async fn snapshot(&self) -> Result<(Vec<Placement>, u64)>;
     /// The bounds of the retained log.

@@ -1245,7 +1245,7 @@ impl Store for SqliteStore {
                     "SELECT p.deployment, d.environment, p.target, d.artifact, d.version, a.digest, p.state, p.message, p.seq, p.update_ms
                      FROM placements p JOIN deployments d ON d.id = p.deployment
                      JOIN artifacts a ON a.name = d.artifact AND a.version = d.version
-                     WHERE p.state IN (1, 2, 3, 4) ORDER BY p.seq",
+                     ORDER BY p.seq",
                 )
                 .map_err(sql)?;
             let rows = stmt

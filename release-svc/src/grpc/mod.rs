@@ -75,6 +75,17 @@ fn page(v: &mut Violations, size: i32, token: &str) -> (usize, Option<String>) {
     (size, after)
 }
 
+/// A page token that carries a numeric id (releases, withdrawals: newest first).
+fn id_token(v: &mut Violations, after: Option<String>) -> Option<i64> {
+    let after = after?;
+    v.check(
+        "page_token",
+        after
+            .parse::<i64>()
+            .map_err(|_| "is not a page token returned by this service".to_owned()),
+    )
+}
+
 fn next_token(more: bool, last: Option<String>) -> String {
     if more {
         last.map(|k| service_kit::validate::encode_page_token(&k))
@@ -168,14 +179,7 @@ impl ReleaseService for ReleaseApi {
         let req = req.into_inner();
         let mut v = Violations::default();
         let (size, after) = page(&mut v, req.page_size, &req.page_token);
-        let before = match after {
-            Some(a) => v.check(
-                "page_token",
-                a.parse::<i64>()
-                    .map_err(|_| "is not a page token returned by this service".to_owned()),
-            ),
-            None => None,
-        };
+        let before = id_token(&mut v, after);
         v.finish()?;
         let mut releases = self.engine.releases(before, size).await;
         let more = releases.len() > size;
@@ -375,14 +379,7 @@ impl ReleaseService for ReleaseApi {
         let req = req.into_inner();
         let mut v = Violations::default();
         let (size, after) = page(&mut v, req.page_size, &req.page_token);
-        let before = match after {
-            Some(a) => v.check(
-                "page_token",
-                a.parse::<i64>()
-                    .map_err(|_| "is not a page token returned by this service".to_owned()),
-            ),
-            None => None,
-        };
+        let before = id_token(&mut v, after);
         v.finish()?;
         let mut rows = self
             .engine

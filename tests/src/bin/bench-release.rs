@@ -19,7 +19,7 @@ use prost::Message;
 use proto::deploy::v1::PlacementState as P;
 use proto::release::v1 as rpb;
 use tests::release::{self, evaluate};
-use tests::{artifact, deploy, environment, report, targets, Binary};
+use tests::{artifact, deploy, environment, report, targets, Binary, Gated};
 
 #[derive(Parser)]
 struct Args {
@@ -257,22 +257,15 @@ async fn gate(dir: &Path, flips: usize) {
     let p = pair(dir).await;
     let mut dc = tests::connect(p.deploy.addr).await;
     let mut rc = release::connect(p.release.addr).await;
-    environment(&mut dc, "prod", None, false).await;
-    let pt = targets(&mut dc, "prod", "p", 2).await;
-    artifact(&mut dc, "checkout", "2.0.0").await;
     // 50% coverage of 2 targets: p-1 placed opens the gate, p-1 removed closes it; p-2
     // stays pending so the deployment never finishes and p-1 can cycle.
-    release::feature(&mut rc, "new-cart", "checkout", "2.0.0", 0.5).await;
-    let rel = release::release(&mut rc, &["new-cart"], &["prod"]).await;
-    release::rollout(&mut rc, &rel, "prod", 100.0).await;
-    let d = deploy(&mut dc, "checkout", "2.0.0", "prod", "")
-        .await
-        .unwrap();
+    let g = Gated::setup(&mut dc, &mut rc, 2, 0.5, 100.0).await;
+    let (d, pt) = (g.deployment.clone(), g.targets.clone());
     let mut h = Histogram::<u64>::new(3).unwrap();
     for i in 0..flips {
         let opening = i % 2 == 0;
         if opening && i > 0 {
-            report(&mut dc, &d.name, &pt[0], P::Placing).await.unwrap();
+            report(&mut dc, &d, &pt[0], P::Placing).await.unwrap();
         }
         let want = if opening {
             rpb::Reason::Static
@@ -281,7 +274,7 @@ async fn gate(dir: &Path, flips: usize) {
         };
         let state = if opening { P::Placed } else { P::Removed };
         let start = Instant::now();
-        report(&mut dc, &d.name, &pt[0], state).await.unwrap();
+        report(&mut dc, &d, &pt[0], state).await.unwrap();
         loop {
             if evaluate(&mut rc, "new-cart", "prod", "u").await.reason() == want {
                 break;
