@@ -21,6 +21,38 @@ async fn consumer_status(rc: &mut release::Client) -> rpb::ConsumerStatus {
         .into_inner()
 }
 
+/// The release-svc command line: port 0, database `db`, following deploy-svc at `deploy`.
+fn release_args(db: &std::path::Path, deploy: std::net::SocketAddr) -> Vec<String> {
+    vec![
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--database".into(),
+        db.to_string_lossy().into_owned(),
+        "--deploy-svc".into(),
+        format!("http://{deploy}"),
+    ]
+}
+
+/// Waits until the consumer's cursor reaches `at_least`.
+async fn caught_up(
+    rc: &mut release::Client,
+    at_least: u64,
+    within: Duration,
+) -> rpb::ConsumerStatus {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let s = consumer_status(rc).await;
+        if s.cursor >= at_least {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "release-svc did not catch up: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Every (deployment, target, state, seq) of a placements table.
 fn placements(db: &std::path::Path) -> BTreeSet<(i64, String, i64, i64)> {
     let conn = rusqlite::Connection::open(db).unwrap();
@@ -38,15 +70,8 @@ async fn sigkill_while_5000_events_flow_loses_nothing_and_applies_nothing_twice(
     let d = InProcess::start().await;
     let dir = tempfile::tempdir().unwrap();
     let rdb = dir.path().join("release.db");
-    let deploy_url = format!("http://{}", d.addr);
-    let args = [
-        "--listen",
-        "127.0.0.1:0",
-        "--database",
-        rdb.to_str().unwrap(),
-        "--deploy-svc",
-        &deploy_url,
-    ];
+    let args = release_args(&rdb, d.addr);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     // release-svc starts first, so it applies every event of the log (cursor 0, empty snapshot).
     let r = Binary::spawn("release-svc", &args).await;
     let mut rc = release::connect(r.addr).await;
@@ -63,13 +88,11 @@ async fn sigkill_while_5000_events_flow_loses_nothing_and_applies_nothing_twice(
         })
         .collect();
     // Kill release-svc mid-stream.
-    loop {
-        let s = consumer_status(&mut rc).await;
-        if s.cursor >= 1000 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let at_kill = caught_up(&mut rc, 1000, Duration::from_secs(60)).await;
+    assert!(
+        at_kill.cursor < churn.head + 5000,
+        "the events were not flowing any more"
+    );
     r.kill().await;
     let acked: usize = join_all(writers)
         .await
@@ -81,18 +104,7 @@ async fn sigkill_while_5000_events_flow_loses_nothing_and_applies_nothing_twice(
 
     let r = Binary::spawn("release-svc", &args).await;
     let mut rc = release::connect(r.addr).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        let s = consumer_status(&mut rc).await;
-        if s.cursor >= head {
-            break s;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "release-svc did not catch up: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = caught_up(&mut rc, head, Duration::from_secs(60)).await;
     assert_eq!(status.cursor, head);
     assert_eq!(
         status.events_applied, head,
@@ -195,29 +207,15 @@ async fn a_cursor_older_than_deploy_svc_retention_resyncs_from_a_snapshot() {
     let d = InProcess::start_with(|c| c.retention_events = 50).await;
     let dir = tempfile::tempdir().unwrap();
     let rdb = dir.path().join("release.db");
-    let deploy_url = format!("http://{}", d.addr);
-    let args = [
-        "--listen",
-        "127.0.0.1:0",
-        "--database",
-        rdb.to_str().unwrap(),
-        "--deploy-svc",
-        &deploy_url,
-    ];
+    let args = release_args(&rdb, d.addr);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let r = Binary::spawn("release-svc", &args).await;
     let mut rc = release::connect(r.addr).await;
     let mut dc = d.client().await;
     let churn = Churn::setup(&mut dc, "dev", "api", 2).await;
     churn.run(&mut dc, 0, 0, 10).await;
     let before = churn.head + 10;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while consumer_status(&mut rc).await.cursor < before {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "release-svc did not catch up"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    caught_up(&mut rc, before, Duration::from_secs(20)).await;
     r.kill().await;
 
     // While release-svc is down, deploy-svc moves on and prunes past its cursor.
@@ -225,15 +223,7 @@ async fn a_cursor_older_than_deploy_svc_retention_resyncs_from_a_snapshot() {
     let head = before + 300;
     let r = Binary::spawn("release-svc", &args).await;
     let mut rc = release::connect(r.addr).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        let s = consumer_status(&mut rc).await;
-        if s.cursor >= head {
-            break s;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no resync: {s:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = caught_up(&mut rc, head, Duration::from_secs(30)).await;
     assert_eq!(status.cursor, head);
     assert_eq!(
         status.events_applied, before,

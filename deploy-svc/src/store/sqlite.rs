@@ -16,6 +16,7 @@ use std::thread::JoinHandle;
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Row};
+use service_kit::sqlite::error as sql;
 use tokio::sync::{mpsc, oneshot};
 
 use super::Store;
@@ -95,40 +96,8 @@ fn open_connection(path: &Path, synchronous_full: bool) -> rusqlite::Result<Conn
     Ok(conn)
 }
 
-fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    for (i, sql) in MIGRATIONS.iter().enumerate() {
-        let target = i64::try_from(i).unwrap_or(i64::MAX) + 1;
-        if version < target {
-            let tx = conn.unchecked_transaction()?;
-            tx.execute_batch(sql)?;
-            tx.execute_batch(&format!("PRAGMA user_version = {target}"))?;
-            tx.commit()?;
-        }
-    }
-    Ok(())
-}
-
 fn internal(e: impl std::fmt::Display) -> Error {
     Error::Internal(e.to_string())
-}
-
-fn sql(e: rusqlite::Error) -> Error {
-    match e {
-        rusqlite::Error::SqliteFailure(f, _)
-            if matches!(
-                f.code,
-                rusqlite::ErrorCode::DatabaseBusy
-                    | rusqlite::ErrorCode::DatabaseLocked
-                    | rusqlite::ErrorCode::DiskFull
-                    | rusqlite::ErrorCode::CannotOpen
-                    | rusqlite::ErrorCode::SystemIoFailure
-            ) =>
-        {
-            Error::Unavailable(format!("storage unavailable: {e}"))
-        }
-        e => Error::Internal(format!("sqlite: {e}")),
-    }
 }
 
 impl SqliteStore {
@@ -140,7 +109,7 @@ impl SqliteStore {
                 .map_err(|e| Error::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
         }
         let conn = open_connection(&options.path, options.synchronous_full).map_err(sql)?;
-        migrate(&conn).map_err(sql)?;
+        service_kit::sqlite::migrate(&conn, MIGRATIONS).map_err(sql)?;
         let head = head_sequence(&conn).map_err(sql)?;
         let feed = Arc::new(Feed::new(head, 65_536));
         let (tx, rx) = mpsc::channel(options.queue.max(1));

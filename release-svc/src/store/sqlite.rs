@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
+use service_kit::sqlite::error as sql;
 
 use super::{Loaded, Store, Withdrawal};
 use crate::domain::model::{Carrier, Feature, Release, ReleaseEnvironment, ReleaseState};
@@ -28,23 +29,6 @@ impl std::fmt::Debug for SqliteStore {
         f.debug_struct("SqliteStore")
             .field("path", &self.path)
             .finish()
-    }
-}
-
-fn sql(e: rusqlite::Error) -> Error {
-    match e {
-        rusqlite::Error::SqliteFailure(f, _)
-            if matches!(
-                f.code,
-                rusqlite::ErrorCode::DatabaseBusy
-                    | rusqlite::ErrorCode::DatabaseLocked
-                    | rusqlite::ErrorCode::DiskFull
-                    | rusqlite::ErrorCode::SystemIoFailure
-            ) =>
-        {
-            Error::Unavailable(format!("storage unavailable: {e}"))
-        }
-        e => Error::Internal(format!("sqlite: {e}")),
     }
 }
 
@@ -212,19 +196,7 @@ impl SqliteStore {
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
         )
         .map_err(sql)?;
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(sql)?;
-        for (i, migration) in MIGRATIONS.iter().enumerate() {
-            let target = i64::try_from(i).unwrap_or(i64::MAX) + 1;
-            if version < target {
-                let tx = conn.unchecked_transaction().map_err(sql)?;
-                tx.execute_batch(migration).map_err(sql)?;
-                tx.execute_batch(&format!("PRAGMA user_version = {target}"))
-                    .map_err(sql)?;
-                tx.commit().map_err(sql)?;
-            }
-        }
+        service_kit::sqlite::migrate(&conn, MIGRATIONS).map_err(sql)?;
         Ok(Self {
             path: path.to_owned(),
             conn: Arc::new(Mutex::new(conn)),
