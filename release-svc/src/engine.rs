@@ -11,7 +11,9 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::{broadcast, Mutex};
 
-use crate::domain::evaluate::{Context, Decision, Snapshot};
+use std::collections::{BTreeSet, HashSet};
+
+use crate::domain::evaluate::{Context, Decision, Scope, Snapshot};
 use crate::domain::model::{Feature, Millis, Release, ReleaseState, Transition};
 use crate::domain::placements::{Placement, PlacementIndex};
 use crate::domain::{Error, Result};
@@ -161,25 +163,47 @@ impl Engine {
         &self.store
     }
 
-    /// Rebuilds the snapshot from `state`, swaps it in and announces what changed. Returns
-    /// the new snapshot.
-    fn publish(&self, state: &State, cause: String) -> Arc<Snapshot> {
+    /// Recomputes the snapshot entries in `scope` from `state`, swaps the result in and
+    /// announces what changed.
+    fn publish(&self, state: &State, scope: Scope, cause: String) {
         let before = self.snapshot.load_full();
-        let next = Arc::new(Snapshot::build(
+        let next = before.update(
             before.version + 1,
+            &scope,
             &state.features,
             &state.releases,
             &state.placements,
-        ));
-        self.snapshot.store(next.clone());
-        let pairs = before.changed_in(&next);
+        );
+        self.swap(&before, next, &scope, cause);
+    }
+
+    /// Swaps `next` in and announces the pairs of `scope` that differ from `before`.
+    fn swap(&self, before: &Snapshot, next: Snapshot, scope: &Scope, cause: String) {
+        let pairs = before.changed_in(&next, scope);
+        let version = next.version;
+        self.snapshot.store(Arc::new(next));
         let _ = self.changes.send(Change {
-            version: next.version,
+            version,
             pairs,
             all: false,
             cause,
         });
-        next
+    }
+
+    /// The features whose carriers include one of `artifacts`.
+    fn carried_by(state: &State, artifacts: &HashSet<&str>) -> Scope {
+        Scope::Keys(
+            state
+                .features
+                .values()
+                .filter(|f| {
+                    f.carriers
+                        .iter()
+                        .any(|c| artifacts.contains(c.artifact.as_str()))
+                })
+                .map(|f| f.key.clone())
+                .collect(),
+        )
     }
 
     /// Creates a feature.
@@ -192,7 +216,12 @@ impl Engine {
         self.store.insert_feature(feature.clone()).await?;
         let feature = Arc::new(feature);
         state.features.insert(feature.key.clone(), feature.clone());
-        self.publish(&state, format!("feature features/{} created", feature.key));
+        let scope = Scope::Keys(BTreeSet::from([feature.key.clone()]));
+        self.publish(
+            &state,
+            scope,
+            format!("feature features/{} created", feature.key),
+        );
         Ok(feature)
     }
 
@@ -222,7 +251,12 @@ impl Engine {
             .await?;
         let feature = Arc::new(feature);
         state.features.insert(feature.key.clone(), feature.clone());
-        self.publish(&state, format!("feature features/{} updated", feature.key));
+        let scope = Scope::Keys(BTreeSet::from([feature.key.clone()]));
+        self.publish(
+            &state,
+            scope,
+            format!("feature features/{} updated", feature.key),
+        );
         Ok(feature)
     }
 
@@ -266,7 +300,8 @@ impl Engine {
         }
         release.id = id;
         state.releases.insert(id, release.clone());
-        self.publish(&state, format!("release releases/{id} created"));
+        let scope = Scope::Keys(release.features.iter().cloned().collect());
+        self.publish(&state, scope, format!("release releases/{id} created"));
         Ok(release)
     }
 
@@ -287,12 +322,18 @@ impl Engine {
             .update_release(next.clone(), current.revision)
             .await?;
         state.releases.insert(id, next.clone());
-        self.publish(&state, format!("release releases/{id} {:?}", next.state));
+        let scope = Scope::Keys(next.features.iter().cloned().collect());
+        self.publish(
+            &state,
+            scope,
+            format!("release releases/{id} {:?}", next.state),
+        );
         Ok(next)
     }
 
     /// Applies placement events received after `cursor` (ordered), advancing the cursor to
-    /// `cursor_after` and recording any automatic withdrawal, in one store transaction.
+    /// `cursor_after` and recording any automatic withdrawal, in one store transaction. Only
+    /// the features carried by the touched artifacts are recomputed.
     pub async fn apply_placements(&self, events: Vec<Placement>, cursor_after: u64) -> Result<()> {
         let mut state = self.state.lock().await;
         let fresh: Vec<Placement> = events
@@ -306,7 +347,24 @@ impl Engine {
         for e in &fresh {
             next_placements.apply(e.clone());
         }
-        let withdrawals = self.withdrawals(&state, &next_placements, cursor_after);
+        let artifacts: HashSet<&str> = fresh.iter().map(|e| e.artifact.as_str()).collect();
+        let scope = Self::carried_by(&state, &artifacts);
+        let before = self.snapshot.load_full();
+        let next = before.update(
+            before.version + 1,
+            &scope,
+            &state.features,
+            &state.releases,
+            &next_placements,
+        );
+        let withdrawals = self.withdrawals(
+            &state,
+            &before,
+            &next,
+            &scope,
+            &next_placements,
+            cursor_after,
+        );
         let applied = self
             .store
             .apply_placements(fresh.clone(), cursor_after, withdrawals.clone())
@@ -314,11 +372,11 @@ impl Engine {
         state.placements = next_placements;
         state.cursor = state.cursor.max(cursor_after);
         state.events_applied = applied;
+        for w in &withdrawals {
+            tracing::info!(feature = %w.feature, environment = %w.environment, reason = %w.reason, sequence = w.sequence, "visibility withdrawn automatically");
+        }
         if !fresh.is_empty() {
-            for w in &withdrawals {
-                tracing::info!(feature = %w.feature, environment = %w.environment, reason = %w.reason, sequence = w.sequence, "visibility withdrawn automatically");
-            }
-            self.publish(&state, placement_cause(&fresh, &withdrawals));
+            self.swap(&before, next, &scope, placement_cause(&fresh, &withdrawals));
         }
         Ok(())
     }
@@ -328,15 +386,36 @@ impl Engine {
         let mut state = self.state.lock().await;
         let mut next_placements = PlacementIndex::default();
         next_placements.replace(placements.clone());
-        let withdrawals = self.withdrawals(&state, &next_placements, cursor);
+        let before = self.snapshot.load_full();
+        let next = before.update(
+            before.version + 1,
+            &Scope::All,
+            &state.features,
+            &state.releases,
+            &next_placements,
+        );
+        let withdrawals = self.withdrawals(
+            &state,
+            &before,
+            &next,
+            &Scope::All,
+            &next_placements,
+            cursor,
+        );
         self.store
             .replace_placements(placements, cursor, withdrawals.clone())
             .await?;
         state.placements = next_placements;
         state.cursor = cursor;
-        let next = self.publish(&state, format!("resynced placements at sequence {cursor}"));
+        let version = next.version;
+        self.swap(
+            &before,
+            next,
+            &Scope::All,
+            format!("resynced placements at sequence {cursor}"),
+        );
         let _ = self.changes.send(Change {
-            version: next.version,
+            version,
             pairs: Vec::new(),
             all: true,
             cause: "placement resync".into(),
@@ -344,14 +423,20 @@ impl Engine {
         Ok(())
     }
 
-    fn withdrawals(&self, state: &State, next: &PlacementIndex, sequence: u64) -> Vec<Withdrawal> {
-        let before = self.snapshot.load();
-        let after = Snapshot::build(0, &state.features, &state.releases, next);
-        let withdrawn = before.withdrawn_in(&after);
+    fn withdrawals(
+        &self,
+        state: &State,
+        before: &Snapshot,
+        next: &Snapshot,
+        scope: &Scope,
+        placements: &PlacementIndex,
+        sequence: u64,
+    ) -> Vec<Withdrawal> {
+        let withdrawn = before.withdrawn_in(next, scope);
         if withdrawn.is_empty() {
             return Vec::new();
         }
-        let view = next.coverage_view();
+        let view = placements.coverage_view();
         let now = (self.clock)();
         withdrawn
             .into_iter()

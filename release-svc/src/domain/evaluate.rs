@@ -9,7 +9,7 @@
 //! (SPLIT); targeting rule (TARGETING_MATCH); DEFAULT; STATIC (released at 100% with no rule
 //! and no lists: the same answer for every context).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
@@ -75,10 +75,29 @@ impl FeatureEntry {
 pub struct Snapshot {
     /// Increases with every rebuild.
     pub version: u64,
-    /// Features by key (hashed: the hot path is one lookup).
-    pub features: HashMap<String, FeatureEntry>,
+    /// Features by key (hashed: the hot path is one lookup). Entries are shared between
+    /// snapshot versions: an update replaces only the entries it recomputes.
+    pub features: HashMap<Arc<str>, Arc<FeatureEntry>>,
     /// The feature keys in order (for batch evaluation and listings).
-    pub keys: Vec<String>,
+    pub keys: Arc<Vec<Arc<str>>>,
+}
+
+/// Which features a change may affect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every feature (start, resync).
+    All,
+    /// These feature keys.
+    Keys(BTreeSet<String>),
+}
+
+impl Scope {
+    fn contains(&self, key: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Keys(keys) => keys.contains(key),
+        }
+    }
 }
 
 /// A decision.
@@ -115,107 +134,158 @@ impl Snapshot {
         releases: &BTreeMap<i64, Release>,
         placements: &PlacementIndex,
     ) -> Self {
-        // The governing release of (feature, environment): the active release with the
-        // highest rollout there (the newest on a tie).
-        let mut governing: HashMap<(&str, &str), (i64, f64)> = HashMap::new();
+        Self::default().update(version, &Scope::All, features, releases, placements)
+    }
+
+    /// The next snapshot: equal to a full [`Snapshot::build`], but recomputing only the
+    /// features in `scope` (the rest are shared with `self`).
+    pub fn update(
+        &self,
+        version: u64,
+        scope: &Scope,
+        features: &BTreeMap<String, Arc<Feature>>,
+        releases: &BTreeMap<i64, Release>,
+        placements: &PlacementIndex,
+    ) -> Self {
+        // The governing release of (feature, environment) for features in scope: the active
+        // release with the highest rollout there (the newest on a tie).
+        let mut governing: HashMap<&str, Vec<(&str, i64, f64)>> = HashMap::new();
         for r in releases.values().filter(|r| r.state.is_active()) {
-            for env in &r.environments {
-                for key in &r.features {
-                    let slot = governing
-                        .entry((key.as_str(), env.environment.as_str()))
-                        .or_insert((r.id, env.rollout_percent));
-                    if env.rollout_percent > slot.1
-                        || (env.rollout_percent == slot.1 && r.id > slot.0)
-                    {
-                        *slot = (r.id, env.rollout_percent);
+            for key in r.features.iter().filter(|k| scope.contains(k)) {
+                let envs = governing.entry(key.as_str()).or_default();
+                for env in &r.environments {
+                    let candidate = (env.environment.as_str(), r.id, env.rollout_percent);
+                    match envs.iter_mut().find(|(e, _, _)| *e == candidate.0) {
+                        None => envs.push(candidate),
+                        Some(slot) => {
+                            if candidate.2 > slot.2
+                                || (candidate.2 == slot.2 && candidate.1 > slot.1)
+                            {
+                                *slot = candidate;
+                            }
+                        }
                     }
                 }
             }
         }
         let view = placements.coverage_view();
-        let mut entries: HashMap<String, FeatureEntry> = features
-            .iter()
-            .map(|(k, f)| {
-                (
-                    k.clone(),
-                    FeatureEntry {
-                        feature: f.clone(),
-                        environments: Vec::new(),
-                    },
-                )
-            })
-            .collect();
         let mut names: HashMap<&str, Arc<str>> = HashMap::new();
-        for ((key, env), (release, rollout_percent)) in governing {
-            if let Some(entry) = entries.get_mut(key) {
-                let deployed = view.gate(env, &entry.feature.carriers).is_ok();
-                let name = names.entry(env).or_insert_with(|| Arc::from(env)).clone();
-                entry.environments.push((
-                    name,
-                    Governing {
-                        release,
-                        rollout_percent,
-                        deployed,
-                    },
-                ));
+        let mut entry_for = |f: &Arc<Feature>| {
+            let environments = governing
+                .get(f.key.as_str())
+                .map(|envs| {
+                    envs.iter()
+                        .map(|(env, release, rollout_percent)| {
+                            let name = names.entry(env).or_insert_with(|| Arc::from(*env)).clone();
+                            let g = Governing {
+                                release: *release,
+                                rollout_percent: *rollout_percent,
+                                deployed: view.gate(env, &f.carriers).is_ok(),
+                            };
+                            (name, g)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Arc::new(FeatureEntry {
+                feature: f.clone(),
+                environments,
+            })
+        };
+        let (entries, keys) = match scope {
+            Scope::All => {
+                let entries: HashMap<Arc<str>, Arc<FeatureEntry>> = features
+                    .iter()
+                    .map(|(k, f)| (Arc::from(k.as_str()), entry_for(f)))
+                    .collect();
+                let keys = features.keys().map(|k| Arc::from(k.as_str())).collect();
+                (entries, Arc::new(keys))
             }
-        }
+            Scope::Keys(changed) => {
+                let mut entries = self.features.clone();
+                let mut key_set_changed = false;
+                for key in changed {
+                    match features.get(key) {
+                        Some(f) => {
+                            key_set_changed |= !entries.contains_key(key.as_str());
+                            entries.insert(Arc::from(key.as_str()), entry_for(f));
+                        }
+                        None => key_set_changed |= entries.remove(key.as_str()).is_some(),
+                    }
+                }
+                let keys = if key_set_changed {
+                    Arc::new(features.keys().map(|k| Arc::from(k.as_str())).collect())
+                } else {
+                    self.keys.clone()
+                };
+                (entries, keys)
+            }
+        };
         Self {
             version,
             features: entries,
-            keys: features.keys().cloned().collect(),
+            keys,
         }
     }
 
-    /// The (feature, environment) pairs whose gate is open here and closed in `next`.
-    pub fn withdrawn_in(&self, next: &Snapshot) -> Vec<(String, String)> {
+    /// The keys a comparison with `next` must look at.
+    fn keys_in<'a>(&'a self, next: &'a Snapshot, scope: &'a Scope) -> Vec<&'a str> {
+        match scope {
+            Scope::All => {
+                let mut keys: BTreeSet<&str> = self.features.keys().map(AsRef::as_ref).collect();
+                keys.extend(next.features.keys().map(AsRef::as_ref));
+                keys.into_iter().collect()
+            }
+            Scope::Keys(keys) => keys.iter().map(String::as_str).collect(),
+        }
+    }
+
+    /// The (feature, environment) pairs in `scope` whose gate is open here and closed in
+    /// `next`.
+    pub fn withdrawn_in(&self, next: &Snapshot, scope: &Scope) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        for (key, entry) in &self.features {
+        for key in self.keys_in(next, scope) {
+            let Some(entry) = self.features.get(key) else {
+                continue;
+            };
             for (env, g) in &entry.environments {
-                if !g.deployed {
-                    continue;
-                }
-                let closed = next
-                    .features
-                    .get(key)
-                    .and_then(|e| e.governing(env))
-                    .is_some_and(|g| !g.deployed);
+                let closed = g.deployed
+                    && next
+                        .features
+                        .get(key)
+                        .and_then(|e| e.governing(env))
+                        .is_some_and(|g| !g.deployed);
                 if closed {
-                    out.push((key.clone(), env.to_string()));
+                    out.push((key.to_owned(), env.to_string()));
                 }
             }
         }
         out
     }
 
-    /// The (feature, environment) pairs whose governing state differs between the two
-    /// snapshots (release, rollout or gate).
-    pub fn changed_in(&self, next: &Snapshot) -> Vec<(String, String)> {
+    /// The (feature, environment) pairs in `scope` whose governing state differs between
+    /// the two snapshots (feature definition, release, rollout or gate).
+    pub fn changed_in(&self, next: &Snapshot, scope: &Scope) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        let keys = self.features.keys().chain(next.features.keys());
-        let mut seen = std::collections::BTreeSet::new();
-        for key in keys {
-            if !seen.insert(key) {
-                continue;
-            }
+        for key in self.keys_in(next, scope) {
             let before = self.features.get(key);
             let after = next.features.get(key);
             let feature_changed = match (before, after) {
                 (Some(a), Some(b)) => !Arc::ptr_eq(&a.feature, &b.feature),
                 _ => true,
             };
-            let envs = before
+            let mut envs: Vec<&str> = before
                 .iter()
                 .chain(after.iter())
-                .flat_map(|e| e.environments.iter().map(|(name, _)| name));
+                .flat_map(|e| e.environments.iter().map(|(name, _)| name.as_ref()))
+                .collect();
+            envs.sort_unstable();
+            envs.dedup();
             for env in envs {
                 let was = before.and_then(|e| e.governing(env));
                 let is = after.and_then(|e| e.governing(env));
                 if feature_changed || was != is {
-                    let pair = (key.clone(), env.to_string());
-                    if !out.contains(&pair) {
-                        out.push(pair);
-                    }
+                    out.push((key.to_owned(), env.to_owned()));
                 }
             }
         }
@@ -314,6 +384,7 @@ mod tests {
     use crate::domain::model::{Carrier, ReleaseEnvironment, ReleaseState};
     use crate::domain::placements::{Placement, PlacementState};
     use crate::domain::rules::Rule;
+    use std::collections::BTreeSet;
 
     fn feature(key: &str) -> Feature {
         Feature {
@@ -507,8 +578,91 @@ mod tests {
             sequence: 2,
         });
         let after = snapshot(vec![gated], rel, &idx);
-        let w = before.withdrawn_in(&after);
+        let w = before.withdrawn_in(&after, &Scope::All);
         assert_eq!(w, [("gated".to_owned(), "prod".to_owned())]);
-        assert!(after.withdrawn_in(&before).is_empty());
+        assert!(after.withdrawn_in(&before, &Scope::All).is_empty());
+    }
+
+    #[test]
+    fn incremental_updates_equal_a_full_rebuild() {
+        let carrier = |artifact: &str| Carrier {
+            artifact: artifact.into(),
+            min_version: semver::Version::new(2, 0, 0),
+            required_coverage: 1.0,
+        };
+        let mut features: BTreeMap<String, Arc<Feature>> = BTreeMap::new();
+        for (key, artifact) in [("a", "web"), ("b", "api"), ("c", "web")] {
+            let mut f = feature(key);
+            f.carriers = vec![carrier(artifact)];
+            features.insert(key.into(), Arc::new(f));
+        }
+        let mut releases: BTreeMap<i64, Release> = BTreeMap::new();
+        releases.insert(1, release(1, "a", "prod", 100.0, ReleaseState::Released));
+        releases.insert(2, release(2, "b", "prod", 20.0, ReleaseState::Releasing));
+        let mut idx = PlacementIndex::default();
+        placed(&mut idx, "prod", "p1", "2.0.0", 1);
+        let mut snap = Snapshot::build(1, &features, &releases, &idx);
+        let same = |s: &Snapshot,
+                    features: &BTreeMap<String, Arc<Feature>>,
+                    releases: &BTreeMap<i64, Release>,
+                    idx: &PlacementIndex| {
+            let full = Snapshot::build(0, features, releases, idx);
+            assert_eq!(s.keys, full.keys);
+            for key in features.keys() {
+                for user in ["u1", "u2", "u3", "u4"] {
+                    assert_eq!(
+                        s.evaluate(key, &ctx("prod", user)),
+                        full.evaluate(key, &ctx("prod", user)),
+                        "{key} {user}"
+                    );
+                }
+            }
+        };
+        // A new feature.
+        let mut d = feature("d");
+        d.carriers = vec![carrier("api")];
+        features.insert("d".into(), Arc::new(d));
+        snap = snap.update(
+            2,
+            &Scope::Keys(BTreeSet::from(["d".to_owned()])),
+            &features,
+            &releases,
+            &idx,
+        );
+        same(&snap, &features, &releases, &idx);
+        // A release of c and d.
+        let mut r = release(3, "c", "prod", 100.0, ReleaseState::Released);
+        r.features.push("d".into());
+        let scope = Scope::Keys(r.features.iter().cloned().collect());
+        releases.insert(3, r);
+        snap = snap.update(3, &scope, &features, &releases, &idx);
+        same(&snap, &features, &releases, &idx);
+        // The web artifact is removed: only web-carried features are recomputed.
+        let before = snap.clone();
+        idx.apply(Placement {
+            deployment: 1,
+            environment: "prod".into(),
+            target: "p1".into(),
+            artifact: "web".into(),
+            version: "2.0.0".into(),
+            state: PlacementState::Removed,
+            sequence: 2,
+        });
+        let scope = Scope::Keys(BTreeSet::from(["a".to_owned(), "c".to_owned()]));
+        snap = snap.update(4, &scope, &features, &releases, &idx);
+        same(&snap, &features, &releases, &idx);
+        let mut withdrawn = before.withdrawn_in(&snap, &scope);
+        withdrawn.sort();
+        assert_eq!(
+            withdrawn,
+            [
+                ("a".to_owned(), "prod".to_owned()),
+                ("c".to_owned(), "prod".to_owned())
+            ]
+        );
+        assert!(
+            Arc::ptr_eq(&before.features["b"], &snap.features["b"]),
+            "untouched entries are shared"
+        );
     }
 }

@@ -265,7 +265,7 @@ impl ReleaseService for ReleaseApi {
         v.finish()?;
         let snapshot = self.engine.snapshot();
         let keys: Vec<String> = if req.features.is_empty() {
-            snapshot.keys.clone()
+            snapshot.keys.iter().map(|k| k.to_string()).collect()
         } else {
             let mut k = req.features.clone();
             k.sort();
