@@ -375,13 +375,15 @@ pub fn sem_ver(a: &str, op: &str, b: &str) -> bool {
     let (Some(a), Some(b)) = (parse_version(a), parse_version(b)) else {
         return false;
     };
+    // Precedence ignores build metadata (SemVer 2.0 section 10): 1.0.0+build = 1.0.0.
+    let order = a.cmp_precedence(&b);
     match op {
-        "=" => a == b,
-        "!=" => a != b,
-        "<" => a < b,
-        "<=" => a <= b,
-        ">" => a > b,
-        ">=" => a >= b,
+        "=" => order.is_eq(),
+        "!=" => order.is_ne(),
+        "<" => order.is_lt(),
+        "<=" => order.is_le(),
+        ">" => order.is_gt(),
+        ">=" => order.is_ge(),
         "^" => a.major == b.major,
         "~" => a.major == b.major && a.minor == b.minor,
         _ => false,
@@ -540,5 +542,134 @@ mod tests {
             .contains("regex"));
         assert!(Rule::parse("{not json").is_err());
         assert!(Rule::parse(r#"{"==": [1, 1], "!=": [1, 2]}"#).is_err());
+    }
+
+    /// The flagd testbed v3.9.0 (`evaluator/gherkin/fractional.feature`, `@fractional-v1`
+    /// rows: the flagd 0.7-0.16 daemons' float bucketing) with its flag definitions.
+    #[test]
+    fn fractional_matches_the_flagd_testbed_v1_rows() {
+        let suits = json!({"fractional": [{"cat": [{"var": "$flagd.flagKey"}, {"var": "user.name"}]}, ["clubs", 25], ["diamonds", 25], ["hearts", 25], ["spades", 25]]});
+        let shared = json!({"fractional": [{"cat": ["shared-seed", {"var": "user.name"}]}, ["clubs", 25], ["diamonds", 25], ["hearts", 25], ["spades", 25]]});
+        let eval_flag = |rule: &Value, flag: &str, attributes: Value, key: &str| {
+            let rule = Rule::parse(&rule.to_string()).unwrap();
+            let attributes = attributes.as_object().cloned().unwrap_or_default();
+            let data = Data {
+                attributes: &attributes,
+                targeting_key: key,
+                flag_key: flag,
+            };
+            rule.evaluate(&data).into_owned()
+        };
+        for (name, want) in [
+            ("jack", "spades"),
+            ("queen", "clubs"),
+            ("ten", "diamonds"),
+            ("nine", "hearts"),
+            ("3", "diamonds"),
+        ] {
+            let got = eval_flag(
+                &suits,
+                "fractional-flag",
+                json!({"user": {"name": name}}),
+                "",
+            );
+            assert_eq!(got, json!(want), "fractional-flag, user.name {name}");
+        }
+        for (name, want) in [
+            ("jack", "hearts"),
+            ("queen", "spades"),
+            ("ten", "hearts"),
+            ("nine", "diamonds"),
+        ] {
+            let got = eval_flag(
+                &shared,
+                "fractional-flag-A-shared-seed",
+                json!({"user": {"name": name}}),
+                "",
+            );
+            assert_eq!(got, json!(want), "shared seed, user.name {name}");
+        }
+        let shorthand = json!({"fractional": [["heads"], ["tails", 1]]});
+        for (key, want) in [("jon@company.com", "heads"), ("jane@company.com", "tails")] {
+            let got = eval_flag(&shorthand, "fractional-flag-shorthand", json!({}), key);
+            assert_eq!(got, json!(want), "shorthand, targeting key {key}");
+        }
+    }
+
+    /// The flagd testbed v3.9.0 `evaluator/gherkin/semver.feature` rows, with its flags.
+    #[test]
+    fn sem_ver_matches_the_flagd_testbed() {
+        let egl = json!({"if": [{"sem_ver": [{"var": "version"}, "=", "2.0.0"]}, "equal", {"if": [{"sem_ver": [{"var": "version"}, ">", "2.0.0"]}, "greater", {"if": [{"sem_ver": [{"var": "version"}, "<", "2.0.0"]}, "lesser", "none"]}]}]});
+        for (v, want) in [
+            ("2.0.0", "equal"),
+            ("2.1.0", "greater"),
+            ("1.9.0", "lesser"),
+            ("2.0.0-alpha", "lesser"),
+            ("2.0.0.0", "none"),
+        ] {
+            assert_eq!(eval(egl.clone(), json!({"version": v})), json!(want), "{v}");
+        }
+        let mm = json!({"if": [{"sem_ver": [{"var": "version"}, "~", "3.0.0"]}, "minor", {"if": [{"sem_ver": [{"var": "version"}, "^", "3.0.0"]}, "major", "none"]}]});
+        for (v, want) in [("3.0.1", "minor"), ("3.1.0", "major"), ("4.0.0", "none")] {
+            assert_eq!(eval(mm.clone(), json!({"version": v})), json!(want), "{v}");
+        }
+        let prefix =
+            json!({"if": [{"sem_ver": [{"var": "version"}, "=", "v1.0.0"]}, "match", "no-match"]});
+        for (v, want) in [
+            ("1.0.0", "match"),
+            ("v1.0.0", "match"),
+            ("V1.0.0", "match"),
+            ("2.0.0", "no-match"),
+        ] {
+            assert_eq!(
+                eval(prefix.clone(), json!({"version": v})),
+                json!(want),
+                "{v}"
+            );
+        }
+        let partial =
+            json!({"if": [{"sem_ver": [{"var": "version"}, "^", "1"]}, "match", "no-match"]});
+        for (v, want) in [
+            (json!("1.5.0"), "match"),
+            (json!("1.0"), "match"),
+            (json!("1"), "match"),
+            (json!(1), "match"),
+            (json!(1.0), "match"),
+            (json!(1.2), "match"),
+            (json!("2.0.0"), "no-match"),
+        ] {
+            assert_eq!(
+                eval(partial.clone(), json!({"version": v})),
+                json!(want),
+                "{v}"
+            );
+        }
+        let numeric =
+            json!({"if": [{"sem_ver": [{"var": "version"}, ">", "1.1"]}, "match", "no-match"]});
+        for (v, want) in [
+            (json!(1.2), "match"),
+            (json!(1.1), "no-match"),
+            (json!(2), "match"),
+            (json!(1), "no-match"),
+            (json!("1.2"), "match"),
+        ] {
+            assert_eq!(
+                eval(numeric.clone(), json!({"version": v})),
+                json!(want),
+                "{v}"
+            );
+        }
+        let build = json!({"if": [{"sem_ver": [{"var": "version"}, "=", "1.0.0+build"]}, "match", "no-match"]});
+        for (v, want) in [
+            ("1.0.0", "match"),
+            ("1.0.0+other", "match"),
+            ("2.0.0", "no-match"),
+        ] {
+            assert_eq!(
+                eval(build.clone(), json!({"version": v})),
+                json!(want),
+                "{v}"
+            );
+        }
     }
 }
