@@ -4,6 +4,7 @@
 //!
 //! - [`deploy::v1`]: the `deploy.v1` package (Deployment Management).
 //! - [`release::v1`]: the `release.v1` package (Release Management).
+//! - [`flagd::evaluation::v2`]: flagd's evaluation protocol, served by release-svc.
 //! - [`FILE_DESCRIPTOR_SET`]: every compiled file with source info, for gRPC reflection
 //!   (v1 and v1alpha), so `grpcurl describe` shows the doc comments.
 //!
@@ -24,6 +25,18 @@ pub mod release {
     #[allow(clippy::all, clippy::pedantic, missing_docs, unused_qualifications)]
     pub mod v1 {
         tonic::include_proto!("release.v1");
+    }
+}
+
+/// The flagd protocol packages, wire-compatible with the public ones.
+pub mod flagd {
+    /// `flagd.evaluation`.
+    pub mod evaluation {
+        /// `flagd.evaluation.v2`: the evaluation protocol of current flagd providers.
+        #[allow(clippy::all, clippy::pedantic, missing_docs, unused_qualifications)]
+        pub mod v2 {
+            tonic::include_proto!("flagd.evaluation.v2");
+        }
     }
 }
 

@@ -34,6 +34,21 @@ pub struct Config {
     /// Largest request or response message in bytes.
     #[arg(long, env = "RELEASE_SVC_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
+    /// The environment flagd-protocol evaluations use when neither the `Flagd-Selector`
+    /// header (`flagSetId=<env>`) nor the context attribute `environment` names one.
+    #[arg(
+        long,
+        env = "RELEASE_SVC_FLAGD_DEFAULT_ENVIRONMENT",
+        default_value = "prod"
+    )]
+    pub flagd_default_environment: String,
+    /// Seconds between keep_alive events on an idle flagd EventStream.
+    #[arg(
+        long,
+        env = "RELEASE_SVC_FLAGD_KEEP_ALIVE_SECONDS",
+        default_value_t = 20
+    )]
+    pub flagd_keep_alive_seconds: u64,
     /// Logging.
     #[command(flatten)]
     pub log: service_kit::LogArgs,

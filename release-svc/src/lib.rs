@@ -23,6 +23,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use proto::flagd::evaluation::v2::service_server::ServiceServer;
 use proto::release::v1::release_service_server::ReleaseServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -74,6 +75,12 @@ impl Server {
             status.clone(),
             streams.clone(),
         ));
+        let flagd = grpc::flagd::FlagdV2::new(
+            engine.clone(),
+            config.flagd_default_environment.clone(),
+            Duration::from_secs(config.flagd_keep_alive_seconds.max(1)),
+            streams.clone(),
+        );
         let api = ReleaseApi::new(engine, status, config.deploy_svc.clone(), streams.clone());
         let (health, health_service) = tonic_health::server::health_reporter();
         health
@@ -84,13 +91,14 @@ impl Server {
                 .max_decoding_message_size(config.max_message_bytes)
                 .max_encoding_message_size(config.max_message_bytes),
         );
+        let routes = routes.add_service(ServiceServer::new(flagd));
         let routes = service_kit::reflection(routes)?;
         tracing::info!(address = %listener.local_addr()?, database = %config.database.display(), deploy_svc = %config.deploy_svc, "release-svc serving");
         let result = service_kit::serve_gracefully(
             listener,
             routes,
             health,
-            &[SERVICE_NAME],
+            &[SERVICE_NAME, "flagd.evaluation.v2.Service"],
             streams.clone(),
             service_kit::Drain {
                 timeout: Duration::from_millis(config.drain_timeout_ms),

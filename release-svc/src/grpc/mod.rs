@@ -4,8 +4,10 @@
 //! # Layout
 //!
 //! - [`convert`]: proto <-> domain conversions and request validation.
+//! - [`flagd`]: flagd's evaluation protocol (v2) over the same evaluator.
 
 pub mod convert;
+pub mod flagd;
 
 use std::pin::Pin;
 use std::sync::Arc;

@@ -1,0 +1,402 @@
+//! flagd's evaluation protocol (`flagd.evaluation.v2.Service`) over the same evaluator as
+//! `release.v1.ReleaseService/Evaluate`, so stock OpenFeature flagd providers consume
+//! release decisions.
+//!
+//! Mapping: each feature is a flag. The environment comes from the `Flagd-Selector` header
+//! (`flagSetId=<env>`), else the context attribute `environment`, else the configured
+//! default. `targetingKey` is the user. Reasons: STATIC for context-free answers (providers
+//! cache those by flag key alone), TARGETING_MATCH for rule, list, percentage and
+//! release/deployment gate results, DEFAULT for the default variant after rules, DISABLED
+//! (value and variant unset: "use the code default"). Errors use flagd's codes: NOT_FOUND,
+//! INVALID_ARGUMENT for a type mismatch.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use proto::flagd::evaluation::v2 as fpb;
+use proto::flagd::evaluation::v2::service_server::Service;
+use serde_json::Value;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status};
+
+use super::convert::{from_json, struct_to_json};
+use crate::domain::evaluate::{Context, Decision, Reason};
+use crate::engine::{Change, Engine};
+
+/// The flagd v2 evaluation service.
+#[derive(Clone)]
+pub struct FlagdV2 {
+    engine: Arc<Engine>,
+    default_environment: String,
+    keep_alive: Duration,
+    streams: CancellationToken,
+}
+
+impl FlagdV2 {
+    /// A service over `engine`; contexts without an environment use `default_environment`.
+    pub fn new(
+        engine: Arc<Engine>,
+        default_environment: String,
+        keep_alive: Duration,
+        streams: CancellationToken,
+    ) -> Self {
+        Self {
+            engine,
+            default_environment,
+            keep_alive,
+            streams,
+        }
+    }
+
+    /// The evaluation context of a request.
+    fn context(&self, metadata: &MetadataMap, context: Option<prost_types::Struct>) -> Context {
+        let mut attributes = context.as_ref().map(struct_to_json).unwrap_or_default();
+        let targeting_key = match attributes.remove("targetingKey") {
+            Some(Value::String(k)) => k,
+            _ => String::new(),
+        };
+        let from_header = metadata
+            .get("flagd-selector")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| {
+                s.split([',', ' ', ';'])
+                    .find_map(|kv| kv.trim().strip_prefix("flagSetId="))
+                    .map(str::to_owned)
+            });
+        let from_context = match attributes.get("environment") {
+            Some(Value::String(e)) => Some(e.clone()),
+            _ => None,
+        };
+        Context {
+            environment: from_header
+                .or(from_context)
+                .unwrap_or_else(|| self.default_environment.clone()),
+            targeting_key,
+            attributes,
+        }
+    }
+
+    fn decide(
+        &self,
+        metadata: &MetadataMap,
+        key: &str,
+        context: Option<prost_types::Struct>,
+    ) -> Result<Decision, Status> {
+        let ctx = self.context(metadata, context);
+        self.engine
+            .snapshot()
+            .evaluate(key, &ctx)
+            .ok_or_else(|| Status::not_found(format!("FLAG_NOT_FOUND: flag {key:?} not found")))
+    }
+}
+
+/// flagd's reason string for a decision.
+pub fn reason(r: Reason) -> &'static str {
+    match r {
+        Reason::Static => "STATIC",
+        Reason::Default => "DEFAULT",
+        Reason::Disabled => "DISABLED",
+        Reason::NotReleased | Reason::NotDeployed | Reason::TargetingMatch | Reason::Split => {
+            "TARGETING_MATCH"
+        }
+    }
+}
+
+fn mismatch(key: &str, want: &str, got: &Value) -> Status {
+    let kind = match got {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    };
+    Status::invalid_argument(format!("TYPE_MISMATCH: flag {key:?} is {kind}, not {want}"))
+}
+
+/// The typed value of a decision: `Ok(None)` means "use the code default" (DISABLED).
+fn typed<T>(
+    d: &Decision,
+    key: &str,
+    want: &str,
+    pick: impl Fn(&Value) -> Option<T>,
+) -> Result<Option<T>, Status> {
+    if d.reason == Reason::Disabled {
+        return Ok(None);
+    }
+    pick(&d.value)
+        .map(Some)
+        .ok_or_else(|| mismatch(key, want, &d.value))
+}
+
+fn variant(d: &Decision) -> Option<String> {
+    (d.reason != Reason::Disabled).then(|| d.variant.clone())
+}
+
+fn integer(v: &Value) -> Option<i64> {
+    v.as_i64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+            .map(|f| f as i64)
+    })
+}
+
+fn object(v: &Value) -> Option<prost_types::Struct> {
+    v.as_object().map(|m| prost_types::Struct {
+        fields: m.iter().map(|(k, v)| (k.clone(), from_json(v))).collect(),
+    })
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+/// The event stream's message type.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<fpb::EventStreamResponse, Status>> + Send>>;
+
+fn event(kind: &str, data: Option<prost_types::Struct>) -> fpb::EventStreamResponse {
+    fpb::EventStreamResponse {
+        r#type: kind.to_owned(),
+        data,
+    }
+}
+
+fn configuration_change(keys: impl IntoIterator<Item = String>) -> fpb::EventStreamResponse {
+    let update = prost_types::Struct {
+        fields: [(
+            "type".to_owned(),
+            from_json(&Value::String("update".into())),
+        )]
+        .into(),
+    };
+    let flags = prost_types::Struct {
+        fields: keys
+            .into_iter()
+            .map(|k| {
+                (
+                    k,
+                    prost_types::Value {
+                        kind: Some(prost_types::value::Kind::StructValue(update.clone())),
+                    },
+                )
+            })
+            .collect(),
+    };
+    let data = prost_types::Struct {
+        fields: [(
+            "flags".to_owned(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StructValue(flags)),
+            },
+        )]
+        .into(),
+    };
+    event("configuration_change", Some(data))
+}
+
+fn change_event(change: &Change, engine: &Engine) -> Option<fpb::EventStreamResponse> {
+    if change.all {
+        let keys = engine
+            .snapshot()
+            .keys
+            .iter()
+            .map(|k| k.to_string())
+            .collect::<Vec<_>>();
+        return Some(configuration_change(keys));
+    }
+    let mut keys: Vec<String> = change.pairs.iter().map(|(k, _)| k.clone()).collect();
+    keys.sort();
+    keys.dedup();
+    (!keys.is_empty()).then(|| configuration_change(keys))
+}
+
+#[tonic::async_trait]
+impl Service for FlagdV2 {
+    async fn resolve_all(
+        &self,
+        req: Request<fpb::ResolveAllRequest>,
+    ) -> R<fpb::ResolveAllResponse> {
+        let (metadata, _, req) = req.into_parts();
+        let ctx = self.context(&metadata, req.context);
+        let snapshot = self.engine.snapshot();
+        let mut flags = std::collections::HashMap::new();
+        for key in snapshot.keys.iter() {
+            let Some(d) = snapshot.evaluate(key, &ctx) else {
+                continue;
+            };
+            let value = if d.reason == Reason::Disabled {
+                None
+            } else {
+                match &d.value {
+                    Value::Bool(b) => Some(fpb::any_flag::Value::BoolValue(*b)),
+                    Value::String(s) => Some(fpb::any_flag::Value::StringValue(s.clone())),
+                    Value::Number(n) => n.as_f64().map(fpb::any_flag::Value::DoubleValue),
+                    v @ Value::Object(_) => object(v).map(fpb::any_flag::Value::ObjectValue),
+                    _ => None,
+                }
+            };
+            flags.insert(
+                key.to_string(),
+                fpb::AnyFlag {
+                    reason: reason(d.reason).to_owned(),
+                    variant: variant(&d),
+                    value,
+                    metadata: None,
+                },
+            );
+        }
+        let metadata = prost_types::Struct {
+            fields: [(
+                "flagSetId".to_owned(),
+                from_json(&Value::String(ctx.environment)),
+            )]
+            .into(),
+        };
+        Ok(Response::new(fpb::ResolveAllResponse {
+            flags,
+            metadata: Some(metadata),
+        }))
+    }
+
+    async fn resolve_boolean(
+        &self,
+        req: Request<fpb::ResolveBooleanRequest>,
+    ) -> R<fpb::ResolveBooleanResponse> {
+        let (metadata, _, req) = req.into_parts();
+        let d = self.decide(&metadata, &req.flag_key, req.context)?;
+        Ok(Response::new(fpb::ResolveBooleanResponse {
+            value: typed(&d, &req.flag_key, "boolean", Value::as_bool)?,
+            reason: reason(d.reason).to_owned(),
+            variant: variant(&d),
+            metadata: None,
+        }))
+    }
+
+    async fn resolve_string(
+        &self,
+        req: Request<fpb::ResolveStringRequest>,
+    ) -> R<fpb::ResolveStringResponse> {
+        let (metadata, _, req) = req.into_parts();
+        let d = self.decide(&metadata, &req.flag_key, req.context)?;
+        Ok(Response::new(fpb::ResolveStringResponse {
+            value: typed(&d, &req.flag_key, "string", |v| {
+                v.as_str().map(str::to_owned)
+            })?,
+            reason: reason(d.reason).to_owned(),
+            variant: variant(&d),
+            metadata: None,
+        }))
+    }
+
+    async fn resolve_float(
+        &self,
+        req: Request<fpb::ResolveFloatRequest>,
+    ) -> R<fpb::ResolveFloatResponse> {
+        let (metadata, _, req) = req.into_parts();
+        let d = self.decide(&metadata, &req.flag_key, req.context)?;
+        Ok(Response::new(fpb::ResolveFloatResponse {
+            value: typed(&d, &req.flag_key, "float", Value::as_f64)?,
+            reason: reason(d.reason).to_owned(),
+            variant: variant(&d),
+            metadata: None,
+        }))
+    }
+
+    async fn resolve_int(
+        &self,
+        req: Request<fpb::ResolveIntRequest>,
+    ) -> R<fpb::ResolveIntResponse> {
+        let (metadata, _, req) = req.into_parts();
+        let d = self.decide(&metadata, &req.flag_key, req.context)?;
+        Ok(Response::new(fpb::ResolveIntResponse {
+            value: typed(&d, &req.flag_key, "integer", integer)?,
+            reason: reason(d.reason).to_owned(),
+            variant: variant(&d),
+            metadata: None,
+        }))
+    }
+
+    async fn resolve_object(
+        &self,
+        req: Request<fpb::ResolveObjectRequest>,
+    ) -> R<fpb::ResolveObjectResponse> {
+        let (metadata, _, req) = req.into_parts();
+        let d = self.decide(&metadata, &req.flag_key, req.context)?;
+        Ok(Response::new(fpb::ResolveObjectResponse {
+            value: typed(&d, &req.flag_key, "object", object)?,
+            reason: reason(d.reason).to_owned(),
+            variant: variant(&d),
+            metadata: None,
+        }))
+    }
+
+    type EventStreamStream = EventStream;
+
+    async fn event_stream(
+        &self,
+        _req: Request<fpb::EventStreamRequest>,
+    ) -> R<Self::EventStreamStream> {
+        let rx = self.engine.subscribe();
+        let start = (
+            Some(event("provider_ready", None)),
+            rx,
+            self.streams.clone(),
+            self.engine.clone(),
+            self.keep_alive,
+            false,
+        );
+        let stream = futures::stream::unfold(
+            start,
+            |(mut pending, mut rx, streams, engine, keep_alive, done)| async move {
+                if done {
+                    return None;
+                }
+                loop {
+                    if let Some(msg) = pending.take() {
+                        return Some((Ok(msg), (None, rx, streams, engine, keep_alive, false)));
+                    }
+                    tokio::select! {
+                        () = streams.cancelled() => {
+                            let status = Status::unavailable("server is shutting down; reconnect");
+                            return Some((Err(status), (None, rx, streams, engine, keep_alive, true)));
+                        }
+                        () = tokio::time::sleep(keep_alive) => pending = Some(event("keep_alive", None)),
+                        r = rx.recv() => match r {
+                            Ok(change) => pending = change_event(&change, &engine),
+                            Err(RecvError::Lagged(_)) => {
+                                let keys = engine.snapshot().keys.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+                                pending = Some(configuration_change(keys));
+                            }
+                            Err(RecvError::Closed) => return None,
+                        },
+                    }
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_follow_flagd() {
+        assert_eq!(reason(Reason::Static), "STATIC");
+        assert_eq!(reason(Reason::Split), "TARGETING_MATCH");
+        assert_eq!(reason(Reason::NotDeployed), "TARGETING_MATCH");
+        assert_eq!(reason(Reason::Default), "DEFAULT");
+        assert_eq!(reason(Reason::Disabled), "DISABLED");
+    }
+
+    #[test]
+    fn integers_accept_whole_numbers_only() {
+        assert_eq!(integer(&serde_json::json!(3)), Some(3));
+        assert_eq!(integer(&serde_json::json!(3.0)), Some(3));
+        assert_eq!(integer(&serde_json::json!(3.5)), None);
+        assert_eq!(integer(&serde_json::json!("3")), None);
+    }
+}

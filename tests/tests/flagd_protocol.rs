@@ -1,0 +1,229 @@
+//! release-svc's flagd evaluation protocol (v2) over real gRPC with a client generated from
+//! the wire-compatible protos: mapping, reasons, errors, events.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use proto::deploy::v1::PlacementState as P;
+use proto::flagd::evaluation::v2 as fpb;
+use proto::flagd::evaluation::v2::service_client::ServiceClient;
+use proto::release::v1 as rpb;
+use tests::release::{self, eventually};
+use tests::{Gated, InProcess};
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+fn context(pairs: &[(&str, &str)]) -> Option<prost_types::Struct> {
+    Some(prost_types::Struct {
+        fields: pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    (*k).to_owned(),
+                    prost_types::Value {
+                        kind: Some(prost_types::value::Kind::StringValue((*v).to_owned())),
+                    },
+                )
+            })
+            .collect(),
+    })
+}
+
+fn with_selector<T>(msg: T, env: &str) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut().insert(
+        "flagd-selector",
+        format!("flagSetId={env}").parse().unwrap(),
+    );
+    req
+}
+
+async fn boolean(
+    c: &mut ServiceClient<Channel>,
+    key: &str,
+    env: Option<&str>,
+    ctx: &[(&str, &str)],
+) -> Result<fpb::ResolveBooleanResponse, tonic::Status> {
+    let msg = fpb::ResolveBooleanRequest {
+        flag_key: key.into(),
+        context: context(ctx),
+    };
+    let req = match env {
+        Some(env) => with_selector(msg, env),
+        None => Request::new(msg),
+    };
+    c.resolve_boolean(req)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn flagd_v2_serves_release_decisions() {
+    let d = InProcess::start().await;
+    let r = release::InProcess::start(d.addr).await;
+    let (mut dc, mut rc) = (d.client().await, r.client().await);
+    let g = Gated::setup(&mut dc, &mut rc, 2, 1.0, 100.0).await;
+    rc.create_feature(rpb::CreateFeatureRequest {
+        feature: Some(rpb::Feature {
+            key: "banner-text".into(),
+            variants: [
+                (
+                    "a".to_owned(),
+                    prost_types::Value {
+                        kind: Some(prost_types::value::Kind::StringValue("hello".into())),
+                    },
+                ),
+                (
+                    "b".to_owned(),
+                    prost_types::Value {
+                        kind: Some(prost_types::value::Kind::StringValue("bye".into())),
+                    },
+                ),
+            ]
+            .into(),
+            default_variant: "a".into(),
+            off_variant: "b".into(),
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    rc.create_feature(rpb::CreateFeatureRequest {
+        feature: Some(rpb::Feature {
+            key: "old-thing".into(),
+            disabled: true,
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    let banner = release::release(&mut rc, &["banner-text"], &["prod"]).await;
+    release::rollout(&mut rc, &banner, "prod", 100.0).await;
+
+    let channel = Channel::from_shared(format!("http://{}", r.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut fc = ServiceClient::new(channel);
+    let mut events = fc
+        .event_stream(fpb::EventStreamRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = events.message().await.unwrap().unwrap();
+    assert_eq!(first.r#type, "provider_ready");
+
+    // Released but not deployed: the off variant, as a targeting decision.
+    let b = boolean(&mut fc, "new-cart", Some("prod"), &[("targetingKey", "u1")])
+        .await
+        .unwrap();
+    assert_eq!(
+        (b.value, b.reason.as_str(), b.variant.as_deref()),
+        (Some(false), "TARGETING_MATCH", Some("off"))
+    );
+    g.report(&mut dc, &g.targets, P::Placed).await;
+    eventually(
+        &mut rc,
+        "new-cart",
+        "prod",
+        "u1",
+        rpb::Reason::Static,
+        Duration::from_secs(10),
+    )
+    .await;
+    let b = boolean(&mut fc, "new-cart", Some("prod"), &[("targetingKey", "u1")])
+        .await
+        .unwrap();
+    assert_eq!((b.value, b.reason.as_str()), (Some(true), "STATIC"));
+    // The placement gate opening is announced to flagd providers.
+    let change = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let e = events.message().await.unwrap().unwrap();
+            if e.r#type == "configuration_change" {
+                let flags = e.data.unwrap().fields["flags"].clone();
+                if let Some(prost_types::value::Kind::StructValue(s)) = flags.kind {
+                    if s.fields.contains_key("new-cart") {
+                        return s;
+                    }
+                }
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(change.fields.contains_key("new-cart"));
+
+    // The environment from a context attribute (staging: not released there), and the default.
+    let b = boolean(
+        &mut fc,
+        "new-cart",
+        None,
+        &[("targetingKey", "u1"), ("environment", "staging")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (b.value, b.reason.as_str()),
+        (Some(false), "TARGETING_MATCH")
+    );
+    let b = boolean(&mut fc, "new-cart", None, &[("targetingKey", "u1")])
+        .await
+        .unwrap();
+    assert_eq!(b.value, Some(true), "the default environment is prod");
+
+    // Strings, disabled flags (code default), type mismatches, unknown flags.
+    let s = fc
+        .resolve_string(with_selector(
+            fpb::ResolveStringRequest {
+                flag_key: "banner-text".into(),
+                context: context(&[]),
+            },
+            "prod",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (s.value.as_deref(), s.reason.as_str(), s.variant.as_deref()),
+        (Some("hello"), "STATIC", Some("a"))
+    );
+    let off = boolean(&mut fc, "old-thing", Some("prod"), &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (off.value, off.reason.as_str(), off.variant),
+        (None, "DISABLED", None)
+    );
+    let wrong = boolean(&mut fc, "banner-text", Some("prod"), &[])
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::InvalidArgument);
+    assert!(wrong.message().contains("TYPE_MISMATCH"), "{wrong:?}");
+    let missing = boolean(&mut fc, "nope", Some("prod"), &[])
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+
+    let all = fc
+        .resolve_all(with_selector(
+            fpb::ResolveAllRequest {
+                context: context(&[("targetingKey", "u1")]),
+            },
+            "prod",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut keys: Vec<_> = all.flags.keys().cloned().collect();
+    keys.sort();
+    assert_eq!(keys, ["banner-text", "new-cart", "old-thing"]);
+    assert_eq!(
+        all.flags["new-cart"].value,
+        Some(fpb::any_flag::Value::BoolValue(true))
+    );
+    assert_eq!(all.flags["old-thing"].reason, "DISABLED");
+    r.shutdown().await.unwrap();
+    d.shutdown().await.unwrap();
+}
