@@ -224,6 +224,49 @@ async fn flagd_v2_serves_release_decisions() {
         Some(fpb::any_flag::Value::BoolValue(true))
     );
     assert_eq!(all.flags["old-thing"].reason, "DISABLED");
+
+    // The stock OpenFeature Python SDK and flagd provider (RPC, protocol v2) see the same.
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/python/flagd_provider_smoke.py"
+    );
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .env("FLAGD_HOST", r.addr.ip().to_string())
+        .env("FLAGD_PORT", r.addr.port().to_string())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python flagd provider failed (pip install openfeature-sdk 'openfeature-provider-flagd==0.6.*'):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["new_cart"]["value"], true, "{seen}");
+    assert_eq!(seen["new_cart"]["reason"], "STATIC", "{seen}");
+    // Without the selector the environment is context-dependent: never STATIC (a provider
+    // would cache it for every context).
+    assert_eq!(seen["new_cart_default_env"]["value"], true, "{seen}");
+    assert_eq!(
+        seen["new_cart_default_env"]["reason"], "TARGETING_MATCH",
+        "{seen}"
+    );
+    assert_eq!(seen["new_cart_staging"]["value"], false, "{seen}");
+    assert_eq!(
+        seen["new_cart_staging"]["reason"], "TARGETING_MATCH",
+        "{seen}"
+    );
+    assert_eq!(seen["banner_text"]["value"], "hello", "{seen}");
+    assert_eq!(seen["banner_text"]["variant"], "a", "{seen}");
+    assert_eq!(
+        seen["old_thing"]["value"], true,
+        "disabled: the code default: {seen}"
+    );
+    assert_eq!(seen["old_thing"]["reason"], "DISABLED", "{seen}");
+    assert_eq!(seen["missing"]["error"], "FLAG_NOT_FOUND", "{seen}");
+    assert_eq!(seen["mismatch"]["value"], 7, "{seen}");
+    assert_eq!(seen["mismatch"]["error"], "TYPE_MISMATCH", "{seen}");
     r.shutdown().await.unwrap();
     d.shutdown().await.unwrap();
 }

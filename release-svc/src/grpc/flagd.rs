@@ -3,12 +3,14 @@
 //! release decisions.
 //!
 //! Mapping: each feature is a flag. The environment comes from the `Flagd-Selector` header
-//! (`flagSetId=<env>`), else the context attribute `environment`, else the configured
-//! default. `targetingKey` is the user. Reasons: STATIC for context-free answers (providers
-//! cache those by flag key alone), TARGETING_MATCH for rule, list, percentage and
-//! release/deployment gate results, DEFAULT for the default variant after rules, DISABLED
-//! (value and variant unset: "use the code default"). Errors use flagd's codes: NOT_FOUND,
-//! INVALID_ARGUMENT for a type mismatch.
+//! (`flagSetId=<env>`, fixed per provider), else the context attribute `environment`, else
+//! the configured default. `targetingKey` is the user. Reasons: STATIC only for answers that
+//! are context-free AND whose environment the selector header fixed: providers cache STATIC
+//! results by flag key alone, so an answer whose environment came from a context (or could
+//! come from a later one) is TARGETING_MATCH; TARGETING_MATCH also for rule, list,
+//! percentage and release/deployment gate results; DEFAULT for the default variant after
+//! rules; DISABLED with value and variant unset ("use the code default"). Errors use
+//! flagd's codes: NOT_FOUND, INVALID_ARGUMENT for a type mismatch.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -52,8 +54,13 @@ impl FlagdV2 {
         }
     }
 
-    /// The evaluation context of a request.
-    fn context(&self, metadata: &MetadataMap, context: Option<prost_types::Struct>) -> Context {
+    /// The evaluation context of a request, and whether the selector header fixed its
+    /// environment.
+    fn context(
+        &self,
+        metadata: &MetadataMap,
+        context: Option<prost_types::Struct>,
+    ) -> (Context, bool) {
         let mut attributes = context.as_ref().map(struct_to_json).unwrap_or_default();
         let targeting_key = match attributes.remove("targetingKey") {
             Some(Value::String(k)) => k,
@@ -71,13 +78,15 @@ impl FlagdV2 {
             Some(Value::String(e)) => Some(e.clone()),
             _ => None,
         };
-        Context {
+        let fixed = from_header.is_some();
+        let ctx = Context {
             environment: from_header
                 .or(from_context)
                 .unwrap_or_else(|| self.default_environment.clone()),
             targeting_key,
             attributes,
-        }
+        };
+        (ctx, fixed)
     }
 
     fn decide(
@@ -86,12 +95,21 @@ impl FlagdV2 {
         key: &str,
         context: Option<prost_types::Struct>,
     ) -> Result<Decision, Status> {
-        let ctx = self.context(metadata, context);
-        self.engine
-            .snapshot()
-            .evaluate(key, &ctx)
-            .ok_or_else(|| Status::not_found(format!("FLAG_NOT_FOUND: flag {key:?} not found")))
+        let (ctx, fixed) = self.context(metadata, context);
+        let d =
+            self.engine.snapshot().evaluate(key, &ctx).ok_or_else(|| {
+                Status::not_found(format!("FLAG_NOT_FOUND: flag {key:?} not found"))
+            })?;
+        Ok(cacheable(d, fixed))
     }
+}
+
+/// A STATIC decision stays STATIC only when the environment was fixed by the selector.
+fn cacheable(mut d: Decision, environment_fixed: bool) -> Decision {
+    if d.reason == Reason::Static && !environment_fixed {
+        d.reason = Reason::TargetingMatch;
+    }
+    d
 }
 
 /// flagd's reason string for a decision.
@@ -219,11 +237,11 @@ impl Service for FlagdV2 {
         req: Request<fpb::ResolveAllRequest>,
     ) -> R<fpb::ResolveAllResponse> {
         let (metadata, _, req) = req.into_parts();
-        let ctx = self.context(&metadata, req.context);
+        let (ctx, fixed) = self.context(&metadata, req.context);
         let snapshot = self.engine.snapshot();
         let mut flags = std::collections::HashMap::new();
         for key in snapshot.keys.iter() {
-            let Some(d) = snapshot.evaluate(key, &ctx) else {
+            let Some(d) = snapshot.evaluate(key, &ctx).map(|d| cacheable(d, fixed)) else {
                 continue;
             };
             let value = if d.reason == Reason::Disabled {
