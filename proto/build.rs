@@ -8,6 +8,7 @@ use prost::Message;
 const PROTOS: &[&str] = &[
     "deploy/v1/deploy.proto",
     "release/v1/release.proto",
+    "flagd/evaluation/v1/evaluation.proto",
     "flagd/evaluation/v2/evaluation.proto",
     "google/rpc/error_details.proto",
 ];

@@ -32,6 +32,12 @@ pub mod release {
 pub mod flagd {
     /// `flagd.evaluation`.
     pub mod evaluation {
+        /// `flagd.evaluation.v1`: the deprecated protocol older providers speak.
+        #[allow(clippy::all, clippy::pedantic, missing_docs, unused_qualifications)]
+        pub mod v1 {
+            tonic::include_proto!("flagd.evaluation.v1");
+        }
+
         /// `flagd.evaluation.v2`: the evaluation protocol of current flagd providers.
         #[allow(clippy::all, clippy::pedantic, missing_docs, unused_qualifications)]
         pub mod v2 {

@@ -23,7 +23,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::flagd::evaluation::v2::service_server::ServiceServer;
+use proto::flagd::evaluation::v1::service_server::ServiceServer as FlagdV1Server;
+use proto::flagd::evaluation::v2::service_server::ServiceServer as FlagdV2Server;
 use proto::release::v1::release_service_server::ReleaseServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -75,7 +76,7 @@ impl Server {
             status.clone(),
             streams.clone(),
         ));
-        let flagd = grpc::flagd::FlagdV2::new(
+        let flagd = grpc::flagd::Flagd::new(
             engine.clone(),
             config.flagd_default_environment.clone(),
             Duration::from_secs(config.flagd_keep_alive_seconds.max(1)),
@@ -91,14 +92,20 @@ impl Server {
                 .max_decoding_message_size(config.max_message_bytes)
                 .max_encoding_message_size(config.max_message_bytes),
         );
-        let routes = routes.add_service(ServiceServer::new(flagd));
+        let routes = routes
+            .add_service(FlagdV1Server::new(flagd.clone()))
+            .add_service(FlagdV2Server::new(flagd));
         let routes = service_kit::reflection(routes)?;
         tracing::info!(address = %listener.local_addr()?, database = %config.database.display(), deploy_svc = %config.deploy_svc, "release-svc serving");
         let result = service_kit::serve_gracefully(
             listener,
             routes,
             health,
-            &[SERVICE_NAME, "flagd.evaluation.v2.Service"],
+            &[
+                SERVICE_NAME,
+                "flagd.evaluation.v1.Service",
+                "flagd.evaluation.v2.Service",
+            ],
             streams.clone(),
             service_kit::Drain {
                 timeout: Duration::from_millis(config.drain_timeout_ms),

@@ -270,3 +270,100 @@ async fn flagd_v2_serves_release_decisions() {
     r.shutdown().await.unwrap();
     d.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn flagd_v1_answers_with_plain_fields() {
+    use proto::flagd::evaluation::v1;
+    use proto::flagd::evaluation::v1::service_client::ServiceClient as V1Client;
+
+    let d = InProcess::start().await;
+    let r = release::InProcess::start(d.addr).await;
+    let mut rc = r.client().await;
+    rc.create_feature(rpb::CreateFeatureRequest {
+        feature: Some(rpb::Feature {
+            key: "banner".into(),
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    rc.create_feature(rpb::CreateFeatureRequest {
+        feature: Some(rpb::Feature {
+            key: "old-thing".into(),
+            disabled: true,
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    let rel = release::release(&mut rc, &["banner"], &["prod"]).await;
+    release::rollout(&mut rc, &rel, "prod", 100.0).await;
+
+    let channel = Channel::from_shared(format!("http://{}", r.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = V1Client::new(channel);
+    let mut events = c
+        .event_stream(v1::EventStreamRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        events.message().await.unwrap().unwrap().r#type,
+        "provider_ready"
+    );
+    let b = c
+        .resolve_boolean(with_selector(
+            v1::ResolveBooleanRequest {
+                flag_key: "banner".into(),
+                context: context(&[("targetingKey", "u")]),
+            },
+            "prod",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (b.value, b.reason.as_str(), b.variant.as_str()),
+        (true, "STATIC", "on")
+    );
+    let off = c
+        .resolve_boolean(with_selector(
+            v1::ResolveBooleanRequest {
+                flag_key: "old-thing".into(),
+                context: None,
+            },
+            "prod",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (off.value, off.reason.as_str(), off.variant.as_str()),
+        (false, "DISABLED", "")
+    );
+    let all = c
+        .resolve_all(with_selector(
+            v1::ResolveAllRequest { context: None },
+            "prod",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        all.flags["banner"].value,
+        Some(v1::any_flag::Value::BoolValue(true))
+    );
+    // A rollout change reaches v1 streams too.
+    release::rollout(&mut rc, &rel, "prod", 50.0).await;
+    let change = tokio::time::timeout(Duration::from_secs(10), events.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(change.r#type, "configuration_change");
+    r.shutdown().await.unwrap();
+    d.shutdown().await.unwrap();
+}

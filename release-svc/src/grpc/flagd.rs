@@ -1,4 +1,5 @@
-//! flagd's evaluation protocol (`flagd.evaluation.v2.Service`) over the same evaluator as
+//! flagd's evaluation protocol (`flagd.evaluation.v2.Service`, and the deprecated
+//! `flagd.evaluation.v1.Service` older providers speak) over the same evaluator as
 //! `release.v1.ReleaseService/Evaluate`, so stock OpenFeature flagd providers consume
 //! release decisions.
 //!
@@ -17,8 +18,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use proto::flagd::evaluation::v2 as fpb;
-use proto::flagd::evaluation::v2::service_server::Service;
 use serde_json::Value;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
@@ -29,16 +28,16 @@ use super::convert::{from_json, struct_to_json};
 use crate::domain::evaluate::{Context, Decision, Reason};
 use crate::engine::{Change, Engine};
 
-/// The flagd v2 evaluation service.
+/// The flagd evaluation services (v1 and v2 share everything but message shapes).
 #[derive(Clone)]
-pub struct FlagdV2 {
+pub struct Flagd {
     engine: Arc<Engine>,
     default_environment: String,
     keep_alive: Duration,
     streams: CancellationToken,
 }
 
-impl FlagdV2 {
+impl Flagd {
     /// A service over `engine`; contexts without an environment use `default_environment`.
     pub fn new(
         engine: Arc<Engine>,
@@ -163,25 +162,38 @@ fn integer(v: &Value) -> Option<i64> {
     })
 }
 
+type R<T> = Result<Response<T>, Status>;
+
+/// Fills a response field from an optional value: v2 fields are `optional` (unset means
+/// "use the code default"), v1 fields are plain (the zero value).
+trait Field<T> {
+    fn field(v: Option<T>) -> Self;
+}
+
+impl<T> Field<T> for Option<T> {
+    fn field(v: Option<T>) -> Self {
+        v
+    }
+}
+
+macro_rules! plain_field {
+    ($($t:ty),*) => {$(
+        impl Field<$t> for $t {
+            fn field(v: Option<$t>) -> Self {
+                v.unwrap_or_default()
+            }
+        }
+    )*};
+}
+plain_field!(bool, String, f64, i64);
+
 fn object(v: &Value) -> Option<prost_types::Struct> {
     v.as_object().map(|m| prost_types::Struct {
         fields: m.iter().map(|(k, v)| (k.clone(), from_json(v))).collect(),
     })
 }
 
-type R<T> = Result<Response<T>, Status>;
-
-/// The event stream's message type.
-pub type EventStream = Pin<Box<dyn Stream<Item = Result<fpb::EventStreamResponse, Status>> + Send>>;
-
-fn event(kind: &str, data: Option<prost_types::Struct>) -> fpb::EventStreamResponse {
-    fpb::EventStreamResponse {
-        r#type: kind.to_owned(),
-        data,
-    }
-}
-
-fn configuration_change(keys: impl IntoIterator<Item = String>) -> fpb::EventStreamResponse {
+fn update_flags(keys: impl IntoIterator<Item = String>) -> prost_types::Struct {
     let update = prost_types::Struct {
         fields: [(
             "type".to_owned(),
@@ -202,7 +214,7 @@ fn configuration_change(keys: impl IntoIterator<Item = String>) -> fpb::EventStr
             })
             .collect(),
     };
-    let data = prost_types::Struct {
+    prost_types::Struct {
         fields: [(
             "flags".to_owned(),
             prost_types::Value {
@@ -210,192 +222,183 @@ fn configuration_change(keys: impl IntoIterator<Item = String>) -> fpb::EventStr
             },
         )]
         .into(),
-    };
-    event("configuration_change", Some(data))
+    }
 }
 
-fn change_event(change: &Change, engine: &Engine) -> Option<fpb::EventStreamResponse> {
+/// The keys a change announces (all keys for a full invalidation), or `None` for none.
+fn changed_keys(change: &Change, engine: &Engine) -> Option<Vec<String>> {
     if change.all {
-        let keys = engine
-            .snapshot()
-            .keys
-            .iter()
-            .map(|k| k.to_string())
-            .collect::<Vec<_>>();
-        return Some(configuration_change(keys));
+        return Some(
+            engine
+                .snapshot()
+                .keys
+                .iter()
+                .map(|k| k.to_string())
+                .collect(),
+        );
     }
     let mut keys: Vec<String> = change.pairs.iter().map(|(k, _)| k.clone()).collect();
     keys.sort();
     keys.dedup();
-    (!keys.is_empty()).then(|| configuration_change(keys))
+    (!keys.is_empty()).then_some(keys)
 }
 
-#[tonic::async_trait]
-impl Service for FlagdV2 {
-    async fn resolve_all(
-        &self,
-        req: Request<fpb::ResolveAllRequest>,
-    ) -> R<fpb::ResolveAllResponse> {
-        let (metadata, _, req) = req.into_parts();
-        let (ctx, fixed) = self.context(&metadata, req.context);
-        let snapshot = self.engine.snapshot();
-        let mut flags = std::collections::HashMap::new();
-        for key in snapshot.keys.iter() {
-            let Some(d) = snapshot.evaluate(key, &ctx).map(|d| cacheable(d, fixed)) else {
-                continue;
-            };
-            let value = if d.reason == Reason::Disabled {
-                None
-            } else {
-                match &d.value {
-                    Value::Bool(b) => Some(fpb::any_flag::Value::BoolValue(*b)),
-                    Value::String(s) => Some(fpb::any_flag::Value::StringValue(s.clone())),
-                    Value::Number(n) => n.as_f64().map(fpb::any_flag::Value::DoubleValue),
-                    v @ Value::Object(_) => object(v).map(fpb::any_flag::Value::ObjectValue),
-                    _ => None,
-                }
-            };
-            flags.insert(
-                key.to_string(),
-                fpb::AnyFlag {
-                    reason: reason(d.reason).to_owned(),
-                    variant: variant(&d),
-                    value,
-                    metadata: None,
-                },
-            );
-        }
-        let metadata = prost_types::Struct {
-            fields: [(
-                "flagSetId".to_owned(),
-                from_json(&Value::String(ctx.environment)),
-            )]
-            .into(),
-        };
-        Ok(Response::new(fpb::ResolveAllResponse {
-            flags,
-            metadata: Some(metadata),
-        }))
-    }
+/// Implements one version of `flagd.evaluation.vN.Service` for [`Flagd`].
+macro_rules! flagd_service {
+    ($fpb:ident, $stream:ident) => {
+        /// The event stream of this protocol version.
+        pub type $stream = Pin<Box<dyn Stream<Item = Result<$fpb::EventStreamResponse, Status>> + Send>>;
 
-    async fn resolve_boolean(
-        &self,
-        req: Request<fpb::ResolveBooleanRequest>,
-    ) -> R<fpb::ResolveBooleanResponse> {
-        let (metadata, _, req) = req.into_parts();
-        let d = self.decide(&metadata, &req.flag_key, req.context)?;
-        Ok(Response::new(fpb::ResolveBooleanResponse {
-            value: typed(&d, &req.flag_key, "boolean", Value::as_bool)?,
-            reason: reason(d.reason).to_owned(),
-            variant: variant(&d),
-            metadata: None,
-        }))
-    }
-
-    async fn resolve_string(
-        &self,
-        req: Request<fpb::ResolveStringRequest>,
-    ) -> R<fpb::ResolveStringResponse> {
-        let (metadata, _, req) = req.into_parts();
-        let d = self.decide(&metadata, &req.flag_key, req.context)?;
-        Ok(Response::new(fpb::ResolveStringResponse {
-            value: typed(&d, &req.flag_key, "string", |v| {
-                v.as_str().map(str::to_owned)
-            })?,
-            reason: reason(d.reason).to_owned(),
-            variant: variant(&d),
-            metadata: None,
-        }))
-    }
-
-    async fn resolve_float(
-        &self,
-        req: Request<fpb::ResolveFloatRequest>,
-    ) -> R<fpb::ResolveFloatResponse> {
-        let (metadata, _, req) = req.into_parts();
-        let d = self.decide(&metadata, &req.flag_key, req.context)?;
-        Ok(Response::new(fpb::ResolveFloatResponse {
-            value: typed(&d, &req.flag_key, "float", Value::as_f64)?,
-            reason: reason(d.reason).to_owned(),
-            variant: variant(&d),
-            metadata: None,
-        }))
-    }
-
-    async fn resolve_int(
-        &self,
-        req: Request<fpb::ResolveIntRequest>,
-    ) -> R<fpb::ResolveIntResponse> {
-        let (metadata, _, req) = req.into_parts();
-        let d = self.decide(&metadata, &req.flag_key, req.context)?;
-        Ok(Response::new(fpb::ResolveIntResponse {
-            value: typed(&d, &req.flag_key, "integer", integer)?,
-            reason: reason(d.reason).to_owned(),
-            variant: variant(&d),
-            metadata: None,
-        }))
-    }
-
-    async fn resolve_object(
-        &self,
-        req: Request<fpb::ResolveObjectRequest>,
-    ) -> R<fpb::ResolveObjectResponse> {
-        let (metadata, _, req) = req.into_parts();
-        let d = self.decide(&metadata, &req.flag_key, req.context)?;
-        Ok(Response::new(fpb::ResolveObjectResponse {
-            value: typed(&d, &req.flag_key, "object", object)?,
-            reason: reason(d.reason).to_owned(),
-            variant: variant(&d),
-            metadata: None,
-        }))
-    }
-
-    type EventStreamStream = EventStream;
-
-    async fn event_stream(
-        &self,
-        _req: Request<fpb::EventStreamRequest>,
-    ) -> R<Self::EventStreamStream> {
-        let rx = self.engine.subscribe();
-        let start = (
-            Some(event("provider_ready", None)),
-            rx,
-            self.streams.clone(),
-            self.engine.clone(),
-            self.keep_alive,
-            false,
-        );
-        let stream = futures::stream::unfold(
-            start,
-            |(mut pending, mut rx, streams, engine, keep_alive, done)| async move {
-                if done {
-                    return None;
-                }
-                loop {
-                    if let Some(msg) = pending.take() {
-                        return Some((Ok(msg), (None, rx, streams, engine, keep_alive, false)));
-                    }
-                    tokio::select! {
-                        () = streams.cancelled() => {
-                            let status = Status::unavailable("server is shutting down; reconnect");
-                            return Some((Err(status), (None, rx, streams, engine, keep_alive, true)));
+        #[tonic::async_trait]
+        impl $fpb::service_server::Service for Flagd {
+            async fn resolve_all(&self, req: Request<$fpb::ResolveAllRequest>) -> R<$fpb::ResolveAllResponse> {
+                let (metadata, _, req) = req.into_parts();
+                let (ctx, fixed) = self.context(&metadata, req.context);
+                let snapshot = self.engine.snapshot();
+                let mut flags = std::collections::HashMap::new();
+                for key in snapshot.keys.iter() {
+                    let Some(d) = snapshot.evaluate(key, &ctx).map(|d| cacheable(d, fixed)) else {
+                        continue;
+                    };
+                    let value = if d.reason == Reason::Disabled {
+                        None
+                    } else {
+                        match &d.value {
+                            Value::Bool(b) => Some($fpb::any_flag::Value::BoolValue(*b)),
+                            Value::String(s) => Some($fpb::any_flag::Value::StringValue(s.clone())),
+                            Value::Number(n) => n.as_f64().map($fpb::any_flag::Value::DoubleValue),
+                            v @ Value::Object(_) => object(v).map($fpb::any_flag::Value::ObjectValue),
+                            _ => None,
                         }
-                        () = tokio::time::sleep(keep_alive) => pending = Some(event("keep_alive", None)),
-                        r = rx.recv() => match r {
-                            Ok(change) => pending = change_event(&change, &engine),
-                            Err(RecvError::Lagged(_)) => {
-                                let keys = engine.snapshot().keys.iter().map(|k| k.to_string()).collect::<Vec<_>>();
-                                pending = Some(configuration_change(keys));
-                            }
-                            Err(RecvError::Closed) => return None,
+                    };
+                    flags.insert(
+                        key.to_string(),
+                        $fpb::AnyFlag {
+                            reason: reason(d.reason).to_owned(),
+                            variant: Field::field(variant(&d)),
+                            value,
+                            metadata: None,
                         },
-                    }
+                    );
                 }
-            },
-        );
-        Ok(Response::new(Box::pin(stream)))
-    }
+                let metadata = prost_types::Struct {
+                    fields: [("flagSetId".to_owned(), from_json(&Value::String(ctx.environment)))].into(),
+                };
+                Ok(Response::new($fpb::ResolveAllResponse {
+                    flags,
+                    metadata: Some(metadata),
+                }))
+            }
+
+            async fn resolve_boolean(&self, req: Request<$fpb::ResolveBooleanRequest>) -> R<$fpb::ResolveBooleanResponse> {
+                let (metadata, _, req) = req.into_parts();
+                let d = self.decide(&metadata, &req.flag_key, req.context)?;
+                Ok(Response::new($fpb::ResolveBooleanResponse {
+                    value: Field::field(typed(&d, &req.flag_key, "boolean", Value::as_bool)?),
+                    reason: reason(d.reason).to_owned(),
+                    variant: Field::field(variant(&d)),
+                    metadata: None,
+                }))
+            }
+
+            async fn resolve_string(&self, req: Request<$fpb::ResolveStringRequest>) -> R<$fpb::ResolveStringResponse> {
+                let (metadata, _, req) = req.into_parts();
+                let d = self.decide(&metadata, &req.flag_key, req.context)?;
+                Ok(Response::new($fpb::ResolveStringResponse {
+                    value: Field::field(typed(&d, &req.flag_key, "string", |v| v.as_str().map(str::to_owned))?),
+                    reason: reason(d.reason).to_owned(),
+                    variant: Field::field(variant(&d)),
+                    metadata: None,
+                }))
+            }
+
+            async fn resolve_float(&self, req: Request<$fpb::ResolveFloatRequest>) -> R<$fpb::ResolveFloatResponse> {
+                let (metadata, _, req) = req.into_parts();
+                let d = self.decide(&metadata, &req.flag_key, req.context)?;
+                Ok(Response::new($fpb::ResolveFloatResponse {
+                    value: Field::field(typed(&d, &req.flag_key, "float", Value::as_f64)?),
+                    reason: reason(d.reason).to_owned(),
+                    variant: Field::field(variant(&d)),
+                    metadata: None,
+                }))
+            }
+
+            async fn resolve_int(&self, req: Request<$fpb::ResolveIntRequest>) -> R<$fpb::ResolveIntResponse> {
+                let (metadata, _, req) = req.into_parts();
+                let d = self.decide(&metadata, &req.flag_key, req.context)?;
+                Ok(Response::new($fpb::ResolveIntResponse {
+                    value: Field::field(typed(&d, &req.flag_key, "integer", integer)?),
+                    reason: reason(d.reason).to_owned(),
+                    variant: Field::field(variant(&d)),
+                    metadata: None,
+                }))
+            }
+
+            async fn resolve_object(&self, req: Request<$fpb::ResolveObjectRequest>) -> R<$fpb::ResolveObjectResponse> {
+                let (metadata, _, req) = req.into_parts();
+                let d = self.decide(&metadata, &req.flag_key, req.context)?;
+                Ok(Response::new($fpb::ResolveObjectResponse {
+                    value: typed(&d, &req.flag_key, "object", object)?,
+                    reason: reason(d.reason).to_owned(),
+                    variant: Field::field(variant(&d)),
+                    metadata: None,
+                }))
+            }
+
+            type EventStreamStream = $stream;
+
+            async fn event_stream(&self, _req: Request<$fpb::EventStreamRequest>) -> R<Self::EventStreamStream> {
+                let event = |kind: &str, data: Option<prost_types::Struct>| $fpb::EventStreamResponse {
+                    r#type: kind.to_owned(),
+                    data,
+                };
+                let rx = self.engine.subscribe();
+                let start = (
+                    Some(event("provider_ready", None)),
+                    rx,
+                    self.streams.clone(),
+                    self.engine.clone(),
+                    self.keep_alive,
+                    false,
+                );
+                let stream = futures::stream::unfold(start, move |(mut pending, mut rx, streams, engine, keep_alive, done)| async move {
+                    if done {
+                        return None;
+                    }
+                    loop {
+                        if let Some(msg) = pending.take() {
+                            return Some((Ok(msg), (None, rx, streams, engine, keep_alive, false)));
+                        }
+                        tokio::select! {
+                            () = streams.cancelled() => {
+                                let status = Status::unavailable("server is shutting down; reconnect");
+                                return Some((Err(status), (None, rx, streams, engine, keep_alive, true)));
+                            }
+                            () = tokio::time::sleep(keep_alive) => pending = Some(event("keep_alive", None)),
+                            r = rx.recv() => match r {
+                                Ok(change) => {
+                                    pending = changed_keys(&change, &engine)
+                                        .map(|keys| event("configuration_change", Some(update_flags(keys))));
+                                }
+                                Err(RecvError::Lagged(_)) => {
+                                    let keys = engine.snapshot().keys.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+                                    pending = Some(event("configuration_change", Some(update_flags(keys))));
+                                }
+                                Err(RecvError::Closed) => return None,
+                            },
+                        }
+                    }
+                });
+                Ok(Response::new(Box::pin(stream)))
+            }
+        }
+    };
 }
+
+use proto::flagd::evaluation::{v1 as fpb1, v2 as fpb2};
+
+flagd_service!(fpb1, EventStreamV1);
+flagd_service!(fpb2, EventStreamV2);
 
 #[cfg(test)]
 mod tests {
