@@ -34,6 +34,10 @@ pub struct Config {
     /// Largest request or response message in bytes.
     #[arg(long, env = "RELEASE_SVC_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
+    /// Also serve the flagd protocols on this address (flagd's default port is 8013);
+    /// they are always served on --listen too.
+    #[arg(long, env = "RELEASE_SVC_FLAGD_LISTEN")]
+    pub flagd_listen: Option<SocketAddr>,
     /// The environment flagd-protocol evaluations use when neither the `Flagd-Selector`
     /// header (`flagSetId=<env>`) nor the context attribute `environment` names one.
     #[arg(

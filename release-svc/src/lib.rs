@@ -67,6 +67,17 @@ impl Server {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
+        self.run_with_flagd_port(listener, None, shutdown).await
+    }
+
+    /// [`Server::run`], also serving the flagd protocols (and health, reflection) on a
+    /// dedicated listener, as flagd does on 8013.
+    pub async fn run_with_flagd_port(
+        self,
+        listener: TcpListener,
+        flagd_listener: Option<TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         let Self { config, engine } = self;
         let streams = CancellationToken::new();
         let status = consumer::SharedStatus::default();
@@ -83,36 +94,89 @@ impl Server {
             streams.clone(),
         );
         let api = ReleaseApi::new(engine, status, config.deploy_svc.clone(), streams.clone());
+        let flagd_routes = |routes: tonic::service::Routes| {
+            routes
+                .add_service(FlagdV1Server::new(flagd.clone()))
+                .add_service(FlagdV2Server::new(flagd.clone()))
+        };
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_serving::<ReleaseServiceServer<ReleaseApi>>()
+            .await;
+        health
+            .set_serving::<FlagdV1Server<grpc::flagd::Flagd>>()
+            .await;
+        health
+            .set_serving::<FlagdV2Server<grpc::flagd::Flagd>>()
             .await;
         let routes = tonic::service::Routes::new(health_service).add_service(
             ReleaseServiceServer::new(api)
                 .max_decoding_message_size(config.max_message_bytes)
                 .max_encoding_message_size(config.max_message_bytes),
         );
-        let routes = routes
-            .add_service(FlagdV1Server::new(flagd.clone()))
-            .add_service(FlagdV2Server::new(flagd));
-        let routes = service_kit::reflection(routes)?;
+        let routes = service_kit::reflection(flagd_routes(routes))?;
+        let drain = service_kit::Drain {
+            timeout: Duration::from_millis(config.drain_timeout_ms),
+        };
+        let names = [
+            SERVICE_NAME,
+            "flagd.evaluation.v1.Service",
+            "flagd.evaluation.v2.Service",
+        ];
+        // One shutdown signal stops both listeners.
+        let stop = CancellationToken::new();
+        let second = match flagd_listener {
+            Some(flagd_listener) => {
+                let (flagd_health, flagd_health_service) = tonic_health::server::health_reporter();
+                flagd_health
+                    .set_serving::<FlagdV1Server<grpc::flagd::Flagd>>()
+                    .await;
+                flagd_health
+                    .set_serving::<FlagdV2Server<grpc::flagd::Flagd>>()
+                    .await;
+                let routes = service_kit::reflection(flagd_routes(tonic::service::Routes::new(
+                    flagd_health_service,
+                )))?;
+                tracing::info!(address = %flagd_listener.local_addr()?, "flagd protocols serving on their own port");
+                let (streams, stop) = (streams.clone(), stop.clone());
+                Some(tokio::spawn(async move {
+                    service_kit::serve_gracefully(
+                        flagd_listener,
+                        routes,
+                        flagd_health,
+                        &names[1..],
+                        streams,
+                        drain,
+                        stop.cancelled_owned(),
+                    )
+                    .await
+                }))
+            }
+            None => None,
+        };
         tracing::info!(address = %listener.local_addr()?, database = %config.database.display(), deploy_svc = %config.deploy_svc, "release-svc serving");
+        let stopper = stop.clone();
         let result = service_kit::serve_gracefully(
             listener,
             routes,
             health,
-            &[
-                SERVICE_NAME,
-                "flagd.evaluation.v1.Service",
-                "flagd.evaluation.v2.Service",
-            ],
+            &names,
             streams.clone(),
-            service_kit::Drain {
-                timeout: Duration::from_millis(config.drain_timeout_ms),
+            drain,
+            async move {
+                shutdown.await;
+                stopper.cancel();
             },
-            shutdown,
         )
         .await;
+        stop.cancel();
+        if let Some(second) = second {
+            match second.await {
+                Ok(Err(e)) => tracing::error!(error = %e, "flagd listener failed"),
+                Err(e) => tracing::error!(error = %e, "flagd listener task failed"),
+                Ok(Ok(())) => {}
+            }
+        }
         streams.cancel();
         let _ = consumer.await;
         tracing::info!("release-svc stopped");

@@ -7,14 +7,26 @@ use release_svc::Config;
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     service_kit::init_tracing(&config.log);
-    let listen = config.listen;
+    let (listen, flagd_listen) = (config.listen, config.flagd_listen);
     let server = release_svc::Server::open(config).await?;
     let listener = tokio::net::TcpListener::bind(listen).await?;
+    let flagd_listener = match flagd_listen {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
+        None => None,
+    };
     // The one line on stdout, once the state is loaded: tests and scripts started with
     // port 0 read the bound address from it.
     #[allow(clippy::print_stdout)]
     {
         println!("release-svc listening on {}", listener.local_addr()?);
+        if let Some(l) = &flagd_listener {
+            println!(
+                "release-svc flagd protocols listening on {}",
+                l.local_addr()?
+            );
+        }
     }
-    server.run(listener, service_kit::shutdown_signal()).await
+    server
+        .run_with_flagd_port(listener, flagd_listener, service_kit::shutdown_signal())
+        .await
 }

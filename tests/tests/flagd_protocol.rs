@@ -367,3 +367,55 @@ async fn flagd_v1_answers_with_plain_fields() {
     r.shutdown().await.unwrap();
     d.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn flagd_protocols_can_have_their_own_port() {
+    let d = InProcess::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        release_svc::Config::new(dir.path().join("release.db"), format!("http://{}", d.addr));
+    let main = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let flagd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (main_addr, flagd_addr) = (main.local_addr().unwrap(), flagd.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = release_svc::Server::open(config).await.unwrap();
+    let task = tokio::spawn(server.run_with_flagd_port(main, Some(flagd), async move {
+        let _ = stopped.await;
+    }));
+    let mut rc = release::connect(main_addr).await;
+    rc.create_feature(rpb::CreateFeatureRequest {
+        feature: Some(rpb::Feature {
+            key: "banner".into(),
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    let channel = Channel::from_shared(format!("http://{flagd_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut fc = ServiceClient::new(channel.clone());
+    let b = boolean(&mut fc, "banner", Some("prod"), &[]).await.unwrap();
+    assert_eq!(
+        (b.value, b.reason.as_str()),
+        (Some(false), "TARGETING_MATCH"),
+        "not released yet"
+    );
+    // Only the flagd protocols live on that port.
+    let mut release_on_flagd_port =
+        proto::release::v1::release_service_client::ReleaseServiceClient::new(channel);
+    let refused = release_on_flagd_port
+        .get_consumer_status(rpb::GetConsumerStatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unimplemented);
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    d.shutdown().await.unwrap();
+}
