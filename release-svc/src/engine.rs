@@ -331,6 +331,100 @@ impl Engine {
         Ok(next)
     }
 
+    /// Imports flagd flags as features released (100%) in `environment`: returns the keys
+    /// created, updated and unchanged, and the release created (if any flag needed one).
+    pub async fn import_flagd(
+        &self,
+        environment: &str,
+        flags: Vec<crate::domain::flagd_doc::ImportedFlag>,
+    ) -> Result<(Vec<String>, Vec<String>, Vec<String>, Option<Release>)> {
+        let mut state = self.state.lock().await;
+        let now = (self.clock)();
+        let (mut created, mut updated, mut unchanged) = (Vec::new(), Vec::new(), Vec::new());
+        for flag in &flags {
+            let existing = state.features.get(&flag.key).cloned();
+            let mut next = flag.to_feature(existing.as_deref());
+            match existing {
+                Some(current)
+                    if *current
+                        == Feature {
+                            revision: current.revision,
+                            create_ms: current.create_ms,
+                            update_ms: current.update_ms,
+                            ..next.clone()
+                        } =>
+                {
+                    unchanged.push(flag.key.clone());
+                    continue;
+                }
+                Some(current) => {
+                    next.revision = current.revision + 1;
+                    next.create_ms = current.create_ms;
+                    next.update_ms = now;
+                    self.store
+                        .update_feature(next.clone(), current.revision)
+                        .await?;
+                    updated.push(flag.key.clone());
+                }
+                None => {
+                    next.revision = 1;
+                    next.create_ms = now;
+                    next.update_ms = now;
+                    self.store.insert_feature(next.clone()).await?;
+                    created.push(flag.key.clone());
+                }
+            }
+            state.features.insert(next.key.clone(), Arc::new(next));
+        }
+        // Flags not yet fully released in the environment get one release at 100%.
+        let snapshot = self.snapshot.load();
+        let unreleased: Vec<String> = flags
+            .iter()
+            .map(|f| f.key.clone())
+            .filter(|k| {
+                snapshot
+                    .features
+                    .get(k.as_str())
+                    .and_then(|e| e.governing(environment))
+                    .is_none_or(|g| g.rollout_percent < 100.0)
+            })
+            .collect();
+        let release = if unreleased.is_empty() {
+            None
+        } else {
+            let mut release = Release {
+                id: 0,
+                description: format!("imported from a flagd flag definition into {environment}"),
+                features: unreleased,
+                environments: vec![crate::domain::model::ReleaseEnvironment {
+                    environment: environment.to_owned(),
+                    rollout_percent: 0.0,
+                }],
+                state: ReleaseState::Draft,
+                revision: 1,
+                create_ms: now,
+                update_ms: now,
+            };
+            release
+                .apply(&Transition::SetRollout {
+                    environment: environment.to_owned(),
+                    percent: 100.0,
+                })
+                .map_err(Error::Internal)?;
+            let (id, _) = self.store.insert_release(release.clone(), None).await?;
+            release.id = id;
+            state.releases.insert(id, release.clone());
+            Some(release)
+        };
+        let scope = Scope::Keys(flags.iter().map(|f| f.key.clone()).collect());
+        self.publish(
+            &state,
+            scope,
+            format!("flagd flags imported into {environment}"),
+        );
+        Ok((created, updated, unchanged, release))
+    }
+
     /// Applies placement events received after `cursor` (ordered), advancing the cursor to
     /// `cursor_after` and recording any automatic withdrawal, in one store transaction. Only
     /// the features carried by the touched artifacts are recomputed.

@@ -419,3 +419,119 @@ async fn flagd_protocols_can_have_their_own_port() {
         .unwrap();
     d.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn flagd_documents_import_and_export() {
+    let d = InProcess::start().await;
+    let r = release::InProcess::start(d.addr).await;
+    let mut rc = r.client().await;
+    let document = r#"{
+        "$evaluators": {"is-corp": {"ends_with": [{"var": "email"}, "@corp.com"]}},
+        "flags": {
+            "dark-mode": {"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "off",
+                          "targeting": {"if": [{"$ref": "is-corp"}, "on", null]}},
+            "headline": {"state": "ENABLED", "variants": {"a": "Hello", "b": "Hi"}, "defaultVariant": "a",
+                         "targeting": {"fractional": [["a", 50], ["b", 50]]}},
+            "retired": {"state": "DISABLED", "variants": {"on": true, "off": false}, "defaultVariant": "on"}
+        }
+    }"#;
+    let imported = rc
+        .import_flagd(rpb::ImportFlagdRequest {
+            environment: "prod".into(),
+            document: document.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut created = imported.created.clone();
+    created.sort();
+    assert_eq!(created, ["dark-mode", "headline", "retired"]);
+    assert!(!imported.release.is_empty());
+
+    // Flags behave as they did in flagd, through the flagd protocol.
+    let channel = Channel::from_shared(format!("http://{}", r.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut fc = ServiceClient::new(channel);
+    let corp = boolean(
+        &mut fc,
+        "dark-mode",
+        Some("prod"),
+        &[("targetingKey", "u"), ("email", "ada@corp.com")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (corp.value, corp.reason.as_str()),
+        (Some(true), "TARGETING_MATCH")
+    );
+    let other = boolean(
+        &mut fc,
+        "dark-mode",
+        Some("prod"),
+        &[("targetingKey", "u"), ("email", "bob@else.com")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (other.value, other.reason.as_str()),
+        (Some(false), "DEFAULT")
+    );
+    let retired = boolean(&mut fc, "retired", Some("prod"), &[])
+        .await
+        .unwrap();
+    assert_eq!(retired.reason, "DISABLED");
+
+    // Export renders the same flags back; importing it again changes nothing.
+    let exported = rc
+        .export_flagd(rpb::ExportFlagdRequest {
+            environment: "prod".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .document;
+    let doc: serde_json::Value = serde_json::from_str(&exported).unwrap();
+    assert_eq!(doc["flags"]["dark-mode"]["state"], "ENABLED");
+    assert_eq!(doc["flags"]["dark-mode"]["defaultVariant"], "off");
+    assert_eq!(
+        doc["flags"]["dark-mode"]["targeting"],
+        serde_json::json!({"if": [{"ends_with": [{"var": "email"}, "@corp.com"]}, "on", null]}),
+        "$ref resolved"
+    );
+    assert_eq!(
+        doc["flags"]["headline"]["variants"],
+        serde_json::json!({"a": "Hello", "b": "Hi"})
+    );
+    assert_eq!(doc["flags"]["retired"]["state"], "DISABLED");
+    let again = rc
+        .import_flagd(rpb::ImportFlagdRequest {
+            environment: "prod".into(),
+            document: exported,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        again.created.is_empty() && again.updated.is_empty(),
+        "{again:?}"
+    );
+    assert_eq!(again.unchanged.len(), 3);
+    assert!(again.release.is_empty(), "already released: no new release");
+
+    // A bad document is refused whole, naming the flag.
+    let bad = rc
+        .import_flagd(rpb::ImportFlagdRequest {
+            environment: "prod".into(),
+            document: r#"{"flags": {"x": {"state": "ENABLED", "variants": {"a": 1}}}}"#.into(),
+        })
+        .await;
+    assert_eq!(
+        tests::status::bad_fields(bad),
+        ["document.flags.x.defaultVariant"]
+    );
+    r.shutdown().await.unwrap();
+    d.shutdown().await.unwrap();
+}

@@ -8,9 +8,11 @@
 //! - [`hash`]: MurmurHash3 buckets for rollouts and `fractional`.
 //! - [`placements`]: the mirror of deploy-svc's placements and the coverage gate.
 //! - [`evaluate`]: the immutable snapshot and the decision order.
+//! - [`flagd_doc`]: flagd flag-definition documents <-> features (import, export).
 //! - [`names`]: resource names (release.v1, and the deploy.v1 names the consumer reads).
 
 pub mod evaluate;
+pub mod flagd_doc;
 pub mod hash;
 pub mod model;
 pub mod names;

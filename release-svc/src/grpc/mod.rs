@@ -395,4 +395,41 @@ impl ReleaseService for ReleaseApi {
             withdrawals: rows.iter().map(|(_, w)| convert::withdrawal(w)).collect(),
         }))
     }
+
+    async fn import_flagd(
+        &self,
+        req: Request<pb::ImportFlagdRequest>,
+    ) -> Result<pb::ImportFlagdResponse> {
+        let req = req.into_inner();
+        let mut v = Violations::default();
+        v.check("environment", names::validate_environment(&req.environment));
+        if req.document.len() > 16 * 1024 * 1024 {
+            v.push("document", "must be at most 16 MiB");
+        }
+        v.finish()?;
+        let flags = crate::domain::flagd_doc::parse(&req.document)?;
+        let (created, updated, unchanged, release) =
+            self.engine.import_flagd(&req.environment, flags).await?;
+        Ok(Response::new(pb::ImportFlagdResponse {
+            created,
+            updated,
+            unchanged,
+            release: release
+                .map(|r| format!("releases/{}", r.id))
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn export_flagd(
+        &self,
+        req: Request<pb::ExportFlagdRequest>,
+    ) -> Result<pb::ExportFlagdResponse> {
+        let environment = req.into_inner().environment;
+        name("environment", &environment, names::validate_environment)?;
+        let doc = crate::domain::flagd_doc::render(&self.engine.snapshot(), &environment);
+        Ok(Response::new(pb::ExportFlagdResponse {
+            document: serde_json::to_string_pretty(&doc)
+                .map_err(|e| Status::from(Error::Internal(e.to_string())))?,
+        }))
+    }
 }

@@ -94,6 +94,12 @@ impl ReleaseService for Noop {
     ) -> R<pb::ConsumerStatus> {
         no()
     }
+    async fn import_flagd(&self, _: Request<pb::ImportFlagdRequest>) -> R<pb::ImportFlagdResponse> {
+        no()
+    }
+    async fn export_flagd(&self, _: Request<pb::ExportFlagdRequest>) -> R<pb::ExportFlagdResponse> {
+        no()
+    }
     async fn list_withdrawals(
         &self,
         _: Request<pb::ListWithdrawalsRequest>,
