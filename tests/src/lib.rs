@@ -25,14 +25,18 @@ use tonic::transport::Channel;
 /// A client of deploy-svc.
 pub type Client = DeployServiceClient<Channel>;
 
-/// Connects a client to `addr`.
-pub async fn connect(addr: SocketAddr) -> Client {
-    let channel = Channel::from_shared(format!("http://{addr}"))
+/// A plaintext channel to `addr`.
+pub async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
         .await
-        .unwrap();
-    DeployServiceClient::new(channel)
+        .unwrap()
+}
+
+/// Connects a client to `addr`.
+pub async fn connect(addr: SocketAddr) -> Client {
+    DeployServiceClient::new(channel(addr).await)
 }
 
 /// A server running in-process on a listener bound to `127.0.0.1:0`, stopped gracefully
@@ -544,12 +548,21 @@ pub mod release {
 
     /// Connects a release-svc client.
     pub async fn connect(addr: SocketAddr) -> Client {
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        ReleaseServiceClient::new(channel)
+        ReleaseServiceClient::new(super::channel(addr).await)
+    }
+
+    /// Creates a boolean feature with no carrier (optionally disabled).
+    pub async fn plain_feature(c: &mut Client, key: &str, disabled: bool) -> rpb::Feature {
+        c.create_feature(rpb::CreateFeatureRequest {
+            feature: Some(rpb::Feature {
+                key: key.into(),
+                disabled,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
     }
 
     /// Creates a boolean feature carried by `artifact` >= `min_version` at `coverage`.

@@ -89,23 +89,11 @@ async fn flagd_v2_serves_release_decisions() {
     })
     .await
     .unwrap();
-    rc.create_feature(rpb::CreateFeatureRequest {
-        feature: Some(rpb::Feature {
-            key: "old-thing".into(),
-            disabled: true,
-            ..Default::default()
-        }),
-    })
-    .await
-    .unwrap();
+    release::plain_feature(&mut rc, "old-thing", true).await;
     let banner = release::release(&mut rc, &["banner-text"], &["prod"]).await;
     release::rollout(&mut rc, &banner, "prod", 100.0).await;
 
-    let channel = Channel::from_shared(format!("http://{}", r.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = tests::channel(r.addr).await;
     let mut fc = ServiceClient::new(channel);
     let mut events = fc
         .event_stream(fpb::EventStreamRequest {})
@@ -279,31 +267,12 @@ async fn flagd_v1_answers_with_plain_fields() {
     let d = InProcess::start().await;
     let r = release::InProcess::start(d.addr).await;
     let mut rc = r.client().await;
-    rc.create_feature(rpb::CreateFeatureRequest {
-        feature: Some(rpb::Feature {
-            key: "banner".into(),
-            ..Default::default()
-        }),
-    })
-    .await
-    .unwrap();
-    rc.create_feature(rpb::CreateFeatureRequest {
-        feature: Some(rpb::Feature {
-            key: "old-thing".into(),
-            disabled: true,
-            ..Default::default()
-        }),
-    })
-    .await
-    .unwrap();
+    release::plain_feature(&mut rc, "banner", false).await;
+    release::plain_feature(&mut rc, "old-thing", true).await;
     let rel = release::release(&mut rc, &["banner"], &["prod"]).await;
     release::rollout(&mut rc, &rel, "prod", 100.0).await;
 
-    let channel = Channel::from_shared(format!("http://{}", r.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = tests::channel(r.addr).await;
     let mut c = V1Client::new(channel);
     let mut events = c
         .event_stream(v1::EventStreamRequest {})
@@ -383,19 +352,8 @@ async fn flagd_protocols_can_have_their_own_port() {
         let _ = stopped.await;
     }));
     let mut rc = release::connect(main_addr).await;
-    rc.create_feature(rpb::CreateFeatureRequest {
-        feature: Some(rpb::Feature {
-            key: "banner".into(),
-            ..Default::default()
-        }),
-    })
-    .await
-    .unwrap();
-    let channel = Channel::from_shared(format!("http://{flagd_addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    release::plain_feature(&mut rc, "banner", false).await;
+    let channel = tests::channel(flagd_addr).await;
     let mut fc = ServiceClient::new(channel.clone());
     let b = boolean(&mut fc, "banner", Some("prod"), &[]).await.unwrap();
     assert_eq!(
@@ -449,11 +407,7 @@ async fn flagd_documents_import_and_export() {
     assert!(!imported.release.is_empty());
 
     // Flags behave as they did in flagd, through the flagd protocol.
-    let channel = Channel::from_shared(format!("http://{}", r.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = tests::channel(r.addr).await;
     let mut fc = ServiceClient::new(channel);
     let corp = boolean(
         &mut fc,

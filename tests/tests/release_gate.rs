@@ -168,14 +168,7 @@ async fn kill_switch_pause_and_rollback_hide_at_once() {
     let d = InProcess::start().await;
     let r = release::InProcess::start(d.addr).await;
     let mut rc = r.client().await;
-    rc.create_feature(rpb::CreateFeatureRequest {
-        feature: Some(rpb::Feature {
-            key: "banner".into(),
-            ..Default::default()
-        }),
-    })
-    .await
-    .unwrap();
+    release::plain_feature(&mut rc, "banner", false).await;
     let rel = release::release(&mut rc, &["banner"], &["prod"]).await;
     release::rollout(&mut rc, &rel, "prod", 10.0).await;
     let users: Vec<String> = (0..2000).map(|i| format!("user-{i}")).collect();
