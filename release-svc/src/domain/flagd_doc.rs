@@ -61,7 +61,8 @@ impl ImportedFlag {
     }
 }
 
-fn resolve_refs(
+/// Replaces every `{"$ref": name}` in `v` with the named evaluator, recursively.
+pub fn resolve_refs(
     v: &Value,
     evaluators: &Map<String, Value>,
     path: &str,

@@ -337,20 +337,28 @@ pub fn apply<'a>(rule: &'a Value, data: &Data<'a>) -> Cow<'a, Value> {
             },
             _ => None,
         }),
+        // flagd's operators answer null (not false) to bad input: wrong argument counts,
+        // non-strings, invalid versions or operators; the flag then serves its default.
         "starts_with" | "ends_with" => {
+            if args.len() != 2 {
+                return Cow::Owned(Value::Null);
+            }
             let (s, p) = (eval(0), eval(1));
-            let ok = match (s.as_ref(), p.as_ref()) {
+            match (s.as_ref(), p.as_ref()) {
                 (Value::String(s), Value::String(p)) if op == "starts_with" => {
-                    s.starts_with(p.as_str())
+                    bool_value(s.starts_with(p.as_str()))
                 }
-                (Value::String(s), Value::String(p)) => s.ends_with(p.as_str()),
-                _ => false,
-            };
-            bool_value(ok)
+                (Value::String(s), Value::String(p)) => bool_value(s.ends_with(p.as_str())),
+                _ => Cow::Owned(Value::Null),
+            }
         }
         "sem_ver" => {
+            if args.len() != 3 {
+                return Cow::Owned(Value::Null);
+            }
             let (a, o, b) = (eval(0), eval(1), eval(2));
-            bool_value(sem_ver(&as_text(&a), &as_text(&o), &as_text(&b)))
+            sem_ver(&as_text(&a), &as_text(&o), &as_text(&b))
+                .map_or(Cow::Owned(Value::Null), bool_value)
         }
         "fractional" => Cow::Owned(fractional(args, data)),
         _ => Cow::Owned(Value::Null),
@@ -370,14 +378,13 @@ fn parse_version(v: &str) -> Option<semver::Version> {
     })
 }
 
-/// flagd's `sem_ver`: `[version, operator, version]` with `= != < <= > >= ^ ~`.
-pub fn sem_ver(a: &str, op: &str, b: &str) -> bool {
-    let (Some(a), Some(b)) = (parse_version(a), parse_version(b)) else {
-        return false;
-    };
+/// flagd's `sem_ver`: `[version, operator, version]` with `= != < <= > >= ^ ~`; `None`
+/// for an invalid version or operator.
+pub fn sem_ver(a: &str, op: &str, b: &str) -> Option<bool> {
+    let (a, b) = (parse_version(a)?, parse_version(b)?);
     // Precedence ignores build metadata (SemVer 2.0 section 10): 1.0.0+build = 1.0.0.
     let order = a.cmp_precedence(&b);
-    match op {
+    Some(match op {
         "=" => order.is_eq(),
         "!=" => order.is_ne(),
         "<" => order.is_lt(),
@@ -386,8 +393,8 @@ pub fn sem_ver(a: &str, op: &str, b: &str) -> bool {
         ">=" => order.is_ge(),
         "^" => a.major == b.major,
         "~" => a.major == b.major && a.minor == b.minor,
-        _ => false,
-    }
+        _ => return None,
+    })
 }
 
 fn fractional(args: &[Value], data: &Data<'_>) -> Value {
@@ -395,14 +402,17 @@ fn fractional(args: &[Value], data: &Data<'_>) -> Value {
     // An optional first argument that is not a [variant, weight] pair is the bucketing key.
     let hash_key = match args.first() {
         Some(Value::String(_)) => text(&args.remove(0)),
+        // A bucketing expression that found nothing (a missing attribute): no decision.
+        Some(Value::Null) => return Value::Null,
         _ => format!("{}{}", data.flag_key, data.targeting_key),
     };
-    let buckets: Vec<(String, f64)> = args
+    // Variants keep their JSON type: `[[false, 0], [true, 100]]` may serve as a condition.
+    let buckets: Vec<(Value, f64)> = args
         .iter()
         .filter_map(|b| match b {
             Value::Array(pair) if !pair.is_empty() => {
                 let weight = pair.get(1).and_then(number).unwrap_or(1.0);
-                Some((text(&pair[0]), weight))
+                Some((pair[0].clone(), weight))
             }
             _ => None,
         })
@@ -416,13 +426,10 @@ fn fractional(args: &[Value], data: &Data<'_>) -> Value {
     for (variant, weight) in &buckets {
         end += weight * 100.0 / total;
         if bucket < end {
-            return Value::String(variant.clone());
+            return variant.clone();
         }
     }
-    buckets
-        .last()
-        .map(|b| Value::String(b.0.clone()))
-        .unwrap_or(Value::Null)
+    buckets.last().map(|b| b.0.clone()).unwrap_or(Value::Null)
 }
 
 #[cfg(test)]
