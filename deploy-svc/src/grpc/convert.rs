@@ -27,7 +27,8 @@ pub fn timestamp(ms: Millis) -> Option<Timestamp> {
     })
 }
 
-/// A page request from a page size and token, reporting bad values against `prefix`.
+/// A page request from a page size and token, reporting bad values against `page_size` and
+/// `page_token`.
 pub fn page_request(v: &mut Violations, size: i32, token: &str) -> PageRequest {
     let size = v
         .check("page_size", names::page_size(size))

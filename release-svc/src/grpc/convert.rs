@@ -74,8 +74,8 @@ fn keys(v: &mut Violations, field: &str, list: &[String]) {
     }
 }
 
-/// Validates a feature from a create or update request. `name_field` is where the key
-/// comes from (`feature.key` on create, `feature.name` on update).
+/// Validates a feature from a create or update request: on create (`create`) the key comes
+/// from `feature.key`, on update from `feature.name`; the etag, if any, is returned parsed.
 pub fn feature(f: pb::Feature, create: bool) -> Result<(Feature, Option<i64>)> {
     let mut v = Violations::default();
     let key = if create {
