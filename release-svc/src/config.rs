@@ -46,6 +46,20 @@ pub struct Config {
         default_value = "prod"
     )]
     pub flagd_default_environment: String,
+    /// The flagd context attribute that names the environment when no selector does; an
+    /// empty value turns context-chosen environments off (then context-free answers are
+    /// STATIC, which providers cache, even without a selector).
+    #[arg(
+        long,
+        env = "RELEASE_SVC_FLAGD_ENVIRONMENT_ATTRIBUTE",
+        default_value = "environment"
+    )]
+    pub flagd_environment_attribute: String,
+    /// The flagd `fractional` bucketing generation: `v2` (flagd 0.15-0.16 and the SDKs of
+    /// that generation), `v1` (flagd up to 0.14) or `v3` (the 2026 SDKs' CBOR-based
+    /// bucketing of any JSON value). Rollout percentages are not affected.
+    #[arg(long, env = "RELEASE_SVC_FRACTIONAL_BUCKETING", default_value = "v2")]
+    pub fractional_bucketing: crate::domain::rules::Bucketing,
     /// Seconds between keep_alive events on an idle flagd EventStream.
     #[arg(
         long,
@@ -53,9 +67,59 @@ pub struct Config {
         default_value_t = 20
     )]
     pub flagd_keep_alive_seconds: u64,
+    /// flagd source selectors mapped to environments, `SOURCE=ENV` (repeatable; comma
+    /// separated in the environment variable): providers configured with a flagd source
+    /// selector (`source=<s>` or a bare `<s>`) read that environment.
+    #[arg(long = "flagd-source-alias", env = "RELEASE_SVC_FLAGD_SOURCE_ALIAS", value_delimiter = ',', value_parser = key_value)]
+    pub flagd_source_aliases: Vec<(String, String)>,
+    /// Context values added to every flagd-protocol evaluation, `KEY=VALUE` (repeatable;
+    /// comma separated in the environment variable), like flagd's `--context-value`. They
+    /// override the request's values of the same key.
+    #[arg(long = "flagd-context", env = "RELEASE_SVC_FLAGD_CONTEXT", value_delimiter = ',', value_parser = key_value)]
+    pub flagd_context: Vec<(String, String)>,
     /// Logging.
     #[command(flatten)]
     pub log: service_kit::LogArgs,
+    /// A one-shot command against a running release-svc instead of serving.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// One-shot commands: clients of a running release-svc's gRPC API.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Imports a flagd flag-definition file as features released in an environment
+    /// (ImportFlagd); prints what was created, updated, unchanged and skipped as JSON.
+    ImportFlagd {
+        /// The flag-definition file (JSON); `-` reads standard input.
+        file: PathBuf,
+        /// The environment the flags are released to.
+        #[arg(long)]
+        environment: String,
+        /// Import the valid flags and list the invalid ones instead of refusing the file.
+        #[arg(long)]
+        skip_invalid: bool,
+        /// The release-svc to call.
+        #[arg(long, default_value = "http://127.0.0.1:50052")]
+        server: String,
+    },
+    /// Prints an environment's features as a flagd flag-definition document (ExportFlagd).
+    ExportFlagd {
+        /// The environment whose view is rendered.
+        #[arg(long)]
+        environment: String,
+        /// The release-svc to call.
+        #[arg(long, default_value = "http://127.0.0.1:50052")]
+        server: String,
+    },
+}
+
+/// Parses `KEY=VALUE`.
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
 }
 
 impl Config {

@@ -16,6 +16,7 @@ use std::collections::{BTreeSet, HashSet};
 use crate::domain::evaluate::{Context, Decision, Scope, Snapshot};
 use crate::domain::model::{Feature, Millis, Release, ReleaseState, Transition};
 use crate::domain::placements::{Placement, PlacementIndex};
+use crate::domain::rules::Bucketing;
 use crate::domain::{Error, Result};
 use crate::store::{Store, Withdrawal};
 
@@ -66,12 +67,23 @@ pub fn now_ms() -> Millis {
 }
 
 impl Engine {
-    /// Loads the stored state and builds the first snapshot.
-    pub async fn load(store: Arc<dyn Store>) -> Result<Self> {
+    /// Loads the stored state and builds the first snapshot; `fractional` rules bucket with
+    /// `bucketing`.
+    pub async fn load(store: Arc<dyn Store>, bucketing: Bucketing) -> Result<Self> {
         let loaded = store.load().await?;
         let mut placements = PlacementIndex::default();
         placements.replace(loaded.placements);
-        let snapshot = Snapshot::build(1, &loaded.features, &loaded.releases, &placements);
+        let snapshot = Snapshot {
+            bucketing,
+            ..Snapshot::default()
+        }
+        .update(
+            1,
+            &Scope::All,
+            &loaded.features,
+            &loaded.releases,
+            &placements,
+        );
         let (changes, _) = broadcast::channel(1024);
         Ok(Self {
             store,

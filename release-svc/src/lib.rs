@@ -12,6 +12,7 @@
 //! - [`grpc`]: the `release.v1.ReleaseService` handlers and conversions.
 //! - [`Server`] / [`serve`]: opens the store, then serves an already-bound listener.
 
+pub mod cli;
 pub mod config;
 pub mod consumer;
 pub mod domain;
@@ -57,7 +58,7 @@ impl Server {
     /// reachable).
     pub async fn open(config: Config) -> anyhow::Result<Self> {
         let store = Arc::new(SqliteStore::open(&config.database)?);
-        let engine = Arc::new(Engine::load(store).await?);
+        let engine = Arc::new(Engine::load(store, config.fractional_bucketing).await?);
         Ok(Self { config, engine })
     }
 
@@ -89,8 +90,17 @@ impl Server {
         ));
         let flagd = grpc::flagd::Flagd::new(
             engine.clone(),
-            config.flagd_default_environment.clone(),
-            Duration::from_secs(config.flagd_keep_alive_seconds.max(1)),
+            grpc::flagd::FlagdOptions {
+                default_environment: config.flagd_default_environment.clone(),
+                keep_alive: Duration::from_secs(config.flagd_keep_alive_seconds.max(1)),
+                environment_attribute: config.flagd_environment_attribute.clone(),
+                source_aliases: config.flagd_source_aliases.iter().cloned().collect(),
+                static_context: config
+                    .flagd_context
+                    .iter()
+                    .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                    .collect(),
+            },
             streams.clone(),
         );
         let api = ReleaseApi::new(engine, status, config.deploy_svc.clone(), streams.clone());

@@ -5,8 +5,11 @@ use release_svc::Config;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
+    let mut config = Config::parse();
     service_kit::init_tracing(&config.log);
+    if let Some(command) = config.command.take() {
+        return release_svc::cli::run(command).await;
+    }
     let (listen, flagd_listen) = (config.listen, config.flagd_listen);
     let server = release_svc::Server::open(config).await?;
     let listener = tokio::net::TcpListener::bind(listen).await?;

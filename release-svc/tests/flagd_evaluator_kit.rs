@@ -1,8 +1,8 @@
 //! The flagd testbed's evaluator test kit (`../shared/flagd-testbed/evaluator`) run against
 //! release-svc's rule engine: every Scenario (Outline rows expanded) with the kit's flag
-//! definitions, flagd's evaluation semantics around the engine, and the bucketing profile
-//! `@fractional-v1` (rows tagged `@fractional-v2`, and `@fractional-nested` whose expected
-//! buckets are v2 ones, are the other profile and are skipped; metadata steps are skipped).
+//! definitions, flagd's evaluation semantics around the engine, and each row's bucketing
+//! profile (`@fractional-v1`, `@fractional-v3`; `@fractional-v2`, `@fractional-nested` and
+//! untagged rows with v2, the default). Metadata steps are skipped.
 //! Prints pass counts per feature file and fails if any row that runs fails.
 
 #![allow(clippy::unwrap_used)]
@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use release_svc::domain::flagd_doc::resolve_refs;
-use release_svc::domain::rules::{Data, Rule};
+use release_svc::domain::rules::{Bucketing, Data, Rule};
 use serde_json::{json, Map, Value};
 
 fn testbed() -> PathBuf {
@@ -91,6 +91,7 @@ fn evaluate(
     fallback: Value,
     ctx: &Map<String, Value>,
     targeting_key: &str,
+    bucketing: Bucketing,
 ) -> Outcome {
     let err = |code: &str, fallback: Value| Outcome {
         value: fallback,
@@ -115,6 +116,7 @@ fn evaluate(
                 attributes: ctx,
                 targeting_key,
                 flag_key: key,
+                bucketing,
             };
             match rule.evaluate(&data).into_owned() {
                 Value::String(v) if flag.variants.contains_key(&v) => (Some(v), "TARGETING_MATCH"),
@@ -200,7 +202,11 @@ fn quoted(line: &str) -> Vec<String> {
 
 /// Runs one scenario's steps (placeholders already substituted); `None` if it uses a step
 /// this runner does not know (metadata), else whether it passed.
-fn run(flags: &BTreeMap<String, Flag>, steps: &[String]) -> Option<Result<(), String>> {
+fn run(
+    flags: &BTreeMap<String, Flag>,
+    steps: &[String],
+    bucketing: Bucketing,
+) -> Option<Result<(), String>> {
     let (mut key, mut kind, mut fallback) = (String::new(), String::new(), Value::Null);
     let mut ctx = Map::new();
     let mut targeting_key = String::new();
@@ -232,6 +238,7 @@ fn run(flags: &BTreeMap<String, Flag>, steps: &[String]) -> Option<Result<(), St
                 fallback.clone(),
                 &ctx,
                 &targeting_key,
+                bucketing,
             ));
         } else if body.starts_with("the resolved details value should be") {
             let o = outcome.as_ref()?;
@@ -346,16 +353,13 @@ fn the_flagd_evaluator_kit_passes_on_the_rule_engine() {
                     .iter()
                     .chain(row_tags.iter().filter(|t| t.starts_with('@')))
                     .collect();
-                // The v1 bucketing profile: rows computed with the v2 bucketing (tagged
-                // @fractional-v2, and the @fractional-nested ones whose comments give v2
-                // bucket values) belong to the other profile.
-                if tags
-                    .iter()
-                    .any(|t| *t == "@fractional-v2" || *t == "@fractional-nested")
-                {
-                    skipped += 1;
-                    continue;
-                }
+                let bucketing = if tags.iter().any(|t| *t == "@fractional-v1") {
+                    Bucketing::V1
+                } else if tags.iter().any(|t| *t == "@fractional-v3") {
+                    Bucketing::V3
+                } else {
+                    Bucketing::V2
+                };
                 let names: Vec<&String> = row_tags.iter().filter(|t| t.starts_with('<')).collect();
                 let steps: Vec<String> = background
                     .iter()
@@ -368,7 +372,7 @@ fn the_flagd_evaluator_kit_passes_on_the_rule_engine() {
                         step
                     })
                     .collect();
-                match run(&flags, &steps) {
+                match run(&flags, &steps, bucketing) {
                     None => skipped += 1,
                     Some(Ok(())) => passed += 1,
                     Some(Err(e)) => {
@@ -393,6 +397,6 @@ fn the_flagd_evaluator_kit_passes_on_the_rule_engine() {
         failures.len(),
         failures.join("\n")
     );
-    // A ratchet: 99 rows pass today (README); fewer means the engine or the runner regressed.
-    assert!(total_passed >= 99, "only {total_passed} rows ran");
+    // A ratchet: 135 rows pass today (README); fewer means the engine or the runner regressed.
+    assert!(total_passed >= 135, "only {total_passed} rows ran");
 }

@@ -137,6 +137,16 @@ impl Violations {
         self.0.push(FieldViolation::new(field, description));
     }
 
+    /// The violations recorded so far.
+    pub fn recorded(&self) -> &[FieldViolation] {
+        &self.0
+    }
+
+    /// Moves every violation of `other` into this collection.
+    pub fn append(&mut self, other: Violations) {
+        self.0.extend(other.0);
+    }
+
     /// `Ok` when nothing was recorded, else `InvalidArgument` with every violation.
     pub fn finish(self) -> Result<()> {
         if self.0.is_empty() {

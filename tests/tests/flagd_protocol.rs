@@ -397,6 +397,7 @@ async fn flagd_documents_import_and_export() {
         .import_flagd(rpb::ImportFlagdRequest {
             environment: "prod".into(),
             document: document.into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -464,6 +465,7 @@ async fn flagd_documents_import_and_export() {
         .import_flagd(rpb::ImportFlagdRequest {
             environment: "prod".into(),
             document: exported,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -475,17 +477,162 @@ async fn flagd_documents_import_and_export() {
     assert_eq!(again.unchanged.len(), 3);
     assert!(again.release.is_empty(), "already released: no new release");
 
-    // A bad document is refused whole, naming the flag.
+    // A bad document is refused whole, naming the flag...
+    let bad_doc = r#"{"flags": {
+        "x": {"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": "zz"},
+        "y": {"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": "a"}
+    }}"#;
     let bad = rc
         .import_flagd(rpb::ImportFlagdRequest {
             environment: "prod".into(),
-            document: r#"{"flags": {"x": {"state": "ENABLED", "variants": {"a": 1}}}}"#.into(),
+            document: bad_doc.into(),
+            skip_invalid: false,
         })
         .await;
     assert_eq!(
         tests::status::bad_fields(bad),
         ["document.flags.x.defaultVariant"]
     );
+    assert!(
+        boolean(&mut fc, "y", Some("prod"), &[]).await.is_err(),
+        "nothing of a refused document is written"
+    );
+    // ...or, with skip_invalid, the valid flags are imported and the bad ones listed.
+    let partial = rc
+        .import_flagd(rpb::ImportFlagdRequest {
+            environment: "prod".into(),
+            document: bad_doc.into(),
+            skip_invalid: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(partial.created, ["y"]);
+    assert_eq!(partial.skipped.len(), 1);
+    assert_eq!(partial.skipped[0].key, "x");
+    assert!(
+        partial.skipped[0].problems[0].starts_with("document.flags.x.defaultVariant: "),
+        "{partial:?}"
+    );
+
+    // A flag without a default variant answers "use the code default" when no rule picks.
+    rc.import_flagd(rpb::ImportFlagdRequest {
+        environment: "prod".into(),
+        document: r#"{"flags": {"nd": {"state": "ENABLED", "variants": {"on": true, "off": false},
+            "targeting": {"if": [{"==": [{"var": "email"}, "ada@corp.com"]}, "on", null]}}}}"#
+            .into(),
+        skip_invalid: false,
+    })
+    .await
+    .unwrap();
+    let none = boolean(&mut fc, "nd", Some("prod"), &[("email", "bob@else.com")])
+        .await
+        .unwrap();
+    assert_eq!(
+        (none.value, none.variant, none.reason.as_str()),
+        (None, None, "DEFAULT")
+    );
+    let hit = boolean(&mut fc, "nd", Some("prod"), &[("email", "ada@corp.com")])
+        .await
+        .unwrap();
+    assert_eq!(
+        (hit.value, hit.reason.as_str()),
+        (Some(true), "TARGETING_MATCH")
+    );
     r.shutdown().await.unwrap();
     d.shutdown().await.unwrap();
+}
+
+/// The real pair (both binaries) and the stock Python provider: a feature released to 50%
+/// in prod is true for about half of 1,000 users; the kill switch reaches the provider as a
+/// configuration_change event, after which every user resolves false.
+#[tokio::test]
+async fn stock_provider_follows_a_half_rollout_and_the_kill_switch() {
+    use tokio::io::AsyncBufReadExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = tests::Binary::start(&dir.path().join("deploy.db"), &[]).await;
+    let deploy_url = format!("http://{}", d.addr);
+    let release_db = dir.path().join("release.db");
+    let r = tests::Binary::spawn(
+        "release-svc",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            &release_db.to_string_lossy(),
+            "--deploy-svc",
+            &deploy_url,
+        ],
+    )
+    .await;
+    let (mut dc, mut rc) = (tests::connect(d.addr).await, release::connect(r.addr).await);
+    let g = Gated::setup(&mut dc, &mut rc, 2, 1.0, 50.0).await;
+    g.report(&mut dc, &g.targets, P::Placed).await;
+    let (open, _) = eventually(
+        &mut rc,
+        "new-cart",
+        "prod",
+        "probe",
+        rpb::Reason::Split,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        open.reason(),
+        rpb::Reason::Split,
+        "gate never opened: {open:?}"
+    );
+
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/python/flagd_provider_rollout.py"
+    );
+    let mut child = tokio::process::Command::new("python3")
+        .arg(script)
+        .env("FLAGD_HOST", r.addr.ip().to_string())
+        .env("FLAGD_PORT", r.addr.port().to_string())
+        .env("FLAG_KEY", "new-cart")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = async || -> serde_json::Value {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("the provider script answers within 60 s")
+            .unwrap()
+            .expect("the provider script printed a line");
+        serde_json::from_str(&line).unwrap()
+    };
+    let before = next().await;
+    let on = before["true"].as_u64().unwrap();
+    assert!(
+        (430..=570).contains(&on),
+        "about half of 1,000 users should see a 50% release: {before}"
+    );
+    assert_eq!(
+        before["reasons"]["TARGETING_MATCH"], 1000,
+        "percentage decisions are targeting decisions, never cached: {before}"
+    );
+
+    // Kill switch.
+    rc.pause_release(rpb::PauseReleaseRequest {
+        name: g.release.clone(),
+        reason: "incident".into(),
+    })
+    .await
+    .unwrap();
+    let after = next().await;
+    assert_eq!(after["true"], 0, "after the kill switch: {after}");
+    assert_eq!(after["false"], 1000, "{after}");
+    assert!(
+        after["flags_changed"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("new-cart")),
+        "{after}"
+    );
+    assert!(child.wait().await.unwrap().success());
 }

@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 use super::hash::{in_rollout, rollout_bucket};
 use super::model::{Feature, Release};
 use super::placements::PlacementIndex;
-use super::rules::Data;
+use super::rules::{Bucketing, Data};
 
 /// Why a decision came out as it did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +80,8 @@ pub struct Snapshot {
     pub features: HashMap<Arc<str>, Arc<FeatureEntry>>,
     /// The feature keys in order (for batch evaluation and listings).
     pub keys: Arc<Vec<Arc<str>>>,
+    /// How `fractional` buckets (kept across updates).
+    pub bucketing: Bucketing,
 }
 
 /// Which features a change may affect.
@@ -225,6 +227,7 @@ impl Snapshot {
             version,
             features: entries,
             keys,
+            bucketing: self.bucketing,
         }
     }
 
@@ -295,7 +298,7 @@ impl Snapshot {
     /// Decides one feature for one context; `None` for an unknown feature.
     pub fn evaluate(&self, key: &str, ctx: &Context) -> Option<Decision> {
         let entry = self.features.get(key)?;
-        Some(decide(entry, key, ctx))
+        Some(decide(entry, key, ctx, self.bucketing))
     }
 }
 
@@ -324,24 +327,29 @@ fn served(f: &Feature, variant: String, reason: Reason, release: i64) -> Decisio
 }
 
 /// The variant the targeting rule picks, if it names one of the feature's variants.
-fn rule_variant(f: &Feature, key: &str, ctx: &Context) -> Option<String> {
+fn rule_variant(f: &Feature, key: &str, ctx: &Context, bucketing: Bucketing) -> Option<String> {
     let rule = f.targeting.as_ref()?;
     let data = Data {
         attributes: &ctx.attributes,
         targeting_key: &ctx.targeting_key,
         flag_key: key,
+        bucketing,
     };
     match rule.evaluate(&data).as_ref() {
         Value::String(v) if f.variants.contains_key(v) => Some(v.clone()),
+        // flagd names the variant by the result's text ("true"); "on"/"off" are ours.
         Value::Bool(b) => {
-            let name = if *b { "on" } else { "off" };
-            f.variants.contains_key(name).then(|| name.to_owned())
+            let named = if *b { ["true", "on"] } else { ["false", "off"] };
+            named
+                .into_iter()
+                .find(|n| f.variants.contains_key(*n))
+                .map(str::to_owned)
         }
         _ => None,
     }
 }
 
-fn decide(entry: &FeatureEntry, key: &str, ctx: &Context) -> Decision {
+fn decide(entry: &FeatureEntry, key: &str, ctx: &Context, bucketing: Bucketing) -> Decision {
     let f = &entry.feature;
     if f.disabled {
         return hidden(f, Reason::Disabled, None);
@@ -357,21 +365,26 @@ fn decide(entry: &FeatureEntry, key: &str, ctx: &Context) -> Decision {
         return hidden(f, Reason::TargetingMatch, Some(g.release));
     }
     if !tk.is_empty() && f.allow.iter().any(|a| a == tk) {
-        let variant = rule_variant(f, key, ctx).unwrap_or_else(|| f.default_variant.clone());
+        let variant =
+            rule_variant(f, key, ctx, bucketing).unwrap_or_else(|| f.default_variant.clone());
         return served(f, variant, Reason::TargetingMatch, g.release);
     }
     if g.rollout_percent < 100.0 {
         if !in_rollout(rollout_bucket(key, tk), g.rollout_percent) {
             return hidden(f, Reason::Split, Some(g.release));
         }
-        return match rule_variant(f, key, ctx) {
+        return match rule_variant(f, key, ctx, bucketing) {
             Some(v) => served(f, v, Reason::TargetingMatch, g.release),
             None => served(f, f.default_variant.clone(), Reason::Split, g.release),
         };
     }
-    match rule_variant(f, key, ctx) {
+    match rule_variant(f, key, ctx, bucketing) {
         Some(v) => served(f, v, Reason::TargetingMatch, g.release),
-        None if f.targeting.is_some() || !f.allow.is_empty() || !f.deny.is_empty() => {
+        None if f.targeting.is_some()
+            || !f.allow.is_empty()
+            || !f.deny.is_empty()
+            || f.default_variant.is_empty() =>
+        {
             served(f, f.default_variant.clone(), Reason::Default, g.release)
         }
         None => served(f, f.default_variant.clone(), Reason::Static, g.release),

@@ -3,7 +3,9 @@
 //!
 //! A flagd flag becomes a feature with the same key, variants, default variant and
 //! targeting; `state: DISABLED` becomes a disabled feature. flagd has no "hidden" state, so
-//! an imported feature's off variant is its default variant. Features keep their carriers,
+//! an imported feature's off variant is its default variant. A flag without a default
+//! variant (absent or null) gets an empty one: when no rule picks a variant the answer is
+//! "use the code default" (flagd's semantics). Features keep their carriers,
 //! allow and deny lists on re-import.
 
 use std::collections::BTreeMap;
@@ -96,15 +98,28 @@ pub fn resolve_refs(
     })
 }
 
+/// A document's flags: those that can be imported, and those that cannot with their
+/// violations.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    /// Valid flags.
+    pub flags: Vec<ImportedFlag>,
+    /// Invalid flags by key, each with every problem found.
+    pub invalid: Vec<(String, Violations)>,
+}
+
 /// Parses and validates a whole document; every problem is reported, naming the flag.
-pub fn parse(document: &str) -> Result<Vec<ImportedFlag>, super::Error> {
-    let mut v = Violations::default();
+/// A document-level problem is always an error; an invalid flag is one too unless
+/// `skip_invalid`, when it is listed in [`Parsed::invalid`] and the others are kept (flagd
+/// itself loads such files and fails only the broken flags at evaluation).
+pub fn parse(document: &str, skip_invalid: bool) -> Result<Parsed, super::Error> {
+    let mut doc_violations = Violations::default();
     let doc: Value = match serde_json::from_str(document) {
         Ok(doc) => doc,
         Err(e) => {
-            v.push("document", format!("is not valid JSON: {e}"));
-            v.finish()?;
-            return Ok(Vec::new());
+            doc_violations.push("document", format!("is not valid JSON: {e}"));
+            doc_violations.finish()?;
+            return Ok(Parsed::default());
         }
     };
     let empty = Map::new();
@@ -113,74 +128,98 @@ pub fn parse(document: &str) -> Result<Vec<ImportedFlag>, super::Error> {
         .and_then(Value::as_object)
         .unwrap_or(&empty);
     let Some(flags) = doc.get("flags").and_then(Value::as_object) else {
-        v.push("document", "has no \"flags\" object");
-        v.finish()?;
-        return Ok(Vec::new());
+        doc_violations.push("document", "has no \"flags\" object");
+        doc_violations.finish()?;
+        return Ok(Parsed::default());
     };
-    let mut out = Vec::new();
+    let mut out = Parsed::default();
     for (key, flag) in flags {
-        let field = format!("document.flags.{key}");
-        v.check(&field, validate_feature_key(key));
-        let variants: BTreeMap<String, Value> = flag
-            .get("variants")
-            .and_then(Value::as_object)
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-            .unwrap_or_default();
-        if variants.is_empty() {
-            v.push(
-                &format!("{field}.variants"),
-                "must have at least one variant",
-            );
+        let mut v = Violations::default();
+        let flag = parse_flag(key, flag, evaluators, &mut v);
+        if v.recorded().is_empty() {
+            out.flags.push(flag);
+        } else {
+            out.invalid.push((key.clone(), v));
         }
-        let default_variant = match flag.get("defaultVariant") {
-            Some(Value::String(d)) if variants.contains_key(d) => d.clone(),
-            Some(Value::String(d)) => {
-                v.push(
-                    &format!("{field}.defaultVariant"),
-                    format!("{d:?} is not one of the variants"),
-                );
-                String::new()
-            }
-            _ => {
-                v.push(
-                    &format!("{field}.defaultVariant"),
-                    "is required by release-svc (a feature serves its default variant when no rule picks one)",
-                );
-                String::new()
-            }
-        };
-        let disabled = match flag.get("state").and_then(Value::as_str) {
-            Some("ENABLED") => false,
-            Some("DISABLED") => true,
-            _ => {
-                v.push(&format!("{field}.state"), "must be ENABLED or DISABLED");
-                false
-            }
-        };
-        let targeting = match flag.get("targeting") {
-            None | Some(Value::Null) => None,
-            Some(Value::Object(m)) if m.is_empty() => None,
-            Some(t) => match resolve_refs(t, evaluators, &format!("{field}.targeting"), 0) {
-                Ok(resolved) => v.check(
-                    &format!("{field}.targeting"),
-                    Rule::parse(&resolved.to_string()),
-                ),
-                Err(e) => {
-                    v.push(&format!("{field}.targeting"), e);
-                    None
-                }
-            },
-        };
-        out.push(ImportedFlag {
-            key: key.clone(),
-            variants,
-            default_variant,
-            targeting,
-            disabled,
-        });
     }
-    v.finish()?;
+    if !skip_invalid && !out.invalid.is_empty() {
+        let mut all = Violations::default();
+        for (_, v) in std::mem::take(&mut out.invalid) {
+            all.append(v);
+        }
+        all.finish()?;
+    }
     Ok(out)
+}
+
+/// One flag; problems go to `v` (the flag is meaningless when any were recorded).
+fn parse_flag(
+    key: &str,
+    flag: &Value,
+    evaluators: &Map<String, Value>,
+    v: &mut Violations,
+) -> ImportedFlag {
+    let field = format!("document.flags.{key}");
+    v.check(&field, validate_feature_key(key));
+    let variants: BTreeMap<String, Value> = flag
+        .get("variants")
+        .and_then(Value::as_object)
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default();
+    if variants.is_empty() {
+        v.push(
+            &format!("{field}.variants"),
+            "must have at least one variant",
+        );
+    }
+    let default_variant = match flag.get("defaultVariant") {
+        Some(Value::String(d)) if variants.contains_key(d) => d.clone(),
+        Some(Value::String(d)) => {
+            v.push(
+                &format!("{field}.defaultVariant"),
+                format!("{d:?} is not one of the variants"),
+            );
+            String::new()
+        }
+        // No default variant: when no rule picks one, the caller's code default.
+        None | Some(Value::Null) => String::new(),
+        Some(_) => {
+            v.push(
+                &format!("{field}.defaultVariant"),
+                "must be a variant name or null",
+            );
+            String::new()
+        }
+    };
+    let disabled = match flag.get("state").and_then(Value::as_str) {
+        Some("ENABLED") => false,
+        Some("DISABLED") => true,
+        _ => {
+            v.push(&format!("{field}.state"), "must be ENABLED or DISABLED");
+            false
+        }
+    };
+    let targeting = match flag.get("targeting") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(m)) if m.is_empty() => None,
+        Some(t) => match resolve_refs(t, evaluators, &format!("{field}.targeting"), 0) {
+            Ok(resolved) => v.check(
+                &format!("{field}.targeting"),
+                Rule::parse(&resolved.to_string()),
+            ),
+            Err(e) => {
+                v.push(&format!("{field}.targeting"), e);
+                None
+            }
+        },
+    };
+    ImportedFlag {
+        key: key.to_owned(),
+        variants,
+        default_variant,
+        targeting,
+        disabled,
+    }
 }
 
 /// Renders the features as a flagd document for `environment`.
@@ -204,7 +243,11 @@ pub fn render(snapshot: &Snapshot, environment: &str) -> Value {
         );
         flag.insert(
             "defaultVariant".into(),
-            Value::String(f.default_variant.clone()),
+            if f.default_variant.is_empty() {
+                Value::Null
+            } else {
+                Value::String(f.default_variant.clone())
+            },
         );
         flag.insert(
             "targeting".into(),
@@ -246,7 +289,7 @@ mod tests {
                 "plain": {"state": "DISABLED", "variants": {"a": "x"}, "defaultVariant": "a"}
             }
         }"#;
-        let flags = parse(doc).unwrap();
+        let flags = parse(doc, false).unwrap().flags;
         assert_eq!(flags.len(), 2);
         let ok = &flags[0];
         assert_eq!(ok.key, "ok");
@@ -261,16 +304,26 @@ mod tests {
 
         let bad = r#"{"flags": {
             "no-default": {"state": "ENABLED", "variants": {"a": 1}},
+            "bad-default": {"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": "b"},
             "bad-ref": {"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": "a", "targeting": {"$ref": "nope"}},
             "bad-state": {"state": "ON", "variants": {"a": 1}, "defaultVariant": "a"}
         }}"#;
-        let err = parse(bad).unwrap_err().to_string();
+        let err = parse(bad, false).unwrap_err().to_string();
         assert!(
-            err.contains("document.flags.no-default.defaultVariant"),
+            err.contains("document.flags.bad-default.defaultVariant"),
             "{err}"
         );
         assert!(err.contains("document.flags.bad-ref.targeting"), "{err}");
         assert!(err.contains("document.flags.bad-state.state"), "{err}");
-        assert!(parse("not json").is_err());
+        assert!(!err.contains("no-default"), "{err}");
+
+        // Skipping keeps the valid flags and names each invalid one.
+        let parsed = parse(bad, true).unwrap();
+        let kept: Vec<_> = parsed.flags.iter().map(|f| f.key.as_str()).collect();
+        assert_eq!(kept, ["no-default"]);
+        assert_eq!(parsed.flags[0].default_variant, "");
+        let skipped: Vec<_> = parsed.invalid.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(skipped, ["bad-default", "bad-ref", "bad-state"]);
+        assert!(parse("not json", true).is_err());
     }
 }

@@ -1,4 +1,4 @@
-//! Stable hashing for percentage rollouts and flagd's `fractional`.
+//! Stable hashing for percentage rollouts (and, in `rules`, flagd's `fractional`).
 //!
 //! MurmurHash3 (x86, 32-bit, seed 0) is what flagd uses, so buckets agree with flagd for
 //! the same inputs. A rollout bucket is `murmur3("{feature}/{targeting_key}") % 10_000`:
@@ -63,13 +63,6 @@ pub fn in_rollout(bucket: u32, percent: f64) -> bool {
     // Basis points; the cast is exact for 0..=10_000.
     let threshold = (percent.clamp(0.0, 100.0) * 100.0).round() as u32;
     bucket < threshold
-}
-
-/// flagd's fractional bucket of a hash key, in `[0, 100]` (flagd 0.7+ daemons: the hash read
-/// as a signed 32-bit integer, its absolute value over `i32::MAX`).
-pub fn fractional_bucket(hash_key: &str) -> f64 {
-    let signed = i32::from_ne_bytes(murmur3_32(hash_key.as_bytes(), 0).to_ne_bytes());
-    (f64::from(signed).abs() / f64::from(i32::MAX)) * 100.0
 }
 
 #[cfg(test)]

@@ -4,13 +4,13 @@
 //!
 //! Rules are parsed and checked once (unknown operators are refused when the feature is
 //! written) and evaluated against the context's attributes plus `targetingKey` and
-//! `$flagd.flagKey`.
+//! `$flagd.flagKey` and `$flagd.timestamp` (seconds since the Unix epoch).
 
 use std::borrow::Cow;
 
 use serde_json::{Map, Value};
 
-use super::hash::fractional_bucket;
+use super::hash::murmur3_32;
 
 /// What a rule reads: the context's attributes, `targetingKey` and `$flagd.flagKey`, looked
 /// up in place (no merged copy is built per evaluation).
@@ -22,6 +22,39 @@ pub struct Data<'a> {
     pub targeting_key: &'a str,
     /// The feature (flag) key.
     pub flag_key: &'a str,
+    /// How `fractional` buckets.
+    pub bucketing: Bucketing,
+}
+
+/// flagd's generations of `fractional` bucketing (the flagd testbed's `@fractional-v1/2/3`
+/// profiles). All hash with MurmurHash3 (x86, 32-bit, seed 0).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Bucketing {
+    /// flagd up to 0.14: the hash as a signed integer, `abs(h) / i32::MAX * 100` against
+    /// cumulative percentages; string bucketing keys only.
+    V1,
+    /// flagd 0.15-0.16 (and the SDKs of that generation): `(h as u64 * total) >> 32`
+    /// against cumulative integer weights; string bucketing keys only; negative weights
+    /// count as 0, a missing weight as 1.
+    #[default]
+    V2,
+    /// The 2026 SDKs' profile: as V2, but the bucketing input is any JSON value encoded as
+    /// deterministic CBOR (RFC 8949 section 4.2.1, whole floats as integers), and the implicit
+    /// input is the array `[flagKey, targetingKey]`.
+    V3,
+}
+
+impl std::str::FromStr for Bucketing {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "v1" => Ok(Self::V1),
+            "v2" => Ok(Self::V2),
+            "v3" => Ok(Self::V3),
+            other => Err(format!("{other:?} is not a bucketing profile (v1, v2, v3)")),
+        }
+    }
 }
 
 /// Every operator the engine knows.
@@ -167,6 +200,7 @@ fn var<'a>(data: &Data<'a>, path: &str, default: Option<Cow<'a, Value>>) -> Cow<
         "$flagd" => {
             return match parts.next() {
                 Some("flagKey") => Cow::Owned(Value::String(data.flag_key.to_owned())),
+                Some("timestamp") => Cow::Owned(Value::from(unix_seconds())),
                 _ => default.unwrap_or(Cow::Owned(Value::Null)),
             }
         }
@@ -198,8 +232,16 @@ fn whole(data: &Data<'_>) -> Value {
     );
     let mut flagd = Map::new();
     flagd.insert("flagKey".into(), Value::String(data.flag_key.into()));
+    flagd.insert("timestamp".into(), Value::from(unix_seconds()));
     map.insert("$flagd".into(), Value::Object(flagd));
     Value::Object(map)
+}
+
+/// `$flagd.timestamp`: the evaluation time in whole seconds since the Unix epoch.
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn compare(op: &str, a: f64, b: f64) -> bool {
@@ -398,38 +440,234 @@ pub fn sem_ver(a: &str, op: &str, b: &str) -> Option<bool> {
 }
 
 fn fractional(args: &[Value], data: &Data<'_>) -> Value {
+    // Names and weights may be expressions (flagd's "nested" fractional): evaluate first.
     let mut args: Vec<Value> = args.iter().map(|v| apply(v, data).into_owned()).collect();
-    // An optional first argument that is not a [variant, weight] pair is the bucketing key.
-    let hash_key = match args.first() {
-        Some(Value::String(_)) => text(&args.remove(0)),
-        // A bucketing expression that found nothing (a missing attribute): no decision.
-        Some(Value::Null) => return Value::Null,
-        _ => format!("{}{}", data.flag_key, data.targeting_key),
+    // An optional first argument that is not a [variant, weight] pair is the bucketing input.
+    let explicit = match args.first() {
+        None | Some(Value::Array(_)) => None,
+        Some(_) => Some(args.remove(0)),
     };
     // Variants keep their JSON type: `[[false, 0], [true, 100]]` may serve as a condition.
-    let buckets: Vec<(Value, f64)> = args
-        .iter()
-        .filter_map(|b| match b {
-            Value::Array(pair) if !pair.is_empty() => {
-                let weight = pair.get(1).and_then(number).unwrap_or(1.0);
-                Some((pair[0].clone(), weight))
-            }
-            _ => None,
-        })
+    let buckets = args.iter().filter_map(|b| match b {
+        Value::Array(pair) if !pair.is_empty() => Some((&pair[0], pair.get(1))),
+        _ => None,
+    });
+    let picked = match data.bucketing {
+        Bucketing::V1 => {
+            let key = match explicit {
+                Some(Value::String(s)) => s,
+                // A bucketing expression that found nothing (a missing attribute).
+                Some(_) => return Value::Null,
+                None => format!("{}{}", data.flag_key, data.targeting_key),
+            };
+            pick_v1(murmur3_32(key.as_bytes(), 0), buckets)
+        }
+        Bucketing::V2 => {
+            let hash = match explicit {
+                Some(Value::String(s)) => murmur3_32(s.as_bytes(), 0),
+                Some(_) => return Value::Null,
+                None if data.targeting_key.is_empty() => return Value::Null,
+                None => murmur3_32(
+                    format!("{}{}", data.flag_key, data.targeting_key).as_bytes(),
+                    0,
+                ),
+            };
+            pick_weighted(hash, buckets)
+        }
+        Bucketing::V3 => {
+            let input = match explicit {
+                Some(Value::Null) => return Value::Null,
+                Some(v) => v,
+                None if data.targeting_key.is_empty() => return Value::Null,
+                None => Value::Array(vec![
+                    Value::String(data.flag_key.to_owned()),
+                    Value::String(data.targeting_key.to_owned()),
+                ]),
+            };
+            let mut bytes = Vec::new();
+            cbor(&input, &mut bytes);
+            pick_weighted(murmur3_32(&bytes, 0), buckets)
+        }
+    };
+    picked.cloned().unwrap_or(Value::Null)
+}
+
+/// V1: cumulative percentages against `abs(h as i32) / i32::MAX * 100`.
+fn pick_v1<'v>(
+    hash: u32,
+    buckets: impl Iterator<Item = (&'v Value, Option<&'v Value>)>,
+) -> Option<&'v Value> {
+    let buckets: Vec<(&Value, f64)> = buckets
+        .map(|(v, w)| (v, w.and_then(number).unwrap_or(1.0)))
         .collect();
     let total: f64 = buckets.iter().map(|b| b.1).sum();
     if buckets.is_empty() || total <= 0.0 {
-        return Value::Null;
+        return None;
     }
-    let bucket = fractional_bucket(&hash_key);
+    let signed = i32::from_ne_bytes(hash.to_ne_bytes());
+    let bucket = (f64::from(signed).abs() / f64::from(i32::MAX)) * 100.0;
     let mut end = 0.0;
     for (variant, weight) in &buckets {
         end += weight * 100.0 / total;
         if bucket < end {
-            return variant.clone();
+            return Some(variant);
         }
     }
-    buckets.last().map(|b| b.0.clone()).unwrap_or(Value::Null)
+    buckets.last().map(|b| b.0)
+}
+
+/// V2 and V3: integer weights (missing or null: 1, negative: 0; fractional or above
+/// `i32::MAX`: no decision), `(h * total) >> 32` against the cumulative weights.
+fn pick_weighted<'v>(
+    hash: u32,
+    buckets: impl Iterator<Item = (&'v Value, Option<&'v Value>)>,
+) -> Option<&'v Value> {
+    let mut weighted = Vec::new();
+    let mut total: u64 = 0;
+    for (variant, weight) in buckets {
+        let w: u64 = match weight {
+            None | Some(Value::Null) => 1,
+            Some(Value::Number(n)) => match (n.as_i64(), n.as_f64()) {
+                (Some(i), _) => u64::try_from(i.max(0)).unwrap_or(0),
+                (None, Some(f)) if f.fract() == 0.0 && f < 0.0 => 0,
+                _ => return None,
+            },
+            Some(_) => return None,
+        };
+        if w > i32::MAX as u64 {
+            return None;
+        }
+        total += w;
+        weighted.push((variant, w));
+    }
+    if total == 0 || total > i32::MAX as u64 {
+        return None;
+    }
+    let bucket = (u64::from(hash) * total) >> 32;
+    let mut end = 0;
+    for (variant, w) in weighted {
+        end += w;
+        if bucket < end {
+            return Some(variant);
+        }
+    }
+    None
+}
+
+/// Deterministic CBOR (RFC 8949 section 4.2.1: shortest heads, shortest exact float,
+/// map keys in bytewise order of their encodings), with whole floats within the integer
+/// ranges written as integers (so `-0.0`, `0.0` and `0` hash alike).
+pub fn cbor(v: &Value, out: &mut Vec<u8>) {
+    fn head(major: u8, n: u64, out: &mut Vec<u8>) {
+        let m = major << 5;
+        match n {
+            0..=23 => out.push(m | n as u8),
+            24..=0xff => out.extend([m | 24, n as u8]),
+            0x100..=0xffff => {
+                out.push(m | 25);
+                out.extend((n as u16).to_be_bytes());
+            }
+            0x1_0000..=0xffff_ffff => {
+                out.push(m | 26);
+                out.extend((n as u32).to_be_bytes());
+            }
+            _ => {
+                out.push(m | 27);
+                out.extend(n.to_be_bytes());
+            }
+        }
+    }
+    match v {
+        Value::Null => out.push(0xf6),
+        Value::Bool(b) => out.push(if *b { 0xf5 } else { 0xf4 }),
+        Value::Number(n) => {
+            if let Some(u) = n.as_u64() {
+                head(0, u, out);
+            } else if let Some(i) = n.as_i64() {
+                head(1, (-1 - i) as u64, out);
+            } else if let Some(f) = n.as_f64() {
+                cbor_float(f, out, head);
+            }
+        }
+        Value::String(s) => {
+            head(3, s.len() as u64, out);
+            out.extend(s.as_bytes());
+        }
+        Value::Array(items) => {
+            head(4, items.len() as u64, out);
+            for item in items {
+                cbor(item, out);
+            }
+        }
+        Value::Object(map) => {
+            let mut entries: Vec<(Vec<u8>, &Value)> = map
+                .iter()
+                .map(|(k, v)| {
+                    let mut key = Vec::new();
+                    cbor(&Value::String(k.clone()), &mut key);
+                    (key, v)
+                })
+                .collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            head(5, entries.len() as u64, out);
+            for (key, value) in entries {
+                out.extend(key);
+                cbor(value, out);
+            }
+        }
+    }
+}
+
+fn cbor_float(f: f64, out: &mut Vec<u8>, head: fn(u8, u64, &mut Vec<u8>)) {
+    const TWO_63: f64 = 9_223_372_036_854_775_808.0;
+    const TWO_64: f64 = 18_446_744_073_709_551_616.0;
+    if f.is_finite() && f.fract() == 0.0 && (-TWO_63..TWO_64).contains(&f) {
+        // Whole: an integer (the casts are exact in these ranges).
+        if f >= 0.0 {
+            head(0, f as u64, out);
+        } else {
+            head(1, (-1 - f as i64) as u64, out);
+        }
+    } else if let Some(h) = f16_bits(f) {
+        out.push(0xf9);
+        out.extend(h.to_be_bytes());
+    } else if f.is_nan() || (f as f32) as f64 == f {
+        out.push(0xfa);
+        out.extend((f as f32).to_bits().to_be_bytes());
+    } else {
+        out.push(0xfb);
+        out.extend(f.to_bits().to_be_bytes());
+    }
+}
+
+/// The half-precision bits of `f` when it is exactly representable (NaN and the
+/// infinities included), else `None`.
+fn f16_bits(f: f64) -> Option<u16> {
+    if f.is_nan() {
+        return Some(0x7e00);
+    }
+    let bits = f.to_bits();
+    let sign = ((bits >> 63) as u16) << 15;
+    if f.is_infinite() {
+        return Some(sign | 0x7c00);
+    }
+    let exp = ((bits >> 52) & 0x7ff) as i32 - 1023;
+    let mant = bits & ((1u64 << 52) - 1);
+    if f == 0.0 {
+        return Some(sign);
+    }
+    if (-14..=15).contains(&exp) {
+        // Normal: 10 mantissa bits.
+        (mant & ((1u64 << 42) - 1) == 0)
+            .then(|| sign | (((exp + 15) as u16) << 10) | (mant >> 42) as u16)
+    } else if (-24..-14).contains(&exp) {
+        // Subnormal: a multiple of 2^-24.
+        let full = (1u64 << 52) | mant;
+        let shift = 28 - exp;
+        (full & ((1u64 << shift) - 1) == 0).then(|| sign | (full >> shift) as u16)
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -448,8 +686,19 @@ mod tests {
             attributes: &attributes,
             targeting_key,
             flag_key: "flag",
+            bucketing: Bucketing::default(),
         };
         rule.evaluate(&data).into_owned()
+    }
+
+    #[test]
+    fn flagd_timestamp_is_the_evaluation_time() {
+        let past = json!({"if": [{">": [{"var": "$flagd.timestamp"}, {"var": "time"}]}, "past", "future"]});
+        assert_eq!(eval(past.clone(), json!({"time": 1})), json!("past"));
+        assert_eq!(
+            eval(past, json!({"time": 4_133_980_802_u64})),
+            json!("future")
+        );
     }
 
     #[test]
@@ -564,6 +813,7 @@ mod tests {
                 attributes: &attributes,
                 targeting_key: key,
                 flag_key: flag,
+                bucketing: Bucketing::V1,
             };
             rule.evaluate(&data).into_owned()
         };
@@ -601,6 +851,61 @@ mod tests {
             let got = eval_flag(&shorthand, "fractional-flag-shorthand", json!({}), key);
             assert_eq!(got, json!(want), "shorthand, targeting key {key}");
         }
+    }
+
+    #[test]
+    fn v2_buckets_the_unsigned_hash_by_integer_weights() {
+        // Keys whose MurmurHash3 is 0, i32::MAX and 2^31 (the testbed's hash edge cases):
+        // `(h * 2) >> 32` is 0, 0 and 1.
+        let rule = json!({"fractional": [{"var": "k"}, ["lower", 1], ["upper", 1]]});
+        for (key, hash, want) in [
+            ("ejOoVL", 0u32, "lower"),
+            ("SI7p-", 2_147_483_647, "lower"),
+            ("6LvT0", 2_147_483_648, "upper"),
+        ] {
+            assert_eq!(murmur3_32(key.as_bytes(), 0), hash);
+            assert_eq!(eval(rule.clone(), json!({"k": key})), json!(want), "{key}");
+        }
+        // Weights: negative counts as 0, a fraction or a zero total is no decision.
+        let negative = json!({"fractional": [{"var": "k"}, ["one", -50], ["two", 100]]});
+        assert_eq!(eval(negative, json!({"k": "x"})), json!("two"));
+        let fraction = json!({"fractional": [{"var": "k"}, ["one", 50.5], ["two", 50]]});
+        assert_eq!(eval(fraction, json!({"k": "x"})), Value::Null);
+        let zero = json!({"fractional": [{"var": "k"}, ["one", 0], ["two", 0]]});
+        assert_eq!(eval(zero, json!({"k": "x"})), Value::Null);
+        // V2 buckets strings only; the shorthand needs a targeting key.
+        let number = json!({"fractional": [{"var": "k"}, ["one", 1]]});
+        assert_eq!(eval(number, json!({"k": 7})), Value::Null);
+        let shorthand = json!({"fractional": [["one", 1], ["two", 1]]});
+        assert_eq!(eval_for(shorthand, json!({}), ""), Value::Null);
+    }
+
+    #[test]
+    fn cbor_is_deterministic_and_shortest() {
+        let enc = |v: Value| {
+            let mut out = Vec::new();
+            cbor(&v, &mut out);
+            out
+        };
+        assert_eq!(enc(json!("user1")), b"\x65user1");
+        assert_eq!(enc(json!(23)), [0x17]);
+        assert_eq!(enc(json!(24)), [0x18, 24]);
+        assert_eq!(enc(json!(-1)), [0x20]);
+        assert_eq!(enc(json!(65_536)), [0x1a, 0, 1, 0, 0]);
+        // Whole floats are integers; -0.0 is 0.
+        assert_eq!(enc(json!(1.0)), [0x01]);
+        assert_eq!(enc(json!(-0.0)), [0x00]);
+        // The shortest exact float: half, single, double.
+        assert_eq!(enc(json!(2.5)), [0xf9, 0x41, 0x00]);
+        assert_eq!(enc(json!(5.960_464_477_539_063e-8)), [0xf9, 0x00, 0x01]);
+        assert_eq!(enc(json!(0.1)).len(), 9);
+        assert_eq!(enc(json!(1.175_494_350_822_287_5e-38))[0], 0xfa);
+        // Map keys in bytewise order of their encodings: shorter first.
+        assert_eq!(
+            enc(json!({"aa": 2, "z": 1})),
+            [0xa2, 0x61, b'z', 0x01, 0x62, b'a', b'a', 0x02]
+        );
+        assert_eq!(enc(json!([null, true, false])), [0x83, 0xf6, 0xf5, 0xf4]);
     }
 
     /// The flagd testbed v3.9.0 `evaluator/gherkin/semver.feature` rows, with its flags.

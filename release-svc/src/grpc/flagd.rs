@@ -4,21 +4,28 @@
 //! release decisions.
 //!
 //! Mapping: each feature is a flag. The environment comes from the `Flagd-Selector` header
-//! (`flagSetId=<env>`, fixed per provider), else the context attribute `environment`, else
-//! the configured default. `targetingKey` is the user. Reasons: STATIC only for answers that
-//! are context-free AND whose environment the selector header fixed: providers cache STATIC
-//! results by flag key alone, so an answer whose environment came from a context (or could
-//! come from a later one) is TARGETING_MATCH; TARGETING_MATCH also for rule, list,
-//! percentage and release/deployment gate results; DEFAULT for the default variant after
-//! rules; DISABLED with value and variant unset ("use the code default"). Errors use
-//! flagd's codes: NOT_FOUND, INVALID_ARGUMENT for a type mismatch.
+//! (`flagSetId=<env>`, fixed per provider; or a flagd source selector, `source=<s>` or a
+//! bare `<s>`, through the configured source aliases), else the context attribute
+//! `environment` (configurable, or off), else the configured default. Configured static
+//! context values (flagd's `--context-value`) override the request's. `targetingKey` is
+//! the user.
+//!
+//! Reasons: STATIC only for answers that are context-free AND whose environment is fixed
+//! for the caller (by the selector header, or because no context attribute may name one):
+//! providers cache STATIC results by flag key alone, so an answer whose environment came
+//! from a context (or could come from a later one) is TARGETING_MATCH. TARGETING_MATCH also
+//! for rule, list, percentage and release/deployment gate results; DEFAULT for the default
+//! variant after rules (value and variant unset for a flag without a default variant);
+//! DISABLED with value and variant unset ("use the code default"). Errors use flagd's
+//! codes: NOT_FOUND, INVALID_ARGUMENT for a type mismatch.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use serde_json::Value;
+use serde_json::{Map, Value};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
@@ -28,29 +35,65 @@ use super::convert::{from_json, struct_to_json};
 use crate::domain::evaluate::{Context, Decision, Reason};
 use crate::engine::{Change, Engine};
 
+/// How flagd-protocol requests map onto release-svc.
+#[derive(Debug, Clone, Default)]
+pub struct FlagdOptions {
+    /// The environment when neither the selector nor the context names one.
+    pub default_environment: String,
+    /// Time between keep_alive events on an idle EventStream.
+    pub keep_alive: Duration,
+    /// The context attribute that may name the environment; empty: none may, so the
+    /// environment is fixed by the selector or the default (and context-free answers are
+    /// STATIC even without a selector).
+    pub environment_attribute: String,
+    /// Source selectors (`source=<s>` or a bare `<s>`, as flagd providers configured for
+    /// file or sync sources send them) mapped to environments.
+    pub source_aliases: HashMap<String, String>,
+    /// Context values set by the service (flagd's `--context-value`); they override the
+    /// request's values of the same key, so a caller cannot forge them.
+    pub static_context: Map<String, Value>,
+}
+
 /// The flagd evaluation services (v1 and v2 share everything but message shapes).
 #[derive(Clone)]
 pub struct Flagd {
     engine: Arc<Engine>,
-    default_environment: String,
-    keep_alive: Duration,
+    options: Arc<FlagdOptions>,
     streams: CancellationToken,
 }
 
 impl Flagd {
-    /// A service over `engine`; contexts without an environment use `default_environment`.
-    pub fn new(
-        engine: Arc<Engine>,
-        default_environment: String,
-        keep_alive: Duration,
-        streams: CancellationToken,
-    ) -> Self {
+    /// A service over `engine`.
+    pub fn new(engine: Arc<Engine>, options: FlagdOptions, streams: CancellationToken) -> Self {
         Self {
             engine,
-            default_environment,
-            keep_alive,
+            options: Arc::new(options),
             streams,
         }
+    }
+
+    /// The environment a `Flagd-Selector` header names: `flagSetId=<env>`, or a source
+    /// (`source=<s>`, or a bare `<s>`) through the aliases, else the source itself.
+    fn selected_environment(&self, selector: &str) -> Option<String> {
+        let mut source = None;
+        for part in selector.split([',', ' ', ';']).map(str::trim) {
+            if let Some(env) = part.strip_prefix("flagSetId=") {
+                return Some(env.to_owned());
+            }
+            if let Some(s) = part.strip_prefix("source=") {
+                source = Some(s);
+            } else if !part.is_empty() && !part.contains('=') {
+                source = source.or(Some(part));
+            }
+        }
+        let source = source?;
+        Some(
+            self.options
+                .source_aliases
+                .get(source)
+                .cloned()
+                .unwrap_or_else(|| source.to_owned()),
+        )
     }
 
     /// The evaluation context of a request, and whether the selector header fixed its
@@ -61,6 +104,9 @@ impl Flagd {
         context: Option<prost_types::Struct>,
     ) -> (Context, bool) {
         let mut attributes = context.as_ref().map(struct_to_json).unwrap_or_default();
+        for (k, v) in &self.options.static_context {
+            attributes.insert(k.clone(), v.clone());
+        }
         let targeting_key = match attributes.remove("targetingKey") {
             Some(Value::String(k)) => k,
             _ => String::new(),
@@ -68,20 +114,17 @@ impl Flagd {
         let from_header = metadata
             .get("flagd-selector")
             .and_then(|v| v.to_str().ok())
-            .and_then(|s| {
-                s.split([',', ' ', ';'])
-                    .find_map(|kv| kv.trim().strip_prefix("flagSetId="))
-                    .map(str::to_owned)
-            });
-        let from_context = match attributes.get("environment") {
-            Some(Value::String(e)) => Some(e.clone()),
+            .and_then(|s| self.selected_environment(s));
+        let attribute = self.options.environment_attribute.as_str();
+        let from_context = match attributes.get(attribute) {
+            Some(Value::String(e)) if !attribute.is_empty() => Some(e.clone()),
             _ => None,
         };
-        let fixed = from_header.is_some();
+        let fixed = from_header.is_some() || attribute.is_empty();
         let ctx = Context {
             environment: from_header
                 .or(from_context)
-                .unwrap_or_else(|| self.default_environment.clone()),
+                .unwrap_or_else(|| self.options.default_environment.clone()),
             targeting_key,
             attributes,
         };
@@ -103,7 +146,8 @@ impl Flagd {
     }
 }
 
-/// A STATIC decision stays STATIC only when the environment was fixed by the selector.
+/// A STATIC decision stays STATIC only when the environment was fixed for the caller (by
+/// the selector, or because no context attribute can name one).
 fn cacheable(mut d: Decision, environment_fixed: bool) -> Decision {
     if d.reason == Reason::Static && !environment_fixed {
         d.reason = Reason::TargetingMatch;
@@ -135,14 +179,20 @@ fn mismatch(key: &str, want: &str, got: &Value) -> Status {
     Status::invalid_argument(format!("TYPE_MISMATCH: flag {key:?} is {kind}, not {want}"))
 }
 
-/// The typed value of a decision: `Ok(None)` means "use the code default" (DISABLED).
+/// Whether a decision means "use the code default": a disabled feature, or a feature
+/// without a default variant when no rule picked one.
+fn code_default(d: &Decision) -> bool {
+    d.reason == Reason::Disabled || d.variant.is_empty()
+}
+
+/// The typed value of a decision: `Ok(None)` means "use the code default".
 fn typed<T>(
     d: &Decision,
     key: &str,
     want: &str,
     pick: impl Fn(&Value) -> Option<T>,
 ) -> Result<Option<T>, Status> {
-    if d.reason == Reason::Disabled {
+    if code_default(d) {
         return Ok(None);
     }
     pick(&d.value)
@@ -151,7 +201,7 @@ fn typed<T>(
 }
 
 fn variant(d: &Decision) -> Option<String> {
-    (d.reason != Reason::Disabled).then(|| d.variant.clone())
+    (!code_default(d)).then(|| d.variant.clone())
 }
 
 fn integer(v: &Value) -> Option<i64> {
@@ -260,7 +310,7 @@ macro_rules! flagd_service {
                     let Some(d) = snapshot.evaluate(key, &ctx).map(|d| cacheable(d, fixed)) else {
                         continue;
                     };
-                    let value = if d.reason == Reason::Disabled {
+                    let value = if code_default(&d) {
                         None
                     } else {
                         match &d.value {
@@ -358,7 +408,7 @@ macro_rules! flagd_service {
                     rx,
                     self.streams.clone(),
                     self.engine.clone(),
-                    self.keep_alive,
+                    self.options.keep_alive,
                     false,
                 );
                 let stream = futures::stream::unfold(start, move |(mut pending, mut rx, streams, engine, keep_alive, done)| async move {

@@ -407,10 +407,25 @@ impl ReleaseService for ReleaseApi {
             v.push("document", "must be at most 16 MiB");
         }
         v.finish()?;
-        let flags = crate::domain::flagd_doc::parse(&req.document)?;
-        let (created, updated, unchanged, release) =
-            self.engine.import_flagd(&req.environment, flags).await?;
+        let parsed = crate::domain::flagd_doc::parse(&req.document, req.skip_invalid)?;
+        let skipped = parsed
+            .invalid
+            .iter()
+            .map(|(key, v)| pb::SkippedFlag {
+                key: key.clone(),
+                problems: v
+                    .recorded()
+                    .iter()
+                    .map(|p| format!("{}: {}", p.field, p.description))
+                    .collect(),
+            })
+            .collect();
+        let (created, updated, unchanged, release) = self
+            .engine
+            .import_flagd(&req.environment, parsed.flags)
+            .await?;
         Ok(Response::new(pb::ImportFlagdResponse {
+            skipped,
             created,
             updated,
             unchanged,

@@ -3,6 +3,7 @@
 //! ```sh
 //! cargo build --release -p deploy-svc -p release-svc -p tests
 //! target/release/bench-release throughput   # Evaluate over h2load vs a no-op tonic baseline
+//! target/release/bench-release flagd        # flagd v2 ResolveBoolean vs native Evaluate
 //! target/release/bench-release gate         # placement change -> visibility change latency
 //! target/release/bench-release memory       # RSS with 10,000 features x 10 environments, restart time
 //! ```
@@ -44,6 +45,21 @@ enum Cmd {
         #[arg(long, default_value_t = 32)]
         streams: u32,
         /// Alternating rounds (baseline, release-svc).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+    /// flagd v2 ResolveBoolean requests/s against native Evaluate on the same release-svc.
+    Flagd {
+        /// Requests per h2load run.
+        #[arg(long, default_value_t = 200_000)]
+        requests: u64,
+        /// Connections.
+        #[arg(long, default_value_t = 8)]
+        clients: u32,
+        /// Concurrent streams per connection.
+        #[arg(long, default_value_t = 32)]
+        streams: u32,
+        /// Alternating rounds (Evaluate, ResolveBoolean).
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
@@ -106,6 +122,12 @@ async fn main() {
             streams,
             rounds,
         } => throughput(&args.dir, requests, clients, streams, rounds).await,
+        Cmd::Flagd {
+            requests,
+            clients,
+            streams,
+            rounds,
+        } => flagd(&args.dir, requests, clients, streams, rounds).await,
         Cmd::Gate { flips } => gate(&args.dir, flips).await,
         Cmd::Memory {
             features,
@@ -114,8 +136,15 @@ async fn main() {
     }
 }
 
+const EVALUATE: &str = "release.v1.ReleaseService/Evaluate";
+const RESOLVE_BOOLEAN: &str = "flagd.evaluation.v2.Service/ResolveBoolean";
+
+/// One h2load run; returns requests/s and h2load's status-code line. `headers` are added to
+/// every request.
 fn h2load(
     addr: std::net::SocketAddr,
+    method: &str,
+    headers: &[&str],
     body: &Path,
     requests: u64,
     clients: u32,
@@ -135,7 +164,8 @@ fn h2load(
         .arg("-d")
         .arg(body)
         .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
-        .arg(format!("http://{addr}/release.v1.ReleaseService/Evaluate"))
+        .args(headers.iter().flat_map(|h| ["-H", h]))
+        .arg(format!("http://{addr}/{method}"))
         .output()
         .expect("h2load missing: apt-get install nghttp2-client");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -154,7 +184,9 @@ fn h2load(
     (rps, status)
 }
 
-async fn throughput(dir: &Path, requests: u64, clients: u32, streams: u32, rounds: usize) {
+/// The pair with `new-cart` released to 50% of prod behind a placed carrier, and the
+/// Evaluate request the throughput runs send (bob: inside the 50%).
+async fn loaded_pair(dir: &Path) -> (Pair, release::Client, rpb::EvaluateRequest) {
     let p = pair(dir).await;
     let mut dc = tests::connect(p.deploy.addr).await;
     let mut rc = release::connect(p.release.addr).await;
@@ -203,6 +235,31 @@ async fn throughput(dir: &Path, requests: u64, clients: u32, streams: u32, round
     )
     .await;
     assert_eq!(check.reason(), rpb::Reason::Split, "{check:?}");
+    (p, rc, request)
+}
+
+/// Pins the processes to CPU 0 (h2load gets CPU 1).
+fn pin(pids: &[Option<u32>]) {
+    for pid in pids.iter().flatten() {
+        let ok = Command::new("taskset")
+            .args(["-a", "-cp", "0", &pid.to_string()])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(ok, "taskset failed for pid {pid}");
+    }
+}
+
+/// Writes `message` as one gRPC frame to `path`.
+fn frame(message: &impl Message, path: &Path) {
+    let encoded = message.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(encoded.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&encoded);
+    std::fs::write(path, frame).unwrap();
+}
+
+async fn throughput(dir: &Path, requests: u64, clients: u32, streams: u32, rounds: usize) {
+    let (p, mut rc, request) = loaded_pair(dir).await;
     let noop = Binary::spawn("noop-release", &[]).await;
     let mut nc = release::connect(noop.addr).await;
     assert!(
@@ -213,32 +270,43 @@ async fn throughput(dir: &Path, requests: u64, clients: u32, streams: u32, round
             .visible
     );
 
-    for pid in [p.release.child.id(), noop.child.id(), p.deploy.child.id()]
-        .into_iter()
-        .flatten()
-    {
-        let ok = Command::new("taskset")
-            .args(["-a", "-cp", "0", &pid.to_string()])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        assert!(ok, "taskset failed for pid {pid}");
-    }
-    let encoded = request.encode_to_vec();
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(&u32::try_from(encoded.len()).unwrap().to_be_bytes());
-    frame.extend_from_slice(&encoded);
+    pin(&[p.release.child.id(), noop.child.id(), p.deploy.child.id()]);
     let body = dir.join("evaluate.bin");
-    std::fs::write(&body, frame).unwrap();
+    frame(&request, &body);
 
     // Warm both up (connections, allocator, caches) before measuring.
-    h2load(noop.addr, &body, requests / 4, clients, streams);
-    h2load(p.release.addr, &body, requests / 4, clients, streams);
+    h2load(
+        noop.addr,
+        EVALUATE,
+        &[],
+        &body,
+        requests / 4,
+        clients,
+        streams,
+    );
+    h2load(
+        p.release.addr,
+        EVALUATE,
+        &[],
+        &body,
+        requests / 4,
+        clients,
+        streams,
+    );
     println!("| round | server | requests/s | h2load status codes |");
     println!("|---|---|---|---|");
     let mut ratios = Vec::new();
     for round in 1..=rounds {
-        let (base, bs) = h2load(noop.addr, &body, requests, clients, streams);
-        let (svc, ss) = h2load(p.release.addr, &body, requests, clients, streams);
+        let (base, bs) = h2load(noop.addr, EVALUATE, &[], &body, requests, clients, streams);
+        let (svc, ss) = h2load(
+            p.release.addr,
+            EVALUATE,
+            &[],
+            &body,
+            requests,
+            clients,
+            streams,
+        );
         println!("| {round} | no-op tonic baseline | {base:.0} | {bs} |");
         println!("| {round} | release-svc Evaluate | {svc:.0} | {ss} |");
         ratios.push(svc / base);
@@ -249,6 +317,75 @@ async fn throughput(dir: &Path, requests: u64, clients: u32, streams: u32, round
     ratios.sort_by(f64::total_cmp);
     println!(
         "ratio release-svc / baseline: median {:.3} (rounds: {ratios:.3?})",
+        ratios[ratios.len() / 2]
+    );
+}
+
+async fn flagd(dir: &Path, requests: u64, clients: u32, streams: u32, rounds: usize) {
+    use proto::flagd::evaluation::v2 as fpb;
+    let (p, mut rc, request) = loaded_pair(dir).await;
+    // The same decision through the flagd protocol: environment from the selector header
+    // h2load sends, the user from the context's targetingKey.
+    let resolve = fpb::ResolveBooleanRequest {
+        flag_key: "new-cart".into(),
+        context: Some(prost_types::Struct {
+            fields: [(
+                "targetingKey".to_owned(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue("bob".into())),
+                },
+            )]
+            .into(),
+        }),
+    };
+    let mut fc = fpb::service_client::ServiceClient::new(tests::channel(p.release.addr).await);
+    let mut check = tonic::Request::new(resolve.clone());
+    check
+        .metadata_mut()
+        .insert("flagd-selector", "flagSetId=prod".parse().unwrap());
+    let answer = fc.resolve_boolean(check).await.unwrap().into_inner();
+    assert_eq!(
+        (answer.value, answer.reason.as_str()),
+        (Some(true), "TARGETING_MATCH"),
+        "{answer:?}"
+    );
+    pin(&[p.release.child.id(), p.deploy.child.id()]);
+    let evaluate_body = dir.join("evaluate.bin");
+    frame(&request, &evaluate_body);
+    let resolve_body = dir.join("resolve-boolean.bin");
+    frame(&resolve, &resolve_body);
+    // Both calls carry the selector header (Evaluate ignores it), so the requests differ
+    // only in method and message.
+    let run = |method: &str, body: &Path, n: u64| {
+        let (rps, status) = h2load(
+            p.release.addr,
+            method,
+            &["flagd-selector: flagSetId=prod"],
+            body,
+            n,
+            clients,
+            streams,
+        );
+        assert!(status.contains(&format!("{n} 2xx")), "{method}: {status}");
+        rps
+    };
+    run(EVALUATE, &evaluate_body, requests / 4);
+    run(RESOLVE_BOOLEAN, &resolve_body, requests / 4);
+    println!("| round | call | requests/s |");
+    println!("|---|---|---|");
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        let native = run(EVALUATE, &evaluate_body, requests);
+        let flagd = run(RESOLVE_BOOLEAN, &resolve_body, requests);
+        println!("| {round} | release.v1 Evaluate | {native:.0} |");
+        println!("| {round} | flagd.evaluation.v2 ResolveBoolean | {flagd:.0} |");
+        ratios.push(flagd / native);
+    }
+    let after = evaluate(&mut rc, "new-cart", "prod", "bob").await;
+    assert_eq!(after.reason(), rpb::Reason::Split);
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "ratio ResolveBoolean / Evaluate: median {:.3} (rounds: {ratios:.3?})",
         ratios[ratios.len() / 2]
     );
 }
