@@ -1,12 +1,16 @@
-//! deploy-svc: Deployment Management. Environments with promotion paths, targets with
-//! heartbeats, immutable artifact versions, deployments whose state derives from per-target
-//! placements, and the placement event stream that release-svc follows.
+//! deploy-svc: Deployment Management. Environments with promotion paths and a change
+//! calendar (freeze windows, overridden only by an approved emergency override), targets
+//! with heartbeats, immutable artifact versions, deployments whose state derives from
+//! per-target placements, the placement event stream that release-svc follows, and an
+//! append-only audit trail of every change.
 //!
 //! # Layout
 //!
 //! - [`config`]: command-line flags and environment variables.
-//! - [`domain`]: resources, validation, the deployment state machine, the promotion rule.
-//! - [`store`]: the storage trait and the SQLite backend (transactional outbox, group commit).
+//! - [`domain`]: resources, validation, the deployment state machine, the promotion rule,
+//!   freeze windows, audit records.
+//! - [`store`]: the storage trait and the SQLite backend (transactional outbox, group commit,
+//!   each change's audit record in the change's transaction).
 //! - [`placement_log`]: the in-memory tail of the event log and WatchPlacements watchers.
 //! - [`grpc`]: the `deploy.v1.DeployService` handlers, conversions and status mapping.
 //! - [`Server`] / [`serve`]: opens the store, then serves an already-bound listener until a

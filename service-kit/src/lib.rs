@@ -12,8 +12,10 @@
 //! - [`status`]: the one exhaustive `From<Error> for Status`, with rich error details.
 //! - [`sqlite`]: the SQLite error mapping and migration runner of the embedded stores.
 //! - [`validate`]: limits and checks every API shares (text, keys, pages, page tokens).
+//! - [`principal()`]: who is calling (the `x-principal` metadata until authentication).
 
 pub mod error;
+pub mod principal;
 pub mod sqlite;
 pub mod status;
 pub mod validate;
@@ -27,6 +29,8 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic_health::server::HealthReporter;
+
+pub use principal::principal;
 
 /// Logging options, flattened into each service's command line.
 #[derive(Debug, Clone, clap::Args)]

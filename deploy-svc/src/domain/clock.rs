@@ -23,3 +23,11 @@ impl Clock for SystemClock {
             .unwrap_or(0)
     }
 }
+
+/// `ms` as an RFC 3339 UTC timestamp (`2026-01-05T00:00:00Z`; milliseconds shown only when
+/// not zero).
+pub fn rfc3339(ms: Millis) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+        .unwrap_or_else(|| format!("{ms} ms after the epoch"))
+}

@@ -8,10 +8,14 @@
 //! - [`model`]: environments, targets, artifacts, deployments, placements, events.
 //! - [`deployment`]: placement transitions and the derived deployment state.
 //! - [`promotion`]: the rules a new deployment must satisfy.
+//! - [`freeze`]: the change calendar's freeze windows as they refuse a deployment.
+//! - [`audit`]: audit records, who made a change, and the before/after summaries.
 //! - [`clock`]: the injectable clock.
 
+pub mod audit;
 pub mod clock;
 pub mod deployment;
+pub mod freeze;
 pub mod model;
 pub mod names;
 pub mod promotion;

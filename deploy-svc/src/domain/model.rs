@@ -2,10 +2,12 @@
 
 use std::collections::BTreeMap;
 
+pub use calendar::FreezeWindow;
+
 use super::clock::Millis;
 
 /// An environment (`environments/{id}`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Environment {
     /// The id.
     pub id: String,
@@ -17,6 +19,8 @@ pub struct Environment {
     pub upstream: Option<String>,
     /// The ids of the promotion path ending here, first first (filled on read).
     pub promotion_path: Vec<String>,
+    /// The change calendar: deployments are refused while one of these is active.
+    pub freeze_windows: Vec<FreezeWindow>,
     /// Optimistic concurrency revision; the etag is its decimal form.
     pub revision: i64,
     /// Creation time.
@@ -26,7 +30,7 @@ pub struct Environment {
 }
 
 /// The fields of a new environment.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NewEnvironment {
     /// The id.
     pub id: String,
@@ -36,10 +40,12 @@ pub struct NewEnvironment {
     pub protected: bool,
     /// The upstream environment id.
     pub upstream: Option<String>,
+    /// The change calendar (validated).
+    pub freeze_windows: Vec<FreezeWindow>,
 }
 
 /// A partial update of an environment; `None` leaves a field alone.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct EnvironmentUpdate {
     /// The environment id.
     pub id: String,
@@ -51,6 +57,8 @@ pub struct EnvironmentUpdate {
     pub protected: Option<bool>,
     /// New upstream (`Some(None)` clears it).
     pub upstream: Option<Option<String>>,
+    /// New change calendar, replacing every window (`Some(vec![])` clears it).
+    pub freeze_windows: Option<Vec<FreezeWindow>>,
 }
 
 /// Health derived from heartbeat age.
@@ -176,10 +184,43 @@ int_codes!(DeploymentState { Pending = 1, InProgress = 2, Succeeded = 3, Failed 
 int_codes!(PlacementState { Pending = 1, Placing = 2, Placed = 3, Failed = 4, Removed = 5 });
 
 impl DeploymentState {
+    /// The name the API uses, without the enum prefix (`IN_PROGRESS`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::InProgress => "IN_PROGRESS",
+            Self::Succeeded => "SUCCEEDED",
+            Self::Failed => "FAILED",
+            Self::Cancelled => "CANCELLED",
+        }
+    }
+
     /// Whether the state is final.
     pub fn is_final(self) -> bool {
         matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
     }
+}
+
+impl PlacementState {
+    /// The name the API uses, without the enum prefix (`PLACED`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Placing => "PLACING",
+            Self::Placed => "PLACED",
+            Self::Failed => "FAILED",
+            Self::Removed => "REMOVED",
+        }
+    }
+}
+
+/// An emergency override of an environment's freeze windows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmergencyOverride {
+    /// Why the change cannot wait.
+    pub reason: String,
+    /// Who approved it (never the requester).
+    pub approver: String,
 }
 
 /// A new deployment, validated.
@@ -193,6 +234,8 @@ pub struct NewDeployment {
     pub environment: String,
     /// Change reference (empty if none).
     pub change_reference: String,
+    /// The emergency override of freeze windows, if given.
+    pub emergency: Option<EmergencyOverride>,
 }
 
 /// A deployment with its placements.
@@ -208,6 +251,8 @@ pub struct Deployment {
     pub environment: String,
     /// Change reference.
     pub change_reference: String,
+    /// The emergency override given at creation, if any.
+    pub emergency: Option<EmergencyOverride>,
     /// Derived state.
     pub state: DeploymentState,
     /// Per-target placements (empty in list results).

@@ -1,23 +1,34 @@
 //! Proto <-> domain conversions, in one place. Every request is validated here, all
 //! fields at once; a bad field becomes a `BadRequest` field violation naming it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
+use calendar::{FreezeWindow, Schedule, WeekTime};
 use prost_types::Timestamp;
 use proto::deploy::v1 as pb;
 
+use crate::domain::audit::{AuditFilter, AuditRecord};
 use crate::domain::clock::Millis;
 use crate::domain::error::Violations;
+use crate::domain::freeze::MAX_WINDOWS;
 use crate::domain::model::{
-    Artifact, Deployment, DeploymentState, Environment, EnvironmentUpdate, HealthWindows,
-    NewDeployment, NewEnvironment, PageRequest, Placement, PlacementEvent, PlacementReport,
-    PlacementState, Target, TargetHealth,
+    Artifact, Deployment, DeploymentState, EmergencyOverride, Environment, EnvironmentUpdate,
+    HealthWindows, NewDeployment, NewEnvironment, PageRequest, Placement, PlacementEvent,
+    PlacementReport, PlacementState, Target, TargetHealth,
 };
 use crate::domain::names::{
     self, artifact_version_name, decode_page_token, deployment_name, environment_name, target_name,
-    MAX_TEXT,
+    MAX_KEY, MAX_PAGE_SIZE, MAX_TEXT,
 };
 use crate::domain::Result;
+
+/// Default page size of ListAuditRecords (larger than other Lists: records are small and
+/// usually read in bulk).
+pub const AUDIT_PAGE_SIZE: usize = 100;
+/// Longest resource filter of ListAuditRecords.
+const MAX_RESOURCE_FILTER: usize = 512;
+/// Longest IANA time zone name accepted (the longest real one has 32 characters).
+const MAX_TIME_ZONE: usize = 64;
 
 /// A timestamp from milliseconds since the epoch.
 pub fn timestamp(ms: Millis) -> Option<Timestamp> {
@@ -25,6 +36,180 @@ pub fn timestamp(ms: Millis) -> Option<Timestamp> {
         seconds: ms.div_euclid(1000),
         nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
     })
+}
+
+/// Milliseconds since the epoch from a timestamp (sub-millisecond digits are dropped).
+pub fn millis(ts: &Timestamp) -> Result<Millis, String> {
+    if !(0..1_000_000_000).contains(&ts.nanos) {
+        return Err(format!("nanos must be 0-999999999, got {}", ts.nanos));
+    }
+    ts.seconds
+        .checked_mul(1000)
+        .and_then(|ms| ms.checked_add(i64::from(ts.nanos / 1_000_000)))
+        .filter(|ms| chrono::DateTime::<chrono::Utc>::from_timestamp_millis(*ms).is_some())
+        .ok_or_else(|| format!("{} seconds is out of range", ts.seconds))
+}
+
+fn required_millis(v: &mut Violations, field: &str, ts: Option<&Timestamp>) -> Option<Millis> {
+    match ts {
+        None => {
+            v.push(field, "is required");
+            None
+        }
+        Some(ts) => v.check(field, millis(ts)),
+    }
+}
+
+fn day(v: &mut Violations, field: &str, day: i32) -> Option<u32> {
+    match pb::DayOfWeek::try_from(day) {
+        Ok(pb::DayOfWeek::Unspecified) => {
+            v.push(
+                field,
+                "must be set: DAY_OF_WEEK_MONDAY .. DAY_OF_WEEK_SUNDAY",
+            );
+            None
+        }
+        // Calendar days count from 0 = Monday; the proto's from 1 = Monday.
+        Ok(d) => u32::try_from(i32::from(d) - 1).ok(),
+        Err(_) => {
+            v.push(field, format!("unknown day of week {day}"));
+            None
+        }
+    }
+}
+
+fn minute(v: &mut Violations, field: &str, text: &str) -> Option<u32> {
+    if text.len() > "HH:MM".len() {
+        v.push(field, "must be a time of day as HH:MM, for example 18:00");
+        return None;
+    }
+    v.check(field, calendar::parse_minute(text))
+}
+
+/// The proto field path of a problem the calendar crate reports.
+fn calendar_field(problem: &str) -> &str {
+    match problem {
+        "absolute.end" => "absolute.end_time",
+        "weekly.start" => "weekly.start_time",
+        "weekly.end" => "weekly.end_time",
+        other => other,
+    }
+}
+
+/// Validates freeze windows, naming each bad field (`{field}[2].weekly.time_zone`).
+pub fn freeze_windows(
+    v: &mut Violations,
+    field: &str,
+    windows: &[pb::FreezeWindow],
+) -> Vec<FreezeWindow> {
+    if windows.len() > MAX_WINDOWS {
+        v.push(
+            field,
+            format!(
+                "must have at most {MAX_WINDOWS} windows, got {}",
+                windows.len()
+            ),
+        );
+    }
+    let mut names = HashSet::new();
+    let mut out = Vec::with_capacity(windows.len());
+    for (i, w) in windows.iter().enumerate() {
+        let at = format!("{field}[{i}]");
+        if w.name.trim().is_empty() {
+            v.push(&format!("{at}.name"), "must not be empty");
+        } else if v
+            .check(
+                &format!("{at}.name"),
+                names::validate_text(&w.name, MAX_KEY),
+            )
+            .is_some()
+            && !names.insert(w.name.as_str())
+        {
+            v.push(
+                &format!("{at}.name"),
+                format!(
+                    "{:?} names another window too; window names must be unique",
+                    w.name
+                ),
+            );
+        }
+        // Fields that fail to parse get a placeholder, and the calendar's own checks of
+        // them are skipped, so every field is reported once.
+        let (schedule, parsed) = match &w.schedule {
+            None => {
+                v.push(&format!("{at}.schedule"), "must set absolute or weekly");
+                continue;
+            }
+            Some(pb::freeze_window::Schedule::Absolute(a)) => {
+                let start = required_millis(
+                    v,
+                    &format!("{at}.absolute.start_time"),
+                    a.start_time.as_ref(),
+                );
+                let end =
+                    required_millis(v, &format!("{at}.absolute.end_time"), a.end_time.as_ref());
+                (
+                    Schedule::Absolute {
+                        start_ms: start.unwrap_or_default(),
+                        end_ms: end.unwrap_or_default(),
+                    },
+                    start.is_some() && end.is_some(),
+                )
+            }
+            Some(pb::freeze_window::Schedule::Weekly(wk)) => {
+                if wk.time_zone.len() > MAX_TIME_ZONE {
+                    v.push(
+                        &format!("{at}.weekly.time_zone"),
+                        format!("must be at most {MAX_TIME_ZONE} characters"),
+                    );
+                }
+                let start_day = day(v, &format!("{at}.weekly.start_day"), wk.start_day);
+                let start_minute = minute(v, &format!("{at}.weekly.start_time"), &wk.start_time);
+                let end_day = day(v, &format!("{at}.weekly.end_day"), wk.end_day);
+                let end_minute = minute(v, &format!("{at}.weekly.end_time"), &wk.end_time);
+                let parsed = start_day.is_some()
+                    && start_minute.is_some()
+                    && end_day.is_some()
+                    && end_minute.is_some();
+                (
+                    Schedule::Weekly {
+                        time_zone: wk.time_zone.clone(),
+                        start: WeekTime {
+                            day: start_day.unwrap_or_default(),
+                            minute: start_minute.unwrap_or_default(),
+                        },
+                        end: WeekTime {
+                            day: end_day.unwrap_or_default(),
+                            minute: end_minute.unwrap_or_default(),
+                        },
+                    },
+                    parsed,
+                )
+            }
+        };
+        let window = FreezeWindow {
+            name: w.name.clone(),
+            schedule,
+        };
+        // Each field is reported once: the name was checked above, a time zone that is
+        // too long is not looked up, and times only when they all parsed.
+        let long_time_zone = matches!(
+            &window.schedule,
+            Schedule::Weekly { time_zone, .. } if time_zone.len() > MAX_TIME_ZONE
+        );
+        for (problem, description) in window.problems() {
+            let report = match problem {
+                "name" => false,
+                "weekly.time_zone" => !long_time_zone,
+                _ => parsed,
+            };
+            if report {
+                v.push(&format!("{at}.{}", calendar_field(problem)), description);
+            }
+        }
+        out.push(window);
+    }
+    out
 }
 
 /// A page request from a page size and token, reporting bad values against `page_size` and
@@ -79,6 +264,7 @@ pub fn new_environment(
             "an environment cannot be its own upstream",
         );
     }
+    let freeze_windows = freeze_windows(&mut v, "environment.freeze_windows", &env.freeze_windows);
     let request_id = optional_request_id(&mut v, &req.request_id);
     v.finish()?;
     Ok((
@@ -87,6 +273,7 @@ pub fn new_environment(
             description: env.description,
             protected: env.protected,
             upstream,
+            freeze_windows,
         },
         request_id,
     ))
@@ -116,7 +303,7 @@ pub fn environment_update(req: pb::UpdateEnvironmentRequest) -> Result<Environme
     if paths.is_empty() {
         v.push(
             "update_mask",
-            "must name at least one of description, protected, upstream",
+            "must name at least one of description, protected, upstream, freeze_windows",
         );
     }
     for path in paths {
@@ -139,9 +326,18 @@ pub fn environment_update(req: pb::UpdateEnvironmentRequest) -> Result<Environme
                 }
                 update.upstream = Some(upstream);
             }
+            "freeze_windows" => {
+                update.freeze_windows = Some(freeze_windows(
+                    &mut v,
+                    "environment.freeze_windows",
+                    &env.freeze_windows,
+                ));
+            }
             other => v.push(
                 "update_mask",
-                format!("{other:?} cannot be updated; use description, protected or upstream"),
+                format!(
+                    "{other:?} cannot be updated; use description, protected, upstream or freeze_windows"
+                ),
             ),
         }
     }
@@ -180,8 +376,56 @@ pub fn new_artifact(req: pb::RegisterArtifactRequest) -> Result<Artifact> {
     })
 }
 
-/// Validates a CreateDeployment request.
-pub fn new_deployment(req: pb::CreateDeploymentRequest) -> Result<(NewDeployment, Option<String>)> {
+fn emergency(
+    v: &mut Violations,
+    given: Option<pb::EmergencyOverride>,
+    principal: &str,
+) -> Option<EmergencyOverride> {
+    let e = given?;
+    if e.reason.trim().is_empty() {
+        v.push(
+            "deployment.emergency.reason",
+            "must say why the change cannot wait for the freeze window to end",
+        );
+    } else {
+        v.check(
+            "deployment.emergency.reason",
+            names::validate_text(&e.reason, MAX_TEXT),
+        );
+    }
+    if e.approver.is_empty() {
+        v.push(
+            "deployment.emergency.approver",
+            "must name the principal who approved the override",
+        );
+    } else if v
+        .check(
+            "deployment.emergency.approver",
+            names::validate_key(&e.approver),
+        )
+        .is_some()
+        && e.approver.eq_ignore_ascii_case(principal)
+    {
+        v.push(
+            "deployment.emergency.approver",
+            format!(
+                "{:?} is the principal requesting the deployment; an emergency override needs the approval of someone else",
+                e.approver
+            ),
+        );
+    }
+    Some(EmergencyOverride {
+        reason: e.reason,
+        approver: e.approver,
+    })
+}
+
+/// Validates a CreateDeployment request made by `principal` (who may not approve their own
+/// emergency override).
+pub fn new_deployment(
+    req: pb::CreateDeploymentRequest,
+    principal: &str,
+) -> Result<(NewDeployment, Option<String>)> {
     let mut v = Violations::default();
     let d = req.deployment.unwrap_or_default();
     let version = v.check(
@@ -196,6 +440,7 @@ pub fn new_deployment(req: pb::CreateDeploymentRequest) -> Result<(NewDeployment
         "deployment.change_reference",
         names::validate_key(&d.change_reference),
     );
+    let emergency = emergency(&mut v, d.emergency, principal);
     let request_id = optional_request_id(&mut v, &req.request_id);
     v.finish()?;
     let (artifact, version) = version.unwrap_or_default();
@@ -205,6 +450,7 @@ pub fn new_deployment(req: pb::CreateDeploymentRequest) -> Result<(NewDeployment
             version,
             environment: environment.unwrap_or_default(),
             change_reference: d.change_reference,
+            emergency,
         },
         request_id,
     ))
@@ -302,6 +548,119 @@ pub fn watch_request(
     })
 }
 
+/// Validates a ListAuditRecords request.
+pub fn audit_query(req: pb::ListAuditRecordsRequest) -> Result<(AuditFilter, PageRequest)> {
+    let mut v = Violations::default();
+    let resource = (!req.resource.is_empty()).then(|| req.resource.clone());
+    if let Some(r) = &resource {
+        let known = ["environments/", "artifacts/", "deployments/"]
+            .iter()
+            .any(|p| r.starts_with(p));
+        if r.len() > MAX_RESOURCE_FILTER {
+            v.push(
+                "resource",
+                format!("must be at most {MAX_RESOURCE_FILTER} characters"),
+            );
+        } else if !known || r.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            v.push(
+                "resource",
+                format!("{r:?} must be a resource name or a prefix starting with 'environments/', 'artifacts/' or 'deployments/'"),
+            );
+        }
+    }
+    let principal = (!req.principal.is_empty()).then(|| req.principal.clone());
+    if principal.is_some() {
+        v.check("principal", names::validate_key(&req.principal));
+    }
+    let start_ms = req
+        .start_time
+        .as_ref()
+        .and_then(|t| v.check("start_time", millis(t)));
+    let end_ms = req
+        .end_time
+        .as_ref()
+        .and_then(|t| v.check("end_time", millis(t)));
+    if let (Some(s), Some(e)) = (start_ms, end_ms) {
+        if e <= s {
+            v.push("end_time", "must be after start_time");
+        }
+    }
+    let size = match req.page_size {
+        0 => AUDIT_PAGE_SIZE,
+        n if n < 0 => {
+            v.push("page_size", format!("must not be negative, got {n}"));
+            AUDIT_PAGE_SIZE
+        }
+        n => usize::try_from(n)
+            .unwrap_or(MAX_PAGE_SIZE)
+            .min(MAX_PAGE_SIZE),
+    };
+    let after = v
+        .check("page_token", decode_page_token(&req.page_token))
+        .flatten();
+    if let Some(after) = &after {
+        if after.parse::<i64>().is_err() {
+            v.push(
+                "page_token",
+                "is not a page token returned by ListAuditRecords",
+            );
+        }
+    }
+    v.finish()?;
+    Ok((
+        AuditFilter {
+            resource,
+            principal,
+            start_ms,
+            end_ms,
+        },
+        PageRequest { size, after },
+    ))
+}
+
+/// The proto form of an audit record.
+pub fn audit_record(r: AuditRecord) -> pb::AuditRecord {
+    pb::AuditRecord {
+        id: r.id,
+        time: timestamp(r.time_ms),
+        principal: r.principal,
+        action: r.action,
+        resource: r.resource,
+        before: r.before,
+        after: r.after,
+        request_id: r.request_id,
+        reason: r.reason,
+    }
+}
+
+/// The proto form of a freeze window.
+pub fn freeze_window(w: &FreezeWindow) -> pb::FreezeWindow {
+    use pb::freeze_window::Schedule as S;
+    // Calendar days count from 0 = Monday; the proto's from 1 = Monday.
+    let day = |d: u32| i32::try_from(d + 1).unwrap_or_default();
+    let schedule = match &w.schedule {
+        Schedule::Absolute { start_ms, end_ms } => S::Absolute(pb::AbsoluteWindow {
+            start_time: timestamp(*start_ms),
+            end_time: timestamp(*end_ms),
+        }),
+        Schedule::Weekly {
+            time_zone,
+            start,
+            end,
+        } => S::Weekly(pb::WeeklyWindow {
+            time_zone: time_zone.clone(),
+            start_day: day(start.day),
+            start_time: calendar::format_minute(start.minute),
+            end_day: day(end.day),
+            end_time: calendar::format_minute(end.minute),
+        }),
+    };
+    pb::FreezeWindow {
+        name: w.name.clone(),
+        schedule: Some(schedule),
+    }
+}
+
 /// The proto form of an environment.
 pub fn environment(env: Environment) -> pb::Environment {
     pb::Environment {
@@ -320,6 +679,7 @@ pub fn environment(env: Environment) -> pb::Environment {
         etag: format!("\"{}\"", env.revision),
         create_time: timestamp(env.create_ms),
         update_time: timestamp(env.update_ms),
+        freeze_windows: env.freeze_windows.iter().map(freeze_window).collect(),
     }
 }
 
@@ -402,6 +762,10 @@ pub fn deployment(d: Deployment) -> pb::Deployment {
         placements: d.placements.iter().map(placement).collect(),
         create_time: timestamp(d.create_ms),
         update_time: timestamp(d.update_ms),
+        emergency: d.emergency.map(|e| pb::EmergencyOverride {
+            reason: e.reason,
+            approver: e.approver,
+        }),
     }
 }
 
@@ -412,5 +776,134 @@ pub fn event(e: &PlacementEvent) -> pb::PlacementEvent {
         commit_time: timestamp(e.commit_ms),
         placement: Some(placement(&e.placement)),
         previous_state: placement_state(e.previous_state),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weekly(name: &str, time_zone: &str, start: &str) -> pb::FreezeWindow {
+        pb::FreezeWindow {
+            name: name.into(),
+            schedule: Some(pb::freeze_window::Schedule::Weekly(pb::WeeklyWindow {
+                time_zone: time_zone.into(),
+                start_day: pb::DayOfWeek::Friday.into(),
+                start_time: start.into(),
+                end_day: pb::DayOfWeek::Monday.into(),
+                end_time: "08:00".into(),
+            })),
+        }
+    }
+
+    fn fields(v: &Violations) -> Vec<&str> {
+        v.recorded().iter().map(|f| f.field.as_str()).collect()
+    }
+
+    #[test]
+    fn windows_convert_with_calendar_days_from_monday_and_round_trip() {
+        let mut v = Violations::default();
+        let given = [weekly("weekend", "Europe/Berlin", "18:00")];
+        let windows = freeze_windows(&mut v, "w", &given);
+        assert!(v.recorded().is_empty());
+        assert_eq!(
+            windows[0].schedule,
+            Schedule::Weekly {
+                time_zone: "Europe/Berlin".into(),
+                start: WeekTime {
+                    day: 4,
+                    minute: 18 * 60
+                },
+                end: WeekTime {
+                    day: 0,
+                    minute: 8 * 60
+                },
+            }
+        );
+        assert_eq!(freeze_window(&windows[0]), given[0]);
+    }
+
+    #[test]
+    fn each_bad_window_field_is_reported_once() {
+        let mut v = Violations::default();
+        freeze_windows(
+            &mut v,
+            "w",
+            &[
+                weekly("a", &"X".repeat(65), "18:00"),
+                weekly("a", "UTC", "6pm and some more"),
+            ],
+        );
+        assert_eq!(
+            fields(&v),
+            [
+                "w[0].weekly.time_zone",
+                "w[1].name",
+                "w[1].weekly.start_time"
+            ]
+        );
+        let mut v = Violations::default();
+        let many: Vec<_> = (0..=MAX_WINDOWS)
+            .map(|i| weekly(&format!("w{i}"), "UTC", "18:00"))
+            .collect();
+        freeze_windows(&mut v, "w", &many);
+        assert_eq!(fields(&v), ["w"]);
+    }
+
+    #[test]
+    fn an_override_needs_a_reason_and_another_approver() {
+        let urgent = |reason: &str, approver: &str| pb::CreateDeploymentRequest {
+            deployment: Some(pb::Deployment {
+                artifact_version: "artifacts/web/versions/1.0.0".into(),
+                environment: "environments/prod".into(),
+                emergency: Some(pb::EmergencyOverride {
+                    reason: reason.into(),
+                    approver: approver.into(),
+                }),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        };
+        let (d, _) = new_deployment(urgent("outage", "bob"), "alice").unwrap();
+        assert_eq!(d.emergency.map(|e| e.approver).as_deref(), Some("bob"));
+        let refused = |r: Result<(NewDeployment, Option<String>)>| match r {
+            Err(crate::domain::Error::InvalidArgument(f)) => {
+                f.into_iter().map(|f| f.field).collect::<Vec<_>>()
+            }
+            other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+        };
+        assert_eq!(
+            refused(new_deployment(urgent("outage", "Alice"), "alice")),
+            ["deployment.emergency.approver"]
+        );
+        assert_eq!(
+            refused(new_deployment(urgent("", "bob smith"), "alice")),
+            [
+                "deployment.emergency.reason",
+                "deployment.emergency.approver"
+            ]
+        );
+    }
+
+    #[test]
+    fn audit_queries_default_to_100_and_check_their_token() {
+        let (filter, page) = audit_query(pb::ListAuditRecordsRequest::default()).unwrap();
+        assert_eq!(filter, AuditFilter::default());
+        assert_eq!(page.size, AUDIT_PAGE_SIZE);
+        let (_, page) = audit_query(pb::ListAuditRecordsRequest {
+            page_size: 5000,
+            page_token: names::encode_page_token("42"),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (page.size, page.after.as_deref()),
+            (MAX_PAGE_SIZE, Some("42"))
+        );
+        assert!(audit_query(pb::ListAuditRecordsRequest {
+            page_token: names::encode_page_token("prod"),
+            ..Default::default()
+        })
+        .is_err());
     }
 }

@@ -1,5 +1,7 @@
 //! gRPC handlers of `deploy.v1.DeployService`: decode, validate (in [`convert`]), call the
-//! store or the placement log, map the error (`service_kit::status`), encode.
+//! store or the placement log, map the error (`service_kit::status`), encode. Mutating
+//! handlers pass the [`Caller`] (principal and request id, from [`caller`]) to the store,
+//! which writes the audit record in the change's transaction.
 //!
 //! # Layout
 //!
@@ -17,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
+use crate::domain::audit::Caller;
 use crate::domain::clock::Clock;
 use crate::domain::error::Violations;
 use crate::domain::model::{DeploymentFilter, HealthWindows};
@@ -61,6 +64,32 @@ impl DeployApi {
 
 type Result<T> = std::result::Result<Response<T>, Status>;
 
+/// The metadata key of a request id for calls whose request has no `request_id` field.
+pub const REQUEST_ID_METADATA: &str = "x-request-id";
+
+/// Who makes a call: the principal (`x-principal`, see [`service_kit::principal()`]) and
+/// the `x-request-id` metadata (empty when absent). Bad values are INVALID_ARGUMENT naming
+/// the metadata key.
+pub fn caller<T>(req: &Request<T>) -> std::result::Result<Caller, Status> {
+    let metadata = req.metadata();
+    let principal = service_kit::principal(metadata)?;
+    let request_id = match metadata.get(REQUEST_ID_METADATA) {
+        None => String::new(),
+        Some(value) => {
+            let text = value.to_str().map_err(|_| {
+                crate::domain::Error::invalid(REQUEST_ID_METADATA, "must be visible ASCII")
+            })?;
+            names::validate_key(text)
+                .map_err(|d| crate::domain::Error::invalid(REQUEST_ID_METADATA, d))?;
+            text.to_owned()
+        }
+    };
+    Ok(Caller {
+        principal,
+        request_id,
+    })
+}
+
 /// The response stream of WatchPlacements.
 pub type WatchPlacementsStream =
     Pin<Box<dyn Stream<Item = std::result::Result<pb::WatchPlacementsResponse, Status>> + Send>>;
@@ -88,8 +117,13 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::CreateEnvironmentRequest>,
     ) -> Result<pb::Environment> {
+        let caller = caller(&req)?;
         let (env, request_id) = convert::new_environment(req.into_inner())?;
-        let env = self.store.create_environment(env, request_id).await?;
+        let caller = caller.with_request_id(request_id.as_deref());
+        let env = self
+            .store
+            .create_environment(env, request_id, caller)
+            .await?;
         Ok(Response::new(convert::environment(env)))
     }
 
@@ -125,15 +159,20 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::UpdateEnvironmentRequest>,
     ) -> Result<pb::Environment> {
+        let caller = caller(&req)?;
         let update = convert::environment_update(req.into_inner())?;
         Ok(Response::new(convert::environment(
-            self.store.update_environment(update).await?,
+            self.store.update_environment(update, caller).await?,
         )))
     }
 
     async fn register_target(&self, req: Request<pb::RegisterTargetRequest>) -> Result<pb::Target> {
+        let caller = caller(&req)?;
         let (env, id, labels) = convert::register_target(req.into_inner())?;
-        let target = self.store.register_target(&env, &id, labels).await?;
+        let target = self
+            .store
+            .register_target(&env, &id, labels, caller)
+            .await?;
         Ok(Response::new(convert::target(
             target,
             &self.health,
@@ -184,9 +223,10 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::RegisterArtifactRequest>,
     ) -> Result<pb::Artifact> {
+        let caller = caller(&req)?;
         let artifact = convert::new_artifact(req.into_inner())?;
         Ok(Response::new(convert::artifact(
-            self.store.register_artifact(artifact).await?,
+            self.store.register_artifact(artifact, caller).await?,
         )))
     }
 
@@ -229,8 +269,14 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::CreateDeploymentRequest>,
     ) -> Result<pb::Deployment> {
-        let (deployment, request_id) = convert::new_deployment(req.into_inner())?;
-        let deployment = self.store.create_deployment(deployment, request_id).await?;
+        let caller = caller(&req)?;
+        let (deployment, request_id) =
+            convert::new_deployment(req.into_inner(), &caller.principal)?;
+        let caller = caller.with_request_id(request_id.as_deref());
+        let deployment = self
+            .store
+            .create_deployment(deployment, request_id, caller)
+            .await?;
         Ok(Response::new(convert::deployment(deployment)))
     }
 
@@ -286,6 +332,7 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::CancelDeploymentRequest>,
     ) -> Result<pb::Deployment> {
+        let caller = caller(&req)?;
         let req = req.into_inner();
         let mut v = Violations::default();
         let id = v
@@ -294,7 +341,7 @@ impl DeployService for DeployApi {
         v.check("reason", names::validate_text(&req.reason, names::MAX_TEXT));
         v.finish()?;
         Ok(Response::new(convert::deployment(
-            self.store.cancel_deployment(id, req.reason).await?,
+            self.store.cancel_deployment(id, req.reason, caller).await?,
         )))
     }
 
@@ -302,8 +349,9 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::ReportPlacementRequest>,
     ) -> Result<pb::ReportPlacementResponse> {
+        let caller = caller(&req)?;
         let report = convert::placement_report(req.into_inner())?;
-        let outcome = self.store.report_placement(report).await?;
+        let outcome = self.store.report_placement(report, caller).await?;
         Ok(Response::new(pb::ReportPlacementResponse {
             sequence: outcome.placement.sequence,
             placement: Some(convert::placement(&outcome.placement)),
@@ -330,5 +378,20 @@ impl DeployService for DeployApi {
         .await?;
         let stream = stream.map(|item| item.map(watch_message).map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_audit_records(
+        &self,
+        req: Request<pb::ListAuditRecordsRequest>,
+    ) -> Result<pb::ListAuditRecordsResponse> {
+        let (filter, page) = convert::audit_query(req.into_inner())?;
+        let page = self.store.list_audit_records(filter, page).await?;
+        Ok(Response::new(pb::ListAuditRecordsResponse {
+            records: page.items.into_iter().map(convert::audit_record).collect(),
+            next_page_token: page
+                .next
+                .map(|k| names::encode_page_token(&k))
+                .unwrap_or_default(),
+        }))
     }
 }

@@ -3,7 +3,8 @@
 //! # Layout
 //!
 //! - [`Store`]: every read and write the service needs. Each write is one transaction that
-//!   includes its placement events (transactional outbox).
+//!   includes its placement events (transactional outbox) and its audit record: every
+//!   mutating method takes the [`Caller`] the record names.
 //! - [`sqlite`]: the embedded default (WAL, group commit by one writer thread).
 //! - `migrations/sqlite/`: embedded schema migrations.
 //!
@@ -15,6 +16,7 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 
+use crate::domain::audit::{AuditFilter, AuditRecord, Caller};
 use crate::domain::model::{
     Artifact, Deployment, DeploymentFilter, Environment, EnvironmentUpdate, LogBounds,
     NewDeployment, NewEnvironment, Page, PageRequest, Placement, PlacementEvent, PlacementReport,
@@ -30,13 +32,18 @@ pub trait Store: Send + Sync + 'static {
         &self,
         env: NewEnvironment,
         request_id: Option<String>,
+        caller: Caller,
     ) -> Result<Environment>;
     /// Reads one environment.
     async fn get_environment(&self, id: &str) -> Result<Environment>;
     /// Lists environments by id.
     async fn list_environments(&self, page: PageRequest) -> Result<Page<Environment>>;
     /// Applies a partial update with optimistic concurrency.
-    async fn update_environment(&self, update: EnvironmentUpdate) -> Result<Environment>;
+    async fn update_environment(
+        &self,
+        update: EnvironmentUpdate,
+        caller: Caller,
+    ) -> Result<Environment>;
 
     /// Registers or re-registers a target.
     async fn register_target(
@@ -44,14 +51,15 @@ pub trait Store: Send + Sync + 'static {
         environment: &str,
         id: &str,
         labels: BTreeMap<String, String>,
+        caller: Caller,
     ) -> Result<Target>;
     /// Lists the targets of an environment by id.
     async fn list_targets(&self, environment: &str, page: PageRequest) -> Result<Page<Target>>;
-    /// Records a heartbeat.
+    /// Records a heartbeat (not audited: a liveness signal, not a change).
     async fn heartbeat_target(&self, environment: &str, id: &str) -> Result<Target>;
 
     /// Registers an immutable artifact version (idempotent for the same digest).
-    async fn register_artifact(&self, artifact: Artifact) -> Result<Artifact>;
+    async fn register_artifact(&self, artifact: Artifact, caller: Caller) -> Result<Artifact>;
     /// Reads one artifact version.
     async fn get_artifact(&self, name: &str, version: &str) -> Result<Artifact>;
     /// Lists artifact versions.
@@ -61,12 +69,14 @@ pub trait Store: Send + Sync + 'static {
         page: PageRequest,
     ) -> Result<Page<Artifact>>;
 
-    /// Creates a deployment after checking the promotion rules (idempotent per `request_id`),
-    /// with one PENDING placement event per included target.
+    /// Creates a deployment after checking the promotion rules and the freeze windows at
+    /// the commit time (idempotent per `request_id`), with one PENDING placement event per
+    /// included target.
     async fn create_deployment(
         &self,
         deployment: NewDeployment,
         request_id: Option<String>,
+        caller: Caller,
     ) -> Result<Deployment>;
     /// Reads one deployment with its placements.
     async fn get_deployment(&self, id: i64) -> Result<Deployment>;
@@ -77,10 +87,26 @@ pub trait Store: Send + Sync + 'static {
         page: PageRequest,
     ) -> Result<Page<Deployment>>;
     /// Cancels an unfinished deployment.
-    async fn cancel_deployment(&self, id: i64, reason: String) -> Result<Deployment>;
+    async fn cancel_deployment(
+        &self,
+        id: i64,
+        reason: String,
+        caller: Caller,
+    ) -> Result<Deployment>;
 
     /// Applies a placement report and writes its event in the same transaction.
-    async fn report_placement(&self, report: PlacementReport) -> Result<ReportOutcome>;
+    async fn report_placement(
+        &self,
+        report: PlacementReport,
+        caller: Caller,
+    ) -> Result<ReportOutcome>;
+
+    /// Lists audit records by id ascending; the page position is the last id returned.
+    async fn list_audit_records(
+        &self,
+        filter: AuditFilter,
+        page: PageRequest,
+    ) -> Result<Page<AuditRecord>>;
 
     /// Reads up to `limit` events with a sequence greater than `after`, in order. Fails
     /// with the retention error if events after `after` were pruned.

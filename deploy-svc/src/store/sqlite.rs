@@ -7,6 +7,9 @@
 //! group, which is what makes durable acknowledgements fast. Because a single writer
 //! assigns sequences and commits in order, sequences follow commit order with no gaps.
 //!
+//! Every write job also appends its audit record (if it changed anything) inside its own
+//! SAVEPOINT, so a record commits exactly when its change does.
+//!
 //! Reads use a small pool of WAL reader connections on the blocking thread pool.
 
 use std::collections::BTreeMap;
@@ -15,24 +18,32 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use calendar::{FreezeWindow, Schedule, WeekTime};
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
 use service_kit::sqlite::error as sql;
 use tokio::sync::{mpsc, oneshot};
 
 use super::Store;
+use crate::domain::audit::{self, action, AuditEntry, AuditFilter, AuditRecord, Caller};
 use crate::domain::clock::{Clock, Millis};
 use crate::domain::deployment::{check_transition, derive_state, PlacementCounts};
+use crate::domain::freeze;
 use crate::domain::model::{
-    Artifact, Deployment, DeploymentFilter, DeploymentState, Environment, EnvironmentUpdate,
-    LogBounds, NewDeployment, NewEnvironment, Page, PageRequest, Placement, PlacementEvent,
-    PlacementReport, PlacementState, ReportOutcome, Target,
+    Artifact, Deployment, DeploymentFilter, DeploymentState, EmergencyOverride, Environment,
+    EnvironmentUpdate, LogBounds, NewDeployment, NewEnvironment, Page, PageRequest, Placement,
+    PlacementEvent, PlacementReport, PlacementState, ReportOutcome, Target,
 };
 use crate::domain::names::{artifact_version_name, deployment_name, environment_name, target_name};
 use crate::domain::promotion::{check_new_deployment, check_upstream};
 use crate::domain::{Error, FieldViolation, Result};
 use crate::placement_log::{retention_error, Feed};
 
-const MIGRATIONS: &[&str] = &[include_str!("migrations/sqlite/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/sqlite/0001_init.sql"),
+    include_str!("migrations/sqlite/0002_calendar_audit.sql"),
+];
 
 /// Options of the SQLite backend.
 #[derive(Debug, Clone)]
@@ -350,6 +361,171 @@ fn json_map(s: &str) -> BTreeMap<String, String> {
     serde_json::from_str(s).unwrap_or_default()
 }
 
+/// A freeze window as stored in `environments.freeze_windows` (JSON).
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredWindow {
+    name: String,
+    #[serde(flatten)]
+    schedule: StoredSchedule,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum StoredSchedule {
+    Absolute {
+        start_ms: i64,
+        end_ms: i64,
+    },
+    Weekly {
+        time_zone: String,
+        start_day: u32,
+        start_minute: u32,
+        end_day: u32,
+        end_minute: u32,
+    },
+}
+
+fn windows_json(windows: &[FreezeWindow]) -> Result<String> {
+    let stored: Vec<StoredWindow> = windows
+        .iter()
+        .map(|w| StoredWindow {
+            name: w.name.clone(),
+            schedule: match &w.schedule {
+                Schedule::Absolute { start_ms, end_ms } => StoredSchedule::Absolute {
+                    start_ms: *start_ms,
+                    end_ms: *end_ms,
+                },
+                Schedule::Weekly {
+                    time_zone,
+                    start,
+                    end,
+                } => StoredSchedule::Weekly {
+                    time_zone: time_zone.clone(),
+                    start_day: start.day,
+                    start_minute: start.minute,
+                    end_day: end.day,
+                    end_minute: end.minute,
+                },
+            },
+        })
+        .collect();
+    serde_json::to_string(&stored).map_err(internal)
+}
+
+/// The stored windows; a column that does not parse fails the read (never an empty
+/// calendar, which would silently lift every freeze).
+fn json_windows(column: usize, text: &str) -> rusqlite::Result<Vec<FreezeWindow>> {
+    let stored: Vec<StoredWindow> = serde_json::from_str(text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, e.into())
+    })?;
+    Ok(stored
+        .into_iter()
+        .map(|w| FreezeWindow {
+            name: w.name,
+            schedule: match w.schedule {
+                StoredSchedule::Absolute { start_ms, end_ms } => {
+                    Schedule::Absolute { start_ms, end_ms }
+                }
+                StoredSchedule::Weekly {
+                    time_zone,
+                    start_day,
+                    start_minute,
+                    end_day,
+                    end_minute,
+                } => Schedule::Weekly {
+                    time_zone,
+                    start: WeekTime {
+                        day: start_day,
+                        minute: start_minute,
+                    },
+                    end: WeekTime {
+                        day: end_day,
+                        minute: end_minute,
+                    },
+                },
+            },
+        })
+        .collect())
+}
+
+// ---- audit trail ----
+
+/// Appends the audit record of a change, in the change's transaction.
+fn append_audit(conn: &Connection, now: Millis, caller: &Caller, entry: AuditEntry) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO audit_records (time_ms, principal, action, resource, before_summary, after_summary, request_id, reason)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )
+    .map_err(sql)?
+    .execute(params![
+        now,
+        caller.principal,
+        entry.action,
+        entry.resource,
+        entry.before,
+        entry.after,
+        caller.request_id,
+        entry.reason
+    ])
+    .map_err(sql)?;
+    Ok(())
+}
+
+fn audit_row(r: &Row<'_>) -> rusqlite::Result<AuditRecord> {
+    Ok(AuditRecord {
+        id: r.get(0)?,
+        time_ms: r.get(1)?,
+        principal: r.get(2)?,
+        action: r.get(3)?,
+        resource: r.get(4)?,
+        before: r.get(5)?,
+        after: r.get(6)?,
+        request_id: r.get(7)?,
+        reason: r.get(8)?,
+    })
+}
+
+/// The records after `after` matching `filter`, by id, at most `limit`. The WHERE clause
+/// names only the filters given, so SQLite can use the resource, principal or time index.
+fn query_audit(
+    conn: &Connection,
+    filter: &AuditFilter,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<AuditRecord>> {
+    let mut clauses = vec!["id > ?".to_owned()];
+    let mut values: Vec<rusqlite::types::Value> = vec![after.into()];
+    if let Some(resource) = &filter.resource {
+        let (exact, lo, hi) = audit::resource_range(resource);
+        clauses.push("(resource = ? OR (resource >= ? AND resource < ?))".into());
+        values.extend([exact.into(), lo.into(), hi.into()]);
+    }
+    if let Some(principal) = &filter.principal {
+        clauses.push("principal = ?".into());
+        values.push(principal.clone().into());
+    }
+    if let Some(start) = filter.start_ms {
+        clauses.push("time_ms >= ?".into());
+        values.push(start.into());
+    }
+    if let Some(end) = filter.end_ms {
+        clauses.push("time_ms < ?".into());
+        values.push(end.into());
+    }
+    values.push(limit.into());
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT id, time_ms, principal, action, resource, before_summary, after_summary, request_id, reason
+             FROM audit_records WHERE {} ORDER BY id LIMIT ?",
+            clauses.join(" AND ")
+        ))
+        .map_err(sql)?;
+    let rows = stmt
+        .query_map(params_from_iter(values), audit_row)
+        .map_err(sql)?;
+    rows.collect::<rusqlite::Result<_>>().map_err(sql)
+}
+
 // ---- requests ids (AIP-155) ----
 
 /// What a request id maps to: `Some(resource)` to return, `None` to proceed.
@@ -400,9 +576,11 @@ fn record_request_id(
 
 // ---- environments ----
 
-const ENV_COLUMNS: &str = "id, description, protected, upstream, revision, create_ms, update_ms";
+const ENV_COLUMNS: &str =
+    "id, description, protected, upstream, revision, create_ms, update_ms, freeze_windows";
 
 fn env_row(r: &Row<'_>) -> rusqlite::Result<Environment> {
+    let windows: String = r.get(7)?;
     Ok(Environment {
         id: r.get(0)?,
         description: r.get(1)?,
@@ -412,6 +590,7 @@ fn env_row(r: &Row<'_>) -> rusqlite::Result<Environment> {
         create_ms: r.get(5)?,
         update_ms: r.get(6)?,
         promotion_path: Vec::new(),
+        freeze_windows: json_windows(7, &windows)?,
     })
 }
 
@@ -518,17 +697,18 @@ fn find_artifact(conn: &Connection, name: &str, version: &str) -> Result<Option<
 
 // ---- deployments and placements ----
 
-const DEPLOYMENT_COLUMNS: &str =
-    "id, artifact, version, environment, change_reference, state, create_ms, update_ms";
+const DEPLOYMENT_COLUMNS: &str = "id, artifact, version, environment, change_reference, state, create_ms, update_ms, emergency_reason, emergency_approver";
 
 fn deployment_row(r: &Row<'_>) -> rusqlite::Result<Deployment> {
     let state: i64 = r.get(5)?;
+    let (reason, approver): (String, String) = (r.get(8)?, r.get(9)?);
     Ok(Deployment {
         id: r.get(0)?,
         artifact: r.get(1)?,
         version: r.get(2)?,
         environment: r.get(3)?,
         change_reference: r.get(4)?,
+        emergency: (!approver.is_empty()).then_some(EmergencyOverride { reason, approver }),
         state: DeploymentState::from_code(state).unwrap_or(DeploymentState::Pending),
         placements: Vec::new(),
         create_ms: r.get(6)?,
@@ -676,6 +856,7 @@ fn apply_report(
     now: Millis,
     events: &mut Vec<PlacementEvent>,
     report: PlacementReport,
+    caller: &Caller,
 ) -> Result<ReportOutcome> {
     let d = conn
         .prepare_cached(&format!(
@@ -771,6 +952,28 @@ fn apply_report(
         d.id
     ])
     .map_err(sql)?;
+    let mut before = json!({"target": target, "state": from.name()});
+    let mut after =
+        json!({"target": target, "state": placement.state.name(), "sequence": placement.sequence});
+    if !placement.message.is_empty() {
+        after["message"] = placement.message.clone().into();
+    }
+    if state != d.state {
+        before["deployment_state"] = d.state.name().into();
+        after["deployment_state"] = state.name().into();
+    }
+    append_audit(
+        conn,
+        now,
+        caller,
+        AuditEntry {
+            action: action::REPORT_PLACEMENT,
+            resource: deployment_name(d.id),
+            before: audit::text(&before),
+            after: audit::text(&after),
+            reason: String::new(),
+        },
+    )?;
     Ok(ReportOutcome {
         placement,
         deployment_state: state,
@@ -798,12 +1001,19 @@ impl Store for SqliteStore {
         &self,
         env: NewEnvironment,
         request_id: Option<String>,
+        caller: Caller,
     ) -> Result<Environment> {
         self.write(move |conn, now, _| {
-            let fingerprint = format!(
+            let windows = windows_json(&env.freeze_windows)?;
+            let mut fingerprint = format!(
                 "{}|{}|{}|{:?}",
                 env.id, env.description, env.protected, env.upstream
             );
+            // Appended only when present, so request ids recorded before calendars existed
+            // keep matching their retries.
+            if !env.freeze_windows.is_empty() {
+                fingerprint = format!("{fingerprint}|{windows}");
+            }
             if let Some(resource) = check_request_id(
                 conn,
                 request_id.as_deref(),
@@ -830,9 +1040,9 @@ impl Store for SqliteStore {
             }
             conn.execute(
                 &format!(
-                    "INSERT INTO environments ({ENV_COLUMNS}) VALUES (?1, ?2, ?3, ?4, 1, ?5, ?5)"
+                    "INSERT INTO environments ({ENV_COLUMNS}) VALUES (?1, ?2, ?3, ?4, 1, ?5, ?5, ?6)"
                 ),
-                params![env.id, env.description, env.protected, env.upstream, now],
+                params![env.id, env.description, env.protected, env.upstream, now, windows],
             )
             .map_err(sql)?;
             record_request_id(
@@ -843,7 +1053,20 @@ impl Store for SqliteStore {
                 &environment_name(&env.id),
                 now,
             )?;
-            load_environment(conn, &env.id)
+            let created = load_environment(conn, &env.id)?;
+            append_audit(
+                conn,
+                now,
+                &caller,
+                AuditEntry {
+                    action: action::CREATE_ENVIRONMENT,
+                    resource: environment_name(&env.id),
+                    before: String::new(),
+                    after: audit::text(&audit::environment_fields(&created)),
+                    reason: String::new(),
+                },
+            )?;
+            Ok(created)
         })
         .await
     }
@@ -875,9 +1098,14 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn update_environment(&self, update: EnvironmentUpdate) -> Result<Environment> {
+    async fn update_environment(
+        &self,
+        update: EnvironmentUpdate,
+        caller: Caller,
+    ) -> Result<Environment> {
         self.write(move |conn, now, _| {
             let mut env = load_environment(conn, &update.id)?;
+            let before = env.clone();
             if let Some(expected) = update.expected_revision {
                 if expected != env.revision {
                     return Err(Error::Aborted(format!(
@@ -887,13 +1115,16 @@ impl Store for SqliteStore {
                     )));
                 }
             }
-            if let Some(description) = update.description {
-                env.description = description;
+            if let Some(description) = &update.description {
+                env.description.clone_from(description);
             }
             if let Some(protected) = update.protected {
                 env.protected = protected;
             }
-            if let Some(upstream) = update.upstream {
+            if let Some(windows) = &update.freeze_windows {
+                env.freeze_windows.clone_from(windows);
+            }
+            if let Some(upstream) = update.upstream.clone() {
                 if let Some(u) = &upstream {
                     require_environment(conn, u)?;
                     if let Some(v) = check_upstream(&env.id, &promotion_path(conn, u)?) {
@@ -903,11 +1134,32 @@ impl Store for SqliteStore {
                 env.upstream = upstream;
             }
             conn.execute(
-                "UPDATE environments SET description = ?1, protected = ?2, upstream = ?3, revision = revision + 1, update_ms = ?4 WHERE id = ?5",
-                params![env.description, env.protected, env.upstream, now, env.id],
+                "UPDATE environments SET description = ?1, protected = ?2, upstream = ?3, freeze_windows = ?4, revision = revision + 1, update_ms = ?5 WHERE id = ?6",
+                params![
+                    env.description,
+                    env.protected,
+                    env.upstream,
+                    windows_json(&env.freeze_windows)?,
+                    now,
+                    env.id
+                ],
             )
             .map_err(sql)?;
-            load_environment(conn, &env.id)
+            let updated = load_environment(conn, &env.id)?;
+            let (b, a) = audit::environment_change(&before, &updated, &update);
+            append_audit(
+                conn,
+                now,
+                &caller,
+                AuditEntry {
+                    action: action::UPDATE_ENVIRONMENT,
+                    resource: environment_name(&env.id),
+                    before: audit::text(&b),
+                    after: audit::text(&a),
+                    reason: String::new(),
+                },
+            )?;
+            Ok(updated)
         })
         .await
     }
@@ -917,10 +1169,18 @@ impl Store for SqliteStore {
         environment: &str,
         id: &str,
         labels: BTreeMap<String, String>,
+        caller: Caller,
     ) -> Result<Target> {
         let (environment, id) = (environment.to_owned(), id.to_owned());
         self.write(move |conn, now, _| {
             require_environment(conn, &environment)?;
+            let previous: Option<String> = conn
+                .prepare_cached("SELECT labels FROM targets WHERE environment = ?1 AND id = ?2")
+                .map_err(sql)?
+                .query_row([&environment, &id], |r| r.get(0))
+                .optional()
+                .map_err(sql)?;
+            let previous = previous.map(|l| json_map(&l));
             conn.execute(
                 &format!(
                     "INSERT INTO targets ({TARGET_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?4)
@@ -929,6 +1189,24 @@ impl Store for SqliteStore {
                 params![environment, id, map_json(&labels)?, now],
             )
             .map_err(sql)?;
+            // A re-registration with the same labels only refreshes the heartbeat: no
+            // change, no record.
+            if previous.as_ref() != Some(&labels) {
+                append_audit(
+                    conn,
+                    now,
+                    &caller,
+                    AuditEntry {
+                        action: action::REGISTER_TARGET,
+                        resource: target_name(&environment, &id),
+                        before: previous
+                            .map(|l| audit::text(&json!({ "labels": l })))
+                            .unwrap_or_default(),
+                        after: audit::text(&json!({ "labels": labels })),
+                        reason: String::new(),
+                    },
+                )?;
+            }
             load_target(conn, &environment, &id)
         })
         .await
@@ -973,7 +1251,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn register_artifact(&self, artifact: Artifact) -> Result<Artifact> {
+    async fn register_artifact(&self, artifact: Artifact, caller: Caller) -> Result<Artifact> {
         self.write(move |conn, now, _| {
             if let Some(existing) = find_artifact(conn, &artifact.name, &artifact.version)? {
                 if existing.digest == artifact.digest {
@@ -998,6 +1276,20 @@ impl Store for SqliteStore {
                 ],
             )
             .map_err(sql)?;
+            append_audit(
+                conn,
+                now,
+                &caller,
+                AuditEntry {
+                    action: action::REGISTER_ARTIFACT,
+                    resource: artifact_version_name(&artifact.name, &artifact.version),
+                    before: String::new(),
+                    after: audit::text(
+                        &json!({"digest": artifact.digest, "metadata": artifact.metadata}),
+                    ),
+                    reason: String::new(),
+                },
+            )?;
             Ok(Artifact {
                 create_ms: now,
                 ..artifact
@@ -1046,12 +1338,16 @@ impl Store for SqliteStore {
         &self,
         new: NewDeployment,
         request_id: Option<String>,
+        caller: Caller,
     ) -> Result<Deployment> {
         self.write(move |conn, now, events| {
-            let fingerprint = format!(
+            let mut fingerprint = format!(
                 "{}|{}|{}|{}",
                 new.artifact, new.version, new.environment, new.change_reference
             );
+            if let Some(e) = &new.emergency {
+                fingerprint = format!("{fingerprint}|{}|{}", e.reason, e.approver);
+            }
             if let Some(resource) =
                 check_request_id(conn, request_id.as_deref(), "CreateDeployment", &fingerprint)?
             {
@@ -1074,20 +1370,27 @@ impl Store for SqliteStore {
                     .map_err(sql)?
                     .is_some(),
             };
-            let violations = check_new_deployment(&new, &env, upstream_succeeded);
+            let violations = check_new_deployment(&new, &env, upstream_succeeded, now);
             if !violations.is_empty() {
                 return Err(Error::FailedPrecondition(violations));
             }
+            let (emergency_reason, emergency_approver) = new
+                .emergency
+                .as_ref()
+                .map(|e| (e.reason.as_str(), e.approver.as_str()))
+                .unwrap_or_default();
             conn.execute(
-                "INSERT INTO deployments (artifact, version, environment, change_reference, state, create_ms, update_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+                "INSERT INTO deployments (artifact, version, environment, change_reference, state, create_ms, update_ms, emergency_reason, emergency_approver)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8)",
                 params![
                     new.artifact,
                     new.version,
                     new.environment,
                     new.change_reference,
                     DeploymentState::Pending.code(),
-                    now
+                    now,
+                    emergency_reason,
+                    emergency_approver
                 ],
             )
             .map_err(sql)?;
@@ -1117,6 +1420,38 @@ impl Store for SqliteStore {
                 &fingerprint,
                 &deployment_name(id),
                 now,
+            )?;
+            let mut after = json!({
+                "artifact_version": artifact_version_name(&new.artifact, &new.version),
+                "environment": environment_name(&new.environment),
+                "change_reference": new.change_reference,
+                "state": deployment.state.name(),
+                "targets": deployment.placements.len(),
+            });
+            let reason = match &new.emergency {
+                Some(e) => {
+                    after["emergency"] = json!({
+                        "reason": e.reason,
+                        "approver": e.approver,
+                        // The windows it overrode; empty when none was active (the override
+                        // was not needed but is kept on the record).
+                        "overrode_freeze_windows": freeze::active_names(&env, now),
+                    });
+                    audit::override_reason(e)
+                }
+                None => new.change_reference.clone(),
+            };
+            append_audit(
+                conn,
+                now,
+                &caller,
+                AuditEntry {
+                    action: action::CREATE_DEPLOYMENT,
+                    resource: deployment_name(id),
+                    before: String::new(),
+                    after: audit::text(&after),
+                    reason,
+                },
             )?;
             Ok(deployment)
         })
@@ -1157,7 +1492,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn cancel_deployment(&self, id: i64, reason: String) -> Result<Deployment> {
+    async fn cancel_deployment(
+        &self,
+        id: i64,
+        reason: String,
+        caller: Caller,
+    ) -> Result<Deployment> {
         self.write(move |conn, now, _| {
             let d = load_deployment(conn, id, false)?;
             if d.state.is_final() {
@@ -1172,14 +1512,47 @@ impl Store for SqliteStore {
                 params![DeploymentState::Cancelled.code(), reason, now, id],
             )
             .map_err(sql)?;
+            append_audit(
+                conn,
+                now,
+                &caller,
+                AuditEntry {
+                    action: action::CANCEL_DEPLOYMENT,
+                    resource: deployment_name(id),
+                    before: audit::text(&json!({ "state": d.state.name() })),
+                    after: audit::text(&json!({ "state": DeploymentState::Cancelled.name() })),
+                    reason,
+                },
+            )?;
             load_deployment(conn, id, true)
         })
         .await
     }
 
-    async fn report_placement(&self, report: PlacementReport) -> Result<ReportOutcome> {
-        self.write(move |conn, now, events| apply_report(conn, now, events, report))
+    async fn report_placement(
+        &self,
+        report: PlacementReport,
+        caller: Caller,
+    ) -> Result<ReportOutcome> {
+        self.write(move |conn, now, events| apply_report(conn, now, events, report, &caller))
             .await
+    }
+
+    async fn list_audit_records(
+        &self,
+        filter: AuditFilter,
+        req: PageRequest,
+    ) -> Result<Page<AuditRecord>> {
+        self.read(move |conn| {
+            let after: i64 = req
+                .after
+                .as_deref()
+                .and_then(|k| k.parse().ok())
+                .unwrap_or(0);
+            let items = query_audit(conn, &filter, after, limit(req.size))?;
+            Ok(page(items, req.size, |r: &AuditRecord| r.id.to_string()))
+        })
+        .await
     }
 
     async fn read_events(&self, after: u64, max: usize) -> Result<Vec<PlacementEvent>> {
