@@ -14,9 +14,6 @@ use chrono_tz::Tz;
 /// Milliseconds since the Unix epoch.
 pub type Millis = i64;
 
-/// Minutes in a week.
-const WEEK_MINUTES: u32 = 7 * 24 * 60;
-
 /// A point in a local week: day (0 = Monday .. 6 = Sunday) and minute of the day.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WeekTime {

@@ -50,8 +50,10 @@ fn snapshot(n: usize) -> Snapshot {
         environments: vec![ReleaseEnvironment {
             environment: "prod".into(),
             rollout_percent: 50.0,
+            ..ReleaseEnvironment::default()
         }],
         state: ReleaseState::Releasing,
+        governance: Default::default(),
         revision: 1,
         create_ms: 0,
         update_ms: 0,

@@ -77,6 +77,13 @@ pub struct Config {
     /// override the request's values of the same key.
     #[arg(long = "flagd-context", env = "RELEASE_SVC_FLAGD_CONTEXT", value_delimiter = ',', value_parser = key_value)]
     pub flagd_context: Vec<(String, String)>,
+    /// How often planned releases are checked and advanced, in milliseconds.
+    #[arg(
+        long,
+        env = "RELEASE_SVC_SCHEDULER_INTERVAL_MS",
+        default_value_t = 1000
+    )]
+    pub scheduler_interval_ms: u64,
     /// Logging.
     #[command(flatten)]
     pub log: service_kit::LogArgs,

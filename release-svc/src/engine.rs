@@ -16,9 +16,109 @@ use std::collections::{BTreeSet, HashSet};
 use crate::domain::evaluate::{Context, Decision, Scope, Snapshot};
 use crate::domain::model::{Feature, Millis, Release, ReleaseState, Transition};
 use crate::domain::placements::{Placement, PlacementIndex};
+use crate::domain::policy::Policy;
 use crate::domain::rules::Bucketing;
 use crate::domain::{Error, Result};
-use crate::store::{Store, Withdrawal};
+use crate::store::{AuditEntry, Store, Withdrawal};
+
+mod governance;
+
+pub use governance::{Calendar, EnvironmentFacts};
+
+/// The time source (injectable: tests run schedules and windows on a simulated clock).
+pub trait Clock: Send + Sync + 'static {
+    /// Now, in milliseconds since the Unix epoch.
+    fn now_ms(&self) -> Millis;
+}
+
+/// The wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> Millis {
+        now_ms()
+    }
+}
+
+/// A clock that moves only when told (tests).
+#[derive(Debug, Default)]
+pub struct ManualClock(std::sync::atomic::AtomicI64);
+
+impl ManualClock {
+    /// A clock showing `now_ms`.
+    pub fn new(now_ms: Millis) -> Self {
+        Self(std::sync::atomic::AtomicI64::new(now_ms))
+    }
+
+    /// Moves the clock forward by `ms`.
+    pub fn advance(&self, ms: Millis) {
+        self.0.fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> Millis {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Who asks for a change: the principal (`x-principal` metadata until authentication
+/// arrives) and the request id, for the audit trail.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Actor {
+    /// Who.
+    pub principal: String,
+    /// The request's idempotency key or `x-request-id`.
+    pub request_id: String,
+}
+
+impl Actor {
+    /// The service itself (automatic actions).
+    pub fn system() -> Self {
+        Self {
+            principal: "system".into(),
+            request_id: String::new(),
+        }
+    }
+
+    /// An audit entry by this actor.
+    pub fn audit(&self, now_ms: Millis, action: &str, resource: String) -> AuditEntry {
+        AuditEntry {
+            time_ms: now_ms,
+            principal: self.principal.clone(),
+            action: action.to_owned(),
+            resource,
+            request_id: self.request_id.clone(),
+            ..AuditEntry::default()
+        }
+    }
+}
+
+/// A one-line summary of a feature for the audit trail.
+pub fn feature_summary(f: &Feature) -> String {
+    format!(
+        "variants {:?}, default {:?}, off {:?}, rule {}, carriers {}, allow {}, deny {}, disabled {}",
+        f.variants.keys().collect::<Vec<_>>(),
+        f.default_variant,
+        f.off_variant,
+        if f.targeting.is_some() { "yes" } else { "no" },
+        f.carriers.len(),
+        f.allow.len(),
+        f.deny.len(),
+        f.disabled
+    )
+}
+
+/// A one-line summary of a release for the audit trail.
+pub fn release_summary(r: &Release) -> String {
+    let envs: Vec<String> = r
+        .environments
+        .iter()
+        .map(|e| format!("{} {}%", e.environment, e.rollout_percent))
+        .collect();
+    format!("{:?}: {}", r.state, envs.join(", "))
+}
 
 /// A change that may alter decisions, announced on WatchVisibility.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +139,7 @@ struct State {
     placements: PlacementIndex,
     cursor: u64,
     events_applied: u64,
+    policies: BTreeMap<String, Policy>,
 }
 
 /// The engine.
@@ -47,7 +148,8 @@ pub struct Engine {
     state: Mutex<State>,
     snapshot: ArcSwap<Snapshot>,
     changes: broadcast::Sender<Change>,
-    clock: fn() -> Millis,
+    clock: Arc<dyn Clock>,
+    calendar: Arc<dyn Calendar>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -68,8 +170,13 @@ pub fn now_ms() -> Millis {
 
 impl Engine {
     /// Loads the stored state and builds the first snapshot; `fractional` rules bucket with
-    /// `bucketing`.
-    pub async fn load(store: Arc<dyn Store>, bucketing: Bucketing) -> Result<Self> {
+    /// `bucketing`; time comes from `clock` and freeze windows from `calendar`.
+    pub async fn load(
+        store: Arc<dyn Store>,
+        bucketing: Bucketing,
+        clock: Arc<dyn Clock>,
+        calendar: Arc<dyn Calendar>,
+    ) -> Result<Self> {
         let loaded = store.load().await?;
         let mut placements = PlacementIndex::default();
         placements.replace(loaded.placements);
@@ -93,10 +200,12 @@ impl Engine {
                 placements,
                 cursor: loaded.cursor,
                 events_applied: loaded.events_applied,
+                policies: loaded.policies,
             }),
             snapshot: ArcSwap::from_pointee(snapshot),
             changes,
-            clock: now_ms,
+            clock,
+            calendar,
         })
     }
 
@@ -219,13 +328,19 @@ impl Engine {
     }
 
     /// Creates a feature.
-    pub async fn create_feature(&self, mut feature: Feature) -> Result<Arc<Feature>> {
+    pub async fn create_feature(
+        &self,
+        mut feature: Feature,
+        actor: &Actor,
+    ) -> Result<Arc<Feature>> {
         let mut state = self.state.lock().await;
-        let now = (self.clock)();
+        let now = self.clock.now_ms();
         feature.revision = 1;
         feature.create_ms = now;
         feature.update_ms = now;
-        self.store.insert_feature(feature.clone()).await?;
+        let mut audit = actor.audit(now, "CreateFeature", format!("features/{}", feature.key));
+        audit.after = feature_summary(&feature);
+        self.store.insert_feature(feature.clone(), audit).await?;
         let feature = Arc::new(feature);
         state.features.insert(feature.key.clone(), feature.clone());
         let scope = Scope::Keys(BTreeSet::from([feature.key.clone()]));
@@ -242,6 +357,7 @@ impl Engine {
         &self,
         mut feature: Feature,
         expected: Option<i64>,
+        actor: &Actor,
     ) -> Result<Arc<Feature>> {
         let mut state = self.state.lock().await;
         let current = state
@@ -257,9 +373,16 @@ impl Engine {
         }
         feature.revision = current.revision + 1;
         feature.create_ms = current.create_ms;
-        feature.update_ms = (self.clock)();
+        feature.update_ms = self.clock.now_ms();
+        let mut audit = actor.audit(
+            feature.update_ms,
+            "UpdateFeature",
+            format!("features/{}", feature.key),
+        );
+        audit.before = feature_summary(&current);
+        audit.after = feature_summary(&feature);
         self.store
-            .update_feature(feature.clone(), current.revision)
+            .update_feature(feature.clone(), current.revision, audit)
             .await?;
         let feature = Arc::new(feature);
         state.features.insert(feature.key.clone(), feature.clone());
@@ -277,6 +400,7 @@ impl Engine {
         &self,
         mut release: Release,
         request_id: Option<String>,
+        actor: &Actor,
     ) -> Result<Release> {
         let mut state = self.state.lock().await;
         let unknown: Vec<_> = release
@@ -294,14 +418,18 @@ impl Engine {
         if !unknown.is_empty() {
             return Err(Error::FailedPrecondition(unknown));
         }
-        let now = (self.clock)();
+        let now = self.clock.now_ms();
         release.state = ReleaseState::Draft;
         release.revision = 1;
         release.create_ms = now;
         release.update_ms = now;
+        release.governance.requester = actor.principal.clone();
+        let mut audit = actor.audit(now, "CreateRelease", "releases/".into());
+        audit.after = release_summary(&release);
+        audit.reason = release.governance.change_reference.clone();
         let (id, created) = self
             .store
-            .insert_release(release.clone(), request_id)
+            .insert_release(release.clone(), request_id, audit)
             .await?;
         if !created {
             return state
@@ -317,41 +445,16 @@ impl Engine {
         Ok(release)
     }
 
-    /// Applies a release transition (the kill switch is `Pause` or `Rollback`).
-    pub async fn transition(&self, id: i64, t: Transition) -> Result<Release> {
-        let mut state = self.state.lock().await;
-        let current = state
-            .releases
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("releases/{id}")))?;
-        let mut next = current.clone();
-        next.apply(&t)
-            .map_err(|why| Error::precondition("RELEASE_STATE", format!("releases/{id}"), why))?;
-        next.revision = current.revision + 1;
-        next.update_ms = (self.clock)();
-        self.store
-            .update_release(next.clone(), current.revision)
-            .await?;
-        state.releases.insert(id, next.clone());
-        let scope = Scope::Keys(next.features.iter().cloned().collect());
-        self.publish(
-            &state,
-            scope,
-            format!("release releases/{id} {:?}", next.state),
-        );
-        Ok(next)
-    }
-
     /// Imports flagd flags as features released (100%) in `environment`: returns the keys
     /// created, updated and unchanged, and the release created (if any flag needed one).
     pub async fn import_flagd(
         &self,
         environment: &str,
         flags: Vec<crate::domain::flagd_doc::ImportedFlag>,
+        actor: &Actor,
     ) -> Result<(Vec<String>, Vec<String>, Vec<String>, Option<Release>)> {
         let mut state = self.state.lock().await;
-        let now = (self.clock)();
+        let now = self.clock.now_ms();
         let (mut created, mut updated, mut unchanged) = (Vec::new(), Vec::new(), Vec::new());
         for flag in &flags {
             let existing = state.features.get(&flag.key).cloned();
@@ -373,8 +476,12 @@ impl Engine {
                     next.revision = current.revision + 1;
                     next.create_ms = current.create_ms;
                     next.update_ms = now;
+                    let mut audit =
+                        actor.audit(now, "ImportFlagd", format!("features/{}", next.key));
+                    audit.before = feature_summary(&current);
+                    audit.after = feature_summary(&next);
                     self.store
-                        .update_feature(next.clone(), current.revision)
+                        .update_feature(next.clone(), current.revision, audit)
                         .await?;
                     updated.push(flag.key.clone());
                 }
@@ -382,7 +489,10 @@ impl Engine {
                     next.revision = 1;
                     next.create_ms = now;
                     next.update_ms = now;
-                    self.store.insert_feature(next.clone()).await?;
+                    let mut audit =
+                        actor.audit(now, "ImportFlagd", format!("features/{}", next.key));
+                    audit.after = feature_summary(&next);
+                    self.store.insert_feature(next.clone(), audit).await?;
                     created.push(flag.key.clone());
                 }
             }
@@ -410,20 +520,31 @@ impl Engine {
                 features: unreleased,
                 environments: vec![crate::domain::model::ReleaseEnvironment {
                     environment: environment.to_owned(),
-                    rollout_percent: 0.0,
+                    ..Default::default()
                 }],
                 state: ReleaseState::Draft,
+                governance: crate::domain::model::Governance {
+                    requester: actor.principal.clone(),
+                    ..Default::default()
+                },
                 revision: 1,
                 create_ms: now,
                 update_ms: now,
             };
+            let draft = release.clone();
             release
                 .apply(&Transition::SetRollout {
                     environment: environment.to_owned(),
                     percent: 100.0,
                 })
                 .map_err(Error::Internal)?;
-            let (id, _) = self.store.insert_release(release.clone(), None).await?;
+            release.stamp(&draft, now);
+            let mut audit = actor.audit(now, "ImportFlagd", "releases/".into());
+            audit.after = release_summary(&release);
+            let (id, _) = self
+                .store
+                .insert_release(release.clone(), None, audit)
+                .await?;
             release.id = id;
             state.releases.insert(id, release.clone());
             Some(release)
@@ -543,7 +664,7 @@ impl Engine {
             return Vec::new();
         }
         let view = placements.coverage_view();
-        let now = (self.clock)();
+        let now = self.clock.now_ms();
         withdrawn
             .into_iter()
             .map(|(feature, environment)| {

@@ -9,9 +9,12 @@
 //! - [`store`]: the storage trait and the SQLite backend.
 //! - [`engine`]: the state, its durable writes, the snapshot swap and change announcements.
 //! - [`consumer`]: follows deploy-svc's placement stream into the engine.
+//! - [`calendar_client`]: deploy-svc's change calendar (freeze windows), read for policy
+//!   checks.
 //! - [`grpc`]: the `release.v1.ReleaseService` handlers and conversions.
 //! - [`Server`] / [`serve`]: opens the store, then serves an already-bound listener.
 
+pub mod calendar_client;
 pub mod cli;
 pub mod config;
 pub mod consumer;
@@ -47,6 +50,19 @@ pub async fn serve(
     Server::open(config).await?.run(listener, shutdown).await
 }
 
+/// [`serve`] on the time of `clock` (tests run schedules on a simulated clock).
+pub async fn serve_with_clock(
+    listener: TcpListener,
+    config: Config,
+    clock: Arc<dyn engine::Clock>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    Server::open_with_clock(config, clock)
+        .await?
+        .run(listener, shutdown)
+        .await
+}
+
 /// release-svc with its state loaded, ready to serve.
 pub struct Server {
     config: Config,
@@ -57,8 +73,20 @@ impl Server {
     /// Opens the store and loads the state (serving starts from it, before deploy-svc is
     /// reachable).
     pub async fn open(config: Config) -> anyhow::Result<Self> {
+        Self::open_with_clock(config, Arc::new(engine::SystemClock)).await
+    }
+
+    /// [`Server::open`] on the time of `clock`.
+    pub async fn open_with_clock(
+        config: Config,
+        clock: Arc<dyn engine::Clock>,
+    ) -> anyhow::Result<Self> {
         let store = Arc::new(SqliteStore::open(&config.database)?);
-        let engine = Arc::new(Engine::load(store, config.fractional_bucketing).await?);
+        let calendar = Arc::new(calendar_client::DeployCalendar::new(
+            config.deploy_svc.clone(),
+        ));
+        let engine =
+            Arc::new(Engine::load(store, config.fractional_bucketing, clock, calendar).await?);
         Ok(Self { config, engine })
     }
 
@@ -86,6 +114,11 @@ impl Server {
             engine.clone(),
             config.deploy_svc.clone(),
             status.clone(),
+            streams.clone(),
+        ));
+        let scheduler = tokio::spawn(scheduler(
+            engine.clone(),
+            Duration::from_millis(config.scheduler_interval_ms.max(1)),
             streams.clone(),
         ));
         let flagd = grpc::flagd::Flagd::new(
@@ -189,7 +222,30 @@ impl Server {
         }
         streams.cancel();
         let _ = consumer.await;
+        let _ = scheduler.await;
         tracing::info!("release-svc stopped");
         result
+    }
+}
+
+/// Advances planned releases: one engine pass every `interval` until `stop`.
+async fn scheduler(engine: Arc<Engine>, interval: Duration, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        match engine.tick().await {
+            Ok(advanced) => {
+                for id in advanced {
+                    tracing::info!(release = %format!("releases/{id}"), "release advanced by its plan");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "scheduler pass failed; retrying at the next tick")
+            }
+        }
     }
 }

@@ -599,6 +599,7 @@ pub mod release {
                     .map(|e| rpb::ReleaseEnvironment {
                         environment: (*e).to_owned(),
                         rollout_percent: 0.0,
+                        ..Default::default()
                     })
                     .collect(),
                 ..Default::default()

@@ -266,6 +266,7 @@ async fn bad_release_input_names_the_field() {
                 environments: vec![rpb::ReleaseEnvironment {
                     environment: "environments/prod".into(),
                     rollout_percent: 120.0,
+                    ..Default::default()
                 }],
                 ..Default::default()
             }),
@@ -287,6 +288,7 @@ async fn bad_release_input_names_the_field() {
                 environments: vec![rpb::ReleaseEnvironment {
                     environment: "prod".into(),
                     rollout_percent: 0.0,
+                    ..Default::default()
                 }],
                 ..Default::default()
             }),

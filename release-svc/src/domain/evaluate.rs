@@ -426,8 +426,10 @@ mod tests {
             environments: vec![ReleaseEnvironment {
                 environment: env.into(),
                 rollout_percent: percent,
+                ..ReleaseEnvironment::default()
             }],
             state,
+            governance: Default::default(),
             revision: 1,
             create_ms: 0,
             update_ms: 0,

@@ -9,6 +9,7 @@
 //! - [`placements`]: the mirror of deploy-svc's placements and the coverage gate.
 //! - [`evaluate`]: the immutable snapshot and the decision order.
 //! - [`flagd_doc`]: flagd flag-definition documents <-> features (import, export).
+//! - [`policy`]: environment policies and the release checks (freeze, cadence, soak, approvals, change reference, coverage).
 //! - [`names`]: resource names (release.v1, and the deploy.v1 names the consumer reads).
 
 pub mod evaluate;
@@ -17,6 +18,7 @@ pub mod hash;
 pub mod model;
 pub mod names;
 pub mod placements;
+pub mod policy;
 pub mod rules;
 
 pub use service_kit::error::{Error, FieldViolation, PreconditionViolation, Result, Violations};

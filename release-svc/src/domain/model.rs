@@ -63,12 +63,19 @@ impl Feature {
     }
 }
 
-/// The lifecycle of a release. Planning, approval and policy states (PLANNED, APPROVED,
-/// CANCELLED) slot in ahead of RELEASING when the policy engine arrives.
+/// The lifecycle of a release: DRAFT -> PLANNED -> APPROVED -> RELEASING -> RELEASED, plus
+/// PAUSED (kill switch), ROLLED_BACK and CANCELLED (final). A release without a plan may go
+/// from DRAFT to RELEASING directly with a rollout (policies still apply).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ReleaseState {
     /// Created; nothing visible.
     Draft,
+    /// Plan submitted; waiting for approvals.
+    Planned,
+    /// Approved; starts at its planned start time when the policies allow.
+    Approved,
+    /// Withdrawn before it started; final.
+    Cancelled,
     /// Visible to part of the audience.
     Releasing,
     /// Every environment at 100%.
@@ -88,6 +95,9 @@ impl ReleaseState {
             Self::Released => 3,
             Self::Paused => 4,
             Self::RolledBack => 5,
+            Self::Planned => 6,
+            Self::Approved => 7,
+            Self::Cancelled => 8,
         }
     }
 
@@ -99,6 +109,9 @@ impl ReleaseState {
             3 => Self::Released,
             4 => Self::Paused,
             5 => Self::RolledBack,
+            6 => Self::Planned,
+            7 => Self::Approved,
+            8 => Self::Cancelled,
             _ => return None,
         })
     }
@@ -110,12 +123,67 @@ impl ReleaseState {
 }
 
 /// One environment of a release.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ReleaseEnvironment {
     /// deploy-svc environment id.
     pub environment: String,
     /// 0-100.
     pub rollout_percent: f64,
+    /// The planned rollout steps here (empty: no plan, rollouts are set by hand).
+    pub steps: Vec<Step>,
+    /// The index of the step taken last, if any.
+    pub step: Option<usize>,
+    /// When the last step was taken.
+    pub step_since_ms: Millis,
+    /// When the release first became visible here (cadence counts it).
+    pub started_ms: Option<Millis>,
+    /// Since when it has been at 100% here (soak time counts from it).
+    pub full_since_ms: Option<Millis>,
+}
+
+/// One planned rollout step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// The rollout percentage of the step, (0, 100].
+    pub percent: f64,
+    /// How long the step lasts at least before the next one.
+    pub min_duration_ms: Millis,
+}
+
+/// An approval of a release.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Approval {
+    /// Who approved.
+    pub principal: String,
+    /// When.
+    pub time_ms: Millis,
+}
+
+/// An emergency override: passes freeze windows, recorded as such.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmergencyOverride {
+    /// Why.
+    pub reason: String,
+    /// Who approved the override (never the requester).
+    pub approver: String,
+}
+
+/// The planning and governance side of a release.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Governance {
+    /// Who created the release (never one of its approvers).
+    pub requester: String,
+    /// The change record this release implements.
+    pub change_reference: String,
+    /// Not before this time (0: as soon as approved).
+    pub planned_start_ms: Millis,
+    /// Approvals, one per principal.
+    pub approvals: Vec<Approval>,
+    /// An emergency override, if any.
+    pub emergency: Option<EmergencyOverride>,
+    /// Why the plan is waiting (the violations of the last automatic check), empty when it
+    /// is not waiting.
+    pub waiting: Vec<super::PreconditionViolation>,
 }
 
 /// A release.
@@ -131,6 +199,8 @@ pub struct Release {
     pub environments: Vec<ReleaseEnvironment>,
     /// State.
     pub state: ReleaseState,
+    /// Plan, approvals, change reference, override.
+    pub governance: Governance,
     /// Optimistic concurrency revision.
     pub revision: i64,
     /// Creation time.
@@ -155,9 +225,78 @@ pub enum Transition {
     Resume,
     /// Final withdrawal.
     Rollback,
+    /// DRAFT -> PLANNED: every environment has steps.
+    Submit,
+    /// PLANNED -> APPROVED (the engine decides when the approvals satisfy the policies).
+    Approve,
+    /// Withdraw before it started.
+    Cancel,
+    /// Take step `step` of environment `environment` (index into the scope) at `now_ms`.
+    Step {
+        /// Index of the environment in the scope.
+        environment: usize,
+        /// Index of the step.
+        step: usize,
+        /// Now.
+        now_ms: Millis,
+    },
 }
 
 impl Release {
+    /// Whether the release follows a plan (steps in its environments).
+    pub fn planned(&self) -> bool {
+        self.environments.iter().any(|e| !e.steps.is_empty())
+    }
+
+    /// The next step of the plan after the last one taken, as (environment index, step
+    /// index): the next step of the current environment, else the first of the next one.
+    pub fn next_step(&self) -> Option<(usize, usize)> {
+        let current = self.environments.iter().rposition(|e| e.step.is_some());
+        match current {
+            None => (!self.environments.is_empty()).then_some((0, 0)),
+            Some(i) => {
+                let e = &self.environments[i];
+                let s = e.step.unwrap_or(0);
+                if s + 1 < e.steps.len() {
+                    Some((i, s + 1))
+                } else if i + 1 < self.environments.len() {
+                    Some((i + 1, 0))
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    /// Whether the last step taken has lasted its minimum duration at `now_ms` (true when
+    /// none was taken).
+    pub fn step_elapsed(&self, now_ms: Millis) -> bool {
+        let Some(e) = self.environments.iter().rev().find(|e| e.step.is_some()) else {
+            return true;
+        };
+        let min = e
+            .step
+            .and_then(|s| e.steps.get(s))
+            .map_or(0, |s| s.min_duration_ms);
+        now_ms - e.step_since_ms >= min
+    }
+
+    /// Records when each environment started and reached 100%, comparing with `before`.
+    pub fn stamp(&mut self, before: &Release, now_ms: Millis) {
+        for (e, b) in self.environments.iter_mut().zip(&before.environments) {
+            if e.rollout_percent > 0.0 && e.started_ms.is_none() {
+                e.started_ms = Some(now_ms);
+            }
+            if e.rollout_percent >= 100.0 {
+                if b.rollout_percent < 100.0 || e.full_since_ms.is_none() {
+                    e.full_since_ms = Some(now_ms);
+                }
+            } else {
+                e.full_since_ms = None;
+            }
+        }
+    }
+
     /// The state every environment's rollout implies for an active release.
     fn active_state(&self) -> ReleaseState {
         if !self.environments.is_empty()
@@ -174,6 +313,52 @@ impl Release {
         use ReleaseState::*;
         match (self.state, t) {
             (RolledBack, _) => Err("the release was rolled back; create a new release".into()),
+            (Cancelled, _) => Err("the release was cancelled; create a new release".into()),
+            (Draft, Transition::Submit) => {
+                if let Some(e) = self.environments.iter().find(|e| e.steps.is_empty()) {
+                    return Err(format!(
+                        "{:?} has no rollout steps; a plan needs steps in every environment",
+                        e.environment
+                    ));
+                }
+                self.state = Planned;
+                Ok(())
+            }
+            (state, Transition::Submit) => Err(format!(
+                "only a DRAFT release can be submitted; it is {state:?}"
+            )),
+            (Planned, Transition::Approve) => {
+                self.state = Approved;
+                Ok(())
+            }
+            (state, Transition::Approve) => Err(format!(
+                "only a PLANNED release becomes APPROVED; it is {state:?}"
+            )),
+            (Draft | Planned | Approved, Transition::Cancel) => {
+                self.state = Cancelled;
+                Ok(())
+            }
+            (state, Transition::Cancel) => Err(format!(
+                "only a release that has not started can be cancelled (roll it back instead); it is {state:?}"
+            )),
+            (Approved | Releasing, Transition::Step { environment, step, now_ms }) => {
+                let env = self
+                    .environments
+                    .get_mut(*environment)
+                    .ok_or("no such environment in the plan")?;
+                let percent = env.steps.get(*step).ok_or("no such step in the plan")?.percent;
+                env.rollout_percent = percent;
+                env.step = Some(*step);
+                env.step_since_ms = *now_ms;
+                self.state = self.active_state();
+                Ok(())
+            }
+            (state, Transition::Step { .. }) => Err(format!(
+                "a plan advances only when APPROVED or RELEASING; it is {state:?}"
+            )),
+            (Planned | Approved, Transition::SetRollout { .. }) => Err(
+                "a planned release advances by its plan; cancel it to release by hand".into(),
+            ),
             (
                 _,
                 Transition::SetRollout {
@@ -192,15 +377,21 @@ impl Release {
                 self.state = self.active_state();
                 Ok(())
             }
-            (Releasing | Released, Transition::Pause) => {
+            (Releasing | Released | Approved, Transition::Pause) => {
                 self.state = Paused;
                 Ok(())
             }
             (state, Transition::Pause) => Err(format!(
-                "only a RELEASING or RELEASED release can be paused; it is {state:?}"
+                "only an APPROVED, RELEASING or RELEASED release can be paused; it is {state:?}"
             )),
             (Paused, Transition::Resume) => {
-                self.state = self.active_state();
+                self.state = if self.environments.iter().all(|e| e.rollout_percent <= 0.0)
+                    && !self.environments.iter().all(|e| e.steps.is_empty())
+                {
+                    Approved
+                } else {
+                    self.active_state()
+                };
                 Ok(())
             }
             (state, Transition::Resume) => Err(format!(
@@ -227,13 +418,16 @@ mod tests {
                 ReleaseEnvironment {
                     environment: "staging".into(),
                     rollout_percent: 0.0,
+                    ..ReleaseEnvironment::default()
                 },
                 ReleaseEnvironment {
                     environment: "prod".into(),
                     rollout_percent: 0.0,
+                    ..ReleaseEnvironment::default()
                 },
             ],
             state: ReleaseState::Draft,
+            governance: Default::default(),
             revision: 1,
             create_ms: 0,
             update_ms: 0,

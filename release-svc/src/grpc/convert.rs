@@ -8,15 +8,42 @@ use proto::release::v1 as pb;
 use serde_json::{Map, Value};
 
 use crate::domain::evaluate::{Context, Decision, Reason};
-use crate::domain::model::{Carrier, Feature, Millis, Release, ReleaseEnvironment, ReleaseState};
+use crate::domain::model::{
+    Carrier, Feature, Governance, Millis, Release, ReleaseEnvironment, ReleaseState, Step,
+};
 use crate::domain::names;
+use crate::domain::policy::Policy;
 use crate::domain::rules::Rule;
+use crate::domain::PreconditionViolation;
 use crate::domain::{Result, Violations};
+use crate::store::AuditEntry;
 use crate::store::Withdrawal;
 
 /// A timestamp from milliseconds since the epoch.
 pub fn timestamp(ms: Millis) -> Option<prost_types::Timestamp> {
     Some(prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    })
+}
+
+/// Milliseconds since the epoch from a timestamp.
+pub fn millis(t: &prost_types::Timestamp) -> Millis {
+    t.seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(t.nanos) / 1_000_000)
+}
+
+/// Milliseconds from a duration (negative durations are refused by the callers).
+pub fn duration_ms(d: &prost_types::Duration) -> Millis {
+    d.seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(d.nanos) / 1_000_000)
+}
+
+/// A duration from milliseconds.
+pub fn duration(ms: Millis) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
         seconds: ms.div_euclid(1000),
         nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
     })
@@ -286,6 +313,49 @@ pub fn new_release(req: pb::CreateReleaseRequest) -> Result<(Release, Option<Str
             &format!("release.environments[{i}].rollout_percent"),
             e.rollout_percent,
         );
+        if !e.steps.is_empty() && e.rollout_percent != 0.0 {
+            v.push(
+                &format!("release.environments[{i}].rollout_percent"),
+                "must be 0 in a planned environment (its steps set it)",
+            );
+        }
+        let mut last = 0.0;
+        for (j, step) in e.steps.iter().enumerate() {
+            let field = format!("release.environments[{i}].steps[{j}]");
+            if !(step.percent > last && step.percent <= 100.0) {
+                v.push(
+                    &format!("{field}.percent"),
+                    "must be above the previous step's and at most 100",
+                );
+            }
+            last = step.percent;
+            if step
+                .min_duration
+                .as_ref()
+                .is_some_and(|d| duration_ms(d) < 0)
+            {
+                v.push(&format!("{field}.min_duration"), "must not be negative");
+            }
+        }
+        if !e.steps.is_empty() && last < 100.0 {
+            v.push(
+                &format!("release.environments[{i}].steps"),
+                "must end at 100%",
+            );
+        }
+    }
+    text(
+        &mut v,
+        "release.change_reference",
+        &r.change_reference,
+        service_kit::validate::MAX_TEXT,
+    );
+    let planned = r.environments.iter().any(|e| !e.steps.is_empty());
+    if planned && r.environments.iter().any(|e| e.steps.is_empty()) {
+        v.push(
+            "release.environments",
+            "a plan needs steps in every environment (or in none)",
+        );
     }
     v.check(
         "request_id",
@@ -303,9 +373,23 @@ pub fn new_release(req: pb::CreateReleaseRequest) -> Result<(Release, Option<Str
                 .map(|e| ReleaseEnvironment {
                     environment: e.environment,
                     rollout_percent: e.rollout_percent,
+                    steps: e
+                        .steps
+                        .iter()
+                        .map(|s| Step {
+                            percent: s.percent,
+                            min_duration_ms: s.min_duration.as_ref().map_or(0, duration_ms),
+                        })
+                        .collect(),
+                    ..ReleaseEnvironment::default()
                 })
                 .collect(),
             state: ReleaseState::Draft,
+            governance: Governance {
+                change_reference: r.change_reference,
+                planned_start_ms: r.planned_start_time.as_ref().map_or(0, millis),
+                ..Governance::default()
+            },
             revision: 0,
             create_ms: 0,
             update_ms: 0,
@@ -330,6 +414,9 @@ pub fn release_state(s: ReleaseState) -> i32 {
         ReleaseState::Released => pb::ReleaseState::Released,
         ReleaseState::Paused => pb::ReleaseState::Paused,
         ReleaseState::RolledBack => pb::ReleaseState::RolledBack,
+        ReleaseState::Planned => pb::ReleaseState::Planned,
+        ReleaseState::Approved => pb::ReleaseState::Approved,
+        ReleaseState::Cancelled => pb::ReleaseState::Cancelled,
     }
     .into()
 }
@@ -346,12 +433,143 @@ pub fn release_pb(r: &Release) -> pb::Release {
             .map(|e| pb::ReleaseEnvironment {
                 environment: e.environment.clone(),
                 rollout_percent: e.rollout_percent,
+                steps: e
+                    .steps
+                    .iter()
+                    .map(|s| pb::RolloutStep {
+                        percent: s.percent,
+                        min_duration: duration(s.min_duration_ms),
+                    })
+                    .collect(),
+                current_step: e.step.and_then(|s| i32::try_from(s).ok()),
+                start_time: e.started_ms.and_then(timestamp),
+                full_time: e.full_since_ms.and_then(timestamp),
             })
             .collect(),
         state: release_state(r.state),
         etag: format!("\"{}\"", r.revision),
         create_time: timestamp(r.create_ms),
         update_time: timestamp(r.update_ms),
+        requester: r.governance.requester.clone(),
+        change_reference: r.governance.change_reference.clone(),
+        planned_start_time: (r.governance.planned_start_ms > 0)
+            .then(|| timestamp(r.governance.planned_start_ms))
+            .flatten(),
+        approvals: r
+            .governance
+            .approvals
+            .iter()
+            .map(|a| pb::Approval {
+                principal: a.principal.clone(),
+                time: timestamp(a.time_ms),
+            })
+            .collect(),
+        emergency: r
+            .governance
+            .emergency
+            .as_ref()
+            .map(|e| pb::EmergencyOverride {
+                reason: e.reason.clone(),
+                approver: e.approver.clone(),
+            }),
+        waiting: violations_pb(&r.governance.waiting),
+    }
+}
+
+/// The proto form of policy violations.
+pub fn violations_pb(v: &[PreconditionViolation]) -> Vec<pb::PolicyViolation> {
+    v.iter()
+        .map(|v| pb::PolicyViolation {
+            r#type: v.kind.clone(),
+            subject: v.subject.clone(),
+            description: v.description.clone(),
+        })
+        .collect()
+}
+
+/// Validates a SetPolicy request: the policy and the etag it carries.
+pub fn policy(p: pb::Policy) -> Result<(Policy, Option<i64>)> {
+    let mut v = Violations::default();
+    v.check(
+        "policy.environment",
+        names::validate_environment(&p.environment),
+    );
+    let min_soak_ms = p.min_soak.as_ref().map_or(0, duration_ms);
+    if min_soak_ms < 0 {
+        v.push("policy.min_soak", "must not be negative");
+    }
+    for (i, a) in p.approvers.iter().enumerate() {
+        if a.trim().is_empty() || a.len() > 256 {
+            v.push(
+                &format!("policy.approvers[{i}]"),
+                "must be a principal name of 1-256 characters",
+            );
+        }
+    }
+    if (p.required_approvals as usize) > p.approvers.len() {
+        v.push(
+            "policy.required_approvals",
+            format!(
+                "needs {} approvals but names {} approvers",
+                p.required_approvals,
+                p.approvers.len()
+            ),
+        );
+    }
+    let etag = match p.etag.trim_matches('"') {
+        "" => None,
+        e => v.check(
+            "policy.etag",
+            e.parse::<i64>()
+                .map_err(|_| "is not an etag this service returned".to_owned()),
+        ),
+    };
+    v.finish()?;
+    Ok((
+        Policy {
+            environment: p.environment,
+            max_releases_per_day: p.max_releases_per_day,
+            max_releases_per_week: p.max_releases_per_week,
+            min_soak_ms,
+            required_approvals: p.required_approvals,
+            approvers: p.approvers,
+            require_change_reference: p.require_change_reference,
+            require_deployment_coverage: p.require_deployment_coverage,
+            revision: 0,
+            update_ms: 0,
+        },
+        etag,
+    ))
+}
+
+/// The proto form of a policy.
+pub fn policy_pb(p: &Policy) -> pb::Policy {
+    pb::Policy {
+        environment: p.environment.clone(),
+        max_releases_per_day: p.max_releases_per_day,
+        max_releases_per_week: p.max_releases_per_week,
+        min_soak: duration(p.min_soak_ms),
+        required_approvals: p.required_approvals,
+        approvers: p.approvers.clone(),
+        require_change_reference: p.require_change_reference,
+        require_deployment_coverage: p.require_deployment_coverage,
+        etag: format!("\"{}\"", p.revision),
+        update_time: (p.update_ms > 0).then(|| timestamp(p.update_ms)).flatten(),
+    }
+}
+
+/// The proto form of an audit record.
+pub fn audit_pb(id: i64, a: &AuditEntry) -> pb::AuditRecord {
+    pb::AuditRecord {
+        id,
+        time: timestamp(a.time_ms),
+        principal: a.principal.clone(),
+        action: a.action.clone(),
+        resource: a.resource.clone(),
+        before: a.before.clone(),
+        after: a.after.clone(),
+        request_id: a.request_id.clone(),
+        reason: a.reason.clone(),
     }
 }
 

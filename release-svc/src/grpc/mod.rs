@@ -22,7 +22,28 @@ use tonic::{Request, Response, Status};
 use crate::consumer::SharedStatus;
 use crate::domain::model::Transition;
 use crate::domain::{names, Error, Violations};
-use crate::engine::{Change, Engine};
+use crate::engine::{Actor, Change, Engine};
+
+/// The caller of a request: `x-principal` metadata (authentication comes later; missing is
+/// `anonymous`) and the request id (`request_id`, else `x-request-id`).
+fn actor<T>(req: &Request<T>, request_id: &str) -> Actor {
+    let meta = |key: &str| {
+        req.metadata()
+            .get(key)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
+    Actor {
+        principal: meta("x-principal").unwrap_or_else(|| "anonymous".into()),
+        request_id: if request_id.is_empty() {
+            meta("x-request-id").unwrap_or_default()
+        } else {
+            request_id.to_owned()
+        },
+    }
+}
 
 /// The ReleaseService implementation.
 #[derive(Clone)]
@@ -126,8 +147,9 @@ fn change_message(c: &Change, environment: &str) -> Option<pb::VisibilityChange>
 #[tonic::async_trait]
 impl ReleaseService for ReleaseApi {
     async fn create_feature(&self, req: Request<pb::CreateFeatureRequest>) -> Result<pb::Feature> {
+        let actor = actor(&req, "");
         let (feature, _) = convert::feature(req.into_inner().feature.unwrap_or_default(), true)?;
-        let feature = self.engine.create_feature(feature).await?;
+        let feature = self.engine.create_feature(feature, &actor).await?;
         Ok(Response::new(convert::feature_pb(&feature)))
     }
 
@@ -155,15 +177,23 @@ impl ReleaseService for ReleaseApi {
     }
 
     async fn update_feature(&self, req: Request<pb::UpdateFeatureRequest>) -> Result<pb::Feature> {
+        let actor = actor(&req, "");
         let (feature, expected) =
             convert::feature(req.into_inner().feature.unwrap_or_default(), false)?;
-        let feature = self.engine.update_feature(feature, expected).await?;
+        let feature = self
+            .engine
+            .update_feature(feature, expected, &actor)
+            .await?;
         Ok(Response::new(convert::feature_pb(&feature)))
     }
 
     async fn create_release(&self, req: Request<pb::CreateReleaseRequest>) -> Result<pb::Release> {
+        let actor = actor(&req, &req.get_ref().request_id);
         let (release, request_id) = convert::new_release(req.into_inner())?;
-        let release = self.engine.create_release(release, request_id).await?;
+        let release = self
+            .engine
+            .create_release(release, request_id, &actor)
+            .await?;
         Ok(Response::new(convert::release_pb(&release)))
     }
 
@@ -193,6 +223,7 @@ impl ReleaseService for ReleaseApi {
     }
 
     async fn set_rollout(&self, req: Request<pb::SetRolloutRequest>) -> Result<pb::Release> {
+        let actor = actor(&req, "");
         let req = req.into_inner();
         let mut v = Violations::default();
         let id = v
@@ -209,23 +240,34 @@ impl ReleaseService for ReleaseApi {
                     environment: req.environment,
                     percent,
                 },
+                &actor,
+                "SetRollout",
+                "",
             )
             .await?;
         Ok(Response::new(convert::release_pb(&release)))
     }
 
     async fn pause_release(&self, req: Request<pb::PauseReleaseRequest>) -> Result<pb::Release> {
+        let actor = actor(&req, "");
         let req = req.into_inner();
         let id = name("name", &req.name, names::parse_release)?;
-        let release = self.engine.transition(id, Transition::Pause).await?;
+        let release = self
+            .engine
+            .transition(id, Transition::Pause, &actor, "PauseRelease", &req.reason)
+            .await?;
         tracing::info!(release = %req.name, reason = %req.reason, "release paused (kill switch)");
         Ok(Response::new(convert::release_pb(&release)))
     }
 
     async fn resume_release(&self, req: Request<pb::ResumeReleaseRequest>) -> Result<pb::Release> {
+        let actor = actor(&req, "");
         let id = name("name", &req.into_inner().name, names::parse_release)?;
         Ok(Response::new(convert::release_pb(
-            &self.engine.transition(id, Transition::Resume).await?,
+            &self
+                .engine
+                .transition(id, Transition::Resume, &actor, "ResumeRelease", "")
+                .await?,
         )))
     }
 
@@ -233,9 +275,19 @@ impl ReleaseService for ReleaseApi {
         &self,
         req: Request<pb::RollbackReleaseRequest>,
     ) -> Result<pb::Release> {
+        let actor = actor(&req, "");
         let req = req.into_inner();
         let id = name("name", &req.name, names::parse_release)?;
-        let release = self.engine.transition(id, Transition::Rollback).await?;
+        let release = self
+            .engine
+            .transition(
+                id,
+                Transition::Rollback,
+                &actor,
+                "RollbackRelease",
+                &req.reason,
+            )
+            .await?;
         tracing::info!(release = %req.name, reason = %req.reason, "release rolled back");
         Ok(Response::new(convert::release_pb(&release)))
     }
@@ -400,6 +452,7 @@ impl ReleaseService for ReleaseApi {
         &self,
         req: Request<pb::ImportFlagdRequest>,
     ) -> Result<pb::ImportFlagdResponse> {
+        let actor = actor(&req, "");
         let req = req.into_inner();
         let mut v = Violations::default();
         v.check("environment", names::validate_environment(&req.environment));
@@ -422,7 +475,7 @@ impl ReleaseService for ReleaseApi {
             .collect();
         let (created, updated, unchanged, release) = self
             .engine
-            .import_flagd(&req.environment, parsed.flags)
+            .import_flagd(&req.environment, parsed.flags, &actor)
             .await?;
         Ok(Response::new(pb::ImportFlagdResponse {
             skipped,
@@ -445,6 +498,165 @@ impl ReleaseService for ReleaseApi {
         Ok(Response::new(pb::ExportFlagdResponse {
             document: serde_json::to_string_pretty(&doc)
                 .map_err(|e| Status::from(Error::Internal(e.to_string())))?,
+        }))
+    }
+
+    async fn submit_release(&self, req: Request<pb::SubmitReleaseRequest>) -> Result<pb::Release> {
+        let actor = actor(&req, "");
+        let id = name("name", &req.into_inner().name, names::parse_release)?;
+        Ok(Response::new(convert::release_pb(
+            &self.engine.submit(id, &actor).await?,
+        )))
+    }
+
+    async fn approve_release(
+        &self,
+        req: Request<pb::ApproveReleaseRequest>,
+    ) -> Result<pb::Release> {
+        let actor = actor(&req, "");
+        let id = name("name", &req.into_inner().name, names::parse_release)?;
+        Ok(Response::new(convert::release_pb(
+            &self.engine.approve(id, &actor).await?,
+        )))
+    }
+
+    async fn cancel_release(&self, req: Request<pb::CancelReleaseRequest>) -> Result<pb::Release> {
+        let actor = actor(&req, "");
+        let req = req.into_inner();
+        let id = name("name", &req.name, names::parse_release)?;
+        Ok(Response::new(convert::release_pb(
+            &self
+                .engine
+                .transition(id, Transition::Cancel, &actor, "CancelRelease", &req.reason)
+                .await?,
+        )))
+    }
+
+    async fn set_emergency_override(
+        &self,
+        req: Request<pb::SetEmergencyOverrideRequest>,
+    ) -> Result<pb::Release> {
+        let actor = actor(&req, "");
+        let req = req.into_inner();
+        let mut v = Violations::default();
+        let id = v
+            .check("name", names::parse_release(&req.name))
+            .unwrap_or_default();
+        if req.reason.trim().is_empty() {
+            v.push("reason", "is required for an emergency override");
+        }
+        if req.approver.trim().is_empty() {
+            v.push("approver", "is required for an emergency override");
+        }
+        v.finish()?;
+        Ok(Response::new(convert::release_pb(
+            &self
+                .engine
+                .emergency_override(id, req.reason, req.approver, &actor)
+                .await?,
+        )))
+    }
+
+    async fn check_release(
+        &self,
+        req: Request<pb::CheckReleaseRequest>,
+    ) -> Result<pb::CheckReleaseResponse> {
+        let req = req.into_inner();
+        let mut v = Violations::default();
+        let id = v
+            .check("name", names::parse_release(&req.name))
+            .unwrap_or_default();
+        v.check("environment", names::validate_environment(&req.environment));
+        v.finish()?;
+        let violations = self
+            .engine
+            .check_release(id, &req.environment, req.step as usize)
+            .await?;
+        Ok(Response::new(pb::CheckReleaseResponse {
+            allowed: violations.is_empty(),
+            violations: convert::violations_pb(&violations),
+        }))
+    }
+
+    async fn get_policy(&self, req: Request<pb::GetPolicyRequest>) -> Result<pb::Policy> {
+        let env = req.into_inner().environment;
+        name("environment", &env, |e| {
+            names::validate_environment(e).map(|()| e.to_owned())
+        })?;
+        Ok(Response::new(convert::policy_pb(
+            &self.engine.policy(&env).await,
+        )))
+    }
+
+    async fn set_policy(&self, req: Request<pb::SetPolicyRequest>) -> Result<pb::Policy> {
+        let actor = actor(&req, "");
+        let (policy, etag) = convert::policy(req.into_inner().policy.unwrap_or_default())?;
+        Ok(Response::new(convert::policy_pb(
+            &self.engine.set_policy(policy, etag, &actor).await?,
+        )))
+    }
+
+    async fn list_audit_records(
+        &self,
+        req: Request<pb::ListAuditRecordsRequest>,
+    ) -> Result<pb::ListAuditRecordsResponse> {
+        let req = req.into_inner();
+        let mut v = Violations::default();
+        let size = match req.page_size {
+            0 => 100,
+            n if (1..=1000).contains(&n) => n as usize,
+            _ => {
+                v.push("page_size", "must be between 0 and 1000");
+                100
+            }
+        };
+        let after_id = match req.page_token.as_str() {
+            "" => 0,
+            t => v
+                .check(
+                    "page_token",
+                    t.parse::<i64>()
+                        .map_err(|_| "is not a token this service returned".to_owned()),
+                )
+                .unwrap_or_default(),
+        };
+        if req.resource.len() > 512 {
+            v.push("resource", "must be at most 512 characters");
+        }
+        let start_ms = req.start_time.as_ref().map(convert::millis);
+        let end_ms = req.end_time.as_ref().map(convert::millis);
+        if let (Some(s), Some(e)) = (start_ms, end_ms) {
+            if e <= s {
+                v.push("end_time", "must be after start_time");
+            }
+        }
+        v.finish()?;
+        let mut rows = self
+            .engine
+            .store()
+            .list_audit(crate::store::AuditFilter {
+                resource_prefix: req.resource,
+                principal: req.principal,
+                start_ms,
+                end_ms,
+                after_id,
+                limit: size + 1,
+            })
+            .await?;
+        let more = rows.len() > size;
+        rows.truncate(size);
+        Ok(Response::new(pb::ListAuditRecordsResponse {
+            next_page_token: if more {
+                rows.last()
+                    .map(|(id, _)| id.to_string())
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            },
+            records: rows
+                .iter()
+                .map(|(id, a)| convert::audit_pb(*id, a))
+                .collect(),
         }))
     }
 }

@@ -16,6 +16,7 @@ use async_trait::async_trait;
 
 use crate::domain::model::{Feature, Millis, Release};
 use crate::domain::placements::Placement;
+use crate::domain::policy::Policy;
 use crate::domain::Result;
 
 /// Everything stored, loaded at start.
@@ -31,6 +32,46 @@ pub struct Loaded {
     pub cursor: u64,
     /// Events applied so far.
     pub events_applied: u64,
+    /// Environment policies by environment.
+    pub policies: BTreeMap<String, Policy>,
+}
+
+/// One audit record to append (with the change it records, in its transaction).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AuditEntry {
+    /// When.
+    pub time_ms: Millis,
+    /// Who (`x-principal` metadata; `system` for automatic actions).
+    pub principal: String,
+    /// What: the RPC name, or `auto.*` for automatic actions.
+    pub action: String,
+    /// The resource changed (`releases/3`; `releases/` is completed with a new release's id).
+    pub resource: String,
+    /// A short summary of the resource before.
+    pub before: String,
+    /// A short summary of the resource after.
+    pub after: String,
+    /// The request's idempotency key or `x-request-id`.
+    pub request_id: String,
+    /// Why: a change reference, an override reason, a withdrawal cause.
+    pub reason: String,
+}
+
+/// Which audit records to list.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    /// Resource name or prefix (empty: all).
+    pub resource_prefix: String,
+    /// Exact principal (empty: all).
+    pub principal: String,
+    /// From (inclusive).
+    pub start_ms: Option<Millis>,
+    /// To (exclusive).
+    pub end_ms: Option<Millis>,
+    /// Records with an id above this.
+    pub after_id: i64,
+    /// At most this many.
+    pub limit: usize,
 }
 
 /// A durable record of an automatic withdrawal.
@@ -53,21 +94,37 @@ pub struct Withdrawal {
 pub trait Store: Send + Sync + 'static {
     /// Loads everything (at start).
     async fn load(&self) -> Result<Loaded>;
-    /// Inserts a new feature (ALREADY_EXISTS if the key is taken).
-    async fn insert_feature(&self, feature: Feature) -> Result<()>;
+    /// Inserts a new feature (ALREADY_EXISTS if the key is taken), with its audit record.
+    async fn insert_feature(&self, feature: Feature, audit: AuditEntry) -> Result<()>;
     /// Replaces a feature if its stored revision is `expected` (ABORTED otherwise).
-    async fn update_feature(&self, feature: Feature, expected: i64) -> Result<()>;
+    async fn update_feature(
+        &self,
+        feature: Feature,
+        expected: i64,
+        audit: AuditEntry,
+    ) -> Result<()>;
     /// Inserts a release and returns its id; with a request id seen before, returns the
-    /// first release's id instead (and `false`).
+    /// first release's id instead (and `false`, appending no record).
     async fn insert_release(
         &self,
         release: Release,
         request_id: Option<String>,
+        audit: AuditEntry,
     ) -> Result<(i64, bool)>;
-    /// Replaces a release if its stored revision is `expected`.
-    async fn update_release(&self, release: Release, expected: i64) -> Result<()>;
-    /// Applies placement events, advances the cursor and records withdrawals, atomically.
-    /// Returns the new events_applied counter.
+    /// Replaces a release if its stored revision is `expected`; appends `audit` (several
+    /// records for an automatic step that is also an override, for example).
+    async fn update_release(
+        &self,
+        release: Release,
+        expected: i64,
+        audit: Vec<AuditEntry>,
+    ) -> Result<()>;
+    /// Writes an environment's policy if its stored revision is `expected` (0: none yet).
+    async fn put_policy(&self, policy: Policy, expected: i64, audit: AuditEntry) -> Result<()>;
+    /// Lists audit records by id ascending.
+    async fn list_audit(&self, filter: AuditFilter) -> Result<Vec<(i64, AuditEntry)>>;
+    /// Applies placement events, advances the cursor and records withdrawals (each also as
+    /// an `auto.withdraw` audit record), atomically. Returns the new events_applied counter.
     async fn apply_placements(
         &self,
         events: Vec<Placement>,

@@ -10,13 +10,21 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use service_kit::sqlite::error as sql;
 
-use super::{Loaded, Store, Withdrawal};
-use crate::domain::model::{Carrier, Feature, Release, ReleaseEnvironment, ReleaseState};
+use super::{AuditEntry, AuditFilter, Loaded, Store, Withdrawal};
+use crate::domain::model::{
+    Approval, Carrier, EmergencyOverride, Feature, Governance, Release, ReleaseEnvironment,
+    ReleaseState, Step,
+};
 use crate::domain::placements::{Placement, PlacementState};
+use crate::domain::policy::Policy;
 use crate::domain::rules::Rule;
+use crate::domain::PreconditionViolation;
 use crate::domain::{Error, Result};
 
-const MIGRATIONS: &[&str] = &[include_str!("migrations/sqlite/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/sqlite/0001_init.sql"),
+    include_str!("migrations/sqlite/0002_governance.sql"),
+];
 
 /// The SQLite store.
 pub struct SqliteStore {
@@ -70,6 +78,158 @@ struct CarrierBody {
 struct EnvBody {
     environment: String,
     rollout_percent: f64,
+    #[serde(default)]
+    steps: Vec<(f64, i64)>,
+    #[serde(default)]
+    step: Option<usize>,
+    #[serde(default)]
+    step_since_ms: i64,
+    #[serde(default)]
+    started_ms: Option<i64>,
+    #[serde(default)]
+    full_since_ms: Option<i64>,
+}
+
+impl EnvBody {
+    fn from(e: &ReleaseEnvironment) -> Self {
+        Self {
+            environment: e.environment.clone(),
+            rollout_percent: e.rollout_percent,
+            steps: e
+                .steps
+                .iter()
+                .map(|s| (s.percent, s.min_duration_ms))
+                .collect(),
+            step: e.step,
+            step_since_ms: e.step_since_ms,
+            started_ms: e.started_ms,
+            full_since_ms: e.full_since_ms,
+        }
+    }
+
+    fn into_model(self) -> ReleaseEnvironment {
+        ReleaseEnvironment {
+            environment: self.environment,
+            rollout_percent: self.rollout_percent,
+            steps: self
+                .steps
+                .into_iter()
+                .map(|(percent, min_duration_ms)| Step {
+                    percent,
+                    min_duration_ms,
+                })
+                .collect(),
+            step: self.step,
+            step_since_ms: self.step_since_ms,
+            started_ms: self.started_ms,
+            full_since_ms: self.full_since_ms,
+        }
+    }
+}
+
+/// The stored form of [`Governance`].
+#[derive(Serialize, Deserialize, Default)]
+struct GovernanceBody {
+    #[serde(default)]
+    requester: String,
+    #[serde(default)]
+    change_reference: String,
+    #[serde(default)]
+    planned_start_ms: i64,
+    #[serde(default)]
+    approvals: Vec<(String, i64)>,
+    #[serde(default)]
+    emergency: Option<(String, String)>,
+    #[serde(default)]
+    waiting: Vec<(String, String, String)>,
+}
+
+fn governance_body(g: &Governance) -> Result<String> {
+    serde_json::to_string(&GovernanceBody {
+        requester: g.requester.clone(),
+        change_reference: g.change_reference.clone(),
+        planned_start_ms: g.planned_start_ms,
+        approvals: g
+            .approvals
+            .iter()
+            .map(|a| (a.principal.clone(), a.time_ms))
+            .collect(),
+        emergency: g
+            .emergency
+            .as_ref()
+            .map(|e| (e.reason.clone(), e.approver.clone())),
+        waiting: g
+            .waiting
+            .iter()
+            .map(|v| (v.kind.clone(), v.subject.clone(), v.description.clone()))
+            .collect(),
+    })
+    .map_err(internal)
+}
+
+fn governance_from(text: &str) -> Result<Governance> {
+    let b: GovernanceBody = serde_json::from_str(text).map_err(internal)?;
+    Ok(Governance {
+        requester: b.requester,
+        change_reference: b.change_reference,
+        planned_start_ms: b.planned_start_ms,
+        approvals: b
+            .approvals
+            .into_iter()
+            .map(|(principal, time_ms)| Approval { principal, time_ms })
+            .collect(),
+        emergency: b
+            .emergency
+            .map(|(reason, approver)| EmergencyOverride { reason, approver }),
+        waiting: b
+            .waiting
+            .into_iter()
+            .map(|(k, s, d)| PreconditionViolation::new(k, s, d))
+            .collect(),
+    })
+}
+
+/// The stored form of a [`Policy`]'s rules.
+#[derive(Serialize, Deserialize)]
+struct PolicyBody {
+    max_releases_per_day: u32,
+    max_releases_per_week: u32,
+    min_soak_ms: i64,
+    required_approvals: u32,
+    approvers: Vec<String>,
+    require_change_reference: bool,
+    #[serde(default)]
+    require_deployment_coverage: bool,
+}
+
+fn insert_audit(conn: &Connection, a: &AuditEntry) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO audit_records (time_ms, principal, action, resource, before, after, request_id, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )
+    .map_err(sql)?
+    .execute(params![a.time_ms, a.principal, a.action, a.resource, a.before, a.after, a.request_id, a.reason])
+    .map_err(sql)?;
+    Ok(())
+}
+
+/// The `auto.withdraw` audit records of withdrawals.
+fn withdrawal_audit(conn: &Connection, withdrawals: &[Withdrawal]) -> Result<()> {
+    for w in withdrawals {
+        insert_audit(
+            conn,
+            &AuditEntry {
+                time_ms: w.time_ms,
+                principal: "system".into(),
+                action: "auto.withdraw".into(),
+                resource: format!("features/{}", w.feature),
+                before: format!("visible in {}", w.environment),
+                after: format!("withdrawn from {}", w.environment),
+                request_id: String::new(),
+                reason: format!("{} (placement sequence {})", w.reason, w.sequence),
+            },
+        )?;
+    }
+    Ok(())
 }
 
 fn feature_body(f: &Feature) -> Result<String> {
@@ -137,17 +297,14 @@ fn feature_from(
     })
 }
 
-fn release_columns(r: &Release) -> Result<(String, String)> {
+fn release_columns(r: &Release) -> Result<(String, String, String)> {
     let features = serde_json::to_string(&r.features).map_err(internal)?;
-    let envs: Vec<EnvBody> = r
-        .environments
-        .iter()
-        .map(|e| EnvBody {
-            environment: e.environment.clone(),
-            rollout_percent: e.rollout_percent,
-        })
-        .collect();
-    Ok((features, serde_json::to_string(&envs).map_err(internal)?))
+    let envs: Vec<EnvBody> = r.environments.iter().map(EnvBody::from).collect();
+    Ok((
+        features,
+        serde_json::to_string(&envs).map_err(internal)?,
+        governance_body(&r.governance)?,
+    ))
 }
 
 fn insert_placement(conn: &Connection, p: &Placement) -> Result<()> {
@@ -250,7 +407,7 @@ impl Store for SqliteStore {
                 loaded.features.insert(key, Arc::new(f));
             }
             let mut stmt = conn
-                .prepare("SELECT id, description, features, environments, state, revision, create_ms, update_ms FROM releases")
+                .prepare("SELECT id, description, features, environments, state, revision, create_ms, update_ms, governance FROM releases")
                 .map_err(sql)?;
             let rows = stmt
                 .query_map([], |r| {
@@ -263,11 +420,12 @@ impl Store for SqliteStore {
                         r.get::<_, i64>(5)?,
                         r.get::<_, i64>(6)?,
                         r.get::<_, i64>(7)?,
+                        r.get::<_, String>(8)?,
                     ))
                 })
                 .map_err(sql)?;
             for row in rows {
-                let (id, description, features, envs, state, revision, create_ms, update_ms) = row.map_err(sql)?;
+                let (id, description, features, envs, state, revision, create_ms, update_ms, governance) = row.map_err(sql)?;
                 let envs: Vec<EnvBody> = serde_json::from_str(&envs).map_err(internal)?;
                 loaded.releases.insert(
                     id,
@@ -275,14 +433,9 @@ impl Store for SqliteStore {
                         id,
                         description,
                         features: serde_json::from_str(&features).map_err(internal)?,
-                        environments: envs
-                            .into_iter()
-                            .map(|e| ReleaseEnvironment {
-                                environment: e.environment,
-                                rollout_percent: e.rollout_percent,
-                            })
-                            .collect(),
+                        environments: envs.into_iter().map(EnvBody::into_model).collect(),
                         state: ReleaseState::from_code(state).ok_or_else(|| internal("bad release state"))?,
+                        governance: governance_from(&governance)?,
                         revision,
                         create_ms,
                         update_ms,
@@ -311,12 +464,37 @@ impl Store for SqliteStore {
                 .map_err(sql)?;
             loaded.cursor = to_u64(cursor);
             loaded.events_applied = to_u64(applied);
+            let mut stmt = conn
+                .prepare("SELECT environment, body, revision, update_ms FROM policies")
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get(3)?)))
+                .map_err(sql)?;
+            for row in rows {
+                let (environment, body, revision, update_ms): (String, String, i64, i64) = row.map_err(sql)?;
+                let b: PolicyBody = serde_json::from_str(&body).map_err(internal)?;
+                loaded.policies.insert(
+                    environment.clone(),
+                    Policy {
+                        environment,
+                        max_releases_per_day: b.max_releases_per_day,
+                        max_releases_per_week: b.max_releases_per_week,
+                        min_soak_ms: b.min_soak_ms,
+                        required_approvals: b.required_approvals,
+                        approvers: b.approvers,
+                        require_change_reference: b.require_change_reference,
+                        require_deployment_coverage: b.require_deployment_coverage,
+                        revision,
+                        update_ms,
+                    },
+                );
+            }
             Ok(loaded)
         })
         .await
     }
 
-    async fn insert_feature(&self, feature: Feature) -> Result<()> {
+    async fn insert_feature(&self, feature: Feature, audit: AuditEntry) -> Result<()> {
         self.transaction(move |conn| {
             let exists: Option<i64> = conn
                 .query_row("SELECT 1 FROM features WHERE key = ?1", [&feature.key], |r| r.get(0))
@@ -333,12 +511,17 @@ impl Store for SqliteStore {
                 params![feature.key, feature_body(&feature)?, feature.revision, feature.create_ms, feature.update_ms],
             )
             .map_err(sql)?;
-            Ok(())
+            insert_audit(conn, &audit)
         })
         .await
     }
 
-    async fn update_feature(&self, feature: Feature, expected: i64) -> Result<()> {
+    async fn update_feature(
+        &self,
+        feature: Feature,
+        expected: i64,
+        audit: AuditEntry,
+    ) -> Result<()> {
         self.transaction(move |conn| {
             let n = conn
                 .execute(
@@ -352,7 +535,7 @@ impl Store for SqliteStore {
                     feature.key
                 )));
             }
-            Ok(())
+            insert_audit(conn, &audit)
         })
         .await
     }
@@ -361,9 +544,10 @@ impl Store for SqliteStore {
         &self,
         release: Release,
         request_id: Option<String>,
+        mut audit: AuditEntry,
     ) -> Result<(i64, bool)> {
         self.transaction(move |conn| {
-            let (features, envs) = release_columns(&release)?;
+            let (features, envs, governance) = release_columns(&release)?;
             let fingerprint = format!("{}|{features}|{envs}", release.description);
             if let Some(request_id) = &request_id {
                 let seen: Option<(String, String)> = conn
@@ -386,11 +570,15 @@ impl Store for SqliteStore {
                 }
             }
             conn.execute(
-                "INSERT INTO releases (description, features, environments, state, revision, create_ms, update_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![release.description, features, envs, release.state.code(), release.revision, release.create_ms, release.update_ms],
+                "INSERT INTO releases (description, features, environments, state, revision, create_ms, update_ms, governance) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![release.description, features, envs, release.state.code(), release.revision, release.create_ms, release.update_ms, governance],
             )
             .map_err(sql)?;
             let id = conn.last_insert_rowid();
+            if audit.resource.ends_with('/') {
+                audit.resource.push_str(&id.to_string());
+            }
+            insert_audit(conn, &audit)?;
             if let Some(request_id) = &request_id {
                 conn.execute(
                     "INSERT INTO request_ids (request_id, fingerprint, resource) VALUES (?1, ?2, ?3)",
@@ -403,13 +591,18 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn update_release(&self, release: Release, expected: i64) -> Result<()> {
+    async fn update_release(
+        &self,
+        release: Release,
+        expected: i64,
+        audit: Vec<AuditEntry>,
+    ) -> Result<()> {
         self.transaction(move |conn| {
-            let (features, envs) = release_columns(&release)?;
+            let (features, envs, governance) = release_columns(&release)?;
             let n = conn
                 .execute(
-                    "UPDATE releases SET description = ?1, features = ?2, environments = ?3, state = ?4, revision = ?5, update_ms = ?6 WHERE id = ?7 AND revision = ?8",
-                    params![release.description, features, envs, release.state.code(), release.revision, release.update_ms, release.id, expected],
+                    "UPDATE releases SET description = ?1, features = ?2, environments = ?3, state = ?4, revision = ?5, update_ms = ?6, governance = ?9 WHERE id = ?7 AND revision = ?8",
+                    params![release.description, features, envs, release.state.code(), release.revision, release.update_ms, release.id, expected, governance],
                 )
                 .map_err(sql)?;
             if n == 0 {
@@ -417,6 +610,9 @@ impl Store for SqliteStore {
                     "releases/{} changed concurrently; read it again and retry",
                     release.id
                 )));
+            }
+            for a in &audit {
+                insert_audit(conn, a)?;
             }
             Ok(())
         })
@@ -439,6 +635,7 @@ impl Store for SqliteStore {
                 insert_placement(conn, e)?;
             }
             insert_withdrawals(conn, &withdrawals)?;
+            withdrawal_audit(conn, &withdrawals)?;
             conn.execute(
                 "UPDATE consumer SET cursor = max(cursor, ?1), events_applied = events_applied + ?2 WHERE id = 1",
                 params![to_i64(cursor), i64::try_from(fresh.len()).unwrap_or(i64::MAX)],
@@ -464,12 +661,90 @@ impl Store for SqliteStore {
                 insert_placement(conn, p)?;
             }
             insert_withdrawals(conn, &withdrawals)?;
+            withdrawal_audit(conn, &withdrawals)?;
             conn.execute(
                 "UPDATE consumer SET cursor = ?1 WHERE id = 1",
                 [to_i64(cursor)],
             )
             .map_err(sql)?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn put_policy(&self, policy: Policy, expected: i64, audit: AuditEntry) -> Result<()> {
+        self.transaction(move |conn| {
+            let body = serde_json::to_string(&PolicyBody {
+                max_releases_per_day: policy.max_releases_per_day,
+                max_releases_per_week: policy.max_releases_per_week,
+                min_soak_ms: policy.min_soak_ms,
+                required_approvals: policy.required_approvals,
+                approvers: policy.approvers.clone(),
+                require_change_reference: policy.require_change_reference,
+                require_deployment_coverage: policy.require_deployment_coverage,
+            })
+            .map_err(internal)?;
+            let n = if expected == 0 {
+                conn.execute(
+                    "INSERT INTO policies (environment, body, revision, update_ms) VALUES (?1, ?2, ?3, ?4) ON CONFLICT (environment) DO NOTHING",
+                    params![policy.environment, body, policy.revision, policy.update_ms],
+                )
+            } else {
+                conn.execute(
+                    "UPDATE policies SET body = ?2, revision = ?3, update_ms = ?4 WHERE environment = ?1 AND revision = ?5",
+                    params![policy.environment, body, policy.revision, policy.update_ms, expected],
+                )
+            }
+            .map_err(sql)?;
+            if n == 0 {
+                return Err(Error::Aborted(format!(
+                    "policies/{} changed concurrently; read it again and retry with its etag",
+                    policy.environment
+                )));
+            }
+            insert_audit(conn, &audit)
+        })
+        .await
+    }
+
+    async fn list_audit(&self, filter: AuditFilter) -> Result<Vec<(i64, AuditEntry)>> {
+        self.run(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id, time_ms, principal, action, resource, before, after, request_id, reason FROM audit_records
+                     WHERE id > ?1 AND substr(resource, 1, length(?2)) = ?2 AND (?3 = '' OR principal = ?3)
+                       AND time_ms >= ?4 AND time_ms < ?5
+                     ORDER BY id LIMIT ?6",
+                )
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map(
+                    params![
+                        filter.after_id,
+                        filter.resource_prefix,
+                        filter.principal,
+                        filter.start_ms.unwrap_or(i64::MIN),
+                        filter.end_ms.unwrap_or(i64::MAX),
+                        i64::try_from(filter.limit).unwrap_or(i64::MAX)
+                    ],
+                    |r| {
+                        Ok((
+                            r.get(0)?,
+                            AuditEntry {
+                                time_ms: r.get(1)?,
+                                principal: r.get(2)?,
+                                action: r.get(3)?,
+                                resource: r.get(4)?,
+                                before: r.get(5)?,
+                                after: r.get(6)?,
+                                request_id: r.get(7)?,
+                                reason: r.get(8)?,
+                            },
+                        ))
+                    },
+                )
+                .map_err(sql)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(sql)
         })
         .await
     }

@@ -106,6 +106,39 @@ impl ReleaseService for Noop {
     ) -> R<pb::ListWithdrawalsResponse> {
         no()
     }
+    async fn submit_release(&self, _: Request<pb::SubmitReleaseRequest>) -> R<pb::Release> {
+        no()
+    }
+    async fn approve_release(&self, _: Request<pb::ApproveReleaseRequest>) -> R<pb::Release> {
+        no()
+    }
+    async fn cancel_release(&self, _: Request<pb::CancelReleaseRequest>) -> R<pb::Release> {
+        no()
+    }
+    async fn set_emergency_override(
+        &self,
+        _: Request<pb::SetEmergencyOverrideRequest>,
+    ) -> R<pb::Release> {
+        no()
+    }
+    async fn check_release(
+        &self,
+        _: Request<pb::CheckReleaseRequest>,
+    ) -> R<pb::CheckReleaseResponse> {
+        no()
+    }
+    async fn get_policy(&self, _: Request<pb::GetPolicyRequest>) -> R<pb::Policy> {
+        no()
+    }
+    async fn set_policy(&self, _: Request<pb::SetPolicyRequest>) -> R<pb::Policy> {
+        no()
+    }
+    async fn list_audit_records(
+        &self,
+        _: Request<pb::ListAuditRecordsRequest>,
+    ) -> R<pb::ListAuditRecordsResponse> {
+        no()
+    }
 }
 
 #[tokio::main]

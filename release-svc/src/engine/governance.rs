@@ -1,0 +1,602 @@
+//! Release planning and governance on the engine: environment policies, the policy check
+//! (dry run and real transitions alike), approvals, emergency overrides, and the scheduler
+//! step that advances planned releases on their own.
+//!
+//! The change calendar (freeze windows) and the `protected` flag are deploy-svc's, on its
+//! environments: one calendar for both practices. The engine reads them through
+//! [`Calendar`] before taking its lock; when deploy-svc cannot be asked, the check fails
+//! closed with a `CALENDAR_UNAVAILABLE` violation.
+
+use std::collections::BTreeSet;
+
+use async_trait::async_trait;
+use calendar::FreezeWindow;
+
+use super::{release_summary, Actor, Engine, State};
+use crate::domain::evaluate::Scope;
+use crate::domain::model::{
+    Approval, EmergencyOverride, Millis, Release, ReleaseState, Transition,
+};
+use crate::domain::policy::{self, Facts, Policy};
+use crate::domain::{Error, PreconditionViolation, Result};
+use crate::store::AuditEntry;
+
+/// deploy-svc's side of an environment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EnvironmentFacts {
+    /// Changes there need a change reference.
+    pub protected: bool,
+    /// The change calendar's freeze windows.
+    pub freeze_windows: Vec<FreezeWindow>,
+}
+
+/// Where freeze windows and protection come from (deploy-svc in production).
+#[async_trait]
+pub trait Calendar: Send + Sync + 'static {
+    /// The environment's calendar facts, or why they cannot be read.
+    async fn environment(&self, environment: &str)
+        -> std::result::Result<EnvironmentFacts, String>;
+}
+
+/// What a check knows about one environment from the calendar.
+type CalendarRead = std::result::Result<EnvironmentFacts, String>;
+
+impl Engine {
+    /// The stored policy of `environment` (an empty one, revision 0, if none was set).
+    pub async fn policy(&self, environment: &str) -> Policy {
+        let state = self.state.lock().await;
+        state
+            .policies
+            .get(environment)
+            .cloned()
+            .unwrap_or_else(|| Policy {
+                environment: environment.to_owned(),
+                ..Policy::default()
+            })
+    }
+
+    /// Writes an environment's policy; `etag`, if given, must be the stored revision
+    /// (ABORTED otherwise).
+    pub async fn set_policy(
+        &self,
+        mut policy: Policy,
+        etag: Option<i64>,
+        actor: &Actor,
+    ) -> Result<Policy> {
+        let mut state = self.state.lock().await;
+        let current = state.policies.get(&policy.environment).cloned();
+        let stored = current.as_ref().map_or(0, |p| p.revision);
+        if etag.is_some_and(|e| e != stored) {
+            return Err(Error::Aborted(format!(
+                "policies/{} is at etag {stored}; read it again and retry",
+                policy.environment
+            )));
+        }
+        let now = self.clock.now_ms();
+        policy.revision = stored + 1;
+        policy.update_ms = now;
+        let mut audit = actor.audit(now, "SetPolicy", format!("policies/{}", policy.environment));
+        audit.before = current.as_ref().map(policy_summary).unwrap_or_default();
+        audit.after = policy_summary(&policy);
+        self.store.put_policy(policy.clone(), stored, audit).await?;
+        state
+            .policies
+            .insert(policy.environment.clone(), policy.clone());
+        Ok(policy)
+    }
+
+    /// Reads the calendar of every environment of release `id` (outside the state lock).
+    async fn calendars(&self, id: i64) -> Result<Vec<(String, CalendarRead)>> {
+        let envs: Vec<String> = {
+            let state = self.state.lock().await;
+            state
+                .releases
+                .get(&id)
+                .ok_or_else(|| Error::NotFound(format!("releases/{id}")))?
+                .environments
+                .iter()
+                .map(|e| e.environment.clone())
+                .collect()
+        };
+        let mut out = Vec::new();
+        for env in envs {
+            let read = self.calendar.environment(&env).await;
+            out.push((env, read));
+        }
+        Ok(out)
+    }
+
+    /// Every policy `next` violates in environment `index`, `current` being the release
+    /// before the change.
+    fn violations(
+        &self,
+        state: &State,
+        current: &Release,
+        next: &Release,
+        index: usize,
+        calendar: Option<&CalendarRead>,
+        now: Millis,
+    ) -> Vec<PreconditionViolation> {
+        let Some(env) = next.environments.get(index) else {
+            return Vec::new();
+        };
+        let name = env.environment.as_str();
+        let mut out = Vec::new();
+        let facts_env = match calendar {
+            Some(Ok(f)) => f.clone(),
+            Some(Err(why)) => {
+                out.push(PreconditionViolation::new(
+                    "CALENDAR_UNAVAILABLE",
+                    format!("environments/{name}"),
+                    format!("deploy-svc's change calendar cannot be read ({why}); retry when it is reachable"),
+                ));
+                EnvironmentFacts::default()
+            }
+            None => EnvironmentFacts::default(),
+        };
+        let policy = state.policies.get(name).cloned().unwrap_or_else(|| Policy {
+            environment: name.to_owned(),
+            ..Policy::default()
+        });
+        let starts_ms = state
+            .releases
+            .values()
+            .filter(|r| r.id != next.id)
+            .filter_map(|r| {
+                r.environments
+                    .iter()
+                    .find(|e| e.environment == name)
+                    .and_then(|e| e.started_ms)
+            })
+            .collect();
+        let view = state.placements.coverage_view();
+        let undeployed = next
+            .features
+            .iter()
+            .filter_map(|k| state.features.get(k))
+            .filter_map(|f| {
+                view.gate(name, &f.carriers)
+                    .err()
+                    .map(|why| (f.key.clone(), why))
+            })
+            .collect();
+        let previous = index.checked_sub(1).and_then(|i| {
+            next.environments
+                .get(i)
+                .map(|p| (p.environment.as_str(), p.full_since_ms))
+        });
+        let approvals: BTreeSet<&str> = next
+            .governance
+            .approvals
+            .iter()
+            .map(|a| a.principal.as_str())
+            .collect();
+        let facts = Facts {
+            now_ms: now,
+            freeze_windows: &facts_env.freeze_windows,
+            protected: facts_env.protected,
+            starting: current
+                .environments
+                .get(index)
+                .is_none_or(|e| e.started_ms.is_none()),
+            starts_ms,
+            previous,
+            approvals: approvals.into_iter().collect(),
+            change_reference: &next.governance.change_reference,
+            emergency: next.governance.emergency.is_some(),
+            undeployed,
+        };
+        out.extend(policy::check(&policy, &facts));
+        out
+    }
+
+    /// Applies a release transition by `actor`. A change that makes a release more visible
+    /// in an environment (a higher rollout, a plan step) must satisfy that environment's
+    /// policies: otherwise FAILED_PRECONDITION listing every violation, as CheckRelease
+    /// reports them. `reason` is recorded (the kill switch's why, for example).
+    pub async fn transition(
+        &self,
+        id: i64,
+        t: Transition,
+        actor: &Actor,
+        action: &str,
+        reason: &str,
+    ) -> Result<Release> {
+        let calendars = self.calendars(id).await?;
+        let mut state = self.state.lock().await;
+        let current = state
+            .releases
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("releases/{id}")))?;
+        let now = self.clock.now_ms();
+        let mut next = current.clone();
+        next.apply(&t)
+            .map_err(|why| Error::precondition("RELEASE_STATE", format!("releases/{id}"), why))?;
+        let mut violations = Vec::new();
+        let mut frozen = false;
+        if matches!(t, Transition::SetRollout { .. } | Transition::Step { .. }) {
+            for (i, (e, before)) in next
+                .environments
+                .iter()
+                .zip(&current.environments)
+                .enumerate()
+            {
+                if e.rollout_percent > before.rollout_percent {
+                    let cal = calendars
+                        .iter()
+                        .find(|(n, _)| *n == e.environment)
+                        .map(|c| &c.1);
+                    frozen |= cal.is_some_and(|c| {
+                        c.as_ref()
+                            .is_ok_and(|f| !calendar::active(&f.freeze_windows, now).is_empty())
+                    });
+                    violations.extend(self.violations(&state, &current, &next, i, cal, now));
+                }
+            }
+        }
+        if !violations.is_empty() {
+            return Err(Error::FailedPrecondition(violations));
+        }
+        next.stamp(&current, now);
+        next.governance.waiting.clear();
+        let mut audit = actor.audit(now, action, format!("releases/{id}"));
+        audit.before = release_summary(&current);
+        audit.after = release_summary(&next);
+        audit.reason = reason.to_owned();
+        let mut records = vec![audit];
+        if frozen {
+            records.push(override_record(actor, now, id, &next));
+        }
+        self.commit(&mut state, &current, next, records).await
+    }
+
+    /// Writes `next` (replacing `current`) with its audit records and announces it.
+    async fn commit(
+        &self,
+        state: &mut State,
+        current: &Release,
+        mut next: Release,
+        audit: Vec<AuditEntry>,
+    ) -> Result<Release> {
+        next.revision = current.revision + 1;
+        next.update_ms = self.clock.now_ms();
+        self.store
+            .update_release(next.clone(), current.revision, audit)
+            .await?;
+        state.releases.insert(next.id, next.clone());
+        let scope = Scope::Keys(next.features.iter().cloned().collect());
+        self.publish(
+            state,
+            scope,
+            format!("release releases/{} {:?}", next.id, next.state),
+        );
+        Ok(next)
+    }
+
+    /// The dry run: every violation taking step `step` of the plan in `environment` would
+    /// meet now (with no plan, `step` is ignored and a rollout increase is assumed).
+    pub async fn check_release(
+        &self,
+        id: i64,
+        environment: &str,
+        step: usize,
+    ) -> Result<Vec<PreconditionViolation>> {
+        let calendars = self.calendars(id).await?;
+        let state = self.state.lock().await;
+        let current = state
+            .releases
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("releases/{id}")))?;
+        let index = current
+            .environments
+            .iter()
+            .position(|e| e.environment == environment)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "environment",
+                    format!("{environment:?} is not an environment of releases/{id}"),
+                )
+            })?;
+        let now = self.clock.now_ms();
+        let mut next = current.clone();
+        let t = if current.planned() {
+            Transition::Step {
+                environment: index,
+                step,
+                now_ms: now,
+            }
+        } else {
+            Transition::SetRollout {
+                environment: environment.to_owned(),
+                percent: 100.0,
+            }
+        };
+        let mut out = Vec::new();
+        if let Err(why) = next.apply(&t) {
+            // As an APPROVED release would: the policies are still worth listing.
+            out.push(PreconditionViolation::new(
+                "RELEASE_STATE",
+                format!("releases/{id}"),
+                why,
+            ));
+        }
+        let cal = calendars
+            .iter()
+            .find(|(n, _)| n == environment)
+            .map(|c| &c.1);
+        out.extend(self.violations(&state, &current, &next, index, cal, now));
+        Ok(out)
+    }
+
+    /// Records `actor`'s approval of release `id`. The requester cannot approve their own
+    /// release, and only a principal holding the approver role of one of the release's
+    /// environments can approve. A PLANNED release whose approvals satisfy every
+    /// environment's policy becomes APPROVED.
+    pub async fn approve(&self, id: i64, actor: &Actor) -> Result<Release> {
+        let mut state = self.state.lock().await;
+        let current = state
+            .releases
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("releases/{id}")))?;
+        let subject = format!("releases/{id}");
+        if !matches!(
+            current.state,
+            ReleaseState::Planned | ReleaseState::Approved | ReleaseState::Releasing
+        ) {
+            return Err(Error::precondition(
+                "RELEASE_STATE",
+                subject,
+                format!(
+                    "only a PLANNED, APPROVED or RELEASING release takes approvals; it is {:?}",
+                    current.state
+                ),
+            ));
+        }
+        if actor.principal == current.governance.requester {
+            return Err(Error::precondition(
+                "SEPARATION_OF_DUTIES",
+                subject,
+                format!(
+                    "{} requested this release and cannot approve it",
+                    actor.principal
+                ),
+            ));
+        }
+        let holds_role = current.environments.iter().any(|e| {
+            state
+                .policies
+                .get(&e.environment)
+                .is_some_and(|p| p.approvers.contains(&actor.principal))
+        });
+        if !holds_role {
+            return Err(Error::precondition(
+                "APPROVER_ROLE",
+                subject,
+                format!(
+                    "{} holds the approver role of none of the release's environments",
+                    actor.principal
+                ),
+            ));
+        }
+        if current
+            .governance
+            .approvals
+            .iter()
+            .any(|a| a.principal == actor.principal)
+        {
+            return Ok(current);
+        }
+        let now = self.clock.now_ms();
+        let mut next = current.clone();
+        next.governance.approvals.push(Approval {
+            principal: actor.principal.clone(),
+            time_ms: now,
+        });
+        promote_if_approved(&state, &mut next);
+        let mut audit = actor.audit(now, "ApproveRelease", subject);
+        audit.before = release_summary(&current);
+        audit.after = release_summary(&next);
+        self.commit(&mut state, &current, next, vec![audit]).await
+    }
+
+    /// DRAFT -> PLANNED (-> APPROVED at once when no policy asks for approvals).
+    pub async fn submit(&self, id: i64, actor: &Actor) -> Result<Release> {
+        let mut state = self.state.lock().await;
+        let current = state
+            .releases
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("releases/{id}")))?;
+        let mut next = current.clone();
+        next.apply(&Transition::Submit)
+            .map_err(|why| Error::precondition("RELEASE_STATE", format!("releases/{id}"), why))?;
+        promote_if_approved(&state, &mut next);
+        let mut audit = actor.audit(
+            self.clock.now_ms(),
+            "SubmitRelease",
+            format!("releases/{id}"),
+        );
+        audit.before = release_summary(&current);
+        audit.after = release_summary(&next);
+        self.commit(&mut state, &current, next, vec![audit]).await
+    }
+
+    /// Records an emergency override on release `id`: it may then pass freeze windows. The
+    /// approver must differ from the requester.
+    pub async fn emergency_override(
+        &self,
+        id: i64,
+        reason: String,
+        approver: String,
+        actor: &Actor,
+    ) -> Result<Release> {
+        let mut state = self.state.lock().await;
+        let current = state
+            .releases
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("releases/{id}")))?;
+        if approver == current.governance.requester || approver == actor.principal {
+            return Err(Error::precondition(
+                "SEPARATION_OF_DUTIES",
+                format!("releases/{id}"),
+                "the override's approver must be someone other than the requester and the caller",
+            ));
+        }
+        let mut next = current.clone();
+        next.governance.emergency = Some(EmergencyOverride {
+            reason: reason.clone(),
+            approver: approver.clone(),
+        });
+        let mut audit = actor.audit(
+            self.clock.now_ms(),
+            "EmergencyOverride",
+            format!("releases/{id}"),
+        );
+        audit.after = format!("emergency override approved by {approver}");
+        audit.reason = reason;
+        self.commit(&mut state, &current, next, vec![audit]).await
+    }
+
+    /// One scheduler pass: every APPROVED or RELEASING plan whose start time has come and
+    /// whose current step has lasted its minimum takes its next step if the policies allow,
+    /// and otherwise records why it waits. Returns the releases that advanced.
+    pub async fn tick(&self) -> Result<Vec<i64>> {
+        let now = self.clock.now_ms();
+        let due: Vec<i64> = {
+            let state = self.state.lock().await;
+            state
+                .releases
+                .values()
+                .filter(|r| {
+                    matches!(r.state, ReleaseState::Approved | ReleaseState::Releasing)
+                        && r.planned()
+                        && now >= r.governance.planned_start_ms
+                        && r.step_elapsed(now)
+                        && r.next_step().is_some()
+                })
+                .map(|r| r.id)
+                .collect()
+        };
+        let mut advanced = Vec::new();
+        for id in due {
+            if self.advance(id, now).await? {
+                advanced.push(id);
+            }
+        }
+        Ok(advanced)
+    }
+
+    /// Takes the next step of release `id` if the policies allow; else records why not.
+    async fn advance(&self, id: i64, now: Millis) -> Result<bool> {
+        let calendars = self.calendars(id).await?;
+        let mut state = self.state.lock().await;
+        let Some(current) = state.releases.get(&id).cloned() else {
+            return Ok(false);
+        };
+        let Some((index, step)) = current.next_step() else {
+            return Ok(false);
+        };
+        if !matches!(
+            current.state,
+            ReleaseState::Approved | ReleaseState::Releasing
+        ) {
+            return Ok(false);
+        }
+        let mut next = current.clone();
+        next.apply(&Transition::Step {
+            environment: index,
+            step,
+            now_ms: now,
+        })
+        .map_err(Error::Internal)?;
+        let env = next.environments[index].environment.clone();
+        let cal = calendars.iter().find(|(n, _)| *n == env).map(|c| &c.1);
+        let violations = self.violations(&state, &current, &next, index, cal, now);
+        let system = Actor::system();
+        if !violations.is_empty() {
+            if current.governance.waiting == violations {
+                return Ok(false);
+            }
+            let mut waiting = current.clone();
+            waiting.governance.waiting = violations.clone();
+            let mut audit = system.audit(now, "auto.wait", format!("releases/{id}"));
+            audit.after = format!("waiting before step {} in {env}", step + 1);
+            audit.reason = violations
+                .iter()
+                .map(|v| v.kind.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            self.commit(&mut state, &current, waiting, vec![audit])
+                .await?;
+            return Ok(false);
+        }
+        let frozen = cal.is_some_and(|c| {
+            c.as_ref()
+                .is_ok_and(|f| !calendar::active(&f.freeze_windows, now).is_empty())
+        });
+        next.stamp(&current, now);
+        next.governance.waiting.clear();
+        let mut audit = system.audit(now, "auto.advance", format!("releases/{id}"));
+        audit.before = release_summary(&current);
+        audit.after = release_summary(&next);
+        audit.reason = format!("step {} of {env}", step + 1);
+        let mut records = vec![audit];
+        if frozen {
+            records.push(override_record(&system, now, id, &next));
+        }
+        self.commit(&mut state, &current, next, records).await?;
+        Ok(true)
+    }
+}
+
+/// A PLANNED release becomes APPROVED when its approvals satisfy every environment.
+fn promote_if_approved(state: &State, release: &mut Release) {
+    if release.state != ReleaseState::Planned {
+        return;
+    }
+    let approved = release.environments.iter().all(|e| {
+        state.policies.get(&e.environment).is_none_or(|p| {
+            let valid = release
+                .governance
+                .approvals
+                .iter()
+                .filter(|a| p.approvers.contains(&a.principal))
+                .count();
+            valid >= p.required_approvals as usize
+        })
+    });
+    if approved {
+        let _ = release.apply(&Transition::Approve);
+    }
+}
+
+/// The record of a change that passed a freeze window on an emergency override.
+fn override_record(actor: &Actor, now: Millis, id: i64, release: &Release) -> AuditEntry {
+    let mut audit = actor.audit(now, "freeze.override", format!("releases/{id}"));
+    if let Some(e) = &release.governance.emergency {
+        audit.after = format!("passed a freeze window, approved by {}", e.approver);
+        audit.reason = format!("EMERGENCY OVERRIDE: {}", e.reason);
+    }
+    audit
+}
+
+/// A one-line summary of a policy for the audit trail.
+pub fn policy_summary(p: &Policy) -> String {
+    format!(
+        "per day {}, per week {}, soak {} ms, approvals {} of {:?}, change reference {}",
+        p.max_releases_per_day,
+        p.max_releases_per_week,
+        p.min_soak_ms,
+        p.required_approvals,
+        p.approvers,
+        if p.require_change_reference {
+            "required"
+        } else {
+            "optional"
+        }
+    )
+}
