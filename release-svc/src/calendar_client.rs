@@ -1,28 +1,26 @@
 //! The change calendar as deploy-svc keeps it: freeze windows and the `protected` flag of
 //! its environments, read with `GetEnvironment` (release-svc already depends on deploy-svc;
-//! deploy-svc never calls release-svc). Answers are cached briefly so a scheduler pass over
-//! many releases asks once per environment.
+//! deploy-svc never calls release-svc). Every check reads it afresh (checks are rare: a
+//! transition, or a due plan step), so a window set in deploy-svc applies at once; the
+//! channel to deploy-svc is reused.
 
-use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use calendar::{FreezeWindow, Schedule, WeekTime};
 use proto::deploy::v1 as dpb;
 use proto::deploy::v1::deploy_service_client::DeployServiceClient;
-use tokio::sync::Mutex;
+use tokio::sync::OnceCell;
+use tonic::transport::Channel;
 
 use crate::engine::{Calendar, EnvironmentFacts};
 use crate::grpc::convert::millis;
-
-/// How long an environment's calendar is reused.
-const FRESH: Duration = Duration::from_secs(2);
 
 /// deploy-svc's change calendar.
 #[derive(Debug)]
 pub struct DeployCalendar {
     url: String,
-    cache: Mutex<HashMap<String, (Instant, EnvironmentFacts)>>,
+    channel: OnceCell<Channel>,
 }
 
 impl DeployCalendar {
@@ -30,8 +28,19 @@ impl DeployCalendar {
     pub fn new(url: String) -> Self {
         Self {
             url,
-            cache: Mutex::new(HashMap::new()),
+            channel: OnceCell::new(),
         }
+    }
+}
+
+/// No change calendar (`--change-calendar none`): no freeze windows, nothing protected.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoCalendar;
+
+#[async_trait]
+impl Calendar for NoCalendar {
+    async fn environment(&self, _: &str) -> Result<EnvironmentFacts, String> {
+        Ok(EnvironmentFacts::default())
     }
 }
 
@@ -63,21 +72,19 @@ pub fn window(w: &dpb::FreezeWindow) -> Option<FreezeWindow> {
 #[async_trait]
 impl Calendar for DeployCalendar {
     async fn environment(&self, environment: &str) -> Result<EnvironmentFacts, String> {
-        if let Some((at, facts)) = self.cache.lock().await.get(environment) {
-            if at.elapsed() < FRESH {
-                return Ok(facts.clone());
-            }
-        }
-        let endpoint = tonic::transport::Endpoint::from_shared(self.url.clone())
-            .map_err(|e| e.to_string())?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(5));
-        let mut client = DeployServiceClient::new(
-            endpoint
-                .connect()
-                .await
-                .map_err(|e| format!("deploy-svc at {}: {e}", self.url))?,
-        );
+        let channel = self
+            .channel
+            .get_or_try_init(|| async {
+                tonic::transport::Endpoint::from_shared(self.url.clone())
+                    .map_err(|e| e.to_string())
+                    .map(|e| {
+                        e.connect_timeout(Duration::from_secs(2))
+                            .timeout(Duration::from_secs(5))
+                            .connect_lazy()
+                    })
+            })
+            .await?;
+        let mut client = DeployServiceClient::new(channel.clone());
         let env = client
             .get_environment(dpb::GetEnvironmentRequest {
                 name: format!("environments/{environment}"),
@@ -93,12 +100,8 @@ impl Calendar for DeployCalendar {
             }
             // An environment deploy-svc does not know has no calendar entries.
             Err(s) if s.code() == tonic::Code::NotFound => EnvironmentFacts::default(),
-            Err(s) => return Err(format!("deploy-svc: {}", s.message())),
+            Err(s) => return Err(format!("deploy-svc at {}: {}", self.url, s.message())),
         };
-        self.cache
-            .lock()
-            .await
-            .insert(environment.to_owned(), (Instant::now(), facts.clone()));
         Ok(facts)
     }
 }

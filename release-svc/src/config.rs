@@ -77,6 +77,17 @@ pub struct Config {
     /// override the request's values of the same key.
     #[arg(long = "flagd-context", env = "RELEASE_SVC_FLAGD_CONTEXT", value_delimiter = ',', value_parser = key_value)]
     pub flagd_context: Vec<(String, String)>,
+    /// Where the change calendar (freeze windows, protected environments) comes from:
+    /// `deploy-svc` (its environments; when it cannot be read, releases do not advance:
+    /// fail closed) or `none` (no freeze windows: release-svc used without deploy-svc, as a
+    /// plain flag service).
+    #[arg(
+        long,
+        env = "RELEASE_SVC_CHANGE_CALENDAR",
+        value_enum,
+        default_value = "deploy-svc"
+    )]
+    pub change_calendar: CalendarSource,
     /// How often planned releases are checked and advanced, in milliseconds.
     #[arg(
         long,
@@ -90,6 +101,15 @@ pub struct Config {
     /// A one-shot command against a running release-svc instead of serving.
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+/// Where freeze windows come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CalendarSource {
+    /// deploy-svc's environments.
+    DeploySvc,
+    /// None: no freeze windows, no protected environments.
+    None,
 }
 
 /// One-shot commands: clients of a running release-svc's gRPC API.

@@ -453,8 +453,58 @@ impl Engine {
         flags: Vec<crate::domain::flagd_doc::ImportedFlag>,
         actor: &Actor,
     ) -> Result<(Vec<String>, Vec<String>, Vec<String>, Option<Release>)> {
+        let calendar = self.calendar.environment(environment).await;
         let mut state = self.state.lock().await;
         let now = self.clock.now_ms();
+        // Flags not yet fully released in the environment get one release at 100%, which
+        // the environment's policies govern like any other: checked before anything is
+        // written.
+        let snapshot = self.snapshot.load();
+        let unreleased: Vec<String> = flags
+            .iter()
+            .map(|f| f.key.clone())
+            .filter(|k| {
+                snapshot
+                    .features
+                    .get(k.as_str())
+                    .and_then(|e| e.governing(environment))
+                    .is_none_or(|g| g.rollout_percent < 100.0)
+            })
+            .collect();
+        // The release, planned and checked before anything is written.
+        let planned = if unreleased.is_empty() {
+            None
+        } else {
+            let draft = Release {
+                id: 0,
+                description: format!("imported from a flagd flag definition into {environment}"),
+                features: unreleased,
+                environments: vec![crate::domain::model::ReleaseEnvironment {
+                    environment: environment.to_owned(),
+                    ..Default::default()
+                }],
+                state: ReleaseState::Draft,
+                governance: crate::domain::model::Governance {
+                    requester: actor.principal.clone(),
+                    ..Default::default()
+                },
+                revision: 1,
+                create_ms: now,
+                update_ms: now,
+            };
+            let mut full = draft.clone();
+            full.apply(&Transition::SetRollout {
+                environment: environment.to_owned(),
+                percent: 100.0,
+            })
+            .map_err(Error::Internal)?;
+            let violations = self.violations(&state, &draft, &full, 0, Some(&calendar), now);
+            if !violations.is_empty() {
+                return Err(Error::FailedPrecondition(violations));
+            }
+            full.stamp(&draft, now);
+            Some(full)
+        };
         let (mut created, mut updated, mut unchanged) = (Vec::new(), Vec::new(), Vec::new());
         for flag in &flags {
             let existing = state.features.get(&flag.key).cloned();
@@ -498,56 +548,19 @@ impl Engine {
             }
             state.features.insert(next.key.clone(), Arc::new(next));
         }
-        // Flags not yet fully released in the environment get one release at 100%.
-        let snapshot = self.snapshot.load();
-        let unreleased: Vec<String> = flags
-            .iter()
-            .map(|f| f.key.clone())
-            .filter(|k| {
-                snapshot
-                    .features
-                    .get(k.as_str())
-                    .and_then(|e| e.governing(environment))
-                    .is_none_or(|g| g.rollout_percent < 100.0)
-            })
-            .collect();
-        let release = if unreleased.is_empty() {
-            None
-        } else {
-            let mut release = Release {
-                id: 0,
-                description: format!("imported from a flagd flag definition into {environment}"),
-                features: unreleased,
-                environments: vec![crate::domain::model::ReleaseEnvironment {
-                    environment: environment.to_owned(),
-                    ..Default::default()
-                }],
-                state: ReleaseState::Draft,
-                governance: crate::domain::model::Governance {
-                    requester: actor.principal.clone(),
-                    ..Default::default()
-                },
-                revision: 1,
-                create_ms: now,
-                update_ms: now,
-            };
-            let draft = release.clone();
-            release
-                .apply(&Transition::SetRollout {
-                    environment: environment.to_owned(),
-                    percent: 100.0,
-                })
-                .map_err(Error::Internal)?;
-            release.stamp(&draft, now);
-            let mut audit = actor.audit(now, "ImportFlagd", "releases/".into());
-            audit.after = release_summary(&release);
-            let (id, _) = self
-                .store
-                .insert_release(release.clone(), None, audit)
-                .await?;
-            release.id = id;
-            state.releases.insert(id, release.clone());
-            Some(release)
+        let release = match planned {
+            None => None,
+            Some(mut release) => {
+                let mut audit = actor.audit(now, "ImportFlagd", "releases/".into());
+                audit.after = release_summary(&release);
+                let (id, _) = self
+                    .store
+                    .insert_release(release.clone(), None, audit)
+                    .await?;
+                release.id = id;
+                state.releases.insert(id, release.clone());
+                Some(release)
+            }
         };
         let scope = Scope::Keys(flags.iter().map(|f| f.key.clone()).collect());
         self.publish(

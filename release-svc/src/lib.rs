@@ -82,9 +82,12 @@ impl Server {
         clock: Arc<dyn engine::Clock>,
     ) -> anyhow::Result<Self> {
         let store = Arc::new(SqliteStore::open(&config.database)?);
-        let calendar = Arc::new(calendar_client::DeployCalendar::new(
-            config.deploy_svc.clone(),
-        ));
+        let calendar: Arc<dyn engine::Calendar> = match config.change_calendar {
+            config::CalendarSource::DeploySvc => Arc::new(calendar_client::DeployCalendar::new(
+                config.deploy_svc.clone(),
+            )),
+            config::CalendarSource::None => Arc::new(calendar_client::NoCalendar),
+        };
         let engine =
             Arc::new(Engine::load(store, config.fractional_bucketing, clock, calendar).await?);
         Ok(Self { config, engine })

@@ -49,7 +49,12 @@ fn serve() -> Served {
     let mut child = Command::new(BIN)
         .args(["--listen", "127.0.0.1:0", "--database"])
         .arg(dir.path().join("release.db"))
-        .args(["--deploy-svc", "http://127.0.0.1:9"])
+        .args([
+            "--deploy-svc",
+            "http://127.0.0.1:9",
+            "--change-calendar",
+            "none",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()

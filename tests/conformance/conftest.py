@@ -5,6 +5,7 @@ Conformance mode is a plain release-svc started with flagd-compatible options:
   --flagd-default-environment conformance     the testbed's flags live in one environment
   --flagd-environment-attribute ''            the environment is fixed, so STATIC is honest
   --flagd-context injectedmetadata=set        the testbed's static context
+  --change-calendar none                      no deploy-svc here: no freeze windows
   --flagd-source-alias flags/allFlags.json=conformance
   --flagd-source-alias rawflags/selector-flags.json=selector-set
   --fractional-bucketing v1|v2|v3             one server per profile (rows pick theirs)
@@ -91,6 +92,7 @@ class ReleaseSvc:
             "--database", str(self.workdir / "release.db"),
             # No deploy-svc: the testbed flags carry no deployment gate.
             "--deploy-svc", "http://127.0.0.1:9",
+            "--change-calendar", "none",
             "--flagd-default-environment", "conformance",
             "--flagd-environment-attribute", "",
             "--flagd-context", "injectedmetadata=set",

@@ -535,6 +535,26 @@ pub mod release {
             }
         }
 
+        /// Starts release-svc on the time of `clock`, its scheduler passing every 10 ms.
+        pub async fn start_with_clock(
+            deploy: SocketAddr,
+            clock: std::sync::Arc<dyn release_svc::engine::Clock>,
+        ) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let mut config =
+                release_svc::Config::new(dir.path().join("release.db"), format!("http://{deploy}"));
+            config.scheduler_interval_ms = 10;
+            let served = super::Served::spawn(|listener, shutdown| {
+                release_svc::serve_with_clock(listener, config, clock, shutdown)
+            })
+            .await;
+            Self {
+                addr: served.addr,
+                dir,
+                served,
+            }
+        }
+
         /// A new client.
         pub async fn client(&self) -> Client {
             connect(self.addr).await
@@ -544,6 +564,14 @@ pub mod release {
         pub async fn shutdown(self) -> anyhow::Result<()> {
             self.served.shutdown().await
         }
+    }
+
+    /// A request sent as `principal` (the `x-principal` metadata).
+    pub fn by<T>(principal: &str, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.metadata_mut()
+            .insert("x-principal", principal.parse().unwrap());
+        req
     }
 
     /// Connects a release-svc client.

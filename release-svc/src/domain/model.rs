@@ -468,4 +468,80 @@ mod tests {
         );
         assert!(r.apply(&Transition::Resume).is_err());
     }
+
+    #[test]
+    fn a_plan_walks_its_steps_and_stamps_its_times() {
+        let mut r = release();
+        r.environments[0].steps = vec![Step {
+            percent: 100.0,
+            min_duration_ms: 0,
+        }];
+        r.environments[1].steps = vec![
+            Step {
+                percent: 10.0,
+                min_duration_ms: 600,
+            },
+            Step {
+                percent: 100.0,
+                min_duration_ms: 0,
+            },
+        ];
+        assert!(r.planned());
+        assert!(
+            r.apply(&Transition::Approve).is_err(),
+            "a draft is not approved"
+        );
+        r.apply(&Transition::Submit).unwrap();
+        assert_eq!(r.state, ReleaseState::Planned);
+        assert!(
+            r.apply(&rollout("prod", 50.0)).is_err(),
+            "a plan is not rolled out by hand"
+        );
+        r.apply(&Transition::Approve).unwrap();
+        let mut at = 1_000;
+        let mut seen = Vec::new();
+        while let Some((e, s)) = r.next_step() {
+            assert!(r.step_elapsed(at), "step {e}/{s} at {at}");
+            let before = r.clone();
+            r.apply(&Transition::Step {
+                environment: e,
+                step: s,
+                now_ms: at,
+            })
+            .unwrap();
+            r.stamp(&before, at);
+            seen.push((e, s, r.state));
+            assert!(!r.step_elapsed(at + 599) || r.environments[e].steps[s].min_duration_ms == 0);
+            at += 1_000;
+        }
+        assert_eq!(
+            seen,
+            [
+                (0, 0, ReleaseState::Releasing),
+                (1, 0, ReleaseState::Releasing),
+                (1, 1, ReleaseState::Released)
+            ]
+        );
+        assert_eq!(r.environments[0].started_ms, Some(1_000));
+        assert_eq!(r.environments[0].full_since_ms, Some(1_000));
+        assert_eq!(r.environments[1].started_ms, Some(2_000));
+        assert_eq!(r.environments[1].full_since_ms, Some(3_000));
+        assert!(
+            r.apply(&Transition::Cancel).is_err(),
+            "started: roll back instead"
+        );
+
+        let mut c = release();
+        c.apply(&Transition::Cancel).unwrap();
+        assert_eq!(c.state, ReleaseState::Cancelled);
+        assert!(
+            c.apply(&rollout("prod", 10.0)).is_err(),
+            "cancelled is final"
+        );
+        let mut unplanned = release();
+        assert!(
+            unplanned.apply(&Transition::Submit).is_err(),
+            "a plan needs steps everywhere"
+        );
+    }
 }

@@ -39,7 +39,7 @@ pub trait Calendar: Send + Sync + 'static {
 }
 
 /// What a check knows about one environment from the calendar.
-type CalendarRead = std::result::Result<EnvironmentFacts, String>;
+pub(super) type CalendarRead = std::result::Result<EnvironmentFacts, String>;
 
 impl Engine {
     /// The stored policy of `environment` (an empty one, revision 0, if none was set).
@@ -108,7 +108,7 @@ impl Engine {
 
     /// Every policy `next` violates in environment `index`, `current` being the release
     /// before the change.
-    fn violations(
+    pub(super) fn violations(
         &self,
         state: &State,
         current: &Release,
@@ -344,13 +344,16 @@ impl Engine {
         let subject = format!("releases/{id}");
         if !matches!(
             current.state,
-            ReleaseState::Planned | ReleaseState::Approved | ReleaseState::Releasing
+            ReleaseState::Draft
+                | ReleaseState::Planned
+                | ReleaseState::Approved
+                | ReleaseState::Releasing
         ) {
             return Err(Error::precondition(
                 "RELEASE_STATE",
                 subject,
                 format!(
-                    "only a PLANNED, APPROVED or RELEASING release takes approvals; it is {:?}",
+                    "a {:?} release takes no approvals (only DRAFT, PLANNED, APPROVED and RELEASING do)",
                     current.state
                 ),
             ));
@@ -453,7 +456,7 @@ impl Engine {
         });
         let mut audit = actor.audit(
             self.clock.now_ms(),
-            "EmergencyOverride",
+            "SetEmergencyOverride",
             format!("releases/{id}"),
         );
         audit.after = format!("emergency override approved by {approver}");

@@ -25,24 +25,23 @@ use crate::domain::{names, Error, Violations};
 use crate::engine::{Actor, Change, Engine};
 
 /// The caller of a request: `x-principal` metadata (authentication comes later; missing is
-/// `anonymous`) and the request id (`request_id`, else `x-request-id`).
-fn actor<T>(req: &Request<T>, request_id: &str) -> Actor {
-    let meta = |key: &str| {
+/// `anonymous`, malformed is INVALID_ARGUMENT) and the request id (`request_id`, else
+/// `x-request-id`).
+fn actor<T>(req: &Request<T>, request_id: &str) -> std::result::Result<Actor, Status> {
+    let principal = service_kit::principal(req.metadata())?;
+    let request_id = if request_id.is_empty() {
         req.metadata()
-            .get(key)
+            .get("x-request-id")
             .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .map(str::to_owned)
+            .map(|v| v.chars().take(128).collect())
+            .unwrap_or_default()
+    } else {
+        request_id.to_owned()
     };
-    Actor {
-        principal: meta("x-principal").unwrap_or_else(|| "anonymous".into()),
-        request_id: if request_id.is_empty() {
-            meta("x-request-id").unwrap_or_default()
-        } else {
-            request_id.to_owned()
-        },
-    }
+    Ok(Actor {
+        principal,
+        request_id,
+    })
 }
 
 /// The ReleaseService implementation.
@@ -147,7 +146,7 @@ fn change_message(c: &Change, environment: &str) -> Option<pb::VisibilityChange>
 #[tonic::async_trait]
 impl ReleaseService for ReleaseApi {
     async fn create_feature(&self, req: Request<pb::CreateFeatureRequest>) -> Result<pb::Feature> {
-        let actor = actor(&req, "");
+        let actor = actor(&req, "")?;
         let (feature, _) = convert::feature(req.into_inner().feature.unwrap_or_default(), true)?;
         let feature = self.engine.create_feature(feature, &actor).await?;
         Ok(Response::new(convert::feature_pb(&feature)))
@@ -177,7 +176,7 @@ impl ReleaseService for ReleaseApi {
     }
 
     async fn update_feature(&self, req: Request<pb::UpdateFeatureRequest>) -> Result<pb::Feature> {
-        let actor = actor(&req, "");
+        let actor = actor(&req, "")?;
         let (feature, expected) =
             convert::feature(req.into_inner().feature.unwrap_or_default(), false)?;
         let feature = self
@@ -188,7 +187,7 @@ impl ReleaseService for ReleaseApi {
     }
 
     async fn create_release(&self, req: Request<pb::CreateReleaseRequest>) -> Result<pb::Release> {
-        let actor = actor(&req, &req.get_ref().request_id);
+        let actor = actor(&req, &req.get_ref().request_id)?;
         let (release, request_id) = convert::new_release(req.into_inner())?;
         let release = self
             .engine
@@ -223,7 +222,7 @@ impl ReleaseService for ReleaseApi {
     }
 
     async fn set_rollout(&self, req: Request<pb::SetRolloutRequest>) -> Result<pb::Release> {
-        let actor = actor(&req, "");
+        let actor = actor(&req, "")?;
         let req = req.into_inner();
         let mut v = Violations::default();
         let id = v
@@ -249,7 +248,7 @@ impl ReleaseService for ReleaseApi {
     }
 
     async fn pause_release(&self, req: Request<pb::PauseReleaseRequest>) -> Result<pb::Release> {
-        let actor = actor(&req, "");
+        let actor = actor(&req, "")?;
         let req = req.into_inner();
         let id = name("name", &req.name, names::parse_release)?;
         let release = self
@@ -261,7 +260,7 @@ impl ReleaseService for ReleaseApi {
     }
 
     async fn resume_release(&self, req: Request<pb::ResumeReleaseRequest>) -> Result<pb::Release> {
-        let actor = actor(&req, "");
+        let actor = actor(&req, "")?;
         let id = name("name", &req.into_inner().name, names::parse_release)?;
         Ok(Response::new(convert::release_pb(
             &self
@@ -275,7 +274,7 @@ impl ReleaseService for ReleaseApi {
         &self,
         req: Request<pb::RollbackReleaseRequest>,
     ) -> Result<pb::Release> {
-        let actor = actor(&req, "");
+        let actor = actor(&req, "")?;
         let req = req.into_inner();
         let id = name("name", &req.name, names::parse_release)?;
         let release = self
@@ -452,7 +451,7 @@ impl ReleaseService for ReleaseApi {
         &self,
         req: Request<pb::ImportFlagdRequest>,
     ) -> Result<pb::ImportFlagdResponse> {
-        let actor = actor(&req, "");
+        let actor = actor(&req, "")?;
         let req = req.into_inner();
         let mut v = Violations::default();
         v.check("environment", names::validate_environment(&req.environment));
@@ -502,7 +501,7 @@ impl ReleaseService for ReleaseApi {
     }
 
     async fn submit_release(&self, req: Request<pb::SubmitReleaseRequest>) -> Result<pb::Release> {
-        let actor = actor(&req, "");
+        let actor = actor(&req, "")?;
         let id = name("name", &req.into_inner().name, names::parse_release)?;
         Ok(Response::new(convert::release_pb(
             &self.engine.submit(id, &actor).await?,
@@ -513,7 +512,7 @@ impl ReleaseService for ReleaseApi {
         &self,
         req: Request<pb::ApproveReleaseRequest>,
     ) -> Result<pb::Release> {
-        let actor = actor(&req, "");
+        let actor = actor(&req, "")?;
         let id = name("name", &req.into_inner().name, names::parse_release)?;
         Ok(Response::new(convert::release_pb(
             &self.engine.approve(id, &actor).await?,
@@ -521,7 +520,7 @@ impl ReleaseService for ReleaseApi {
     }
 
     async fn cancel_release(&self, req: Request<pb::CancelReleaseRequest>) -> Result<pb::Release> {
-        let actor = actor(&req, "");
+        let actor = actor(&req, "")?;
         let req = req.into_inner();
         let id = name("name", &req.name, names::parse_release)?;
         Ok(Response::new(convert::release_pb(
@@ -536,7 +535,7 @@ impl ReleaseService for ReleaseApi {
         &self,
         req: Request<pb::SetEmergencyOverrideRequest>,
     ) -> Result<pb::Release> {
-        let actor = actor(&req, "");
+        let actor = actor(&req, "")?;
         let req = req.into_inner();
         let mut v = Violations::default();
         let id = v
@@ -589,7 +588,7 @@ impl ReleaseService for ReleaseApi {
     }
 
     async fn set_policy(&self, req: Request<pb::SetPolicyRequest>) -> Result<pb::Policy> {
-        let actor = actor(&req, "");
+        let actor = actor(&req, "")?;
         let (policy, etag) = convert::policy(req.into_inner().policy.unwrap_or_default())?;
         Ok(Response::new(convert::policy_pb(
             &self.engine.set_policy(policy, etag, &actor).await?,
