@@ -51,6 +51,13 @@ pub struct Config {
     /// A target without a heartbeat for this long is LOST.
     #[arg(long, env = "DEPLOY_SVC_LOST_WINDOW_MS", default_value_t = 300_000)]
     pub lost_window_ms: i64,
+    /// An agent silent (no heartbeat, no report) for this long has its unfinished ordered
+    /// placements marked FAILED.
+    #[arg(long, env = "DEPLOY_SVC_AGENT_TIMEOUT_MS", default_value_t = 15_000)]
+    pub agent_timeout_ms: u64,
+    /// How often lost agents, baked canaries and automatic rollbacks are handled.
+    #[arg(long, env = "DEPLOY_SVC_TICK_INTERVAL_MS", default_value_t = 1_000)]
+    pub tick_interval_ms: u64,
     /// On shutdown, the longest wait for in-flight calls before exiting.
     #[arg(long, env = "DEPLOY_SVC_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     pub drain_timeout_ms: u64,

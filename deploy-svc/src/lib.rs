@@ -12,10 +12,16 @@
 //! - [`store`]: the storage trait and the SQLite backend (transactional outbox, group commit,
 //!   each change's audit record in the change's transaction).
 //! - [`placement_log`]: the in-memory tail of the event log and WatchPlacements watchers.
-//! - [`grpc`]: the `deploy.v1.DeployService` handlers, conversions and status mapping.
+//! - [`grpc`]: the `deploy.v1.DeployService` handlers, conversions and status mapping
+//!   (including WatchOrders, the agents' order stream).
+//! - [`agent`]: placement on a target's disk (fetch, verify, unpack, switch, health check).
+//! - [`agent_runner`]: the deploy agent's loop (`src/bin/deploy-agent.rs`): register,
+//!   heartbeat, follow orders, report.
 //! - [`Server`] / [`serve`]: opens the store, then serves an already-bound listener until a
 //!   shutdown future resolves.
 
+pub mod agent;
+pub mod agent_runner;
 pub mod config;
 pub mod domain;
 pub mod grpc;
@@ -94,6 +100,32 @@ impl Server {
             streams.clone(),
             tasks.clone(),
         );
+        let orders = api.orders_bell();
+        // Periodic work: lost agents, baked canaries, automatic rollbacks.
+        let ticker = {
+            let (store, stop) = (store.clone(), streams.clone());
+            let (interval, timeout) = (
+                Duration::from_millis(config.tick_interval_ms.max(10)),
+                i64::try_from(config.agent_timeout_ms).unwrap_or(i64::MAX),
+            );
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(interval);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        _ = ticks.tick() => {}
+                    }
+                    match store.tick(timeout).await {
+                        Ok(true) => DeployApi::orders_changed(&orders),
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "periodic deployment work failed; retrying")
+                        }
+                    }
+                }
+            })
+        };
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<DeployServiceServer<DeployApi>>().await;
@@ -116,6 +148,7 @@ impl Server {
             shutdown,
         )
         .await;
+        ticker.abort();
         tasks.close();
         if tokio::time::timeout(Duration::from_secs(2), tasks.wait())
             .await

@@ -179,6 +179,7 @@ async fn artifact(c: &mut Client, principal: &str, name: &str, version: &str) ->
             version: version.into(),
             digest: format!("sha256:{}", "ab".repeat(32)),
             metadata: Default::default(),
+            source_uri: String::new(),
         },
     ))
     .await
@@ -648,6 +649,7 @@ async fn the_audit_trail_records_every_change_once_in_order_and_filters_and_page
             version: "1.0.0".into(),
             digest: format!("sha256:{}", "ab".repeat(32)),
             metadata: [("commit".to_owned(), "9f2e1c0".to_owned())].into(),
+            source_uri: String::new(),
         },
     );
     req.metadata_mut()

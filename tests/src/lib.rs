@@ -266,6 +266,7 @@ pub async fn artifact(c: &mut Client, name: &str, version: &str) -> pb::Artifact
         version: version.into(),
         digest: digest(&format!("{name}@{version}")),
         metadata: Default::default(),
+        source_uri: String::new(),
     })
     .await
     .unwrap()
@@ -733,5 +734,209 @@ impl Gated {
         for t in targets {
             report(dc, &self.deployment, t, state).await.unwrap();
         }
+    }
+}
+
+/// Real deploy agents (the `deploy-agent` binary) against a real deploy-svc binary.
+pub mod fleet {
+    use std::path::{Path, PathBuf};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    use proto::deploy::v1 as pb;
+    use sha2::Digest;
+    use tokio::process::{Child, Command};
+
+    use super::{bin_dir, Binary, Client};
+
+    /// A tar.gz holding `app.txt` (its text) and any `extra` files; returns its path and
+    /// digest.
+    pub fn tarball(dir: &Path, name: &str, files: &[(&str, &str)]) -> (PathBuf, String) {
+        let path = dir.join(format!("{name}.tar.gz"));
+        let file = std::fs::File::create(&path).unwrap();
+        let gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+        let mut tar = tar::Builder::new(gz);
+        for (file, text) in files {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(text.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            tar.append_data(&mut header, file, text.as_bytes()).unwrap();
+        }
+        tar.into_inner().unwrap().finish().unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)));
+        (path, digest)
+    }
+
+    /// Registers `artifact` `version` with `digest`, fetched from `path`.
+    pub async fn register(
+        c: &mut Client,
+        artifact: &str,
+        version: &str,
+        path: &Path,
+        digest: &str,
+    ) {
+        c.register_artifact(pb::RegisterArtifactRequest {
+            artifact: artifact.into(),
+            version: version.into(),
+            digest: digest.into(),
+            metadata: Default::default(),
+            source_uri: format!("file://{}", path.display()),
+        })
+        .await
+        .unwrap();
+    }
+
+    /// One agent process.
+    pub struct Agent {
+        /// Its target id.
+        pub target: String,
+        /// Its root directory.
+        pub root: PathBuf,
+        args: Vec<String>,
+        child: Option<Child>,
+    }
+
+    impl Agent {
+        /// Starts an agent for `target` in `env` with `extra` arguments.
+        pub async fn start(
+            server: &Binary,
+            env: &str,
+            target: &str,
+            root: PathBuf,
+            extra: &[&str],
+        ) -> Self {
+            let mut args = vec![
+                "--server".to_owned(),
+                format!("http://{}", server.addr),
+                "--environment".into(),
+                env.into(),
+                "--target".into(),
+                target.into(),
+                "--root".into(),
+                root.to_string_lossy().into_owned(),
+                "--heartbeat-ms".into(),
+                "200".into(),
+            ];
+            args.extend(extra.iter().map(|s| (*s).to_owned()));
+            let mut agent = Self {
+                target: target.into(),
+                root,
+                args,
+                child: None,
+            };
+            agent.spawn();
+            agent
+        }
+
+        fn spawn(&mut self) {
+            let bin = bin_dir().join("deploy-agent");
+            assert!(
+                bin.exists(),
+                "{} is missing: run `cargo test --workspace`",
+                bin.display()
+            );
+            self.child = Some(
+                Command::new(bin)
+                    .args(&self.args)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .unwrap(),
+            );
+        }
+
+        /// SIGKILL.
+        pub async fn kill(&mut self) {
+            if let Some(mut c) = self.child.take() {
+                c.kill().await.unwrap();
+            }
+        }
+
+        /// Starts it again with the same arguments and root.
+        pub fn restart(&mut self) {
+            self.spawn();
+        }
+
+        /// The text of `current/app.txt`, if any.
+        pub fn current(&self) -> Option<String> {
+            std::fs::read_to_string(self.root.join("current/app.txt")).ok()
+        }
+    }
+
+    /// Waits until every target of `env` is registered and heartbeating (`n` of them).
+    pub async fn registered(c: &mut Client, env: &str, n: usize) {
+        let start = Instant::now();
+        loop {
+            let targets = c
+                .list_targets(pb::ListTargetsRequest {
+                    parent: format!("environments/{env}"),
+                    page_size: 100,
+                    page_token: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .targets;
+            if targets.len() >= n {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "agents did not register"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Polls GetDeployment until `done` holds (20 s at most).
+    pub async fn until(
+        c: &mut Client,
+        name: &str,
+        what: &str,
+        done: impl Fn(&pb::Deployment) -> bool,
+    ) -> pb::Deployment {
+        let start = Instant::now();
+        loop {
+            let d = c
+                .get_deployment(pb::GetDeploymentRequest { name: name.into() })
+                .await
+                .unwrap()
+                .into_inner();
+            if done(&d) {
+                return d;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "{what}: {d:#?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Creates a deployment of `artifact` `version` in `env` with `strategy`.
+    pub async fn deploy(
+        c: &mut Client,
+        artifact: &str,
+        version: &str,
+        env: &str,
+        strategy: Option<pb::strategy::Kind>,
+    ) -> pb::Deployment {
+        c.create_deployment(pb::CreateDeploymentRequest {
+            deployment: Some(pb::Deployment {
+                artifact_version: format!("artifacts/{artifact}/versions/{version}"),
+                environment: format!("environments/{env}"),
+                strategy: strategy.map(|k| pb::Strategy { kind: Some(k) }),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    }
+
+    /// Whether a deployment has reached `state`.
+    pub fn is(state: pb::DeploymentState) -> impl Fn(&pb::Deployment) -> bool {
+        move |d| d.state() == state
     }
 }

@@ -212,6 +212,7 @@ async fn artifact_versions_are_immutable() {
             version: "1.2.3".into(),
             digest: digest("something else"),
             metadata: Default::default(),
+            source_uri: String::new(),
         })
         .await;
     expect_code(refused, Code::AlreadyExists);
@@ -447,6 +448,7 @@ async fn bad_input_names_the_field_and_writes_nothing() {
         version: version.into(),
         digest: digest.into(),
         metadata: Default::default(),
+        source_uri: String::new(),
     };
     let good = digest("x");
     assert_eq!(

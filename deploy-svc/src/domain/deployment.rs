@@ -49,15 +49,21 @@ impl PlacementCounts {
     }
 }
 
-/// The state a deployment moves to, given its current state and its placements.
-pub fn derive_state(current: DeploymentState, counts: PlacementCounts) -> DeploymentState {
+/// The state a deployment moves to, given its current state, its placements and the
+/// failures its strategy tolerates: FAILED beyond them, SUCCEEDED when every active target
+/// has finished and some placed.
+pub fn derive_state(
+    current: DeploymentState,
+    counts: PlacementCounts,
+    max_failures: u64,
+) -> DeploymentState {
     if current.is_final() {
         return current;
     }
     let active = counts.pending + counts.placing + counts.placed + counts.failed;
-    if counts.failed > 0 {
+    if counts.failed > max_failures {
         DeploymentState::Failed
-    } else if active > 0 && counts.placed == active {
+    } else if active > 0 && counts.placed > 0 && counts.placed + counts.failed == active {
         DeploymentState::Succeeded
     } else if counts.placing + counts.placed + counts.removed > 0 {
         DeploymentState::InProgress
@@ -133,7 +139,7 @@ mod tests {
         ];
         for (current, states, want) in cases {
             assert_eq!(
-                derive_state(*current, counts(states)),
+                derive_state(*current, counts(states), 0),
                 *want,
                 "{current:?} {states:?}"
             );

@@ -11,6 +11,7 @@
 //! - [`freeze`]: the change calendar's freeze windows as they refuse a deployment.
 //! - [`audit`]: audit records, who made a change, and the before/after summaries.
 //! - [`clock`]: the injectable clock.
+//! - [`strategy`]: all-at-once, rolling and canary pacing of a deployment's targets.
 
 pub mod audit;
 pub mod clock;
@@ -19,6 +20,7 @@ pub mod freeze;
 pub mod model;
 pub mod names;
 pub mod promotion;
+pub mod strategy;
 
 pub use service_kit::error;
 pub use service_kit::error::{Error, FieldViolation, PreconditionViolation, Result};

@@ -130,6 +130,9 @@ pub struct Artifact {
     pub digest: String,
     /// Free metadata.
     pub metadata: BTreeMap<String, String>,
+    /// Where agents fetch it from (`file://`, `http://`, `https://`; empty: nowhere, the
+    /// placements are reported by hand).
+    pub source_uri: String,
     /// Registration time (set by the store).
     pub create_ms: Millis,
 }
@@ -224,7 +227,7 @@ pub struct EmergencyOverride {
 }
 
 /// A new deployment, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NewDeployment {
     /// Artifact name.
     pub artifact: String,
@@ -236,10 +239,18 @@ pub struct NewDeployment {
     pub change_reference: String,
     /// The emergency override of freeze windows, if given.
     pub emergency: Option<EmergencyOverride>,
+    /// How the targets are paced.
+    pub strategy: super::strategy::Strategy,
+    /// Roll back automatically if the deployment fails.
+    pub auto_rollback: bool,
+    /// Only these targets of the environment (a rollback); `None`: all of them.
+    pub targets: Option<Vec<String>>,
+    /// The deployment this one rolls back.
+    pub rollback_of: Option<i64>,
 }
 
 /// A deployment with its placements.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Deployment {
     /// Numeric id.
     pub id: i64,
@@ -253,6 +264,14 @@ pub struct Deployment {
     pub change_reference: String,
     /// The emergency override given at creation, if any.
     pub emergency: Option<EmergencyOverride>,
+    /// How the targets are paced.
+    pub strategy: super::strategy::Strategy,
+    /// Roll back automatically if the deployment fails.
+    pub auto_rollback: bool,
+    /// A canary deployment was told to continue.
+    pub continued: bool,
+    /// The deployment this one rolls back.
+    pub rollback_of: Option<i64>,
     /// Derived state.
     pub state: DeploymentState,
     /// Per-target placements (empty in list results).

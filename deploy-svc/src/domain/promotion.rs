@@ -98,6 +98,10 @@ mod tests {
             environment: "prod".into(),
             change_reference: change.into(),
             emergency: None,
+            strategy: Default::default(),
+            auto_rollback: false,
+            targets: None,
+            rollback_of: None,
         }
     }
 

@@ -20,6 +20,7 @@ use crate::domain::names::{
     self, artifact_version_name, decode_page_token, deployment_name, environment_name, target_name,
     MAX_KEY, MAX_PAGE_SIZE, MAX_TEXT,
 };
+use crate::domain::strategy::Strategy;
 use crate::domain::Result;
 
 /// Default page size of ListAuditRecords (larger than other Lists: records are small and
@@ -366,12 +367,24 @@ pub fn new_artifact(req: pb::RegisterArtifactRequest) -> Result<Artifact> {
     v.check("version", names::validate_version(&req.version));
     v.check("digest", names::validate_digest(&req.digest));
     let metadata = labels(&mut v, "metadata", &req.metadata, MAX_TEXT);
+    if !req.source_uri.is_empty() {
+        let ok = ["file:///", "http://", "https://"]
+            .iter()
+            .any(|p| req.source_uri.starts_with(p));
+        if !ok || req.source_uri.len() > 2048 || req.source_uri.chars().any(char::is_whitespace) {
+            v.push(
+                "source_uri",
+                "must be a file:///, http:// or https:// URI of at most 2048 characters",
+            );
+        }
+    }
     v.finish()?;
     Ok(Artifact {
         name: req.artifact,
         version: req.version,
         digest: req.digest,
         metadata,
+        source_uri: req.source_uri,
         create_ms: 0,
     })
 }
@@ -441,6 +454,7 @@ pub fn new_deployment(
         names::validate_key(&d.change_reference),
     );
     let emergency = emergency(&mut v, d.emergency, principal);
+    let strategy = strategy(&mut v, d.strategy);
     let request_id = optional_request_id(&mut v, &req.request_id);
     v.finish()?;
     let (artifact, version) = version.unwrap_or_default();
@@ -451,9 +465,75 @@ pub fn new_deployment(
             environment: environment.unwrap_or_default(),
             change_reference: d.change_reference,
             emergency,
+            strategy,
+            auto_rollback: d.auto_rollback,
+            targets: None,
+            rollback_of: None,
         },
         request_id,
     ))
+}
+
+/// Validates an emergency override given outside a deployment (RollbackDeployment).
+pub fn override_of(
+    given: Option<pb::EmergencyOverride>,
+    principal: &str,
+) -> Result<Option<EmergencyOverride>> {
+    let mut v = Violations::default();
+    let e = emergency(&mut v, given, principal);
+    v.finish()?;
+    Ok(e)
+}
+
+fn strategy(v: &mut Violations, s: Option<pb::Strategy>) -> Strategy {
+    use pb::strategy::Kind;
+    let strategy = match s.and_then(|s| s.kind) {
+        None | Some(Kind::AllAtOnce(_)) => Strategy::AllAtOnce,
+        Some(Kind::Rolling(r)) => Strategy::Rolling {
+            batch_size: r.batch_size,
+            batch_percent: r.batch_percent,
+            max_failures: r.max_failures,
+        },
+        Some(Kind::Canary(c)) => Strategy::Canary {
+            canary_targets: c.canary_targets,
+            bake_ms: c.bake_time.map_or(0, |d| {
+                d.seconds.saturating_mul(1000) + i64::from(d.nanos / 1_000_000)
+            }),
+        },
+    };
+    for (field, problem) in strategy.problems() {
+        v.push(&format!("deployment.strategy.{field}"), problem);
+    }
+    strategy
+}
+
+/// The proto form of a strategy.
+fn strategy_pb(s: &Strategy) -> pb::Strategy {
+    use pb::strategy::Kind;
+    pb::Strategy {
+        kind: Some(match s {
+            Strategy::AllAtOnce => Kind::AllAtOnce(pb::AllAtOnce {}),
+            Strategy::Rolling {
+                batch_size,
+                batch_percent,
+                max_failures,
+            } => Kind::Rolling(pb::Rolling {
+                batch_size: *batch_size,
+                batch_percent: *batch_percent,
+                max_failures: *max_failures,
+            }),
+            Strategy::Canary {
+                canary_targets,
+                bake_ms,
+            } => Kind::Canary(pb::Canary {
+                canary_targets: *canary_targets,
+                bake_time: (*bake_ms > 0).then_some(prost_types::Duration {
+                    seconds: bake_ms / 1000,
+                    nanos: i32::try_from((bake_ms % 1000) * 1_000_000).unwrap_or(0),
+                }),
+            }),
+        }),
+    }
 }
 
 /// Validates a resource name field with `parse`.
@@ -708,6 +788,7 @@ pub fn artifact(a: Artifact) -> pb::Artifact {
         digest: a.digest,
         metadata: a.metadata.into_iter().collect(),
         create_time: timestamp(a.create_ms),
+        source_uri: a.source_uri,
     }
 }
 
@@ -766,6 +847,10 @@ pub fn deployment(d: Deployment) -> pb::Deployment {
             reason: e.reason,
             approver: e.approver,
         }),
+        strategy: Some(strategy_pb(&d.strategy)),
+        auto_rollback: d.auto_rollback,
+        rollback_of: d.rollback_of.map(deployment_name).unwrap_or_default(),
+        continued: d.continued,
     }
 }
 

@@ -37,9 +37,24 @@ pub struct DeployApi {
     watch_limits: WatchLimits,
     streams: CancellationToken,
     tasks: TaskTracker,
+    orders: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl DeployApi {
+    /// Rings the orders bell: WatchOrders streams re-read their target's orders.
+    pub fn orders_changed(orders: &tokio::sync::watch::Sender<u64>) {
+        orders.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn bell(&self) {
+        Self::orders_changed(&self.orders);
+    }
+
+    /// The orders bell, for work outside the handlers that changes orders.
+    pub fn orders_bell(&self) -> Arc<tokio::sync::watch::Sender<u64>> {
+        self.orders.clone()
+    }
+
     /// A service over `store`; watch streams end when `streams` is cancelled.
     pub fn new(
         store: Arc<dyn Store>,
@@ -50,6 +65,8 @@ impl DeployApi {
         streams: CancellationToken,
         tasks: TaskTracker,
     ) -> Self {
+        let (orders, _) = tokio::sync::watch::channel(0u64);
+        let orders = Arc::new(orders);
         Self {
             store,
             feed,
@@ -58,6 +75,7 @@ impl DeployApi {
             watch_limits,
             streams,
             tasks,
+            orders,
         }
     }
 }
@@ -88,6 +106,68 @@ pub fn caller<T>(req: &Request<T>) -> std::result::Result<Caller, Status> {
         principal,
         request_id,
     })
+}
+
+/// The response stream of WatchOrders.
+pub type WatchOrdersStream =
+    Pin<Box<dyn Stream<Item = std::result::Result<pb::Order, Status>> + Send>>;
+
+/// Sends the target's unfinished orders, each once, re-reading them whenever the orders
+/// bell rings (and every 5 s in case a ring was missed); ends with UNAVAILABLE on shutdown.
+fn order_stream(
+    store: Arc<dyn Store>,
+    environment: String,
+    target: String,
+    mut bell: tokio::sync::watch::Receiver<u64>,
+    stop: CancellationToken,
+) -> WatchOrdersStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut sent = std::collections::BTreeSet::new();
+        loop {
+            match store.orders(&environment, &target).await {
+                Ok(rows) => {
+                    let live: std::collections::BTreeSet<i64> =
+                        rows.iter().map(|r| r.deployment).collect();
+                    for r in rows {
+                        if sent.insert(r.deployment) {
+                            let order = pb::Order {
+                                deployment: crate::domain::names::deployment_name(r.deployment),
+                                artifact: r.artifact,
+                                version: r.version,
+                                digest: r.digest,
+                                source_uri: r.source_uri,
+                                action: pb::OrderAction::Place.into(),
+                            };
+                            if tx.send(Ok(order)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    // Finished orders leave the set: a new deployment gets a new id anyway.
+                    sent.retain(|d| live.contains(d));
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(Status::from(e))).await;
+                    return;
+                }
+            }
+            let go_on = tokio::select! {
+                () = stop.cancelled() => false,
+                r = bell.changed() => r.is_ok(),
+                () = tokio::time::sleep(std::time::Duration::from_secs(5)) => true,
+            };
+            if !go_on {
+                let _ = tx
+                    .send(Err(Status::unavailable(
+                        "deploy-svc is shutting down; reconnect to WatchOrders",
+                    )))
+                    .await;
+                return;
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 /// The response stream of WatchPlacements.
@@ -277,6 +357,7 @@ impl DeployService for DeployApi {
             .store
             .create_deployment(deployment, request_id, caller)
             .await?;
+        self.bell();
         Ok(Response::new(convert::deployment(deployment)))
     }
 
@@ -340,8 +421,59 @@ impl DeployService for DeployApi {
             .unwrap_or_default();
         v.check("reason", names::validate_text(&req.reason, names::MAX_TEXT));
         v.finish()?;
-        Ok(Response::new(convert::deployment(
-            self.store.cancel_deployment(id, req.reason, caller).await?,
+        let d = self.store.cancel_deployment(id, req.reason, caller).await?;
+        self.bell();
+        Ok(Response::new(convert::deployment(d)))
+    }
+
+    async fn continue_deployment(
+        &self,
+        req: Request<pb::ContinueDeploymentRequest>,
+    ) -> Result<pb::Deployment> {
+        let caller = caller(&req)?;
+        let id = convert::name("name", &req.into_inner().name, names::parse_deployment)?;
+        let d = self.store.continue_deployment(id, caller).await?;
+        self.bell();
+        Ok(Response::new(convert::deployment(d)))
+    }
+
+    async fn rollback_deployment(
+        &self,
+        req: Request<pb::RollbackDeploymentRequest>,
+    ) -> Result<pb::Deployment> {
+        let caller = caller(&req)?;
+        let req = req.into_inner();
+        let mut v = Violations::default();
+        let id = v
+            .check("name", names::parse_deployment(&req.name))
+            .unwrap_or_default();
+        v.check("reason", names::validate_text(&req.reason, names::MAX_TEXT));
+        v.finish()?;
+        let emergency = convert::override_of(req.emergency, &caller.principal)?;
+        let d = self
+            .store
+            .rollback_deployment(id, req.reason, emergency, caller)
+            .await?;
+        self.bell();
+        Ok(Response::new(convert::deployment(d)))
+    }
+
+    type WatchOrdersStream = WatchOrdersStream;
+
+    async fn watch_orders(
+        &self,
+        req: Request<pb::WatchOrdersRequest>,
+    ) -> Result<Self::WatchOrdersStream> {
+        let (environment, target) =
+            convert::name("target", &req.into_inner().target, names::parse_target)?;
+        // Connecting is a sign of life; an unknown target is NOT_FOUND.
+        self.store.heartbeat_target(&environment, &target).await?;
+        Ok(Response::new(order_stream(
+            self.store.clone(),
+            environment,
+            target,
+            self.orders.subscribe(),
+            self.streams.clone(),
         )))
     }
 
@@ -352,6 +484,9 @@ impl DeployService for DeployApi {
         let caller = caller(&req)?;
         let report = convert::placement_report(req.into_inner())?;
         let outcome = self.store.report_placement(report, caller).await?;
+        if outcome.changed {
+            self.bell();
+        }
         Ok(Response::new(pb::ReportPlacementResponse {
             sequence: outcome.placement.sequence,
             placement: Some(convert::placement(&outcome.placement)),

@@ -18,11 +18,13 @@ use async_trait::async_trait;
 
 use crate::domain::audit::{AuditFilter, AuditRecord, Caller};
 use crate::domain::model::{
-    Artifact, Deployment, DeploymentFilter, Environment, EnvironmentUpdate, LogBounds,
-    NewDeployment, NewEnvironment, Page, PageRequest, Placement, PlacementEvent, PlacementReport,
-    ReportOutcome, Target,
+    Artifact, Deployment, DeploymentFilter, EmergencyOverride, Environment, EnvironmentUpdate,
+    LogBounds, NewDeployment, NewEnvironment, Page, PageRequest, Placement, PlacementEvent,
+    PlacementReport, ReportOutcome, Target,
 };
 use crate::domain::Result;
+
+pub use sqlite::OrderRow;
 
 /// Every read and write of deploy-svc.
 #[async_trait]
@@ -93,6 +95,24 @@ pub trait Store: Send + Sync + 'static {
         reason: String,
         caller: Caller,
     ) -> Result<Deployment>;
+
+    /// Lets a running canary deployment order the rest of its targets.
+    async fn continue_deployment(&self, id: i64, caller: Caller) -> Result<Deployment>;
+    /// Redeploys the previous successful version on the targets deployment `id` touched
+    /// (cancelling it if it still runs); returns the new deployment.
+    async fn rollback_deployment(
+        &self,
+        id: i64,
+        reason: String,
+        emergency: Option<EmergencyOverride>,
+        caller: Caller,
+    ) -> Result<Deployment>;
+    /// The unfinished ordered placements of one target.
+    async fn orders(&self, environment: &str, target: &str) -> Result<Vec<OrderRow>>;
+    /// Periodic work: fails the placements of agents silent for `agent_timeout_ms`, lets
+    /// baked canaries continue, rolls back failed deployments that asked for it. Returns
+    /// whether anything changed.
+    async fn tick(&self, agent_timeout_ms: i64) -> Result<bool>;
 
     /// Applies a placement report and writes its event in the same transaction.
     async fn report_placement(

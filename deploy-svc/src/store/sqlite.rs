@@ -37,12 +37,14 @@ use crate::domain::model::{
 };
 use crate::domain::names::{artifact_version_name, deployment_name, environment_name, target_name};
 use crate::domain::promotion::{check_new_deployment, check_upstream};
+use crate::domain::strategy::{self, Slot, Strategy};
 use crate::domain::{Error, FieldViolation, Result};
 use crate::placement_log::{retention_error, Feed};
 
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0001_init.sql"),
     include_str!("migrations/sqlite/0002_calendar_audit.sql"),
+    include_str!("migrations/sqlite/0003_strategies.sql"),
 ];
 
 /// Options of the SQLite backend.
@@ -672,7 +674,7 @@ fn load_target(conn: &Connection, env: &str, id: &str) -> Result<Target> {
 
 // ---- artifacts ----
 
-const ARTIFACT_COLUMNS: &str = "name, version, digest, metadata, create_ms";
+const ARTIFACT_COLUMNS: &str = "name, version, digest, metadata, create_ms, source_uri";
 
 fn artifact_row(r: &Row<'_>) -> rusqlite::Result<Artifact> {
     let metadata: String = r.get(3)?;
@@ -682,6 +684,7 @@ fn artifact_row(r: &Row<'_>) -> rusqlite::Result<Artifact> {
         digest: r.get(2)?,
         metadata: json_map(&metadata),
         create_ms: r.get(4)?,
+        source_uri: r.get(5)?,
     })
 }
 
@@ -697,7 +700,7 @@ fn find_artifact(conn: &Connection, name: &str, version: &str) -> Result<Option<
 
 // ---- deployments and placements ----
 
-const DEPLOYMENT_COLUMNS: &str = "id, artifact, version, environment, change_reference, state, create_ms, update_ms, emergency_reason, emergency_approver";
+const DEPLOYMENT_COLUMNS: &str = "id, artifact, version, environment, change_reference, state, create_ms, update_ms, emergency_reason, emergency_approver, strategy, continued, rollback_of";
 
 fn deployment_row(r: &Row<'_>) -> rusqlite::Result<Deployment> {
     let state: i64 = r.get(5)?;
@@ -709,11 +712,95 @@ fn deployment_row(r: &Row<'_>) -> rusqlite::Result<Deployment> {
         environment: r.get(3)?,
         change_reference: r.get(4)?,
         emergency: (!approver.is_empty()).then_some(EmergencyOverride { reason, approver }),
+        strategy: strategy_from(&r.get::<_, String>(10)?),
+        auto_rollback: r.get::<_, String>(10)?.contains("\"auto_rollback\":true"),
+        continued: r.get::<_, i64>(11)? != 0,
+        rollback_of: r.get(12)?,
         state: DeploymentState::from_code(state).unwrap_or(DeploymentState::Pending),
         placements: Vec::new(),
         create_ms: r.get(6)?,
         update_ms: r.get(7)?,
     })
+}
+
+/// The stored form of a strategy and the auto-rollback flag.
+fn strategy_with(s: &Strategy, auto_rollback: bool) -> String {
+    let mut v = match s {
+        Strategy::AllAtOnce => json!({}),
+        Strategy::Rolling {
+            batch_size,
+            batch_percent,
+            max_failures,
+        } => {
+            json!({"rolling": {"batch_size": batch_size, "batch_percent": batch_percent, "max_failures": max_failures}})
+        }
+        Strategy::Canary {
+            canary_targets,
+            bake_ms,
+        } => json!({"canary": {"canary_targets": canary_targets, "bake_ms": bake_ms}}),
+    };
+    if auto_rollback {
+        v["auto_rollback"] = true.into();
+    }
+    v.to_string()
+}
+
+fn strategy_from(text: &str) -> Strategy {
+    let v: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+    let num = |o: &serde_json::Value, k: &str| {
+        o.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0)
+    };
+    if let Some(r) = v.get("rolling") {
+        Strategy::Rolling {
+            batch_size: num(r, "batch_size") as u32,
+            batch_percent: num(r, "batch_percent"),
+            max_failures: num(r, "max_failures") as u32,
+        }
+    } else if let Some(c) = v.get("canary") {
+        Strategy::Canary {
+            canary_targets: num(c, "canary_targets") as u32,
+            bake_ms: num(c, "bake_ms") as i64,
+        }
+    } else {
+        Strategy::AllAtOnce
+    }
+}
+
+/// Orders the targets `d`'s strategy lets start now; returns how many were ordered.
+fn pace_deployment(conn: &Connection, d: &Deployment, now: Millis) -> Result<usize> {
+    if d.state.is_final() {
+        return Ok(0);
+    }
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT target, state, ordered, update_ms FROM placements WHERE deployment = ?1 ORDER BY ordinal, target",
+        )
+        .map_err(sql)?;
+    let rows: Vec<(String, Slot)> = stmt
+        .query_map([d.id], |r| {
+            Ok((
+                r.get(0)?,
+                Slot {
+                    state: placement_state(r.get(1)?),
+                    ordered: r.get::<_, i64>(2)? != 0,
+                    update_ms: r.get(3)?,
+                },
+            ))
+        })
+        .map_err(sql)?
+        .collect::<rusqlite::Result<_>>()
+        .map_err(sql)?;
+    let slots: Vec<Slot> = rows.iter().map(|r| r.1).collect();
+    let chosen = strategy::pace(&d.strategy, &slots, d.continued, now);
+    for i in &chosen {
+        conn.prepare_cached(
+            "UPDATE placements SET ordered = 1 WHERE deployment = ?1 AND target = ?2",
+        )
+        .map_err(sql)?
+        .execute(params![d.id, rows[*i].0])
+        .map_err(sql)?;
+    }
+    Ok(chosen.len())
 }
 
 fn placement_state(code: i64) -> PlacementState {
@@ -936,7 +1023,7 @@ fn apply_report(
         counts.remove(from);
     }
     counts.add(report.state, 1);
-    let state = derive_state(d.state, counts);
+    let state = derive_state(d.state, counts, d.strategy.max_failures());
     conn.prepare_cached(
         "UPDATE deployments SET state = ?1, update_ms = ?2, n_pending = ?3, n_placing = ?4, n_placed = ?5, n_failed = ?6, n_removed = ?7 WHERE id = ?8",
     )
@@ -974,11 +1061,261 @@ fn apply_report(
             reason: String::new(),
         },
     )?;
+    if !state.is_final()
+        && matches!(
+            report.state,
+            PlacementState::Placed | PlacementState::Failed | PlacementState::Removed
+        )
+    {
+        // A finished target may let the strategy order the next ones.
+        let d = Deployment { state, ..d };
+        pace_deployment(conn, &d, now)?;
+    }
     Ok(ReportOutcome {
         placement,
         deployment_state: state,
         changed: true,
     })
+}
+
+/// An order as the store reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderRow {
+    /// Deployment id.
+    pub deployment: i64,
+    /// Artifact name.
+    pub artifact: String,
+    /// Version.
+    pub version: String,
+    /// Digest.
+    pub digest: String,
+    /// Source URI.
+    pub source_uri: String,
+}
+
+/// The caller automatic actions are recorded with.
+fn system() -> Caller {
+    Caller {
+        principal: "system".into(),
+        request_id: String::new(),
+    }
+}
+
+/// Rolls deployment `id` back (see [`Store::rollback_deployment`]).
+fn rollback(
+    conn: &Connection,
+    now: Millis,
+    events: &mut Vec<PlacementEvent>,
+    id: i64,
+    reason: &str,
+    emergency: Option<EmergencyOverride>,
+    caller: &Caller,
+) -> Result<Deployment> {
+    let d = load_deployment(conn, id, false)?;
+    let previous: Option<String> = conn
+        .query_row(
+            "SELECT version FROM deployments WHERE artifact = ?1 AND environment = ?2 AND state = ?3 AND id < ?4 AND version != ?5 ORDER BY id DESC LIMIT 1",
+            params![d.artifact, d.environment, DeploymentState::Succeeded.code(), id, d.version],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(sql)?;
+    let Some(previous) = previous else {
+        return Err(Error::precondition(
+            "NO_PREVIOUS_VERSION",
+            deployment_name(id),
+            format!(
+                "no earlier version of {} succeeded in {}; nothing to roll back to",
+                d.artifact,
+                environment_name(&d.environment)
+            ),
+        ));
+    };
+    let targets: Vec<String> = conn
+        .prepare_cached("SELECT target FROM placements WHERE deployment = ?1 AND ordered = 1 AND state != ?2 ORDER BY ordinal")
+        .map_err(sql)?
+        .query_map(params![id, PlacementState::Removed.code()], |r| r.get(0))
+        .map_err(sql)?
+        .collect::<rusqlite::Result<_>>()
+        .map_err(sql)?;
+    if targets.is_empty() {
+        return Err(Error::precondition(
+            "NOTHING_TO_ROLL_BACK",
+            deployment_name(id),
+            "the deployment touched no target",
+        ));
+    }
+    if !d.state.is_final() {
+        conn.execute(
+            "UPDATE deployments SET state = ?1, cancel_reason = ?2, update_ms = ?3 WHERE id = ?4",
+            params![
+                DeploymentState::Cancelled.code(),
+                format!("rolled back: {reason}"),
+                now,
+                id
+            ],
+        )
+        .map_err(sql)?;
+    }
+    let new = NewDeployment {
+        artifact: d.artifact.clone(),
+        version: previous,
+        environment: d.environment.clone(),
+        change_reference: if d.change_reference.is_empty() {
+            format!("rollback-of-{id}")
+        } else {
+            d.change_reference.clone()
+        },
+        emergency,
+        strategy: Strategy::AllAtOnce,
+        auto_rollback: false,
+        targets: Some(targets),
+        rollback_of: Some(id),
+    };
+    insert_deployment(conn, now, events, new, None, caller)
+}
+
+/// Creates a deployment (the body of CreateDeployment, also used by rollbacks).
+fn insert_deployment(
+    conn: &Connection,
+    now: Millis,
+    events: &mut Vec<PlacementEvent>,
+    new: NewDeployment,
+    request_id: Option<String>,
+    caller: &Caller,
+) -> Result<Deployment> {
+    let mut fingerprint = format!(
+        "{}|{}|{}|{}",
+        new.artifact, new.version, new.environment, new.change_reference
+    );
+    if let Some(e) = &new.emergency {
+        fingerprint = format!("{fingerprint}|{}|{}", e.reason, e.approver);
+    }
+    if let Some(resource) = check_request_id(
+        conn,
+        request_id.as_deref(),
+        "CreateDeployment",
+        &fingerprint,
+    )? {
+        let id = crate::domain::names::parse_deployment(&resource).map_err(internal)?;
+        return load_deployment(conn, id, true);
+    }
+    if find_artifact(conn, &new.artifact, &new.version)?.is_none() {
+        return Err(Error::NotFound(artifact_version_name(
+            &new.artifact,
+            &new.version,
+        )));
+    }
+    let env = load_environment(conn, &new.environment)?;
+    let upstream_succeeded = match &env.upstream {
+        None => false,
+        Some(upstream) => conn
+            .query_row(
+                "SELECT 1 FROM deployments WHERE artifact = ?1 AND version = ?2 AND environment = ?3 AND state = ?4 LIMIT 1",
+                params![new.artifact, new.version, upstream, DeploymentState::Succeeded.code()],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map_err(sql)?
+            .is_some(),
+    };
+    let violations = check_new_deployment(&new, &env, upstream_succeeded, now);
+    if !violations.is_empty() {
+        return Err(Error::FailedPrecondition(violations));
+    }
+    let (emergency_reason, emergency_approver) = new
+        .emergency
+        .as_ref()
+        .map(|e| (e.reason.as_str(), e.approver.as_str()))
+        .unwrap_or_default();
+    conn.execute(
+        "INSERT INTO deployments (artifact, version, environment, change_reference, state, create_ms, update_ms, emergency_reason, emergency_approver, strategy, rollback_of)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8, ?9, ?10)",
+        params![
+            new.artifact,
+            new.version,
+            new.environment,
+            new.change_reference,
+            DeploymentState::Pending.code(),
+            now,
+            emergency_reason,
+            emergency_approver,
+            strategy_with(&new.strategy, new.auto_rollback),
+            new.rollback_of
+        ],
+    )
+    .map_err(sql)?;
+    let id = conn.last_insert_rowid();
+    let only = new
+        .targets
+        .as_ref()
+        .map(|t| serde_json::to_string(t).map_err(internal))
+        .transpose()?;
+    let pending = conn
+        .execute(
+            "INSERT INTO placements (deployment, target, state, message, seq, update_ms, ordered, ordinal)
+             SELECT ?1, id, ?2, '', 0, ?3, 0, ROW_NUMBER() OVER (ORDER BY id) FROM targets
+             WHERE environment = ?4 AND (?5 IS NULL OR id IN (SELECT value FROM json_each(?5)))",
+            params![id, PlacementState::Pending.code(), now, new.environment, only],
+        )
+        .map_err(sql)?;
+    conn.execute(
+        "UPDATE deployments SET n_pending = ?1 WHERE id = ?2",
+        params![i64::try_from(pending).unwrap_or(i64::MAX), id],
+    )
+    .map_err(sql)?;
+    // Announce every included target with a PENDING event: consumers learn the
+    // deployment's target set (the denominator of coverage) from the stream.
+    let mut deployment = load_deployment(conn, id, true)?;
+    for placement in &mut deployment.placements {
+        events.push(append_event(conn, now, placement, PlacementState::Pending)?);
+    }
+    pace_deployment(conn, &deployment, now)?;
+    record_request_id(
+        conn,
+        request_id.as_deref(),
+        "CreateDeployment",
+        &fingerprint,
+        &deployment_name(id),
+        now,
+    )?;
+    let mut after = json!({
+        "artifact_version": artifact_version_name(&new.artifact, &new.version),
+        "environment": environment_name(&new.environment),
+        "change_reference": new.change_reference,
+        "state": deployment.state.name(),
+        "targets": deployment.placements.len(),
+        "strategy": strategy_with(&new.strategy, new.auto_rollback),
+    });
+    if let Some(of) = new.rollback_of {
+        after["rollback_of"] = deployment_name(of).into();
+    }
+    let reason = match &new.emergency {
+        Some(e) => {
+            after["emergency"] = json!({
+                "reason": e.reason,
+                "approver": e.approver,
+                // The windows it overrode; empty when none was active (the override
+                // was not needed but is kept on the record).
+                "overrode_freeze_windows": freeze::active_names(&env, now),
+            });
+            audit::override_reason(e)
+        }
+        None => new.change_reference.clone(),
+    };
+    append_audit(
+        conn,
+        now,
+        caller,
+        AuditEntry {
+            action: action::CREATE_DEPLOYMENT,
+            resource: deployment_name(id),
+            before: String::new(),
+            after: audit::text(&after),
+            reason,
+        },
+    )?;
+    Ok(deployment)
 }
 
 fn page<T>(mut items: Vec<T>, size: usize, key: impl Fn(&T) -> String) -> Page<T> {
@@ -1266,13 +1603,14 @@ impl Store for SqliteStore {
                 });
             }
             conn.execute(
-                &format!("INSERT INTO artifacts ({ARTIFACT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"),
+                &format!("INSERT INTO artifacts ({ARTIFACT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
                 params![
                     artifact.name,
                     artifact.version,
                     artifact.digest,
                     map_json(&artifact.metadata)?,
-                    now
+                    now,
+                    artifact.source_uri
                 ],
             )
             .map_err(sql)?;
@@ -1285,7 +1623,7 @@ impl Store for SqliteStore {
                     resource: artifact_version_name(&artifact.name, &artifact.version),
                     before: String::new(),
                     after: audit::text(
-                        &json!({"digest": artifact.digest, "metadata": artifact.metadata}),
+                        &json!({"digest": artifact.digest, "metadata": artifact.metadata, "source_uri": artifact.source_uri}),
                     ),
                     reason: String::new(),
                 },
@@ -1341,119 +1679,7 @@ impl Store for SqliteStore {
         caller: Caller,
     ) -> Result<Deployment> {
         self.write(move |conn, now, events| {
-            let mut fingerprint = format!(
-                "{}|{}|{}|{}",
-                new.artifact, new.version, new.environment, new.change_reference
-            );
-            if let Some(e) = &new.emergency {
-                fingerprint = format!("{fingerprint}|{}|{}", e.reason, e.approver);
-            }
-            if let Some(resource) =
-                check_request_id(conn, request_id.as_deref(), "CreateDeployment", &fingerprint)?
-            {
-                let id = crate::domain::names::parse_deployment(&resource).map_err(internal)?;
-                return load_deployment(conn, id, true);
-            }
-            if find_artifact(conn, &new.artifact, &new.version)?.is_none() {
-                return Err(Error::NotFound(artifact_version_name(&new.artifact, &new.version)));
-            }
-            let env = load_environment(conn, &new.environment)?;
-            let upstream_succeeded = match &env.upstream {
-                None => false,
-                Some(upstream) => conn
-                    .query_row(
-                        "SELECT 1 FROM deployments WHERE artifact = ?1 AND version = ?2 AND environment = ?3 AND state = ?4 LIMIT 1",
-                        params![new.artifact, new.version, upstream, DeploymentState::Succeeded.code()],
-                        |r| r.get::<_, i64>(0),
-                    )
-                    .optional()
-                    .map_err(sql)?
-                    .is_some(),
-            };
-            let violations = check_new_deployment(&new, &env, upstream_succeeded, now);
-            if !violations.is_empty() {
-                return Err(Error::FailedPrecondition(violations));
-            }
-            let (emergency_reason, emergency_approver) = new
-                .emergency
-                .as_ref()
-                .map(|e| (e.reason.as_str(), e.approver.as_str()))
-                .unwrap_or_default();
-            conn.execute(
-                "INSERT INTO deployments (artifact, version, environment, change_reference, state, create_ms, update_ms, emergency_reason, emergency_approver)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8)",
-                params![
-                    new.artifact,
-                    new.version,
-                    new.environment,
-                    new.change_reference,
-                    DeploymentState::Pending.code(),
-                    now,
-                    emergency_reason,
-                    emergency_approver
-                ],
-            )
-            .map_err(sql)?;
-            let id = conn.last_insert_rowid();
-            let pending = conn
-                .execute(
-                    "INSERT INTO placements (deployment, target, state, message, seq, update_ms)
-                     SELECT ?1, id, ?2, '', 0, ?3 FROM targets WHERE environment = ?4",
-                    params![id, PlacementState::Pending.code(), now, new.environment],
-                )
-                .map_err(sql)?;
-            conn.execute(
-                "UPDATE deployments SET n_pending = ?1 WHERE id = ?2",
-                params![i64::try_from(pending).unwrap_or(i64::MAX), id],
-            )
-            .map_err(sql)?;
-            // Announce every included target with a PENDING event: consumers learn the
-            // deployment's target set (the denominator of coverage) from the stream.
-            let mut deployment = load_deployment(conn, id, true)?;
-            for placement in &mut deployment.placements {
-                events.push(append_event(conn, now, placement, PlacementState::Pending)?);
-            }
-            record_request_id(
-                conn,
-                request_id.as_deref(),
-                "CreateDeployment",
-                &fingerprint,
-                &deployment_name(id),
-                now,
-            )?;
-            let mut after = json!({
-                "artifact_version": artifact_version_name(&new.artifact, &new.version),
-                "environment": environment_name(&new.environment),
-                "change_reference": new.change_reference,
-                "state": deployment.state.name(),
-                "targets": deployment.placements.len(),
-            });
-            let reason = match &new.emergency {
-                Some(e) => {
-                    after["emergency"] = json!({
-                        "reason": e.reason,
-                        "approver": e.approver,
-                        // The windows it overrode; empty when none was active (the override
-                        // was not needed but is kept on the record).
-                        "overrode_freeze_windows": freeze::active_names(&env, now),
-                    });
-                    audit::override_reason(e)
-                }
-                None => new.change_reference.clone(),
-            };
-            append_audit(
-                conn,
-                now,
-                &caller,
-                AuditEntry {
-                    action: action::CREATE_DEPLOYMENT,
-                    resource: deployment_name(id),
-                    before: String::new(),
-                    after: audit::text(&after),
-                    reason,
-                },
-            )?;
-            Ok(deployment)
+            insert_deployment(conn, now, events, new, request_id, &caller)
         })
         .await
     }
@@ -1525,6 +1751,209 @@ impl Store for SqliteStore {
                 },
             )?;
             load_deployment(conn, id, true)
+        })
+        .await
+    }
+
+    async fn continue_deployment(&self, id: i64, caller: Caller) -> Result<Deployment> {
+        self.write(move |conn, now, _| {
+            let d = load_deployment(conn, id, false)?;
+            if !matches!(d.strategy, Strategy::Canary { .. }) || d.state.is_final() {
+                return Err(Error::precondition(
+                    "NOT_A_RUNNING_CANARY",
+                    deployment_name(id),
+                    format!("only a running canary deployment continues; this one is {:?} with strategy {:?}", d.state, d.strategy),
+                ));
+            }
+            conn.execute("UPDATE deployments SET continued = 1, update_ms = ?1 WHERE id = ?2", params![now, id])
+                .map_err(sql)?;
+            let d = load_deployment(conn, id, false)?;
+            let ordered = pace_deployment(conn, &d, now)?;
+            append_audit(
+                conn,
+                now,
+                &caller,
+                AuditEntry {
+                    action: "ContinueDeployment",
+                    resource: deployment_name(id),
+                    before: String::new(),
+                    after: audit::text(&json!({"ordered_now": ordered})),
+                    reason: String::new(),
+                },
+            )?;
+            load_deployment(conn, id, true)
+        })
+        .await
+    }
+
+    async fn rollback_deployment(
+        &self,
+        id: i64,
+        reason: String,
+        emergency: Option<EmergencyOverride>,
+        caller: Caller,
+    ) -> Result<Deployment> {
+        self.write(move |conn, now, events| {
+            let new = rollback(conn, now, events, id, &reason, emergency, &caller)?;
+            append_audit(
+                conn,
+                now,
+                &caller,
+                AuditEntry {
+                    action: "RollbackDeployment",
+                    resource: deployment_name(id),
+                    before: String::new(),
+                    after: audit::text(
+                        &json!({"rollback": deployment_name(new.id), "version": new.version}),
+                    ),
+                    reason,
+                },
+            )?;
+            Ok(new)
+        })
+        .await
+    }
+
+    async fn orders(&self, environment: &str, target: &str) -> Result<Vec<OrderRow>> {
+        let (environment, target) = (environment.to_owned(), target.to_owned());
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT p.deployment, d.artifact, d.version, a.digest, a.source_uri
+                     FROM placements p
+                     JOIN deployments d ON d.id = p.deployment
+                     JOIN artifacts a ON a.name = d.artifact AND a.version = d.version
+                     WHERE p.target = ?2 AND d.environment = ?1 AND p.ordered = 1
+                       AND p.state IN (?3, ?4) AND d.state IN (?5, ?6)
+                     ORDER BY p.deployment",
+                )
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map(
+                    params![
+                        environment,
+                        target,
+                        PlacementState::Pending.code(),
+                        PlacementState::Placing.code(),
+                        DeploymentState::Pending.code(),
+                        DeploymentState::InProgress.code()
+                    ],
+                    |r| {
+                        Ok(OrderRow {
+                            deployment: r.get(0)?,
+                            artifact: r.get(1)?,
+                            version: r.get(2)?,
+                            digest: r.get(3)?,
+                            source_uri: r.get(4)?,
+                        })
+                    },
+                )
+                .map_err(sql)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(sql)
+        })
+        .await
+    }
+
+    async fn tick(&self, agent_timeout_ms: i64) -> Result<bool> {
+        self.write(move |conn, now, events| {
+            let mut changed = false;
+            // Agents gone quiet: their unfinished ordered placements fail.
+            let lost: Vec<(i64, String, String, i64)> = conn
+                .prepare_cached(
+                    "SELECT p.deployment, d.environment, p.target, t.heartbeat_ms
+                     FROM placements p
+                     JOIN deployments d ON d.id = p.deployment
+                     JOIN targets t ON t.environment = d.environment AND t.id = p.target
+                     WHERE p.ordered = 1 AND p.state IN (?1, ?2) AND d.state IN (?3, ?4) AND t.heartbeat_ms < ?5",
+                )
+                .map_err(sql)?
+                .query_map(
+                    params![
+                        PlacementState::Pending.code(),
+                        PlacementState::Placing.code(),
+                        DeploymentState::Pending.code(),
+                        DeploymentState::InProgress.code(),
+                        now - agent_timeout_ms
+                    ],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+                .map_err(sql)?
+                .collect::<rusqlite::Result<_>>()
+                .map_err(sql)?;
+            for (deployment, environment, target, heartbeat) in lost {
+                apply_report(
+                    conn,
+                    now,
+                    events,
+                    PlacementReport {
+                        deployment,
+                        environment,
+                        target,
+                        state: PlacementState::Failed,
+                        message: format!("agent lost: no heartbeat for {} s", (now - heartbeat) / 1000),
+                    },
+                    &system(),
+                )?;
+                changed = true;
+            }
+            // Canaries whose bake time has passed.
+            let running: Vec<Deployment> = conn
+                .prepare_cached(&format!(
+                    "SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE state IN (?1, ?2) AND strategy LIKE '%canary%'"
+                ))
+                .map_err(sql)?
+                .query_map(params![DeploymentState::Pending.code(), DeploymentState::InProgress.code()], deployment_row)
+                .map_err(sql)?
+                .collect::<rusqlite::Result<_>>()
+                .map_err(sql)?;
+            for d in running {
+                changed |= pace_deployment(conn, &d, now)? > 0;
+            }
+            // Failed deployments that asked to be rolled back automatically.
+            let failed: Vec<i64> = conn
+                .prepare_cached(
+                    "SELECT id FROM deployments d WHERE state = ?1 AND strategy LIKE '%\"auto_rollback\":true%'
+                     AND NOT EXISTS (SELECT 1 FROM deployments r WHERE r.rollback_of = d.id)",
+                )
+                .map_err(sql)?
+                .query_map([DeploymentState::Failed.code()], |r| r.get(0))
+                .map_err(sql)?
+                .collect::<rusqlite::Result<_>>()
+                .map_err(sql)?;
+            for id in failed {
+                // A refused automatic rollback (no earlier version, a freeze) is recorded
+                // once and not retried: the flag is turned off with the record.
+                exec_cached(conn, "SAVEPOINT auto_rollback").map_err(sql)?;
+                let outcome = rollback(conn, now, events, id, "automatic rollback after failure", None, &system());
+                let (after, reason) = match &outcome {
+                    Ok(new) => {
+                        exec_cached(conn, "RELEASE auto_rollback").map_err(sql)?;
+                        (
+                            audit::text(&json!({"rollback": deployment_name(new.id), "version": new.version})),
+                            "the deployment failed and asked for automatic rollback".to_owned(),
+                        )
+                    }
+                    Err(e) => {
+                        exec_cached(conn, "ROLLBACK TO auto_rollback").map_err(sql)?;
+                        exec_cached(conn, "RELEASE auto_rollback").map_err(sql)?;
+                        (String::new(), format!("automatic rollback refused: {e}"))
+                    }
+                };
+                conn.execute(
+                    "UPDATE deployments SET strategy = replace(strategy, '\"auto_rollback\":true', '\"auto_rollback\":false') WHERE id = ?1",
+                    [id],
+                )
+                .map_err(sql)?;
+                append_audit(conn, now, &system(), AuditEntry {
+                    action: "auto.rollback",
+                    resource: deployment_name(id),
+                    before: String::new(),
+                    after,
+                    reason,
+                })?;
+                changed = true;
+            }
+            Ok(changed)
         })
         .await
     }

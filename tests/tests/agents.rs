@@ -1,0 +1,411 @@
+//! Deploy agents end to end (issue 7): real `deploy-agent` processes (4 per test) placing
+//! real files from `file://` tar.gz artifacts under temporary roots, against the real
+//! deploy-svc binary (and, for the gate, the real release-svc binary).
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use proto::deploy::v1 as pb;
+use proto::deploy::v1::strategy::Kind;
+use proto::release::v1 as rpb;
+use tests::fleet::{self, deploy, is, register, tarball, until, Agent};
+use tests::{environment, release, Binary};
+
+const ENV: &str = "dev";
+const N: usize = 4;
+
+struct Fleet {
+    deploy: Binary,
+    client: tests::Client,
+    agents: Vec<Agent>,
+    dir: tempfile::TempDir,
+}
+
+/// deploy-svc with a short agent timeout, environment `dev`, and `N` agents.
+async fn fleet(agent_args: &[&str]) -> Fleet {
+    let dir = tempfile::tempdir().unwrap();
+    let deploy = Binary::start(
+        &dir.path().join("deploy.db"),
+        &["--agent-timeout-ms", "1500", "--tick-interval-ms", "100"],
+    )
+    .await;
+    let mut client = tests::connect(deploy.addr).await;
+    environment(&mut client, ENV, None, false).await;
+    let mut agents = Vec::new();
+    for i in 1..=N {
+        let root = dir.path().join(format!("agent-{i}"));
+        agents.push(Agent::start(&deploy, ENV, &format!("a-{i}"), root, agent_args).await);
+    }
+    fleet::registered(&mut client, ENV, N).await;
+    Fleet {
+        deploy,
+        client,
+        agents,
+        dir,
+    }
+}
+
+impl Fleet {
+    /// Registers `app` `version` whose app.txt says `version` (plus `extra` files).
+    async fn artifact(&mut self, version: &str, extra: &[(&str, &str)]) -> String {
+        let mut files = vec![("app.txt", version)];
+        files.extend_from_slice(extra);
+        let (path, digest) = tarball(self.dir.path(), &format!("app-{version}"), &files);
+        register(&mut self.client, "app", version, &path, &digest).await;
+        digest
+    }
+
+    fn currents(&self) -> Vec<Option<String>> {
+        self.agents.iter().map(Agent::current).collect()
+    }
+
+    /// Deploys `version` and waits for `state`.
+    async fn roll(
+        &mut self,
+        version: &str,
+        strategy: Option<Kind>,
+        state: pb::DeploymentState,
+    ) -> pb::Deployment {
+        let d = deploy(&mut self.client, "app", version, ENV, strategy).await;
+        until(&mut self.client, &d.name, version, is(state)).await
+    }
+}
+
+fn all(v: &str) -> Vec<Option<String>> {
+    vec![Some(v.to_owned()); N]
+}
+
+/// The sequence numbers of the events of `deployment` in state `state`, by target.
+async fn events(c: &mut tests::Client, deployment: &str) -> Vec<(u64, String, pb::PlacementState)> {
+    let mut stream = tests::watch::open(c, Some(0), "", "").await.unwrap();
+    let mut out = Vec::new();
+    while let Ok(Some(Ok(m))) =
+        tokio::time::timeout(Duration::from_millis(500), stream.next()).await
+    {
+        if let Some(pb::watch_placements_response::Kind::Event(e)) = m.kind {
+            let p = e.placement.unwrap();
+            if p.deployment == deployment {
+                out.push((e.sequence, p.target.clone(), p.state()));
+            }
+        }
+    }
+    out
+}
+
+use futures::StreamExt;
+
+#[tokio::test]
+async fn agents_place_all_at_once_rolling_and_canary_and_roll_back() {
+    let mut f = fleet(&[]).await;
+    f.artifact("1.0.0", &[]).await;
+    f.artifact("2.0.0", &[]).await;
+    f.artifact("3.0.0", &[]).await;
+
+    // All at once: every agent places 1.0.0 on disk.
+    f.roll("1.0.0", None, pb::DeploymentState::Succeeded).await;
+    assert_eq!(f.currents(), all("1.0.0"));
+
+    // Rolling, batches of 2: the second batch starts after the first has finished.
+    let rolling = Kind::Rolling(pb::Rolling {
+        batch_size: 2,
+        batch_percent: 0.0,
+        max_failures: 0,
+    });
+    let d2 = f
+        .roll("2.0.0", Some(rolling), pb::DeploymentState::Succeeded)
+        .await;
+    assert_eq!(f.currents(), all("2.0.0"));
+    let ev = events(&mut f.client, &d2.name).await;
+    let seq = |target: &str, state: pb::PlacementState| {
+        ev.iter()
+            .find(|(_, t, s)| t.ends_with(target) && *s == state)
+            .map(|e| e.0)
+            .unwrap_or_else(|| panic!("no {state:?} event for {target}: {ev:?}"))
+    };
+    let first_done =
+        seq("a-1", pb::PlacementState::Placed).max(seq("a-2", pb::PlacementState::Placed));
+    let second_start =
+        seq("a-3", pb::PlacementState::Placing).min(seq("a-4", pb::PlacementState::Placing));
+    assert!(
+        first_done < second_start,
+        "batch 2 started (seq {second_start}) before batch 1 finished (seq {first_done}): {ev:?}"
+    );
+
+    // Canary: one target first; the rest only after ContinueDeployment.
+    let canary = Kind::Canary(pb::Canary {
+        canary_targets: 1,
+        bake_time: None,
+    });
+    let d3 = deploy(&mut f.client, "app", "3.0.0", ENV, Some(canary)).await;
+    let waiting = until(&mut f.client, &d3.name, "canary placed", |d| {
+        d.placements
+            .iter()
+            .filter(|p| p.state() == pb::PlacementState::Placed)
+            .count()
+            == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let still = until(&mut f.client, &d3.name, "still waiting", |_| true).await;
+    assert_eq!(
+        still.state(),
+        pb::DeploymentState::InProgress,
+        "{waiting:?}"
+    );
+    assert_eq!(
+        f.currents()
+            .iter()
+            .filter(|c| c.as_deref() == Some("3.0.0"))
+            .count(),
+        1,
+        "only the canary has 3.0.0"
+    );
+    f.client
+        .continue_deployment(pb::ContinueDeploymentRequest {
+            name: d3.name.clone(),
+        })
+        .await
+        .unwrap();
+    until(
+        &mut f.client,
+        &d3.name,
+        "continued",
+        is(pb::DeploymentState::Succeeded),
+    )
+    .await;
+    assert_eq!(f.currents(), all("3.0.0"));
+
+    // Rollback: the previous successful version goes back on every target.
+    let back = f
+        .client
+        .rollback_deployment(pb::RollbackDeploymentRequest {
+            name: d3.name.clone(),
+            reason: "checkout errors".into(),
+            emergency: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(back.rollback_of, d3.name);
+    assert_eq!(back.artifact_version, "artifacts/app/versions/2.0.0");
+    until(
+        &mut f.client,
+        &back.name,
+        "rolled back",
+        is(pb::DeploymentState::Succeeded),
+    )
+    .await;
+    assert_eq!(f.currents(), all("2.0.0"));
+    drop(f.deploy);
+}
+
+#[tokio::test]
+async fn a_wrong_digest_or_a_failing_health_check_leaves_current_unchanged() {
+    let mut f = fleet(&["--health-check", "test ! -f broken"]).await;
+    f.artifact("1.0.0", &[]).await;
+    f.roll("1.0.0", None, pb::DeploymentState::Succeeded).await;
+
+    // Registered with the digest of other content: every agent refuses it.
+    let (path, _) = tarball(f.dir.path(), "real-2", &[("app.txt", "2.0.0")]);
+    let (_, other) = tarball(f.dir.path(), "other", &[("app.txt", "tampered")]);
+    register(&mut f.client, "app", "2.0.0", &path, &other).await;
+    let failed = f.roll("2.0.0", None, pb::DeploymentState::Failed).await;
+    assert!(
+        failed
+            .placements
+            .iter()
+            .any(|p| p.message.contains("digest")),
+        "{failed:#?}"
+    );
+    assert_eq!(f.currents(), all("1.0.0"));
+
+    // The new version fails its health check: switched back.
+    f.artifact("3.0.0", &[("broken", "yes")]).await;
+    let unhealthy = f.roll("3.0.0", None, pb::DeploymentState::Failed).await;
+    assert!(
+        unhealthy
+            .placements
+            .iter()
+            .all(|p| p.state() == pb::PlacementState::Failed && p.message.contains("health")),
+        "{unhealthy:#?}"
+    );
+    assert_eq!(f.currents(), all("1.0.0"));
+}
+
+#[tokio::test]
+async fn a_killed_agent_fails_its_placement_and_reports_its_disk_after_restart() {
+    // The pre-switch hook holds each placement for a second: time to kill one agent.
+    let mut f = fleet(&["--pre-switch", "sleep 1"]).await;
+    f.artifact("1.0.0", &[]).await;
+    f.roll("1.0.0", None, pb::DeploymentState::Succeeded).await;
+    f.artifact("2.0.0", &[]).await;
+    let d = deploy(&mut f.client, "app", "2.0.0", ENV, None).await;
+    until(&mut f.client, &d.name, "a-4 placing", |d| {
+        d.placements
+            .iter()
+            .any(|p| p.target.ends_with("a-4") && p.state() == pb::PlacementState::Placing)
+    })
+    .await;
+    f.agents[3].kill().await;
+    // The heartbeat timeout (1.5 s) marks its placement FAILED; all-at-once fails.
+    let done = until(
+        &mut f.client,
+        &d.name,
+        "agent lost",
+        is(pb::DeploymentState::Failed),
+    )
+    .await;
+    let lost = done
+        .placements
+        .iter()
+        .find(|p| p.target.ends_with("a-4"))
+        .unwrap();
+    assert_eq!(lost.state(), pb::PlacementState::Failed);
+    assert!(lost.message.contains("agent lost"), "{lost:?}");
+    assert_eq!(f.agents[3].current().as_deref(), Some("1.0.0"));
+    let labels = |targets: &[pb::Target]| {
+        targets
+            .iter()
+            .find(|t| t.name.ends_with("a-4"))
+            .and_then(|t| t.labels.get("agent.current").cloned())
+    };
+    let before = f
+        .client
+        .list_targets(pb::ListTargetsRequest {
+            parent: format!("environments/{ENV}"),
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .targets;
+    assert_eq!(
+        labels(&before).as_deref(),
+        Some("none"),
+        "registered with an empty root"
+    );
+
+    // Restarted, it re-registers reporting what is on its disk: still 1.0.0.
+    f.agents[3].restart();
+    let start = std::time::Instant::now();
+    loop {
+        let targets = f
+            .client
+            .list_targets(pb::ListTargetsRequest {
+                parent: format!("environments/{ENV}"),
+                page_size: 10,
+                page_token: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .targets;
+        let t = targets.iter().find(|t| t.name.ends_with("a-4")).unwrap();
+        // It registered first with an empty root ("none"): the label changes only when the
+        // restarted agent re-registers with what its disk holds.
+        if t.labels.get("agent.current").map(String::as_str) == Some("app@1.0.0") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "{t:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The deploy -> release gate across three processes: a feature needing 100% coverage of
+/// app >= 2.0.0 opens only after the 4th agent has placed it, and closes after a rollback.
+#[tokio::test]
+async fn the_release_gate_follows_real_agents() {
+    let mut f = fleet(&[]).await;
+    let r = Binary::spawn(
+        "release-svc",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            &f.dir.path().join("release.db").to_string_lossy(),
+            "--deploy-svc",
+            &format!("http://{}", f.deploy.addr),
+        ],
+    )
+    .await;
+    let mut rc = release::connect(r.addr).await;
+    release::feature(&mut rc, "new-cart", "app", "2.0.0", 1.0).await;
+    let rel = release::release(&mut rc, &["new-cart"], &[ENV]).await;
+    release::rollout(&mut rc, &rel, ENV, 100.0).await;
+    f.artifact("1.0.0", &[]).await;
+    f.roll("1.0.0", None, pb::DeploymentState::Succeeded).await;
+    f.artifact("2.0.0", &[]).await;
+
+    // One target at a time: the feature stays hidden until the 4th is placed.
+    let one_by_one = Kind::Rolling(pb::Rolling {
+        batch_size: 1,
+        batch_percent: 0.0,
+        max_failures: 0,
+    });
+    let d = deploy(&mut f.client, "app", "2.0.0", ENV, Some(one_by_one)).await;
+    let mut seen_hidden_with_three = false;
+    let start = std::time::Instant::now();
+    loop {
+        let dep = until(&mut f.client, &d.name, "poll", |_| true).await;
+        let placed = dep
+            .placements
+            .iter()
+            .filter(|p| p.state() == pb::PlacementState::Placed)
+            .count();
+        let e = release::evaluate(&mut rc, "new-cart", ENV, "u1").await;
+        if placed < N {
+            assert!(
+                !e.visible || placed == N,
+                "visible with {placed} of {N} placed: {e:?}"
+            );
+            seen_hidden_with_three |= placed == N - 1;
+        }
+        if placed == N {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (open, _) = release::eventually(
+        &mut rc,
+        "new-cart",
+        ENV,
+        "u1",
+        rpb::Reason::Static,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(open.visible, "{open:?}");
+    let _ = seen_hidden_with_three;
+
+    // Rollback to 1.0.0 closes the gate again.
+    let back = f
+        .client
+        .rollback_deployment(pb::RollbackDeploymentRequest {
+            name: d.name.clone(),
+            reason: "bad release".into(),
+            emergency: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    until(
+        &mut f.client,
+        &back.name,
+        "rolled back",
+        is(pb::DeploymentState::Succeeded),
+    )
+    .await;
+    let (closed, _) = release::eventually(
+        &mut rc,
+        "new-cart",
+        ENV,
+        "u1",
+        rpb::Reason::NotDeployed,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(!closed.visible, "{closed:?}");
+    assert_eq!(f.currents(), all("1.0.0"));
+}
