@@ -1,7 +1,7 @@
 //! The deploy agent's loop: registers its target with deploy-svc, keeps a heartbeat,
 //! follows its orders (WatchOrders), carries each out with [`crate::agent::Placer`] and
 //! reports PLACING, then PLACED or FAILED with the reason. It reconnects with backoff
-//! (100 ms doubling to 5 s). After a restart, what is on disk decides: the target's labels
+//! (100 ms doubling to 2 s). After a restart, what is on disk decides: the target's labels
 //! carry `agent.current` (the version `current` points at, or `none`), and an order for a
 //! version already current and complete is reported PLACED without fetching again.
 
@@ -106,7 +106,7 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> anyhow::Result
                     () = stop.cancelled() => return Ok(()),
                     () = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
     }

@@ -3,7 +3,9 @@
 //!
 //! Markers in the README: `# expect: Code` (the next call must fail with that code) and
 //! `# expect-output: TEXT` (the next call's output must contain TEXT; it is retried for up
-//! to 5 s, since release-svc learns placements from deploy-svc's stream asynchronously).
+//! to 10 s, since release-svc learns placements from deploy-svc's stream asynchronously
+//! and agents place artifacts in the background). Two real deploy agents serve the
+//! environment `local`, as `scripts/quickstart` starts them.
 
 #![allow(clippy::unwrap_used)]
 
@@ -83,6 +85,13 @@ async fn every_readme_recipe_works_as_written() {
         ],
     )
     .await;
+    // The quickstart's agents: they register once the README creates `local`.
+    let mut agents = Vec::new();
+    for i in 1..=2 {
+        let root = dir.path().join(format!("agents/local-{i}"));
+        agents
+            .push(tests::fleet::Agent::start(&d, "local", &format!("local-{i}"), root, &[]).await);
+    }
     let grpcurl = std::env::var("GRPCURL").unwrap_or_else(|_| "grpcurl".into());
     for rec in recipes {
         let command = rec
@@ -97,7 +106,7 @@ async fn every_readme_recipe_works_as_written() {
                 .output
                 .as_ref()
                 .is_none_or(|o| text.contains(o.as_str()));
-            if wanted || started.elapsed() > Duration::from_secs(5) {
+            if wanted || started.elapsed() > Duration::from_secs(10) {
                 break (ok, text);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -124,5 +133,10 @@ async fn every_readme_recipe_works_as_written() {
                 rec.line
             );
         }
+    }
+    // The walkthrough's last word: the rollback put hello 1.0.0 back on every agent's disk.
+    for a in &agents {
+        let text = std::fs::read_to_string(a.root.join("current/app.txt")).unwrap();
+        assert_eq!(text, "hello 1.0.0\n", "{}", a.target);
     }
 }
