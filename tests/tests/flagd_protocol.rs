@@ -58,6 +58,74 @@ async fn boolean(
         .map(tonic::Response::into_inner)
 }
 
+/// The interpreter of the virtualenv holding the v1-protocol provider
+/// (`openfeature-provider-flagd==0.2.7`), which `scripts/test` creates.
+fn v1_python() -> String {
+    std::env::var("FLAGD_V1_PYTHON").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../target/flagd-v1-venv/bin/python"
+        )
+        .to_owned()
+    })
+}
+
+/// Runs tests/python/flagd_provider_smoke.py with `python` against release-svc at `addr`.
+async fn stock_provider(python: &str, addr: std::net::SocketAddr) -> serde_json::Value {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/python/flagd_provider_smoke.py"
+    );
+    let out = tokio::process::Command::new(python)
+        .arg(script)
+        .env("FLAGD_HOST", addr.ip().to_string())
+        .env("FLAGD_PORT", addr.port().to_string())
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("{python}: {e} (scripts/test installs the providers)"));
+    assert!(
+        out.status.success(),
+        "{python}: the flagd provider failed (scripts/test installs it):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// What both providers must see; the v1 one (0.2.7) sends no selector header in RPC mode,
+/// so its environment comes from the context or the default and nothing is STATIC, and a
+/// disabled flag reaches it as FLAG_NOT_FOUND (the code default either way).
+fn check_stock_provider(python: &str, seen: &serde_json::Value) {
+    let v1 = python != "python3";
+    let seen = &(python, seen);
+    let (_, s) = seen;
+    assert_eq!(s["new_cart"]["value"], true, "{seen:?}");
+    let fixed = if v1 { "TARGETING_MATCH" } else { "STATIC" };
+    assert_eq!(s["new_cart"]["reason"], fixed, "{seen:?}");
+    // Without the selector the environment is context-dependent: never STATIC (a provider
+    // would cache it for every context).
+    assert_eq!(s["new_cart_default_env"]["value"], true, "{seen:?}");
+    assert_eq!(
+        s["new_cart_default_env"]["reason"], "TARGETING_MATCH",
+        "{seen:?}"
+    );
+    assert_eq!(s["new_cart_staging"]["value"], false, "{seen:?}");
+    assert_eq!(
+        s["new_cart_staging"]["reason"], "TARGETING_MATCH",
+        "{seen:?}"
+    );
+    assert_eq!(s["banner_text"]["value"], "hello", "{seen:?}");
+    assert_eq!(s["banner_text"]["variant"], "a", "{seen:?}");
+    assert_eq!(
+        s["old_thing"]["value"], true,
+        "disabled: the code default: {seen:?}"
+    );
+    let disabled = if v1 { "ERROR" } else { "DISABLED" };
+    assert_eq!(s["old_thing"]["reason"], disabled, "{seen:?}");
+    assert_eq!(s["missing"]["error"], "FLAG_NOT_FOUND", "{seen:?}");
+    assert_eq!(s["mismatch"]["value"], 7, "{seen:?}");
+    assert_eq!(s["mismatch"]["error"], "TYPE_MISMATCH", "{seen:?}");
+}
+
 #[tokio::test]
 async fn flagd_v2_serves_release_decisions() {
     let d = InProcess::start().await;
@@ -213,48 +281,12 @@ async fn flagd_v2_serves_release_decisions() {
     );
     assert_eq!(all.flags["old-thing"].reason, "DISABLED");
 
-    // The stock OpenFeature Python SDK and flagd provider (RPC, protocol v2) see the same.
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/python/flagd_provider_smoke.py"
-    );
-    let out = tokio::process::Command::new("python3")
-        .arg(script)
-        .env("FLAGD_HOST", r.addr.ip().to_string())
-        .env("FLAGD_PORT", r.addr.port().to_string())
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "python flagd provider failed (pip install openfeature-sdk 'openfeature-provider-flagd==0.6.*'):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(seen["new_cart"]["value"], true, "{seen}");
-    assert_eq!(seen["new_cart"]["reason"], "STATIC", "{seen}");
-    // Without the selector the environment is context-dependent: never STATIC (a provider
-    // would cache it for every context).
-    assert_eq!(seen["new_cart_default_env"]["value"], true, "{seen}");
-    assert_eq!(
-        seen["new_cart_default_env"]["reason"], "TARGETING_MATCH",
-        "{seen}"
-    );
-    assert_eq!(seen["new_cart_staging"]["value"], false, "{seen}");
-    assert_eq!(
-        seen["new_cart_staging"]["reason"], "TARGETING_MATCH",
-        "{seen}"
-    );
-    assert_eq!(seen["banner_text"]["value"], "hello", "{seen}");
-    assert_eq!(seen["banner_text"]["variant"], "a", "{seen}");
-    assert_eq!(
-        seen["old_thing"]["value"], true,
-        "disabled: the code default: {seen}"
-    );
-    assert_eq!(seen["old_thing"]["reason"], "DISABLED", "{seen}");
-    assert_eq!(seen["missing"]["error"], "FLAG_NOT_FOUND", "{seen}");
-    assert_eq!(seen["mismatch"]["value"], 7, "{seen}");
-    assert_eq!(seen["mismatch"]["error"], "TYPE_MISMATCH", "{seen}");
+    // The stock OpenFeature Python SDK and flagd provider see the same: the current one
+    // (0.6.1, protocol v2) and an older one speaking the v1 protocol (0.2.7).
+    for python in ["python3".to_owned(), v1_python()] {
+        let seen = stock_provider(&python, r.addr).await;
+        check_stock_provider(&python, &seen);
+    }
     r.shutdown().await.unwrap();
     d.shutdown().await.unwrap();
 }
@@ -298,6 +330,8 @@ async fn flagd_v1_answers_with_plain_fields() {
         (b.value, b.reason.as_str(), b.variant.as_str()),
         (true, "STATIC", "on")
     );
+    // v1 fields cannot be unset: a disabled flag is NOT_FOUND (FLAG_DISABLED), as in
+    // flagd's v1, so providers fall back to the code default instead of a zero value.
     let off = c
         .resolve_boolean(with_selector(
             v1::ResolveBooleanRequest {
@@ -306,13 +340,9 @@ async fn flagd_v1_answers_with_plain_fields() {
             },
             "prod",
         ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        (off.value, off.reason.as_str(), off.variant.as_str()),
-        (false, "DISABLED", "")
-    );
+        .await;
+    let off = tests::status::expect_code(off, Code::NotFound);
+    assert!(off.message().contains("FLAG_DISABLED"), "{off:?}");
     let all = c
         .resolve_all(with_selector(
             v1::ResolveAllRequest { context: None },

@@ -131,17 +131,28 @@ impl Flagd {
         (ctx, fixed)
     }
 
+    /// Decides `key`. The v1 protocol cannot say "use the code default" (its fields are not
+    /// optional), so there, as flagd's v1 did, a disabled flag or one without a default
+    /// variant answers NOT_FOUND and the provider falls back to the code default.
     fn decide(
         &self,
         metadata: &MetadataMap,
         key: &str,
         context: Option<prost_types::Struct>,
+        v1: bool,
     ) -> Result<Decision, Status> {
         let (ctx, fixed) = self.context(metadata, context);
         let d =
             self.engine.snapshot().evaluate(key, &ctx).ok_or_else(|| {
                 Status::not_found(format!("FLAG_NOT_FOUND: flag {key:?} not found"))
             })?;
+        if v1 && code_default(&d) {
+            return Err(Status::not_found(if d.reason == Reason::Disabled {
+                format!("FLAG_DISABLED: flag {key:?} is disabled")
+            } else {
+                format!("FLAG_NOT_FOUND: flag {key:?} has no default variant")
+            }));
+        }
         Ok(cacheable(d, fixed))
     }
 }
@@ -295,7 +306,7 @@ fn changed_keys(change: &Change, engine: &Engine) -> Option<Vec<String>> {
 
 /// Implements one version of `flagd.evaluation.vN.Service` for [`Flagd`].
 macro_rules! flagd_service {
-    ($fpb:ident, $stream:ident) => {
+    ($fpb:ident, $stream:ident, $v1:expr) => {
         /// The event stream of this protocol version.
         pub type $stream = Pin<Box<dyn Stream<Item = Result<$fpb::EventStreamResponse, Status>> + Send>>;
 
@@ -310,6 +321,10 @@ macro_rules! flagd_service {
                     let Some(d) = snapshot.evaluate(key, &ctx).map(|d| cacheable(d, fixed)) else {
                         continue;
                     };
+                    if $v1 && code_default(&d) {
+                        // v1 has no way to say "use the code default": left out.
+                        continue;
+                    }
                     let value = if code_default(&d) {
                         None
                     } else {
@@ -342,7 +357,7 @@ macro_rules! flagd_service {
 
             async fn resolve_boolean(&self, req: Request<$fpb::ResolveBooleanRequest>) -> R<$fpb::ResolveBooleanResponse> {
                 let (metadata, _, req) = req.into_parts();
-                let d = self.decide(&metadata, &req.flag_key, req.context)?;
+                let d = self.decide(&metadata, &req.flag_key, req.context, $v1)?;
                 Ok(Response::new($fpb::ResolveBooleanResponse {
                     value: Field::field(typed(&d, &req.flag_key, "boolean", Value::as_bool)?),
                     reason: reason(d.reason).to_owned(),
@@ -353,7 +368,7 @@ macro_rules! flagd_service {
 
             async fn resolve_string(&self, req: Request<$fpb::ResolveStringRequest>) -> R<$fpb::ResolveStringResponse> {
                 let (metadata, _, req) = req.into_parts();
-                let d = self.decide(&metadata, &req.flag_key, req.context)?;
+                let d = self.decide(&metadata, &req.flag_key, req.context, $v1)?;
                 Ok(Response::new($fpb::ResolveStringResponse {
                     value: Field::field(typed(&d, &req.flag_key, "string", |v| v.as_str().map(str::to_owned))?),
                     reason: reason(d.reason).to_owned(),
@@ -364,7 +379,7 @@ macro_rules! flagd_service {
 
             async fn resolve_float(&self, req: Request<$fpb::ResolveFloatRequest>) -> R<$fpb::ResolveFloatResponse> {
                 let (metadata, _, req) = req.into_parts();
-                let d = self.decide(&metadata, &req.flag_key, req.context)?;
+                let d = self.decide(&metadata, &req.flag_key, req.context, $v1)?;
                 Ok(Response::new($fpb::ResolveFloatResponse {
                     value: Field::field(typed(&d, &req.flag_key, "float", Value::as_f64)?),
                     reason: reason(d.reason).to_owned(),
@@ -375,7 +390,7 @@ macro_rules! flagd_service {
 
             async fn resolve_int(&self, req: Request<$fpb::ResolveIntRequest>) -> R<$fpb::ResolveIntResponse> {
                 let (metadata, _, req) = req.into_parts();
-                let d = self.decide(&metadata, &req.flag_key, req.context)?;
+                let d = self.decide(&metadata, &req.flag_key, req.context, $v1)?;
                 Ok(Response::new($fpb::ResolveIntResponse {
                     value: Field::field(typed(&d, &req.flag_key, "integer", integer)?),
                     reason: reason(d.reason).to_owned(),
@@ -386,7 +401,7 @@ macro_rules! flagd_service {
 
             async fn resolve_object(&self, req: Request<$fpb::ResolveObjectRequest>) -> R<$fpb::ResolveObjectResponse> {
                 let (metadata, _, req) = req.into_parts();
-                let d = self.decide(&metadata, &req.flag_key, req.context)?;
+                let d = self.decide(&metadata, &req.flag_key, req.context, $v1)?;
                 Ok(Response::new($fpb::ResolveObjectResponse {
                     value: typed(&d, &req.flag_key, "object", object)?,
                     reason: reason(d.reason).to_owned(),
@@ -447,8 +462,8 @@ macro_rules! flagd_service {
 
 use proto::flagd::evaluation::{v1 as fpb1, v2 as fpb2};
 
-flagd_service!(fpb1, EventStreamV1);
-flagd_service!(fpb2, EventStreamV2);
+flagd_service!(fpb1, EventStreamV1, true);
+flagd_service!(fpb2, EventStreamV2, false);
 
 #[cfg(test)]
 mod tests {

@@ -165,13 +165,11 @@ async fn main() {
                         &[("app.txt", &v), ("payload.bin", &"x".repeat(64 * 1024))],
                     );
                     register(&mut c, "app", &v, &path, &digest).await;
-                    let strategy = (i == 1).then(|| {
-                        Kind::Rolling(pb::Rolling {
-                            batch_size: batch,
-                            batch_percent: 0.0,
-                            max_failures: 0,
-                        })
-                    });
+                    let strategy = (i == 1).then_some(Kind::Rolling(pb::Rolling {
+                        batch_size: batch,
+                        batch_percent: 0.0,
+                        max_failures: 0,
+                    }));
                     let start = Instant::now();
                     let d = deploy(&mut c, "app", &v, "bench", strategy).await;
                     until(&mut c, &d.name, &v, is(pb::DeploymentState::Succeeded)).await;
