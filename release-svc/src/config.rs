@@ -14,7 +14,8 @@ pub struct Config {
     /// Address to listen on (port 0 picks a free port; the bound address is printed).
     #[arg(long, env = "RELEASE_SVC_LISTEN", default_value = "127.0.0.1:50052")]
     pub listen: SocketAddr,
-    /// SQLite database file (created if missing).
+    /// SQLite database file (created if missing), or a PostgreSQL URL
+    /// (`postgres://user@host:5432/db`; migrated at start).
     #[arg(
         long,
         env = "RELEASE_SVC_DATABASE",

@@ -81,7 +81,13 @@ impl Server {
         config: Config,
         clock: Arc<dyn engine::Clock>,
     ) -> anyhow::Result<Self> {
-        let store = Arc::new(SqliteStore::open(&config.database)?);
+        let database = config.database.to_string_lossy().into_owned();
+        let store: Arc<dyn store::Store> =
+            if database.starts_with("postgres://") || database.starts_with("postgresql://") {
+                store::postgres::PostgresStore::open(&database, None).await?
+            } else {
+                Arc::new(SqliteStore::open(&config.database)?)
+            };
         let calendar: Arc<dyn engine::Calendar> = match config.change_calendar {
             config::CalendarSource::DeploySvc => Arc::new(calendar_client::DeployCalendar::new(
                 config.deploy_svc.clone(),

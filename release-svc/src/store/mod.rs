@@ -5,8 +5,10 @@
 //! - [`Store`]: every read and write of release-svc. Placement events, the consumer cursor
 //!   and the withdrawals they cause are written in one transaction.
 //! - [`sqlite`]: the embedded default (WAL, `synchronous=FULL`).
+//! - [`postgres`]: PostgreSQL, for a `postgres://` database URL.
 //! - `migrations/sqlite/`: embedded schema migrations.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::BTreeMap;

@@ -40,7 +40,7 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
-fn internal(e: impl std::fmt::Display) -> Error {
+pub(super) fn internal(e: impl std::fmt::Display) -> Error {
     Error::Internal(e.to_string())
 }
 
@@ -167,7 +167,7 @@ fn governance_body(g: &Governance) -> Result<String> {
     .map_err(internal)
 }
 
-fn governance_from(text: &str) -> Result<Governance> {
+pub(super) fn governance_from(text: &str) -> Result<Governance> {
     let b: GovernanceBody = serde_json::from_str(text).map_err(internal)?;
     Ok(Governance {
         requester: b.requester,
@@ -186,6 +186,69 @@ fn governance_from(text: &str) -> Result<Governance> {
             .into_iter()
             .map(|(k, s, d)| PreconditionViolation::new(k, s, d))
             .collect(),
+    })
+}
+
+/// A release from its stored columns.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn release_from(
+    id: i64,
+    description: String,
+    features: &str,
+    envs: String,
+    state: i64,
+    revision: i64,
+    create_ms: i64,
+    update_ms: i64,
+    governance: &str,
+) -> Result<Release> {
+    let envs: Vec<EnvBody> = serde_json::from_str(&envs).map_err(internal)?;
+    Ok(Release {
+        id,
+        description,
+        features: serde_json::from_str(features).map_err(internal)?,
+        environments: envs.into_iter().map(EnvBody::into_model).collect(),
+        state: ReleaseState::from_code(state).ok_or_else(|| internal("bad release state"))?,
+        governance: governance_from(governance)?,
+        revision,
+        create_ms,
+        update_ms,
+    })
+}
+
+/// The stored form of a policy's rules.
+pub(super) fn policy_body(policy: &Policy) -> Result<String> {
+    serde_json::to_string(&PolicyBody {
+        max_releases_per_day: policy.max_releases_per_day,
+        max_releases_per_week: policy.max_releases_per_week,
+        min_soak_ms: policy.min_soak_ms,
+        required_approvals: policy.required_approvals,
+        approvers: policy.approvers.clone(),
+        require_change_reference: policy.require_change_reference,
+        require_deployment_coverage: policy.require_deployment_coverage,
+    })
+    .map_err(internal)
+}
+
+/// A policy from its stored columns.
+pub(super) fn policy_from(
+    environment: String,
+    body: &str,
+    revision: i64,
+    update_ms: i64,
+) -> Result<Policy> {
+    let b: PolicyBody = serde_json::from_str(body).map_err(internal)?;
+    Ok(Policy {
+        environment,
+        max_releases_per_day: b.max_releases_per_day,
+        max_releases_per_week: b.max_releases_per_week,
+        min_soak_ms: b.min_soak_ms,
+        required_approvals: b.required_approvals,
+        approvers: b.approvers,
+        require_change_reference: b.require_change_reference,
+        require_deployment_coverage: b.require_deployment_coverage,
+        revision,
+        update_ms,
     })
 }
 
@@ -213,26 +276,30 @@ fn insert_audit(conn: &Connection, a: &AuditEntry) -> Result<()> {
 }
 
 /// The `auto.withdraw` audit records of withdrawals.
+pub(super) fn withdrawal_entries(withdrawals: &[Withdrawal]) -> Vec<AuditEntry> {
+    withdrawals
+        .iter()
+        .map(|w| AuditEntry {
+            time_ms: w.time_ms,
+            principal: "system".into(),
+            action: "auto.withdraw".into(),
+            resource: format!("features/{}", w.feature),
+            before: format!("visible in {}", w.environment),
+            after: format!("withdrawn from {}", w.environment),
+            request_id: String::new(),
+            reason: format!("{} (placement sequence {})", w.reason, w.sequence),
+        })
+        .collect()
+}
+
 fn withdrawal_audit(conn: &Connection, withdrawals: &[Withdrawal]) -> Result<()> {
-    for w in withdrawals {
-        insert_audit(
-            conn,
-            &AuditEntry {
-                time_ms: w.time_ms,
-                principal: "system".into(),
-                action: "auto.withdraw".into(),
-                resource: format!("features/{}", w.feature),
-                before: format!("visible in {}", w.environment),
-                after: format!("withdrawn from {}", w.environment),
-                request_id: String::new(),
-                reason: format!("{} (placement sequence {})", w.reason, w.sequence),
-            },
-        )?;
+    for a in withdrawal_entries(withdrawals) {
+        insert_audit(conn, &a)?;
     }
     Ok(())
 }
 
-fn feature_body(f: &Feature) -> Result<String> {
+pub(super) fn feature_body(f: &Feature) -> Result<String> {
     serde_json::to_string(&FeatureBody {
         description: f.description.clone(),
         owner: f.owner.clone(),
@@ -256,7 +323,7 @@ fn feature_body(f: &Feature) -> Result<String> {
     .map_err(internal)
 }
 
-fn feature_from(
+pub(super) fn feature_from(
     key: String,
     body: &str,
     revision: i64,
@@ -297,7 +364,7 @@ fn feature_from(
     })
 }
 
-fn release_columns(r: &Release) -> Result<(String, String, String)> {
+pub(super) fn release_columns(r: &Release) -> Result<(String, String, String)> {
     let features = serde_json::to_string(&r.features).map_err(internal)?;
     let envs: Vec<EnvBody> = r.environments.iter().map(EnvBody::from).collect();
     Ok((
@@ -426,20 +493,9 @@ impl Store for SqliteStore {
                 .map_err(sql)?;
             for row in rows {
                 let (id, description, features, envs, state, revision, create_ms, update_ms, governance) = row.map_err(sql)?;
-                let envs: Vec<EnvBody> = serde_json::from_str(&envs).map_err(internal)?;
                 loaded.releases.insert(
                     id,
-                    Release {
-                        id,
-                        description,
-                        features: serde_json::from_str(&features).map_err(internal)?,
-                        environments: envs.into_iter().map(EnvBody::into_model).collect(),
-                        state: ReleaseState::from_code(state).ok_or_else(|| internal("bad release state"))?,
-                        governance: governance_from(&governance)?,
-                        revision,
-                        create_ms,
-                        update_ms,
-                    },
+                    release_from(id, description, &features, envs, state, revision, create_ms, update_ms, &governance)?,
                 );
             }
             let mut stmt = conn
@@ -472,22 +528,9 @@ impl Store for SqliteStore {
                 .map_err(sql)?;
             for row in rows {
                 let (environment, body, revision, update_ms): (String, String, i64, i64) = row.map_err(sql)?;
-                let b: PolicyBody = serde_json::from_str(&body).map_err(internal)?;
-                loaded.policies.insert(
-                    environment.clone(),
-                    Policy {
-                        environment,
-                        max_releases_per_day: b.max_releases_per_day,
-                        max_releases_per_week: b.max_releases_per_week,
-                        min_soak_ms: b.min_soak_ms,
-                        required_approvals: b.required_approvals,
-                        approvers: b.approvers,
-                        require_change_reference: b.require_change_reference,
-                        require_deployment_coverage: b.require_deployment_coverage,
-                        revision,
-                        update_ms,
-                    },
-                );
+                loaded
+                    .policies
+                    .insert(environment.clone(), policy_from(environment, &body, revision, update_ms)?);
             }
             Ok(loaded)
         })
@@ -674,16 +717,7 @@ impl Store for SqliteStore {
 
     async fn put_policy(&self, policy: Policy, expected: i64, audit: AuditEntry) -> Result<()> {
         self.transaction(move |conn| {
-            let body = serde_json::to_string(&PolicyBody {
-                max_releases_per_day: policy.max_releases_per_day,
-                max_releases_per_week: policy.max_releases_per_week,
-                min_soak_ms: policy.min_soak_ms,
-                required_approvals: policy.required_approvals,
-                approvers: policy.approvers.clone(),
-                require_change_reference: policy.require_change_reference,
-                require_deployment_coverage: policy.require_deployment_coverage,
-            })
-            .map_err(internal)?;
+            let body = policy_body(&policy)?;
             let n = if expected == 0 {
                 conn.execute(
                     "INSERT INTO policies (environment, body, revision, update_ms) VALUES (?1, ?2, ?3, ?4) ON CONFLICT (environment) DO NOTHING",

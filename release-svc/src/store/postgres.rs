@@ -1,0 +1,553 @@
+//! The PostgreSQL backend (a `postgres://` database URL): the same [`Store`] contract as
+//! SQLite, the same stored forms (shared with [`super::sqlite`]), its own migrations.
+//!
+//! One connection behind an async mutex (release-svc writes rarely; reads are served from
+//! the in-memory snapshot). A lost connection is re-established on the next call; a call
+//! that fails because the server is unreachable is UNAVAILABLE and writes nothing (each
+//! write is one transaction). Migrations run under an advisory lock, so replicas starting
+//! together apply them once.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::Mutex;
+use tokio_postgres::{Client, NoTls, Transaction};
+
+use super::sqlite::{
+    feature_body, feature_from, internal, policy_body, policy_from, release_columns, release_from,
+    withdrawal_entries,
+};
+use super::{AuditEntry, AuditFilter, Loaded, Store, Withdrawal};
+use crate::domain::model::{Feature, Release};
+use crate::domain::placements::{Placement, PlacementState};
+use crate::domain::policy::Policy;
+use crate::domain::{Error, Result};
+
+const MIGRATIONS: &[&str] = &[include_str!("migrations/postgres/0001_init.sql")];
+
+/// The PostgreSQL store.
+pub struct PostgresStore {
+    url: String,
+    schema: Option<String>,
+    client: Mutex<Option<Client>>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("schema", &self.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+fn pg(e: tokio_postgres::Error) -> Error {
+    if e.is_closed() || e.as_db_error().is_none() {
+        Error::Unavailable(format!("PostgreSQL: {e}"))
+    } else {
+        Error::Internal(format!("PostgreSQL: {e}"))
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+async fn connect(url: &str, schema: Option<&str>) -> Result<Client> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.map_err(pg)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "PostgreSQL connection ended");
+        }
+    });
+    if let Some(schema) = schema {
+        client
+            .batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS \"{schema}\"; SET search_path TO \"{schema}\""
+            ))
+            .await
+            .map_err(pg)?;
+    }
+    Ok(client)
+}
+
+impl PostgresStore {
+    /// Connects to `url` and migrates; with `schema`, everything lives in that schema
+    /// (created if missing: tests get one each).
+    pub async fn open(url: &str, schema: Option<&str>) -> Result<Arc<Self>> {
+        let mut client = connect(url, schema).await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        tx.batch_execute(
+            "SELECT pg_advisory_xact_lock(7303); CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)",
+        )
+        .await
+        .map_err(pg)?;
+        let applied: i64 = tx
+            .query_one("SELECT count(*) FROM schema_migrations", &[])
+            .await
+            .map_err(pg)?
+            .get(0);
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(to_u64(applied) as usize) {
+            tx.batch_execute(m).await.map_err(pg)?;
+            let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
+            tx.execute(
+                "INSERT INTO schema_migrations (version) VALUES ($1)",
+                &[&version],
+            )
+            .await
+            .map_err(pg)?;
+        }
+        tx.commit().await.map_err(pg)?;
+        Ok(Arc::new(Self {
+            url: url.to_owned(),
+            schema: schema.map(str::to_owned),
+            client: Mutex::new(Some(client)),
+        }))
+    }
+
+    /// Runs `f` in one transaction on a live connection (reconnecting if the last one
+    /// died).
+    async fn tx<T, F>(&self, f: F) -> Result<T>
+    where
+        F: for<'a> FnOnce(
+            &'a Transaction<'a>,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T>> + Send + 'a>,
+        >,
+    {
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            *guard = Some(connect(&self.url, self.schema.as_deref()).await?);
+        }
+        let Some(client) = guard.as_mut() else {
+            return Err(Error::Unavailable("PostgreSQL: no connection".into()));
+        };
+        let tx = client.transaction().await.map_err(pg)?;
+        let out = f(&tx).await?;
+        tx.commit().await.map_err(pg)?;
+        Ok(out)
+    }
+}
+
+async fn insert_audit(tx: &Transaction<'_>, a: &AuditEntry) -> Result<()> {
+    tx.execute(
+        "INSERT INTO audit_records (time_ms, principal, action, resource, before, after, request_id, reason) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        &[&a.time_ms, &a.principal, &a.action, &a.resource, &a.before, &a.after, &a.request_id, &a.reason],
+    )
+    .await
+    .map_err(pg)?;
+    Ok(())
+}
+
+async fn insert_placement(tx: &Transaction<'_>, p: &Placement) -> Result<()> {
+    tx.execute(
+        "INSERT INTO placements (deployment, target, environment, artifact, version, state, seq) VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (deployment, target) DO UPDATE SET state = excluded.state, seq = excluded.seq
+         WHERE excluded.seq > placements.seq",
+        &[&p.deployment, &p.target, &p.environment, &p.artifact, &p.version, &p.state.code(), &to_i64(p.sequence)],
+    )
+    .await
+    .map_err(pg)?;
+    Ok(())
+}
+
+async fn insert_withdrawals(tx: &Transaction<'_>, withdrawals: &[Withdrawal]) -> Result<()> {
+    for w in withdrawals {
+        tx.execute(
+            "INSERT INTO withdrawals (feature, environment, reason, seq, time_ms) VALUES ($1, $2, $3, $4, $5)",
+            &[&w.feature, &w.environment, &w.reason, &to_i64(w.sequence), &w.time_ms],
+        )
+        .await
+        .map_err(pg)?;
+    }
+    for a in withdrawal_entries(withdrawals) {
+        insert_audit(tx, &a).await?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn load(&self) -> Result<Loaded> {
+        self.tx(|tx| {
+            Box::pin(async move {
+                let mut loaded = Loaded::default();
+                for r in tx
+                    .query("SELECT key, body, revision, create_ms, update_ms FROM features", &[])
+                    .await
+                    .map_err(pg)?
+                {
+                    let key: String = r.get(0);
+                    let body: String = r.get(1);
+                    let f = feature_from(key.clone(), &body, r.get(2), r.get(3), r.get(4))?;
+                    loaded.features.insert(key, Arc::new(f));
+                }
+                for r in tx
+                    .query("SELECT id, description, features, environments, state, revision, create_ms, update_ms, governance FROM releases", &[])
+                    .await
+                    .map_err(pg)?
+                {
+                    let id: i64 = r.get(0);
+                    let features: String = r.get(2);
+                    let governance: String = r.get(8);
+                    let release = release_from(
+                        id,
+                        r.get(1),
+                        &features,
+                        r.get(3),
+                        r.get(4),
+                        r.get(5),
+                        r.get(6),
+                        r.get(7),
+                        &governance,
+                    )?;
+                    loaded.releases.insert(id, release);
+                }
+                for r in tx
+                    .query("SELECT deployment, target, environment, artifact, version, state, seq FROM placements", &[])
+                    .await
+                    .map_err(pg)?
+                {
+                    loaded.placements.push(Placement {
+                        deployment: r.get(0),
+                        target: r.get(1),
+                        environment: r.get(2),
+                        artifact: r.get(3),
+                        version: r.get(4),
+                        state: PlacementState::from_code(r.get(5)).unwrap_or(PlacementState::Pending),
+                        sequence: to_u64(r.get(6)),
+                    });
+                }
+                let c = tx
+                    .query_one("SELECT cursor, events_applied FROM consumer WHERE id = 1", &[])
+                    .await
+                    .map_err(pg)?;
+                loaded.cursor = to_u64(c.get(0));
+                loaded.events_applied = to_u64(c.get(1));
+                for r in tx
+                    .query("SELECT environment, body, revision, update_ms FROM policies", &[])
+                    .await
+                    .map_err(pg)?
+                {
+                    let environment: String = r.get(0);
+                    let body: String = r.get(1);
+                    loaded.policies.insert(
+                        environment.clone(),
+                        policy_from(environment, &body, r.get(2), r.get(3))?,
+                    );
+                }
+                Ok(loaded)
+            })
+        })
+        .await
+    }
+
+    async fn insert_feature(&self, feature: Feature, audit: AuditEntry) -> Result<()> {
+        self.tx(|tx| {
+            Box::pin(async move {
+                let n = tx
+                    .execute(
+                        "INSERT INTO features (key, body, revision, create_ms, update_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key) DO NOTHING",
+                        &[&feature.key, &feature_body(&feature)?, &feature.revision, &feature.create_ms, &feature.update_ms],
+                    )
+                    .await
+                    .map_err(pg)?;
+                if n == 0 {
+                    return Err(Error::AlreadyExists {
+                        resource: format!("features/{}", feature.key),
+                        detail: "choose another key or update the feature".into(),
+                    });
+                }
+                insert_audit(tx, &audit).await
+            })
+        })
+        .await
+    }
+
+    async fn update_feature(
+        &self,
+        feature: Feature,
+        expected: i64,
+        audit: AuditEntry,
+    ) -> Result<()> {
+        self.tx(|tx| {
+            Box::pin(async move {
+                let n = tx
+                    .execute(
+                        "UPDATE features SET body = $1, revision = $2, update_ms = $3 WHERE key = $4 AND revision = $5",
+                        &[&feature_body(&feature)?, &feature.revision, &feature.update_ms, &feature.key, &expected],
+                    )
+                    .await
+                    .map_err(pg)?;
+                if n == 0 {
+                    return Err(Error::Aborted(format!(
+                        "features/{} changed concurrently; read it again and retry",
+                        feature.key
+                    )));
+                }
+                insert_audit(tx, &audit).await
+            })
+        })
+        .await
+    }
+
+    async fn insert_release(
+        &self,
+        release: Release,
+        request_id: Option<String>,
+        mut audit: AuditEntry,
+    ) -> Result<(i64, bool)> {
+        self.tx(|tx| {
+            Box::pin(async move {
+                let (features, envs, governance) = release_columns(&release)?;
+                let fingerprint = format!("{}|{features}|{envs}", release.description);
+                if let Some(request_id) = &request_id {
+                    let seen = tx
+                        .query_opt(
+                            "SELECT fingerprint, resource FROM request_ids WHERE request_id = $1",
+                            &[request_id],
+                        )
+                        .await
+                        .map_err(pg)?;
+                    if let Some(row) = seen {
+                        let (f, resource): (String, String) = (row.get(0), row.get(1));
+                        if f != fingerprint {
+                            return Err(Error::invalid(
+                                "request_id",
+                                "was already used for a different request; use a new request_id",
+                            ));
+                        }
+                        return Ok((resource.parse().map_err(internal)?, false));
+                    }
+                }
+                let id: i64 = tx
+                    .query_one(
+                        "INSERT INTO releases (description, features, environments, state, revision, create_ms, update_ms, governance) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+                        &[&release.description, &features, &envs, &release.state.code(), &release.revision, &release.create_ms, &release.update_ms, &governance],
+                    )
+                    .await
+                    .map_err(pg)?
+                    .get(0);
+                if audit.resource.ends_with('/') {
+                    audit.resource.push_str(&id.to_string());
+                }
+                insert_audit(tx, &audit).await?;
+                if let Some(request_id) = &request_id {
+                    tx.execute(
+                        "INSERT INTO request_ids (request_id, fingerprint, resource) VALUES ($1, $2, $3)",
+                        &[request_id, &fingerprint, &id.to_string()],
+                    )
+                    .await
+                    .map_err(pg)?;
+                }
+                Ok((id, true))
+            })
+        })
+        .await
+    }
+
+    async fn update_release(
+        &self,
+        release: Release,
+        expected: i64,
+        audit: Vec<AuditEntry>,
+    ) -> Result<()> {
+        self.tx(|tx| {
+            Box::pin(async move {
+                let (features, envs, governance) = release_columns(&release)?;
+                let n = tx
+                    .execute(
+                        "UPDATE releases SET description = $1, features = $2, environments = $3, state = $4, revision = $5, update_ms = $6, governance = $9 WHERE id = $7 AND revision = $8",
+                        &[&release.description, &features, &envs, &release.state.code(), &release.revision, &release.update_ms, &release.id, &expected, &governance],
+                    )
+                    .await
+                    .map_err(pg)?;
+                if n == 0 {
+                    return Err(Error::Aborted(format!(
+                        "releases/{} changed concurrently; read it again and retry",
+                        release.id
+                    )));
+                }
+                for a in &audit {
+                    insert_audit(tx, a).await?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn put_policy(&self, policy: Policy, expected: i64, audit: AuditEntry) -> Result<()> {
+        self.tx(|tx| {
+            Box::pin(async move {
+                let body = policy_body(&policy)?;
+                let n = if expected == 0 {
+                    tx.execute(
+                        "INSERT INTO policies (environment, body, revision, update_ms) VALUES ($1, $2, $3, $4) ON CONFLICT (environment) DO NOTHING",
+                        &[&policy.environment, &body, &policy.revision, &policy.update_ms],
+                    )
+                    .await
+                } else {
+                    tx.execute(
+                        "UPDATE policies SET body = $2, revision = $3, update_ms = $4 WHERE environment = $1 AND revision = $5",
+                        &[&policy.environment, &body, &policy.revision, &policy.update_ms, &expected],
+                    )
+                    .await
+                }
+                .map_err(pg)?;
+                if n == 0 {
+                    return Err(Error::Aborted(format!(
+                        "policies/{} changed concurrently; read it again and retry with its etag",
+                        policy.environment
+                    )));
+                }
+                insert_audit(tx, &audit).await
+            })
+        })
+        .await
+    }
+
+    async fn list_audit(&self, filter: AuditFilter) -> Result<Vec<(i64, AuditEntry)>> {
+        self.tx(|tx| {
+            Box::pin(async move {
+                let rows = tx
+                    .query(
+                        "SELECT id, time_ms, principal, action, resource, before, after, request_id, reason FROM audit_records
+                         WHERE id > $1 AND starts_with(resource, $2) AND ($3 = '' OR principal = $3)
+                           AND time_ms >= $4 AND time_ms < $5
+                         ORDER BY id LIMIT $6",
+                        &[
+                            &filter.after_id,
+                            &filter.resource_prefix,
+                            &filter.principal,
+                            &filter.start_ms.unwrap_or(i64::MIN),
+                            &filter.end_ms.unwrap_or(i64::MAX),
+                            &i64::try_from(filter.limit).unwrap_or(i64::MAX),
+                        ],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(rows
+                    .iter()
+                    .map(|r| {
+                        (
+                            r.get(0),
+                            AuditEntry {
+                                time_ms: r.get(1),
+                                principal: r.get(2),
+                                action: r.get(3),
+                                resource: r.get(4),
+                                before: r.get(5),
+                                after: r.get(6),
+                                request_id: r.get(7),
+                                reason: r.get(8),
+                            },
+                        )
+                    })
+                    .collect())
+            })
+        })
+        .await
+    }
+
+    async fn apply_placements(
+        &self,
+        events: Vec<Placement>,
+        cursor: u64,
+        withdrawals: Vec<Withdrawal>,
+    ) -> Result<u64> {
+        self.tx(|tx| {
+            Box::pin(async move {
+                // The consumer row is locked first: one applier at a time, whatever replica.
+                let stored: i64 = tx
+                    .query_one("SELECT cursor FROM consumer WHERE id = 1 FOR UPDATE", &[])
+                    .await
+                    .map_err(pg)?
+                    .get(0);
+                let fresh: Vec<&Placement> =
+                    events.iter().filter(|e| e.sequence > to_u64(stored)).collect();
+                for e in &fresh {
+                    insert_placement(tx, e).await?;
+                }
+                insert_withdrawals(tx, &withdrawals).await?;
+                let applied: i64 = tx
+                    .query_one(
+                        "UPDATE consumer SET cursor = greatest(cursor, $1), events_applied = events_applied + $2 WHERE id = 1 RETURNING events_applied",
+                        &[&to_i64(cursor), &i64::try_from(fresh.len()).unwrap_or(i64::MAX)],
+                    )
+                    .await
+                    .map_err(pg)?
+                    .get(0);
+                Ok(to_u64(applied))
+            })
+        })
+        .await
+    }
+
+    async fn replace_placements(
+        &self,
+        placements: Vec<Placement>,
+        cursor: u64,
+        withdrawals: Vec<Withdrawal>,
+    ) -> Result<()> {
+        self.tx(|tx| {
+            Box::pin(async move {
+                tx.query_one("SELECT cursor FROM consumer WHERE id = 1 FOR UPDATE", &[])
+                    .await
+                    .map_err(pg)?;
+                tx.execute("DELETE FROM placements", &[])
+                    .await
+                    .map_err(pg)?;
+                for p in &placements {
+                    insert_placement(tx, p).await?;
+                }
+                insert_withdrawals(tx, &withdrawals).await?;
+                tx.execute(
+                    "UPDATE consumer SET cursor = $1 WHERE id = 1",
+                    &[&to_i64(cursor)],
+                )
+                .await
+                .map_err(pg)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn list_withdrawals(
+        &self,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<(i64, Withdrawal)>> {
+        self.tx(|tx| {
+            Box::pin(async move {
+                let rows = tx
+                    .query(
+                        "SELECT id, feature, environment, reason, seq, time_ms FROM withdrawals WHERE id < $1 ORDER BY id DESC LIMIT $2",
+                        &[&before.unwrap_or(i64::MAX), &i64::try_from(limit).unwrap_or(i64::MAX)],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(rows
+                    .iter()
+                    .map(|r| {
+                        (
+                            r.get(0),
+                            Withdrawal {
+                                feature: r.get(1),
+                                environment: r.get(2),
+                                reason: r.get(3),
+                                sequence: to_u64(r.get(4)),
+                                time_ms: r.get(5),
+                            },
+                        )
+                    })
+                    .collect())
+            })
+        })
+        .await
+    }
+}
