@@ -33,6 +33,18 @@ pub struct Status {
     pub last_error: String,
     /// When the last message arrived.
     pub last_message_ms: Millis,
+    /// This replica applies deploy-svc's events (holds the applier lease).
+    pub active: bool,
+}
+
+/// Records whether this replica is the placement applier.
+pub fn set_active(status: &SharedStatus, active: bool) {
+    update(status, |s| {
+        s.active = active;
+        if !active {
+            s.connected = false;
+        }
+    });
 }
 
 /// Shared consumer status.

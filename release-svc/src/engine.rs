@@ -209,6 +209,42 @@ impl Engine {
         })
     }
 
+    /// Reloads everything from the store and rebuilds the snapshot: another replica
+    /// sharing the database committed a change.
+    pub async fn reload(&self) -> Result<()> {
+        // Under the writers' lock: a load that started before one of this replica's own
+        // commits must not overwrite it with older data.
+        let mut state = self.state.lock().await;
+        let loaded = self.store.load().await?;
+        let mut placements = PlacementIndex::default();
+        placements.replace(loaded.placements);
+        *state = State {
+            features: loaded.features,
+            releases: loaded.releases,
+            placements,
+            cursor: loaded.cursor,
+            events_applied: loaded.events_applied,
+            policies: loaded.policies,
+        };
+        let before = self.snapshot.load_full();
+        let next = before.update(
+            before.version + 1,
+            &Scope::All,
+            &state.features,
+            &state.releases,
+            &state.placements,
+        );
+        let version = next.version;
+        self.snapshot.store(Arc::new(next));
+        let _ = self.changes.send(Change {
+            version,
+            pairs: Vec::new(),
+            all: true,
+            cause: "reloaded: another replica changed the database".into(),
+        });
+        Ok(())
+    }
+
     /// The current snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()

@@ -119,12 +119,62 @@ impl Server {
         let Self { config, engine } = self;
         let streams = CancellationToken::new();
         let status = consumer::SharedStatus::default();
-        let consumer = tokio::spawn(consumer::run(
-            engine.clone(),
-            config.deploy_svc.clone(),
-            status.clone(),
-            streams.clone(),
-        ));
+        // Replicas sharing the database reload when another one commits.
+        let refresher = match engine.store().changes().await {
+            None => None,
+            Some(mut changes) => {
+                let (engine, stop) = (engine.clone(), streams.clone());
+                Some(tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            got = changes.recv() => if got.is_none() { return },
+                        }
+                        if let Err(e) = engine.reload().await {
+                            tracing::warn!(error = %e, "reload after a change failed");
+                        }
+                    }
+                }))
+            }
+        };
+        let shared = refresher.is_some();
+        // One applier of placement events at a time across replicas: the consumer runs
+        // while this process holds the store's applier lease.
+        let consumer = {
+            let (engine, url, status, stop) = (
+                engine.clone(),
+                config.deploy_svc.clone(),
+                status.clone(),
+                streams.clone(),
+            );
+            tokio::spawn(async move {
+                while !stop.is_cancelled() {
+                    let lease = match engine.store().applier_lease(&stop).await {
+                        Ok(lease) => lease,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot take the applier lease; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
+                        }
+                    };
+                    if stop.is_cancelled() {
+                        break;
+                    }
+                    consumer::set_active(&status, true);
+                    tracing::info!("placement applier: this replica applies deploy-svc's events");
+                    // A new applier starts from what the last one committed.
+                    if shared {
+                        if let Err(e) = engine.reload().await {
+                            tracing::warn!(error = %e, "reload before applying failed");
+                        }
+                    }
+                    consumer::run(engine.clone(), url.clone(), status.clone(), lease.clone()).await;
+                    consumer::set_active(&status, false);
+                    lease.cancel();
+                }
+            })
+        };
+
         let scheduler = tokio::spawn(scheduler(
             engine.clone(),
             Duration::from_millis(config.scheduler_interval_ms.max(1)),
@@ -232,6 +282,9 @@ impl Server {
         streams.cancel();
         let _ = consumer.await;
         let _ = scheduler.await;
+        if let Some(r) = refresher {
+            let _ = r.await;
+        }
         tracing::info!("release-svc stopped");
         result
     }

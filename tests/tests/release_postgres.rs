@@ -125,3 +125,154 @@ async fn release_svc_serves_from_postgres_and_keeps_its_state_across_a_restart()
         .await
         .unwrap();
 }
+
+/// A fresh database on the TEST_DATABASE_URL server: (admin client, its URL, its name).
+async fn fresh_database(url: &str, tag: &str) -> (tokio_postgres::Client, String, String) {
+    let (admin, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {url} is not reachable: {e}"));
+    tokio::spawn(connection);
+    let db = format!(
+        "{tag}_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    );
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
+    let base = url.rsplit_once('/').map_or(url, |(b, _)| b);
+    (admin, format!("{base}/{db}"), db)
+}
+
+async fn status(rc: &mut release::Client) -> rpb::ConsumerStatus {
+    rc.get_consumer_status(rpb::GetConsumerStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Two release-svc replicas on one database: exactly one applies placement events; a write
+/// on either is served by the other; SIGKILL the applier during a burst of placement
+/// events and the other takes over within 5 s, nothing lost, nothing applied twice.
+#[tokio::test]
+async fn two_replicas_share_one_database_with_one_applier_and_failover() {
+    let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
+        eprintln!("TEST_DATABASE_URL is not set: release-svc replicas were not tested");
+        return;
+    };
+    let (admin, db_url, db) = fresh_database(&url, "release_replicas").await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = Binary::start(&dir.path().join("deploy.db"), &[]).await;
+    let mut replicas = vec![
+        release_svc(&db_url, &d).await,
+        release_svc(&db_url, &d).await,
+    ];
+    let mut clients = vec![
+        release::connect(replicas[0].addr).await,
+        release::connect(replicas[1].addr).await,
+    ];
+    // Exactly one applier.
+    let start = std::time::Instant::now();
+    let active = loop {
+        let a = status(&mut clients[0]).await.active;
+        let b = status(&mut clients[1]).await.active;
+        assert!(!(a && b), "two appliers");
+        if a || b {
+            break usize::from(b);
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "no applier");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let standby = 1 - active;
+
+    // A feature and its release written through the standby are served by the applier.
+    let mut dc = tests::connect(d.addr).await;
+    let g = Gated::setup(&mut dc, &mut clients[standby], 2, 1.0, 100.0).await;
+    let start = std::time::Instant::now();
+    loop {
+        let seen = clients[active]
+            .evaluate(rpb::EvaluateRequest {
+                feature: "new-cart".into(),
+                context: Some(rpb::EvaluationContext {
+                    environment: "prod".into(),
+                    targeting_key: "u1".into(),
+                    attributes: None,
+                }),
+            })
+            .await;
+        if seen.is_ok_and(|r| r.get_ref().release.starts_with("releases/")) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the other replica never saw it"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!(
+        "write on one replica served by the other after {:?}",
+        start.elapsed()
+    );
+
+    // A burst of placement events; the applier dies in the middle of it.
+    let churn = tests::Churn::setup(&mut dc, "edge", "cdn", 4).await;
+    let burst = {
+        let mut c = tests::connect(d.addr).await;
+        let churn_targets = churn.targets.len();
+        tokio::spawn(async move {
+            for t in 0..churn_targets {
+                churn.run(&mut c, t, 0, 150).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    replicas.remove(active).kill().await;
+    clients.remove(active);
+    let start = std::time::Instant::now();
+    loop {
+        if status(&mut clients[0]).await.active {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no takeover within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("takeover after {:?}", start.elapsed());
+    burst.await.unwrap();
+
+    // Everything deploy-svc logged is applied, exactly once.
+    let mut w = tests::watch::open(&mut dc, Some(0), "", "").await.unwrap();
+    let (_, beat) = tests::watch::until_heartbeat(&mut w).await;
+    let start = std::time::Instant::now();
+    let last = loop {
+        let s = status(&mut clients[0]).await;
+        if s.cursor >= beat.head_sequence {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{s:?} < {}",
+            beat.head_sequence
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(last.cursor, beat.head_sequence, "{last:?}");
+    assert_eq!(
+        last.events_applied, last.cursor,
+        "every event applied exactly once: {last:?}"
+    );
+    let _ = g;
+
+    drop(replicas);
+    drop(clients);
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}

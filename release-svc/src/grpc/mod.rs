@@ -422,6 +422,7 @@ impl ReleaseService for ReleaseApi {
             last_message_time: (s.last_message_ms > 0)
                 .then(|| convert::timestamp(s.last_message_ms))
                 .flatten(),
+            active: s.active,
         }))
     }
 

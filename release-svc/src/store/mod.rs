@@ -94,6 +94,20 @@ pub struct Withdrawal {
 /// Every read and write of release-svc.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// A signal for every change committed by any process sharing the database (replicas
+    /// reload their state from it); `None` when this process is the only writer (SQLite).
+    async fn changes(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
+        None
+    }
+    /// Waits until this process holds the right to apply placement events (one replica at
+    /// a time); the returned token is cancelled when the right is lost. SQLite: at once,
+    /// for good.
+    async fn applier_lease(
+        &self,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<tokio_util::sync::CancellationToken> {
+        Ok(stop.child_token())
+    }
     /// Loads everything (at start).
     async fn load(&self) -> Result<Loaded>;
     /// Inserts a new feature (ALREADY_EXISTS if the key is taken), with its audit record.

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::Mutex;
 use tokio_postgres::{Client, NoTls, Transaction};
+use tokio_util::sync::CancellationToken;
 
 use super::sqlite::{
     feature_body, feature_from, internal, policy_body, policy_from, release_columns, release_from,
@@ -109,8 +110,8 @@ impl PostgresStore {
     }
 
     /// Runs `f` in one transaction on a live connection (reconnecting if the last one
-    /// died).
-    async fn tx<T, F>(&self, f: F) -> Result<T>
+    /// died); a write (`notify`) also tells every replica listening that data changed.
+    async fn tx<T, F>(&self, notify: bool, f: F) -> Result<T>
     where
         F: for<'a> FnOnce(
             &'a Transaction<'a>,
@@ -127,8 +128,44 @@ impl PostgresStore {
         };
         let tx = client.transaction().await.map_err(pg)?;
         let out = f(&tx).await?;
+        if notify {
+            // Delivered at commit, only if the transaction commits.
+            tx.batch_execute(&format!("NOTIFY {CHANNEL}"))
+                .await
+                .map_err(pg)?;
+        }
         tx.commit().await.map_err(pg)?;
         Ok(out)
+    }
+}
+
+/// The notification channel of committed changes.
+const CHANNEL: &str = "release_svc_changes";
+
+/// The advisory lock the placement applier holds.
+const APPLIER_LOCK: i64 = 7_304;
+
+/// Drives `connection`, forwarding notifications to `tx` until it ends.
+async fn pump<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    tx: tokio::sync::mpsc::Sender<()>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        let message = std::future::poll_fn(|cx| connection.poll_message(cx)).await;
+        match message {
+            Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                let _ = tx.try_send(());
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "PostgreSQL listener connection failed");
+                return;
+            }
+            None => return,
+        }
     }
 }
 
@@ -171,8 +208,88 @@ async fn insert_withdrawals(tx: &Transaction<'_>, withdrawals: &[Withdrawal]) ->
 
 #[async_trait]
 impl Store for PostgresStore {
+    async fn changes(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let (url, schema) = (self.url.clone(), self.schema.clone());
+        tokio::spawn(async move {
+            loop {
+                match tokio_postgres::connect(&url, NoTls).await {
+                    Ok((client, connection)) => {
+                        let forward = tx.clone();
+                        let pumping = tokio::spawn(pump(connection, forward));
+                        let listen = match &schema {
+                            Some(s) => format!("SET search_path TO \"{s}\"; LISTEN {CHANNEL}"),
+                            None => format!("LISTEN {CHANNEL}"),
+                        };
+                        if client.batch_execute(&listen).await.is_ok() {
+                            // Whatever happened while not listening: reload once.
+                            let _ = tx.try_send(());
+                            let _ = pumping.await;
+                        }
+                        drop(client);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "PostgreSQL listener cannot connect"),
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        });
+        Some(rx)
+    }
+
+    async fn applier_lease(&self, stop: &CancellationToken) -> Result<CancellationToken> {
+        loop {
+            if stop.is_cancelled() {
+                return Ok(stop.child_token());
+            }
+            if let Ok((client, connection)) = tokio_postgres::connect(&self.url, NoTls).await {
+                let lost = CancellationToken::new();
+                let on_end = lost.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::warn!(error = %e, "applier lease connection ended");
+                    }
+                    on_end.cancel();
+                });
+                let held: bool = match client
+                    .query_one("SELECT pg_try_advisory_lock($1)", &[&APPLIER_LOCK])
+                    .await
+                {
+                    Ok(row) => row.get(0),
+                    Err(_) => false,
+                };
+                if held {
+                    // The lock lives as long as this session: keep it open (and check it)
+                    // until it dies or the service stops.
+                    let (watch, stop) = (lost.clone(), stop.clone());
+                    tokio::spawn(async move {
+                        loop {
+                            tokio::select! {
+                                () = stop.cancelled() => break,
+                                () = watch.cancelled() => break,
+                                () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                            }
+                            if client.simple_query("SELECT 1").await.is_err() {
+                                break;
+                            }
+                        }
+                        watch.cancel();
+                    });
+                    return Ok(lost);
+                }
+                lost.cancel();
+            }
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
     async fn load(&self) -> Result<Loaded> {
-        self.tx(|tx| {
+        self.tx(false, |tx| {
             Box::pin(async move {
                 let mut loaded = Loaded::default();
                 for r in tx
@@ -246,7 +363,7 @@ impl Store for PostgresStore {
     }
 
     async fn insert_feature(&self, feature: Feature, audit: AuditEntry) -> Result<()> {
-        self.tx(|tx| {
+        self.tx(true, |tx| {
             Box::pin(async move {
                 let n = tx
                     .execute(
@@ -273,7 +390,7 @@ impl Store for PostgresStore {
         expected: i64,
         audit: AuditEntry,
     ) -> Result<()> {
-        self.tx(|tx| {
+        self.tx(true, |tx| {
             Box::pin(async move {
                 let n = tx
                     .execute(
@@ -300,7 +417,7 @@ impl Store for PostgresStore {
         request_id: Option<String>,
         mut audit: AuditEntry,
     ) -> Result<(i64, bool)> {
-        self.tx(|tx| {
+        self.tx(true, |tx| {
             Box::pin(async move {
                 let (features, envs, governance) = release_columns(&release)?;
                 let fingerprint = format!("{}|{features}|{envs}", release.description);
@@ -355,7 +472,7 @@ impl Store for PostgresStore {
         expected: i64,
         audit: Vec<AuditEntry>,
     ) -> Result<()> {
-        self.tx(|tx| {
+        self.tx(true, |tx| {
             Box::pin(async move {
                 let (features, envs, governance) = release_columns(&release)?;
                 let n = tx
@@ -381,7 +498,7 @@ impl Store for PostgresStore {
     }
 
     async fn put_policy(&self, policy: Policy, expected: i64, audit: AuditEntry) -> Result<()> {
-        self.tx(|tx| {
+        self.tx(true, |tx| {
             Box::pin(async move {
                 let body = policy_body(&policy)?;
                 let n = if expected == 0 {
@@ -411,7 +528,7 @@ impl Store for PostgresStore {
     }
 
     async fn list_audit(&self, filter: AuditFilter) -> Result<Vec<(i64, AuditEntry)>> {
-        self.tx(|tx| {
+        self.tx(false, |tx| {
             Box::pin(async move {
                 let rows = tx
                     .query(
@@ -459,7 +576,7 @@ impl Store for PostgresStore {
         cursor: u64,
         withdrawals: Vec<Withdrawal>,
     ) -> Result<u64> {
-        self.tx(|tx| {
+        self.tx(true, |tx| {
             Box::pin(async move {
                 // The consumer row is locked first: one applier at a time, whatever replica.
                 let stored: i64 = tx
@@ -493,7 +610,7 @@ impl Store for PostgresStore {
         cursor: u64,
         withdrawals: Vec<Withdrawal>,
     ) -> Result<()> {
-        self.tx(|tx| {
+        self.tx(true, |tx| {
             Box::pin(async move {
                 tx.query_one("SELECT cursor FROM consumer WHERE id = 1 FOR UPDATE", &[])
                     .await
@@ -522,7 +639,7 @@ impl Store for PostgresStore {
         before: Option<i64>,
         limit: usize,
     ) -> Result<Vec<(i64, Withdrawal)>> {
-        self.tx(|tx| {
+        self.tx(false, |tx| {
             Box::pin(async move {
                 let rows = tx
                     .query(
