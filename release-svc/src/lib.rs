@@ -177,6 +177,7 @@ impl Server {
 
         let scheduler = tokio::spawn(scheduler(
             engine.clone(),
+            status.clone(),
             Duration::from_millis(config.scheduler_interval_ms.max(1)),
             streams.clone(),
         ));
@@ -290,14 +291,23 @@ impl Server {
     }
 }
 
-/// Advances planned releases: one engine pass every `interval` until `stop`.
-async fn scheduler(engine: Arc<Engine>, interval: Duration, stop: CancellationToken) {
+/// Advances planned releases: one engine pass every `interval` until `stop`, on the replica
+/// that applies placement events only (the others reload what it commits).
+async fn scheduler(
+    engine: Arc<Engine>,
+    status: consumer::SharedStatus,
+    interval: Duration,
+    stop: CancellationToken,
+) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = ticks.tick() => {}
+        }
+        if !status.lock().unwrap_or_else(|p| p.into_inner()).active {
+            continue;
         }
         match engine.tick().await {
             Ok(advanced) => {
