@@ -93,9 +93,14 @@ impl Calendar for DeployCalendar {
         let facts = match env {
             Ok(env) => {
                 let env = env.into_inner();
+                // A window this service cannot read fails the check closed.
+                let windows: Option<Vec<FreezeWindow>> =
+                    env.freeze_windows.iter().map(window).collect();
                 EnvironmentFacts {
                     protected: env.protected,
-                    freeze_windows: env.freeze_windows.iter().filter_map(window).collect(),
+                    freeze_windows: windows.ok_or_else(|| {
+                        format!("environments/{environment} has a freeze window this release-svc cannot read")
+                    })?,
                 }
             }
             // An environment deploy-svc does not know has no calendar entries.

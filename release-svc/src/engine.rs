@@ -234,14 +234,14 @@ impl Engine {
             &state.releases,
             &state.placements,
         );
-        let version = next.version;
-        self.snapshot.store(Arc::new(next));
-        let _ = self.changes.send(Change {
-            version,
-            pairs: Vec::new(),
-            all: true,
-            cause: "reloaded: another replica changed the database".into(),
-        });
+        // Announce only the decisions that changed (a reload after this replica's own
+        // commit changes none).
+        self.swap(
+            &before,
+            next,
+            &Scope::All,
+            "reloaded: a replica committed a change".into(),
+        );
         Ok(())
     }
 

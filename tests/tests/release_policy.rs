@@ -272,6 +272,24 @@ async fn a_planned_release_is_governed_from_approval_to_100_percent() {
     })
     .await
     .unwrap();
+    // The kill switch works during a freeze; turning visibility back on is a change the
+    // freeze refuses like any other.
+    rc.pause_release(rpb::PauseReleaseRequest {
+        name: name.clone(),
+        reason: "incident".into(),
+    })
+    .await
+    .unwrap();
+    let resume = rc
+        .resume_release(rpb::ResumeReleaseRequest { name: name.clone() })
+        .await;
+    assert_eq!(tests::status::violated_rules(resume), ["FREEZE_WINDOW"]);
+    assert!(
+        !release::evaluate(&mut rc, "one-page-checkout", "prod", "u1")
+            .await
+            .visible
+    );
+
     let hotfix = create(&mut rc, "dark-mode", "CHG-1043").await;
     let check = rc
         .check_release(rpb::CheckReleaseRequest {
@@ -366,6 +384,7 @@ async fn a_planned_release_is_governed_from_approval_to_100_percent() {
         ("auto.advance", "system"),
         ("auto.advance", "system"),
         ("auto.advance", "system"),
+        ("PauseRelease", "anonymous"),
     ];
     assert_eq!(
         trail(&story),

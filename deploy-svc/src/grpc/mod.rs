@@ -154,6 +154,8 @@ fn order_stream(
             }
             let go_on = tokio::select! {
                 () = stop.cancelled() => false,
+                // The agent went away: stop reading its orders.
+                () = tx.closed() => return,
                 r = bell.changed() => r.is_ok(),
                 () = tokio::time::sleep(std::time::Duration::from_secs(5)) => true,
             };

@@ -1881,6 +1881,11 @@ impl Store for SqliteStore {
                 .collect::<rusqlite::Result<_>>()
                 .map_err(sql)?;
             for (deployment, environment, target, heartbeat) in lost {
+                // An earlier lost target may have failed the deployment already: a final
+                // deployment takes no new FAILED report (and must not fail the whole pass).
+                if load_deployment(conn, deployment, false)?.state.is_final() {
+                    continue;
+                }
                 apply_report(
                     conn,
                     now,
@@ -1963,8 +1968,20 @@ impl Store for SqliteStore {
         report: PlacementReport,
         caller: Caller,
     ) -> Result<ReportOutcome> {
-        self.write(move |conn, now, events| apply_report(conn, now, events, report, &caller))
-            .await
+        self.write(move |conn, now, events| {
+            let (environment, target) = (report.environment.clone(), report.target.clone());
+            let outcome = apply_report(conn, now, events, report, &caller)?;
+            // A report is a sign of life too: a target reporting without heartbeats (a
+            // pipeline, say) is not taken for a lost agent.
+            conn.prepare_cached(
+                "UPDATE targets SET heartbeat_ms = ?1 WHERE environment = ?2 AND id = ?3",
+            )
+            .map_err(sql)?
+            .execute(params![now, environment, target])
+            .map_err(sql)?;
+            Ok(outcome)
+        })
+        .await
     }
 
     async fn list_audit_records(

@@ -356,8 +356,8 @@ impl Release {
             (state, Transition::Step { .. }) => Err(format!(
                 "a plan advances only when APPROVED or RELEASING; it is {state:?}"
             )),
-            (Planned | Approved, Transition::SetRollout { .. }) => Err(
-                "a planned release advances by its plan; cancel it to release by hand".into(),
+            (_, Transition::SetRollout { .. }) if self.planned() => Err(
+                "a planned release advances by its plan; cancel it and release by hand".into(),
             ),
             (
                 _,

@@ -202,7 +202,17 @@ impl Engine {
         action: &str,
         reason: &str,
     ) -> Result<Release> {
-        let calendars = self.calendars(id).await?;
+        // Only a change that may make the release more visible reads the calendar: the kill
+        // switch (Pause, Rollback) and Cancel never wait on deploy-svc.
+        let widening = matches!(
+            t,
+            Transition::SetRollout { .. } | Transition::Step { .. } | Transition::Resume
+        );
+        let calendars = if widening {
+            self.calendars(id).await?
+        } else {
+            Vec::new()
+        };
         let mut state = self.state.lock().await;
         let current = state
             .releases
@@ -215,14 +225,19 @@ impl Engine {
             .map_err(|why| Error::precondition("RELEASE_STATE", format!("releases/{id}"), why))?;
         let mut violations = Vec::new();
         let mut frozen = false;
-        if matches!(t, Transition::SetRollout { .. } | Transition::Step { .. }) {
+        // Becoming active again (resume, or a rollout on a paused release) widens every
+        // environment with a rollout; otherwise those whose rollout goes up.
+        let reactivated = !current.state.is_active() && next.state.is_active();
+        if widening {
             for (i, (e, before)) in next
                 .environments
                 .iter()
                 .zip(&current.environments)
                 .enumerate()
             {
-                if e.rollout_percent > before.rollout_percent {
+                let widens = e.rollout_percent > before.rollout_percent
+                    || (reactivated && e.rollout_percent > 0.0);
+                if widens {
                     let cal = calendars
                         .iter()
                         .find(|(n, _)| *n == e.environment)
@@ -486,8 +501,14 @@ impl Engine {
         };
         let mut advanced = Vec::new();
         for id in due {
-            if self.advance(id, now).await? {
-                advanced.push(id);
+            // One release that cannot advance now (a concurrent edit, the store) does not
+            // hold back the others.
+            match self.advance(id, now).await {
+                Ok(true) => advanced.push(id),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(release = %format!("releases/{id}"), error = %e, "plan step not taken; retrying at the next pass")
+                }
             }
         }
         Ok(advanced)
@@ -521,7 +542,14 @@ impl Engine {
         let violations = self.violations(&state, &current, &next, index, cal, now);
         let system = Actor::system();
         if !violations.is_empty() {
-            if current.governance.waiting == violations {
+            // The same rules still block: nothing new to record (descriptions such as the
+            // soak time elapsed change every minute and are not a new reason).
+            let rules = |v: &[PreconditionViolation]| {
+                v.iter()
+                    .map(|v| (v.kind.clone(), v.subject.clone()))
+                    .collect::<Vec<_>>()
+            };
+            if rules(&current.governance.waiting) == rules(&violations) {
                 return Ok(false);
             }
             let mut waiting = current.clone();
