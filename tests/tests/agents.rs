@@ -188,6 +188,20 @@ async fn agents_place_all_at_once_rolling_and_canary_and_roll_back() {
         .into_inner();
     assert_eq!(back.rollback_of, d3.name);
     assert_eq!(back.artifact_version, "artifacts/app/versions/2.0.0");
+    let retry = f
+        .client
+        .rollback_deployment(pb::RollbackDeploymentRequest {
+            name: d3.name.clone(),
+            reason: "checkout errors".into(),
+            emergency: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        retry.name, back.name,
+        "a retried rollback returns the first one"
+    );
     until(
         &mut f.client,
         &back.name,

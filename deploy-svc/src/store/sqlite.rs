@@ -1112,6 +1112,18 @@ fn rollback(
     caller: &Caller,
 ) -> Result<Deployment> {
     let d = load_deployment(conn, id, false)?;
+    // Rolled back already (a retry, or the automatic rollback came first): that rollback.
+    let done: Option<i64> = conn
+        .query_row(
+            "SELECT id FROM deployments WHERE rollback_of = ?1 ORDER BY id LIMIT 1",
+            [id],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(sql)?;
+    if let Some(done) = done {
+        return load_deployment(conn, done, true);
+    }
     let previous: Option<String> = conn
         .query_row(
             "SELECT version FROM deployments WHERE artifact = ?1 AND environment = ?2 AND state = ?3 AND id < ?4 AND version != ?5 ORDER BY id DESC LIMIT 1",
