@@ -42,7 +42,13 @@ impl std::fmt::Debug for PostgresStore {
 }
 
 fn pg(e: tokio_postgres::Error) -> Error {
-    if e.is_closed() || e.as_db_error().is_none() {
+    // Connection trouble, a server shutting down (class 57: admin shutdown, crash shutdown,
+    // cannot connect now) or a connection exception (class 08): retryable, UNAVAILABLE.
+    let transient = e.as_db_error().is_none_or(|d| {
+        let class = &d.code().code()[..2];
+        class == "57" || class == "08"
+    });
+    if e.is_closed() || transient {
         Error::Unavailable(format!("PostgreSQL: {e}"))
     } else {
         Error::Internal(format!("PostgreSQL: {e}"))

@@ -1,0 +1,189 @@
+//! PostgreSQL restarts while release-svc (on it) takes writes: writes during the outage fail
+//! with UNAVAILABLE (never a false acknowledgement), the service recovers without a restart
+//! of its own, and no acknowledged write is lost. Restarts the machine's PostgreSQL server
+//! (`pg_ctlcluster`), so it is a test binary of its own (cargo runs test binaries one at a
+//! time); runs when TEST_DATABASE_URL is set and `pg_ctlcluster` is available.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use proto::release::v1 as rpb;
+use tests::{release, Binary};
+use tonic::Code;
+
+fn cluster(action: &str) -> bool {
+    let Some(version) = std::fs::read_dir("/etc/postgresql")
+        .ok()
+        .and_then(|mut d| d.next())
+        .and_then(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+    else {
+        return false;
+    };
+    Command::new("pg_ctlcluster")
+        .args(["--skip-systemctl-redirect", &version, "main", action])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn ready() -> bool {
+    Command::new("pg_isready")
+        .args(["-h", "127.0.0.1", "-p", "5432", "-q"])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Starts the server again whatever happens to the test.
+struct Restart;
+
+impl Drop for Restart {
+    fn drop(&mut self) {
+        if !ready() {
+            cluster("start");
+        }
+        let start = Instant::now();
+        while !ready() && start.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+#[tokio::test]
+async fn release_svc_survives_a_postgres_restart_without_losing_an_acknowledged_write() {
+    let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
+        eprintln!("TEST_DATABASE_URL is not set: the PostgreSQL restart was not tested");
+        return;
+    };
+    if Command::new("pg_ctlcluster")
+        .arg("--help")
+        .output()
+        .is_err()
+    {
+        eprintln!("pg_ctlcluster is not available: the PostgreSQL restart was not tested");
+        return;
+    }
+    let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {url} is not reachable: {e}"));
+    let admin_task = tokio::spawn(connection);
+    let db = format!("release_restart_{}", std::process::id());
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
+    drop(admin);
+    let _ = admin_task.await;
+    let base = url.rsplit_once('/').map_or(url.as_str(), |(b, _)| b);
+    let db_url = format!("{base}/{db}");
+    let dir = tempfile::tempdir().unwrap();
+    let d = Binary::start(&dir.path().join("deploy.db"), &[]).await;
+    let r = Binary::spawn(
+        "release-svc",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            &db_url,
+            "--deploy-svc",
+            &format!("http://{}", d.addr),
+        ],
+    )
+    .await;
+    let mut rc = release::connect(r.addr).await;
+    let _guard = Restart;
+
+    let (mut acknowledged, mut refused) = (Vec::new(), Vec::new());
+    let mut restarted = false;
+    let started = Instant::now();
+    let mut i = 0;
+    // Writes before, during and after the restart, until 40 more succeed after it.
+    let mut after = 0;
+    while after < 40 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the service did not recover"
+        );
+        let key = format!("f-{i}");
+        i += 1;
+        let res = rc
+            .create_feature(rpb::CreateFeatureRequest {
+                feature: Some(rpb::Feature {
+                    key: key.clone(),
+                    ..Default::default()
+                }),
+            })
+            .await;
+        match res {
+            Ok(_) => {
+                acknowledged.push(key);
+                if restarted {
+                    after += 1;
+                }
+            }
+            Err(status) => refused.push((key, status.code(), status.message().to_owned())),
+        }
+        if i == 20 {
+            // Stop, wait, start: the outage is at least a second long.
+            assert!(cluster("stop"), "pg_ctlcluster stop failed");
+            restarted = true;
+            let wait = tokio::time::sleep(Duration::from_secs(1));
+            tokio::pin!(wait);
+            // Writes while the server is down.
+            loop {
+                tokio::select! {
+                    () = &mut wait => break,
+                    res = rc.create_feature(rpb::CreateFeatureRequest {
+                        feature: Some(rpb::Feature { key: format!("down-{i}"), ..Default::default() }),
+                    }) => {
+                        let status = res.expect_err("acknowledged while PostgreSQL was down");
+                        refused.push((format!("down-{i}"), status.code(), status.message().to_owned()));
+                        i += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            assert!(cluster("start"), "pg_ctlcluster start failed");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        refused.iter().any(|(k, _, _)| k.starts_with("down-")),
+        "no write was attempted during the outage"
+    );
+    for (key, code, message) in &refused {
+        assert_eq!(*code, Code::Unavailable, "{key}: {message}");
+    }
+    // Every acknowledged write is there, read back by a fresh process on the same database.
+    r.kill().await;
+    let r = Binary::spawn(
+        "release-svc",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            &db_url,
+            "--deploy-svc",
+            &format!("http://{}", d.addr),
+        ],
+    )
+    .await;
+    let mut rc = release::connect(r.addr).await;
+    for key in &acknowledged {
+        rc.get_feature(rpb::GetFeatureRequest {
+            name: format!("features/{key}"),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("acknowledged {key} is lost: {e}"));
+    }
+    eprintln!(
+        "{} acknowledged, {} refused with UNAVAILABLE during the restart",
+        acknowledged.len(),
+        refused.len()
+    );
+    r.kill().await;
+}
