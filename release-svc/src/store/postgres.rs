@@ -7,6 +7,7 @@
 //! write is one transaction). Migrations run under an advisory lock, so replicas starting
 //! together apply them once.
 
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -31,6 +32,8 @@ pub struct PostgresStore {
     url: String,
     schema: Option<String>,
     client: Mutex<Option<Client>>,
+    /// The server process of our write connection: its own notifications need no reload.
+    own_pid: Arc<AtomicI32>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -61,6 +64,15 @@ fn to_i64(v: u64) -> i64 {
 
 fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
+}
+
+/// The server process id of a connection.
+async fn backend_pid(client: &Client) -> Result<i32> {
+    Ok(client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .map_err(pg)?
+        .get(0))
 }
 
 async fn connect(url: &str, schema: Option<&str>) -> Result<Client> {
@@ -108,10 +120,12 @@ impl PostgresStore {
             .map_err(pg)?;
         }
         tx.commit().await.map_err(pg)?;
+        let own_pid = Arc::new(AtomicI32::new(backend_pid(&client).await?));
         Ok(Arc::new(Self {
             url: url.to_owned(),
             schema: schema.map(str::to_owned),
             client: Mutex::new(Some(client)),
+            own_pid,
         }))
     }
 
@@ -127,7 +141,10 @@ impl PostgresStore {
     {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(Client::is_closed) {
-            *guard = Some(connect(&self.url, self.schema.as_deref()).await?);
+            let client = connect(&self.url, self.schema.as_deref()).await?;
+            self.own_pid
+                .store(backend_pid(&client).await?, Ordering::Relaxed);
+            *guard = Some(client);
         }
         let Some(client) = guard.as_mut() else {
             return Err(Error::Unavailable("PostgreSQL: no connection".into()));
@@ -155,6 +172,7 @@ const APPLIER_LOCK: i64 = 7_304;
 async fn pump<S, T>(
     mut connection: tokio_postgres::Connection<S, T>,
     tx: tokio::sync::mpsc::Sender<()>,
+    own_pid: Arc<AtomicI32>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -162,6 +180,9 @@ async fn pump<S, T>(
     loop {
         let message = std::future::poll_fn(|cx| connection.poll_message(cx)).await;
         match message {
+            // This replica's own commits are in its memory already.
+            Some(Ok(tokio_postgres::AsyncMessage::Notification(n)))
+                if n.process_id() == own_pid.load(Ordering::Relaxed) => {}
             Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
                 let _ = tx.try_send(());
             }
@@ -217,12 +238,13 @@ impl Store for PostgresStore {
     async fn changes(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let (url, schema) = (self.url.clone(), self.schema.clone());
+        let own_pid = self.own_pid.clone();
         tokio::spawn(async move {
             loop {
                 match tokio_postgres::connect(&url, NoTls).await {
                     Ok((client, connection)) => {
                         let forward = tx.clone();
-                        let pumping = tokio::spawn(pump(connection, forward));
+                        let pumping = tokio::spawn(pump(connection, forward, own_pid.clone()));
                         let listen = match &schema {
                             Some(s) => format!("SET search_path TO \"{s}\"; LISTEN {CHANNEL}"),
                             None => format!("LISTEN {CHANNEL}"),
