@@ -55,6 +55,36 @@ impl Fleet {
         digest
     }
 
+    /// The `agent.current` label of target `target`, as registered.
+    async fn label(&mut self, target: &str) -> Option<String> {
+        self.client
+            .list_targets(pb::ListTargetsRequest {
+                parent: format!("environments/{ENV}"),
+                page_size: 10,
+                page_token: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .targets
+            .iter()
+            .find(|t| t.name.ends_with(target))
+            .and_then(|t| t.labels.get("agent.current").cloned())
+    }
+
+    /// Rolls deployment `name` back.
+    async fn rollback(&mut self, name: &str, reason: &str) -> pb::Deployment {
+        self.client
+            .rollback_deployment(pb::RollbackDeploymentRequest {
+                name: name.into(),
+                reason: reason.into(),
+                emergency: None,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     fn currents(&self) -> Vec<Option<String>> {
         self.agents.iter().map(Agent::current).collect()
     }
@@ -176,28 +206,10 @@ async fn agents_place_all_at_once_rolling_and_canary_and_roll_back() {
     assert_eq!(f.currents(), all("3.0.0"));
 
     // Rollback: the previous successful version goes back on every target.
-    let back = f
-        .client
-        .rollback_deployment(pb::RollbackDeploymentRequest {
-            name: d3.name.clone(),
-            reason: "checkout errors".into(),
-            emergency: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let back = f.rollback(&d3.name, "checkout errors").await;
     assert_eq!(back.rollback_of, d3.name);
     assert_eq!(back.artifact_version, "artifacts/app/versions/2.0.0");
-    let retry = f
-        .client
-        .rollback_deployment(pb::RollbackDeploymentRequest {
-            name: d3.name.clone(),
-            reason: "checkout errors".into(),
-            emergency: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let retry = f.rollback(&d3.name, "checkout errors").await;
     assert_eq!(
         retry.name, back.name,
         "a retried rollback returns the first one"
@@ -277,51 +289,22 @@ async fn a_killed_agent_fails_its_placement_and_reports_its_disk_after_restart()
     assert_eq!(lost.state(), pb::PlacementState::Failed);
     assert!(lost.message.contains("agent lost"), "{lost:?}");
     assert_eq!(f.agents[3].current().as_deref(), Some("1.0.0"));
-    let labels = |targets: &[pb::Target]| {
-        targets
-            .iter()
-            .find(|t| t.name.ends_with("a-4"))
-            .and_then(|t| t.labels.get("agent.current").cloned())
-    };
-    let before = f
-        .client
-        .list_targets(pb::ListTargetsRequest {
-            parent: format!("environments/{ENV}"),
-            page_size: 10,
-            page_token: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .targets;
     assert_eq!(
-        labels(&before).as_deref(),
+        f.label("a-4").await.as_deref(),
         Some("none"),
         "registered with an empty root"
     );
 
     // Restarted, it re-registers reporting what is on its disk: still 1.0.0.
     f.agents[3].restart();
+    // It registered first with an empty root ("none"): the label changes only when the
+    // restarted agent re-registers with what its disk holds.
     let start = std::time::Instant::now();
-    loop {
-        let targets = f
-            .client
-            .list_targets(pb::ListTargetsRequest {
-                parent: format!("environments/{ENV}"),
-                page_size: 10,
-                page_token: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .targets;
-        let t = targets.iter().find(|t| t.name.ends_with("a-4")).unwrap();
-        // It registered first with an empty root ("none"): the label changes only when the
-        // restarted agent re-registers with what its disk holds.
-        if t.labels.get("agent.current").map(String::as_str) == Some("app@1.0.0") {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(20), "{t:?}");
+    while f.label("a-4").await.as_deref() != Some("app@1.0.0") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no re-registration"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -394,16 +377,7 @@ async fn the_release_gate_follows_real_agents() {
     let _ = seen_hidden_with_three;
 
     // Rollback to 1.0.0 closes the gate again.
-    let back = f
-        .client
-        .rollback_deployment(pb::RollbackDeploymentRequest {
-            name: d.name.clone(),
-            reason: "bad release".into(),
-            emergency: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let back = f.rollback(&d.name, "bad release").await;
     until(
         &mut f.client,
         &back.name,

@@ -108,6 +108,17 @@ pub fn caller<T>(req: &Request<T>) -> std::result::Result<Caller, Status> {
     })
 }
 
+/// Validates a deployment name and a free-text reason together (every bad field at once).
+fn deployment_and_reason(name: &str, reason: &str) -> std::result::Result<i64, Status> {
+    let mut v = Violations::default();
+    let id = v
+        .check("name", names::parse_deployment(name))
+        .unwrap_or_default();
+    v.check("reason", names::validate_text(reason, names::MAX_TEXT));
+    v.finish()?;
+    Ok(id)
+}
+
 /// The response stream of WatchOrders.
 pub type WatchOrdersStream =
     Pin<Box<dyn Stream<Item = std::result::Result<pb::Order, Status>> + Send>>;
@@ -417,12 +428,7 @@ impl DeployService for DeployApi {
     ) -> Result<pb::Deployment> {
         let caller = caller(&req)?;
         let req = req.into_inner();
-        let mut v = Violations::default();
-        let id = v
-            .check("name", names::parse_deployment(&req.name))
-            .unwrap_or_default();
-        v.check("reason", names::validate_text(&req.reason, names::MAX_TEXT));
-        v.finish()?;
+        let id = deployment_and_reason(&req.name, &req.reason)?;
         let d = self.store.cancel_deployment(id, req.reason, caller).await?;
         self.bell();
         Ok(Response::new(convert::deployment(d)))
@@ -445,12 +451,7 @@ impl DeployService for DeployApi {
     ) -> Result<pb::Deployment> {
         let caller = caller(&req)?;
         let req = req.into_inner();
-        let mut v = Violations::default();
-        let id = v
-            .check("name", names::parse_deployment(&req.name))
-            .unwrap_or_default();
-        v.check("reason", names::validate_text(&req.reason, names::MAX_TEXT));
-        v.finish()?;
+        let id = deployment_and_reason(&req.name, &req.reason)?;
         let emergency = convert::override_of(req.emergency, &caller.principal)?;
         let d = self
             .store
