@@ -5,11 +5,14 @@
 //! - [`Store`]: every read and write the service needs. Each write is one transaction that
 //!   includes its placement events (transactional outbox) and its audit record: every
 //!   mutating method takes the [`Caller`] the record names.
+//! - [`logic`]: every read and write, written once as SQL over [`db::Db`], for both
+//!   backends ([`logic::SqlStore`] over a [`logic::Backend`]).
 //! - [`sqlite`]: the embedded default (WAL, group commit by one writer thread).
-//! - `migrations/sqlite/`: embedded schema migrations.
-//!
-//! The trait has no SQLite types, so a PostgreSQL backend can implement it unchanged.
 
+//! - `migrations/sqlite/`, `migrations/postgres/`: embedded schema migrations.
+
+pub mod db;
+pub mod logic;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -24,7 +27,7 @@ use crate::domain::model::{
 };
 use crate::domain::Result;
 
-pub use sqlite::OrderRow;
+pub use logic::OrderRow;
 
 /// Every read and write of deploy-svc.
 #[async_trait]
