@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::domain::model::HealthWindows;
 use crate::placement_log::WatchLimits;
+use crate::store::postgres::{NotifyMode, PostgresOptions};
 use crate::store::sqlite::SqliteOptions;
 
 /// deploy-svc's configuration.
@@ -19,7 +20,8 @@ pub struct Config {
     /// Address to listen on (port 0 picks a free port; the bound address is printed).
     #[arg(long, env = "DEPLOY_SVC_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
-    /// SQLite database file (created if missing).
+    /// SQLite database file (created if missing), or a PostgreSQL URL
+    /// (`postgres://user@host:port/db`) for several replicas on one database.
     #[arg(
         long,
         env = "DEPLOY_SVC_DATABASE",
@@ -64,6 +66,17 @@ pub struct Config {
     /// Largest request or response message in bytes.
     #[arg(long, env = "DEPLOY_SVC_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
+    /// PostgreSQL: connections (each on its own thread) for reads and writes.
+    #[arg(long, env = "DEPLOY_SVC_PG_POOL_SIZE", default_value_t = 8)]
+    pub pg_pool_size: usize,
+    /// PostgreSQL: how replicas wake each other after writes: `coalesced` (one NOTIFY
+    /// outside the write transactions), `per-transaction` (a NOTIFY in every write, for
+    /// comparison) or `off` (replicas only poll).
+    #[arg(long, env = "DEPLOY_SVC_PG_NOTIFY", value_enum, default_value = "coalesced")]
+    pub pg_notify: NotifyMode,
+    /// PostgreSQL: how often a replica reads the log without a wake-up.
+    #[arg(long, env = "DEPLOY_SVC_PG_POLL_MS", default_value_t = 100)]
+    pub pg_poll_ms: u64,
     /// Logging.
     #[command(flatten)]
     pub log: service_kit::LogArgs,
@@ -85,6 +98,24 @@ impl Config {
             max_batch: self.max_batch,
             retention: self.retention_events,
             ..SqliteOptions::new(&self.database)
+        }
+    }
+
+    /// The PostgreSQL URL, when `--database` is one.
+    pub fn postgres_url(&self) -> Option<String> {
+        let text = self.database.to_string_lossy();
+        (text.starts_with("postgres://") || text.starts_with("postgresql://"))
+            .then(|| text.into_owned())
+    }
+
+    /// The PostgreSQL options (for a `postgres://` database).
+    pub fn postgres_options(&self, url: String) -> PostgresOptions {
+        PostgresOptions {
+            pool_size: self.pg_pool_size,
+            retention: self.retention_events,
+            notify: self.pg_notify,
+            poll_interval: Duration::from_millis(self.pg_poll_ms.max(1)),
+            ..PostgresOptions::new(url)
         }
     }
 

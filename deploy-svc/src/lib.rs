@@ -40,6 +40,7 @@ use tokio_util::task::TaskTracker;
 pub use config::Config;
 use domain::clock::{Clock, SystemClock};
 use grpc::DeployApi;
+use store::postgres::PostgresStore;
 use store::sqlite::SqliteStore;
 
 /// The gRPC service name, as health checks know it.
@@ -67,12 +68,24 @@ pub struct Server {
 
 impl Server {
     /// Opens (creating and migrating) the store, with an injected clock.
+    /// A `postgres://` database opens the PostgreSQL backend, which starts background tasks:
+    /// call it inside a Tokio runtime.
     pub fn open(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
-        let (store, feed) = SqliteStore::open(config.sqlite_options(), clock.clone())?;
+        let (store, feed): (Arc<dyn store::Store>, _) = match config.postgres_url() {
+            Some(url) => {
+                let (store, feed) =
+                    PostgresStore::open(config.postgres_options(url), clock.clone())?;
+                (Arc::new(store), feed)
+            }
+            None => {
+                let (store, feed) = SqliteStore::open(config.sqlite_options(), clock.clone())?;
+                (Arc::new(store), feed)
+            }
+        };
         Ok(Self {
             config,
             clock,
-            store: Arc::new(store),
+            store,
             feed,
         })
     }
@@ -101,6 +114,18 @@ impl Server {
             tasks.clone(),
         );
         let orders = api.orders_bell();
+        // Other replicas' writes may order our agents' targets.
+        let remote = store.remote_changes().map(|bell| {
+            let (orders, stop) = (orders.clone(), streams.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = bell.notified() => DeployApi::orders_changed(&orders),
+                    }
+                }
+            })
+        });
         // Periodic work: lost agents, baked canaries, automatic rollbacks.
         let ticker = {
             let (store, stop) = (store.clone(), streams.clone());
@@ -135,7 +160,11 @@ impl Server {
                 .max_encoding_message_size(config.max_message_bytes),
         );
         let routes = service_kit::reflection(routes)?;
-        tracing::info!(address = %listener.local_addr()?, database = %config.database.display(), "deploy-svc serving");
+        let database = match config.postgres_url() {
+            Some(_) => "PostgreSQL".to_owned(),
+            None => config.database.display().to_string(),
+        };
+        tracing::info!(address = %listener.local_addr()?, database = %database, "deploy-svc serving");
         let result = service_kit::serve_gracefully(
             listener,
             routes,
@@ -149,6 +178,9 @@ impl Server {
         )
         .await;
         ticker.abort();
+        if let Some(remote) = remote {
+            remote.abort();
+        }
         tasks.close();
         if tokio::time::timeout(Duration::from_secs(2), tasks.wait())
             .await

@@ -50,7 +50,10 @@ pub fn retention_error(after: u64, pruned_through: u64) -> Error {
 /// watchers (which read).
 #[derive(Debug)]
 pub struct Feed {
-    ring: RwLock<VecDeque<Arc<PlacementEvent>>>,
+    /// The newest events and the sequence through which the ring is complete (events at or
+    /// below it are only in the store). Sequences increase; on PostgreSQL a rolled-back
+    /// transaction leaves a hole, so neighbours may differ by more than one.
+    ring: RwLock<(VecDeque<Arc<PlacementEvent>>, u64)>,
     capacity: usize,
     head: watch::Sender<u64>,
 }
@@ -59,7 +62,7 @@ impl Feed {
     /// A feed whose log head is `head`, keeping the newest `capacity` events in memory.
     pub fn new(head: u64, capacity: usize) -> Self {
         Self {
-            ring: RwLock::new(VecDeque::with_capacity(capacity.min(1 << 16))),
+            ring: RwLock::new((VecDeque::with_capacity(capacity.min(1 << 16)), head)),
             capacity: capacity.max(1),
             head: watch::Sender::new(head),
         }
@@ -71,12 +74,15 @@ impl Feed {
             return;
         };
         {
-            let mut ring = self.ring.write().unwrap_or_else(|p| p.into_inner());
+            let mut guard = self.ring.write().unwrap_or_else(|p| p.into_inner());
+            let (ring, floor) = &mut *guard;
             for event in events {
                 ring.push_back(Arc::new(event));
             }
             while ring.len() > self.capacity {
-                ring.pop_front();
+                if let Some(gone) = ring.pop_front() {
+                    *floor = gone.sequence;
+                }
             }
         }
         self.head.send_replace(last);
@@ -95,16 +101,12 @@ impl Feed {
     /// Up to `max` events after `after` from memory, or `None` when the ring does not hold
     /// the event right after `after` (the caller reads the store instead).
     pub fn read_after(&self, after: u64, max: usize) -> Option<Vec<Arc<PlacementEvent>>> {
-        let ring = self.ring.read().unwrap_or_else(|p| p.into_inner());
-        let Some(first) = ring.front().map(|e| e.sequence) else {
-            return (after >= self.head()).then(Vec::new);
-        };
-        if after + 1 < first {
+        let guard = self.ring.read().unwrap_or_else(|p| p.into_inner());
+        let (ring, floor) = &*guard;
+        if after < *floor {
             return None;
         }
-        let start = usize::try_from(after + 1 - first)
-            .unwrap_or(usize::MAX)
-            .min(ring.len());
+        let start = ring.partition_point(|e| e.sequence <= after);
         let end = start.saturating_add(max).min(ring.len());
         Some(ring.range(start..end).cloned().collect())
     }
@@ -460,5 +462,23 @@ mod tests {
             .collect();
         assert_eq!(seqs, [15]);
         assert_eq!(feed.read_after(16, 10).map(|v| v.len()), Some(0));
+    }
+
+    #[test]
+    fn ring_serves_across_holes_left_by_rolled_back_sequences() {
+        let feed = Feed::new(10, 3);
+        feed.publish([11, 14, 15].into_iter().map(event).collect());
+        let seqs = |after| -> Option<Vec<u64>> {
+            feed.read_after(after, 10)
+                .map(|v| v.iter().map(|e| e.sequence).collect())
+        };
+        // A cursor inside the hole (12, 13) resumes at the next event, not from the store.
+        assert_eq!(seqs(12), Some(vec![14, 15]));
+        assert_eq!(seqs(10), Some(vec![11, 14, 15]));
+        feed.publish([20, 21].into_iter().map(event).collect());
+        // 11 and 14 left the ring: the ring is complete only above 14.
+        assert_eq!(seqs(13), None);
+        assert_eq!(seqs(14), Some(vec![15, 20, 21]));
+        assert_eq!(seqs(17), Some(vec![20, 21]));
     }
 }

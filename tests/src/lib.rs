@@ -81,12 +81,49 @@ impl Served {
     }
 }
 
+/// A fresh database on the TEST_DATABASE_URL server: (admin client, its URL, its name).
+pub async fn fresh_database(url: &str, tag: &str) -> (tokio_postgres::Client, String, String) {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let (admin, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {url} is not reachable: {e}"));
+    tokio::spawn(connection);
+    let db = format!(
+        "{tag}_{}_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
+    let base = url.rsplit_once('/').map_or(url, |(b, _)| b);
+    (admin, format!("{base}/{db}"), db)
+}
+
+/// The PostgreSQL server deploy-svc's in-process tests run against instead of SQLite:
+/// TEST_DATABASE_URL when `DEPLOY_TEST_BACKEND=postgres` (the same suite, run once per
+/// backend by `scripts/test`).
+pub fn deploy_test_postgres() -> Option<String> {
+    match std::env::var("DEPLOY_TEST_BACKEND").as_deref() {
+        Ok("postgres") => Some(std::env::var("TEST_DATABASE_URL").expect(
+            "DEPLOY_TEST_BACKEND=postgres needs TEST_DATABASE_URL (a PostgreSQL server URL)",
+        )),
+        _ => None,
+    }
+}
+
 /// deploy-svc served in-process on a listener bound to `127.0.0.1:0`.
 pub struct InProcess {
     /// The bound address.
     pub addr: SocketAddr,
     /// The temporary directory holding the database.
     pub dir: tempfile::TempDir,
+    database: PathBuf,
     served: Served,
 }
 
@@ -99,13 +136,18 @@ impl InProcess {
     /// Starts a server after `tweak` adjusts the configuration.
     pub async fn start_with(tweak: impl FnOnce(&mut deploy_svc::Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = deploy_svc::Config::for_database(dir.path().join("deploy.db"));
+        let database = match deploy_test_postgres() {
+            Some(url) => PathBuf::from(fresh_database(&url, "deploy_test").await.1),
+            None => dir.path().join("deploy.db"),
+        };
+        let mut config = deploy_svc::Config::for_database(&database);
         tweak(&mut config);
         let served =
             Served::spawn(|listener, shutdown| deploy_svc::serve(listener, config, shutdown)).await;
         Self {
             addr: served.addr,
             dir,
+            database,
             served,
         }
     }
@@ -115,9 +157,9 @@ impl InProcess {
         connect(self.addr).await
     }
 
-    /// The database file.
+    /// The database: a SQLite file, or a PostgreSQL URL.
     pub fn database(&self) -> PathBuf {
-        self.dir.path().join("deploy.db")
+        self.database.clone()
     }
 
     /// Triggers graceful shutdown and waits for the server to return.

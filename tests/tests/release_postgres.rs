@@ -9,7 +9,7 @@ use std::time::Duration;
 use proto::deploy::v1::PlacementState as P;
 use proto::release::v1 as rpb;
 use tests::release::{self, eventually};
-use tests::{Binary, Gated};
+use tests::{fresh_database, Binary, Gated};
 
 async fn release_svc(db_url: &str, deploy: &Binary) -> Binary {
     Binary::spawn(
@@ -32,24 +32,7 @@ async fn release_svc_serves_from_postgres_and_keeps_its_state_across_a_restart()
         eprintln!("TEST_DATABASE_URL is not set: release-svc on PostgreSQL was not tested");
         return;
     };
-    let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL at {url} is not reachable: {e}"));
-    tokio::spawn(connection);
-    let db = format!(
-        "release_e2e_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-    );
-    admin
-        .batch_execute(&format!("CREATE DATABASE {db}"))
-        .await
-        .unwrap();
-    let base = url.rsplit_once('/').map_or(url.as_str(), |(b, _)| b);
-    let db_url = format!("{base}/{db}");
+    let (admin, db_url, db) = fresh_database(&url, "release_e2e").await;
 
     let dir = tempfile::tempdir().unwrap();
     let d = Binary::start(&dir.path().join("deploy.db"), &[]).await;
@@ -124,28 +107,6 @@ async fn release_svc_serves_from_postgres_and_keeps_its_state_across_a_restart()
         .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
         .await
         .unwrap();
-}
-
-/// A fresh database on the TEST_DATABASE_URL server: (admin client, its URL, its name).
-async fn fresh_database(url: &str, tag: &str) -> (tokio_postgres::Client, String, String) {
-    let (admin, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL at {url} is not reachable: {e}"));
-    tokio::spawn(connection);
-    let db = format!(
-        "{tag}_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-    );
-    admin
-        .batch_execute(&format!("CREATE DATABASE {db}"))
-        .await
-        .unwrap();
-    let base = url.rsplit_once('/').map_or(url, |(b, _)| b);
-    (admin, format!("{base}/{db}"), db)
 }
 
 async fn status(rc: &mut release::Client) -> rpb::ConsumerStatus {

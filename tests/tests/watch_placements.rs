@@ -83,18 +83,7 @@ async fn eight_writers_three_watchers_match_the_stored_log() {
         .collect();
     acked.sort_unstable();
 
-    let stored: Vec<(u64, String, i64)> = {
-        let db = rusqlite::Connection::open(server.database()).unwrap();
-        let mut stmt = db
-            .prepare("SELECT seq, target, state FROM placement_events WHERE seq > ?1 ORDER BY seq")
-            .unwrap();
-        stmt.query_map([head as i64], |r| {
-            Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))
-        })
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
-    };
+    let stored = stored_events(&server.database(), head).await;
     assert_eq!(stored.len(), 4000);
     let stored_seqs: Vec<u64> = stored.iter().map(|s| s.0).collect();
     assert_eq!(
@@ -441,4 +430,30 @@ async fn sigterm_drains_and_exits_with_an_open_stream() {
         matches!(end, Err(ref s) if s.code() == Code::Unavailable),
         "{end:?}"
     );
+}
+
+/// `(seq, target, state)` of the stored events after `after`, read straight from the
+/// database (SQLite file or PostgreSQL URL), not through the service.
+async fn stored_events(database: &std::path::Path, after: u64) -> Vec<(u64, String, i64)> {
+    const SQL: &str = "SELECT seq, target, state FROM placement_events WHERE seq > $1 ORDER BY seq";
+    let url = database.to_string_lossy();
+    if url.starts_with("postgres://") {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let rows = client.query(SQL, &[&(after as i64)]).await.unwrap();
+        return rows
+            .iter()
+            .map(|r| (r.get::<_, i64>(0) as u64, r.get(1), r.get(2)))
+            .collect();
+    }
+    let db = rusqlite::Connection::open(database).unwrap();
+    let mut stmt = db.prepare(&SQL.replace("$1", "?1")).unwrap();
+    stmt.query_map([after as i64], |r| {
+        Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
 }

@@ -39,8 +39,9 @@ pub type ReadJob<T> = Box<dyn FnOnce(&dyn Db) -> Result<T> + Send>;
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// Runs `job` in a write transaction and commits; the result is returned only once the
-    /// commit is durable.
-    async fn write<T: Send + 'static>(&self, job: WriteJob<T>) -> Result<T>;
+    /// commit is durable. Writes naming the same `lock` (a deployment id) may be queued
+    /// one after the other rather than run concurrently.
+    async fn write<T: Send + 'static>(&self, lock: Option<i64>, job: WriteJob<T>) -> Result<T>;
     /// Runs `job` on a consistent snapshot.
     async fn read<T: Send + 'static>(&self, job: ReadJob<T>) -> Result<T>;
     /// Up to `max` events after `after` that watchers may see, in order.
@@ -49,6 +50,10 @@ pub trait Backend: Send + Sync + 'static {
     async fn snapshot(&self) -> Result<(Vec<Placement>, u64)>;
     /// The bounds of the retained log.
     async fn log_bounds(&self) -> Result<LogBounds>;
+    /// Rung when another replica committed (see [`Store::remote_changes`]).
+    fn remote_changes(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
+    }
     /// Finishes queued writes and stops.
     async fn close(&self);
 }
@@ -65,7 +70,15 @@ impl<B: Backend> SqlStore<B> {
         T: Send + 'static,
         F: Fn(&dyn Db, Millis, &mut Vec<PlacementEvent>) -> Result<T> + Send + Sync + 'static,
     {
-        self.backend.write(Arc::new(f)).await
+        self.backend.write(None, Arc::new(f)).await
+    }
+
+    async fn write_locked<T, F>(&self, lock: i64, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Fn(&dyn Db, Millis, &mut Vec<PlacementEvent>) -> Result<T> + Send + Sync + 'static,
+    {
+        self.backend.write(Some(lock), Arc::new(f)).await
     }
 
     async fn read<T, F>(&self, f: F) -> Result<T>
@@ -1285,7 +1298,7 @@ impl<B: Backend> Store for SqlStore<B> {
                 .map(|(n, v)| (n.to_owned(), v.to_owned()))
                 .unwrap_or_default();
             let items = conn.all(&format!(
-                    "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE (?1 IS NULL OR name = ?1) AND (name, version) > (?2, ?3)
+                    "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE (CAST(?1 AS TEXT) IS NULL OR name = ?1) AND (name, version) > (?2, ?3)
                      ORDER BY name, version LIMIT ?4"
                 ), p![name, after_name, after_version, limit(req.size)], artifact_row)?;
             Ok(page(items, req.size, |a: &Artifact| format!("{}\n{}", a.name, a.version)))
@@ -1322,7 +1335,7 @@ impl<B: Backend> Store for SqlStore<B> {
                 .unwrap_or(i64::MAX);
             let items = conn.all(&format!(
                     "SELECT {DEPLOYMENT_COLUMNS} FROM deployments
-                     WHERE id < ?1 AND (?2 IS NULL OR environment = ?2) AND (?3 IS NULL OR artifact = ?3)
+                     WHERE id < ?1 AND (CAST(?2 AS TEXT) IS NULL OR environment = ?2) AND (CAST(?3 AS TEXT) IS NULL OR artifact = ?3)
                      ORDER BY id DESC LIMIT ?4"
                 ), p![before, filter.environment, filter.artifact, limit(req.size)], deployment_row)?;
             Ok(page(items, req.size, |d: &Deployment| d.id.to_string()))
@@ -1539,7 +1552,7 @@ impl<B: Backend> Store for SqlStore<B> {
         report: PlacementReport,
         caller: Caller,
     ) -> Result<ReportOutcome> {
-        self.write(move |conn, now, events| {
+        self.write_locked(report.deployment, move |conn, now, events| {
             let (environment, target) = (report.environment.clone(), report.target.clone());
             let outcome = apply_report(conn, now, events, report.clone(), &caller)?;
             // A report is a sign of life too: a target reporting without heartbeats (a
@@ -1580,6 +1593,10 @@ impl<B: Backend> Store for SqlStore<B> {
 
     async fn log_bounds(&self) -> Result<LogBounds> {
         self.backend.log_bounds().await
+    }
+
+    fn remote_changes(&self) -> Option<Arc<tokio::sync::Notify>> {
+        self.backend.remote_changes()
     }
 
     async fn close(&self) {

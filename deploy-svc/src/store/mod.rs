@@ -7,12 +7,14 @@
 //!   mutating method takes the [`Caller`] the record names.
 //! - [`logic`]: every read and write, written once as SQL over [`db::Db`], for both
 //!   backends ([`logic::SqlStore`] over a [`logic::Backend`]).
+//! - [`postgres`]: PostgreSQL (`postgres://` URL), for several replicas on one database.
 //! - [`sqlite`]: the embedded default (WAL, group commit by one writer thread).
 
 //! - `migrations/sqlite/`, `migrations/postgres/`: embedded schema migrations.
 
 pub mod db;
 pub mod logic;
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -139,6 +141,12 @@ pub trait Store: Send + Sync + 'static {
     async fn snapshot(&self) -> Result<(Vec<Placement>, u64)>;
     /// The bounds of the retained log.
     async fn log_bounds(&self) -> Result<LogBounds>;
+
+    /// Rung when another replica changed something (orders included), for backends shared
+    /// by several replicas; `None` when this process is the only writer.
+    fn remote_changes(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
 
     /// Finishes queued writes and stops accepting new ones.
     async fn close(&self);

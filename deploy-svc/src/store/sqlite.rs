@@ -139,7 +139,7 @@ impl SqlStore<SqliteBackend> {
 
 #[async_trait]
 impl Backend for SqliteBackend {
-    async fn write<T: Send + 'static>(&self, f: WriteJob<T>) -> Result<T> {
+    async fn write<T: Send + 'static>(&self, _lock: Option<i64>, f: WriteJob<T>) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |conn, now, events| {
             let result = f(conn, now, events);

@@ -1,0 +1,989 @@
+//! The PostgreSQL backend (a `postgres://` database URL), for several replicas of deploy-svc
+//! on one database. The logic is the shared one ([`super::logic`]); this file owns
+//! connections, transactions and the placement log's tail.
+//!
+//! # Writes
+//!
+//! A pool of connections, each on its own thread (the synchronous `postgres` client). Each
+//! write is one SERIALIZABLE transaction, retried on a serialization failure, a deadlock
+//! or a unique violation from a concurrent insert; PostgreSQL's group commit batches
+//! concurrent commits. A placement report first takes a session advisory lock on its
+//! deployment (before the transaction, so the snapshot is taken after the wait): reports
+//! of one deployment queue instead of aborting each other on its counters. The first
+//! statement of every write forces the transaction id (`pg_current_xact_id()`), which the
+//! log's hole rule below relies on.
+//!
+//! # The log and the late commit
+//!
+//! `placement_events.seq` is drawn from a sequence inside the writing transaction, so a
+//! transaction can commit a lower sequence after another committed a higher one. Nothing
+//! serialises commits (that would cost PostgreSQL's group commit). Instead every replica
+//! runs a tailer that delivers events in sequence order and stops at a hole: a hole at `k`
+//! seen in a snapshot whose `xmax` is `X` belongs to a transaction that took its id before
+//! that snapshot (ids are forced before the sequence is drawn), so once the oldest running
+//! transaction id (`pg_snapshot_xmin`) reaches `X`, the hole is either filled or will never
+//! be (a rollback): the tailer then skips it. Every replica applies the same rule to the
+//! same rows, so every replica delivers the same events in the same order: in commit order
+//! for writes that touch the same rows (they serialise), and with no gaps other than
+//! rolled-back sequences.
+//!
+//! # Wake-ups without a NOTIFY per write
+//!
+//! NOTIFY takes a database-wide lock at commit. Writes do not NOTIFY: after its commits a
+//! replica sends one coalesced `NOTIFY` from a separate connection (at most one in flight
+//! at a time, with `synchronous_commit = off`: it is only a wake-up), and every replica
+//! LISTENs and then reads the table (catch-up read). A replica's own writes wake its
+//! tailer directly; a lost notification costs at most the poll interval.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use postgres::types::{IsNull, ToSql, Type};
+use postgres::{Client, IsolationLevel, NoTls, Statement};
+use tokio::sync::{oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::db::{Db, Dialect, SqlRow, V};
+use super::logic::{self, to_i64, to_u64, Backend, ReadJob, SqlStore, WriteJob};
+use crate::domain::clock::Clock;
+use crate::domain::model::{LogBounds, Placement, PlacementEvent};
+use crate::domain::{Error, Result};
+use crate::placement_log::Feed;
+
+const MIGRATIONS: &[&str] = &[include_str!("migrations/postgres/0001_init.sql")];
+
+/// The notification channel.
+const CHANNEL: &str = "deploy_svc_log";
+
+/// How replicas learn about each other's writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NotifyMode {
+    /// One coalesced NOTIFY from a separate connection after local commits (the default).
+    Coalesced,
+    /// A NOTIFY inside every write transaction (the classic outbox; for comparison).
+    PerTransaction,
+    /// No notification: other replicas see writes at their next poll (for comparison).
+    Off,
+}
+
+/// Options of the PostgreSQL backend.
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// The `postgres://` URL.
+    pub url: String,
+    /// Connections (and threads) for reads and writes.
+    pub pool_size: usize,
+    /// Events kept in the log.
+    pub retention: u64,
+    /// How other replicas are woken.
+    pub notify: NotifyMode,
+    /// How often the tailer reads even without a wake-up.
+    pub poll_interval: Duration,
+}
+
+impl PostgresOptions {
+    /// Defaults for `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            pool_size: 8,
+            retention: 1_000_000,
+            notify: NotifyMode::Coalesced,
+            poll_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// The PostgreSQL store: the shared logic over the PostgreSQL backend.
+pub type PostgresStore = SqlStore<PostgresBackend>;
+
+/// The PostgreSQL backend.
+pub struct PostgresBackend {
+    pool: Arc<Pool>,
+    /// The tailer's own connection, so reading the log never queues behind writes.
+    tail_pool: Arc<Pool>,
+    feed: Arc<Feed>,
+    clock: Arc<dyn Clock>,
+    notify: NotifyMode,
+    /// Rung after every local commit: the tailer reads, the notifier notifies.
+    local_commit: Arc<Notify>,
+    tail_wake: Arc<Notify>,
+    /// Rung when another replica wrote (the agents' order streams re-read).
+    remote: Arc<Notify>,
+    stop: CancellationToken,
+}
+
+impl std::fmt::Debug for PostgresBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresBackend")
+            .field("notify", &self.notify)
+            .finish_non_exhaustive()
+    }
+}
+
+// ---- errors ----
+
+/// What a PostgreSQL error means for the caller.
+fn pg_error(e: &postgres::Error) -> Error {
+    let transient = e.as_db_error().is_none_or(|d| {
+        let class = &d.code().code()[..2];
+        class == "57" || class == "08"
+    });
+    if e.is_closed() || transient {
+        Error::Unavailable(format!("PostgreSQL: {e}; retry"))
+    } else if is_conflict(e) {
+        Error::Aborted(format!(
+            "concurrent changes kept conflicting ({e}); retry"
+        ))
+    } else {
+        Error::Internal(format!("PostgreSQL: {e}"))
+    }
+}
+
+/// Serialization failure, deadlock, or a unique key taken by a concurrent insert: running
+/// the transaction again resolves it.
+fn is_conflict(e: &postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        matches!(c.code(), "40001" | "40P01" | "23505")
+    })
+}
+
+// ---- Db over a PostgreSQL transaction ----
+
+/// A NULL of whatever type the statement expects.
+#[derive(Debug)]
+struct Null;
+
+impl ToSql for Null {
+    fn to_sql(
+        &self,
+        _: &Type,
+        _: &mut postgres::types::private::BytesMut,
+    ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(IsNull::Yes)
+    }
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+    postgres::types::to_sql_checked!();
+}
+
+/// SQLite's `?N` placeholders as PostgreSQL's `$N` (outside string literals).
+fn dollar_placeholders(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut quoted = false;
+    for c in sql.chars() {
+        match c {
+            '\'' => {
+                quoted = !quoted;
+                out.push(c);
+            }
+            '?' if !quoted => out.push('$'),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// One pooled connection: the client and its prepared statements.
+struct Conn {
+    client: Client,
+    statements: HashMap<String, Statement>,
+}
+
+/// A transaction on a pooled connection, as the logic sees it.
+struct PgDb<'a> {
+    tx: std::cell::RefCell<postgres::Transaction<'a>>,
+    statements: std::cell::RefCell<&'a mut HashMap<String, Statement>>,
+    /// The last PostgreSQL error, so the runner can tell a conflict (retry) from a failure.
+    last_error: std::cell::RefCell<Option<postgres::Error>>,
+}
+
+impl PgDb<'_> {
+    fn statement(&self, sql: &str) -> Result<Statement> {
+        if let Some(s) = self.statements.borrow().get(sql) {
+            return Ok(s.clone());
+        }
+        let prepared = self
+            .tx
+            .borrow_mut()
+            .prepare(&dollar_placeholders(sql))
+            .map_err(|e| self.fail(e))?;
+        self.statements
+            .borrow_mut()
+            .insert(sql.to_owned(), prepared.clone());
+        Ok(prepared)
+    }
+
+    fn fail(&self, e: postgres::Error) -> Error {
+        let mapped = pg_error(&e);
+        *self.last_error.borrow_mut() = Some(e);
+        mapped
+    }
+}
+
+fn pg_params(params: &[V]) -> Vec<Box<dyn ToSql + Sync>> {
+    params
+        .iter()
+        .map(|v| -> Box<dyn ToSql + Sync> {
+            match v {
+                V::I(i) => Box::new(*i),
+                V::T(s) => Box::new(s.clone()),
+                V::N => Box::new(Null),
+            }
+        })
+        .collect()
+}
+
+fn pg_row(row: &postgres::Row) -> Result<SqlRow> {
+    let mut values = Vec::with_capacity(row.len());
+    for (i, column) in row.columns().iter().enumerate() {
+        let ty = column.type_();
+        let bad = |e: postgres::Error| Error::Internal(format!("column {i}: {e}"));
+        let v = if *ty == Type::INT8 {
+            row.try_get::<_, Option<i64>>(i).map_err(bad)?.map_or(V::N, V::I)
+        } else if *ty == Type::INT4 {
+            row.try_get::<_, Option<i32>>(i)
+                .map_err(bad)?
+                .map_or(V::N, |v| V::I(v.into()))
+        } else if *ty == Type::INT2 {
+            row.try_get::<_, Option<i16>>(i)
+                .map_err(bad)?
+                .map_or(V::N, |v| V::I(v.into()))
+        } else if *ty == Type::BOOL {
+            row.try_get::<_, Option<bool>>(i)
+                .map_err(bad)?
+                .map_or(V::N, |v| V::I(v.into()))
+        } else {
+            row.try_get::<_, Option<String>>(i).map_err(bad)?.map_or(V::N, V::T)
+        };
+        values.push(v);
+    }
+    Ok(SqlRow(values))
+}
+
+impl Db for PgDb<'_> {
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
+    }
+
+    fn execute(&self, sql: &str, params: &[V]) -> Result<u64> {
+        let values = pg_params(params);
+        let refs: Vec<&(dyn ToSql + Sync)> = values.iter().map(AsRef::as_ref).collect();
+        if params.is_empty() && !sql.contains('?') {
+            // SAVEPOINT and friends: no statement to prepare.
+            return self
+                .tx
+                .borrow_mut()
+                .batch_execute(sql)
+                .map(|()| 0)
+                .map_err(|e| self.fail(e));
+        }
+        let statement = self.statement(sql)?;
+        self.tx
+            .borrow_mut()
+            .execute(&statement, &refs)
+            .map_err(|e| self.fail(e))
+    }
+
+    fn query(&self, sql: &str, params: &[V]) -> Result<Vec<SqlRow>> {
+        let values = pg_params(params);
+        let refs: Vec<&(dyn ToSql + Sync)> = values.iter().map(AsRef::as_ref).collect();
+        let statement = self.statement(sql)?;
+        let rows = self
+            .tx
+            .borrow_mut()
+            .query(&statement, &refs)
+            .map_err(|e| self.fail(e))?;
+        rows.iter().map(pg_row).collect()
+    }
+}
+
+// ---- the connection pool ----
+
+type Task = Box<dyn FnOnce(&mut Option<Conn>) + Send>;
+
+/// Connections, each owned by a thread that runs one task at a time.
+struct Pool {
+    tasks: Mutex<Option<std_mpsc::Sender<Task>>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+fn connect(url: &str) -> std::result::Result<Client, postgres::Error> {
+    Client::connect(url, NoTls)
+}
+
+impl Pool {
+    fn start(url: &str, size: usize) -> Result<Self> {
+        let (tx, rx) = std_mpsc::channel::<Task>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut threads = Vec::new();
+        for i in 0..size.max(1) {
+            let (rx, url) = (rx.clone(), url.to_owned());
+            let handle = std::thread::Builder::new()
+                .name(format!("pg-{i}"))
+                .spawn(move || {
+                    let mut conn: Option<Conn> = None;
+                    loop {
+                        let task = {
+                            let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+                            rx.recv()
+                        };
+                        let Ok(task) = task else { return };
+                        if conn.as_ref().is_some_and(|c| c.client.is_closed()) {
+                            conn = None;
+                        }
+                        if conn.is_none() {
+                            match connect(&url) {
+                                Ok(client) => {
+                                    conn = Some(Conn {
+                                        client,
+                                        statements: HashMap::new(),
+                                    })
+                                }
+                                Err(e) => tracing::warn!(error = %e, "cannot connect to PostgreSQL"),
+                            }
+                        }
+                        task(&mut conn);
+                    }
+                })
+                .map_err(logic::internal)?;
+            threads.push(handle);
+        }
+        Ok(Self {
+            tasks: Mutex::new(Some(tx)),
+            threads: Mutex::new(threads),
+        })
+    }
+
+    /// Runs `f` on a connection thread; UNAVAILABLE when no connection can be made.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Conn) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        let task: Task = Box::new(move |conn| {
+            let result = match conn.as_mut() {
+                Some(c) => f(c),
+                None => Err(Error::Unavailable(
+                    "PostgreSQL is unreachable; retry".into(),
+                )),
+            };
+            if matches!(result, Err(Error::Unavailable(_))) {
+                // A broken connection is replaced on the next task.
+                if conn.as_ref().is_some_and(|c| c.client.is_closed()) {
+                    *conn = None;
+                }
+            }
+            let _ = tx.send(result);
+        });
+        {
+            let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+            let sender = tasks
+                .as_ref()
+                .ok_or_else(|| Error::Unavailable("the store is closed".into()))?;
+            sender
+                .send(task)
+                .map_err(|_| Error::Unavailable("the store is closed".into()))?;
+        }
+        rx.await
+            .map_err(|_| Error::Unavailable("the store is closed".into()))?
+    }
+
+    async fn close(&self) {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+    }
+}
+
+/// How many times a conflicting write runs before ABORTED.
+const MAX_ATTEMPTS: u32 = 30;
+
+/// Runs one write transaction with retries; `lock` is an advisory lock key held around it.
+fn run_write<T>(
+    conn: &mut Conn,
+    clock: &dyn Clock,
+    notify: NotifyMode,
+    lock: Option<i64>,
+    job: &WriteJob<T>,
+) -> Result<(T, u64)> {
+    if let Some(key) = lock {
+        conn.client
+            .execute("SELECT pg_advisory_lock($1)", &[&key])
+            .map_err(|e| pg_error(&e))?;
+    }
+    let result = (|| {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let outcome = write_once(conn, clock, notify, job);
+            match outcome {
+                Err((e, true)) if attempt < MAX_ATTEMPTS => {
+                    tracing::debug!(error = %e, attempt, "write conflicted; running it again");
+                    // Jittered backoff, growing with the attempts.
+                    let micros = 200 * u64::from(attempt) + u64::from(rand_u16()) % 500;
+                    std::thread::sleep(Duration::from_micros(micros));
+                }
+                Err((e, _)) => return Err(e),
+                Ok(v) => return Ok(v),
+            }
+        }
+    })();
+    if let Some(key) = lock {
+        if let Err(e) = conn.client.execute("SELECT pg_advisory_unlock($1)", &[&key]) {
+            // The session is broken: its locks went with it.
+            tracing::warn!(error = %e, "cannot release an advisory lock");
+        }
+    }
+    result
+}
+
+fn rand_u16() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(u64::from(std::process::id()));
+    (h.finish() & 0xffff) as u16
+}
+
+/// One attempt: the error and whether running again may succeed.
+fn write_once<T>(
+    conn: &mut Conn,
+    clock: &dyn Clock,
+    notify: NotifyMode,
+    job: &WriteJob<T>,
+) -> std::result::Result<(T, u64), (Error, bool)> {
+    let plain = |e: postgres::Error| {
+        let retry = is_conflict(&e);
+        (pg_error(&e), retry)
+    };
+    let mut tx = conn
+        .client
+        .build_transaction()
+        .isolation_level(IsolationLevel::Serializable)
+        .start()
+        .map_err(plain)?;
+    // The transaction id before any sequence value: the log's hole rule needs it.
+    tx.batch_execute("SELECT pg_current_xact_id()").map_err(plain)?;
+    let db = PgDb {
+        tx: std::cell::RefCell::new(tx),
+        statements: std::cell::RefCell::new(&mut conn.statements),
+        last_error: std::cell::RefCell::new(None),
+    };
+    let mut events = Vec::new();
+    let result = job(&db, clock.now_ms(), &mut events);
+    let PgDb { tx, last_error, .. } = db;
+    let mut tx = tx.into_inner();
+    match result {
+        Ok(v) => {
+            if notify == NotifyMode::PerTransaction && !events.is_empty() {
+                tx.batch_execute(&format!("NOTIFY {CHANNEL}"))
+                    .map_err(plain)?;
+            }
+            tx.commit().map_err(plain)?;
+            Ok((v, events.last().map_or(0, |e| e.sequence)))
+        }
+        Err(e) => {
+            let retry = last_error.into_inner().is_some_and(|pe| is_conflict(&pe));
+            let _ = tx.rollback();
+            Err((e, retry))
+        }
+    }
+}
+
+// ---- the tail of the log ----
+
+/// A hole in the sequence: where it starts and the `xmax` of the snapshot that saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Hole {
+    start: u64,
+    xmax: i64,
+}
+
+/// The tailer's position.
+#[derive(Debug, Clone, Copy)]
+struct Tail {
+    cursor: u64,
+    hole: Option<Hole>,
+}
+
+/// The snapshot's oldest running transaction id and next id.
+fn xmin_xmax(db: &dyn Db) -> Result<(i64, i64)> {
+    db.row(
+        "SELECT CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS text) AS bigint),
+                CAST(CAST(pg_snapshot_xmax(pg_current_snapshot()) AS text) AS bigint)",
+        &[],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+}
+
+/// Reads what follows `tail` and returns the events safe to deliver, in order, with the
+/// new position (see the module documentation for the hole rule).
+fn tail_read(db: &dyn Db, tail: Tail, max: usize) -> Result<(Vec<PlacementEvent>, Tail)> {
+    let (xmin, xmax) = xmin_xmax(db)?;
+    let events = logic::read_log(db, tail.cursor, u64::MAX >> 1, max)?;
+    let mut out = Vec::with_capacity(events.len());
+    let mut next = tail;
+    for event in events {
+        let expected = next.cursor + 1;
+        if event.sequence != expected {
+            match next.hole {
+                // Every transaction that could fill it has ended: it stays empty.
+                Some(h) if h.start == expected && xmin >= h.xmax => {}
+                Some(h) if h.start == expected => break,
+                _ => {
+                    next.hole = Some(Hole {
+                        start: expected,
+                        xmax,
+                    });
+                    break;
+                }
+            }
+        }
+        next.hole = None;
+        next.cursor = event.sequence;
+        out.push(event);
+    }
+    Ok((out, next))
+}
+
+/// The log head every replica can agree on at start: the newest sequence of a snapshot,
+/// once every transaction running at that snapshot has ended (so nothing at or below it
+/// can still commit).
+fn settled_head(conn: &mut Conn) -> Result<u64> {
+    let (max_seq, xmax): (i64, i64) = {
+        let row = conn
+            .client
+            .query_one(
+                "SELECT COALESCE(MAX(seq), 0), CAST(CAST(pg_snapshot_xmax(pg_current_snapshot()) AS text) AS bigint) FROM placement_events",
+                &[],
+            )
+            .map_err(|e| pg_error(&e))?;
+        (row.get(0), row.get(1))
+    };
+    for _ in 0..6000 {
+        let xmin: i64 = conn
+            .client
+            .query_one(
+                "SELECT CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS text) AS bigint)",
+                &[],
+            )
+            .map_err(|e| pg_error(&e))?
+            .get(0);
+        if xmin >= xmax {
+            return Ok(to_u64(max_seq));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Err(Error::Unavailable(
+        "a transaction older than this start is still running; retry".into(),
+    ))
+}
+
+fn migrate(client: &mut Client) -> Result<()> {
+    let mut tx = client.transaction().map_err(|e| pg_error(&e))?;
+    tx.batch_execute(
+        "SELECT pg_advisory_xact_lock(7304); CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)",
+    )
+    .map_err(|e| pg_error(&e))?;
+    let applied: i64 = tx
+        .query_one("SELECT count(*) FROM schema_migrations", &[])
+        .map_err(|e| pg_error(&e))?
+        .get(0);
+    for (i, m) in MIGRATIONS.iter().enumerate().skip(to_u64(applied) as usize) {
+        tx.batch_execute(m).map_err(|e| pg_error(&e))?;
+        let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
+        tx.execute(
+            "INSERT INTO schema_migrations (version) VALUES ($1)",
+            &[&version],
+        )
+        .map_err(|e| pg_error(&e))?;
+    }
+    tx.commit().map_err(|e| pg_error(&e))
+}
+
+impl SqlStore<PostgresBackend> {
+    /// Connects, migrates, settles the log head and starts the tailer, the notifier and the
+    /// listener (call inside a Tokio runtime). Returns the store and the feed.
+    pub fn open(options: PostgresOptions, clock: Arc<dyn Clock>) -> Result<(Self, Arc<Feed>)> {
+        let url = options.url.clone();
+        let head = std::thread::spawn(move || -> Result<u64> {
+            let client = connect(&url).map_err(|e| pg_error(&e))?;
+            let mut conn = Conn {
+                client,
+                statements: HashMap::new(),
+            };
+            migrate(&mut conn.client)?;
+            settled_head(&mut conn)
+        })
+        .join()
+        .map_err(|_| Error::Internal("the PostgreSQL open thread panicked".into()))??;
+        let feed = Arc::new(Feed::new(head, 65_536));
+        let backend = PostgresBackend {
+            pool: Arc::new(Pool::start(&options.url, options.pool_size)?),
+            tail_pool: Arc::new(Pool::start(&options.url, 1)?),
+            feed: feed.clone(),
+            clock,
+            notify: options.notify,
+            local_commit: Arc::new(Notify::new()),
+            tail_wake: Arc::new(Notify::new()),
+            remote: Arc::new(Notify::new()),
+            stop: CancellationToken::new(),
+        };
+        let store = Self { backend };
+        store.backend.start(&options, head);
+        Ok((store, feed))
+    }
+}
+
+impl PostgresBackend {
+    fn start(&self, options: &PostgresOptions, head: u64) {
+        // The notifier: one NOTIFY at a time, however many commits rang meanwhile.
+        let own_pid = Arc::new(AtomicI32::new(0));
+        if options.notify == NotifyMode::Coalesced {
+            let (url, bell, stop, pid) = (
+                options.url.clone(),
+                self.local_commit.clone(),
+                self.stop.clone(),
+                own_pid.clone(),
+            );
+            tokio::spawn(async move { notifier(url, bell, stop, pid).await });
+        }
+        // The listener: other replicas' writes wake the tailer and the order streams.
+        if options.notify != NotifyMode::Off {
+            let (url, tail, remote, stop, pid) = (
+                options.url.clone(),
+                self.tail_wake.clone(),
+                self.remote.clone(),
+                self.stop.clone(),
+                own_pid,
+            );
+            tokio::spawn(async move { listener(url, tail, remote, stop, pid).await });
+        }
+        // The tailer.
+        let backend = TailerParts {
+            pool: self.tail_pool.clone(),
+            feed: self.feed.clone(),
+            wake: self.tail_wake.clone(),
+            stop: self.stop.clone(),
+            poll: options.poll_interval,
+            retention: options.retention,
+            remote: self.remote.clone(),
+            notify: options.notify,
+        };
+        tokio::spawn(async move { backend.run(head).await });
+    }
+}
+
+/// What the tailer task needs (it outlives no one: it stops with the store).
+struct TailerParts {
+    pool: Arc<Pool>,
+    feed: Arc<Feed>,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+    poll: Duration,
+    retention: u64,
+    remote: Arc<Notify>,
+    notify: NotifyMode,
+}
+
+impl TailerParts {
+    async fn run(self, head: u64) {
+        let mut tail = Tail {
+            cursor: head,
+            hole: None,
+        };
+        let mut pruned = 0u64;
+        loop {
+            let wait = if tail.hole.is_some() {
+                Duration::from_millis(2)
+            } else {
+                self.poll
+            };
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(wait) => {
+                    if self.notify == NotifyMode::Off {
+                        // Without notifications, a poll that finds events stands for them.
+                        self.remote.notify_one();
+                    }
+                }
+            }
+            loop {
+                let read = self
+                    .pool
+                    .run(move |conn| {
+                        read_tx(conn, |db| tail_read(db, tail, 4096))
+                    })
+                    .await;
+                match read {
+                    Ok((events, next)) => {
+                        let more = events.len() == 4096;
+                        tail = next;
+                        self.feed.publish(events);
+                        if !more {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the placement log; retrying");
+                        break;
+                    }
+                }
+            }
+            {
+                // Prune in steps of a tenth of the retention (any replica may; they agree).
+                let (head, retention) = (self.feed.head(), self.retention);
+                if head.saturating_sub(pruned) > retention + retention / 10 {
+                    let through = to_i64(head - retention);
+                    let outcome = self
+                        .pool.run(move |conn| {
+                            let mut tx = conn.client.transaction().map_err(|e| pg_error(&e))?;
+                            tx.execute("DELETE FROM placement_events WHERE seq <= $1", &[&through])
+                                .map_err(|e| pg_error(&e))?;
+                            tx.execute(
+                                "UPDATE log_meta SET pruned_through = GREATEST(pruned_through, $1) WHERE id = 1",
+                                &[&through],
+                            )
+                            .map_err(|e| pg_error(&e))?;
+                            tx.commit().map_err(|e| pg_error(&e))
+                        })
+                        .await;
+                    match outcome {
+                        Ok(()) => pruned = to_u64(through),
+                        Err(e) => tracing::warn!(error = %e, "cannot prune the placement log"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs `f` in a read-only REPEATABLE READ transaction (one snapshot).
+fn read_tx<T>(conn: &mut Conn, f: impl FnOnce(&dyn Db) -> Result<T>) -> Result<T> {
+    let tx = conn
+        .client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .map_err(|e| pg_error(&e))?;
+    let db = PgDb {
+        tx: std::cell::RefCell::new(tx),
+        statements: std::cell::RefCell::new(&mut conn.statements),
+        last_error: std::cell::RefCell::new(None),
+    };
+    let result = f(&db);
+    let tx = db.tx.into_inner();
+    let _ = tx.commit();
+    result
+}
+
+async fn connect_async(url: &str) -> std::result::Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "PostgreSQL notification connection ended");
+        }
+    });
+    Ok(client)
+}
+
+async fn notifier(url: String, bell: Arc<Notify>, stop: CancellationToken, own_pid: Arc<AtomicI32>) {
+    let mut client: Option<tokio_postgres::Client> = None;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = bell.notified() => {}
+        }
+        if client.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
+            client = match connect_async(&url).await {
+                Ok(c) => {
+                    let ok = c.batch_execute("SET synchronous_commit = off").await.is_ok();
+                    if let Ok(row) = c.query_one("SELECT pg_backend_pid()", &[]).await {
+                        own_pid.store(row.get(0), Ordering::Relaxed);
+                    }
+                    ok.then_some(c)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot connect to notify other replicas");
+                    None
+                }
+            };
+        }
+        if let Some(c) = &client {
+            if let Err(e) = c.batch_execute(&format!("NOTIFY {CHANNEL}")).await {
+                tracing::warn!(error = %e, "cannot notify other replicas");
+            }
+        }
+    }
+}
+
+async fn listener(
+    url: String,
+    tail: Arc<Notify>,
+    remote: Arc<Notify>,
+    stop: CancellationToken,
+    own_pid: Arc<AtomicI32>,
+) {
+    use futures::StreamExt;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let connected = tokio_postgres::connect(&url, tokio_postgres::NoTls).await;
+        let (client, mut connection) = match connected {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot connect to listen for other replicas");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        let listen_sql = format!("LISTEN {CHANNEL}");
+        let listen = client.batch_execute(&listen_sql);
+        let mut listen = std::pin::pin!(listen);
+        let mut listening = false;
+        backoff = Duration::from_millis(100);
+        // Catch up on whatever committed while we were not listening.
+        tail.notify_one();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                r = &mut listen, if !listening => {
+                    if r.is_err() { break; }
+                    listening = true;
+                }
+                m = messages.next() => match m {
+                    Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                        if n.process_id() != own_pid.load(Ordering::Relaxed) {
+                            tail.notify_one();
+                            remote.notify_one();
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => break,
+                },
+            }
+        }
+        tracing::warn!("lost the PostgreSQL notification connection; reconnecting");
+    }
+}
+
+#[async_trait]
+impl Backend for PostgresBackend {
+    async fn write<T: Send + 'static>(&self, lock: Option<i64>, job: WriteJob<T>) -> Result<T> {
+        self.write_locked(lock, job).await
+    }
+
+    async fn read<T: Send + 'static>(&self, job: ReadJob<T>) -> Result<T> {
+        self.pool.run(move |conn| read_tx(conn, job)).await
+    }
+
+    async fn read_events(&self, after: u64, max: usize) -> Result<Vec<PlacementEvent>> {
+        let through = self.feed.head();
+        self.read(Box::new(move |db: &dyn Db| {
+            logic::read_log(db, after, through, max)
+        }))
+        .await
+    }
+
+    async fn snapshot(&self) -> Result<(Vec<Placement>, u64)> {
+        // Everything up to the tail's head is settled; a placement whose newest event is
+        // beyond it is shown as of its last event at or before it.
+        let head = self.feed.head();
+        self.read(Box::new(move |db: &dyn Db| {
+            let mut out = Vec::new();
+            for p in logic::all_placements(db)? {
+                if p.sequence <= head {
+                    out.push(p);
+                    continue;
+                }
+                let earlier = db.one(
+                    "SELECT e.deployment, e.environment, e.target, e.artifact, e.version, e.digest, e.state, e.message, e.seq, e.commit_ms
+                     FROM placement_events e WHERE e.deployment = ?1 AND e.target = ?2 AND e.seq <= ?3
+                     ORDER BY e.seq DESC LIMIT 1",
+                    super::db::p![p.deployment, p.target, to_i64(head)],
+                    logic::placement_row,
+                )?;
+                match earlier {
+                    Some(e) => out.push(e),
+                    None if logic::pruned_through(db)? == 0 => {}
+                    None => {
+                        return Err(Error::Unavailable(
+                            "the log moved while the snapshot was taken; retry".into(),
+                        ))
+                    }
+                }
+            }
+            out.sort_by_key(|p| p.sequence);
+            Ok((out, head))
+        }))
+        .await
+    }
+
+    async fn log_bounds(&self) -> Result<LogBounds> {
+        let head = self.feed.head();
+        self.read(Box::new(move |db: &dyn Db| {
+            Ok(LogBounds {
+                pruned_through: logic::pruned_through(db)?,
+                head,
+            })
+        }))
+        .await
+    }
+
+    fn remote_changes(&self) -> Option<Arc<Notify>> {
+        Some(self.remote.clone())
+    }
+
+    async fn close(&self) {
+        self.stop.cancel();
+        self.pool.close().await;
+        self.tail_pool.close().await;
+    }
+}
+
+impl PostgresBackend {
+    /// A write holding the advisory lock `lock` (when given) around its transaction.
+    pub(crate) async fn write_locked<T: Send + 'static>(
+        &self,
+        lock: Option<i64>,
+        job: WriteJob<T>,
+    ) -> Result<T> {
+        let (clock, notify) = (self.clock.clone(), self.notify);
+        let (value, newest) = self
+            .pool
+            .run(move |conn| run_write(conn, &*clock, notify, lock, &job))
+            .await?;
+        self.tail_wake.notify_one();
+        self.local_commit.notify_one();
+        if newest > 0 {
+            // Read your writes: acknowledge once this replica's stream holds the events
+            // (after any earlier sequence still committing). The write is committed either
+            // way; a tailer that cannot keep up only delays the acknowledgement.
+            let mut head = self.feed.subscribe();
+            let caught_up = tokio::time::timeout(
+                Duration::from_secs(5),
+                head.wait_for(|h| *h >= newest),
+            )
+            .await;
+            if caught_up.is_err() {
+                tracing::warn!(sequence = newest, "the log tail is behind a committed write");
+            }
+        }
+        Ok(value)
+    }
+}
