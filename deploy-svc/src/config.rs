@@ -72,7 +72,12 @@ pub struct Config {
     /// PostgreSQL: how replicas wake each other after writes: `coalesced` (one NOTIFY
     /// outside the write transactions), `per-transaction` (a NOTIFY in every write, for
     /// comparison) or `off` (replicas only poll).
-    #[arg(long, env = "DEPLOY_SVC_PG_NOTIFY", value_enum, default_value = "coalesced")]
+    #[arg(
+        long,
+        env = "DEPLOY_SVC_PG_NOTIFY",
+        value_enum,
+        default_value = "coalesced"
+    )]
     pub pg_notify: NotifyMode,
     /// PostgreSQL: how often a replica reads the log without a wake-up.
     #[arg(long, env = "DEPLOY_SVC_PG_POLL_MS", default_value_t = 100)]

@@ -379,10 +379,11 @@ impl Watcher {
                 continue;
             }
             for event in batch {
-                if event.sequence != cursor + 1 {
+                // Sequences only grow. They may skip a number: on PostgreSQL a rolled-back
+                // transaction leaves a hole, published only once nothing can fill it.
+                if event.sequence <= cursor {
                     return Err(Error::Internal(format!(
-                        "placement log gap: expected sequence {} after {cursor}, read {}",
-                        cursor + 1,
+                        "placement log out of order: read sequence {} after {cursor}",
                         event.sequence
                     )));
                 }

@@ -36,7 +36,11 @@ impl Clock for TestClock {
 struct Running {
     addr: SocketAddr,
     clock: Arc<TestClock>,
+    /// Keeps the SQLite file's directory alive.
+    #[allow(dead_code)]
     dir: tempfile::TempDir,
+    /// The SQLite file or the PostgreSQL URL.
+    database: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -45,7 +49,11 @@ impl Running {
     /// Binds 127.0.0.1:0, then serves deploy-svc on that listener with a test clock at T0.
     async fn start(tweak: impl FnOnce(&mut deploy_svc::Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = deploy_svc::Config::for_database(dir.path().join("deploy.db"));
+        let database = match postgres_server() {
+            Some(url) => fresh_database(&url).await,
+            None => dir.path().join("deploy.db").to_string_lossy().into_owned(),
+        };
+        let mut config = deploy_svc::Config::for_database(&database);
         tweak(&mut config);
         let clock = Arc::new(TestClock(AtomicI64::new(T0)));
         let server = deploy_svc::Server::open(config, clock.clone()).unwrap();
@@ -59,6 +67,7 @@ impl Running {
             addr,
             clock,
             dir,
+            database,
             stop: Some(stop),
             task: Some(task),
         }
@@ -898,19 +907,83 @@ async fn the_audit_trail_records_every_change_once_in_order_and_filters_and_page
 
     // The placement log was pruned to one event; the trail keeps everything and refuses
     // edits even from SQL.
-    let db = rusqlite::Connection::open(server.dir.path().join("deploy.db")).unwrap();
-    let events: i64 = db
-        .query_row("SELECT COUNT(*) FROM placement_events", [], |r| r.get(0))
-        .unwrap();
+    let events = count(&server.database, "SELECT COUNT(*) FROM placement_events").await;
     assert!(events < 3, "retention pruned the placement log ({events})");
-    let kept: i64 = db
-        .query_row("SELECT COUNT(*) FROM audit_records", [], |r| r.get(0))
-        .unwrap();
+    let kept = count(&server.database, "SELECT COUNT(*) FROM audit_records").await;
     assert_eq!(kept, i64::try_from(all.len()).unwrap());
-    assert!(db.execute("DELETE FROM audit_records", []).is_err());
-    assert!(db
-        .execute("UPDATE audit_records SET principal = 'mallory'", [])
-        .is_err());
+    assert!(!sql_succeeds(&server.database, "DELETE FROM audit_records").await);
+    assert!(
+        !sql_succeeds(
+            &server.database,
+            "UPDATE audit_records SET principal = 'mallory'"
+        )
+        .await
+    );
 
     server.shutdown().await;
+}
+
+/// The PostgreSQL server to run on instead of SQLite (`DEPLOY_TEST_BACKEND=postgres` with
+/// TEST_DATABASE_URL): the same tests, once per backend.
+fn postgres_server() -> Option<String> {
+    (std::env::var("DEPLOY_TEST_BACKEND").as_deref() == Ok("postgres")).then(|| {
+        std::env::var("TEST_DATABASE_URL")
+            .expect("DEPLOY_TEST_BACKEND=postgres needs TEST_DATABASE_URL")
+    })
+}
+
+async fn admin(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {url} is not reachable: {e}"));
+    tokio::spawn(connection);
+    client
+}
+
+/// A new database on the server at `url`; returns its URL.
+async fn fresh_database(url: &str) -> String {
+    static NEXT: AtomicI64 = AtomicI64::new(0);
+    let name = format!(
+        "deploy_cal_{}_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    admin(url)
+        .await
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let base = url.rsplit_once('/').map_or(url, |(b, _)| b);
+    format!("{base}/{name}")
+}
+
+/// The single integer `sql` returns, read straight from the database.
+async fn count(database: &str, sql: &str) -> i64 {
+    if database.starts_with("postgres://") {
+        return admin(database)
+            .await
+            .query_one(sql, &[])
+            .await
+            .unwrap()
+            .get(0);
+    }
+    rusqlite::Connection::open(database)
+        .unwrap()
+        .query_row(sql, [], |r| r.get(0))
+        .unwrap()
+}
+
+/// Whether `sql` runs, straight against the database.
+async fn sql_succeeds(database: &str, sql: &str) -> bool {
+    if database.starts_with("postgres://") {
+        return admin(database).await.batch_execute(sql).await.is_ok();
+    }
+    rusqlite::Connection::open(database)
+        .unwrap()
+        .execute(sql, [])
+        .is_ok()
 }

@@ -210,7 +210,12 @@ impl Binary {
         let mut child = Command::new(&bin)
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            // TEST_SERVER_LOGS=1 shows the servers' logs beside the test's output.
+            .stderr(if std::env::var_os("TEST_SERVER_LOGS").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .kill_on_drop(true)
             .spawn()
             .unwrap();

@@ -132,12 +132,11 @@ fn pg_error(e: &postgres::Error) -> Error {
         let class = &d.code().code()[..2];
         class == "57" || class == "08"
     });
-    if e.is_closed() || transient {
+    let lock_wait = e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE);
+    if e.is_closed() || transient || lock_wait {
         Error::Unavailable(format!("PostgreSQL: {e}; retry"))
     } else if is_conflict(e) {
-        Error::Aborted(format!(
-            "concurrent changes kept conflicting ({e}); retry"
-        ))
+        Error::Aborted(format!("concurrent changes kept conflicting ({e}); retry"))
     } else {
         Error::Internal(format!("PostgreSQL: {e}"))
     }
@@ -146,9 +145,8 @@ fn pg_error(e: &postgres::Error) -> Error {
 /// Serialization failure, deadlock, or a unique key taken by a concurrent insert: running
 /// the transaction again resolves it.
 fn is_conflict(e: &postgres::Error) -> bool {
-    e.code().is_some_and(|c| {
-        matches!(c.code(), "40001" | "40P01" | "23505")
-    })
+    e.code()
+        .is_some_and(|c| matches!(c.code(), "40001" | "40P01" | "23505"))
 }
 
 // ---- Db over a PostgreSQL transaction ----
@@ -244,7 +242,9 @@ fn pg_row(row: &postgres::Row) -> Result<SqlRow> {
         let ty = column.type_();
         let bad = |e: postgres::Error| Error::Internal(format!("column {i}: {e}"));
         let v = if *ty == Type::INT8 {
-            row.try_get::<_, Option<i64>>(i).map_err(bad)?.map_or(V::N, V::I)
+            row.try_get::<_, Option<i64>>(i)
+                .map_err(bad)?
+                .map_or(V::N, V::I)
         } else if *ty == Type::INT4 {
             row.try_get::<_, Option<i32>>(i)
                 .map_err(bad)?
@@ -258,7 +258,9 @@ fn pg_row(row: &postgres::Row) -> Result<SqlRow> {
                 .map_err(bad)?
                 .map_or(V::N, |v| V::I(v.into()))
         } else {
-            row.try_get::<_, Option<String>>(i).map_err(bad)?.map_or(V::N, V::T)
+            row.try_get::<_, Option<String>>(i)
+                .map_err(bad)?
+                .map_or(V::N, V::T)
         };
         values.push(v);
     }
@@ -312,8 +314,13 @@ struct Pool {
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
+/// A pooled connection. No wait is unbounded: a lock held elsewhere for 10 s (a stuck
+/// client, a long maintenance transaction) fails the call as UNAVAILABLE instead of hanging
+/// it, and so does a statement running for 60 s.
 fn connect(url: &str) -> std::result::Result<Client, postgres::Error> {
-    Client::connect(url, NoTls)
+    let mut client = Client::connect(url, NoTls)?;
+    client.batch_execute("SET lock_timeout = '10s'; SET statement_timeout = '60s'")?;
+    Ok(client)
 }
 
 impl Pool {
@@ -344,7 +351,9 @@ impl Pool {
                                         statements: HashMap::new(),
                                     })
                                 }
-                                Err(e) => tracing::warn!(error = %e, "cannot connect to PostgreSQL"),
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "cannot connect to PostgreSQL")
+                                }
                             }
                         }
                         task(&mut conn);
@@ -439,7 +448,10 @@ fn run_write<T>(
         }
     })();
     if let Some(key) = lock {
-        if let Err(e) = conn.client.execute("SELECT pg_advisory_unlock($1)", &[&key]) {
+        if let Err(e) = conn
+            .client
+            .execute("SELECT pg_advisory_unlock($1)", &[&key])
+        {
             // The session is broken: its locks went with it.
             tracing::warn!(error = %e, "cannot release an advisory lock");
         }
@@ -472,7 +484,8 @@ fn write_once<T>(
         .start()
         .map_err(plain)?;
     // The transaction id before any sequence value: the log's hole rule needs it.
-    tx.batch_execute("SELECT pg_current_xact_id()").map_err(plain)?;
+    tx.batch_execute("SELECT pg_current_xact_id()")
+        .map_err(plain)?;
     let db = PgDb {
         tx: std::cell::RefCell::new(tx),
         statements: std::cell::RefCell::new(&mut conn.statements),
@@ -721,9 +734,7 @@ impl TailerParts {
             loop {
                 let read = self
                     .pool
-                    .run(move |conn| {
-                        read_tx(conn, |db| tail_read(db, tail, 4096))
-                    })
+                    .run(move |conn| read_tx(conn, |db| tail_read(db, tail, 4096)))
                     .await;
                 match read {
                     Ok((events, next)) => {
@@ -788,7 +799,9 @@ fn read_tx<T>(conn: &mut Conn, f: impl FnOnce(&dyn Db) -> Result<T>) -> Result<T
     result
 }
 
-async fn connect_async(url: &str) -> std::result::Result<tokio_postgres::Client, tokio_postgres::Error> {
+async fn connect_async(
+    url: &str,
+) -> std::result::Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
@@ -798,17 +811,28 @@ async fn connect_async(url: &str) -> std::result::Result<tokio_postgres::Client,
     Ok(client)
 }
 
-async fn notifier(url: String, bell: Arc<Notify>, stop: CancellationToken, own_pid: Arc<AtomicI32>) {
+async fn notifier(
+    url: String,
+    bell: Arc<Notify>,
+    stop: CancellationToken,
+    own_pid: Arc<AtomicI32>,
+) {
     let mut client: Option<tokio_postgres::Client> = None;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = bell.notified() => {}
         }
-        if client.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
+        if client
+            .as_ref()
+            .is_none_or(tokio_postgres::Client::is_closed)
+        {
             client = match connect_async(&url).await {
                 Ok(c) => {
-                    let ok = c.batch_execute("SET synchronous_commit = off").await.is_ok();
+                    let ok = c
+                        .batch_execute("SET synchronous_commit = off")
+                        .await
+                        .is_ok();
                     if let Ok(row) = c.query_one("SELECT pg_backend_pid()", &[]).await {
                         own_pid.store(row.get(0), Ordering::Relaxed);
                     }
@@ -975,13 +999,13 @@ impl PostgresBackend {
             // (after any earlier sequence still committing). The write is committed either
             // way; a tailer that cannot keep up only delays the acknowledgement.
             let mut head = self.feed.subscribe();
-            let caught_up = tokio::time::timeout(
-                Duration::from_secs(5),
-                head.wait_for(|h| *h >= newest),
-            )
-            .await;
+            let caught_up =
+                tokio::time::timeout(Duration::from_secs(2), head.wait_for(|h| *h >= newest)).await;
             if caught_up.is_err() {
-                tracing::warn!(sequence = newest, "the log tail is behind a committed write");
+                tracing::warn!(
+                    sequence = newest,
+                    "the log tail is behind a committed write"
+                );
             }
         }
         Ok(value)

@@ -1,0 +1,296 @@
+//! Several deploy-svc replicas (real binaries) on one PostgreSQL database: every replica
+//! streams every committed placement event, written by any replica, in one order with no
+//! skips, including events that commit late with a lower sequence; a replica killed during
+//! writes loses nothing acknowledged. Runs when TEST_DATABASE_URL is set (`.ci/run` sets it).
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use futures::future::join_all;
+use proto::deploy::v1 as pb;
+use tests::watch::{self, sequences};
+use tests::{fresh_database, Binary, Churn};
+use tonic::Streaming;
+
+fn server() -> Option<String> {
+    let url = std::env::var("TEST_DATABASE_URL").ok();
+    if url.is_none() {
+        eprintln!("TEST_DATABASE_URL is not set: deploy-svc on PostgreSQL was not tested");
+    }
+    url
+}
+
+async fn replicas(url: &str, n: usize) -> Vec<Binary> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(Binary::start(Path::new(url), &[]).await);
+    }
+    out
+}
+
+/// Every event a stream delivers within `quiet` of the previous one (heartbeats skipped).
+async fn drain(
+    s: &mut Streaming<pb::WatchPlacementsResponse>,
+    quiet: Duration,
+) -> Vec<pb::PlacementEvent> {
+    let mut out = Vec::new();
+    while let Ok(msg) = tokio::time::timeout(quiet, s.message()).await {
+        if let Some(pb::watch_placements_response::Kind::Event(e)) =
+            msg.expect("stream failed").expect("stream ended").kind
+        {
+            out.push(e);
+        }
+    }
+    out
+}
+
+/// `(seq, target, state)` of every stored event after `after`.
+async fn stored(db: &tokio_postgres::Client, after: u64) -> Vec<(u64, String, i64)> {
+    db.query(
+        "SELECT seq, target, state FROM placement_events WHERE seq > $1 ORDER BY seq",
+        &[&i64::try_from(after).unwrap()],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| {
+        (
+            u64::try_from(r.get::<_, i64>(0)).unwrap(),
+            r.get(1),
+            r.get(2),
+        )
+    })
+    .collect()
+}
+
+async fn client(url: &str) -> tokio_postgres::Client {
+    let (c, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    c
+}
+
+/// Opens a transaction that takes a sequence number and does not commit yet: the late
+/// commit, made on purpose. Returns the client holding it and the sequence.
+async fn held_event(url: &str, target: &str) -> (tokio_postgres::Client, u64) {
+    let c = client(url).await;
+    c.batch_execute("BEGIN; SELECT pg_current_xact_id()")
+        .await
+        .unwrap();
+    let seq: i64 = c
+        .query_one(
+            "INSERT INTO placement_events (commit_ms, deployment, environment, target, artifact, version, digest, state, previous_state, message)
+             VALUES (0, 1, 'dev', $1, 'api', '1.0.0', '', 2, 1, 'late') RETURNING seq",
+            &[&target],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    (c, u64::try_from(seq).unwrap())
+}
+
+/// A transaction that drew a lower sequence and commits after higher ones is delivered
+/// first, by every replica: they stop at the hole instead of skipping it; a rolled-back
+/// sequence is skipped once nothing can fill it.
+#[tokio::test]
+async fn a_late_commit_is_delivered_in_order_and_a_rolled_back_sequence_is_skipped() {
+    let Some(url) = server() else { return };
+    let (_admin, db_url, _) = fresh_database(&url, "deploy_late").await;
+    let bins = replicas(&db_url, 2).await;
+    let mut c = tests::connect(bins[0].addr).await;
+    let churn = Churn::setup(&mut c, "dev", "api", 1).await;
+    let mut streams = Vec::new();
+    for b in &bins {
+        let mut bc = tests::connect(b.addr).await;
+        streams.push(
+            watch::open(&mut bc, Some(churn.head), "", "")
+                .await
+                .unwrap(),
+        );
+    }
+
+    let (late, late_seq) = held_event(&db_url, "late").await;
+    let (aborted, aborted_seq) = held_event(&db_url, "aborted").await;
+    assert!(late_seq < aborted_seq);
+    // Higher sequences commit through the service while the two lower ones are open (each
+    // acknowledgement waits up to 2 s for the replica's stream, which is held at the hole).
+    let acked = churn.run(&mut c, 0, 0, 2).await;
+    assert!(acked[0] > aborted_seq);
+    for s in &mut streams {
+        let early = drain(s, Duration::from_millis(700)).await;
+        assert!(
+            early.is_empty(),
+            "a replica delivered {:?} past an open lower sequence (the late-commit bug)",
+            sequences(&early)
+        );
+    }
+
+    late.batch_execute("COMMIT").await.unwrap();
+    aborted.batch_execute("ROLLBACK").await.unwrap();
+    let mut expected = vec![late_seq];
+    expected.extend(&acked);
+    for s in &mut streams {
+        let got = watch::events(s, expected.len()).await;
+        assert_eq!(
+            sequences(&got),
+            expected,
+            "the late commit first, the hole skipped"
+        );
+        assert_eq!(got[0].placement.as_ref().unwrap().message, "late");
+    }
+    for b in bins {
+        b.kill().await;
+    }
+}
+
+/// Three replicas, eight writers spread over them (each on its own deployment, so their
+/// transactions overlap and commit out of sequence order), a watcher on every replica:
+/// each watcher receives exactly the stored log, in order, and every acknowledged report
+/// is in it once.
+#[tokio::test]
+async fn three_replicas_stream_every_committed_event_from_eight_concurrent_writers() {
+    let Some(url) = server() else { return };
+    let (_admin, db_url, _) = fresh_database(&url, "deploy_replicas").await;
+    let bins = replicas(&db_url, 3).await;
+    let mut c = tests::connect(bins[0].addr).await;
+    let mut churns = Vec::new();
+    for w in 0..8 {
+        churns.push(std::sync::Arc::new(
+            Churn::setup(&mut c, &format!("env{w}"), "api", 1).await,
+        ));
+    }
+    let head = churns.last().unwrap().head;
+    const REPORTS: usize = 150;
+    let mut watchers = Vec::new();
+    for b in &bins {
+        let mut bc = tests::connect(b.addr).await;
+        let mut s = watch::open(&mut bc, Some(head), "", "").await.unwrap();
+        watchers.push(tokio::spawn(async move {
+            watch::events(&mut s, 8 * REPORTS).await
+        }));
+    }
+    let writers = churns.iter().enumerate().map(|(w, churn)| {
+        let (churn, addr) = (churn.clone(), bins[w % bins.len()].addr);
+        tokio::spawn(async move {
+            let mut c = tests::connect(addr).await;
+            churn.run(&mut c, 0, 0, REPORTS).await
+        })
+    });
+    let mut acked: Vec<u64> = tokio::time::timeout(Duration::from_secs(120), join_all(writers))
+        .await
+        .expect("the writers did not finish within 120 s")
+        .into_iter()
+        .flat_map(Result::unwrap)
+        .collect();
+    acked.sort_unstable();
+
+    let db = client(&db_url).await;
+    let log = stored(&db, head).await;
+    let log_seqs: Vec<u64> = log.iter().map(|e| e.0).collect();
+    assert_eq!(
+        log_seqs, acked,
+        "every acknowledged report is one stored event"
+    );
+    let mut out_of_order = 0;
+    for w in watchers {
+        let got = w.await.unwrap();
+        assert_eq!(
+            sequences(&got),
+            log_seqs,
+            "a replica's stream differs from the log"
+        );
+        for (e, s) in got.iter().zip(&log) {
+            let p = e.placement.as_ref().unwrap();
+            assert_eq!(p.target.rsplit('/').next().unwrap(), s.1);
+            assert_eq!(i64::from(p.state), s.2);
+        }
+        out_of_order += got
+            .windows(2)
+            .filter(|w| {
+                let t = |e: &pb::PlacementEvent| e.commit_time.clone().unwrap_or_default();
+                (t(&w[1]).seconds, t(&w[1]).nanos) < (t(&w[0]).seconds, t(&w[0]).nanos)
+            })
+            .count();
+    }
+    eprintln!("events whose commit clock ran behind their predecessor's: {out_of_order}");
+    for b in bins {
+        b.kill().await;
+    }
+}
+
+/// SIGKILL one replica while writers use it: every report it acknowledged is in the other
+/// replica's stream, which never stopped; the killed replica restarts on the same database
+/// and serves the same log.
+#[tokio::test]
+async fn a_killed_replica_loses_no_acknowledged_report() {
+    let Some(url) = server() else { return };
+    let (_admin, db_url, _) = fresh_database(&url, "deploy_kill").await;
+    let mut bins = replicas(&db_url, 2).await;
+    let mut c = tests::connect(bins[0].addr).await;
+    let churn = std::sync::Arc::new(Churn::setup(&mut c, "dev", "api", 4).await);
+    let mut other = tests::connect(bins[1].addr).await;
+    let mut stream = watch::open(&mut other, Some(churn.head), "", "")
+        .await
+        .unwrap();
+
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writers: Vec<_> = (0..4)
+        .map(|t| {
+            let (churn, acked, addr) = (churn.clone(), acked.clone(), bins[0].addr);
+            tokio::spawn(async move {
+                let mut c = tests::connect(addr).await;
+                for i in 0.. {
+                    match tests::report(
+                        &mut c,
+                        &churn.deployment,
+                        &churn.targets[t],
+                        Churn::state(i),
+                    )
+                    .await
+                    {
+                        Ok(r) => acked.lock().unwrap().push(r.sequence),
+                        Err(_) => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    bins.remove(0).kill().await;
+    for w in writers {
+        w.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 20,
+        "only {} reports before the kill",
+        acked.len()
+    );
+
+    let db = client(&db_url).await;
+    let log: Vec<u64> = stored(&db, churn.head).await.iter().map(|e| e.0).collect();
+    for seq in &acked {
+        assert!(
+            log.contains(seq),
+            "acknowledged sequence {seq} is not stored"
+        );
+    }
+    let got = watch::events(&mut stream, log.len()).await;
+    assert_eq!(sequences(&got), log);
+
+    let restarted = Binary::start(Path::new(&db_url), &[]).await;
+    let mut rc = tests::connect(restarted.addr).await;
+    let mut again = watch::open(&mut rc, Some(churn.head), "", "")
+        .await
+        .unwrap();
+    assert_eq!(sequences(&watch::events(&mut again, log.len()).await), log);
+    let mut snap = watch::open(&mut rc, None, "", "").await.unwrap();
+    let (placements, at) = watch::snapshot(&mut snap).await;
+    assert_eq!(at, *log.last().unwrap());
+    assert_eq!(placements.len(), 4);
+    restarted.kill().await;
+    bins.remove(0).kill().await;
+}
