@@ -192,7 +192,14 @@ pub async fn watch(
 ) -> Result<WatchStream> {
     if let Start::After(after) = request.start {
         let bounds = store.log_bounds().await?;
-        let head = bounds.head.max(feed.head());
+        let mut head = bounds.head.max(feed.head());
+        if after > head && store.remote_changes().is_some() {
+            // Another replica may have streamed this position already; this one's tail
+            // follows within milliseconds.
+            let mut rx = feed.subscribe();
+            let _ = timeout(Duration::from_secs(2), rx.wait_for(|h| *h >= after)).await;
+            head = head.max(feed.head());
+        }
         if after < bounds.pruned_through {
             return Err(retention_error(after, bounds.pruned_through));
         }

@@ -88,6 +88,27 @@ pub async fn fresh_database(url: &str, tag: &str) -> (tokio_postgres::Client, St
         .await
         .unwrap_or_else(|e| panic!("PostgreSQL at {url} is not reachable: {e}"));
     tokio::spawn(connection);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    // Databases earlier runs left behind (named `{tag}_{pid}_{millis}_{n}`) go after an hour.
+    let stale = admin
+        .query(
+            "SELECT datname FROM pg_database WHERE datname ~ '^[a-z_]+_[0-9]+_[0-9]{13}_[0-9]+$'",
+            &[],
+        )
+        .await
+        .unwrap();
+    for row in stale {
+        let name: String = row.get(0);
+        let born: u128 = name.rsplit('_').nth(1).and_then(|m| m.parse().ok()).unwrap_or(now_ms);
+        if now_ms.saturating_sub(born) > 3_600_000 {
+            let _ = admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await;
+        }
+    }
     let db = format!(
         "{tag}_{}_{}_{}",
         std::process::id(),

@@ -1,6 +1,6 @@
-//! PostgreSQL restarts while release-svc (on it) takes writes: writes during the outage fail
-//! with UNAVAILABLE (never a false acknowledgement), the service recovers without a restart
-//! of its own, and no acknowledged write is lost. Restarts the machine's PostgreSQL server
+//! PostgreSQL restarts while deploy-svc and release-svc (each on its own database there) take
+//! writes: writes during the outage fail with UNAVAILABLE (never a false acknowledgement),
+//! both services recover without a restart of their own, and no acknowledged write is lost. Restarts the machine's PostgreSQL server
 //! (`pg_ctlcluster`), so it is a test binary of its own (cargo runs test binaries one at a
 //! time); runs when TEST_DATABASE_URL is set and `pg_ctlcluster` is available.
 #![allow(clippy::unwrap_used)]
@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use proto::release::v1 as rpb;
-use tests::{release, Binary};
+use tests::{fresh_database, release, Binary, Churn};
 use tonic::Code;
 
 fn cluster(action: &str) -> bool {
@@ -50,7 +50,7 @@ impl Drop for Restart {
 }
 
 #[tokio::test]
-async fn release_svc_survives_a_postgres_restart_without_losing_an_acknowledged_write() {
+async fn both_services_survive_a_postgres_restart_without_losing_an_acknowledged_write() {
     let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
         eprintln!("TEST_DATABASE_URL is not set: the PostgreSQL restart was not tested");
         return;
@@ -80,8 +80,13 @@ async fn release_svc_survives_a_postgres_restart_without_losing_an_acknowledged_
     let _ = admin_task.await;
     let base = url.rsplit_once('/').map_or(url.as_str(), |(b, _)| b);
     let db_url = format!("{base}/{db}");
-    let dir = tempfile::tempdir().unwrap();
-    let d = Binary::start(&dir.path().join("deploy.db"), &[]).await;
+    let (_, deploy_url, _) = fresh_database(&url, "deploy_restart").await;
+    let d = Binary::start(std::path::Path::new(&deploy_url), &[]).await;
+    let mut dc = tests::connect(d.addr).await;
+    let churn = Churn::setup(&mut dc, "dev", "api", 1).await;
+    // deploy-svc writes: (report number, acknowledged sequence); a refused report is sent
+    // again with the same state (it may have committed: then it changes nothing).
+    let (mut reported, mut report_refused, mut next_report) = (Vec::new(), Vec::new(), 0);
     let r = Binary::spawn(
         "release-svc",
         &[
@@ -127,6 +132,15 @@ async fn release_svc_survives_a_postgres_restart_without_losing_an_acknowledged_
             }
             Err(status) => refused.push((key, status.code(), status.message().to_owned())),
         }
+        match tests::report(&mut dc, &churn.deployment, &churn.targets[0], Churn::state(next_report)).await {
+            Ok(r) => {
+                if r.changed {
+                    reported.push(r.sequence);
+                }
+                next_report += 1;
+            }
+            Err(status) => report_refused.push((status.code(), status.message().to_owned())),
+        }
         if i == 20 {
             // Stop, wait, start: the outage is at least a second long.
             assert!(cluster("stop"), "pg_ctlcluster stop failed");
@@ -158,6 +172,23 @@ async fn release_svc_survives_a_postgres_restart_without_losing_an_acknowledged_
     for (key, code, message) in &refused {
         assert_eq!(*code, Code::Unavailable, "{key}: {message}");
     }
+    assert!(!report_refused.is_empty(), "no report was refused during the outage");
+    for (code, message) in &report_refused {
+        assert_eq!(*code, Code::Unavailable, "report: {message}");
+    }
+    // Every acknowledged report is in the log a fresh deploy-svc process streams.
+    d.kill().await;
+    let d = Binary::start(std::path::Path::new(&deploy_url), &[]).await;
+    let mut dc = tests::connect(d.addr).await;
+    let mut w = tests::watch::open(&mut dc, Some(churn.head), "", "").await.unwrap();
+    let (streamed, _) = tests::watch::until_heartbeat(&mut w).await;
+    let streamed = tests::watch::sequences(&streamed);
+    for seq in &reported {
+        assert!(streamed.contains(seq), "acknowledged report {seq} is lost");
+    }
+    // A refusal whose commit happened anyway (the connection died after COMMIT was sent)
+    // is the only way to an event nobody was told about.
+    assert!(streamed.len() - reported.len() <= report_refused.len());
     // Every acknowledged write is there, read back by a fresh process on the same database.
     r.kill().await;
     let r = Binary::spawn(
@@ -181,9 +212,11 @@ async fn release_svc_survives_a_postgres_restart_without_losing_an_acknowledged_
         .unwrap_or_else(|e| panic!("acknowledged {key} is lost: {e}"));
     }
     eprintln!(
-        "{} acknowledged, {} refused with UNAVAILABLE during the restart",
+        "release-svc: {} acknowledged, {} refused with UNAVAILABLE; deploy-svc: {} reports acknowledged, {} refused with UNAVAILABLE",
         acknowledged.len(),
-        refused.len()
+        refused.len(),
+        reported.len(),
+        report_refused.len()
     );
     r.kill().await;
 }

@@ -534,6 +534,14 @@ fn pace_deployment(conn: &dyn Db, d: &Deployment, now: Millis) -> Result<usize> 
             p![d.id, rows[*i].0],
         )?;
     }
+    if !chosen.is_empty() {
+        // Every change to a deployment's placements also writes its row: on PostgreSQL
+        // that row is what concurrent writers of one deployment serialise on.
+        conn.execute(
+            "UPDATE deployments SET update_ms = ?1 WHERE id = ?2",
+            p![now, d.id],
+        )?;
+    }
     Ok(chosen.len())
 }
 

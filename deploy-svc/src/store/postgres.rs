@@ -7,9 +7,10 @@
 //! A pool of connections, each on its own thread (the synchronous `postgres` client). Each
 //! write is one SERIALIZABLE transaction, retried on a serialization failure, a deadlock
 //! or a unique violation from a concurrent insert; PostgreSQL's group commit batches
-//! concurrent commits. A placement report first takes a session advisory lock on its
-//! deployment (before the transaction, so the snapshot is taken after the wait): reports
-//! of one deployment queue instead of aborting each other on its counters. The first
+//! concurrent commits. A placement report (the hot path) is the exception: READ COMMITTED
+//! after `SELECT ... FOR UPDATE` of its deployment's row, which every write touching that
+//! deployment updates, so reports of one deployment queue instead of aborting each other
+//! (and a SERIALIZABLE write meeting the locked row fails and runs again). The first
 //! statement of every write forces the transaction id (`pg_current_xact_id()`), which the
 //! log's hole rule below relies on.
 //!
@@ -18,11 +19,16 @@
 //! `placement_events.seq` is drawn from a sequence inside the writing transaction, so a
 //! transaction can commit a lower sequence after another committed a higher one. Nothing
 //! serialises commits (that would cost PostgreSQL's group commit). Instead every replica
-//! runs a tailer that delivers events in sequence order and stops at a hole: a hole at `k`
-//! seen in a snapshot whose `xmax` is `X` belongs to a transaction that took its id before
-//! that snapshot (ids are forced before the sequence is drawn), so once the oldest running
-//! transaction id (`pg_snapshot_xmin`) reaches `X`, the hole is either filled or will never
-//! be (a rollback): the tailer then skips it. Every replica applies the same rule to the
+//! runs a tailer that delivers events in sequence order and stops at a hole. A hole at `k`
+//! seen while a higher sequence is visible belongs to a transaction that drew `k` before
+//! that higher one, so before the snapshot, and took its transaction id before drawing
+//! (ids are forced first). Right after seeing the hole the tailer takes a fresh
+//! transaction id `X` (above every id assigned so far, the filler's included); once the
+//! oldest running transaction id (`pg_snapshot_xmin`) is above `X`, the filler has ended:
+//! the hole is filled or never will be (a rollback), and the tailer moves past it. (The
+//! snapshot's own `xmax` would not do: it is the newest *completed* id plus one, and a
+//! transaction with a higher id may already be running: a first version used it and the
+//! benchmark's cross-replica check caught a skipped event.) Every replica applies the same rule to the
 //! same rows, so every replica delivers the same events in the same order: in commit order
 //! for writes that touch the same rows (they serialise), and with no gaps other than
 //! rolled-back sequences.
@@ -317,14 +323,16 @@ struct Pool {
 /// A pooled connection. No wait is unbounded: a lock held elsewhere for 10 s (a stuck
 /// client, a long maintenance transaction) fails the call as UNAVAILABLE instead of hanging
 /// it, and so does a statement running for 60 s.
-fn connect(url: &str) -> std::result::Result<Client, postgres::Error> {
+fn connect(url: &str, init: &str) -> std::result::Result<Client, postgres::Error> {
     let mut client = Client::connect(url, NoTls)?;
     client.batch_execute("SET lock_timeout = '10s'; SET statement_timeout = '60s'")?;
+    client.batch_execute(init)?;
     Ok(client)
 }
 
 impl Pool {
-    fn start(url: &str, size: usize) -> Result<Self> {
+    /// `size` connections, each set up with `init` (SQL) after connecting.
+    fn start(url: &str, size: usize, init: &'static str) -> Result<Self> {
         let (tx, rx) = std_mpsc::channel::<Task>();
         let rx = Arc::new(Mutex::new(rx));
         let mut threads = Vec::new();
@@ -344,7 +352,7 @@ impl Pool {
                             conn = None;
                         }
                         if conn.is_none() {
-                            match connect(&url) {
+                            match connect(&url, init) {
                                 Ok(client) => {
                                     conn = Some(Conn {
                                         client,
@@ -417,7 +425,7 @@ impl Pool {
 /// How many times a conflicting write runs before ABORTED.
 const MAX_ATTEMPTS: u32 = 30;
 
-/// Runs one write transaction with retries; `lock` is an advisory lock key held around it.
+/// Runs one write transaction with retries; `lock` names the deployment a report locks.
 fn run_write<T>(
     conn: &mut Conn,
     clock: &dyn Clock,
@@ -425,16 +433,11 @@ fn run_write<T>(
     lock: Option<i64>,
     job: &WriteJob<T>,
 ) -> Result<(T, u64)> {
-    if let Some(key) = lock {
-        conn.client
-            .execute("SELECT pg_advisory_lock($1)", &[&key])
-            .map_err(|e| pg_error(&e))?;
-    }
-    let result = (|| {
+    {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let outcome = write_once(conn, clock, notify, job);
+            let outcome = write_once(conn, clock, notify, lock, job);
             match outcome {
                 Err((e, true)) if attempt < MAX_ATTEMPTS => {
                     tracing::debug!(error = %e, attempt, "write conflicted; running it again");
@@ -446,17 +449,7 @@ fn run_write<T>(
                 Ok(v) => return Ok(v),
             }
         }
-    })();
-    if let Some(key) = lock {
-        if let Err(e) = conn
-            .client
-            .execute("SELECT pg_advisory_unlock($1)", &[&key])
-        {
-            // The session is broken: its locks went with it.
-            tracing::warn!(error = %e, "cannot release an advisory lock");
-        }
     }
-    result
 }
 
 fn rand_u16() -> u16 {
@@ -471,21 +464,33 @@ fn write_once<T>(
     conn: &mut Conn,
     clock: &dyn Clock,
     notify: NotifyMode,
+    deployment: Option<i64>,
     job: &WriteJob<T>,
 ) -> std::result::Result<(T, u64), (Error, bool)> {
     let plain = |e: postgres::Error| {
         let retry = is_conflict(&e);
         (pg_error(&e), retry)
     };
+    // A placement report runs in READ COMMITTED after locking its deployment's row (every
+    // other write touching that deployment updates the row, so they queue instead of
+    // aborting each other); everything else is SERIALIZABLE.
+    let isolation = match deployment {
+        Some(_) => IsolationLevel::ReadCommitted,
+        None => IsolationLevel::Serializable,
+    };
     let mut tx = conn
         .client
         .build_transaction()
-        .isolation_level(IsolationLevel::Serializable)
+        .isolation_level(isolation)
         .start()
         .map_err(plain)?;
     // The transaction id before any sequence value: the log's hole rule needs it.
     tx.batch_execute("SELECT pg_current_xact_id()")
         .map_err(plain)?;
+    if let Some(id) = deployment {
+        tx.execute("SELECT 1 FROM deployments WHERE id = $1 FOR UPDATE", &[&id])
+            .map_err(plain)?;
+    }
     let db = PgDb {
         tx: std::cell::RefCell::new(tx),
         statements: std::cell::RefCell::new(&mut conn.statements),
@@ -514,11 +519,12 @@ fn write_once<T>(
 
 // ---- the tail of the log ----
 
-/// A hole in the sequence: where it starts and the `xmax` of the snapshot that saw it.
+/// A hole in the sequence: where it starts and a transaction id assigned after the
+/// snapshot that saw it (so above the id of any transaction that could fill it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Hole {
     start: u64,
-    xmax: i64,
+    xid: i64,
 }
 
 /// The tailer's position.
@@ -528,35 +534,51 @@ struct Tail {
     hole: Option<Hole>,
 }
 
-/// The snapshot's oldest running transaction id and next id.
-fn xmin_xmax(db: &dyn Db) -> Result<(i64, i64)> {
+/// The snapshot's oldest running transaction id.
+fn xmin(db: &dyn Db) -> Result<i64> {
     db.row(
-        "SELECT CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS text) AS bigint),
-                CAST(CAST(pg_snapshot_xmax(pg_current_snapshot()) AS text) AS bigint)",
+        "SELECT CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS text) AS bigint)",
         &[],
-        |r| Ok((r.get(0)?, r.get(1)?)),
+        |r| r.get(0),
     )
 }
 
-/// Reads what follows `tail` and returns the events safe to deliver, in order, with the
-/// new position (see the module documentation for the hole rule).
-fn tail_read(db: &dyn Db, tail: Tail, max: usize) -> Result<(Vec<PlacementEvent>, Tail)> {
-    let (xmin, xmax) = xmin_xmax(db)?;
+/// A transaction id newer than every id assigned so far (a transaction of its own that
+/// writes nothing).
+fn fresh_xid(conn: &mut Conn) -> Result<i64> {
+    let row = conn
+        .client
+        .query_one(
+            "SELECT CAST(CAST(pg_current_xact_id() AS text) AS bigint)",
+            &[],
+        )
+        .map_err(|e| pg_error(&e))?;
+    Ok(row.get(0))
+}
+
+/// Reads what follows `tail` and returns the events safe to deliver, in order, the new
+/// position, and whether a newly seen hole still needs its transaction id (see the module
+/// documentation for the hole rule).
+fn tail_read(db: &dyn Db, tail: Tail, max: usize) -> Result<(Vec<PlacementEvent>, Tail, bool)> {
+    let xmin = xmin(db)?;
     let events = logic::read_log(db, tail.cursor, u64::MAX >> 1, max)?;
     let mut out = Vec::with_capacity(events.len());
     let mut next = tail;
+    let mut new_hole = false;
     for event in events {
         let expected = next.cursor + 1;
         if event.sequence != expected {
             match next.hole {
                 // Every transaction that could fill it has ended: it stays empty.
-                Some(h) if h.start == expected && xmin >= h.xmax => {}
+                Some(h) if h.start == expected && xmin > h.xid => {}
                 Some(h) if h.start == expected => break,
                 _ => {
+                    // Seen now; its transaction id is taken right after this snapshot.
                     next.hole = Some(Hole {
                         start: expected,
-                        xmax,
+                        xid: i64::MAX,
                     });
+                    new_hole = true;
                     break;
                 }
             }
@@ -565,23 +587,19 @@ fn tail_read(db: &dyn Db, tail: Tail, max: usize) -> Result<(Vec<PlacementEvent>
         next.cursor = event.sequence;
         out.push(event);
     }
-    Ok((out, next))
+    Ok((out, next, new_hole))
 }
 
 /// The log head every replica can agree on at start: the newest sequence of a snapshot,
 /// once every transaction running at that snapshot has ended (so nothing at or below it
 /// can still commit).
 fn settled_head(conn: &mut Conn) -> Result<u64> {
-    let (max_seq, xmax): (i64, i64) = {
-        let row = conn
-            .client
-            .query_one(
-                "SELECT COALESCE(MAX(seq), 0), CAST(CAST(pg_snapshot_xmax(pg_current_snapshot()) AS text) AS bigint) FROM placement_events",
-                &[],
-            )
-            .map_err(|e| pg_error(&e))?;
-        (row.get(0), row.get(1))
-    };
+    let max_seq: i64 = conn
+        .client
+        .query_one("SELECT COALESCE(MAX(seq), 0) FROM placement_events", &[])
+        .map_err(|e| pg_error(&e))?
+        .get(0);
+    let xid = fresh_xid(conn)?;
     for _ in 0..6000 {
         let xmin: i64 = conn
             .client
@@ -591,7 +609,7 @@ fn settled_head(conn: &mut Conn) -> Result<u64> {
             )
             .map_err(|e| pg_error(&e))?
             .get(0);
-        if xmin >= xmax {
+        if xmin > xid {
             return Ok(to_u64(max_seq));
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -629,7 +647,7 @@ impl SqlStore<PostgresBackend> {
     pub fn open(options: PostgresOptions, clock: Arc<dyn Clock>) -> Result<(Self, Arc<Feed>)> {
         let url = options.url.clone();
         let head = std::thread::spawn(move || -> Result<u64> {
-            let client = connect(&url).map_err(|e| pg_error(&e))?;
+            let client = connect(&url, "").map_err(|e| pg_error(&e))?;
             let mut conn = Conn {
                 client,
                 statements: HashMap::new(),
@@ -641,8 +659,13 @@ impl SqlStore<PostgresBackend> {
         .map_err(|_| Error::Internal("the PostgreSQL open thread panicked".into()))??;
         let feed = Arc::new(Feed::new(head, 65_536));
         let backend = PostgresBackend {
-            pool: Arc::new(Pool::start(&options.url, options.pool_size)?),
-            tail_pool: Arc::new(Pool::start(&options.url, 1)?),
+            pool: Arc::new(Pool::start(&options.url, options.pool_size, "")?),
+            // The tailer's transaction ids for holes commit nothing worth waiting for.
+            tail_pool: Arc::new(Pool::start(
+                &options.url,
+                1,
+                "SET synchronous_commit = off",
+            )?),
             feed: feed.clone(),
             clock,
             notify: options.notify,
@@ -734,7 +757,16 @@ impl TailerParts {
             loop {
                 let read = self
                     .pool
-                    .run(move |conn| read_tx(conn, |db| tail_read(db, tail, 4096)))
+                    .run(move |conn| {
+                        let (events, mut next, new_hole) =
+                            read_tx(conn, |db| tail_read(db, tail, 4096))?;
+                        if new_hole {
+                            if let Some(h) = next.hole.as_mut() {
+                                h.xid = fresh_xid(conn)?;
+                            }
+                        }
+                        Ok((events, next))
+                    })
                     .await;
                 match read {
                     Ok((events, next)) => {
@@ -981,7 +1013,7 @@ impl Backend for PostgresBackend {
 }
 
 impl PostgresBackend {
-    /// A write holding the advisory lock `lock` (when given) around its transaction.
+    /// A write; `lock` names the deployment a placement report locks first.
     pub(crate) async fn write_locked<T: Send + 'static>(
         &self,
         lock: Option<i64>,

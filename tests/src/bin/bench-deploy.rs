@@ -6,6 +6,7 @@
 //! cargo build --release -p deploy-svc -p tests
 //! target/release/bench-deploy ingest      # group commit vs one commit per report
 //! target/release/bench-deploy delivery    # commit-to-delivery latency, 100 watchers, one slow
+//! target/release/bench-deploy postgres    # NOTIFY cost; 8 writers on 2 PostgreSQL replicas
 //! ```
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
@@ -32,6 +33,24 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// PostgreSQL: what a NOTIFY per transaction costs plain inserts (8 writers), then
+    /// acknowledged reports/s from 8 writers over 2 deploy-svc replicas with coalesced
+    /// wake-ups, with none (the plain-insert baseline) and with a NOTIFY per transaction,
+    /// beside one SQLite deploy-svc, in alternating rounds.
+    Postgres {
+        /// A PostgreSQL server (databases are created on it).
+        #[arg(long, env = "TEST_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+        url: String,
+        /// Concurrent writers.
+        #[arg(long, default_value_t = 8)]
+        writers: usize,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Rounds.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Acknowledged reports per second with synchronous=FULL: group commit vs max-batch 1.
     Ingest {
         /// Concurrent in-flight reports (one target each).
@@ -66,6 +85,12 @@ async fn main() {
     let args = Args::parse();
     std::fs::create_dir_all(&args.dir).unwrap();
     match args.command {
+        Cmd::Postgres {
+            url,
+            writers,
+            seconds,
+            rounds,
+        } => postgres(&args.dir, &url, writers, seconds, rounds).await,
         Cmd::Ingest {
             concurrency,
             connections,
@@ -312,4 +337,168 @@ async fn delivery(
         }
     }
     h
+}
+
+/// Runs `writers` closed-loop tasks for `seconds` (after a 1 s warm-up); each calls `op`
+/// with its index and a counter; returns completed operations per second.
+async fn closed_loop<F, Fut>(writers: usize, seconds: u64, op: F) -> f64
+where
+    F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let op = Arc::new(op);
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let (op, done, stop) = (op.clone(), done.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    op(w, i).await;
+                    done.fetch_add(1, Ordering::Relaxed);
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (start, started) = (done.load(Ordering::Relaxed), Instant::now());
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let rate = (done.load(Ordering::Relaxed) - start) as f64 / started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    rate
+}
+
+async fn pg(url: &str) -> tokio_postgres::Client {
+    let (c, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e}"));
+    tokio::spawn(connection);
+    c
+}
+
+/// Plain inserts of event rows by `writers` connections, with or without a NOTIFY in
+/// each transaction.
+async fn raw_inserts(url: &str, writers: usize, seconds: u64, notify: bool) -> f64 {
+    let mut clients = Vec::new();
+    for _ in 0..writers {
+        clients.push(Arc::new(pg(url).await));
+    }
+    closed_loop(writers, seconds, move |w, i| {
+        let c = clients[w].clone();
+        async move {
+            let insert = "INSERT INTO bench_events (commit_ms, deployment, environment, target, artifact, version, digest, state, previous_state, message)
+                          VALUES ($1, 1, 'bench', $2, 'api', '1.0.0', 'sha256:0', 2, 1, '')";
+            let target = format!("t{w}");
+            let i = i64::try_from(i).unwrap();
+            if notify {
+                c.batch_execute("BEGIN").await.unwrap();
+                c.execute(insert, &[&i, &target]).await.unwrap();
+                c.batch_execute("NOTIFY bench_events; COMMIT").await.unwrap();
+            } else {
+                c.execute(insert, &[&i, &target]).await.unwrap();
+            }
+        }
+    })
+    .await
+}
+
+/// Acknowledged reports/s from `writers` writers (each on its own deployment) spread over
+/// the deploy-svc replicas `bins`; checks a watcher on the last replica saw every event.
+async fn service_ingest(bins: &[Binary], writers: usize, seconds: u64) -> f64 {
+    let mut c = connect(bins[0].addr).await;
+    let mut churns = Vec::new();
+    for w in 0..writers {
+        churns.push(Arc::new(Churn::setup(&mut c, &format!("w{w}"), "api", 1).await));
+    }
+    let head = churns.last().unwrap().head;
+    let mut clients = Vec::new();
+    for w in 0..writers {
+        clients.push(connect(bins[w % bins.len()].addr).await);
+    }
+    let mut wc = connect(bins[bins.len() - 1].addr).await;
+    let mut watcher = tests::watch::open(&mut wc, Some(head), "", "").await.unwrap();
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let sink = acked.clone();
+    let rate = closed_loop(writers, seconds, move |w, i| {
+        let (mut c, churn, sink) = (clients[w].clone(), churns[w].clone(), sink.clone());
+        async move {
+            let r = tests::report(&mut c, &churn.deployment, &churn.targets[0], Churn::state(i))
+                .await
+                .unwrap();
+            assert!(r.changed);
+            sink.lock().unwrap().push(r.sequence);
+        }
+    })
+    .await;
+    let mut acked = acked.lock().unwrap().clone();
+    acked.sort_unstable();
+    let got = tests::watch::events(&mut watcher, acked.len()).await;
+    assert_eq!(
+        tests::watch::sequences(&got),
+        acked,
+        "the other replica's stream must hold every acknowledged report, in order"
+    );
+    rate
+}
+
+async fn postgres(dir: &std::path::Path, url: &str, writers: usize, seconds: u64, rounds: usize) {
+    let admin = pg(url).await;
+    admin
+        .batch_execute(
+            "DROP TABLE IF EXISTS bench_events;
+             CREATE TABLE bench_events (seq BIGSERIAL PRIMARY KEY, commit_ms BIGINT NOT NULL, deployment BIGINT NOT NULL,
+               environment TEXT NOT NULL, target TEXT NOT NULL, artifact TEXT NOT NULL, version TEXT NOT NULL,
+               digest TEXT NOT NULL, state BIGINT NOT NULL, previous_state BIGINT NOT NULL, message TEXT NOT NULL)",
+        )
+        .await
+        .unwrap();
+    println!("| round | what | ops/s |");
+    println!("|---|---|---|");
+    let mut ratios: HashMap<&str, Vec<f64>> = HashMap::new();
+    for round in 1..=rounds {
+        let plain = raw_inserts(url, writers, seconds, false).await;
+        let notified = raw_inserts(url, writers, seconds, true).await;
+        println!("| {round} | raw INSERT, {writers} connections | {plain:.0} |");
+        println!("| {round} | raw INSERT + NOTIFY in each transaction | {notified:.0} |");
+        ratios.entry("raw notify / plain").or_default().push(notified / plain);
+
+        let mut rates = HashMap::new();
+        for mode in ["off", "coalesced", "per-transaction"] {
+            let (_, db_url, _) = tests::fresh_database(url, "bench_deploy").await;
+            let mut bins = Vec::new();
+            for _ in 0..2 {
+                bins.push(
+                    Binary::start(std::path::Path::new(&db_url), &["--pg-notify", mode]).await,
+                );
+            }
+            let rate = service_ingest(&bins, writers, seconds).await;
+            println!("| {round} | ReportPlacement, 2 replicas on PostgreSQL, --pg-notify {mode} | {rate:.0} |");
+            rates.insert(mode, rate);
+            for b in bins {
+                b.kill().await;
+            }
+        }
+        let (sqlite, _tmp) = start(dir, "pg-compare", &["--synchronous", "full"]).await;
+        let lite = service_ingest(std::slice::from_ref(&sqlite), writers, seconds).await;
+        println!("| {round} | ReportPlacement, 1 replica on SQLite (synchronous=FULL) | {lite:.0} |");
+        sqlite.kill().await;
+        ratios.entry("coalesced / off").or_default().push(rates["coalesced"] / rates["off"]);
+        ratios
+            .entry("per-transaction / off")
+            .or_default()
+            .push(rates["per-transaction"] / rates["off"]);
+    }
+    let mut keys: Vec<_> = ratios.keys().copied().collect();
+    keys.sort_unstable();
+    for k in keys {
+        let v = ratios.get_mut(k).unwrap();
+        let rounds = v.clone();
+        println!("ratio {k}: median {:.3} (rounds: {rounds:.3?})", median(v));
+    }
+    admin.batch_execute("DROP TABLE bench_events").await.unwrap();
 }

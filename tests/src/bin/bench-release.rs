@@ -33,6 +33,25 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Evaluate requests/s over two release-svc replicas (and two deploy-svc replicas) on
+    /// PostgreSQL, beside one pair on SQLite, in alternating rounds.
+    Replicas {
+        /// A PostgreSQL server (databases are created on it).
+        #[arg(long, env = "TEST_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+        url: String,
+        /// Requests per round (split over the replicas).
+        #[arg(long, default_value_t = 200_000)]
+        requests: u64,
+        /// Connections per replica.
+        #[arg(long, default_value_t = 8)]
+        clients: u32,
+        /// Concurrent streams per connection.
+        #[arg(long, default_value_t = 32)]
+        streams: u32,
+        /// Rounds.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Evaluate requests/s with h2load against release-svc and a no-op baseline.
     Throughput {
         /// Requests per h2load run.
@@ -116,6 +135,13 @@ async fn main() {
     let args = Args::parse();
     std::fs::create_dir_all(&args.dir).unwrap();
     match args.command {
+        Cmd::Replicas {
+            url,
+            requests,
+            clients,
+            streams,
+            rounds,
+        } => replicas(&args.dir, &url, requests, clients, streams, rounds).await,
         Cmd::Throughput {
             requests,
             clients,
@@ -190,6 +216,14 @@ async fn loaded_pair(dir: &Path) -> (Pair, release::Client, rpb::EvaluateRequest
     let p = pair(dir).await;
     let mut dc = tests::connect(p.deploy.addr).await;
     let mut rc = release::connect(p.release.addr).await;
+    let request = load(&mut dc, &mut rc).await;
+    (p, rc, request)
+}
+
+/// Releases `new-cart` to 50% of prod behind a placed carrier; returns the Evaluate
+/// request the throughput runs send (bob: inside the 50%), checked once.
+async fn load(dc: &mut tests::Client, rc: &mut release::Client) -> rpb::EvaluateRequest {
+    let (mut dc, mut rc) = (dc.clone(), rc.clone());
     environment(&mut dc, "prod", None, false).await;
     let pt = targets(&mut dc, "prod", "p", 4).await;
     artifact(&mut dc, "checkout", "2.0.0").await;
@@ -235,7 +269,7 @@ async fn loaded_pair(dir: &Path) -> (Pair, release::Client, rpb::EvaluateRequest
     )
     .await;
     assert_eq!(check.reason(), rpb::Reason::Split, "{check:?}");
-    (p, rc, request)
+    request
 }
 
 /// Pins the processes to CPU 0 (h2load gets CPU 1).
@@ -515,4 +549,70 @@ async fn memory(dir: &Path, features: usize, environments: usize) {
         rss_kib(restarted.child.id().unwrap()) as f64 / 1024.0
     );
     drop(p.deploy);
+}
+
+async fn replicas(dir: &Path, url: &str, requests: u64, clients: u32, streams: u32, rounds: usize) {
+    let (p, _rc, request) = loaded_pair(dir).await;
+    let body = dir.join("evaluate.bin");
+    frame(&request, &body);
+
+    let (_, deploy_db, _) = tests::fresh_database(url, "bench_deploy").await;
+    let (_, release_db, _) = tests::fresh_database(url, "bench_release").await;
+    let mut deploys = Vec::new();
+    for _ in 0..2 {
+        deploys.push(Binary::start(Path::new(&deploy_db), &[]).await);
+    }
+    let mut releases = Vec::new();
+    for d in &deploys {
+        let deploy_url = format!("http://{}", d.addr);
+        let args = ["--listen", "127.0.0.1:0", "--database", &release_db, "--deploy-svc", &deploy_url];
+        releases.push(Binary::spawn("release-svc", &args).await);
+    }
+    let mut dc = tests::connect(deploys[0].addr).await;
+    let mut rc = release::connect(releases[0].addr).await;
+    load(&mut dc, &mut rc).await;
+    // The second replica serves the same decision, from its own snapshot.
+    let mut rc2 = release::connect(releases[1].addr).await;
+    let (check, _) = release::eventually(&mut rc2, "new-cart", "prod", "bob", rpb::Reason::Split, Duration::from_secs(10)).await;
+    assert_eq!(check.reason(), rpb::Reason::Split);
+
+    // Warm-up.
+    h2load(p.release.addr, EVALUATE, &[], &body, requests / 4, clients, streams);
+    for r in &releases {
+        h2load(r.addr, EVALUATE, &[], &body, requests / 8, clients, streams);
+    }
+    println!("| round | setup | Evaluate requests/s | h2load status codes |");
+    println!("|---|---|---|---|");
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        let (lite, ls) = h2load(p.release.addr, EVALUATE, &[], &body, requests, clients, streams);
+        let addrs: Vec<_> = releases.iter().map(|r| r.addr).collect();
+        let body2 = body.clone();
+        let runs: Vec<_> = addrs
+            .into_iter()
+            .map(|a| {
+                let body = body2.clone();
+                std::thread::spawn(move || h2load(a, EVALUATE, &[], &body, requests / 2, clients, streams))
+            })
+            .collect();
+        let results: Vec<(f64, String)> = runs.into_iter().map(|h| h.join().unwrap()).collect();
+        let both: f64 = results.iter().map(|r| r.0).sum();
+        println!("| {round} | 1 release-svc on SQLite | {lite:.0} | {ls} |");
+        println!(
+            "| {round} | 2 release-svc replicas on PostgreSQL (sum) | {both:.0} | {} / {} |",
+            results[0].1, results[1].1
+        );
+        ratios.push(both / lite);
+    }
+    for rc in [&mut rc, &mut rc2] {
+        assert_eq!(evaluate(rc, "new-cart", "prod", "bob").await.reason(), rpb::Reason::Split);
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "ratio 2 PostgreSQL replicas / 1 SQLite: median {:.3} (rounds: {ratios:.3?})",
+        ratios[ratios.len() / 2]
+    );
+    for b in releases.into_iter().chain(deploys) {
+        b.kill().await;
+    }
 }
