@@ -102,7 +102,11 @@ pub async fn fresh_database(url: &str, tag: &str) -> (tokio_postgres::Client, St
         .unwrap();
     for row in stale {
         let name: String = row.get(0);
-        let born: u128 = name.rsplit('_').nth(1).and_then(|m| m.parse().ok()).unwrap_or(now_ms);
+        let born: u128 = name
+            .rsplit('_')
+            .nth(1)
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(now_ms);
         if now_ms.saturating_sub(born) > 3_600_000 {
             let _ = admin
                 .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))

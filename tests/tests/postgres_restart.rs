@@ -132,7 +132,14 @@ async fn both_services_survive_a_postgres_restart_without_losing_an_acknowledged
             }
             Err(status) => refused.push((key, status.code(), status.message().to_owned())),
         }
-        match tests::report(&mut dc, &churn.deployment, &churn.targets[0], Churn::state(next_report)).await {
+        match tests::report(
+            &mut dc,
+            &churn.deployment,
+            &churn.targets[0],
+            Churn::state(next_report),
+        )
+        .await
+        {
             Ok(r) => {
                 if r.changed {
                     reported.push(r.sequence);
@@ -172,7 +179,10 @@ async fn both_services_survive_a_postgres_restart_without_losing_an_acknowledged
     for (key, code, message) in &refused {
         assert_eq!(*code, Code::Unavailable, "{key}: {message}");
     }
-    assert!(!report_refused.is_empty(), "no report was refused during the outage");
+    assert!(
+        !report_refused.is_empty(),
+        "no report was refused during the outage"
+    );
     for (code, message) in &report_refused {
         assert_eq!(*code, Code::Unavailable, "report: {message}");
     }
@@ -180,7 +190,9 @@ async fn both_services_survive_a_postgres_restart_without_losing_an_acknowledged
     d.kill().await;
     let d = Binary::start(std::path::Path::new(&deploy_url), &[]).await;
     let mut dc = tests::connect(d.addr).await;
-    let mut w = tests::watch::open(&mut dc, Some(churn.head), "", "").await.unwrap();
+    let mut w = tests::watch::open(&mut dc, Some(churn.head), "", "")
+        .await
+        .unwrap();
     let (streamed, _) = tests::watch::until_heartbeat(&mut w).await;
     let streamed = tests::watch::sequences(&streamed);
     for seq in &reported {

@@ -10,9 +10,9 @@
 //! concurrent commits. A placement report (the hot path) is the exception: READ COMMITTED
 //! after `SELECT ... FOR UPDATE` of its deployment's row, which every write touching that
 //! deployment updates, so reports of one deployment queue instead of aborting each other
-//! (and a SERIALIZABLE write meeting the locked row fails and runs again). The first
-//! statement of every write forces the transaction id (`pg_current_xact_id()`), which the
-//! log's hole rule below relies on.
+//! (and a SERIALIZABLE write meeting the locked row fails and runs again). The trigger
+//! that draws an event's sequence first forces the transaction's id
+//! (`pg_current_xact_id()`), which the log's hole rule below relies on.
 //!
 //! # The log and the late commit
 //!
@@ -22,7 +22,7 @@
 //! runs a tailer that delivers events in sequence order and stops at a hole. A hole at `k`
 //! seen while a higher sequence is visible belongs to a transaction that drew `k` before
 //! that higher one, so before the snapshot, and took its transaction id before drawing
-//! (ids are forced first). Right after seeing the hole the tailer takes a fresh
+//! (the trigger that draws forces the id first). Right after seeing the hole the tailer takes a fresh
 //! transaction id `X` (above every id assigned so far, the filler's included); once the
 //! oldest running transaction id (`pg_snapshot_xmin`) is above `X`, the filler has ended:
 //! the hole is filled or never will be (a rollback), and the tailer moves past it. (The
@@ -36,8 +36,8 @@
 //! # Wake-ups without a NOTIFY per write
 //!
 //! NOTIFY takes a database-wide lock at commit. Writes do not NOTIFY: after its commits a
-//! replica sends one coalesced `NOTIFY` from a separate connection (at most one in flight
-//! at a time, with `synchronous_commit = off`: it is only a wake-up), and every replica
+//! replica sends one coalesced `NOTIFY` from a separate connection (at most one every 2 ms,
+//! with `synchronous_commit = off`: it is only a wake-up), and every replica
 //! LISTENs and then reads the table (catch-up read). A replica's own writes wake its
 //! tailer directly; a lost notification costs at most the poll interval.
 
@@ -484,9 +484,6 @@ fn write_once<T>(
         .isolation_level(isolation)
         .start()
         .map_err(plain)?;
-    // The transaction id before any sequence value: the log's hole rule needs it.
-    tx.batch_execute("SELECT pg_current_xact_id()")
-        .map_err(plain)?;
     if let Some(id) = deployment {
         tx.execute("SELECT 1 FROM deployments WHERE id = $1 FOR UPDATE", &[&id])
             .map_err(plain)?;
@@ -881,8 +878,14 @@ async fn notifier(
                 tracing::warn!(error = %e, "cannot notify other replicas");
             }
         }
+        // At most one notification per window: commits meanwhile ride on the next one, so
+        // under load the other replicas read the log in batches rather than per commit.
+        tokio::time::sleep(NOTIFY_WINDOW).await;
     }
 }
+
+/// The shortest time between two notifications of one replica.
+const NOTIFY_WINDOW: Duration = Duration::from_millis(2);
 
 async fn listener(
     url: String,

@@ -39,7 +39,11 @@ enum Cmd {
     /// beside one SQLite deploy-svc, in alternating rounds.
     Postgres {
         /// A PostgreSQL server (databases are created on it).
-        #[arg(long, env = "TEST_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+        #[arg(
+            long,
+            env = "TEST_DATABASE_URL",
+            default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+        )]
         url: String,
         /// Concurrent writers.
         #[arg(long, default_value_t = 8)]
@@ -48,7 +52,7 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
         /// Rounds.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
     /// Acknowledged reports per second with synchronous=FULL: group commit vs max-batch 1.
@@ -381,30 +385,79 @@ async fn pg(url: &str) -> tokio_postgres::Client {
     c
 }
 
-/// Plain inserts of event rows by `writers` connections, with or without a NOTIFY in
-/// each transaction.
-async fn raw_inserts(url: &str, writers: usize, seconds: u64, notify: bool) -> f64 {
+/// How the raw insert benchmark writes an event row.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Raw {
+    /// A plain INSERT (autocommit).
+    Plain,
+    /// INSERT and NOTIFY in one transaction.
+    NotifyEach,
+    /// deploy-svc's outbox: the table's trigger forces the transaction id and draws the
+    /// sequence (`RETURNING seq`), and a separate connection sends one coalesced NOTIFY at
+    /// most every 2 ms while inserts commit.
+    Outbox,
+}
+
+/// Inserts of event rows by `writers` connections, the `Raw` way.
+async fn raw_inserts(url: &str, writers: usize, seconds: u64, how: Raw) -> f64 {
+    let bell = Arc::new(tokio::sync::Notify::new());
+    let notifier = (how == Raw::Outbox).then(|| {
+        let (bell, url) = (bell.clone(), url.to_owned());
+        tokio::spawn(async move {
+            let c = pg(&url).await;
+            c.batch_execute("SET synchronous_commit = off")
+                .await
+                .unwrap();
+            loop {
+                bell.notified().await;
+                c.batch_execute("NOTIFY bench_events").await.unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    });
     let mut clients = Vec::new();
     for _ in 0..writers {
         clients.push(Arc::new(pg(url).await));
     }
-    closed_loop(writers, seconds, move |w, i| {
-        let c = clients[w].clone();
+    let rate = closed_loop(writers, seconds, move |w, i| {
+        let (c, bell) = (clients[w].clone(), bell.clone());
         async move {
-            let insert = "INSERT INTO bench_events (commit_ms, deployment, environment, target, artifact, version, digest, state, previous_state, message)
+            let columns = "(commit_ms, deployment, environment, target, artifact, version, digest, state, previous_state, message)
                           VALUES ($1, 1, 'bench', $2, 'api', '1.0.0', 'sha256:0', 2, 1, '')";
             let target = format!("t{w}");
             let i = i64::try_from(i).unwrap();
-            if notify {
-                c.batch_execute("BEGIN").await.unwrap();
-                c.execute(insert, &[&i, &target]).await.unwrap();
-                c.batch_execute("NOTIFY bench_events; COMMIT").await.unwrap();
-            } else {
-                c.execute(insert, &[&i, &target]).await.unwrap();
+            match how {
+                Raw::Plain => {
+                    c.execute(&format!("INSERT INTO bench_events {columns}"), &[&i, &target])
+                        .await
+                        .unwrap();
+                }
+                Raw::NotifyEach => {
+                    c.batch_execute("BEGIN").await.unwrap();
+                    c.execute(&format!("INSERT INTO bench_events {columns}"), &[&i, &target])
+                        .await
+                        .unwrap();
+                    c.batch_execute("NOTIFY bench_events; COMMIT").await.unwrap();
+                }
+                Raw::Outbox => {
+                    let row = c
+                        .query_one(
+                            &format!("INSERT INTO bench_outbox {columns} RETURNING seq"),
+                            &[&i, &target],
+                        )
+                        .await
+                        .unwrap();
+                    assert!(row.get::<_, i64>(0) > 0);
+                    bell.notify_one();
+                }
             }
         }
     })
-    .await
+    .await;
+    if let Some(n) = notifier {
+        n.abort();
+    }
+    rate
 }
 
 /// Acknowledged reports/s from `writers` writers (each on its own deployment) spread over
@@ -413,7 +466,9 @@ async fn service_ingest(bins: &[Binary], writers: usize, seconds: u64) -> f64 {
     let mut c = connect(bins[0].addr).await;
     let mut churns = Vec::new();
     for w in 0..writers {
-        churns.push(Arc::new(Churn::setup(&mut c, &format!("w{w}"), "api", 1).await));
+        churns.push(Arc::new(
+            Churn::setup(&mut c, &format!("w{w}"), "api", 1).await,
+        ));
     }
     let head = churns.last().unwrap().head;
     let mut clients = Vec::new();
@@ -421,15 +476,22 @@ async fn service_ingest(bins: &[Binary], writers: usize, seconds: u64) -> f64 {
         clients.push(connect(bins[w % bins.len()].addr).await);
     }
     let mut wc = connect(bins[bins.len() - 1].addr).await;
-    let mut watcher = tests::watch::open(&mut wc, Some(head), "", "").await.unwrap();
+    let mut watcher = tests::watch::open(&mut wc, Some(head), "", "")
+        .await
+        .unwrap();
     let acked = Arc::new(Mutex::new(Vec::new()));
     let sink = acked.clone();
     let rate = closed_loop(writers, seconds, move |w, i| {
         let (mut c, churn, sink) = (clients[w].clone(), churns[w].clone(), sink.clone());
         async move {
-            let r = tests::report(&mut c, &churn.deployment, &churn.targets[0], Churn::state(i))
-                .await
-                .unwrap();
+            let r = tests::report(
+                &mut c,
+                &churn.deployment,
+                &churn.targets[0],
+                Churn::state(i),
+            )
+            .await
+            .unwrap();
             assert!(r.changed);
             sink.lock().unwrap().push(r.sequence);
         }
@@ -453,7 +515,16 @@ async fn postgres(dir: &std::path::Path, url: &str, writers: usize, seconds: u64
             "DROP TABLE IF EXISTS bench_events;
              CREATE TABLE bench_events (seq BIGSERIAL PRIMARY KEY, commit_ms BIGINT NOT NULL, deployment BIGINT NOT NULL,
                environment TEXT NOT NULL, target TEXT NOT NULL, artifact TEXT NOT NULL, version TEXT NOT NULL,
-               digest TEXT NOT NULL, state BIGINT NOT NULL, previous_state BIGINT NOT NULL, message TEXT NOT NULL)",
+               digest TEXT NOT NULL, state BIGINT NOT NULL, previous_state BIGINT NOT NULL, message TEXT NOT NULL);
+             DROP TABLE IF EXISTS bench_outbox;
+             DROP SEQUENCE IF EXISTS bench_outbox_seq;
+             CREATE SEQUENCE bench_outbox_seq;
+             CREATE TABLE bench_outbox (LIKE bench_events);
+             ALTER TABLE bench_outbox ADD PRIMARY KEY (seq);
+             CREATE OR REPLACE FUNCTION bench_outbox_sequence() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN PERFORM pg_current_xact_id(); NEW.seq := nextval('bench_outbox_seq'); RETURN NEW; END $$;
+             CREATE TRIGGER bench_outbox_sequence BEFORE INSERT ON bench_outbox
+               FOR EACH ROW EXECUTE FUNCTION bench_outbox_sequence();",
         )
         .await
         .unwrap();
@@ -461,14 +532,41 @@ async fn postgres(dir: &std::path::Path, url: &str, writers: usize, seconds: u64
     println!("|---|---|---|");
     let mut ratios: HashMap<&str, Vec<f64>> = HashMap::new();
     for round in 1..=rounds {
-        let plain = raw_inserts(url, writers, seconds, false).await;
-        let notified = raw_inserts(url, writers, seconds, true).await;
-        println!("| {round} | raw INSERT, {writers} connections | {plain:.0} |");
+        // Each measurement starts after a checkpoint; odd and even rounds run the modes in
+        // opposite orders, so drift and table growth hit all alike.
+        let mut raw = HashMap::new();
+        let mut order = [Raw::Plain, Raw::NotifyEach, Raw::Outbox];
+        if round % 2 == 0 {
+            order.reverse();
+        }
+        for how in order {
+            admin.batch_execute("CHECKPOINT").await.unwrap();
+            raw.insert(how as u8, raw_inserts(url, writers, seconds, how).await);
+        }
+        let (plain, notified, outbox) = (
+            raw[&(Raw::Plain as u8)],
+            raw[&(Raw::NotifyEach as u8)],
+            raw[&(Raw::Outbox as u8)],
+        );
+        println!("| {round} | raw INSERT, {writers} connections (the plain-insert baseline) | {plain:.0} |");
         println!("| {round} | raw INSERT + NOTIFY in each transaction | {notified:.0} |");
-        ratios.entry("raw notify / plain").or_default().push(notified / plain);
+        println!("| {round} | raw INSERT into deploy-svc's outbox (sequence trigger) + coalesced NOTIFY | {outbox:.0} |");
+        ratios
+            .entry("raw notify-each / plain")
+            .or_default()
+            .push(notified / plain);
+        ratios
+            .entry("raw outbox + coalesced / plain")
+            .or_default()
+            .push(outbox / plain);
 
         let mut rates = HashMap::new();
-        for mode in ["off", "coalesced", "per-transaction"] {
+        let mut modes = ["off", "coalesced", "per-transaction"];
+        if round % 2 == 0 {
+            modes.reverse();
+        }
+        for mode in modes {
+            admin.batch_execute("CHECKPOINT").await.unwrap();
             let (_, db_url, _) = tests::fresh_database(url, "bench_deploy").await;
             let mut bins = Vec::new();
             for _ in 0..2 {
@@ -477,17 +575,27 @@ async fn postgres(dir: &std::path::Path, url: &str, writers: usize, seconds: u64
                 );
             }
             let rate = service_ingest(&bins, writers, seconds).await;
-            println!("| {round} | ReportPlacement, 2 replicas on PostgreSQL, --pg-notify {mode} | {rate:.0} |");
             rates.insert(mode, rate);
             for b in bins {
                 b.kill().await;
             }
         }
+        for mode in ["off", "coalesced", "per-transaction"] {
+            println!(
+                "| {round} | ReportPlacement, 2 replicas on PostgreSQL, --pg-notify {mode} | {:.0} |",
+                rates[mode]
+            );
+        }
         let (sqlite, _tmp) = start(dir, "pg-compare", &["--synchronous", "full"]).await;
         let lite = service_ingest(std::slice::from_ref(&sqlite), writers, seconds).await;
-        println!("| {round} | ReportPlacement, 1 replica on SQLite (synchronous=FULL) | {lite:.0} |");
+        println!(
+            "| {round} | ReportPlacement, 1 replica on SQLite (synchronous=FULL) | {lite:.0} |"
+        );
         sqlite.kill().await;
-        ratios.entry("coalesced / off").or_default().push(rates["coalesced"] / rates["off"]);
+        ratios
+            .entry("coalesced / off")
+            .or_default()
+            .push(rates["coalesced"] / rates["off"]);
         ratios
             .entry("per-transaction / off")
             .or_default()
@@ -500,5 +608,10 @@ async fn postgres(dir: &std::path::Path, url: &str, writers: usize, seconds: u64
         let rounds = v.clone();
         println!("ratio {k}: median {:.3} (rounds: {rounds:.3?})", median(v));
     }
-    admin.batch_execute("DROP TABLE bench_events").await.unwrap();
+    admin
+        .batch_execute(
+            "DROP TABLE bench_events; DROP TABLE bench_outbox; DROP SEQUENCE bench_outbox_seq",
+        )
+        .await
+        .unwrap();
 }

@@ -76,8 +76,9 @@ CREATE INDEX placements_orders ON placements (target, state) WHERE ordered = 1 A
 -- readers deliver in seq order and wait at a hole until every transaction that could
 -- still fill it has ended (see store/postgres.rs); a rolled-back transaction leaves a hole
 -- that is skipped once resolved.
+CREATE SEQUENCE placement_events_seq;
 CREATE TABLE placement_events (
-    seq            BIGSERIAL PRIMARY KEY,
+    seq            BIGINT PRIMARY KEY,
     commit_ms      BIGINT NOT NULL,
     deployment     BIGINT NOT NULL,
     environment    TEXT COLLATE "C" NOT NULL,
@@ -89,6 +90,17 @@ CREATE TABLE placement_events (
     previous_state BIGINT NOT NULL,
     message        TEXT COLLATE "C" NOT NULL
 );
+-- The sequence is drawn by this trigger, after the transaction id is assigned (the hole
+-- rule needs every transaction that holds a sequence to have its id first). A column
+-- default would be evaluated before the trigger could force the id.
+CREATE FUNCTION placement_events_sequence() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_current_xact_id();
+    NEW.seq := nextval('placement_events_seq');
+    RETURN NEW;
+END $$;
+CREATE TRIGGER placement_events_sequence BEFORE INSERT ON placement_events
+    FOR EACH ROW EXECUTE FUNCTION placement_events_sequence();
 -- A snapshot rolls a placement back to its last event at or before its sequence.
 CREATE INDEX placement_events_by_placement ON placement_events (deployment, target, seq);
 
