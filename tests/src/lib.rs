@@ -95,7 +95,7 @@ pub async fn fresh_database(url: &str, tag: &str) -> (tokio_postgres::Client, St
     // Databases earlier runs left behind (named `{tag}_{pid}_{millis}_{n}`) go after an hour.
     let stale = admin
         .query(
-            "SELECT datname FROM pg_database WHERE datname ~ '^[a-z_]+_[0-9]+_[0-9]{13}_[0-9]+$'",
+            "SELECT datname FROM pg_database WHERE datname ~ '^(deploy|release|bench)_[a-z_]+_[0-9]+_[0-9]{13}_[0-9]+$'",
             &[],
         )
         .await

@@ -146,6 +146,61 @@ async fn a_late_commit_is_delivered_in_order_and_a_rolled_back_sequence_is_skipp
     }
 }
 
+/// The case that defeats a rule based on the snapshot's `xmax`: transaction A takes its id
+/// first; B takes a later id but draws the lower sequence; A draws the next one and commits.
+/// While B is open its id is above the newest completed one, so only the fresh-id rule
+/// keeps the replicas from moving past B's sequence.
+#[tokio::test]
+async fn a_lower_sequence_held_by_a_younger_transaction_is_not_skipped() {
+    let Some(url) = server() else { return };
+    let (_admin, db_url, _) = fresh_database(&url, "deploy_younger").await;
+    let bins = replicas(&db_url, 2).await;
+    let mut c = tests::connect(bins[0].addr).await;
+    let churn = Churn::setup(&mut c, "dev", "api", 1).await;
+    let mut streams = Vec::new();
+    for b in &bins {
+        let mut bc = tests::connect(b.addr).await;
+        streams.push(
+            watch::open(&mut bc, Some(churn.head), "", "")
+                .await
+                .unwrap(),
+        );
+    }
+    let older = client(&db_url).await;
+    older
+        .batch_execute("BEGIN; SELECT pg_current_xact_id()")
+        .await
+        .unwrap();
+    let (younger, low) = held_event(&db_url, "younger").await;
+    let high: i64 = older
+        .query_one(
+            "INSERT INTO placement_events (commit_ms, deployment, environment, target, artifact, version, digest, state, previous_state, message)
+             VALUES (0, 1, 'dev', 'older', 'api', '1.0.0', '', 2, 1, 'older') RETURNING seq",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    older.batch_execute("COMMIT").await.unwrap();
+    let high = u64::try_from(high).unwrap();
+    assert_eq!(high, low + 1);
+    for s in &mut streams {
+        let early = drain(s, Duration::from_millis(700)).await;
+        assert!(
+            early.is_empty(),
+            "a replica moved past sequence {low}, still held open, to {:?}",
+            sequences(&early)
+        );
+    }
+    younger.batch_execute("COMMIT").await.unwrap();
+    for s in &mut streams {
+        assert_eq!(sequences(&watch::events(s, 2).await), [low, high]);
+    }
+    for b in bins {
+        b.kill().await;
+    }
+}
+
 /// Three replicas, eight writers spread over them (each on its own deployment, so their
 /// transactions overlap and commit out of sequence order), a watcher on every replica:
 /// each watcher receives exactly the stored log, in order, and every acknowledged report

@@ -508,10 +508,21 @@ fn strategy_from(text: &str) -> Strategy {
 }
 
 /// Orders the targets `d`'s strategy lets start now; returns how many were ordered.
+/// On PostgreSQL, locks deployment `id`'s row before its placements are touched: every
+/// writer of a deployment takes the row first, so they queue in one order (no deadlock
+/// between a report and the periodic pass). SQLite has one writer and no row locks.
+fn lock_deployment(conn: &dyn Db, id: i64) -> Result<()> {
+    if conn.dialect() == Dialect::Postgres {
+        conn.execute("SELECT 1 FROM deployments WHERE id = ?1 FOR UPDATE", p![id])?;
+    }
+    Ok(())
+}
+
 fn pace_deployment(conn: &dyn Db, d: &Deployment, now: Millis) -> Result<usize> {
     if d.state.is_final() {
         return Ok(0);
     }
+    lock_deployment(conn, d.id)?;
     let rows: Vec<(String, Slot)> = conn.all(
         "SELECT target, state, ordered, update_ms FROM placements WHERE deployment = ?1 ORDER BY ordinal, target",
         p![d.id],
@@ -669,6 +680,7 @@ fn apply_report(
     report: PlacementReport,
     caller: &Caller,
 ) -> Result<ReportOutcome> {
+    lock_deployment(conn, report.deployment)?;
     let d = conn
         .one(
             &format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE id = ?1"),
@@ -1526,6 +1538,13 @@ impl<B: Backend> Store for SqlStore<B> {
                 // once and not retried: the flag is turned off with the record.
                 conn.execute("SAVEPOINT auto_rollback", &[])?;
                 let outcome = rollback(conn, now, events, id, "automatic rollback after failure", None, &system());
+                // A conflict or an outage is not a refusal: the whole pass runs again.
+                let outcome = match outcome {
+                    Err(e @ (Error::Aborted(_) | Error::Unavailable(_) | Error::Internal(_))) => {
+                        return Err(e)
+                    }
+                    other => other,
+                };
                 let (after, reason) = match &outcome {
                     Ok(new) => {
                         conn.execute("RELEASE auto_rollback", &[])?;

@@ -134,10 +134,15 @@ impl std::fmt::Debug for PostgresBackend {
 
 /// What a PostgreSQL error means for the caller.
 fn pg_error(e: &postgres::Error) -> Error {
-    let transient = e.as_db_error().is_none_or(|d| {
-        let class = &d.code().code()[..2];
-        class == "57" || class == "08"
-    });
+    // The server shutting down or out of resources (57, 53), the connection (08), a
+    // read-only server after a failover (25006), or the socket itself: retryable.
+    let transient = match e.as_db_error() {
+        Some(d) => {
+            let code = d.code().code();
+            matches!(&code[..2], "57" | "53" | "08") || code == "25006"
+        }
+        None => std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()),
+    };
     let lock_wait = e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE);
     if e.is_closed() || transient || lock_wait {
         Error::Unavailable(format!("PostgreSQL: {e}; retry"))
@@ -324,7 +329,14 @@ struct Pool {
 /// client, a long maintenance transaction) fails the call as UNAVAILABLE instead of hanging
 /// it, and so does a statement running for 60 s.
 fn connect(url: &str, init: &str) -> std::result::Result<Client, postgres::Error> {
-    let mut client = Client::connect(url, NoTls)?;
+    let mut config: postgres::Config = url.parse()?;
+    // A server that stops answering (a network partition) is noticed, not waited on.
+    config
+        .connect_timeout(Duration::from_secs(5))
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .tcp_user_timeout(Duration::from_secs(30));
+    let mut client = config.connect(NoTls)?;
     client.batch_execute("SET lock_timeout = '10s'; SET statement_timeout = '60s'")?;
     client.batch_execute(init)?;
     Ok(client)
@@ -499,7 +511,7 @@ fn write_once<T>(
     let mut tx = tx.into_inner();
     match result {
         Ok(v) => {
-            if notify == NotifyMode::PerTransaction && !events.is_empty() {
+            if notify == NotifyMode::PerTransaction {
                 tx.batch_execute(&format!("NOTIFY {CHANNEL}"))
                     .map_err(plain)?;
             }
@@ -735,10 +747,15 @@ impl TailerParts {
             hole: None,
         };
         let mut pruned = 0u64;
+        let mut hole_wait = Duration::ZERO;
         loop {
+            // At a hole, look again soon, less often the longer it stays open.
             let wait = if tail.hole.is_some() {
-                Duration::from_millis(2)
+                hole_wait =
+                    (hole_wait * 2).clamp(Duration::from_millis(1), Duration::from_millis(50));
+                hole_wait
             } else {
+                hole_wait = Duration::ZERO;
                 self.poll
             };
             tokio::select! {
@@ -979,11 +996,18 @@ impl Backend for PostgresBackend {
                 )?;
                 match earlier {
                     Some(e) => out.push(e),
-                    None if logic::pruned_through(db)? == 0 => {}
                     None => {
-                        return Err(Error::Unavailable(
-                            "the log moved while the snapshot was taken; retry".into(),
-                        ))
+                        // Created after `head` (its first event is later): not in this
+                        // snapshot. Or its earlier events were pruned: retry later.
+                        let first: Option<i64> = db.value(
+                            "SELECT MIN(seq) FROM placement_events WHERE deployment = ?1 AND target = ?2",
+                            super::db::p![p.deployment, p.target],
+                        )?;
+                        if first.is_none_or(|f| to_u64(f) <= head) {
+                            return Err(Error::Unavailable(
+                                "the log moved while the snapshot was taken; retry".into(),
+                            ));
+                        }
                     }
                 }
             }

@@ -76,7 +76,9 @@ CREATE INDEX placements_orders ON placements (target, state) WHERE ordered = 1 A
 -- readers deliver in seq order and wait at a hole until every transaction that could
 -- still fill it has ended (see store/postgres.rs); a rolled-back transaction leaves a hole
 -- that is skipped once resolved.
-CREATE SEQUENCE placement_events_seq;
+-- CACHE 1 (the default, pinned): values are handed out in order across sessions, which
+-- the hole rule relies on.
+CREATE SEQUENCE placement_events_seq CACHE 1;
 CREATE TABLE placement_events (
     seq            BIGINT PRIMARY KEY,
     commit_ms      BIGINT NOT NULL,
