@@ -468,7 +468,13 @@ impl Engine {
             .insert_release(release.clone(), request_id, audit)
             .await?;
         if !created {
-            return state
+            if let Some(existing) = state.releases.get(&id) {
+                return Ok(existing.clone());
+            }
+            // Another replica created it a moment ago (the same request id sent to both):
+            // read it from the database; this replica's own reload follows its notification.
+            let loaded = self.store.load().await?;
+            return loaded
                 .releases
                 .get(&id)
                 .cloned()

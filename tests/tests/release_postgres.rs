@@ -179,6 +179,27 @@ async fn two_replicas_share_one_database_with_one_applier_and_failover() {
         start.elapsed()
     );
 
+    // The same CreateRelease request id sent to both replicas at once: one release, the
+    // same answer from both (a request id is an idempotency key across replicas).
+    let create = |mut c: release::Client| async move {
+        c.create_release(rpb::CreateReleaseRequest {
+            release: Some(rpb::Release {
+                features: vec!["new-cart".into()],
+                environments: vec![rpb::ReleaseEnvironment {
+                    environment: "prod".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            request_id: "race-1".into(),
+        })
+        .await
+        .map(|r| r.into_inner().name)
+    };
+    let (a, b) = tokio::join!(create(clients[0].clone()), create(clients[1].clone()));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a, b, "one request id, two releases");
+
     // A burst of placement events; the applier dies in the middle of it.
     let churn = tests::Churn::setup(&mut dc, "edge", "cdn", 4).await;
     let burst = {

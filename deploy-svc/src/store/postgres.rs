@@ -631,7 +631,7 @@ fn settled_head(conn: &mut Conn) -> Result<u64> {
 fn migrate(client: &mut Client) -> Result<()> {
     let mut tx = client.transaction().map_err(|e| pg_error(&e))?;
     tx.batch_execute(
-        "SELECT pg_advisory_xact_lock(7304); CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)",
+        "SELECT pg_advisory_xact_lock(7305); CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)",
     )
     .map_err(|e| pg_error(&e))?;
     let applied: i64 = tx

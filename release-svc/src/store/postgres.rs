@@ -168,6 +168,9 @@ const CHANNEL: &str = "release_svc_changes";
 /// The advisory lock the placement applier holds.
 const APPLIER_LOCK: i64 = 7_304;
 
+/// The first key of the transaction locks taken per CreateRelease request id.
+const REQUEST_ID_LOCK: i32 = 7_306;
+
 /// Drives `connection`, forwarding notifications to `tx` until it ends.
 async fn pump<S, T>(
     mut connection: tokio_postgres::Connection<S, T>,
@@ -450,6 +453,14 @@ impl Store for PostgresStore {
                 let (features, envs, governance) = release_columns(&release)?;
                 let fingerprint = format!("{}|{features}|{envs}", release.description);
                 if let Some(request_id) = &request_id {
+                    // Replicas racing on one request id queue here; the second then finds
+                    // the first's release (READ COMMITTED: the next statement sees it).
+                    tx.execute(
+                        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                        &[&REQUEST_ID_LOCK, request_id],
+                    )
+                    .await
+                    .map_err(pg)?;
                     let seen = tx
                         .query_opt(
                             "SELECT fingerprint, resource FROM request_ids WHERE request_id = $1",
