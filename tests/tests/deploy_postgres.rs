@@ -73,35 +73,34 @@ async fn client(url: &str) -> tokio_postgres::Client {
     c
 }
 
+/// An event row written straight into the log (target and message both `$1`).
+const INSERT_EVENT: &str = "INSERT INTO placement_events (commit_ms, deployment, environment, target, artifact, version, digest, state, previous_state, message)
+     VALUES (0, 1, 'dev', $1, 'api', '1.0.0', '', 2, 1, $1) RETURNING seq";
+
 /// Opens a transaction that takes a sequence number and does not commit yet: the late
 /// commit, made on purpose. Returns the client holding it and the sequence.
 async fn held_event(url: &str, target: &str) -> (tokio_postgres::Client, u64) {
     let c = client(url).await;
-    c.batch_execute("BEGIN; SELECT pg_current_xact_id()")
-        .await
-        .unwrap();
-    let seq: i64 = c
-        .query_one(
-            "INSERT INTO placement_events (commit_ms, deployment, environment, target, artifact, version, digest, state, previous_state, message)
-             VALUES (0, 1, 'dev', $1, 'api', '1.0.0', '', 2, 1, 'late') RETURNING seq",
-            &[&target],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    c.batch_execute("BEGIN").await.unwrap();
+    let seq: i64 = c.query_one(INSERT_EVENT, &[&target]).await.unwrap().get(0);
     (c, u64::try_from(seq).unwrap())
 }
 
-/// A transaction that drew a lower sequence and commits after higher ones is delivered
-/// first, by every replica: they stop at the hole instead of skipping it; a rolled-back
-/// sequence is skipped once nothing can fill it.
-#[tokio::test]
-async fn a_late_commit_is_delivered_in_order_and_a_rolled_back_sequence_is_skipped() {
-    let Some(url) = server() else { return };
-    let (_admin, db_url, _) = fresh_database(&url, "deploy_late").await;
+/// Two replicas on a fresh database, a deployment with one target, and a watch from its
+/// head on each replica.
+struct Watched {
+    db_url: String,
+    bins: Vec<Binary>,
+    client: tests::Client,
+    churn: Churn,
+    streams: Vec<Streaming<pb::WatchPlacementsResponse>>,
+}
+
+async fn watched(url: &str, tag: &str) -> Watched {
+    let (_admin, db_url, _) = fresh_database(url, tag).await;
     let bins = replicas(&db_url, 2).await;
-    let mut c = tests::connect(bins[0].addr).await;
-    let churn = Churn::setup(&mut c, "dev", "api", 1).await;
+    let mut client = tests::connect(bins[0].addr).await;
+    let churn = Churn::setup(&mut client, "dev", "api", 1).await;
     let mut streams = Vec::new();
     for b in &bins {
         let mut bc = tests::connect(b.addr).await;
@@ -111,7 +110,40 @@ async fn a_late_commit_is_delivered_in_order_and_a_rolled_back_sequence_is_skipp
                 .unwrap(),
         );
     }
+    Watched {
+        db_url,
+        bins,
+        client,
+        churn,
+        streams,
+    }
+}
 
+/// Asserts no stream delivers anything for 700 ms: every replica is held at `held`.
+async fn assert_held_at(streams: &mut [Streaming<pb::WatchPlacementsResponse>], held: u64) {
+    for s in streams {
+        let early = drain(s, Duration::from_millis(700)).await;
+        assert!(
+            early.is_empty(),
+            "a replica moved past sequence {held}, still held open, to {:?} (the late-commit bug)",
+            sequences(&early)
+        );
+    }
+}
+
+/// A transaction that drew a lower sequence and commits after higher ones is delivered
+/// first, by every replica: they stop at the hole instead of skipping it; a rolled-back
+/// sequence is skipped once nothing can fill it.
+#[tokio::test]
+async fn a_late_commit_is_delivered_in_order_and_a_rolled_back_sequence_is_skipped() {
+    let Some(url) = server() else { return };
+    let Watched {
+        db_url,
+        bins,
+        client: mut c,
+        churn,
+        mut streams,
+    } = watched(&url, "deploy_late").await;
     let (late, late_seq) = held_event(&db_url, "late").await;
     let (aborted, aborted_seq) = held_event(&db_url, "aborted").await;
     assert!(late_seq < aborted_seq);
@@ -119,14 +151,7 @@ async fn a_late_commit_is_delivered_in_order_and_a_rolled_back_sequence_is_skipp
     // acknowledgement waits up to 2 s for the replica's stream, which is held at the hole).
     let acked = churn.run(&mut c, 0, 0, 2).await;
     assert!(acked[0] > aborted_seq);
-    for s in &mut streams {
-        let early = drain(s, Duration::from_millis(700)).await;
-        assert!(
-            early.is_empty(),
-            "a replica delivered {:?} past an open lower sequence (the late-commit bug)",
-            sequences(&early)
-        );
-    }
+    assert_held_at(&mut streams, late_seq).await;
 
     late.batch_execute("COMMIT").await.unwrap();
     aborted.batch_execute("ROLLBACK").await.unwrap();
@@ -153,19 +178,12 @@ async fn a_late_commit_is_delivered_in_order_and_a_rolled_back_sequence_is_skipp
 #[tokio::test]
 async fn a_lower_sequence_held_by_a_younger_transaction_is_not_skipped() {
     let Some(url) = server() else { return };
-    let (_admin, db_url, _) = fresh_database(&url, "deploy_younger").await;
-    let bins = replicas(&db_url, 2).await;
-    let mut c = tests::connect(bins[0].addr).await;
-    let churn = Churn::setup(&mut c, "dev", "api", 1).await;
-    let mut streams = Vec::new();
-    for b in &bins {
-        let mut bc = tests::connect(b.addr).await;
-        streams.push(
-            watch::open(&mut bc, Some(churn.head), "", "")
-                .await
-                .unwrap(),
-        );
-    }
+    let Watched {
+        db_url,
+        bins,
+        mut streams,
+        ..
+    } = watched(&url, "deploy_younger").await;
     let older = client(&db_url).await;
     older
         .batch_execute("BEGIN; SELECT pg_current_xact_id()")
@@ -173,25 +191,14 @@ async fn a_lower_sequence_held_by_a_younger_transaction_is_not_skipped() {
         .unwrap();
     let (younger, low) = held_event(&db_url, "younger").await;
     let high: i64 = older
-        .query_one(
-            "INSERT INTO placement_events (commit_ms, deployment, environment, target, artifact, version, digest, state, previous_state, message)
-             VALUES (0, 1, 'dev', 'older', 'api', '1.0.0', '', 2, 1, 'older') RETURNING seq",
-            &[],
-        )
+        .query_one(INSERT_EVENT, &[&"older"])
         .await
         .unwrap()
         .get(0);
     older.batch_execute("COMMIT").await.unwrap();
     let high = u64::try_from(high).unwrap();
     assert_eq!(high, low + 1);
-    for s in &mut streams {
-        let early = drain(s, Duration::from_millis(700)).await;
-        assert!(
-            early.is_empty(),
-            "a replica moved past sequence {low}, still held open, to {:?}",
-            sequences(&early)
-        );
-    }
+    assert_held_at(&mut streams, low).await;
     younger.batch_execute("COMMIT").await.unwrap();
     for s in &mut streams {
         assert_eq!(sequences(&watch::events(s, 2).await), [low, high]);
