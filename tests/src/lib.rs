@@ -383,6 +383,9 @@ pub async fn report(
     .map(tonic::Response::into_inner)
 }
 
+pub mod pki;
+pub mod raw;
+
 /// Assertions on statuses.
 pub mod status {
     use tonic::{Code, Status};
