@@ -157,6 +157,12 @@ impl Server {
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<DeployServiceServer<DeployApi>>().await;
+        let probes = match config.server.health_listen {
+            Some(addr) => Some(
+                service_kit::serve_health(addr, health_service.clone(), streams.clone()).await?,
+            ),
+            None => None,
+        };
         let routes = tonic::service::Routes::new(health_service).add_service(
             DeployServiceServer::new(api)
                 .max_decoding_message_size(config.max_message_bytes)
@@ -182,6 +188,9 @@ impl Server {
         )
         .await;
         ticker.abort();
+        if let Some(probes) = probes {
+            probes.abort();
+        }
         if let Some(remote) = remote {
             remote.abort();
         }

@@ -147,6 +147,9 @@ pub enum Command {
         /// The release-svc to call.
         #[arg(long, default_value = "http://127.0.0.1:50052")]
         server: String,
+        /// TLS and credentials.
+        #[command(flatten)]
+        client: service_kit::client::ClientArgs,
     },
     /// Prints an environment's features as a flagd flag-definition document (ExportFlagd).
     ExportFlagd {
@@ -156,6 +159,9 @@ pub enum Command {
         /// The release-svc to call.
         #[arg(long, default_value = "http://127.0.0.1:50052")]
         server: String,
+        /// TLS and credentials.
+        #[command(flatten)]
+        client: service_kit::client::ClientArgs,
     },
 }
 

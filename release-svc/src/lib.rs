@@ -227,6 +227,12 @@ impl Server {
         health
             .set_serving::<FlagdV2Server<grpc::flagd::Flagd>>()
             .await;
+        let probes = match config.server.health_listen {
+            Some(addr) => Some(
+                service_kit::serve_health(addr, health_service.clone(), streams.clone()).await?,
+            ),
+            None => None,
+        };
         let routes = tonic::service::Routes::new(health_service).add_service(
             ReleaseServiceServer::new(api)
                 .max_decoding_message_size(config.max_message_bytes)
@@ -303,6 +309,9 @@ impl Server {
             }
         }
         streams.cancel();
+        if let Some(probes) = probes {
+            probes.abort();
+        }
         let _ = consumer.await;
         let _ = scheduler.await;
         if let Some(r) = refresher {

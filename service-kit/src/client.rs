@@ -26,6 +26,36 @@ pub struct ClientSecurity {
     pub token_file: Option<PathBuf>,
 }
 
+/// Client options for command-line clients (the agent, one-shot commands), flattened.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ClientArgs {
+    /// PEM CA bundle the server's certificate must chain to: turns TLS on (the server
+    /// address must then be `https://`).
+    #[arg(long = "ca", env = "CLIENT_CA")]
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate (mutual TLS).
+    #[arg(long = "cert", env = "CLIENT_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// PEM key of `--cert`.
+    #[arg(long = "key", env = "CLIENT_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// File holding a bearer token sent on every call (re-read when it changes).
+    #[arg(long = "token-file", env = "CLIENT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    /// The security these flags describe.
+    pub fn security(&self) -> ClientSecurity {
+        ClientSecurity {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            token_file: self.token_file.clone(),
+        }
+    }
+}
+
 /// A channel whose calls carry the bearer token, if any.
 pub type AuthChannel = InterceptedService<Channel, Bearer>;
 

@@ -163,6 +163,33 @@ pub struct ServerArgs {
     /// Limits.
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// Also serve grpc.health.v1 alone, in plaintext and without credentials, on this
+    /// address: for Kubernetes gRPC probes, which speak neither TLS nor tokens.
+    #[arg(long, env = "HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+}
+
+/// Serves only `health` (plaintext, no credentials: health is public) on `addr` until
+/// `stop` is cancelled.
+pub async fn serve_health(
+    addr: SocketAddr,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    stop: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(address = %listener.local_addr()?, "health probes served in plaintext");
+    Ok(tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await
+        {
+            tracing::warn!(error = %e, "health listener failed");
+        }
+    }))
 }
 
 impl ServerArgs {
