@@ -18,6 +18,7 @@
 //! - [`client`]: outbound gRPC channels with TLS, client certificates and bearer tokens.
 //! - [`reload`]: values that follow their file (policies, token files, JWKS).
 //! - [`redact`]: secrets out of URLs before they are logged or returned.
+//! - `pg` (feature `postgres`): TLS for PostgreSQL connections, by `sslmode`.
 //! - [`error`]: the request error type (field and precondition violations), no tonic types.
 //! - [`status`]: the one exhaustive `From<Error> for Status`, with rich error details.
 //! - [`sqlite`]: the SQLite error mapping and migration runner of the embedded stores.
@@ -27,6 +28,8 @@
 pub mod auth;
 pub mod client;
 pub mod error;
+#[cfg(feature = "postgres")]
+pub mod pg;
 pub mod principal;
 pub mod redact;
 pub mod reload;

@@ -937,3 +937,67 @@ async fn safe_defaults_and_redaction() {
         );
     }
 }
+
+/// PostgreSQL connections follow the URL's `sslmode`: `require` encrypts every connection
+/// of both services (the server's own view, pg_stat_ssl, says so), and `verify-full`
+/// against a CA that did not sign the server's certificate refuses to connect.
+#[tokio::test]
+async fn postgres_connections_use_tls_as_sslmode_asks() {
+    let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
+        eprintln!("TEST_DATABASE_URL unset: PostgreSQL TLS not exercised");
+        return;
+    };
+    let s = Secure::new();
+    for (service, tag) in [("deploy-svc", "deploy_tls"), ("release-svc", "release_tls")] {
+        let (admin, fresh, db) = tests::fresh_database(&url, tag).await;
+        let required = format!("{fresh}?sslmode=require");
+        let b = Binary::spawn(
+            service,
+            &["--listen", "127.0.0.1:0", "--database", &required],
+        )
+        .await;
+        // A read, so every lazily opened connection is open.
+        if service == "deploy-svc" {
+            tests::connect(b.addr)
+                .await
+                .list_environments(pb::ListEnvironmentsRequest::default())
+                .await
+                .unwrap();
+        } else {
+            release::connect(b.addr)
+                .await
+                .list_features(rpb::ListFeaturesRequest::default())
+                .await
+                .unwrap();
+        }
+        let rows = admin
+            .query(
+                "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.datname = $1",
+                &[&db],
+            )
+            .await
+            .unwrap();
+        let encrypted: Vec<bool> = rows.iter().map(|r| r.get(0)).collect();
+        assert!(!encrypted.is_empty(), "{service}: no connection to {db}");
+        assert!(
+            encrypted.iter().all(|e| *e),
+            "{service}: a plaintext connection: {encrypted:?}"
+        );
+        drop(b);
+        let strict = format!(
+            "{fresh}?sslmode=verify-full&sslrootcert={}",
+            s.ca.pem.display()
+        );
+        let out = tokio::process::Command::new(tests::bin_dir().join(service))
+            .args(["--listen", "127.0.0.1:0", "--database", &strict])
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(60), out)
+            .await
+            .expect("the service neither connected nor gave up")
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "{service} connected with verify-full to a server whose certificate the CA did not sign"
+        );
+    }
+}
