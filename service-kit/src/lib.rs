@@ -10,12 +10,14 @@
 //!   NOT_SERVING, ends open streams, drains in-flight calls with a hard timeout.
 //! - [`error`]: the request error type (field and precondition violations), no tonic types.
 //! - [`status`]: the one exhaustive `From<Error> for Status`, with rich error details.
-//! - [`sqlite`]: the SQLite error mapping and migration runner of the embedded stores.
+//! - `sqlite` (cargo feature `sqlite`): the SQLite error mapping and migration runner of the
+//!   embedded stores.
 //! - [`validate`]: limits and checks every API shares (text, keys, pages, page tokens).
 //! - [`principal()`]: who is calling (the `x-principal` metadata until authentication).
 
 pub mod error;
 pub mod principal;
+#[cfg(feature = "sqlite")]
 pub mod sqlite;
 pub mod status;
 pub mod validate;

@@ -1,9 +1,14 @@
 //! The deploy agent's loop: registers its target with deploy-svc, keeps a heartbeat,
-//! follows its orders (WatchOrders), carries each out with [`crate::agent::Placer`] and
+//! follows its orders (WatchOrders), carries each out with [`crate::place::Placer`] and
 //! reports PLACING, then PLACED or FAILED with the reason. It reconnects with backoff
 //! (100 ms doubling to 2 s). After a restart, what is on disk decides: the target's labels
 //! carry `agent.current` (the version `current` points at, or `none`), and an order for a
 //! version already current and complete is reported PLACED without fetching again.
+//!
+//! A reason is made to fit deploy-svc's text rules before it is sent (control characters
+//! replaced, cut to [`MAX_REASON_BYTES`] on a character boundary): a report the server
+//! refuses would bring the same order back after the reconnect, for ever. When the agent
+//! stops, the order in progress is abandoned at once (see [`crate::place::Stop`]).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,7 +20,10 @@ use proto::deploy::v1::deploy_service_client::DeployServiceClient;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::agent::{Order, Placer};
+use crate::place::{Limits, Order, Placer, Sources, Stop};
+
+/// The longest reason deploy-svc accepts in ReportPlacement (bytes).
+pub const MAX_REASON_BYTES: usize = service_kit::validate::MAX_TEXT;
 
 /// What an agent needs to know.
 #[derive(Debug, Clone, clap::Args)]
@@ -42,9 +50,13 @@ pub struct AgentConfig {
     /// Heartbeat period in milliseconds.
     #[arg(long, env = "DEPLOY_AGENT_HEARTBEAT_MS", default_value_t = 2_000)]
     pub heartbeat_ms: u64,
-    /// Command run (`sh -c`) in the new version's directory before switching.
+    /// Command run (`sh -c`) in the new version's directory before switching. Its output
+    /// is logged here, never reported.
     #[arg(long, env = "DEPLOY_AGENT_PRE_SWITCH")]
     pub pre_switch: Option<String>,
+    /// Pre-switch timeout in milliseconds (then it is killed with its process group).
+    #[arg(long, env = "DEPLOY_AGENT_PRE_SWITCH_TIMEOUT_MS", default_value_t = 300_000)]
+    pub pre_switch_timeout_ms: u64,
     /// Command run (`sh -c`) after switching; failure or timeout switches back.
     #[arg(long, env = "DEPLOY_AGENT_HEALTH_CHECK")]
     pub health_check: Option<String>,
@@ -54,6 +66,58 @@ pub struct AgentConfig {
     /// Version directories kept (current included).
     #[arg(long, env = "DEPLOY_AGENT_KEEP", default_value_t = 3)]
     pub keep: usize,
+    #[command(flatten)]
+    pub sources: SourceArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Where the agent may fetch artifacts from: nothing unless allowed here.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SourceArgs {
+    /// Allows `file://` sources beneath this directory (repeatable; comma-separated in the
+    /// environment). Without it `file://` is refused.
+    #[arg(long = "allow-file-dir", env = "DEPLOY_AGENT_ALLOW_FILE_DIR", value_delimiter = ',')]
+    pub file_dirs: Vec<PathBuf>,
+    /// Allows `http(s)://` sources under this URL prefix, e.g.
+    /// `https://artifacts.example.com/releases/` (repeatable; comma-separated in the
+    /// environment). Redirects must stay under an allowed prefix too.
+    #[arg(long = "allow-source", env = "DEPLOY_AGENT_ALLOW_SOURCE", value_delimiter = ',')]
+    pub url_prefixes: Vec<String>,
+    /// Refuses `http://` sources and redirects.
+    #[arg(long, env = "DEPLOY_AGENT_HTTPS_ONLY")]
+    pub https_only: bool,
+    /// Redirect hops followed per fetch.
+    #[arg(long, env = "DEPLOY_AGENT_MAX_REDIRECTS", default_value_t = crate::place::sources::DEFAULT_MAX_REDIRECTS)]
+    pub max_redirects: u32,
+    /// Whole-request timeout of an HTTP fetch in milliseconds.
+    #[arg(long, env = "DEPLOY_AGENT_FETCH_TIMEOUT_MS", default_value_t = 60_000)]
+    pub fetch_timeout_ms: u64,
+}
+
+/// Size limits on each order and the mode of single-file artifacts.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitArgs {
+    /// The most bytes an artifact may have; a fetch stops there.
+    #[arg(long, env = "DEPLOY_AGENT_MAX_ARTIFACT_BYTES", default_value_t = Limits::default().artifact_bytes)]
+    pub max_artifact_bytes: u64,
+    /// The most bytes of file content a tar.gz may unpack to.
+    #[arg(long, env = "DEPLOY_AGENT_MAX_UNPACKED_BYTES", default_value_t = Limits::default().unpacked_bytes)]
+    pub max_unpacked_bytes: u64,
+    /// The most entries a tar.gz may hold.
+    #[arg(long, env = "DEPLOY_AGENT_MAX_ENTRIES", default_value_t = Limits::default().entries)]
+    pub max_entries: u64,
+    /// Mode (octal) of an artifact that is a single file rather than a tar.gz; masked to
+    /// 755. Use 755 for a single executable.
+    #[arg(long, env = "DEPLOY_AGENT_SINGLE_FILE_MODE", default_value = "644", value_parser = octal)]
+    pub single_file_mode: u32,
+}
+
+fn octal(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("{s:?} is not an octal file mode"))
 }
 
 fn key_value(s: &str) -> Result<(String, String), String> {
@@ -71,13 +135,38 @@ impl AgentConfig {
         format!("environments/{}/targets/{}", self.environment, self.target)
     }
 
-    fn placer(&self) -> Placer {
-        Placer::new(&self.root, self.keep)
-            .with_pre_switch(self.pre_switch.clone())
+    fn sources(&self) -> anyhow::Result<Sources> {
+        let mut sources = Sources::default()
+            .https_only(self.sources.https_only)
+            .max_redirects(self.sources.max_redirects);
+        for dir in &self.sources.file_dirs {
+            sources = sources.allow_file_dir(dir).map_err(anyhow::Error::msg)?;
+        }
+        for prefix in &self.sources.url_prefixes {
+            sources = sources.allow_url_prefix(prefix).map_err(anyhow::Error::msg)?;
+        }
+        Ok(sources)
+    }
+
+    fn placer(&self, stop: Stop) -> anyhow::Result<Placer> {
+        Ok(Placer::new(&self.root, self.keep)
+            .with_sources(self.sources()?)
+            .with_limits(Limits {
+                artifact_bytes: self.limits.max_artifact_bytes,
+                unpacked_bytes: self.limits.max_unpacked_bytes,
+                entries: self.limits.max_entries,
+            })
+            .with_single_file_mode(self.limits.single_file_mode)
+            .with_fetch_timeout(Duration::from_millis(self.sources.fetch_timeout_ms))
+            .with_pre_switch(
+                self.pre_switch.clone(),
+                Duration::from_millis(self.pre_switch_timeout_ms),
+            )
             .with_health_check(
                 self.health_check.clone(),
                 Duration::from_millis(self.health_timeout_ms),
             )
+            .with_stop(stop))
     }
 }
 
@@ -89,9 +178,51 @@ fn request<T>(principal: &str, msg: T) -> tonic::Request<T> {
     req
 }
 
-/// Runs the agent until `stop` is cancelled.
+/// `text` as deploy-svc accepts it in a reason: control characters (but newline and tab)
+/// become spaces, and it is cut to [`MAX_REASON_BYTES`] on a character boundary.
+pub fn fit_reason(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                ' '
+            } else {
+                c
+            }
+        })
+        .collect();
+    if out.len() > MAX_REASON_BYTES {
+        let mut end = MAX_REASON_BYTES;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+    }
+    out
+}
+
+/// Opens the agent's gRPC channel to deploy-svc at `endpoint` (`http://host:port`). Every
+/// connection the agent makes goes through here, so this is the one place where its
+/// transport is configured: connect timeout, and transport security and credentials when
+/// they are added.
+pub async fn connect(endpoint: &str) -> anyhow::Result<Channel> {
+    Ok(tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await?)
+}
+
+/// Runs the agent until `stop` is cancelled. A configuration error (an allowed directory
+/// that does not exist, a malformed prefix) is returned at once.
 pub async fn run(config: AgentConfig, stop: CancellationToken) -> anyhow::Result<()> {
-    let placer = Arc::new(config.placer());
+    let placing = Stop::default();
+    let placer = Arc::new(config.placer(placing.clone())?);
+    // A fetch, unpack or hook in progress gives up as soon as the agent is told to stop.
+    let on_stop = stop.clone();
+    tokio::spawn(async move {
+        on_stop.cancelled().await;
+        placing.stop();
+    });
     let mut backoff = Duration::from_millis(100);
     loop {
         let session = tokio::select! {
@@ -118,11 +249,7 @@ async fn session(
     placer: Arc<Placer>,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(config.server.clone())?
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await?;
-    let mut client = DeployServiceClient::new(channel);
+    let mut client = DeployServiceClient::new(connect(&config.server).await?);
     let principal = config.principal();
     let on_disk = placer.current();
     let mut labels: BTreeMap<String, String> = config.labels.iter().cloned().collect();
@@ -207,7 +334,10 @@ async fn follow(
             tracing::warn!(?order, "order action not supported; ignored");
             continue;
         }
-        carry_out(config, client, placer.clone(), principal, order).await?;
+        tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            r = carry_out(config, client, placer.clone(), principal, order) => r?,
+        }
     }
 }
 
@@ -217,20 +347,29 @@ async fn report(
     principal: &str,
     deployment: &str,
     state: pb::PlacementState,
-    message: String,
+    message: &str,
 ) -> anyhow::Result<()> {
-    client
+    let sent = client
         .report_placement(request(
             principal,
             pb::ReportPlacementRequest {
                 deployment: deployment.to_owned(),
                 target: config.target_name(),
                 state: state.into(),
-                message,
+                message: fit_reason(message),
             },
         ))
-        .await?;
-    Ok(())
+        .await;
+    match sent {
+        Ok(_) => Ok(()),
+        // Sending it again would be refused again: skip this report instead of
+        // reconnecting into the same order for ever.
+        Err(status) if status.code() == tonic::Code::InvalidArgument => {
+            tracing::error!(deployment, ?state, error = %status, "report refused by deploy-svc; not retried");
+            Ok(())
+        }
+        Err(status) => Err(status.into()),
+    }
 }
 
 async fn carry_out(
@@ -246,7 +385,7 @@ async fn carry_out(
         principal,
         &order.deployment,
         pb::PlacementState::Placing,
-        format!("placing {}@{}", order.artifact, order.version),
+        &format!("placing {}@{}", order.artifact, order.version),
     )
     .await?;
     let job = Order {
@@ -268,5 +407,5 @@ async fn carry_out(
         Err(e) => (pb::PlacementState::Failed, e.to_string()),
     };
     tracing::info!(deployment = %order.deployment, version = %order.version, ?state, %message, "order carried out");
-    report(config, client, principal, &order.deployment, state, message).await
+    report(config, client, principal, &order.deployment, state, &message).await
 }
