@@ -409,3 +409,106 @@ async fn carry_out(
     tracing::info!(deployment = %order.deployment, version = %order.version, ?state, %message, "order carried out");
     report(config, client, principal, &order.deployment, state, &message).await
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Args {
+        #[command(flatten)]
+        agent: AgentConfig,
+    }
+
+    fn parse(extra: &[&str]) -> AgentConfig {
+        let mut args = vec![
+            "deploy-agent",
+            "--environment",
+            "dev",
+            "--target",
+            "t",
+            "--root",
+            "/tmp/r",
+        ];
+        args.extend_from_slice(extra);
+        Args::try_parse_from(args).unwrap().agent
+    }
+
+    #[test]
+    fn a_long_reason_is_cut_to_the_servers_limit_on_a_char_boundary() {
+        // 3-byte characters: 1,024 is not a boundary (1,023 is).
+        let long = "€".repeat(600);
+        let fitted = fit_reason(&long);
+        assert_eq!(fitted.len(), 1_023);
+        assert!(long.starts_with(&fitted));
+        assert!(service_kit::validate::validate_text(&fitted, MAX_REASON_BYTES).is_ok());
+
+        let ascii = "x".repeat(5_000);
+        assert_eq!(fit_reason(&ascii).len(), MAX_REASON_BYTES);
+        assert_eq!(fit_reason("short"), "short");
+    }
+
+    #[test]
+    fn control_characters_are_replaced_so_that_the_server_accepts_the_reason() {
+        let fitted = fit_reason("a\u{1b}[31mred\r\nnext\tcol\u{0}");
+        assert_eq!(fitted, "a [31mred \nnext\tcol ");
+        assert!(service_kit::validate::validate_text(&fitted, MAX_REASON_BYTES).is_ok());
+    }
+
+    #[test]
+    fn by_default_no_source_is_allowed_and_limits_are_set() {
+        let config = parse(&[]);
+        assert!(config.sources.file_dirs.is_empty());
+        assert!(config.sources.url_prefixes.is_empty());
+        assert!(!config.sources.https_only);
+        assert_eq!(config.limits.max_artifact_bytes, 2 << 30);
+        assert_eq!(config.limits.max_unpacked_bytes, 8 << 30);
+        assert_eq!(config.limits.max_entries, 100_000);
+        assert_eq!(config.limits.single_file_mode, 0o644);
+        assert_eq!(config.pre_switch_timeout_ms, 300_000);
+    }
+
+    #[test]
+    fn sources_and_limits_are_flags() {
+        let config = parse(&[
+            "--allow-file-dir",
+            "/srv/a",
+            "--allow-file-dir",
+            "/srv/b",
+            "--allow-source",
+            "https://artifacts.example.com/releases/",
+            "--https-only",
+            "--max-artifact-bytes",
+            "1000",
+            "--single-file-mode",
+            "755",
+        ]);
+        assert_eq!(config.sources.file_dirs.len(), 2);
+        assert_eq!(
+            config.sources.url_prefixes,
+            ["https://artifacts.example.com/releases/"]
+        );
+        assert!(config.sources.https_only);
+        assert_eq!(config.limits.max_artifact_bytes, 1000);
+        assert_eq!(config.limits.single_file_mode, 0o755);
+        assert!(Args::try_parse_from([
+            "deploy-agent",
+            "--environment=dev",
+            "--target=t",
+            "--root=/r",
+            "--single-file-mode=9"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn an_allowed_directory_that_does_not_exist_stops_the_agent_at_start() {
+        let config = parse(&["--allow-file-dir", "/nonexistent/artifacts"]);
+        let err = config.placer(Stop::default()).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/artifacts"), "{err}");
+    }
+}
