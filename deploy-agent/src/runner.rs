@@ -55,7 +55,11 @@ pub struct AgentConfig {
     #[arg(long, env = "DEPLOY_AGENT_PRE_SWITCH")]
     pub pre_switch: Option<String>,
     /// Pre-switch timeout in milliseconds (then it is killed with its process group).
-    #[arg(long, env = "DEPLOY_AGENT_PRE_SWITCH_TIMEOUT_MS", default_value_t = 300_000)]
+    #[arg(
+        long,
+        env = "DEPLOY_AGENT_PRE_SWITCH_TIMEOUT_MS",
+        default_value_t = 300_000
+    )]
     pub pre_switch_timeout_ms: u64,
     /// Command run (`sh -c`) after switching; failure or timeout switches back.
     #[arg(long, env = "DEPLOY_AGENT_HEALTH_CHECK")]
@@ -77,12 +81,20 @@ pub struct AgentConfig {
 pub struct SourceArgs {
     /// Allows `file://` sources beneath this directory (repeatable; comma-separated in the
     /// environment). Without it `file://` is refused.
-    #[arg(long = "allow-file-dir", env = "DEPLOY_AGENT_ALLOW_FILE_DIR", value_delimiter = ',')]
+    #[arg(
+        long = "allow-file-dir",
+        env = "DEPLOY_AGENT_ALLOW_FILE_DIR",
+        value_delimiter = ','
+    )]
     pub file_dirs: Vec<PathBuf>,
     /// Allows `http(s)://` sources under this URL prefix, e.g.
     /// `https://artifacts.example.com/releases/` (repeatable; comma-separated in the
     /// environment). Redirects must stay under an allowed prefix too.
-    #[arg(long = "allow-source", env = "DEPLOY_AGENT_ALLOW_SOURCE", value_delimiter = ',')]
+    #[arg(
+        long = "allow-source",
+        env = "DEPLOY_AGENT_ALLOW_SOURCE",
+        value_delimiter = ','
+    )]
     pub url_prefixes: Vec<String>,
     /// Refuses `http://` sources and redirects.
     #[arg(long, env = "DEPLOY_AGENT_HTTPS_ONLY")]
@@ -143,7 +155,9 @@ impl AgentConfig {
             sources = sources.allow_file_dir(dir).map_err(anyhow::Error::msg)?;
         }
         for prefix in &self.sources.url_prefixes {
-            sources = sources.allow_url_prefix(prefix).map_err(anyhow::Error::msg)?;
+            sources = sources
+                .allow_url_prefix(prefix)
+                .map_err(anyhow::Error::msg)?;
         }
         Ok(sources)
     }
@@ -206,10 +220,12 @@ pub fn fit_reason(text: &str) -> String {
 /// transport is configured: connect timeout, and transport security and credentials when
 /// they are added.
 pub async fn connect(endpoint: &str) -> anyhow::Result<Channel> {
-    Ok(tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await?)
+    Ok(
+        tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await?,
+    )
 }
 
 /// Runs the agent until `stop` is cancelled. A configuration error (an allowed directory
@@ -407,7 +423,15 @@ async fn carry_out(
         Err(e) => (pb::PlacementState::Failed, e.to_string()),
     };
     tracing::info!(deployment = %order.deployment, version = %order.version, ?state, %message, "order carried out");
-    report(config, client, principal, &order.deployment, state, &message).await
+    report(
+        config,
+        client,
+        principal,
+        &order.deployment,
+        state,
+        &message,
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -159,9 +159,7 @@ fn raw_tar_gz(entries: &[(&str, &str, tar::EntryType, &[u8])]) -> Vec<u8> {
 async fn attack_4_a_symlink_chain_archive_fails_and_writes_nothing_outside_the_root() {
     let mut s = setup().await;
     let allowed = s.artifacts().to_string_lossy().into_owned();
-    let mut agent = s
-        .agent(&[("DEPLOY_AGENT_ALLOW_FILE_DIR", &allowed)])
-        .await;
+    let mut agent = s.agent(&[("DEPLOY_AGENT_ALLOW_FILE_DIR", &allowed)]).await;
     // The version directory is <dir>/host/agent/versions/app-1.partial while unpacking:
     // four levels up is <dir>.
     let deep_escape = format!("{}escape", "a/".repeat(20));
@@ -191,7 +189,10 @@ async fn attack_4_a_symlink_chain_archive_fails_and_writes_nothing_outside_the_r
 
     let why = reason(&failed);
     assert!(why.contains("could not unpack"), "{why}");
-    assert!(!s.dir.path().join("victim").exists(), "written outside the root");
+    assert!(
+        !s.dir.path().join("victim").exists(),
+        "written outside the root"
+    );
     assert!(agent.current().is_none());
     assert!(std::fs::symlink_metadata(agent.root.join("current")).is_err());
     // Outside the agent's root, nothing changed (the database files aside).
@@ -292,9 +293,8 @@ fn serve_stalled() -> String {
             let Ok(mut stream) = stream else { return };
             let mut buf = [0u8; 4096];
             let _ = stream.read(&mut buf);
-            let _ = stream.write_all(
-                b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n0123456789",
-            );
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n0123456789");
             open.push(stream);
         }
     });
@@ -367,9 +367,7 @@ async fn attack_6_an_endless_source_stops_at_the_limit_and_sigterm_ends_the_agen
 async fn attack_7_a_long_failing_source_fails_once_and_later_deployments_complete() {
     let mut s = setup().await;
     let allowed = s.artifacts().to_string_lossy().into_owned();
-    let mut agent = s
-        .agent(&[("DEPLOY_AGENT_ALLOW_FILE_DIR", &allowed)])
-        .await;
+    let mut agent = s.agent(&[("DEPLOY_AGENT_ALLOW_FILE_DIR", &allowed)]).await;
     let mut uri = format!("file://{}/", s.artifacts().display());
     while uri.len() < 1_426 {
         uri.push_str(&"x".repeat(200));

@@ -91,8 +91,16 @@ async fn every_readme_recipe_works_as_written() {
     let mut agents = Vec::new();
     for i in 1..=2 {
         let root = dir.path().join(format!("agents/local-{i}"));
-        agents
-            .push(tests::fleet::Agent::start(&d, "local", &format!("local-{i}"), root, &["--allow-file-dir", examples]).await);
+        agents.push(
+            tests::fleet::Agent::start(
+                &d,
+                "local",
+                &format!("local-{i}"),
+                root,
+                &["--allow-file-dir", examples],
+            )
+            .await,
+        );
     }
     let grpcurl = std::env::var("GRPCURL").unwrap_or_else(|_| "grpcurl".into());
     for rec in recipes {

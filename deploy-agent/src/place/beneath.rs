@@ -108,9 +108,12 @@ fn make_room(dir: &OwnedFd, name: &OsStr) -> io::Result<()> {
     match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
         Err(rustix::io::Errno::NOENT) => Ok(()),
         Err(e) => Err(e.into()),
-        Ok(stat) if FileType::from_raw_mode(stat.st_mode) == FileType::Directory => Err(
-            io::Error::new(io::ErrorKind::AlreadyExists, "a directory of that name exists"),
-        ),
+        Ok(stat) if FileType::from_raw_mode(stat.st_mode) == FileType::Directory => {
+            Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a directory of that name exists",
+            ))
+        }
         Ok(_) => Ok(rustix::fs::unlinkat(dir, name, AtFlags::empty())?),
     }
 }

@@ -79,7 +79,10 @@ pub(super) fn run(hook: &Hook<'_>) -> Result<(), String> {
             let why = if stopping {
                 "killed: the agent is stopping".to_owned()
             } else {
-                format!("timed out after {} ms and was killed", hook.timeout.as_millis())
+                format!(
+                    "timed out after {} ms and was killed",
+                    hook.timeout.as_millis()
+                )
             };
             log_output(hook, &why);
             return Err(why);

@@ -61,10 +61,13 @@ impl Fx {
     }
 
     fn extract(&self, entries: &[E<'_>]) -> Result<(), PlaceError> {
-        self.extract_limited(entries, UnpackLimits {
-            bytes: 1 << 20,
-            entries: 100,
-        })
+        self.extract_limited(
+            entries,
+            UnpackLimits {
+                bytes: 1 << 20,
+                entries: 100,
+            },
+        )
     }
 
     fn extract_limited(&self, entries: &[E<'_>], limits: UnpackLimits) -> Result<(), PlaceError> {
@@ -77,7 +80,10 @@ impl Fx {
 
     /// Nothing was written next to the version directory.
     fn assert_outside_untouched(&self) {
-        assert_eq!(fs::read(self.dir.path().join("outside")).unwrap(), b"untouched");
+        assert_eq!(
+            fs::read(self.dir.path().join("outside")).unwrap(),
+            b"untouched"
+        );
         let mut names: Vec<String> = fs::read_dir(self.dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -99,10 +105,8 @@ fn a_symlink_chain_cannot_carry_a_write_or_a_link_outside() {
     let fx = Fx::new();
     // `a -> .`, so `a/a/x` is `x`, and `../../outside` from there is two levels above the
     // version directory although the text `a/a/../../outside` stays inside.
-    let why = unpack_error(fx.extract(&[
-        symlink("a", "."),
-        symlink("a/a/escape", "../../outside"),
-    ]));
+    let why =
+        unpack_error(fx.extract(&[symlink("a", "."), symlink("a/a/escape", "../../outside")]));
     assert!(why.contains("resolves outside"), "{why}");
     fx.assert_outside_untouched();
 
@@ -126,12 +130,14 @@ fn a_symlink_chain_cannot_carry_a_write_or_a_link_outside() {
 #[test]
 fn the_metadata_file_cannot_be_planted_through_a_chain() {
     let fx = Fx::new();
-    let why = unpack_error(fx.extract(&[symlink("a", "."), file("a/a/.agent-version.json", b"{}")]));
+    let why =
+        unpack_error(fx.extract(&[symlink("a", "."), file("a/a/.agent-version.json", b"{}")]));
     assert!(why.contains("metadata file"), "{why}");
     assert!(!fx.version().join(".agent-version.json").exists());
     // Deeper down the name is an ordinary file.
     let fx = Fx::new();
-    fx.extract(&[file("docs/.agent-version.json", b"{}")]).unwrap();
+    fx.extract(&[file("docs/.agent-version.json", b"{}")])
+        .unwrap();
 }
 
 #[test]
@@ -163,7 +169,10 @@ fn links_inside_work_and_writes_follow_them_only_inside() {
     ])
     .unwrap();
     assert_eq!(fs::read(fx.version().join("lib/other")).unwrap(), b"x");
-    assert_eq!(fs::read(fx.version().join("run-again")).unwrap(), b"#!/bin/sh\n");
+    assert_eq!(
+        fs::read(fx.version().join("run-again")).unwrap(),
+        b"#!/bin/sh\n"
+    );
     assert_eq!(
         fs::read_link(fx.version().join("bin")).unwrap(),
         Path::new("lib")
@@ -174,20 +183,24 @@ fn links_inside_work_and_writes_follow_them_only_inside() {
 fn hard_links_out_of_the_archive_are_refused() {
     let outside = Fx::new();
     let abs = outside.dir.path().join("outside");
-    for target in ["../outside", "/etc/hostname", abs.to_str().unwrap(), "missing"] {
+    for target in [
+        "../outside",
+        "/etc/hostname",
+        abs.to_str().unwrap(),
+        "missing",
+    ] {
         let fx = Fx::new();
         let why = unpack_error(fx.extract(&[hard_link("h", target)]));
-        assert!(why.contains("does not point at a file of the archive"), "{why}");
+        assert!(
+            why.contains("does not point at a file of the archive"),
+            "{why}"
+        );
         fx.assert_outside_untouched();
     }
     // Through a link to a directory of the archive that leads nowhere outside, and to a
     // symlink (never followed): refused too.
     let fx = Fx::new();
-    let why = unpack_error(fx.extract(&[
-        file("f", b"x"),
-        symlink("s", "f"),
-        hard_link("h", "s"),
-    ]));
+    let why = unpack_error(fx.extract(&[file("f", b"x"), symlink("s", "f"), hard_link("h", "s")]));
     assert!(why.contains("does not point at a file"), "{why}");
 }
 
@@ -248,7 +261,13 @@ fn file_modes_come_from_the_archive_without_special_bits() {
         E(EntryType::Regular, "tool", "", b"x", 0o700),
     ])
     .unwrap();
-    let mode = |n: &str| fs::metadata(fx.version().join(n)).unwrap().permissions().mode() & 0o7777;
+    let mode = |n: &str| {
+        fs::metadata(fx.version().join(n))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
     assert_eq!(mode("run"), 0o755);
     assert_eq!(mode("data"), 0o644);
     assert_eq!(mode("shared"), 0o644);

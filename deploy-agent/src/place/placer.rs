@@ -454,8 +454,11 @@ impl Placer {
                     .map_err(|e| io_error("could not move the download to", &file, e))?;
                 beneath::open_nofollow(version_dir.root(), order.artifact.as_ref())
                     .and_then(|f| {
-                        rustix::fs::fchmod(&f, rustix::fs::Mode::from_raw_mode(self.single_file_mode))
-                            .map_err(std::io::Error::from)
+                        rustix::fs::fchmod(
+                            &f,
+                            rustix::fs::Mode::from_raw_mode(self.single_file_mode),
+                        )
+                        .map_err(std::io::Error::from)
                     })
                     .map_err(|e| io_error("could not set permissions on", &file, e))?;
             }

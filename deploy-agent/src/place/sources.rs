@@ -227,7 +227,9 @@ impl Sources {
             ));
         }
         self.check_url(&next).map_err(|e| match e {
-            PlaceError::NotAllowed(why) => PlaceError::NotAllowed(format!("redirect target: {why}")),
+            PlaceError::NotAllowed(why) => {
+                PlaceError::NotAllowed(format!("redirect target: {why}"))
+            }
             other => other,
         })?;
         Ok(next)
@@ -375,8 +377,12 @@ mod tests {
     #[test]
     fn urls_must_match_scheme_host_port_and_path_prefix() {
         let s = web();
-        assert!(s.check("https://artifacts.example.com/releases/a.tgz").is_ok());
-        assert!(s.check("https://ARTIFACTS.example.com:443/releases/a").is_ok());
+        assert!(s
+            .check("https://artifacts.example.com/releases/a.tgz")
+            .is_ok());
+        assert!(s
+            .check("https://ARTIFACTS.example.com:443/releases/a")
+            .is_ok());
         assert!(s.check("http://127.0.0.1:8080/anything").is_ok());
         for bad in [
             "http://artifacts.example.com/releases/a.tgz",
@@ -400,7 +406,9 @@ mod tests {
 
     #[test]
     fn redirects_stay_in_the_list_and_never_downgrade() {
-        let s = web().allow_url_prefix("http://artifacts.example.com/").unwrap();
+        let s = web()
+            .allow_url_prefix("http://artifacts.example.com/")
+            .unwrap();
         let from = "https://artifacts.example.com/releases/a";
         assert_eq!(
             s.check_redirect(from, "/releases/b").unwrap(),
@@ -440,7 +448,10 @@ mod tests {
         };
         assert!(open_file(&d, &rel).is_ok());
         assert!(s
-            .check(&format!("file://{}/secret", dir.path().canonicalize().unwrap().display()))
+            .check(&format!(
+                "file://{}/secret",
+                dir.path().canonicalize().unwrap().display()
+            ))
             .is_err());
         assert!(s
             .check(&format!("file://{}/../secret", canonical.display()))
@@ -452,7 +463,10 @@ mod tests {
         else {
             panic!("not a file source")
         };
-        assert!(matches!(open_file(&d, &rel), Err(PlaceError::NotAllowed(_))));
+        assert!(matches!(
+            open_file(&d, &rel),
+            Err(PlaceError::NotAllowed(_))
+        ));
     }
 
     #[test]

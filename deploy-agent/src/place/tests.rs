@@ -217,7 +217,10 @@ fn a_failing_health_check_switches_current_back() {
         panic!("expected a health check error, got {err:?}");
     };
     assert!(why.contains("exited with status 1"), "{why}");
-    assert!(!why.contains("not healthy"), "hook output stays local: {why}");
+    assert!(
+        !why.contains("not healthy"),
+        "hook output stays local: {why}"
+    );
     assert!(why.contains("switched back to versions/app-1"), "{why}");
     assert_eq!(fx.current_version(&placer).as_deref(), Some("1"));
     assert_eq!(fx.current_file("VERSION"), "1");
@@ -244,7 +247,10 @@ fn a_slow_health_check_is_killed_and_current_switched_back() {
     let PlaceError::HealthCheck(why) = &err else {
         panic!("expected a health check error, got {err:?}");
     };
-    assert!(why.contains("timed out after 200 ms and was killed"), "{why}");
+    assert!(
+        why.contains("timed out after 200 ms and was killed"),
+        "{why}"
+    );
     assert_eq!(fx.current_version(&placer).as_deref(), Some("1"));
 }
 
@@ -431,7 +437,11 @@ fn entries_escaping_the_version_dir_are_refused() {
     placer.place(&fx.app("1")).unwrap();
 
     for (version, payload, needle) in [
-        ("2", tar_gz_raw_name("../evil", b"x"), "`../evil` is absolute or climbs out"),
+        (
+            "2",
+            tar_gz_raw_name("../evil", b"x"),
+            "`../evil` is absolute or climbs out",
+        ),
         ("3", tar_gz_raw_name("a/../../evil", b"x"), "climbs out"),
         (
             "4",
@@ -645,9 +655,11 @@ fn an_http_source_is_downloaded_and_a_404_is_a_fetch_error() {
         http_response("200 OK", &payload),
         http_response("404 Not Found", b"no such artifact"),
     ]);
-    let placer = fx
-        .placer(3)
-        .with_sources(fx.sources().allow_url_prefix(&format!("{base}/artifacts/")).unwrap());
+    let placer = fx.placer(3).with_sources(
+        fx.sources()
+            .allow_url_prefix(&format!("{base}/artifacts/"))
+            .unwrap(),
+    );
     let order = Order {
         artifact: "app".into(),
         version: "1".into(),
@@ -699,17 +711,23 @@ fn redirects_are_followed_only_within_the_allow_list() {
             &format!("Location: {elsewhere}/artifacts/x\r\n"),
             b"",
         ),
-        http_response_with("307 Temporary Redirect", "Location: /artifacts/loop\r\n", b""),
-        http_response_with("307 Temporary Redirect", "Location: /artifacts/loop\r\n", b""),
+        http_response_with(
+            "307 Temporary Redirect",
+            "Location: /artifacts/loop\r\n",
+            b"",
+        ),
+        http_response_with(
+            "307 Temporary Redirect",
+            "Location: /artifacts/loop\r\n",
+            b"",
+        ),
     ]);
-    let placer = fx
-        .placer(3)
-        .with_sources(
-            fx.sources()
-                .allow_url_prefix(&format!("{base}/artifacts/"))
-                .unwrap()
-                .max_redirects(1),
-        );
+    let placer = fx.placer(3).with_sources(
+        fx.sources()
+            .allow_url_prefix(&format!("{base}/artifacts/"))
+            .unwrap()
+            .max_redirects(1),
+    );
     let order = Order {
         artifact: "app".into(),
         version: "1".into(),
@@ -755,7 +773,11 @@ fn redirects_are_followed_only_within_the_allow_list() {
 fn a_fetch_stops_at_the_artifact_size_limit() {
     let fx = Fixture::new();
     let placer = Placer::new(fx.root(), 3)
-        .with_sources(Sources::default().allow_file_dir(Path::new("/dev")).unwrap())
+        .with_sources(
+            Sources::default()
+                .allow_file_dir(Path::new("/dev"))
+                .unwrap(),
+        )
         .with_limits(Limits {
             artifact_bytes: 1 << 20,
             ..Limits::default()
@@ -781,7 +803,11 @@ fn a_stopped_placer_abandons_a_fetch_and_kills_a_hook() {
     let fx = Fixture::new();
     let stop = Stop::default();
     let placer = Placer::new(fx.root(), 3)
-        .with_sources(Sources::default().allow_file_dir(Path::new("/dev")).unwrap())
+        .with_sources(
+            Sources::default()
+                .allow_file_dir(Path::new("/dev"))
+                .unwrap(),
+        )
         .with_stop(stop.clone());
     let order = Order {
         artifact: "zero".into(),
@@ -817,7 +843,9 @@ fn a_stopped_placer_abandons_a_fetch_and_kills_a_hook() {
     stop.stop();
     assert_eq!(
         running.join().unwrap(),
-        Err(PlaceError::PreSwitch("killed: the agent is stopping".into()))
+        Err(PlaceError::PreSwitch(
+            "killed: the agent is stopping".into()
+        ))
     );
 }
 

@@ -241,7 +241,10 @@ pub(super) fn extract_tar_gz(
             } else {
                 format!("does not resolve: {e}")
             };
-            return Err(PlaceError::Unpack(format!("link `{}` {why}", link.display())));
+            return Err(PlaceError::Unpack(format!(
+                "link `{}` {why}",
+                link.display()
+            )));
         }
     }
     Ok(())
