@@ -6,6 +6,7 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
@@ -40,7 +41,13 @@ pub(super) struct Hook<'a> {
 /// Runs `hook`; `Err` is how it ended (exit status, signal, timeout), readable as the end
 /// of a sentence and free of its output.
 pub(super) fn run(hook: &Hook<'_>) -> Result<(), String> {
-    let out = File::create(hook.output)
+    // A new file, never through a link.
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(hook.output)
         .map_err(|e| format!("could not create {}: {e}", hook.output.display()))?;
     let err = out
         .try_clone()

@@ -83,7 +83,7 @@ pub(super) fn fetch(
                 let response = agent
                     .get(&url)
                     .call()
-                    .map_err(|e| PlaceError::Fetch(format!("GET failed: {e}")))?;
+                    .map_err(|e| PlaceError::Fetch(format!("GET failed: {}", describe(&e))))?;
                 let status = response.status();
                 if !status.is_redirection() {
                     break response;
@@ -140,4 +140,12 @@ fn copy(
         Copy::Stopped => PlaceError::Cancelled,
         Copy::Io(e) => PlaceError::Fetch(format!("reading {what} failed: {e}")),
     })
+}
+
+/// An HTTP client error for the reason, without the URL (whose query may hold a token).
+fn describe(e: &ureq::Error) -> String {
+    match e {
+        ureq::Error::BadUri(_) => "the URL is not valid".to_owned(),
+        other => other.to_string(),
+    }
 }

@@ -26,6 +26,7 @@
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{ErrorKind, Write};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -266,7 +267,14 @@ impl Placer {
         }
 
         // Pruning keeps the most recently switched-to versions.
-        if let Err(e) = File::open(&dir).and_then(|d| d.set_modified(SystemTime::now())) {
+        let touched = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(
+                (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::DIRECTORY).bits() as i32,
+            )
+            .open(&dir)
+            .and_then(|d| d.set_modified(SystemTime::now()));
+        if let Err(e) = touched {
             tracing::warn!(dir = %dir.display(), error = %e, "could not touch the version directory");
         }
         self.switch(&Path::new(VERSIONS).join(&name))?;
@@ -637,7 +645,6 @@ fn check_name(what: &str, name: &str) -> Result<(), PlaceError> {
 
 fn read_metadata(dir: &Path) -> Option<Metadata> {
     use std::io::Read as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
     let mut bytes = Vec::new();
     fs::OpenOptions::new()
         .read(true)
