@@ -134,6 +134,19 @@ fn the_metadata_file_cannot_be_planted_through_a_chain() {
         unpack_error(fx.extract(&[symlink("a", "."), file("a/a/.agent-version.json", b"{}")]));
     assert!(why.contains("metadata file"), "{why}");
     assert!(!fx.version().join(".agent-version.json").exists());
+    let fx = Fx::new();
+    let why = unpack_error(fx.extract(&[
+        symlink("a", "."),
+        E(
+            EntryType::Directory,
+            "a/.agent-version.json/",
+            "",
+            b"",
+            0o755,
+        ),
+    ]));
+    assert!(why.contains("metadata file"), "{why}");
+    assert!(!fx.version().join(".agent-version.json").exists());
     // Deeper down the name is an ordinary file.
     let fx = Fx::new();
     fx.extract(&[file("docs/.agent-version.json", b"{}")])
@@ -292,4 +305,79 @@ fn a_stopped_agent_abandons_the_unpack() {
     );
     assert_eq!(result, Err(PlaceError::Cancelled));
     assert!(!fx.version().join("a").exists());
+}
+
+/// A tar.gz whose entry names need extension headers: a GNU long name, a pax `path`
+/// record, and a GNU long link target.
+fn archive_with_extensions(long: &str, pax: &str, link: &str) -> Vec<u8> {
+    let mut builder = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::fast()));
+    let mut header = Header::new_gnu();
+    header.set_size(4);
+    header.set_mode(0o644);
+    builder
+        .append_data(&mut header, long, &b"long"[..])
+        .unwrap();
+    // A pax header (type `x`) with one `path` record, then a plain entry it renames.
+    let record = format!("path={pax}\n");
+    let mut len = record.len() + 3;
+    if format!("{len} {record}").len() != len {
+        len += 1;
+    }
+    let pax_data = format!("{len} {record}");
+    let mut header = Header::new_ustar();
+    header.set_entry_type(EntryType::XHeader);
+    header.set_size(pax_data.len() as u64);
+    header.set_path("PaxHeader").unwrap();
+    header.set_cksum();
+    builder.append(&header, pax_data.as_bytes()).unwrap();
+    let mut header = Header::new_ustar();
+    header.set_size(3);
+    header.set_mode(0o644);
+    header.set_path("short-name").unwrap();
+    header.set_cksum();
+    builder.append(&header, &b"pax"[..]).unwrap();
+    let mut header = Header::new_gnu();
+    header.set_entry_type(EntryType::Symlink);
+    header.set_size(0);
+    builder.append_link(&mut header, "link", link).unwrap();
+    builder.into_inner().unwrap().finish().unwrap()
+}
+
+#[test]
+fn long_names_from_gnu_and_pax_headers_are_honoured() {
+    let fx = Fx::new();
+    let long = format!("{}/file", "d".repeat(150));
+    let pax = format!("{}/pax-file", "p".repeat(120));
+    let path = fx.dir.path().join("a.tar.gz");
+    fs::write(&path, archive_with_extensions(&long, &pax, &long)).unwrap();
+    extract_tar_gz(
+        &path,
+        &fx.version(),
+        UnpackLimits {
+            bytes: 100,
+            entries: 100,
+        },
+        &Stop::default(),
+    )
+    .unwrap();
+    assert_eq!(fs::read(fx.version().join(&long)).unwrap(), b"long");
+    assert_eq!(fs::read(fx.version().join(&pax)).unwrap(), b"pax");
+    assert!(!fx.version().join("short-name").exists());
+    assert_eq!(fs::read(fx.version().join("link")).unwrap(), b"long");
+
+    // A long name that climbs out is refused like a short one.
+    let fx = Fx::new();
+    let climbing = format!("{}/../../../outside", "d".repeat(150));
+    fs::write(&path, archive_with_extensions(&long, &climbing, &long)).unwrap();
+    let why = unpack_error(extract_tar_gz(
+        &path,
+        &fx.version(),
+        UnpackLimits {
+            bytes: 100,
+            entries: 100,
+        },
+        &Stop::default(),
+    ));
+    assert!(why.contains("climbs out"), "{why}");
+    fx.assert_outside_untouched();
 }

@@ -30,6 +30,8 @@
 //! - `unpack`: tar.gz detection and extraction through `beneath`, with [`UnpackLimits`].
 //! - `command`: `sh -c` hooks with the agent's environment, a timeout and output kept
 //!   locally (logged, never reported).
+//! - `tests`, `extract_tests`: the placer against real directories, `sh` and an HTTP
+//!   listener; extraction edge cases with archives built header by header.
 
 mod beneath;
 mod command;

@@ -149,25 +149,27 @@ pub(super) fn extract_tar_gz(
                 PlaceError::Unpack(format!("entry `{shown}`: {e}"))
             }
         };
-        if kind == EntryType::Directory {
-            if !inside.as_os_str().is_empty() {
-                beneath.create_dirs(&inside).map_err(entry_error)?;
-            }
-            continue;
-        }
         let Some(name) = inside.file_name().map(ToOwned::to_owned) else {
+            if kind == EntryType::Directory {
+                // `./`: the version directory itself.
+                continue;
+            }
             return Err(PlaceError::Unpack(format!(
                 "entry `{shown}` is not a directory but names the version directory"
             )));
         };
         let parent = inside.parent().unwrap_or(Path::new("")).to_path_buf();
         let dir = beneath.create_dirs(&parent).map_err(entry_error)?;
+        // Also when reached through a link such as `a -> .` (`a/a/.agent-version.json`).
         if name == METADATA_FILE && beneath.is_root(&dir).map_err(entry_error)? {
             return Err(PlaceError::Unpack(format!(
                 "entry `{shown}` would replace the agent's metadata file"
             )));
         }
         match kind {
+            EntryType::Directory => {
+                beneath.create_dirs(&inside).map_err(entry_error)?;
+            }
             EntryType::Regular | EntryType::Continuous => {
                 let size = entry
                     .header()
