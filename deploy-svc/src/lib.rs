@@ -97,6 +97,9 @@ impl Server {
             store,
             feed,
         } = self;
+        let serving = config
+            .server
+            .serving("deploy-svc", &[listener.local_addr()?])?;
         let streams = CancellationToken::new();
         let tasks = TaskTracker::new();
         let api = DeployApi::new(
@@ -156,7 +159,7 @@ impl Server {
         );
         let routes = service_kit::reflection(routes)?;
         let database = match config.postgres_url() {
-            Some(_) => "PostgreSQL".to_owned(),
+            Some(url) => service_kit::redact::url(&url),
             None => config.database.display().to_string(),
         };
         tracing::info!(address = %listener.local_addr()?, database = %database, "deploy-svc serving");
@@ -169,6 +172,7 @@ impl Server {
             service_kit::Drain {
                 timeout: Duration::from_millis(config.drain_timeout_ms),
             },
+            &serving,
             shutdown,
         )
         .await;

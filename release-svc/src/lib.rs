@@ -91,6 +91,7 @@ impl Server {
         let calendar: Arc<dyn engine::Calendar> = match config.change_calendar {
             config::CalendarSource::DeploySvc => Arc::new(calendar_client::DeployCalendar::new(
                 config.deploy_svc.clone(),
+                config.deploy_svc_security(),
             )),
             config::CalendarSource::None => Arc::new(calendar_client::NoCalendar),
         };
@@ -117,6 +118,12 @@ impl Server {
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
         let Self { config, engine } = self;
+        let mut addresses = vec![listener.local_addr()?];
+        if let Some(l) = &flagd_listener {
+            addresses.push(l.local_addr()?);
+        }
+        let serving = config.server.serving("release-svc", &addresses)?;
+        let deploy_security = config.deploy_svc_security();
         let streams = CancellationToken::new();
         let status = consumer::SharedStatus::default();
         // Replicas sharing the database reload when another one commits.
@@ -141,9 +148,10 @@ impl Server {
         // One applier of placement events at a time across replicas: the consumer runs
         // while this process holds the store's applier lease.
         let consumer = {
-            let (engine, url, status, stop) = (
+            let (engine, url, security, status, stop) = (
                 engine.clone(),
                 config.deploy_svc.clone(),
+                deploy_security.clone(),
                 status.clone(),
                 streams.clone(),
             );
@@ -168,7 +176,14 @@ impl Server {
                             tracing::warn!(error = %e, "reload before applying failed");
                         }
                     }
-                    consumer::run(engine.clone(), url.clone(), status.clone(), lease.clone()).await;
+                    consumer::run(
+                        engine.clone(),
+                        url.clone(),
+                        security.clone(),
+                        status.clone(),
+                        lease.clone(),
+                    )
+                    .await;
                     consumer::set_active(&status, false);
                     lease.cancel();
                 }
@@ -241,7 +256,7 @@ impl Server {
                     flagd_health_service,
                 )))?;
                 tracing::info!(address = %flagd_listener.local_addr()?, "flagd protocols serving on their own port");
-                let (streams, stop) = (streams.clone(), stop.clone());
+                let (streams, stop, serving) = (streams.clone(), stop.clone(), serving.clone());
                 Some(tokio::spawn(async move {
                     service_kit::serve_gracefully(
                         flagd_listener,
@@ -250,6 +265,7 @@ impl Server {
                         &names[1..],
                         streams,
                         drain,
+                        &serving,
                         stop.cancelled_owned(),
                     )
                     .await
@@ -257,7 +273,12 @@ impl Server {
             }
             None => None,
         };
-        tracing::info!(address = %listener.local_addr()?, database = %config.database.display(), deploy_svc = %config.deploy_svc, "release-svc serving");
+        tracing::info!(
+            address = %listener.local_addr()?,
+            database = %service_kit::redact::url(&config.database.to_string_lossy()),
+            deploy_svc = %service_kit::redact::url(&config.deploy_svc),
+            "release-svc serving"
+        );
         let stopper = stop.clone();
         let result = service_kit::serve_gracefully(
             listener,
@@ -266,6 +287,7 @@ impl Server {
             &names,
             streams.clone(),
             drain,
+            &serving,
             async move {
                 shutdown.await;
                 stopper.cancel();
