@@ -259,7 +259,15 @@ async fn a_wrong_digest_or_a_failing_health_check_leaves_current_unchanged() {
 
     // The new version fails its health check: switched back.
     f.artifact("3.0.0", &[("broken", "yes")]).await;
-    let unhealthy = f.roll("3.0.0", None, pb::DeploymentState::Failed).await;
+    let d = deploy(&mut f.client, "app", "3.0.0", ENV, None).await;
+    // The deployment reads FAILED at the first failed placement: wait for all four.
+    let unhealthy = until(&mut f.client, &d.name, "all placements failed", |d| {
+        d.state() == pb::DeploymentState::Failed
+            && d.placements
+                .iter()
+                .all(|p| p.state() == pb::PlacementState::Failed)
+    })
+    .await;
     assert!(
         unhealthy
             .placements
