@@ -14,14 +14,9 @@
 //! - [`placement_log`]: the in-memory tail of the event log and WatchPlacements watchers.
 //! - [`grpc`]: the `deploy.v1.DeployService` handlers, conversions and status mapping
 //!   (including WatchOrders, the agents' order stream).
-//! - [`agent`]: placement on a target's disk (fetch, verify, unpack, switch, health check).
-//! - [`agent_runner`]: the deploy agent's loop (`src/bin/deploy-agent.rs`): register,
-//!   heartbeat, follow orders, report.
 //! - [`Server`] / [`serve`]: opens the store, then serves an already-bound listener until a
 //!   shutdown future resolves.
 
-pub mod agent;
-pub mod agent_runner;
 pub mod config;
 pub mod domain;
 pub mod grpc;

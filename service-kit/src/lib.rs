@@ -21,7 +21,8 @@
 //! - `pg` (feature `postgres`): TLS for PostgreSQL connections, by `sslmode`.
 //! - [`error`]: the request error type (field and precondition violations), no tonic types.
 //! - [`status`]: the one exhaustive `From<Error> for Status`, with rich error details.
-//! - [`sqlite`]: the SQLite error mapping and migration runner of the embedded stores.
+//! - `sqlite` (cargo feature `sqlite`): the SQLite error mapping and migration runner of the
+//!   embedded stores.
 //! - [`validate`]: limits and checks every API shares (text, keys, pages, page tokens).
 //! - [`principal()`]: who is calling with authentication off (the `x-principal` metadata).
 
@@ -33,6 +34,7 @@ pub mod pg;
 pub mod principal;
 pub mod redact;
 pub mod reload;
+#[cfg(feature = "sqlite")]
 pub mod sqlite;
 pub mod status;
 pub mod tls;

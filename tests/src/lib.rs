@@ -870,6 +870,7 @@ pub mod fleet {
         /// Its root directory.
         pub root: PathBuf,
         args: Vec<String>,
+        vars: Vec<(String, String)>,
         child: Option<Child>,
     }
 
@@ -881,6 +882,19 @@ pub mod fleet {
             target: &str,
             root: PathBuf,
             extra: &[&str],
+        ) -> Self {
+            Self::start_with(server, env, target, root, extra, &[]).await
+        }
+
+        /// Like [`Agent::start`], with environment variables `vars` (settings given the
+        /// way a service manager would, e.g. `DEPLOY_AGENT_ALLOW_FILE_DIR`).
+        pub async fn start_with(
+            server: &Binary,
+            env: &str,
+            target: &str,
+            root: PathBuf,
+            extra: &[&str],
+            vars: &[(&str, &str)],
         ) -> Self {
             let mut args = vec![
                 "--server".to_owned(),
@@ -899,6 +913,10 @@ pub mod fleet {
                 target: target.into(),
                 root,
                 args,
+                vars: vars
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
                 child: None,
             };
             agent.spawn();
@@ -915,6 +933,7 @@ pub mod fleet {
             self.child = Some(
                 Command::new(bin)
                     .args(&self.args)
+                    .envs(self.vars.iter().map(|(k, v)| (k, v)))
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .kill_on_drop(true)
@@ -927,6 +946,48 @@ pub mod fleet {
         pub async fn kill(&mut self) {
             if let Some(mut c) = self.child.take() {
                 c.kill().await.unwrap();
+            }
+        }
+
+        /// Whether the process is still running.
+        pub fn alive(&mut self) -> bool {
+            self.child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        }
+
+        /// Its resident memory in KiB (0 once it has exited).
+        pub fn rss_kib(&self) -> u64 {
+            self.child
+                .as_ref()
+                .and_then(Child::id)
+                .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+                .and_then(|status| {
+                    status
+                        .lines()
+                        .find(|l| l.starts_with("VmRSS:"))
+                        .and_then(|l| l.split_whitespace().nth(1))
+                        .and_then(|v| v.parse().ok())
+                })
+                .unwrap_or(0)
+        }
+
+        /// Sends SIGTERM and waits for the process to exit, at most `within`; `None` if it
+        /// was still running then (it is killed).
+        pub async fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+            let mut child = self.child.take()?;
+            let pid = child.id()?;
+            let sent = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .unwrap();
+            assert!(sent.success(), "kill -TERM {pid} failed");
+            match tokio::time::timeout(within, child.wait()).await {
+                Ok(status) => Some(status.unwrap()),
+                Err(_) => {
+                    child.kill().await.unwrap();
+                    None
+                }
             }
         }
 

@@ -85,12 +85,22 @@ async fn every_readme_recipe_works_as_written() {
         ],
     )
     .await;
-    // The quickstart's agents: they register once the README creates `local`.
+    // The quickstart's agents: they register once the README creates `local`, and read
+    // the walkthrough's artifacts from examples/, as scripts/quickstart allows them to.
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
     let mut agents = Vec::new();
     for i in 1..=2 {
         let root = dir.path().join(format!("agents/local-{i}"));
-        agents
-            .push(tests::fleet::Agent::start(&d, "local", &format!("local-{i}"), root, &[]).await);
+        agents.push(
+            tests::fleet::Agent::start(
+                &d,
+                "local",
+                &format!("local-{i}"),
+                root,
+                &["--allow-file-dir", examples],
+            )
+            .await,
+        );
     }
     let grpcurl = std::env::var("GRPCURL").unwrap_or_else(|_| "grpcurl".into());
     for rec in recipes {

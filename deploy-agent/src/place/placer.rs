@@ -3,15 +3,17 @@
 //! `place` runs these steps, each only if the one before succeeded:
 //!
 //! 1. check the order (names that are single path components, a `sha256:<64 hex>` digest,
-//!    a supported source scheme); return `reused` at once if `current` already points at
-//!    this version, complete and with this digest;
+//!    a source allowed by [`Sources`]); return `reused` at once if `current` already points
+//!    at this version, complete and with this digest;
 //! 2. clean up after a crashed run: `tmp/`, `versions/*.partial`, `current.tmp-*`;
 //! 3. unless `versions/<artifact>-<version>` is already complete with this digest: fetch
-//!    into `tmp/` while hashing, compare the digest (nothing else has been written yet),
-//!    unpack into `versions/<dir>.partial`, write `.agent-version.json`, flush the file
-//!    system, rename to `versions/<dir>`;
-//! 4. the pre-switch command, in the version directory (on failure the directory is
-//!    deleted, since the command may have half-changed it, and `current` is untouched);
+//!    into `tmp/` while hashing (at most [`Limits::artifact_bytes`]), compare the digest
+//!    (nothing else has been written yet), unpack into `versions/<dir>.partial` beneath that directory (at most
+//!    [`Limits::unpacked_bytes`] and [`Limits::entries`]), write `.agent-version.json`
+//!    (`O_EXCL | O_NOFOLLOW`), flush the file system, rename to `versions/<dir>`;
+//! 4. the pre-switch command, in the version directory, with a timeout (on failure the
+//!    directory is deleted, since the command may have half-changed it, and `current` is
+//!    untouched);
 //! 5. switch: a new symlink `current.tmp-<unique>` -> `versions/<dir>` renamed over
 //!    `current` (atomic);
 //! 6. the health check, in `current`; on failure or timeout `current` is switched back to
@@ -24,17 +26,19 @@
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{ErrorKind, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use super::beneath::{self, Beneath};
 use super::command::{self, Hook};
-use super::fetch::{self, Source};
-use super::unpack::{self, Kind};
-use super::{OnDisk, Order, PlaceError, Placed};
+use super::fetch::{self, Bounds};
+use super::sources::{Source, Sources};
+use super::unpack::{self, Kind, UnpackLimits};
+use super::{OnDisk, Order, PlaceError, Placed, Stop};
 
 /// The file that makes a version directory complete: `{artifact, version, digest}`.
 pub const METADATA_FILE: &str = ".agent-version.json";
@@ -44,6 +48,35 @@ pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The health check timeout until [`Placer::with_health_check`] sets one.
 pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The pre-switch timeout until [`Placer::with_pre_switch`] sets one.
+pub const DEFAULT_PRE_SWITCH_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The mode of a single-file artifact (not a tar.gz) unless
+/// [`Placer::with_single_file_mode`] says otherwise: not executable.
+pub const DEFAULT_SINGLE_FILE_MODE: u32 = 0o644;
+
+/// Size limits on one order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The most bytes an artifact (what is fetched) may have.
+    pub artifact_bytes: u64,
+    /// The most bytes of file content a tar.gz may unpack to.
+    pub unpacked_bytes: u64,
+    /// The most entries a tar.gz may hold.
+    pub entries: u64,
+}
+
+impl Default for Limits {
+    /// 2 GiB fetched, 8 GiB unpacked, 100,000 entries.
+    fn default() -> Self {
+        Self {
+            artifact_bytes: 2 << 30,
+            unpacked_bytes: 8 << 30,
+            entries: 100_000,
+        }
+    }
+}
 
 /// The fewest version directories pruning keeps: the current one and the one before it.
 pub const MIN_KEEP: usize = 2;
@@ -61,9 +94,14 @@ pub struct Placer {
     root: PathBuf,
     keep: usize,
     pre_switch: Option<String>,
+    pre_switch_timeout: Duration,
     health_check: Option<String>,
     health_timeout: Duration,
     fetch_timeout: Duration,
+    sources: Sources,
+    limits: Limits,
+    single_file_mode: u32,
+    stop: Stop,
 }
 
 /// The content of [`METADATA_FILE`].
@@ -85,17 +123,50 @@ impl Placer {
             root: std::path::absolute(&root).unwrap_or(root),
             keep: keep.max(MIN_KEEP),
             pre_switch: None,
+            pre_switch_timeout: DEFAULT_PRE_SWITCH_TIMEOUT,
             health_check: None,
             health_timeout: DEFAULT_HEALTH_TIMEOUT,
             fetch_timeout: DEFAULT_FETCH_TIMEOUT,
+            sources: Sources::default(),
+            limits: Limits::default(),
+            single_file_mode: DEFAULT_SINGLE_FILE_MODE,
+            stop: Stop::default(),
         }
+    }
+
+    /// Where artifacts may come from (nothing until set).
+    pub fn with_sources(mut self, sources: Sources) -> Self {
+        self.sources = sources;
+        self
+    }
+
+    /// Size limits ([`Limits::default`] until set).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The mode of a single-file artifact, masked to `0o755` (no setuid, setgid, sticky or
+    /// write for others); [`DEFAULT_SINGLE_FILE_MODE`] until set.
+    pub fn with_single_file_mode(mut self, mode: u32) -> Self {
+        self.single_file_mode = mode & 0o755;
+        self
+    }
+
+    /// Stopping `stop` abandons the order in progress at its next check: a fetch between
+    /// chunks, an unpack between entries, a hook is killed.
+    pub fn with_stop(mut self, stop: Stop) -> Self {
+        self.stop = stop;
+        self
     }
 
     /// A command run with `sh -c` in the new version directory before switching, with
     /// `AGENT_ARTIFACT`, `AGENT_VERSION`, `AGENT_VERSION_DIR` and `AGENT_ROOT` set. A non-zero
-    /// exit fails the placement with `current` unchanged. It has no timeout.
-    pub fn with_pre_switch(mut self, command: Option<String>) -> Self {
+    /// exit, or still running after `timeout` (then it is killed with its process group),
+    /// fails the placement with `current` unchanged.
+    pub fn with_pre_switch(mut self, command: Option<String>, timeout: Duration) -> Self {
         self.pre_switch = command;
+        self.pre_switch_timeout = timeout;
         self
     }
 
@@ -128,7 +199,7 @@ impl Placer {
         let expected = normalize_digest(&order.digest)?;
         check_name("artifact", &order.artifact)?;
         check_name("version", &order.version)?;
-        let source = Source::parse(&order.source_uri)?;
+        let source = self.sources.check(&order.source_uri)?;
         let want = Metadata {
             artifact: order.artifact.clone(),
             version: order.version.clone(),
@@ -178,9 +249,11 @@ impl Placer {
             let output = self.tmp().join(unique("pre-switch"));
             let result = command::run(&Hook {
                 command: pre_switch,
+                what: "pre-switch",
                 cwd: &dir,
                 env: &env,
-                timeout: None,
+                timeout: self.pre_switch_timeout,
+                stop: &self.stop,
                 output: &output,
             });
             let _ = fs::remove_file(&output);
@@ -194,7 +267,14 @@ impl Placer {
         }
 
         // Pruning keeps the most recently switched-to versions.
-        if let Err(e) = File::open(&dir).and_then(|d| d.set_modified(SystemTime::now())) {
+        let touched = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(
+                (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::DIRECTORY).bits() as i32,
+            )
+            .open(&dir)
+            .and_then(|d| d.set_modified(SystemTime::now()));
+        if let Err(e) = touched {
             tracing::warn!(dir = %dir.display(), error = %e, "could not touch the version directory");
         }
         self.switch(&Path::new(VERSIONS).join(&name))?;
@@ -204,9 +284,11 @@ impl Placer {
             let output = self.tmp().join(unique("health-check"));
             let result = command::run(&Hook {
                 command: health_check,
+                what: "health check",
                 cwd: &self.root.join(CURRENT),
                 env: &env,
-                timeout: Some(self.health_timeout),
+                timeout: self.health_timeout,
+                stop: &self.stop,
                 output: &output,
             });
             let _ = fs::remove_file(&output);
@@ -336,11 +418,21 @@ impl Placer {
         dir: &Path,
     ) -> Result<(), PlaceError> {
         let download = TempPath(self.tmp().join(unique("fetch")));
-        let actual = fetch::fetch(source, &download.0, self.fetch_timeout)?;
+        let actual = fetch::fetch(
+            &self.sources,
+            source,
+            &download.0,
+            Bounds {
+                timeout: self.fetch_timeout,
+                max_bytes: self.limits.artifact_bytes,
+                stop: &self.stop,
+            },
+        )?;
         if actual != expected {
+            // What was fetched stays on the target: the reason goes to every caller.
+            tracing::warn!(artifact = %order.artifact, version = %order.version, expected, actual, "digest mismatch");
             return Err(PlaceError::Digest {
                 expected: expected.to_owned(),
-                actual,
             });
         }
         tracing::info!(artifact = %order.artifact, version = %order.version, digest = %actual, "fetched and verified");
@@ -352,14 +444,30 @@ impl Placer {
         fs::create_dir(&partial.0).map_err(|e| io_error("could not create", &partial.0, e))?;
         let kind =
             unpack::detect(&download.0).map_err(|e| io_error("could not read", &download.0, e))?;
+        let version_dir =
+            Beneath::open(&partial.0).map_err(|e| io_error("could not open", &partial.0, e))?;
         match kind {
-            Kind::TarGz => unpack::extract_tar_gz(&download.0, &partial.0)?,
+            Kind::TarGz => unpack::extract_tar_gz(
+                &download.0,
+                &partial.0,
+                UnpackLimits {
+                    bytes: self.limits.unpacked_bytes,
+                    entries: self.limits.entries,
+                },
+                &self.stop,
+            )?,
             Kind::File => {
-                // A single file is most often a program: make it executable.
                 let file = partial.0.join(&order.artifact);
                 fs::rename(&download.0, &file)
                     .map_err(|e| io_error("could not move the download to", &file, e))?;
-                fs::set_permissions(&file, fs::Permissions::from_mode(0o755))
+                beneath::open_nofollow(version_dir.root(), order.artifact.as_ref())
+                    .and_then(|f| {
+                        rustix::fs::fchmod(
+                            &f,
+                            rustix::fs::Mode::from_raw_mode(self.single_file_mode),
+                        )
+                        .map_err(std::io::Error::from)
+                    })
                     .map_err(|e| io_error("could not set permissions on", &file, e))?;
             }
         }
@@ -373,7 +481,8 @@ impl Placer {
         let metadata_path = partial.0.join(METADATA_FILE);
         let json = serde_json::to_vec_pretty(&metadata)
             .map_err(|e| PlaceError::Io(format!("could not encode {METADATA_FILE}: {e}")))?;
-        let mut file = File::create(&metadata_path)
+        // Never through a link, never over something the archive put there.
+        let mut file = beneath::create_new_file(version_dir.root(), METADATA_FILE.as_ref(), 0o644)
             .map_err(|e| io_error("could not create", &metadata_path, e))?;
         file.write_all(&json)
             .map_err(|e| io_error("could not write", &metadata_path, e))?;
@@ -535,7 +644,16 @@ fn check_name(what: &str, name: &str) -> Result<(), PlaceError> {
 }
 
 fn read_metadata(dir: &Path) -> Option<Metadata> {
-    let bytes = fs::read(dir.join(METADATA_FILE)).ok()?;
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(dir.join(METADATA_FILE))
+        .ok()?
+        .take(64 * 1024)
+        .read_to_end(&mut bytes)
+        .ok()?;
     serde_json::from_slice(&bytes).ok()
 }
 
