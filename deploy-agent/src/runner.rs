@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use proto::deploy::v1 as pb;
 use proto::deploy::v1::deploy_service_client::DeployServiceClient;
+use service_kit::client::AuthChannel;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use crate::place::{Limits, Order, Placer, Sources, Stop};
 
@@ -41,6 +41,10 @@ pub struct AgentConfig {
     /// The target id.
     #[arg(long, env = "DEPLOY_AGENT_TARGET")]
     pub target: String,
+    /// TLS to deploy-svc and the agent's credentials (a client certificate or a token
+    /// whose role binding names this target).
+    #[command(flatten)]
+    pub client: service_kit::client::ClientArgs,
     /// Target labels, `KEY=VALUE` (repeatable).
     #[arg(long = "label", value_parser = key_value)]
     pub labels: Vec<(String, String)>,
@@ -215,17 +219,23 @@ pub fn fit_reason(text: &str) -> String {
     out
 }
 
-/// Opens the agent's gRPC channel to deploy-svc at `endpoint` (`http://host:port`). Every
-/// connection the agent makes goes through here, so this is the one place where its
-/// transport is configured: connect timeout, and transport security and credentials when
-/// they are added.
-pub async fn connect(endpoint: &str) -> anyhow::Result<Channel> {
-    Ok(
-        tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
-            .connect_timeout(Duration::from_secs(2))
-            .connect()
-            .await?,
-    )
+/// Opens the agent's gRPC channel to deploy-svc at `endpoint` (`http://host:port`, or
+/// `https://` with a CA). Every connection the agent makes goes through here, so this is
+/// the one place where its transport is configured: connect timeout, TLS, the client
+/// certificate and the bearer token.
+pub async fn connect(
+    endpoint: &str,
+    security: &service_kit::client::ClientSecurity,
+) -> anyhow::Result<AuthChannel> {
+    let bearer = security.bearer()?;
+    let channel = security
+        .endpoint(endpoint)?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await?;
+    Ok(tonic::service::interceptor::InterceptedService::new(
+        channel, bearer,
+    ))
 }
 
 /// Runs the agent until `stop` is cancelled. A configuration error (an allowed directory
@@ -265,7 +275,8 @@ async fn session(
     placer: Arc<Placer>,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut client = DeployServiceClient::new(connect(&config.server).await?);
+    let mut client =
+        DeployServiceClient::new(connect(&config.server, &config.client.security()).await?);
     let principal = config.principal();
     let on_disk = placer.current();
     let mut labels: BTreeMap<String, String> = config.labels.iter().cloned().collect();
@@ -302,7 +313,7 @@ async fn session(
 }
 
 async fn heartbeats(
-    mut client: DeployServiceClient<Channel>,
+    mut client: DeployServiceClient<AuthChannel>,
     environment: String,
     target: String,
     every: Duration,
@@ -327,7 +338,7 @@ async fn heartbeats(
 
 async fn follow(
     config: &AgentConfig,
-    client: &mut DeployServiceClient<Channel>,
+    client: &mut DeployServiceClient<AuthChannel>,
     placer: Arc<Placer>,
     principal: &str,
     stop: &CancellationToken,
@@ -359,7 +370,7 @@ async fn follow(
 
 async fn report(
     config: &AgentConfig,
-    client: &mut DeployServiceClient<Channel>,
+    client: &mut DeployServiceClient<AuthChannel>,
     principal: &str,
     deployment: &str,
     state: pb::PlacementState,
@@ -390,7 +401,7 @@ async fn report(
 
 async fn carry_out(
     config: &AgentConfig,
-    client: &mut DeployServiceClient<Channel>,
+    client: &mut DeployServiceClient<AuthChannel>,
     placer: Arc<Placer>,
     principal: &str,
     order: pb::Order,

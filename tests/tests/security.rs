@@ -1001,3 +1001,87 @@ async fn postgres_connections_use_tls_as_sslmode_asks() {
         );
     }
 }
+
+/// Real deploy agents over mutual TLS: an agent whose certificate is bound to its target
+/// registers and places; an agent presenting a certificate bound to another target can
+/// neither register nor act for the target it claims.
+#[tokio::test]
+async fn agents_authenticate_and_act_only_for_their_target() {
+    use tests::fleet;
+    let s = Secure::new();
+    let deploy = s.deploy_svc().await;
+    let mut admin = s.deploy_client(&deploy, "admin").await;
+    tests::environment(&mut admin, "prod", None, false).await;
+    let artifacts = s.path("artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let (tgz, digest) = fleet::tarball(&artifacts, "web", &[("app.txt", "v1")]);
+    fleet::register(&mut admin, "web", "1.0.0", &tgz, &digest).await;
+    let agent = |target: &str, cert: &str| {
+        let c = &s.certs[cert];
+        let mut cmd = tokio::process::Command::new(tests::bin_dir().join("deploy-agent"));
+        cmd.args(["--server", &format!("https://{}", deploy.addr)])
+            .args(["--environment", "prod", "--target", target])
+            .arg("--root")
+            .arg(s.path(&format!("root-{target}")))
+            .arg("--ca")
+            .arg(&s.ca.pem)
+            .arg("--cert")
+            .arg(&c.cert)
+            .arg("--key")
+            .arg(&c.key)
+            .arg("--allow-file-dir")
+            .arg(&artifacts)
+            .args(["--heartbeat-ms", "200"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        cmd.spawn().unwrap()
+    };
+    let _honest = agent("p-1", "agent-p-1");
+    // An impostor: agent-p-1's certificate claiming target p-2.
+    let _impostor = agent("p-2", "agent-p-1");
+    let mut registered = Vec::new();
+    for _ in 0..200 {
+        registered = admin
+            .list_targets(pb::ListTargetsRequest {
+                parent: "environments/prod".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .targets;
+        if !registered.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let d = fleet::deploy(&mut admin, "web", "1.0.0", "prod", None).await;
+    let done = fleet::until(
+        &mut admin,
+        &d.name,
+        "the bound agent places",
+        fleet::is(pb::DeploymentState::Succeeded),
+    )
+    .await;
+    assert_eq!(done.placements.len(), 1, "{done:?}");
+    let names: Vec<String> = admin
+        .list_targets(pb::ListTargetsRequest {
+            parent: "environments/prod".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .targets
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(
+        names,
+        vec!["environments/prod/targets/p-1".to_owned()],
+        "{registered:?}"
+    );
+    let placed = std::fs::read_to_string(s.path("root-p-1").join("current/app.txt")).unwrap();
+    assert_eq!(placed, "v1");
+}
