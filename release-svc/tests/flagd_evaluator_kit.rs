@@ -396,6 +396,6 @@ fn the_flagd_evaluator_kit_passes_on_the_rule_engine() {
         failures.len(),
         failures.join("\n")
     );
-    // A ratchet: 135 rows pass today (README); fewer means the engine or the runner regressed.
+    // A ratchet: 135 rows pass today (docs/openfeature.md); fewer means the engine or the runner regressed.
     assert!(total_passed >= 135, "only {total_passed} rows ran");
 }

@@ -1,4 +1,4 @@
-//! Deploy agents end to end (issue 7): real `deploy-agent` processes (4 per test) placing
+//! Deploy agents end to end: real `deploy-agent` processes (4 per test) placing
 //! real files from `file://` tar.gz artifacts under temporary roots, against the real
 //! deploy-svc binary (and, for the gate, the real release-svc binary).
 #![allow(clippy::unwrap_used)]
