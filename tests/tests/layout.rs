@@ -115,9 +115,28 @@ fn expand_braces(name: &str) -> Vec<String> {
         .collect()
 }
 
-/// Whether `text` declares or re-exports `name` (a module, function, type, constant,
-/// macro or `use` of it).
+/// Whether `text` declares or imports `name` (a module, function, type, constant, macro,
+/// or a `use` that brings it into scope, which is what rustdoc resolves links against).
 fn declares(text: &str, name: &str) -> bool {
+    let words = |s: &str| -> Vec<String> {
+        s.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .filter(|w| !w.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    let mut rest = text;
+    while let Some(at) = rest.find("use ") {
+        let line_start = rest[..at].rfind('\n').map_or(0, |i| i + 1);
+        let prefix = rest[line_start..at].trim();
+        let tail = &rest[at..];
+        let statement = &tail[..tail.find(';').unwrap_or(tail.len())];
+        if (prefix.is_empty() || prefix.starts_with("pub"))
+            && words(statement).iter().any(|w| w == name)
+        {
+            return true;
+        }
+        rest = &rest[at + 4..];
+    }
     text.lines().any(|line| {
         let words: Vec<&str> = line
             .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '!'))
@@ -137,8 +156,7 @@ fn declares(text: &str, name: &str) -> bool {
         let declared = words
             .windows(2)
             .any(|w| kinds.contains(&w[0]) && w[1] == name);
-        let reexported = line.trim_start().starts_with("pub use") && words.contains(&name);
-        declared || reexported
+        declared
     })
 }
 
@@ -279,9 +297,10 @@ fn a_layout_naming_a_missing_file_is_reported() {
     std::fs::write(src.join("bin/agent.rs"), "fn main() {}\n").unwrap();
     let lib = src.join("lib.rs");
     let good = "//! A crate.\n//!\n//! # Layout\n//!\n//! - [`store`]: storage; [`store::Store`].\n\
-                //! - [`grpc`] and `src/bin/agent.rs`, [`serve`], [`Config`], [`helpers`].\n\
+                //! - [`grpc`] and `src/bin/agent.rs`, [`serve`], [`Config`], [`helpers`], [`Caller`].\n\
                 //!\n//! # Other\n//!\n//! [`missing_outside_layout`]\n\
                 pub mod grpc;\npub mod store;\npub use config::Config;\npub fn serve() {}\n\
+                use crate::store::{\n    Store,\n    Caller,\n};\n\
                 pub mod helpers {\n}\n";
     std::fs::write(&lib, good).unwrap();
     assert_eq!(check_file(&lib, dir.path(), dir.path()), Vec::<String>::new());
