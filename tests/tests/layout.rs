@@ -92,12 +92,14 @@ fn names(section: &str) -> (Vec<String>, Vec<String>) {
 /// A backticked word names a file when it has a slash or a source file extension and no
 /// spaces, options or placeholders.
 fn looks_like_path(name: &str) -> bool {
-    let plain = !name.contains([' ', '<', '>', '*', '$', '=', ':', '"', '\''])
-        && !name.starts_with('-');
+    let plain =
+        !name.contains([' ', '<', '>', '*', '$', '=', ':', '"', '\'']) && !name.starts_with('-');
     let pathy = name.contains('/')
-        || [".rs", ".py", ".sql", ".sh", ".toml", ".md", ".json", ".yaml"]
-            .iter()
-            .any(|e| name.ends_with(e));
+        || [
+            ".rs", ".py", ".sql", ".sh", ".toml", ".md", ".json", ".yaml",
+        ]
+        .iter()
+        .any(|e| name.ends_with(e));
     plain && pathy && !name.starts_with("http")
 }
 
@@ -192,7 +194,10 @@ impl Module {
     /// The child module `name`, as a file or an inline `mod name {`.
     fn child(&self, parent_dir: &Path, name: &str) -> Option<(Module, PathBuf)> {
         let dir = self.child_dir(parent_dir);
-        for file in [dir.join(format!("{name}.rs")), dir.join(name).join("mod.rs")] {
+        for file in [
+            dir.join(format!("{name}.rs")),
+            dir.join(name).join("mod.rs"),
+        ] {
             if file.is_file() {
                 return Some((Module::File(file), dir.clone()));
             }
@@ -266,9 +271,10 @@ fn every_layout_section_names_what_exists() {
                     && ["lib.rs", "main.rs"].iter().any(|n| f.ends_with(n))
             })
             .collect();
-        if root_files.iter().any(|f| {
-            layout_section(&std::fs::read_to_string(f).unwrap()).is_some()
-        }) {
+        if root_files
+            .iter()
+            .any(|f| layout_section(&std::fs::read_to_string(f).unwrap()).is_some())
+        {
             crates_with_layout += 1;
         } else {
             problems.push(format!(
@@ -303,13 +309,28 @@ fn a_layout_naming_a_missing_file_is_reported() {
                 use crate::store::{\n    Store,\n    Caller,\n};\n\
                 pub mod helpers {\n}\n";
     std::fs::write(&lib, good).unwrap();
-    assert_eq!(check_file(&lib, dir.path(), dir.path()), Vec::<String>::new());
+    assert_eq!(
+        check_file(&lib, dir.path(), dir.path()),
+        Vec::<String>::new()
+    );
 
     for (bad, named) in [
-        ("//! # Layout\n//!\n//! - [`placement_log`]: gone.\n", "placement_log"),
-        ("//! # Layout\n//!\n//! - [`store::Backend`]: gone.\n", "store::Backend"),
-        ("//! # Layout\n//!\n//! - `src/bin/deploy-agent.rs`: moved.\n", "deploy-agent.rs"),
-        ("//! # Layout\n//!\n//! - `src/bin/{agent,other}.rs`.\n", "other.rs"),
+        (
+            "//! # Layout\n//!\n//! - [`placement_log`]: gone.\n",
+            "placement_log",
+        ),
+        (
+            "//! # Layout\n//!\n//! - [`store::Backend`]: gone.\n",
+            "store::Backend",
+        ),
+        (
+            "//! # Layout\n//!\n//! - `src/bin/deploy-agent.rs`: moved.\n",
+            "deploy-agent.rs",
+        ),
+        (
+            "//! # Layout\n//!\n//! - `src/bin/{agent,other}.rs`.\n",
+            "other.rs",
+        ),
         ("//! # Layout\n//!\n//! - [`grpc::outer`].\n", "grpc::outer"),
     ] {
         std::fs::write(&lib, bad).unwrap();
