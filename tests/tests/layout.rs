@@ -16,12 +16,7 @@
 use std::path::{Path, PathBuf};
 
 /// The workspace root (the parent of this crate).
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
 /// The member directories listed in the root Cargo.toml's `members = [...]`.
 fn members(root: &Path) -> Vec<PathBuf> {
@@ -257,7 +252,7 @@ fn check_file(file: &Path, crate_dir: &Path, root: &Path) -> Vec<String> {
 
 #[test]
 fn every_layout_section_names_what_exists() {
-    let root = workspace();
+    let root = PathBuf::from(WORKSPACE);
     let mut problems = Vec::new();
     let mut crates_with_layout = 0;
     for crate_dir in members(&root) {

@@ -16,7 +16,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -32,12 +32,8 @@ struct Recipe {
     output: Option<String>,
 }
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+/// The workspace root (the parent of this crate).
+const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
 /// `NAME` when `line` is `NAME=$(grpcurl ...`.
 fn captured_name(line: &str) -> Option<String> {
@@ -50,7 +46,7 @@ fn captured_name(line: &str) -> Option<String> {
 }
 
 fn recipes(file: &'static str) -> Vec<Recipe> {
-    let text = std::fs::read_to_string(root().join(file)).unwrap();
+    let text = std::fs::read_to_string(Path::new(ROOT).join(file)).unwrap();
     let start = text
         .find("<!-- recipes:start -->")
         .unwrap_or_else(|| panic!("{file} lacks the recipes:start marker"));
@@ -139,7 +135,7 @@ async fn readme_tour_and_every_recipe_work_as_written() {
     .await;
     let grpcurl = std::env::var("GRPCURL").unwrap_or_else(|_| "grpcurl".into());
     // What scripts/quickstart does before it starts its agents.
-    let setup = Command::new(root().join("scripts/local-env"))
+    let setup = Command::new(Path::new(ROOT).join("scripts/local-env"))
         .arg(d.addr.to_string())
         .env("GRPCURL", &grpcurl)
         .output()
