@@ -9,9 +9,12 @@
 //! - [`config`]: command-line flags and environment variables.
 //! - [`domain`]: resources, validation, the deployment state machine, the promotion rule,
 //!   freeze windows, audit records.
-//! - [`store`]: the storage trait and the SQLite backend (transactional outbox, group commit,
-//!   each change's audit record in the change's transaction).
-//! - [`placement_log`]: the in-memory tail of the event log and WatchPlacements watchers.
+//! - [`store`]: the storage trait, every read and write written once as SQL, and two
+//!   backends: SQLite (the embedded default, group commit) and PostgreSQL (several
+//!   replicas on one database); transactional outbox, each change's audit record in the
+//!   change's transaction, migrations per backend.
+//! - [`placement_log`]: the in-memory tail of the event log and WatchPlacements watchers
+//!   (on PostgreSQL fed by a tailer that follows the other replicas' commits).
 //! - [`grpc`]: the `deploy.v1.DeployService` handlers, conversions and status mapping
 //!   (including WatchOrders, the agents' order stream).
 //! - [`Server`] / [`serve`]: opens the store, then serves an already-bound listener until a

@@ -6,12 +6,15 @@
 //!
 //! - [`config`]: command-line flags and environment variables.
 //! - [`domain`]: features, releases, rules, hashing, the coverage gate, the evaluator.
-//! - [`store`]: the storage trait and the SQLite backend.
+//! - [`store`]: the storage trait and its backends: SQLite (the embedded default) and
+//!   PostgreSQL (several replicas on one database, one of them applying placements).
 //! - [`engine`]: the state, its durable writes, the snapshot swap and change announcements.
 //! - [`consumer`]: follows deploy-svc's placement stream into the engine.
 //! - [`calendar_client`]: deploy-svc's change calendar (freeze windows), read for policy
 //!   checks.
-//! - [`grpc`]: the `release.v1.ReleaseService` handlers and conversions.
+//! - [`grpc`]: the `release.v1.ReleaseService` handlers and conversions, and flagd's
+//!   evaluation protocol (v1 and v2) for OpenFeature providers.
+//! - [`cli`]: the `import-flagd` and `export-flagd` subcommands of the binary.
 //! - [`Server`] / [`serve`]: opens the store, then serves an already-bound listener.
 
 pub mod calendar_client;

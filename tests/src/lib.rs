@@ -1,12 +1,32 @@
 //! Helpers for the end-to-end tests: servers on port 0 (in-process and as real binaries),
-//! clients, and small assertions on gRPC statuses.
+//! clients, fixtures, and small assertions on gRPC statuses. The tests themselves are in
+//! `tests/` (one file per subject) and run with `scripts/test`.
 //!
 //! # Layout
 //!
-//! - [`InProcess`]: deploy-svc served by the library on a listener bound to port 0.
-//! - [`Binary`]: the real deploy-svc binary started on port 0; the bound address is read
-//!   from its first stdout line.
+//! - [`channel`] / [`connect`] ([`Client`]): plaintext channels and deploy-svc clients.
+//! - [`Served`]: any server spawned in-process on a listener bound to port 0, stopped
+//!   through its shutdown future.
+//! - [`InProcess`]: deploy-svc served by the library on port 0 (on SQLite, or on
+//!   PostgreSQL when [`deploy_test_postgres`] says so).
+//! - [`fresh_database`]: a new database on the `TEST_DATABASE_URL` PostgreSQL server.
+//! - [`Binary`] / [`bin_dir`]: the real binaries started on port 0; the bound address is
+//!   read from their first stdout line.
+//! - [`digest`], [`environment`], [`targets`], [`artifact`], [`deploy`], [`report`]:
+//!   deploy-svc fixtures in one call each.
 //! - [`status`]: assertions on codes, field violations and precondition violations.
+//! - [`watch`]: WatchPlacements helpers (open, snapshot, events, heartbeats, gap checks).
+//! - [`Churn`]: a deployment whose targets report forever (one event per report).
+//! - [`release`]: release-svc in-process, its client and fixtures (features, releases,
+//!   rollouts, evaluations, waiting for an answer).
+//! - [`Gated`]: the release gate fixture (a feature carried by an artifact in `prod`).
+//! - [`fleet`]: real `deploy-agent` processes against a real deploy-svc binary.
+//! - `src/bin/bench-{deploy,release,agents}.rs`: benchmark drivers, and
+//!   `src/bin/noop-release.rs`: the no-op gRPC baseline (see `docs/benchmarks.md`).
+//! - Beside the crate: `python/` (scripts the stock OpenFeature flagd provider runs),
+//!   `conformance/` (pytest-bdd steps for the flagd testbed's scenarios) and
+//!   `flagd-testbed/` (the vendored testbed). The tests find `python3` and `grpcurl` on
+//!   the PATH; `scripts/test` puts the project virtualenv (`target/venv`) first on it.
 
 #![allow(clippy::unwrap_used)]
 

@@ -1,4 +1,4 @@
-//! Deploy agents at scale (see BENCHMARKS.md): the real deploy-svc binary and
+//! Deploy agents at scale (see docs/benchmarks.md): the real deploy-svc binary and
 //! in-process agents (the same `deploy_agent::runner` loop the `deploy-agent` binary
 //! runs, each with its own connection, heartbeat and root directory).
 //!
