@@ -21,12 +21,15 @@
 //!   rollouts, evaluations, waiting for an answer).
 //! - [`Gated`]: the release gate fixture (a feature carried by an artifact in `prod`).
 //! - [`fleet`]: real `deploy-agent` processes against a real deploy-svc binary.
-//! - `src/bin/bench-{deploy,release,agents}.rs`: benchmark drivers, and
-//!   `src/bin/noop-release.rs`: the no-op gRPC baseline (see `docs/benchmarks.md`).
+//! - [`pki`]: a development PKI made at run time (CA, server and client certificates,
+//!   JWT signers and their JWKS, token and policy files); [`raw`]: calls by gRPC path.
+//! - `src/bin/bench-{deploy,release,agents}.rs`: benchmark drivers,
+//!   `src/bin/noop-release.rs`: the no-op gRPC baseline (see `docs/benchmarks.md`), and
+//!   `src/bin/dev-pki.rs`: the secure quick start's certificates, tokens and policy.
 //! - Beside the crate: `python/` (scripts the stock OpenFeature flagd provider runs),
 //!   `conformance/` (pytest-bdd steps for the flagd testbed's scenarios) and
 //!   `flagd-testbed/` (the vendored testbed). The tests find `python3` and `grpcurl` on
-//!   the PATH; `scripts/test` puts the project virtualenv (`target/venv`) first on it.
+//!   the PATH; `scripts/test` puts the project virtualenv (target/venv) first on it.
 
 #![allow(clippy::unwrap_used)]
 
