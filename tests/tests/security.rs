@@ -4,6 +4,8 @@
 //! release-svc's own identity towards deploy-svc, certificate rotation, safe defaults and
 //! redaction. Certificates, keys and tokens are made at test time.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
