@@ -651,6 +651,20 @@ async fn header_forgery_attacks_are_refused() {
         .unwrap()
         .into_inner();
     assert_ne!(d.state(), pb::DeploymentState::Succeeded);
+    // The agent's attempt for a target outside its binding is in deploy-svc's audit trail,
+    // under its authenticated principal (a caller without the agent role at all is refused
+    // before any handler runs).
+    let refused: Vec<String> = admin
+        .list_audit_records(pb::ListAuditRecordsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .records
+        .into_iter()
+        .filter(|r| r.action == "ReportPlacement" && r.after.contains("refused"))
+        .map(|r| r.principal)
+        .collect();
+    assert_eq!(refused, vec![spiffe("agent-p-1")], "refusals audited");
     let mut app = s.release_client(&rel, "app").await;
     let r = release::evaluate(&mut app, "new-cart", "prod", "u1").await;
     assert!(!r.visible, "visible with nothing deployed: {r:?}");

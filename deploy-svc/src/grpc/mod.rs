@@ -555,8 +555,22 @@ impl DeployService for DeployApi {
         let caller = caller(&req)?;
         let report = convert::placement_report(req.into_inner())?;
         // An agent reports only for its own target: a forged placement cannot open a
-        // release gate.
-        access.require_target(&report.environment, &report.target)?;
+        // release gate. The attempt is audited.
+        if let Err(denied) = access.require_target(&report.environment, &report.target) {
+            let resource = names::target_name(&report.environment, &report.target);
+            let detail = format!(
+                "report {:?} for deployments/{} outside the caller's binding",
+                report.state, report.deployment
+            );
+            if let Err(e) = self
+                .store
+                .audit_refusal(caller, "ReportPlacement", resource, detail)
+                .await
+            {
+                tracing::warn!(error = %e, "cannot audit a refused placement report");
+            }
+            return Err(denied);
+        }
         let outcome = self.store.report_placement(report, caller).await?;
         if outcome.changed {
             self.bell();

@@ -126,6 +126,16 @@ pub trait Store: Send + Sync + 'static {
         caller: Caller,
     ) -> Result<ReportOutcome>;
 
+    /// Records a refused action in the audit trail (for example a placement report for a
+    /// target outside the caller's binding), so forgery attempts are visible there.
+    async fn audit_refusal(
+        &self,
+        caller: Caller,
+        action: &'static str,
+        resource: String,
+        detail: String,
+    ) -> Result<()>;
+
     /// Lists audit records by id ascending; the page position is the last id returned.
     async fn list_audit_records(
         &self,
