@@ -1237,28 +1237,9 @@ impl<B: Backend> Store for SqlStore<B> {
         .await
     }
 
-    async fn audit_refusal(
-        &self,
-        caller: Caller,
-        action: &'static str,
-        resource: String,
-        detail: String,
-    ) -> Result<()> {
-        self.write(move |conn, now, _| {
-            append_audit(
-                conn,
-                now,
-                &caller,
-                AuditEntry {
-                    action,
-                    resource: resource.clone(),
-                    before: String::new(),
-                    after: "refused: PERMISSION_DENIED".into(),
-                    reason: detail.clone(),
-                },
-            )
-        })
-        .await
+    async fn audit_event(&self, caller: Caller, entry: AuditEntry) -> Result<()> {
+        self.write(move |conn, now, _| append_audit(conn, now, &caller, entry.clone()))
+            .await
     }
 
     async fn heartbeat_target(&self, environment: &str, id: &str) -> Result<Target> {
