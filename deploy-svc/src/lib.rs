@@ -154,6 +154,12 @@ impl Server {
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<DeployServiceServer<DeployApi>>().await;
+        // A store that can no longer write takes the replica out of service.
+        let store_health = tokio::spawn(service_kit::health::follow_store(
+            store.writer_alive(),
+            health.clone(),
+            vec![SERVICE_NAME],
+        ));
         let routes = tonic::service::Routes::new(health_service).add_service(
             DeployServiceServer::new(api)
                 .max_decoding_message_size(config.max_message_bytes)
@@ -178,6 +184,7 @@ impl Server {
         )
         .await;
         ticker.abort();
+        store_health.abort();
         if let Some(remote) = remote {
             remote.abort();
         }

@@ -8,6 +8,7 @@
 //! - [`reflection`]: gRPC reflection v1 and v1alpha over the contracts, with comments.
 //! - [`serve_gracefully`]: runs a tonic router until shutdown, then marks health
 //!   NOT_SERVING, ends open streams, drains in-flight calls with a hard timeout.
+//! - [`health`]: health that follows the store (NOT_SERVING once it cannot write).
 //! - [`error`]: the request error type (field and precondition violations), no tonic types.
 //! - [`status`]: the one exhaustive `From<Error> for Status`, with rich error details.
 //! - [`sqlite`]: the SQLite error mapping and migration runner of the embedded stores.
@@ -15,6 +16,7 @@
 //! - [`principal()`]: who is calling (the `x-principal` metadata until authentication).
 
 pub mod error;
+pub mod health;
 pub mod principal;
 pub mod sqlite;
 pub mod status;

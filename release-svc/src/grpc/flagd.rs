@@ -52,6 +52,9 @@ pub struct FlagdOptions {
     /// Context values set by the service (flagd's `--context-value`); they override the
     /// request's values of the same key, so a caller cannot forge them.
     pub static_context: Map<String, Value>,
+    /// Largest ResolveAll response in bytes (0: 4 MiB); above it the call answers
+    /// RESOURCE_EXHAUSTED.
+    pub max_response_bytes: usize,
 }
 
 /// The flagd evaluation services (v1 and v2 share everything but message shapes).
@@ -98,12 +101,16 @@ impl Flagd {
 
     /// The evaluation context of a request, and whether the selector header fixed its
     /// environment.
+    /// The request's context is held to the limits of `release.v1` contexts
+    /// ([`crate::domain::values`]): INVALID_ARGUMENT naming `context` when over.
     fn context(
         &self,
         metadata: &MetadataMap,
         context: Option<prost_types::Struct>,
-    ) -> (Context, bool) {
+    ) -> Result<(Context, bool), Status> {
         let mut attributes = context.as_ref().map(struct_to_json).unwrap_or_default();
+        crate::domain::values::check_context(&attributes)
+            .map_err(|d| Status::from(crate::domain::Error::invalid("context", d)))?;
         for (k, v) in &self.options.static_context {
             attributes.insert(k.clone(), v.clone());
         }
@@ -111,6 +118,16 @@ impl Flagd {
             Some(Value::String(k)) => k,
             _ => String::new(),
         };
+        if targeting_key.len() > super::convert::MAX_TARGETING_KEY {
+            return Err(crate::domain::Error::invalid(
+                "context.targetingKey",
+                format!(
+                    "must be at most {} bytes",
+                    super::convert::MAX_TARGETING_KEY
+                ),
+            )
+            .into());
+        }
         let from_header = metadata
             .get("flagd-selector")
             .and_then(|v| v.to_str().ok())
@@ -128,7 +145,7 @@ impl Flagd {
             targeting_key,
             attributes,
         };
-        (ctx, fixed)
+        Ok((ctx, fixed))
     }
 
     /// Decides `key`. The v1 protocol cannot say "use the code default" (its fields are not
@@ -141,7 +158,7 @@ impl Flagd {
         context: Option<prost_types::Struct>,
         v1: bool,
     ) -> Result<Decision, Status> {
-        let (ctx, fixed) = self.context(metadata, context);
+        let (ctx, fixed) = self.context(metadata, context)?;
         let d =
             self.engine.snapshot().evaluate(key, &ctx).ok_or_else(|| {
                 Status::not_found(format!("FLAG_NOT_FOUND: flag {key:?} not found"))
@@ -314,7 +331,7 @@ macro_rules! flagd_service {
         impl $fpb::service_server::Service for Flagd {
             async fn resolve_all(&self, req: Request<$fpb::ResolveAllRequest>) -> R<$fpb::ResolveAllResponse> {
                 let (metadata, _, req) = req.into_parts();
-                let (ctx, fixed) = self.context(&metadata, req.context);
+                let (ctx, fixed) = self.context(&metadata, req.context)?;
                 let snapshot = self.engine.snapshot();
                 let mut flags = std::collections::HashMap::new();
                 for key in snapshot.keys.iter() {
@@ -349,10 +366,21 @@ macro_rules! flagd_service {
                 let metadata = prost_types::Struct {
                     fields: [("flagSetId".to_owned(), from_json(&Value::String(ctx.environment)))].into(),
                 };
-                Ok(Response::new($fpb::ResolveAllResponse {
+                let response = $fpb::ResolveAllResponse {
                     flags,
                     metadata: Some(metadata),
-                }))
+                };
+                let limit = match self.options.max_response_bytes {
+                    0 => 4 * 1024 * 1024,
+                    n => n,
+                };
+                let len = prost::Message::encoded_len(&response);
+                if len > limit {
+                    return Err(Status::resource_exhausted(format!(
+                        "the resolved flags would be {len} bytes, above the {limit} byte response limit; resolve flags one by one"
+                    )));
+                }
+                Ok(Response::new(response))
             }
 
             async fn resolve_boolean(&self, req: Request<$fpb::ResolveBooleanRequest>) -> R<$fpb::ResolveBooleanResponse> {

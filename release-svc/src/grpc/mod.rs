@@ -5,8 +5,10 @@
 //!
 //! - [`convert`]: proto <-> domain conversions and request validation.
 //! - [`flagd`]: flagd's evaluation protocol (v2) over the same evaluator.
+//! - [`decode`]: requests the protobuf decoder refuses answer INVALID_ARGUMENT.
 
 pub mod convert;
+pub mod decode;
 pub mod flagd;
 
 use std::pin::Pin;
@@ -51,7 +53,11 @@ pub struct ReleaseApi {
     consumer: SharedStatus,
     deploy_svc: String,
     streams: CancellationToken,
+    max_response_bytes: usize,
 }
+
+/// Most features one EvaluateBatch evaluates.
+pub const MAX_BATCH_FEATURES: usize = 1000;
 
 impl ReleaseApi {
     /// A service over `engine`; visibility streams end when `streams` is cancelled.
@@ -66,7 +72,27 @@ impl ReleaseApi {
             consumer,
             deploy_svc,
             streams,
+            max_response_bytes: 4 * 1024 * 1024,
         }
+    }
+
+    /// Caps responses built from many features (EvaluateBatch, ExportFlagd) at `bytes`
+    /// (the server's encoding limit): above it the call answers RESOURCE_EXHAUSTED.
+    pub fn with_max_response_bytes(mut self, bytes: usize) -> Self {
+        self.max_response_bytes = bytes;
+        self
+    }
+
+    /// RESOURCE_EXHAUSTED when a response of `len` bytes exceeds the response cap.
+    fn response_fits(&self, what: &str, len: usize) -> std::result::Result<(), Status> {
+        if len > self.max_response_bytes {
+            return Err(Error::ResourceExhausted(format!(
+                "the {what} would be {len} bytes, above the {} byte response limit; ask for less",
+                self.max_response_bytes
+            ))
+            .into());
+        }
+        Ok(())
     }
 }
 
@@ -82,6 +108,17 @@ fn name<T>(
     parse: impl Fn(&str) -> std::result::Result<T, String>,
 ) -> std::result::Result<T, Status> {
     parse(value).map_err(|d| Status::from(Error::invalid(field, d)))
+}
+
+/// A release name and a free-text reason, validated together.
+fn release_and_reason(release: &str, reason: &str) -> std::result::Result<i64, Status> {
+    let mut v = Violations::default();
+    let id = v
+        .check("name", names::parse_release(release))
+        .unwrap_or_default();
+    convert::reason_text(&mut v, "reason", reason);
+    v.finish()?;
+    Ok(id)
 }
 
 fn page(v: &mut Violations, size: i32, token: &str) -> (usize, Option<String>) {
@@ -250,7 +287,7 @@ impl ReleaseService for ReleaseApi {
     async fn pause_release(&self, req: Request<pb::PauseReleaseRequest>) -> Result<pb::Release> {
         let actor = actor(&req, "")?;
         let req = req.into_inner();
-        let id = name("name", &req.name, names::parse_release)?;
+        let id = release_and_reason(&req.name, &req.reason)?;
         let release = self
             .engine
             .transition(id, Transition::Pause, &actor, "PauseRelease", &req.reason)
@@ -276,7 +313,7 @@ impl ReleaseService for ReleaseApi {
     ) -> Result<pb::Release> {
         let actor = actor(&req, "")?;
         let req = req.into_inner();
-        let id = name("name", &req.name, names::parse_release)?;
+        let id = release_and_reason(&req.name, &req.reason)?;
         let release = self
             .engine
             .transition(
@@ -311,12 +348,30 @@ impl ReleaseService for ReleaseApi {
     ) -> Result<pb::EvaluateBatchResponse> {
         let req = req.into_inner();
         let mut v = Violations::default();
-        for (i, k) in req.features.iter().enumerate() {
+        if req.features.len() > MAX_BATCH_FEATURES {
+            v.push(
+                "features",
+                format!(
+                    "must name at most {MAX_BATCH_FEATURES} features, got {}",
+                    req.features.len()
+                ),
+            );
+        }
+        for (i, k) in req.features.iter().enumerate().take(MAX_BATCH_FEATURES) {
             v.check(&format!("features[{i}]"), names::validate_feature_key(k));
         }
         let ctx = convert::context(&mut v, req.context);
-        v.finish()?;
         let snapshot = self.engine.snapshot();
+        if req.features.is_empty() && snapshot.keys.len() > MAX_BATCH_FEATURES {
+            v.push(
+                "features",
+                format!(
+                    "must name the features to evaluate: there are {} features, and one batch evaluates at most {MAX_BATCH_FEATURES}",
+                    snapshot.keys.len()
+                ),
+            );
+        }
+        v.finish()?;
         let keys: Vec<String> = if req.features.is_empty() {
             snapshot.keys.iter().map(|k| k.to_string()).collect()
         } else {
@@ -332,10 +387,12 @@ impl ReleaseService for ReleaseApi {
                 .ok_or_else(|| Status::from(Error::NotFound(format!("features/{key}"))))?;
             results.push(convert::decision(&key, d, snapshot.version));
         }
-        Ok(Response::new(pb::EvaluateBatchResponse {
+        let response = pb::EvaluateBatchResponse {
             results,
             snapshot_version: snapshot.version,
-        }))
+        };
+        self.response_fits("batch", prost::Message::encoded_len(&response))?;
+        Ok(Response::new(response))
     }
 
     type WatchVisibilityStream = VisibilityStream;
@@ -495,10 +552,10 @@ impl ReleaseService for ReleaseApi {
         let environment = req.into_inner().environment;
         name("environment", &environment, names::validate_environment)?;
         let doc = crate::domain::flagd_doc::render(&self.engine.snapshot(), &environment);
-        Ok(Response::new(pb::ExportFlagdResponse {
-            document: serde_json::to_string_pretty(&doc)
-                .map_err(|e| Status::from(Error::Internal(e.to_string())))?,
-        }))
+        let document = serde_json::to_string_pretty(&doc)
+            .map_err(|e| Status::from(Error::Internal(e.to_string())))?;
+        self.response_fits("document", document.len())?;
+        Ok(Response::new(pb::ExportFlagdResponse { document }))
     }
 
     async fn submit_release(&self, req: Request<pb::SubmitReleaseRequest>) -> Result<pb::Release> {
@@ -523,7 +580,7 @@ impl ReleaseService for ReleaseApi {
     async fn cancel_release(&self, req: Request<pb::CancelReleaseRequest>) -> Result<pb::Release> {
         let actor = actor(&req, "")?;
         let req = req.into_inner();
-        let id = name("name", &req.name, names::parse_release)?;
+        let id = release_and_reason(&req.name, &req.reason)?;
         Ok(Response::new(convert::release_pb(
             &self
                 .engine
@@ -548,6 +605,8 @@ impl ReleaseService for ReleaseApi {
         if req.approver.trim().is_empty() {
             v.push("approver", "is required for an emergency override");
         }
+        convert::reason_text(&mut v, "reason", &req.reason);
+        convert::principal_text(&mut v, "approver", &req.approver);
         v.finish()?;
         Ok(Response::new(convert::release_pb(
             &self
@@ -623,6 +682,7 @@ impl ReleaseService for ReleaseApi {
         if req.resource.len() > 512 {
             v.push("resource", "must be at most 512 characters");
         }
+        convert::principal_text(&mut v, "principal", &req.principal);
         let start_ms = req.start_time.as_ref().map(convert::millis);
         let end_ms = req.end_time.as_ref().map(convert::millis);
         if let (Some(s), Some(e)) = (start_ms, end_ms) {
