@@ -247,10 +247,11 @@ async fn postgres_runtime_role_cannot_rewrite_the_audit_trail() {
 
     r.kill().await;
     drop((as_runtime, as_owner, superuser));
-    admin
-        .batch_execute(&format!(
-            "DROP DATABASE {db} WITH (FORCE); DROP ROLE {migrator}; DROP ROLE {runtime}"
-        ))
-        .await
-        .unwrap();
+    for statement in [
+        format!("DROP DATABASE {db} WITH (FORCE)"),
+        format!("DROP ROLE {migrator}"),
+        format!("DROP ROLE {runtime}"),
+    ] {
+        admin.batch_execute(&statement).await.unwrap();
+    }
 }
