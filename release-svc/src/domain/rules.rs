@@ -986,7 +986,7 @@ mod tests {
             Err(OverBudget)
         );
         // A few copies fit.
-        let few = format!(r#"{{"cat": [{}]}}"#, vec![r#"{"var": "a"}"#; 10].join(","));
+        let few = format!(r#"{{"cat": [{}]}}"#, [r#"{"var": "a"}"#; 10].join(","));
         let few = Rule::parse(&few).unwrap();
         let v = few.evaluate(&data).unwrap();
         assert_eq!(v.as_str().map(str::len), Some(600_000));
