@@ -5,6 +5,14 @@
 //! local day and time to another (it may wrap past Sunday midnight). Weekly windows are
 //! evaluated on the local wall clock, so "Friday 18:00 to Monday 08:00 Europe/Berlin" keeps
 //! its local hours across daylight-saving changes.
+//!
+//! # Layout
+//!
+//! One file, `src/lib.rs`:
+//! - [`FreezeWindow`] with its [`Schedule`] (absolute, or weekly between two [`WeekTime`]s
+//!   in a time zone): whether a window covers an instant.
+//! - [`active`]: the windows of a list that cover an instant ([`Millis`]).
+//! - [`parse_minute`] / [`format_minute`]: `HH:MM` to and from a minute of the day.
 
 use std::str::FromStr;
 

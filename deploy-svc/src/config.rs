@@ -82,6 +82,12 @@ pub struct Config {
     /// PostgreSQL: how often a replica reads the log without a wake-up.
     #[arg(long, env = "DEPLOY_SVC_PG_POLL_MS", default_value_t = 100)]
     pub pg_poll_ms: u64,
+    /// TLS, authentication, authorization and limits of the listener.
+    #[command(flatten)]
+    pub server: service_kit::ServerArgs,
+    /// Most WatchPlacements streams open at once; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DEPLOY_SVC_MAX_WATCHERS", default_value_t = 1024)]
+    pub max_watchers: usize,
     /// Logging.
     #[command(flatten)]
     pub log: service_kit::LogArgs,
@@ -137,6 +143,7 @@ impl Config {
         WatchLimits {
             queue: self.watch_queue,
             slow_timeout: Duration::from_millis(self.slow_watcher_timeout_ms),
+            max_watchers: self.max_watchers,
             ..WatchLimits::default()
         }
     }

@@ -9,19 +9,17 @@
 //! - [`config`]: command-line flags and environment variables.
 //! - [`domain`]: resources, validation, the deployment state machine, the promotion rule,
 //!   freeze windows, audit records.
-//! - [`store`]: the storage trait and the SQLite backend (transactional outbox, group commit,
-//!   each change's audit record in the change's transaction).
-//! - [`placement_log`]: the in-memory tail of the event log and WatchPlacements watchers.
+//! - [`store`]: the storage trait, every read and write written once as SQL, and two
+//!   backends: SQLite (the embedded default, group commit) and PostgreSQL (several
+//!   replicas on one database); transactional outbox, each change's audit record in the
+//!   change's transaction, migrations per backend.
+//! - [`placement_log`]: the in-memory tail of the event log and WatchPlacements watchers
+//!   (on PostgreSQL fed by a tailer that follows the other replicas' commits).
 //! - [`grpc`]: the `deploy.v1.DeployService` handlers, conversions and status mapping
 //!   (including WatchOrders, the agents' order stream).
-//! - [`agent`]: placement on a target's disk (fetch, verify, unpack, switch, health check).
-//! - [`agent_runner`]: the deploy agent's loop (`src/bin/deploy-agent.rs`): register,
-//!   heartbeat, follow orders, report.
 //! - [`Server`] / [`serve`]: opens the store, then serves an already-bound listener until a
 //!   shutdown future resolves.
 
-pub mod agent;
-pub mod agent_runner;
 pub mod config;
 pub mod domain;
 pub mod grpc;
@@ -102,6 +100,9 @@ impl Server {
             store,
             feed,
         } = self;
+        let serving = config
+            .server
+            .serving("deploy-svc", &[listener.local_addr()?])?;
         let streams = CancellationToken::new();
         let tasks = TaskTracker::new();
         let api = DeployApi::new(
@@ -160,6 +161,12 @@ impl Server {
             health.clone(),
             vec![SERVICE_NAME],
         ));
+        let probes = match config.server.health_listen {
+            Some(addr) => Some(
+                service_kit::serve_health(addr, health_service.clone(), streams.clone()).await?,
+            ),
+            None => None,
+        };
         let routes = tonic::service::Routes::new(health_service).add_service(
             DeployServiceServer::new(api)
                 .max_decoding_message_size(config.max_message_bytes)
@@ -167,7 +174,7 @@ impl Server {
         );
         let routes = service_kit::reflection(routes)?;
         let database = match config.postgres_url() {
-            Some(_) => "PostgreSQL".to_owned(),
+            Some(url) => service_kit::redact::url(&url),
             None => config.database.display().to_string(),
         };
         tracing::info!(address = %listener.local_addr()?, database = %database, "deploy-svc serving");
@@ -180,11 +187,15 @@ impl Server {
             service_kit::Drain {
                 timeout: Duration::from_millis(config.drain_timeout_ms),
             },
+            &serving,
             shutdown,
         )
         .await;
         ticker.abort();
         store_health.abort();
+        if let Some(probes) = probes {
+            probes.abort();
+        }
         if let Some(remote) = remote {
             remote.abort();
         }

@@ -56,6 +56,17 @@ pub struct Feed {
     ring: RwLock<(VecDeque<Arc<PlacementEvent>>, u64)>,
     capacity: usize,
     head: watch::Sender<u64>,
+    /// Open watches, against [`WatchLimits::max_watchers`].
+    watchers: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A watch's place under the cap; given back when the watch ends.
+struct WatcherSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for WatcherSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl Feed {
@@ -65,6 +76,7 @@ impl Feed {
             ring: RwLock::new((VecDeque::with_capacity(capacity.min(1 << 16)), head)),
             capacity: capacity.max(1),
             head: watch::Sender::new(head),
+            watchers: Arc::default(),
         }
     }
 
@@ -143,6 +155,8 @@ pub struct WatchLimits {
     pub slow_timeout: Duration,
     /// Events read per step.
     pub batch: usize,
+    /// Watches open at once at most, across all clients.
+    pub max_watchers: usize,
 }
 
 impl Default for WatchLimits {
@@ -151,6 +165,7 @@ impl Default for WatchLimits {
             queue: 256,
             slow_timeout: Duration::from_secs(30),
             batch: 512,
+            max_watchers: 1024,
         }
     }
 }
@@ -190,6 +205,16 @@ pub async fn watch(
     cancel: CancellationToken,
     tasks: &TaskTracker,
 ) -> Result<WatchStream> {
+    let taken = feed
+        .watchers
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    let slot = WatcherSlot(feed.watchers.clone());
+    if taken >= limits.max_watchers {
+        return Err(Error::ResourceExhausted(format!(
+            "{} placement watches are open, the most this server allows; retry later",
+            limits.max_watchers
+        )));
+    }
     if let Start::After(after) = request.start {
         let bounds = store.log_bounds().await?;
         let mut head = bounds.head.max(feed.head());
@@ -220,6 +245,7 @@ pub async fn watch(
         tx,
         term: Some(term_tx),
         last_sent: Instant::now(),
+        _slot: slot,
     };
     tasks.spawn(watcher.run());
     let terminal = futures::stream::once(term_rx).filter_map(|r| async move { r.ok().map(Err) });
@@ -240,6 +266,7 @@ struct Watcher {
     tx: mpsc::Sender<Result<WatchItem>>,
     term: Option<oneshot::Sender<Error>>,
     last_sent: Instant,
+    _slot: WatcherSlot,
 }
 
 impl Watcher {

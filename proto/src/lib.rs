@@ -4,9 +4,13 @@
 //!
 //! - [`deploy::v1`]: the `deploy.v1` package (Deployment Management).
 //! - [`release::v1`]: the `release.v1` package (Release Management).
-//! - [`flagd::evaluation::v2`]: flagd's evaluation protocol, served by release-svc.
+//! - [`flagd::evaluation::v2`] and [`flagd::evaluation::v1`]: flagd's evaluation protocols
+//!   (current and deprecated), served by release-svc.
 //! - [`FILE_DESCRIPTOR_SET`]: every compiled file with source info, for gRPC reflection
 //!   (v1 and v1alpha), so `grpcurl describe` shows the doc comments.
+//! - `proto/`: the `.proto` sources (packages deploy.v1, release.v1, flagd.evaluation.v1
+//!   and v2, and google.rpc's error details), compiled by `build.rs` with protox (no
+//!   `protoc` needed).
 //!
 //! Generated code is exempt from the workspace lints.
 

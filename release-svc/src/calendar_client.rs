@@ -11,7 +11,6 @@ use calendar::{FreezeWindow, Schedule, WeekTime};
 use proto::deploy::v1 as dpb;
 use proto::deploy::v1::deploy_service_client::DeployServiceClient;
 use tokio::sync::OnceCell;
-use tonic::transport::Channel;
 
 use crate::engine::{Calendar, EnvironmentFacts};
 use crate::grpc::convert::millis;
@@ -20,14 +19,16 @@ use crate::grpc::convert::millis;
 #[derive(Debug)]
 pub struct DeployCalendar {
     url: String,
-    channel: OnceCell<Channel>,
+    security: service_kit::client::ClientSecurity,
+    channel: OnceCell<service_kit::client::AuthChannel>,
 }
 
 impl DeployCalendar {
     /// The calendar of the deploy-svc at `url`.
-    pub fn new(url: String) -> Self {
+    pub fn new(url: String, security: service_kit::client::ClientSecurity) -> Self {
         Self {
             url,
+            security,
             channel: OnceCell::new(),
         }
     }
@@ -75,13 +76,17 @@ impl Calendar for DeployCalendar {
         let channel = self
             .channel
             .get_or_try_init(|| async {
-                tonic::transport::Endpoint::from_shared(self.url.clone())
-                    .map_err(|e| e.to_string())
-                    .map(|e| {
-                        e.connect_timeout(Duration::from_secs(2))
-                            .timeout(Duration::from_secs(5))
-                            .connect_lazy()
+                self.security
+                    .endpoint(&self.url)
+                    .and_then(|e| {
+                        Ok(tonic::service::interceptor::InterceptedService::new(
+                            e.connect_timeout(Duration::from_secs(2))
+                                .timeout(Duration::from_secs(5))
+                                .connect_lazy(),
+                            self.security.bearer()?,
+                        ))
                     })
+                    .map_err(|e| format!("{e:#}"))
             })
             .await?;
         let mut client = DeployServiceClient::new(channel.clone());

@@ -17,6 +17,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             environment,
             skip_invalid,
             server,
+            client,
         } => {
             let document = if file.as_os_str() == "-" {
                 let mut text = String::new();
@@ -26,7 +27,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                 std::fs::read_to_string(&file)
                     .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?
             };
-            let mut client = ReleaseServiceClient::connect(server).await?;
+            let mut client = ReleaseServiceClient::new(client.security().connect(&server).await?);
             let out = client
                 .import_flagd(pb::ImportFlagdRequest {
                     environment,
@@ -52,8 +53,9 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::ExportFlagd {
             environment,
             server,
+            client,
         } => {
-            let mut client = ReleaseServiceClient::connect(server).await?;
+            let mut client = ReleaseServiceClient::new(client.security().connect(&server).await?);
             let out = client
                 .export_flagd(pb::ExportFlagdRequest { environment })
                 .await

@@ -29,6 +29,20 @@ pub struct Config {
         default_value = "http://127.0.0.1:50051"
     )]
     pub deploy_svc: String,
+    /// PEM CA bundle that deploy-svc's certificate must chain to (TLS to deploy-svc; the
+    /// address must then be `https://`).
+    #[arg(long, env = "RELEASE_SVC_DEPLOY_SVC_CA")]
+    pub deploy_svc_ca: Option<PathBuf>,
+    /// PEM client certificate release-svc presents to deploy-svc (mutual TLS).
+    #[arg(long, env = "RELEASE_SVC_DEPLOY_SVC_CERT", requires = "deploy_svc_key")]
+    pub deploy_svc_cert: Option<PathBuf>,
+    /// PEM key of `--deploy-svc-cert`.
+    #[arg(long, env = "RELEASE_SVC_DEPLOY_SVC_KEY", requires = "deploy_svc_cert")]
+    pub deploy_svc_key: Option<PathBuf>,
+    /// File holding the bearer token release-svc sends to deploy-svc (re-read when it
+    /// changes).
+    #[arg(long, env = "RELEASE_SVC_DEPLOY_SVC_TOKEN_FILE")]
+    pub deploy_svc_token_file: Option<PathBuf>,
     /// On shutdown, the longest wait for in-flight calls before exiting.
     #[arg(long, env = "RELEASE_SVC_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     pub drain_timeout_ms: u64,
@@ -96,6 +110,9 @@ pub struct Config {
         default_value_t = 1000
     )]
     pub scheduler_interval_ms: u64,
+    /// TLS, authentication, authorization and limits of the listeners.
+    #[command(flatten)]
+    pub server: service_kit::ServerArgs,
     /// Logging.
     #[command(flatten)]
     pub log: service_kit::LogArgs,
@@ -130,6 +147,9 @@ pub enum Command {
         /// The release-svc to call.
         #[arg(long, default_value = "http://127.0.0.1:50052")]
         server: String,
+        /// TLS and credentials.
+        #[command(flatten)]
+        client: service_kit::client::ClientArgs,
     },
     /// Prints an environment's features as a flagd flag-definition document (ExportFlagd).
     ExportFlagd {
@@ -139,6 +159,9 @@ pub enum Command {
         /// The release-svc to call.
         #[arg(long, default_value = "http://127.0.0.1:50052")]
         server: String,
+        /// TLS and credentials.
+        #[command(flatten)]
+        client: service_kit::client::ClientArgs,
     },
 }
 
@@ -158,5 +181,15 @@ impl Config {
         config.database = database.into();
         config.deploy_svc = deploy_svc.into();
         config
+    }
+
+    /// How release-svc authenticates to deploy-svc.
+    pub fn deploy_svc_security(&self) -> service_kit::client::ClientSecurity {
+        service_kit::client::ClientSecurity {
+            ca: self.deploy_svc_ca.clone(),
+            cert: self.deploy_svc_cert.clone(),
+            key: self.deploy_svc_key.clone(),
+            token_file: self.deploy_svc_token_file.clone(),
+        }
     }
 }

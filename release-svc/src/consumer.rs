@@ -11,7 +11,6 @@ use futures::FutureExt;
 use proto::deploy::v1 as dpb;
 use proto::deploy::v1::deploy_service_client::DeployServiceClient;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 use tonic::Code;
 
 use crate::domain::model::Millis;
@@ -82,6 +81,7 @@ enum Outcome {
 pub async fn run(
     engine: Arc<Engine>,
     deploy_svc: String,
+    security: service_kit::client::ClientSecurity,
     status: SharedStatus,
     cancel: CancellationToken,
 ) {
@@ -90,7 +90,7 @@ pub async fn run(
     loop {
         let outcome = tokio::select! {
             () = cancel.cancelled() => Outcome::Stop,
-            o = follow(&engine, &deploy_svc, &status, resync, &mut backoff) => o,
+            o = follow(&engine, &deploy_svc, &security, &status, resync, &mut backoff) => o,
         };
         update(&status, |s| s.connected = false);
         match outcome {
@@ -117,17 +117,19 @@ pub async fn run(
 async fn follow(
     engine: &Engine,
     deploy_svc: &str,
+    security: &service_kit::client::ClientSecurity,
     status: &SharedStatus,
     resync: bool,
     backoff: &mut Duration,
 ) -> Outcome {
-    let channel = match Endpoint::from_shared(deploy_svc.to_owned()) {
-        Ok(e) => e.connect_timeout(Duration::from_secs(2)).connect().await,
-        Err(e) => return Outcome::Retry(format!("bad deploy-svc address {deploy_svc:?}: {e}")),
-    };
-    let channel = match channel {
+    let channel = match security.connect(deploy_svc).await {
         Ok(c) => c,
-        Err(e) => return Outcome::Retry(format!("cannot connect to {deploy_svc}: {e}")),
+        Err(e) => {
+            return Outcome::Retry(format!(
+                "cannot connect to {}: {e:#}",
+                service_kit::redact::url(deploy_svc)
+            ))
+        }
     };
     let mut client = DeployServiceClient::new(channel);
     let cursor = engine.cursor().await.0;

@@ -6,12 +6,15 @@
 //!
 //! - [`config`]: command-line flags and environment variables.
 //! - [`domain`]: features, releases, rules, hashing, the coverage gate, the evaluator.
-//! - [`store`]: the storage trait and the SQLite backend.
+//! - [`store`]: the storage trait and its backends: SQLite (the embedded default) and
+//!   PostgreSQL (several replicas on one database, one of them applying placements).
 //! - [`engine`]: the state, its durable writes, the snapshot swap and change announcements.
 //! - [`consumer`]: follows deploy-svc's placement stream into the engine.
 //! - [`calendar_client`]: deploy-svc's change calendar (freeze windows), read for policy
 //!   checks.
-//! - [`grpc`]: the `release.v1.ReleaseService` handlers and conversions.
+//! - [`grpc`]: the `release.v1.ReleaseService` handlers and conversions, and flagd's
+//!   evaluation protocol (v1 and v2) for OpenFeature providers.
+//! - [`cli`]: the `import-flagd` and `export-flagd` subcommands of the binary.
 //! - [`Server`] / [`serve`]: opens the store, then serves an already-bound listener.
 
 pub mod calendar_client;
@@ -92,6 +95,7 @@ impl Server {
         let calendar: Arc<dyn engine::Calendar> = match config.change_calendar {
             config::CalendarSource::DeploySvc => Arc::new(calendar_client::DeployCalendar::new(
                 config.deploy_svc.clone(),
+                config.deploy_svc_security(),
             )),
             config::CalendarSource::None => Arc::new(calendar_client::NoCalendar),
         };
@@ -118,6 +122,12 @@ impl Server {
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
         let Self { config, engine } = self;
+        let mut addresses = vec![listener.local_addr()?];
+        if let Some(l) = &flagd_listener {
+            addresses.push(l.local_addr()?);
+        }
+        let serving = config.server.serving("release-svc", &addresses)?;
+        let deploy_security = config.deploy_svc_security();
         let streams = CancellationToken::new();
         let status = consumer::SharedStatus::default();
         // Replicas sharing the database reload when another one commits.
@@ -142,9 +152,10 @@ impl Server {
         // One applier of placement events at a time across replicas: the consumer runs
         // while this process holds the store's applier lease.
         let consumer = {
-            let (engine, url, status, stop) = (
+            let (engine, url, security, status, stop) = (
                 engine.clone(),
                 config.deploy_svc.clone(),
+                deploy_security.clone(),
                 status.clone(),
                 streams.clone(),
             );
@@ -169,7 +180,14 @@ impl Server {
                             tracing::warn!(error = %e, "reload before applying failed");
                         }
                     }
-                    consumer::run(engine.clone(), url.clone(), status.clone(), lease.clone()).await;
+                    consumer::run(
+                        engine.clone(),
+                        url.clone(),
+                        security.clone(),
+                        status.clone(),
+                        lease.clone(),
+                    )
+                    .await;
                     consumer::set_active(&status, false);
                     lease.cancel();
                 }
@@ -216,6 +234,12 @@ impl Server {
         health
             .set_serving::<FlagdV2Server<grpc::flagd::Flagd>>()
             .await;
+        let probes = match config.server.health_listen {
+            Some(addr) => Some(
+                service_kit::serve_health(addr, health_service.clone(), streams.clone()).await?,
+            ),
+            None => None,
+        };
         let names = [
             SERVICE_NAME,
             "flagd.evaluation.v1.Service",
@@ -251,7 +275,7 @@ impl Server {
                     flagd_health_service,
                 )))?;
                 tracing::info!(address = %flagd_listener.local_addr()?, "flagd protocols serving on their own port");
-                let (streams, stop) = (streams.clone(), stop.clone());
+                let (streams, stop, serving) = (streams.clone(), stop.clone(), serving.clone());
                 Some(tokio::spawn(async move {
                     service_kit::serve_gracefully(
                         flagd_listener,
@@ -260,6 +284,7 @@ impl Server {
                         &names[1..],
                         streams,
                         drain,
+                        &serving,
                         stop.cancelled_owned(),
                     )
                     .await
@@ -267,7 +292,12 @@ impl Server {
             }
             None => None,
         };
-        tracing::info!(address = %listener.local_addr()?, database = %config.database.display(), deploy_svc = %config.deploy_svc, "release-svc serving");
+        tracing::info!(
+            address = %listener.local_addr()?,
+            database = %service_kit::redact::url(&config.database.to_string_lossy()),
+            deploy_svc = %service_kit::redact::url(&config.deploy_svc),
+            "release-svc serving"
+        );
         let stopper = stop.clone();
         let result = service_kit::serve_gracefully(
             listener,
@@ -276,6 +306,7 @@ impl Server {
             &names,
             streams.clone(),
             drain,
+            &serving,
             async move {
                 shutdown.await;
                 stopper.cancel();
@@ -292,6 +323,9 @@ impl Server {
         }
         streams.cancel();
         store_health.abort();
+        if let Some(probes) = probes {
+            probes.abort();
+        }
         let _ = consumer.await;
         let _ = scheduler.await;
         if let Some(r) = refresher {

@@ -1,4 +1,4 @@
-//! The flagd testbed's evaluator test kit (`../shared/flagd-testbed/evaluator`) run against
+//! The flagd testbed's evaluator test kit (`tests/flagd-testbed/evaluator`) run against
 //! release-svc's rule engine: every Scenario (Outline rows expanded) with the kit's flag
 //! definitions, flagd's evaluation semantics around the engine, and each row's bucketing
 //! profile (`@fractional-v1`, `@fractional-v3`; `@fractional-v2`, `@fractional-nested` and
@@ -15,8 +15,7 @@ use release_svc::domain::rules::{Bucketing, Data, Rule};
 use serde_json::{json, Map, Value};
 
 fn testbed() -> PathBuf {
-    let dir =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/flagd-testbed/evaluator");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/flagd-testbed/evaluator");
     assert!(
         dir.exists(),
         "the flagd testbed is missing at {}",
@@ -398,6 +397,6 @@ fn the_flagd_evaluator_kit_passes_on_the_rule_engine() {
         failures.len(),
         failures.join("\n")
     );
-    // A ratchet: 135 rows pass today (README); fewer means the engine or the runner regressed.
+    // A ratchet: 135 rows pass today (docs/openfeature.md); fewer means the engine or the runner regressed.
     assert!(total_passed >= 135, "only {total_passed} rows ran");
 }

@@ -1,33 +1,54 @@
-//! Plumbing shared by deploy-svc and release-svc: logging, signals, reflection and a
-//! graceful serve loop. Domain logic never goes here.
+//! Plumbing shared by deploy-svc and release-svc: logging, signals, reflection, TLS,
+//! authentication and authorization, request limits and a graceful serve loop. Domain
+//! logic never goes here.
 //!
 //! # Layout
 //!
 //! - [`LogArgs`] / [`init_tracing`]: human or JSON logs, filtered by `RUST_LOG`.
 //! - [`shutdown_signal`]: resolves on SIGINT or SIGTERM.
 //! - [`reflection`]: gRPC reflection v1 and v1alpha over the contracts, with comments.
-//! - [`serve_gracefully`]: runs a tonic router until shutdown, then marks health
-//!   NOT_SERVING, ends open streams, drains in-flight calls with a hard timeout.
+//! - [`serve_gracefully`]: runs a tonic router until shutdown (TLS, the [`auth`] layer,
+//!   connection, stream, in-flight and deadline limits), then marks health NOT_SERVING,
+//!   ends open streams, drains in-flight calls with a hard timeout.
+//! - [`ServerArgs`]: the listener's security and limits, flattened into each service's
+//!   command line.
+//! - [`tls`]: TLS and mutual TLS on listeners, certificates reloaded when they change.
+//! - [`auth`]: who calls (mTLS, JWT, static tokens) and the one table of what each RPC
+//!   needs.
+//! - [`client`]: outbound gRPC channels with TLS, client certificates and bearer tokens.
+//! - [`reload`]: values that follow their file (policies, token files, JWKS).
+//! - [`redact`]: secrets out of URLs before they are logged or returned.
+//! - `pg` (feature `postgres`): TLS for PostgreSQL connections, by `sslmode`.
 //! - [`health`]: health that follows the store (NOT_SERVING once it cannot write).
 //! - [`error`]: the request error type (field and precondition violations), no tonic types.
 //! - [`status`]: the one exhaustive `From<Error> for Status`, with rich error details.
-//! - [`sqlite`]: the SQLite error mapping and migration runner of the embedded stores.
+//! - `sqlite` (cargo feature `sqlite`): the SQLite error mapping and migration runner of the
+//!   embedded stores.
 //! - [`validate`]: limits and checks every API shares (text, keys, pages, page tokens).
-//! - [`principal()`]: who is calling (the `x-principal` metadata until authentication).
+//! - [`principal()`]: who is calling with authentication off (the `x-principal` metadata).
 
+pub mod auth;
+pub mod client;
 pub mod error;
 pub mod health;
+#[cfg(feature = "postgres")]
+pub mod pg;
 pub mod principal;
+pub mod redact;
+pub mod reload;
+#[cfg(feature = "sqlite")]
 pub mod sqlite;
 pub mod status;
+pub mod tls;
 pub mod validate;
 
 use std::future::Future;
 use std::time::Duration;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic_health::server::HealthReporter;
@@ -107,9 +128,131 @@ pub struct Drain {
     pub timeout: Duration,
 }
 
+/// Limits every listener applies, flattened into each service's command line.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitArgs {
+    /// Open connections at most; more clients wait in the kernel's accept queue.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Concurrent streams (calls) per HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, env = "MAX_STREAMS_PER_CONNECTION", default_value_t = 256)]
+    pub max_streams_per_connection: u32,
+    /// Calls being handled at once across all connections (a stream counts until its
+    /// first message); beyond it, calls are refused at once with UNAVAILABLE instead of
+    /// queueing.
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 2048)]
+    pub max_in_flight: usize,
+    /// Longest a unary call may take, in milliseconds (a shorter `grpc-timeout` wins).
+    #[arg(long, env = "RPC_TIMEOUT_MS", default_value_t = 30_000)]
+    pub rpc_timeout_ms: u64,
+}
+
+impl Default for LimitArgs {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            max_streams_per_connection: 256,
+            max_in_flight: 2048,
+            rpc_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// A listener's security and limits, flattened into each service's command line.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServerArgs {
+    /// TLS.
+    #[command(flatten)]
+    pub tls: tls::TlsArgs,
+    /// Authentication and authorization.
+    #[command(flatten)]
+    pub auth: auth::AuthArgs,
+    /// Limits.
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    /// Also serve grpc.health.v1 alone, in plaintext and without credentials, on this
+    /// address: for Kubernetes gRPC probes, which speak neither TLS nor tokens.
+    #[arg(long, env = "HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+}
+
+/// Serves only `health` (plaintext, no credentials: health is public) on `addr` until
+/// `stop` is cancelled.
+pub async fn serve_health(
+    addr: SocketAddr,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    stop: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(address = %listener.local_addr()?, "health probes served in plaintext");
+    Ok(tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await
+        {
+            tracing::warn!(error = %e, "health listener failed");
+        }
+    }))
+}
+
+impl ServerArgs {
+    /// Loads certificates, keys, token files and the policy for a service listening on
+    /// every address of `listen`; refuses insecure combinations (see
+    /// [`auth::Auth::from_args`]).
+    pub fn serving(&self, service: &'static str, listen: &[SocketAddr]) -> anyhow::Result<Serving> {
+        let tls = self.tls.server()?;
+        let mutual = tls.as_ref().is_some_and(|t| t.mutual());
+        // The least trusted address decides.
+        let address = listen
+            .iter()
+            .copied()
+            .find(|a| !a.ip().is_loopback())
+            .or_else(|| listen.first().copied())
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let auth = auth::Auth::from_args(service, &self.auth, address, mutual)?;
+        if tls.is_none() && auth.enabled() {
+            tracing::warn!(
+                "authentication is on without TLS: credentials cross the network in plaintext"
+            );
+        }
+        Ok(Serving {
+            tls,
+            auth,
+            limits: self.limits.clone(),
+        })
+    }
+}
+
+/// What [`serve_gracefully`] enforces.
+#[derive(Debug, Clone)]
+pub struct Serving {
+    /// TLS, when on.
+    pub tls: Option<Arc<tls::ServerTls>>,
+    /// Authentication and authorization.
+    pub auth: Arc<auth::Auth>,
+    /// Limits.
+    pub limits: LimitArgs,
+}
+
+impl Serving {
+    /// Plaintext, authentication off, default limits (tests and the loopback quick start).
+    pub fn insecure(service: &'static str) -> Self {
+        Self {
+            tls: None,
+            auth: auth::Auth::off(service),
+            limits: LimitArgs::default(),
+        }
+    }
+}
+
 /// Serves `routes` on `listener` until `shutdown` resolves; then sets every health status
 /// in `service_names` (and the overall one) to NOT_SERVING, cancels `streams` so endless
 /// server streams end, and waits for in-flight calls at most `drain.timeout`.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_gracefully(
     listener: TcpListener,
     routes: Routes,
@@ -117,27 +260,43 @@ pub async fn serve_gracefully(
     service_names: &[&str],
     streams: CancellationToken,
     drain: Drain,
+    serving: &Serving,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
+    let limits = &serving.limits;
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(limits.max_in_flight.max(1)));
     let server = tonic::transport::Server::builder()
         // Per-connection concurrency cap: a single client cannot monopolise the server.
-        .concurrency_limit_per_connection(1024)
+        .concurrency_limit_per_connection(limits.max_streams_per_connection as usize)
+        // Streams per connection announced to clients (tonic's default is unbounded).
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        // HTTP/2 rapid reset: a connection whose streams keep erroring is closed.
+        .http2_max_local_error_reset_streams(Some(1024))
+        .http2_max_pending_accept_reset_streams(Some(64))
         // Detects dead peers on idle connections (watchers behind a NAT, crashed agents).
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Unary calls end within the deadline (streams are bounded by their own limits).
+        .timeout(Duration::from_millis(limits.rpc_timeout_ms.max(1)))
+        // Over the in-flight cap, refuse at once instead of queueing.
+        .layer(tower::load_shed::LoadShedLayer::new())
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
+            in_flight,
+        ))
+        // Authenticate and authorize before any handler.
+        .layer(auth::layer::AuthLayer::new(serving.auth.clone()))
         .add_routes(routes)
         .serve_with_incoming_shutdown(
-            // Small unary messages: do not wait to coalesce packets. (The builder's
-            // `tcp_nodelay` only reaches sockets tonic accepts itself, not these: without
-            // this, a client sending one call at a time waited ~40 ms per call for the
-            // delayed ACK.)
-            TcpListenerStream::new(listener).map(|accepted| {
-                accepted.and_then(|socket| {
-                    socket.set_nodelay(true)?;
-                    Ok(socket)
-                })
-            }),
+            tls::incoming(
+                listener,
+                serving.tls.clone(),
+                tls::AcceptLimits {
+                    max_connections: limits.max_connections,
+                    handshake_timeout: Duration::from_secs(10),
+                },
+                stop.clone(),
+            ),
             stop.clone().cancelled_owned(),
         );
     tokio::pin!(server);

@@ -1,6 +1,6 @@
-//! Who is calling. Until bearer-token authentication lands, the caller names itself in the
-//! `x-principal` request metadata; both services read it through [`principal`] so the
-//! switch to authenticated principals happens in one place.
+//! Who is calling when authentication is off: the caller names itself in the
+//! `x-principal` request metadata. With authentication on it is never read (see
+//! [`crate::auth`]).
 
 use tonic::metadata::MetadataMap;
 
@@ -18,11 +18,19 @@ pub const MAX_PRINCIPAL: usize = 128;
 /// is INVALID_ARGUMENT naming `x-principal`, so a misconfigured client never writes an
 /// unreadable name into an audit trail.
 pub fn principal(metadata: &MetadataMap) -> Result<String, Error> {
-    let Some(value) = metadata.get(PRINCIPAL_METADATA) else {
+    parse(metadata.get(PRINCIPAL_METADATA).map(|v| v.as_bytes()))
+}
+
+/// [`principal`] from raw HTTP headers.
+pub fn from_headers(headers: &http::HeaderMap) -> Result<String, Error> {
+    parse(headers.get(PRINCIPAL_METADATA).map(|v| v.as_bytes()))
+}
+
+fn parse(value: Option<&[u8]>) -> Result<String, Error> {
+    let Some(value) = value else {
         return Ok(ANONYMOUS.to_owned());
     };
-    let text = value
-        .to_str()
+    let text = std::str::from_utf8(value)
         .map_err(|_| Error::invalid(PRINCIPAL_METADATA, "must be visible ASCII"))?;
     if text.is_empty() {
         return Ok(ANONYMOUS.to_owned());

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-TESTBED = Path(os.environ.get("FLAGD_TESTBED", Path(__file__).parents[3] / "shared" / "flagd-testbed"))
+TESTBED = Path(os.environ.get("FLAGD_TESTBED", Path(__file__).parents[1] / "flagd-testbed"))
 
 # The testbed serves the files of flags/ as one merged set (flags/allFlags.json, whose
 # $evaluators every flag may reference) and the selector files as their own sets.

@@ -3,7 +3,7 @@ through the stock OpenFeature Python SDK and flagd provider (RPC resolver, proto
 
 Step definitions are this project's own. Rows needing TLS, unix sockets, target URIs, an
 HTTP 403 proxy or in-process/file resolvers are deselected by tag (see pytest.ini and the
-README's conformance table).
+conformance table in docs/openfeature.md).
 """
 
 import json

@@ -1,12 +1,35 @@
 //! Helpers for the end-to-end tests: servers on port 0 (in-process and as real binaries),
-//! clients, and small assertions on gRPC statuses.
+//! clients, fixtures, and small assertions on gRPC statuses. The tests themselves are in
+//! `tests/` (one file per subject) and run with `scripts/test`.
 //!
 //! # Layout
 //!
-//! - [`InProcess`]: deploy-svc served by the library on a listener bound to port 0.
-//! - [`Binary`]: the real deploy-svc binary started on port 0; the bound address is read
-//!   from its first stdout line.
+//! - [`channel`] / [`connect`] ([`Client`]): plaintext channels and deploy-svc clients.
+//! - [`Served`]: any server spawned in-process on a listener bound to port 0, stopped
+//!   through its shutdown future.
+//! - [`InProcess`]: deploy-svc served by the library on port 0 (on SQLite, or on
+//!   PostgreSQL when [`deploy_test_postgres`] says so).
+//! - [`fresh_database`]: a new database on the `TEST_DATABASE_URL` PostgreSQL server.
+//! - [`Binary`] / [`bin_dir`]: the real binaries started on port 0; the bound address is
+//!   read from their first stdout line.
+//! - [`digest`], [`environment`], [`targets`], [`artifact`], [`deploy`], [`report`]:
+//!   deploy-svc fixtures in one call each.
 //! - [`status`]: assertions on codes, field violations and precondition violations.
+//! - [`watch`]: WatchPlacements helpers (open, snapshot, events, heartbeats, gap checks).
+//! - [`Churn`]: a deployment whose targets report forever (one event per report).
+//! - [`release`]: release-svc in-process, its client and fixtures (features, releases,
+//!   rollouts, evaluations, waiting for an answer).
+//! - [`Gated`]: the release gate fixture (a feature carried by an artifact in `prod`).
+//! - [`fleet`]: real `deploy-agent` processes against a real deploy-svc binary.
+//! - [`pki`]: a development PKI made at run time (CA, server and client certificates,
+//!   JWT signers and their JWKS, token and policy files); [`raw`]: calls by gRPC path.
+//! - `src/bin/bench-{deploy,release,agents}.rs`: benchmark drivers,
+//!   `src/bin/noop-release.rs`: the no-op gRPC baseline (see `docs/benchmarks.md`), and
+//!   `src/bin/dev-pki.rs`: the secure quick start's certificates, tokens and policy.
+//! - Beside the crate: `python/` (scripts the stock OpenFeature flagd provider runs),
+//!   `conformance/` (pytest-bdd steps for the flagd testbed's scenarios) and
+//!   `flagd-testbed/` (the vendored testbed). The tests find `python3` and `grpcurl` on
+//!   the PATH; `scripts/test` puts the project virtualenv (target/venv) first on it.
 
 #![allow(clippy::unwrap_used)]
 
@@ -382,6 +405,9 @@ pub async fn report(
     .await
     .map(tonic::Response::into_inner)
 }
+
+pub mod pki;
+pub mod raw;
 
 /// Assertions on statuses.
 pub mod status {
@@ -867,6 +893,7 @@ pub mod fleet {
         /// Its root directory.
         pub root: PathBuf,
         args: Vec<String>,
+        vars: Vec<(String, String)>,
         child: Option<Child>,
     }
 
@@ -878,6 +905,19 @@ pub mod fleet {
             target: &str,
             root: PathBuf,
             extra: &[&str],
+        ) -> Self {
+            Self::start_with(server, env, target, root, extra, &[]).await
+        }
+
+        /// Like [`Agent::start`], with environment variables `vars` (settings given the
+        /// way a service manager would, e.g. `DEPLOY_AGENT_ALLOW_FILE_DIR`).
+        pub async fn start_with(
+            server: &Binary,
+            env: &str,
+            target: &str,
+            root: PathBuf,
+            extra: &[&str],
+            vars: &[(&str, &str)],
         ) -> Self {
             let mut args = vec![
                 "--server".to_owned(),
@@ -896,6 +936,10 @@ pub mod fleet {
                 target: target.into(),
                 root,
                 args,
+                vars: vars
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
                 child: None,
             };
             agent.spawn();
@@ -912,6 +956,7 @@ pub mod fleet {
             self.child = Some(
                 Command::new(bin)
                     .args(&self.args)
+                    .envs(self.vars.iter().map(|(k, v)| (k, v)))
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .kill_on_drop(true)
@@ -924,6 +969,48 @@ pub mod fleet {
         pub async fn kill(&mut self) {
             if let Some(mut c) = self.child.take() {
                 c.kill().await.unwrap();
+            }
+        }
+
+        /// Whether the process is still running.
+        pub fn alive(&mut self) -> bool {
+            self.child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        }
+
+        /// Its resident memory in KiB (0 once it has exited).
+        pub fn rss_kib(&self) -> u64 {
+            self.child
+                .as_ref()
+                .and_then(Child::id)
+                .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+                .and_then(|status| {
+                    status
+                        .lines()
+                        .find(|l| l.starts_with("VmRSS:"))
+                        .and_then(|l| l.split_whitespace().nth(1))
+                        .and_then(|v| v.parse().ok())
+                })
+                .unwrap_or(0)
+        }
+
+        /// Sends SIGTERM and waits for the process to exit, at most `within`; `None` if it
+        /// was still running then (it is killed).
+        pub async fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+            let mut child = self.child.take()?;
+            let pid = child.id()?;
+            let sent = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .unwrap();
+            assert!(sent.success(), "kill -TERM {pid} failed");
+            match tokio::time::timeout(within, child.wait()).await {
+                Ok(status) => Some(status.unwrap()),
+                Err(_) => {
+                    child.kill().await.unwrap();
+                    None
+                }
             }
         }
 

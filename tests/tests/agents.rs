@@ -1,4 +1,4 @@
-//! Deploy agents end to end (issue 7): real `deploy-agent` processes (4 per test) placing
+//! Deploy agents end to end: real `deploy-agent` processes (4 per test) placing
 //! real files from `file://` tar.gz artifacts under temporary roots, against the real
 //! deploy-svc binary (and, for the gate, the real release-svc binary).
 #![allow(clippy::unwrap_used)]
@@ -32,9 +32,21 @@ async fn fleet(agent_args: &[&str]) -> Fleet {
     let mut client = tests::connect(deploy.addr).await;
     environment(&mut client, ENV, None, false).await;
     let mut agents = Vec::new();
+    // The artifacts are written in `dir`: the agents may read file:// sources there.
+    let allowed = dir.path().to_string_lossy().into_owned();
     for i in 1..=N {
         let root = dir.path().join(format!("agent-{i}"));
-        agents.push(Agent::start(&deploy, ENV, &format!("a-{i}"), root, agent_args).await);
+        agents.push(
+            Agent::start_with(
+                &deploy,
+                ENV,
+                &format!("a-{i}"),
+                root,
+                agent_args,
+                &[("DEPLOY_AGENT_ALLOW_FILE_DIR", &allowed)],
+            )
+            .await,
+        );
     }
     fleet::registered(&mut client, ENV, N).await;
     Fleet {
@@ -247,7 +259,15 @@ async fn a_wrong_digest_or_a_failing_health_check_leaves_current_unchanged() {
 
     // The new version fails its health check: switched back.
     f.artifact("3.0.0", &[("broken", "yes")]).await;
-    let unhealthy = f.roll("3.0.0", None, pb::DeploymentState::Failed).await;
+    let d = deploy(&mut f.client, "app", "3.0.0", ENV, None).await;
+    // The deployment reads FAILED at the first failed placement: wait for all four.
+    let unhealthy = until(&mut f.client, &d.name, "all placements failed", |d| {
+        d.state() == pb::DeploymentState::Failed
+            && d.placements
+                .iter()
+                .all(|p| p.state() == pb::PlacementState::Failed)
+    })
+    .await;
     assert!(
         unhealthy
             .placements

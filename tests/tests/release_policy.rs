@@ -1,4 +1,4 @@
-//! Release planning and policy end to end (issue 4), on real gRPC with real deploy-svc and
+//! Release planning and policy end to end, on real gRPC with real deploy-svc and
 //! release-svc, release-svc on a simulated clock: a plan 100% staging -> 1% / 10% / 100%
 //! prod with two approvals advances by itself; separation of duties; soak time; a freeze
 //! window from deploy-svc's change calendar and its emergency override; the cadence limit;

@@ -1,4 +1,4 @@
-//! release-svc on PostgreSQL end to end (issue 6, first step): the real binary with a
+//! release-svc on PostgreSQL end to end: the real binary with a
 //! `postgres://` database, following the real deploy-svc; its decisions, cursor and audit
 //! trail survive a SIGKILL and restart. Runs when TEST_DATABASE_URL is set (`.ci/run` sets
 //! it); each run gets its own database, dropped at the end.

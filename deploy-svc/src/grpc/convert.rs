@@ -788,7 +788,8 @@ pub fn artifact(a: Artifact) -> pb::Artifact {
         digest: a.digest,
         metadata: a.metadata.into_iter().collect(),
         create_time: timestamp(a.create_ms),
-        source_uri: a.source_uri,
+        // Credentials and signed parameters stay with deploy-svc and the agents' orders.
+        source_uri: service_kit::redact::url(&a.source_uri),
     }
 }
 

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use proto::deploy::v1 as pb;
 use proto::deploy::v1::deploy_service_server::DeployService;
+use service_kit::auth::{self, Permission};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
@@ -82,15 +83,55 @@ impl DeployApi {
 
 type Result<T> = std::result::Result<Response<T>, Status>;
 
+impl DeployApi {
+    /// Checks the method's permission in the environment of deployment `id` (NOT_FOUND
+    /// first for an unknown deployment); returns that environment.
+    async fn require_deployment(
+        &self,
+        access: &auth::Caller,
+        id: i64,
+    ) -> std::result::Result<String, Status> {
+        let environment = self.store.get_deployment(id).await?.environment;
+        access.require_environment(&environment)?;
+        Ok(environment)
+    }
+
+    /// Removing or shortening the freeze windows of an environment while one is active
+    /// needs the override permission there, as does lifting `protected`.
+    async fn check_freeze_removal(
+        &self,
+        access: &auth::Caller,
+        update: &crate::domain::model::EnvironmentUpdate,
+    ) -> std::result::Result<(), Status> {
+        if update.freeze_windows.is_none() && update.protected != Some(false) {
+            return Ok(());
+        }
+        let current = self.store.get_environment(&update.id).await?;
+        let now = self.clock.now_ms();
+        let lifts_protection = current.protected && update.protected == Some(false);
+        let lifts_freeze = update.freeze_windows.as_ref().is_some_and(|windows| {
+            let active = crate::domain::freeze::active_names(&current, now);
+            let mut next = current.clone();
+            next.freeze_windows = windows.clone();
+            let still = crate::domain::freeze::active_names(&next, now);
+            active.iter().any(|name| !still.contains(name))
+        });
+        if lifts_protection || lifts_freeze {
+            access.require(Permission::FreezeOverride, &update.id)?;
+        }
+        Ok(())
+    }
+}
+
 /// The metadata key of a request id for calls whose request has no `request_id` field.
 pub const REQUEST_ID_METADATA: &str = "x-request-id";
 
-/// Who makes a call: the principal (`x-principal`, see [`service_kit::principal()`]) and
-/// the `x-request-id` metadata (empty when absent). Bad values are INVALID_ARGUMENT naming
-/// the metadata key.
+/// Who makes a call: the principal (authenticated, or `x-principal` with authentication
+/// off; see [`service_kit::auth`]) and the `x-request-id` metadata (empty when absent). Bad
+/// values are INVALID_ARGUMENT naming the metadata key.
 pub fn caller<T>(req: &Request<T>) -> std::result::Result<Caller, Status> {
     let metadata = req.metadata();
-    let principal = service_kit::principal(metadata)?;
+    let principal = auth::caller(req)?.principal().to_owned();
     let request_id = match metadata.get(REQUEST_ID_METADATA) {
         None => String::new(),
         Some(value) => {
@@ -210,8 +251,10 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::CreateEnvironmentRequest>,
     ) -> Result<pb::Environment> {
+        let access = auth::caller(&req)?;
         let caller = caller(&req)?;
         let (env, request_id) = convert::new_environment(req.into_inner())?;
+        access.require_environment(&env.id)?;
         let caller = caller.with_request_id(request_id.as_deref());
         let env = self
             .store
@@ -252,16 +295,21 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::UpdateEnvironmentRequest>,
     ) -> Result<pb::Environment> {
+        let access = auth::caller(&req)?;
         let caller = caller(&req)?;
         let update = convert::environment_update(req.into_inner())?;
+        access.require_environment(&update.id)?;
+        self.check_freeze_removal(&access, &update).await?;
         Ok(Response::new(convert::environment(
             self.store.update_environment(update, caller).await?,
         )))
     }
 
     async fn register_target(&self, req: Request<pb::RegisterTargetRequest>) -> Result<pb::Target> {
+        let access = auth::caller(&req)?;
         let caller = caller(&req)?;
         let (env, id, labels) = convert::register_target(req.into_inner())?;
+        access.require_target(&env, &id)?;
         let target = self
             .store
             .register_target(&env, &id, labels, caller)
@@ -303,7 +351,9 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::HeartbeatTargetRequest>,
     ) -> Result<pb::Target> {
+        let access = auth::caller(&req)?;
         let (env, id) = convert::name("name", &req.into_inner().name, names::parse_target)?;
+        access.require_target(&env, &id)?;
         let target = self.store.heartbeat_target(&env, &id).await?;
         Ok(Response::new(convert::target(
             target,
@@ -362,9 +412,15 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::CreateDeploymentRequest>,
     ) -> Result<pb::Deployment> {
+        let access = auth::caller(&req)?;
         let caller = caller(&req)?;
         let (deployment, request_id) =
             convert::new_deployment(req.into_inner(), &caller.principal)?;
+        access.require_environment(&deployment.environment)?;
+        if deployment.emergency.is_some() {
+            // An override of a freeze needs a principal entitled to give it.
+            access.require(Permission::FreezeOverride, &deployment.environment)?;
+        }
         let caller = caller.with_request_id(request_id.as_deref());
         let deployment = self
             .store
@@ -426,9 +482,11 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::CancelDeploymentRequest>,
     ) -> Result<pb::Deployment> {
+        let access = auth::caller(&req)?;
         let caller = caller(&req)?;
         let req = req.into_inner();
         let id = deployment_and_reason(&req.name, &req.reason)?;
+        self.require_deployment(&access, id).await?;
         let d = self.store.cancel_deployment(id, req.reason, caller).await?;
         self.bell();
         Ok(Response::new(convert::deployment(d)))
@@ -438,8 +496,10 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::ContinueDeploymentRequest>,
     ) -> Result<pb::Deployment> {
+        let access = auth::caller(&req)?;
         let caller = caller(&req)?;
         let id = convert::name("name", &req.into_inner().name, names::parse_deployment)?;
+        self.require_deployment(&access, id).await?;
         let d = self.store.continue_deployment(id, caller).await?;
         self.bell();
         Ok(Response::new(convert::deployment(d)))
@@ -449,10 +509,15 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::RollbackDeploymentRequest>,
     ) -> Result<pb::Deployment> {
+        let access = auth::caller(&req)?;
         let caller = caller(&req)?;
         let req = req.into_inner();
         let id = deployment_and_reason(&req.name, &req.reason)?;
         let emergency = convert::override_of(req.emergency, &caller.principal)?;
+        let environment = self.require_deployment(&access, id).await?;
+        if emergency.is_some() {
+            access.require(Permission::FreezeOverride, &environment)?;
+        }
         let d = self
             .store
             .rollback_deployment(id, req.reason, emergency, caller)
@@ -467,8 +532,10 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::WatchOrdersRequest>,
     ) -> Result<Self::WatchOrdersStream> {
+        let access = auth::caller(&req)?;
         let (environment, target) =
             convert::name("target", &req.into_inner().target, names::parse_target)?;
+        access.require_target(&environment, &target)?;
         // Connecting is a sign of life; an unknown target is NOT_FOUND.
         self.store.heartbeat_target(&environment, &target).await?;
         Ok(Response::new(order_stream(
@@ -484,8 +551,12 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::ReportPlacementRequest>,
     ) -> Result<pb::ReportPlacementResponse> {
+        let access = auth::caller(&req)?;
         let caller = caller(&req)?;
         let report = convert::placement_report(req.into_inner())?;
+        // An agent reports only for its own target: a forged placement cannot open a
+        // release gate.
+        access.require_target(&report.environment, &report.target)?;
         let outcome = self.store.report_placement(report, caller).await?;
         if outcome.changed {
             self.bell();

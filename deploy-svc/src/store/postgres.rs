@@ -48,7 +48,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use postgres::types::{IsNull, ToSql, Type};
-use postgres::{Client, IsolationLevel, NoTls, Statement};
+use postgres::{Client, IsolationLevel, Statement};
 use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -331,18 +331,27 @@ struct Pool {
 /// A pooled connection. No wait is unbounded: a lock held elsewhere for 10 s (a stuck
 /// client, a long maintenance transaction) fails the call as UNAVAILABLE instead of hanging
 /// it, and so does a statement running for 60 s.
-fn connect(url: &str, init: &str) -> std::result::Result<Client, postgres::Error> {
-    let mut config: postgres::Config = url.parse()?;
+fn connect(url: &str, init: &str) -> Result<Client> {
+    let (url, tls) = tls(url)?;
+    let mut config: postgres::Config = url.parse().map_err(|e| pg_error(&e))?;
     // A server that stops answering (a network partition) is noticed, not waited on.
     config
         .connect_timeout(Duration::from_secs(5))
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(10))
         .tcp_user_timeout(Duration::from_secs(30));
-    let mut client = config.connect(NoTls)?;
-    client.batch_execute("SET lock_timeout = '10s'; SET statement_timeout = '60s'")?;
-    client.batch_execute(init)?;
+    let mut client = config.connect(tls).map_err(|e| pg_error(&e))?;
+    client
+        .batch_execute("SET lock_timeout = '10s'; SET statement_timeout = '60s'")
+        .map_err(|e| pg_error(&e))?;
+    client.batch_execute(init).map_err(|e| pg_error(&e))?;
     Ok(client)
+}
+
+/// The URL the client understands and the TLS its `sslmode` asks for (see
+/// [`service_kit::pg`]).
+fn tls(url: &str) -> Result<(String, service_kit::pg::MakeRustlsConnect)> {
+    service_kit::pg::connector(url).map_err(|e| Error::Unavailable(format!("PostgreSQL: {e:#}")))
 }
 
 impl Pool {
@@ -667,7 +676,7 @@ impl SqlStore<PostgresBackend> {
     pub fn open(options: PostgresOptions, clock: Arc<dyn Clock>) -> Result<(Self, Arc<Feed>)> {
         let url = options.url.clone();
         let head = std::thread::spawn(move || -> Result<u64> {
-            let client = connect(&url, "").map_err(|e| pg_error(&e))?;
+            let client = connect(&url, "")?;
             let mut conn = Conn {
                 client,
                 statements: HashMap::new(),
@@ -856,10 +865,11 @@ fn read_tx<T>(conn: &mut Conn, f: impl FnOnce(&dyn Db) -> Result<T>) -> Result<T
     result
 }
 
-async fn connect_async(
-    url: &str,
-) -> std::result::Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+async fn connect_async(url: &str) -> Result<tokio_postgres::Client> {
+    let (url, tls) = tls(url)?;
+    let (client, connection) = tokio_postgres::connect(&url, tls)
+        .await
+        .map_err(|e| pg_error(&e))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "PostgreSQL notification connection ended");
@@ -925,7 +935,12 @@ async fn listener(
     use futures::StreamExt;
     let mut backoff = Duration::from_millis(100);
     loop {
-        let connected = tokio_postgres::connect(&url, tokio_postgres::NoTls).await;
+        let connected = match tls(&url) {
+            Ok((url, tls)) => tokio_postgres::connect(&url, tls)
+                .await
+                .map_err(|e| pg_error(&e)),
+            Err(e) => Err(e),
+        };
         let (client, mut connection) = match connected {
             Ok(pair) => pair,
             Err(e) => {

@@ -449,6 +449,7 @@ impl Engine {
         id: i64,
         reason: String,
         approver: String,
+        caller_is_approver: bool,
         actor: &Actor,
     ) -> Result<Release> {
         let mut state = self.state.lock().await;
@@ -457,7 +458,9 @@ impl Engine {
             .get(&id)
             .cloned()
             .ok_or_else(|| Error::NotFound(format!("releases/{id}")))?;
-        if approver == current.governance.requester || approver == actor.principal {
+        if approver == current.governance.requester
+            || (approver == actor.principal && !caller_is_approver)
+        {
             return Err(Error::precondition(
                 "SEPARATION_OF_DUTIES",
                 format!("releases/{id}"),

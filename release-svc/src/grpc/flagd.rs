@@ -106,6 +106,7 @@ impl Flagd {
     fn context(
         &self,
         metadata: &MetadataMap,
+        extensions: &tonic::Extensions,
         context: Option<prost_types::Struct>,
     ) -> Result<(Context, bool), Status> {
         let mut attributes = context.as_ref().map(struct_to_json).unwrap_or_default();
@@ -145,6 +146,10 @@ impl Flagd {
             targeting_key,
             attributes,
         };
+        // The caller evaluates only in the environments its binding names.
+        if let Some(caller) = extensions.get::<service_kit::auth::Caller>() {
+            caller.require_environment(&ctx.environment)?;
+        }
         Ok((ctx, fixed))
     }
 
@@ -154,11 +159,12 @@ impl Flagd {
     fn decide(
         &self,
         metadata: &MetadataMap,
+        extensions: &tonic::Extensions,
         key: &str,
         context: Option<prost_types::Struct>,
         v1: bool,
     ) -> Result<Decision, Status> {
-        let (ctx, fixed) = self.context(metadata, context)?;
+        let (ctx, fixed) = self.context(metadata, extensions, context)?;
         let d =
             self.engine.snapshot().evaluate(key, &ctx).ok_or_else(|| {
                 Status::not_found(format!("FLAG_NOT_FOUND: flag {key:?} not found"))
@@ -330,8 +336,8 @@ macro_rules! flagd_service {
         #[tonic::async_trait]
         impl $fpb::service_server::Service for Flagd {
             async fn resolve_all(&self, req: Request<$fpb::ResolveAllRequest>) -> R<$fpb::ResolveAllResponse> {
-                let (metadata, _, req) = req.into_parts();
-                let (ctx, fixed) = self.context(&metadata, req.context)?;
+                let (metadata, extensions, req) = req.into_parts();
+                let (ctx, fixed) = self.context(&metadata, &extensions, req.context)?;
                 let snapshot = self.engine.snapshot();
                 let mut flags = std::collections::HashMap::new();
                 for key in snapshot.keys.iter() {
@@ -384,8 +390,8 @@ macro_rules! flagd_service {
             }
 
             async fn resolve_boolean(&self, req: Request<$fpb::ResolveBooleanRequest>) -> R<$fpb::ResolveBooleanResponse> {
-                let (metadata, _, req) = req.into_parts();
-                let d = self.decide(&metadata, &req.flag_key, req.context, $v1)?;
+                let (metadata, extensions, req) = req.into_parts();
+                let d = self.decide(&metadata, &extensions, &req.flag_key, req.context, $v1)?;
                 Ok(Response::new($fpb::ResolveBooleanResponse {
                     value: Field::field(typed(&d, &req.flag_key, "boolean", Value::as_bool)?),
                     reason: reason(d.reason).to_owned(),
@@ -395,8 +401,8 @@ macro_rules! flagd_service {
             }
 
             async fn resolve_string(&self, req: Request<$fpb::ResolveStringRequest>) -> R<$fpb::ResolveStringResponse> {
-                let (metadata, _, req) = req.into_parts();
-                let d = self.decide(&metadata, &req.flag_key, req.context, $v1)?;
+                let (metadata, extensions, req) = req.into_parts();
+                let d = self.decide(&metadata, &extensions, &req.flag_key, req.context, $v1)?;
                 Ok(Response::new($fpb::ResolveStringResponse {
                     value: Field::field(typed(&d, &req.flag_key, "string", |v| v.as_str().map(str::to_owned))?),
                     reason: reason(d.reason).to_owned(),
@@ -406,8 +412,8 @@ macro_rules! flagd_service {
             }
 
             async fn resolve_float(&self, req: Request<$fpb::ResolveFloatRequest>) -> R<$fpb::ResolveFloatResponse> {
-                let (metadata, _, req) = req.into_parts();
-                let d = self.decide(&metadata, &req.flag_key, req.context, $v1)?;
+                let (metadata, extensions, req) = req.into_parts();
+                let d = self.decide(&metadata, &extensions, &req.flag_key, req.context, $v1)?;
                 Ok(Response::new($fpb::ResolveFloatResponse {
                     value: Field::field(typed(&d, &req.flag_key, "float", Value::as_f64)?),
                     reason: reason(d.reason).to_owned(),
@@ -417,8 +423,8 @@ macro_rules! flagd_service {
             }
 
             async fn resolve_int(&self, req: Request<$fpb::ResolveIntRequest>) -> R<$fpb::ResolveIntResponse> {
-                let (metadata, _, req) = req.into_parts();
-                let d = self.decide(&metadata, &req.flag_key, req.context, $v1)?;
+                let (metadata, extensions, req) = req.into_parts();
+                let d = self.decide(&metadata, &extensions, &req.flag_key, req.context, $v1)?;
                 Ok(Response::new($fpb::ResolveIntResponse {
                     value: Field::field(typed(&d, &req.flag_key, "integer", integer)?),
                     reason: reason(d.reason).to_owned(),
@@ -428,8 +434,8 @@ macro_rules! flagd_service {
             }
 
             async fn resolve_object(&self, req: Request<$fpb::ResolveObjectRequest>) -> R<$fpb::ResolveObjectResponse> {
-                let (metadata, _, req) = req.into_parts();
-                let d = self.decide(&metadata, &req.flag_key, req.context, $v1)?;
+                let (metadata, extensions, req) = req.into_parts();
+                let d = self.decide(&metadata, &extensions, &req.flag_key, req.context, $v1)?;
                 Ok(Response::new($fpb::ResolveObjectResponse {
                     value: typed(&d, &req.flag_key, "object", object)?,
                     reason: reason(d.reason).to_owned(),

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use futures::Stream;
 use proto::release::v1 as pb;
 use proto::release::v1::release_service_server::ReleaseService;
+use service_kit::auth::{self, Permission};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -26,11 +27,11 @@ use crate::domain::model::Transition;
 use crate::domain::{names, Error, Violations};
 use crate::engine::{Actor, Change, Engine};
 
-/// The caller of a request: `x-principal` metadata (authentication comes later; missing is
-/// `anonymous`, malformed is INVALID_ARGUMENT) and the request id (`request_id`, else
-/// `x-request-id`).
+/// The caller of a request: the authenticated principal (or, with authentication off, the
+/// `x-principal` metadata; see [`service_kit::auth`]) and the request id (`request_id`,
+/// else `x-request-id`).
 fn actor<T>(req: &Request<T>, request_id: &str) -> std::result::Result<Actor, Status> {
-    let principal = service_kit::principal(req.metadata())?;
+    let principal = auth::caller(req)?.principal().to_owned();
     let request_id = if request_id.is_empty() {
         req.metadata()
             .get("x-request-id")
@@ -98,6 +99,27 @@ impl ReleaseApi {
 
 type Result<T> = std::result::Result<Response<T>, Status>;
 
+impl ReleaseApi {
+    /// Checks `p` in every environment of release `id` (NOT_FOUND first for an unknown
+    /// release).
+    async fn require_release<T>(
+        &self,
+        req: &Request<T>,
+        id: i64,
+        p: Option<Permission>,
+    ) -> std::result::Result<(), Status> {
+        let access = auth::caller(req)?;
+        let release = self.engine.release(id).await?;
+        for e in &release.environments {
+            match p {
+                Some(p) => access.require(p, &e.environment)?,
+                None => access.require_environment(&e.environment)?,
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The response stream of WatchVisibility.
 pub type VisibilityStream =
     Pin<Box<dyn Stream<Item = std::result::Result<pb::VisibilityChange, Status>> + Send>>;
@@ -110,15 +132,12 @@ fn name<T>(
     parse(value).map_err(|d| Status::from(Error::invalid(field, d)))
 }
 
-/// A release name and a free-text reason, validated together.
-fn release_and_reason(release: &str, reason: &str) -> std::result::Result<i64, Status> {
+/// A free-text reason (kill switch, rollback, cancel): INVALID_ARGUMENT naming `reason`
+/// when it is too long.
+fn check_reason(reason: &str) -> std::result::Result<(), Status> {
     let mut v = Violations::default();
-    let id = v
-        .check("name", names::parse_release(release))
-        .unwrap_or_default();
     convert::reason_text(&mut v, "reason", reason);
-    v.finish()?;
-    Ok(id)
+    Ok(v.finish()?)
 }
 
 fn page(v: &mut Violations, size: i32, token: &str) -> (usize, Option<String>) {
@@ -225,7 +244,11 @@ impl ReleaseService for ReleaseApi {
 
     async fn create_release(&self, req: Request<pb::CreateReleaseRequest>) -> Result<pb::Release> {
         let actor = actor(&req, &req.get_ref().request_id)?;
+        let access = auth::caller(&req)?;
         let (release, request_id) = convert::new_release(req.into_inner())?;
+        for e in &release.environments {
+            access.require_environment(&e.environment)?;
+        }
         let release = self
             .engine
             .create_release(release, request_id, &actor)
@@ -260,6 +283,7 @@ impl ReleaseService for ReleaseApi {
 
     async fn set_rollout(&self, req: Request<pb::SetRolloutRequest>) -> Result<pb::Release> {
         let actor = actor(&req, "")?;
+        let access = auth::caller(&req)?;
         let req = req.into_inner();
         let mut v = Violations::default();
         let id = v
@@ -267,6 +291,7 @@ impl ReleaseService for ReleaseApi {
             .unwrap_or_default();
         v.check("environment", names::validate_environment(&req.environment));
         v.finish()?;
+        access.require_environment(&req.environment)?;
         let percent = convert::rollout(req.rollout_percent)?;
         let release = self
             .engine
@@ -286,8 +311,10 @@ impl ReleaseService for ReleaseApi {
 
     async fn pause_release(&self, req: Request<pb::PauseReleaseRequest>) -> Result<pb::Release> {
         let actor = actor(&req, "")?;
+        let id = name("name", &req.get_ref().name, names::parse_release)?;
+        self.require_release(&req, id, None).await?;
         let req = req.into_inner();
-        let id = release_and_reason(&req.name, &req.reason)?;
+        check_reason(&req.reason)?;
         let release = self
             .engine
             .transition(id, Transition::Pause, &actor, "PauseRelease", &req.reason)
@@ -298,7 +325,8 @@ impl ReleaseService for ReleaseApi {
 
     async fn resume_release(&self, req: Request<pb::ResumeReleaseRequest>) -> Result<pb::Release> {
         let actor = actor(&req, "")?;
-        let id = name("name", &req.into_inner().name, names::parse_release)?;
+        let id = name("name", &req.get_ref().name, names::parse_release)?;
+        self.require_release(&req, id, None).await?;
         Ok(Response::new(convert::release_pb(
             &self
                 .engine
@@ -312,8 +340,10 @@ impl ReleaseService for ReleaseApi {
         req: Request<pb::RollbackReleaseRequest>,
     ) -> Result<pb::Release> {
         let actor = actor(&req, "")?;
+        let id = name("name", &req.get_ref().name, names::parse_release)?;
+        self.require_release(&req, id, None).await?;
         let req = req.into_inner();
-        let id = release_and_reason(&req.name, &req.reason)?;
+        check_reason(&req.reason)?;
         let release = self
             .engine
             .transition(
@@ -329,11 +359,13 @@ impl ReleaseService for ReleaseApi {
     }
 
     async fn evaluate(&self, req: Request<pb::EvaluateRequest>) -> Result<pb::EvaluateResponse> {
+        let access = auth::caller(&req)?;
         let req = req.into_inner();
         let mut v = Violations::default();
         v.check("feature", names::validate_feature_key(&req.feature));
         let ctx = convert::context(&mut v, req.context);
         v.finish()?;
+        access.require_environment(&ctx.environment)?;
         let (decision, version) = self.engine.evaluate(&req.feature, &ctx)?;
         Ok(Response::new(convert::decision(
             &req.feature,
@@ -346,6 +378,7 @@ impl ReleaseService for ReleaseApi {
         &self,
         req: Request<pb::EvaluateBatchRequest>,
     ) -> Result<pb::EvaluateBatchResponse> {
+        let access = auth::caller(&req)?;
         let req = req.into_inner();
         let mut v = Violations::default();
         if req.features.len() > MAX_BATCH_FEATURES {
@@ -372,6 +405,7 @@ impl ReleaseService for ReleaseApi {
             );
         }
         v.finish()?;
+        access.require_environment(&ctx.environment)?;
         let keys: Vec<String> = if req.features.is_empty() {
             snapshot.keys.iter().map(|k| k.to_string()).collect()
         } else {
@@ -401,9 +435,14 @@ impl ReleaseService for ReleaseApi {
         &self,
         req: Request<pb::WatchVisibilityRequest>,
     ) -> Result<Self::WatchVisibilityStream> {
+        let access = auth::caller(&req)?;
         let environment = req.into_inner().environment;
-        if !environment.is_empty() {
+        if environment.is_empty() {
+            // Every environment: only for callers that may evaluate everywhere.
+            access.require_environment("*")?;
+        } else {
             name("environment", &environment, names::validate_environment)?;
+            access.require_environment(&environment)?;
         }
         let rx = self.engine.subscribe();
         let first = pb::VisibilityChange {
@@ -560,7 +599,8 @@ impl ReleaseService for ReleaseApi {
 
     async fn submit_release(&self, req: Request<pb::SubmitReleaseRequest>) -> Result<pb::Release> {
         let actor = actor(&req, "")?;
-        let id = name("name", &req.into_inner().name, names::parse_release)?;
+        let id = name("name", &req.get_ref().name, names::parse_release)?;
+        self.require_release(&req, id, None).await?;
         Ok(Response::new(convert::release_pb(
             &self.engine.submit(id, &actor).await?,
         )))
@@ -571,7 +611,10 @@ impl ReleaseService for ReleaseApi {
         req: Request<pb::ApproveReleaseRequest>,
     ) -> Result<pb::Release> {
         let actor = actor(&req, "")?;
-        let id = name("name", &req.into_inner().name, names::parse_release)?;
+        let id = name("name", &req.get_ref().name, names::parse_release)?;
+        // An approver approves only where its binding holds: every environment of the
+        // release.
+        self.require_release(&req, id, None).await?;
         Ok(Response::new(convert::release_pb(
             &self.engine.approve(id, &actor).await?,
         )))
@@ -579,8 +622,10 @@ impl ReleaseService for ReleaseApi {
 
     async fn cancel_release(&self, req: Request<pb::CancelReleaseRequest>) -> Result<pb::Release> {
         let actor = actor(&req, "")?;
+        let id = name("name", &req.get_ref().name, names::parse_release)?;
+        self.require_release(&req, id, None).await?;
         let req = req.into_inner();
-        let id = release_and_reason(&req.name, &req.reason)?;
+        check_reason(&req.reason)?;
         Ok(Response::new(convert::release_pb(
             &self
                 .engine
@@ -594,24 +639,42 @@ impl ReleaseService for ReleaseApi {
         req: Request<pb::SetEmergencyOverrideRequest>,
     ) -> Result<pb::Release> {
         let actor = actor(&req, "")?;
-        let req = req.into_inner();
+        let access = auth::caller(&req)?;
         let mut v = Violations::default();
         let id = v
-            .check("name", names::parse_release(&req.name))
+            .check("name", names::parse_release(&req.get_ref().name))
             .unwrap_or_default();
-        if req.reason.trim().is_empty() {
+        let req_ref = req.get_ref();
+        if req_ref.reason.trim().is_empty() {
             v.push("reason", "is required for an emergency override");
         }
-        if req.approver.trim().is_empty() {
+        // With authentication on, the override is given by the approving principal in its
+        // own call (two-person rule): the approver is the caller, never a typed name.
+        let self_approved = access.authenticated();
+        if self_approved {
+            if !req_ref.approver.is_empty() && req_ref.approver != access.principal() {
+                v.push(
+                    "approver",
+                    "with authentication on, the approver is the caller: leave it empty or name yourself",
+                );
+            }
+        } else if req_ref.approver.trim().is_empty() {
             v.push("approver", "is required for an emergency override");
         }
-        convert::reason_text(&mut v, "reason", &req.reason);
-        convert::principal_text(&mut v, "approver", &req.approver);
+        convert::reason_text(&mut v, "reason", &req_ref.reason);
+        convert::principal_text(&mut v, "approver", &req_ref.approver);
         v.finish()?;
+        self.require_release(&req, id, None).await?;
+        let req = req.into_inner();
+        let approver = if self_approved {
+            access.principal().to_owned()
+        } else {
+            req.approver
+        };
         Ok(Response::new(convert::release_pb(
             &self
                 .engine
-                .emergency_override(id, req.reason, req.approver, &actor)
+                .emergency_override(id, req.reason, approver, self_approved, &actor)
                 .await?,
         )))
     }
@@ -649,7 +712,9 @@ impl ReleaseService for ReleaseApi {
 
     async fn set_policy(&self, req: Request<pb::SetPolicyRequest>) -> Result<pb::Policy> {
         let actor = actor(&req, "")?;
+        let access = auth::caller(&req)?;
         let (policy, etag) = convert::policy(req.into_inner().policy.unwrap_or_default())?;
+        access.require_environment(&policy.environment)?;
         Ok(Response::new(convert::policy_pb(
             &self.engine.set_policy(policy, etag, &actor).await?,
         )))

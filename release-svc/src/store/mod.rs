@@ -1,4 +1,4 @@
-//! Storage: one trait, the SQLite backend behind it (PostgreSQL follows in a later issue).
+//! Storage: one trait, with an SQLite and a PostgreSQL backend behind it.
 //!
 //! # Layout
 //!
@@ -6,7 +6,7 @@
 //!   and the withdrawals they cause are written in one transaction.
 //! - [`sqlite`]: the embedded default (WAL, `synchronous=FULL`).
 //! - [`postgres`]: PostgreSQL, for a `postgres://` database URL.
-//! - `migrations/sqlite/`: embedded schema migrations.
+//! - `migrations/sqlite/`, `migrations/postgres/`: embedded schema migrations per backend.
 
 pub mod postgres;
 pub mod sqlite;

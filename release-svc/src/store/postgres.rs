@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use service_kit::pg::MakeRustlsConnect;
 use tokio::sync::Mutex;
-use tokio_postgres::{Client, NoTls, Transaction};
+use tokio_postgres::{Client, Transaction};
 use tokio_util::sync::CancellationToken;
 
 use super::sqlite::{
@@ -33,6 +34,8 @@ const MIGRATIONS: &[&str] = &[
 /// The PostgreSQL store.
 pub struct PostgresStore {
     url: String,
+    /// TLS as the URL's `sslmode` asks.
+    tls: MakeRustlsConnect,
     schema: Option<String>,
     client: Mutex<Option<Client>>,
     /// The server process of our write connection: its own notifications need no reload.
@@ -78,8 +81,10 @@ async fn backend_pid(client: &Client) -> Result<i32> {
         .get(0))
 }
 
-async fn connect(url: &str, schema: Option<&str>) -> Result<Client> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await.map_err(pg)?;
+async fn connect(url: &str, tls: &MakeRustlsConnect, schema: Option<&str>) -> Result<Client> {
+    let (client, connection) = tokio_postgres::connect(url, tls.clone())
+        .await
+        .map_err(pg)?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "PostgreSQL connection ended");
@@ -100,7 +105,10 @@ impl PostgresStore {
     /// Connects to `url` and migrates; with `schema`, everything lives in that schema
     /// (created if missing: tests get one each).
     pub async fn open(url: &str, schema: Option<&str>) -> Result<Arc<Self>> {
-        let mut client = connect(url, schema).await?;
+        let (url, tls) = service_kit::pg::connector(url)
+            .map_err(|e| Error::Unavailable(format!("PostgreSQL: {e:#}")))?;
+        let url = url.as_str();
+        let mut client = connect(url, &tls, schema).await?;
         let tx = client.transaction().await.map_err(pg)?;
         // A runtime role without CREATE on the schema opens an up-to-date database: no
         // DDL runs unless a migration is due.
@@ -136,6 +144,7 @@ impl PostgresStore {
         let own_pid = Arc::new(AtomicI32::new(backend_pid(&client).await?));
         Ok(Arc::new(Self {
             url: url.to_owned(),
+            tls,
             schema: schema.map(str::to_owned),
             client: Mutex::new(Some(client)),
             own_pid,
@@ -154,7 +163,7 @@ impl PostgresStore {
     {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(Client::is_closed) {
-            let client = connect(&self.url, self.schema.as_deref()).await?;
+            let client = connect(&self.url, &self.tls, self.schema.as_deref()).await?;
             self.own_pid
                 .store(backend_pid(&client).await?, Ordering::Relaxed);
             *guard = Some(client);
@@ -253,11 +262,11 @@ async fn insert_withdrawals(tx: &Transaction<'_>, withdrawals: &[Withdrawal]) ->
 impl Store for PostgresStore {
     async fn changes(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let (url, schema) = (self.url.clone(), self.schema.clone());
+        let (url, schema, tls) = (self.url.clone(), self.schema.clone(), self.tls.clone());
         let own_pid = self.own_pid.clone();
         tokio::spawn(async move {
             loop {
-                match tokio_postgres::connect(&url, NoTls).await {
+                match tokio_postgres::connect(&url, tls.clone()).await {
                     Ok((client, connection)) => {
                         let forward = tx.clone();
                         let pumping = tokio::spawn(pump(connection, forward, own_pid.clone()));
@@ -288,7 +297,9 @@ impl Store for PostgresStore {
             if stop.is_cancelled() {
                 return Ok(stop.child_token());
             }
-            if let Ok((client, connection)) = tokio_postgres::connect(&self.url, NoTls).await {
+            if let Ok((client, connection)) =
+                tokio_postgres::connect(&self.url, self.tls.clone()).await
+            {
                 let lost = CancellationToken::new();
                 let on_end = lost.clone();
                 tokio::spawn(async move {

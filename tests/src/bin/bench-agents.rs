@@ -1,9 +1,9 @@
-//! Deploy agents at scale (issue 7, see BENCHMARKS.md): the real deploy-svc binary and
-//! in-process agents (the same `deploy_svc::agent_runner` loop the `deploy-agent` binary
+//! Deploy agents at scale (see docs/benchmarks.md): the real deploy-svc binary and
+//! in-process agents (the same `deploy_agent::runner` loop the `deploy-agent` binary
 //! runs, each with its own connection, heartbeat and root directory).
 //!
 //! ```sh
-//! cargo build --release -p deploy-svc -p tests
+//! cargo build --release -p deploy-svc -p deploy-agent -p tests
 //! target/release/bench-agents place     # 100 agents: all-at-once vs rolling batches of 10
 //! target/release/bench-agents memory    # deploy-svc RSS with 1,000 connected agents
 //! ```
@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use deploy_svc::agent_runner::{run, AgentConfig};
+use deploy_agent::runner::{run, AgentConfig};
 use proto::deploy::v1 as pb;
 use proto::deploy::v1::strategy::Kind;
 use tests::fleet::{deploy, is, register, tarball, until};
@@ -62,21 +62,28 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// The agent's flags, parsed like the `deploy-agent` binary parses them.
+#[derive(Parser)]
+struct AgentArgs {
+    #[command(flatten)]
+    agent: AgentConfig,
+}
+
 /// Starts `n` in-process agents for environment `bench`.
 fn agents(server: &Binary, root: &Path, n: usize, stop: &CancellationToken) {
     for i in 0..n {
-        let config = AgentConfig {
-            server: format!("http://{}", server.addr),
-            environment: "bench".into(),
-            target: format!("t-{i:04}"),
-            labels: Vec::new(),
-            root: root.join(format!("agent-{i:04}")),
-            heartbeat_ms: 5_000,
-            pre_switch: None,
-            health_check: None,
-            health_timeout_ms: 10_000,
-            keep: 2,
-        };
+        // The artifacts are written next to the agents' roots: allowed as a file source.
+        let config = AgentArgs::parse_from([
+            "deploy-agent".to_owned(),
+            format!("--server=http://{}", server.addr),
+            "--environment=bench".into(),
+            format!("--target=t-{i:04}"),
+            format!("--root={}", root.join(format!("agent-{i:04}")).display()),
+            "--heartbeat-ms=5000".into(),
+            "--keep=2".into(),
+            format!("--allow-file-dir={}", root.display()),
+        ])
+        .agent;
         let stop = stop.clone();
         tokio::spawn(async move {
             let _ = run(config, stop).await;

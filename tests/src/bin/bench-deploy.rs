@@ -1,4 +1,4 @@
-//! Benchmarks of deploy-svc (see BENCHMARKS.md). Starts the real release binary as a separate
+//! Benchmarks of deploy-svc (see docs/benchmarks.md). Starts the real release binary as a separate
 //! process on a fresh database for each measurement, so every figure and its baseline come
 //! from the same run on the same machine.
 //!

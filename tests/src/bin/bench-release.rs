@@ -1,4 +1,4 @@
-//! Benchmarks of release-svc (see BENCHMARKS.md). Each starts the real release binaries.
+//! Benchmarks of release-svc (see docs/benchmarks.md). Each starts the real release binaries.
 //!
 //! ```sh
 //! cargo build --release -p deploy-svc -p release-svc -p tests

@@ -160,6 +160,7 @@ async fn main() -> anyhow::Result<()> {
         service_kit::Drain {
             timeout: std::time::Duration::from_secs(1),
         },
+        &service_kit::Serving::insecure("noop-release"),
         service_kit::shutdown_signal(),
     )
     .await
