@@ -4,6 +4,8 @@
 //! release-svc's own identity towards deploy-svc, certificate rotation, safe defaults and
 //! redaction. Certificates, keys and tokens are made at test time.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -649,6 +651,20 @@ async fn header_forgery_attacks_are_refused() {
         .unwrap()
         .into_inner();
     assert_ne!(d.state(), pb::DeploymentState::Succeeded);
+    // The agent's attempt for a target outside its binding is in deploy-svc's audit trail,
+    // under its authenticated principal (a caller without the agent role at all is refused
+    // before any handler runs).
+    let refused: Vec<String> = admin
+        .list_audit_records(pb::ListAuditRecordsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .records
+        .into_iter()
+        .filter(|r| r.action == "ReportPlacement" && r.after.contains("refused"))
+        .map(|r| r.principal)
+        .collect();
+    assert_eq!(refused, vec![spiffe("agent-p-1")], "refusals audited");
     let mut app = s.release_client(&rel, "app").await;
     let r = release::evaluate(&mut app, "new-cart", "prod", "u1").await;
     assert!(!r.visible, "visible with nothing deployed: {r:?}");
@@ -771,22 +787,72 @@ async fn header_forgery_attacks_are_refused() {
         .await
         .unwrap();
     tests::artifact(&mut admin, "checkout", "2.1.0").await;
-    let got = ci
-        .create_deployment(pb::CreateDeploymentRequest {
-            deployment: Some(pb::Deployment {
-                artifact_version: "artifacts/checkout/versions/2.1.0".into(),
-                environment: "environments/prod".into(),
-                emergency: Some(pb::EmergencyOverride {
-                    reason: "incident".into(),
-                    approver: "cto".into(),
-                }),
-                ..Default::default()
+    let emergency = |approver: &str| pb::CreateDeploymentRequest {
+        deployment: Some(pb::Deployment {
+            artifact_version: "artifacts/checkout/versions/2.1.0".into(),
+            environment: "environments/prod".into(),
+            emergency: Some(pb::EmergencyOverride {
+                reason: "incident".into(),
+                approver: approver.into(),
             }),
-            request_id: String::new(),
-        })
+            ..Default::default()
+        }),
+        request_id: String::new(),
+    };
+    let got = ci.create_deployment(emergency("cto")).await.unwrap_err();
+    assert_eq!(got.code(), Code::FailedPrecondition, "{got:?}");
+    assert!(got.message().contains("EMERGENCY_NOT_GRANTED"), "{got:?}");
+    // Naming a real approver who granted nothing is refused the same way.
+    let got = ci
+        .create_deployment(emergency(&spiffe("bob")))
+        .await
+        .unwrap_err();
+    assert_eq!(got.code(), Code::FailedPrecondition, "{got:?}");
+    // The requester cannot grant itself (no freeze.override), nor can an approver grant
+    // itself.
+    let grant = |requester: &str| pb::GrantEmergencyOverrideRequest {
+        environment: "environments/prod".into(),
+        requester: requester.into(),
+        reason: "incident 42".into(),
+    };
+    let got = ci
+        .grant_emergency_override(grant(&spiffe("ci")))
         .await
         .unwrap_err();
     assert_eq!(got.code(), Code::PermissionDenied, "{got:?}");
+    let mut bob_d = s.deploy_client(&deploy, "bob").await;
+    let got = bob_d
+        .grant_emergency_override(grant(&spiffe("bob")))
+        .await
+        .unwrap_err();
+    assert_eq!(got.code(), Code::InvalidArgument, "{got:?}");
+    let listed = admin
+        .list_deployments(pb::ListDeploymentsRequest {
+            environment: "environments/prod".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .deployments;
+    assert_eq!(
+        listed.len(),
+        1,
+        "a refused emergency deployment was created"
+    );
+    // The two-person path: the approver grants in its own call, then the requester deploys.
+    let granted = bob_d
+        .grant_emergency_override(grant(&spiffe("ci")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(granted.approver, spiffe("bob"));
+    let d = ci
+        .create_deployment(emergency(&spiffe("bob")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.emergency.map(|e| e.approver), Some(spiffe("bob")));
     let mut carol = s.deploy_client(&deploy, "carol").await;
     let cleared = carol
         .update_environment(pb::UpdateEnvironmentRequest {

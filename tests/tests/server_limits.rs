@@ -2,6 +2,8 @@
 //! cap on open placement watches. Replays "10,000 WatchPlacements streams on one
 //! connection" (which once took RSS from 14 to 163 MB with no limit).
 
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use proto::deploy::v1 as pb;

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
-use crate::domain::audit::Caller;
+use crate::domain::audit::{AuditEntry, AuditFilter, Caller};
 use crate::domain::clock::Clock;
 use crate::domain::error::Violations;
 use crate::domain::model::{DeploymentFilter, HealthWindows};
@@ -83,6 +83,9 @@ impl DeployApi {
 
 type Result<T> = std::result::Result<Response<T>, Status>;
 
+/// How long an emergency grant may be used.
+const GRANT_VALIDITY_MS: i64 = 3_600_000;
+
 impl DeployApi {
     /// Checks the method's permission in the environment of deployment `id` (NOT_FOUND
     /// first for an unknown deployment); returns that environment.
@@ -94,6 +97,57 @@ impl DeployApi {
         let environment = self.store.get_deployment(id).await?.environment;
         access.require_environment(&environment)?;
         Ok(environment)
+    }
+
+    /// With authentication on, an emergency override names an approver who granted it to
+    /// the caller in this environment within the last hour (GrantEmergencyOverride): the
+    /// two-person rule rests on both principals' own calls, never on a typed name.
+    async fn require_grant(
+        &self,
+        access: &auth::Caller,
+        environment: &str,
+        approver: &str,
+    ) -> std::result::Result<(), Status> {
+        if !access.authenticated() {
+            return Ok(());
+        }
+        let now = self.clock.now_ms();
+        let filter = AuditFilter {
+            resource: Some(names::environment_name(environment)),
+            principal: Some(approver.to_owned()),
+            start_ms: Some(now - GRANT_VALIDITY_MS),
+            end_ms: None,
+        };
+        let mut after = None;
+        loop {
+            let page = self
+                .store
+                .list_audit_records(
+                    filter.clone(),
+                    crate::domain::model::PageRequest { size: 1000, after },
+                )
+                .await?;
+            if page
+                .items
+                .iter()
+                .any(|r| r.action == "GrantEmergencyOverride" && r.after == access.principal())
+            {
+                return Ok(());
+            }
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        Err(crate::domain::Error::precondition(
+            "EMERGENCY_NOT_GRANTED",
+            names::environment_name(environment),
+            format!(
+                "{approver} has not granted {} an emergency override here within the last hour (GrantEmergencyOverride)",
+                access.principal()
+            ),
+        )
+        .into())
     }
 
     /// Removing or shortening the freeze windows of an environment while one is active
@@ -417,9 +471,9 @@ impl DeployService for DeployApi {
         let (deployment, request_id) =
             convert::new_deployment(req.into_inner(), &caller.principal)?;
         access.require_environment(&deployment.environment)?;
-        if deployment.emergency.is_some() {
-            // An override of a freeze needs a principal entitled to give it.
-            access.require(Permission::FreezeOverride, &deployment.environment)?;
+        if let Some(e) = &deployment.emergency {
+            self.require_grant(&access, &deployment.environment, &e.approver)
+                .await?;
         }
         let caller = caller.with_request_id(request_id.as_deref());
         let deployment = self
@@ -515,8 +569,9 @@ impl DeployService for DeployApi {
         let id = deployment_and_reason(&req.name, &req.reason)?;
         let emergency = convert::override_of(req.emergency, &caller.principal)?;
         let environment = self.require_deployment(&access, id).await?;
-        if emergency.is_some() {
-            access.require(Permission::FreezeOverride, &environment)?;
+        if let Some(e) = &emergency {
+            self.require_grant(&access, &environment, &e.approver)
+                .await?;
         }
         let d = self
             .store
@@ -555,8 +610,25 @@ impl DeployService for DeployApi {
         let caller = caller(&req)?;
         let report = convert::placement_report(req.into_inner())?;
         // An agent reports only for its own target: a forged placement cannot open a
-        // release gate.
-        access.require_target(&report.environment, &report.target)?;
+        // release gate. The attempt is audited.
+        if let Err(denied) = access.require_target(&report.environment, &report.target) {
+            let resource = names::target_name(&report.environment, &report.target);
+            let detail = format!(
+                "report {:?} for deployments/{} outside the caller's binding",
+                report.state, report.deployment
+            );
+            let entry = AuditEntry {
+                action: "ReportPlacement",
+                resource,
+                before: String::new(),
+                after: "refused: PERMISSION_DENIED".into(),
+                reason: detail,
+            };
+            if let Err(e) = self.store.audit_event(caller, entry).await {
+                tracing::warn!(error = %e, "cannot audit a refused placement report");
+            }
+            return Err(denied);
+        }
         let outcome = self.store.report_placement(report, caller).await?;
         if outcome.changed {
             self.bell();
@@ -587,6 +659,53 @@ impl DeployService for DeployApi {
         .await?;
         let stream = stream.map(|item| item.map(watch_message).map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn grant_emergency_override(
+        &self,
+        req: Request<pb::GrantEmergencyOverrideRequest>,
+    ) -> Result<pb::EmergencyGrant> {
+        let access = auth::caller(&req)?;
+        let caller = caller(&req)?;
+        let req = req.into_inner();
+        let mut v = Violations::default();
+        let environment = v
+            .check("environment", names::parse_environment(&req.environment))
+            .unwrap_or_default();
+        if v.check("requester", names::validate_key(&req.requester))
+            .is_some()
+            && req.requester.eq_ignore_ascii_case(&caller.principal)
+        {
+            v.push(
+                "requester",
+                "an approver cannot grant an override to itself",
+            );
+        }
+        if req.reason.trim().is_empty() {
+            v.push("reason", "must say why the change cannot wait");
+        } else {
+            v.check("reason", names::validate_text(&req.reason, names::MAX_TEXT));
+        }
+        v.finish()?;
+        access.require_environment(&environment)?;
+        self.store.get_environment(&environment).await?;
+        let now = self.clock.now_ms();
+        let entry = AuditEntry {
+            action: "GrantEmergencyOverride",
+            resource: names::environment_name(&environment),
+            before: String::new(),
+            after: req.requester.clone(),
+            reason: req.reason.clone(),
+        };
+        let approver = caller.principal.clone();
+        self.store.audit_event(caller, entry).await?;
+        Ok(Response::new(pb::EmergencyGrant {
+            environment: names::environment_name(&environment),
+            requester: req.requester,
+            approver,
+            reason: req.reason,
+            expire_time: convert::timestamp(now + GRANT_VALIDITY_MS),
+        }))
     }
 
     async fn list_audit_records(

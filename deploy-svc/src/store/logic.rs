@@ -1241,6 +1241,11 @@ impl<B: Backend> Store for SqlStore<B> {
         .await
     }
 
+    async fn audit_event(&self, caller: Caller, entry: AuditEntry) -> Result<()> {
+        self.write(move |conn, now, _| append_audit(conn, now, &caller, entry.clone()))
+            .await
+    }
+
     async fn heartbeat_target(&self, environment: &str, id: &str) -> Result<Target> {
         let (environment, id) = (environment.to_owned(), id.to_owned());
         self.write(move |conn, now, _| {

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 
-use crate::domain::audit::{AuditFilter, AuditRecord, Caller};
+use crate::domain::audit::{AuditEntry, AuditFilter, AuditRecord, Caller};
 use crate::domain::model::{
     Artifact, Deployment, DeploymentFilter, EmergencyOverride, Environment, EnvironmentUpdate,
     LogBounds, NewDeployment, NewEnvironment, Page, PageRequest, Placement, PlacementEvent,
@@ -125,6 +125,10 @@ pub trait Store: Send + Sync + 'static {
         report: PlacementReport,
         caller: Caller,
     ) -> Result<ReportOutcome>;
+
+    /// Appends an audit record that changes no resource: a refused action (a placement
+    /// report for a target outside the caller's binding) or a grant (an emergency override).
+    async fn audit_event(&self, caller: Caller, entry: AuditEntry) -> Result<()>;
 
     /// Lists audit records by id ascending; the page position is the last id returned.
     async fn list_audit_records(

@@ -279,6 +279,11 @@ pub const TABLE: &[Rule] = &[
         P::TargetsAct,
         Target,
     ),
+    rule(
+        "/deploy.v1.DeployService/GrantEmergencyOverride",
+        P::FreezeOverride,
+        Env,
+    ),
     // release.v1
     rule(
         "/release.v1.ReleaseService/CreateFeature",
@@ -546,6 +551,25 @@ pub const ROLES: [&str; 11] = [
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_method_of_every_contract_has_a_row() {
+        use prost::Message as _;
+        let set = prost_types::FileDescriptorSet::decode(proto::FILE_DESCRIPTOR_SET)
+            .expect("descriptor set");
+        let mut methods = 0;
+        for file in &set.file {
+            let package = file.package();
+            for service in &file.service {
+                for method in &service.method {
+                    let path = format!("/{package}.{}/{}", service.name(), method.name());
+                    assert!(lookup(&path).is_some(), "{path} has no authorization rule");
+                    methods += 1;
+                }
+            }
+        }
+        assert!(methods > 50, "only {methods} methods in the contracts");
+    }
 
     #[test]
     fn every_path_is_unique_and_every_role_is_known() {
