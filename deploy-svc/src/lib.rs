@@ -155,6 +155,12 @@ impl Server {
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<DeployServiceServer<DeployApi>>().await;
+        // A store that can no longer write takes the replica out of service.
+        let store_health = tokio::spawn(service_kit::health::follow_store(
+            store.writer_alive(),
+            health.clone(),
+            vec![SERVICE_NAME],
+        ));
         let probes = match config.server.health_listen {
             Some(addr) => Some(
                 service_kit::serve_health(addr, health_service.clone(), streams.clone()).await?,
@@ -186,6 +192,7 @@ impl Server {
         )
         .await;
         ticker.abort();
+        store_health.abort();
         if let Some(probes) = probes {
             probes.abort();
         }

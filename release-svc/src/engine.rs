@@ -259,6 +259,15 @@ impl Engine {
             .ok_or_else(|| Error::NotFound(format!("features/{key}")))
     }
 
+    /// How many evaluations so far had a targeting rule run out of its budget (they served
+    /// the feature's default).
+    pub fn over_budget_evaluations(&self) -> u64 {
+        self.snapshot
+            .load()
+            .over_budget
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Subscribes to changes.
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()

@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 use engine::Engine;
+use grpc::decode::DecodeErrors;
 use grpc::ReleaseApi;
 use store::sqlite::SqliteStore;
 
@@ -211,14 +212,17 @@ impl Server {
                     .iter()
                     .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
                     .collect(),
+                max_response_bytes: config.max_message_bytes,
             },
             streams.clone(),
         );
-        let api = ReleaseApi::new(engine, status, config.deploy_svc.clone(), streams.clone());
+        let store_alive = engine.store().writer_alive();
+        let api = ReleaseApi::new(engine, status, config.deploy_svc.clone(), streams.clone())
+            .with_max_response_bytes(config.max_message_bytes);
         let flagd_routes = |routes: tonic::service::Routes| {
             routes
-                .add_service(FlagdV1Server::new(flagd.clone()))
-                .add_service(FlagdV2Server::new(flagd.clone()))
+                .add_service(DecodeErrors(FlagdV1Server::new(flagd.clone())))
+                .add_service(DecodeErrors(FlagdV2Server::new(flagd.clone())))
         };
         let (health, health_service) = tonic_health::server::health_reporter();
         health
@@ -236,20 +240,26 @@ impl Server {
             ),
             None => None,
         };
-        let routes = tonic::service::Routes::new(health_service).add_service(
-            ReleaseServiceServer::new(api)
-                .max_decoding_message_size(config.max_message_bytes)
-                .max_encoding_message_size(config.max_message_bytes),
-        );
-        let routes = service_kit::reflection(flagd_routes(routes))?;
-        let drain = service_kit::Drain {
-            timeout: Duration::from_millis(config.drain_timeout_ms),
-        };
         let names = [
             SERVICE_NAME,
             "flagd.evaluation.v1.Service",
             "flagd.evaluation.v2.Service",
         ];
+        // A store that can no longer write takes the replica out of service.
+        let store_health = tokio::spawn(service_kit::health::follow_store(
+            store_alive,
+            health.clone(),
+            names.to_vec(),
+        ));
+        let routes = tonic::service::Routes::new(health_service).add_service(DecodeErrors(
+            ReleaseServiceServer::new(api)
+                .max_decoding_message_size(config.max_message_bytes)
+                .max_encoding_message_size(config.max_message_bytes),
+        ));
+        let routes = service_kit::reflection(flagd_routes(routes))?;
+        let drain = service_kit::Drain {
+            timeout: Duration::from_millis(config.drain_timeout_ms),
+        };
         // One shutdown signal stops both listeners.
         let stop = CancellationToken::new();
         let second = match flagd_listener {
@@ -312,6 +322,7 @@ impl Server {
             }
         }
         streams.cancel();
+        store_health.abort();
         if let Some(probes) = probes {
             probes.abort();
         }

@@ -44,9 +44,7 @@ fn load_flags() -> BTreeMap<String, Flag> {
         let targeting = match f.get("targeting") {
             None | Some(Value::Null) => None,
             Some(Value::Object(m)) if m.is_empty() => None,
-            Some(t) => {
-                Some(resolve_refs(t, &evaluators, key, 0).and_then(|t| Rule::parse(&t.to_string())))
-            }
+            Some(t) => Some(resolve_refs(t, &evaluators).and_then(|t| Rule::parse(&t.to_string()))),
         };
         out.insert(
             key.clone(),
@@ -117,7 +115,10 @@ fn evaluate(
                 flag_key: key,
                 bucketing,
             };
-            match rule.evaluate(&data).into_owned() {
+            let Ok(value) = rule.evaluate(&data) else {
+                return err("GENERAL", fallback);
+            };
+            match value.into_owned() {
                 Value::String(v) if flag.variants.contains_key(&v) => (Some(v), "TARGETING_MATCH"),
                 Value::Bool(b) if flag.variants.contains_key(&b.to_string()) => {
                     (Some(b.to_string()), "TARGETING_MATCH")

@@ -19,6 +19,7 @@
 //! - [`reload`]: values that follow their file (policies, token files, JWKS).
 //! - [`redact`]: secrets out of URLs before they are logged or returned.
 //! - `pg` (feature `postgres`): TLS for PostgreSQL connections, by `sslmode`.
+//! - [`health`]: health that follows the store (NOT_SERVING once it cannot write).
 //! - [`error`]: the request error type (field and precondition violations), no tonic types.
 //! - [`status`]: the one exhaustive `From<Error> for Status`, with rich error details.
 //! - `sqlite` (cargo feature `sqlite`): the SQLite error mapping and migration runner of the
@@ -29,6 +30,7 @@
 pub mod auth;
 pub mod client;
 pub mod error;
+pub mod health;
 #[cfg(feature = "postgres")]
 pub mod pg;
 pub mod principal;

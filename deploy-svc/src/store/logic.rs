@@ -54,6 +54,10 @@ pub trait Backend: Send + Sync + 'static {
     fn remote_changes(&self) -> Option<Arc<tokio::sync::Notify>> {
         None
     }
+    /// See [`Store::writer_alive`].
+    fn writer_alive(&self) -> tokio::sync::watch::Receiver<bool> {
+        tokio::sync::watch::channel(true).1
+    }
     /// Finishes queued writes and stops.
     async fn close(&self);
 }
@@ -1629,6 +1633,10 @@ impl<B: Backend> Store for SqlStore<B> {
 
     fn remote_changes(&self) -> Option<Arc<tokio::sync::Notify>> {
         self.backend.remote_changes()
+    }
+
+    fn writer_alive(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.backend.writer_alive()
     }
 
     async fn close(&self) {

@@ -152,6 +152,12 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
+    /// Whether the store can still write: true until it cannot (the SQLite writer thread
+    /// died), then false for good. The serve loop turns health NOT_SERVING on false.
+    fn writer_alive(&self) -> tokio::sync::watch::Receiver<bool> {
+        tokio::sync::watch::channel(true).1
+    }
+
     /// Finishes queued writes and stops accepting new ones.
     async fn close(&self);
 }

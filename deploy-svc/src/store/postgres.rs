@@ -59,7 +59,10 @@ use crate::domain::model::{LogBounds, Placement, PlacementEvent};
 use crate::domain::{Error, Result};
 use crate::placement_log::Feed;
 
-const MIGRATIONS: &[&str] = &[include_str!("migrations/postgres/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/postgres/0001_init.sql"),
+    include_str!("migrations/postgres/0002_audit_truncate.sql"),
+];
 
 /// The notification channel.
 const CHANNEL: &str = "deploy_svc_log";
@@ -639,10 +642,18 @@ fn settled_head(conn: &mut Conn) -> Result<u64> {
 
 fn migrate(client: &mut Client) -> Result<()> {
     let mut tx = client.transaction().map_err(|e| pg_error(&e))?;
-    tx.batch_execute(
-        "SELECT pg_advisory_xact_lock(7305); CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)",
-    )
-    .map_err(|e| pg_error(&e))?;
+    // A runtime role without CREATE on the schema opens an up-to-date database: no DDL
+    // runs unless a migration is due.
+    tx.batch_execute("SELECT pg_advisory_xact_lock(7305)")
+        .map_err(|e| pg_error(&e))?;
+    let tracked: bool = tx
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+        .map_err(|e| pg_error(&e))?
+        .get(0);
+    if !tracked {
+        tx.batch_execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY)")
+            .map_err(|e| pg_error(&e))?;
+    }
     let applied: i64 = tx
         .query_one("SELECT count(*) FROM schema_migrations", &[])
         .map_err(|e| pg_error(&e))?

@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use async_trait::async_trait;
 use rusqlite::Connection;
 use service_kit::sqlite::error as sql;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::db::Db;
 use super::logic::{self, internal, to_i64, Backend, ReadJob, SqlStore, WriteJob};
@@ -79,6 +79,20 @@ pub struct SqliteBackend {
     writes: mpsc::Sender<Msg>,
     readers: Arc<ReadPool>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    alive: watch::Receiver<bool>,
+}
+
+/// Held by the writer thread: when the thread ends (a panic included), the store reports
+/// that it can no longer write.
+struct WriterAlive(watch::Sender<bool>);
+
+impl Drop for WriterAlive {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("the sqlite writer thread panicked; writes fail until a restart");
+        }
+        self.0.send_replace(false);
+    }
 }
 
 impl std::fmt::Debug for SqliteBackend {
@@ -115,9 +129,13 @@ impl SqlStore<SqliteBackend> {
         let writer_feed = feed.clone();
         let max_batch = options.max_batch.max(1);
         let retention = options.retention.max(1);
+        let (alive_tx, alive) = watch::channel(true);
         let writer = std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, writer_feed, clock, max_batch, retention))
+            .spawn(move || {
+                let _alive = WriterAlive(alive_tx);
+                writer_loop(conn, rx, writer_feed, clock, max_batch, retention);
+            })
             .map_err(internal)?;
         let readers = Arc::new(ReadPool {
             path: options.path.clone(),
@@ -130,6 +148,7 @@ impl SqlStore<SqliteBackend> {
                     writes: tx,
                     readers,
                     writer: Mutex::new(Some(writer)),
+                    alive,
                 },
             },
             feed,
@@ -197,6 +216,10 @@ impl Backend for SqliteBackend {
             })
         }))
         .await
+    }
+
+    fn writer_alive(&self) -> watch::Receiver<bool> {
+        self.alive.clone()
     }
 
     async fn close(&self) {
@@ -368,4 +391,37 @@ fn head_sequence(conn: &dyn Db) -> Result<u64> {
         &[],
     )?;
     Ok(seq.and_then(|s| u64::try_from(s).ok()).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::clock::SystemClock;
+    use crate::store::Store;
+
+    /// A panic in the writer thread (a bug in a write job) leaves a store that cannot
+    /// write: it says so, and later writes fail as UNAVAILABLE instead of hanging.
+    #[tokio::test]
+    async fn a_dead_writer_thread_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _feed) = SqliteStore::open(
+            SqliteOptions::new(dir.path().join("d.db")),
+            Arc::new(SystemClock),
+        )
+        .unwrap();
+        let mut alive = store.writer_alive();
+        assert!(*alive.borrow_and_update());
+        let died = store
+            .backend
+            .write::<()>(None, Arc::new(|_, _, _| panic!("a bug in a write job")))
+            .await;
+        assert!(died.is_err());
+        alive.changed().await.unwrap();
+        assert!(!*alive.borrow());
+        let after = store
+            .backend
+            .write::<()>(None, Arc::new(|_, _, _| Ok(())))
+            .await;
+        assert!(matches!(after, Err(Error::Unavailable(_))), "{after:?}");
+    }
 }

@@ -8,8 +8,12 @@
 //! its required coverage there); deny list, allow list (TARGETING_MATCH); percentage rollout
 //! (SPLIT); targeting rule (TARGETING_MATCH); DEFAULT; STATIC (released at 100% with no rule
 //! and no lists: the same answer for every context).
+//!
+//! A targeting rule that runs out of its evaluation budget (see [`super::rules`]) picks no
+//! variant: the feature serves its default, and [`Snapshot::over_budget`] counts it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
@@ -82,6 +86,8 @@ pub struct Snapshot {
     pub keys: Arc<Vec<Arc<str>>>,
     /// How `fractional` buckets (kept across updates).
     pub bucketing: Bucketing,
+    /// Evaluations whose rule ran out of budget (shared by every later snapshot).
+    pub over_budget: Arc<AtomicU64>,
 }
 
 /// Which features a change may affect.
@@ -228,6 +234,7 @@ impl Snapshot {
             features: entries,
             keys,
             bucketing: self.bucketing,
+            over_budget: self.over_budget.clone(),
         }
     }
 
@@ -298,7 +305,7 @@ impl Snapshot {
     /// Decides one feature for one context; `None` for an unknown feature.
     pub fn evaluate(&self, key: &str, ctx: &Context) -> Option<Decision> {
         let entry = self.features.get(key)?;
-        Some(decide(entry, key, ctx, self.bucketing))
+        Some(decide(entry, key, ctx, self))
     }
 }
 
@@ -326,16 +333,22 @@ fn served(f: &Feature, variant: String, reason: Reason, release: i64) -> Decisio
     }
 }
 
-/// The variant the targeting rule picks, if it names one of the feature's variants.
-fn rule_variant(f: &Feature, key: &str, ctx: &Context, bucketing: Bucketing) -> Option<String> {
+/// The variant the targeting rule picks, if it names one of the feature's variants (none
+/// when the rule runs out of budget: counted, and the feature serves its default).
+fn rule_variant(f: &Feature, key: &str, ctx: &Context, snapshot: &Snapshot) -> Option<String> {
     let rule = f.targeting.as_ref()?;
     let data = Data {
         attributes: &ctx.attributes,
         targeting_key: &ctx.targeting_key,
         flag_key: key,
-        bucketing,
+        bucketing: snapshot.bucketing,
     };
-    match rule.evaluate(&data).as_ref() {
+    let Ok(picked) = rule.evaluate(&data) else {
+        snapshot.over_budget.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(feature = %key, "targeting rule over its evaluation budget; serving the default");
+        return None;
+    };
+    match picked.as_ref() {
         Value::String(v) if f.variants.contains_key(v) => Some(v.clone()),
         // flagd names the variant by the result's text ("true"); "on"/"off" are ours.
         Value::Bool(b) => {
@@ -349,7 +362,7 @@ fn rule_variant(f: &Feature, key: &str, ctx: &Context, bucketing: Bucketing) -> 
     }
 }
 
-fn decide(entry: &FeatureEntry, key: &str, ctx: &Context, bucketing: Bucketing) -> Decision {
+fn decide(entry: &FeatureEntry, key: &str, ctx: &Context, snapshot: &Snapshot) -> Decision {
     let f = &entry.feature;
     if f.disabled {
         return hidden(f, Reason::Disabled, None);
@@ -366,19 +379,19 @@ fn decide(entry: &FeatureEntry, key: &str, ctx: &Context, bucketing: Bucketing) 
     }
     if !tk.is_empty() && f.allow.iter().any(|a| a == tk) {
         let variant =
-            rule_variant(f, key, ctx, bucketing).unwrap_or_else(|| f.default_variant.clone());
+            rule_variant(f, key, ctx, snapshot).unwrap_or_else(|| f.default_variant.clone());
         return served(f, variant, Reason::TargetingMatch, g.release);
     }
     if g.rollout_percent < 100.0 {
         if !in_rollout(rollout_bucket(key, tk), g.rollout_percent) {
             return hidden(f, Reason::Split, Some(g.release));
         }
-        return match rule_variant(f, key, ctx, bucketing) {
+        return match rule_variant(f, key, ctx, snapshot) {
             Some(v) => served(f, v, Reason::TargetingMatch, g.release),
             None => served(f, f.default_variant.clone(), Reason::Split, g.release),
         };
     }
-    match rule_variant(f, key, ctx, bucketing) {
+    match rule_variant(f, key, ctx, snapshot) {
         Some(v) => served(f, v, Reason::TargetingMatch, g.release),
         None if f.targeting.is_some()
             || !f.allow.is_empty()
@@ -547,6 +560,44 @@ mod tests {
         assert!(r.visible && r.reason == Reason::TargetingMatch);
         let r = d("ruled", ctx("prod", "u2"));
         assert!(r.visible && r.reason == Reason::Default);
+    }
+
+    #[test]
+    fn an_over_budget_rule_serves_the_default_and_is_counted() {
+        let mut f = feature("heavy");
+        f.default_variant = "off".into();
+        f.targeting = Rule::parse(&format!(
+            r#"{{"if": [{{"cat": [{}]}}, "on", "off"]}}"#,
+            vec![r#"{"var": "a"}"#; 1000].join(",")
+        ))
+        .ok();
+        let s = snapshot(
+            vec![f],
+            vec![release(1, "heavy", "prod", 100.0, ReleaseState::Released)],
+            &PlacementIndex::default(),
+        );
+        let mut c = ctx("prod", "u1");
+        c.attributes.insert("a".into(), Value::String("x".into()));
+        let d = s.evaluate("heavy", &c).unwrap();
+        assert_eq!(
+            (d.variant.as_str(), d.reason),
+            ("on", Reason::TargetingMatch)
+        );
+        assert_eq!(s.over_budget.load(Ordering::Relaxed), 0);
+        c.attributes
+            .insert("a".into(), Value::String("x".repeat(50_000)));
+        let d = s.evaluate("heavy", &c).unwrap();
+        assert_eq!((d.variant.as_str(), d.reason), ("off", Reason::Default));
+        assert_eq!(s.over_budget.load(Ordering::Relaxed), 1);
+        // Later snapshots share the counter.
+        let next = s.update(
+            2,
+            &Scope::All,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            &PlacementIndex::default(),
+        );
+        assert_eq!(next.over_budget.load(Ordering::Relaxed), 1);
     }
 
     #[test]

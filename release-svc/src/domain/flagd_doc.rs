@@ -15,8 +15,8 @@ use serde_json::{Map, Value};
 use super::evaluate::Snapshot;
 use super::model::Feature;
 use super::names::validate_feature_key;
-use super::rules::Rule;
-use super::Violations;
+use super::rules::{Rule, MAX_RULE_BYTES, MAX_RULE_DEPTH};
+use super::{values, Violations};
 
 /// One flag of a document, validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,37 +63,90 @@ impl ImportedFlag {
     }
 }
 
-/// Replaces every `{"$ref": name}` in `v` with the named evaluator, recursively.
-pub fn resolve_refs(
-    v: &Value,
-    evaluators: &Map<String, Value>,
-    path: &str,
-    depth: usize,
-) -> Result<Value, String> {
-    if depth > 32 {
-        return Err(format!("{path}: $ref nesting deeper than 32 (a cycle?)"));
-    }
-    Ok(match v {
-        Value::Object(map) if map.len() == 1 && map.contains_key("$ref") => {
-            let name = map["$ref"]
-                .as_str()
-                .ok_or_else(|| format!("{path}: $ref must name an evaluator"))?;
-            let target = evaluators
-                .get(name)
-                .ok_or_else(|| format!("{path}: $ref {name:?} is not in $evaluators"))?;
-            resolve_refs(target, evaluators, path, depth + 1)?
+/// Most `$ref` hops on one path from a flag's targeting (a longer chain is a cycle, or
+/// abuse).
+pub const MAX_REF_HOPS: usize = 32;
+/// Most flags in one document.
+pub const MAX_FLAGS: usize = 1000;
+/// Most variants of one flag (as CreateFeature).
+pub const MAX_VARIANTS: usize = 64;
+/// Most bytes of expanded targeting across a whole document.
+pub const MAX_DOCUMENT_EXPANDED_BYTES: usize = 16 * 1024 * 1024;
+
+/// What expanding `$ref`s may still produce.
+#[derive(Debug)]
+struct Expansion<'e> {
+    evaluators: &'e Map<String, Value>,
+    /// Bytes of JSON the expansion may still produce (an estimate that never exceeds the
+    /// real text: the rule's exact size is checked when it is parsed).
+    bytes: usize,
+}
+
+/// Replaces every `{"$ref": name}` in `v` with the named evaluator. The expansion is
+/// bounded as it goes: at most [`MAX_REF_HOPS`] hops on a path, the result nested at most
+/// [`MAX_RULE_DEPTH`] levels and at most [`MAX_RULE_BYTES`] of JSON (the limits of a rule
+/// written with CreateFeature), so neither a deep chain nor a "billion laughs" document
+/// can exhaust the stack or the memory.
+pub fn resolve_refs(v: &Value, evaluators: &Map<String, Value>) -> Result<Value, String> {
+    let mut e = Expansion {
+        evaluators,
+        bytes: MAX_RULE_BYTES,
+    };
+    expand(v, &mut e, 0, 0)
+}
+
+fn expand(v: &Value, e: &mut Expansion<'_>, depth: usize, hops: usize) -> Result<Value, String> {
+    let cost = match v {
+        Value::String(s) => s.len() + 3,
+        Value::Object(map) => map.keys().map(|k| k.len() + 4).sum::<usize>() + 2,
+        Value::Array(items) => items.len() + 2,
+        _ => 2,
+    };
+    if let Value::Object(map) = v {
+        if map.len() == 1 {
+            if let Some(target) = map.get("$ref") {
+                let name = target
+                    .as_str()
+                    .ok_or_else(|| "$ref must name an evaluator".to_owned())?;
+                let target = e
+                    .evaluators
+                    .get(name)
+                    .ok_or_else(|| format!("$ref {name:?} is not in $evaluators"))?;
+                if hops >= MAX_REF_HOPS {
+                    return Err(format!(
+                        "$ref chains longer than {MAX_REF_HOPS} hops (a cycle?)"
+                    ));
+                }
+                return expand(target, e, depth, hops + 1);
+            }
         }
-        Value::Object(map) => Value::Object(
-            map.iter()
-                .map(|(k, v)| Ok((k.clone(), resolve_refs(v, evaluators, path, depth)?)))
-                .collect::<Result<_, String>>()?,
-        ),
-        Value::Array(items) => Value::Array(
-            items
-                .iter()
-                .map(|v| resolve_refs(v, evaluators, path, depth))
-                .collect::<Result<_, String>>()?,
-        ),
+    }
+    if cost > e.bytes {
+        return Err(format!(
+            "expands ($ref included) to more than {MAX_RULE_BYTES} bytes"
+        ));
+    }
+    e.bytes -= cost;
+    Ok(match v {
+        Value::Object(_) | Value::Array(_) if depth > MAX_RULE_DEPTH => {
+            return Err(format!(
+                "nests ($ref included) deeper than {MAX_RULE_DEPTH} levels"
+            ))
+        }
+        Value::Object(map) => {
+            let mut out = Map::new();
+            for (k, item) in map {
+                out.insert(k.clone(), expand(item, e, depth + 1, hops)?);
+            }
+            Value::Object(out)
+        }
+        Value::Array(items) => {
+            let mut out = Vec::with_capacity(items.len());
+            for item in items {
+                out.push(expand(item, e, depth + 1, hops)?);
+            }
+            Value::Array(out)
+        }
         other => other.clone(),
     })
 }
@@ -132,10 +185,32 @@ pub fn parse(document: &str, skip_invalid: bool) -> Result<Parsed, super::Error>
         doc_violations.finish()?;
         return Ok(Parsed::default());
     };
+    if flags.len() > MAX_FLAGS {
+        doc_violations.push(
+            "document.flags",
+            format!("must have at most {MAX_FLAGS} flags, got {}", flags.len()),
+        );
+        doc_violations.finish()?;
+    }
     let mut out = Parsed::default();
+    let mut expanded = 0usize;
     for (key, flag) in flags {
         let mut v = Violations::default();
         let flag = parse_flag(key, flag, evaluators, &mut v);
+        expanded += flag
+            .targeting
+            .as_ref()
+            .map_or(0, |r| r.as_json().to_string().len());
+        if expanded > MAX_DOCUMENT_EXPANDED_BYTES {
+            let mut all = Violations::default();
+            all.push(
+                "document",
+                format!(
+                    "expands ($ref included) to more than {MAX_DOCUMENT_EXPANDED_BYTES} bytes of targeting"
+                ),
+            );
+            all.finish()?;
+        }
         if v.recorded().is_empty() {
             out.flags.push(flag);
         } else {
@@ -172,6 +247,16 @@ fn parse_flag(
             "must have at least one variant",
         );
     }
+    if variants.len() > MAX_VARIANTS || variants.keys().any(|k| k.is_empty() || k.len() > 128) {
+        v.push(
+            &format!("{field}.variants"),
+            format!("must have at most {MAX_VARIANTS} variants named by 1-128 characters"),
+        );
+    }
+    v.check(
+        &format!("{field}.variants"),
+        values::check_variants(&variants),
+    );
     let default_variant = match flag.get("defaultVariant") {
         Some(Value::String(d)) if variants.contains_key(d) => d.clone(),
         Some(Value::String(d)) => {
@@ -202,7 +287,7 @@ fn parse_flag(
     let targeting = match flag.get("targeting") {
         None | Some(Value::Null) => None,
         Some(Value::Object(m)) if m.is_empty() => None,
-        Some(t) => match resolve_refs(t, evaluators, &format!("{field}.targeting"), 0) {
+        Some(t) => match resolve_refs(t, evaluators) {
             Ok(resolved) => v.check(
                 &format!("{field}.targeting"),
                 Rule::parse(&resolved.to_string()),
@@ -325,5 +410,76 @@ mod tests {
         let skipped: Vec<_> = parsed.invalid.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(skipped, ["bad-default", "bad-ref", "bad-state"]);
         assert!(parse("not json", true).is_err());
+    }
+
+    fn flag_with(evaluators: Value, first: &str) -> String {
+        serde_json::json!({
+            "$evaluators": evaluators,
+            "flags": {"f": {"state": "ENABLED", "variants": {"on": true}, "defaultVariant": "on",
+                            "targeting": {"$ref": first}}}
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn ref_expansion_is_bounded_in_depth_size_and_hops() {
+        // Nesting through a chain: each evaluator is shallow, together they are deep.
+        let mut chain = Map::new();
+        for i in 0..20 {
+            chain.insert(
+                format!("e{i}"),
+                serde_json::json!([[[[{"$ref": format!("e{}", i + 1)}]]]]),
+            );
+        }
+        chain.insert("e20".into(), Value::Bool(true));
+        let err = parse(&flag_with(Value::Object(chain), "e0"), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("document.flags.f.targeting") && err.contains("deeper"),
+            "{err}"
+        );
+        // Billion laughs: tiny, exponentially large once expanded.
+        let mut laughs = Map::new();
+        for i in 0..10 {
+            let refs = vec![serde_json::json!({"$ref": format!("l{}", i + 1)}); 10];
+            laughs.insert(format!("l{i}"), Value::Array(refs));
+        }
+        laughs.insert("l10".into(), Value::String("lol".into()));
+        let err = parse(&flag_with(Value::Object(laughs), "l0"), false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("more than 65536 bytes"), "{err}");
+        // A cycle of aliases nests nothing: the hop count stops it.
+        let cycle = serde_json::json!({"a": {"$ref": "b"}, "b": {"$ref": "a"}});
+        let err = parse(&flag_with(cycle, "a"), false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("hops"), "{err}");
+        // A modest reuse of one evaluator is fine.
+        let reuse = serde_json::json!({"corp": {"ends_with": [{"var": "email"}, "@corp.com"]},
+                                       "any": {"or": [{"$ref": "corp"}, {"$ref": "corp"}]}});
+        assert_eq!(
+            parse(&flag_with(reuse, "any"), false).unwrap().flags.len(),
+            1
+        );
+    }
+
+    #[test]
+    fn documents_are_bounded_in_flags() {
+        let flags: Map<String, Value> = (0..=MAX_FLAGS)
+            .map(|i| {
+                (
+                    format!("f{i}"),
+                    serde_json::json!({"state": "ENABLED", "variants": {"on": true}, "defaultVariant": "on"}),
+                )
+            })
+            .collect();
+        let doc = serde_json::json!({ "flags": flags }).to_string();
+        let err = parse(&doc, true).unwrap_err().to_string();
+        assert!(
+            err.contains("document.flags") && err.contains("at most 1000"),
+            "{err}"
+        );
     }
 }

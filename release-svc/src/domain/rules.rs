@@ -5,6 +5,12 @@
 //! Rules are parsed and checked once (unknown operators are refused when the feature is
 //! written) and evaluated against the context's attributes plus `targetingKey` and
 //! `$flagd.flagKey` and `$flagd.timestamp` (seconds since the Unix epoch).
+//!
+//! Budgets: a rule is at most [`MAX_RULE_BYTES`] of JSON nested at most [`MAX_RULE_DEPTH`]
+//! levels (checked when it is parsed, so evaluation recursion is bounded too), and one
+//! evaluation performs at most [`MAX_EVAL_OPS`] operations and produces at most
+//! [`MAX_EVAL_OUTPUT_BYTES`] of strings and arrays. Over budget, [`Rule::evaluate`] answers
+//! [`OverBudget`] instead of a value; the caller serves the default.
 
 use std::borrow::Cow;
 
@@ -89,13 +95,120 @@ pub const OPERATORS: &[&str] = &[
     "fractional",
 ];
 
+/// Longest rule, as JSON text.
+pub const MAX_RULE_BYTES: usize = 64 * 1024;
+/// Deepest nesting of a rule's JSON (arrays and operator objects).
+pub const MAX_RULE_DEPTH: usize = 64;
+/// Most operations one evaluation performs (each operator, literal and array item is one).
+pub const MAX_EVAL_OPS: u32 = 100_000;
+/// Most bytes of strings and arrays one evaluation produces (copies of context values
+/// included).
+pub const MAX_EVAL_OUTPUT_BYTES: usize = 1024 * 1024;
+
+/// An evaluation ran out of its operation or output budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverBudget;
+
+/// What one evaluation may still spend.
+#[derive(Debug)]
+struct Budget {
+    ops: u32,
+    bytes: usize,
+    over: bool,
+}
+
+impl Budget {
+    fn new() -> Self {
+        Self {
+            ops: MAX_EVAL_OPS,
+            bytes: MAX_EVAL_OUTPUT_BYTES,
+            over: false,
+        }
+    }
+
+    /// Takes one operation; false once the budget is gone (every later call too).
+    #[inline]
+    fn op(&mut self) -> bool {
+        if self.ops == 0 {
+            self.over = true;
+            return false;
+        }
+        self.ops -= 1;
+        true
+    }
+
+    /// Takes `bytes` of output; false (and the whole budget gone) when they do not fit.
+    #[inline]
+    fn spend(&mut self, bytes: usize) -> bool {
+        if bytes > self.bytes {
+            self.bytes = 0;
+            self.ops = 0;
+            self.over = true;
+            return false;
+        }
+        self.bytes -= bytes;
+        true
+    }
+
+    fn exceeded(&self) -> bool {
+        self.over
+    }
+}
+
+/// The bytes a copy of `v` costs, roughly (iterative: values nest deeply).
+fn weight(v: &Value) -> usize {
+    match v {
+        Value::String(s) => return 8 + s.len(),
+        Value::Array(_) | Value::Object(_) => {}
+        _ => return 8,
+    }
+    let mut total = 0;
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        total += 8;
+        match v {
+            Value::String(s) => total += s.len(),
+            Value::Array(items) => stack.extend(items),
+            Value::Object(map) => {
+                for (k, item) in map {
+                    total += k.len();
+                    stack.push(item);
+                }
+            }
+            _ => {}
+        }
+    }
+    total
+}
+
+/// `v` owned, its copy paid from `budget` (null when it does not fit).
+fn owned(v: Cow<'_, Value>, budget: &mut Budget) -> Value {
+    match v {
+        Cow::Owned(v) => v,
+        Cow::Borrowed(v) => {
+            if budget.spend(weight(v)) {
+                v.clone()
+            } else {
+                Value::Null
+            }
+        }
+    }
+}
+
 /// A checked targeting rule.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rule(Value);
 
 impl Rule {
-    /// Parses and checks a rule written as JSON.
+    /// Parses and checks a rule written as JSON: at most [`MAX_RULE_BYTES`], nested at
+    /// most [`MAX_RULE_DEPTH`] levels, known operators only.
     pub fn parse(text: &str) -> Result<Self, String> {
+        if text.len() > MAX_RULE_BYTES {
+            return Err(format!(
+                "must be at most {MAX_RULE_BYTES} bytes of JSON, got {}",
+                text.len()
+            ));
+        }
         let value: Value =
             serde_json::from_str(text).map_err(|e| format!("is not valid JSON: {e}"))?;
         check(&value, 0)?;
@@ -107,15 +220,21 @@ impl Rule {
         &self.0
     }
 
-    /// Evaluates the rule against `data`.
-    pub fn evaluate<'a>(&'a self, data: &Data<'a>) -> Cow<'a, Value> {
-        apply(&self.0, data)
+    /// Evaluates the rule against `data` within the evaluation budget.
+    pub fn evaluate<'a>(&'a self, data: &Data<'a>) -> Result<Cow<'a, Value>, OverBudget> {
+        let mut budget = Budget::new();
+        let v = apply(&self.0, data, &mut budget);
+        if budget.exceeded() {
+            Err(OverBudget)
+        } else {
+            Ok(v)
+        }
     }
 }
 
 fn check(rule: &Value, depth: usize) -> Result<(), String> {
-    if depth > 64 {
-        return Err("nests deeper than 64 levels".into());
+    if depth > MAX_RULE_DEPTH {
+        return Err(format!("nests deeper than {MAX_RULE_DEPTH} levels"));
     }
     match rule {
         Value::Array(items) => items.iter().try_for_each(|v| check(v, depth + 1)),
@@ -164,14 +283,6 @@ fn text(v: &Value) -> String {
     }
 }
 
-/// A value as text, borrowing strings.
-fn as_text(v: &Value) -> Cow<'_, str> {
-    match v {
-        Value::String(s) => Cow::Borrowed(s.as_str()),
-        other => Cow::Owned(text(other)),
-    }
-}
-
 fn loose_eq(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Null, Value::Null) => true,
@@ -191,11 +302,16 @@ fn f64_value(f: f64) -> Value {
         .unwrap_or(Value::Null)
 }
 
-fn var<'a>(data: &Data<'a>, path: &str, default: Option<Cow<'a, Value>>) -> Cow<'a, Value> {
+fn var<'a>(
+    data: &Data<'a>,
+    path: &str,
+    default: Option<Cow<'a, Value>>,
+    budget: &mut Budget,
+) -> Cow<'a, Value> {
     let mut parts = path.split('.');
     let first = parts.next().unwrap_or_default();
     let mut current: &'a Value = match first {
-        "" => return Cow::Owned(whole(data)),
+        "" => return Cow::Owned(whole(data, budget)),
         "targetingKey" => return Cow::Owned(Value::String(data.targeting_key.to_owned())),
         "$flagd" => {
             return match parts.next() {
@@ -223,8 +339,16 @@ fn var<'a>(data: &Data<'a>, path: &str, default: Option<Cow<'a, Value>>) -> Cow<
     Cow::Borrowed(current)
 }
 
-/// The whole data as one object (only for `{"var": ""}`).
-fn whole(data: &Data<'_>) -> Value {
+/// The whole data as one object (only for `{"var": ""}`), its copy paid from `budget`.
+fn whole(data: &Data<'_>, budget: &mut Budget) -> Value {
+    let cost: usize = data
+        .attributes
+        .iter()
+        .map(|(k, v)| k.len() + weight(v))
+        .sum();
+    if !budget.spend(cost + data.targeting_key.len() + data.flag_key.len()) {
+        return Value::Null;
+    }
     let mut map = data.attributes.clone();
     map.insert(
         "targetingKey".into(),
@@ -261,14 +385,37 @@ fn number_value<'a>(f: Option<f64>) -> Cow<'a, Value> {
     Cow::Owned(f.map_or(Value::Null, f64_value))
 }
 
-/// Evaluates `rule` against `data`, borrowing from the rule and the data where it can.
-pub fn apply<'a>(rule: &'a Value, data: &Data<'a>) -> Cow<'a, Value> {
+/// A value as text, its rendering paid from `budget` (strings are borrowed for free).
+fn paid_text<'v>(v: &'v Value, budget: &mut Budget) -> Cow<'v, str> {
+    match v {
+        Value::String(s) => Cow::Borrowed(s.as_str()),
+        Value::Null => Cow::Borrowed(""),
+        other => {
+            if budget.spend(weight(other)) {
+                Cow::Owned(text(other))
+            } else {
+                Cow::Borrowed("")
+            }
+        }
+    }
+}
+
+/// Evaluates `rule` against `data`, borrowing from the rule and the data where it can and
+/// paying every operation and copy from `budget` (null once it is spent). Recursion is
+/// bounded by the rule's checked depth.
+fn apply<'a>(rule: &'a Value, data: &Data<'a>, budget: &mut Budget) -> Cow<'a, Value> {
+    if !budget.op() {
+        return Cow::Owned(Value::Null);
+    }
     let map = match rule {
         Value::Object(map) if map.len() == 1 => map,
         Value::Array(items) => {
-            return Cow::Owned(Value::Array(
-                items.iter().map(|v| apply(v, data).into_owned()).collect(),
-            ))
+            let mut out = Vec::with_capacity(items.len());
+            for v in items {
+                let item = apply(v, data, budget);
+                out.push(owned(item, budget));
+            }
+            return Cow::Owned(Value::Array(out));
         }
         other => return Cow::Borrowed(other),
     };
@@ -279,44 +426,47 @@ pub fn apply<'a>(rule: &'a Value, data: &Data<'a>) -> Cow<'a, Value> {
         Value::Array(items) => items,
         other => std::slice::from_ref(other),
     };
-    let eval = |i: usize| {
+    let eval = |i: usize, budget: &mut Budget| {
         args.get(i)
-            .map_or(Cow::Owned(Value::Null), |v| apply(v, data))
+            .map_or(Cow::Owned(Value::Null), |v| apply(v, data, budget))
     };
     match op.as_str() {
         "var" => {
-            let path = eval(0);
-            let default = args.get(1).map(|v| apply(v, data));
+            let path = eval(0, budget);
+            let default = args.get(1).map(|v| apply(v, data, budget));
             match path.as_ref() {
-                Value::String(p) => var(data, p, default),
-                Value::Null => var(data, "", default),
-                other => var(data, &other.to_string(), default),
+                Value::String(p) => var(data, p, default, budget),
+                Value::Null => var(data, "", default, budget),
+                other => {
+                    let p = paid_text(other, budget);
+                    var(data, &p, default, budget)
+                }
             }
         }
         "if" | "?:" => {
             let mut i = 0;
             while i + 1 < args.len() {
-                if truthy(&eval(i)) {
-                    return eval(i + 1);
+                if truthy(&eval(i, budget)) {
+                    return eval(i + 1, budget);
                 }
                 i += 2;
             }
             if i < args.len() {
-                eval(i)
+                eval(i, budget)
             } else {
                 Cow::Owned(Value::Null)
             }
         }
-        "==" => bool_value(loose_eq(&eval(0), &eval(1))),
-        "!=" => bool_value(!loose_eq(&eval(0), &eval(1))),
-        "===" => bool_value(eval(0) == eval(1)),
-        "!==" => bool_value(eval(0) != eval(1)),
-        "!" => bool_value(!truthy(&eval(0))),
-        "!!" => bool_value(truthy(&eval(0))),
+        "==" => bool_value(loose_eq(&eval(0, budget), &eval(1, budget))),
+        "!=" => bool_value(!loose_eq(&eval(0, budget), &eval(1, budget))),
+        "===" => bool_value(eval(0, budget) == eval(1, budget)),
+        "!==" => bool_value(eval(0, budget) != eval(1, budget)),
+        "!" => bool_value(!truthy(&eval(0, budget))),
+        "!!" => bool_value(truthy(&eval(0, budget))),
         "and" => {
             let mut last = Cow::Owned(Value::Bool(true));
             for i in 0..args.len() {
-                last = eval(i);
+                last = eval(i, budget);
                 if !truthy(&last) {
                     return last;
                 }
@@ -326,7 +476,7 @@ pub fn apply<'a>(rule: &'a Value, data: &Data<'a>) -> Cow<'a, Value> {
         "or" => {
             let mut last = Cow::Owned(Value::Bool(false));
             for i in 0..args.len() {
-                last = eval(i);
+                last = eval(i, budget);
                 if truthy(&last) {
                     return last;
                 }
@@ -334,22 +484,22 @@ pub fn apply<'a>(rule: &'a Value, data: &Data<'a>) -> Cow<'a, Value> {
             last
         }
         "<" | "<=" | ">" | ">=" => {
-            let a = number(&eval(0));
-            let b = number(&eval(1));
+            let a = number(&eval(0, budget));
+            let b = number(&eval(1, budget));
             let ok = match (a, b, args.len()) {
                 (Some(a), Some(b), 2) => compare(op, a, b),
                 // JSON Logic's "between": a < b < c.
                 (Some(a), Some(b), 3) if op == "<" || op == "<=" => {
-                    compare(op, a, b) && number(&eval(2)).is_some_and(|c| compare(op, b, c))
+                    compare(op, a, b) && number(&eval(2, budget)).is_some_and(|c| compare(op, b, c))
                 }
                 _ => false,
             };
             bool_value(ok)
         }
         "in" => {
-            let needle = eval(0);
-            let ok = match eval(1).as_ref() {
-                Value::String(hay) => hay.contains(as_text(&needle).as_ref()),
+            let needle = eval(0, budget);
+            let ok = match eval(1, budget).as_ref() {
+                Value::String(hay) => hay.contains(paid_text(&needle, budget).as_ref()),
                 Value::Array(items) => items
                     .iter()
                     .any(|v| v.is_string() == needle.is_string() && loose_eq(v, &needle)),
@@ -357,11 +507,21 @@ pub fn apply<'a>(rule: &'a Value, data: &Data<'a>) -> Cow<'a, Value> {
             };
             bool_value(ok)
         }
-        "cat" => Cow::Owned(Value::String(
-            (0..args.len()).map(|i| text(&eval(i))).collect(),
-        )),
+        "cat" => {
+            let mut out = String::new();
+            for i in 0..args.len() {
+                let piece = eval(i, budget);
+                let piece = paid_text(&piece, budget);
+                if !budget.spend(piece.len()) {
+                    return Cow::Owned(Value::Null);
+                }
+                out.push_str(&piece);
+            }
+            Cow::Owned(Value::String(out))
+        }
         "+" | "*" | "min" | "max" => {
-            let nums: Option<Vec<f64>> = (0..args.len()).map(|i| number(&eval(i))).collect();
+            let nums: Option<Vec<f64>> =
+                (0..args.len()).map(|i| number(&eval(i, budget))).collect();
             number_value(nums.filter(|n| !n.is_empty()).map(|n| match op.as_str() {
                 "+" => n.iter().sum(),
                 "*" => n.iter().product(),
@@ -369,9 +529,9 @@ pub fn apply<'a>(rule: &'a Value, data: &Data<'a>) -> Cow<'a, Value> {
                 _ => n.iter().copied().fold(f64::NEG_INFINITY, f64::max),
             }))
         }
-        "-" | "/" | "%" => number_value(match (number(&eval(0)), args.len()) {
+        "-" | "/" | "%" => number_value(match (number(&eval(0, budget)), args.len()) {
             (Some(a), 1) if op == "-" => Some(-a),
-            (Some(a), _) => match number(&eval(1)) {
+            (Some(a), _) => match number(&eval(1, budget)) {
                 Some(b) if op == "-" => Some(a - b),
                 Some(b) if b != 0.0 && op == "/" => Some(a / b),
                 Some(b) if b != 0.0 => Some(a % b),
@@ -385,7 +545,7 @@ pub fn apply<'a>(rule: &'a Value, data: &Data<'a>) -> Cow<'a, Value> {
             if args.len() != 2 {
                 return Cow::Owned(Value::Null);
             }
-            let (s, p) = (eval(0), eval(1));
+            let (s, p) = (eval(0, budget), eval(1, budget));
             match (s.as_ref(), p.as_ref()) {
                 (Value::String(s), Value::String(p)) if op == "starts_with" => {
                     bool_value(s.starts_with(p.as_str()))
@@ -398,11 +558,15 @@ pub fn apply<'a>(rule: &'a Value, data: &Data<'a>) -> Cow<'a, Value> {
             if args.len() != 3 {
                 return Cow::Owned(Value::Null);
             }
-            let (a, o, b) = (eval(0), eval(1), eval(2));
-            sem_ver(&as_text(&a), &as_text(&o), &as_text(&b))
-                .map_or(Cow::Owned(Value::Null), bool_value)
+            let (a, o, b) = (eval(0, budget), eval(1, budget), eval(2, budget));
+            let (a, o, b) = (
+                paid_text(&a, budget),
+                paid_text(&o, budget),
+                paid_text(&b, budget),
+            );
+            sem_ver(&a, &o, &b).map_or(Cow::Owned(Value::Null), bool_value)
         }
-        "fractional" => Cow::Owned(fractional(args, data)),
+        "fractional" => Cow::Owned(fractional(args, data, budget)),
         _ => Cow::Owned(Value::Null),
     }
 }
@@ -439,9 +603,13 @@ pub fn sem_ver(a: &str, op: &str, b: &str) -> Option<bool> {
     })
 }
 
-fn fractional(args: &[Value], data: &Data<'_>) -> Value {
+fn fractional<'a>(raw_args: &'a [Value], data: &Data<'a>, budget: &mut Budget) -> Value {
     // Names and weights may be expressions (flagd's "nested" fractional): evaluate first.
-    let mut args: Vec<Value> = args.iter().map(|v| apply(v, data).into_owned()).collect();
+    let mut args: Vec<Value> = Vec::with_capacity(raw_args.len());
+    for v in raw_args {
+        let item = apply(v, data, budget);
+        args.push(owned(item, budget));
+    }
     // An optional first argument that is not a [variant, weight] pair is the bucketing input.
     let explicit = match args.first() {
         None | Some(Value::Array(_)) => None,
@@ -484,6 +652,9 @@ fn fractional(args: &[Value], data: &Data<'_>) -> Value {
                     Value::String(data.targeting_key.to_owned()),
                 ]),
             };
+            if !budget.spend(weight(&input)) {
+                return Value::Null;
+            }
             let mut bytes = Vec::new();
             cbor(&input, &mut bytes);
             pick_weighted(murmur3_32(&bytes, 0), buckets)
@@ -688,7 +859,7 @@ mod tests {
             flag_key: "flag",
             bucketing: Bucketing::default(),
         };
-        rule.evaluate(&data).into_owned()
+        rule.evaluate(&data).unwrap().into_owned()
     }
 
     #[test]
@@ -792,6 +963,44 @@ mod tests {
     }
 
     #[test]
+    fn evaluation_is_bounded_in_output_and_operations() {
+        let attributes = json!({"a": "x".repeat(60_000)});
+        let attributes = attributes.as_object().cloned().unwrap_or_default();
+        let data = Data {
+            attributes: &attributes,
+            targeting_key: "u",
+            flag_key: "f",
+            bucketing: Bucketing::default(),
+        };
+        // 5,000 copies of a 60 KB attribute: 300 MB of output.
+        let cat = format!(
+            r#"{{"cat": [{}]}}"#,
+            vec![r#"{"var": "a"}"#; 5000].join(",")
+        );
+        assert_eq!(Rule::parse(&cat).unwrap().evaluate(&data), Err(OverBudget));
+        let list = format!("[{}]", vec![r#"{"var": "a"}"#; 5000].join(","));
+        assert_eq!(Rule::parse(&list).unwrap().evaluate(&data), Err(OverBudget));
+        let whole = format!(r#"{{"cat": [{}]}}"#, vec![r#"{"var": ""}"#; 100].join(","));
+        assert_eq!(
+            Rule::parse(&whole).unwrap().evaluate(&data),
+            Err(OverBudget)
+        );
+        // A few copies fit.
+        let few = format!(r#"{{"cat": [{}]}}"#, [r#"{"var": "a"}"#; 10].join(","));
+        let few = Rule::parse(&few).unwrap();
+        let v = few.evaluate(&data).unwrap();
+        assert_eq!(v.as_str().map(str::len), Some(600_000));
+    }
+
+    #[test]
+    fn rules_are_bounded_in_size_and_depth() {
+        let big = format!("[{}]", vec!["1"; 40_000].join(","));
+        assert!(Rule::parse(&big).unwrap_err().contains("65536"));
+        let deep = format!("{}1{}", "[".repeat(70), "]".repeat(70));
+        assert!(Rule::parse(&deep).unwrap_err().contains("deeper"));
+    }
+
+    #[test]
     fn unknown_operators_and_bad_json_are_refused() {
         assert!(Rule::parse(r#"{"regex": ["a", "b"]}"#)
             .unwrap_err()
@@ -815,7 +1024,7 @@ mod tests {
                 flag_key: flag,
                 bucketing: Bucketing::V1,
             };
-            rule.evaluate(&data).into_owned()
+            rule.evaluate(&data).unwrap().into_owned()
         };
         for (name, want) in [
             ("jack", "spades"),

@@ -88,8 +88,40 @@ pub fn from_json(v: &Value) -> prost_types::Value {
     prost_types::Value { kind: Some(kind) }
 }
 
+/// Most features in one release (and flags in one import).
+pub const MAX_RELEASE_FEATURES: usize = 1000;
+/// Most environments in one release.
+pub const MAX_RELEASE_ENVIRONMENTS: usize = 32;
+/// Most rollout steps in one environment of a release.
+pub const MAX_STEPS: usize = 100;
+/// Most carriers of one feature.
+pub const MAX_CARRIERS: usize = 16;
+/// Most variants of one feature.
+pub const MAX_VARIANTS: usize = 64;
+/// Most approvers a policy names.
+pub const MAX_APPROVERS: usize = 64;
+/// Longest principal name (approvers, emergency approvers, filters).
+pub const MAX_PRINCIPAL: usize = 256;
+
 fn text(v: &mut Violations, field: &str, s: &str, max: usize) {
     v.check(field, service_kit::validate::validate_text(s, max));
+}
+
+/// Checks a free-text reason (kill switch, rollback, cancel, override): at most
+/// [`service_kit::validate::MAX_TEXT`] bytes.
+pub fn reason_text(v: &mut Violations, field: &str, s: &str) {
+    text(v, field, s, service_kit::validate::MAX_TEXT);
+}
+
+/// Checks a principal name given in a request (an emergency approver, a filter).
+pub fn principal_text(v: &mut Violations, field: &str, s: &str) {
+    text(v, field, s, MAX_PRINCIPAL);
+}
+
+fn at_most(v: &mut Violations, field: &str, len: usize, max: usize, what: &str) {
+    if len > max {
+        v.push(field, format!("must have at most {max} {what}, got {len}"));
+    }
 }
 
 fn keys(v: &mut Violations, field: &str, list: &[String]) {
@@ -127,12 +159,16 @@ pub fn feature(f: pb::Feature, create: bool) -> Result<(Feature, Option<i64>)> {
             .map(|(k, val)| (k.clone(), to_json(val)))
             .collect()
     };
-    if variants.len() > 64 || variants.keys().any(|k| k.is_empty() || k.len() > 128) {
+    if variants.len() > MAX_VARIANTS || variants.keys().any(|k| k.is_empty() || k.len() > 128) {
         v.push(
             "feature.variants",
-            "must have at most 64 variants named by 1-128 characters",
+            format!("must have at most {MAX_VARIANTS} variants named by 1-128 characters"),
         );
     }
+    v.check(
+        "feature.variants",
+        crate::domain::values::check_variants(&variants),
+    );
     let default_variant = if f.default_variant.is_empty() {
         "on".to_owned()
     } else {
@@ -157,14 +193,19 @@ pub fn feature(f: pb::Feature, create: bool) -> Result<(Feature, Option<i64>)> {
     }
     let targeting = if f.targeting.trim().is_empty() {
         None
-    } else if f.targeting.len() > 64 * 1024 {
-        v.push("feature.targeting", "must be at most 64 KiB");
-        None
     } else {
+        // Size and depth limits are the rule language's own (imports obey them too).
         v.check("feature.targeting", Rule::parse(&f.targeting))
     };
     keys(&mut v, "feature.allow", &f.allow);
     keys(&mut v, "feature.deny", &f.deny);
+    at_most(
+        &mut v,
+        "feature.carriers",
+        f.carriers.len(),
+        MAX_CARRIERS,
+        "carriers",
+    );
     let mut carriers = Vec::new();
     for (i, c) in f.carriers.iter().enumerate() {
         let field = format!("feature.carriers[{i}]");
@@ -287,6 +328,20 @@ pub fn new_release(req: pb::CreateReleaseRequest) -> Result<(Release, Option<Str
     if r.features.is_empty() {
         v.push("release.features", "must name at least one feature key");
     }
+    at_most(
+        &mut v,
+        "release.features",
+        r.features.len(),
+        MAX_RELEASE_FEATURES,
+        "features",
+    );
+    at_most(
+        &mut v,
+        "release.environments",
+        r.environments.len(),
+        MAX_RELEASE_ENVIRONMENTS,
+        "environments",
+    );
     for (i, k) in r.features.iter().enumerate() {
         v.check(
             &format!("release.features[{i}]"),
@@ -319,6 +374,13 @@ pub fn new_release(req: pb::CreateReleaseRequest) -> Result<(Release, Option<Str
                 "must be 0 in a planned environment (its steps set it)",
             );
         }
+        at_most(
+            &mut v,
+            &format!("release.environments[{i}].steps"),
+            e.steps.len(),
+            MAX_STEPS,
+            "steps",
+        );
         let mut last = 0.0;
         for (j, step) in e.steps.iter().enumerate() {
             let field = format!("release.environments[{i}].steps[{j}]");
@@ -498,8 +560,15 @@ pub fn policy(p: pb::Policy) -> Result<(Policy, Option<i64>)> {
     if min_soak_ms < 0 {
         v.push("policy.min_soak", "must not be negative");
     }
+    at_most(
+        &mut v,
+        "policy.approvers",
+        p.approvers.len(),
+        MAX_APPROVERS,
+        "approvers",
+    );
     for (i, a) in p.approvers.iter().enumerate() {
-        if a.trim().is_empty() || a.len() > 256 {
+        if a.trim().is_empty() || a.len() > MAX_PRINCIPAL {
             v.push(
                 &format!("policy.approvers[{i}]"),
                 "must be a principal name of 1-256 characters",
@@ -573,24 +642,36 @@ pub fn audit_pb(id: i64, a: &AuditEntry) -> pb::AuditRecord {
     }
 }
 
-/// Validates an evaluation context.
+/// Longest targeting key.
+pub const MAX_TARGETING_KEY: usize = 1024;
+
+/// Validates an evaluation context: environment, targeting key, and the attributes' count,
+/// depth and size ([`crate::domain::values`]).
 pub fn context(v: &mut Violations, c: Option<pb::EvaluationContext>) -> Context {
     let c = c.unwrap_or_default();
     v.check(
         "context.environment",
         names::validate_environment(&c.environment),
     );
-    if c.targeting_key.len() > 1024 {
-        v.push("context.targeting_key", "must be at most 1024 bytes");
+    if c.targeting_key.len() > MAX_TARGETING_KEY {
+        v.push(
+            "context.targeting_key",
+            format!("must be at most {MAX_TARGETING_KEY} bytes"),
+        );
     }
+    let attributes = c
+        .attributes
+        .as_ref()
+        .map(struct_to_json)
+        .unwrap_or_default();
+    v.check(
+        "context.attributes",
+        crate::domain::values::check_context(&attributes),
+    );
     Context {
         environment: c.environment,
         targeting_key: c.targeting_key,
-        attributes: c
-            .attributes
-            .as_ref()
-            .map(struct_to_json)
-            .unwrap_or_default(),
+        attributes,
     }
 }
 

@@ -52,6 +52,9 @@ pub struct FlagdOptions {
     /// Context values set by the service (flagd's `--context-value`); they override the
     /// request's values of the same key, so a caller cannot forge them.
     pub static_context: Map<String, Value>,
+    /// Largest ResolveAll response in bytes (0: 4 MiB); above it the call answers
+    /// RESOURCE_EXHAUSTED.
+    pub max_response_bytes: usize,
 }
 
 /// The flagd evaluation services (v1 and v2 share everything but message shapes).
@@ -98,6 +101,8 @@ impl Flagd {
 
     /// The evaluation context of a request, and whether the selector header fixed its
     /// environment.
+    /// The request's context is held to the limits of `release.v1` contexts
+    /// ([`crate::domain::values`]): INVALID_ARGUMENT naming `context` when over.
     fn context(
         &self,
         metadata: &MetadataMap,
@@ -105,6 +110,8 @@ impl Flagd {
         context: Option<prost_types::Struct>,
     ) -> Result<(Context, bool), Status> {
         let mut attributes = context.as_ref().map(struct_to_json).unwrap_or_default();
+        crate::domain::values::check_context(&attributes)
+            .map_err(|d| Status::from(crate::domain::Error::invalid("context", d)))?;
         for (k, v) in &self.options.static_context {
             attributes.insert(k.clone(), v.clone());
         }
@@ -112,6 +119,16 @@ impl Flagd {
             Some(Value::String(k)) => k,
             _ => String::new(),
         };
+        if targeting_key.len() > super::convert::MAX_TARGETING_KEY {
+            return Err(crate::domain::Error::invalid(
+                "context.targetingKey",
+                format!(
+                    "must be at most {} bytes",
+                    super::convert::MAX_TARGETING_KEY
+                ),
+            )
+            .into());
+        }
         let from_header = metadata
             .get("flagd-selector")
             .and_then(|v| v.to_str().ok())
@@ -355,10 +372,21 @@ macro_rules! flagd_service {
                 let metadata = prost_types::Struct {
                     fields: [("flagSetId".to_owned(), from_json(&Value::String(ctx.environment)))].into(),
                 };
-                Ok(Response::new($fpb::ResolveAllResponse {
+                let response = $fpb::ResolveAllResponse {
                     flags,
                     metadata: Some(metadata),
-                }))
+                };
+                let limit = match self.options.max_response_bytes {
+                    0 => 4 * 1024 * 1024,
+                    n => n,
+                };
+                let len = prost::Message::encoded_len(&response);
+                if len > limit {
+                    return Err(Status::resource_exhausted(format!(
+                        "the resolved flags would be {len} bytes, above the {limit} byte response limit; resolve flags one by one"
+                    )));
+                }
+                Ok(Response::new(response))
             }
 
             async fn resolve_boolean(&self, req: Request<$fpb::ResolveBooleanRequest>) -> R<$fpb::ResolveBooleanResponse> {

@@ -5,8 +5,10 @@
 //!
 //! - [`convert`]: proto <-> domain conversions and request validation.
 //! - [`flagd`]: flagd's evaluation protocol (v2) over the same evaluator.
+//! - [`decode`]: requests the protobuf decoder refuses answer INVALID_ARGUMENT.
 
 pub mod convert;
+pub mod decode;
 pub mod flagd;
 
 use std::pin::Pin;
@@ -52,7 +54,11 @@ pub struct ReleaseApi {
     consumer: SharedStatus,
     deploy_svc: String,
     streams: CancellationToken,
+    max_response_bytes: usize,
 }
+
+/// Most features one EvaluateBatch evaluates.
+pub const MAX_BATCH_FEATURES: usize = 1000;
 
 impl ReleaseApi {
     /// A service over `engine`; visibility streams end when `streams` is cancelled.
@@ -67,7 +73,27 @@ impl ReleaseApi {
             consumer,
             deploy_svc,
             streams,
+            max_response_bytes: 4 * 1024 * 1024,
         }
+    }
+
+    /// Caps responses built from many features (EvaluateBatch, ExportFlagd) at `bytes`
+    /// (the server's encoding limit): above it the call answers RESOURCE_EXHAUSTED.
+    pub fn with_max_response_bytes(mut self, bytes: usize) -> Self {
+        self.max_response_bytes = bytes;
+        self
+    }
+
+    /// RESOURCE_EXHAUSTED when a response of `len` bytes exceeds the response cap.
+    fn response_fits(&self, what: &str, len: usize) -> std::result::Result<(), Status> {
+        if len > self.max_response_bytes {
+            return Err(Error::ResourceExhausted(format!(
+                "the {what} would be {len} bytes, above the {} byte response limit; ask for less",
+                self.max_response_bytes
+            ))
+            .into());
+        }
+        Ok(())
     }
 }
 
@@ -104,6 +130,14 @@ fn name<T>(
     parse: impl Fn(&str) -> std::result::Result<T, String>,
 ) -> std::result::Result<T, Status> {
     parse(value).map_err(|d| Status::from(Error::invalid(field, d)))
+}
+
+/// A free-text reason (kill switch, rollback, cancel): INVALID_ARGUMENT naming `reason`
+/// when it is too long.
+fn check_reason(reason: &str) -> std::result::Result<(), Status> {
+    let mut v = Violations::default();
+    convert::reason_text(&mut v, "reason", reason);
+    Ok(v.finish()?)
 }
 
 fn page(v: &mut Violations, size: i32, token: &str) -> (usize, Option<String>) {
@@ -280,6 +314,7 @@ impl ReleaseService for ReleaseApi {
         let id = name("name", &req.get_ref().name, names::parse_release)?;
         self.require_release(&req, id, None).await?;
         let req = req.into_inner();
+        check_reason(&req.reason)?;
         let release = self
             .engine
             .transition(id, Transition::Pause, &actor, "PauseRelease", &req.reason)
@@ -308,6 +343,7 @@ impl ReleaseService for ReleaseApi {
         let id = name("name", &req.get_ref().name, names::parse_release)?;
         self.require_release(&req, id, None).await?;
         let req = req.into_inner();
+        check_reason(&req.reason)?;
         let release = self
             .engine
             .transition(
@@ -345,13 +381,31 @@ impl ReleaseService for ReleaseApi {
         let access = auth::caller(&req)?;
         let req = req.into_inner();
         let mut v = Violations::default();
-        for (i, k) in req.features.iter().enumerate() {
+        if req.features.len() > MAX_BATCH_FEATURES {
+            v.push(
+                "features",
+                format!(
+                    "must name at most {MAX_BATCH_FEATURES} features, got {}",
+                    req.features.len()
+                ),
+            );
+        }
+        for (i, k) in req.features.iter().enumerate().take(MAX_BATCH_FEATURES) {
             v.check(&format!("features[{i}]"), names::validate_feature_key(k));
         }
         let ctx = convert::context(&mut v, req.context);
+        let snapshot = self.engine.snapshot();
+        if req.features.is_empty() && snapshot.keys.len() > MAX_BATCH_FEATURES {
+            v.push(
+                "features",
+                format!(
+                    "must name the features to evaluate: there are {} features, and one batch evaluates at most {MAX_BATCH_FEATURES}",
+                    snapshot.keys.len()
+                ),
+            );
+        }
         v.finish()?;
         access.require_environment(&ctx.environment)?;
-        let snapshot = self.engine.snapshot();
         let keys: Vec<String> = if req.features.is_empty() {
             snapshot.keys.iter().map(|k| k.to_string()).collect()
         } else {
@@ -367,10 +421,12 @@ impl ReleaseService for ReleaseApi {
                 .ok_or_else(|| Status::from(Error::NotFound(format!("features/{key}"))))?;
             results.push(convert::decision(&key, d, snapshot.version));
         }
-        Ok(Response::new(pb::EvaluateBatchResponse {
+        let response = pb::EvaluateBatchResponse {
             results,
             snapshot_version: snapshot.version,
-        }))
+        };
+        self.response_fits("batch", prost::Message::encoded_len(&response))?;
+        Ok(Response::new(response))
     }
 
     type WatchVisibilityStream = VisibilityStream;
@@ -535,10 +591,10 @@ impl ReleaseService for ReleaseApi {
         let environment = req.into_inner().environment;
         name("environment", &environment, names::validate_environment)?;
         let doc = crate::domain::flagd_doc::render(&self.engine.snapshot(), &environment);
-        Ok(Response::new(pb::ExportFlagdResponse {
-            document: serde_json::to_string_pretty(&doc)
-                .map_err(|e| Status::from(Error::Internal(e.to_string())))?,
-        }))
+        let document = serde_json::to_string_pretty(&doc)
+            .map_err(|e| Status::from(Error::Internal(e.to_string())))?;
+        self.response_fits("document", document.len())?;
+        Ok(Response::new(pb::ExportFlagdResponse { document }))
     }
 
     async fn submit_release(&self, req: Request<pb::SubmitReleaseRequest>) -> Result<pb::Release> {
@@ -569,6 +625,7 @@ impl ReleaseService for ReleaseApi {
         let id = name("name", &req.get_ref().name, names::parse_release)?;
         self.require_release(&req, id, None).await?;
         let req = req.into_inner();
+        check_reason(&req.reason)?;
         Ok(Response::new(convert::release_pb(
             &self
                 .engine
@@ -604,6 +661,8 @@ impl ReleaseService for ReleaseApi {
         } else if req_ref.approver.trim().is_empty() {
             v.push("approver", "is required for an emergency override");
         }
+        convert::reason_text(&mut v, "reason", &req_ref.reason);
+        convert::principal_text(&mut v, "approver", &req_ref.approver);
         v.finish()?;
         self.require_release(&req, id, None).await?;
         let req = req.into_inner();
@@ -688,6 +747,7 @@ impl ReleaseService for ReleaseApi {
         if req.resource.len() > 512 {
             v.push("resource", "must be at most 512 characters");
         }
+        convert::principal_text(&mut v, "principal", &req.principal);
         let start_ms = req.start_time.as_ref().map(convert::millis);
         let end_ms = req.end_time.as_ref().map(convert::millis);
         if let (Some(s), Some(e)) = (start_ms, end_ms) {

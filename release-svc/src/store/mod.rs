@@ -108,6 +108,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<tokio_util::sync::CancellationToken> {
         Ok(stop.child_token())
     }
+    /// Whether the store can still write: true until it cannot (a panic while it held the
+    /// SQLite connection), then false for good. The serve loop turns health NOT_SERVING on
+    /// false.
+    fn writer_alive(&self) -> tokio::sync::watch::Receiver<bool> {
+        tokio::sync::watch::channel(true).1
+    }
     /// Loads everything (at start).
     async fn load(&self) -> Result<Loaded>;
     /// Inserts a new feature (ALREADY_EXISTS if the key is taken), with its audit record.

@@ -17,16 +17,19 @@ use tokio_postgres::{Client, Transaction};
 use tokio_util::sync::CancellationToken;
 
 use super::sqlite::{
-    feature_body, feature_from, internal, policy_body, policy_from, release_columns, release_from,
-    withdrawal_entries,
+    corrupt, feature_body, feature_from, placement_state, policy_body, policy_from,
+    release_columns, release_from, withdrawal_entries,
 };
 use super::{AuditEntry, AuditFilter, Loaded, Store, Withdrawal};
 use crate::domain::model::{Feature, Release};
-use crate::domain::placements::{Placement, PlacementState};
+use crate::domain::placements::Placement;
 use crate::domain::policy::Policy;
 use crate::domain::{Error, Result};
 
-const MIGRATIONS: &[&str] = &[include_str!("migrations/postgres/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/postgres/0001_init.sql"),
+    include_str!("migrations/postgres/0002_audit_truncate.sql"),
+];
 
 /// The PostgreSQL store.
 pub struct PostgresStore {
@@ -107,11 +110,21 @@ impl PostgresStore {
         let url = url.as_str();
         let mut client = connect(url, &tls, schema).await?;
         let tx = client.transaction().await.map_err(pg)?;
-        tx.batch_execute(
-            "SELECT pg_advisory_xact_lock(7303); CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)",
-        )
-        .await
-        .map_err(pg)?;
+        // A runtime role without CREATE on the schema opens an up-to-date database: no
+        // DDL runs unless a migration is due.
+        tx.batch_execute("SELECT pg_advisory_xact_lock(7303)")
+            .await
+            .map_err(pg)?;
+        let tracked: bool = tx
+            .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+            .await
+            .map_err(pg)?
+            .get(0);
+        if !tracked {
+            tx.batch_execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY)")
+                .await
+                .map_err(pg)?;
+        }
         let applied: i64 = tx
             .query_one("SELECT count(*) FROM schema_migrations", &[])
             .await
@@ -341,7 +354,8 @@ impl Store for PostgresStore {
                 {
                     let key: String = r.get(0);
                     let body: String = r.get(1);
-                    let f = feature_from(key.clone(), &body, r.get(2), r.get(3), r.get(4))?;
+                    let f = feature_from(key.clone(), &body, r.get(2), r.get(3), r.get(4))
+                        .map_err(|e| corrupt("features", &key, e))?;
                     loaded.features.insert(key, Arc::new(f));
                 }
                 for r in tx
@@ -362,7 +376,8 @@ impl Store for PostgresStore {
                         r.get(6),
                         r.get(7),
                         &governance,
-                    )?;
+                    )
+                    .map_err(|e| corrupt("releases", &id, e))?;
                     loaded.releases.insert(id, release);
                 }
                 for r in tx
@@ -370,13 +385,15 @@ impl Store for PostgresStore {
                     .await
                     .map_err(pg)?
                 {
+                    let deployment: i64 = r.get(0);
+                    let target: String = r.get(1);
                     loaded.placements.push(Placement {
-                        deployment: r.get(0),
-                        target: r.get(1),
+                        state: placement_state(r.get(5), deployment, &target)?,
+                        deployment,
+                        target,
                         environment: r.get(2),
                         artifact: r.get(3),
                         version: r.get(4),
-                        state: PlacementState::from_code(r.get(5)).unwrap_or(PlacementState::Pending),
                         sequence: to_u64(r.get(6)),
                     });
                 }
@@ -395,7 +412,8 @@ impl Store for PostgresStore {
                     let body: String = r.get(1);
                     loaded.policies.insert(
                         environment.clone(),
-                        policy_from(environment, &body, r.get(2), r.get(3))?,
+                        policy_from(environment.clone(), &body, r.get(2), r.get(3))
+                            .map_err(|e| corrupt("policies", &environment, e))?,
                     );
                 }
                 Ok(loaded)
@@ -487,7 +505,10 @@ impl Store for PostgresStore {
                                 "was already used for a different request; use a new request_id",
                             ));
                         }
-                        return Ok((resource.parse().map_err(internal)?, false));
+                        let id = resource
+                            .parse()
+                            .map_err(|e| corrupt("request_ids", &request_id, e))?;
+                        return Ok((id, false));
                     }
                 }
                 let id: i64 = tx

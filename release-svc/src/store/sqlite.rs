@@ -24,12 +24,14 @@ use crate::domain::{Error, Result};
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0001_init.sql"),
     include_str!("migrations/sqlite/0002_governance.sql"),
+    include_str!("migrations/sqlite/0003_audit_append_only.sql"),
 ];
 
 /// The SQLite store.
 pub struct SqliteStore {
     path: PathBuf,
     conn: Arc<Mutex<Connection>>,
+    alive: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -42,6 +44,28 @@ impl std::fmt::Debug for SqliteStore {
 
 pub(super) fn internal(e: impl std::fmt::Display) -> Error {
     Error::Internal(e.to_string())
+}
+
+/// A stored row that cannot be decoded: logged as an error naming its table and row, and
+/// INTERNAL to the caller. Nothing is ever decoded into a default instead.
+pub(super) fn corrupt(
+    table: &str,
+    row: &dyn std::fmt::Display,
+    e: impl std::fmt::Display,
+) -> Error {
+    tracing::error!(table, row = %row, error = %e, "corrupt stored row");
+    Error::Internal(format!("corrupt stored row {row} in {table}: {e}"))
+}
+
+/// A placement's stored state, strictly.
+pub(super) fn placement_state(code: i64, deployment: i64, target: &str) -> Result<PlacementState> {
+    PlacementState::from_code(code).ok_or_else(|| {
+        corrupt(
+            "placements",
+            &format!("{deployment}/{target}"),
+            format!("unknown state {code}"),
+        )
+    })
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -424,6 +448,7 @@ impl SqliteStore {
         Ok(Self {
             path: path.to_owned(),
             conn: Arc::new(Mutex::new(conn)),
+            alive: tokio::sync::watch::channel(true).0,
         })
     }
 
@@ -432,13 +457,27 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
+        if !*self.alive.borrow() {
+            return Err(Error::Unavailable(
+                "the store failed and no longer writes; restart the service".into(),
+            ));
+        }
         let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
+        match tokio::task::spawn_blocking(move || {
             let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
             f(&conn)
         })
         .await
-        .map_err(internal)?
+        {
+            Ok(result) => result,
+            Err(e) => {
+                // A panic while holding the connection: what it left behind is unknown, so
+                // the store stops serving and health turns NOT_SERVING.
+                tracing::error!(error = %e, "the sqlite store panicked; writes fail until a restart");
+                self.alive.send_replace(false);
+                Err(internal(e))
+            }
+        }
     }
 
     /// Runs `f` in a transaction: committed if it succeeds, rolled back otherwise.
@@ -459,6 +498,10 @@ impl SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
+    fn writer_alive(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.alive.subscribe()
+    }
+
     async fn load(&self) -> Result<Loaded> {
         self.run(|conn| {
             let mut loaded = Loaded::default();
@@ -470,7 +513,8 @@ impl Store for SqliteStore {
                 .map_err(sql)?;
             for row in rows {
                 let (key, body, revision, create_ms, update_ms): (String, String, i64, i64, i64) = row.map_err(sql)?;
-                let f = feature_from(key.clone(), &body, revision, create_ms, update_ms)?;
+                let f = feature_from(key.clone(), &body, revision, create_ms, update_ms)
+                    .map_err(|e| corrupt("features", &key, e))?;
                 loaded.features.insert(key, Arc::new(f));
             }
             let mut stmt = conn
@@ -495,7 +539,8 @@ impl Store for SqliteStore {
                 let (id, description, features, envs, state, revision, create_ms, update_ms, governance) = row.map_err(sql)?;
                 loaded.releases.insert(
                     id,
-                    release_from(id, description, &features, envs, state, revision, create_ms, update_ms, &governance)?,
+                    release_from(id, description, &features, envs, state, revision, create_ms, update_ms, &governance)
+                        .map_err(|e| corrupt("releases", &id, e))?,
                 );
             }
             let mut stmt = conn
@@ -503,18 +548,29 @@ impl Store for SqliteStore {
                 .map_err(sql)?;
             let rows = stmt
                 .query_map([], |r| {
-                    Ok(Placement {
-                        deployment: r.get(0)?,
-                        target: r.get(1)?,
-                        environment: r.get(2)?,
-                        artifact: r.get(3)?,
-                        version: r.get(4)?,
-                        state: PlacementState::from_code(r.get(5)?).unwrap_or(PlacementState::Pending),
-                        sequence: to_u64(r.get(6)?),
-                    })
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, i64>(5)?,
+                        r.get::<_, i64>(6)?,
+                    ))
                 })
                 .map_err(sql)?;
-            loaded.placements = rows.collect::<rusqlite::Result<_>>().map_err(sql)?;
+            for row in rows {
+                let (deployment, target, environment, artifact, version, state, seq) = row.map_err(sql)?;
+                loaded.placements.push(Placement {
+                    state: placement_state(state, deployment, &target)?,
+                    deployment,
+                    target,
+                    environment,
+                    artifact,
+                    version,
+                    sequence: to_u64(seq),
+                });
+            }
             let (cursor, applied): (i64, i64) = conn
                 .query_row("SELECT cursor, events_applied FROM consumer WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
                 .map_err(sql)?;
@@ -530,7 +586,11 @@ impl Store for SqliteStore {
                 let (environment, body, revision, update_ms): (String, String, i64, i64) = row.map_err(sql)?;
                 loaded
                     .policies
-                    .insert(environment.clone(), policy_from(environment, &body, revision, update_ms)?);
+                    .insert(
+                        environment.clone(),
+                        policy_from(environment.clone(), &body, revision, update_ms)
+                            .map_err(|e| corrupt("policies", &environment, e))?,
+                    );
             }
             Ok(loaded)
         })
@@ -608,7 +668,9 @@ impl Store for SqliteStore {
                             "was already used for a different request; use a new request_id",
                         ));
                     }
-                    let id = resource.parse().map_err(internal)?;
+                    let id = resource
+                        .parse()
+                        .map_err(|e| corrupt("request_ids", &request_id, e))?;
                     return Ok((id, false));
                 }
             }
@@ -811,5 +873,57 @@ impl Store for SqliteStore {
             rows.collect::<rusqlite::Result<_>>().map_err(sql)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A panic while the store holds its connection leaves a store that says it can no
+    /// longer write; later calls fail as UNAVAILABLE.
+    #[tokio::test]
+    async fn a_panic_in_the_store_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("r.db")).unwrap();
+        let mut alive = store.writer_alive();
+        assert!(*alive.borrow_and_update());
+        let died = store
+            .run(|_| -> Result<()> { panic!("a bug while writing") })
+            .await;
+        assert!(matches!(died, Err(Error::Internal(_))), "{died:?}");
+        alive.changed().await.unwrap();
+        assert!(!*alive.borrow());
+        let after = store.load().await;
+        assert!(matches!(after, Err(Error::Unavailable(_))), "{after:?}");
+    }
+
+    /// Stored forms are decoded strictly: a row that does not decode is INTERNAL naming
+    /// its table and row, never a default.
+    #[tokio::test]
+    async fn corrupt_rows_fail_loudly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let store = SqliteStore::open(&path).unwrap();
+        store.load().await.unwrap();
+        let raw = Connection::open(&path).unwrap();
+        raw.execute(
+            "INSERT INTO placements (deployment, target, environment, artifact, version, state, seq) VALUES (1, 't1', 'prod', 'web', '1.0.0', 99, 1)",
+            [],
+        )
+        .unwrap();
+        let err = store.load().await.unwrap_err().to_string();
+        assert!(err.contains("placements") && err.contains("1/t1"), "{err}");
+        raw.execute("UPDATE placements SET state = 2", []).unwrap();
+        store.load().await.unwrap();
+        raw.execute(
+            "INSERT INTO features (key, body, revision, create_ms, update_ms) VALUES ('broken', '{\"description\": 1', 1, 0, 0)",
+            [],
+        )
+        .unwrap();
+        let err = store.load().await.unwrap_err();
+        assert!(matches!(err, Error::Internal(_)), "{err:?}");
+        let err = err.to_string();
+        assert!(err.contains("features") && err.contains("broken"), "{err}");
     }
 }
