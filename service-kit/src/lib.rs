@@ -188,8 +188,20 @@ pub async fn serve_health(
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(address = %listener.local_addr()?, "health probes served in plaintext");
     Ok(tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // Anyone who reaches this port may call it: few connections, few streams each.
+        let incoming = tls::incoming(
+            listener,
+            None,
+            tls::AcceptLimits {
+                max_connections: 64,
+                handshake_timeout: Duration::from_secs(10),
+            },
+            stop.clone(),
+        );
         if let Err(e) = tonic::transport::Server::builder()
+            .max_concurrent_streams(16)
+            .concurrency_limit_per_connection(16)
+            .timeout(Duration::from_secs(10))
             .add_service(health)
             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
             .await
@@ -279,13 +291,14 @@ pub async fn serve_gracefully(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         // Unary calls end within the deadline (streams are bounded by their own limits).
         .timeout(Duration::from_millis(limits.rpc_timeout_ms.max(1)))
+        // Authenticate and authorize first: an anonymous caller never holds an in-flight
+        // slot (health checks, which need no credentials, have their own small pool).
+        .layer(auth::layer::AuthLayer::new(serving.auth.clone()))
         // Over the in-flight cap, refuse at once instead of queueing.
         .layer(tower::load_shed::LoadShedLayer::new())
         .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
             in_flight,
         ))
-        // Authenticate and authorize before any handler.
-        .layer(auth::layer::AuthLayer::new(serving.auth.clone()))
         .add_routes(routes)
         .serve_with_incoming_shutdown(
             tls::incoming(

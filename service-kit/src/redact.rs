@@ -1,25 +1,15 @@
 //! Secrets out of text before it is logged, put in an error or returned: passwords in
-//! URLs (`postgres://user:pw@host`, `https://ci:token@host`) and query parameters that
-//! carry signatures or tokens (`X-Amz-Signature`, `sig`, `token`, ...).
+//! URLs (`postgres://user:pw@host`, `https://ci:token@host`) and every query value and
+//! fragment (signed URLs carry their secrets there under names no list can foresee:
+//! `X-Amz-Signature`, `sig`, `client_secret`, percent-encoded names, ...). Parameter names
+//! stay, so a reader still sees what the URL carried.
 
-/// Query parameters whose values are secrets (compared without case).
-const SECRET_PARAMS: &[&str] = &[
-    "x-amz-signature",
-    "x-amz-credential",
-    "x-amz-security-token",
-    "x-goog-signature",
-    "x-goog-credential",
-    "sig",
-    "signature",
-    "token",
-    "access_token",
-    "password",
-    "sslpassword",
-    "secret",
-    "key",
-    "api_key",
-    "apikey",
-    "code",
+/// Query parameters kept in clear: they configure a connection and hold no secret.
+const CLEAR_PARAMS: &[&str] = &[
+    "sslmode",
+    "sslrootcert",
+    "application_name",
+    "connect_timeout",
 ];
 
 /// The value that replaces a secret.
@@ -44,30 +34,39 @@ pub fn url(url: &str) -> String {
         }
         None => authority.to_owned(),
     };
-    let tail = match tail.split_once('?') {
-        None => tail.to_owned(),
-        Some((path, query)) => {
-            let (query, fragment) = match query.split_once('#') {
-                Some((q, f)) => (q, Some(f)),
-                None => (query, None),
-            };
-            let query: Vec<String> = query
-                .split('&')
-                .map(|pair| match pair.split_once('=') {
-                    Some((k, _)) if SECRET_PARAMS.contains(&k.to_ascii_lowercase().as_str()) => {
-                        format!("{k}={REDACTED}")
-                    }
-                    _ => pair.to_owned(),
-                })
-                .collect();
-            let mut out = format!("{path}?{}", query.join("&"));
-            if let Some(f) = fragment {
-                out.push('#');
-                out.push_str(f);
-            }
-            out
-        }
+    let (rest, fragment) = match tail.split_once('#') {
+        Some((r, _)) => (r, Some(REDACTED)),
+        None => (tail, None),
     };
+    let (path, query) = match rest.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (rest, None),
+    };
+    // Path parameters (`/a.tgz;sig=...`) are as secret as query values.
+    let mut out = match path.split_once(';') {
+        Some((p, _)) => format!("{p};{REDACTED}"),
+        None => path.to_owned(),
+    };
+    if let Some(query) = query {
+        let query: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, v)) if CLEAR_PARAMS.contains(&k) && !v.contains('?') => {
+                    format!("{k}={v}")
+                }
+                Some((k, _)) => format!("{k}={REDACTED}"),
+                None if pair.is_empty() => String::new(),
+                None => REDACTED.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&query.join("&"));
+    }
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    let tail = out;
     format!("{scheme}{authority}{tail}")
 }
 
@@ -79,12 +78,24 @@ mod tests {
     fn passwords_and_signatures_are_redacted() {
         assert_eq!(
             url("https://ci:hunter2@example.com/a.tgz?X-Amz-Signature=abc&v=1"),
-            "https://ci:REDACTED@example.com/a.tgz?X-Amz-Signature=REDACTED&v=1"
+            "https://ci:REDACTED@example.com/a.tgz?X-Amz-Signature=REDACTED&v=REDACTED"
         );
         assert_eq!(
             url("postgres://app:s3cret@db:5432/x?sslmode=require&password=p"),
             "postgres://app:REDACTED@db:5432/x?sslmode=require&password=REDACTED"
         );
+        for sneaky in [
+            "https://h/p?client_secret=zz1",
+            "https://h/p?X%2DAmz%2DSignature=zz1",
+            "https://h/p?a=1?sig=zz1",
+            "https://h/p;sig=zz1?x=zz1",
+            "https://h/p#access_token=zz1",
+            "https://h/p?sig[]=zz1&q-signature=zz1",
+            "https://h/p?zz1",
+        ] {
+            let r = url(sneaky);
+            assert!(!r.contains("zz1"), "{sneaky} -> {r}");
+        }
         assert_eq!(url("https://tok@host/p"), "https://REDACTED@host/p");
         assert_eq!(url("file:///srv/a.tgz"), "file:///srv/a.tgz");
         assert_eq!(url("data/release.db"), "data/release.db");

@@ -163,6 +163,25 @@ async fn both_services_survive_a_postgres_restart_without_losing_an_acknowledged
                     }) => {
                         let status = res.expect_err("acknowledged while PostgreSQL was down");
                         refused.push((format!("down-{i}"), status.code(), status.message().to_owned()));
+                        // deploy-svc refuses its writes too while the server is down.
+                        match tests::report(
+                            &mut dc,
+                            &churn.deployment,
+                            &churn.targets[0],
+                            Churn::state(next_report),
+                        )
+                        .await
+                        {
+                            Ok(r) => {
+                                if r.changed {
+                                    reported.push(r.sequence);
+                                }
+                                next_report += 1;
+                            }
+                            Err(status) => {
+                                report_refused.push((status.code(), status.message().to_owned()))
+                            }
+                        }
                         i += 1;
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }

@@ -1164,3 +1164,30 @@ async fn agents_authenticate_and_act_only_for_their_target() {
     let placed = std::fs::read_to_string(s.path("root-p-1").join("current/app.txt")).unwrap();
     assert_eq!(placed, "v1");
 }
+
+/// A key taken out of the JWKS file stops a token already verified (and cached) at once.
+#[tokio::test]
+async fn a_key_removed_from_the_jwks_revokes_cached_tokens() {
+    let s = Secure::new();
+    let deploy = s.deploy_svc().await;
+    let mut c = DeployServiceClient::new(s.channel(deploy.addr, None).await);
+    let now = pki::now();
+    let token = s.jwt(
+        &s.signer,
+        json!({"iss": ISSUER, "aud": AUDIENCE, "sub": "dave", "exp": now + 1_000_000_000,
+               "groups": ["platform-viewers"]}),
+    );
+    let list = || bearer(&token, pb::ListEnvironmentsRequest::default());
+    c.list_environments(list()).await.unwrap();
+    pki::jwks(&s.path("jwks.json"), &[&s.k8s]).unwrap();
+    let mut revoked = false;
+    for _ in 0..100 {
+        if let Err(status) = c.list_environments(list()).await {
+            assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+            revoked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(revoked, "a token of a removed key still works");
+}

@@ -70,12 +70,30 @@ where
         );
         match checked {
             Ok(caller) => {
+                let slot = if caller.rule.permission == super::Permission::Health {
+                    match self.auth.health_slot() {
+                        Some(slot) => slot,
+                        None => {
+                            let status = tonic::Status::resource_exhausted(
+                                "too many health checks at once; retry",
+                            );
+                            return Box::pin(std::future::ready(Ok(status.into_http())));
+                        }
+                    }
+                } else {
+                    None
+                };
                 req.extensions_mut().insert(caller);
                 // The service that was polled ready handles this call; its clone waits
                 // for the next.
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
-                Box::pin(inner.call(req))
+                let call = inner.call(req);
+                Box::pin(async move {
+                    let response = call.await;
+                    drop(slot);
+                    response
+                })
             }
             Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
         }

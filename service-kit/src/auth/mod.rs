@@ -101,6 +101,12 @@ impl AuthArgs {
 
 /// Most cached token verifications; the cache is emptied when full.
 const CACHE_MAX: usize = 10_000;
+/// Longest a verification is reused (a key removed from the JWKS, a token removed from the
+/// token file, or a changed policy takes effect within this time at the latest).
+const CACHE_TTL_SECS: u64 = 300;
+/// Health calls (which need no credentials) served at once; more are refused at once, so
+/// anonymous callers cannot hold the slots of authenticated ones.
+pub const MAX_ANONYMOUS_HEALTH: usize = 64;
 
 #[derive(Debug)]
 struct Enforcing {
@@ -110,6 +116,8 @@ struct Enforcing {
     policy: Reloading<policy::Policy>,
     /// Verified bearer credentials and certificates: the caller and its expiry (seconds).
     cache: RwLock<HashMap<Vec<u8>, (Caller, u64)>>,
+    /// Slots for anonymous health calls.
+    health: Arc<tokio::sync::Semaphore>,
 }
 
 /// The authenticator and authorizer of one server.
@@ -206,6 +214,7 @@ impl Auth {
                 tokens,
                 policy,
                 cache: RwLock::new(HashMap::new()),
+                health: Arc::new(tokio::sync::Semaphore::new(MAX_ANONYMOUS_HEALTH)),
             }),
         }))
     }
@@ -213,6 +222,15 @@ impl Auth {
     /// Whether callers are authenticated.
     pub fn enabled(&self) -> bool {
         self.enforcing.is_some()
+    }
+
+    /// A slot for an anonymous health call, or `None` when all are taken (authentication
+    /// on only; with it off there is nothing to protect).
+    pub(crate) fn health_slot(&self) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
+        match &self.enforcing {
+            None => Some(None),
+            Some(e) => e.health.clone().try_acquire_owned().ok().map(Some),
+        }
     }
 
     /// Authenticates and authorizes a call to `path`: the caller, or the status to answer.
@@ -271,7 +289,14 @@ impl Auth {
         headers: &http::HeaderMap,
         conn: Option<&ConnInfo>,
     ) -> Result<Caller, Status> {
-        let (policy, reloaded) = e.policy.get();
+        let (policy, mut reloaded) = e.policy.get();
+        // A key or token taken out of its file stops working at once.
+        if let Some((keys, _)) = &e.jwt {
+            reloaded |= keys.get().1;
+        }
+        if let Some(tokens) = &e.tokens {
+            reloaded |= tokens.get().1;
+        }
         if reloaded {
             e.cache.write().unwrap_or_else(|p| p.into_inner()).clear();
         }
@@ -331,6 +356,7 @@ impl Auth {
                 )
             }
         };
+        let exp = exp.min(now + CACHE_TTL_SECS);
         let grants = policy.grants(&identity);
         let caller = Caller {
             identity: Arc::new(identity),
