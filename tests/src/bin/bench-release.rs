@@ -664,7 +664,10 @@ async fn secure_throughput(dir: &Path, requests: u64, clients: u32, streams: u32
         let a = sc.evaluate(request.clone()).await.unwrap().into_inner();
         assert_eq!(a.reason(), rpb::Reason::Split);
     }
-    assert_eq!(until_split(&mut tc, &request).await.reason(), rpb::Reason::Split);
+    assert_eq!(
+        until_split(&mut tc, &request).await.reason(),
+        rpb::Reason::Split
+    );
     let after = evaluate(&mut rc, "new-cart", "prod", "bob").await;
     assert_eq!(after.reason(), rpb::Reason::Split);
     println!(
