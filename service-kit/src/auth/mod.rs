@@ -318,12 +318,16 @@ impl Auth {
                 Some(token)
             }
         };
-        let key: Vec<u8> = match (bearer, conn.and_then(|c| c.peer_certs.as_ref())) {
-            (Some(token), _) => token.as_bytes().to_vec(),
+        // A token is looked up as it is (no copy on the hot path); a certificate under a
+        // prefix, so it can never collide with a token.
+        let cert_key: Vec<u8>;
+        let key: &[u8] = match (bearer, conn.and_then(|c| c.peer_certs.as_ref())) {
+            (Some(token), _) => token.as_bytes(),
             (None, Some(certs)) if e.mtls => {
                 let mut k = b"cert:".to_vec();
                 k.extend_from_slice(certs.first().map(|c| c.as_ref()).unwrap_or_default());
-                k
+                cert_key = k;
+                &cert_key
             }
             _ => {
                 return Err(unauthenticated(
@@ -331,7 +335,7 @@ impl Auth {
                 ))
             }
         };
-        if let Some((caller, exp)) = e.cache.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        if let Some((caller, exp)) = e.cache.read().unwrap_or_else(|p| p.into_inner()).get(key) {
             if *exp > now {
                 return Ok(caller.clone());
             }
@@ -369,7 +373,7 @@ impl Auth {
         if cache.len() >= CACHE_MAX {
             cache.clear();
         }
-        cache.insert(key, (caller.clone(), exp));
+        cache.insert(key.to_vec(), (caller.clone(), exp));
         Ok(caller)
     }
 

@@ -3,6 +3,7 @@
 //! ```sh
 //! cargo build --release -p deploy-svc -p release-svc -p tests
 //! target/release/bench-release throughput   # Evaluate over h2load vs a no-op tonic baseline
+//! target/release/bench-release secure-throughput  # Evaluate with TLS + JWT vs plaintext, no auth
 //! target/release/bench-release flagd        # flagd v2 ResolveBoolean vs native Evaluate
 //! target/release/bench-release gate         # placement change -> visibility change latency
 //! target/release/bench-release memory       # RSS with 10,000 features x 10 environments, restart time
@@ -19,8 +20,10 @@ use hdrhistogram::Histogram;
 use prost::Message;
 use proto::deploy::v1::PlacementState as P;
 use proto::release::v1 as rpb;
+use proto::release::v1::release_service_client::ReleaseServiceClient;
+use service_kit::client::ClientSecurity;
 use tests::release::{self, evaluate};
-use tests::{artifact, deploy, environment, report, targets, Binary, Gated};
+use tests::{artifact, deploy, environment, pki, report, targets, Binary, Gated};
 
 #[derive(Parser)]
 struct Args {
@@ -68,6 +71,22 @@ enum Cmd {
         #[arg(long, default_value_t = 32)]
         streams: u32,
         /// Alternating rounds (baseline, release-svc).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+    /// Evaluate requests/s with TLS and bearer JWT authentication on, against plaintext with
+    /// authentication off, in alternating rounds.
+    SecureThroughput {
+        /// Requests per h2load run.
+        #[arg(long, default_value_t = 200_000)]
+        requests: u64,
+        /// Connections.
+        #[arg(long, default_value_t = 8)]
+        clients: u32,
+        /// Concurrent streams per connection.
+        #[arg(long, default_value_t = 32)]
+        streams: u32,
+        /// Alternating rounds (plaintext, secure).
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
@@ -152,6 +171,12 @@ async fn main() {
             streams,
             rounds,
         } => throughput(&args.dir, requests, clients, streams, rounds).await,
+        Cmd::SecureThroughput {
+            requests,
+            clients,
+            streams,
+            rounds,
+        } => secure_throughput(&args.dir, requests, clients, streams, rounds).await,
         Cmd::Flagd {
             requests,
             clients,
@@ -180,6 +205,38 @@ fn h2load(
     clients: u32,
     streams: u32,
 ) -> (f64, String) {
+    let run = h2load_at(
+        &format!("http://{addr}"),
+        method,
+        headers,
+        body,
+        requests,
+        clients,
+        streams,
+    );
+    (run.rps, run.status)
+}
+
+/// What one h2load run reports.
+struct H2load {
+    /// Requests per second.
+    rps: f64,
+    /// The `status codes:` line.
+    status: String,
+    /// Response body bytes (DATA frames) over all requests.
+    data: u64,
+}
+
+/// One h2load run against `base` (`http://ADDR`, or `https://ADDR` for TLS with ALPN h2).
+fn h2load_at(
+    base: &str,
+    method: &str,
+    headers: &[&str],
+    body: &Path,
+    requests: u64,
+    clients: u32,
+    streams: u32,
+) -> H2load {
     let out = Command::new("h2load")
         .args([
             "-n",
@@ -195,7 +252,7 @@ fn h2load(
         .arg(body)
         .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
         .args(headers.iter().flat_map(|h| ["-H", h]))
-        .arg(format!("http://{addr}/{method}"))
+        .arg(format!("{base}/{method}"))
         .output()
         .expect("h2load missing: apt-get install nghttp2-client");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -211,7 +268,15 @@ fn h2load(
         .find(|l| l.starts_with("status codes:"))
         .unwrap_or_default()
         .to_owned();
-    (rps, status)
+    // "traffic: 9.92MB (10400000) total, 1.15MB (1200000) headers (...), 3.81MB (4000000) data"
+    let data = text
+        .lines()
+        .find(|l| l.starts_with("traffic:"))
+        .and_then(|l| l.rsplit(", ").next())
+        .and_then(|s| s.split_once('(')?.1.split_once(')'))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read h2load traffic:\n{text}"));
+    H2load { rps, status, data }
 }
 
 /// The pair with `new-cart` released to 50% of prod behind a placed carrier, and the
@@ -348,6 +413,275 @@ async fn throughput(dir: &Path, requests: u64, clients: u32, streams: u32, round
         "ratio release-svc / baseline: median {:.3} (rounds: {ratios:.3?})",
         ratios[ratios.len() / 2]
     );
+}
+
+const ISSUER: &str = "https://issuer.bench.test";
+const AUDIENCE: &str = "release-svc";
+/// The evaluating application, as a Kubernetes service account would be named.
+const APP: &str = "system:serviceaccount:apps:checkout";
+
+/// The TLS and JWT material of the secure runs, made at run time.
+struct Material {
+    _dir: tempfile::TempDir,
+    ca: PathBuf,
+    token: String,
+    token_file: PathBuf,
+    /// release-svc's flags for TLS on the listener.
+    tls: Vec<String>,
+    /// release-svc's flags for bearer JWTs and the policy.
+    auth: Vec<String>,
+}
+
+/// A CA, release-svc's certificate, an ES256 signer and its JWKS, one day-long token for
+/// [`APP`], and a policy binding [`APP`] to `evaluator` in `prod` only.
+fn material(dir: &Path) -> Material {
+    let tmp = tempfile::Builder::new()
+        .prefix("pki")
+        .tempdir_in(dir)
+        .unwrap();
+    let d = tmp.path();
+    let ca = pki::Ca::new(d, "bench-ca").unwrap();
+    let server = ca.server(d, "release-svc").unwrap();
+    let signer = pki::Signer::es256("bench-1").unwrap();
+    pki::jwks(&d.join("jwks.json"), &[&signer]).unwrap();
+    let now = pki::now();
+    let token = signer.sign(&serde_json::json!({
+        "iss": ISSUER, "aud": AUDIENCE, "sub": APP,
+        "iat": now, "nbf": now, "exp": now + 24 * 3600,
+    }));
+    let token_file = d.join("app.token");
+    std::fs::write(&token_file, &token).unwrap();
+    pki::policy_file(
+        &d.join("policy.json"),
+        &[serde_json::json!({"role": "evaluator", "principals": [APP], "environments": ["prod"]})],
+    )
+    .unwrap();
+    let p = |x: &Path| x.to_string_lossy().into_owned();
+    let tls = vec![
+        "--tls-cert".into(),
+        p(&server.cert),
+        "--tls-key".into(),
+        p(&server.key),
+    ];
+    let auth = vec![
+        "--auth-jwks".into(),
+        p(&d.join("jwks.json")),
+        "--auth-jwt-issuer".into(),
+        ISSUER.into(),
+        "--auth-jwt-audience".into(),
+        AUDIENCE.into(),
+        "--auth-policy".into(),
+        p(&d.join("policy.json")),
+    ];
+    Material {
+        ca: ca.pem.clone(),
+        _dir: tmp,
+        token,
+        token_file,
+        tls,
+        auth,
+    }
+}
+
+/// The three set-ups of `secure-throughput`.
+#[derive(Clone, Copy, PartialEq)]
+enum Setup {
+    Plain,
+    /// Plaintext, authentication off, but every request carries the bearer token (which
+    /// the server decodes and ignores): the cost of the header alone.
+    PlainWithToken,
+    Tls,
+    Secure,
+}
+
+impl Setup {
+    const ALL: [Setup; 4] = [
+        Setup::Plain,
+        Setup::PlainWithToken,
+        Setup::Tls,
+        Setup::Secure,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Setup::Plain => "plaintext, auth off",
+            Setup::PlainWithToken => "plaintext, auth off, token header sent",
+            Setup::Tls => "TLS, auth off",
+            Setup::Secure => "TLS + JWT (evaluator)",
+        }
+    }
+}
+
+/// A pair loaded as in `throughput` with authentication off, then release-svc restarted on
+/// its database with `extra` flags; returns the pair's deploy-svc, release-svc and data.
+async fn restarted(dir: &Path, extra: &[String]) -> (Binary, Binary, tempfile::TempDir) {
+    let Pair {
+        deploy,
+        release,
+        _dir: data,
+        release_args,
+    } = loaded_pair(dir).await.0;
+    release.kill().await;
+    let args: Vec<&str> = release_args
+        .iter()
+        .chain(extra)
+        .map(String::as_str)
+        .collect();
+    (deploy, Binary::spawn("release-svc", &args).await, data)
+}
+
+/// Polls Evaluate until the answer is the 50% split (a restarted release-svc first learns
+/// the placements again).
+async fn until_split<T>(
+    c: &mut ReleaseServiceClient<T>,
+    request: &rpb::EvaluateRequest,
+) -> rpb::EvaluateResponse
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    let start = Instant::now();
+    loop {
+        let a = c.evaluate(request.clone()).await.unwrap().into_inner();
+        if a.reason() == rpb::Reason::Split || start.elapsed() > Duration::from_secs(10) {
+            return a;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Evaluate over plaintext with authentication off, against Evaluate over TLS with bearer
+/// JWT authentication on (and over TLS alone, to tell the two costs apart), in rotating
+/// rounds with the same h2load flags.
+async fn secure_throughput(dir: &Path, requests: u64, clients: u32, streams: u32, rounds: usize) {
+    // Plaintext, authentication off.
+    let (plain, mut rc, request) = loaded_pair(dir).await;
+    let plain_answer = rc.evaluate(request.clone()).await.unwrap().into_inner();
+    assert_eq!(plain_answer.reason(), rpb::Reason::Split);
+
+    // The same data set made with authentication off, then release-svc restarted on its
+    // database with TLS (and, for the secure set-up, JWT authentication, where the token's
+    // principal holds only `evaluator` in prod, as an application back end would).
+    let m = material(dir);
+    let (tls_deploy, tls, _tls_data) = restarted(dir, &m.tls).await;
+    let both: Vec<String> = m.tls.iter().chain(&m.auth).cloned().collect();
+    let (secure_deploy, secure, _secure_data) = restarted(dir, &both).await;
+    let tls_url = format!("https://{}", tls.addr);
+    let secure_url = format!("https://{}", secure.addr);
+    let anonymous = ClientSecurity {
+        ca: Some(m.ca.clone()),
+        ..Default::default()
+    };
+    let security = ClientSecurity {
+        token_file: Some(m.token_file.clone()),
+        ..anonymous.clone()
+    };
+    let mut tc = ReleaseServiceClient::new(anonymous.connect(&tls_url).await.unwrap());
+    let mut sc = ReleaseServiceClient::new(security.connect(&secure_url).await.unwrap());
+    // Authentication is really on: no token, no answer.
+    let refused = ReleaseServiceClient::new(anonymous.connect(&secure_url).await.unwrap())
+        .evaluate(request.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    // The same answer everywhere, checked with a real client over TLS with the bearer token
+    // (h2load counts HTTP 200 even for gRPC errors).
+    let tls_answer = until_split(&mut tc, &request).await;
+    let secure_answer = until_split(&mut sc, &request).await;
+    for a in [&tls_answer, &secure_answer] {
+        assert_eq!(
+            (a.reason(), a.visible),
+            (plain_answer.reason(), plain_answer.visible),
+            "{a:?} vs {plain_answer:?}"
+        );
+    }
+
+    pin(&[
+        plain.release.child.id(),
+        plain.deploy.child.id(),
+        tls.child.id(),
+        tls_deploy.child.id(),
+        secure.child.id(),
+        secure_deploy.child.id(),
+    ]);
+    let body = dir.join("evaluate.bin");
+    frame(&request, &body);
+    let bearer = format!("authorization: Bearer {}", m.token);
+    let plain_url = format!("http://{}", plain.release.addr);
+    // Every response must carry exactly the one message checked above: a gRPC error is a
+    // trailers-only response without any DATA, so h2load's data bytes prove the status.
+    let run = |setup: Setup, n: u64| {
+        let (base, headers, answer) = match setup {
+            Setup::Plain => (&plain_url, vec![], &plain_answer),
+            Setup::PlainWithToken => (&plain_url, vec![bearer.as_str()], &plain_answer),
+            Setup::Tls => (&tls_url, vec![], &tls_answer),
+            Setup::Secure => (&secure_url, vec![bearer.as_str()], &secure_answer),
+        };
+        let got = h2load_at(base, EVALUATE, &headers, &body, n, clients, streams);
+        assert!(
+            got.status.contains(&format!("{n} 2xx")),
+            "{base}: {}",
+            got.status
+        );
+        let message = 5 + u64::try_from(answer.encoded_len()).unwrap();
+        assert_eq!(
+            got.data,
+            n * message,
+            "{base}: {} response bytes, not {n} x {message}: some calls did not answer",
+            got.data
+        );
+        got
+    };
+    for setup in Setup::ALL {
+        run(setup, requests / 4);
+    }
+    println!("| round | set-up | requests/s | h2load status codes |");
+    println!("|---|---|---|---|");
+    let mut ratios = vec![Vec::new(); Setup::ALL.len()];
+    for round in 1..=rounds {
+        // Rotate which goes first, so drift on the machine favours none.
+        let mut rps = [0.0; Setup::ALL.len()];
+        for i in 0..rps.len() {
+            let k = (i + round) % rps.len();
+            let got = run(Setup::ALL[k], requests);
+            println!(
+                "| {round} | {} | {:.0} | {} |",
+                Setup::ALL[k].name(),
+                got.rps,
+                got.status
+            );
+            rps[k] = got.rps;
+        }
+        for (k, r) in rps.iter().enumerate() {
+            ratios[k].push(r / rps[0]);
+        }
+    }
+    // Still answering correctly, and with OK, after the load.
+    let checks = 1000;
+    for _ in 0..checks {
+        let a = sc.evaluate(request.clone()).await.unwrap().into_inner();
+        assert_eq!(a.reason(), rpb::Reason::Split);
+    }
+    assert_eq!(
+        until_split(&mut tc, &request).await.reason(),
+        rpb::Reason::Split
+    );
+    let after = evaluate(&mut rc, "new-cart", "prod", "bob").await;
+    assert_eq!(after.reason(), rpb::Reason::Split);
+    println!(
+        "every h2load response carried one EvaluateResponse; {checks} more calls over TLS + JWT answered OK"
+    );
+    for (setup, mut ratios) in Setup::ALL.into_iter().zip(ratios).skip(1) {
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "ratio {} / {}: median {:.3} (rounds: {ratios:.3?})",
+            setup.name(),
+            Setup::Plain.name(),
+            ratios[ratios.len() / 2]
+        );
+    }
 }
 
 async fn flagd(dir: &Path, requests: u64, clients: u32, streams: u32, rounds: usize) {
