@@ -86,7 +86,7 @@ async fn both_services_survive_a_postgres_restart_without_losing_an_acknowledged
     let churn = Churn::setup(&mut dc, "dev", "api", 1).await;
     // deploy-svc writes: (report number, acknowledged sequence); a refused report is sent
     // again with the same state (it may have committed: then it changes nothing).
-    let (mut reported, mut report_refused, mut next_report) = (Vec::new(), Vec::new(), 0);
+    let mut reports = Reports::default();
     let r = Binary::spawn(
         "release-svc",
         &[
@@ -132,22 +132,7 @@ async fn both_services_survive_a_postgres_restart_without_losing_an_acknowledged
             }
             Err(status) => refused.push((key, status.code(), status.message().to_owned())),
         }
-        match tests::report(
-            &mut dc,
-            &churn.deployment,
-            &churn.targets[0],
-            Churn::state(next_report),
-        )
-        .await
-        {
-            Ok(r) => {
-                if r.changed {
-                    reported.push(r.sequence);
-                }
-                next_report += 1;
-            }
-            Err(status) => report_refused.push((status.code(), status.message().to_owned())),
-        }
+        reports.send(&mut dc, &churn).await;
         if i == 20 {
             // Stop, wait, start: the outage is at least a second long.
             assert!(cluster("stop"), "pg_ctlcluster stop failed");
@@ -164,24 +149,7 @@ async fn both_services_survive_a_postgres_restart_without_losing_an_acknowledged
                         let status = res.expect_err("acknowledged while PostgreSQL was down");
                         refused.push((format!("down-{i}"), status.code(), status.message().to_owned()));
                         // deploy-svc refuses its writes too while the server is down.
-                        match tests::report(
-                            &mut dc,
-                            &churn.deployment,
-                            &churn.targets[0],
-                            Churn::state(next_report),
-                        )
-                        .await
-                        {
-                            Ok(r) => {
-                                if r.changed {
-                                    reported.push(r.sequence);
-                                }
-                                next_report += 1;
-                            }
-                            Err(status) => {
-                                report_refused.push((status.code(), status.message().to_owned()))
-                            }
-                        }
+                        reports.send(&mut dc, &churn).await;
                         i += 1;
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
@@ -199,10 +167,10 @@ async fn both_services_survive_a_postgres_restart_without_losing_an_acknowledged
         assert_eq!(*code, Code::Unavailable, "{key}: {message}");
     }
     assert!(
-        !report_refused.is_empty(),
+        !reports.refused.is_empty(),
         "no report was refused during the outage"
     );
-    for (code, message) in &report_refused {
+    for (code, message) in &reports.refused {
         assert_eq!(*code, Code::Unavailable, "report: {message}");
     }
     // Every acknowledged report is in the log a fresh deploy-svc process streams.
@@ -214,12 +182,12 @@ async fn both_services_survive_a_postgres_restart_without_losing_an_acknowledged
         .unwrap();
     let (streamed, _) = tests::watch::until_heartbeat(&mut w).await;
     let streamed = tests::watch::sequences(&streamed);
-    for seq in &reported {
+    for seq in &reports.acknowledged {
         assert!(streamed.contains(seq), "acknowledged report {seq} is lost");
     }
     // A refusal whose commit happened anyway (the connection died after COMMIT was sent)
     // is the only way to an event nobody was told about.
-    assert!(streamed.len() - reported.len() <= report_refused.len());
+    assert!(streamed.len() - reports.acknowledged.len() <= reports.refused.len());
     // Every acknowledged write is there, read back by a fresh process on the same database.
     r.kill().await;
     let r = Binary::spawn(
@@ -246,8 +214,40 @@ async fn both_services_survive_a_postgres_restart_without_losing_an_acknowledged
         "release-svc: {} acknowledged, {} refused with UNAVAILABLE; deploy-svc: {} reports acknowledged, {} refused with UNAVAILABLE",
         acknowledged.len(),
         refused.len(),
-        reported.len(),
-        report_refused.len()
+        reports.acknowledged.len(),
+        reports.refused.len()
     );
     r.kill().await;
+}
+
+/// deploy-svc placement reports alternating the churn target's state: the sequences of
+/// acknowledged changes and the refusals.
+#[derive(Default)]
+struct Reports {
+    next: usize,
+    acknowledged: Vec<u64>,
+    refused: Vec<(Code, String)>,
+}
+
+impl Reports {
+    async fn send(&mut self, dc: &mut tests::Client, churn: &Churn) {
+        match tests::report(
+            dc,
+            &churn.deployment,
+            &churn.targets[0],
+            Churn::state(self.next),
+        )
+        .await
+        {
+            Ok(r) => {
+                if r.changed {
+                    self.acknowledged.push(r.sequence);
+                }
+                self.next += 1;
+            }
+            Err(status) => self
+                .refused
+                .push((status.code(), status.message().to_owned())),
+        }
+    }
 }
