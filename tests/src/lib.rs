@@ -252,7 +252,7 @@ impl Binary {
         let bin = bin_dir().join(name);
         assert!(
             bin.exists(),
-            "{} is missing: run the tests with `cargo test --workspace`, which builds it",
+            "{} is missing: run `cargo build --workspace --bins` (scripts/test does)",
             bin.display()
         );
         let mut child = Command::new(&bin)
@@ -950,7 +950,7 @@ pub mod fleet {
             let bin = bin_dir().join("deploy-agent");
             assert!(
                 bin.exists(),
-                "{} is missing: run `cargo test --workspace`",
+                "{} is missing: run `cargo build --workspace --bins` (scripts/test does)",
                 bin.display()
             );
             self.child = Some(
