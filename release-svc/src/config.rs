@@ -49,6 +49,10 @@ pub struct Config {
     /// Largest request or response message in bytes.
     #[arg(long, env = "RELEASE_SVC_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
+    /// Change streams (WatchVisibility and flagd EventStream, on every listener together)
+    /// open at once at most; past it a new one is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "RELEASE_SVC_MAX_WATCHERS", default_value_t = crate::grpc::DEFAULT_MAX_WATCHERS)]
+    pub max_watchers: usize,
     /// Also serve the flagd protocols on this address (flagd's default port is 8013);
     /// they are always served on --listen too.
     #[arg(long, env = "RELEASE_SVC_FLAGD_LISTEN")]

@@ -200,6 +200,10 @@ impl Server {
             Duration::from_millis(config.scheduler_interval_ms.max(1)),
             streams.clone(),
         ));
+        // One cap for every change stream (WatchVisibility, flagd EventStream v1 and v2),
+        // on every listener.
+        let change_streams =
+            service_kit::streams::StreamCap::new(config.max_watchers, "change streams");
         let flagd = grpc::flagd::Flagd::new(
             engine.clone(),
             grpc::flagd::FlagdOptions {
@@ -215,10 +219,12 @@ impl Server {
                 max_response_bytes: config.max_message_bytes,
             },
             streams.clone(),
-        );
+        )
+        .with_stream_cap(change_streams.clone());
         let store_alive = engine.store().writer_alive();
         let api = ReleaseApi::new(engine, status, config.deploy_svc.clone(), streams.clone())
-            .with_max_response_bytes(config.max_message_bytes);
+            .with_max_response_bytes(config.max_message_bytes)
+            .with_stream_cap(change_streams);
         let flagd_routes = |routes: tonic::service::Routes| {
             routes
                 .add_service(DecodeErrors(FlagdV1Server::new(flagd.clone())))

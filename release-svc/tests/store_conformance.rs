@@ -299,6 +299,41 @@ where
         .await
         .unwrap();
     assert_eq!(rita.len(), 1, "{name}: {rita:?}");
+    // A prefix is a prefix: every record under it, in order, and nothing else (SQLite reads
+    // it as an index range on its read-only connection).
+    let by_prefix = |prefix: String| {
+        let store = store.clone();
+        async move {
+            store
+                .list_audit(AuditFilter {
+                    resource_prefix: prefix,
+                    limit: 100,
+                    ..AuditFilter::default()
+                })
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(_, a)| a.action)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        by_prefix("features/".into()).await,
+        ["CreateFeature", "UpdateFeature", "auto.withdraw"],
+        "{name}"
+    );
+    assert_eq!(
+        by_prefix(all[2].1.resource.clone()).await,
+        ["CreateRelease", "SetRollout"],
+        "{name}"
+    );
+    assert!(
+        by_prefix(format!("{}0", all[2].1.resource))
+            .await
+            .is_empty(),
+        "{name}"
+    );
+    assert!(by_prefix("releases0".into()).await.is_empty(), "{name}");
     let first_page = store
         .list_audit(AuditFilter {
             limit: 4,

@@ -246,9 +246,44 @@ impl Binary {
         Self::spawn("deploy-svc", &all).await
     }
 
+    /// Starts `release-svc` on port 0 with the SQLite file `database`, without a reachable
+    /// deploy-svc (it keeps retrying in the background) and without a change calendar, plus
+    /// `args`.
+    pub async fn release_alone(database: &Path, args: &[&str]) -> Self {
+        let db = database.to_string_lossy();
+        let mut all = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            &db,
+            "--deploy-svc",
+            "http://127.0.0.1:9",
+            "--change-calendar",
+            "none",
+        ];
+        all.extend_from_slice(args);
+        Self::spawn("release-svc", &all).await
+    }
+
     /// Starts the workspace binary `name` with exactly `args` and waits for it to print its
     /// address (its first stdout line ends with it).
     pub async fn spawn(name: &str, args: &[&str]) -> Self {
+        // TEST_SERVER_LOGS=1 shows the servers' logs beside the test's output.
+        let stderr = if std::env::var_os("TEST_SERVER_LOGS").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        };
+        Self::spawn_with(name, args, stderr).await
+    }
+
+    /// Like [`Binary::spawn`], with the process's logs (stderr) written to the file `log`.
+    pub async fn spawn_logging(name: &str, args: &[&str], log: &Path) -> Self {
+        let file = std::fs::File::create(log).unwrap();
+        Self::spawn_with(name, args, Stdio::from(file)).await
+    }
+
+    async fn spawn_with(name: &str, args: &[&str], stderr: Stdio) -> Self {
         let bin = bin_dir().join(name);
         assert!(
             bin.exists(),
@@ -258,12 +293,7 @@ impl Binary {
         let mut child = Command::new(&bin)
             .args(args)
             .stdout(Stdio::piped())
-            // TEST_SERVER_LOGS=1 shows the servers' logs beside the test's output.
-            .stderr(if std::env::var_os("TEST_SERVER_LOGS").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .unwrap();

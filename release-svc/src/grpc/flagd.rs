@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use serde_json::{Map, Value};
+use service_kit::streams::StreamCap;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
@@ -63,6 +64,8 @@ pub struct Flagd {
     engine: Arc<Engine>,
     options: Arc<FlagdOptions>,
     streams: CancellationToken,
+    /// Open EventStreams (shared with WatchVisibility).
+    watchers: StreamCap,
 }
 
 impl Flagd {
@@ -72,7 +75,14 @@ impl Flagd {
             engine,
             options: Arc::new(options),
             streams,
+            watchers: StreamCap::new(super::DEFAULT_MAX_WATCHERS, "change streams"),
         }
+    }
+
+    /// Counts EventStreams against `cap`.
+    pub fn with_stream_cap(mut self, cap: StreamCap) -> Self {
+        self.watchers = cap;
+        self
     }
 
     /// The environment a `Flagd-Selector` header names: `flagSetId=<env>`, or a source
@@ -451,6 +461,7 @@ macro_rules! flagd_service {
                     r#type: kind.to_owned(),
                     data,
                 };
+                let slot = self.watchers.take()?;
                 let rx = self.engine.subscribe();
                 let start = (
                     Some(event("provider_ready", None)),
@@ -488,7 +499,7 @@ macro_rules! flagd_service {
                         }
                     }
                 });
-                Ok(Response::new(Box::pin(stream)))
+                Ok(Response::new(Box::pin(slot.hold(stream))))
             }
         }
     };
