@@ -53,6 +53,11 @@ pub struct Config {
     /// open at once at most; past it a new one is RESOURCE_EXHAUSTED.
     #[arg(long, env = "RELEASE_SVC_MAX_WATCHERS", default_value_t = crate::grpc::DEFAULT_MAX_WATCHERS)]
     pub max_watchers: usize,
+    /// Serve the OpenFeature Remote Evaluation Protocol (OFREP: HTTP/1.1 and HTTP/2 with
+    /// JSON, `/ofrep/v1/evaluate/flags[/{key}]`) on this address, with the same TLS and
+    /// authentication as the gRPC listener.
+    #[arg(long, env = "RELEASE_SVC_OFREP_LISTEN")]
+    pub ofrep_listen: Option<SocketAddr>,
     /// Also serve the flagd protocols on this address (flagd's default port is 8013);
     /// they are always served on --listen too.
     #[arg(long, env = "RELEASE_SVC_FLAGD_LISTEN")]

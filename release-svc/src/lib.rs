@@ -24,6 +24,7 @@ pub mod consumer;
 pub mod domain;
 pub mod engine;
 pub mod grpc;
+pub mod ofrep;
 pub mod store;
 
 use std::future::Future;
@@ -121,9 +122,22 @@ impl Server {
         flagd_listener: Option<TcpListener>,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
+        self.run_with_ports(listener, flagd_listener, None, shutdown)
+            .await
+    }
+
+    /// [`Server::run_with_flagd_port`], also serving OFREP (HTTP and JSON, see [`ofrep`]) on
+    /// `ofrep_listener`.
+    pub async fn run_with_ports(
+        self,
+        listener: TcpListener,
+        flagd_listener: Option<TcpListener>,
+        ofrep_listener: Option<TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         let Self { config, engine } = self;
         let mut addresses = vec![listener.local_addr()?];
-        if let Some(l) = &flagd_listener {
+        for l in flagd_listener.iter().chain(ofrep_listener.iter()) {
             addresses.push(l.local_addr()?);
         }
         let serving = config.server.serving("release-svc", &addresses)?;
@@ -266,8 +280,23 @@ impl Server {
         let drain = service_kit::Drain {
             timeout: Duration::from_millis(config.drain_timeout_ms),
         };
-        // One shutdown signal stops both listeners.
+        // One shutdown signal stops every listener.
         let stop = CancellationToken::new();
+        let ofrep_task = match ofrep_listener {
+            Some(l) => {
+                tracing::info!(address = %l.local_addr()?, "OFREP serving");
+                let ofrep = Arc::new(ofrep::Ofrep::new(
+                    flagd.clone(),
+                    &serving,
+                    config.max_message_bytes,
+                ));
+                let (serving, stop) = (serving.clone(), stop.clone());
+                Some(tokio::spawn(async move {
+                    ofrep::serve(l, ofrep, &serving, stop).await
+                }))
+            }
+            None => None,
+        };
         let second = match flagd_listener {
             Some(flagd_listener) => {
                 let (flagd_health, flagd_health_service) = tonic_health::server::health_reporter();
@@ -320,6 +349,13 @@ impl Server {
         )
         .await;
         stop.cancel();
+        if let Some(task) = ofrep_task {
+            match task.await {
+                Ok(Err(e)) => tracing::error!(error = %e, "OFREP listener failed"),
+                Err(e) => tracing::error!(error = %e, "OFREP listener task failed"),
+                Ok(Ok(())) => {}
+            }
+        }
         if let Some(second) = second {
             match second.await {
                 Ok(Err(e)) => tracing::error!(error = %e, "flagd listener failed"),

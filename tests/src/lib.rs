@@ -234,6 +234,9 @@ pub struct Binary {
     pub addr: SocketAddr,
     /// The process.
     pub child: Child,
+    /// The lines it printed after the first (further listeners' addresses), read on as
+    /// they come so that the process never writes into a closed pipe.
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
 
 impl Binary {
@@ -309,7 +312,35 @@ impl Binary {
             .next()
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-        Self { addr, child }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+        Self {
+            addr,
+            child,
+            lines: rx,
+        }
+    }
+
+    /// The address on the next stdout line that contains `what` (such as "OFREP"): the
+    /// address of a further listener started on port 0.
+    pub async fn address_of(&mut self, what: &str) -> SocketAddr {
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(30), self.lines.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no line with {what:?} within 30 s"))
+                .unwrap_or_else(|| panic!("the process ended before printing {what:?}"));
+            if line.contains(what) {
+                return line
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or_else(|| panic!("unexpected line {line:?}"));
+            }
+        }
     }
 
     /// Sends SIGKILL and waits for the process to die.

@@ -671,10 +671,8 @@ fn apply<'a>(rule: &'a Value, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, 
                         let v = owned(result, budget);
                         out.push(v);
                     }
-                    "filter" => {
-                        if truthy(&result) && budget.spend(weight(item)) {
-                            out.push(item.clone());
-                        }
+                    "filter" if truthy(&result) && budget.spend(weight(item)) => {
+                        out.push(item.clone());
                     }
                     "all" if !truthy(&result) => return bool_value(false),
                     "none" if truthy(&result) => return bool_value(false),

@@ -85,6 +85,19 @@ impl Flagd {
         self
     }
 
+    /// The engine the decisions come from.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// The largest response built from many flags, in bytes.
+    pub fn max_response_bytes(&self) -> usize {
+        match self.options.max_response_bytes {
+            0 => 4 * 1024 * 1024,
+            n => n,
+        }
+    }
+
     /// The environment a `Flagd-Selector` header names: `flagSetId=<env>`, or a source
     /// (`source=<s>`, or a bare `<s>`) through the aliases, else the source itself.
     fn selected_environment(&self, selector: &str) -> Option<String> {
@@ -119,7 +132,24 @@ impl Flagd {
         extensions: &tonic::Extensions,
         context: Option<prost_types::Struct>,
     ) -> Result<(Context, bool), Status> {
-        let mut attributes = context.as_ref().map(struct_to_json).unwrap_or_default();
+        let attributes = context.as_ref().map(struct_to_json).unwrap_or_default();
+        let selector = metadata.get("flagd-selector").and_then(|v| v.to_str().ok());
+        self.context_of(
+            selector,
+            extensions.get::<service_kit::auth::Caller>(),
+            attributes,
+        )
+    }
+
+    /// The evaluation context of `attributes` with the `Flagd-Selector` header's value (as
+    /// in [`Flagd::context`]), for faces other than gRPC (OFREP); `caller` must be allowed
+    /// to evaluate in the chosen environment.
+    pub fn context_of(
+        &self,
+        selector: Option<&str>,
+        caller: Option<&service_kit::auth::Caller>,
+        mut attributes: Map<String, Value>,
+    ) -> Result<(Context, bool), Status> {
         crate::domain::values::check_context(&attributes)
             .map_err(|d| Status::from(crate::domain::Error::invalid("context", d)))?;
         for (k, v) in &self.options.static_context {
@@ -139,10 +169,7 @@ impl Flagd {
             )
             .into());
         }
-        let from_header = metadata
-            .get("flagd-selector")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| self.selected_environment(s));
+        let from_header = selector.and_then(|s| self.selected_environment(s));
         let attribute = self.options.environment_attribute.as_str();
         let from_context = match attributes.get(attribute) {
             Some(Value::String(e)) if !attribute.is_empty() => Some(e.clone()),
@@ -157,7 +184,7 @@ impl Flagd {
             attributes,
         };
         // The caller evaluates only in the environments its binding names.
-        if let Some(caller) = extensions.get::<service_kit::auth::Caller>() {
+        if let Some(caller) = caller {
             caller.require_environment(&ctx.environment)?;
         }
         Ok((ctx, fixed))
@@ -192,7 +219,7 @@ impl Flagd {
 
 /// A STATIC decision stays STATIC only when the environment was fixed for the caller (by
 /// the selector, or because no context attribute can name one).
-fn cacheable(mut d: Decision, environment_fixed: bool) -> Decision {
+pub(crate) fn cacheable(mut d: Decision, environment_fixed: bool) -> Decision {
     if d.reason == Reason::Static && !environment_fixed {
         d.reason = Reason::TargetingMatch;
     }
@@ -225,7 +252,7 @@ fn mismatch(key: &str, want: &str, got: &Value) -> Status {
 
 /// Whether a decision means "use the code default": a disabled feature, or a feature
 /// without a default variant when no rule picked one.
-fn code_default(d: &Decision) -> bool {
+pub(crate) fn code_default(d: &Decision) -> bool {
     d.reason == Reason::Disabled || d.variant.is_empty()
 }
 
