@@ -668,6 +668,7 @@ async fn header_forgery_attacks_are_refused() {
     let mut app = s.release_client(&rel, "app").await;
     let r = release::evaluate(&mut app, "new-cart", "prod", "u1").await;
     assert!(!r.visible, "visible with nothing deployed: {r:?}");
+    assert_eq!(r.reason(), rpb::Reason::NotDeployed, "{r:?}");
     // Each agent reports for its own target: the gate opens (release-svc follows
     // deploy-svc over mutual TLS as release-service).
     tests::report(
@@ -970,7 +971,8 @@ async fn safe_defaults_and_redaction() {
         assert!(uri.contains("artifacts.example.test/app.tgz"), "{uri}");
     }
     // A database password never reaches the log.
-    if let Ok(url) = std::env::var("TEST_DATABASE_URL") {
+    if let Some(url) = tests::report::postgres_or_skip("a PostgreSQL password kept out of the log")
+    {
         let (_admin, fresh, _) = tests::fresh_database(&url, "release_redact").await;
         // The server's own password if the URL has one (a stock Debian set-up), else one
         // that trust authentication ignores.
@@ -1022,8 +1024,7 @@ async fn safe_defaults_and_redaction() {
 /// against a CA that did not sign the server's certificate refuses to connect.
 #[tokio::test]
 async fn postgres_connections_use_tls_as_sslmode_asks() {
-    let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
-        eprintln!("TEST_DATABASE_URL unset: PostgreSQL TLS not exercised");
+    let Some(url) = tests::report::postgres_or_skip("PostgreSQL TLS") else {
         return;
     };
     let s = Secure::new();
