@@ -9,7 +9,10 @@
 //!   through its shutdown future.
 //! - [`InProcess`]: deploy-svc served by the library on port 0 (on SQLite, or on
 //!   PostgreSQL when [`deploy_test_postgres`] says so).
-//! - [`fresh_database`]: a new database on the `TEST_DATABASE_URL` PostgreSQL server.
+//! - [`fresh_database`]: a new database on the `TEST_DATABASE_URL` PostgreSQL server;
+//!   [`deploy_database`]: deploy-svc's database as the backend switch says;
+//!   [`assert_backend`]: a service really stores where it was told.
+//! - [`report`]: the backend switch and what `scripts/test` reports (backends, skips).
 //! - [`Binary`] / [`bin_dir`]: the real binaries started on port 0; the bound address is
 //!   read from their first stdout line.
 //! - [`digest`], [`environment`], [`targets`], [`artifact`], [`deploy`], [`report`]:
