@@ -22,7 +22,7 @@ print_test_report() {
   echo "== tests by database backend: SQLite $(tests_on sqlite), PostgreSQL $(tests_on postgres)" \
     "(a test that used both counts on each)"
   if [ -s "$skipped" ]; then
-    echo "== SKIPPED: $(sort -u "$skipped" | wc -l) tests did not run:"
+    echo "== SKIPPED: $(sort -u "$skipped" | wc -l) tests (or scenario rows) could not run:"
     sort -u "$skipped" | sed 's/^/   /'
   else
     echo "== skipped: 0"

@@ -840,8 +840,8 @@ pub mod release {
     }
 
     /// Asserts that release-svc recorded exactly one automatic withdrawal, of `feature` in
-    /// `env`, whose cause names the coverage it fell to (for example `1/2`).
-    pub async fn assert_withdrawn_once(c: &mut Client, feature: &str, env: &str, coverage: &str) {
+    /// `env`, whose cause contains `cause` (for example the coverage it fell to, `1/2`).
+    pub async fn assert_withdrawn_once(c: &mut Client, feature: &str, env: &str, cause: &str) {
         let withdrawals = c
             .list_withdrawals(rpb::ListWithdrawalsRequest::default())
             .await
@@ -855,7 +855,7 @@ pub mod release {
             (feature, env),
             "{w:?}"
         );
-        assert!(w.reason.contains(coverage), "{w:?}");
+        assert!(w.reason.contains(cause), "{w:?}");
         assert!(w.sequence > 0, "{w:?}");
     }
 

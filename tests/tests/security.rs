@@ -1007,10 +1007,25 @@ async fn safe_defaults_and_redaction() {
             .unwrap()
             .unwrap();
         assert!(line.contains("listening"), "{line}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The log up to the line that names the database (read as it comes, not after a
+        // pause), then the rest once the process is gone.
+        let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap());
+        let mut log = String::new();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while !log.contains("release-svc serving") {
+                let mut l = String::new();
+                if stderr.read_line(&mut l).await.unwrap() == 0 {
+                    break;
+                }
+                log.push_str(&l);
+            }
+        })
+        .await
+        .expect("no \"release-svc serving\" line within 30 s");
         child.start_kill().unwrap();
-        let out = child.wait_with_output().await.unwrap();
-        let log = String::from_utf8_lossy(&out.stderr);
+        child.wait().await.unwrap();
+        use tokio::io::AsyncReadExt as _;
+        stderr.read_to_string(&mut log).await.unwrap();
         assert!(log.contains("release-svc serving"), "{log}");
         assert!(
             !log.contains("hunter2"),
