@@ -1,7 +1,7 @@
 //! One conformance suite for release-svc's storage backends: every scenario runs against
 //! SQLite (a temp file) and PostgreSQL (TEST_DATABASE_URL, a fresh schema per run). Without
-//! TEST_DATABASE_URL the PostgreSQL half is skipped with a message; `.ci/run` sets it and
-//! fails if the server is unreachable.
+//! TEST_DATABASE_URL the PostgreSQL half is reported as skipped (`scripts/test` counts it);
+//! `scripts/test` finds or starts a server and sets it.
 
 #![allow(clippy::unwrap_used)]
 
@@ -361,12 +361,12 @@ async fn sqlite_backend_conforms() {
         Arc::new(SqliteStore::open(&path).unwrap()) as Arc<dyn Store>
     })
     .await;
+    report::used(&path.to_string_lossy());
 }
 
 #[tokio::test]
 async fn postgres_backend_conforms() {
-    let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
-        eprintln!("TEST_DATABASE_URL is not set: the PostgreSQL backend was not tested");
+    let Some(url) = report::postgres_or_skip("release-svc's PostgreSQL store") else {
         return;
     };
     let schema = format!(
@@ -384,4 +384,10 @@ async fn postgres_backend_conforms() {
         PostgresStore::open(&url, Some(&schema)).await.unwrap() as Arc<dyn Store>
     })
     .await;
+    report::used(&url);
 }
+
+/// The report to `scripts/test` (backends used, tests skipped), shared with the end-to-end
+/// tests.
+#[path = "../../tests/src/report.rs"]
+mod report;

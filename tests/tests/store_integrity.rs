@@ -60,19 +60,7 @@ async fn failed_start(database: &Path) -> (std::process::ExitStatus, String) {
 }
 
 async fn create_release(c: &mut Client, request_id: &str) -> Result<rpb::Release, tonic::Status> {
-    c.create_release(rpb::CreateReleaseRequest {
-        release: Some(rpb::Release {
-            features: vec!["f".into()],
-            environments: vec![rpb::ReleaseEnvironment {
-                environment: "prod".into(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        request_id: request_id.into(),
-    })
-    .await
-    .map(tonic::Response::into_inner)
+    tests::release::create_with_id(c, "f", request_id).await
 }
 
 /// A corrupt row read by a call answers INTERNAL; corrupt rows read at start stop the
@@ -299,8 +287,7 @@ async fn refuses_audit_rewrites(client: &tokio_postgres::Client, because: &str) 
 /// append-only triggers.
 #[tokio::test]
 async fn postgres_runtime_role_cannot_rewrite_the_audit_trail() {
-    let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
-        eprintln!("TEST_DATABASE_URL is not set: the PostgreSQL roles were not tested");
+    let Some(url) = tests::report::postgres_or_skip("the PostgreSQL roles") else {
         return;
     };
     let (admin, db_url, db) = fresh_database(&url, "release_roles").await;
