@@ -17,6 +17,7 @@
 //!   (on PostgreSQL fed by a tailer that follows the other replicas' commits).
 //! - [`grpc`]: the `deploy.v1.DeployService` handlers, conversions and status mapping
 //!   (including WatchOrders, the agents' order stream).
+//! - [`telemetry`]: deploy-svc's own Prometheus metrics (names and HELP text).
 //! - [`Server`] / [`serve`]: opens the store, then serves an already-bound listener until a
 //!   shutdown future resolves.
 
@@ -25,6 +26,7 @@ pub mod domain;
 pub mod grpc;
 pub mod placement_log;
 pub mod store;
+pub mod telemetry;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -105,6 +107,13 @@ impl Server {
             .serving("deploy-svc", &[listener.local_addr()?])?;
         let streams = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let metrics_server = service_kit::telemetry::serve_metrics(
+            &config.server.metrics,
+            telemetry::describe,
+            streams.clone(),
+        )
+        .await?;
+        metrics::gauge!(telemetry::LOG_HEAD).set(feed.head() as f64);
         let api = DeployApi::new(
             store.clone(),
             feed,
@@ -153,7 +162,7 @@ impl Server {
             })
         };
 
-        let (health, health_service) = tonic_health::server::health_reporter();
+        let (health, health_service) = service_kit::health::reporter(streams.clone());
         health.set_serving::<DeployServiceServer<DeployApi>>().await;
         // A store that can no longer write takes the replica out of service.
         let store_health = tokio::spawn(service_kit::health::follow_store(
@@ -193,6 +202,9 @@ impl Server {
         .await;
         ticker.abort();
         store_health.abort();
+        if let Some(metrics_server) = metrics_server {
+            metrics_server.abort();
+        }
         if let Some(probes) = probes {
             probes.abort();
         }

@@ -1,10 +1,64 @@
 //! Health that follows the storage: a store that can no longer write (its SQLite writer
 //! died) turns the services NOT_SERVING, so probes and load balancers take the replica out
-//! instead of sending it writes that all fail.
+//! instead of sending it writes that all fail. [`reporter`] builds the health service
+//! whose Watch streams end at shutdown, so an open watch never holds the drain.
 
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
 use tokio::sync::watch;
-use tonic_health::server::HealthReporter;
+use tokio_util::sync::CancellationToken;
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
+
+/// A health reporter and its grpc.health.v1 service. `Watch` streams end with UNAVAILABLE
+/// once `stop` is cancelled (the serve loop cancels it after turning every status
+/// NOT_SERVING): Kubernetes and gRPC client-side health checks keep a Watch open, and
+/// tonic's graceful shutdown would otherwise wait the whole drain timeout for it.
+pub fn reporter(stop: CancellationToken) -> (HealthReporter, HealthServer<StoppableHealth>) {
+    let (reporter, _) = tonic_health::server::health_reporter();
+    let inner = HealthService::from_health_reporter(reporter.clone());
+    (reporter, HealthServer::new(StoppableHealth { inner, stop }))
+}
+
+/// See [`reporter`].
+#[derive(Debug)]
+pub struct StoppableHealth {
+    inner: HealthService,
+    stop: CancellationToken,
+}
+
+type WatchStream =
+    Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, tonic::Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Health for StoppableHealth {
+    async fn check(
+        &self,
+        request: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
+        self.inner.check(request).await
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        let inner = self.inner.watch(request).await?.into_inner();
+        let stop = self.stop.clone();
+        let ended = futures::stream::once(async {
+            Err(tonic::Status::unavailable(
+                "the server is shutting down; watch another replica",
+            ))
+        });
+        let stream: WatchStream = Box::pin(inner.take_until(stop.cancelled_owned()).chain(ended));
+        Ok(tonic::Response::new(stream))
+    }
+}
 
 /// Sets every service in `names` (and the overall status) NOT_SERVING when `alive` turns
 /// false, logging it as an error. Runs until then, or until `alive`'s sender is gone while

@@ -15,6 +15,7 @@
 //! - [`tls`]: TLS and mutual TLS on listeners, certificates reloaded when they change.
 //! - [`auth`]: who calls (mTLS, JWT, static tokens) and the one table of what each RPC
 //!   needs.
+//! - [`backoff`]: jittered exponential reconnect delays.
 //! - [`client`]: outbound gRPC channels with TLS, client certificates and bearer tokens.
 //! - [`reload`]: values that follow their file (policies, token files, JWKS).
 //! - [`redact`]: secrets out of URLs before they are logged or returned.
@@ -24,10 +25,15 @@
 //! - [`status`]: the one exhaustive `From<Error> for Status`, with rich error details.
 //! - `sqlite` (cargo feature `sqlite`): the SQLite error mapping and migration runner of the
 //!   embedded stores.
+//! - [`telemetry`]: Prometheus metrics on their own plain-HTTP port (`--metrics-listen`).
+//! - [`access`]: the layer that writes one access-log line per call and the per-RPC
+//!   metrics (counts by status code, latency, open streams).
 //! - [`validate`]: limits and checks every API shares (text, keys, pages, page tokens).
 //! - [`principal()`]: who is calling with authentication off (the `x-principal` metadata).
 
+pub mod access;
 pub mod auth;
+pub mod backoff;
 pub mod client;
 pub mod error;
 pub mod health;
@@ -39,6 +45,7 @@ pub mod reload;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 pub mod status;
+pub mod telemetry;
 pub mod tls;
 pub mod validate;
 
@@ -174,6 +181,9 @@ pub struct ServerArgs {
     /// address: for Kubernetes gRPC probes, which speak neither TLS nor tokens.
     #[arg(long, env = "HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
+    /// Prometheus metrics.
+    #[command(flatten)]
+    pub metrics: telemetry::MetricsArgs,
 }
 
 /// Serves only `health` (plaintext, no credentials: health is public) on `addr` until
@@ -291,6 +301,8 @@ pub async fn serve_gracefully(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         // Unary calls end within the deadline (streams are bounded by their own limits).
         .timeout(Duration::from_millis(limits.rpc_timeout_ms.max(1)))
+        // One access-log line and the RPC metrics per call, refused calls included.
+        .layer(access::CallLayer)
         // Authenticate and authorize first: an anonymous caller never holds an in-flight
         // slot (health checks, which need no credentials, have their own small pool).
         .layer(auth::layer::AuthLayer::new(serving.auth.clone()))
