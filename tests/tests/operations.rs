@@ -483,3 +483,75 @@ async fn an_open_health_watch_does_not_hold_shutdown() {
         }
     }
 }
+
+/// Polls GetConsumerStatus until `ok` holds (at most 60 s).
+async fn consumer_until(
+    rc: &mut tests::release::Client,
+    what: &str,
+    ok: impl Fn(&rpb::ConsumerStatus) -> bool,
+) -> rpb::ConsumerStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = rc
+            .get_consumer_status(rpb::GetConsumerStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if ok(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "consumer never {what}: {s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The health status of `service` on `addr`.
+async fn health_of(addr: SocketAddr, service: &str) -> i32 {
+    tonic_health::pb::health_client::HealthClient::new(tests::channel(addr).await)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+const FEED: &str = "release.placement-feed";
+
+#[tokio::test]
+async fn a_frozen_deploy_svc_is_noticed_reported_and_reconnected_to() {
+    use tonic_health::ServingStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let d = deploy_svc(dir.path(), &[]).await;
+    let r = release_svc(dir.path(), d.addr, &[]).await;
+    let rm = r.metrics().await;
+    let mut rc = release::connect(r.addr).await;
+    release::plain_feature(&mut rc, "dark", false).await;
+    consumer_until(&mut rc, "connected", |s| s.connected).await;
+    assert_eq!(health_of(r.addr, FEED).await, ServingStatus::Serving as i32);
+
+    // SIGSTOP: the TCP connection stays open and silent, as in a network partition.
+    d.signal("STOP");
+    let lost = consumer_until(&mut rc, "noticed the silence", |s| !s.connected).await;
+    assert!(!lost.last_error.is_empty(), "{lost:?}");
+    assert_eq!(
+        health_of(r.addr, FEED).await,
+        ServingStatus::NotServing as i32
+    );
+    // Evaluations go on from the last known placements; the service itself is SERVING.
+    let answer = release::evaluate(&mut rc, "dark", "dev", "u1").await;
+    assert_eq!(answer.reason(), rpb::Reason::NotReleased);
+    assert_eq!(
+        health_of(r.addr, "release.v1.ReleaseService").await,
+        ServingStatus::Serving as i32
+    );
+    let text = until(rm, "release_svc_consumer_connected", |v| v == 0.0).await;
+    assert!(value(&text, "release_svc_consumer_stream_losses_total").unwrap() >= 1.0);
+
+    // Thawed, deploy-svc is followed again without a restart of release-svc.
+    d.signal("CONT");
+    let back = consumer_until(&mut rc, "reconnected", |s| s.connected).await;
+    assert!(back.last_error.is_empty(), "{back:?}");
+    assert_eq!(health_of(r.addr, FEED).await, ServingStatus::Serving as i32);
+}
