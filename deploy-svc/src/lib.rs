@@ -181,7 +181,7 @@ impl Server {
                 .max_decoding_message_size(config.max_message_bytes)
                 .max_encoding_message_size(config.max_message_bytes),
         );
-        let routes = service_kit::reflection(routes)?;
+        let routes = service_kit::reflection(routes, &[SERVICE_NAME])?;
         let database = match config.postgres_url() {
             Some(url) => service_kit::redact::url(&url),
             None => config.database.display().to_string(),

@@ -10,8 +10,6 @@ pub const GROUP_COMMIT_WRITES: &str = "deploy_svc_group_commit_writes";
 pub const COMMIT_SECONDS: &str = "deploy_svc_commit_seconds";
 /// Counter: WatchPlacements streams cut off because their queue stayed full.
 pub const SLOW_WATCHER_CUTOFFS: &str = "deploy_svc_slow_watcher_cutoffs_total";
-/// Gauge: 1 while the store can write, 0 once it cannot.
-pub const STORE_WRITABLE: &str = "deploy_svc_store_writable";
 
 /// Registers the HELP text of the metrics above.
 pub fn describe() {
@@ -28,9 +26,5 @@ pub fn describe() {
     metrics::describe_counter!(
         SLOW_WATCHER_CUTOFFS,
         "WatchPlacements streams cut off because their queue stayed full"
-    );
-    metrics::describe_gauge!(
-        STORE_WRITABLE,
-        "1 while the store can write, 0 once it cannot"
     );
 }

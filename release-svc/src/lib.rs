@@ -268,7 +268,7 @@ impl Server {
                 .max_decoding_message_size(config.max_message_bytes)
                 .max_encoding_message_size(config.max_message_bytes),
         ));
-        let routes = service_kit::reflection(flagd_routes(routes))?;
+        let routes = service_kit::reflection(flagd_routes(routes), &names)?;
         let drain = service_kit::Drain {
             timeout: Duration::from_millis(config.drain_timeout_ms),
         };
@@ -284,9 +284,10 @@ impl Server {
                 flagd_health
                     .set_serving::<FlagdV2Server<grpc::flagd::Flagd>>()
                     .await;
-                let routes = service_kit::reflection(flagd_routes(tonic::service::Routes::new(
-                    flagd_health_service,
-                )))?;
+                let routes = service_kit::reflection(
+                    flagd_routes(tonic::service::Routes::new(flagd_health_service)),
+                    &names[1..],
+                )?;
                 tracing::info!(address = %flagd_listener.local_addr()?, "flagd protocols serving on their own port");
                 let (streams, stop, serving) = (streams.clone(), stop.clone(), serving.clone());
                 Some(tokio::spawn(async move {

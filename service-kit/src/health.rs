@@ -13,6 +13,17 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
 
+/// Gauge: 1 while the store can write, 0 once it cannot.
+pub const STORE_WRITABLE: &str = "store_writable";
+
+/// Registers the HELP text of [`STORE_WRITABLE`].
+pub fn describe() {
+    metrics::describe_gauge!(
+        STORE_WRITABLE,
+        "1 while the store can write, 0 once it cannot (the service is NOT_SERVING)"
+    );
+}
+
 /// A health reporter and its grpc.health.v1 service. `Watch` streams end with UNAVAILABLE
 /// once `stop` is cancelled (the serve loop cancels it after turning every status
 /// NOT_SERVING): Kubernetes and gRPC client-side health checks keep a Watch open, and
@@ -68,6 +79,7 @@ pub async fn follow_store(
     health: HealthReporter,
     names: Vec<&'static str>,
 ) {
+    metrics::gauge!(STORE_WRITABLE).set(1.0);
     loop {
         if !*alive.borrow_and_update() {
             break;
@@ -79,6 +91,7 @@ pub async fn follow_store(
             break;
         }
     }
+    metrics::gauge!(STORE_WRITABLE).set(0.0);
     tracing::error!("the store can no longer write; health is NOT_SERVING until a restart");
     for name in names {
         health

@@ -6,7 +6,8 @@
 //!
 //! - [`LogArgs`] / [`init_tracing`]: human or JSON logs, filtered by `RUST_LOG`.
 //! - [`shutdown_signal`]: resolves on SIGINT or SIGTERM.
-//! - [`reflection`]: gRPC reflection v1 and v1alpha over the contracts, with comments.
+//! - [`reflection()`]: gRPC reflection v1 and v1alpha over the contracts a server serves,
+//!   with comments.
 //! - [`serve_gracefully`]: runs a tonic router until shutdown (TLS, the [`auth`] layer,
 //!   connection, stream, in-flight and deadline limits), then marks health NOT_SERVING,
 //!   ends open streams, drains in-flight calls with a hard timeout.
@@ -115,17 +116,71 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// The reflection services (v1 and v1alpha: grpcurl 1.8 speaks only v1alpha).
-pub fn reflection(routes: Routes) -> anyhow::Result<Routes> {
-    let v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+/// The reflection services (v1 and v1alpha: grpcurl 1.8 speaks only v1alpha) for a server
+/// that serves `services` (full names, such as `deploy.v1.DeployService`): `list` shows
+/// those, health and reflection, and `describe` knows only their files and what they
+/// import, never the other service's API.
+pub fn reflection(routes: Routes, services: &[&str]) -> anyhow::Result<Routes> {
+    let set = descriptors_for(services)?;
+    let builder = || {
+        let mut b = tonic_reflection::server::Builder::configure()
+            .register_file_descriptor_set(set.clone())
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection");
+        for name in services {
+            b = b.with_service_name(*name);
+        }
+        b
+    };
+    let v1 = builder().build_v1()?;
+    let v1alpha = builder().build_v1alpha()?;
     Ok(routes.add_service(v1).add_service(v1alpha))
+}
+
+/// The files of the contracts that define `services`, with everything they import, and the
+/// `google.rpc` error details every service may send (so that grpcurl decodes them); with
+/// their comments: `describe` shows them.
+fn descriptors_for(services: &[&str]) -> anyhow::Result<prost_types::FileDescriptorSet> {
+    use prost::Message;
+    let all = prost_types::FileDescriptorSet::decode(proto::FILE_DESCRIPTOR_SET)?;
+    let by_name: std::collections::HashMap<&str, &prost_types::FileDescriptorProto> =
+        all.file.iter().map(|f| (f.name(), f)).collect();
+    let mut wanted: Vec<&str> = all
+        .file
+        .iter()
+        .filter(|f| f.package() == "google.rpc")
+        .map(|f| f.name())
+        .collect();
+    for service in services {
+        let file = all
+            .file
+            .iter()
+            .find(|f| {
+                f.service
+                    .iter()
+                    .any(|s| format!("{}.{}", f.package(), s.name()) == *service)
+            })
+            .ok_or_else(|| anyhow::anyhow!("no contract defines the service {service}"))?;
+        wanted.push(file.name());
+    }
+    let mut keep = std::collections::BTreeSet::new();
+    while let Some(name) = wanted.pop() {
+        if keep.insert(name) {
+            if let Some(file) = by_name.get(name) {
+                wanted.extend(file.dependency.iter().map(String::as_str));
+            }
+        }
+    }
+    Ok(prost_types::FileDescriptorSet {
+        file: all
+            .file
+            .iter()
+            .filter(|f| keep.contains(f.name()))
+            .cloned()
+            .collect(),
+    })
 }
 
 /// How the server drains.

@@ -62,6 +62,7 @@ pub fn recorder() -> anyhow::Result<PrometheusHandle> {
     if metrics::set_global_recorder(recorder).is_ok() {
         let _ = HANDLE.set(handle);
         crate::access::describe();
+        crate::health::describe();
     }
     HANDLE
         .get()

@@ -66,6 +66,8 @@ impl Proc {
         } else {
             SocketAddr::from(([127, 0, 0, 1], 0))
         };
+        // Keep reading: a closed pipe would fail the program's next line on stdout.
+        tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
         Self { addr, child, logs }
     }
 
@@ -554,4 +556,108 @@ async fn a_frozen_deploy_svc_is_noticed_reported_and_reconnected_to() {
     let back = consumer_until(&mut rc, "reconnected", |s| s.connected).await;
     assert!(back.last_error.is_empty(), "{back:?}");
     assert_eq!(health_of(r.addr, FEED).await, ServingStatus::Serving as i32);
+}
+
+/// `grpcurl -plaintext ADDR ARGS...` (the real grpcurl 1.8.6: reflection v1alpha).
+fn grpcurl(addr: SocketAddr, args: &[&str]) -> (bool, String) {
+    let program = std::env::var("GRPCURL").unwrap_or_else(|_| "grpcurl".into());
+    let out = std::process::Command::new(&program)
+        .arg("-plaintext")
+        .arg(addr.to_string())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run grpcurl ({e}): scripts/test installs it"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The services listed over reflection v1 (tonic's client).
+async fn list_v1(addr: SocketAddr) -> Vec<String> {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let mut client = ServerReflectionClient::new(tests::channel(addr).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = client
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("not a list answer");
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    names
+}
+
+const COMMON: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+fn expected(own: &[&str]) -> Vec<String> {
+    let mut names: Vec<String> = own.iter().chain(&COMMON).map(|s| (*s).to_owned()).collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn reflection_lists_and_describes_only_what_each_service_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = deploy_svc(dir.path(), &[]).await;
+    let r = release_svc(dir.path(), d.addr, &["--flagd-listen", "127.0.0.1:0"]).await;
+    let flagd: SocketAddr = r
+        .log("flagd port", |v| {
+            v["fields"]["message"] == "flagd protocols serving on their own port"
+        })
+        .await["fields"]["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let flagd_services = ["flagd.evaluation.v1.Service", "flagd.evaluation.v2.Service"];
+    let release_services = [
+        "release.v1.ReleaseService",
+        "flagd.evaluation.v1.Service",
+        "flagd.evaluation.v2.Service",
+    ];
+    for (addr, own) in [
+        (d.addr, &["deploy.v1.DeployService"][..]),
+        (r.addr, &release_services[..]),
+        (flagd, &flagd_services[..]),
+    ] {
+        let (ok, listed) = grpcurl(addr, &["list"]);
+        assert!(ok, "{listed}");
+        let mut names: Vec<String> = listed.lines().map(str::to_owned).collect();
+        names.sort();
+        assert_eq!(names, expected(own), "grpcurl list (v1alpha) on {addr}");
+        assert_eq!(
+            list_v1(addr).await,
+            expected(own),
+            "reflection v1 on {addr}"
+        );
+    }
+    // describe knows the service's own contract, with its comments, and not the other's.
+    let (ok, described) = grpcurl(d.addr, &["describe", "deploy.v1.DeployService"]);
+    assert!(ok && described.contains("WatchPlacements"), "{described}");
+    assert!(
+        described.contains("//"),
+        "comments are missing: {described}"
+    );
+    let (ok, other) = grpcurl(d.addr, &["describe", "release.v1.ReleaseService"]);
+    assert!(!ok, "deploy-svc describes release-svc's API: {other}");
+    let (ok, other) = grpcurl(r.addr, &["describe", "deploy.v1.DeployService"]);
+    assert!(!ok, "release-svc describes deploy-svc's API: {other}");
 }
