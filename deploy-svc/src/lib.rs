@@ -136,9 +136,13 @@ impl Server {
                 }
             })
         });
-        // Periodic work: lost agents, baked canaries, automatic rollbacks.
+        // Periodic work: lost agents, baked canaries, automatic rollbacks. Each pass is a
+        // write transaction, so its outcome also says whether the store can write (a dead
+        // SQLite writer, an unreachable PostgreSQL): health follows it, both ways.
+        let (writable_tx, writable) = tokio::sync::watch::channel(true);
         let ticker = {
             let (store, stop) = (store.clone(), streams.clone());
+            let alive = store.writer_alive();
             let (interval, timeout) = (
                 Duration::from_millis(config.tick_interval_ms.max(10)),
                 i64::try_from(config.agent_timeout_ms).unwrap_or(i64::MAX),
@@ -151,13 +155,19 @@ impl Server {
                         () = stop.cancelled() => return,
                         _ = ticks.tick() => {}
                     }
-                    match store.tick(timeout).await {
-                        Ok(true) => DeployApi::orders_changed(&orders),
-                        Ok(false) => {}
-                        Err(e) => {
-                            tracing::warn!(error = %e, "periodic deployment work failed; retrying")
+                    let wrote = match store.tick(timeout).await {
+                        Ok(true) => {
+                            DeployApi::orders_changed(&orders);
+                            true
                         }
-                    }
+                        Ok(false) => true,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "periodic deployment work failed; retrying");
+                            false
+                        }
+                    };
+                    let writable = wrote && *alive.borrow();
+                    writable_tx.send_if_modified(|w| std::mem::replace(w, writable) != writable);
                 }
             })
         };
@@ -166,9 +176,10 @@ impl Server {
         health.set_serving::<DeployServiceServer<DeployApi>>().await;
         // A store that can no longer write takes the replica out of service.
         let store_health = tokio::spawn(service_kit::health::follow_store(
-            store.writer_alive(),
+            writable,
             health.clone(),
             vec![SERVICE_NAME],
+            streams.clone(),
         ));
         let probes = match config.server.health_listen {
             Some(addr) => Some(

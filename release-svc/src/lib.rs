@@ -262,6 +262,7 @@ impl Server {
             store_alive,
             health.clone(),
             names.to_vec(),
+            streams.clone(),
         ));
         let routes = tonic::service::Routes::new(health_service).add_service(DecodeErrors(
             ReleaseServiceServer::new(api)

@@ -661,3 +661,121 @@ async fn reflection_lists_and_describes_only_what_each_service_serves() {
     let (ok, other) = grpcurl(r.addr, &["describe", "deploy.v1.DeployService"]);
     assert!(!ok, "release-svc describes deploy-svc's API: {other}");
 }
+
+/// A TCP proxy to `upstream` that can cut every connection and refuse new ones (an
+/// unreachable database), then let them through again.
+struct Proxy {
+    addr: SocketAddr,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    cut: Arc<Mutex<tokio_util::sync::CancellationToken>>,
+}
+
+impl Proxy {
+    async fn start(upstream: String) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let cut = Arc::new(Mutex::new(tokio_util::sync::CancellationToken::new()));
+        let (o, c) = (open.clone(), cut.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !o.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection is closed at once
+                }
+                let token = c.lock().unwrap().clone();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        () = token.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, open, cut }
+    }
+
+    fn set_open(&self, open: bool) {
+        self.open.store(open, std::sync::atomic::Ordering::SeqCst);
+        if !open {
+            let mut cut = self.cut.lock().unwrap();
+            cut.cancel();
+            *cut = tokio_util::sync::CancellationToken::new();
+        }
+    }
+}
+
+/// Polls the health of `service` on `addr` until it is `want` (at most 60 s).
+async fn health_until(addr: SocketAddr, service: &str, want: i32) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = health_of(addr, service).await;
+        if now == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{service} stayed {now}, never {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn deploy_svc_is_not_serving_while_postgresql_is_unreachable_and_serving_after() {
+    use tonic_health::ServingStatus;
+    let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
+        eprintln!("TEST_DATABASE_URL is not set: skipped (the SQLite case is a unit test)");
+        return;
+    };
+    let (_admin, db_url, _) = tests::fresh_database(&url, "deploy_ops").await;
+    // postgres://user[:password]@host:port/db -> the same through the proxy.
+    let (head, rest) = db_url.split_once('@').unwrap();
+    let (server, db) = rest.split_once('/').unwrap();
+    let proxy = Proxy::start(server.to_owned()).await;
+    let via_proxy = format!("{head}@{}/{db}", proxy.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let d = Proc::spawn(
+        "deploy-svc",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            &via_proxy,
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--tick-interval-ms",
+            "200",
+        ],
+        &[],
+        true,
+    )
+    .await;
+    let dm = d.metrics().await;
+    let name = "deploy.v1.DeployService";
+    health_until(d.addr, name, ServingStatus::Serving as i32).await;
+
+    proxy.set_open(false);
+    health_until(d.addr, name, ServingStatus::NotServing as i32).await;
+    until(dm, "store_writable", |v| v == 0.0).await;
+    let mut dc = tests::connect(d.addr).await;
+    let refused = dc
+        .create_environment(pb::CreateEnvironmentRequest {
+            environment_id: "dev".into(),
+            environment: Some(pb::Environment::default()),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+
+    proxy.set_open(true);
+    health_until(d.addr, name, ServingStatus::Serving as i32).await;
+    until(dm, "store_writable", |v| v == 1.0).await;
+    environment(&mut dc, "dev", None, false).await;
+    drop(dir);
+}
