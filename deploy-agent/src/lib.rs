@@ -12,7 +12,9 @@
 //!   switch of `current`, health check and rollback, pruning.
 //! - [`runner`]: the agent's loop over gRPC: [`runner::connect`] (the one place the channel
 //!   to deploy-svc is set up), register, heartbeat, follow orders, report.
+//! - [`telemetry`]: the agent's Prometheus metrics (names, labels, HELP text).
 //! - `src/main.rs`: the `deploy-agent` binary: flags, logs, signals.
 
 pub mod place;
 pub mod runner;
+pub mod telemetry;

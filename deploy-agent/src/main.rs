@@ -14,6 +14,8 @@ struct Args {
     agent: deploy_agent::runner::AgentConfig,
     #[command(flatten)]
     log: service_kit::LogArgs,
+    #[command(flatten)]
+    metrics: service_kit::telemetry::MetricsArgs,
 }
 
 /// How long a stopping agent waits for a blocked fetch or hook thread before exiting.
@@ -32,6 +34,12 @@ fn main() -> anyhow::Result<()> {
             service_kit::shutdown_signal().await;
             on_signal.cancel();
         });
+        let metrics = service_kit::telemetry::serve_metrics(
+            &args.metrics,
+            deploy_agent::telemetry::describe,
+            stop.clone(),
+        )
+        .await?;
         #[allow(clippy::print_stdout)]
         {
             println!(
@@ -39,7 +47,12 @@ fn main() -> anyhow::Result<()> {
                 args.agent.environment, args.agent.target
             );
         }
-        deploy_agent::runner::run(args.agent, stop).await
+        let result = deploy_agent::runner::run(args.agent, stop.clone()).await;
+        stop.cancel();
+        if let Some(metrics) = metrics {
+            let _ = metrics.await;
+        }
+        result
     });
     // A placement thread blocked in a read or a hook is not waited for: it has been told
     // to stop, and what it leaves in tmp/ is cleaned at the next placement.

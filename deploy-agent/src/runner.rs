@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use proto::deploy::v1 as pb;
 use proto::deploy::v1::deploy_service_client::DeployServiceClient;
+use service_kit::backoff::Backoff;
 use service_kit::client::AuthChannel;
 use tokio_util::sync::CancellationToken;
 
@@ -249,21 +250,23 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> anyhow::Result
         on_stop.cancelled().await;
         placing.stop();
     });
-    let mut backoff = Duration::from_millis(100);
+    // Jittered: a fleet of agents cut off together does not reconnect in lockstep.
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
         let session = tokio::select! {
             () = stop.cancelled() => return Ok(()),
-            r = session(&config, placer.clone(), &stop) => r,
+            r = session(&config, placer.clone(), &stop, &mut backoff) => r,
         };
+        metrics::gauge!(crate::telemetry::CONNECTED).set(0.0);
         match session {
             Ok(()) => return Ok(()),
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "agent disconnected");
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "agent disconnected");
                 tokio::select! {
                     () = stop.cancelled() => return Ok(()),
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(delay) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
     }
@@ -274,6 +277,7 @@ async fn session(
     config: &AgentConfig,
     placer: Arc<Placer>,
     stop: &CancellationToken,
+    backoff: &mut Backoff,
 ) -> anyhow::Result<()> {
     let mut client =
         DeployServiceClient::new(connect(&config.server, &config.client.security()).await?);
@@ -298,6 +302,8 @@ async fn session(
         ))
         .await?;
     tracing::info!(target = %config.target_name(), on_disk = ?on_disk.map(|d| d.version), "agent registered");
+    backoff.reset();
+    metrics::gauge!(crate::telemetry::CONNECTED).set(1.0);
     let beating = CancellationToken::new();
     let heartbeat = tokio::spawn(heartbeats(
         client.clone(),
@@ -422,6 +428,12 @@ async fn carry_out(
         source_uri: order.source_uri.clone(),
     };
     let outcome = tokio::task::spawn_blocking(move || placer.place(&job)).await?;
+    let label = match &outcome {
+        Ok(p) if p.reused => "reused",
+        Ok(_) => "placed",
+        Err(_) => "failed",
+    };
+    metrics::counter!(crate::telemetry::PLACEMENTS, "outcome" => label).increment(1);
     let (state, message) = match outcome {
         Ok(p) if p.reused => (
             pb::PlacementState::Placed,

@@ -17,6 +17,7 @@
 //!   (on PostgreSQL fed by a tailer that follows the other replicas' commits).
 //! - [`grpc`]: the `deploy.v1.DeployService` handlers, conversions and status mapping
 //!   (including WatchOrders, the agents' order stream).
+//! - [`telemetry`]: deploy-svc's own Prometheus metrics (names and HELP text).
 //! - [`Server`] / [`serve`]: opens the store, then serves an already-bound listener until a
 //!   shutdown future resolves.
 
@@ -25,6 +26,7 @@ pub mod domain;
 pub mod grpc;
 pub mod placement_log;
 pub mod store;
+pub mod telemetry;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -105,6 +107,13 @@ impl Server {
             .serving("deploy-svc", &[listener.local_addr()?])?;
         let streams = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let metrics_server = service_kit::telemetry::serve_metrics(
+            &config.server.metrics,
+            telemetry::describe,
+            streams.clone(),
+        )
+        .await?;
+        metrics::gauge!(telemetry::LOG_HEAD).set(feed.head() as f64);
         let api = DeployApi::new(
             store.clone(),
             feed,
@@ -127,9 +136,13 @@ impl Server {
                 }
             })
         });
-        // Periodic work: lost agents, baked canaries, automatic rollbacks.
+        // Periodic work: lost agents, baked canaries, automatic rollbacks. Each pass is a
+        // write transaction, so its outcome also says whether the store can write (a dead
+        // SQLite writer, an unreachable PostgreSQL): health follows it, both ways.
+        let (writable_tx, writable) = tokio::sync::watch::channel(true);
         let ticker = {
             let (store, stop) = (store.clone(), streams.clone());
+            let alive = store.writer_alive();
             let (interval, timeout) = (
                 Duration::from_millis(config.tick_interval_ms.max(10)),
                 i64::try_from(config.agent_timeout_ms).unwrap_or(i64::MAX),
@@ -142,24 +155,31 @@ impl Server {
                         () = stop.cancelled() => return,
                         _ = ticks.tick() => {}
                     }
-                    match store.tick(timeout).await {
-                        Ok(true) => DeployApi::orders_changed(&orders),
-                        Ok(false) => {}
-                        Err(e) => {
-                            tracing::warn!(error = %e, "periodic deployment work failed; retrying")
+                    let wrote = match store.tick(timeout).await {
+                        Ok(true) => {
+                            DeployApi::orders_changed(&orders);
+                            true
                         }
-                    }
+                        Ok(false) => true,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "periodic deployment work failed; retrying");
+                            false
+                        }
+                    };
+                    let writable = wrote && *alive.borrow();
+                    writable_tx.send_if_modified(|w| std::mem::replace(w, writable) != writable);
                 }
             })
         };
 
-        let (health, health_service) = tonic_health::server::health_reporter();
+        let (health, health_service) = service_kit::health::reporter(streams.clone());
         health.set_serving::<DeployServiceServer<DeployApi>>().await;
         // A store that can no longer write takes the replica out of service.
         let store_health = tokio::spawn(service_kit::health::follow_store(
-            store.writer_alive(),
+            writable,
             health.clone(),
             vec![SERVICE_NAME],
+            streams.clone(),
         ));
         let probes = match config.server.health_listen {
             Some(addr) => Some(
@@ -172,7 +192,7 @@ impl Server {
                 .max_decoding_message_size(config.max_message_bytes)
                 .max_encoding_message_size(config.max_message_bytes),
         );
-        let routes = service_kit::reflection(routes)?;
+        let routes = service_kit::reflection(routes, &[SERVICE_NAME])?;
         let database = match config.postgres_url() {
             Some(url) => service_kit::redact::url(&url),
             None => config.database.display().to_string(),
@@ -193,6 +213,9 @@ impl Server {
         .await;
         ticker.abort();
         store_health.abort();
+        if let Some(metrics_server) = metrics_server {
+            metrics_server.abort();
+        }
         if let Some(probes) = probes {
             probes.abort();
         }

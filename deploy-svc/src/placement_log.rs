@@ -87,6 +87,7 @@ impl Feed {
             }
         }
         self.head.send_replace(last);
+        metrics::gauge!(crate::telemetry::LOG_HEAD).set(last as f64);
     }
 
     /// The newest published sequence.
@@ -312,6 +313,7 @@ impl Watcher {
                     head = self.feed.head(),
                     "cutting off a slow watcher"
                 );
+                metrics::counter!(crate::telemetry::SLOW_WATCHER_CUTOFFS).increment(1);
                 self.terminate(Error::ResourceExhausted(format!(
                     "watcher fell behind: its queue stayed full for {:?} (log head {}); resume with after_sequence set to the last sequence received",
                     self.limits.slow_timeout,

@@ -1,8 +1,16 @@
 //! The placement consumer: follows deploy-svc's WatchPlacements from the stored cursor and
 //! applies events through the engine (each batch and the cursor in one transaction, so a
-//! crash neither loses nor double-applies an event). It reconnects with exponential backoff
-//! and resyncs from a snapshot when its cursor is older than deploy-svc's retained log.
-//! While deploy-svc is unreachable, evaluations keep using the last known placements.
+//! crash neither loses nor double-applies an event). It reconnects with jittered
+//! exponential backoff and resyncs from a snapshot when its cursor is older than
+//! deploy-svc's retained log. While deploy-svc is unreachable, evaluations keep using the
+//! last known placements.
+//!
+//! A silent stream is a lost stream: deploy-svc sends a heartbeat every
+//! [`HEARTBEAT_INTERVAL`]; after [`SILENCE_LIMIT`] without any message (a frozen or
+//! partitioned deploy-svc keeps the TCP connection open) the consumer drops the stream,
+//! reports it in GetConsumerStatus and reconnects. The health service name
+//! [`PLACEMENT_FEED_HEALTH`] is SERVING while the stream is open and NOT_SERVING while it
+//! is lost.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,16 +18,28 @@ use std::time::Duration;
 use futures::FutureExt;
 use proto::deploy::v1 as dpb;
 use proto::deploy::v1::deploy_service_client::DeployServiceClient;
+use service_kit::backoff::Backoff;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
 
 use crate::domain::model::Millis;
 use crate::domain::names;
 use crate::domain::placements::{Placement, PlacementState};
 use crate::engine::{now_ms, Engine};
+use crate::telemetry;
 
 /// Most events applied in one transaction.
 const BATCH: usize = 512;
+
+/// How often deploy-svc is asked to send a heartbeat on an idle stream.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+/// No message for this long (three heartbeats) means the stream is dead.
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(6);
+/// The health service name of the placement feed: NOT_SERVING while the applier replica
+/// has lost deploy-svc's stream (evaluations go on from the last known placements).
+pub const PLACEMENT_FEED_HEALTH: &str = "release.placement-feed";
 
 /// What GetConsumerStatus reports.
 #[derive(Debug, Clone, Default)]
@@ -77,22 +97,40 @@ enum Outcome {
     Stop,
 }
 
+/// Sets the placement feed's health status and the connected gauge.
+pub async fn report_feed(health: &HealthReporter, connected: bool) {
+    metrics::gauge!(telemetry::CONSUMER_CONNECTED).set(if connected { 1.0 } else { 0.0 });
+    let status = if connected {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    health
+        .set_service_status(PLACEMENT_FEED_HEALTH, status)
+        .await;
+}
+
 /// Runs the consumer until `cancel`.
 pub async fn run(
     engine: Arc<Engine>,
     deploy_svc: String,
     security: service_kit::client::ClientSecurity,
     status: SharedStatus,
+    health: HealthReporter,
     cancel: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut resync = engine.cursor().await.0 == 0;
     loop {
         let outcome = tokio::select! {
             () = cancel.cancelled() => Outcome::Stop,
-            o = follow(&engine, &deploy_svc, &security, &status, resync, &mut backoff) => o,
+            o = follow(&engine, &deploy_svc, &security, &status, &health, resync, &mut backoff) => o,
         };
         update(&status, |s| s.connected = false);
+        report_feed(&health, false).await;
+        if !matches!(outcome, Outcome::Stop) {
+            metrics::counter!(telemetry::CONSUMER_STREAM_LOSSES).increment(1);
+        }
         match outcome {
             Outcome::Stop => return,
             Outcome::Resync(why) => {
@@ -101,14 +139,14 @@ pub async fn run(
                 resync = true;
             }
             Outcome::Retry(why) => {
-                tracing::warn!(error = %why, retry_in = ?backoff, "placement stream lost; retrying");
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %why, retry_in = ?delay, "placement stream lost; retrying");
                 update(&status, |s| s.last_error = why);
                 resync = false;
                 tokio::select! {
                     () = cancel.cancelled() => return,
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(delay) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
@@ -119,53 +157,45 @@ async fn follow(
     deploy_svc: &str,
     security: &service_kit::client::ClientSecurity,
     status: &SharedStatus,
+    health: &HealthReporter,
     resync: bool,
-    backoff: &mut Duration,
+    backoff: &mut Backoff,
 ) -> Outcome {
-    let channel = match security.connect(deploy_svc).await {
-        Ok(c) => c,
-        Err(e) => {
-            return Outcome::Retry(format!(
-                "cannot connect to {}: {e:#}",
-                service_kit::redact::url(deploy_svc)
-            ))
-        }
-    };
-    let mut client = DeployServiceClient::new(channel);
-    let cursor = engine.cursor().await.0;
-    let start = if resync {
-        dpb::watch_placements_request::Start::Snapshot(true)
-    } else {
-        dpb::watch_placements_request::Start::AfterSequence(cursor)
-    };
-    let request = dpb::WatchPlacementsRequest {
-        start: Some(start),
-        environment: String::new(),
-        artifact: String::new(),
-        heartbeat_interval_seconds: 2,
-    };
-    let mut stream = match client.watch_placements(request).await {
-        Ok(r) => r.into_inner(),
-        Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::OutOfRange) => {
-            return Outcome::Resync(s.message().to_owned())
-        }
-        Err(s) => return Outcome::Retry(format!("WatchPlacements failed: {s}")),
+    // A frozen deploy-svc accepts TCP connections and then says nothing: bound the
+    // connection and the call that opens the stream like the stream itself.
+    let opened = tokio::time::timeout(SILENCE_LIMIT, open(engine, deploy_svc, security, resync))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Outcome::Retry(format!(
+                "deploy-svc did not answer WatchPlacements within {SILENCE_LIMIT:?}"
+            )))
+        });
+    let (mut stream, cursor) = match opened {
+        Ok(opened) => opened,
+        Err(outcome) => return outcome,
     };
     update(status, |s| {
         s.connected = true;
         s.last_error.clear();
     });
-    *backoff = Duration::from_millis(100);
+    report_feed(health, true).await;
+    backoff.reset();
     tracing::info!(%deploy_svc, cursor, resync, "following deploy-svc placements");
+    let mut applied = cursor;
     let mut snapshot = Vec::new();
     loop {
-        let first = match stream.message().await {
-            Ok(Some(m)) => m,
-            Ok(None) => return Outcome::Retry("deploy-svc ended the stream".into()),
-            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::OutOfRange) => {
+        let first = match tokio::time::timeout(SILENCE_LIMIT, stream.message()).await {
+            Err(_) => {
+                return Outcome::Retry(format!(
+                    "no message from deploy-svc for {SILENCE_LIMIT:?} (heartbeats are due every {HEARTBEAT_INTERVAL:?}): the stream is dead"
+                ))
+            }
+            Ok(Ok(Some(m))) => m,
+            Ok(Ok(None)) => return Outcome::Retry("deploy-svc ended the stream".into()),
+            Ok(Err(s)) if matches!(s.code(), Code::FailedPrecondition | Code::OutOfRange) => {
                 return Outcome::Resync(s.message().to_owned())
             }
-            Err(s) => return Outcome::Retry(format!("stream error: {s}")),
+            Ok(Err(s)) => return Outcome::Retry(format!("stream error: {s}")),
         };
         // Take whatever else is already buffered, so one transaction covers a burst.
         let mut batch = vec![first];
@@ -175,7 +205,9 @@ async fn follow(
                 _ => break,
             }
         }
-        update(status, |s| s.last_message_ms = now_ms());
+        let now = now_ms();
+        update(status, |s| s.last_message_ms = now);
+        metrics::gauge!(telemetry::CONSUMER_LAST_MESSAGE).set(now as f64 / 1000.0);
         let mut events = Vec::new();
         let mut cursor_after = None;
         for msg in batch {
@@ -193,6 +225,7 @@ async fn follow(
                     {
                         return Outcome::Retry(format!("cannot store the snapshot: {e}"));
                     }
+                    applied = end.sequence;
                     update(status, |s| s.head = s.head.max(end.sequence));
                 }
                 Some(Kind::Event(e)) => {
@@ -214,6 +247,50 @@ async fn follow(
             if let Err(e) = engine.apply_placements(events, cursor_after).await {
                 return Outcome::Retry(format!("cannot apply placement events: {e}"));
             }
+            applied = cursor_after;
         }
+        let head = status.lock().unwrap_or_else(|p| p.into_inner()).head;
+        metrics::gauge!(telemetry::CONSUMER_HEAD).set(head as f64);
+        metrics::gauge!(telemetry::CONSUMER_LAG).set(head.saturating_sub(applied) as f64);
+    }
+}
+
+type Opened = (tonic::Streaming<dpb::WatchPlacementsResponse>, u64);
+
+/// Connects and opens the stream from the stored cursor (or a snapshot).
+async fn open(
+    engine: &Engine,
+    deploy_svc: &str,
+    security: &service_kit::client::ClientSecurity,
+    resync: bool,
+) -> Result<Opened, Outcome> {
+    let channel = match security.connect(deploy_svc).await {
+        Ok(c) => c,
+        Err(e) => {
+            return Err(Outcome::Retry(format!(
+                "cannot connect to {}: {e:#}",
+                service_kit::redact::url(deploy_svc)
+            )))
+        }
+    };
+    let mut client = DeployServiceClient::new(channel);
+    let cursor = engine.cursor().await.0;
+    let start = if resync {
+        dpb::watch_placements_request::Start::Snapshot(true)
+    } else {
+        dpb::watch_placements_request::Start::AfterSequence(cursor)
+    };
+    let request = dpb::WatchPlacementsRequest {
+        start: Some(start),
+        environment: String::new(),
+        artifact: String::new(),
+        heartbeat_interval_seconds: HEARTBEAT_INTERVAL.as_secs() as u32,
+    };
+    match client.watch_placements(request).await {
+        Ok(r) => Ok((r.into_inner(), cursor)),
+        Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::OutOfRange) => {
+            Err(Outcome::Resync(s.message().to_owned()))
+        }
+        Err(s) => Err(Outcome::Retry(format!("WatchPlacements failed: {s}"))),
     }
 }

@@ -663,6 +663,7 @@ impl Engine {
         state.placements = next_placements;
         state.cursor = state.cursor.max(cursor_after);
         state.events_applied = applied;
+        metrics::counter!(crate::telemetry::WITHDRAWALS).increment(withdrawals.len() as u64);
         for w in &withdrawals {
             tracing::info!(feature = %w.feature, environment = %w.environment, reason = %w.reason, sequence = w.sequence, "visibility withdrawn automatically");
         }
@@ -696,6 +697,7 @@ impl Engine {
         self.store
             .replace_placements(placements, cursor, withdrawals.clone())
             .await?;
+        metrics::counter!(crate::telemetry::WITHDRAWALS).increment(withdrawals.len() as u64);
         state.placements = next_placements;
         state.cursor = cursor;
         let version = next.version;

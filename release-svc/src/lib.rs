@@ -14,6 +14,7 @@
 //!   checks.
 //! - [`grpc`]: the `release.v1.ReleaseService` handlers and conversions, and flagd's
 //!   evaluation protocol (v1 and v2) for OpenFeature providers.
+//! - [`telemetry`]: release-svc's own Prometheus metrics (names, labels, HELP text).
 //! - [`cli`]: the `import-flagd` and `export-flagd` subcommands of the binary.
 //! - [`Server`] / [`serve`]: opens the store, then serves an already-bound listener.
 
@@ -26,6 +27,7 @@ pub mod engine;
 pub mod grpc;
 pub mod ofrep;
 pub mod store;
+pub mod telemetry;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -143,6 +145,15 @@ impl Server {
         let serving = config.server.serving("release-svc", &addresses)?;
         let deploy_security = config.deploy_svc_security();
         let streams = CancellationToken::new();
+        let metrics_server = service_kit::telemetry::serve_metrics(
+            &config.server.metrics,
+            telemetry::describe,
+            streams.clone(),
+        )
+        .await?;
+        let (health, health_service) = service_kit::health::reporter(streams.clone());
+        // Lost until the consumer has opened deploy-svc's stream.
+        consumer::report_feed(&health, false).await;
         let status = consumer::SharedStatus::default();
         // Replicas sharing the database reload when another one commits.
         let refresher = match engine.store().changes().await {
@@ -166,11 +177,12 @@ impl Server {
         // One applier of placement events at a time across replicas: the consumer runs
         // while this process holds the store's applier lease.
         let consumer = {
-            let (engine, url, security, status, stop) = (
+            let (engine, url, security, status, health, stop) = (
                 engine.clone(),
                 config.deploy_svc.clone(),
                 deploy_security.clone(),
                 status.clone(),
+                health.clone(),
                 streams.clone(),
             );
             tokio::spawn(async move {
@@ -199,6 +211,7 @@ impl Server {
                         url.clone(),
                         security.clone(),
                         status.clone(),
+                        health.clone(),
                         lease.clone(),
                     )
                     .await;
@@ -244,7 +257,6 @@ impl Server {
                 .add_service(DecodeErrors(FlagdV1Server::new(flagd.clone())))
                 .add_service(DecodeErrors(FlagdV2Server::new(flagd.clone())))
         };
-        let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_serving::<ReleaseServiceServer<ReleaseApi>>()
             .await;
@@ -270,13 +282,14 @@ impl Server {
             store_alive,
             health.clone(),
             names.to_vec(),
+            streams.clone(),
         ));
         let routes = tonic::service::Routes::new(health_service).add_service(DecodeErrors(
             ReleaseServiceServer::new(api)
                 .max_decoding_message_size(config.max_message_bytes)
                 .max_encoding_message_size(config.max_message_bytes),
         ));
-        let routes = service_kit::reflection(flagd_routes(routes))?;
+        let routes = service_kit::reflection(flagd_routes(routes), &names)?;
         let drain = service_kit::Drain {
             timeout: Duration::from_millis(config.drain_timeout_ms),
         };
@@ -299,16 +312,18 @@ impl Server {
         };
         let second = match flagd_listener {
             Some(flagd_listener) => {
-                let (flagd_health, flagd_health_service) = tonic_health::server::health_reporter();
+                let (flagd_health, flagd_health_service) =
+                    service_kit::health::reporter(streams.clone());
                 flagd_health
                     .set_serving::<FlagdV1Server<grpc::flagd::Flagd>>()
                     .await;
                 flagd_health
                     .set_serving::<FlagdV2Server<grpc::flagd::Flagd>>()
                     .await;
-                let routes = service_kit::reflection(flagd_routes(tonic::service::Routes::new(
-                    flagd_health_service,
-                )))?;
+                let routes = service_kit::reflection(
+                    flagd_routes(tonic::service::Routes::new(flagd_health_service)),
+                    &names[1..],
+                )?;
                 tracing::info!(address = %flagd_listener.local_addr()?, "flagd protocols serving on their own port");
                 let (streams, stop, serving) = (streams.clone(), stop.clone(), serving.clone());
                 Some(tokio::spawn(async move {
@@ -365,6 +380,9 @@ impl Server {
         }
         streams.cancel();
         store_health.abort();
+        if let Some(metrics_server) = metrics_server {
+            metrics_server.abort();
+        }
         if let Some(probes) = probes {
             probes.abort();
         }

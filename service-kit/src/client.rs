@@ -90,6 +90,11 @@ impl ClientSecurity {
         let endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|_| anyhow::anyhow!("bad server address {}", crate::redact::url(url)))?
             .connect_timeout(Duration::from_secs(5))
+            // A peer that stops answering (frozen, partitioned) is noticed on idle
+            // connections too: HTTP/2 pings every 10 s, dead after 5 s without a reply.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
             .tcp_nodelay(true);
         let tls = self.ca.is_some() || url.starts_with("https://");
         if !tls {

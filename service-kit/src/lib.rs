@@ -6,7 +6,8 @@
 //!
 //! - [`LogArgs`] / [`init_tracing`]: human or JSON logs, filtered by `RUST_LOG`.
 //! - [`shutdown_signal`]: resolves on SIGINT or SIGTERM.
-//! - [`reflection`]: gRPC reflection v1 and v1alpha over the contracts, with comments.
+//! - [`reflection()`]: gRPC reflection v1 and v1alpha over the contracts a server serves,
+//!   with comments.
 //! - [`serve_gracefully`]: runs a tonic router until shutdown (TLS, the [`auth`] layer,
 //!   connection, stream, in-flight and deadline limits), then marks health NOT_SERVING,
 //!   ends open streams, drains in-flight calls with a hard timeout.
@@ -15,6 +16,7 @@
 //! - [`tls`]: TLS and mutual TLS on listeners, certificates reloaded when they change.
 //! - [`auth`]: who calls (mTLS, JWT, static tokens) and the one table of what each RPC
 //!   needs.
+//! - [`backoff`]: jittered exponential reconnect delays.
 //! - [`client`]: outbound gRPC channels with TLS, client certificates and bearer tokens.
 //! - [`reload`]: values that follow their file (policies, token files, JWKS).
 //! - [`redact`]: secrets out of URLs before they are logged or returned.
@@ -25,10 +27,15 @@
 //! - [`streams`]: a cap on open server streams (RESOURCE_EXHAUSTED past it).
 //! - `sqlite` (cargo feature `sqlite`): the SQLite error mapping and migration runner of the
 //!   embedded stores.
+//! - [`telemetry`]: Prometheus metrics on their own plain-HTTP port (`--metrics-listen`).
+//! - [`access`]: the layer that writes one access-log line per call and the per-RPC
+//!   metrics (counts by status code, latency, open streams).
 //! - [`validate`]: limits and checks every API shares (text, keys, pages, page tokens).
 //! - [`principal()`]: who is calling with authentication off (the `x-principal` metadata).
 
+pub mod access;
 pub mod auth;
+pub mod backoff;
 pub mod client;
 pub mod error;
 pub mod health;
@@ -41,6 +48,7 @@ pub mod reload;
 pub mod sqlite;
 pub mod status;
 pub mod streams;
+pub mod telemetry;
 pub mod tls;
 pub mod validate;
 
@@ -110,17 +118,71 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// The reflection services (v1 and v1alpha: grpcurl 1.8 speaks only v1alpha).
-pub fn reflection(routes: Routes) -> anyhow::Result<Routes> {
-    let v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+/// The reflection services (v1 and v1alpha: grpcurl 1.8 speaks only v1alpha) for a server
+/// that serves `services` (full names, such as `deploy.v1.DeployService`): `list` shows
+/// those, health and reflection, and `describe` knows only their files and what they
+/// import, never the other service's API.
+pub fn reflection(routes: Routes, services: &[&str]) -> anyhow::Result<Routes> {
+    let set = descriptors_for(services)?;
+    let builder = || {
+        let mut b = tonic_reflection::server::Builder::configure()
+            .register_file_descriptor_set(set.clone())
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection");
+        for name in services {
+            b = b.with_service_name(*name);
+        }
+        b
+    };
+    let v1 = builder().build_v1()?;
+    let v1alpha = builder().build_v1alpha()?;
     Ok(routes.add_service(v1).add_service(v1alpha))
+}
+
+/// The files of the contracts that define `services`, with everything they import, and the
+/// `google.rpc` error details every service may send (so that grpcurl decodes them); with
+/// their comments: `describe` shows them.
+fn descriptors_for(services: &[&str]) -> anyhow::Result<prost_types::FileDescriptorSet> {
+    use prost::Message;
+    let all = prost_types::FileDescriptorSet::decode(proto::FILE_DESCRIPTOR_SET)?;
+    let by_name: std::collections::HashMap<&str, &prost_types::FileDescriptorProto> =
+        all.file.iter().map(|f| (f.name(), f)).collect();
+    let mut wanted: Vec<&str> = all
+        .file
+        .iter()
+        .filter(|f| f.package() == "google.rpc")
+        .map(|f| f.name())
+        .collect();
+    for service in services {
+        let file = all
+            .file
+            .iter()
+            .find(|f| {
+                f.service
+                    .iter()
+                    .any(|s| format!("{}.{}", f.package(), s.name()) == *service)
+            })
+            .ok_or_else(|| anyhow::anyhow!("no contract defines the service {service}"))?;
+        wanted.push(file.name());
+    }
+    let mut keep = std::collections::BTreeSet::new();
+    while let Some(name) = wanted.pop() {
+        if keep.insert(name) {
+            if let Some(file) = by_name.get(name) {
+                wanted.extend(file.dependency.iter().map(String::as_str));
+            }
+        }
+    }
+    Ok(prost_types::FileDescriptorSet {
+        file: all
+            .file
+            .iter()
+            .filter(|f| keep.contains(f.name()))
+            .cloned()
+            .collect(),
+    })
 }
 
 /// How the server drains.
@@ -176,6 +238,9 @@ pub struct ServerArgs {
     /// address: for Kubernetes gRPC probes, which speak neither TLS nor tokens.
     #[arg(long, env = "HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
+    /// Prometheus metrics.
+    #[command(flatten)]
+    pub metrics: telemetry::MetricsArgs,
 }
 
 /// Serves only `health` (plaintext, no credentials: health is public) on `addr` until
@@ -293,6 +358,8 @@ pub async fn serve_gracefully(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         // Unary calls end within the deadline (streams are bounded by their own limits).
         .timeout(Duration::from_millis(limits.rpc_timeout_ms.max(1)))
+        // One access-log line and the RPC metrics per call, refused calls included.
+        .layer(access::CallLayer)
         // Authenticate and authorize first: an anonymous caller never holds an in-flight
         // slot (health checks, which need no credentials, have their own small pool).
         .layer(auth::layer::AuthLayer::new(serving.auth.clone()))

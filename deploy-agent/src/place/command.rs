@@ -41,6 +41,19 @@ pub(super) struct Hook<'a> {
 /// Runs `hook`; `Err` is how it ended (exit status, signal, timeout), readable as the end
 /// of a sentence and free of its output.
 pub(super) fn run(hook: &Hook<'_>) -> Result<(), String> {
+    let result = run_once(hook);
+    if result.is_err() {
+        let label = if hook.what == "pre-switch" {
+            "pre_switch"
+        } else {
+            "health_check"
+        };
+        metrics::counter!(crate::telemetry::HOOK_FAILURES, "hook" => label).increment(1);
+    }
+    result
+}
+
+fn run_once(hook: &Hook<'_>) -> Result<(), String> {
     // A new file, never through a link.
     let out = std::fs::OpenOptions::new()
         .write(true)

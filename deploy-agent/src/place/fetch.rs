@@ -51,6 +51,18 @@ pub(super) fn fetch(
     dest: &Path,
     bounds: Bounds<'_>,
 ) -> Result<String, PlaceError> {
+    let started = std::time::Instant::now();
+    let result = fetch_once(sources, source, dest, bounds);
+    metrics::histogram!(crate::telemetry::FETCH_SECONDS).record(started.elapsed().as_secs_f64());
+    result
+}
+
+fn fetch_once(
+    sources: &Sources,
+    source: &Source,
+    dest: &Path,
+    bounds: Bounds<'_>,
+) -> Result<String, PlaceError> {
     let out = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -132,7 +144,11 @@ fn copy(
     bounds: Bounds<'_>,
     what: &str,
 ) -> Result<u64, PlaceError> {
-    copy_limited(from, to, bounds.max_bytes, bounds.stop).map_err(|e| match e {
+    let copied = copy_limited(from, to, bounds.max_bytes, bounds.stop);
+    if let Ok(n) = copied {
+        metrics::counter!(crate::telemetry::FETCH_BYTES).increment(n);
+    }
+    copied.map_err(|e| match e {
         Copy::Limit => PlaceError::Fetch(format!(
             "the artifact is larger than {} bytes (--max-artifact-bytes)",
             bounds.max_bytes

@@ -300,6 +300,8 @@ fn writer_loop(
 }
 
 fn run_batch(conn: &Connection, jobs: Vec<Job>, feed: &Feed, now: Millis, retention: u64) {
+    let started = std::time::Instant::now();
+    metrics::histogram!(crate::telemetry::GROUP_COMMIT_WRITES).record(jobs.len() as f64);
     let mut completions = Vec::with_capacity(jobs.len());
     let mut events = Vec::new();
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
@@ -340,6 +342,8 @@ fn run_batch(conn: &Connection, jobs: Vec<Job>, feed: &Feed, now: Millis, retent
         Some(e) => Err(e),
         None => conn.execute_batch("COMMIT").map_err(sql),
     };
+    metrics::histogram!(crate::telemetry::COMMIT_SECONDS, "outcome" => if outcome.is_ok() { "committed" } else { "failed" })
+        .record(started.elapsed().as_secs_f64());
     match outcome {
         Ok(()) => {
             feed.publish(events);

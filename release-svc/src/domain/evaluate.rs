@@ -42,6 +42,21 @@ pub enum Reason {
     Static,
 }
 
+impl Reason {
+    /// The name in metrics and logs (as in the API's enum, without its prefix).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Disabled => "DISABLED",
+            Self::NotReleased => "NOT_RELEASED",
+            Self::NotDeployed => "NOT_DEPLOYED",
+            Self::TargetingMatch => "TARGETING_MATCH",
+            Self::Split => "SPLIT",
+            Self::Default => "DEFAULT",
+            Self::Static => "STATIC",
+        }
+    }
+}
+
 /// The release that governs a feature in an environment, and the gate there.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Governing {
@@ -304,8 +319,15 @@ impl Snapshot {
 
     /// Decides one feature for one context; `None` for an unknown feature.
     pub fn evaluate(&self, key: &str, ctx: &Context) -> Option<Decision> {
-        let entry = self.features.get(key)?;
-        Some(decide(entry, key, ctx, self))
+        let Some(entry) = self.features.get(key) else {
+            metrics::counter!(crate::telemetry::EVALUATIONS, "reason" => "FEATURE_NOT_FOUND")
+                .increment(1);
+            return None;
+        };
+        let decision = decide(entry, key, ctx, self);
+        metrics::counter!(crate::telemetry::EVALUATIONS, "reason" => decision.reason.name())
+            .increment(1);
+        Some(decision)
     }
 }
 
@@ -345,6 +367,7 @@ fn rule_variant(f: &Feature, key: &str, ctx: &Context, snapshot: &Snapshot) -> O
     };
     let Ok(picked) = rule.evaluate(&data) else {
         snapshot.over_budget.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::telemetry::RULE_BUDGET_EXCEEDED).increment(1);
         tracing::debug!(feature = %key, "targeting rule over its evaluation budget; serving the default");
         return None;
     };

@@ -83,6 +83,9 @@ where
                 } else {
                     None
                 };
+                if let Some(slot) = req.extensions().get::<crate::access::PrincipalSlot>() {
+                    slot.set(caller.principal());
+                }
                 req.extensions_mut().insert(caller);
                 // The service that was polled ready handles this call; its clone waits
                 // for the next.

@@ -1,0 +1,30 @@
+//! deploy-svc's own Prometheus metrics (beside the per-RPC ones every service has): names
+//! and HELP text in one place. Served with `--metrics-listen`.
+
+/// Gauge: the newest sequence in the placement log.
+pub const LOG_HEAD: &str = "deploy_svc_placement_log_head";
+/// Histogram: writes committed in one transaction (SQLite group commit).
+pub const GROUP_COMMIT_WRITES: &str = "deploy_svc_group_commit_writes";
+/// Histogram, label `outcome` (`committed`, `failed`): time from BEGIN to COMMIT of a
+/// group commit (SQLite).
+pub const COMMIT_SECONDS: &str = "deploy_svc_commit_seconds";
+/// Counter: WatchPlacements streams cut off because their queue stayed full.
+pub const SLOW_WATCHER_CUTOFFS: &str = "deploy_svc_slow_watcher_cutoffs_total";
+
+/// Registers the HELP text of the metrics above.
+pub fn describe() {
+    metrics::describe_gauge!(LOG_HEAD, "newest sequence in the placement log");
+    metrics::describe_histogram!(
+        GROUP_COMMIT_WRITES,
+        "writes committed in one transaction (group commit)"
+    );
+    metrics::describe_histogram!(
+        COMMIT_SECONDS,
+        metrics::Unit::Seconds,
+        "time from BEGIN to COMMIT of one group commit, by outcome"
+    );
+    metrics::describe_counter!(
+        SLOW_WATCHER_CUTOFFS,
+        "WatchPlacements streams cut off because their queue stayed full"
+    );
+}
