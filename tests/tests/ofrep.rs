@@ -347,11 +347,18 @@ async fn ofrep_authenticates_and_scopes_callers_like_grpc() {
     r.kill().await;
 }
 
-/// tests/python/ofrep_provider.py against `addr`.
+/// tests/python/ofrep_provider.py against `http://{addr}`.
 async fn python_provider(addr: SocketAddr, token: Option<&str>) -> Value {
+    python_provider_at(&format!("http://{addr}"), token, &[]).await
+}
+
+/// tests/python/ofrep_provider.py against `url`, with `env` set.
+async fn python_provider_at(url: &str, token: Option<&str>, env: &[(&str, &str)]) -> Value {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/ofrep_provider.py");
     let mut cmd = tokio::process::Command::new("python3");
-    cmd.arg(script).env("OFREP_URL", format!("http://{addr}"));
+    cmd.arg(script)
+        .env("OFREP_URL", url)
+        .envs(env.iter().copied());
     if let Some(token) = token {
         cmd.env("OFREP_TOKEN", token);
     }
@@ -365,6 +372,36 @@ async fn python_provider(addr: SocketAddr, token: Option<&str>) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Over TLS the OFREP listener offers HTTP/1.1 as well as HTTP/2 (ALPN): the stock Python
+/// provider (requests, HTTP/1.1) evaluates over HTTPS, verifying the server certificate.
+#[tokio::test]
+async fn ofrep_serves_http1_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki::Ca::new(dir.path(), "ca").unwrap();
+    let server = ca.server(dir.path(), "release-svc").unwrap();
+    let db = dir.path().join("r.db");
+    // The data, written over plaintext; then the same file served over TLS.
+    let r = Binary::release_alone(&db, &[]).await;
+    flags(&mut release::connect(r.addr).await).await;
+    r.kill().await;
+    let (cert, key) = (
+        server.cert.to_string_lossy().into_owned(),
+        server.key.to_string_lossy().into_owned(),
+    );
+    let (r, ofrep) = release_svc(&db, &["--tls-cert", &cert, "--tls-key", &key]).await;
+    let bundle = dir.path().join("ca.pem").to_string_lossy().into_owned();
+    let seen = python_provider_at(
+        &format!("https://localhost:{}", ofrep.port()),
+        None,
+        &[("REQUESTS_CA_BUNDLE", &bundle)],
+    )
+    .await;
+    assert_eq!(seen["new_cart"]["value"], true, "{seen}");
+    assert_eq!(seen["new_cart"]["error"], Value::Null, "{seen}");
+    assert_eq!(seen["banner_text"]["value"], "hello", "{seen}");
+    r.kill().await;
 }
 
 /// The stock Python and Node providers see what Evaluate decides; the Node web provider's
