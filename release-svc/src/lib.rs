@@ -298,11 +298,10 @@ impl Server {
         let ofrep_task = match ofrep_listener {
             Some(l) => {
                 tracing::info!(address = %l.local_addr()?, "OFREP serving");
-                let ofrep = Arc::new(ofrep::Ofrep::new(
-                    flagd.clone(),
-                    &serving,
-                    config.max_message_bytes,
-                ));
+                let ofrep = Arc::new(
+                    ofrep::Ofrep::new(flagd.clone(), &serving, config.max_message_bytes)
+                        .with_cors_origins(config.ofrep_cors_origins.clone()),
+                );
                 let (serving, stop) = (serving.clone(), stop.clone());
                 Some(tokio::spawn(async move {
                     ofrep::serve(l, ofrep, &serving, stop).await

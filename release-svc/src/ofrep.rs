@@ -13,7 +13,9 @@
 //! (or `X-API-Key`, taken as the bearer token), or a client certificate, checked as a flagd
 //! ResolveAll call; the caller must be allowed to evaluate in the chosen environment
 //! (401 and 403 otherwise). Bodies are limited to the service's message size, calls to its
-//! deadline, connections to its connection cap.
+//! deadline, connections to its connection cap. Browsers on the origins given with
+//! `--ofrep-cors-origin` may call it from pages of another origin (CORS preflight answered,
+//! `ETag` exposed for the web providers' polling).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -49,6 +51,7 @@ pub struct Ofrep {
     auth: Arc<Auth>,
     max_body: usize,
     timeout: Duration,
+    cors_origins: Vec<String>,
 }
 
 type Answer = Response<Full<Bytes>>;
@@ -61,15 +64,72 @@ impl Ofrep {
             auth: serving.auth.clone(),
             max_body,
             timeout: Duration::from_millis(serving.limits.rpc_timeout_ms.max(1)),
+            cors_origins: Vec::new(),
         }
+    }
+
+    /// Lets pages of these origins call OFREP (CORS).
+    pub fn with_cors_origins(mut self, origins: Vec<String>) -> Self {
+        self.cors_origins = origins
+            .into_iter()
+            .map(|o| o.trim().trim_end_matches('/').to_owned())
+            .filter(|o| !o.is_empty())
+            .collect();
+        self
+    }
+
+    /// The request's `Origin` when it is one of the allowed origins.
+    fn allowed_origin(&self, req: &Request<Incoming>) -> Option<HeaderValue> {
+        let origin = req.headers().get(header::ORIGIN)?;
+        let text = origin.to_str().ok()?;
+        self.cors_origins
+            .iter()
+            .any(|o| o == text)
+            .then(|| origin.clone())
     }
 
     /// Answers one HTTP request.
     pub async fn handle(&self, req: Request<Incoming>, conn: Option<&ConnInfo>) -> Answer {
-        match tokio::time::timeout(self.timeout, self.route(req, conn)).await {
+        let origin = self.allowed_origin(&req);
+        if req.method() == Method::OPTIONS && req.headers().contains_key(header::ORIGIN) {
+            // A CORS preflight: allowed origins get the methods and headers OFREP uses.
+            let mut answer = Response::new(Full::new(Bytes::new()));
+            *answer.status_mut() = StatusCode::NO_CONTENT;
+            if let Some(origin) = origin {
+                let h = answer.headers_mut();
+                h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+                h.insert(
+                    header::ACCESS_CONTROL_ALLOW_METHODS,
+                    HeaderValue::from_static("POST"),
+                );
+                h.insert(
+                    header::ACCESS_CONTROL_ALLOW_HEADERS,
+                    HeaderValue::from_static(
+                        "authorization, content-type, if-none-match, x-api-key, flagd-selector",
+                    ),
+                );
+                h.insert(
+                    header::ACCESS_CONTROL_MAX_AGE,
+                    HeaderValue::from_static("600"),
+                );
+                h.insert(header::VARY, HeaderValue::from_static("origin"));
+            }
+            return answer;
+        }
+        let mut answer = match tokio::time::timeout(self.timeout, self.route(req, conn)).await {
             Ok(answer) => answer,
             Err(_) => general(StatusCode::SERVICE_UNAVAILABLE, "the call took too long"),
+        };
+        if let Some(origin) = origin {
+            let h = answer.headers_mut();
+            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+            h.insert(
+                header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                HeaderValue::from_static("etag, retry-after"),
+            );
+            h.insert(header::VARY, HeaderValue::from_static("origin"));
         }
+        answer
     }
 
     async fn route(&self, req: Request<Incoming>, conn: Option<&ConnInfo>) -> Answer {

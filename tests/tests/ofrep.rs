@@ -216,6 +216,21 @@ async fn ofrep_answers_with_the_specifications_shapes_and_codes() {
     assert_eq!((get.status, get.headers["allow"].as_str()), (405, "POST"));
     let elsewhere = post(ofrep, "/ofrep/v2/evaluate", &[], user).await;
     assert_eq!(elsewhere.status, 404);
+    // No origin is allowed unless configured: a cross-origin page gets no CORS headers.
+    let preflight = http(
+        ofrep,
+        "OPTIONS",
+        SINGLE,
+        &[
+            ("origin", "https://app.example.com"),
+            ("access-control-request-method", "POST"),
+        ],
+        "",
+    )
+    .await;
+    assert!(!preflight
+        .headers
+        .contains_key("access-control-allow-origin"));
 
     // Bulk: every flag, an ETag, 304 while nothing changes, 200 with a new tag after.
     let bulk = post(ofrep, SINGLE, &[], user).await;
@@ -372,6 +387,77 @@ async fn python_provider_at(url: &str, token: Option<&str>, env: &[(&str, &str)]
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Browser pages of the origins given with `--ofrep-cors-origin` may call OFREP from
+/// another origin: the preflight allows POST and OFREP's headers, answers carry the origin
+/// and expose the ETag (what the web providers poll with); other origins get nothing.
+#[tokio::test]
+async fn ofrep_answers_cors_for_the_allowed_origins_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, ofrep) = release_svc(
+        &dir.path().join("r.db"),
+        &["--ofrep-cors-origin", "https://app.example.com"],
+    )
+    .await;
+    flags(&mut release::connect(r.addr).await).await;
+    let preflight = http(
+        ofrep,
+        "OPTIONS",
+        SINGLE,
+        &[
+            ("origin", "https://app.example.com"),
+            ("access-control-request-method", "POST"),
+            (
+                "access-control-request-headers",
+                "content-type, if-none-match",
+            ),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(preflight.status, 204);
+    assert_eq!(
+        preflight.headers["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    assert_eq!(preflight.headers["access-control-allow-methods"], "POST");
+    assert!(preflight.headers["access-control-allow-headers"].contains("if-none-match"));
+    let user = r#"{"context": {"targetingKey": "u1"}}"#;
+    let bulk = post(
+        ofrep,
+        SINGLE,
+        &[("origin", "https://app.example.com")],
+        user,
+    )
+    .await;
+    assert_eq!(bulk.status, 200);
+    assert_eq!(
+        bulk.headers["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    assert!(bulk.headers["access-control-expose-headers"].contains("etag"));
+    let other = post(
+        ofrep,
+        SINGLE,
+        &[("origin", "https://evil.example.com")],
+        user,
+    )
+    .await;
+    assert!(!other.headers.contains_key("access-control-allow-origin"));
+    let other = http(
+        ofrep,
+        "OPTIONS",
+        SINGLE,
+        &[
+            ("origin", "https://evil.example.com"),
+            ("access-control-request-method", "POST"),
+        ],
+        "",
+    )
+    .await;
+    assert!(!other.headers.contains_key("access-control-allow-origin"));
+    r.kill().await;
 }
 
 /// Over TLS the OFREP listener offers HTTP/1.1 as well as HTTP/2 (ALPN): the stock Python
