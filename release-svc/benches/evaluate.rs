@@ -37,6 +37,7 @@ fn snapshot(n: usize) -> Snapshot {
                 required_coverage: 1.0,
             }],
             disabled: false,
+            metadata: Default::default(),
             revision: 1,
             create_ms: 0,
             update_ms: 0,

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 use tonic::{Code, Status};
 
-use crate::domain::evaluate::{Decision, Reason};
+use crate::domain::evaluate::{Decision, Reason, Snapshot};
 use crate::grpc::flagd::{cacheable, code_default, Flagd};
 
 const SINGLE: &str = "/ofrep/v1/evaluate/flags/";
@@ -210,7 +210,10 @@ impl Ofrep {
                         "errorDetails": format!("flag {key:?} was not found"),
                     }),
                 ),
-                Some(d) => json_answer(StatusCode::OK, &evaluation(&key, &cacheable(d, fixed))),
+                Some(d) => json_answer(
+                    StatusCode::OK,
+                    &evaluation(&snapshot, &key, &cacheable(d, fixed)),
+                ),
             },
             None => {
                 let flags: Vec<Value> = snapshot
@@ -219,7 +222,7 @@ impl Ofrep {
                     .filter_map(|key| {
                         snapshot
                             .evaluate(key, &ctx)
-                            .map(|d| evaluation(key, &cacheable(d, fixed)))
+                            .map(|d| evaluation(&snapshot, key, &cacheable(d, fixed)))
                     })
                     .collect();
                 let body = json!({
@@ -311,7 +314,7 @@ fn parse_context(body: &[u8]) -> Result<Map<String, Value>, (&'static str, Strin
 
 /// One flag's evaluation in OFREP's shape: no `value` means "use the code default" (then
 /// `variant` is empty: the stock Python provider reads `variant` unconditionally).
-fn evaluation(key: &str, d: &Decision) -> Value {
+fn evaluation(snapshot: &Snapshot, key: &str, d: &Decision) -> Value {
     let mut out = Map::new();
     out.insert("key".into(), Value::String(key.to_owned()));
     out.insert("reason".into(), Value::String(reason(d.reason).into()));
@@ -321,7 +324,12 @@ fn evaluation(key: &str, d: &Decision) -> Value {
         out.insert("value".into(), d.value.clone());
         out.insert("variant".into(), Value::String(d.variant.clone()));
     }
-    out.insert("metadata".into(), Value::Object(Map::new()));
+    let metadata = snapshot
+        .features
+        .get(key)
+        .map(|e| e.feature.metadata.clone().into_iter().collect())
+        .unwrap_or_default();
+    out.insert("metadata".into(), Value::Object(metadata));
     Value::Object(out)
 }
 

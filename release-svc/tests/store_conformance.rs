@@ -29,6 +29,12 @@ fn feature(key: &str, revision: i64) -> Feature {
         deny: Vec::new(),
         carriers: Vec::new(),
         disabled: false,
+        // Stored and loaded back by both backends (the suite compares whole features).
+        metadata: [
+            ("team".to_owned(), serde_json::json!("web")),
+            ("tier".to_owned(), serde_json::json!(2)),
+        ]
+        .into(),
         revision,
         create_ms: 1,
         update_ms: revision,

@@ -152,6 +152,13 @@ async fn flagd_v2_serves_release_decisions() {
             .into(),
             default_variant: "a".into(),
             off_variant: "b".into(),
+            metadata: [(
+                "team".to_owned(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue("growth".into())),
+                },
+            )]
+            .into(),
             ..Default::default()
         }),
     })
@@ -244,6 +251,16 @@ async fn flagd_v2_serves_release_decisions() {
     assert_eq!(
         (s.value.as_deref(), s.reason.as_str(), s.variant.as_deref()),
         (Some("hello"), "STATIC", Some("a"))
+    );
+    // Flag metadata comes with the answer.
+    let team = s
+        .metadata
+        .as_ref()
+        .and_then(|m| m.fields.get("team"))
+        .and_then(|v| v.kind.clone());
+    assert_eq!(
+        team,
+        Some(prost_types::value::Kind::StringValue("growth".into()))
     );
     let off = boolean(&mut fc, "old-thing", Some("prod"), &[])
         .await

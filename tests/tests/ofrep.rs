@@ -112,6 +112,16 @@ async fn flags(rc: &mut Client) -> String {
             .into(),
             default_variant: "a".into(),
             off_variant: "b".into(),
+            metadata: [
+                ("team".to_owned(), string("growth")),
+                (
+                    "tier".to_owned(),
+                    prost_types::Value {
+                        kind: Some(prost_types::value::Kind::NumberValue(2.0)),
+                    },
+                ),
+            ]
+            .into(),
             ..Default::default()
         }),
     })
@@ -163,6 +173,12 @@ async fn ofrep_answers_with_the_specifications_shapes_and_codes() {
     )
     .await;
     assert_eq!(fixed.body["value"], "hello", "{}", fixed.body);
+    // The feature's metadata comes with its evaluations.
+    assert_eq!(
+        fixed.body["metadata"],
+        json!({"team": "growth", "tier": 2.0})
+    );
+    assert_eq!(one.body["metadata"], json!({}));
     // Disabled: the caller's code default (no value).
     let disabled = post(ofrep, &format!("{SINGLE}/old-thing"), &[], user).await;
     assert_eq!(disabled.status, 200);
@@ -244,6 +260,7 @@ async fn ofrep_answers_with_the_specifications_shapes_and_codes() {
     assert_eq!(by_key.len(), 3, "{}", bulk.body);
     assert_eq!(by_key["new-cart"]["value"], true);
     assert_eq!(by_key["banner-text"]["value"], "hello");
+    assert_eq!(by_key["banner-text"]["metadata"]["team"], "growth");
     assert!(by_key["old-thing"].get("value").is_none());
     assert_eq!(bulk.body["metadata"]["flagSetId"], "prod");
     let tag = bulk.headers["etag"].clone();

@@ -448,6 +448,7 @@ mod tests {
             deny: vec![],
             carriers: vec![],
             disabled: false,
+            metadata: Default::default(),
             revision: 1,
             create_ms: 0,
             update_ms: 0,

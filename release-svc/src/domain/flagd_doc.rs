@@ -31,6 +31,8 @@ pub struct ImportedFlag {
     pub targeting: Option<Rule>,
     /// `state: DISABLED`.
     pub disabled: bool,
+    /// The flag's `metadata` over the document's (flag-set) `metadata`.
+    pub metadata: BTreeMap<String, Value>,
 }
 
 impl ImportedFlag {
@@ -48,6 +50,7 @@ impl ImportedFlag {
             deny: Vec::new(),
             carriers: Vec::new(),
             disabled: false,
+            metadata: BTreeMap::new(),
             revision: 0,
             create_ms: 0,
             update_ms: 0,
@@ -58,6 +61,7 @@ impl ImportedFlag {
             off_variant: self.default_variant.clone(),
             targeting: self.targeting.clone(),
             disabled: self.disabled,
+            metadata: self.metadata.clone(),
             ..base
         }
     }
@@ -66,6 +70,10 @@ impl ImportedFlag {
 /// Most `$ref` hops on one path from a flag's targeting (a longer chain is a cycle, or
 /// abuse).
 pub const MAX_REF_HOPS: usize = 32;
+/// The flag metadata keys [`render`] writes with a flag's release state in the environment;
+/// import leaves them out of the feature's own metadata.
+pub const EXPORTED_STATE: &[&str] = &["release", "rolloutPercent", "deployed"];
+
 /// Most flags in one document.
 pub const MAX_FLAGS: usize = 1000;
 /// Most variants of one flag (as CreateFeature).
@@ -192,11 +200,35 @@ pub fn parse(document: &str, skip_invalid: bool) -> Result<Parsed, super::Error>
         );
         doc_violations.finish()?;
     }
+    // The flag set's metadata: every flag carries it, under its own.
+    let mut set_violations = Violations::default();
+    let set_metadata: BTreeMap<String, Value> = match doc.get("metadata") {
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(Value::Object(m)) => m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        Some(_) => {
+            set_violations.push("document.metadata", "must be an object");
+            BTreeMap::new()
+        }
+    };
+    set_violations.check(
+        "document.metadata",
+        values::check_metadata(set_metadata.iter()),
+    );
+    set_violations.finish()?;
     let mut out = Parsed::default();
     let mut expanded = 0usize;
     for (key, flag) in flags {
         let mut v = Violations::default();
-        let flag = parse_flag(key, flag, evaluators, &mut v);
+        let mut flag = parse_flag(key, flag, evaluators, &mut v);
+        for (k, val) in &set_metadata {
+            flag.metadata
+                .entry(k.clone())
+                .or_insert_with(|| val.clone());
+        }
+        v.check(
+            &format!("document.flags.{key}.metadata"),
+            values::check_metadata(flag.metadata.iter()),
+        );
         expanded += flag
             .targeting
             .as_ref()
@@ -298,12 +330,26 @@ fn parse_flag(
             }
         },
     };
+    let metadata = match flag.get("metadata") {
+        None | Some(Value::Null) => BTreeMap::new(),
+        // The release state that export writes is not the flag's own metadata.
+        Some(Value::Object(m)) => m
+            .iter()
+            .filter(|(k, _)| !EXPORTED_STATE.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        Some(_) => {
+            v.push(&format!("{field}.metadata"), "must be an object");
+            BTreeMap::new()
+        }
+    };
     ImportedFlag {
         key: key.to_owned(),
         variants,
         default_variant,
         targeting,
         disabled,
+        metadata,
     }
 }
 
@@ -341,8 +387,8 @@ pub fn render(snapshot: &Snapshot, environment: &str) -> Value {
                 .map(|r| r.as_json().clone())
                 .unwrap_or(Value::Object(Map::new())),
         );
+        let mut metadata: Map<String, Value> = f.metadata.clone().into_iter().collect();
         if let Some(g) = governing {
-            let mut metadata = Map::new();
             metadata.insert(
                 "release".into(),
                 Value::String(format!("releases/{}", g.release)),
@@ -351,6 +397,8 @@ pub fn render(snapshot: &Snapshot, environment: &str) -> Value {
                 metadata.insert("rolloutPercent".into(), Value::Number(p));
             }
             metadata.insert("deployed".into(), Value::Bool(g.deployed));
+        }
+        if !metadata.is_empty() {
             flag.insert("metadata".into(), Value::Object(metadata));
         }
         flags.insert(key.to_string(), Value::Object(flag));
@@ -481,5 +529,43 @@ mod tests {
             err.contains("document.flags") && err.contains("at most 1000"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn flag_metadata_is_imported_over_the_flag_sets_and_exported() {
+        let parsed = parse(
+            r#"{"metadata": {"team": "web", "tier": 1},
+                "flags": {
+                  "f": {"state": "ENABLED", "variants": {"on": true}, "defaultVariant": "on",
+                        "metadata": {"tier": 2, "beta": true}},
+                  "g": {"state": "ENABLED", "variants": {"on": true}, "defaultVariant": "on"}}}"#,
+            false,
+        )
+        .unwrap();
+        let f = parsed.flags.iter().find(|f| f.key == "f").unwrap();
+        assert_eq!(
+            serde_json::to_value(&f.metadata).unwrap(),
+            serde_json::json!({"team": "web", "tier": 2, "beta": true})
+        );
+        let g = parsed.flags.iter().find(|f| f.key == "g").unwrap();
+        assert_eq!(
+            serde_json::to_value(&g.metadata).unwrap(),
+            serde_json::json!({"team": "web", "tier": 1})
+        );
+        assert_eq!(f.to_feature(None).metadata, f.metadata);
+        // Values other than strings, numbers and booleans, or too many, are refused naming
+        // the flag (or the flag set).
+        let err = parse(
+            r#"{"flags": {"f": {"state": "ENABLED", "variants": {"on": true}, "defaultVariant": "on",
+                "metadata": {"nested": {"a": 1}}}}}"#,
+            false,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("document.flags.f.metadata"),
+            "{err}"
+        );
+        let err = parse(r#"{"metadata": [1], "flags": {}}"#, false).unwrap_err();
+        assert!(err.to_string().contains("document.metadata"), "{err}");
     }
 }

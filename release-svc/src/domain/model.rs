@@ -45,6 +45,8 @@ pub struct Feature {
     pub carriers: Vec<Carrier>,
     /// Never visible.
     pub disabled: bool,
+    /// Flag metadata (strings, numbers, booleans), returned with its evaluations.
+    pub metadata: BTreeMap<String, Value>,
     /// Optimistic concurrency revision.
     pub revision: i64,
     /// Creation time.

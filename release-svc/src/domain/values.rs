@@ -66,6 +66,36 @@ pub fn check_variants(variants: &BTreeMap<String, Value>) -> Result<(), String> 
     check_entries(variants.iter(), MAX_VARIANTS_BYTES)
 }
 
+/// Most entries of a feature's metadata.
+pub const MAX_METADATA_ENTRIES: usize = 64;
+
+/// Checks flag metadata as OpenFeature defines it: at most [`MAX_METADATA_ENTRIES`]
+/// entries, keys of 1-128 characters, values strings of at most 1,024 bytes, numbers or
+/// booleans.
+pub fn check_metadata<'a>(
+    metadata: impl ExactSizeIterator<Item = (&'a String, &'a Value)>,
+) -> Result<(), String> {
+    if metadata.len() > MAX_METADATA_ENTRIES {
+        return Err(format!(
+            "must have at most {MAX_METADATA_ENTRIES} entries, got {}",
+            metadata.len()
+        ));
+    }
+    for (k, v) in metadata {
+        if k.is_empty() || k.len() > 128 {
+            return Err(format!("key {k:?} must have 1-128 characters"));
+        }
+        match v {
+            Value::String(s) if s.len() > 1024 => {
+                return Err(format!("{k:?} must be at most 1024 bytes"));
+            }
+            Value::String(_) | Value::Number(_) | Value::Bool(_) => {}
+            _ => return Err(format!("{k:?} must be a string, a number or a boolean")),
+        }
+    }
+    Ok(())
+}
+
 /// Checks an evaluation context's attributes: count, depth and total size.
 pub fn check_context(attributes: &Map<String, Value>) -> Result<(), String> {
     if attributes.len() > MAX_CONTEXT_ATTRIBUTES {

@@ -197,6 +197,15 @@ pub fn feature(f: pb::Feature, create: bool) -> Result<(Feature, Option<i64>)> {
         // Size and depth limits are the rule language's own (imports obey them too).
         v.check("feature.targeting", Rule::parse(&f.targeting))
     };
+    let metadata: BTreeMap<String, Value> = f
+        .metadata
+        .iter()
+        .map(|(k, val)| (k.clone(), to_json(val)))
+        .collect();
+    v.check(
+        "feature.metadata",
+        crate::domain::values::check_metadata(metadata.iter()),
+    );
     keys(&mut v, "feature.allow", &f.allow);
     keys(&mut v, "feature.deny", &f.deny);
     at_most(
@@ -264,6 +273,7 @@ pub fn feature(f: pb::Feature, create: bool) -> Result<(Feature, Option<i64>)> {
             deny: f.deny,
             carriers,
             disabled: f.disabled,
+            metadata,
             revision: 0,
             create_ms: 0,
             update_ms: 0,
@@ -286,6 +296,11 @@ pub fn feature_pb(f: &Feature) -> pb::Feature {
             .collect(),
         default_variant: f.default_variant.clone(),
         off_variant: f.off_variant.clone(),
+        metadata: f
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), from_json(v)))
+            .collect(),
         targeting: f
             .targeting
             .as_ref()

@@ -226,6 +226,21 @@ pub(crate) fn cacheable(mut d: Decision, environment_fixed: bool) -> Decision {
     d
 }
 
+/// A flag's metadata as a protobuf Struct (`None` when it has none).
+pub(crate) fn flag_metadata(
+    snapshot: &crate::domain::evaluate::Snapshot,
+    key: &str,
+) -> Option<prost_types::Struct> {
+    let entry = snapshot.features.get(key)?;
+    let metadata = &entry.feature.metadata;
+    (!metadata.is_empty()).then(|| prost_types::Struct {
+        fields: metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), from_json(v)))
+            .collect(),
+    })
+}
+
 /// flagd's reason string for a decision.
 pub fn reason(r: Reason) -> &'static str {
     match r {
@@ -402,7 +417,7 @@ macro_rules! flagd_service {
                             reason: reason(d.reason).to_owned(),
                             variant: Field::field(variant(&d)),
                             value,
-                            metadata: None,
+                            metadata: flag_metadata(&snapshot, key),
                         },
                     );
                 }
@@ -433,7 +448,7 @@ macro_rules! flagd_service {
                     value: Field::field(typed(&d, &req.flag_key, "boolean", Value::as_bool)?),
                     reason: reason(d.reason).to_owned(),
                     variant: Field::field(variant(&d)),
-                    metadata: None,
+                    metadata: flag_metadata(&self.engine.snapshot(), &req.flag_key),
                 }))
             }
 
@@ -444,7 +459,7 @@ macro_rules! flagd_service {
                     value: Field::field(typed(&d, &req.flag_key, "string", |v| v.as_str().map(str::to_owned))?),
                     reason: reason(d.reason).to_owned(),
                     variant: Field::field(variant(&d)),
-                    metadata: None,
+                    metadata: flag_metadata(&self.engine.snapshot(), &req.flag_key),
                 }))
             }
 
@@ -455,7 +470,7 @@ macro_rules! flagd_service {
                     value: Field::field(typed(&d, &req.flag_key, "float", Value::as_f64)?),
                     reason: reason(d.reason).to_owned(),
                     variant: Field::field(variant(&d)),
-                    metadata: None,
+                    metadata: flag_metadata(&self.engine.snapshot(), &req.flag_key),
                 }))
             }
 
@@ -466,7 +481,7 @@ macro_rules! flagd_service {
                     value: Field::field(typed(&d, &req.flag_key, "integer", integer)?),
                     reason: reason(d.reason).to_owned(),
                     variant: Field::field(variant(&d)),
-                    metadata: None,
+                    metadata: flag_metadata(&self.engine.snapshot(), &req.flag_key),
                 }))
             }
 
@@ -477,7 +492,7 @@ macro_rules! flagd_service {
                     value: typed(&d, &req.flag_key, "object", object)?,
                     reason: reason(d.reason).to_owned(),
                     variant: Field::field(variant(&d)),
-                    metadata: None,
+                    metadata: flag_metadata(&self.engine.snapshot(), &req.flag_key),
                 }))
             }
 

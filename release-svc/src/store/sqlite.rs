@@ -90,6 +90,9 @@ struct FeatureBody {
     deny: Vec<String>,
     carriers: Vec<CarrierBody>,
     disabled: bool,
+    /// Absent in rows written before features had metadata.
+    #[serde(default)]
+    metadata: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -344,6 +347,7 @@ pub(super) fn feature_body(f: &Feature) -> Result<String> {
             })
             .collect(),
         disabled: f.disabled,
+        metadata: f.metadata.clone(),
     })
     .map_err(internal)
 }
@@ -383,6 +387,7 @@ pub(super) fn feature_from(
         deny: b.deny,
         carriers,
         disabled: b.disabled,
+        metadata: b.metadata,
         revision,
         create_ms,
         update_ms,
