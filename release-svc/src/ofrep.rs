@@ -44,6 +44,16 @@ const SINGLE: &str = "/ofrep/v1/evaluate/flags/";
 const BULK: &str = "/ofrep/v1/evaluate/flags";
 /// OFREP calls are authorized as this flagd call (the same permission and scope).
 const AUTHORIZED_AS: &str = "/flagd.evaluation.v2.Service/ResolveAll";
+/// The largest OFREP request body: a context is at most 64 KiB of attributes, so this
+/// leaves room for JSON's escapes and keys.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+/// OFREP calls in progress at once at most (the lower of this and `--max-in-flight`): with
+/// [`MAX_BODY_BYTES`] it bounds the memory bodies can hold to 64 MiB; past it a call is
+/// answered 429 at once.
+pub const MAX_IN_FLIGHT: usize = 256;
+/// A connection with no call in progress for this long is closed (silent sockets, idle
+/// keep-alive and HTTP/2 connections included), so they cannot hold the connection cap.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The OFREP face of release-svc.
 pub struct Ofrep {
@@ -52,6 +62,7 @@ pub struct Ofrep {
     max_body: usize,
     timeout: Duration,
     cors_origins: Vec<String>,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 type Answer = Response<Full<Bytes>>;
@@ -62,9 +73,12 @@ impl Ofrep {
         Self {
             flagd,
             auth: serving.auth.clone(),
-            max_body,
+            max_body: max_body.min(MAX_BODY_BYTES),
             timeout: Duration::from_millis(serving.limits.rpc_timeout_ms.max(1)),
             cors_origins: Vec::new(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(
+                serving.limits.max_in_flight.clamp(1, MAX_IN_FLIGHT),
+            )),
         }
     }
 
@@ -73,7 +87,14 @@ impl Ofrep {
         self.cors_origins = origins
             .into_iter()
             .map(|o| o.trim().trim_end_matches('/').to_owned())
-            .filter(|o| !o.is_empty())
+            .filter(|o| {
+                // `null` is the origin of sandboxed frames and data: pages: any site can
+                // make one, so allowing it would allow everyone.
+                if o == "null" {
+                    tracing::warn!("--ofrep-cors-origin null ignored: any page can claim it");
+                }
+                !o.is_empty() && o != "null"
+            })
             .collect();
         self
     }
@@ -91,7 +112,11 @@ impl Ofrep {
     /// Answers one HTTP request.
     pub async fn handle(&self, req: Request<Incoming>, conn: Option<&ConnInfo>) -> Answer {
         let origin = self.allowed_origin(&req);
-        if req.method() == Method::OPTIONS && req.headers().contains_key(header::ORIGIN) {
+        let ofrep_path = req.uri().path() == BULK || req.uri().path().starts_with(SINGLE);
+        if ofrep_path
+            && req.method() == Method::OPTIONS
+            && req.headers().contains_key(header::ORIGIN)
+        {
             // A CORS preflight: allowed origins get the methods and headers OFREP uses.
             let mut answer = Response::new(Full::new(Bytes::new()));
             *answer.status_mut() = StatusCode::NO_CONTENT;
@@ -120,6 +145,12 @@ impl Ofrep {
             Ok(answer) => answer,
             Err(_) => general(StatusCode::SERVICE_UNAVAILABLE, "the call took too long"),
         };
+        if !self.cors_origins.is_empty() {
+            // Answers differ by origin: caches must key on it.
+            answer
+                .headers_mut()
+                .insert(header::VARY, HeaderValue::from_static("origin"));
+        }
         if let Some(origin) = origin {
             let h = answer.headers_mut();
             h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
@@ -127,7 +158,6 @@ impl Ofrep {
                 header::ACCESS_CONTROL_EXPOSE_HEADERS,
                 HeaderValue::from_static("etag, retry-after"),
             );
-            h.insert(header::VARY, HeaderValue::from_static("origin"));
         }
         answer
     }
@@ -137,7 +167,10 @@ impl Ofrep {
         let key = if path == BULK {
             None
         } else if let Some(key) = path.strip_prefix(SINGLE).filter(|k| !k.is_empty()) {
-            Some(key.to_owned())
+            match percent_decode(key) {
+                Some(key) => Some(key),
+                None => return general(StatusCode::NOT_FOUND, "the flag key is not valid UTF-8"),
+            }
         } else {
             return general(
                 StatusCode::NOT_FOUND,
@@ -154,6 +187,17 @@ impl Ofrep {
         let caller = match self.authenticate(&req, conn) {
             Ok(caller) => caller,
             Err(answer) => return *answer,
+        };
+        // Bounded work in progress: refused at once, before the body is read.
+        let Ok(_permit) = self.in_flight.clone().try_acquire_owned() else {
+            let mut answer = general(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many OFREP calls in progress; retry",
+            );
+            answer
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return answer;
         };
         let json_body = req
             .headers()
@@ -344,12 +388,32 @@ fn reason(r: Reason) -> &'static str {
     }
 }
 
-/// Whether an `If-None-Match` value names `tag` (a list, `*`, weak tags compare equal).
+/// Whether an `If-None-Match` value names `tag` (a list; weak tags compare equal). `*`
+/// does not: it asks about the resource's existence, not this answer.
 fn matches(header: &str, tag: &str) -> bool {
     header
         .split(',')
         .map(|t| t.trim().trim_start_matches("W/"))
-        .any(|t| t == "*" || t == tag)
+        .any(|t| t == tag)
+}
+
+/// `%XX`-decodes a path segment (SDKs encode flag keys); `None` when the result is not
+/// UTF-8 or an escape is malformed.
+fn percent_decode(segment: &str) -> Option<String> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = segment.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// A refused call: its gRPC status as OFREP's HTTP status and error shape.
@@ -430,9 +494,15 @@ pub async fn serve(
         let info = conn.connect_info();
         let (ofrep, stop) = (ofrep.clone(), stop.clone());
         connections.spawn(async move {
+            // Calls in progress on this connection, and when the last one ended.
+            let activity = Arc::new(Activity::default());
+            let seen = activity.clone();
             let service = hyper::service::service_fn(move |req| {
-                let (ofrep, info) = (ofrep.clone(), info.clone());
-                async move { Ok::<_, Infallible>(ofrep.handle(req, Some(&info)).await) }
+                let (ofrep, info, seen) = (ofrep.clone(), info.clone(), seen.clone());
+                async move {
+                    let _call = seen.begin();
+                    Ok::<_, Infallible>(ofrep.handle(req, Some(&info)).await)
+                }
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
@@ -445,22 +515,80 @@ pub async fn serve(
                 .max_concurrent_streams(max_streams);
             let served = builder.serve_connection(TokioIo::new(conn), service);
             tokio::pin!(served);
-            tokio::select! {
-                result = served.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::debug!(error = %e, "OFREP connection ended");
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    result = served.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!(error = %e, "OFREP connection ended");
+                        }
+                        return;
+                    }
+                    () = stop.cancelled() => break,
+                    _ = tick.tick() => {
+                        if activity.idle_for() >= IDLE_TIMEOUT {
+                            break;
+                        }
                     }
                 }
-                () = stop.cancelled() => {
-                    served.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), served).await;
-                }
             }
+            // Shutting down, or idle: finish what is in progress (nothing, when idle), close.
+            served.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), served).await;
         });
     }
     connections.close();
     let _ = tokio::time::timeout(Duration::from_secs(10), connections.wait()).await;
     Ok(())
+}
+
+/// One connection's calls in progress and the moment it last had none.
+struct Activity {
+    calls: std::sync::atomic::AtomicUsize,
+    since: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            calls: std::sync::atomic::AtomicUsize::new(0),
+            since: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+}
+
+/// A call in progress; its end restarts the idle clock.
+struct Call(Arc<Activity>);
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if self
+            .0
+            .calls
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            *self.0.since.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+        }
+    }
+}
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> Call {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Call(self.clone())
+    }
+
+    /// How long the connection has had no call in progress (zero while one runs).
+    fn idle_for(&self) -> Duration {
+        if self.calls.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        self.since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+    }
 }
 
 #[cfg(test)]
@@ -487,7 +615,10 @@ mod tests {
         assert!(matches("\"abc\"", "\"abc\""));
         assert!(matches("W/\"abc\"", "\"abc\""));
         assert!(matches("\"x\", \"abc\"", "\"abc\""));
-        assert!(matches("*", "\"abc\""));
+        assert!(!matches("*", "\"abc\""));
+        assert_eq!(percent_decode("new%2Dcart").as_deref(), Some("new-cart"));
+        assert_eq!(percent_decode("a%2"), None);
+        assert_eq!(percent_decode("%ff"), None);
         assert!(!matches("\"abd\"", "\"abc\""));
     }
 }

@@ -597,3 +597,75 @@ fn node_modules() -> String {
             .into_owned()
     })
 }
+
+/// Found by attacking the listener: calls whose bodies never finish held memory without
+/// bound (`--max-in-flight` did not apply to OFREP), and silent connections held the
+/// connection cap for ever. Now a call past the in-flight cap is 429 at once (before its body
+/// is read), and a connection without a call in progress is closed after 30 s.
+#[tokio::test]
+async fn stalled_calls_and_silent_connections_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, ofrep) = release_svc(
+        &dir.path().join("r.db"),
+        &["--max-in-flight", "2", "--max-connections", "4"],
+    )
+    .await;
+    flags(&mut release::connect(r.addr).await).await;
+    // Two calls that send their headers and half a body, then stall.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(ofrep).await.unwrap();
+        s.write_all(
+            format!(
+                "POST {SINGLE}/new-cart HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"context\""
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        stalled.push(s);
+    }
+    // Each holds its place once its handler runs: a third call is refused at once.
+    let user = r#"{"context": {"targetingKey": "u1"}}"#;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let third = post(ofrep, &format!("{SINGLE}/new-cart"), &[], user).await;
+        if third.status == 429 {
+            assert_eq!(third.headers["retry-after"], "1");
+            break;
+        }
+        assert_eq!(third.status, 200, "{}", third.body);
+        assert!(tokio::time::Instant::now() < deadline, "never refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(stalled);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while post(ofrep, &format!("{SINGLE}/new-cart"), &[], user)
+        .await
+        .status
+        != 200
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "places never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Four silent connections fill the cap; the server closes them once idle, and a call
+    // gets through again.
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(tokio::net::TcpStream::connect(ofrep).await.unwrap());
+    }
+    for s in &mut silent {
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(90), s.read(&mut buf))
+            .await
+            .expect("a silent connection was never closed");
+        assert_eq!(read.unwrap(), 0, "closed without an answer");
+    }
+    let after = post(ofrep, &format!("{SINGLE}/new-cart"), &[], user).await;
+    assert_eq!(after.status, 200);
+    r.kill().await;
+}
