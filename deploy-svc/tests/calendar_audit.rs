@@ -49,7 +49,7 @@ impl Running {
     /// Binds 127.0.0.1:0, then serves deploy-svc on that listener with a test clock at T0.
     async fn start(tweak: impl FnOnce(&mut deploy_svc::Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let database = match report::deploy_postgres() {
+        let database = match report::switched_to_postgres() {
             Some(url) => fresh_database(&url).await,
             None => dir.path().join("deploy.db").to_string_lossy().into_owned(),
         };
@@ -992,7 +992,7 @@ async fn the_audit_trail_records_every_change_once_in_order_and_filters_and_page
     server.shutdown().await;
 }
 
-/// The backend switch (`DEPLOY_TEST_BACKEND=postgres` with TEST_DATABASE_URL: the same
+/// The backend switch (`TEST_BACKEND=postgres` with TEST_DATABASE_URL: the same
 /// tests, once per backend) and the report to `scripts/test`, shared with the end-to-end
 /// tests.
 #[path = "../../tests/src/report.rs"]

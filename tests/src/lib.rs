@@ -8,9 +8,10 @@
 //! - [`Served`]: any server spawned in-process on a listener bound to port 0, stopped
 //!   through its shutdown future.
 //! - [`InProcess`]: deploy-svc served by the library on port 0 (on SQLite, or on
-//!   PostgreSQL when [`deploy_test_postgres`] says so).
+//!   PostgreSQL when the backend switch says so: [`report::switched_to_postgres`]).
 //! - [`fresh_database`]: a new database on the `TEST_DATABASE_URL` PostgreSQL server;
-//!   [`deploy_database`]: deploy-svc's database as the backend switch says;
+//!   [`test_database`] / [`deploy_database`]: a service's database as the backend switch
+//!   says;
 //!   [`assert_backend`]: a service really stores where it was told.
 //! - [`report`]: the backend switch and what `scripts/test` reports (backends, skips).
 //! - [`Binary`] / [`bin_dir`]: the real binaries started on port 0; the bound address is
@@ -156,20 +157,19 @@ pub async fn fresh_database(url: &str, tag: &str) -> (tokio_postgres::Client, St
     (admin, format!("{base}/{db}"), db)
 }
 
-/// The PostgreSQL server deploy-svc's tests run against instead of SQLite:
-/// TEST_DATABASE_URL when `DEPLOY_TEST_BACKEND=postgres` (the same suite, run once per
-/// backend by `scripts/test`).
-pub fn deploy_test_postgres() -> Option<String> {
-    report::deploy_postgres()
+/// The database for a service of the test, chosen by the backend switch
+/// ([`report::switched_to_postgres`], `TEST_BACKEND=postgres`: the same suites, run once per
+/// backend by `scripts/test`): a fresh PostgreSQL database, or `{service}.db` in `dir`.
+pub async fn test_database(dir: &Path, service: &str) -> PathBuf {
+    match report::switched_to_postgres() {
+        Some(url) => PathBuf::from(fresh_database(&url, &format!("{service}_test")).await.1),
+        None => dir.join(format!("{service}.db")),
+    }
 }
 
-/// The database for a deploy-svc of the test, chosen by the backend switch
-/// ([`deploy_test_postgres`]): a fresh PostgreSQL database, or `deploy.db` in `dir`.
+/// deploy-svc's database as the backend switch says ([`test_database`]).
 pub async fn deploy_database(dir: &Path) -> PathBuf {
-    match deploy_test_postgres() {
-        Some(url) => PathBuf::from(fresh_database(&url, "deploy_test").await.1),
-        None => dir.join("deploy.db"),
-    }
+    test_database(dir, "deploy").await
 }
 
 /// Asserts that a service started on `database` really stores there (its schema is in the
@@ -752,7 +752,7 @@ pub mod release {
             clock: Option<std::sync::Arc<dyn release_svc::engine::Clock>>,
         ) -> Self {
             let dir = tempfile::tempdir().unwrap();
-            let database = dir.path().join("release.db");
+            let database = super::test_database(dir.path(), "release").await;
             let mut config = release_svc::Config::new(database.clone(), format!("http://{deploy}"));
             let served = match clock {
                 Some(clock) => {

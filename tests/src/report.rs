@@ -10,16 +10,18 @@
 
 use std::io::Write;
 
-/// The switch that moves the deploy-svc suites from SQLite to PostgreSQL:
-/// `DEPLOY_TEST_BACKEND=postgres`, with the server at `TEST_DATABASE_URL`. Panics when the
-/// switch is on without a server (a run that asked for PostgreSQL never falls back).
-pub fn deploy_postgres() -> Option<String> {
-    match std::env::var("DEPLOY_TEST_BACKEND").as_deref() {
-        Ok("postgres") => Some(std::env::var("TEST_DATABASE_URL").expect(
-            "DEPLOY_TEST_BACKEND=postgres needs TEST_DATABASE_URL (a PostgreSQL server URL)",
-        )),
+/// The one switch that moves the suites of both services from SQLite to PostgreSQL:
+/// `TEST_BACKEND=postgres`, with the server at `TEST_DATABASE_URL` (each service started by
+/// a test then gets a fresh database there). Panics when the switch is on without a server
+/// (a run that asked for PostgreSQL never falls back).
+pub fn switched_to_postgres() -> Option<String> {
+    match std::env::var("TEST_BACKEND").as_deref() {
+        Ok("postgres") => Some(
+            std::env::var("TEST_DATABASE_URL")
+                .expect("TEST_BACKEND=postgres needs TEST_DATABASE_URL (a PostgreSQL server URL)"),
+        ),
         Ok("sqlite") | Err(_) => None,
-        Ok(other) => panic!("DEPLOY_TEST_BACKEND={other}: expected sqlite or postgres"),
+        Ok(other) => panic!("TEST_BACKEND={other}: expected sqlite or postgres"),
     }
 }
 

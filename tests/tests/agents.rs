@@ -413,7 +413,9 @@ async fn the_release_gate_follows_real_agents() {
             "--listen",
             "127.0.0.1:0",
             "--database",
-            &f.dir.path().join("release.db").to_string_lossy(),
+            &tests::test_database(f.dir.path(), "release")
+                .await
+                .to_string_lossy(),
             "--deploy-svc",
             &format!("http://{}", f.deploy.addr),
         ],
