@@ -137,9 +137,9 @@ fn value(text: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
-/// Scrapes until `series` satisfies `ok` (at most 30 s); returns the scrape.
+/// Scrapes until `series` satisfies `ok` (at most 60 s); returns the scrape.
 async fn until(addr: SocketAddr, series: &str, ok: impl Fn(f64) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let text = scrape(addr).await;
         if value(&text, series).is_some_and(&ok) {
@@ -778,4 +778,47 @@ async fn deploy_svc_is_not_serving_while_postgresql_is_unreachable_and_serving_a
     until(dm, "store_writable", |v| v == 1.0).await;
     environment(&mut dc, "dev", None, false).await;
     drop(dir);
+}
+
+#[tokio::test]
+async fn an_agent_notices_a_frozen_deploy_svc_and_reconnects_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = deploy_svc(dir.path(), &[]).await;
+    let mut dc = tests::connect(d.addr).await;
+    environment(&mut dc, "dev", None, false).await;
+    let root = dir.path().join("agent").to_string_lossy().into_owned();
+    let server = format!("http://{}", d.addr);
+    let agent = Proc::spawn(
+        "deploy-agent",
+        &[
+            "--server",
+            &server,
+            "--environment",
+            "dev",
+            "--target",
+            "a-1",
+            "--root",
+            &root,
+            "--heartbeat-ms",
+            "200",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+        false,
+    )
+    .await;
+    let am = agent.metrics().await;
+    until(am, "deploy_agent_connected", |v| v == 1.0).await;
+    // Frozen, deploy-svc keeps the agent's connection open and says nothing: HTTP/2
+    // keepalive pings find the connection dead.
+    d.signal("STOP");
+    until(am, "deploy_agent_connected", |v| v == 0.0).await;
+    agent
+        .log("agent disconnected", |v| {
+            v["fields"]["message"] == "agent disconnected"
+        })
+        .await;
+    d.signal("CONT");
+    until(am, "deploy_agent_connected", |v| v == 1.0).await;
 }
