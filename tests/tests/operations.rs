@@ -212,6 +212,34 @@ async fn release_svc(dir: &Path, deploy: SocketAddr, extra: &[&str]) -> Proc {
     Proc::spawn("release-svc", &args, &[], true).await
 }
 
+/// The agent for target `a-1` of `dev`, rooted in `dir/agent`, allowed to read `file://`
+/// sources in `dir`, with metrics.
+async fn deploy_agent(deploy: SocketAddr, dir: &Path) -> Proc {
+    let allowed = dir.to_string_lossy().into_owned();
+    let root = dir.join("agent").to_string_lossy().into_owned();
+    let server = format!("http://{deploy}");
+    Proc::spawn(
+        "deploy-agent",
+        &[
+            "--server",
+            &server,
+            "--environment",
+            "dev",
+            "--target",
+            "a-1",
+            "--root",
+            &root,
+            "--heartbeat-ms",
+            "200",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+        &[("DEPLOY_AGENT_ALLOW_FILE_DIR", &allowed)],
+        false,
+    )
+    .await
+}
+
 const OK_CREATE_ENV: &str = r#"grpc_server_handled_total{grpc_service="deploy.v1.DeployService",grpc_method="CreateEnvironment",grpc_code="OK"}"#;
 const NOT_FOUND_GET_ENV: &str = r#"grpc_server_handled_total{grpc_service="deploy.v1.DeployService",grpc_method="GetEnvironment",grpc_code="NOT_FOUND"}"#;
 const WATCHERS: &str = r#"grpc_server_open_streams{kind="WatchPlacements"}"#;
@@ -266,29 +294,7 @@ async fn deploy_svc_release_svc_and_the_agent_export_metrics_that_follow_the_cal
 
     // An agent places an artifact: its placement, fetch and the log head move, and
     // release-svc's consumer follows the head.
-    let allowed = dir.path().to_string_lossy().into_owned();
-    let root = dir.path().join("agent").to_string_lossy().into_owned();
-    let server = format!("http://{}", d.addr);
-    let agent = Proc::spawn(
-        "deploy-agent",
-        &[
-            "--server",
-            &server,
-            "--environment",
-            "dev",
-            "--target",
-            "a-1",
-            "--root",
-            &root,
-            "--heartbeat-ms",
-            "200",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
-        &[("DEPLOY_AGENT_ALLOW_FILE_DIR", &allowed)],
-        false,
-    )
-    .await;
+    let agent = deploy_agent(d.addr, dir.path()).await;
     let am = agent.metrics().await;
     fleet::registered(&mut dc, "dev", 1).await;
     let (path, digest) = tarball(dir.path(), "app-1.0.0", &[("app.txt", "1.0.0")]);
@@ -786,28 +792,7 @@ async fn an_agent_notices_a_frozen_deploy_svc_and_reconnects_after() {
     let d = deploy_svc(dir.path(), &[]).await;
     let mut dc = tests::connect(d.addr).await;
     environment(&mut dc, "dev", None, false).await;
-    let root = dir.path().join("agent").to_string_lossy().into_owned();
-    let server = format!("http://{}", d.addr);
-    let agent = Proc::spawn(
-        "deploy-agent",
-        &[
-            "--server",
-            &server,
-            "--environment",
-            "dev",
-            "--target",
-            "a-1",
-            "--root",
-            &root,
-            "--heartbeat-ms",
-            "200",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
-        &[],
-        false,
-    )
-    .await;
+    let agent = deploy_agent(d.addr, dir.path()).await;
     let am = agent.metrics().await;
     until(am, "deploy_agent_connected", |v| v == 1.0).await;
     // Frozen, deploy-svc keeps the agent's connection open and says nothing: HTTP/2
