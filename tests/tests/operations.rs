@@ -807,3 +807,25 @@ async fn an_agent_notices_a_frozen_deploy_svc_and_reconnects_after() {
     d.signal("CONT");
     until(am, "deploy_agent_connected", |v| v == 1.0).await;
 }
+
+#[tokio::test]
+async fn during_the_shutdown_delay_health_is_not_serving_and_calls_still_succeed() {
+    use tonic_health::ServingStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = deploy_svc(dir.path(), &["--shutdown-delay-ms", "20000"]).await;
+    let mut dc = tests::connect(d.addr).await;
+    let name = "deploy.v1.DeployService";
+    health_until(d.addr, name, ServingStatus::Serving as i32).await;
+    d.signal("TERM");
+    health_until(d.addr, name, ServingStatus::NotServing as i32).await;
+    // Still taking calls: a load balancer that has not caught up loses nothing.
+    environment(&mut dc, "dev", None, false).await;
+    d.log("the delay", |v| {
+        v["fields"]["message"] == "NOT_SERVING; still serving until the shutdown delay ends"
+    })
+    .await;
+    let status = exited(&mut d, Duration::from_secs(120))
+        .await
+        .expect("no exit after the shutdown delay");
+    assert!(status.success(), "{status:?}");
+}
