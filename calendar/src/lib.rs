@@ -242,6 +242,43 @@ mod tests {
     }
 
     #[test]
+    fn weekly_window_keeps_local_hours_across_the_autumn_change() {
+        // Europe/Berlin moves from UTC+2 back to UTC+1 at 2026-10-25 01:00 UTC (Sunday):
+        // local 02:00-03:00 happens twice. Friday 18:00 to Monday 08:00 local starts at
+        // 16:00 UTC (summer time) and ends at 07:00 UTC (winter time).
+        let w = weekly("Europe/Berlin", (4, "18:00"), (0, "08:00"));
+        assert!(!w.contains(utc(2026, 10, 23, 15, 59)));
+        assert!(w.contains(utc(2026, 10, 23, 16, 0)), "Friday 18:00 CEST");
+        assert!(w.contains(utc(2026, 10, 25, 0, 30)), "02:30 CEST");
+        assert!(
+            w.contains(utc(2026, 10, 25, 1, 30)),
+            "02:30 CET, the repeated hour"
+        );
+        assert!(w.contains(utc(2026, 10, 26, 6, 59)));
+        assert!(!w.contains(utc(2026, 10, 26, 7, 0)), "Monday 08:00 CET");
+        // The same window a week later (all winter time) starts an hour later in UTC.
+        assert!(!w.contains(utc(2026, 10, 30, 16, 59)));
+        assert!(w.contains(utc(2026, 10, 30, 17, 0)), "Friday 18:00 CET");
+
+        // A window inside the repeated hour covers both of its occurrences, and not the
+        // instants between them.
+        let night = weekly("Europe/Berlin", (6, "02:15"), (6, "02:45"));
+        assert!(!night.contains(utc(2026, 10, 25, 0, 14)), "02:14 CEST");
+        assert!(night.contains(utc(2026, 10, 25, 0, 15)), "02:15 CEST");
+        assert!(night.contains(utc(2026, 10, 25, 0, 44)), "02:44 CEST");
+        assert!(!night.contains(utc(2026, 10, 25, 0, 45)), "02:45 CEST");
+        assert!(!night.contains(utc(2026, 10, 25, 1, 14)), "02:14 CET");
+        assert!(night.contains(utc(2026, 10, 25, 1, 15)), "02:15 CET");
+        assert!(!night.contains(utc(2026, 10, 25, 1, 45)), "02:45 CET");
+        // In spring the same local times do not exist (02:00-03:00 is skipped): never frozen.
+        let spring: Vec<Millis> = (0..120)
+            .map(|m| utc(2026, 3, 29, 0, 0) + m * 60_000)
+            .filter(|&t| night.contains(t))
+            .collect();
+        assert!(spring.is_empty(), "{spring:?}");
+    }
+
+    #[test]
     fn bad_windows_name_every_problem() {
         let w = FreezeWindow {
             name: " ".into(),

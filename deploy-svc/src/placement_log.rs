@@ -22,6 +22,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use service_kit::streams::StreamSlot;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_stream::wrappers::ReceiverStream;
@@ -56,17 +57,6 @@ pub struct Feed {
     ring: RwLock<(VecDeque<Arc<PlacementEvent>>, u64)>,
     capacity: usize,
     head: watch::Sender<u64>,
-    /// Open watches, against [`WatchLimits::max_watchers`].
-    watchers: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-/// A watch's place under the cap; given back when the watch ends.
-struct WatcherSlot(Arc<std::sync::atomic::AtomicUsize>);
-
-impl Drop for WatcherSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
 }
 
 impl Feed {
@@ -76,7 +66,6 @@ impl Feed {
             ring: RwLock::new((VecDeque::with_capacity(capacity.min(1 << 16)), head)),
             capacity: capacity.max(1),
             head: watch::Sender::new(head),
-            watchers: Arc::default(),
         }
     }
 
@@ -197,25 +186,18 @@ pub enum WatchItem {
 /// The stream a watch returns: items, then possibly one terminal error.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchItem>> + Send>>;
 
-/// Starts a watch. Fails at once if the start position is outside the retained log.
+/// Starts a watch holding `slot` (its place under the server's cap on open watches, given
+/// back when the watch ends). Fails at once if the start position is outside the retained
+/// log.
 pub async fn watch(
     store: Arc<dyn Store>,
     feed: Arc<Feed>,
     request: WatchRequest,
     limits: WatchLimits,
+    slot: StreamSlot,
     cancel: CancellationToken,
     tasks: &TaskTracker,
 ) -> Result<WatchStream> {
-    let taken = feed
-        .watchers
-        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    let slot = WatcherSlot(feed.watchers.clone());
-    if taken >= limits.max_watchers {
-        return Err(Error::ResourceExhausted(format!(
-            "{} placement watches are open, the most this server allows; retry later",
-            limits.max_watchers
-        )));
-    }
     if let Start::After(after) = request.start {
         let bounds = store.log_bounds().await?;
         let mut head = bounds.head.max(feed.head());
@@ -267,7 +249,7 @@ struct Watcher {
     tx: mpsc::Sender<Result<WatchItem>>,
     term: Option<oneshot::Sender<Error>>,
     last_sent: Instant,
-    _slot: WatcherSlot,
+    _slot: StreamSlot,
 }
 
 impl Watcher {

@@ -49,7 +49,7 @@ impl Running {
     /// Binds 127.0.0.1:0, then serves deploy-svc on that listener with a test clock at T0.
     async fn start(tweak: impl FnOnce(&mut deploy_svc::Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let database = match postgres_server() {
+        let database = match report::deploy_postgres() {
             Some(url) => fresh_database(&url).await,
             None => dir.path().join("deploy.db").to_string_lossy().into_owned(),
         };
@@ -57,6 +57,14 @@ impl Running {
         tweak(&mut config);
         let clock = Arc::new(TestClock(AtomicI64::new(T0)));
         let server = deploy_svc::Server::open(config, clock.clone()).unwrap();
+        // The store is open: its schema is where the switch said.
+        let catalog = if report::is_postgres(&database) {
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_name = 'audit_records'"
+        } else {
+            "SELECT COUNT(*) FROM sqlite_master WHERE name = 'audit_records'"
+        };
+        assert_eq!(count(&database, catalog).await, 1, "{database}");
+        report::used(&database);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -437,6 +445,60 @@ async fn an_active_freeze_window_refuses_a_deployment_unless_an_emergency_overri
         .unwrap();
     assert!(later.emergency.is_none());
 
+    server.shutdown().await;
+}
+
+/// The autumn daylight-saving change, end to end: Europe/Berlin goes back from UTC+2 to
+/// UTC+1 at 2026-10-25 01:00 UTC, so local 02:00-03:00 happens twice. A weekly window on
+/// Sunday 02:15-02:45 local refuses deployments in both occurrences, and not between them.
+#[tokio::test]
+async fn a_weekly_window_freezes_both_occurrences_of_the_repeated_autumn_hour() {
+    const OCT_25_2026: Millis = 1_792_886_400_000;
+    let server = Running::start(|_| {}).await;
+    let mut c = server.client().await;
+    let night = weekly(
+        "sunday-night",
+        "Europe/Berlin",
+        (pb::DayOfWeek::Sunday, "02:15"),
+        (pb::DayOfWeek::Sunday, "02:45"),
+    );
+    create_env(&mut c, "alice", "prod", None, false, vec![night])
+        .await
+        .unwrap();
+    target(&mut c, "agent", "prod", "web-1").await;
+    artifact(&mut c, "ci", "web", "1.0.0").await;
+    for (utc, local, frozen) in [
+        (14, "02:14 CEST", false),
+        (30, "02:30 CEST", true),
+        (50, "02:50 CEST", false),
+        (60 + 10, "02:10 CET", false),
+        (60 + 30, "02:30 CET", true),
+        (60 + 45, "02:45 CET", false),
+    ] {
+        server.set_now(OCT_25_2026 + utc * MINUTE);
+        let result = deploy(&mut c, "alice", "prod", "", None).await;
+        if frozen {
+            let refused = expect(result, Code::FailedPrecondition);
+            let rules = preconditions(&refused);
+            assert_eq!(rules.len(), 1, "{local}: {rules:?}");
+            assert_eq!(rules[0].0, "FREEZE_WINDOW", "{local}");
+            assert!(
+                rules[0].2.contains("\"sunday-night\""),
+                "{local}: {rules:?}"
+            );
+        } else {
+            let d = result.unwrap_or_else(|e| panic!("{local}: refused: {e:?}"));
+            c.cancel_deployment(by(
+                "alice",
+                pb::CancelDeploymentRequest {
+                    name: d.name,
+                    reason: "next instant".into(),
+                },
+            ))
+            .await
+            .unwrap();
+        }
+    }
     server.shutdown().await;
 }
 
@@ -911,26 +973,30 @@ async fn the_audit_trail_records_every_change_once_in_order_and_filters_and_page
     assert!(events < 3, "retention pruned the placement log ({events})");
     let kept = count(&server.database, "SELECT COUNT(*) FROM audit_records").await;
     assert_eq!(kept, i64::try_from(all.len()).unwrap());
-    assert!(!sql_succeeds(&server.database, "DELETE FROM audit_records").await);
-    assert!(
-        !sql_succeeds(
-            &server.database,
-            "UPDATE audit_records SET principal = 'mallory'"
-        )
-        .await
+    // Refused by the append-only triggers themselves, not by any other error.
+    for edit in [
+        "DELETE FROM audit_records",
+        "UPDATE audit_records SET principal = 'mallory'",
+    ] {
+        let refused = sql_error(&server.database, edit).await;
+        assert!(
+            refused.contains("audit records are append-only"),
+            "{edit}: {refused}"
+        );
+    }
+    assert_eq!(
+        count(&server.database, "SELECT COUNT(*) FROM audit_records").await,
+        i64::try_from(all.len()).unwrap()
     );
 
     server.shutdown().await;
 }
 
-/// The PostgreSQL server to run on instead of SQLite (`DEPLOY_TEST_BACKEND=postgres` with
-/// TEST_DATABASE_URL): the same tests, once per backend.
-fn postgres_server() -> Option<String> {
-    (std::env::var("DEPLOY_TEST_BACKEND").as_deref() == Ok("postgres")).then(|| {
-        std::env::var("TEST_DATABASE_URL")
-            .expect("DEPLOY_TEST_BACKEND=postgres needs TEST_DATABASE_URL")
-    })
-}
+/// The backend switch (`DEPLOY_TEST_BACKEND=postgres` with TEST_DATABASE_URL: the same
+/// tests, once per backend) and the report to `scripts/test`, shared with the end-to-end
+/// tests.
+#[path = "../../tests/src/report.rs"]
+mod report;
 
 async fn admin(url: &str) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
@@ -977,13 +1043,22 @@ async fn count(database: &str, sql: &str) -> i64 {
         .unwrap()
 }
 
-/// Whether `sql` runs, straight against the database.
-async fn sql_succeeds(database: &str, sql: &str) -> bool {
+/// The error `sql` fails with, straight against the database (the database's own message);
+/// panics if it succeeds.
+async fn sql_error(database: &str, sql: &str) -> String {
     if database.starts_with("postgres://") {
-        return admin(database).await.batch_execute(sql).await.is_ok();
+        let e = admin(database)
+            .await
+            .batch_execute(sql)
+            .await
+            .expect_err(sql);
+        return e
+            .as_db_error()
+            .map_or_else(|| e.to_string(), |d| d.message().to_owned());
     }
     rusqlite::Connection::open(database)
         .unwrap()
         .execute(sql, [])
-        .is_ok()
+        .expect_err(sql)
+        .to_string()
 }

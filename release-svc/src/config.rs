@@ -49,6 +49,24 @@ pub struct Config {
     /// Largest request or response message in bytes.
     #[arg(long, env = "RELEASE_SVC_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
+    /// Change streams (WatchVisibility and flagd EventStream, on every listener together)
+    /// open at once at most; past it a new one is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "RELEASE_SVC_MAX_WATCHERS", default_value_t = crate::grpc::DEFAULT_MAX_WATCHERS)]
+    pub max_watchers: usize,
+    /// Serve the OpenFeature Remote Evaluation Protocol (OFREP: HTTP/1.1 and HTTP/2 with
+    /// JSON, `/ofrep/v1/evaluate/flags[/{key}]`) on this address, with the same TLS and
+    /// authentication as the gRPC listener.
+    #[arg(long, env = "RELEASE_SVC_OFREP_LISTEN")]
+    pub ofrep_listen: Option<SocketAddr>,
+    /// Browser origins (`https://app.example.com`) allowed to call OFREP from another
+    /// origin (CORS); repeat for several. None by default: only same-origin pages (or a
+    /// proxy in front) can.
+    #[arg(
+        long = "ofrep-cors-origin",
+        env = "RELEASE_SVC_OFREP_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub ofrep_cors_origins: Vec<String>,
     /// Also serve the flagd protocols on this address (flagd's default port is 8013);
     /// they are always served on --listen too.
     #[arg(long, env = "RELEASE_SVC_FLAGD_LISTEN")]

@@ -25,6 +25,7 @@ pub mod consumer;
 pub mod domain;
 pub mod engine;
 pub mod grpc;
+pub mod ofrep;
 pub mod store;
 pub mod telemetry;
 
@@ -123,9 +124,22 @@ impl Server {
         flagd_listener: Option<TcpListener>,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
+        self.run_with_ports(listener, flagd_listener, None, shutdown)
+            .await
+    }
+
+    /// [`Server::run_with_flagd_port`], also serving OFREP (HTTP and JSON, see [`ofrep`]) on
+    /// `ofrep_listener`.
+    pub async fn run_with_ports(
+        self,
+        listener: TcpListener,
+        flagd_listener: Option<TcpListener>,
+        ofrep_listener: Option<TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         let Self { config, engine } = self;
         let mut addresses = vec![listener.local_addr()?];
-        if let Some(l) = &flagd_listener {
+        for l in flagd_listener.iter().chain(ofrep_listener.iter()) {
             addresses.push(l.local_addr()?);
         }
         let serving = config.server.serving("release-svc", &addresses)?;
@@ -213,6 +227,10 @@ impl Server {
             Duration::from_millis(config.scheduler_interval_ms.max(1)),
             streams.clone(),
         ));
+        // One cap for every change stream (WatchVisibility, flagd EventStream v1 and v2),
+        // on every listener.
+        let change_streams =
+            service_kit::streams::StreamCap::new(config.max_watchers, "change streams");
         let flagd = grpc::flagd::Flagd::new(
             engine.clone(),
             grpc::flagd::FlagdOptions {
@@ -228,10 +246,12 @@ impl Server {
                 max_response_bytes: config.max_message_bytes,
             },
             streams.clone(),
-        );
+        )
+        .with_stream_cap(change_streams.clone());
         let store_alive = engine.store().writer_alive();
         let api = ReleaseApi::new(engine, status, config.deploy_svc.clone(), streams.clone())
-            .with_max_response_bytes(config.max_message_bytes);
+            .with_max_response_bytes(config.max_message_bytes)
+            .with_stream_cap(change_streams);
         let flagd_routes = |routes: tonic::service::Routes| {
             routes
                 .add_service(DecodeErrors(FlagdV1Server::new(flagd.clone())))
@@ -273,8 +293,22 @@ impl Server {
         let drain = service_kit::Drain {
             timeout: Duration::from_millis(config.drain_timeout_ms),
         };
-        // One shutdown signal stops both listeners.
+        // One shutdown signal stops every listener.
         let stop = CancellationToken::new();
+        let ofrep_task = match ofrep_listener {
+            Some(l) => {
+                tracing::info!(address = %l.local_addr()?, "OFREP serving");
+                let ofrep = Arc::new(
+                    ofrep::Ofrep::new(flagd.clone(), &serving, config.max_message_bytes)
+                        .with_cors_origins(config.ofrep_cors_origins.clone()),
+                );
+                let (serving, stop) = (serving.clone(), stop.clone());
+                Some(tokio::spawn(async move {
+                    ofrep::serve(l, ofrep, &serving, stop).await
+                }))
+            }
+            None => None,
+        };
         let second = match flagd_listener {
             Some(flagd_listener) => {
                 let (flagd_health, flagd_health_service) =
@@ -329,6 +363,13 @@ impl Server {
         )
         .await;
         stop.cancel();
+        if let Some(task) = ofrep_task {
+            match task.await {
+                Ok(Err(e)) => tracing::error!(error = %e, "OFREP listener failed"),
+                Err(e) => tracing::error!(error = %e, "OFREP listener task failed"),
+                Ok(Ok(())) => {}
+            }
+        }
         if let Some(second) = second {
             match second.await {
                 Ok(Err(e)) => tracing::error!(error = %e, "flagd listener failed"),

@@ -10,10 +10,15 @@ async fn main() -> anyhow::Result<()> {
     if let Some(command) = config.command.take() {
         return release_svc::cli::run(command).await;
     }
-    let (listen, flagd_listen) = (config.listen, config.flagd_listen);
+    let (listen, flagd_listen, ofrep_listen) =
+        (config.listen, config.flagd_listen, config.ofrep_listen);
     let server = release_svc::Server::open(config).await?;
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let flagd_listener = match flagd_listen {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
+        None => None,
+    };
+    let ofrep_listener = match ofrep_listen {
         Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
         None => None,
     };
@@ -28,8 +33,16 @@ async fn main() -> anyhow::Result<()> {
                 l.local_addr()?
             );
         }
+        if let Some(l) = &ofrep_listener {
+            println!("release-svc OFREP listening on {}", l.local_addr()?);
+        }
     }
     server
-        .run_with_flagd_port(listener, flagd_listener, service_kit::shutdown_signal())
+        .run_with_ports(
+            listener,
+            flagd_listener,
+            ofrep_listener,
+            service_kit::shutdown_signal(),
+        )
         .await
 }

@@ -100,6 +100,14 @@ impl Error {
     ) -> Self {
         Self::FailedPrecondition(vec![PreconditionViolation::new(kind, subject, description)])
     }
+
+    /// A stored row that cannot be decoded: logged as an error naming its table and row,
+    /// INTERNAL to the caller. Stored forms are never decoded into a default instead (an
+    /// empty label map or a PENDING state would hide the corruption and act on it).
+    pub fn corrupt(table: &str, row: &dyn std::fmt::Display, e: impl std::fmt::Display) -> Self {
+        tracing::error!(table, row = %row, error = %e, "corrupt stored row");
+        Self::Internal(format!("corrupt stored row {row} in {table}: {e}"))
+    }
 }
 
 fn describe_fields(v: &[FieldViolation]) -> String {

@@ -24,6 +24,7 @@
 //! - [`health`]: health that follows the store (NOT_SERVING once it cannot write).
 //! - [`error`]: the request error type (field and precondition violations), no tonic types.
 //! - [`status`]: the one exhaustive `From<Error> for Status`, with rich error details.
+//! - [`streams`]: a cap on open server streams (RESOURCE_EXHAUSTED past it).
 //! - `sqlite` (cargo feature `sqlite`): the SQLite error mapping and migration runner of the
 //!   embedded stores.
 //! - [`telemetry`]: Prometheus metrics on their own plain-HTTP port (`--metrics-listen`).
@@ -46,6 +47,7 @@ pub mod reload;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 pub mod status;
+pub mod streams;
 pub mod telemetry;
 pub mod tls;
 pub mod validate;

@@ -226,7 +226,9 @@ fn build(
     let mut config = builder
         .with_single_cert(chain, key)
         .map_err(|e| anyhow::anyhow!("certificate and key do not match: {e}"))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    // h2 for gRPC; http/1.1 for HTTP faces (OFREP) whose clients may not speak HTTP/2.
+    // A gRPC listener still serves HTTP/2 only.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
 

@@ -14,11 +14,7 @@ from openfeature.contrib.provider.flagd import FlagdProvider
 from openfeature.contrib.provider.flagd.config import ResolverType
 from openfeature.evaluation_context import EvaluationContext
 
-
-def details(d):
-    reason = d.reason.value if hasattr(d.reason, "value") else d.reason
-    error = d.error_code.value if hasattr(d.error_code, "value") else d.error_code
-    return {"value": d.value, "reason": reason, "variant": d.variant, "error": error}
+from details import details
 
 
 def main():

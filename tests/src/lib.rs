@@ -9,7 +9,10 @@
 //!   through its shutdown future.
 //! - [`InProcess`]: deploy-svc served by the library on port 0 (on SQLite, or on
 //!   PostgreSQL when [`deploy_test_postgres`] says so).
-//! - [`fresh_database`]: a new database on the `TEST_DATABASE_URL` PostgreSQL server.
+//! - [`fresh_database`]: a new database on the `TEST_DATABASE_URL` PostgreSQL server;
+//!   [`deploy_database`]: deploy-svc's database as the backend switch says;
+//!   [`assert_backend`]: a service really stores where it was told.
+//! - [`report`]: the backend switch and what `scripts/test` reports (backends, skips).
 //! - [`Binary`] / [`bin_dir`]: the real binaries started on port 0; the bound address is
 //!   read from their first stdout line.
 //! - [`digest`], [`environment`], [`targets`], [`artifact`], [`deploy`], [`report`]:
@@ -153,16 +156,54 @@ pub async fn fresh_database(url: &str, tag: &str) -> (tokio_postgres::Client, St
     (admin, format!("{base}/{db}"), db)
 }
 
-/// The PostgreSQL server deploy-svc's in-process tests run against instead of SQLite:
+/// The PostgreSQL server deploy-svc's tests run against instead of SQLite:
 /// TEST_DATABASE_URL when `DEPLOY_TEST_BACKEND=postgres` (the same suite, run once per
 /// backend by `scripts/test`).
 pub fn deploy_test_postgres() -> Option<String> {
-    match std::env::var("DEPLOY_TEST_BACKEND").as_deref() {
-        Ok("postgres") => Some(std::env::var("TEST_DATABASE_URL").expect(
-            "DEPLOY_TEST_BACKEND=postgres needs TEST_DATABASE_URL (a PostgreSQL server URL)",
-        )),
-        _ => None,
+    report::deploy_postgres()
+}
+
+/// The database for a deploy-svc of the test, chosen by the backend switch
+/// ([`deploy_test_postgres`]): a fresh PostgreSQL database, or `deploy.db` in `dir`.
+pub async fn deploy_database(dir: &Path) -> PathBuf {
+    match deploy_test_postgres() {
+        Some(url) => PathBuf::from(fresh_database(&url, "deploy_test").await.1),
+        None => dir.join("deploy.db"),
     }
+}
+
+/// Asserts that a service started on `database` really stores there (its schema is in the
+/// PostgreSQL database, or its SQLite file exists), and reports the backend the running
+/// test used to `scripts/test`.
+pub async fn assert_backend(database: &Path) {
+    let db = database.to_string_lossy();
+    if report::is_postgres(&db) {
+        // The schema is checked over a plain connection, whatever `sslmode` the service used.
+        let plain = db.split_once('?').map_or(&*db, |(url, _)| url);
+        let (client, connection) = tokio_postgres::connect(plain, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL at {db} is not reachable: {e}"));
+        tokio::spawn(connection);
+        let tables: i64 = client
+            .query_one(
+                "SELECT COUNT(*) FROM information_schema.tables \
+                 WHERE table_schema NOT IN ('pg_catalog', 'information_schema')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            tables > 0,
+            "the service wrote no schema into {db}: not on PostgreSQL"
+        );
+    } else {
+        assert!(
+            std::fs::metadata(database).is_ok_and(|m| m.len() > 0),
+            "no SQLite database at {db}"
+        );
+    }
+    report::used(&db);
 }
 
 /// deploy-svc served in-process on a listener bound to `127.0.0.1:0`.
@@ -184,14 +225,18 @@ impl InProcess {
     /// Starts a server after `tweak` adjusts the configuration.
     pub async fn start_with(tweak: impl FnOnce(&mut deploy_svc::Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let database = match deploy_test_postgres() {
-            Some(url) => PathBuf::from(fresh_database(&url, "deploy_test").await.1),
-            None => dir.path().join("deploy.db"),
-        };
+        let database = deploy_database(dir.path()).await;
         let mut config = deploy_svc::Config::for_database(&database);
         tweak(&mut config);
         let served =
             Served::spawn(|listener, shutdown| deploy_svc::serve(listener, config, shutdown)).await;
+        // Answered once the store is open.
+        connect(served.addr)
+            .await
+            .list_environments(pb::ListEnvironmentsRequest::default())
+            .await
+            .unwrap();
+        assert_backend(&database).await;
         Self {
             addr: served.addr,
             dir,
@@ -234,6 +279,9 @@ pub struct Binary {
     pub addr: SocketAddr,
     /// The process.
     pub child: Child,
+    /// The lines it printed after the first (further listeners' addresses), read on as
+    /// they come so that the process never writes into a closed pipe.
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
 
 impl Binary {
@@ -246,9 +294,44 @@ impl Binary {
         Self::spawn("deploy-svc", &all).await
     }
 
+    /// Starts `release-svc` on port 0 with the SQLite file `database`, without a reachable
+    /// deploy-svc (it keeps retrying in the background) and without a change calendar, plus
+    /// `args`.
+    pub async fn release_alone(database: &Path, args: &[&str]) -> Self {
+        let db = database.to_string_lossy();
+        let mut all = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            &db,
+            "--deploy-svc",
+            "http://127.0.0.1:9",
+            "--change-calendar",
+            "none",
+        ];
+        all.extend_from_slice(args);
+        Self::spawn("release-svc", &all).await
+    }
+
     /// Starts the workspace binary `name` with exactly `args` and waits for it to print its
     /// address (its first stdout line ends with it).
     pub async fn spawn(name: &str, args: &[&str]) -> Self {
+        // TEST_SERVER_LOGS=1 shows the servers' logs beside the test's output.
+        let stderr = if std::env::var_os("TEST_SERVER_LOGS").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        };
+        Self::spawn_with(name, args, stderr).await
+    }
+
+    /// Like [`Binary::spawn`], with the process's logs (stderr) written to the file `log`.
+    pub async fn spawn_logging(name: &str, args: &[&str], log: &Path) -> Self {
+        let file = std::fs::File::create(log).unwrap();
+        Self::spawn_with(name, args, Stdio::from(file)).await
+    }
+
+    async fn spawn_with(name: &str, args: &[&str], stderr: Stdio) -> Self {
         let bin = bin_dir().join(name);
         assert!(
             bin.exists(),
@@ -258,12 +341,7 @@ impl Binary {
         let mut child = Command::new(&bin)
             .args(args)
             .stdout(Stdio::piped())
-            // TEST_SERVER_LOGS=1 shows the servers' logs beside the test's output.
-            .stderr(if std::env::var_os("TEST_SERVER_LOGS").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .unwrap();
@@ -279,7 +357,43 @@ impl Binary {
             .next()
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-        Self { addr, child }
+        // The address is printed once the store is open: check where it stores.
+        if let Some(database) = args
+            .iter()
+            .position(|a| *a == "--database")
+            .and_then(|i| args.get(i + 1))
+        {
+            assert_backend(Path::new(database)).await;
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+        Self {
+            addr,
+            child,
+            lines: rx,
+        }
+    }
+
+    /// The address on the next stdout line that contains `what` (such as "OFREP"): the
+    /// address of a further listener started on port 0.
+    pub async fn address_of(&mut self, what: &str) -> SocketAddr {
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(30), self.lines.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no line with {what:?} within 30 s"))
+                .unwrap_or_else(|| panic!("the process ended before printing {what:?}"));
+            if line.contains(what) {
+                return line
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or_else(|| panic!("unexpected line {line:?}"));
+            }
+        }
     }
 
     /// Sends SIGKILL and waits for the process to die.
@@ -408,6 +522,7 @@ pub async fn report(
 
 pub mod pki;
 pub mod raw;
+pub mod report;
 
 /// Assertions on statuses.
 pub mod status {
@@ -473,18 +588,24 @@ pub mod watch {
         .map(tonic::Response::into_inner)
     }
 
+    /// The next message of a stream; panics on error, end, or 30 s of silence while
+    /// waiting for `what`.
+    pub async fn next(s: &mut Streaming<pb::WatchPlacementsResponse>, what: &str) -> Option<Kind> {
+        tokio::time::timeout(Duration::from_secs(30), s.message())
+            .await
+            .unwrap_or_else(|_| panic!("no {what} within 30 s"))
+            .expect("stream failed")
+            .expect("stream ended")
+            .kind
+    }
+
     /// Reads the snapshot part of a stream: (placements, sequence).
     pub async fn snapshot(
         s: &mut Streaming<pb::WatchPlacementsResponse>,
     ) -> (Vec<pb::Placement>, u64) {
         let mut placements = Vec::new();
         loop {
-            let msg = tokio::time::timeout(Duration::from_secs(30), s.message())
-                .await
-                .expect("snapshot timed out")
-                .expect("stream failed")
-                .expect("stream ended");
-            match msg.kind {
+            match next(s, "snapshot").await {
                 Some(Kind::SnapshotPlacement(p)) => placements.push(p),
                 Some(Kind::SnapshotEnd(end)) => return (placements, end.sequence),
                 other => panic!("unexpected message in snapshot: {other:?}"),
@@ -518,12 +639,7 @@ pub mod watch {
     ) -> (Vec<pb::PlacementEvent>, pb::Heartbeat) {
         let mut out = Vec::new();
         loop {
-            let msg = tokio::time::timeout(Duration::from_secs(30), s.message())
-                .await
-                .expect("no heartbeat within 30 s")
-                .expect("stream failed")
-                .expect("stream ended");
-            match msg.kind {
+            match next(s, "heartbeat").await {
                 Some(Kind::Event(e)) => out.push(e),
                 Some(Kind::Heartbeat(h)) if h.sequence >= h.head_sequence => return (out, h),
                 Some(Kind::Heartbeat(_)) => {}
@@ -620,18 +736,7 @@ pub mod release {
     impl InProcess {
         /// Starts release-svc following deploy-svc at `deploy`.
         pub async fn start(deploy: SocketAddr) -> Self {
-            let dir = tempfile::tempdir().unwrap();
-            let config =
-                release_svc::Config::new(dir.path().join("release.db"), format!("http://{deploy}"));
-            let served = super::Served::spawn(|listener, shutdown| {
-                release_svc::serve(listener, config, shutdown)
-            })
-            .await;
-            Self {
-                addr: served.addr,
-                dir,
-                served,
-            }
+            Self::start_on(deploy, None).await
         }
 
         /// Starts release-svc on the time of `clock`, its scheduler passing every 10 ms.
@@ -639,14 +744,38 @@ pub mod release {
             deploy: SocketAddr,
             clock: std::sync::Arc<dyn release_svc::engine::Clock>,
         ) -> Self {
+            Self::start_on(deploy, Some(clock)).await
+        }
+
+        async fn start_on(
+            deploy: SocketAddr,
+            clock: Option<std::sync::Arc<dyn release_svc::engine::Clock>>,
+        ) -> Self {
             let dir = tempfile::tempdir().unwrap();
-            let mut config =
-                release_svc::Config::new(dir.path().join("release.db"), format!("http://{deploy}"));
-            config.scheduler_interval_ms = 10;
-            let served = super::Served::spawn(|listener, shutdown| {
-                release_svc::serve_with_clock(listener, config, clock, shutdown)
-            })
-            .await;
+            let database = dir.path().join("release.db");
+            let mut config = release_svc::Config::new(database.clone(), format!("http://{deploy}"));
+            let served = match clock {
+                Some(clock) => {
+                    config.scheduler_interval_ms = 10;
+                    super::Served::spawn(|listener, shutdown| {
+                        release_svc::serve_with_clock(listener, config, clock, shutdown)
+                    })
+                    .await
+                }
+                None => {
+                    super::Served::spawn(|listener, shutdown| {
+                        release_svc::serve(listener, config, shutdown)
+                    })
+                    .await
+                }
+            };
+            // Answered once the store is open.
+            connect(served.addr)
+                .await
+                .get_consumer_status(rpb::GetConsumerStatusRequest {})
+                .await
+                .unwrap();
+            super::assert_backend(&database).await;
             Self {
                 addr: served.addr,
                 dir,
@@ -771,8 +900,49 @@ pub mod release {
         .into_inner()
     }
 
-    /// Polls `evaluate` until the reason is `want` or `within` passes; returns the last
-    /// answer and how long it took.
+    /// Asserts that release-svc recorded exactly one automatic withdrawal, of `feature` in
+    /// `env`, whose cause contains `cause` (for example the coverage it fell to, `1/2`).
+    pub async fn assert_withdrawn_once(c: &mut Client, feature: &str, env: &str, cause: &str) {
+        let withdrawals = c
+            .list_withdrawals(rpb::ListWithdrawalsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .withdrawals;
+        assert_eq!(withdrawals.len(), 1, "{withdrawals:?}");
+        let w = &withdrawals[0];
+        assert_eq!(
+            (w.feature.as_str(), w.environment.as_str()),
+            (feature, env),
+            "{w:?}"
+        );
+        assert!(w.reason.contains(cause), "{w:?}");
+        assert!(w.sequence > 0, "{w:?}");
+    }
+
+    /// Creates a release of `feature` to `prod` with `request_id` (the idempotency key).
+    pub async fn create_with_id(
+        c: &mut Client,
+        feature: &str,
+        request_id: &str,
+    ) -> Result<rpb::Release, tonic::Status> {
+        c.create_release(rpb::CreateReleaseRequest {
+            release: Some(rpb::Release {
+                features: vec![feature.into()],
+                environments: vec![rpb::ReleaseEnvironment {
+                    environment: "prod".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            request_id: request_id.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+    }
+
+    /// Polls `evaluate` until the reason is `want`; panics with the last answer if that
+    /// has not happened within `within` (a deadline, not a measurement).
     pub async fn eventually(
         c: &mut Client,
         feature: &str,
@@ -780,13 +950,17 @@ pub mod release {
         user: &str,
         want: rpb::Reason,
         within: Duration,
-    ) -> (rpb::EvaluateResponse, Duration) {
+    ) -> rpb::EvaluateResponse {
         let start = Instant::now();
         loop {
             let r = evaluate(c, feature, env, user).await;
-            if r.reason() == want || start.elapsed() > within {
-                return (r, start.elapsed());
+            if r.reason() == want {
+                return r;
             }
+            assert!(
+                start.elapsed() < within,
+                "{feature} in {env} for {user}: no {want:?} answer within {within:?}; last: {r:?}"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }

@@ -25,7 +25,7 @@ struct Fleet {
 async fn fleet(agent_args: &[&str]) -> Fleet {
     let dir = tempfile::tempdir().unwrap();
     let deploy = Binary::start(
-        &dir.path().join("deploy.db"),
+        &tests::deploy_database(dir.path()).await,
         &["--agent-timeout-ms", "1500", "--tick-interval-ms", "100"],
     )
     .await;
@@ -69,16 +69,8 @@ impl Fleet {
 
     /// The `agent.current` label of target `target`, as registered.
     async fn label(&mut self, target: &str) -> Option<String> {
-        self.client
-            .list_targets(pb::ListTargetsRequest {
-                parent: format!("environments/{ENV}"),
-                page_size: 10,
-                page_token: String::new(),
-            })
+        dev_targets(&mut self.client)
             .await
-            .unwrap()
-            .into_inner()
-            .targets
             .iter()
             .find(|t| t.name.ends_with(target))
             .and_then(|t| t.labels.get("agent.current").cloned())
@@ -113,28 +105,59 @@ impl Fleet {
     }
 }
 
+/// The targets of `ENV`, as registered.
+async fn dev_targets(c: &mut tests::Client) -> Vec<pb::Target> {
+    c.list_targets(pb::ListTargetsRequest {
+        parent: format!("environments/{ENV}"),
+        page_size: 10,
+        page_token: String::new(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .targets
+}
+
+/// A timestamp in milliseconds.
+fn millis(t: prost_types::Timestamp) -> i64 {
+    t.seconds * 1000 + i64::from(t.nanos) / 1_000_000
+}
+
+/// Waits until every target of `ENV` has heartbeated after `at_ms` (server time).
+async fn heartbeats_after(c: &mut tests::Client, at_ms: i64) {
+    let start = std::time::Instant::now();
+    loop {
+        let targets = dev_targets(c).await;
+        if targets
+            .iter()
+            .all(|t| t.last_heartbeat_time.is_some_and(|h| millis(h) > at_ms))
+        {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no heartbeats after {at_ms}: {targets:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn all(v: &str) -> Vec<Option<String>> {
     vec![Some(v.to_owned()); N]
 }
 
-/// The sequence numbers of the events of `deployment` in state `state`, by target.
+/// `(sequence, target, state)` of every logged event of `deployment`, read up to the log
+/// head.
 async fn events(c: &mut tests::Client, deployment: &str) -> Vec<(u64, String, pb::PlacementState)> {
     let mut stream = tests::watch::open(c, Some(0), "", "").await.unwrap();
-    let mut out = Vec::new();
-    while let Ok(Some(Ok(m))) =
-        tokio::time::timeout(Duration::from_millis(500), stream.next()).await
-    {
-        if let Some(pb::watch_placements_response::Kind::Event(e)) = m.kind {
-            let p = e.placement.unwrap();
-            if p.deployment == deployment {
-                out.push((e.sequence, p.target.clone(), p.state()));
-            }
-        }
-    }
-    out
+    let (logged, _) = tests::watch::until_heartbeat(&mut stream).await;
+    logged
+        .into_iter()
+        .filter_map(|e| e.placement.map(|p| (e.sequence, p)))
+        .filter(|(_, p)| p.deployment == deployment)
+        .map(|(seq, p)| (seq, p.target.clone(), p.state()))
+        .collect()
 }
-
-use futures::StreamExt;
 
 #[tokio::test]
 async fn agents_place_all_at_once_rolling_and_canary_and_roll_back() {
@@ -187,13 +210,27 @@ async fn agents_place_all_at_once_rolling_and_canary_and_roll_back() {
             == 1
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Every agent heartbeats twice more after the canary was placed (each has had the
+    // chance to take an order); the durable log then shows below that no other target
+    // started before ContinueDeployment.
+    let canary_at = waiting
+        .placements
+        .iter()
+        .find(|p| p.state() == pb::PlacementState::Placed)
+        .and_then(|p| p.update_time)
+        .unwrap();
+    heartbeats_after(&mut f.client, millis(canary_at) + 400).await;
     let still = until(&mut f.client, &d3.name, "still waiting", |_| true).await;
     assert_eq!(
         still.state(),
         pb::DeploymentState::InProgress,
         "{waiting:?}"
     );
+    assert_eq!(placed(&still), 1, "{still:#?}");
+    let mut w = tests::watch::open(&mut f.client, Some(0), "", "")
+        .await
+        .unwrap();
+    let (_, before_continue) = tests::watch::until_heartbeat(&mut w).await;
     assert_eq!(
         f.currents()
             .iter()
@@ -216,6 +253,30 @@ async fn agents_place_all_at_once_rolling_and_canary_and_roll_back() {
     )
     .await;
     assert_eq!(f.currents(), all("3.0.0"));
+    let ev = events(&mut f.client, &d3.name).await;
+    let canary_target = waiting
+        .placements
+        .iter()
+        .find(|p| p.state() == pb::PlacementState::Placed)
+        .map(|p| p.target.clone())
+        .unwrap();
+    let rest: Vec<_> = ev
+        .iter()
+        .filter(|(_, t, s)| *t != canary_target && *s != pb::PlacementState::Pending)
+        .collect();
+    assert_eq!(
+        rest.iter()
+            .filter(|(_, _, s)| *s == pb::PlacementState::Placed)
+            .count(),
+        N - 1,
+        "{ev:?}"
+    );
+    assert!(
+        rest.iter()
+            .all(|(seq, _, _)| *seq > before_continue.head_sequence),
+        "a target started before ContinueDeployment (head {}): {ev:?}",
+        before_continue.head_sequence
+    );
 
     // Rollback: the previous successful version goes back on every target.
     let back = f.rollback(&d3.name, "checkout errors").await;
@@ -260,19 +321,27 @@ async fn a_wrong_digest_or_a_failing_health_check_leaves_current_unchanged() {
     // The new version fails its health check: switched back.
     f.artifact("3.0.0", &[("broken", "yes")]).await;
     let d = deploy(&mut f.client, "app", "3.0.0", ENV, None).await;
-    // The deployment reads FAILED at the first failed placement: wait for all four.
-    let unhealthy = until(&mut f.client, &d.name, "all placements failed", |d| {
+    // The deployment reads FAILED at the first failed placement; a target that had not
+    // taken its order by then is never started (it stays PENDING). Wait until no placement
+    // is running any more.
+    let unhealthy = until(&mut f.client, &d.name, "placements settled", |d| {
         d.state() == pb::DeploymentState::Failed
-            && d.placements
-                .iter()
-                .all(|p| p.state() == pb::PlacementState::Failed)
+            && d.placements.iter().all(|p| {
+                matches!(
+                    p.state(),
+                    pb::PlacementState::Failed | pb::PlacementState::Pending
+                )
+            })
     })
     .await;
+    let ran: Vec<_> = unhealthy
+        .placements
+        .iter()
+        .filter(|p| p.state() == pb::PlacementState::Failed)
+        .collect();
+    assert!(!ran.is_empty(), "{unhealthy:#?}");
     assert!(
-        unhealthy
-            .placements
-            .iter()
-            .all(|p| p.state() == pb::PlacementState::Failed && p.message.contains("health")),
+        ran.iter().all(|p| p.message.contains("health")),
         "{unhealthy:#?}"
     );
     assert_eq!(f.currents(), all("1.0.0"));
@@ -333,7 +402,11 @@ async fn a_killed_agent_fails_its_placement_and_reports_its_disk_after_restart()
 /// app >= 2.0.0 opens only after the 4th agent has placed it, and closes after a rollback.
 #[tokio::test]
 async fn the_release_gate_follows_real_agents() {
-    let mut f = fleet(&[]).await;
+    let mut f = fleet(&[
+        "--pre-switch",
+        "while [ -f \"$AGENT_ROOT.hold\" ]; do sleep 0.05; done",
+    ])
+    .await;
     let r = Binary::spawn(
         "release-svc",
         &[
@@ -354,49 +427,53 @@ async fn the_release_gate_follows_real_agents() {
     f.roll("1.0.0", None, pb::DeploymentState::Succeeded).await;
     f.artifact("2.0.0", &[]).await;
 
-    // One target at a time: the feature stays hidden until the 4th is placed.
+    // One target at a time: the feature stays hidden until the 4th is placed. The 4th
+    // agent's pre-switch hook holds its placement while `agent-4.hold` exists, so the
+    // 3-of-4 state lasts until the test has looked at it.
+    let hold = f.dir.path().join("agent-4.hold");
+    std::fs::write(&hold, "").unwrap();
     let one_by_one = Kind::Rolling(pb::Rolling {
         batch_size: 1,
         batch_percent: 0.0,
         max_failures: 0,
     });
     let d = deploy(&mut f.client, "app", "2.0.0", ENV, Some(one_by_one)).await;
-    let mut seen_hidden_with_three = false;
-    let start = std::time::Instant::now();
-    loop {
-        let dep = until(&mut f.client, &d.name, "poll", |_| true).await;
-        let placed = dep
-            .placements
-            .iter()
-            .filter(|p| p.state() == pb::PlacementState::Placed)
-            .count();
-        let e = release::evaluate(&mut rc, "new-cart", ENV, "u1").await;
-        if placed < N {
-            assert!(
-                !e.visible || placed == N,
-                "visible with {placed} of {N} placed: {e:?}"
-            );
-            seen_hidden_with_three |= placed == N - 1;
-        }
-        if placed == N {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(20));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let (open, _) = release::eventually(
+    let three = until(&mut f.client, &d.name, "3 of 4 placed, a-4 held", |d| {
+        placed(d) == N - 1
+            && d.placements
+                .iter()
+                .any(|p| p.target.ends_with("a-4") && p.state() == pb::PlacementState::Placing)
+    })
+    .await;
+    // release-svc has applied everything deploy-svc logged so far, and still hides it.
+    caught_up(&mut f.client, &mut rc).await;
+    let hidden = release::evaluate(&mut rc, "new-cart", ENV, "u1").await;
+    assert!(!hidden.visible, "visible with 3 of {N} placed: {hidden:?}");
+    assert_eq!(hidden.reason(), rpb::Reason::NotDeployed, "{hidden:?}");
+    let still = until(&mut f.client, &d.name, "poll", |_| true).await;
+    assert_eq!(placed(&still), N - 1, "{three:#?}");
+
+    // Released: the 4th is placed and the gate opens.
+    std::fs::remove_file(&hold).unwrap();
+    until(
+        &mut f.client,
+        &d.name,
+        "all placed",
+        is(pb::DeploymentState::Succeeded),
+    )
+    .await;
+    let open = release::eventually(
         &mut rc,
         "new-cart",
         ENV,
         "u1",
         rpb::Reason::Static,
-        Duration::from_secs(5),
+        Duration::from_secs(20),
     )
     .await;
     assert!(open.visible, "{open:?}");
-    let _ = seen_hidden_with_three;
 
-    // Rollback to 1.0.0 closes the gate again.
+    // Rollback to 1.0.0 closes the gate again: an automatic withdrawal, recorded.
     let back = f.rollback(&d.name, "bad release").await;
     until(
         &mut f.client,
@@ -405,15 +482,48 @@ async fn the_release_gate_follows_real_agents() {
         is(pb::DeploymentState::Succeeded),
     )
     .await;
-    let (closed, _) = release::eventually(
+    let closed = release::eventually(
         &mut rc,
         "new-cart",
         ENV,
         "u1",
         rpb::Reason::NotDeployed,
-        Duration::from_secs(5),
+        Duration::from_secs(20),
     )
     .await;
     assert!(!closed.visible, "{closed:?}");
     assert_eq!(f.currents(), all("1.0.0"));
+    // The rollback may move several targets before release-svc applies them: 3/4 or fewer.
+    release::assert_withdrawn_once(&mut rc, "new-cart", ENV, "/4 targets at >= 2.0.0").await;
+}
+
+/// The placed placements of a deployment.
+fn placed(d: &pb::Deployment) -> usize {
+    d.placements
+        .iter()
+        .filter(|p| p.state() == pb::PlacementState::Placed)
+        .count()
+}
+
+/// Waits until release-svc's consumer has applied deploy-svc's log up to its head now.
+async fn caught_up(dc: &mut tests::Client, rc: &mut release::Client) {
+    let mut w = tests::watch::open(dc, Some(0), "", "").await.unwrap();
+    let (_, beat) = tests::watch::until_heartbeat(&mut w).await;
+    let start = std::time::Instant::now();
+    loop {
+        let s = rc
+            .get_consumer_status(rpb::GetConsumerStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if s.cursor >= beat.head_sequence {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "release-svc did not reach {}: {s:?}",
+            beat.head_sequence
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

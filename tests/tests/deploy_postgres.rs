@@ -15,33 +15,13 @@ use tests::{fresh_database, Binary, Churn};
 use tonic::Streaming;
 
 fn server() -> Option<String> {
-    let url = std::env::var("TEST_DATABASE_URL").ok();
-    if url.is_none() {
-        eprintln!("TEST_DATABASE_URL is not set: deploy-svc on PostgreSQL was not tested");
-    }
-    url
+    tests::report::postgres_or_skip("deploy-svc replicas on PostgreSQL")
 }
 
 async fn replicas(url: &str, n: usize) -> Vec<Binary> {
     let mut out = Vec::new();
     for _ in 0..n {
         out.push(Binary::start(Path::new(url), &[]).await);
-    }
-    out
-}
-
-/// Every event a stream delivers within `quiet` of the previous one (heartbeats skipped).
-async fn drain(
-    s: &mut Streaming<pb::WatchPlacementsResponse>,
-    quiet: Duration,
-) -> Vec<pb::PlacementEvent> {
-    let mut out = Vec::new();
-    while let Ok(msg) = tokio::time::timeout(quiet, s.message()).await {
-        if let Some(pb::watch_placements_response::Kind::Event(e)) =
-            msg.expect("stream failed").expect("stream ended").kind
-        {
-            out.push(e);
-        }
     }
     out
 }
@@ -119,15 +99,26 @@ async fn watched(url: &str, tag: &str) -> Watched {
     }
 }
 
-/// Asserts no stream delivers anything for 700 ms: every replica is held at `held`.
+/// Asserts every replica is held below `held`: each stream's own position report (a
+/// heartbeat, sent after the later sequences were acknowledged: the second one read, the
+/// first may have been in flight) is still below it, and no event came before it.
 async fn assert_held_at(streams: &mut [Streaming<pb::WatchPlacementsResponse>], held: u64) {
     for s in streams {
-        let early = drain(s, Duration::from_millis(700)).await;
-        assert!(
-            early.is_empty(),
-            "a replica moved past sequence {held}, still held open, to {:?} (the late-commit bug)",
-            sequences(&early)
-        );
+        let mut beats = 0;
+        while beats < 2 {
+            match watch::next(s, "heartbeat").await {
+                Some(pb::watch_placements_response::Kind::Heartbeat(h)) => {
+                    assert!(
+                        h.sequence < held,
+                        "a replica moved past sequence {held}, still held open: {h:?} (the late-commit bug)"
+                    );
+                    beats += 1;
+                }
+                other => panic!(
+                    "a replica delivered past sequence {held}, still held open: {other:?} (the late-commit bug)"
+                ),
+            }
+        }
     }
 }
 
@@ -311,7 +302,15 @@ async fn a_killed_replica_loses_no_acknowledged_report() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Killed while the writers are busy: once they have had 50 reports acknowledged.
+    let start = std::time::Instant::now();
+    while acked.lock().unwrap().len() < 50 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "50 reports were not acknowledged within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     bins.remove(0).kill().await;
     for w in writers {
         w.await.unwrap();

@@ -599,7 +599,7 @@ async fn stock_provider_follows_a_half_rollout_and_the_kill_switch() {
     let (mut dc, mut rc) = (tests::connect(d.addr).await, release::connect(r.addr).await);
     let g = Gated::setup(&mut dc, &mut rc, 2, 1.0, 50.0).await;
     g.report(&mut dc, &g.targets, P::Placed).await;
-    let (open, _) = eventually(
+    let open = eventually(
         &mut rc,
         "new-cart",
         "prod",

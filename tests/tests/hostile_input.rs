@@ -20,21 +20,7 @@ const MAX_RSS_KIB: u64 = 512 * 1024;
 /// release-svc on port 0 with a SQLite file in `dir`, without a reachable deploy-svc (it
 /// keeps retrying in the background) and without a change calendar.
 async fn release_svc(dir: &Path) -> Binary {
-    let db = dir.join("release.db");
-    Binary::spawn(
-        "release-svc",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--database",
-            &db.to_string_lossy(),
-            "--deploy-svc",
-            "http://127.0.0.1:9",
-            "--change-calendar",
-            "none",
-        ],
-    )
-    .await
+    Binary::release_alone(&dir.join("release.db"), &[]).await
 }
 
 /// The process's resident memory in KiB.

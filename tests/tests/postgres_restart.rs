@@ -1,10 +1,12 @@
 //! PostgreSQL restarts while deploy-svc and release-svc (each on its own database there) take
 //! writes: writes during the outage fail with UNAVAILABLE (never a false acknowledgement),
-//! both services recover without a restart of their own, and no acknowledged write is lost. Restarts the machine's PostgreSQL server
-//! (`pg_ctlcluster`), so it is a test binary of its own (cargo runs test binaries one at a
-//! time); runs when TEST_DATABASE_URL is set and `pg_ctlcluster` is available.
+//! both services recover without a restart of their own, and no acknowledged write is lost.
+//! The test runs a PostgreSQL server of its own (`initdb` and `pg_ctl` in a temporary
+//! directory, on a free port), so it never touches the machine's server; it needs the
+//! PostgreSQL server programs (Debian's `postgresql` package, which `scripts/test` installs).
 #![allow(clippy::unwrap_used)]
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -12,57 +14,140 @@ use proto::release::v1 as rpb;
 use tests::{fresh_database, release, Binary, Churn};
 use tonic::Code;
 
-fn cluster(action: &str) -> bool {
-    let Some(version) = std::fs::read_dir("/etc/postgresql")
-        .ok()
-        .and_then(|mut d| d.next())
-        .and_then(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-    else {
-        return false;
-    };
-    Command::new("pg_ctlcluster")
-        .args(["--skip-systemctl-redirect", &version, "main", action])
-        .status()
-        .is_ok_and(|s| s.success())
+/// The directory holding `initdb` and `pg_ctl`: on the PATH, else Debian's newest
+/// `/usr/lib/postgresql/<version>/bin`.
+fn server_programs() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .find(|d| d.join("initdb").is_file() && d.join("pg_ctl").is_file())
+    });
+    on_path.or_else(|| {
+        let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let v = e.file_name().to_string_lossy().parse().ok()?;
+                let bin = e.path().join("bin");
+                bin.join("initdb").is_file().then_some((v, bin))
+            })
+            .collect();
+        versions.sort();
+        versions.pop().map(|(_, bin)| bin)
+    })
 }
 
-fn ready() -> bool {
-    Command::new("pg_isready")
-        .args(["-h", "127.0.0.1", "-p", "5432", "-q"])
-        .status()
-        .is_ok_and(|s| s.success())
+/// A PostgreSQL server of the test's own, stopped and deleted when dropped.
+struct OwnServer {
+    programs: PathBuf,
+    data: PathBuf,
+    port: u16,
+    /// initdb refuses to run as root: as root, the server runs as the `postgres` user.
+    as_postgres: bool,
+    dir: tempfile::TempDir,
 }
 
-/// Starts the server again whatever happens to the test.
-struct Restart;
+impl OwnServer {
+    fn start(programs: PathBuf) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let as_postgres = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        if as_postgres {
+            let owned = Command::new("chown")
+                .args(["postgres:postgres", &dir.path().to_string_lossy()])
+                .status()
+                .unwrap();
+            assert!(owned.success(), "chown postgres {}", dir.path().display());
+        }
+        // A free port: bound, read, released.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let server = Self {
+            programs,
+            data: dir.path().join("data"),
+            port,
+            as_postgres,
+            dir,
+        };
+        let data = server.data.to_string_lossy().into_owned();
+        server.run(
+            "initdb",
+            &["-D", &data, "-U", "postgres", "-A", "trust", "--no-sync"],
+        );
+        assert!(server.pg_ctl("start"), "pg_ctl start failed");
+        server
+    }
 
-impl Drop for Restart {
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Runs one of the server programs (as `postgres` when the test runs as root).
+    fn command(&self, program: &str, args: &[&str]) -> Command {
+        let path = self.programs.join(program);
+        let mut cmd = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        };
+        cmd.args(args).current_dir(self.dir.path());
+        cmd
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let out = self.command(program, args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{program} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `pg_ctl start` (and wait until it accepts connections) or `pg_ctl stop` (fast).
+    fn pg_ctl(&self, action: &str) -> bool {
+        let data = self.data.to_string_lossy().into_owned();
+        let log = self.dir.path().join("server.log");
+        let options = format!(
+            "-p {} -h 127.0.0.1 -k {}",
+            self.port,
+            self.dir.path().display()
+        );
+        let mut args = vec!["-D", &data, "-w", "-t", "60"];
+        let log = log.to_string_lossy().into_owned();
+        match action {
+            "start" => args.extend(["-o", &options, "-l", &log, "start"]),
+            "stop" => args.extend(["-m", "fast", "stop"]),
+            other => args.push(other),
+        }
+        self.command("pg_ctl", &args)
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for OwnServer {
     fn drop(&mut self) {
-        if !ready() {
-            cluster("start");
-        }
-        let start = Instant::now();
-        while !ready() && start.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let data = self.data.to_string_lossy().into_owned();
+        let _ = self
+            .command("pg_ctl", &["-D", &data, "-w", "-m", "immediate", "stop"])
+            .status();
     }
 }
 
 #[tokio::test]
 async fn both_services_survive_a_postgres_restart_without_losing_an_acknowledged_write() {
-    let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
-        eprintln!("TEST_DATABASE_URL is not set: the PostgreSQL restart was not tested");
+    let Some(programs) = server_programs() else {
+        tests::report::skipped("no PostgreSQL server programs (initdb, pg_ctl) to run a server");
         return;
     };
-    if Command::new("pg_ctlcluster")
-        .arg("--help")
-        .output()
-        .is_err()
-    {
-        eprintln!("pg_ctlcluster is not available: the PostgreSQL restart was not tested");
-        return;
-    }
+    let server = OwnServer::start(programs);
+    let url = server.url();
     let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .unwrap_or_else(|e| panic!("PostgreSQL at {url} is not reachable: {e}"));
@@ -81,7 +166,7 @@ async fn both_services_survive_a_postgres_restart_without_losing_an_acknowledged
     let base = url.rsplit_once('/').map_or(url.as_str(), |(b, _)| b);
     let db_url = format!("{base}/{db}");
     let (_, deploy_url, _) = fresh_database(&url, "deploy_restart").await;
-    let d = Binary::start(std::path::Path::new(&deploy_url), &[]).await;
+    let d = Binary::start(Path::new(&deploy_url), &[]).await;
     let mut dc = tests::connect(d.addr).await;
     let churn = Churn::setup(&mut dc, "dev", "api", 1).await;
     // deploy-svc writes: (report number, acknowledged sequence); a refused report is sent
@@ -100,7 +185,6 @@ async fn both_services_survive_a_postgres_restart_without_losing_an_acknowledged
     )
     .await;
     let mut rc = release::connect(r.addr).await;
-    let _guard = Restart;
 
     let (mut acknowledged, mut refused) = (Vec::new(), Vec::new());
     let mut restarted = false;
@@ -135,7 +219,7 @@ async fn both_services_survive_a_postgres_restart_without_losing_an_acknowledged
         reports.send(&mut dc, &churn).await;
         if i == 20 {
             // Stop, wait, start: the outage is at least a second long.
-            assert!(cluster("stop"), "pg_ctlcluster stop failed");
+            assert!(server.pg_ctl("stop"), "pg_ctl stop failed");
             restarted = true;
             let wait = tokio::time::sleep(Duration::from_secs(1));
             tokio::pin!(wait);
@@ -155,7 +239,7 @@ async fn both_services_survive_a_postgres_restart_without_losing_an_acknowledged
                     }
                 }
             }
-            assert!(cluster("start"), "pg_ctlcluster start failed");
+            assert!(server.pg_ctl("start"), "pg_ctl start failed");
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -175,7 +259,7 @@ async fn both_services_survive_a_postgres_restart_without_losing_an_acknowledged
     }
     // Every acknowledged report is in the log a fresh deploy-svc process streams.
     d.kill().await;
-    let d = Binary::start(std::path::Path::new(&deploy_url), &[]).await;
+    let d = Binary::start(Path::new(&deploy_url), &[]).await;
     let mut dc = tests::connect(d.addr).await;
     let mut w = tests::watch::open(&mut dc, Some(churn.head), "", "")
         .await

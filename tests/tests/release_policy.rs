@@ -5,6 +5,7 @@
 //! the dry run; and the audit trail of the whole story.
 #![allow(clippy::unwrap_used)]
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,50 @@ use release_svc::engine::{Clock, ManualClock};
 use tests::release::{self, by};
 use tests::{environment, InProcess};
 use tonic::Code;
+
+/// A manual clock that counts how often the service read it.
+struct Counted {
+    clock: ManualClock,
+    reads: AtomicU64,
+}
+
+impl Clock for Counted {
+    fn now_ms(&self) -> i64 {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.clock.now_ms()
+    }
+}
+
+impl Counted {
+    fn advance(&self, ms: i64) {
+        self.clock.advance(ms);
+    }
+
+    /// Waits until the clock has been read `n` more times (the scheduler reads it once per
+    /// pass, every 10 ms).
+    async fn read_again(&self, n: u64) {
+        let (from, start) = (self.reads.load(Ordering::SeqCst), Instant::now());
+        while self.reads.load(Ordering::SeqCst) < from + n {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the scheduler did not read the clock"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// The audit records of `resource`.
+async fn audit_of(rc: &mut release::Client, resource: &str) -> Vec<rpb::AuditRecord> {
+    rc.list_audit_records(rpb::ListAuditRecordsRequest {
+        resource: resource.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .records
+}
 
 const MIN: i64 = 60_000;
 const HOUR: i64 = 60 * MIN;
@@ -79,7 +124,10 @@ fn kinds(violations: &[rpb::PolicyViolation]) -> Vec<&str> {
 #[tokio::test]
 async fn a_planned_release_is_governed_from_approval_to_100_percent() {
     let d = InProcess::start().await;
-    let clock = Arc::new(ManualClock::new(release_svc::engine::now_ms()));
+    let clock = Arc::new(Counted {
+        clock: ManualClock::new(release_svc::engine::now_ms()),
+        reads: AtomicU64::new(0),
+    });
     let r = release::InProcess::start_with_clock(d.addr, clock.clone()).await;
     let (mut dc, mut rc) = (d.client().await, r.client().await);
     environment(&mut dc, "staging", None, false).await;
@@ -212,21 +260,18 @@ async fn a_planned_release_is_governed_from_approval_to_100_percent() {
     let staging = release::evaluate(&mut rc, "one-page-checkout", "staging", "u1").await;
     assert!(staging.visible);
     let prod = release::evaluate(&mut rc, "one-page-checkout", "prod", "u1").await;
-    assert!(!prod.visible);
+    assert!(!prod.visible, "{prod:?}");
+    assert_eq!(prod.reason(), rpb::Reason::Split, "prod at 0%: {prod:?}");
 
     // An hour later prod opens at 1%, then 10% and 100%, each after its minimum.
     clock.advance(HOUR);
     let one_pct = until(&mut rc, &name, "prod 1%", |r| percent(r, "prod") == 1.0).await;
     assert_eq!(one_pct.state(), rpb::ReleaseState::Releasing);
     assert!(one_pct.waiting.is_empty());
+    // Halfway through the step's minimum the clock stands still until the scheduler has
+    // read it a few times; the audit trail shows below that it did not advance then.
     clock.advance(5 * MIN);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let early = rc
-        .get_release(rpb::GetReleaseRequest { name: name.clone() })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(percent(&early, "prod"), 1.0, "a step lasts its minimum");
+    clock.read_again(3).await;
     clock.advance(5 * MIN);
     until(&mut rc, &name, "prod 10%", |r| percent(r, "prod") == 10.0).await;
     clock.advance(10 * MIN);
@@ -234,6 +279,25 @@ async fn a_planned_release_is_governed_from_approval_to_100_percent() {
         r.state() == rpb::ReleaseState::Released
     })
     .await;
+    // Each step lasted at least its minimum, by the time recorded when it was taken.
+    let advances: Vec<(String, i64)> = audit_of(&mut rc, &name)
+        .await
+        .into_iter()
+        .filter(|a| a.action == "auto.advance" && a.reason.ends_with(" of prod"))
+        .map(|a| {
+            let t = a.time.unwrap();
+            (a.reason, t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+        })
+        .collect();
+    let at = |step: &str| {
+        advances
+            .iter()
+            .find(|(reason, _)| reason == &format!("step {step} of prod"))
+            .unwrap_or_else(|| panic!("no auto.advance to step {step}: {advances:?}"))
+            .1
+    };
+    assert!(at("2") - at("1") >= 10 * MIN, "{advances:?}");
+    assert!(at("3") - at("2") >= 10 * MIN, "{advances:?}");
     assert_eq!(percent(&done, "prod"), 100.0);
     assert!(
         release::evaluate(&mut rc, "one-page-checkout", "prod", "u1")
@@ -308,11 +372,12 @@ async fn a_planned_release_is_governed_from_approval_to_100_percent() {
         ["FREEZE_WINDOW", "APPROVALS"],
         "the real transition refuses with the dry run's violations"
     );
-    assert!(
-        !release::evaluate(&mut rc, "dark-mode", "prod", "u1")
-            .await
-            .visible,
-        "nothing was written"
+    let unchanged = release::evaluate(&mut rc, "dark-mode", "prod", "u1").await;
+    assert!(!unchanged.visible, "nothing was written: {unchanged:?}");
+    assert_eq!(
+        unchanged.reason(),
+        rpb::Reason::NotReleased,
+        "nothing was written: {unchanged:?}"
     );
     approve(&mut rc, &hotfix, &["ann", "cy"]).await;
     let frozen = rollout(&mut rc, &hotfix).await;
@@ -365,15 +430,7 @@ async fn a_planned_release_is_governed_from_approval_to_100_percent() {
             .map(|r| (r.action.clone(), r.principal.clone()))
             .collect()
     };
-    let story = rc
-        .list_audit_records(rpb::ListAuditRecordsRequest {
-            resource: name.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .records;
+    let story = audit_of(&mut rc, &name).await;
     let expect = [
         ("CreateRelease", "rita"),
         ("SubmitRelease", "rita"),

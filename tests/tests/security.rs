@@ -668,6 +668,7 @@ async fn header_forgery_attacks_are_refused() {
     let mut app = s.release_client(&rel, "app").await;
     let r = release::evaluate(&mut app, "new-cart", "prod", "u1").await;
     assert!(!r.visible, "visible with nothing deployed: {r:?}");
+    assert_eq!(r.reason(), rpb::Reason::NotDeployed, "{r:?}");
     // Each agent reports for its own target: the gate opens (release-svc follows
     // deploy-svc over mutual TLS as release-service).
     tests::report(
@@ -970,7 +971,8 @@ async fn safe_defaults_and_redaction() {
         assert!(uri.contains("artifacts.example.test/app.tgz"), "{uri}");
     }
     // A database password never reaches the log.
-    if let Ok(url) = std::env::var("TEST_DATABASE_URL") {
+    if let Some(url) = tests::report::postgres_or_skip("a PostgreSQL password kept out of the log")
+    {
         let (_admin, fresh, _) = tests::fresh_database(&url, "release_redact").await;
         // The server's own password if the URL has one (a stock Debian set-up), else one
         // that trust authentication ignores.
@@ -1005,10 +1007,25 @@ async fn safe_defaults_and_redaction() {
             .unwrap()
             .unwrap();
         assert!(line.contains("listening"), "{line}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The log up to the line that names the database (read as it comes, not after a
+        // pause), then the rest once the process is gone.
+        let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap());
+        let mut log = String::new();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while !log.contains("release-svc serving") {
+                let mut l = String::new();
+                if stderr.read_line(&mut l).await.unwrap() == 0 {
+                    break;
+                }
+                log.push_str(&l);
+            }
+        })
+        .await
+        .expect("no \"release-svc serving\" line within 30 s");
         child.start_kill().unwrap();
-        let out = child.wait_with_output().await.unwrap();
-        let log = String::from_utf8_lossy(&out.stderr);
+        child.wait().await.unwrap();
+        use tokio::io::AsyncReadExt as _;
+        stderr.read_to_string(&mut log).await.unwrap();
         assert!(log.contains("release-svc serving"), "{log}");
         assert!(
             !log.contains("hunter2"),
@@ -1022,8 +1039,7 @@ async fn safe_defaults_and_redaction() {
 /// against a CA that did not sign the server's certificate refuses to connect.
 #[tokio::test]
 async fn postgres_connections_use_tls_as_sslmode_asks() {
-    let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
-        eprintln!("TEST_DATABASE_URL unset: PostgreSQL TLS not exercised");
+    let Some(url) = tests::report::postgres_or_skip("PostgreSQL TLS") else {
         return;
     };
     let s = Secure::new();

@@ -1,5 +1,6 @@
-//! Server limits against the real deploy-svc binary: streams per HTTP/2 connection and the
-//! cap on open placement watches. Replays "10,000 WatchPlacements streams on one
+//! Server limits against the real binaries: streams per HTTP/2 connection, the cap on open
+//! placement watches (deploy-svc) and on open change streams (release-svc: WatchVisibility
+//! and flagd EventStream v1 and v2 under one cap). Replays "10,000 WatchPlacements streams on one
 //! connection" (which once took RSS from 14 to 163 MB with no limit).
 
 #![allow(clippy::unwrap_used)]
@@ -91,4 +92,77 @@ async fn watches_beyond_the_cap_are_resource_exhausted() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(admitted, "a freed slot was never given back");
+}
+
+/// release-svc counts WatchVisibility and both flagd EventStreams against one
+/// `--max-watchers` cap: past it any of them is RESOURCE_EXHAUSTED at once, and a slot frees
+/// when a stream goes.
+#[tokio::test]
+async fn release_svc_change_streams_beyond_the_cap_are_resource_exhausted() {
+    use proto::flagd::evaluation::{v1 as f1, v2 as f2};
+    use proto::release::v1 as rpb;
+    let dir = tempfile::tempdir().unwrap();
+    let r = Binary::release_alone(&dir.path().join("r.db"), &["--max-watchers", "3"]).await;
+    let channel = tests::channel(r.addr).await;
+    let mut release = rpb::release_service_client::ReleaseServiceClient::new(channel.clone());
+    let mut v1 = f1::service_client::ServiceClient::new(channel.clone());
+    let mut v2 = f2::service_client::ServiceClient::new(channel.clone());
+    let watch = rpb::WatchVisibilityRequest {
+        environment: "prod".into(),
+    };
+
+    let mut w = release
+        .watch_visibility(watch.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    w.message().await.unwrap().unwrap();
+    let mut e1 = v1
+        .event_stream(f1::EventStreamRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    e1.message().await.unwrap().unwrap();
+    let mut e2 = v2
+        .event_stream(f2::EventStreamRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    e2.message().await.unwrap().unwrap();
+
+    // Three open: each kind is refused, whichever kinds hold the places.
+    let refused = release.watch_visibility(watch.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("change streams"), "{refused:?}");
+    let refused = v1
+        .event_stream(f1::EventStreamRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    let refused = v2
+        .event_stream(f2::EventStreamRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+
+    // One goes; a new one is admitted once the server sees it go.
+    drop(e1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match v2.event_stream(f2::EventStreamRequest {}).await {
+            Ok(s) => {
+                let mut s = s.into_inner();
+                assert_eq!(s.message().await.unwrap().unwrap().r#type, "provider_ready");
+                break;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "a freed place was never given back"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! What the stores refuse to do quietly: decode a corrupt row into a default (release-svc
-//! fails loudly, naming the table and row), or let the service's own database role rewrite
+//! and deploy-svc fail loudly, naming the table and row), or let the service's own database role rewrite
 //! the audit trail (append-only triggers and the least-privilege roles of
-//! `deploy/postgres/roles.sql`). Against the real release-svc binary and the real
+//! `deploy/postgres/roles.sql`). Against the real release-svc and deploy-svc binaries and the real
 //! PostgreSQL (when TEST_DATABASE_URL is set).
 
 #![allow(clippy::unwrap_used)]
@@ -60,19 +60,7 @@ async fn failed_start(database: &Path) -> (std::process::ExitStatus, String) {
 }
 
 async fn create_release(c: &mut Client, request_id: &str) -> Result<rpb::Release, tonic::Status> {
-    c.create_release(rpb::CreateReleaseRequest {
-        release: Some(rpb::Release {
-            features: vec!["f".into()],
-            environments: vec![rpb::ReleaseEnvironment {
-                environment: "prod".into(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        request_id: request_id.into(),
-    })
-    .await
-    .map(tonic::Response::into_inner)
+    tests::release::create_with_id(c, "f", request_id).await
 }
 
 /// A corrupt row read by a call answers INTERNAL; corrupt rows read at start stop the
@@ -126,6 +114,109 @@ async fn corrupt_rows_fail_loudly_naming_table_and_row() {
         logs.contains(r#""table":"features""#) && logs.contains(r#""row":"f""#),
         "{logs}"
     );
+}
+
+/// deploy-svc: each stored form read by a call (target labels, artifact metadata, a
+/// deployment's strategy and state, a placement's state) that does not decode answers
+/// INTERNAL, with an error log naming the table and row, and never a default: corrupt labels
+/// are not an empty map, a corrupt strategy is not all-at-once (which would order every
+/// target at once), an unknown state is not PENDING.
+#[tokio::test]
+async fn deploy_svc_corrupt_rows_fail_loudly_naming_table_and_row() {
+    use proto::deploy::v1 as pb;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("deploy.db");
+    let log = dir.path().join("deploy-svc.log");
+    let d = Binary::spawn_logging(
+        "deploy-svc",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            &db.to_string_lossy(),
+            "--log-format",
+            "json",
+        ],
+        &log,
+    )
+    .await;
+    let mut c = tests::connect(d.addr).await;
+    tests::environment(&mut c, "prod", None, false).await;
+    let targets = tests::targets(&mut c, "prod", "t", 2).await;
+    tests::artifact(&mut c, "web", "1.0.0").await;
+    let deployment = tests::deploy(&mut c, "web", "1.0.0", "prod", "CHG-1")
+        .await
+        .unwrap();
+    let id: i64 = deployment
+        .name
+        .trim_start_matches("deployments/")
+        .parse()
+        .unwrap();
+    let raw = rusqlite::Connection::open(&db).unwrap();
+    let sql = |q: &str| {
+        raw.execute(q, []).unwrap();
+    };
+    let logged = |table: &str, row: &str| {
+        let logs = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            logs.lines().any(|l| l.contains("corrupt stored row")
+                && l.contains(&format!(r#""table":"{table}""#))
+                && l.contains(&format!(r#""row":"{row}""#))),
+            "no error naming {table} {row}: {logs}"
+        );
+    };
+    let list_targets = pb::ListTargetsRequest {
+        parent: "environments/prod".into(),
+        ..Default::default()
+    };
+    let get_deployment = pb::GetDeploymentRequest {
+        name: deployment.name.clone(),
+    };
+    // The calls answer before the rows are touched.
+    c.list_targets(list_targets.clone()).await.unwrap();
+    c.get_deployment(get_deployment.clone()).await.unwrap();
+
+    sql("UPDATE targets SET labels = '{\"a\":' WHERE id = 't-1'");
+    expect_code(c.list_targets(list_targets.clone()).await, Code::Internal);
+    logged("targets", "environments/prod/targets/t-1");
+    sql("UPDATE targets SET labels = '{}'");
+
+    sql("UPDATE artifacts SET metadata = '[1, 2]'");
+    expect_code(
+        c.get_artifact(pb::GetArtifactRequest {
+            name: "artifacts/web/versions/1.0.0".into(),
+        })
+        .await,
+        Code::Internal,
+    );
+    logged("artifacts", "artifacts/web/versions/1.0.0");
+    sql("UPDATE artifacts SET metadata = '{}'");
+
+    sql("UPDATE deployments SET strategy = '{\"rolling\": {}}'");
+    expect_code(
+        c.get_deployment(get_deployment.clone()).await,
+        Code::Internal,
+    );
+    logged("deployments", &deployment.name);
+    sql("UPDATE deployments SET strategy = '{}', state = 42");
+    expect_code(
+        c.get_deployment(get_deployment.clone()).await,
+        Code::Internal,
+    );
+    sql("UPDATE deployments SET state = 1");
+
+    let target = targets[1].rsplit('/').next().unwrap().to_owned();
+    raw.execute(
+        "UPDATE placements SET state = 99 WHERE target = ?1",
+        [&target],
+    )
+    .unwrap();
+    expect_code(
+        c.get_deployment(get_deployment.clone()).await,
+        Code::Internal,
+    );
+    logged("placements", &format!("{id}/{target}"));
+    d.kill().await;
 }
 
 /// release-svc's SQLite audit table refuses UPDATE and DELETE, whoever asks.
@@ -196,8 +287,7 @@ async fn refuses_audit_rewrites(client: &tokio_postgres::Client, because: &str) 
 /// append-only triggers.
 #[tokio::test]
 async fn postgres_runtime_role_cannot_rewrite_the_audit_trail() {
-    let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
-        eprintln!("TEST_DATABASE_URL is not set: the PostgreSQL roles were not tested");
+    let Some(url) = tests::report::postgres_or_skip("the PostgreSQL roles") else {
         return;
     };
     let (admin, db_url, db) = fresh_database(&url, "release_roles").await;

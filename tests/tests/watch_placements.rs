@@ -105,7 +105,7 @@ async fn eight_writers_three_watchers_match_the_stored_log() {
 #[tokio::test]
 async fn sigkill_after_acknowledged_reports_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("deploy.db");
+    let db = tests::deploy_database(dir.path()).await;
     let bin = Binary::start(&db, &[]).await;
     let mut c = tests::connect(bin.addr).await;
     let churn = std::sync::Arc::new(Churn::setup(&mut c, "dev", "api", 4).await);
@@ -137,7 +137,12 @@ async fn sigkill_after_acknowledged_reports_loses_nothing() {
             })
         })
         .collect();
+    let start = std::time::Instant::now();
     while acked.lock().unwrap().len() < 400 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "400 reports were not acknowledged within 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     bin.kill().await;
@@ -415,7 +420,11 @@ async fn shutdown_ends_open_streams_and_returns() {
 #[tokio::test]
 async fn sigterm_drains_and_exits_with_an_open_stream() {
     let dir = tempfile::tempdir().unwrap();
-    let mut bin = Binary::start(&dir.path().join("d.db"), &["--drain-timeout-ms", "5000"]).await;
+    let mut bin = Binary::start(
+        &tests::deploy_database(dir.path()).await,
+        &["--drain-timeout-ms", "5000"],
+    )
+    .await;
     let mut c = tests::connect(bin.addr).await;
     environment(&mut c, "dev", None, false).await;
     let mut w = watch::open(&mut c, Some(0), "", "").await.unwrap();

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flate2::write::GzEncoder;
 use flate2::Compression;
@@ -232,17 +232,21 @@ fn a_failing_health_check_switches_current_back() {
 fn a_slow_health_check_is_killed_and_current_switched_back() {
     let fx = Fixture::new();
     fx.placer(3).place(&fx.app("1")).unwrap();
-    let placer = fx
-        .placer(3)
-        .with_health_check(Some("sleep 5".into()), Duration::from_millis(200));
+    // The check writes its process id, then sleeps far longer than its 200 ms budget.
+    let pid_file = fx.dir.path().join("check.pid");
+    let placer = fx.placer(3).with_health_check(
+        Some(format!("echo $$ > {}; exec sleep 60", pid_file.display())),
+        Duration::from_millis(200),
+    );
 
-    let started = Instant::now();
     let err = placer.place(&fx.app("2")).unwrap_err();
 
+    // Killed: the process is gone once place returns (it would sleep for a minute).
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
     assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "{:?}",
-        started.elapsed()
+        !std::path::Path::new(&format!("/proc/{}", pid.trim())).exists(),
+        "health check process {} still exists",
+        pid.trim()
     );
     let PlaceError::HealthCheck(why) = &err else {
         panic!("expected a health check error, got {err:?}");

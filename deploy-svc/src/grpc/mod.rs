@@ -16,6 +16,7 @@ use futures::{Stream, StreamExt};
 use proto::deploy::v1 as pb;
 use proto::deploy::v1::deploy_service_server::DeployService;
 use service_kit::auth::{self, Permission};
+use service_kit::streams::StreamCap;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
@@ -36,6 +37,8 @@ pub struct DeployApi {
     clock: Arc<dyn Clock>,
     health: HealthWindows,
     watch_limits: WatchLimits,
+    /// Open WatchPlacements streams, at most `watch_limits.max_watchers`.
+    watchers: StreamCap,
     streams: CancellationToken,
     tasks: TaskTracker,
     orders: Arc<tokio::sync::watch::Sender<u64>>,
@@ -74,6 +77,7 @@ impl DeployApi {
             clock,
             health,
             watch_limits,
+            watchers: StreamCap::new(watch_limits.max_watchers, "placement watches"),
             streams,
             tasks,
             orders,
@@ -648,11 +652,13 @@ impl DeployService for DeployApi {
         req: Request<pb::WatchPlacementsRequest>,
     ) -> Result<Self::WatchPlacementsStream> {
         let request = convert::watch_request(req.into_inner())?;
+        let slot = self.watchers.take()?;
         let stream = placement_log::watch(
             self.store.clone(),
             self.feed.clone(),
             request,
             self.watch_limits,
+            slot,
             self.streams.clone(),
             &self.tasks,
         )

@@ -110,8 +110,14 @@ fn map_json(map: &BTreeMap<String, String>) -> Result<String> {
     serde_json::to_string(map).map_err(internal)
 }
 
-fn json_map(s: &str) -> BTreeMap<String, String> {
-    serde_json::from_str(s).unwrap_or_default()
+/// A stored JSON map column (`table`.`column` of `row`), strictly.
+fn json_map(
+    table: &str,
+    column: &str,
+    row: &dyn std::fmt::Display,
+    s: &str,
+) -> Result<BTreeMap<String, String>> {
+    serde_json::from_str(s).map_err(|e| Error::corrupt(table, row, format!("{column}: {e}")))
 }
 
 /// A freeze window as stored in `environments.freeze_windows` (JSON).
@@ -400,11 +406,17 @@ fn require_environment(conn: &dyn Db, id: &str) -> Result<()> {
 const TARGET_COLUMNS: &str = "environment, id, labels, register_ms, heartbeat_ms";
 
 fn target_row(r: &SqlRow) -> Result<Target> {
-    let labels: String = r.get(2)?;
+    let (environment, id, labels): (String, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
+    let labels = json_map(
+        "targets",
+        "labels",
+        &target_name(&environment, &id),
+        &labels,
+    )?;
     Ok(Target {
-        environment: r.get(0)?,
-        id: r.get(1)?,
-        labels: json_map(&labels),
+        environment,
+        id,
+        labels,
         register_ms: r.get(3)?,
         heartbeat_ms: r.get(4)?,
     })
@@ -424,12 +436,18 @@ fn load_target(conn: &dyn Db, env: &str, id: &str) -> Result<Target> {
 const ARTIFACT_COLUMNS: &str = "name, version, digest, metadata, create_ms, source_uri";
 
 fn artifact_row(r: &SqlRow) -> Result<Artifact> {
-    let metadata: String = r.get(3)?;
+    let (name, version, metadata): (String, String, String) = (r.get(0)?, r.get(1)?, r.get(3)?);
+    let metadata = json_map(
+        "artifacts",
+        "metadata",
+        &artifact_version_name(&name, &version),
+        &metadata,
+    )?;
     Ok(Artifact {
-        name: r.get(0)?,
-        version: r.get(1)?,
+        name,
+        version,
         digest: r.get(2)?,
-        metadata: json_map(&metadata),
+        metadata,
         create_ms: r.get(4)?,
         source_uri: r.get(5)?,
     })
@@ -448,20 +466,26 @@ fn find_artifact(conn: &dyn Db, name: &str, version: &str) -> Result<Option<Arti
 const DEPLOYMENT_COLUMNS: &str = "id, artifact, version, environment, change_reference, state, create_ms, update_ms, emergency_reason, emergency_approver, strategy, continued, rollback_of";
 
 fn deployment_row(r: &SqlRow) -> Result<Deployment> {
+    let id: i64 = r.get(0)?;
     let state: i64 = r.get(5)?;
     let (reason, approver): (String, String) = (r.get(8)?, r.get(9)?);
+    let corrupt = |e: String| Error::corrupt("deployments", &deployment_name(id), e);
+    let stored_strategy: String = r.get(10)?;
+    let (strategy, auto_rollback) = strategy_from(&stored_strategy).map_err(corrupt)?;
+    let state = DeploymentState::from_code(state)
+        .ok_or_else(|| corrupt(format!("state: unknown state {state}")))?;
     Ok(Deployment {
-        id: r.get(0)?,
+        id,
         artifact: r.get(1)?,
         version: r.get(2)?,
         environment: r.get(3)?,
         change_reference: r.get(4)?,
         emergency: (!approver.is_empty()).then_some(EmergencyOverride { reason, approver }),
-        strategy: strategy_from(&r.get::<String>(10)?),
-        auto_rollback: r.get::<String>(10)?.contains("\"auto_rollback\":true"),
+        strategy,
+        auto_rollback,
         continued: r.get::<i64>(11)? != 0,
         rollback_of: r.get(12)?,
-        state: DeploymentState::from_code(state).unwrap_or(DeploymentState::Pending),
+        state,
         placements: Vec::new(),
         create_ms: r.get(6)?,
         update_ms: r.get(7)?,
@@ -490,25 +514,54 @@ fn strategy_with(s: &Strategy, auto_rollback: bool) -> String {
     v.to_string()
 }
 
-fn strategy_from(text: &str) -> Strategy {
-    let v: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
-    let num = |o: &serde_json::Value, k: &str| {
-        o.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0)
-    };
-    if let Some(r) = v.get("rolling") {
-        Strategy::Rolling {
-            batch_size: num(r, "batch_size") as u32,
-            batch_percent: num(r, "batch_percent"),
-            max_failures: num(r, "max_failures") as u32,
-        }
-    } else if let Some(c) = v.get("canary") {
-        Strategy::Canary {
-            canary_targets: num(c, "canary_targets") as u32,
-            bake_ms: num(c, "bake_ms") as i64,
-        }
-    } else {
-        Strategy::AllAtOnce
+/// The strategy and auto-rollback flag stored by [`strategy_with`], strictly: JSON that does
+/// not parse, an unknown key or a missing or mistyped number is an error (never silently
+/// all-at-once, which would order every target at once).
+fn strategy_from(text: &str) -> std::result::Result<(Strategy, bool), String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("strategy: {e}"))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| format!("strategy: not an object: {text}"))?;
+    if let Some(k) = obj
+        .keys()
+        .find(|k| !["rolling", "canary", "auto_rollback"].contains(&k.as_str()))
+    {
+        return Err(format!("strategy: unknown key `{k}`"));
     }
+    let auto_rollback = match obj.get("auto_rollback") {
+        None => false,
+        Some(b) => b
+            .as_bool()
+            .ok_or_else(|| format!("strategy: auto_rollback is not a boolean: {b}"))?,
+    };
+    let num = |o: &serde_json::Value, k: &str| {
+        o.get(k)
+            .and_then(serde_json::Value::as_f64)
+            .ok_or_else(|| format!("strategy: `{k}` missing or not a number"))
+    };
+    let whole = |o: &serde_json::Value, k: &str| {
+        o.get(k)
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| format!("strategy: `{k}` missing or not a whole number"))
+    };
+    let strategy = match (obj.get("rolling"), obj.get("canary")) {
+        (Some(_), Some(_)) => return Err("strategy: both rolling and canary".into()),
+        (Some(r), None) => Strategy::Rolling {
+            batch_size: u32::try_from(whole(r, "batch_size")?)
+                .map_err(|e| format!("strategy: batch_size: {e}"))?,
+            batch_percent: num(r, "batch_percent")?,
+            max_failures: u32::try_from(whole(r, "max_failures")?)
+                .map_err(|e| format!("strategy: max_failures: {e}"))?,
+        },
+        (None, Some(c)) => Strategy::Canary {
+            canary_targets: u32::try_from(whole(c, "canary_targets")?)
+                .map_err(|e| format!("strategy: canary_targets: {e}"))?,
+            bake_ms: i64::try_from(whole(c, "bake_ms")?)
+                .map_err(|e| format!("strategy: bake_ms: {e}"))?,
+        },
+        (None, None) => Strategy::AllAtOnce,
+    };
+    Ok((strategy, auto_rollback))
 }
 
 /// Orders the targets `d`'s strategy lets start now; returns how many were ordered.
@@ -531,10 +584,17 @@ fn pace_deployment(conn: &dyn Db, d: &Deployment, now: Millis) -> Result<usize> 
         "SELECT target, state, ordered, update_ms FROM placements WHERE deployment = ?1 ORDER BY ordinal, target",
         p![d.id],
         |r| {
+            let target: String = r.get(0)?;
+            let state = placement_state(
+                "placements",
+                "state",
+                &format!("{}/{target}", d.id),
+                r.get(1)?,
+            )?;
             Ok((
-                r.get(0)?,
+                target,
                 Slot {
-                    state: placement_state(r.get(1)?),
+                    state,
                     ordered: r.get::<i64>(2)? != 0,
                     update_ms: r.get(3)?,
                 },
@@ -560,8 +620,15 @@ fn pace_deployment(conn: &dyn Db, d: &Deployment, now: Millis) -> Result<usize> 
     Ok(chosen.len())
 }
 
-pub(crate) fn placement_state(code: i64) -> PlacementState {
-    PlacementState::from_code(code).unwrap_or(PlacementState::Pending)
+/// A stored placement state (`column` of `table`'s `row`), strictly.
+pub(crate) fn placement_state(
+    table: &str,
+    column: &str,
+    row: &dyn std::fmt::Display,
+    code: i64,
+) -> Result<PlacementState> {
+    PlacementState::from_code(code)
+        .ok_or_else(|| Error::corrupt(table, row, format!("{column}: unknown state {code}")))
 }
 
 fn load_deployment(conn: &dyn Db, id: i64, with_placements: bool) -> Result<Deployment> {
@@ -580,14 +647,17 @@ fn load_deployment(conn: &dyn Db, id: i64, with_placements: bool) -> Result<Depl
             "SELECT target, state, message, seq, update_ms FROM placements WHERE deployment = ?1 ORDER BY target",
             p![id],
             |r| {
+                let target: String = r.get(0)?;
+                let state =
+                    placement_state("placements", "state", &format!("{id}/{target}"), r.get(1)?)?;
                 Ok(Placement {
                     deployment: id,
                     environment: d.environment.clone(),
-                    target: r.get(0)?,
+                    target,
                     artifact: d.artifact.clone(),
                     version: d.version.clone(),
                     digest: digest.clone(),
-                    state: placement_state(r.get(1)?),
+                    state,
                     message: r.get(2)?,
                     sequence: to_u64(r.get(3)?),
                     update_ms: r.get(4)?,
@@ -617,11 +687,15 @@ fn placement_counts(conn: &dyn Db, deployment: i64) -> Result<PlacementCounts> {
 }
 
 pub(crate) fn event_row(r: &SqlRow) -> Result<PlacementEvent> {
-    let seq = to_u64(r.get(0)?);
+    let stored: i64 = r.get(0)?;
+    let seq = u64::try_from(stored)
+        .map_err(|e| Error::corrupt("placement_events", &stored, format!("seq: {e}")))?;
+    let state =
+        |i: usize, column: &str| placement_state("placement_events", column, &seq, r.get(i)?);
     Ok(PlacementEvent {
         sequence: seq,
         commit_ms: r.get(1)?,
-        previous_state: placement_state(r.get(9)?),
+        previous_state: state(9, "previous_state")?,
         placement: Placement {
             deployment: r.get(2)?,
             environment: r.get(3)?,
@@ -629,7 +703,7 @@ pub(crate) fn event_row(r: &SqlRow) -> Result<PlacementEvent> {
             artifact: r.get(5)?,
             version: r.get(6)?,
             digest: r.get(7)?,
-            state: placement_state(r.get(8)?),
+            state: state(8, "state")?,
             message: r.get(10)?,
             sequence: seq,
             update_ms: r.get(1)?,
@@ -715,10 +789,15 @@ fn apply_report(
     let current: Option<(i64, String, i64, i64)> = conn.one("SELECT state, message, seq, update_ms FROM placements WHERE deployment = ?1 AND target = ?2", p![d.id, report.target], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
         })?;
-    let from = current
-        .as_ref()
-        .map(|c| placement_state(c.0))
-        .unwrap_or(PlacementState::Pending);
+    let from = match &current {
+        Some(c) => placement_state(
+            "placements",
+            "state",
+            &format!("{}/{}", d.id, report.target),
+            c.0,
+        )?,
+        None => PlacementState::Pending,
+    };
     let digest: String = conn.row(
         "SELECT digest FROM artifacts WHERE name = ?1 AND version = ?2",
         p![&d.artifact, &d.version],
@@ -1201,7 +1280,9 @@ impl<B: Backend> Store for SqlStore<B> {
         self.write(move |conn, now, _| {
             require_environment(conn, &environment)?;
             let previous: Option<String> = conn.one("SELECT labels FROM targets WHERE environment = ?1 AND id = ?2", p![&environment, &id], |r| r.get(0))?;
-            let previous = previous.map(|l| json_map(&l));
+            let previous = previous
+                .map(|l| json_map("targets", "labels", &target_name(&environment, &id), &l))
+                .transpose()?;
             conn.execute(&format!(
                     "INSERT INTO targets ({TARGET_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?4)
                      ON CONFLICT (environment, id) DO UPDATE SET labels = excluded.labels, heartbeat_ms = excluded.heartbeat_ms"
@@ -1690,14 +1771,21 @@ pub(crate) fn all_placements(conn: &dyn Db) -> Result<Vec<Placement>> {
 
 /// A placement read with [`all_placements`]' columns.
 pub(crate) fn placement_row(r: &SqlRow) -> Result<Placement> {
+    let (deployment, target): (i64, String) = (r.get(0)?, r.get(2)?);
+    let state = placement_state(
+        "placements",
+        "state",
+        &format!("{deployment}/{target}"),
+        r.get(6)?,
+    )?;
     Ok(Placement {
-        deployment: r.get(0)?,
+        deployment,
         environment: r.get(1)?,
-        target: r.get(2)?,
+        target,
         artifact: r.get(3)?,
         version: r.get(4)?,
         digest: r.get(5)?,
-        state: placement_state(r.get(6)?),
+        state,
         message: r.get(7)?,
         sequence: to_u64(r.get(8)?),
         update_ms: r.get(9)?,

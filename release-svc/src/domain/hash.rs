@@ -93,6 +93,49 @@ mod tests {
         assert!(differs);
     }
 
+    /// Who is inside a rollout is a promise to users: the same key keeps its bucket across
+    /// releases of release-svc. These values were computed once (and checked against an
+    /// independent MurmurHash3 implementation); they must never change. A change here
+    /// re-buckets every user of every running rollout.
+    #[test]
+    fn rollout_buckets_never_change() {
+        let long = "x".repeat(300);
+        let pinned: [(&str, &str, u32); 12] = [
+            ("checkout", "user-42", 6374),
+            ("checkout", "user-1", 9819),
+            ("checkout", "alice", 6885),
+            ("new-cart", "u1", 9780),
+            ("new-cart", "bob", 1937),
+            ("banner", "user-0", 4757),
+            ("banner", "user-1999", 6683),
+            ("search", "", 6761),
+            (
+                "dark-mode",
+                "\u{fc}n\u{ef}c\u{f8}d\u{e9}-\u{43a}\u{43b}\u{44e}\u{447}",
+                3877,
+            ),
+            // Longer than the 256-byte stack buffer: the heap path.
+            ("checkout", &long, 3115),
+            ("a", "b", 7863),
+            (
+                "one-page-checkout",
+                "7f9c2ba4-e88f-11ee-8c90-0242ac120002",
+                8840,
+            ),
+        ];
+        for (feature, key, bucket) in pinned {
+            assert_eq!(
+                rollout_bucket(feature, key),
+                bucket,
+                "the bucket of {feature}/{key} changed"
+            );
+        }
+        // The thresholds: basis points, strictly below.
+        assert!(in_rollout(0, 0.01) && !in_rollout(1, 0.01));
+        assert!(in_rollout(6373, 63.74) && !in_rollout(6374, 63.74));
+        assert!(in_rollout(9999, 100.0) && !in_rollout(0, 0.0));
+    }
+
     #[test]
     fn rollout_is_monotone() {
         for i in 0..2_000 {

@@ -1,5 +1,6 @@
-//! The targeting rule language: JSON Logic with flagd's operators (`fractional`, `sem_ver`,
-//! `starts_with`, `ends_with`), so flagd targeting rules carry over. A rule evaluates to a
+//! The targeting rule language: JSON Logic (the whole standard operator set, arrays and
+//! `missing` included) with flagd's operators (`fractional`, `sem_ver`, `starts_with`,
+//! `ends_with`), so flagd targeting rules carry over. A rule evaluates to a
 //! variant name, or null for "no match" (the default variant).
 //!
 //! Rules are parsed and checked once (unknown operators are refused when the feature is
@@ -30,6 +31,23 @@ pub struct Data<'a> {
     pub flag_key: &'a str,
     /// How `fractional` buckets.
     pub bucketing: Bucketing,
+}
+
+/// What `var` reads at one point of an evaluation: the request's [`Data`], or inside
+/// `map`, `filter`, `reduce`, `all`, `none` and `some` the current item (JSON Logic's scoped
+/// data: there `{"var": ""}` is the item and `{"var": "x"}` its field `x`).
+#[derive(Debug, Clone, Copy)]
+struct Scope<'a> {
+    data: Data<'a>,
+    item: Option<&'a Value>,
+}
+
+impl<'a> std::ops::Deref for Scope<'a> {
+    type Target = Data<'a>;
+
+    fn deref(&self) -> &Data<'a> {
+        &self.data
+    }
 }
 
 /// flagd's generations of `fractional` bucketing (the flagd testbed's `@fractional-v1/2/3`
@@ -89,6 +107,16 @@ pub const OPERATORS: &[&str] = &[
     "%",
     "min",
     "max",
+    "missing",
+    "missing_some",
+    "map",
+    "filter",
+    "reduce",
+    "all",
+    "none",
+    "some",
+    "substr",
+    "merge",
     "starts_with",
     "ends_with",
     "sem_ver",
@@ -223,7 +251,11 @@ impl Rule {
     /// Evaluates the rule against `data` within the evaluation budget.
     pub fn evaluate<'a>(&'a self, data: &Data<'a>) -> Result<Cow<'a, Value>, OverBudget> {
         let mut budget = Budget::new();
-        let v = apply(&self.0, data, &mut budget);
+        let scope = Scope {
+            data: *data,
+            item: None,
+        };
+        let v = apply(&self.0, &scope, &mut budget);
         if budget.exceeded() {
             Err(OverBudget)
         } else {
@@ -303,11 +335,15 @@ fn f64_value(f: f64) -> Value {
 }
 
 fn var<'a>(
-    data: &Data<'a>,
+    data: &Scope<'a>,
     path: &str,
     default: Option<Cow<'a, Value>>,
     budget: &mut Budget,
 ) -> Cow<'a, Value> {
+    if let Some(item) = data.item {
+        return walk(item, path)
+            .map_or_else(|| default.unwrap_or(Cow::Owned(Value::Null)), Cow::Borrowed);
+    }
     let mut parts = path.split('.');
     let first = parts.next().unwrap_or_default();
     let mut current: &'a Value = match first {
@@ -337,6 +373,22 @@ fn var<'a>(
         }
     }
     Cow::Borrowed(current)
+}
+
+/// `path` (dot-separated keys and array indexes) inside `v`; the empty path is `v`.
+fn walk<'v>(v: &'v Value, path: &str) -> Option<&'v Value> {
+    if path.is_empty() {
+        return Some(v);
+    }
+    let mut current = v;
+    for part in path.split('.') {
+        current = match current {
+            Value::Object(map) => map.get(part)?,
+            Value::Array(items) => items.get(part.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(current)
 }
 
 /// The whole data as one object (only for `{"var": ""}`), its copy paid from `budget`.
@@ -403,7 +455,7 @@ fn paid_text<'v>(v: &'v Value, budget: &mut Budget) -> Cow<'v, str> {
 /// Evaluates `rule` against `data`, borrowing from the rule and the data where it can and
 /// paying every operation and copy from `budget` (null once it is spent). Recursion is
 /// bounded by the rule's checked depth.
-fn apply<'a>(rule: &'a Value, data: &Data<'a>, budget: &mut Budget) -> Cow<'a, Value> {
+fn apply<'a>(rule: &'a Value, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, Value> {
     if !budget.op() {
         return Cow::Owned(Value::Null);
     }
@@ -567,8 +619,184 @@ fn apply<'a>(rule: &'a Value, data: &Data<'a>, budget: &mut Budget) -> Cow<'a, V
             sem_ver(&a, &o, &b).map_or(Cow::Owned(Value::Null), bool_value)
         }
         "fractional" => Cow::Owned(fractional(args, data, budget)),
+        "missing" => Cow::Owned(missing(args, data, budget)),
+        "missing_some" => {
+            let need = number(&eval(0, budget)).unwrap_or(0.0);
+            let keys = args
+                .get(1)
+                .map_or(Cow::Owned(Value::Null), |v| apply(v, data, budget));
+            let Value::Array(keys) = keys.as_ref() else {
+                return Cow::Owned(Value::Array(Vec::new()));
+            };
+            let absent = missing_keys(keys, data, budget);
+            let present = keys.len() - absent.len();
+            if present as f64 >= need {
+                Cow::Owned(Value::Array(Vec::new()))
+            } else {
+                Cow::Owned(Value::Array(absent))
+            }
+        }
+        "map" | "filter" | "all" | "none" | "some" => {
+            let mut items = eval(0, budget);
+            if let (Value::String(text), "all") = (items.as_ref(), op.as_str()) {
+                // json-logic-js's `all` walks a string's characters.
+                if !budget.spend(text.len() * 9) {
+                    return Cow::Owned(Value::Null);
+                }
+                let chars = text.chars().map(|c| Value::String(c.into())).collect();
+                items = Cow::Owned(Value::Array(chars));
+            }
+            let Value::Array(items) = items.as_ref() else {
+                // JSON Logic: over anything but an array, map and filter give [], all and
+                // some false, none true.
+                return Cow::Owned(match op.as_str() {
+                    "map" | "filter" => Value::Array(Vec::new()),
+                    "none" => Value::Bool(true),
+                    _ => Value::Bool(false),
+                });
+            };
+            let logic = args.get(1).unwrap_or(&Value::Null);
+            let mut out = Vec::new();
+            for item in items {
+                if budget.exceeded() {
+                    return Cow::Owned(Value::Null);
+                }
+                let inner = Scope {
+                    data: data.data,
+                    item: Some(item),
+                };
+                let result = apply(logic, &inner, budget);
+                match op.as_str() {
+                    "map" => {
+                        let v = owned(result, budget);
+                        out.push(v);
+                    }
+                    "filter" if truthy(&result) && budget.spend(weight(item)) => {
+                        out.push(item.clone());
+                    }
+                    "all" if !truthy(&result) => return bool_value(false),
+                    "none" if truthy(&result) => return bool_value(false),
+                    "some" if truthy(&result) => return bool_value(true),
+                    _ => {}
+                }
+            }
+            Cow::Owned(match op.as_str() {
+                "map" | "filter" => Value::Array(out),
+                // `all` of nothing is false in JSON Logic.
+                "all" => Value::Bool(!items.is_empty()),
+                "none" => Value::Bool(true),
+                _ => Value::Bool(false),
+            })
+        }
+        "reduce" => {
+            let items = eval(0, budget);
+            let initial = eval(2, budget);
+            let mut accumulator = owned(initial, budget);
+            let Value::Array(items) = items.as_ref() else {
+                return Cow::Owned(accumulator);
+            };
+            let logic = args.get(1).unwrap_or(&Value::Null);
+            for item in items {
+                if budget.exceeded() || !budget.spend(weight(item)) {
+                    return Cow::Owned(Value::Null);
+                }
+                let mut state = Map::with_capacity(2);
+                state.insert("current".into(), item.clone());
+                state.insert("accumulator".into(), accumulator);
+                let state = Value::Object(state);
+                let inner = Scope {
+                    data: data.data,
+                    item: Some(&state),
+                };
+                let next = apply(logic, &inner, budget);
+                accumulator = owned(next, budget);
+            }
+            Cow::Owned(accumulator)
+        }
+        "substr" => {
+            let source = eval(0, budget);
+            let source = paid_text(&source, budget);
+            let chars: Vec<char> = source.chars().collect();
+            let len = chars.len() as i64;
+            let start = number(&eval(1, budget)).unwrap_or(0.0) as i64;
+            let start = if start < 0 {
+                (len + start).max(0)
+            } else {
+                start.min(len)
+            };
+            let end = match args.get(2) {
+                None => len,
+                Some(_) => {
+                    let n = number(&eval(2, budget)).unwrap_or(0.0) as i64;
+                    if n < 0 {
+                        (len + n).max(start)
+                    } else {
+                        (start + n).min(len)
+                    }
+                }
+            };
+            let piece: String = chars[start as usize..end.max(start) as usize]
+                .iter()
+                .collect();
+            if !budget.spend(piece.len()) {
+                return Cow::Owned(Value::Null);
+            }
+            Cow::Owned(Value::String(piece))
+        }
+        "merge" => {
+            let mut out = Vec::new();
+            for i in 0..args.len() {
+                match eval(i, budget) {
+                    Cow::Owned(Value::Array(items)) => out.extend(items),
+                    Cow::Borrowed(Value::Array(items)) => {
+                        for item in items {
+                            if !budget.spend(weight(item)) {
+                                return Cow::Owned(Value::Null);
+                            }
+                            out.push(item.clone());
+                        }
+                    }
+                    other => {
+                        let v = owned(other, budget);
+                        out.push(v);
+                    }
+                }
+            }
+            Cow::Owned(Value::Array(out))
+        }
         _ => Cow::Owned(Value::Null),
     }
+}
+
+/// JSON Logic's `missing`: the keys (the arguments, or the first argument when it is an
+/// array) whose value is null or the empty string.
+fn missing<'a>(args: &'a [Value], data: &Scope<'a>, budget: &mut Budget) -> Value {
+    let mut keys = Vec::with_capacity(args.len());
+    for v in args {
+        let key = apply(v, data, budget);
+        keys.push(owned(key, budget));
+    }
+    let keys = match keys.first() {
+        Some(Value::Array(first)) => first.clone(),
+        _ => keys,
+    };
+    Value::Array(missing_keys(&keys, data, budget))
+}
+
+fn missing_keys(keys: &[Value], data: &Scope<'_>, budget: &mut Budget) -> Vec<Value> {
+    let mut absent = Vec::new();
+    for key in keys {
+        if !budget.op() {
+            break;
+        }
+        let path = paid_text(key, budget);
+        let found = var(data, &path, None, budget);
+        if matches!(found.as_ref(), Value::Null) || found.as_ref() == &Value::String(String::new())
+        {
+            absent.push(key.clone());
+        }
+    }
+    absent
 }
 
 fn parse_version(v: &str) -> Option<semver::Version> {
@@ -603,7 +831,7 @@ pub fn sem_ver(a: &str, op: &str, b: &str) -> Option<bool> {
     })
 }
 
-fn fractional<'a>(raw_args: &'a [Value], data: &Data<'a>, budget: &mut Budget) -> Value {
+fn fractional<'a>(raw_args: &'a [Value], data: &Scope<'a>, budget: &mut Budget) -> Value {
     // Names and weights may be expressions (flagd's "nested" fractional): evaluate first.
     let mut args: Vec<Value> = Vec::with_capacity(raw_args.len());
     for v in raw_args {

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use serde_json::{Map, Value};
+use service_kit::streams::StreamCap;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
@@ -63,6 +64,8 @@ pub struct Flagd {
     engine: Arc<Engine>,
     options: Arc<FlagdOptions>,
     streams: CancellationToken,
+    /// Open EventStreams (shared with WatchVisibility).
+    watchers: StreamCap,
 }
 
 impl Flagd {
@@ -72,6 +75,26 @@ impl Flagd {
             engine,
             options: Arc::new(options),
             streams,
+            watchers: StreamCap::new(super::DEFAULT_MAX_WATCHERS, "change streams"),
+        }
+    }
+
+    /// Counts EventStreams against `cap`.
+    pub fn with_stream_cap(mut self, cap: StreamCap) -> Self {
+        self.watchers = cap;
+        self
+    }
+
+    /// The engine the decisions come from.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// The largest response built from many flags, in bytes.
+    pub fn max_response_bytes(&self) -> usize {
+        match self.options.max_response_bytes {
+            0 => 4 * 1024 * 1024,
+            n => n,
         }
     }
 
@@ -109,7 +132,24 @@ impl Flagd {
         extensions: &tonic::Extensions,
         context: Option<prost_types::Struct>,
     ) -> Result<(Context, bool), Status> {
-        let mut attributes = context.as_ref().map(struct_to_json).unwrap_or_default();
+        let attributes = context.as_ref().map(struct_to_json).unwrap_or_default();
+        let selector = metadata.get("flagd-selector").and_then(|v| v.to_str().ok());
+        self.context_of(
+            selector,
+            extensions.get::<service_kit::auth::Caller>(),
+            attributes,
+        )
+    }
+
+    /// The evaluation context of `attributes` with the `Flagd-Selector` header's value (as
+    /// in [`Flagd::context`]), for faces other than gRPC (OFREP); `caller` must be allowed
+    /// to evaluate in the chosen environment.
+    pub fn context_of(
+        &self,
+        selector: Option<&str>,
+        caller: Option<&service_kit::auth::Caller>,
+        mut attributes: Map<String, Value>,
+    ) -> Result<(Context, bool), Status> {
         crate::domain::values::check_context(&attributes)
             .map_err(|d| Status::from(crate::domain::Error::invalid("context", d)))?;
         for (k, v) in &self.options.static_context {
@@ -129,10 +169,7 @@ impl Flagd {
             )
             .into());
         }
-        let from_header = metadata
-            .get("flagd-selector")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| self.selected_environment(s));
+        let from_header = selector.and_then(|s| self.selected_environment(s));
         let attribute = self.options.environment_attribute.as_str();
         let from_context = match attributes.get(attribute) {
             Some(Value::String(e)) if !attribute.is_empty() => Some(e.clone()),
@@ -147,7 +184,7 @@ impl Flagd {
             attributes,
         };
         // The caller evaluates only in the environments its binding names.
-        if let Some(caller) = extensions.get::<service_kit::auth::Caller>() {
+        if let Some(caller) = caller {
             caller.require_environment(&ctx.environment)?;
         }
         Ok((ctx, fixed))
@@ -182,7 +219,7 @@ impl Flagd {
 
 /// A STATIC decision stays STATIC only when the environment was fixed for the caller (by
 /// the selector, or because no context attribute can name one).
-fn cacheable(mut d: Decision, environment_fixed: bool) -> Decision {
+pub(crate) fn cacheable(mut d: Decision, environment_fixed: bool) -> Decision {
     if d.reason == Reason::Static && !environment_fixed {
         d.reason = Reason::TargetingMatch;
     }
@@ -215,7 +252,7 @@ fn mismatch(key: &str, want: &str, got: &Value) -> Status {
 
 /// Whether a decision means "use the code default": a disabled feature, or a feature
 /// without a default variant when no rule picked one.
-fn code_default(d: &Decision) -> bool {
+pub(crate) fn code_default(d: &Decision) -> bool {
     d.reason == Reason::Disabled || d.variant.is_empty()
 }
 
@@ -451,6 +488,7 @@ macro_rules! flagd_service {
                     r#type: kind.to_owned(),
                     data,
                 };
+                let slot = self.watchers.take()?;
                 let rx = self.engine.subscribe();
                 let start = (
                     Some(event("provider_ready", None)),
@@ -488,7 +526,7 @@ macro_rules! flagd_service {
                         }
                     }
                 });
-                Ok(Response::new(Box::pin(stream)))
+                Ok(Response::new(Box::pin(slot.hold(stream))))
             }
         }
     };

@@ -18,6 +18,7 @@ use futures::Stream;
 use proto::release::v1 as pb;
 use proto::release::v1::release_service_server::ReleaseService;
 use service_kit::auth::{self, Permission};
+use service_kit::streams::StreamCap;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -54,8 +55,14 @@ pub struct ReleaseApi {
     consumer: SharedStatus,
     deploy_svc: String,
     streams: CancellationToken,
+    /// Open WatchVisibility streams (shared with the flagd EventStreams).
+    watchers: StreamCap,
     max_response_bytes: usize,
 }
+
+/// Change streams (WatchVisibility and flagd EventStream together) open at once unless
+/// configured.
+pub const DEFAULT_MAX_WATCHERS: usize = 4096;
 
 /// Most features one EvaluateBatch evaluates.
 pub const MAX_BATCH_FEATURES: usize = 1000;
@@ -73,8 +80,16 @@ impl ReleaseApi {
             consumer,
             deploy_svc,
             streams,
+            watchers: StreamCap::new(DEFAULT_MAX_WATCHERS, "change streams"),
             max_response_bytes: 4 * 1024 * 1024,
         }
+    }
+
+    /// Counts WatchVisibility streams against `cap` (share it with the flagd services so
+    /// one limit covers every change stream).
+    pub fn with_stream_cap(mut self, cap: StreamCap) -> Self {
+        self.watchers = cap;
+        self
     }
 
     /// Caps responses built from many features (EvaluateBatch, ExportFlagd) at `bytes`
@@ -444,6 +459,7 @@ impl ReleaseService for ReleaseApi {
             name("environment", &environment, names::validate_environment)?;
             access.require_environment(&environment)?;
         }
+        let slot = self.watchers.take()?;
         let rx = self.engine.subscribe();
         let first = pb::VisibilityChange {
             snapshot_version: self.engine.snapshot().version,
@@ -493,7 +509,7 @@ impl ReleaseService for ReleaseApi {
                 }
             },
         );
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(slot.hold(stream))))
     }
 
     async fn get_consumer_status(

@@ -31,6 +31,9 @@ const MIGRATIONS: &[&str] = &[
 pub struct SqliteStore {
     path: PathBuf,
     conn: Arc<Mutex<Connection>>,
+    /// A read-only connection for audit queries: a long scan never holds the writer (WAL
+    /// lets it read beside the writer).
+    reader: Arc<Mutex<Connection>>,
     alive: tokio::sync::watch::Sender<bool>,
 }
 
@@ -46,15 +49,13 @@ pub(super) fn internal(e: impl std::fmt::Display) -> Error {
     Error::Internal(e.to_string())
 }
 
-/// A stored row that cannot be decoded: logged as an error naming its table and row, and
-/// INTERNAL to the caller. Nothing is ever decoded into a default instead.
+/// A stored row that cannot be decoded: see [`Error::corrupt`].
 pub(super) fn corrupt(
     table: &str,
     row: &dyn std::fmt::Display,
     e: impl std::fmt::Display,
 ) -> Error {
-    tracing::error!(table, row = %row, error = %e, "corrupt stored row");
-    Error::Internal(format!("corrupt stored row {row} in {table}: {e}"))
+    Error::corrupt(table, row, e)
 }
 
 /// A placement's stored state, strictly.
@@ -445,9 +446,18 @@ impl SqliteStore {
         )
         .map_err(sql)?;
         service_kit::sqlite::migrate(&conn, MIGRATIONS).map_err(sql)?;
+        let reader = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql)?;
+        reader
+            .busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(sql)?;
         Ok(Self {
             path: path.to_owned(),
             conn: Arc::new(Mutex::new(conn)),
+            reader: Arc::new(Mutex::new(reader)),
             alive: tokio::sync::watch::channel(true).0,
         })
     }
@@ -457,12 +467,29 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
+        self.on(&self.conn, f).await
+    }
+
+    /// Runs `f` on the read-only connection.
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        self.on(&self.reader, f).await
+    }
+
+    async fn on<T, F>(&self, conn: &Arc<Mutex<Connection>>, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
         if !*self.alive.borrow() {
             return Err(Error::Unavailable(
                 "the store failed and no longer writes; restart the service".into(),
             ));
         }
-        let conn = self.conn.clone();
+        let conn = conn.clone();
         match tokio::task::spawn_blocking(move || {
             let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
             f(&conn)
@@ -804,11 +831,17 @@ impl Store for SqliteStore {
     }
 
     async fn list_audit(&self, filter: AuditFilter) -> Result<Vec<(i64, AuditEntry)>> {
-        self.run(move |conn| {
+        // On the read-only connection, never under the writer's lock. The prefix is also a
+        // range (`?2 <= resource < ?2 || 0xFF`: no UTF-8 text holds the byte 0xFF), so the
+        // (resource, id) index bounds the scan; substr keeps the test exact.
+        let mut upper = filter.resource_prefix.clone().into_bytes();
+        upper.push(0xFF);
+        self.read(move |conn| {
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT id, time_ms, principal, action, resource, before, after, request_id, reason FROM audit_records
-                     WHERE id > ?1 AND substr(resource, 1, length(?2)) = ?2 AND (?3 = '' OR principal = ?3)
+                     WHERE id > ?1 AND resource >= ?2 AND resource < CAST(?7 AS TEXT)
+                       AND substr(resource, 1, length(?2)) = ?2 AND (?3 = '' OR principal = ?3)
                        AND time_ms >= ?4 AND time_ms < ?5
                      ORDER BY id LIMIT ?6",
                 )
@@ -821,7 +854,8 @@ impl Store for SqliteStore {
                         filter.principal,
                         filter.start_ms.unwrap_or(i64::MIN),
                         filter.end_ms.unwrap_or(i64::MAX),
-                        i64::try_from(filter.limit).unwrap_or(i64::MAX)
+                        i64::try_from(filter.limit).unwrap_or(i64::MAX),
+                        upper
                     ],
                     |r| {
                         Ok((

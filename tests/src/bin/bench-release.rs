@@ -979,7 +979,7 @@ async fn replicas(dir: &Path, url: &str, requests: u64, clients: u32, streams: u
 /// Waits until bob's new-cart decision is the 50% split (h2load counts HTTP 200 even for
 /// gRPC errors, so the answer is checked once this way).
 async fn expect_split(rc: &mut release::Client) {
-    let (check, _) = release::eventually(
+    let check = release::eventually(
         rc,
         "new-cart",
         "prod",
