@@ -241,6 +241,11 @@ pub struct ServerArgs {
     /// Prometheus metrics.
     #[command(flatten)]
     pub metrics: telemetry::MetricsArgs,
+    /// On SIGTERM, how long to keep serving (health already NOT_SERVING) before draining,
+    /// in milliseconds: time for load balancers and Kubernetes endpoints to stop sending
+    /// new calls.
+    #[arg(long, env = "SHUTDOWN_DELAY_MS", default_value_t = 0)]
+    pub shutdown_delay_ms: u64,
 }
 
 /// Serves only `health` (plaintext, no credentials: health is public) on `addr` until
@@ -302,6 +307,7 @@ impl ServerArgs {
             tls,
             auth,
             limits: self.limits.clone(),
+            shutdown_delay: Duration::from_millis(self.shutdown_delay_ms),
         })
     }
 }
@@ -315,6 +321,8 @@ pub struct Serving {
     pub auth: Arc<auth::Auth>,
     /// Limits.
     pub limits: LimitArgs,
+    /// How long to keep serving after shutdown begins, health NOT_SERVING, before draining.
+    pub shutdown_delay: Duration,
 }
 
 impl Serving {
@@ -324,13 +332,15 @@ impl Serving {
             tls: None,
             auth: auth::Auth::off(service),
             limits: LimitArgs::default(),
+            shutdown_delay: Duration::ZERO,
         }
     }
 }
 
 /// Serves `routes` on `listener` until `shutdown` resolves; then sets every health status
-/// in `service_names` (and the overall one) to NOT_SERVING, cancels `streams` so endless
-/// server streams end, and waits for in-flight calls at most `drain.timeout`.
+/// in `service_names` (and the overall one) to NOT_SERVING, keeps serving for the
+/// shutdown delay, cancels `streams` so endless server streams end, and waits for
+/// in-flight calls at most `drain.timeout`.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve_gracefully(
     listener: TcpListener,
@@ -394,6 +404,15 @@ pub async fn serve_gracefully(
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
+    // Keep serving while callers learn that this replica is going (health watchers at
+    // once, load balancers and endpoint lists within the delay).
+    if !serving.shutdown_delay.is_zero() {
+        tracing::info!(delay = ?serving.shutdown_delay, "NOT_SERVING; still serving until the shutdown delay ends");
+        tokio::select! {
+            result = &mut server => return result.map_err(Into::into),
+            () = tokio::time::sleep(serving.shutdown_delay) => {}
+        }
+    }
     streams.cancel();
     stop.cancel();
     match tokio::time::timeout(drain.timeout, &mut server).await {

@@ -137,9 +137,9 @@ fn value(text: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
-/// Scrapes until `series` satisfies `ok` (at most 30 s); returns the scrape.
+/// Scrapes until `series` satisfies `ok` (at most 60 s); returns the scrape.
 async fn until(addr: SocketAddr, series: &str, ok: impl Fn(f64) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let text = scrape(addr).await;
         if value(&text, series).is_some_and(&ok) {
@@ -212,6 +212,34 @@ async fn release_svc(dir: &Path, deploy: SocketAddr, extra: &[&str]) -> Proc {
     Proc::spawn("release-svc", &args, &[], true).await
 }
 
+/// The agent for target `a-1` of `dev`, rooted in `dir/agent`, allowed to read `file://`
+/// sources in `dir`, with metrics.
+async fn deploy_agent(deploy: SocketAddr, dir: &Path) -> Proc {
+    let allowed = dir.to_string_lossy().into_owned();
+    let root = dir.join("agent").to_string_lossy().into_owned();
+    let server = format!("http://{deploy}");
+    Proc::spawn(
+        "deploy-agent",
+        &[
+            "--server",
+            &server,
+            "--environment",
+            "dev",
+            "--target",
+            "a-1",
+            "--root",
+            &root,
+            "--heartbeat-ms",
+            "200",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+        &[("DEPLOY_AGENT_ALLOW_FILE_DIR", &allowed)],
+        false,
+    )
+    .await
+}
+
 const OK_CREATE_ENV: &str = r#"grpc_server_handled_total{grpc_service="deploy.v1.DeployService",grpc_method="CreateEnvironment",grpc_code="OK"}"#;
 const NOT_FOUND_GET_ENV: &str = r#"grpc_server_handled_total{grpc_service="deploy.v1.DeployService",grpc_method="GetEnvironment",grpc_code="NOT_FOUND"}"#;
 const WATCHERS: &str = r#"grpc_server_open_streams{kind="WatchPlacements"}"#;
@@ -266,29 +294,7 @@ async fn deploy_svc_release_svc_and_the_agent_export_metrics_that_follow_the_cal
 
     // An agent places an artifact: its placement, fetch and the log head move, and
     // release-svc's consumer follows the head.
-    let allowed = dir.path().to_string_lossy().into_owned();
-    let root = dir.path().join("agent").to_string_lossy().into_owned();
-    let server = format!("http://{}", d.addr);
-    let agent = Proc::spawn(
-        "deploy-agent",
-        &[
-            "--server",
-            &server,
-            "--environment",
-            "dev",
-            "--target",
-            "a-1",
-            "--root",
-            &root,
-            "--heartbeat-ms",
-            "200",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
-        &[("DEPLOY_AGENT_ALLOW_FILE_DIR", &allowed)],
-        false,
-    )
-    .await;
+    let agent = deploy_agent(d.addr, dir.path()).await;
     let am = agent.metrics().await;
     fleet::registered(&mut dc, "dev", 1).await;
     let (path, digest) = tarball(dir.path(), "app-1.0.0", &[("app.txt", "1.0.0")]);
@@ -778,4 +784,48 @@ async fn deploy_svc_is_not_serving_while_postgresql_is_unreachable_and_serving_a
     until(dm, "store_writable", |v| v == 1.0).await;
     environment(&mut dc, "dev", None, false).await;
     drop(dir);
+}
+
+#[tokio::test]
+async fn an_agent_notices_a_frozen_deploy_svc_and_reconnects_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = deploy_svc(dir.path(), &[]).await;
+    let mut dc = tests::connect(d.addr).await;
+    environment(&mut dc, "dev", None, false).await;
+    let agent = deploy_agent(d.addr, dir.path()).await;
+    let am = agent.metrics().await;
+    until(am, "deploy_agent_connected", |v| v == 1.0).await;
+    // Frozen, deploy-svc keeps the agent's connection open and says nothing: HTTP/2
+    // keepalive pings find the connection dead.
+    d.signal("STOP");
+    until(am, "deploy_agent_connected", |v| v == 0.0).await;
+    agent
+        .log("agent disconnected", |v| {
+            v["fields"]["message"] == "agent disconnected"
+        })
+        .await;
+    d.signal("CONT");
+    until(am, "deploy_agent_connected", |v| v == 1.0).await;
+}
+
+#[tokio::test]
+async fn during_the_shutdown_delay_health_is_not_serving_and_calls_still_succeed() {
+    use tonic_health::ServingStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = deploy_svc(dir.path(), &["--shutdown-delay-ms", "20000"]).await;
+    let mut dc = tests::connect(d.addr).await;
+    let name = "deploy.v1.DeployService";
+    health_until(d.addr, name, ServingStatus::Serving as i32).await;
+    d.signal("TERM");
+    health_until(d.addr, name, ServingStatus::NotServing as i32).await;
+    // Still taking calls: a load balancer that has not caught up loses nothing.
+    environment(&mut dc, "dev", None, false).await;
+    d.log("the delay", |v| {
+        v["fields"]["message"] == "NOT_SERVING; still serving until the shutdown delay ends"
+    })
+    .await;
+    let status = exited(&mut d, Duration::from_secs(120))
+        .await
+        .expect("no exit after the shutdown delay");
+    assert!(status.success(), "{status:?}");
 }
