@@ -153,7 +153,16 @@ async fn sigkill_after_acknowledged_reports_loses_nothing() {
     let mut c = tests::connect(bin.addr).await;
     let mut w = watch::open(&mut c, Some(0), "", "").await.unwrap();
     let (replayed, hb) = watch::until_heartbeat(&mut w).await;
-    assert_gap_free(&replayed, 1);
+    if tests::report::switched_to_postgres().is_some() {
+        // PostgreSQL skips the sequence numbers of transactions that never committed (the
+        // kill cuts some off): the log is ordered, not dense.
+        assert!(
+            replayed.windows(2).all(|p| p[0].sequence < p[1].sequence),
+            "the replay is out of order"
+        );
+    } else {
+        assert_gap_free(&replayed, 1);
+    }
     assert_eq!(hb.head_sequence, replayed.last().unwrap().sequence);
     let stored: HashSet<(u64, String, i32)> = replayed
         .iter()
@@ -183,7 +192,9 @@ async fn sigkill_after_acknowledged_reports_loses_nothing() {
         .await
         .unwrap();
     let live = watch::events(&mut w, 1).await;
-    assert_eq!(live[0].sequence, hb.head_sequence + 1);
+    // After the head; on PostgreSQL a transaction cut off by the SIGKILL may have taken the
+    // next sequence number, which is then skipped (the log stays ordered, not dense).
+    assert!(live[0].sequence > hb.head_sequence, "{live:?}");
     assert_eq!(live[0].sequence, next.sequence);
 }
 
