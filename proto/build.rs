@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "release/v1/release.proto",
     "flagd/evaluation/v1/evaluation.proto",
     "flagd/evaluation/v2/evaluation.proto",
+    "flagd/sync/v1/sync.proto",
     "google/rpc/error_details.proto",
 ];
 

@@ -5,11 +5,12 @@
 //! - [`deploy::v1`]: the `deploy.v1` package (Deployment Management).
 //! - [`release::v1`]: the `release.v1` package (Release Management).
 //! - [`flagd::evaluation::v2`] and [`flagd::evaluation::v1`]: flagd's evaluation protocols
-//!   (current and deprecated), served by release-svc.
+//!   (current and deprecated), and [`flagd::sync::v1`], flagd's sync protocol for
+//!   in-process providers, served by release-svc.
 //! - [`FILE_DESCRIPTOR_SET`]: every compiled file with source info, for gRPC reflection
 //!   (v1 and v1alpha), so `grpcurl describe` shows the doc comments.
 //! - `proto/`: the `.proto` sources (packages deploy.v1, release.v1, flagd.evaluation.v1
-//!   and v2, and google.rpc's error details), compiled by `build.rs` with protox (no
+//!   and v2, flagd.sync.v1, and google.rpc's error details), compiled by `build.rs` with protox (no
 //!   `protoc` needed).
 //!
 //! Generated code is exempt from the workspace lints.
@@ -46,6 +47,15 @@ pub mod flagd {
         #[allow(clippy::all, clippy::pedantic, missing_docs, unused_qualifications)]
         pub mod v2 {
             tonic::include_proto!("flagd.evaluation.v2");
+        }
+    }
+
+    /// `flagd.sync`.
+    pub mod sync {
+        /// `flagd.sync.v1`: flag definitions for in-process providers.
+        #[allow(clippy::all, clippy::pedantic, missing_docs, unused_qualifications)]
+        pub mod v1 {
+            tonic::include_proto!("flagd.sync.v1");
         }
     }
 }

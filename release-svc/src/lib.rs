@@ -35,6 +35,7 @@ use std::time::Duration;
 
 use proto::flagd::evaluation::v1::service_server::ServiceServer as FlagdV1Server;
 use proto::flagd::evaluation::v2::service_server::ServiceServer as FlagdV2Server;
+use proto::flagd::sync::v1::flag_sync_service_server::FlagSyncServiceServer;
 use proto::release::v1::release_service_server::ReleaseServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -252,10 +253,12 @@ impl Server {
         let api = ReleaseApi::new(engine, status, config.deploy_svc.clone(), streams.clone())
             .with_max_response_bytes(config.max_message_bytes)
             .with_stream_cap(change_streams);
+        let flag_sync = grpc::flagd_sync::FlagSync::new(flagd.clone());
         let flagd_routes = |routes: tonic::service::Routes| {
             routes
                 .add_service(DecodeErrors(FlagdV1Server::new(flagd.clone())))
                 .add_service(DecodeErrors(FlagdV2Server::new(flagd.clone())))
+                .add_service(DecodeErrors(FlagSyncServiceServer::new(flag_sync.clone())))
         };
         health
             .set_serving::<ReleaseServiceServer<ReleaseApi>>()
@@ -265,6 +268,9 @@ impl Server {
             .await;
         health
             .set_serving::<FlagdV2Server<grpc::flagd::Flagd>>()
+            .await;
+        health
+            .set_serving::<FlagSyncServiceServer<grpc::flagd_sync::FlagSync>>()
             .await;
         let probes = match config.server.health_listen {
             Some(addr) => Some(
@@ -276,6 +282,7 @@ impl Server {
             SERVICE_NAME,
             "flagd.evaluation.v1.Service",
             "flagd.evaluation.v2.Service",
+            "flagd.sync.v1.FlagSyncService",
         ];
         // A store that can no longer write takes the replica out of service.
         let store_health = tokio::spawn(service_kit::health::follow_store(
@@ -318,6 +325,9 @@ impl Server {
                     .await;
                 flagd_health
                     .set_serving::<FlagdV2Server<grpc::flagd::Flagd>>()
+                    .await;
+                flagd_health
+                    .set_serving::<FlagSyncServiceServer<grpc::flagd_sync::FlagSync>>()
                     .await;
                 let routes = service_kit::reflection(
                     flagd_routes(tonic::service::Routes::new(flagd_health_service)),

@@ -633,11 +633,16 @@ async fn reflection_lists_and_describes_only_what_each_service_serves() {
         .unwrap()
         .parse()
         .unwrap();
-    let flagd_services = ["flagd.evaluation.v1.Service", "flagd.evaluation.v2.Service"];
+    let flagd_services = [
+        "flagd.evaluation.v1.Service",
+        "flagd.evaluation.v2.Service",
+        "flagd.sync.v1.FlagSyncService",
+    ];
     let release_services = [
         "release.v1.ReleaseService",
         "flagd.evaluation.v1.Service",
         "flagd.evaluation.v2.Service",
+        "flagd.sync.v1.FlagSyncService",
     ];
     for (addr, own) in [
         (d.addr, &["deploy.v1.DeployService"][..]),

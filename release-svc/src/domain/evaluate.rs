@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-use super::hash::{in_rollout, rollout_bucket};
+use super::hash::in_rollout;
 use super::model::{Feature, Release};
 use super::placements::PlacementIndex;
 use super::rules::{Bucketing, Data};
@@ -406,7 +406,7 @@ fn decide(entry: &FeatureEntry, key: &str, ctx: &Context, snapshot: &Snapshot) -
         return served(f, variant, Reason::TargetingMatch, g.release);
     }
     if g.rollout_percent < 100.0 {
-        if !in_rollout(rollout_bucket(key, tk), g.rollout_percent) {
+        if !in_rollout(snapshot.bucketing, key, tk, g.rollout_percent) {
             return hidden(f, Reason::Split, Some(g.release));
         }
         return match rule_variant(f, key, ctx, snapshot) {
@@ -432,6 +432,7 @@ mod tests {
     use super::*;
     use crate::domain::model::{Carrier, ReleaseEnvironment, ReleaseState};
     use crate::domain::placements::{Placement, PlacementState};
+    use crate::domain::rules::Bucketing;
     use crate::domain::rules::Rule;
     use std::collections::BTreeSet;
 
@@ -754,5 +755,129 @@ mod tests {
             Arc::ptr_eq(&before.features["b"], &snap.features["b"]),
             "untouched entries are shared"
         );
+    }
+
+    /// What an in-process flagd provider does with a flag of a rendered document: the
+    /// targeting's result names the variant (`null`: the default variant).
+    fn in_process(flag: &Value, key: &str, c: &Context, bucketing: Bucketing) -> (String, Value) {
+        let mut variant = flag["defaultVariant"].clone();
+        if let Some(t) = flag.get("targeting") {
+            let rule = crate::domain::rules::Rule::parse(&t.to_string()).unwrap();
+            let data = Data {
+                attributes: &c.attributes,
+                targeting_key: &c.targeting_key,
+                flag_key: key,
+                bucketing,
+            };
+            let picked = rule.evaluate(&data).unwrap().into_owned();
+            if !picked.is_null() {
+                variant = picked;
+            }
+        }
+        let name = variant.as_str().unwrap_or_default().to_owned();
+        let value = flag["variants"].get(&name).cloned().unwrap_or(Value::Null);
+        (name, value)
+    }
+
+    #[test]
+    fn rendered_decisions_decide_as_evaluate() {
+        use crate::domain::rules::Rule;
+        let gate = Carrier {
+            artifact: "web".into(),
+            min_version: semver::Version::new(2, 0, 0),
+            required_coverage: 1.0,
+        };
+        let mut features = Vec::new();
+        let mut releases = Vec::new();
+        let percents = [0.0, 0.01, 1.0, 33.33, 50.0, 99.99, 100.0];
+        for (i, percent) in percents.iter().enumerate() {
+            for shape in 0..6 {
+                let key = format!("f{i}-{shape}");
+                let mut f = feature(&key);
+                f.variants
+                    .insert("blue".into(), Value::String("blue".into()));
+                match shape {
+                    1 => f.allow = vec!["u1".into(), "u7".into()],
+                    2 => f.deny = vec!["u2".into(), "u3".into()],
+                    3 => {
+                        f.targeting = Some(
+                            Rule::parse(r#"{"if": [{"ends_with": [{"var": "email"}, "@corp.com"]}, "blue", null]}"#)
+                                .unwrap(),
+                        );
+                        f.allow = vec!["u5".into()];
+                    }
+                    4 => {
+                        f.targeting = Some(Rule::parse(r#"{">": [{"var": "age"}, 30]}"#).unwrap());
+                    }
+                    5 => {
+                        f.targeting = Some(
+                            Rule::parse(r#"{"fractional": [["blue", 1], ["on", 1], ["nope", 1]]}"#)
+                                .unwrap(),
+                        );
+                        f.default_variant = "blue".into();
+                    }
+                    _ => {}
+                }
+                features.push(f);
+                releases.push(release(
+                    (i * 10 + shape) as i64 + 1,
+                    &key,
+                    "prod",
+                    *percent,
+                    ReleaseState::Releasing,
+                ));
+            }
+        }
+        let mut gated = feature("gated");
+        gated.carriers = vec![gate];
+        let mut disabled = feature("disabled");
+        disabled.disabled = true;
+        features.extend([gated, disabled, feature("unreleased")]);
+        releases.push(release(900, "gated", "prod", 100.0, ReleaseState::Released));
+        releases.push(release(
+            901,
+            "disabled",
+            "prod",
+            100.0,
+            ReleaseState::Released,
+        ));
+        let mut idx = PlacementIndex::default();
+        placed(&mut idx, "prod", "t1", "1.0.0", 1);
+        let mut snap = snapshot(features, releases, &idx);
+        for bucketing in [Bucketing::V1, Bucketing::V2, Bucketing::V3] {
+            snap.bucketing = bucketing;
+            let doc = crate::domain::flagd_doc::render_decisions(&snap, "prod");
+            let mut outcomes = BTreeSet::new();
+            for key in snap.keys.iter() {
+                let flag = &doc["flags"][key.as_ref()];
+                for u in 0..300 {
+                    let mut c = ctx("prod", &format!("u{u}"));
+                    if u % 50 == 0 {
+                        c.targeting_key.clear();
+                    }
+                    c.attributes.insert("age".into(), Value::from(u % 60));
+                    if u % 3 == 0 {
+                        c.attributes
+                            .insert("email".into(), Value::from(format!("u{u}@corp.com")));
+                    }
+                    let want = snap.evaluate(key, &c).unwrap();
+                    let got = in_process(flag, key, &c, bucketing);
+                    assert_eq!(
+                        got,
+                        (want.variant.clone(), want.value.clone()),
+                        "{bucketing:?} {key} for {c:?}: {flag}"
+                    );
+                    outcomes.insert((key.to_string(), want.variant));
+                }
+            }
+            // The data set reaches both answers of every partial rollout.
+            assert!(outcomes.contains(&("f3-0".into(), "on".into())));
+            assert!(outcomes.contains(&("f3-0".into(), "off".into())));
+            assert_eq!(doc["flags"]["gated"]["defaultVariant"], "off");
+            assert!(
+                doc["flags"]["f6-0"].get("targeting").is_none(),
+                "100% is static"
+            );
+        }
     }
 }

@@ -408,6 +408,133 @@ pub fn render(snapshot: &Snapshot, environment: &str) -> Value {
     Value::Object(doc)
 }
 
+/// Renders `environment`'s decisions as a flagd document an in-process provider evaluates
+/// to the same value and variant as release-svc's own Evaluate (flagd's sync protocol
+/// serves it).
+///
+/// Every feature is an ENABLED flag; what release-svc decides from its own state is
+/// written into the flag:
+/// - hidden everywhere (disabled, not released here, carriers not deployed here): the
+///   default variant is the off variant, no targeting;
+/// - released and deployed, context-free (100%, no rule, no lists): the default variant;
+/// - otherwise the default variant is the off variant and the targeting is the decision
+///   order of Evaluate: deny list -> `null` (hidden), allow list -> the served variant,
+///   percentage -> flagd's `fractional` over `"{feature}/{targetingKey}"` with weights
+///   in basis points (bit for bit the rollout of [`super::hash::in_rollout`] under the
+///   server's bucketing generation), then the served variant: the feature's rule's
+///   variant when it names one (a boolean result names `true`/`on` or `false`/`off`),
+///   else the default variant.
+///
+/// Reasons differ (an in-process provider says TARGETING_MATCH or DEFAULT where Evaluate
+/// says SPLIT or NOT_DEPLOYED); values and variants do not.
+pub fn render_decisions(snapshot: &Snapshot, environment: &str) -> Value {
+    let mut flags = Map::new();
+    for key in snapshot.keys.iter() {
+        let Some(entry) = snapshot.features.get(key) else {
+            continue;
+        };
+        let f = &entry.feature;
+        let off = variant_ref(f, &f.off_variant);
+        let served = variant_ref(f, &f.default_variant);
+        let mut flag = Map::new();
+        flag.insert("state".into(), Value::String("ENABLED".into()));
+        flag.insert(
+            "variants".into(),
+            Value::Object(f.variants.clone().into_iter().collect()),
+        );
+        let governing = entry
+            .governing(environment)
+            .filter(|g| !f.disabled && g.deployed);
+        let (default, targeting) = match governing {
+            None => (off, None),
+            Some(g)
+                if g.rollout_percent >= 100.0
+                    && f.targeting.is_none()
+                    && f.allow.is_empty()
+                    && f.deny.is_empty() =>
+            {
+                (served, None)
+            }
+            Some(g) => (off, Some(decision_rule(f, key, g.rollout_percent, served))),
+        };
+        flag.insert("defaultVariant".into(), default);
+        if let Some(t) = targeting {
+            flag.insert("targeting".into(), t);
+        }
+        if !f.metadata.is_empty() {
+            flag.insert(
+                "metadata".into(),
+                Value::Object(f.metadata.clone().into_iter().collect()),
+            );
+        }
+        flags.insert(key.to_string(), Value::Object(flag));
+    }
+    serde_json::json!({
+        "flags": flags,
+        "metadata": {"flagSetId": environment, "environment": environment},
+    })
+}
+
+/// A variant name as a flagd document writes it: `null` ("use the code default") for
+/// none.
+fn variant_ref(f: &Feature, name: &str) -> Value {
+    if name.is_empty() || !f.variants.contains_key(name) {
+        Value::Null
+    } else {
+        Value::String(name.to_owned())
+    }
+}
+
+/// The targeting of a released, deployed feature that is not context-free (see
+/// [`render_decisions`]); `null` is the hidden answer (the flag's default variant is the
+/// off variant).
+fn decision_rule(f: &Feature, key: &str, percent: f64, default: Value) -> Value {
+    use serde_json::json;
+    let served = match &f.targeting {
+        None => default,
+        Some(rule) => {
+            let r = rule.as_json();
+            let names: Vec<Value> = f.variants.keys().cloned().map(Value::String).collect();
+            let mut branches = vec![json!({"in": [r, names]}), r.clone()];
+            for (result, named) in [(true, ["true", "on"]), (false, ["false", "off"])] {
+                if let Some(n) = named.into_iter().find(|n| f.variants.contains_key(*n)) {
+                    branches.push(json!({"===": [r, result]}));
+                    branches.push(Value::String(n.to_owned()));
+                }
+            }
+            branches.push(default);
+            json!({ "if": branches })
+        }
+    };
+    let tk = json!({"var": ["targetingKey", ""]});
+    let mut branches = Vec::new();
+    if !f.deny.is_empty() {
+        branches.push(json!({"in": [tk, f.deny]}));
+        branches.push(Value::Null);
+    }
+    if !f.allow.is_empty() {
+        branches.push(json!({"in": [tk, f.allow]}));
+        branches.push(served.clone());
+    }
+    if percent < 100.0 {
+        let t = super::hash::basis_points(percent);
+        let fractional = json!({"fractional": [
+            {"cat": [format!("{key}/"), tk]},
+            ["in", t],
+            ["out", super::hash::ROLLOUT_TOTAL - t],
+        ]});
+        branches.push(json!({"==": [fractional, "in"]}));
+        branches.push(served);
+        branches.push(Value::Null);
+    } else {
+        branches.push(served);
+    }
+    if branches.len() == 1 {
+        return branches.remove(0);
+    }
+    json!({ "if": branches })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

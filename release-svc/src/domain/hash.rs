@@ -1,9 +1,11 @@
 //! Stable hashing for percentage rollouts (and, in `rules`, flagd's `fractional`).
 //!
-//! MurmurHash3 (x86, 32-bit, seed 0) is what flagd uses, so buckets agree with flagd for
-//! the same inputs. A rollout bucket is `murmur3("{feature}/{targeting_key}") % 10_000`:
-//! a key is inside a rollout of p% when its bucket is below p x 100, so a key inside at
-//! 10% is inside at every larger percentage (monotone), with 0.01% granularity.
+//! MurmurHash3 (x86, 32-bit, seed 0) is what flagd uses. A percentage rollout is decided
+//! as flagd's `fractional` decides (see [`in_rollout`]), so it can be expressed in flagd's
+//! rule language for in-process providers; a key inside at 10% is inside at every larger
+//! percentage (monotone), with 0.01% granularity.
+
+use super::rules::Bucketing;
 
 /// MurmurHash3 x86 32-bit.
 pub fn murmur3_32(data: &[u8], seed: u32) -> u32 {
@@ -40,29 +42,98 @@ pub fn murmur3_32(data: &[u8], seed: u32) -> u32 {
     h
 }
 
-/// The rollout bucket of a targeting key for a feature, in `0..10_000`.
-pub fn rollout_bucket(feature: &str, targeting_key: &str) -> u32 {
-    let len = feature.len() + 1 + targeting_key.len();
-    // The hot path: keys up to 256 bytes are joined on the stack.
-    let mut stack = [0u8; 256];
-    let mut heap = Vec::new();
-    let buf: &mut [u8] = if len <= stack.len() {
-        &mut stack[..len]
-    } else {
-        heap.resize(len, 0);
-        &mut heap
-    };
-    buf[..feature.len()].copy_from_slice(feature.as_bytes());
-    buf[feature.len()] = b'/';
-    buf[feature.len() + 1..].copy_from_slice(targeting_key.as_bytes());
-    murmur3_32(buf, 0) % 10_000
+/// The total weight a rollout is split into: basis points, so percentages have 0.01%
+/// granularity.
+pub const ROLLOUT_TOTAL: u32 = 10_000;
+
+/// A percentage (clamped to 0-100) in basis points of [`ROLLOUT_TOTAL`].
+pub fn basis_points(percent: f64) -> u32 {
+    // The cast is exact for 0..=10_000.
+    (percent.clamp(0.0, 100.0) * 100.0).round() as u32
 }
 
-/// Whether a key in `bucket` is inside a rollout of `percent` (0-100).
-pub fn in_rollout(bucket: u32, percent: f64) -> bool {
-    // Basis points; the cast is exact for 0..=10_000.
-    let threshold = (percent.clamp(0.0, 100.0) * 100.0).round() as u32;
-    bucket < threshold
+/// The text a rollout hashes for a feature and a targeting key: `"{feature}/{key}"`.
+pub fn rollout_input(feature: &str, targeting_key: &str) -> String {
+    format!("{feature}/{targeting_key}")
+}
+
+/// Whether `targeting_key` is inside a rollout of `percent` of `feature`.
+///
+/// The decision is exactly that of flagd's `fractional` under `bucketing`, bucketing by
+/// the text [`rollout_input`] into `[["in", t], ["out", 10_000 - t]]` with `t` the
+/// percentage in basis points, so the rollout can be written in flagd's rule language and
+/// an in-process provider of that generation reaches the same answer bit for bit (see
+/// `flagd_doc::render_decisions`). A key's position does not depend on the percentage,
+/// so a key inside at 10% is inside at every larger percentage.
+pub fn in_rollout(bucketing: Bucketing, feature: &str, targeting_key: &str, percent: f64) -> bool {
+    let threshold = basis_points(percent);
+    // The hot path: inputs up to 256 bytes (and V3's CBOR head) are built on the stack.
+    let len = feature.len() + 1 + targeting_key.len();
+    let mut stack = [0u8; 265];
+    let mut heap = Vec::new();
+    let head = if bucketing == Bucketing::V3 {
+        cbor_text_head(len)
+    } else {
+        ([0; 9], 0)
+    };
+    let total = head.1 + len;
+    let buf: &mut [u8] = if total <= stack.len() {
+        &mut stack[..total]
+    } else {
+        heap.resize(total, 0);
+        &mut heap
+    };
+    buf[..head.1].copy_from_slice(&head.0[..head.1]);
+    let body = &mut buf[head.1..];
+    body[..feature.len()].copy_from_slice(feature.as_bytes());
+    body[feature.len()] = b'/';
+    body[feature.len() + 1..].copy_from_slice(targeting_key.as_bytes());
+    let hash = murmur3_32(buf, 0);
+    match bucketing {
+        // flagd up to 0.14: `abs(h as i32) / i32::MAX * 100` against the cumulative
+        // percentage `t * 100 / total`.
+        Bucketing::V1 => {
+            let signed = i32::from_ne_bytes(hash.to_ne_bytes());
+            let position = (f64::from(signed).abs() / f64::from(i32::MAX)) * 100.0;
+            position < f64::from(threshold) * 100.0 / f64::from(ROLLOUT_TOTAL)
+        }
+        // `(h * total) >> 32` against the cumulative weight `t`.
+        Bucketing::V2 | Bucketing::V3 => {
+            (u64::from(hash) * u64::from(ROLLOUT_TOTAL)) >> 32 < u64::from(threshold)
+        }
+    }
+}
+
+/// The CBOR head of a text string of `len` bytes (RFC 8949: major type 3, shortest form).
+fn cbor_text_head(len: usize) -> ([u8; 9], usize) {
+    let mut out = [0u8; 9];
+    let n = len as u64;
+    let used = match n {
+        0..=23 => {
+            out[0] = 0x60 | n as u8;
+            1
+        }
+        24..=0xff => {
+            out[..2].copy_from_slice(&[0x78, n as u8]);
+            2
+        }
+        0x100..=0xffff => {
+            out[0] = 0x79;
+            out[1..3].copy_from_slice(&(n as u16).to_be_bytes());
+            3
+        }
+        0x1_0000..=0xffff_ffff => {
+            out[0] = 0x7a;
+            out[1..5].copy_from_slice(&(n as u32).to_be_bytes());
+            5
+        }
+        _ => {
+            out[0] = 0x7b;
+            out[1..9].copy_from_slice(&n.to_be_bytes());
+            9
+        }
+    };
+    (out, used)
 }
 
 #[cfg(test)]
@@ -80,83 +151,96 @@ mod tests {
         );
     }
 
-    #[test]
-    fn buckets_are_stable() {
-        let a = rollout_bucket("checkout", "user-42");
-        assert_eq!(a, rollout_bucket("checkout", "user-42"));
-        assert!(a < 10_000);
-        // Another feature buckets the same user independently.
-        let differs = (0..100).any(|i| {
-            rollout_bucket("checkout", &format!("u{i}"))
-                != rollout_bucket("search", &format!("u{i}"))
-        });
-        assert!(differs);
+    /// The smallest percentage, in basis points, at which the key is inside.
+    fn entry_point(bucketing: Bucketing, feature: &str, key: &str) -> u32 {
+        (0..=ROLLOUT_TOTAL)
+            .find(|t| in_rollout(bucketing, feature, key, f64::from(*t) / 100.0))
+            .expect("every key is inside at 100%")
     }
 
-    /// Who is inside a rollout is a promise to users: the same key keeps its bucket across
-    /// releases of release-svc. These values were computed once (and checked against an
-    /// independent MurmurHash3 implementation); they must never change. A change here
-    /// re-buckets every user of every running rollout.
+    /// Who is inside a rollout is a promise to users: the same key keeps its place across
+    /// releases of release-svc. These values were computed with an independent
+    /// implementation (Python's `mmh3` and `cbor2`, the libraries the flagd Python
+    /// provider buckets with) for each `fractional` generation; they must never change.
+    /// A change here re-buckets every user of every running rollout.
     #[test]
-    fn rollout_buckets_never_change() {
+    fn rollout_entry_points_never_change() {
         let long = "x".repeat(300);
-        let pinned: [(&str, &str, u32); 12] = [
-            ("checkout", "user-42", 6374),
-            ("checkout", "user-1", 9819),
-            ("checkout", "alice", 6885),
-            ("new-cart", "u1", 9780),
-            ("new-cart", "bob", 1937),
-            ("banner", "user-0", 4757),
-            ("banner", "user-1999", 6683),
-            ("search", "", 6761),
+        let pinned: [(&str, &str, u32, u32, u32); 12] = [
+            ("checkout", "user-42", 9304, 4652, 5866),
+            ("checkout", "user-1", 3915, 1958, 2921),
+            ("checkout", "alice", 9958, 5022, 5983),
+            ("new-cart", "u1", 9566, 4783, 2765),
+            ("new-cart", "bob", 5044, 7479, 5820),
+            ("banner", "user-0", 9876, 4938, 3876),
+            ("banner", "user-1999", 5141, 7430, 9571),
+            ("search", "", 718, 9642, 5370),
             (
                 "dark-mode",
                 "\u{fc}n\u{ef}c\u{f8}d\u{e9}-\u{43a}\u{43b}\u{44e}\u{447}",
-                3877,
+                1055,
+                9473,
+                2388,
             ),
-            // Longer than the 256-byte stack buffer: the heap path.
-            ("checkout", &long, 3115),
-            ("a", "b", 7863),
+            // Longer than the stack buffer: the heap path.
+            ("checkout", &long, 4281, 7860, 855),
+            ("a", "b", 8387, 5807, 4132),
             (
                 "one-page-checkout",
                 "7f9c2ba4-e88f-11ee-8c90-0242ac120002",
-                8840,
+                9235,
+                5383,
+                7390,
             ),
         ];
-        for (feature, key, bucket) in pinned {
-            assert_eq!(
-                rollout_bucket(feature, key),
-                bucket,
-                "the bucket of {feature}/{key} changed"
-            );
+        for (feature, key, v1, v2, v3) in pinned {
+            for (bucketing, want) in [
+                (Bucketing::V1, v1),
+                (Bucketing::V2, v2),
+                (Bucketing::V3, v3),
+            ] {
+                assert_eq!(
+                    entry_point(bucketing, feature, key),
+                    want,
+                    "the place of {feature}/{key} under {bucketing:?} changed"
+                );
+            }
         }
-        // The thresholds: basis points, strictly below.
-        assert!(in_rollout(0, 0.01) && !in_rollout(1, 0.01));
-        assert!(in_rollout(6373, 63.74) && !in_rollout(6374, 63.74));
-        assert!(in_rollout(9999, 100.0) && !in_rollout(0, 0.0));
+        assert!(!in_rollout(Bucketing::V2, "a", "b", 0.0));
+        assert!(in_rollout(Bucketing::V2, "a", "b", 100.0));
     }
 
     #[test]
-    fn rollout_is_monotone() {
-        for i in 0..2_000 {
-            let b = rollout_bucket("checkout", &format!("user-{i}"));
-            let mut was_in = false;
-            for p in [0.0, 1.0, 5.0, 10.0, 25.0, 50.0, 99.0, 100.0] {
-                let now_in = in_rollout(b, p);
-                assert!(!was_in || now_in, "user-{i} left the rollout at {p}%");
-                was_in = now_in;
+    fn rollout_is_monotone_and_features_bucket_independently() {
+        for bucketing in [Bucketing::V1, Bucketing::V2, Bucketing::V3] {
+            let mut differs = false;
+            for i in 0..1_000 {
+                let key = format!("user-{i}");
+                let mut was_in = false;
+                for p in [0.0, 0.01, 1.0, 5.0, 10.0, 25.0, 50.0, 99.0, 99.99, 100.0] {
+                    let now_in = in_rollout(bucketing, "checkout", &key, p);
+                    assert!(!was_in || now_in, "{key} left the rollout at {p}%");
+                    was_in = now_in;
+                }
+                assert!(was_in, "{key} outside at 100%");
+                differs |= in_rollout(bucketing, "checkout", &key, 50.0)
+                    != in_rollout(bucketing, "search", &key, 50.0);
             }
-            assert!(in_rollout(b, 100.0));
-            assert!(!in_rollout(b, 0.0));
+            assert!(differs, "{bucketing:?}: features share buckets");
         }
     }
 
     #[test]
     fn ten_percent_of_10000_keys_is_10_percent_within_1_5_points() {
-        let inside = (0..10_000)
-            .filter(|i| in_rollout(rollout_bucket("checkout", &format!("user-{i}")), 10.0))
-            .count();
-        let share = inside as f64 / 10_000.0;
-        assert!((share - 0.10).abs() <= 0.015, "10% rollout gave {share}");
+        for bucketing in [Bucketing::V1, Bucketing::V2, Bucketing::V3] {
+            let inside = (0..10_000)
+                .filter(|i| in_rollout(bucketing, "checkout", &format!("user-{i}"), 10.0))
+                .count();
+            let share = inside as f64 / 10_000.0;
+            assert!(
+                (share - 0.10).abs() <= 0.015,
+                "{bucketing:?}: 10% gave {share}"
+            );
+        }
     }
 }

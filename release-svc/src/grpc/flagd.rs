@@ -90,6 +90,21 @@ impl Flagd {
         &self.engine
     }
 
+    /// The cap on change streams this service counts against.
+    pub fn watchers(&self) -> &StreamCap {
+        &self.watchers
+    }
+
+    /// Cancelled when streams must end (shutdown).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.streams.clone()
+    }
+
+    /// The service's static context values (flagd's `--context-value`).
+    pub fn static_context(&self) -> &Map<String, Value> {
+        &self.options.static_context
+    }
+
     /// The largest response built from many flags, in bytes.
     pub fn max_response_bytes(&self) -> usize {
         match self.options.max_response_bytes {

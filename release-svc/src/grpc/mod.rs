@@ -10,6 +10,7 @@
 pub mod convert;
 pub mod decode;
 pub mod flagd;
+pub mod flagd_sync;
 
 use std::pin::Pin;
 use std::sync::Arc;

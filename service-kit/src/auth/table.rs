@@ -462,6 +462,19 @@ pub const TABLE: &[Rule] = &[
         P::Evaluate,
         Global,
     ),
+    // flagd sync: an environment's flag definitions for in-process evaluation; the handler
+    // checks the environment the selector names
+    rule("/flagd.sync.v1.FlagSyncService/SyncFlags", P::Evaluate, Env),
+    rule(
+        "/flagd.sync.v1.FlagSyncService/FetchAllFlags",
+        P::Evaluate,
+        Env,
+    ),
+    rule(
+        "/flagd.sync.v1.FlagSyncService/GetMetadata",
+        P::Evaluate,
+        Env,
+    ),
 ];
 
 /// The rule of a gRPC path, if the table has one.
