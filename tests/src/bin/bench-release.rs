@@ -105,6 +105,17 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// In-process (flagd sync) against remote (flagd RPC) evaluation in the same client:
+    /// the stock Python flagd provider, alternating rounds (needs python3 with
+    /// openfeature-provider-flagd on the PATH, as `scripts/test` sets up in target/venv).
+    InProcess {
+        /// Evaluations per round and resolver.
+        #[arg(long, default_value_t = 5_000)]
+        evaluations: usize,
+        /// Alternating rounds.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// Placement change -> visibility change seen by an Evaluate poller.
     Gate {
         /// Gate flips measured (half opening, half closing).
@@ -130,12 +141,17 @@ struct Pair {
 }
 
 async fn pair(dir: &Path) -> Pair {
+    pair_with(dir, &[]).await
+}
+
+/// [`pair`] with `extra` release-svc arguments.
+async fn pair_with(dir: &Path, extra: &[&str]) -> Pair {
     let tmp = tempfile::Builder::new()
         .prefix("pair")
         .tempdir_in(dir)
         .unwrap();
     let deploy = Binary::start(&tmp.path().join("deploy.db"), &[]).await;
-    let release_args: Vec<String> = vec![
+    let mut release_args: Vec<String> = vec![
         "--listen".into(),
         "127.0.0.1:0".into(),
         "--database".into(),
@@ -143,6 +159,7 @@ async fn pair(dir: &Path) -> Pair {
         "--deploy-svc".into(),
         format!("http://{}", deploy.addr),
     ];
+    release_args.extend(extra.iter().map(|a| (*a).to_owned()));
     let args: Vec<&str> = release_args.iter().map(String::as_str).collect();
     let release = Binary::spawn("release-svc", &args).await;
     Pair {
@@ -183,6 +200,10 @@ async fn main() {
             streams,
             rounds,
         } => flagd(&args.dir, requests, clients, streams, rounds).await,
+        Cmd::InProcess {
+            evaluations,
+            rounds,
+        } => in_process(&args.dir, evaluations, rounds).await,
         Cmd::Gate { flips } => gate(&args.dir, flips).await,
         Cmd::Memory {
             features,
@@ -280,7 +301,7 @@ fn h2load_at(
 }
 
 /// The pair with `new-cart` released to 50% of prod behind a placed carrier, and the
-/// Evaluate request the throughput runs send (bob: inside the 50%).
+/// Evaluate request the throughput runs send (alice: inside the 50%).
 async fn loaded_pair(dir: &Path) -> (Pair, release::Client, rpb::EvaluateRequest) {
     let p = pair(dir).await;
     let mut dc = tests::connect(p.deploy.addr).await;
@@ -289,8 +310,44 @@ async fn loaded_pair(dir: &Path) -> (Pair, release::Client, rpb::EvaluateRequest
     (p, rc, request)
 }
 
+/// Runs tests/python/bench_in_process.py against one pair (`new-cart` at 50%) whose
+/// rollouts bucket as the Python provider does, and prints its rounds.
+async fn in_process(dir: &Path, evaluations: usize, rounds: usize) {
+    let p = pair_with(dir, &["--fractional-bucketing", "v3"]).await;
+    let mut dc = tests::connect(p.deploy.addr).await;
+    let mut rc = release::connect(p.release.addr).await;
+    load(&mut dc, &mut rc).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/bench_in_process.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .env("FLAGD_HOST", p.release.addr.ip().to_string())
+        .env("FLAGD_PORT", p.release.addr.port().to_string())
+        .env("FLAG_KEY", "new-cart")
+        .env("ROUNDS", rounds.to_string())
+        .env("EVALUATIONS", evaluations.to_string())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the benchmark script failed");
+    println!(
+        "| round | remote (RPC) evaluations/s | in-process evaluations/s | in-process / remote |"
+    );
+    println!("|---|---|---|---|");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if let Some(round) = v.get("round") {
+            println!(
+                "| {round} | {} | {} | {} |",
+                v["remote_per_s"], v["in_process_per_s"], v["ratio"]
+            );
+        } else {
+            println!("median in-process / remote: {}", v["median_ratio"]);
+        }
+    }
+}
+
 /// Releases `new-cart` to 50% of prod behind a placed carrier; returns the Evaluate
-/// request the throughput runs send (bob: inside the 50%), checked once.
+/// request the throughput runs send (alice: inside the 50%), checked once.
 async fn load(dc: &mut tests::Client, rc: &mut release::Client) -> rpb::EvaluateRequest {
     let (mut dc, mut rc) = (dc.clone(), rc.clone());
     environment(&mut dc, "prod", None, false).await;
@@ -323,7 +380,7 @@ async fn load(dc: &mut tests::Client, rc: &mut release::Client) -> rpb::Evaluate
         feature: "new-cart".into(),
         context: Some(rpb::EvaluationContext {
             environment: "prod".into(),
-            targeting_key: "bob".into(),
+            targeting_key: "alice".into(),
             attributes: None,
         }),
     };
@@ -406,7 +463,7 @@ async fn throughput(dir: &Path, requests: u64, clients: u32, streams: u32, round
         ratios.push(svc / base);
     }
     // Still correct after the load.
-    let after = evaluate(&mut rc, "new-cart", "prod", "bob").await;
+    let after = evaluate(&mut rc, "new-cart", "prod", "alice").await;
     assert_eq!(after.reason(), rpb::Reason::Split);
     ratios.sort_by(f64::total_cmp);
     println!(
@@ -668,7 +725,7 @@ async fn secure_throughput(dir: &Path, requests: u64, clients: u32, streams: u32
         until_split(&mut tc, &request).await.reason(),
         rpb::Reason::Split
     );
-    let after = evaluate(&mut rc, "new-cart", "prod", "bob").await;
+    let after = evaluate(&mut rc, "new-cart", "prod", "alice").await;
     assert_eq!(after.reason(), rpb::Reason::Split);
     println!(
         "every h2load response carried one EvaluateResponse; {checks} more calls over TLS + JWT answered OK"
@@ -695,7 +752,7 @@ async fn flagd(dir: &Path, requests: u64, clients: u32, streams: u32, rounds: us
             fields: [(
                 "targetingKey".to_owned(),
                 prost_types::Value {
-                    kind: Some(prost_types::value::Kind::StringValue("bob".into())),
+                    kind: Some(prost_types::value::Kind::StringValue("alice".into())),
                 },
             )]
             .into(),
@@ -744,7 +801,7 @@ async fn flagd(dir: &Path, requests: u64, clients: u32, streams: u32, rounds: us
         println!("| {round} | flagd.evaluation.v2 ResolveBoolean | {flagd:.0} |");
         ratios.push(flagd / native);
     }
-    let after = evaluate(&mut rc, "new-cart", "prod", "bob").await;
+    let after = evaluate(&mut rc, "new-cart", "prod", "alice").await;
     assert_eq!(after.reason(), rpb::Reason::Split);
     ratios.sort_by(f64::total_cmp);
     println!(
@@ -962,7 +1019,7 @@ async fn replicas(dir: &Path, url: &str, requests: u64, clients: u32, streams: u
     }
     for rc in [&mut rc, &mut rc2] {
         assert_eq!(
-            evaluate(rc, "new-cart", "prod", "bob").await.reason(),
+            evaluate(rc, "new-cart", "prod", "alice").await.reason(),
             rpb::Reason::Split
         );
     }
@@ -983,7 +1040,7 @@ async fn expect_split(rc: &mut release::Client) {
         rc,
         "new-cart",
         "prod",
-        "bob",
+        "alice",
         rpb::Reason::Split,
         Duration::from_secs(10),
     )
