@@ -105,6 +105,20 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// OFREP single evaluation over HTTP/1.1 keep-alive against gRPC Evaluate over HTTP/2, the
+    /// same decision with the same number of requests in flight, alternating rounds.
+    Ofrep {
+        /// Requests per h2load run.
+        #[arg(long, default_value_t = 100_000)]
+        requests: u64,
+        /// Requests in flight: gRPC 8 connections x in_flight/8 streams, OFREP in_flight
+        /// HTTP/1.1 connections with one request each.
+        #[arg(long, default_value_t = 256)]
+        in_flight: u32,
+        /// Alternating rounds.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// In-process (flagd sync) against remote (flagd RPC) evaluation in the same client:
     /// the stock Python flagd provider, alternating rounds (needs python3 with
     /// openfeature-provider-flagd on the PATH, as `scripts/test` sets up in target/venv).
@@ -200,6 +214,11 @@ async fn main() {
             streams,
             rounds,
         } => flagd(&args.dir, requests, clients, streams, rounds).await,
+        Cmd::Ofrep {
+            requests,
+            in_flight,
+            rounds,
+        } => ofrep(&args.dir, requests, in_flight, rounds).await,
         Cmd::InProcess {
             evaluations,
             rounds,
@@ -276,7 +295,33 @@ fn h2load_at(
         .arg(format!("{base}/{method}"))
         .output()
         .expect("h2load missing: apt-get install nghttp2-client");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    parse_h2load(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// One h2load run over HTTP/1.1 keep-alive (`--h1`, one request at a time per connection)
+/// POSTing `body` as JSON to `url`.
+fn h2load_h1(url: &str, headers: &[&str], body: &Path, requests: u64, connections: u32) -> H2load {
+    let out = Command::new("h2load")
+        .args([
+            "--h1",
+            "-n",
+            &requests.to_string(),
+            "-c",
+            &connections.to_string(),
+        ])
+        .args(["-m", "1", "-t", "1"])
+        .arg("-d")
+        .arg(body)
+        .args(["-H", "content-type: application/json"])
+        .args(headers.iter().flat_map(|h| ["-H", h]))
+        .arg(url)
+        .output()
+        .expect("h2load missing: apt-get install nghttp2-client");
+    parse_h2load(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Requests/s, status codes and data bytes from h2load's report.
+fn parse_h2load(text: &str) -> H2load {
     let rps = text
         .lines()
         .find(|l| l.starts_with("finished in"))
@@ -308,6 +353,73 @@ async fn loaded_pair(dir: &Path) -> (Pair, release::Client, rpb::EvaluateRequest
     let mut rc = release::connect(p.release.addr).await;
     let request = load(&mut dc, &mut rc).await;
     (p, rc, request)
+}
+
+/// OFREP over HTTP/1.1 against gRPC Evaluate on one release-svc (see [`Cmd::Ofrep`]).
+async fn ofrep(dir: &Path, requests: u64, in_flight: u32, rounds: usize) {
+    let mut p = pair_with(dir, &["--ofrep-listen", "127.0.0.1:0"]).await;
+    let ofrep = p.release.address_of("OFREP").await;
+    let mut dc = tests::connect(p.deploy.addr).await;
+    let mut rc = release::connect(p.release.addr).await;
+    let request = load(&mut dc, &mut rc).await;
+    let url = format!("http://{ofrep}/ofrep/v1/evaluate/flags/new-cart");
+    let json_body = dir.join("ofrep.json");
+    std::fs::write(
+        &json_body,
+        r#"{"context": {"targetingKey": "alice", "environment": "prod"}}"#,
+    )
+    .unwrap();
+    // The same decision both ways, checked once (h2load counts any 200).
+    let check = h2load_h1(&url, &[], &json_body, 1, 1);
+    assert!(check.status.contains("1 2xx"), "{}", check.status);
+    let evaluate_body = dir.join("evaluate.bin");
+    frame(&request, &evaluate_body);
+    pin(&[p.release.child.id(), p.deploy.child.id()]);
+    let streams = (in_flight / 8).max(1);
+    let grpc = |n: u64| {
+        let run = h2load_at(
+            &format!("http://{}", p.release.addr),
+            EVALUATE,
+            &[],
+            &evaluate_body,
+            n,
+            8,
+            streams,
+        );
+        assert!(run.status.contains(&format!("{n} 2xx")), "{}", run.status);
+        run.rps
+    };
+    let http1 = |n: u64| {
+        let run = h2load_h1(&url, &[], &json_body, n, in_flight);
+        assert!(run.status.contains(&format!("{n} 2xx")), "{}", run.status);
+        // Every answer is the SPLIT decision's JSON (h2load does not read bodies).
+        assert!(
+            run.data >= n * 40,
+            "OFREP answers too short: {} bytes",
+            run.data
+        );
+        run.rps
+    };
+    grpc(requests / 4);
+    http1(requests / 4);
+    println!("| round | gRPC Evaluate (HTTP/2) req/s | OFREP (HTTP/1.1 keep-alive) req/s | OFREP / gRPC |");
+    println!("|---|---|---|---|");
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        let (g, o) = if round % 2 == 1 {
+            let g = grpc(requests);
+            (g, http1(requests))
+        } else {
+            let o = http1(requests);
+            (grpc(requests), o)
+        };
+        println!("| {round} | {g:.0} | {o:.0} | {:.3} |", o / g);
+        ratios.push(o / g);
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!("median OFREP / gRPC: {:.3}", ratios[ratios.len() / 2]);
+    let after = evaluate(&mut rc, "new-cart", "prod", "alice").await;
+    assert_eq!(after.reason(), rpb::Reason::Split, "{after:?}");
 }
 
 /// Runs tests/python/bench_in_process.py against one pair (`new-cart` at 50%) whose
