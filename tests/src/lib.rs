@@ -336,12 +336,7 @@ impl Binary {
         Self::spawn_with(name, args, Stdio::from(file), &[]).await
     }
 
-    async fn spawn_with(
-        name: &str,
-        args: &[&str],
-        stderr: Stdio,
-        vars: &[(&str, &str)],
-    ) -> Self {
+    async fn spawn_with(name: &str, args: &[&str], stderr: Stdio, vars: &[(&str, &str)]) -> Self {
         let bin = bin_dir().join(name);
         assert!(
             bin.exists(),

@@ -164,7 +164,10 @@ struct Caller {
 impl Caller {
     fn new(n: u8) -> Self {
         Self {
-            trace: format!("{:032x}", 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4700_u128 + u128::from(n)),
+            trace: format!(
+                "{:032x}",
+                0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4700_u128 + u128::from(n)
+            ),
             span: format!("{:016x}", 0x00f0_67aa_0ba9_0200_u64 + u64::from(n)),
         }
     }
@@ -173,7 +176,9 @@ impl Caller {
         let mut req = tonic::Request::new(msg);
         req.metadata_mut().insert(
             "traceparent",
-            format!("00-{}-{}-01", self.trace, self.span).parse().unwrap(),
+            format!("00-{}-{}-01", self.trace, self.span)
+                .parse()
+                .unwrap(),
         );
         req
     }
@@ -333,7 +338,9 @@ async fn spans_follow_calls_across_the_services_and_withdrawals_link_to_their_ca
         .await;
     assert_server_span(&removed, "deploy.v1.DeployService", "ReportPlacement");
     let root = receiver
-        .find("deploy-svc", "deploy.v1.DeployService/GetArtifact", |_| true)
+        .find("deploy-svc", "deploy.v1.DeployService/GetArtifact", |_| {
+            true
+        })
         .await;
     assert!(root.span.parent_span_id.is_empty(), "{root:#?}");
     assert_eq!(root.span.trace_id.len(), 16, "{root:#?}");
@@ -374,11 +381,9 @@ async fn spans_follow_calls_across_the_services_and_withdrawals_link_to_their_ca
     // release-svc's SetRollout: a child of the caller; deploy-svc's GetEnvironment (the
     // calendar read): a child of release-svc's SetRollout.
     let set = receiver
-        .find(
-            "release-svc",
-            "release.v1.ReleaseService/SetRollout",
-            |g| rollout.parent_of(g),
-        )
+        .find("release-svc", "release.v1.ReleaseService/SetRollout", |g| {
+            rollout.parent_of(g)
+        })
         .await;
     assert_server_span(&set, "release.v1.ReleaseService", "SetRollout");
     let calendar = receiver
@@ -444,7 +449,10 @@ async fn visible_becomes(rc: &mut release::Client, visible: bool) {
         if r.visible == visible {
             return;
         }
-        assert!(start.elapsed() < WAIT, "visible never became {visible}: {r:?}");
+        assert!(
+            start.elapsed() < WAIT,
+            "visible never became {visible}: {r:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
