@@ -17,7 +17,8 @@
 //! is created and nothing is allocated on the call path.
 //!
 //! The caller's `traceparent` is used for one thing, the parent of the server span; a
-//! malformed one is ignored. Every span is recorded whatever the caller's sampled flag says.
+//! malformed one is ignored. Every span is recorded whatever the caller's sampled flag says,
+//! unless `OTEL_TRACES_SAMPLER` picks a sampler.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -101,15 +102,19 @@ pub(crate) fn tracer(
         .clone()
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| program.to_owned());
-    let provider = SdkTracerProvider::builder()
+    let mut provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
-        .with_sampler(Sampler::AlwaysOn)
         .with_resource(
             opentelemetry_sdk::Resource::builder()
                 .with_service_name(name)
                 .build(),
-        )
-        .build();
+        );
+    // Every span is recorded unless the operator picks a sampler (the SDK reads
+    // OTEL_TRACES_SAMPLER): a caller's sampled flag alone never decides.
+    if std::env::var_os("OTEL_TRACES_SAMPLER").is_none() {
+        provider = provider.with_sampler(Sampler::AlwaysOn);
+    }
+    let provider = provider.build();
     let tracer = provider.tracer(program);
     ON.store(true, Ordering::Relaxed);
     Ok(Some((
