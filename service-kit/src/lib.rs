@@ -84,15 +84,17 @@ pub struct LogArgs {
 /// `service.name`. Call it inside a Tokio runtime, and flush the returned exporter with
 /// [`otel::Tracing::shutdown`] before exiting.
 pub fn init_tracing(args: &LogArgs, program: &'static str) -> anyhow::Result<otel::Tracing> {
-    use tracing_subscriber::filter::{filter_fn, FilterExt};
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
 
+    // Static filters only (per-callsite decisions, a level hint): a filter without a hint
+    // would let every `trace!` and `log` record of the dependencies through to be judged
+    // one by one on the call path.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Exported spans stay out of the log lines.
-    let logged = filter.and(filter_fn(|m| !(m.is_span() && m.target() == otel::TARGET)));
+    let logged = filter.add_directive(format!("{}=off", otel::TARGET).parse()?);
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt = if args.format == "json" {
         fmt.json().boxed()
@@ -109,7 +111,10 @@ pub fn init_tracing(args: &LogArgs, program: &'static str) -> anyhow::Result<ote
             .with_location(false)
             .with_threads(false)
             .with_tracked_inactivity(false)
-            .with_filter(filter_fn(|m| m.target() == otel::TARGET))
+            .with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target(otel::TARGET, tracing::Level::INFO),
+            )
     });
     if let Err(e) = tracing_subscriber::registry()
         .with(fmt.with_filter(logged))

@@ -275,6 +275,21 @@ mod tests {
     }
 
     #[test]
+    fn only_a_plain_http_endpoint_switches_export_on() {
+        let args = |e: Option<&str>| OtelArgs {
+            otlp_endpoint: e.map(str::to_owned),
+            service_name: None,
+        };
+        assert!(matches!(tracer(&args(None), "p"), Ok(None)));
+        assert!(matches!(tracer(&args(Some("")), "p"), Ok(None)));
+        for bad in ["https://collector:4317", "collector:4317"] {
+            let e = tracer(&args(Some(bad)), "p").err().expect(bad).to_string();
+            assert!(e.contains("--otlp-endpoint"), "{e}");
+        }
+        assert!(!enabled());
+    }
+
+    #[test]
     fn off_means_no_span_and_no_header() {
         // Tracing is never switched on in this test binary.
         let span = server_span("a/b", "a", "b", &http::HeaderMap::new());
