@@ -28,11 +28,14 @@ use super::flagd::Flagd;
 /// cache starts over).
 const MAX_CACHED_ENVIRONMENTS: usize = 64;
 
+/// Rendered documents by environment, with the snapshot version they were rendered from.
+type Rendered = Mutex<HashMap<String, (u64, Arc<str>)>>;
+
 /// The sync service.
 #[derive(Clone)]
 pub struct FlagSync {
     flagd: Flagd,
-    rendered: Arc<Mutex<HashMap<String, (u64, Arc<str>)>>>,
+    rendered: Arc<Rendered>,
 }
 
 impl FlagSync {
@@ -76,11 +79,7 @@ impl FlagSync {
     }
 }
 
-fn render_cached(
-    flagd: &Flagd,
-    cache: &Mutex<HashMap<String, (u64, Arc<str>)>>,
-    environment: &str,
-) -> Arc<str> {
+fn render_cached(flagd: &Flagd, cache: &Rendered, environment: &str) -> Arc<str> {
     let snapshot = flagd.engine().snapshot();
     if let Some((version, doc)) = cache
         .lock()
