@@ -14,7 +14,7 @@
 //! ResolveAll call; the caller must be allowed to evaluate in the chosen environment
 //! (401 and 403 otherwise). Bodies are limited to the service's message size, calls to its
 //! deadline, connections to its connection cap. Browsers on the origins given with
-//! `--ofrep-cors-origin` may call it from pages of another origin (CORS preflight answered,
+//! `--cors-origin` may call it from pages of another origin (CORS preflight answered,
 //! `ETag` exposed for the web providers' polling).
 
 use std::convert::Infallible;

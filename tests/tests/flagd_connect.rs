@@ -295,6 +295,21 @@ async fn connect_unary_calls_answer_like_grpc_on_the_same_ports() {
                 grpc_bool.variant.as_deref(),
                 "{at}: {body}"
             );
+            // JSON, v2 ResolveBoolean: the documented shape.
+            let v2_json = json_call(
+                addr,
+                version,
+                &format!("{V2}/ResolveBoolean"),
+                &[],
+                &json!({"flagKey": "new-cart", "context": {"targetingKey": "u1"}}),
+            )
+            .await
+            .json();
+            assert_eq!(
+                v2_json,
+                json!({"value": true, "reason": grpc_bool.reason, "variant": "on"}),
+                "{at}"
+            );
             // JSON, v1 ResolveString: the same answer as gRPC's, field by field.
             let banner = json_call(
                 addr,
@@ -466,7 +481,11 @@ async fn connect_unary_calls_answer_like_grpc_on_the_same_ports() {
 #[tokio::test]
 async fn connect_event_streams_carry_changes_and_end_with_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let (r, flagd) = release_svc(&dir.path().join("r.db"), &["--max-watchers", "4"]).await;
+    let (r, flagd) = release_svc(
+        &dir.path().join("r.db"),
+        &["--max-watchers", "4", "--max-message-bytes", "65536"],
+    )
+    .await;
     let mut rc = release::connect(r.addr).await;
     let cart = flags(&mut rc).await;
 
@@ -523,6 +542,45 @@ async fn connect_event_streams_carry_changes_and_end_with_errors() {
     buf.advance(5);
     let end: Value = serde_json::from_slice(&buf).unwrap();
     assert_eq!(end["error"]["code"], "resource_exhausted", "{end}");
+
+    // Bodies over --max-message-bytes: resource_exhausted, unary (429) and streaming.
+    let attributes: serde_json::Map<String, Value> = (0..2000)
+        .map(|i| (format!("attribute-{i}"), json!("x".repeat(40))))
+        .collect();
+    let huge = json!({"context": attributes});
+    let over = json_call(
+        flagd,
+        Version::Http2,
+        &format!("{V2}/ResolveAll"),
+        &[],
+        &huge,
+    )
+    .await;
+    assert_eq!(over.status, StatusCode::TOO_MANY_REQUESTS);
+    let error = over.json();
+    assert_eq!(error["code"], "resource_exhausted", "{error}");
+    assert!(
+        error["message"].as_str().unwrap().contains("65536 bytes"),
+        "{error}"
+    );
+    let over = call(
+        flagd,
+        Version::Http1,
+        &format!("{V1}/EventStream"),
+        &[("content-type", "application/connect+json")],
+        envelope(0, huge.to_string().as_bytes()),
+    )
+    .await;
+    assert_eq!(over.status, StatusCode::OK);
+    let end: Value = serde_json::from_slice(&over.body[5..]).unwrap();
+    assert_eq!(end["error"]["code"], "resource_exhausted", "{end}");
+    assert!(
+        end["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("65536 bytes"),
+        "{end}"
+    );
 
     // The kill switch reaches every stream as a configuration change naming the flag.
     rc.pause_release(rpb::PauseReleaseRequest {
