@@ -4,7 +4,9 @@
 // tests/tests/flagd_connect.rs to check.
 //
 // Environment: FLAGD_HOST, FLAGD_PORT (a release-svc gRPC port: the main one or
-// --flagd-listen), FLAGD_TOKEN (optional bearer token, sent by an interceptor).
+// --flagd-listen), FLAGD_TLS=1 for https (NODE_EXTRA_CA_CERTS names the CA), FLAGD_TOKEN
+// (optional bearer token, sent by an interceptor), FLAGD_ONCE=1 to stop after the first
+// answers.
 // Protocol with the test: prints {"phase":"before",...}; waits for a line on stdin (the test
 // has changed the flags); prints {"phase":"after",...} once the provider reported the
 // change, or after 20 s without one.
@@ -45,7 +47,7 @@ async function main() {
   const provider = new FlagdWebProvider({
     host: process.env.FLAGD_HOST,
     port: Number(process.env.FLAGD_PORT),
-    tls: false,
+    tls: process.env.FLAGD_TLS === '1',
     maxRetries: 3,
     interceptors,
   });
@@ -59,6 +61,10 @@ async function main() {
     });
   });
   console.log(JSON.stringify({ phase: 'before', web: seen(client) }));
+  if (process.env.FLAGD_ONCE === '1') {
+    await web.OpenFeature.close();
+    process.exit(0);
+  }
   await nextLine();
   await Promise.race([seenChange, new Promise((r) => setTimeout(r, 20000))]);
   console.log(JSON.stringify({ phase: 'after', changed, web: seen(client) }));

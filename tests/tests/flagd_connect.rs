@@ -790,9 +790,9 @@ async fn connect_calls_are_authenticated_and_cors_checked_like_grpc() {
     assert!(evil.headers.get("access-control-allow-origin").is_none());
 
     // The stock web provider with the token (an interceptor sets the header).
-    let (before, after) = web_provider(&r, flagd, Some(&token), None).await;
+    let (before, _) = web_provider(&r, flagd, Some(&token), None).await;
     assert_eq!(before["web"]["new_cart"]["value"], true, "{before}");
-    assert_eq!(after["phase"], "after", "{after}");
+    assert_eq!(before["web"]["new_cart"]["error"], Value::Null, "{before}");
     r.kill().await;
 }
 
@@ -804,18 +804,38 @@ async fn web_provider(
     token: Option<&str>,
     kill: Option<String>,
 ) -> (Value, Value) {
+    let kill = match kill {
+        Some(release) => Some((release::connect(r.addr).await, release)),
+        None => None,
+    };
+    web_provider_at(&addr.ip().to_string(), addr.port(), token, kill, &[]).await
+}
+
+/// [`web_provider`] against `host:port`, with `env` set; `kill` pauses a release with a
+/// client of the caller's (without it, only the first answers: (before, null)).
+async fn web_provider_at(
+    host: &str,
+    port: u16,
+    token: Option<&str>,
+    kill: Option<(Client, String)>,
+    env: &[(&str, &str)],
+) -> (Value, Value) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/node/flagd_web_provider.cjs");
     let mut command = tokio::process::Command::new("node");
     command
         .arg(script)
-        .env("FLAGD_HOST", addr.ip().to_string())
-        .env("FLAGD_PORT", addr.port().to_string())
+        .env("FLAGD_HOST", host)
+        .env("FLAGD_PORT", port.to_string())
+        .envs(env.iter().copied())
         .env("NODE_PATH", node_modules())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .kill_on_drop(true);
     if let Some(token) = token {
         command.env("FLAGD_TOKEN", token);
+    }
+    if kill.is_none() {
+        command.env("FLAGD_ONCE", "1");
     }
     let mut node = command
         .spawn()
@@ -827,15 +847,16 @@ async fn web_provider(
         .unwrap()
         .expect("the web provider printed its first answers (scripts/test installs it)");
     let before: Value = serde_json::from_str(&line).unwrap();
-    if let Some(release) = kill {
-        let mut rc = release::connect(r.addr).await;
-        rc.pause_release(rpb::PauseReleaseRequest {
-            name: release,
-            reason: "kill switch".into(),
-        })
-        .await
-        .unwrap();
-    }
+    let Some((mut rc, release)) = kill else {
+        assert!(node.wait().await.unwrap().success());
+        return (before, Value::Null);
+    };
+    rc.pause_release(rpb::PauseReleaseRequest {
+        name: release,
+        reason: "kill switch".into(),
+    })
+    .await
+    .unwrap();
     node.stdin
         .as_mut()
         .unwrap()
@@ -878,6 +899,66 @@ async fn stock_flagd_web_provider_resolves_and_follows_changes() {
     );
     assert_eq!(after["web"]["new_cart"]["value"], false, "{after}");
     r.kill().await;
+}
+
+/// Over TLS the gRPC ports offer http/1.1 beside h2 (ALPN): the web provider (Node's fetch,
+/// HTTP/1.1) follows a kill switch over HTTPS, verifying the certificate, while gRPC (h2)
+/// works on the same port.
+#[tokio::test]
+async fn stock_flagd_web_provider_works_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki::Ca::new(dir.path(), "ca").unwrap();
+    let server = ca.server(dir.path(), "release-svc").unwrap();
+    let db = dir.path().join("r.db");
+    // The data, written over plaintext; then the same file served over TLS.
+    let r = Binary::release_alone(&db, &[]).await;
+    let cart = flags(&mut release::connect(r.addr).await).await;
+    r.kill().await;
+    let (cert, key) = (
+        server.cert.to_string_lossy().into_owned(),
+        server.key.to_string_lossy().into_owned(),
+    );
+    let (r, flagd) = release_svc(&db, &["--tls-cert", &cert, "--tls-key", &key]).await;
+    let bundle = ca.pem.to_string_lossy().into_owned();
+    let pem = std::fs::read(&ca.pem).unwrap();
+    let grpc = v1::service_client::ServiceClient::new(tls_channel(&pem, flagd).await)
+        .resolve_boolean(v1::ResolveBooleanRequest {
+            flag_key: "new-cart".into(),
+            context: Some(context(&[("targetingKey", "u1")])),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(grpc.value);
+    let rc =
+        rpb::release_service_client::ReleaseServiceClient::new(tls_channel(&pem, r.addr).await);
+    let (before, after) = web_provider_at(
+        "localhost",
+        flagd.port(),
+        None,
+        Some((rc, cart)),
+        &[("FLAGD_TLS", "1"), ("NODE_EXTRA_CA_CERTS", &bundle)],
+    )
+    .await;
+    assert_eq!(before["web"]["new_cart"]["value"], true, "{before}");
+    assert_eq!(before["web"]["new_cart"]["error"], Value::Null, "{before}");
+    assert_eq!(after["changed"], true, "{after}");
+    assert_eq!(after["web"]["new_cart"]["value"], false, "{after}");
+    r.kill().await;
+}
+
+/// A gRPC channel to `addr` over TLS, trusting the CA `pem`, for the name localhost.
+async fn tls_channel(pem: &[u8], addr: SocketAddr) -> tonic::transport::Channel {
+    let config = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(pem))
+        .domain_name("localhost");
+    tonic::transport::Channel::from_shared(format!("https://localhost:{}", addr.port()))
+        .unwrap()
+        .tls_config(config)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
 }
 
 /// Where `scripts/test` installs the Node packages.
