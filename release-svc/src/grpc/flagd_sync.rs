@@ -28,11 +28,14 @@ use super::flagd::Flagd;
 /// cache starts over).
 const MAX_CACHED_ENVIRONMENTS: usize = 64;
 
+/// Each environment's rendered document, with the snapshot version it was rendered from.
+type Rendered = Arc<Mutex<HashMap<String, (u64, Arc<str>)>>>;
+
 /// The sync service.
 #[derive(Clone)]
 pub struct FlagSync {
     flagd: Flagd,
-    rendered: Arc<Mutex<HashMap<String, (u64, Arc<str>)>>>,
+    rendered: Rendered,
 }
 
 impl FlagSync {
