@@ -92,7 +92,8 @@ pub struct Config {
     pub flagd_environment_attribute: String,
     /// The flagd `fractional` bucketing generation: `v2` (flagd 0.15-0.16 and the SDKs of
     /// that generation), `v1` (flagd up to 0.14) or `v3` (the 2026 SDKs' CBOR-based
-    /// bucketing of any JSON value). Rollout percentages are not affected.
+    /// bucketing of any JSON value). Rollout percentages are decided by the same generation
+    /// (so in-process flagd providers of that generation decide them alike).
     #[arg(long, env = "RELEASE_SVC_FRACTIONAL_BUCKETING", default_value = "v2")]
     pub fractional_bucketing: crate::domain::rules::Bucketing,
     /// Seconds between keep_alive events on an idle flagd EventStream.

@@ -203,8 +203,18 @@ fn python() -> String {
     std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
-#[tokio::test]
-async fn stock_in_process_provider_decides_as_evaluate_and_sees_the_kill_switch() {
+/// Where `scripts/test` installs the Node packages.
+fn node_modules() -> String {
+    std::env::var("OFREP_NODE_MODULES").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../target/node/node_modules").to_owned()
+    })
+}
+
+/// Runs the equivalence: release-svc with `--fractional-bucketing profile`, every feature
+/// of [`features`] for `n` generated contexts through Evaluate and through `provider` (a
+/// script speaking the protocol of tests/python/flagd_in_process.py), which must agree on
+/// every value and variant; then the kill switch must reach the provider.
+async fn equivalence(profile: &str, mut provider: tokio::process::Command, n: usize) {
     let dir = tempfile::tempdir().unwrap();
     let d = tests::Binary::start(&dir.path().join("deploy.db"), &[]).await;
     let release_db = tests::test_database(dir.path(), "release").await;
@@ -218,9 +228,8 @@ async fn stock_in_process_provider_decides_as_evaluate_and_sees_the_kill_switch(
             &release_db.to_string_lossy(),
             "--deploy-svc",
             &deploy_url,
-            // The Python provider's generation of flagd's `fractional`.
             "--fractional-bucketing",
-            "v3",
+            profile,
         ],
     )
     .await;
@@ -234,8 +243,8 @@ async fn stock_in_process_provider_decides_as_evaluate_and_sees_the_kill_switch(
         .await
         .unwrap();
 
-    // Every case: 10,000 contexts, each against every feature.
-    let contexts = contexts(10_000);
+    // Every case: each context against every feature.
+    let contexts = contexts(n);
     let mut cases = Vec::new();
     let mut want = Vec::new();
     for (key, attrs) in &contexts {
@@ -275,9 +284,7 @@ async fn stock_in_process_provider_decides_as_evaluate_and_sees_the_kill_switch(
     let cases_file = dir.path().join("cases.json");
     std::fs::write(&cases_file, serde_json::to_vec(&cases).unwrap()).unwrap();
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/flagd_in_process.py");
-    let mut child = tokio::process::Command::new(python())
-        .arg(script)
+    let mut child = provider
         .env("FLAGD_HOST", r.addr.ip().to_string())
         .env("FLAGD_PORT", r.addr.port().to_string())
         .env("FLAGD_SELECTOR", "flagSetId=prod")
@@ -374,6 +381,31 @@ async fn stock_in_process_provider_decides_as_evaluate_and_sees_the_kill_switch(
     println!("the kill switch reached the in-process provider in {ms:.1} ms");
     drop(stdin);
     assert!(child.wait().await.unwrap().success());
+    r.kill().await;
+    d.kill().await;
+}
+
+#[tokio::test]
+async fn stock_python_in_process_provider_decides_as_evaluate_and_sees_the_kill_switch() {
+    let mut python = tokio::process::Command::new(python());
+    python.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/python/flagd_in_process.py"
+    ));
+    // openfeature-provider-flagd 0.6 buckets `fractional` as the 2026 SDKs do.
+    equivalence("v3", python, 10_000).await;
+}
+
+#[tokio::test]
+async fn stock_node_in_process_provider_decides_as_evaluate_and_sees_the_kill_switch() {
+    let mut node = tokio::process::Command::new("node");
+    node.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/node/flagd_in_process.cjs"
+    ))
+    .env("NODE_PATH", node_modules());
+    // @openfeature/flagd-provider 0.16 (flagd-core 4) buckets as flagd 0.15-0.16 did.
+    equivalence("v2", node, 10_000).await;
 }
 
 fn sync_request<T>(msg: T, selector: &str) -> Request<T> {

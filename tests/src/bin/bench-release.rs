@@ -105,6 +105,31 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// OFREP single evaluation over HTTP/1.1 keep-alive against gRPC Evaluate over HTTP/2, the
+    /// same decision with the same number of requests in flight, alternating rounds.
+    Ofrep {
+        /// Requests per h2load run.
+        #[arg(long, default_value_t = 100_000)]
+        requests: u64,
+        /// Requests in flight: gRPC 8 connections x in_flight/8 streams, OFREP in_flight
+        /// HTTP/1.1 connections with one request each.
+        #[arg(long, default_value_t = 256)]
+        in_flight: u32,
+        /// Alternating rounds.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+    /// In-process (flagd sync) against remote (flagd RPC) evaluation in the same client:
+    /// the stock Python flagd provider, alternating rounds (needs python3 with
+    /// openfeature-provider-flagd on the PATH, as `scripts/test` sets up in target/venv).
+    InProcess {
+        /// Evaluations per round and resolver.
+        #[arg(long, default_value_t = 5_000)]
+        evaluations: usize,
+        /// Alternating rounds.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// Placement change -> visibility change seen by an Evaluate poller.
     Gate {
         /// Gate flips measured (half opening, half closing).
@@ -130,12 +155,17 @@ struct Pair {
 }
 
 async fn pair(dir: &Path) -> Pair {
+    pair_with(dir, &[]).await
+}
+
+/// [`pair`] with `extra` release-svc arguments.
+async fn pair_with(dir: &Path, extra: &[&str]) -> Pair {
     let tmp = tempfile::Builder::new()
         .prefix("pair")
         .tempdir_in(dir)
         .unwrap();
     let deploy = Binary::start(&tmp.path().join("deploy.db"), &[]).await;
-    let release_args: Vec<String> = vec![
+    let mut release_args: Vec<String> = vec![
         "--listen".into(),
         "127.0.0.1:0".into(),
         "--database".into(),
@@ -143,6 +173,7 @@ async fn pair(dir: &Path) -> Pair {
         "--deploy-svc".into(),
         format!("http://{}", deploy.addr),
     ];
+    release_args.extend(extra.iter().map(|a| (*a).to_owned()));
     let args: Vec<&str> = release_args.iter().map(String::as_str).collect();
     let release = Binary::spawn("release-svc", &args).await;
     Pair {
@@ -183,6 +214,15 @@ async fn main() {
             streams,
             rounds,
         } => flagd(&args.dir, requests, clients, streams, rounds).await,
+        Cmd::Ofrep {
+            requests,
+            in_flight,
+            rounds,
+        } => ofrep(&args.dir, requests, in_flight, rounds).await,
+        Cmd::InProcess {
+            evaluations,
+            rounds,
+        } => in_process(&args.dir, evaluations, rounds).await,
         Cmd::Gate { flips } => gate(&args.dir, flips).await,
         Cmd::Memory {
             features,
@@ -255,7 +295,33 @@ fn h2load_at(
         .arg(format!("{base}/{method}"))
         .output()
         .expect("h2load missing: apt-get install nghttp2-client");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    parse_h2load(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// One h2load run over HTTP/1.1 keep-alive (`--h1`, one request at a time per connection)
+/// POSTing `body` as JSON to `url`.
+fn h2load_h1(url: &str, headers: &[&str], body: &Path, requests: u64, connections: u32) -> H2load {
+    let out = Command::new("h2load")
+        .args([
+            "--h1",
+            "-n",
+            &requests.to_string(),
+            "-c",
+            &connections.to_string(),
+        ])
+        .args(["-m", "1", "-t", "1"])
+        .arg("-d")
+        .arg(body)
+        .args(["-H", "content-type: application/json"])
+        .args(headers.iter().flat_map(|h| ["-H", h]))
+        .arg(url)
+        .output()
+        .expect("h2load missing: apt-get install nghttp2-client");
+    parse_h2load(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Requests/s, status codes and data bytes from h2load's report.
+fn parse_h2load(text: &str) -> H2load {
     let rps = text
         .lines()
         .find(|l| l.starts_with("finished in"))
@@ -280,7 +346,7 @@ fn h2load_at(
 }
 
 /// The pair with `new-cart` released to 50% of prod behind a placed carrier, and the
-/// Evaluate request the throughput runs send (bob: inside the 50%).
+/// Evaluate request the throughput runs send (alice: inside the 50%).
 async fn loaded_pair(dir: &Path) -> (Pair, release::Client, rpb::EvaluateRequest) {
     let p = pair(dir).await;
     let mut dc = tests::connect(p.deploy.addr).await;
@@ -289,8 +355,111 @@ async fn loaded_pair(dir: &Path) -> (Pair, release::Client, rpb::EvaluateRequest
     (p, rc, request)
 }
 
+/// OFREP over HTTP/1.1 against gRPC Evaluate on one release-svc (see [`Cmd::Ofrep`]).
+async fn ofrep(dir: &Path, requests: u64, in_flight: u32, rounds: usize) {
+    let mut p = pair_with(dir, &["--ofrep-listen", "127.0.0.1:0"]).await;
+    let ofrep = p.release.address_of("OFREP").await;
+    let mut dc = tests::connect(p.deploy.addr).await;
+    let mut rc = release::connect(p.release.addr).await;
+    let request = load(&mut dc, &mut rc).await;
+    let url = format!("http://{ofrep}/ofrep/v1/evaluate/flags/new-cart");
+    let json_body = dir.join("ofrep.json");
+    std::fs::write(
+        &json_body,
+        r#"{"context": {"targetingKey": "alice", "environment": "prod"}}"#,
+    )
+    .unwrap();
+    // The same decision both ways, checked once (h2load counts any 200).
+    let check = h2load_h1(&url, &[], &json_body, 1, 1);
+    assert!(check.status.contains("1 2xx"), "{}", check.status);
+    let evaluate_body = dir.join("evaluate.bin");
+    frame(&request, &evaluate_body);
+    pin(&[p.release.child.id(), p.deploy.child.id()]);
+    let streams = (in_flight / 8).max(1);
+    let grpc = |n: u64| {
+        let run = h2load_at(
+            &format!("http://{}", p.release.addr),
+            EVALUATE,
+            &[],
+            &evaluate_body,
+            n,
+            8,
+            streams,
+        );
+        assert!(run.status.contains(&format!("{n} 2xx")), "{}", run.status);
+        run.rps
+    };
+    let http1 = |n: u64| {
+        let run = h2load_h1(&url, &[], &json_body, n, in_flight);
+        assert!(run.status.contains(&format!("{n} 2xx")), "{}", run.status);
+        // Every answer is the SPLIT decision's JSON (h2load does not read bodies).
+        assert!(
+            run.data >= n * 40,
+            "OFREP answers too short: {} bytes",
+            run.data
+        );
+        run.rps
+    };
+    grpc(requests / 4);
+    http1(requests / 4);
+    println!("| round | gRPC Evaluate (HTTP/2) req/s | OFREP (HTTP/1.1 keep-alive) req/s | OFREP / gRPC |");
+    println!("|---|---|---|---|");
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        let (g, o) = if round % 2 == 1 {
+            let g = grpc(requests);
+            (g, http1(requests))
+        } else {
+            let o = http1(requests);
+            (grpc(requests), o)
+        };
+        println!("| {round} | {g:.0} | {o:.0} | {:.3} |", o / g);
+        ratios.push(o / g);
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!("median OFREP / gRPC: {:.3}", ratios[ratios.len() / 2]);
+    let after = evaluate(&mut rc, "new-cart", "prod", "alice").await;
+    assert_eq!(after.reason(), rpb::Reason::Split, "{after:?}");
+}
+
+/// Runs tests/python/bench_in_process.py against one pair (`new-cart` at 50%) whose
+/// rollouts bucket as the Python provider does, and prints its rounds.
+async fn in_process(dir: &Path, evaluations: usize, rounds: usize) {
+    let p = pair_with(dir, &["--fractional-bucketing", "v3"]).await;
+    let mut dc = tests::connect(p.deploy.addr).await;
+    let mut rc = release::connect(p.release.addr).await;
+    load(&mut dc, &mut rc).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/bench_in_process.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .env("FLAGD_HOST", p.release.addr.ip().to_string())
+        .env("FLAGD_PORT", p.release.addr.port().to_string())
+        .env("FLAG_KEY", "new-cart")
+        .env("ROUNDS", rounds.to_string())
+        .env("EVALUATIONS", evaluations.to_string())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the benchmark script failed");
+    println!(
+        "| round | remote (RPC) evaluations/s | in-process evaluations/s | in-process / remote |"
+    );
+    println!("|---|---|---|---|");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if let Some(round) = v.get("round") {
+            println!(
+                "| {round} | {} | {} | {} |",
+                v["remote_per_s"], v["in_process_per_s"], v["ratio"]
+            );
+        } else {
+            println!("median in-process / remote: {}", v["median_ratio"]);
+        }
+    }
+}
+
 /// Releases `new-cart` to 50% of prod behind a placed carrier; returns the Evaluate
-/// request the throughput runs send (bob: inside the 50%), checked once.
+/// request the throughput runs send (alice: inside the 50%), checked once.
 async fn load(dc: &mut tests::Client, rc: &mut release::Client) -> rpb::EvaluateRequest {
     let (mut dc, mut rc) = (dc.clone(), rc.clone());
     environment(&mut dc, "prod", None, false).await;
@@ -323,7 +492,7 @@ async fn load(dc: &mut tests::Client, rc: &mut release::Client) -> rpb::Evaluate
         feature: "new-cart".into(),
         context: Some(rpb::EvaluationContext {
             environment: "prod".into(),
-            targeting_key: "bob".into(),
+            targeting_key: "alice".into(),
             attributes: None,
         }),
     };
@@ -406,7 +575,7 @@ async fn throughput(dir: &Path, requests: u64, clients: u32, streams: u32, round
         ratios.push(svc / base);
     }
     // Still correct after the load.
-    let after = evaluate(&mut rc, "new-cart", "prod", "bob").await;
+    let after = evaluate(&mut rc, "new-cart", "prod", "alice").await;
     assert_eq!(after.reason(), rpb::Reason::Split);
     ratios.sort_by(f64::total_cmp);
     println!(
@@ -668,7 +837,7 @@ async fn secure_throughput(dir: &Path, requests: u64, clients: u32, streams: u32
         until_split(&mut tc, &request).await.reason(),
         rpb::Reason::Split
     );
-    let after = evaluate(&mut rc, "new-cart", "prod", "bob").await;
+    let after = evaluate(&mut rc, "new-cart", "prod", "alice").await;
     assert_eq!(after.reason(), rpb::Reason::Split);
     println!(
         "every h2load response carried one EvaluateResponse; {checks} more calls over TLS + JWT answered OK"
@@ -695,7 +864,7 @@ async fn flagd(dir: &Path, requests: u64, clients: u32, streams: u32, rounds: us
             fields: [(
                 "targetingKey".to_owned(),
                 prost_types::Value {
-                    kind: Some(prost_types::value::Kind::StringValue("bob".into())),
+                    kind: Some(prost_types::value::Kind::StringValue("alice".into())),
                 },
             )]
             .into(),
@@ -744,7 +913,7 @@ async fn flagd(dir: &Path, requests: u64, clients: u32, streams: u32, rounds: us
         println!("| {round} | flagd.evaluation.v2 ResolveBoolean | {flagd:.0} |");
         ratios.push(flagd / native);
     }
-    let after = evaluate(&mut rc, "new-cart", "prod", "bob").await;
+    let after = evaluate(&mut rc, "new-cart", "prod", "alice").await;
     assert_eq!(after.reason(), rpb::Reason::Split);
     ratios.sort_by(f64::total_cmp);
     println!(
@@ -962,7 +1131,7 @@ async fn replicas(dir: &Path, url: &str, requests: u64, clients: u32, streams: u
     }
     for rc in [&mut rc, &mut rc2] {
         assert_eq!(
-            evaluate(rc, "new-cart", "prod", "bob").await.reason(),
+            evaluate(rc, "new-cart", "prod", "alice").await.reason(),
             rpb::Reason::Split
         );
     }
@@ -983,7 +1152,7 @@ async fn expect_split(rc: &mut release::Client) {
         rc,
         "new-cart",
         "prod",
-        "bob",
+        "alice",
         rpb::Reason::Split,
         Duration::from_secs(10),
     )
