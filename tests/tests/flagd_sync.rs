@@ -353,7 +353,7 @@ async fn equivalence(profile: &str, mut provider: tokio::process::Command, n: us
         classes.keys().any(|c| c.starts_with("paused ")),
         "{classes:#?}"
     );
-    println!(
+    eprintln!(
         "{} decisions agree ({} contexts x {} features); in-process evaluation took {:.2} s",
         want.len(),
         contexts.len(),
@@ -378,7 +378,7 @@ async fn equivalence(profile: &str, mut provider: tokio::process::Command, n: us
     .unwrap();
     let seen = next().await;
     let ms = seen["ms"].as_f64().unwrap_or_else(|| panic!("{seen}"));
-    println!("the kill switch reached the in-process provider in {ms:.1} ms");
+    eprintln!("the kill switch reached the in-process provider in {ms:.1} ms");
     drop(stdin);
     assert!(child.wait().await.unwrap().success());
     r.kill().await;
