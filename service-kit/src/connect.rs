@@ -559,9 +559,10 @@ impl Call {
     /// HTTP 200 and an end-of-stream message).
     fn error(&self, status: &Status, headers: Option<&HeaderMap>) -> Response<Body> {
         if self.streaming {
-            let mut answer = self.stream_head(headers);
-            *answer.body_mut() = Body::new(Full::new(end_stream(Some(status), None)));
-            answer
+            self.answer(
+                headers,
+                Body::new(Full::new(end_stream(Some(status), None))),
+            )
         } else {
             unary_error(status, headers)
         }
@@ -610,40 +611,31 @@ impl Call {
             Ok(message) => message,
             Err(status) => return unary_error(&status, Some(&parts.headers)),
         };
-        let mut answer = Response::new(Body::new(Full::new(message)));
-        for (name, value) in passed(&parts.headers) {
-            answer.headers_mut().append(name.clone(), value.clone());
-        }
+        let mut answer = self.answer(Some(&parts.headers), Body::new(Full::new(message)));
         for (name, value) in passed(&trailers) {
             if let Ok(name) = HeaderName::from_bytes(format!("trailer-{name}").as_bytes()) {
                 answer.headers_mut().append(name, value.clone());
             }
         }
-        answer.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static(match self.codec {
-                Codec::Json => "application/json",
-                Codec::Proto => "application/proto",
-            }),
-        );
         answer
     }
 
-    /// The head of a streaming answer (always HTTP 200).
-    fn stream_head(&self, headers: Option<&HeaderMap>) -> Response<Body> {
-        let mut answer = Response::new(Body::empty());
-        if let Some(headers) = headers {
-            for (name, value) in passed(headers) {
-                answer.headers_mut().append(name.clone(), value.clone());
-            }
+    /// An HTTP 200 answer in the call's content type, with `headers` passed on (see
+    /// [`passed`]).
+    fn answer(&self, headers: Option<&HeaderMap>, body: Body) -> Response<Body> {
+        let mut answer = Response::new(body);
+        for (name, value) in headers.into_iter().flat_map(passed) {
+            answer.headers_mut().append(name.clone(), value.clone());
         }
-        answer.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static(match self.codec {
-                Codec::Json => "application/connect+json",
-                Codec::Proto => "application/connect+proto",
-            }),
-        );
+        let content_type = match (self.streaming, self.codec) {
+            (false, Codec::Json) => "application/json",
+            (false, Codec::Proto) => "application/proto",
+            (true, Codec::Json) => "application/connect+json",
+            (true, Codec::Proto) => "application/connect+proto",
+        };
+        answer
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         answer
     }
 
@@ -659,7 +651,6 @@ impl Call {
                 return self.error(&status, Some(&parts.headers));
             }
         }
-        let mut answer = self.stream_head(Some(&parts.headers));
         let relay = Relay {
             call: self.clone(),
             body: Some(body),
@@ -669,8 +660,7 @@ impl Call {
             let out = relay.next().await?;
             Some((Ok::<_, Infallible>(Frame::data(out)), relay))
         });
-        *answer.body_mut() = Body::new(StreamBody::new(frames));
-        answer
+        self.answer(Some(&parts.headers), Body::new(StreamBody::new(frames)))
     }
 }
 

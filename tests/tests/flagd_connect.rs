@@ -34,36 +34,6 @@ async fn release_svc(database: &Path, args: &[&str]) -> (Binary, SocketAddr) {
     (r, flagd)
 }
 
-/// `new-cart` (boolean, released to 100% in prod), `banner-text` (string "hello"; "bye"
-/// when off), `old-thing` (disabled). Returns the new-cart release.
-async fn flags(rc: &mut Client) -> String {
-    release::plain_feature(rc, "new-cart", false).await;
-    let string = |s: &str| prost_types::Value {
-        kind: Some(prost_types::value::Kind::StringValue(s.into())),
-    };
-    rc.create_feature(rpb::CreateFeatureRequest {
-        feature: Some(rpb::Feature {
-            key: "banner-text".into(),
-            variants: [
-                ("a".to_owned(), string("hello")),
-                ("b".to_owned(), string("bye")),
-            ]
-            .into(),
-            default_variant: "a".into(),
-            off_variant: "b".into(),
-            ..Default::default()
-        }),
-    })
-    .await
-    .unwrap();
-    release::plain_feature(rc, "old-thing", true).await;
-    let cart = release::release(rc, &["new-cart"], &["prod"]).await;
-    release::rollout(rc, &cart, "prod", 100.0).await;
-    let banner = release::release(rc, &["banner-text"], &["prod"]).await;
-    release::rollout(rc, &banner, "prod", 100.0).await;
-    cart
-}
-
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Version {
     Http1,
@@ -202,22 +172,6 @@ async fn next_envelope(body: &mut Incoming, buf: &mut BytesMut) -> (u8, Bytes) {
     }
 }
 
-fn context(pairs: &[(&str, &str)]) -> prost_types::Struct {
-    prost_types::Struct {
-        fields: pairs
-            .iter()
-            .map(|(k, v)| {
-                (
-                    (*k).to_owned(),
-                    prost_types::Value {
-                        kind: Some(prost_types::value::Kind::StringValue((*v).to_owned())),
-                    },
-                )
-            })
-            .collect(),
-    }
-}
-
 const V1: &str = "/flagd.evaluation.v1.Service";
 const V2: &str = "/flagd.evaluation.v2.Service";
 
@@ -229,8 +183,8 @@ async fn connect_unary_calls_answer_like_grpc_on_the_same_ports() {
     let dir = tempfile::tempdir().unwrap();
     let (r, flagd) = release_svc(&dir.path().join("r.db"), &[]).await;
     let mut rc = release::connect(r.addr).await;
-    flags(&mut rc).await;
-    let user = context(&[("targetingKey", "u1")]);
+    release::openfeature_flags(&mut rc).await;
+    let user = release::context(&[("targetingKey", "u1")]);
 
     for addr in [r.addr, flagd] {
         // gRPC on this port, for reference (and to show it still works beside Connect).
@@ -320,11 +274,19 @@ async fn connect_unary_calls_answer_like_grpc_on_the_same_ports() {
             )
             .await
             .json();
+            let metadata = &grpc_banner.metadata.as_ref().unwrap().fields;
+            assert_eq!(metadata["team"], release::string("growth"));
             assert_eq!(
                 banner,
-                json!({"value": grpc_banner.value, "reason": grpc_banner.reason, "variant": grpc_banner.variant}),
+                json!({
+                    "value": grpc_banner.value,
+                    "reason": grpc_banner.reason,
+                    "variant": grpc_banner.variant,
+                    "metadata": {"team": "growth", "tier": 2.0},
+                }),
                 "{at}"
             );
+            assert_eq!(metadata.len(), 2);
             // JSON, v1 ResolveAll: every flag as gRPC answers it.
             let all = json_call(
                 addr,
@@ -487,7 +449,7 @@ async fn connect_event_streams_carry_changes_and_end_with_errors() {
     )
     .await;
     let mut rc = release::connect(r.addr).await;
-    let cart = flags(&mut rc).await;
+    let cart = release::openfeature_flags(&mut rc).await;
 
     // Four streams: JSON v1 on HTTP/1.1, JSON v2 on HTTP/2, protobuf v2 on both.
     let kinds = [
@@ -639,19 +601,9 @@ async fn connect_calls_are_authenticated_and_cors_checked_like_grpc() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("r.db");
     let r = Binary::release_alone(&db, &[]).await;
-    flags(&mut release::connect(r.addr).await).await;
+    release::openfeature_flags(&mut release::connect(r.addr).await).await;
     r.kill().await;
-    let token = pki::random_token();
-    let (tokens, policy) = (
-        dir.path().join("tokens.json"),
-        dir.path().join("policy.json"),
-    );
-    pki::token_file(&tokens, &[(&token, "checkout", &[])]).unwrap();
-    pki::policy_file(
-        &policy,
-        &[json!({"role": "evaluator", "principals": ["checkout"], "environments": ["prod"]})],
-    )
-    .unwrap();
+    let (token, tokens, policy) = pki::evaluator_in_prod(dir.path()).unwrap();
     let (r, flagd) = release_svc(
         &db,
         &[
@@ -827,7 +779,7 @@ async fn web_provider_at(
         .env("FLAGD_HOST", host)
         .env("FLAGD_PORT", port.to_string())
         .envs(env.iter().copied())
-        .env("NODE_PATH", node_modules())
+        .env("NODE_PATH", tests::node_modules())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .kill_on_drop(true);
@@ -881,7 +833,7 @@ async fn stock_flagd_web_provider_resolves_and_follows_changes() {
     let dir = tempfile::tempdir().unwrap();
     let (r, flagd) = release_svc(&dir.path().join("r.db"), &[]).await;
     let mut rc = release::connect(r.addr).await;
-    let cart = flags(&mut rc).await;
+    let cart = release::openfeature_flags(&mut rc).await;
     // On the main port, without a change.
     let (before, _) = web_provider(&r, r.addr, None, None).await;
     assert_eq!(before["web"]["new_cart"]["value"], true, "{before}");
@@ -912,7 +864,7 @@ async fn stock_flagd_web_provider_works_over_tls() {
     let db = dir.path().join("r.db");
     // The data, written over plaintext; then the same file served over TLS.
     let r = Binary::release_alone(&db, &[]).await;
-    let cart = flags(&mut release::connect(r.addr).await).await;
+    let cart = release::openfeature_flags(&mut release::connect(r.addr).await).await;
     r.kill().await;
     let (cert, key) = (
         server.cert.to_string_lossy().into_owned(),
@@ -924,7 +876,7 @@ async fn stock_flagd_web_provider_works_over_tls() {
     let grpc = v1::service_client::ServiceClient::new(tls_channel(&pem, flagd).await)
         .resolve_boolean(v1::ResolveBooleanRequest {
             flag_key: "new-cart".into(),
-            context: Some(context(&[("targetingKey", "u1")])),
+            context: Some(release::context(&[("targetingKey", "u1")])),
         })
         .await
         .unwrap()
@@ -959,14 +911,4 @@ async fn tls_channel(pem: &[u8], addr: SocketAddr) -> tonic::transport::Channel 
         .connect()
         .await
         .unwrap()
-}
-
-/// Where `scripts/test` installs the Node packages.
-fn node_modules() -> String {
-    std::env::var("OFREP_NODE_MODULES").unwrap_or_else(|_| {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/node/node_modules")
-            .to_string_lossy()
-            .into_owned()
-    })
 }
