@@ -432,6 +432,18 @@ async fn connect_unary_calls_answer_like_grpc_on_the_same_ports() {
             }
             let none = call(addr, version, &format!("{V1}/ResolveBoolean"), &[], "{}").await;
             assert_eq!(none.status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{at}");
+            // Connect by POST only.
+            let get = open(
+                addr,
+                version,
+                "GET",
+                &format!("{V1}/ResolveBoolean"),
+                &[("content-type", "application/json")],
+                Bytes::new(),
+            )
+            .await;
+            assert_eq!(get.status(), StatusCode::METHOD_NOT_ALLOWED, "{at}");
+            assert_eq!(get.headers()["allow"], "POST", "{at}");
         }
     }
     r.kill().await;
