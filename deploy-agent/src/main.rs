@@ -23,10 +23,14 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    service_kit::init_tracing(&args.log);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // The trace exporter's channel lives on the runtime.
+    let traces = {
+        let _runtime = runtime.enter();
+        service_kit::init_tracing(&args.log, "deploy-agent")?
+    };
     let result = runtime.block_on(async move {
         let stop = tokio_util::sync::CancellationToken::new();
         let on_signal = stop.clone();
@@ -52,6 +56,7 @@ fn main() -> anyhow::Result<()> {
         if let Some(metrics) = metrics {
             let _ = metrics.await;
         }
+        traces.shutdown().await;
         result
     });
     // A placement thread blocked in a read or a hook is not waited for: it has been told

@@ -367,9 +367,25 @@ async fn follow(
             tracing::warn!(?order, "order action not supported; ignored");
             continue;
         }
+        // While traces are exported, one span per order: its reports to deploy-svc (and so
+        // the placement events they write) are its children.
+        let span = tracing::info_span!(
+            target: service_kit::otel::TARGET,
+            parent: None,
+            "place",
+            otel.kind = "internal",
+            deploy.deployment = %order.deployment,
+            deploy.target = %config.target_name(),
+            deploy.artifact = %order.artifact,
+            deploy.version = %order.version,
+        );
+        let carried = tracing::Instrument::instrument(
+            carry_out(config, client, placer.clone(), principal, order),
+            span,
+        );
         tokio::select! {
             () = stop.cancelled() => return Ok(()),
-            r = carry_out(config, client, placer.clone(), principal, order) => r?,
+            r = carried => r?,
         }
     }
 }

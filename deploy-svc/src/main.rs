@@ -7,7 +7,7 @@ use deploy_svc::Config;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    service_kit::init_tracing(&config.log);
+    let traces = service_kit::init_tracing(&config.log, "deploy-svc")?;
     let listen = config.listen;
     let server = deploy_svc::Server::open(config, std::sync::Arc::new(SystemClock))?;
     let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -17,5 +17,7 @@ async fn main() -> anyhow::Result<()> {
     {
         println!("deploy-svc listening on {}", listener.local_addr()?);
     }
-    server.run(listener, service_kit::shutdown_signal()).await
+    let result = server.run(listener, service_kit::shutdown_signal()).await;
+    traces.shutdown().await;
+    result
 }

@@ -441,6 +441,7 @@ mod tests {
             sequence: seq,
             commit_ms: 0,
             previous_state: PlacementState::Pending,
+            trace_parent: None,
             placement: Placement {
                 deployment: 1,
                 environment: "dev".into(),

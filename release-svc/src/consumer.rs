@@ -11,6 +11,11 @@
 //! reports it in GetConsumerStatus and reconnects. The health service name
 //! [`PLACEMENT_FEED_HEALTH`] is SERVING while the stream is open and NOT_SERVING while it
 //! is lost.
+//!
+//! While traces are exported, opening the stream runs in a span (`placement-feed.open`, so
+//! deploy-svc's WatchPlacements span is its child), and each automatic withdrawal gets a
+//! span (`auto.withdraw`) linked to the trace context the causing events carry (the
+//! deploy-svc call that changed the placement).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,6 +33,7 @@ use crate::domain::model::Millis;
 use crate::domain::names;
 use crate::domain::placements::{Placement, PlacementState};
 use crate::engine::{now_ms, Engine};
+use crate::store::Withdrawal;
 use crate::telemetry;
 
 /// Most events applied in one transaction.
@@ -163,13 +169,26 @@ async fn follow(
 ) -> Outcome {
     // A frozen deploy-svc accepts TCP connections and then says nothing: bound the
     // connection and the call that opens the stream like the stream itself.
-    let opened = tokio::time::timeout(SILENCE_LIMIT, open(engine, deploy_svc, security, resync))
-        .await
-        .unwrap_or_else(|_| {
-            Err(Outcome::Retry(format!(
-                "deploy-svc did not answer WatchPlacements within {SILENCE_LIMIT:?}"
-            )))
-        });
+    let span = tracing::info_span!(
+        target: service_kit::otel::TARGET,
+        parent: None,
+        "placement-feed.open",
+        otel.kind = "client",
+        rpc.system = "grpc",
+        rpc.service = "deploy.v1.DeployService",
+        rpc.method = "WatchPlacements",
+        resync,
+    );
+    let opened = tokio::time::timeout(
+        SILENCE_LIMIT,
+        tracing::Instrument::instrument(open(engine, deploy_svc, security, resync), span),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(Outcome::Retry(format!(
+            "deploy-svc did not answer WatchPlacements within {SILENCE_LIMIT:?}"
+        )))
+    });
     let (mut stream, cursor) = match opened {
         Ok(opened) => opened,
         Err(outcome) => return outcome,
@@ -209,6 +228,8 @@ async fn follow(
         update(status, |s| s.last_message_ms = now);
         metrics::gauge!(telemetry::CONSUMER_LAST_MESSAGE).set(now as f64 / 1000.0);
         let mut events = Vec::new();
+        // (environment, traceparent) of the events that carry one, while traces are on.
+        let mut causes: Vec<(String, String)> = Vec::new();
         let mut cursor_after = None;
         for msg in batch {
             use dpb::watch_placements_response::Kind;
@@ -231,7 +252,14 @@ async fn follow(
                 Some(Kind::Event(e)) => {
                     cursor_after = Some(e.sequence);
                     match e.placement.as_ref().and_then(placement) {
-                        Some(p) => events.push(p),
+                        Some(p) => {
+                            if let Some(tp) =
+                                e.trace_parent.filter(|_| service_kit::otel::enabled())
+                            {
+                                causes.push((p.environment.clone(), tp));
+                            }
+                            events.push(p);
+                        }
                         None => tracing::error!(
                             sequence = e.sequence,
                             "malformed placement event skipped"
@@ -244,14 +272,39 @@ async fn follow(
             }
         }
         if let Some(cursor_after) = cursor_after {
-            if let Err(e) = engine.apply_placements(events, cursor_after).await {
-                return Outcome::Retry(format!("cannot apply placement events: {e}"));
+            match engine.apply_placements(events, cursor_after).await {
+                Ok(withdrawals) => trace_withdrawals(&withdrawals, &causes),
+                Err(e) => return Outcome::Retry(format!("cannot apply placement events: {e}")),
             }
             applied = cursor_after;
         }
         let head = status.lock().unwrap_or_else(|p| p.into_inner()).head;
         metrics::gauge!(telemetry::CONSUMER_HEAD).set(head as f64);
         metrics::gauge!(telemetry::CONSUMER_LAG).set(head.saturating_sub(applied) as f64);
+    }
+}
+
+/// One span per automatic withdrawal, linked to the trace context of every event of the
+/// batch in the withdrawal's environment (the calls that changed its placements).
+fn trace_withdrawals(withdrawals: &[Withdrawal], causes: &[(String, String)]) {
+    for w in withdrawals {
+        let span = tracing::info_span!(
+            target: service_kit::otel::TARGET,
+            parent: None,
+            "auto.withdraw",
+            otel.kind = "internal",
+            release.feature = %w.feature,
+            release.environment = %w.environment,
+            release.reason = %w.reason,
+            deploy.placement_sequence = w.sequence,
+        );
+        let mut linked: Vec<&str> = Vec::new();
+        for (environment, tp) in causes {
+            if *environment == w.environment && !linked.contains(&tp.as_str()) {
+                service_kit::otel::link(&span, tp);
+                linked.push(tp);
+            }
+        }
     }
 }
 

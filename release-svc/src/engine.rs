@@ -624,15 +624,20 @@ impl Engine {
 
     /// Applies placement events received after `cursor` (ordered), advancing the cursor to
     /// `cursor_after` and recording any automatic withdrawal, in one store transaction. Only
-    /// the features carried by the touched artifacts are recomputed.
-    pub async fn apply_placements(&self, events: Vec<Placement>, cursor_after: u64) -> Result<()> {
+    /// the features carried by the touched artifacts are recomputed. Returns the
+    /// withdrawals.
+    pub async fn apply_placements(
+        &self,
+        events: Vec<Placement>,
+        cursor_after: u64,
+    ) -> Result<Vec<Withdrawal>> {
         let mut state = self.state.lock().await;
         let fresh: Vec<Placement> = events
             .into_iter()
             .filter(|e| e.sequence > state.cursor)
             .collect();
         if fresh.is_empty() && cursor_after <= state.cursor {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let mut next_placements = state.placements.clone();
         for e in &fresh {
@@ -670,7 +675,7 @@ impl Engine {
         if !fresh.is_empty() {
             self.swap(&before, next, &scope, placement_cause(&fresh, &withdrawals));
         }
-        Ok(())
+        Ok(withdrawals)
     }
 
     /// Replaces every placement with a snapshot from deploy-svc (a resync).

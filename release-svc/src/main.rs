@@ -6,9 +6,11 @@ use release_svc::Config;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut config = Config::parse();
-    service_kit::init_tracing(&config.log);
+    let traces = service_kit::init_tracing(&config.log, "release-svc")?;
     if let Some(command) = config.command.take() {
-        return release_svc::cli::run(command).await;
+        let result = release_svc::cli::run(command).await;
+        traces.shutdown().await;
+        return result;
     }
     let (listen, flagd_listen, ofrep_listen) =
         (config.listen, config.flagd_listen, config.ofrep_listen);
@@ -37,12 +39,14 @@ async fn main() -> anyhow::Result<()> {
             println!("release-svc OFREP listening on {}", l.local_addr()?);
         }
     }
-    server
+    let result = server
         .run_with_ports(
             listener,
             flagd_listener,
             ofrep_listener,
             service_kit::shutdown_signal(),
         )
-        .await
+        .await;
+    traces.shutdown().await;
+    result
 }

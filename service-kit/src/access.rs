@@ -17,6 +17,9 @@
 //! - `grpc_server_handling_seconds{grpc_service, grpc_method}`: call duration (for streams,
 //!   how long the stream was open).
 //! - `grpc_server_open_streams{kind}`: server streams open now, by kind.
+//!
+//! With trace export on ([`otel`]), each call also runs in one server span, which ends with
+//! the call (for a stream, when it ends) and records its status code.
 
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
@@ -28,8 +31,10 @@ use std::time::Instant;
 
 use http_body::Frame;
 use tonic::body::Body;
+use tracing::Instrument;
 
 use crate::auth::table;
+use crate::otel;
 use crate::tls::ConnInfo;
 
 /// The server streams counted in `grpc_server_open_streams`, by path, with their kind.
@@ -125,7 +130,7 @@ where
 
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
         let path = req.uri().path();
-        let (service, method) = labels(path);
+        let (name, service, method) = labels(path);
         let stream = STREAMS
             .iter()
             .find(|(p, _)| *p == path)
@@ -139,6 +144,7 @@ where
         let peer = req.extensions().get::<ConnInfo>().and_then(|c| c.remote);
         let principal = PrincipalSlot::default();
         req.extensions_mut().insert(principal.clone());
+        let span = otel::server_span(name, service, method, req.headers());
         let mut record = Record {
             start: Instant::now(),
             service,
@@ -149,12 +155,13 @@ where
             principal,
             code: None,
             done: false,
+            span: span.clone(),
         };
         // The service that was polled ready handles this call; its clone waits for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let call = inner.call(req);
-        Box::pin(async move {
+        let call = span.in_scope(|| inner.call(req));
+        let work = async move {
             let response = match call.await {
                 Ok(response) => response,
                 // Load shedding and the like: answer with the status tonic would have sent.
@@ -186,18 +193,20 @@ where
                     record,
                 }),
             ))
-        })
+        };
+        Box::pin(work.instrument(span))
     }
 }
 
-/// The `grpc_service` and `grpc_method` labels of a path: from the authorization table,
-/// so their values are bounded.
-fn labels(path: &str) -> (&'static str, &'static str) {
+/// The full method name (`service/method`) and the `grpc_service` and `grpc_method`
+/// labels of a path: from the authorization table, so their values are bounded.
+fn labels(path: &str) -> (&'static str, &'static str, &'static str) {
     table::TABLE
         .iter()
         .find(|r| r.path == path)
-        .and_then(|r| r.path.trim_start_matches('/').split_once('/'))
-        .unwrap_or(("unknown", "unknown"))
+        .map(|r| r.path.trim_start_matches('/'))
+        .and_then(|name| name.split_once('/').map(|(s, m)| (name, s, m)))
+        .unwrap_or(("unknown", "unknown", "unknown"))
 }
 
 fn plain_token(v: &str) -> bool {
@@ -259,6 +268,8 @@ struct Record {
     principal: PrincipalSlot,
     code: Option<i32>,
     done: bool,
+    /// The call's server span (disabled while tracing is off); it ends when this drops.
+    span: tracing::Span,
 }
 
 impl Record {
@@ -268,7 +279,9 @@ impl Record {
         }
         // A call that ends without a status was cut short: the client left or the
         // deadline passed.
-        let code = code_name(self.code.unwrap_or(tonic::Code::Cancelled as i32));
+        let code = self.code.unwrap_or(tonic::Code::Cancelled as i32);
+        otel::record_status(&self.span, code);
+        let code = code_name(code);
         let elapsed = self.start.elapsed();
         metrics::counter!(
             "grpc_server_handled_total",
@@ -321,7 +334,11 @@ impl http_body::Body for Recorded {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        // What produces a stream's messages runs in the call's span.
+        let polled = this
+            .record
+            .span
+            .in_scope(|| Pin::new(&mut this.inner).poll_frame(cx));
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(trailers) = frame.trailers_ref() {

@@ -1,7 +1,8 @@
 //! Outbound gRPC channels (release-svc to deploy-svc, agents to deploy-svc, the command
 //! line clients) with TLS, an optional client certificate (mutual TLS) and an optional
 //! bearer token read from a file (re-read when it changes, as Kubernetes rotates projected
-//! service-account tokens).
+//! service-account tokens). With trace export on, every call also carries the W3C
+//! `traceparent` of the span it is made in ([`crate::otel::inject`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -59,12 +60,14 @@ impl ClientArgs {
 /// A channel whose calls carry the bearer token, if any.
 pub type AuthChannel = InterceptedService<Channel, Bearer>;
 
-/// Adds `authorization: Bearer <token>` to every call.
+/// Adds `authorization: Bearer <token>` to every call, and the current span's
+/// `traceparent` while traces are exported.
 #[derive(Debug, Clone, Default)]
 pub struct Bearer(Option<Arc<Reloading<String>>>);
 
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        crate::otel::inject(req.metadata_mut());
         if let Some(token) = &self.0 {
             let value = MetadataValue::try_from(format!("Bearer {}", token.get().0))
                 .map_err(|_| tonic::Status::internal("the token file holds an invalid token"))?;

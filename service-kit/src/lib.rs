@@ -4,7 +4,9 @@
 //!
 //! # Layout
 //!
-//! - [`LogArgs`] / [`init_tracing`]: human or JSON logs, filtered by `RUST_LOG`.
+//! - [`LogArgs`] / [`init_tracing`]: human or JSON logs, filtered by `RUST_LOG`, and the
+//!   trace exporter.
+//! - [`otel`]: OpenTelemetry traces over OTLP, W3C `traceparent` in and out.
 //! - [`shutdown_signal`]: resolves on SIGINT or SIGTERM.
 //! - [`reflection()`]: gRPC reflection v1 and v1alpha over the contracts a server serves,
 //!   with comments.
@@ -44,6 +46,7 @@ pub mod connect;
 pub mod cors;
 pub mod error;
 pub mod health;
+pub mod otel;
 #[cfg(feature = "postgres")]
 pub mod pg;
 pub mod principal;
@@ -70,29 +73,67 @@ use tonic_health::server::HealthReporter;
 
 pub use principal::principal;
 
-/// Logging options, flattened into each service's command line.
+/// Logging and trace export options, flattened into each program's command line.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LogArgs {
     /// Log format: `text` for people, `json` for log pipelines.
     #[arg(long = "log-format", env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub format: String,
+    /// Traces (OpenTelemetry over OTLP).
+    #[command(flatten)]
+    pub otel: otel::OtelArgs,
 }
 
-/// Installs the global tracing subscriber (stderr; level from `RUST_LOG`, default info).
-pub fn init_tracing(args: &LogArgs) {
+/// Installs the global tracing subscriber (stderr; level from `RUST_LOG`, default info) and,
+/// with `--otlp-endpoint`, the span exporter (see [`otel`]); `program` is the exported
+/// `service.name`. Call it inside a Tokio runtime, and flush the returned exporter with
+/// [`otel::Tracing::shutdown`] before exiting.
+pub fn init_tracing(args: &LogArgs, program: &'static str) -> anyhow::Result<otel::Tracing> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
+    // Static filters only (per-callsite decisions, a level hint): a filter without a hint
+    // would let every `trace!` and `log` record of the dependencies through to be judged
+    // one by one on the call path.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let result = if args.format == "json" {
-        builder.json().try_init()
+    // Exported spans stay out of the log lines.
+    let logged = filter.add_directive(format!("{}=off", otel::TARGET).parse()?);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if args.format == "json" {
+        fmt.json().boxed()
     } else {
-        builder.try_init()
+        fmt.boxed()
     };
-    if let Err(e) = result {
+    let (tracing, tracer) = match otel::tracer(&args.otel, program)? {
+        Some((tracing, tracer)) => (tracing, Some(tracer)),
+        None => (otel::Tracing::default(), None),
+    };
+    let exported = tracer.map(|tracer| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_location(false)
+            .with_threads(false)
+            .with_tracked_inactivity(false)
+            .with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target(otel::TARGET, tracing::Level::INFO),
+            )
+    });
+    if let Err(e) = tracing_subscriber::registry()
+        .with(fmt.with_filter(logged))
+        .with(exported)
+        .try_init()
+    {
         tracing::debug!(error = %e, "tracing already initialised");
     }
+    if let Some(endpoint) = &args.otel.otlp_endpoint {
+        if otel::enabled() {
+            tracing::info!(endpoint = %redact::url(endpoint), "exporting traces over OTLP");
+        }
+    }
+    Ok(tracing)
 }
 
 /// Resolves when the process receives SIGINT or SIGTERM.

@@ -243,8 +243,14 @@ pub struct ConnInfo {
 
 enum Io {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    /// Writes are gathered until HTTP/2 flushes: rustls makes one record (and the stream one
+    /// write to the socket) per write it is given, and HTTP/2 writes every frame on its
+    /// own, so unbuffered a small gRPC answer became several records and system calls.
+    Tls(Box<tokio::io::BufWriter<TlsStream<TcpStream>>>),
 }
+
+/// Bytes gathered before they go to TLS (larger writes go straight through).
+const TLS_WRITE_BUFFER: usize = 16 * 1024;
 
 /// An accepted connection, plaintext or TLS, holding its slot under the connection cap.
 pub struct Conn {
@@ -391,7 +397,10 @@ pub fn incoming(
                             .peer_certificates()
                             .map(|c| Arc::new(c.to_vec()));
                         let conn = Conn {
-                            io: Io::Tls(Box::new(stream)),
+                            io: Io::Tls(Box::new(tokio::io::BufWriter::with_capacity(
+                                TLS_WRITE_BUFFER,
+                                stream,
+                            ))),
                             info: ConnInfo {
                                 remote: Some(remote),
                                 peer_certs,

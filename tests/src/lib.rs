@@ -323,22 +323,27 @@ impl Binary {
     /// Starts the workspace binary `name` with exactly `args` and waits for it to print its
     /// address (its first stdout line ends with it).
     pub async fn spawn(name: &str, args: &[&str]) -> Self {
+        Self::spawn_with_vars(name, args, &[]).await
+    }
+
+    /// Like [`Binary::spawn`], with the environment variables `vars` added.
+    pub async fn spawn_with_vars(name: &str, args: &[&str], vars: &[(&str, &str)]) -> Self {
         // TEST_SERVER_LOGS=1 shows the servers' logs beside the test's output.
         let stderr = if std::env::var_os("TEST_SERVER_LOGS").is_some() {
             Stdio::inherit()
         } else {
             Stdio::null()
         };
-        Self::spawn_with(name, args, stderr).await
+        Self::spawn_with(name, args, stderr, vars).await
     }
 
     /// Like [`Binary::spawn`], with the process's logs (stderr) written to the file `log`.
     pub async fn spawn_logging(name: &str, args: &[&str], log: &Path) -> Self {
         let file = std::fs::File::create(log).unwrap();
-        Self::spawn_with(name, args, Stdio::from(file)).await
+        Self::spawn_with(name, args, Stdio::from(file), &[]).await
     }
 
-    async fn spawn_with(name: &str, args: &[&str], stderr: Stdio) -> Self {
+    async fn spawn_with(name: &str, args: &[&str], stderr: Stdio, vars: &[(&str, &str)]) -> Self {
         let bin = bin_dir().join(name);
         assert!(
             bin.exists(),
@@ -347,6 +352,7 @@ impl Binary {
         );
         let mut child = Command::new(&bin)
             .args(args)
+            .envs(vars.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .kill_on_drop(true)

@@ -834,3 +834,118 @@ async fn during_the_shutdown_delay_health_is_not_serving_and_calls_still_succeed
         .expect("no exit after the shutdown delay");
     assert!(status.success(), "{status:?}");
 }
+
+/// SIGTERM while 500 change streams are open and eight clients evaluate in a loop, each
+/// stopping when client-side health checking (a Health Watch) reports NOT_SERVING, as gRPC
+/// clients and load balancers do: no unary call fails (those in flight at the signal and
+/// those sent before the clients noticed complete), every stream ends with UNAVAILABLE and
+/// its resume hint, and the process exits within 5 s.
+#[tokio::test]
+async fn sigterm_with_500_streams_and_unary_load_fails_no_call() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use tonic_health::ServingStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let d = deploy_svc(dir.path(), &[]).await;
+    let mut r = release_svc(dir.path(), d.addr, &["--shutdown-delay-ms", "1000"]).await;
+    let mut rc = release::connect(r.addr).await;
+    release::plain_feature(&mut rc, "new-cart", false).await;
+
+    let mut streams = Vec::new();
+    for _ in 0..5 {
+        let channel = tests::channel(r.addr).await;
+        for _ in 0..100 {
+            let mut c = rpb::release_service_client::ReleaseServiceClient::new(channel.clone());
+            streams.push(
+                c.watch_visibility(rpb::WatchVisibilityRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner(),
+            );
+        }
+    }
+
+    let (mut watch, first) = health_watch(r.addr, "release.v1.ReleaseService").await;
+    assert_eq!(first, ServingStatus::Serving as i32);
+    let routed = Arc::new(AtomicBool::new(true));
+    let noticed = {
+        let routed = routed.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(msg)) = watch.message().await {
+                if msg.status != ServingStatus::Serving as i32 {
+                    break;
+                }
+            }
+            routed.store(false, Ordering::SeqCst);
+        })
+    };
+    let signalled = Arc::new(AtomicBool::new(false));
+    let (ok, after_signal) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut load = Vec::new();
+    for _ in 0..8 {
+        let (routed, signalled) = (routed.clone(), signalled.clone());
+        let (ok, after_signal) = (ok.clone(), after_signal.clone());
+        let mut c = release::connect(r.addr).await;
+        load.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            while routed.load(Ordering::SeqCst) {
+                let late = signalled.load(Ordering::SeqCst);
+                let call = c
+                    .evaluate(rpb::EvaluateRequest {
+                        feature: "new-cart".into(),
+                        context: Some(rpb::EvaluationContext {
+                            environment: "prod".into(),
+                            targeting_key: "u1".into(),
+                            attributes: None,
+                        }),
+                    })
+                    .await;
+                match call {
+                    Ok(_) => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                        if late {
+                            after_signal.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    Err(status) => failures.push(status),
+                }
+            }
+            failures
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    signalled.store(true, Ordering::SeqCst);
+    r.signal("TERM");
+    let mut failures = Vec::new();
+    for task in load {
+        failures.extend(task.await.unwrap());
+    }
+    noticed.await.unwrap();
+    assert!(failures.is_empty(), "{} calls failed: {:?}", failures.len(), &failures[..1]);
+    assert!(
+        ok.load(Ordering::SeqCst) > 0 && after_signal.load(Ordering::SeqCst) > 0,
+        "the load must overlap the signal: {ok:?} OK, {after_signal:?} after it"
+    );
+    for (i, s) in streams.iter_mut().enumerate() {
+        let end = loop {
+            match tokio::time::timeout(Duration::from_secs(10), s.message()).await {
+                Ok(Ok(Some(_))) => {}
+                Ok(Ok(None)) => panic!("stream {i} ended without a status"),
+                Ok(Err(status)) => break status,
+                Err(_) => panic!("stream {i} still open 10 s after SIGTERM"),
+            }
+        };
+        assert_eq!(end.code(), tonic::Code::Unavailable, "stream {i}: {end:?}");
+        assert!(end.message().contains("reconnect"), "stream {i}: {end:?}");
+    }
+    let status = exited(&mut r, Duration::from_secs(5).saturating_sub(started.elapsed()))
+        .await
+        .expect("release-svc did not exit within 5 s of SIGTERM");
+    assert!(status.success(), "{status:?}");
+    println!(
+        "{} calls OK ({} sent after SIGTERM), 500 streams ended UNAVAILABLE, exit {:?} after SIGTERM",
+        ok.load(Ordering::SeqCst),
+        after_signal.load(Ordering::SeqCst),
+        started.elapsed()
+    );
+}

@@ -40,6 +40,9 @@ pub struct Caller {
     /// The request id (the request's own field, else the `x-request-id` metadata, else
     /// empty).
     pub request_id: String,
+    /// The W3C `traceparent` of the call's server span while traces are exported: the
+    /// placement events the change writes carry it.
+    pub trace_parent: Option<String>,
 }
 
 impl Caller {
@@ -197,6 +200,7 @@ mod tests {
         let c = Caller {
             principal: "alice".into(),
             request_id: "meta".into(),
+            trace_parent: None,
         };
         assert_eq!(c.clone().with_request_id(Some("")).request_id, "meta");
         assert_eq!(c.with_request_id(Some("body")).request_id, "body");

@@ -318,6 +318,9 @@ pub struct PlacementEvent {
     pub placement: Placement,
     /// The state before.
     pub previous_state: PlacementState,
+    /// The W3C `traceparent` of the call that caused the change (while traces are
+    /// exported; `None` for automatic changes and older events).
+    pub trace_parent: Option<String>,
 }
 
 /// A placement report, validated.

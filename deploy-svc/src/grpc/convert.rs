@@ -862,6 +862,7 @@ pub fn event(e: &PlacementEvent) -> pb::PlacementEvent {
         commit_time: timestamp(e.commit_ms),
         placement: Some(placement(&e.placement)),
         previous_state: placement_state(e.previous_state),
+        trace_parent: e.trace_parent.clone(),
     }
 }
 

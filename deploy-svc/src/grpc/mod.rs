@@ -185,7 +185,8 @@ impl DeployApi {
 pub const REQUEST_ID_METADATA: &str = "x-request-id";
 
 /// Who makes a call: the principal (authenticated, or `x-principal` with authentication
-/// off; see [`service_kit::auth`]) and the `x-request-id` metadata (empty when absent). Bad
+/// off; see [`service_kit::auth`]), the `x-request-id` metadata (empty when absent) and,
+/// while traces are exported, the call's span (for the placement events it causes). Bad
 /// values are INVALID_ARGUMENT naming the metadata key.
 pub fn caller<T>(req: &Request<T>) -> std::result::Result<Caller, Status> {
     let metadata = req.metadata();
@@ -204,6 +205,7 @@ pub fn caller<T>(req: &Request<T>) -> std::result::Result<Caller, Status> {
     Ok(Caller {
         principal,
         request_id,
+        trace_parent: service_kit::otel::current_traceparent(),
     })
 }
 

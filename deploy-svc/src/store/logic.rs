@@ -708,19 +708,22 @@ pub(crate) fn event_row(r: &SqlRow) -> Result<PlacementEvent> {
             sequence: seq,
             update_ms: r.get(1)?,
         },
+        trace_parent: r.get(11)?,
     })
 }
 
-/// Appends the event of `placement` (already in its new state) to the outbox and sets the
-/// placement's sequence; returns the event, to publish after commit.
+/// Appends the event of `placement` (already in its new state) to the outbox, with the
+/// trace context of the call that caused it, and sets the placement's sequence; returns the
+/// event, to publish after commit.
 fn append_event(
     conn: &dyn Db,
     now: Millis,
     placement: &mut Placement,
     previous: PlacementState,
+    caller: &Caller,
 ) -> Result<PlacementEvent> {
-    let seq: i64 = conn.row("INSERT INTO placement_events (commit_ms, deployment, environment, target, artifact, version, digest, state, previous_state, message)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) RETURNING seq", p![
+    let seq: i64 = conn.row("INSERT INTO placement_events (commit_ms, deployment, environment, target, artifact, version, digest, state, previous_state, message, trace_parent)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) RETURNING seq", p![
         now,
         placement.deployment,
         placement.environment,
@@ -730,7 +733,8 @@ fn append_event(
         placement.digest,
         placement.state.code(),
         previous.code(),
-        placement.message
+        placement.message,
+        caller.trace_parent
     ], |r| r.get(0))?;
     conn.execute("INSERT INTO placements (deployment, target, state, message, seq, update_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (deployment, target) DO UPDATE SET state = excluded.state, message = excluded.message, seq = excluded.seq, update_ms = excluded.update_ms", p![
@@ -748,6 +752,7 @@ fn append_event(
         commit_ms: now,
         placement: placement.clone(),
         previous_state: previous,
+        trace_parent: caller.trace_parent.clone(),
     })
 }
 
@@ -826,7 +831,7 @@ fn apply_report(
     }
     placement.state = report.state;
     placement.message = report.message;
-    events.push(append_event(conn, now, &mut placement, from)?);
+    events.push(append_event(conn, now, &mut placement, from, caller)?);
     let mut counts = placement_counts(conn, d.id)?;
     if current.is_some() {
         counts.remove(from);
@@ -902,6 +907,7 @@ fn system() -> Caller {
     Caller {
         principal: "system".into(),
         request_id: String::new(),
+        trace_parent: None,
     }
 }
 
@@ -1052,7 +1058,13 @@ fn insert_deployment(
     // deployment's target set (the denominator of coverage) from the stream.
     let mut deployment = load_deployment(conn, id, true)?;
     for placement in &mut deployment.placements {
-        events.push(append_event(conn, now, placement, PlacementState::Pending)?);
+        events.push(append_event(
+            conn,
+            now,
+            placement,
+            PlacementState::Pending,
+            caller,
+        )?);
     }
     pace_deployment(conn, &deployment, now)?;
     record_request_id(
@@ -1750,7 +1762,7 @@ pub(crate) fn read_log(
         return Err(crate::placement_log::retention_error(after, pruned));
     }
     conn.all(
-        "SELECT seq, commit_ms, deployment, environment, target, artifact, version, digest, state, previous_state, message
+        "SELECT seq, commit_ms, deployment, environment, target, artifact, version, digest, state, previous_state, message, trace_parent
          FROM placement_events WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3",
         p![to_i64(after), to_i64(through), i64::try_from(max).unwrap_or(i64::MAX)],
         event_row,

@@ -62,6 +62,7 @@ use crate::placement_log::Feed;
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/postgres/0001_init.sql"),
     include_str!("migrations/postgres/0002_audit_truncate.sql"),
+    include_str!("migrations/postgres/0003_trace_parent.sql"),
 ];
 
 /// The notification channel.

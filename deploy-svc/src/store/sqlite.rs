@@ -32,6 +32,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0001_init.sql"),
     include_str!("migrations/sqlite/0002_calendar_audit.sql"),
     include_str!("migrations/sqlite/0003_strategies.sql"),
+    include_str!("migrations/sqlite/0004_trace_parent.sql"),
 ];
 
 /// Options of the SQLite backend.
