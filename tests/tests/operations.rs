@@ -921,7 +921,12 @@ async fn sigterm_with_500_streams_and_unary_load_fails_no_call() {
         failures.extend(task.await.unwrap());
     }
     noticed.await.unwrap();
-    assert!(failures.is_empty(), "{} calls failed: {:?}", failures.len(), &failures[..1]);
+    assert!(
+        failures.is_empty(),
+        "{} calls failed: {:?}",
+        failures.len(),
+        &failures[..1]
+    );
     assert!(
         ok.load(Ordering::SeqCst) > 0 && after_signal.load(Ordering::SeqCst) > 0,
         "the load must overlap the signal: {ok:?} OK, {after_signal:?} after it"
@@ -938,11 +943,14 @@ async fn sigterm_with_500_streams_and_unary_load_fails_no_call() {
         assert_eq!(end.code(), tonic::Code::Unavailable, "stream {i}: {end:?}");
         assert!(end.message().contains("reconnect"), "stream {i}: {end:?}");
     }
-    let status = exited(&mut r, Duration::from_secs(5).saturating_sub(started.elapsed()))
-        .await
-        .expect("release-svc did not exit within 5 s of SIGTERM");
+    let status = exited(
+        &mut r,
+        Duration::from_secs(5).saturating_sub(started.elapsed()),
+    )
+    .await
+    .expect("release-svc did not exit within 5 s of SIGTERM");
     assert!(status.success(), "{status:?}");
-    println!(
+    eprintln!(
         "{} calls OK ({} sent after SIGTERM), 500 streams ended UNAVAILABLE, exit {:?} after SIGTERM",
         ok.load(Ordering::SeqCst),
         after_signal.load(Ordering::SeqCst),
