@@ -58,15 +58,17 @@ pub struct Config {
     /// authentication as the gRPC listener.
     #[arg(long, env = "RELEASE_SVC_OFREP_LISTEN")]
     pub ofrep_listen: Option<SocketAddr>,
-    /// Browser origins (`https://app.example.com`) allowed to call OFREP from another
-    /// origin (CORS); repeat for several. None by default: only same-origin pages (or a
-    /// proxy in front) can.
+    /// Browser origins (`https://app.example.com`) allowed to call OFREP and the flagd
+    /// Connect protocol from another origin (CORS); repeat for several. None by default:
+    /// only same-origin pages (or a proxy in front) can. `--ofrep-cors-origin` is its
+    /// older name.
     #[arg(
-        long = "ofrep-cors-origin",
+        long = "cors-origin",
+        visible_alias = "ofrep-cors-origin",
         env = "RELEASE_SVC_OFREP_CORS_ORIGINS",
         value_delimiter = ','
     )]
-    pub ofrep_cors_origins: Vec<String>,
+    pub cors_origins: Vec<String>,
     /// Also serve the flagd protocols on this address (flagd's default port is 8013);
     /// they are always served on --listen too.
     #[arg(long, env = "RELEASE_SVC_FLAGD_LISTEN")]

@@ -49,6 +49,10 @@ use store::sqlite::SqliteStore;
 /// The gRPC service name, as health checks know it.
 pub const SERVICE_NAME: &str = "release.v1.ReleaseService";
 
+/// The services also served over the Connect protocol, for browsers.
+pub const CONNECT_SERVICES: [&str; 2] =
+    ["flagd.evaluation.v1.Service", "flagd.evaluation.v2.Service"];
+
 /// Serves release-svc on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
@@ -143,7 +147,17 @@ impl Server {
         for l in flagd_listener.iter().chain(ofrep_listener.iter()) {
             addresses.push(l.local_addr()?);
         }
-        let serving = config.server.serving("release-svc", &addresses)?;
+        let cors = service_kit::cors::Origins::new(config.cors_origins.clone(), "--cors-origin");
+        // Browsers (the flagd web provider) speak Connect to the flagd evaluation services,
+        // on every gRPC listener.
+        let serving = config
+            .server
+            .serving("release-svc", &addresses)?
+            .with_connect(service_kit::connect::Connect::new(
+                &CONNECT_SERVICES,
+                config.max_message_bytes,
+                cors.clone(),
+            )?);
         let deploy_security = config.deploy_svc_security();
         let streams = CancellationToken::new();
         let metrics_server = service_kit::telemetry::serve_metrics(
@@ -307,7 +321,7 @@ impl Server {
                 tracing::info!(address = %l.local_addr()?, "OFREP serving");
                 let ofrep = Arc::new(
                     ofrep::Ofrep::new(flagd.clone(), &serving, config.max_message_bytes)
-                        .with_cors_origins(config.ofrep_cors_origins.clone()),
+                        .with_cors_origins(cors),
                 );
                 let (serving, stop) = (serving.clone(), stop.clone());
                 Some(tokio::spawn(async move {

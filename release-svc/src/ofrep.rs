@@ -14,7 +14,7 @@
 //! ResolveAll call; the caller must be allowed to evaluate in the chosen environment
 //! (401 and 403 otherwise). Bodies are limited to the service's message size, calls to its
 //! deadline, connections to its connection cap. Browsers on the origins given with
-//! `--ofrep-cors-origin` may call it from pages of another origin (CORS preflight answered,
+//! `--cors-origin` may call it from pages of another origin (CORS preflight answered,
 //! `ETag` exposed for the web providers' polling).
 
 use std::convert::Infallible;
@@ -28,6 +28,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde_json::{json, Map, Value};
 use service_kit::auth::{Auth, Caller};
+use service_kit::cors::Origins;
 use service_kit::tls::{AcceptLimits, ConnInfo};
 use service_kit::Serving;
 use sha2::{Digest, Sha256};
@@ -61,7 +62,7 @@ pub struct Ofrep {
     auth: Arc<Auth>,
     max_body: usize,
     timeout: Duration,
-    cors_origins: Vec<String>,
+    cors_origins: Origins,
     in_flight: Arc<tokio::sync::Semaphore>,
 }
 
@@ -75,7 +76,7 @@ impl Ofrep {
             auth: serving.auth.clone(),
             max_body: max_body.min(MAX_BODY_BYTES),
             timeout: Duration::from_millis(serving.limits.rpc_timeout_ms.max(1)),
-            cors_origins: Vec::new(),
+            cors_origins: Origins::default(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(
                 serving.limits.max_in_flight.clamp(1, MAX_IN_FLIGHT),
             )),
@@ -83,35 +84,14 @@ impl Ofrep {
     }
 
     /// Lets pages of these origins call OFREP (CORS).
-    pub fn with_cors_origins(mut self, origins: Vec<String>) -> Self {
-        self.cors_origins = origins
-            .into_iter()
-            .map(|o| o.trim().trim_end_matches('/').to_owned())
-            .filter(|o| {
-                // `null` is the origin of sandboxed frames and data: pages: any site can
-                // make one, so allowing it would allow everyone.
-                if o == "null" {
-                    tracing::warn!("--ofrep-cors-origin null ignored: any page can claim it");
-                }
-                !o.is_empty() && o != "null"
-            })
-            .collect();
+    pub fn with_cors_origins(mut self, origins: Origins) -> Self {
+        self.cors_origins = origins;
         self
-    }
-
-    /// The request's `Origin` when it is one of the allowed origins.
-    fn allowed_origin(&self, req: &Request<Incoming>) -> Option<HeaderValue> {
-        let origin = req.headers().get(header::ORIGIN)?;
-        let text = origin.to_str().ok()?;
-        self.cors_origins
-            .iter()
-            .any(|o| o == text)
-            .then(|| origin.clone())
     }
 
     /// Answers one HTTP request.
     pub async fn handle(&self, req: Request<Incoming>, conn: Option<&ConnInfo>) -> Answer {
-        let origin = self.allowed_origin(&req);
+        let origin = self.cors_origins.allowed(req.headers());
         let ofrep_path = req.uri().path() == BULK || req.uri().path().starts_with(SINGLE);
         if ofrep_path
             && req.method() == Method::OPTIONS
@@ -120,45 +100,19 @@ impl Ofrep {
             // A CORS preflight: allowed origins get the methods and headers OFREP uses.
             let mut answer = Response::new(Full::new(Bytes::new()));
             *answer.status_mut() = StatusCode::NO_CONTENT;
-            if let Some(origin) = origin {
-                let h = answer.headers_mut();
-                h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-                h.insert(
-                    header::ACCESS_CONTROL_ALLOW_METHODS,
-                    HeaderValue::from_static("POST"),
-                );
-                h.insert(
-                    header::ACCESS_CONTROL_ALLOW_HEADERS,
-                    HeaderValue::from_static(
-                        "authorization, content-type, if-none-match, x-api-key, flagd-selector",
-                    ),
-                );
-                h.insert(
-                    header::ACCESS_CONTROL_MAX_AGE,
-                    HeaderValue::from_static("600"),
-                );
-                h.insert(header::VARY, HeaderValue::from_static("origin"));
-            }
+            *answer.headers_mut() = self.cors_origins.preflight(
+                req.headers(),
+                "POST",
+                "authorization, content-type, if-none-match, x-api-key, flagd-selector",
+            );
             return answer;
         }
         let mut answer = match tokio::time::timeout(self.timeout, self.route(req, conn)).await {
             Ok(answer) => answer,
             Err(_) => general(StatusCode::SERVICE_UNAVAILABLE, "the call took too long"),
         };
-        if !self.cors_origins.is_empty() {
-            // Answers differ by origin: caches must key on it.
-            answer
-                .headers_mut()
-                .insert(header::VARY, HeaderValue::from_static("origin"));
-        }
-        if let Some(origin) = origin {
-            let h = answer.headers_mut();
-            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-            h.insert(
-                header::ACCESS_CONTROL_EXPOSE_HEADERS,
-                HeaderValue::from_static("etag, retry-after"),
-            );
-        }
+        self.cors_origins
+            .mark(origin, answer.headers_mut(), "etag, retry-after");
         answer
     }
 

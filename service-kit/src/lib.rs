@@ -19,6 +19,9 @@
 //! - [`auth`]: who calls (mTLS, JWT, static tokens) and the one table of what each RPC
 //!   needs.
 //! - [`backoff`]: jittered exponential reconnect delays.
+//! - [`connect`]: the Connect protocol (JSON or protobuf, HTTP/1.1 or HTTP/2) beside gRPC
+//!   for chosen services, translated to gRPC calls; 415 for other content types.
+//! - [`cors`]: the page origins allowed to call an HTTP face cross-origin.
 //! - [`client`]: outbound gRPC channels with TLS, client certificates and bearer tokens.
 //! - [`reload`]: values that follow their file (policies, token files, JWKS).
 //! - [`redact`]: secrets out of URLs before they are logged or returned.
@@ -39,6 +42,8 @@ pub mod access;
 pub mod auth;
 pub mod backoff;
 pub mod client;
+pub mod connect;
+pub mod cors;
 pub mod error;
 pub mod health;
 pub mod otel;
@@ -349,6 +354,7 @@ impl ServerArgs {
             auth,
             limits: self.limits.clone(),
             shutdown_delay: Duration::from_millis(self.shutdown_delay_ms),
+            connect: None,
         })
     }
 }
@@ -364,6 +370,8 @@ pub struct Serving {
     pub limits: LimitArgs,
     /// How long to keep serving after shutdown begins, health NOT_SERVING, before draining.
     pub shutdown_delay: Duration,
+    /// Services also served over Connect (HTTP/1.1 is then accepted too); `None`: gRPC only.
+    pub connect: Option<Arc<connect::Connect>>,
 }
 
 impl Serving {
@@ -374,7 +382,14 @@ impl Serving {
             auth: auth::Auth::off(service),
             limits: LimitArgs::default(),
             shutdown_delay: Duration::ZERO,
+            connect: None,
         }
+    }
+
+    /// The same, also serving `connect`'s services over the Connect protocol.
+    pub fn with_connect(mut self, connect: connect::Connect) -> Self {
+        self.connect = Some(Arc::new(connect));
+        self
     }
 }
 
@@ -397,6 +412,8 @@ pub async fn serve_gracefully(
     let limits = &serving.limits;
     let in_flight = Arc::new(tokio::sync::Semaphore::new(limits.max_in_flight.max(1)));
     let server = tonic::transport::Server::builder()
+        // Connect's clients (browsers' fetch among them) may speak HTTP/1.1.
+        .accept_http1(serving.connect.is_some())
         // Per-connection concurrency cap: a single client cannot monopolise the server.
         .concurrency_limit_per_connection(limits.max_streams_per_connection as usize)
         // Streams per connection announced to clients (tonic's default is unbounded).
@@ -409,6 +426,8 @@ pub async fn serve_gracefully(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         // Unary calls end within the deadline (streams are bounded by their own limits).
         .timeout(Duration::from_millis(limits.rpc_timeout_ms.max(1)))
+        // gRPC passes; Connect calls become gRPC calls (and back); anything else is 415.
+        .layer(connect::ConnectLayer::new(serving.connect.clone()))
         // One access-log line and the RPC metrics per call, refused calls included.
         .layer(access::CallLayer)
         // Authenticate and authorize first: an anonymous caller never holds an in-flight

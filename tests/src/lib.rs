@@ -273,6 +273,13 @@ pub fn bin_dir() -> PathBuf {
     }
 }
 
+/// Where `scripts/test` installs the Node packages (`OFREP_NODE_MODULES` overrides).
+pub fn node_modules() -> String {
+    std::env::var("OFREP_NODE_MODULES").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../target/node/node_modules").to_owned()
+    })
+}
+
 /// The real deploy-svc binary, started on port 0.
 pub struct Binary {
     /// The bound address.
@@ -729,6 +736,62 @@ pub mod release {
 
     /// A client of release-svc.
     pub type Client = ReleaseServiceClient<Channel>;
+
+    /// An evaluation context of string attributes (flagd's `context`).
+    pub fn context(pairs: &[(&str, &str)]) -> prost_types::Struct {
+        prost_types::Struct {
+            fields: pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), string(v)))
+                .collect(),
+        }
+    }
+
+    /// A string value.
+    pub fn string(s: &str) -> prost_types::Value {
+        prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue(s.into())),
+        }
+    }
+
+    /// The flags the OpenFeature tests (OFREP, Connect) evaluate: `new-cart` (boolean,
+    /// released to 100% in prod), `banner-text` (string: "hello" by default, "bye" when off;
+    /// released to 100% in prod; metadata `team` and `tier`), `old-thing` (disabled).
+    /// Returns the new-cart release.
+    pub async fn openfeature_flags(rc: &mut Client) -> String {
+        plain_feature(rc, "new-cart", false).await;
+        rc.create_feature(rpb::CreateFeatureRequest {
+            feature: Some(rpb::Feature {
+                key: "banner-text".into(),
+                variants: [
+                    ("a".to_owned(), string("hello")),
+                    ("b".to_owned(), string("bye")),
+                ]
+                .into(),
+                default_variant: "a".into(),
+                off_variant: "b".into(),
+                metadata: [
+                    ("team".to_owned(), string("growth")),
+                    (
+                        "tier".to_owned(),
+                        prost_types::Value {
+                            kind: Some(prost_types::value::Kind::NumberValue(2.0)),
+                        },
+                    ),
+                ]
+                .into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+        plain_feature(rc, "old-thing", true).await;
+        let cart = release(rc, &["new-cart"], &["prod"]).await;
+        rollout(rc, &cart, "prod", 100.0).await;
+        let banner = release(rc, &["banner-text"], &["prod"]).await;
+        rollout(rc, &banner, "prod", 100.0).await;
+        cart
+    }
 
     /// release-svc served in-process on port 0, following deploy-svc at `deploy`.
     pub struct InProcess {

@@ -213,3 +213,18 @@ pub fn policy_file(path: &Path, bindings: &[serde_json::Value]) -> anyhow::Resul
     )?;
     Ok(())
 }
+
+/// A static token for the principal `checkout`, bound to the role `evaluator` in `prod`
+/// only: (token, token file, policy file), written in `dir`.
+pub fn evaluator_in_prod(dir: &Path) -> anyhow::Result<(String, PathBuf, PathBuf)> {
+    let token = random_token();
+    let (tokens, policy) = (dir.join("tokens.json"), dir.join("policy.json"));
+    token_file(&tokens, &[(&token, "checkout", &[])])?;
+    policy_file(
+        &policy,
+        &[
+            serde_json::json!({"role": "evaluator", "principals": ["checkout"], "environments": ["prod"]}),
+        ],
+    )?;
+    Ok((token, tokens, policy))
+}

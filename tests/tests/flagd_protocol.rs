@@ -15,19 +15,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request};
 
 fn context(pairs: &[(&str, &str)]) -> Option<prost_types::Struct> {
-    Some(prost_types::Struct {
-        fields: pairs
-            .iter()
-            .map(|(k, v)| {
-                (
-                    (*k).to_owned(),
-                    prost_types::Value {
-                        kind: Some(prost_types::value::Kind::StringValue((*v).to_owned())),
-                    },
-                )
-            })
-            .collect(),
-    })
+    Some(release::context(pairs))
 }
 
 fn with_selector<T>(msg: T, env: &str) -> Request<T> {

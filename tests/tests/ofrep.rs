@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use proto::release::v1 as rpb;
 use serde_json::{json, Value};
-use tests::release::{self, Client};
+use tests::release;
 use tests::{pki, Binary};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
@@ -91,50 +91,6 @@ async fn post(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &str
     http(addr, "POST", path, &all, body).await
 }
 
-fn string(s: &str) -> prost_types::Value {
-    prost_types::Value {
-        kind: Some(prost_types::value::Kind::StringValue(s.into())),
-    }
-}
-
-/// `new-cart` (boolean, released to 100% in prod), `banner-text` (string: "hello" by
-/// default, "bye" when off; released to 100% in prod), `old-thing` (disabled). Returns the
-/// new-cart release.
-async fn flags(rc: &mut Client) -> String {
-    release::plain_feature(rc, "new-cart", false).await;
-    rc.create_feature(rpb::CreateFeatureRequest {
-        feature: Some(rpb::Feature {
-            key: "banner-text".into(),
-            variants: [
-                ("a".to_owned(), string("hello")),
-                ("b".to_owned(), string("bye")),
-            ]
-            .into(),
-            default_variant: "a".into(),
-            off_variant: "b".into(),
-            metadata: [
-                ("team".to_owned(), string("growth")),
-                (
-                    "tier".to_owned(),
-                    prost_types::Value {
-                        kind: Some(prost_types::value::Kind::NumberValue(2.0)),
-                    },
-                ),
-            ]
-            .into(),
-            ..Default::default()
-        }),
-    })
-    .await
-    .unwrap();
-    release::plain_feature(rc, "old-thing", true).await;
-    let cart = release::release(rc, &["new-cart"], &["prod"]).await;
-    release::rollout(rc, &cart, "prod", 100.0).await;
-    let banner = release::release(rc, &["banner-text"], &["prod"]).await;
-    release::rollout(rc, &banner, "prod", 100.0).await;
-    cart
-}
-
 const SINGLE: &str = "/ofrep/v1/evaluate/flags";
 
 #[tokio::test]
@@ -142,7 +98,7 @@ async fn ofrep_answers_with_the_specifications_shapes_and_codes() {
     let dir = tempfile::tempdir().unwrap();
     let (r, ofrep) = release_svc(&dir.path().join("r.db"), &[]).await;
     let mut rc = release::connect(r.addr).await;
-    let cart = flags(&mut rc).await;
+    let cart = release::openfeature_flags(&mut rc).await;
     let user = r#"{"context": {"targetingKey": "u1"}}"#;
 
     let one = post(ofrep, &format!("{SINGLE}/new-cart"), &[], user).await;
@@ -304,19 +260,9 @@ async fn ofrep_authenticates_and_scopes_callers_like_grpc() {
     let db = dir.path().join("r.db");
     // The data, written with authentication off; then release-svc on the same file with it on.
     let r = Binary::release_alone(&db, &[]).await;
-    flags(&mut release::connect(r.addr).await).await;
+    release::openfeature_flags(&mut release::connect(r.addr).await).await;
     r.kill().await;
-    let token = pki::random_token();
-    let (tokens, policy) = (
-        dir.path().join("tokens.json"),
-        dir.path().join("policy.json"),
-    );
-    pki::token_file(&tokens, &[(&token, "checkout", &[])]).unwrap();
-    pki::policy_file(
-        &policy,
-        &[json!({"role": "evaluator", "principals": ["checkout"], "environments": ["prod"]})],
-    )
-    .unwrap();
+    let (token, tokens, policy) = pki::evaluator_in_prod(dir.path()).unwrap();
     let (r, ofrep) = release_svc(
         &db,
         &[
@@ -417,7 +363,7 @@ async fn ofrep_answers_cors_for_the_allowed_origins_only() {
         &["--ofrep-cors-origin", "https://app.example.com"],
     )
     .await;
-    flags(&mut release::connect(r.addr).await).await;
+    release::openfeature_flags(&mut release::connect(r.addr).await).await;
     let preflight = http(
         ofrep,
         "OPTIONS",
@@ -487,7 +433,7 @@ async fn ofrep_serves_http1_over_tls() {
     let db = dir.path().join("r.db");
     // The data, written over plaintext; then the same file served over TLS.
     let r = Binary::release_alone(&db, &[]).await;
-    flags(&mut release::connect(r.addr).await).await;
+    release::openfeature_flags(&mut release::connect(r.addr).await).await;
     r.kill().await;
     let (cert, key) = (
         server.cert.to_string_lossy().into_owned(),
@@ -514,7 +460,7 @@ async fn stock_ofrep_providers_evaluate_and_follow_changes() {
     let dir = tempfile::tempdir().unwrap();
     let (r, ofrep) = release_svc(&dir.path().join("r.db"), &[]).await;
     let mut rc = release::connect(r.addr).await;
-    let cart = flags(&mut rc).await;
+    let cart = release::openfeature_flags(&mut rc).await;
 
     let seen = python_provider(ofrep, None).await;
     assert_eq!(seen["new_cart"]["value"], true, "{seen}");
@@ -531,7 +477,7 @@ async fn stock_ofrep_providers_evaluate_and_follow_changes() {
     let mut node = tokio::process::Command::new("node")
         .arg(script)
         .env("OFREP_URL", format!("http://{ofrep}"))
-        .env("NODE_PATH", node_modules())
+        .env("NODE_PATH", tests::node_modules())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
@@ -588,16 +534,6 @@ async fn stock_ofrep_providers_evaluate_and_follow_changes() {
     r.kill().await;
 }
 
-/// Where `scripts/test` installs the Node providers.
-fn node_modules() -> String {
-    std::env::var("OFREP_NODE_MODULES").unwrap_or_else(|_| {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/node/node_modules")
-            .to_string_lossy()
-            .into_owned()
-    })
-}
-
 /// Found by attacking the listener: calls whose bodies never finish held memory without
 /// bound (`--max-in-flight` did not apply to OFREP), and silent connections held the
 /// connection cap for ever. Now a call past the in-flight cap is 429 at once (before its body
@@ -610,7 +546,7 @@ async fn stalled_calls_and_silent_connections_are_bounded() {
         &["--max-in-flight", "2", "--max-connections", "4"],
     )
     .await;
-    flags(&mut release::connect(r.addr).await).await;
+    release::openfeature_flags(&mut release::connect(r.addr).await).await;
     // Two calls that send their headers and half a body, then stall.
     let mut stalled = Vec::new();
     for _ in 0..2 {
