@@ -320,6 +320,24 @@ impl Binary {
         Self::spawn("release-svc", &all).await
     }
 
+    /// Starts `release-svc` on port 0 following the deploy-svc at `deploy`, on the database
+    /// the backend switch picks for `dir` ([`test_database`]), plus `args`.
+    pub async fn release_following(dir: &Path, deploy: SocketAddr, args: &[&str]) -> Self {
+        let db = test_database(dir, "release").await;
+        let db = db.to_string_lossy();
+        let deploy_url = format!("http://{deploy}");
+        let mut all = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            &db,
+            "--deploy-svc",
+            &deploy_url,
+        ];
+        all.extend_from_slice(args);
+        Self::spawn("release-svc", &all).await
+    }
+
     /// Starts the workspace binary `name` with exactly `args` and waits for it to print its
     /// address (its first stdout line ends with it).
     pub async fn spawn(name: &str, args: &[&str]) -> Self {

@@ -217,22 +217,9 @@ fn node_modules() -> String {
 async fn equivalence(profile: &str, mut provider: tokio::process::Command, n: usize) {
     let dir = tempfile::tempdir().unwrap();
     let d = tests::Binary::start(&dir.path().join("deploy.db"), &[]).await;
-    let release_db = tests::test_database(dir.path(), "release").await;
-    let deploy_url = format!("http://{}", d.addr);
-    let r = tests::Binary::spawn(
-        "release-svc",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--database",
-            &release_db.to_string_lossy(),
-            "--deploy-svc",
-            &deploy_url,
-            "--fractional-bucketing",
-            profile,
-        ],
-    )
-    .await;
+    let r =
+        tests::Binary::release_following(dir.path(), d.addr, &["--fractional-bucketing", profile])
+            .await;
     let (mut dc, mut rc) = (tests::connect(d.addr).await, release::connect(r.addr).await);
     let (flags, p100, targets) = features(&mut rc, &mut dc).await;
     // One carrier target placed of two: `gated` stays NOT_DEPLOYED.
@@ -419,20 +406,10 @@ fn sync_request<T>(msg: T, selector: &str) -> Request<T> {
 async fn sync_serves_each_environment_and_streams_changes() {
     let dir = tempfile::tempdir().unwrap();
     let d = tests::Binary::start(&dir.path().join("deploy.db"), &[]).await;
-    let release_db = tests::test_database(dir.path(), "release").await;
-    let deploy_url = format!("http://{}", d.addr);
-    let r = tests::Binary::spawn(
-        "release-svc",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--database",
-            &release_db.to_string_lossy(),
-            "--deploy-svc",
-            &deploy_url,
-            "--flagd-context",
-            "region=eu-west",
-        ],
+    let r = tests::Binary::release_following(
+        dir.path(),
+        d.addr,
+        &["--flagd-context", "region=eu-west"],
     )
     .await;
     let (mut dc, mut rc) = (tests::connect(d.addr).await, release::connect(r.addr).await);
