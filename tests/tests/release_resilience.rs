@@ -53,6 +53,24 @@ async fn caught_up(
     }
 }
 
+/// Waits until release-svc follows deploy-svc (its first snapshot taken), at most 60 s: a
+/// fresh release-svc starts from a snapshot, so events written before it connected arrive
+/// in that snapshot, not one by one.
+async fn following(rc: &mut release::Client) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = consumer_status(rc).await;
+        if s.connected {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "release-svc never connected: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Every (deployment, target, state, seq) of a placements table.
 fn placements(db: &std::path::Path) -> BTreeSet<(i64, String, i64, i64)> {
     let conn = rusqlite::Connection::open(db).unwrap();
@@ -75,6 +93,7 @@ async fn sigkill_while_5000_events_flow_loses_nothing_and_applies_nothing_twice(
     // release-svc starts first, so it applies every event of the log (cursor 0, empty snapshot).
     let r = Binary::spawn("release-svc", &args).await;
     let mut rc = release::connect(r.addr).await;
+    following(&mut rc).await;
     let mut dc = d.client().await;
     let churn = Arc::new(Churn::setup(&mut dc, "dev", "api", 10).await);
 
@@ -240,6 +259,7 @@ async fn a_cursor_older_than_deploy_svc_retention_resyncs_from_a_snapshot() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let r = Binary::spawn("release-svc", &args).await;
     let mut rc = release::connect(r.addr).await;
+    following(&mut rc).await;
     let mut dc = d.client().await;
     let churn = Churn::setup(&mut dc, "dev", "api", 2).await;
     churn.run(&mut dc, 0, 0, 10).await;

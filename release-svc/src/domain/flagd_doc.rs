@@ -518,12 +518,20 @@ fn decision_rule(f: &Feature, key: &str, percent: f64, default: Value) -> Value 
     }
     if percent < 100.0 {
         let t = super::hash::basis_points(percent);
-        let fractional = json!({"fractional": [
-            {"cat": [format!("{key}/"), tk]},
-            ["in", t],
-            ["out", super::hash::ROLLOUT_TOTAL - t],
-        ]});
-        branches.push(json!({"==": [fractional, "in"]}));
+        let split = |inside: Value, outside: Value| {
+            json!({"fractional": [
+                {"cat": [format!("{key}/"), tk]},
+                [inside, t],
+                [outside, super::hash::ROLLOUT_TOTAL - t],
+            ]})
+        };
+        let off = variant_ref(f, &f.off_variant);
+        if branches.is_empty() && served.is_string() && off.is_string() {
+            // A plain percentage names the variants itself: the cheapest rule for the
+            // providers' rule engines (one operator instead of three).
+            return split(served, off);
+        }
+        branches.push(json!({"==": [split("in".into(), "out".into()), "in"]}));
         branches.push(served);
         branches.push(Value::Null);
     } else {
