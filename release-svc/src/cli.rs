@@ -61,21 +61,24 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            #[allow(clippy::print_stdout)]
-            {
-                println!("{}", out.document);
-            }
-            Ok(())
+            emit(&out.document)
         }
     }
 }
 
 fn print(v: &serde_json::Value) -> anyhow::Result<()> {
-    #[allow(clippy::print_stdout)]
-    {
-        println!("{}", serde_json::to_string_pretty(v)?);
+    emit(&serde_json::to_string_pretty(v)?)
+}
+
+/// Writes `text` and a newline to stdout; a reader that went away (`| head`) ends the
+/// output quietly instead of a panic.
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// A refusal as one readable error: the code, the message and every field violation.

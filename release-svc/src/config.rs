@@ -53,6 +53,11 @@ pub struct Config {
     /// open at once at most; past it a new one is RESOURCE_EXHAUSTED.
     #[arg(long, env = "RELEASE_SVC_MAX_WATCHERS", default_value_t = crate::grpc::DEFAULT_MAX_WATCHERS)]
     pub max_watchers: usize,
+    /// flagd sync streams (SyncFlags, every listener together) open at once at most; past
+    /// it a new one is RESOURCE_EXHAUSTED. Each stream may hold a document (at most
+    /// `--max-message-bytes`) its client has not read yet, so this bounds that memory.
+    #[arg(long, env = "RELEASE_SVC_MAX_SYNC_STREAMS", default_value_t = 512)]
+    pub max_sync_streams: usize,
     /// Serve the OpenFeature Remote Evaluation Protocol (OFREP: HTTP/1.1 and HTTP/2 with
     /// JSON, `/ofrep/v1/evaluate/flags[/{key}]`) on this address, with the same TLS and
     /// authentication as the gRPC listener.

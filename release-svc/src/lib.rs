@@ -267,7 +267,10 @@ impl Server {
         let api = ReleaseApi::new(engine, status, config.deploy_svc.clone(), streams.clone())
             .with_max_response_bytes(config.max_message_bytes)
             .with_stream_cap(change_streams);
-        let flag_sync = grpc::flagd_sync::FlagSync::new(flagd.clone());
+        let flag_sync = grpc::flagd_sync::FlagSync::new(
+            flagd.clone(),
+            service_kit::streams::StreamCap::new(config.max_sync_streams, "sync streams"),
+        );
         let flagd_routes = |routes: tonic::service::Routes| {
             routes
                 .add_service(DecodeErrors(FlagdV1Server::new(flagd.clone())))

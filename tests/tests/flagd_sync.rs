@@ -572,3 +572,60 @@ async fn sync_is_scoped_to_the_callers_environments() {
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     r.kill().await;
 }
+
+/// Found by attacking the service: documents had no size limit (a 4.8 MB document went out
+/// where ResolveAll refused), and every stream, counted only against the change-stream cap,
+/// could hold one its client never read. Now a document over the response limit is
+/// RESOURCE_EXHAUSTED (an open stream ends with it), and SyncFlags has its own cap.
+#[tokio::test]
+async fn sync_documents_and_streams_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = tests::Binary::start(&dir.path().join("deploy.db"), &[]).await;
+    let r = tests::Binary::release_following(
+        dir.path(),
+        d.addr,
+        &["--max-message-bytes", "3000", "--max-sync-streams", "2"],
+    )
+    .await;
+    let mut rc = release::connect(r.addr).await;
+    let mut sync = FlagSyncServiceClient::new(tests::channel(r.addr).await);
+    let open = |sync: &mut FlagSyncServiceClient<tonic::transport::Channel>| {
+        let mut sync = sync.clone();
+        async move {
+            sync.sync_flags(sync_request(
+                spb::SyncFlagsRequest::default(),
+                "flagSetId=prod",
+            ))
+            .await
+        }
+    };
+    let mut first = open(&mut sync).await.unwrap().into_inner();
+    let _second = open(&mut sync).await.unwrap().into_inner();
+    let third = open(&mut sync).await.unwrap_err();
+    assert_eq!(third.code(), Code::ResourceExhausted, "{third:?}");
+    assert!(first.message().await.unwrap().is_some());
+
+    // Features until the document is over 3,000 bytes: the stream ends, Fetch refuses.
+    for i in 0..20 {
+        released(&mut rc, colours(&format!("banner-{i}"), "", &[], &[]), None).await;
+    }
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(10), first.message()).await {
+            Ok(Ok(Some(_))) => {}
+            Ok(Ok(None)) => panic!("the stream ended without a status"),
+            Ok(Err(status)) => break status,
+            Err(_) => panic!("no end within 10 s"),
+        }
+    };
+    assert_eq!(end.code(), Code::ResourceExhausted, "{end:?}");
+    assert!(end.message().contains("flag_configuration"), "{end:?}");
+    let fetch = sync
+        .fetch_all_flags(sync_request(
+            spb::FetchAllFlagsRequest::default(),
+            "flagSetId=prod",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(fetch.code(), Code::ResourceExhausted, "{fetch:?}");
+    r.kill().await;
+}

@@ -11,7 +11,10 @@
 //! against the change-stream cap and end with UNAVAILABLE at shutdown.
 //!
 //! A document is rendered once per snapshot version and environment, whatever the number
-//! of streams; a stream sends it only when its text changed.
+//! of streams; a stream sends it only when its text changed. A document larger than the
+//! response limit (`--max-message-bytes`) is refused with RESOURCE_EXHAUSTED (a stream
+//! ends with it), as ResolveAll is; SyncFlags streams have their own cap
+//! (`--max-sync-streams`), since each may hold a document its client has not read.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -21,6 +24,8 @@ use futures::Stream;
 use proto::flagd::sync::v1 as spb;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tonic::{Request, Response, Status};
+
+use service_kit::streams::StreamCap;
 
 use super::flagd::Flagd;
 
@@ -36,14 +41,17 @@ type Rendered = Mutex<HashMap<String, (u64, Arc<str>)>>;
 pub struct FlagSync {
     flagd: Flagd,
     rendered: Arc<Rendered>,
+    streams: StreamCap,
 }
 
 impl FlagSync {
-    /// A service over the same engine, options and stream cap as `flagd`.
-    pub fn new(flagd: Flagd) -> Self {
+    /// A service over the same engine and options as `flagd`, its SyncFlags streams counted
+    /// against `streams`.
+    pub fn new(flagd: Flagd, streams: StreamCap) -> Self {
         Self {
             flagd,
             rendered: Arc::default(),
+            streams,
         }
     }
 
@@ -62,9 +70,18 @@ impl FlagSync {
         Ok(ctx.environment)
     }
 
-    /// The environment's document at the current snapshot.
-    fn document(&self, environment: &str) -> Arc<str> {
-        render_cached(&self.flagd, &self.rendered, environment)
+    /// The environment's document at the current snapshot; RESOURCE_EXHAUSTED when it is
+    /// larger than the response limit.
+    fn document(&self, environment: &str) -> Result<Arc<str>, Status> {
+        let doc = render_cached(&self.flagd, &self.rendered, environment);
+        let limit = self.flagd.max_response_bytes();
+        if doc.len() > limit {
+            return Err(Status::resource_exhausted(format!(
+                "flag_configuration: the document of {environment:?} would be {} bytes, above the {limit} byte response limit",
+                doc.len()
+            )));
+        }
+        Ok(doc)
     }
 
     fn sync_context(&self) -> prost_types::Struct {
@@ -115,14 +132,14 @@ impl spb::flag_sync_service_server::FlagSyncService for FlagSync {
     async fn sync_flags(&self, req: Request<spb::SyncFlagsRequest>) -> R<SyncStream> {
         #[allow(deprecated)]
         let environment = self.environment(&req, &req.get_ref().selector)?;
-        let slot = self.flagd.watchers().take()?;
+        let slot = self.streams.take()?;
         // Subscribed before the first render: no change falls between the two.
         let rx = self.flagd.engine().subscribe();
-        let first = self.document(&environment);
+        let first = self.document(&environment)?;
         let context = self.sync_context();
         let this = self.clone();
         let streams = self.flagd.shutdown_token();
-        let state = (Some(first), None::<Arc<str>>, rx, false);
+        let state = (Some(Ok(first)), None::<Arc<str>>, rx, false);
         let stream = futures::stream::unfold(state, move |(mut pending, last, mut rx, done)| {
             let this = this.clone();
             let streams = streams.clone();
@@ -133,7 +150,11 @@ impl spb::flag_sync_service_server::FlagSyncService for FlagSync {
                     return None;
                 }
                 loop {
-                    if let Some(doc) = pending.take() {
+                    if let Some(next) = pending.take() {
+                        let doc: Arc<str> = match next {
+                            Ok(doc) => doc,
+                            Err(status) => return Some((Err(status), (None, last, rx, true))),
+                        };
                         if last.as_deref() != Some(&*doc) {
                             let msg = spb::SyncFlagsResponse {
                                 flag_configuration: doc.to_string(),
@@ -175,7 +196,7 @@ impl spb::flag_sync_service_server::FlagSyncService for FlagSync {
         #[allow(deprecated)]
         let environment = self.environment(&req, &req.get_ref().selector)?;
         Ok(Response::new(spb::FetchAllFlagsResponse {
-            flag_configuration: self.document(&environment).to_string(),
+            flag_configuration: self.document(&environment)?.to_string(),
         }))
     }
 
