@@ -12,6 +12,7 @@ use proto::deploy::v1::PlacementState as P;
 use proto::flagd::sync::v1 as spb;
 use proto::flagd::sync::v1::flag_sync_service_client::FlagSyncServiceClient;
 use proto::release::v1 as rpb;
+use release_svc::grpc::convert::{from_json, to_json};
 use serde_json::{json, Value};
 use tests::release::{self, Client};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
@@ -19,39 +20,7 @@ use tonic::{Code, Request};
 
 fn to_struct(m: &serde_json::Map<String, Value>) -> prost_types::Struct {
     prost_types::Struct {
-        fields: m.iter().map(|(k, v)| (k.clone(), to_value(v))).collect(),
-    }
-}
-
-fn to_value(v: &Value) -> prost_types::Value {
-    use prost_types::value::Kind;
-    let kind = match v {
-        Value::Null => Kind::NullValue(0),
-        Value::Bool(b) => Kind::BoolValue(*b),
-        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap()),
-        Value::String(s) => Kind::StringValue(s.clone()),
-        Value::Array(items) => Kind::ListValue(prost_types::ListValue {
-            values: items.iter().map(to_value).collect(),
-        }),
-        Value::Object(m) => Kind::StructValue(to_struct(m)),
-    };
-    prost_types::Value { kind: Some(kind) }
-}
-
-fn from_value(v: &prost_types::Value) -> Value {
-    use prost_types::value::Kind;
-    match &v.kind {
-        None | Some(Kind::NullValue(_)) => Value::Null,
-        Some(Kind::BoolValue(b)) => json!(b),
-        Some(Kind::NumberValue(n)) => json!(n),
-        Some(Kind::StringValue(s)) => json!(s),
-        Some(Kind::ListValue(l)) => Value::Array(l.values.iter().map(from_value).collect()),
-        Some(Kind::StructValue(s)) => Value::Object(
-            s.fields
-                .iter()
-                .map(|(k, v)| (k.clone(), from_value(v)))
-                .collect(),
-        ),
+        fields: m.iter().map(|(k, v)| (k.clone(), from_json(v))).collect(),
     }
 }
 
@@ -263,7 +232,7 @@ async fn equivalence(profile: &str, mut provider: tokio::process::Command, n: us
             want.push((
                 flag.clone(),
                 a.variant.clone(),
-                from_value(a.value.as_ref().unwrap()),
+                to_json(a.value.as_ref().unwrap()),
                 a.reason(),
             ));
         }
@@ -470,7 +439,7 @@ async fn sync_serves_each_environment_and_streams_changes() {
     assert_eq!(doc(&first.flag_configuration), prod);
     let context = first.sync_context.unwrap();
     assert_eq!(
-        from_value(&prost_types::Value {
+        to_json(&prost_types::Value {
             kind: Some(prost_types::value::Kind::StructValue(context)),
         }),
         json!({"region": "eu-west"})
