@@ -348,6 +348,8 @@ impl Engine {
         let pairs = before.changed_in(&next, scope);
         let version = next.version;
         self.snapshot.store(Arc::new(next));
+        metrics::gauge!(crate::telemetry::SNAPSHOT_VERSION).set(version as f64);
+        metrics::gauge!(crate::telemetry::SNAPSHOT_UPDATED).set(now_ms() as f64 / 1000.0);
         let _ = self.changes.send(Change {
             version,
             pairs,

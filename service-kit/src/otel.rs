@@ -41,10 +41,27 @@ static ON: AtomicBool = AtomicBool::new(false);
 /// Trace export options, flattened into each program's command line (with the log options).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct OtelArgs {
-    /// Export traces over OTLP/gRPC to this collector, such as `http://127.0.0.1:4317`
-    /// (off unless set).
+    /// Export traces over OTLP/gRPC to this collector, such as `http://127.0.0.1:4317`, or
+    /// `https://collector:4317` with `--otlp-ca` (off unless set).
     #[arg(long = "otlp-endpoint", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// PEM CA bundle the collector's certificate must chain to (an `https://` endpoint).
+    #[arg(long = "otlp-ca", env = "OTEL_EXPORTER_OTLP_CERTIFICATE")]
+    pub otlp_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate presented to the collector (mutual TLS).
+    #[arg(
+        long = "otlp-cert",
+        env = "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+        requires = "otlp_key"
+    )]
+    pub otlp_cert: Option<std::path::PathBuf>,
+    /// PEM key of `--otlp-cert`.
+    #[arg(
+        long = "otlp-key",
+        env = "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+        requires = "otlp_cert"
+    )]
+    pub otlp_key: Option<std::path::PathBuf>,
     /// The `service.name` of the exported spans (default: the program's name).
     #[arg(long = "otel-service-name", env = "OTEL_SERVICE_NAME")]
     pub service_name: Option<String>,
@@ -88,13 +105,26 @@ pub(crate) fn tracer(
         return Ok(None);
     };
     anyhow::ensure!(
-        endpoint.starts_with("http://"),
-        "--otlp-endpoint must be an http:// address of an OTLP/gRPC collector (for TLS, run a collector beside the program)"
+        endpoint.starts_with("http://") || endpoint.starts_with("https://"),
+        "--otlp-endpoint must be the http:// or https:// address of an OTLP/gRPC collector"
     );
-    use opentelemetry_otlp::WithExportConfig;
+    // The same client set-up as every other outbound channel: TLS with the CA bundle (an
+    // https:// endpoint needs one), a client certificate for mutual TLS, keepalives.
+    let security = crate::client::ClientSecurity {
+        ca: args.otlp_ca.clone(),
+        cert: args.otlp_cert.clone(),
+        key: args.otlp_key.clone(),
+        token_file: None,
+    };
+    let channel = security
+        .endpoint(endpoint)
+        .map_err(|e| anyhow::anyhow!("--otlp-endpoint: {e:#}"))?
+        .connect_lazy();
+    use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .with_endpoint(endpoint)
+        .with_channel(channel)
         .build()
         .map_err(|e| anyhow::anyhow!("cannot set up the OTLP exporter: {e}"))?;
     let name = args
@@ -275,10 +305,10 @@ mod tests {
     }
 
     #[test]
-    fn only_a_plain_http_endpoint_switches_export_on() {
+    fn an_endpoint_needs_a_scheme_and_https_needs_a_ca() {
         let args = |e: Option<&str>| OtelArgs {
             otlp_endpoint: e.map(str::to_owned),
-            service_name: None,
+            ..OtelArgs::default()
         };
         assert!(matches!(tracer(&args(None), "p"), Ok(None)));
         assert!(matches!(tracer(&args(Some("")), "p"), Ok(None)));

@@ -41,6 +41,26 @@ fn alert_rules_are_valid_and_their_unit_tests_pass() {
     assert!(tested.contains("SUCCESS"), "{tested}");
 }
 
+#[test]
+fn the_prometheus_rule_object_holds_the_same_rules_as_alerts_yml() {
+    // Parsed by PyYAML (target/venv): the YAML of both files, not their text, must agree.
+    let compared = run(
+        &root(),
+        "python3",
+        &[
+            "-c",
+            "import yaml,sys\n\
+             a = yaml.safe_load(open('deploy/prometheus/alerts.yml'))\n\
+             r = yaml.safe_load(open('deploy/k8s/base/prometheus-rule.yaml'))\n\
+             assert r['kind'] == 'PrometheusRule', r['kind']\n\
+             assert r['spec']['groups'] == a['groups'], 'deploy/k8s/base/prometheus-rule.yaml differs from alerts.yml'\n\
+             print(sum(len(g['rules']) for g in a['groups']))",
+        ],
+    );
+    let rules: usize = compared.trim().parse().unwrap();
+    assert!(rules >= 10, "{rules} rules");
+}
+
 /// Metric names (`grpc_server_*`, `deploy_svc_*`, ...) used in `text`, without the
 /// `_bucket`, `_sum` and `_count` of histograms.
 fn metric_names(text: &str) -> Vec<String> {
@@ -114,6 +134,7 @@ fn kustomize_overlays_render_validate_and_pass_the_restricted_profile() {
         let validated = run(&root, "kubernetes-validate", &["--strict", &file]);
         assert!(!validated.contains("ERROR"), "{validated}");
         run(&root, "python3", &["scripts/lib/check_manifests.py", &file]);
+        assert!(rendered.contains("kind: PrometheusRule"), "{rendered}");
         if overlay == "sqlite" {
             assert!(rendered.contains("persistentVolumeClaim"), "{rendered}");
             assert!(rendered.contains("Recreate"), "{rendered}");

@@ -372,6 +372,85 @@ async fn deploy_svc_release_svc_and_the_agent_export_metrics_that_follow_the_cal
         "{text}"
     );
     assert!(value(&text, "release_svc_consumer_last_message_timestamp_seconds").unwrap() > 1.0e9);
+    assert!(
+        value(&text, "release_svc_snapshot_version").unwrap() >= 1.0,
+        "{text}"
+    );
+    assert!(value(&text, "release_svc_snapshot_updated_timestamp_seconds").unwrap() > 1.0e9);
+    promtool_check(&text);
+
+    // A plan whose second step waits on a policy rule (dev needs an hour of soak in
+    // staging): the scheduler's wait is counted and the waiting gauge names the rule.
+    environment(&mut dc, "staging", None, false).await;
+    rc.set_policy(release::by(
+        "pat",
+        rpb::SetPolicyRequest {
+            policy: Some(rpb::Policy {
+                environment: "dev".into(),
+                min_soak: Some(prost_types::Duration {
+                    seconds: 3600,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }),
+        },
+    ))
+    .await
+    .unwrap();
+    let full = |env: &str| rpb::ReleaseEnvironment {
+        environment: env.into(),
+        steps: vec![rpb::RolloutStep {
+            percent: 100.0,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let plan = rc
+        .create_release(release::by(
+            "rita",
+            rpb::CreateReleaseRequest {
+                release: Some(rpb::Release {
+                    features: vec!["dark".into()],
+                    environments: vec![full("staging"), full("dev")],
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    rc.submit_release(release::by(
+        "rita",
+        rpb::SubmitReleaseRequest { name: plan.name },
+    ))
+    .await
+    .unwrap();
+    let text = until(
+        rm,
+        r#"release_svc_releases_waiting{rule="SOAK_TIME"}"#,
+        |v| v == 1.0,
+    )
+    .await;
+    assert_eq!(
+        value(
+            &text,
+            r#"release_svc_scheduler_waits_total{rule="SOAK_TIME"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, r#"release_svc_releases_waiting{rule="APPROVALS"}"#),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(value(&text, "release_svc_release_longest_wait_seconds").unwrap() < 3600.0);
+    assert_eq!(
+        value(&text, "release_svc_releases_overdue"),
+        Some(0.0),
+        "{text}"
+    );
     promtool_check(&text);
 }
 
@@ -788,6 +867,34 @@ async fn deploy_svc_is_not_serving_while_postgresql_is_unreachable_and_serving_a
     health_until(d.addr, name, ServingStatus::Serving as i32).await;
     until(dm, "store_writable", |v| v == 1.0).await;
     environment(&mut dc, "dev", None, false).await;
+    // The PostgreSQL store's own series: commits timed, pool waits, retries exported.
+    let text = until(
+        dm,
+        r#"deploy_svc_commit_seconds_count{outcome="committed"}"#,
+        |v| v >= 1.0,
+    )
+    .await;
+    assert!(
+        value(
+            &text,
+            r#"deploy_svc_store_pool_wait_seconds_count{pool="write"}"#
+        )
+        .unwrap()
+            >= 1.0
+    );
+    assert!(
+        value(
+            &text,
+            r#"deploy_svc_store_pool_wait_seconds_count{pool="tail"}"#
+        )
+        .unwrap()
+            >= 1.0
+    );
+    assert!(
+        value(&text, "deploy_svc_store_retries_total").is_some(),
+        "{text}"
+    );
+    promtool_check(&text);
     drop(dir);
 }
 

@@ -106,12 +106,21 @@ impl TraceService for Receiver {
 
 impl Receiver {
     async fn serve() -> (Self, SocketAddr) {
+        Self::serve_with(None).await
+    }
+
+    /// The receiver, over TLS (and mutual TLS with `client_ca`) when `tls` is given.
+    async fn serve_with(tls: Option<tonic::transport::ServerTlsConfig>) -> (Self, SocketAddr) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let receiver = Self::default();
         let server = TraceServiceServer::new(receiver.clone());
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls).unwrap();
+        }
         tokio::spawn(async move {
-            tonic::transport::Server::builder()
+            builder
                 .add_service(server)
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
                 .await
@@ -455,4 +464,80 @@ async fn visible_becomes(rc: &mut release::Client, visible: bool) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A deploy-svc on a fresh database in `dir` exporting to the collector on 127.0.0.1:`port`
+/// over TLS (`https://localhost`), with `extra` flags; one environment created through it.
+async fn deploy_exporting_to(dir: &std::path::Path, port: u16, extra: &[&str]) -> Binary {
+    let db = tests::deploy_database(dir).await;
+    let (db, endpoint) = (db.to_string_lossy(), format!("https://localhost:{port}"));
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--database",
+        &db,
+        "--otlp-endpoint",
+        &endpoint,
+    ];
+    args.extend_from_slice(extra);
+    let deploy = Binary::spawn_with_vars("deploy-svc", &args, &[SOON]).await;
+    let mut dc = tests::connect(deploy.addr).await;
+    environment(&mut dc, ENV, None, false).await;
+    deploy
+}
+
+#[tokio::test]
+async fn spans_reach_a_collector_over_mutual_tls() {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = tests::pki::Ca::new(dir.path(), "ca").unwrap();
+    let server = ca.server(dir.path(), "collector").unwrap();
+    let client = ca
+        .client(
+            dir.path(),
+            "exporter",
+            "spiffe://example.org/ns/ops/sa/deploy-svc",
+        )
+        .unwrap();
+    let read = |p: &std::path::Path| std::fs::read(p).unwrap();
+    let tls = || {
+        ServerTlsConfig::new()
+            .identity(Identity::from_pem(read(&server.cert), read(&server.key)))
+            .client_ca_root(Certificate::from_pem(read(&ca.pem)))
+    };
+    let (ca_pem, cert, key) = (
+        ca.pem.to_string_lossy(),
+        client.cert.to_string_lossy(),
+        client.key.to_string_lossy(),
+    );
+    let (receiver, otlp) = Receiver::serve_with(Some(tls())).await;
+    let _deploy = deploy_exporting_to(
+        dir.path(),
+        otlp.port(),
+        &[
+            "--otlp-ca",
+            &ca_pem,
+            "--otlp-cert",
+            &cert,
+            "--otlp-key",
+            &key,
+        ],
+    )
+    .await;
+    let span = receiver
+        .find(
+            "deploy-svc",
+            "deploy.v1.DeployService/CreateEnvironment",
+            |_| true,
+        )
+        .await;
+    assert_server_span(&span, "deploy.v1.DeployService", "CreateEnvironment");
+
+    // Without the client certificate the collector refuses the exporter: nothing arrives,
+    // and deploy-svc still answers (export failures never reach callers).
+    let (refusing, otlp) = Receiver::serve_with(Some(tls())).await;
+    let second = tempfile::tempdir().unwrap();
+    let _anonymous = deploy_exporting_to(second.path(), otlp.port(), &["--otlp-ca", &ca_pem]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(refusing.all().is_empty(), "{:?}", refusing.all());
 }

@@ -325,6 +325,8 @@ type Task = Box<dyn FnOnce(&mut Option<Conn>) + Send>;
 
 /// Connections, each owned by a thread that runs one task at a time.
 struct Pool {
+    /// `write` or `tail`: the `pool` label of the wait metric.
+    name: &'static str,
     tasks: Mutex<Option<std_mpsc::Sender<Task>>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
@@ -356,8 +358,8 @@ fn tls(url: &str) -> Result<(String, service_kit::pg::MakeRustlsConnect)> {
 }
 
 impl Pool {
-    /// `size` connections, each set up with `init` (SQL) after connecting.
-    fn start(url: &str, size: usize, init: &'static str) -> Result<Self> {
+    /// `size` connections named `name`, each set up with `init` (SQL) after connecting.
+    fn start(name: &'static str, url: &str, size: usize, init: &'static str) -> Result<Self> {
         let (tx, rx) = std_mpsc::channel::<Task>();
         let rx = Arc::new(Mutex::new(rx));
         let mut threads = Vec::new();
@@ -396,6 +398,7 @@ impl Pool {
             threads.push(handle);
         }
         Ok(Self {
+            name,
             tasks: Mutex::new(Some(tx)),
             threads: Mutex::new(threads),
         })
@@ -407,7 +410,10 @@ impl Pool {
         f: impl FnOnce(&mut Conn) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let (tx, rx) = oneshot::channel();
+        let (queued, pool) = (std::time::Instant::now(), self.name);
         let task: Task = Box::new(move |conn| {
+            metrics::histogram!(crate::telemetry::POOL_WAIT_SECONDS, "pool" => pool)
+                .record(queued.elapsed().as_secs_f64());
             let result = match conn.as_mut() {
                 Some(c) => f(c),
                 None => Err(Error::Unavailable(
@@ -466,6 +472,7 @@ fn run_write<T>(
             match outcome {
                 Err((e, true)) if attempt < MAX_ATTEMPTS => {
                     tracing::debug!(error = %e, attempt, "write conflicted; running it again");
+                    metrics::counter!(crate::telemetry::STORE_RETRIES).increment(1);
                     // Jittered backoff, growing with the attempts.
                     let micros = 200 * u64::from(attempt) + u64::from(rand_u16()) % 500;
                     std::thread::sleep(Duration::from_micros(micros));
@@ -503,6 +510,11 @@ fn write_once<T>(
         Some(_) => IsolationLevel::ReadCommitted,
         None => IsolationLevel::Serializable,
     };
+    let started = std::time::Instant::now();
+    let record = |outcome: &'static str| {
+        metrics::histogram!(crate::telemetry::COMMIT_SECONDS, "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+    };
     let mut tx = conn
         .client
         .build_transaction()
@@ -524,16 +536,23 @@ fn write_once<T>(
     let mut tx = tx.into_inner();
     match result {
         Ok(v) => {
-            if notify == NotifyMode::PerTransaction {
-                tx.batch_execute(&format!("NOTIFY {CHANNEL}"))
-                    .map_err(plain)?;
+            let committed = match notify {
+                NotifyMode::PerTransaction => tx.batch_execute(&format!("NOTIFY {CHANNEL}")),
+                _ => Ok(()),
             }
-            tx.commit().map_err(plain)?;
+            .and_then(|()| tx.commit());
+            record(if committed.is_ok() {
+                "committed"
+            } else {
+                "failed"
+            });
+            committed.map_err(plain)?;
             Ok((v, events.last().map_or(0, |e| e.sequence)))
         }
         Err(e) => {
             let retry = last_error.into_inner().is_some_and(|pe| is_conflict(&pe));
             let _ = tx.rollback();
+            record("failed");
             Err((e, retry))
         }
     }
@@ -689,9 +708,10 @@ impl SqlStore<PostgresBackend> {
         .map_err(|_| Error::Internal("the PostgreSQL open thread panicked".into()))??;
         let feed = Arc::new(Feed::new(head, 65_536));
         let backend = PostgresBackend {
-            pool: Arc::new(Pool::start(&options.url, options.pool_size, "")?),
+            pool: Arc::new(Pool::start("write", &options.url, options.pool_size, "")?),
             // The tailer's transaction ids for holes commit nothing worth waiting for.
             tail_pool: Arc::new(Pool::start(
+                "tail",
                 &options.url,
                 1,
                 "SET synchronous_commit = off",

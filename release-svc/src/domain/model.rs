@@ -270,6 +270,34 @@ impl Release {
         }
     }
 
+    /// When the next plan step became due: the end of the current step's minimum duration,
+    /// or, before the first step, the planned start or the last approval, whichever is
+    /// later.
+    pub fn step_due_ms(&self) -> Millis {
+        match self.environments.iter().rev().find(|e| e.step.is_some()) {
+            Some(e) => {
+                let min = e
+                    .step
+                    .and_then(|s| e.steps.get(s))
+                    .map_or(0, |s| s.min_duration_ms);
+                e.step_since_ms.saturating_add(min)
+            }
+            None => self
+                .governance
+                .approvals
+                .iter()
+                .map(|a| a.time_ms)
+                .fold(self.governance.planned_start_ms, Millis::max),
+        }
+    }
+
+    /// The minimum duration of the next plan step (0 when there is none).
+    pub fn next_step_min_duration_ms(&self) -> Millis {
+        self.next_step()
+            .and_then(|(e, s)| self.environments.get(e)?.steps.get(s))
+            .map_or(0, |s| s.min_duration_ms)
+    }
+
     /// Whether the last step taken has lasted its minimum duration at `now_ms` (true when
     /// none was taken).
     pub fn step_elapsed(&self, now_ms: Millis) -> bool {
@@ -545,5 +573,45 @@ mod tests {
             unplanned.apply(&Transition::Submit).is_err(),
             "a plan needs steps everywhere"
         );
+    }
+
+    #[test]
+    fn a_step_is_due_after_the_current_one_lasted_its_minimum_or_after_approval() {
+        let mut r = release();
+        let steps = |mins: &[i64]| {
+            mins.iter()
+                .map(|m| Step {
+                    percent: 50.0,
+                    min_duration_ms: *m,
+                })
+                .collect::<Vec<_>>()
+        };
+        r.environments[0].steps = steps(&[1_000, 0]);
+        r.environments[1].steps = steps(&[7_000]);
+        // Before the first step: the planned start or the last approval, the later one.
+        r.governance.planned_start_ms = 500;
+        assert_eq!(r.step_due_ms(), 500);
+        r.governance.approvals = vec![
+            Approval {
+                principal: "ann".into(),
+                time_ms: 900,
+            },
+            Approval {
+                principal: "ben".into(),
+                time_ms: 700,
+            },
+        ];
+        assert_eq!(r.step_due_ms(), 900);
+        assert_eq!(r.next_step_min_duration_ms(), 1_000);
+        // In staging's first step since 2,000: the next is due at 3,000.
+        r.environments[0].step = Some(0);
+        r.environments[0].step_since_ms = 2_000;
+        assert_eq!(r.step_due_ms(), 3_000);
+        assert_eq!(r.next_step_min_duration_ms(), 0);
+        // In staging's last step: prod's first is next, with its 7 s.
+        r.environments[0].step = Some(1);
+        r.environments[0].step_since_ms = 4_000;
+        assert_eq!(r.step_due_ms(), 4_000);
+        assert_eq!(r.next_step_min_duration_ms(), 7_000);
     }
 }

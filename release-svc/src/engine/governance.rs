@@ -7,7 +7,7 @@
 //! [`Calendar`] before taking its lock; when deploy-svc cannot be asked, the check fails
 //! closed with a `CALENDAR_UNAVAILABLE` violation.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use async_trait::async_trait;
 use calendar::FreezeWindow;
@@ -514,7 +514,43 @@ impl Engine {
                 }
             }
         }
+        self.report_waits(now).await;
         Ok(advanced)
+    }
+
+    /// Sets the waiting gauges from the releases as they stand after a pass: how many wait
+    /// on each rule, the longest wait past a step's due time, and how many are overdue.
+    async fn report_waits(&self, now: Millis) {
+        use crate::telemetry::{self, RULES};
+        let state = self.state.lock().await;
+        let mut by_rule: BTreeMap<&'static str, usize> = BTreeMap::new();
+        let (mut longest, mut overdue) = (0, 0);
+        for r in state.releases.values() {
+            if r.governance.waiting.is_empty() {
+                continue;
+            }
+            let rules: BTreeSet<_> = r
+                .governance
+                .waiting
+                .iter()
+                .map(|v| telemetry::rule_label(&v.kind))
+                .collect();
+            for rule in rules {
+                *by_rule.entry(rule).or_default() += 1;
+            }
+            let waited = now.saturating_sub(r.step_due_ms());
+            longest = longest.max(waited);
+            let step = r.next_step_min_duration_ms();
+            if waited > step.max(telemetry::OVERDUE_FLOOR_MS) {
+                overdue += 1;
+            }
+        }
+        for rule in RULES.iter().copied().chain(["OTHER"]) {
+            let n = by_rule.get(rule).copied().unwrap_or(0);
+            metrics::gauge!(telemetry::RELEASES_WAITING, "rule" => rule).set(n as f64);
+        }
+        metrics::gauge!(telemetry::LONGEST_WAIT).set(longest as f64 / 1000.0);
+        metrics::gauge!(telemetry::RELEASES_OVERDUE).set(f64::from(overdue));
     }
 
     /// Takes the next step of release `id` if the policies allow; else records why not.
@@ -554,6 +590,13 @@ impl Engine {
             };
             if rules(&current.governance.waiting) == rules(&violations) {
                 return Ok(false);
+            }
+            let started: BTreeSet<_> = violations
+                .iter()
+                .map(|v| crate::telemetry::rule_label(&v.kind))
+                .collect();
+            for rule in started {
+                metrics::counter!(crate::telemetry::SCHEDULER_WAITS, "rule" => rule).increment(1);
             }
             let mut waiting = current.clone();
             waiting.governance.waiting = violations.clone();
