@@ -4,6 +4,9 @@
 //! Writers serialize on one async mutex: validate, write the store, update the state,
 //! rebuild and swap the snapshot, announce the change. Readers (`evaluate`) load the current
 //! snapshot from an `ArcSwap`: no lock, no database.
+//!
+//! Submodules: `governance` (policies, approvals, the plan scheduler) and `visibility`
+//! (the feature x environment matrix).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,8 +25,10 @@ use crate::domain::{Error, Result};
 use crate::store::{AuditEntry, Store, Withdrawal};
 
 mod governance;
+mod visibility;
 
 pub use governance::{Calendar, EnvironmentFacts};
+pub use visibility::{Cell, Class, Matrix, Row};
 
 /// The time source (injectable: tests run schedules and windows on a simulated clock).
 pub trait Clock: Send + Sync + 'static {

@@ -955,6 +955,55 @@ pub mod release {
         .name
     }
 
+    /// A plan for `feature` whose second step waits: `second`'s policy asks for an hour of
+    /// soak in `first`; the release takes `first` to 100% in one step, then `second`. Made
+    /// and submitted by rita (approved at once: no approvals asked); returns its name.
+    pub async fn soaking_plan(c: &mut Client, feature: &str, first: &str, second: &str) -> String {
+        c.set_policy(by(
+            "pat",
+            rpb::SetPolicyRequest {
+                policy: Some(rpb::Policy {
+                    environment: second.into(),
+                    min_soak: Some(prost_types::Duration {
+                        seconds: 3600,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                }),
+            },
+        ))
+        .await
+        .unwrap();
+        let env = |e: &str| rpb::ReleaseEnvironment {
+            environment: e.into(),
+            steps: vec![rpb::RolloutStep {
+                percent: 100.0,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let name = c
+            .create_release(by(
+                "rita",
+                rpb::CreateReleaseRequest {
+                    release: Some(rpb::Release {
+                        features: vec![feature.into()],
+                        environments: vec![env(first), env(second)],
+                        ..Default::default()
+                    }),
+                    request_id: String::new(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .name;
+        c.submit_release(by("rita", rpb::SubmitReleaseRequest { name: name.clone() }))
+            .await
+            .unwrap();
+        name
+    }
+
     /// Sets a release's rollout in one environment.
     pub async fn rollout(c: &mut Client, release: &str, env: &str, percent: f64) -> rpb::Release {
         c.set_rollout(rpb::SetRolloutRequest {

@@ -382,50 +382,7 @@ async fn deploy_svc_release_svc_and_the_agent_export_metrics_that_follow_the_cal
     // A plan whose second step waits on a policy rule (dev needs an hour of soak in
     // staging): the scheduler's wait is counted and the waiting gauge names the rule.
     environment(&mut dc, "staging", None, false).await;
-    rc.set_policy(release::by(
-        "pat",
-        rpb::SetPolicyRequest {
-            policy: Some(rpb::Policy {
-                environment: "dev".into(),
-                min_soak: Some(prost_types::Duration {
-                    seconds: 3600,
-                    nanos: 0,
-                }),
-                ..Default::default()
-            }),
-        },
-    ))
-    .await
-    .unwrap();
-    let full = |env: &str| rpb::ReleaseEnvironment {
-        environment: env.into(),
-        steps: vec![rpb::RolloutStep {
-            percent: 100.0,
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
-    let plan = rc
-        .create_release(release::by(
-            "rita",
-            rpb::CreateReleaseRequest {
-                release: Some(rpb::Release {
-                    features: vec!["dark".into()],
-                    environments: vec![full("staging"), full("dev")],
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    rc.submit_release(release::by(
-        "rita",
-        rpb::SubmitReleaseRequest { name: plan.name },
-    ))
-    .await
-    .unwrap();
+    release::soaking_plan(&mut rc, "dark", "staging", "dev").await;
     let text = until(
         rm,
         r#"release_svc_releases_waiting{rule="SOAK_TIME"}"#,

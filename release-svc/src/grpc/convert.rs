@@ -553,6 +553,46 @@ pub fn release_pb(r: &Release) -> pb::Release {
     }
 }
 
+/// The proto form of one row of the visibility matrix.
+pub fn visibility_row_pb(row: &crate::engine::Row) -> pb::FeatureVisibility {
+    use crate::engine::Class;
+    let class = |c: Class| {
+        match c {
+            Class::Disabled => pb::VisibilityClass::Disabled,
+            Class::NotReleased => pb::VisibilityClass::NotReleased,
+            Class::NotDeployed => pb::VisibilityClass::NotDeployed,
+            Class::Paused => pb::VisibilityClass::Paused,
+            Class::Rollout => pb::VisibilityClass::Rollout,
+            Class::Targeted => pb::VisibilityClass::Targeted,
+            Class::Static => pb::VisibilityClass::Static,
+        }
+        .into()
+    };
+    pb::FeatureVisibility {
+        feature: row.feature.key.clone(),
+        disabled: row.feature.disabled,
+        targeted: row.targeted,
+        cells: row
+            .cells
+            .iter()
+            .map(|c| pb::VisibilityCell {
+                environment: c.environment.clone(),
+                class: class(c.class),
+                rollout_percent: c.rollout_percent,
+                release: c
+                    .release
+                    .map(|(id, _)| format!("releases/{id}"))
+                    .unwrap_or_default(),
+                release_state: c.release.map_or(0, |(_, s)| release_state(s)),
+                step: i32::try_from(c.step).unwrap_or(i32::MAX),
+                steps: i32::try_from(c.steps).unwrap_or(i32::MAX),
+                not_deployed: c.not_deployed.clone(),
+                waiting: violations_pb(&c.waiting),
+            })
+            .collect(),
+    }
+}
+
 /// The proto form of policy violations.
 pub fn violations_pb(v: &[PreconditionViolation]) -> Vec<pb::PolicyViolation> {
     v.iter()

@@ -513,6 +513,35 @@ impl ReleaseService for ReleaseApi {
         Ok(Response::new(Box::pin(slot.hold(stream))))
     }
 
+    async fn list_visibility(
+        &self,
+        req: Request<pb::ListVisibilityRequest>,
+    ) -> Result<pb::ListVisibilityResponse> {
+        let req = req.into_inner();
+        let mut v = Violations::default();
+        let (size, after) = page(&mut v, req.page_size, &req.page_token);
+        let environment = (!req.environment.is_empty()).then_some(req.environment.as_str());
+        if let Some(e) = environment {
+            v.check("environment", names::validate_environment(e));
+        }
+        let feature = (!req.feature.is_empty()).then_some(req.feature.as_str());
+        if let Some(f) = feature {
+            v.check("feature", names::validate_feature_key(f));
+        }
+        v.finish()?;
+        let mut matrix = self
+            .engine
+            .visibility(environment, feature, after.as_deref(), size)
+            .await;
+        let more = matrix.rows.len() > size;
+        matrix.rows.truncate(size);
+        Ok(Response::new(pb::ListVisibilityResponse {
+            next_page_token: next_token(more, matrix.rows.last().map(|r| r.feature.key.clone())),
+            features: matrix.rows.iter().map(convert::visibility_row_pb).collect(),
+            environments: matrix.environments,
+        }))
+    }
+
     async fn get_consumer_status(
         &self,
         _req: Request<pb::GetConsumerStatusRequest>,

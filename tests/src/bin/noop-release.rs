@@ -88,6 +88,12 @@ impl ReleaseService for Noop {
     ) -> R<Self::WatchVisibilityStream> {
         no()
     }
+    async fn list_visibility(
+        &self,
+        _: Request<pb::ListVisibilityRequest>,
+    ) -> R<pb::ListVisibilityResponse> {
+        no()
+    }
     async fn get_consumer_status(
         &self,
         _: Request<pb::GetConsumerStatusRequest>,

@@ -1,0 +1,198 @@
+//! The visibility matrix: how Evaluate decides each feature in each environment, and why.
+//!
+//! Read under the writers' lock from the state and the snapshot published with it, so a
+//! cell always agrees with what Evaluate answers at that moment: the governing release and
+//! the gate come from the snapshot, the rest (plan steps, waits, the coverage a gated
+//! feature waits for, paused and pending releases) from the state.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use super::{Engine, State};
+use crate::domain::evaluate::Snapshot;
+use crate::domain::model::{Feature, Release, ReleaseState};
+use crate::domain::PreconditionViolation;
+
+/// How Evaluate decides a feature in one environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// The feature is disabled.
+    Disabled,
+    /// No active release puts it here.
+    NotReleased,
+    /// Released here, the carrier below coverage.
+    NotDeployed,
+    /// The release that would show it is paused.
+    Paused,
+    /// Released below 100%.
+    Rollout,
+    /// Released at 100% with rules or lists deciding per context.
+    Targeted,
+    /// Released at 100%, the same answer for everyone.
+    Static,
+}
+
+/// One (feature, environment) cell.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cell {
+    /// The environment.
+    pub environment: String,
+    /// The decision class.
+    pub class: Class,
+    /// The rollout percentage of `release` here (0 without one).
+    pub rollout_percent: f64,
+    /// The governing release, else a paused one, else one on its way (id, state).
+    pub release: Option<(i64, ReleaseState)>,
+    /// The plan step `release` is at here, 1-based (0: none).
+    pub step: usize,
+    /// The plan steps of `release` here.
+    pub steps: usize,
+    /// NOT_DEPLOYED: what the carrier waits for.
+    pub not_deployed: String,
+    /// The rules `release`'s next step waits on, when that step is here.
+    pub waiting: Vec<PreconditionViolation>,
+}
+
+/// One feature's row.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// The feature.
+    pub feature: Arc<Feature>,
+    /// A rule or a list decides per context.
+    pub targeted: bool,
+    /// One cell per environment of the matrix.
+    pub cells: Vec<Cell>,
+}
+
+/// A page of the matrix.
+#[derive(Debug, Clone)]
+pub struct Matrix {
+    /// The columns, sorted.
+    pub environments: Vec<String>,
+    /// Up to `limit + 1` rows (one more than asked tells the caller there is another page).
+    pub rows: Vec<Row>,
+}
+
+impl Engine {
+    /// The matrix for `environment` (else every environment known here) and `feature`
+    /// (else the features after `after` by key, at most `limit + 1`).
+    pub async fn visibility(
+        &self,
+        environment: Option<&str>,
+        feature: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Matrix {
+        let state = self.state.lock().await;
+        let snapshot = self.snapshot.load();
+        let environments = match environment {
+            Some(e) => vec![e.to_owned()],
+            None => known_environments(&state),
+        };
+        let rows = state
+            .features
+            .values()
+            .filter(|f| feature.is_none_or(|k| f.key == k))
+            .filter(|f| after.is_none_or(|a| f.key.as_str() > a))
+            .take(limit + 1)
+            .map(|f| row(&state, &snapshot, f, &environments))
+            .collect();
+        Matrix { environments, rows }
+    }
+}
+
+/// Every environment a release, a policy or a placement names.
+fn known_environments(state: &State) -> Vec<String> {
+    let mut names: BTreeSet<&str> = state
+        .releases
+        .values()
+        .flat_map(|r| r.environments.iter().map(|e| e.environment.as_str()))
+        .collect();
+    names.extend(state.policies.keys().map(String::as_str));
+    names.extend(state.placements.iter().map(|p| p.environment.as_str()));
+    names.into_iter().map(str::to_owned).collect()
+}
+
+fn row(state: &State, snapshot: &Snapshot, f: &Arc<Feature>, environments: &[String]) -> Row {
+    let targeted = f.targeting.is_some() || !f.allow.is_empty() || !f.deny.is_empty();
+    let entry = snapshot.features.get(f.key.as_str());
+    let view = state.placements.coverage_view();
+    let cells = environments
+        .iter()
+        .map(|env| {
+            let governing = entry.and_then(|e| e.governing(env));
+            let shown = match governing {
+                Some(g) => state.releases.get(&g.release),
+                None => not_active(state, &f.key, env),
+            };
+            let mut cell = Cell {
+                environment: env.clone(),
+                class: Class::NotReleased,
+                rollout_percent: 0.0,
+                release: None,
+                step: 0,
+                steps: 0,
+                not_deployed: String::new(),
+                waiting: Vec::new(),
+            };
+            if let Some(r) = shown {
+                cell.release = Some((r.id, r.state));
+                if let Some(e) = r.environments.iter().find(|e| e.environment == *env) {
+                    cell.rollout_percent = e.rollout_percent;
+                    cell.step = e.step.map_or(0, |s| s + 1);
+                    cell.steps = e.steps.len();
+                }
+                let next_here = r
+                    .next_step()
+                    .and_then(|(i, _)| r.environments.get(i))
+                    .is_some_and(|e| e.environment == *env);
+                if next_here {
+                    cell.waiting = r.governance.waiting.clone();
+                }
+            }
+            cell.class = match governing {
+                _ if f.disabled => Class::Disabled,
+                None if shown.is_some_and(|r| r.state == ReleaseState::Paused) => Class::Paused,
+                None => Class::NotReleased,
+                Some(g) if !g.deployed => {
+                    cell.not_deployed = view.gate(env, &f.carriers).err().unwrap_or_default();
+                    Class::NotDeployed
+                }
+                Some(g) if g.rollout_percent < 100.0 => Class::Rollout,
+                Some(_) if targeted => Class::Targeted,
+                Some(_) => Class::Static,
+            };
+            cell
+        })
+        .collect();
+    Row {
+        feature: f.clone(),
+        targeted,
+        cells,
+    }
+}
+
+/// The release that is not active but names `feature` in `env`: a paused one first (the
+/// kill switch is what an operator looks for), else the newest on its way (draft,
+/// planned, approved).
+fn not_active<'a>(state: &'a State, feature: &str, env: &str) -> Option<&'a Release> {
+    let names = |r: &&Release| {
+        r.features.iter().any(|k| k == feature)
+            && r.environments.iter().any(|e| e.environment == env)
+    };
+    let newest = |states: &[ReleaseState]| {
+        state
+            .releases
+            .values()
+            .rev()
+            .filter(|r| states.contains(&r.state))
+            .find(names)
+    };
+    newest(&[ReleaseState::Paused]).or_else(|| {
+        newest(&[
+            ReleaseState::Approved,
+            ReleaseState::Planned,
+            ReleaseState::Draft,
+        ])
+    })
+}
