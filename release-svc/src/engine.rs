@@ -6,7 +6,7 @@
 //! snapshot from an `ArcSwap`: no lock, no database.
 //!
 //! Submodules: `governance` (policies, approvals, the plan scheduler) and `visibility`
-//! (the feature x environment matrix).
+//! (the feature x environment matrix) and `timeline` (a release's story and its steps to come).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,9 +25,11 @@ use crate::domain::{Error, Result};
 use crate::store::{AuditEntry, Store, Withdrawal};
 
 mod governance;
+mod timeline;
 mod visibility;
 
 pub use governance::{Calendar, EnvironmentFacts};
+pub use timeline::{Event, Timeline, Upcoming};
 pub use visibility::{Cell, Class, Matrix, Row};
 
 /// The time source (injectable: tests run schedules and windows on a simulated clock).

@@ -553,6 +553,37 @@ pub fn release_pb(r: &Release) -> pb::Release {
     }
 }
 
+/// The proto form of a release's timeline.
+pub fn timeline_pb(t: &crate::engine::Timeline) -> pb::ReleaseTimeline {
+    pb::ReleaseTimeline {
+        release: Some(release_pb(&t.release)),
+        events: t
+            .events
+            .iter()
+            .map(|e| pb::TimelineEvent {
+                time: timestamp(e.time_ms),
+                kind: e.kind.clone(),
+                principal: e.principal.clone(),
+                summary: e.summary.clone(),
+                reason: e.reason.clone(),
+                environment: e.environment.clone(),
+            })
+            .collect(),
+        upcoming: t
+            .upcoming
+            .iter()
+            .map(|u| pb::UpcomingStep {
+                environment: u.environment.clone(),
+                step: i32::try_from(u.step).unwrap_or(i32::MAX),
+                percent: u.percent,
+                min_duration: duration(u.min_duration_ms),
+                due_time: u.due_ms.and_then(timestamp),
+                waiting: violations_pb(&u.waiting),
+            })
+            .collect(),
+    }
+}
+
 /// The proto form of one row of the visibility matrix.
 pub fn visibility_row_pb(row: &crate::engine::Row) -> pb::FeatureVisibility {
     use crate::engine::Class;

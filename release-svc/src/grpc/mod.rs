@@ -542,6 +542,16 @@ impl ReleaseService for ReleaseApi {
         }))
     }
 
+    async fn get_release_timeline(
+        &self,
+        req: Request<pb::GetReleaseTimelineRequest>,
+    ) -> Result<pb::ReleaseTimeline> {
+        let id = name("name", &req.into_inner().name, names::parse_release)?;
+        Ok(Response::new(convert::timeline_pb(
+            &self.engine.timeline(id).await?,
+        )))
+    }
+
     async fn get_consumer_status(
         &self,
         _req: Request<pb::GetConsumerStatusRequest>,

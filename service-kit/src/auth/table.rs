@@ -348,6 +348,11 @@ pub const TABLE: &[Rule] = &[
         Env,
     ),
     rule(
+        "/release.v1.ReleaseService/GetReleaseTimeline",
+        P::ReleasesRead,
+        Global,
+    ),
+    rule(
         "/release.v1.ReleaseService/ListVisibility",
         P::ReleasesRead,
         Global,

@@ -94,6 +94,12 @@ impl ReleaseService for Noop {
     ) -> R<pb::ListVisibilityResponse> {
         no()
     }
+    async fn get_release_timeline(
+        &self,
+        _: Request<pb::GetReleaseTimelineRequest>,
+    ) -> R<pb::ReleaseTimeline> {
+        no()
+    }
     async fn get_consumer_status(
         &self,
         _: Request<pb::GetConsumerStatusRequest>,

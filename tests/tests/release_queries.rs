@@ -1,7 +1,9 @@
-//! ListVisibility end to end, on real gRPC with real deploy-svc and release-svc: a fixture
-//! built by real deployments, placements and releases covers every decision class; each
-//! cell agrees with what Evaluate answers; the gate's cell follows a placement; paging,
-//! filters and bad input.
+//! release-svc's queries end to end, on real gRPC with real deploy-svc and release-svc.
+//! ListVisibility: a fixture built by real deployments, placements and releases covers
+//! every decision class; each cell agrees with what Evaluate answers; the gate's cell
+//! follows a placement; paging, filters and bad input. GetReleaseTimeline: a plan's steps
+//! taken and waited on, a kill switch and its resumption, an automatic withdrawal, the
+//! steps to come.
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
@@ -298,4 +300,159 @@ async fn bad_requests_name_their_field() {
     )
     .await;
     assert!(none.features.is_empty());
+}
+
+/// The timeline of `name`, waiting (at most 30 s) until `ready` holds.
+async fn timeline_when(
+    rc: &mut release::Client,
+    name: &str,
+    ready: impl Fn(&rpb::ReleaseTimeline) -> bool,
+) -> rpb::ReleaseTimeline {
+    let start = Instant::now();
+    loop {
+        let t = rc
+            .get_release_timeline(rpb::GetReleaseTimelineRequest { name: name.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if ready(&t) {
+            return t;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{t:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn kinds(t: &rpb::ReleaseTimeline) -> Vec<&str> {
+    t.events.iter().map(|e| e.kind.as_str()).collect()
+}
+
+#[tokio::test]
+async fn a_timeline_tells_the_story_of_a_release_and_its_steps_to_come() {
+    let d = InProcess::start().await;
+    let r = release::InProcess::start(d.addr).await;
+    let (mut dc, mut rc) = (d.client().await, r.client().await);
+    for env in ["qa", "uat"] {
+        environment(&mut dc, env, None, false).await;
+    }
+    release::plain_feature(&mut rc, "planned", false).await;
+    let plan = release::soaking_plan(&mut rc, "planned", "qa", "uat").await;
+
+    // qa's step is taken, uat's waits on the soak time: the next step, due since qa's step
+    // began (it has no minimum), names the rule.
+    let t = timeline_when(&mut rc, &plan, |t| kinds(t).contains(&"auto.wait")).await;
+    assert_eq!(
+        kinds(&t),
+        [
+            "CreateRelease",
+            "SubmitRelease",
+            "auto.advance",
+            "auto.wait"
+        ],
+        "{t:#?}"
+    );
+    assert_eq!(t.events[0].principal, "rita");
+    assert_eq!(t.events[2].principal, "system");
+    assert_eq!(t.events[3].reason, "SOAK_TIME");
+    let times: Vec<_> = t
+        .events
+        .iter()
+        .map(|e| e.time.unwrap().seconds)
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+    assert_eq!(t.upcoming.len(), 1, "{t:#?}");
+    let next = &t.upcoming[0];
+    assert_eq!(
+        (next.environment.as_str(), next.step, next.percent),
+        ("uat", 1, 100.0)
+    );
+    assert_eq!(
+        next.waiting
+            .iter()
+            .map(|w| w.r#type.as_str())
+            .collect::<Vec<_>>(),
+        ["SOAK_TIME"]
+    );
+    let released = t.release.as_ref().unwrap();
+    let qa = released
+        .environments
+        .iter()
+        .find(|e| e.environment == "qa")
+        .unwrap();
+    // qa's one step is its start.
+    let started = qa.start_time.unwrap();
+    assert_eq!(
+        next.due_time.unwrap(),
+        started,
+        "due when qa's step began"
+    );
+
+    // The kill switch and its resumption, with who and why.
+    rc.pause_release(release::by(
+        "oncall",
+        rpb::PauseReleaseRequest {
+            name: plan.clone(),
+            reason: "error rate".into(),
+        },
+    ))
+    .await
+    .unwrap();
+    rc.resume_release(release::by(
+        "oncall",
+        rpb::ResumeReleaseRequest { name: plan.clone() },
+    ))
+    .await
+    .unwrap();
+    let t = timeline_when(&mut rc, &plan, |t| kinds(t).contains(&"ResumeRelease")).await;
+    let pause = t.events.iter().find(|e| e.kind == "PauseRelease").unwrap();
+    assert_eq!(
+        (pause.principal.as_str(), pause.reason.as_str()),
+        ("oncall", "error rate")
+    );
+    let k = kinds(&t);
+    let at = |kind: &str| k.iter().position(|x| *x == kind).unwrap();
+    assert!(at("auto.wait") < at("PauseRelease") && at("PauseRelease") < at("ResumeRelease"));
+
+    // A withdrawal of a release's feature: in the gated release's timeline, not the plan's.
+    let gated = Gated::setup(&mut dc, &mut rc, 2, 1.0, 100.0).await;
+    gated
+        .report(&mut dc, &gated.targets, dpb::PlacementState::Placed)
+        .await;
+    release::eventually(
+        &mut rc,
+        "new-cart",
+        "prod",
+        "u1",
+        rpb::Reason::Static,
+        Duration::from_secs(30),
+    )
+    .await;
+    gated
+        .report(&mut dc, &gated.targets[..1], dpb::PlacementState::Removed)
+        .await;
+    let t = timeline_when(&mut rc, &gated.release, |t| {
+        kinds(t).contains(&"auto.withdraw")
+    })
+    .await;
+    let w = t.events.iter().find(|e| e.kind == "auto.withdraw").unwrap();
+    assert_eq!(w.environment, "prod");
+    assert!(w.reason.contains("1/2"), "{w:?}");
+    assert!(w.summary.contains("new-cart"), "{w:?}");
+    assert!(t.upcoming.is_empty(), "no plan: {t:#?}");
+    let plan_t = timeline_when(&mut rc, &plan, |_| true).await;
+    assert!(!kinds(&plan_t).contains(&"auto.withdraw"));
+
+    // Bad and unknown names.
+    let bad = rc
+        .get_release_timeline(rpb::GetReleaseTimelineRequest {
+            name: "release/x".into(),
+        })
+        .await;
+    assert_eq!(tests::status::bad_fields(bad), ["name"]);
+    let missing = rc
+        .get_release_timeline(rpb::GetReleaseTimelineRequest {
+            name: "releases/999".into(),
+        })
+        .await;
+    tests::status::expect_code(missing, tonic::Code::NotFound);
 }
