@@ -703,6 +703,32 @@ async fn bad_inventory_requests_name_the_field() {
     s.shutdown().await;
 }
 
+/// At most 20 deployments in flight per environment and artifact are listed, the oldest,
+/// with the total.
+#[tokio::test]
+async fn deployments_in_flight_are_capped_with_their_total() {
+    let s = Running::start(|_| {}).await;
+    let mut c = tests::connect(s.addr).await;
+    environment(&mut c, "dev", None, false).await;
+    targets(&mut c, "dev", "dev", 1).await;
+    artifact(&mut c, "checkout", "1.0.0").await;
+    let mut names = Vec::new();
+    for _ in 0..22 {
+        names.push(deploy(&mut c, "checkout", "1.0.0", "dev", all_at_once()).await);
+    }
+    let page = inventory(&mut c, "dev", 0, "").await.unwrap();
+    let co = &page.environments[0].artifacts[0];
+    assert_eq!(co.in_flight_count, 22);
+    let listed: Vec<&str> = co
+        .in_flight
+        .iter()
+        .map(|f| f.deployment.as_ref().unwrap().name.as_str())
+        .collect();
+    assert_eq!(listed, names[..20]);
+    assert!(co.versions.is_empty(), "nothing placed yet");
+    s.shutdown().await;
+}
+
 /// With authentication on, the all-environments inventory holds only the environments the
 /// caller may view, and naming another one is PERMISSION_DENIED.
 #[tokio::test]

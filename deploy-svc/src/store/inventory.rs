@@ -99,10 +99,14 @@ pub(super) fn inventory(
                 });
             }
             let more = names.len() > left;
-            let mut artifacts = Vec::new();
-            for name in names.into_iter().take(left) {
-                artifacts.push(artifact_inventory(conn, &env.id, &name)?);
-            }
+            let mut names = names;
+            names.truncate(left);
+            let artifacts = artifacts_inventory(
+                conn,
+                &env.id,
+                after_artifact.as_deref().unwrap_or_default(),
+                names,
+            )?;
             let targets: i64 = conn
                 .value(
                     "SELECT COUNT(*) FROM targets WHERE environment = ?1",
@@ -132,64 +136,101 @@ pub(super) fn inventory(
     }
 }
 
-/// What is placed and in flight of `artifact` in environment `env`.
-fn artifact_inventory(conn: &dyn Db, env: &str, artifact: &str) -> Result<ArtifactInventory> {
-    // The current version of the artifact on a target is its newest PLACED placement (as
+/// What is placed and in flight of the artifacts `names` (in order, every artifact of
+/// environment `env` after `after` up to the last of them) in `env`: a few queries for
+/// them all, whatever their number.
+fn artifacts_inventory(
+    conn: &dyn Db,
+    env: &str,
+    after: &str,
+    names: Vec<String>,
+) -> Result<Vec<ArtifactInventory>> {
+    let Some(upto) = names.last().cloned() else {
+        return Ok(Vec::new());
+    };
+    let mut by_name: BTreeMap<String, ArtifactInventory> = names
+        .into_iter()
+        .map(|artifact| {
+            let a = ArtifactInventory {
+                artifact: artifact.clone(),
+                versions: Vec::new(),
+                in_flight: Vec::new(),
+                in_flight_total: 0,
+            };
+            (artifact, a)
+        })
+        .collect();
+    // The current version of an artifact on a target is its newest PLACED placement (as
     // release-svc's coverage gate counts it).
     let versions = conn.all(
-        "SELECT c.version, a.digest, COUNT(*), MAX(c.update_ms), MAX(c.seq) FROM (
-             SELECT d.version AS version, p.update_ms AS update_ms, p.seq AS seq,
-                    ROW_NUMBER() OVER (PARTITION BY p.target ORDER BY p.seq DESC) AS newest
+        "SELECT c.artifact, c.version, a.digest, COUNT(*), MAX(c.update_ms) FROM (
+             SELECT d.artifact AS artifact, d.version AS version, p.update_ms AS update_ms,
+                    p.seq AS seq,
+                    ROW_NUMBER() OVER (PARTITION BY p.target, d.artifact ORDER BY p.seq DESC) AS newest
              FROM placements p JOIN deployments d ON d.id = p.deployment
-             WHERE d.environment = ?1 AND d.artifact = ?2 AND p.state = ?3
-         ) c JOIN artifacts a ON a.name = ?2 AND a.version = c.version
+             WHERE d.environment = ?1 AND d.artifact > ?2 AND d.artifact <= ?3 AND p.state = ?4
+         ) c JOIN artifacts a ON a.name = c.artifact AND a.version = c.version
          WHERE c.newest = 1
-         GROUP BY c.version, a.digest
-         ORDER BY MAX(c.seq) DESC",
-        p![env, artifact, PlacementState::Placed.code()],
+         GROUP BY c.artifact, c.version, a.digest
+         ORDER BY c.artifact, MAX(c.seq) DESC",
+        p![env, after, upto, PlacementState::Placed.code()],
         |r| {
-            Ok(PlacedVersion {
-                version: r.get(0)?,
-                digest: r.get(1)?,
-                targets: u64::try_from(r.get::<i64>(2)?).unwrap_or(0),
-                last_place_ms: r.get(3)?,
-            })
+            Ok((
+                r.get::<String>(0)?,
+                PlacedVersion {
+                    version: r.get(1)?,
+                    digest: r.get(2)?,
+                    targets: u64::try_from(r.get::<i64>(3)?).unwrap_or(0),
+                    last_place_ms: r.get(4)?,
+                },
+            ))
         },
     )?;
+    for (artifact, v) in versions {
+        if let Some(a) = by_name.get_mut(&artifact) {
+            a.versions.push(v);
+        }
+    }
     let unfinished = p![
         env,
-        artifact,
+        after,
+        upto,
         DeploymentState::Pending.code(),
         DeploymentState::InProgress.code()
     ];
-    let in_flight_total: i64 = conn
-        .value(
-            "SELECT COUNT(*) FROM deployments WHERE environment = ?1 AND artifact = ?2 AND state IN (?3, ?4)",
-            unfinished,
-        )?
-        .unwrap_or(0);
+    let totals: Vec<(String, i64)> = conn.all(
+        "SELECT artifact, COUNT(*) FROM deployments WHERE environment = ?1 AND artifact > ?2 AND artifact <= ?3 AND state IN (?4, ?5) GROUP BY artifact",
+        unfinished,
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    for (artifact, total) in totals {
+        if let Some(a) = by_name.get_mut(&artifact) {
+            a.in_flight_total = u64::try_from(total).unwrap_or(0);
+        }
+    }
+    // The oldest MAX_IN_FLIGHT of each artifact.
     let deployments = conn.all(
         &format!(
-            "SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE environment = ?1 AND artifact = ?2 AND state IN (?3, ?4) ORDER BY id LIMIT {MAX_IN_FLIGHT}"
+            "SELECT {DEPLOYMENT_COLUMNS} FROM (
+                 SELECT *, ROW_NUMBER() OVER (PARTITION BY artifact ORDER BY id) AS age
+                 FROM deployments
+                 WHERE environment = ?1 AND artifact > ?2 AND artifact <= ?3 AND state IN (?4, ?5)
+             ) f WHERE f.age <= {MAX_IN_FLIGHT} ORDER BY f.artifact, f.id"
         ),
         unfinished,
         deployment_row,
     )?;
-    let mut in_flight = Vec::with_capacity(deployments.len());
     for deployment in deployments {
         let slots: Vec<strategy::Slot> = slots(conn, deployment.id)?
             .into_iter()
             .map(|s| s.1)
             .collect();
         let step = strategy::step(&deployment.strategy, &slots, deployment.continued);
-        in_flight.push(InFlight { deployment, step });
+        if let Some(a) = by_name.get_mut(&deployment.artifact) {
+            a.in_flight.push(InFlight { deployment, step });
+        }
     }
-    Ok(ArtifactInventory {
-        artifact: artifact.to_owned(),
-        versions,
-        in_flight,
-        in_flight_total: u64::try_from(in_flight_total).unwrap_or(0),
-    })
+    Ok(by_name.into_values().collect())
 }
 
 /// The current version of every artifact on the targets `first..=last` of `env`, by
