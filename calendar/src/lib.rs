@@ -12,11 +12,13 @@
 //! - [`FreezeWindow`] with its [`Schedule`] (absolute, or weekly between two [`WeekTime`]s
 //!   in a time zone): whether a window covers an instant.
 //! - [`active`]: the windows of a list that cover an instant ([`Millis`]).
+//! - [`frozen_until`], [`next_occurrence`]: when a calendar stops freezing, and the next
+//!   window to come (from `FreezeWindow::next_change`: when one window starts or ends).
 //! - [`parse_minute`] / [`format_minute`]: `HH:MM` to and from a minute of the day.
 
 use std::str::FromStr;
 
-use chrono::{DateTime, Datelike, Timelike, Utc};
+use chrono::{DateTime, Datelike, Offset, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
 
 /// Milliseconds since the Unix epoch.
@@ -136,6 +138,140 @@ impl FreezeWindow {
             }
         }
     }
+}
+
+/// A day in milliseconds.
+const DAY_MS: Millis = 86_400_000;
+
+impl FreezeWindow {
+    /// The first instant after `after_ms` at which the window starts or stops covering
+    /// time (exactly the instant [`contains`](Self::contains) changes its answer), or
+    /// `None` when it never changes again (an absolute window that has ended). Weekly
+    /// windows change on whole local minutes and at the time zone's offset changes.
+    pub fn next_change(&self, after_ms: Millis) -> Option<Millis> {
+        match &self.schedule {
+            Schedule::Absolute { start_ms, end_ms } => {
+                if after_ms < *start_ms {
+                    Some(*start_ms)
+                } else if after_ms < *end_ms {
+                    Some(*end_ms)
+                } else {
+                    None
+                }
+            }
+            Schedule::Weekly {
+                time_zone,
+                start,
+                end,
+            } => {
+                let tz = Tz::from_str(time_zone).ok()?;
+                let local = DateTime::<Utc>::from_timestamp_millis(after_ms)?
+                    .with_timezone(&tz)
+                    .date_naive();
+                // Every instant the local clock reads the start or the end (twice in a
+                // repeated hour), and every offset change, over a little more than two
+                // weeks: the answer is the first of them at which `contains` flips.
+                let mut candidates = Vec::new();
+                for days in -1..=15 {
+                    let Some(date) = local.checked_add_signed(chrono::Duration::days(days)) else {
+                        continue;
+                    };
+                    for t in [start, end] {
+                        if t.day != date.weekday().num_days_from_monday() {
+                            continue;
+                        }
+                        let Some(naive) = date.and_hms_opt(t.minute / 60, t.minute % 60, 0) else {
+                            continue;
+                        };
+                        let mapped = tz.from_local_datetime(&naive);
+                        candidates.extend(
+                            mapped
+                                .earliest()
+                                .into_iter()
+                                .chain(mapped.latest())
+                                .map(|d| d.timestamp_millis()),
+                        );
+                    }
+                }
+                for days in 0..=16 {
+                    let from = after_ms.saturating_add(days * DAY_MS);
+                    candidates.extend(offset_change(&tz, from, from.saturating_add(DAY_MS)));
+                }
+                candidates
+                    .into_iter()
+                    .filter(|&c| c > after_ms && self.contains(c) != self.contains(c - 1))
+                    .min()
+            }
+        }
+    }
+
+    /// The occurrence of the window that starts first after `at_ms`, as `(start, end)`
+    /// (for a window covering `at_ms`, the one after the current occurrence).
+    pub fn next_start(&self, at_ms: Millis) -> Option<(Millis, Millis)> {
+        let from = if self.contains(at_ms) {
+            self.next_change(at_ms)?
+        } else {
+            at_ms
+        };
+        let start = self.next_change(from)?;
+        Some((start, self.next_change(start)?))
+    }
+}
+
+/// The offset of `tz` at `ms`, in seconds east of UTC.
+fn offset_at(tz: &Tz, ms: Millis) -> Option<i32> {
+    let utc = DateTime::<Utc>::from_timestamp_millis(ms)?.naive_utc();
+    Some(tz.offset_from_utc_datetime(&utc).fix().local_minus_utc())
+}
+
+/// The instant in `(from, to]` at which `tz` changes its offset, if it does (at most one
+/// change a day).
+fn offset_change(tz: &Tz, from: Millis, to: Millis) -> Option<Millis> {
+    let before = offset_at(tz, from)?;
+    if offset_at(tz, to)? == before {
+        return None;
+    }
+    let (mut lo, mut hi) = (from, to);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if offset_at(tz, mid)? == before {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Some(hi)
+}
+
+/// The first instant at or after `at_ms` at which no window of `windows` is active, or
+/// `None` when none is active at `at_ms` (nothing is frozen).
+pub fn frozen_until(windows: &[FreezeWindow], at_ms: Millis) -> Option<Millis> {
+    let mut t = at_ms;
+    // Each round ends every window active at `t`; chained windows take a round each.
+    for _ in 0..=2 * windows.len() {
+        let ends: Option<Vec<Millis>> = active(windows, t)
+            .iter()
+            .map(|w| w.next_change(t))
+            .collect();
+        let end = ends?.into_iter().max();
+        match end {
+            None => return (t != at_ms).then_some(t),
+            Some(end) => t = end,
+        }
+    }
+    Some(t)
+}
+
+/// The window occurrence of `windows` that starts first after `at_ms`: the window and its
+/// `(start, end)`.
+pub fn next_occurrence(
+    windows: &[FreezeWindow],
+    at_ms: Millis,
+) -> Option<(&FreezeWindow, Millis, Millis)> {
+    windows
+        .iter()
+        .filter_map(|w| w.next_start(at_ms).map(|(s, e)| (w, s, e)))
+        .min_by_key(|&(_, s, _)| s)
 }
 
 /// The windows of `windows` that cover `at_ms`.
@@ -293,6 +429,83 @@ mod tests {
         assert!(parse_minute("24:00").is_err());
         assert_eq!(parse_minute("08:30"), Ok(510));
         assert_eq!(format_minute(510), "08:30");
+    }
+
+    #[test]
+    fn weekly_changes_are_found_across_daylight_saving_changes() {
+        let w = weekly("Europe/Berlin", (4, "18:00"), (0, "08:00"));
+        // Wednesday before the spring change: starts Friday 17:00 UTC, ends Monday 06:00 UTC
+        // (summer time by then).
+        let wed = utc(2026, 3, 25, 12, 0);
+        assert_eq!(w.next_change(wed), Some(utc(2026, 3, 27, 17, 0)));
+        assert_eq!(
+            w.next_start(wed),
+            Some((utc(2026, 3, 27, 17, 0), utc(2026, 3, 30, 6, 0)))
+        );
+        // Inside the window: its end, and the next occurrence a week later.
+        let sat = utc(2026, 3, 28, 12, 0);
+        assert_eq!(w.next_change(sat), Some(utc(2026, 3, 30, 6, 0)));
+        assert_eq!(
+            w.next_start(sat),
+            Some((utc(2026, 4, 3, 16, 0), utc(2026, 4, 6, 6, 0)))
+        );
+        // Every answer agrees with `contains` a millisecond either side.
+        let mut t = utc(2026, 3, 20, 0, 0);
+        for _ in 0..6 {
+            let c = w.next_change(t).unwrap_or(0);
+            assert!(c > t && w.contains(c) != w.contains(c - 1), "{t} -> {c}");
+            assert_eq!(w.contains(t), w.contains(c - 1), "no change before {c}");
+            t = c;
+        }
+        // A window ending inside the repeated autumn hour ends at the first 02:30, starts
+        // again when the clock goes back to 02:00, and ends at the second 02:30.
+        let late = weekly("Europe/Berlin", (5, "22:00"), (6, "02:30"));
+        let sat_night = utc(2026, 10, 24, 21, 0);
+        assert!(late.contains(sat_night));
+        let first_end = utc(2026, 10, 25, 0, 30);
+        assert_eq!(late.next_change(sat_night), Some(first_end));
+        assert_eq!(late.next_change(first_end), Some(utc(2026, 10, 25, 1, 0)));
+        assert_eq!(
+            late.next_change(utc(2026, 10, 25, 1, 0)),
+            Some(utc(2026, 10, 25, 1, 30))
+        );
+    }
+
+    #[test]
+    fn absolute_changes_and_the_calendar_summaries() {
+        let a = FreezeWindow {
+            name: "a".into(),
+            schedule: Schedule::Absolute {
+                start_ms: 100,
+                end_ms: 200,
+            },
+        };
+        let b = FreezeWindow {
+            name: "b".into(),
+            schedule: Schedule::Absolute {
+                start_ms: 150,
+                end_ms: 300,
+            },
+        };
+        let c = FreezeWindow {
+            name: "c".into(),
+            schedule: Schedule::Absolute {
+                start_ms: 500,
+                end_ms: 600,
+            },
+        };
+        assert_eq!(a.next_change(0), Some(100));
+        assert_eq!(a.next_change(100), Some(200));
+        assert_eq!(a.next_change(200), None);
+        let windows = [a, b, c];
+        assert_eq!(frozen_until(&windows, 50), None, "nothing active");
+        assert_eq!(frozen_until(&windows, 120), Some(300), "a then b");
+        assert_eq!(frozen_until(&windows, 250), Some(300));
+        let next = next_occurrence(&windows, 120).map(|(w, s, e)| (w.name.as_str(), s, e));
+        assert_eq!(next, Some(("b", 150, 300)));
+        let next = next_occurrence(&windows, 250).map(|(w, s, e)| (w.name.as_str(), s, e));
+        assert_eq!(next, Some(("c", 500, 600)));
+        assert!(next_occurrence(&windows, 600).is_none());
     }
 
     #[test]

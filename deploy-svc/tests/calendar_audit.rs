@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-use deploy_svc::domain::clock::{Clock, Millis};
+use deploy_svc::domain::clock::{ManualClock, Millis};
 use prost_types::{FieldMask, Timestamp};
 use proto::deploy::v1 as pb;
 use proto::deploy::v1::deploy_service_client::DeployServiceClient;
@@ -24,18 +24,9 @@ const T0: Millis = 1_772_625_600_000;
 const MINUTE: Millis = 60_000;
 const HOUR: Millis = 60 * MINUTE;
 
-/// A clock the test sets.
-struct TestClock(AtomicI64);
-
-impl Clock for TestClock {
-    fn now_ms(&self) -> Millis {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
 struct Running {
     addr: SocketAddr,
-    clock: Arc<TestClock>,
+    clock: Arc<ManualClock>,
     /// Keeps the SQLite file's directory alive.
     #[allow(dead_code)]
     dir: tempfile::TempDir,
@@ -55,7 +46,7 @@ impl Running {
         };
         let mut config = deploy_svc::Config::for_database(&database);
         tweak(&mut config);
-        let clock = Arc::new(TestClock(AtomicI64::new(T0)));
+        let clock = Arc::new(ManualClock::new(T0));
         let server = deploy_svc::Server::open(config, clock.clone()).unwrap();
         // The store is open: its schema is where the switch said.
         let catalog = if report::is_postgres(&database) {
@@ -91,7 +82,7 @@ impl Running {
     }
 
     fn set_now(&self, ms: Millis) {
-        self.clock.0.store(ms, Ordering::SeqCst);
+        self.clock.set(ms);
     }
 
     async fn shutdown(mut self) {

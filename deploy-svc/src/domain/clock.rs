@@ -24,6 +24,28 @@ impl Clock for SystemClock {
     }
 }
 
+/// A clock that shows what it is set to, for tests that need an exact "now".
+#[derive(Debug)]
+pub struct ManualClock(std::sync::atomic::AtomicI64);
+
+impl ManualClock {
+    /// A clock showing `now_ms`.
+    pub fn new(now_ms: Millis) -> Self {
+        Self(std::sync::atomic::AtomicI64::new(now_ms))
+    }
+
+    /// Sets the clock to `now_ms`.
+    pub fn set(&self, now_ms: Millis) {
+        self.0.store(now_ms, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> Millis {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// `ms` as an RFC 3339 UTC timestamp (`2026-01-05T00:00:00Z`; milliseconds shown only when
 /// not zero).
 pub fn rfc3339(ms: Millis) -> String {

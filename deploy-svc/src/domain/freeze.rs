@@ -85,6 +85,32 @@ pub fn active_names(environment: &Environment, now: Millis) -> Vec<String> {
         .collect()
 }
 
+/// The freeze state of an environment at an instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FreezeStatus {
+    /// The windows active at the instant, by name, with the end of their current
+    /// occurrence.
+    pub active: Vec<(String, Millis)>,
+    /// When no window is active any more (overlapping and back-to-back windows chained);
+    /// `None` when nothing is frozen.
+    pub until: Option<Millis>,
+    /// The window occurrence that starts first after the instant: name, start and end.
+    pub next: Option<(String, Millis, Millis)>,
+}
+
+/// The freeze state of `environment` at `now`.
+pub fn status(environment: &Environment, now: Millis) -> FreezeStatus {
+    let windows = &environment.freeze_windows;
+    FreezeStatus {
+        active: calendar::active(windows, now)
+            .into_iter()
+            .filter_map(|w| w.next_change(now).map(|end| (w.name.clone(), end)))
+            .collect(),
+        until: calendar::frozen_until(windows, now),
+        next: calendar::next_occurrence(windows, now).map(|(w, s, e)| (w.name.clone(), s, e)),
+    }
+}
+
 /// The windows as the audit trail shows them (the API's field names and forms).
 pub fn windows_json(windows: &[FreezeWindow]) -> Value {
     windows
@@ -156,6 +182,33 @@ mod tests {
         );
         assert_eq!(active_names(&e, 5_000), ["year-end", "launch"]);
         assert!(violations(&e, 1_767_571_200_000).is_empty());
+    }
+
+    #[test]
+    fn status_names_the_active_windows_their_ends_and_the_next_one() {
+        let e = env(vec![
+            absolute("launch", 1_000, 5_000),
+            absolute("later", 9_000, 12_000),
+            absolute("overlap", 4_000, 6_000),
+        ]);
+        let s = status(&e, 4_500);
+        assert_eq!(
+            s.active,
+            [("launch".to_owned(), 5_000), ("overlap".to_owned(), 6_000)]
+        );
+        assert_eq!(s.until, Some(6_000));
+        assert_eq!(s.next, Some(("later".to_owned(), 9_000, 12_000)));
+        let s = status(&e, 7_000);
+        assert!(s.active.is_empty() && s.until.is_none());
+        assert_eq!(s.next, Some(("later".to_owned(), 9_000, 12_000)));
+        assert_eq!(
+            status(&e, 12_000),
+            FreezeStatus {
+                active: vec![],
+                until: None,
+                next: None
+            }
+        );
     }
 
     #[test]

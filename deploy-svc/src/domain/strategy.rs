@@ -98,6 +98,119 @@ fn finished(s: PlacementState) -> bool {
     )
 }
 
+/// Targets per batch of a rolling deployment over `targets` targets (at least 1).
+fn batch_len(batch_size: u32, batch_percent: f64, targets: usize) -> usize {
+    if batch_size > 0 {
+        batch_size as usize
+    } else {
+        ((targets as f64) * batch_percent / 100.0).ceil().max(1.0) as usize
+    }
+}
+
+/// Where a deployment stands in its strategy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// All at once: every target is ordered.
+    AllAtOnce,
+    /// Rolling: a batch is ordered (the last one ordered is `Step::step`).
+    RollingBatch,
+    /// Canary: the canaries are ordered and not all PLACED yet.
+    CanaryPlacing,
+    /// Canary: the canaries are PLACED; the rest is ordered at `Step::continue_ms`.
+    CanaryBaking,
+    /// Canary: the canaries are PLACED; the rest waits for ContinueDeployment.
+    CanaryWaiting,
+    /// Canary: the rest of the targets is ordered.
+    CanaryRest,
+}
+
+/// A deployment's position in its strategy, from its placements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    /// The phase.
+    pub phase: Phase,
+    /// The step reached, from 1: the batch of a rolling deployment, 1 (canaries) or 2 (the
+    /// rest) of a canary one, 1 for all at once.
+    pub step: u32,
+    /// How many steps the deployment has in all.
+    pub step_count: u32,
+    /// Targets ordered to place so far.
+    pub ordered: u32,
+    /// Targets PLACED.
+    pub placed: u32,
+    /// Targets FAILED.
+    pub failed: u32,
+    /// Targets of the deployment.
+    pub targets: u32,
+    /// A baking canary: when the rest is ordered.
+    pub continue_ms: Option<Millis>,
+}
+
+/// Where a deployment with `slots` (in ordinal order) stands in `strategy`.
+pub fn step(strategy: &Strategy, slots: &[Slot], continued: bool) -> Step {
+    let count = |f: &dyn Fn(&Slot) -> bool| {
+        u32::try_from(slots.iter().filter(|s| f(s)).count()).unwrap_or(u32::MAX)
+    };
+    let targets = u32::try_from(slots.len()).unwrap_or(u32::MAX);
+    let ordered = count(&|s| s.ordered);
+    let mut step = Step {
+        phase: Phase::AllAtOnce,
+        step: 1,
+        step_count: 1,
+        ordered,
+        placed: count(&|s| s.state == PlacementState::Placed),
+        failed: count(&|s| s.state == PlacementState::Failed),
+        targets,
+        continue_ms: None,
+    };
+    let steps = |n: u32, per: u32| n.div_ceil(per.max(1)).max(1);
+    match strategy {
+        Strategy::AllAtOnce => {}
+        Strategy::Rolling {
+            batch_size,
+            batch_percent,
+            ..
+        } => {
+            let per = u32::try_from(batch_len(*batch_size, *batch_percent, slots.len()))
+                .unwrap_or(u32::MAX);
+            step.phase = Phase::RollingBatch;
+            step.step_count = steps(targets, per);
+            step.step = steps(ordered, per).min(step.step_count);
+        }
+        Strategy::Canary {
+            canary_targets,
+            bake_ms,
+        } => {
+            let canaries = (*canary_targets).min(targets);
+            step.step_count = if targets > canaries { 2 } else { 1 };
+            let first: Vec<&Slot> = slots.iter().filter(|s| s.ordered).collect();
+            if ordered > canaries {
+                step.phase = Phase::CanaryRest;
+                step.step = 2;
+            } else if first.is_empty()
+                || !first.iter().all(|s| s.state == PlacementState::Placed)
+                || step.step_count == 1
+            {
+                step.phase = Phase::CanaryPlacing;
+            } else if continued {
+                // Continued, the rest about to be ordered.
+                step.phase = Phase::CanaryRest;
+                step.step = 2;
+            } else if *bake_ms > 0 {
+                step.phase = Phase::CanaryBaking;
+                step.continue_ms = first
+                    .iter()
+                    .map(|s| s.update_ms)
+                    .max()
+                    .map(|placed| placed.saturating_add(*bake_ms));
+            } else {
+                step.phase = Phase::CanaryWaiting;
+            }
+        }
+    }
+    step
+}
+
 /// The indices of `slots` to order now (empty when nothing more may start).
 pub fn pace(strategy: &Strategy, slots: &[Slot], continued: bool, now: Millis) -> Vec<usize> {
     let failed = slots
@@ -127,13 +240,7 @@ pub fn pace(strategy: &Strategy, slots: &[Slot], continued: bool, now: Millis) -
             if !ordered.iter().all(|s| finished(s.state)) {
                 return Vec::new();
             }
-            let n = if *batch_size > 0 {
-                *batch_size as usize
-            } else {
-                ((slots.len() as f64) * batch_percent / 100.0)
-                    .ceil()
-                    .max(1.0) as usize
-            };
+            let n = batch_len(*batch_size, *batch_percent, slots.len());
             waiting.into_iter().take(n).collect()
         }
         Strategy::Canary {
@@ -220,6 +327,71 @@ mod tests {
             [0, 1],
             "30% of 5 rounds up to 2"
         );
+    }
+
+    #[test]
+    fn steps_follow_the_strategy() {
+        let all = step(
+            &Strategy::AllAtOnce,
+            &slots(&[(P::Placing, true); 3]),
+            false,
+        );
+        assert_eq!(
+            (all.phase, all.step, all.step_count),
+            (Phase::AllAtOnce, 1, 1)
+        );
+        assert_eq!((all.ordered, all.placed, all.targets), (3, 0, 3));
+
+        let r = Strategy::Rolling {
+            batch_size: 2,
+            batch_percent: 0.0,
+            max_failures: 1,
+        };
+        let s = slots(&[
+            (P::Placed, true),
+            (P::Failed, true),
+            (P::Placing, true),
+            (P::Pending, false),
+            (P::Pending, false),
+        ]);
+        let st = step(&r, &s, false);
+        assert_eq!(
+            (
+                st.phase,
+                st.step,
+                st.step_count,
+                st.ordered,
+                st.placed,
+                st.failed
+            ),
+            (Phase::RollingBatch, 2, 3, 3, 1, 1)
+        );
+
+        let c = Strategy::Canary {
+            canary_targets: 1,
+            bake_ms: 0,
+        };
+        let placing = slots(&[(P::Placing, true), (P::Pending, false), (P::Pending, false)]);
+        assert_eq!(step(&c, &placing, false).phase, Phase::CanaryPlacing);
+        let placed = slots(&[(P::Placed, true), (P::Pending, false), (P::Pending, false)]);
+        let st = step(&c, &placed, false);
+        assert_eq!(
+            (st.phase, st.step, st.step_count),
+            (Phase::CanaryWaiting, 1, 2)
+        );
+        assert_eq!(step(&c, &placed, true).phase, Phase::CanaryRest);
+        let baked = Strategy::Canary {
+            canary_targets: 1,
+            bake_ms: 1_000,
+        };
+        let st = step(&baked, &placed, false);
+        assert_eq!(
+            (st.phase, st.continue_ms),
+            (Phase::CanaryBaking, Some(1_100))
+        );
+        let rest = slots(&[(P::Placed, true), (P::Placing, true), (P::Placing, true)]);
+        let st = step(&c, &rest, true);
+        assert_eq!((st.phase, st.step, st.ordered), (Phase::CanaryRest, 2, 3));
     }
 
     #[test]

@@ -10,7 +10,9 @@ use proto::deploy::v1 as pb;
 use crate::domain::audit::{AuditFilter, AuditRecord};
 use crate::domain::clock::Millis;
 use crate::domain::error::Violations;
+use crate::domain::freeze;
 use crate::domain::freeze::MAX_WINDOWS;
+use crate::domain::inventory::{EnvironmentInventory, InventoryKey, TargetVersion};
 use crate::domain::model::{
     Artifact, Deployment, DeploymentState, EmergencyOverride, Environment, EnvironmentUpdate,
     HealthWindows, NewDeployment, NewEnvironment, PageRequest, Placement, PlacementEvent,
@@ -20,7 +22,7 @@ use crate::domain::names::{
     self, artifact_version_name, decode_page_token, deployment_name, environment_name, target_name,
     MAX_KEY, MAX_PAGE_SIZE, MAX_TEXT,
 };
-use crate::domain::strategy::Strategy;
+use crate::domain::strategy::{Phase, Step, Strategy};
 use crate::domain::Result;
 
 /// Default page size of ListAuditRecords (larger than other Lists: records are small and
@@ -776,6 +778,141 @@ pub fn target(t: Target, windows: &HealthWindows, now: Millis) -> pb::Target {
         register_time: timestamp(t.register_ms),
         last_heartbeat_time: timestamp(t.heartbeat_ms),
         health: health.into(),
+        versions: Vec::new(),
+    }
+}
+
+/// The proto form of a target with the current versions on it (ListTargets).
+pub fn target_with_versions(
+    t: Target,
+    versions: Vec<TargetVersion>,
+    windows: &HealthWindows,
+    now: Millis,
+) -> pb::Target {
+    pb::Target {
+        versions: versions
+            .into_iter()
+            .map(|v| pb::TargetVersion {
+                artifact: v.artifact,
+                version: v.version,
+                deployment: deployment_name(v.deployment),
+                place_time: timestamp(v.place_ms),
+            })
+            .collect(),
+        ..target(t, windows, now)
+    }
+}
+
+/// A validated ListInventory request: the environment, the page size and position.
+pub fn inventory_request(
+    req: &pb::ListInventoryRequest,
+) -> Result<(Option<String>, usize, Option<InventoryKey>)> {
+    let mut v = Violations::default();
+    let environment = optional_environment(&mut v, "environment", &req.environment);
+    let page = page_request(&mut v, req.page_size, &req.page_token);
+    let after = page.after.as_deref().and_then(|text| {
+        let key = InventoryKey::decode(text);
+        if key.is_none() {
+            v.push(
+                "page_token",
+                "is not a page token returned by ListInventory",
+            );
+        }
+        key
+    });
+    if let (Some(env), Some(key)) = (&environment, &after) {
+        if &key.environment != env {
+            v.push(
+                "page_token",
+                format!(
+                    "was returned for another environment than {}",
+                    environment_name(env)
+                ),
+            );
+        }
+    }
+    v.finish()?;
+    Ok((environment, page.size, after))
+}
+
+/// The proto form of an inventory environment, with its freeze state at `now`.
+pub fn environment_inventory(e: EnvironmentInventory, now: Millis) -> pb::EnvironmentInventory {
+    let freeze = freeze::status(&e.environment, now);
+    let targets = e.targets;
+    pb::EnvironmentInventory {
+        environment: environment_name(&e.environment.id),
+        target_count: u32::try_from(targets).unwrap_or(u32::MAX),
+        freeze: Some(pb::FreezeState {
+            frozen: !freeze.active.is_empty(),
+            active_windows: freeze
+                .active
+                .into_iter()
+                .map(|(name, end)| pb::ActiveFreezeWindow {
+                    name,
+                    end_time: timestamp(end),
+                })
+                .collect(),
+            frozen_until: freeze.until.and_then(timestamp),
+            next_window: freeze
+                .next
+                .map(|(name, start, end)| pb::FreezeWindowOccurrence {
+                    name,
+                    start_time: timestamp(start),
+                    end_time: timestamp(end),
+                }),
+        }),
+        artifacts: e
+            .artifacts
+            .into_iter()
+            .map(|a| pb::ArtifactInventory {
+                artifact: a.artifact,
+                versions: a
+                    .versions
+                    .into_iter()
+                    .map(|v| pb::PlacedVersion {
+                        coverage: if targets == 0 {
+                            0.0
+                        } else {
+                            v.targets as f64 / targets as f64
+                        },
+                        version: v.version,
+                        digest: v.digest,
+                        target_count: u32::try_from(v.targets).unwrap_or(u32::MAX),
+                        last_place_time: timestamp(v.last_place_ms),
+                    })
+                    .collect(),
+                in_flight: a
+                    .in_flight
+                    .into_iter()
+                    .map(|f| pb::InFlightDeployment {
+                        deployment: Some(deployment(f.deployment)),
+                        step: Some(strategy_step(&f.step)),
+                    })
+                    .collect(),
+                in_flight_count: u32::try_from(a.in_flight_total).unwrap_or(u32::MAX),
+            })
+            .collect(),
+    }
+}
+
+fn strategy_step(s: &Step) -> pb::StrategyStep {
+    let phase = match s.phase {
+        Phase::AllAtOnce => pb::StrategyPhase::AllAtOnce,
+        Phase::RollingBatch => pb::StrategyPhase::RollingBatch,
+        Phase::CanaryPlacing => pb::StrategyPhase::CanaryPlacing,
+        Phase::CanaryBaking => pb::StrategyPhase::CanaryBaking,
+        Phase::CanaryWaiting => pb::StrategyPhase::CanaryWaiting,
+        Phase::CanaryRest => pb::StrategyPhase::CanaryRest,
+    };
+    pb::StrategyStep {
+        phase: phase.into(),
+        step: s.step,
+        step_count: s.step_count,
+        ordered_targets: s.ordered,
+        placed_targets: s.placed,
+        failed_targets: s.failed,
+        target_count: s.targets,
+        continue_time: s.continue_ms.and_then(timestamp),
     }
 }
 

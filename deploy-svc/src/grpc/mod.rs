@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status};
 use crate::domain::audit::{AuditEntry, AuditFilter, Caller};
 use crate::domain::clock::Clock;
 use crate::domain::error::Violations;
+use crate::domain::inventory::InventoryQuery;
 use crate::domain::model::{DeploymentFilter, HealthWindows};
 use crate::domain::names;
 use crate::placement_log::{self, Feed, WatchItem, WatchLimits};
@@ -398,7 +399,7 @@ impl DeployService for DeployApi {
             targets: page
                 .items
                 .into_iter()
-                .map(|t| convert::target(t, &self.health, now))
+                .map(|(t, versions)| convert::target_with_versions(t, versions, &self.health, now))
                 .collect(),
             next_page_token: page
                 .next
@@ -713,6 +714,41 @@ impl DeployService for DeployApi {
             approver,
             reason: req.reason,
             expire_time: convert::timestamp(now + GRANT_VALIDITY_MS),
+        }))
+    }
+
+    async fn list_inventory(
+        &self,
+        req: Request<pb::ListInventoryRequest>,
+    ) -> Result<pb::ListInventoryResponse> {
+        let access = auth::caller(&req)?;
+        let (environment, size, after) = convert::inventory_request(req.get_ref())?;
+        // One environment: the caller must view it. Every environment: those it may not
+        // view are left out.
+        if let Some(env) = &environment {
+            access.require_environment(env)?;
+        }
+        let may_view = Box::new(move |env: &str| access.may(Permission::DeploymentsRead, env));
+        let page = self
+            .store
+            .inventory(InventoryQuery {
+                environment,
+                size,
+                after,
+                may_view,
+            })
+            .await?;
+        let now = self.clock.now_ms();
+        Ok(Response::new(pb::ListInventoryResponse {
+            environments: page
+                .items
+                .into_iter()
+                .map(|e| convert::environment_inventory(e, now))
+                .collect(),
+            next_page_token: page
+                .next
+                .map(|k| names::encode_page_token(&k))
+                .unwrap_or_default(),
         }))
     }
 

@@ -13,11 +13,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::db::{p, Db, Dialect, SqlRow, V};
+use super::inventory;
 use super::Store;
 use crate::domain::audit::{self, action, AuditEntry, AuditFilter, AuditRecord, Caller};
 use crate::domain::clock::Millis;
 use crate::domain::deployment::{check_transition, derive_state, PlacementCounts};
 use crate::domain::freeze;
+use crate::domain::inventory::{EnvironmentInventory, InventoryQuery, TargetVersion};
 use crate::domain::model::{
     Artifact, Deployment, DeploymentFilter, DeploymentState, EmergencyOverride, Environment,
     EnvironmentUpdate, LogBounds, NewDeployment, NewEnvironment, Page, PageRequest, Placement,
@@ -339,10 +341,10 @@ fn record_request_id(
 
 // ---- environments ----
 
-const ENV_COLUMNS: &str =
+pub(super) const ENV_COLUMNS: &str =
     "id, description, protected, upstream, revision, create_ms, update_ms, freeze_windows";
 
-fn env_row(r: &SqlRow) -> Result<Environment> {
+pub(super) fn env_row(r: &SqlRow) -> Result<Environment> {
     let windows: String = r.get(7)?;
     Ok(Environment {
         id: r.get(0)?,
@@ -391,7 +393,7 @@ fn load_environment(conn: &dyn Db, id: &str) -> Result<Environment> {
     Ok(env)
 }
 
-fn require_environment(conn: &dyn Db, id: &str) -> Result<()> {
+pub(super) fn require_environment(conn: &dyn Db, id: &str) -> Result<()> {
     let exists: Option<i64> =
         conn.one("SELECT 1 FROM environments WHERE id = ?1", p![id], |r| {
             r.get(0)
@@ -463,9 +465,9 @@ fn find_artifact(conn: &dyn Db, name: &str, version: &str) -> Result<Option<Arti
 
 // ---- deployments and placements ----
 
-const DEPLOYMENT_COLUMNS: &str = "id, artifact, version, environment, change_reference, state, create_ms, update_ms, emergency_reason, emergency_approver, strategy, continued, rollback_of";
+pub(super) const DEPLOYMENT_COLUMNS: &str = "id, artifact, version, environment, change_reference, state, create_ms, update_ms, emergency_reason, emergency_approver, strategy, continued, rollback_of";
 
-fn deployment_row(r: &SqlRow) -> Result<Deployment> {
+pub(super) fn deployment_row(r: &SqlRow) -> Result<Deployment> {
     let id: i64 = r.get(0)?;
     let state: i64 = r.get(5)?;
     let (reason, approver): (String, String) = (r.get(8)?, r.get(9)?);
@@ -575,22 +577,15 @@ fn lock_deployment(conn: &dyn Db, id: i64) -> Result<()> {
     Ok(())
 }
 
-fn pace_deployment(conn: &dyn Db, d: &Deployment, now: Millis) -> Result<usize> {
-    if d.state.is_final() {
-        return Ok(0);
-    }
-    lock_deployment(conn, d.id)?;
-    let rows: Vec<(String, Slot)> = conn.all(
+/// The placements of deployment `id` as pacing sees them, by target, in ordinal order.
+pub(super) fn slots(conn: &dyn Db, id: i64) -> Result<Vec<(String, Slot)>> {
+    conn.all(
         "SELECT target, state, ordered, update_ms FROM placements WHERE deployment = ?1 ORDER BY ordinal, target",
-        p![d.id],
+        p![id],
         |r| {
             let target: String = r.get(0)?;
-            let state = placement_state(
-                "placements",
-                "state",
-                &format!("{}/{target}", d.id),
-                r.get(1)?,
-            )?;
+            let state =
+                placement_state("placements", "state", &format!("{id}/{target}"), r.get(1)?)?;
             Ok((
                 target,
                 Slot {
@@ -600,7 +595,15 @@ fn pace_deployment(conn: &dyn Db, d: &Deployment, now: Millis) -> Result<usize> 
                 },
             ))
         },
-    )?;
+    )
+}
+
+fn pace_deployment(conn: &dyn Db, d: &Deployment, now: Millis) -> Result<usize> {
+    if d.state.is_final() {
+        return Ok(0);
+    }
+    lock_deployment(conn, d.id)?;
+    let rows = slots(conn, d.id)?;
     let slots: Vec<Slot> = rows.iter().map(|r| r.1).collect();
     let chosen = strategy::pace(&d.strategy, &slots, d.continued, now);
     for i in &chosen {
@@ -1124,7 +1127,7 @@ fn page<T>(mut items: Vec<T>, size: usize, key: impl Fn(&T) -> String) -> Page<T
     Page { items, next }
 }
 
-fn limit(size: usize) -> i64 {
+pub(super) fn limit(size: usize) -> i64 {
     i64::try_from(size).unwrap_or(i64::MAX).saturating_add(1)
 }
 
@@ -1322,14 +1325,45 @@ impl<B: Backend> Store for SqlStore<B> {
         .await
     }
 
-    async fn list_targets(&self, environment: &str, req: PageRequest) -> Result<Page<Target>> {
+    async fn list_targets(
+        &self,
+        environment: &str,
+        req: PageRequest,
+    ) -> Result<Page<(Target, Vec<TargetVersion>)>> {
         let environment = environment.to_owned();
         self.read(move |conn| {
             require_environment(conn, &environment)?;
             let items = conn.all(&format!(
                     "SELECT {TARGET_COLUMNS} FROM targets WHERE environment = ?1 AND id > ?2 ORDER BY id LIMIT ?3"
                 ), p![environment, req.after.unwrap_or_default(), limit(req.size)], target_row)?;
-            Ok(page(items, req.size, |t: &Target| t.id.clone()))
+            let targets = page(items, req.size, |t: &Target| t.id.clone());
+            let mut versions = match (targets.items.first(), targets.items.last()) {
+                (Some(first), Some(last)) => {
+                    inventory::target_versions(conn, &environment, &first.id, &last.id)?
+                }
+                _ => BTreeMap::new(),
+            };
+            Ok(Page {
+                items: targets
+                    .items
+                    .into_iter()
+                    .map(|t| {
+                        let v = versions.remove(&t.id).unwrap_or_default();
+                        (t, v)
+                    })
+                    .collect(),
+                next: targets.next,
+            })
+        })
+        .await
+    }
+
+    async fn inventory(&self, query: InventoryQuery) -> Result<Page<EnvironmentInventory>> {
+        self.read(move |conn| {
+            if let Some(id) = &query.environment {
+                require_environment(conn, id)?;
+            }
+            inventory::inventory(conn, &query)
         })
         .await
     }

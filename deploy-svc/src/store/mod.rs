@@ -7,12 +7,15 @@
 //!   mutating method takes the [`Caller`] the record names.
 //! - [`logic`]: every read and write, written once as SQL over [`db::Db`], for both
 //!   backends ([`logic::SqlStore`] over a [`logic::Backend`]).
+//! - [`inventory`]: the inventory reads (placed versions, deployments in flight, the
+//!   versions on each target), over [`db::Db`] too.
 //! - [`postgres`]: PostgreSQL (`postgres://` URL), for several replicas on one database.
 //! - [`sqlite`]: the embedded default (WAL, group commit by one writer thread).
 
 //! - `migrations/sqlite/`, `migrations/postgres/`: embedded schema migrations.
 
 pub mod db;
+pub mod inventory;
 pub mod logic;
 pub mod postgres;
 pub mod sqlite;
@@ -22,6 +25,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 
 use crate::domain::audit::{AuditEntry, AuditFilter, AuditRecord, Caller};
+use crate::domain::inventory::{EnvironmentInventory, InventoryQuery, TargetVersion};
 use crate::domain::model::{
     Artifact, Deployment, DeploymentFilter, EmergencyOverride, Environment, EnvironmentUpdate,
     LogBounds, NewDeployment, NewEnvironment, Page, PageRequest, Placement, PlacementEvent,
@@ -60,8 +64,16 @@ pub trait Store: Send + Sync + 'static {
         labels: BTreeMap<String, String>,
         caller: Caller,
     ) -> Result<Target>;
-    /// Lists the targets of an environment by id.
-    async fn list_targets(&self, environment: &str, page: PageRequest) -> Result<Page<Target>>;
+    /// Lists the targets of an environment by id, each with the current version of every
+    /// artifact placed on it.
+    async fn list_targets(
+        &self,
+        environment: &str,
+        page: PageRequest,
+    ) -> Result<Page<(Target, Vec<TargetVersion>)>>;
+    /// One page of the inventory: environment x artifact entries, grouped by environment
+    /// (NOT_FOUND for an unknown environment named by the query).
+    async fn inventory(&self, query: InventoryQuery) -> Result<Page<EnvironmentInventory>>;
     /// Records a heartbeat (not audited: a liveness signal, not a change).
     async fn heartbeat_target(&self, environment: &str, id: &str) -> Result<Target>;
 

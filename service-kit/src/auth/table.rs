@@ -284,6 +284,13 @@ pub const TABLE: &[Rule] = &[
         P::FreezeOverride,
         Env,
     ),
+    // The handler checks the environment named, or leaves out those the caller may not
+    // view.
+    rule(
+        "/deploy.v1.DeployService/ListInventory",
+        P::DeploymentsRead,
+        Env,
+    ),
     // release.v1
     rule(
         "/release.v1.ReleaseService/CreateFeature",
