@@ -41,6 +41,7 @@ fn snapshot(n: usize) -> Snapshot {
             revision: 1,
             create_ms: 0,
             update_ms: 0,
+            archived_ms: None,
         };
         features.insert(key, Arc::new(f));
     }

@@ -102,6 +102,23 @@ impl Actor {
     }
 }
 
+/// The violation of naming an archived feature.
+fn archived(key: &str) -> crate::domain::PreconditionViolation {
+    crate::domain::PreconditionViolation::new(
+        "FEATURE_ARCHIVED",
+        format!("features/{key}"),
+        "the feature is archived; unarchive it first",
+    )
+}
+
+fn audit_word(archive: bool) -> &'static str {
+    if archive {
+        "archived"
+    } else {
+        "unarchived"
+    }
+}
+
 /// A one-line summary of a feature for the audit trail.
 pub fn feature_summary(f: &Feature) -> String {
     format!(
@@ -297,11 +314,18 @@ impl Engine {
             .ok_or_else(|| Error::NotFound(format!("features/{key}")))
     }
 
-    /// Features after `after` in key order, at most `limit + 1` (to tell if more follow).
-    pub async fn features(&self, after: Option<&str>, limit: usize) -> Vec<Arc<Feature>> {
+    /// Features after `after` in key order, at most `limit + 1` (to tell if more follow);
+    /// archived ones only with `archived`.
+    pub async fn features(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        archived: bool,
+    ) -> Vec<Arc<Feature>> {
         let s = self.state.lock().await;
         s.features
             .values()
+            .filter(|f| archived || f.archived_ms.is_none())
             .filter(|f| after.is_none_or(|a| f.key.as_str() > a))
             .take(limit + 1)
             .cloned()
@@ -425,6 +449,9 @@ impl Engine {
                 feature.key, current.revision
             )));
         }
+        if current.archived_ms.is_some() {
+            return Err(Error::FailedPrecondition(vec![archived(&feature.key)]));
+        }
         feature.revision = current.revision + 1;
         feature.create_ms = current.create_ms;
         feature.update_ms = self.clock.now_ms();
@@ -449,6 +476,80 @@ impl Engine {
         Ok(feature)
     }
 
+    /// Archives feature `key` (`archive`) or brings it back: an archived feature is hidden
+    /// from lists and evaluates as unknown everywhere. Refused while a release that is not
+    /// final (draft, planned, approved, releasing, released, paused) includes it: each such
+    /// release is a violation. Archiving an archived feature (or restoring a live one)
+    /// changes nothing.
+    pub async fn archive_feature(
+        &self,
+        key: &str,
+        archive: bool,
+        expected: Option<i64>,
+        actor: &Actor,
+    ) -> Result<Arc<Feature>> {
+        let mut state = self.state.lock().await;
+        let current = state
+            .features
+            .get(key)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("features/{key}")))?;
+        if expected.is_some_and(|e| e != current.revision) {
+            return Err(Error::Aborted(format!(
+                "etag is stale: features/{key} is at etag \"{}\"; read it again and retry",
+                current.revision
+            )));
+        }
+        if current.archived_ms.is_some() == archive {
+            return Ok(current);
+        }
+        if archive {
+            let holding: Vec<_> = state
+                .releases
+                .values()
+                .filter(|r| !r.state.is_final() && r.features.iter().any(|k| k == key))
+                .map(|r| {
+                    crate::domain::PreconditionViolation::new(
+                        "FEATURE_IN_RELEASE",
+                        format!("releases/{}", r.id),
+                        format!(
+                            "releases/{} includes the feature ({:?}); roll it back or cancel it first",
+                            r.id, r.state
+                        ),
+                    )
+                })
+                .collect();
+            if !holding.is_empty() {
+                return Err(Error::FailedPrecondition(holding));
+            }
+        }
+        let now = self.clock.now_ms();
+        let mut next = (*current).clone();
+        next.revision = current.revision + 1;
+        next.update_ms = now;
+        next.archived_ms = archive.then_some(now);
+        let action = if archive {
+            "ArchiveFeature"
+        } else {
+            "UnarchiveFeature"
+        };
+        let mut audit = actor.audit(now, action, format!("features/{key}"));
+        audit.before = if archive { "live" } else { "archived" }.into();
+        audit.after = if archive { "archived" } else { "live" }.into();
+        self.store
+            .update_feature(next.clone(), current.revision, audit)
+            .await?;
+        let next = Arc::new(next);
+        state.features.insert(key.to_owned(), next.clone());
+        let scope = Scope::Keys(BTreeSet::from([key.to_owned()]));
+        self.publish(
+            &state,
+            scope,
+            format!("feature features/{key} {}", audit_word(archive)),
+        );
+        Ok(next)
+    }
+
     /// Creates a release in DRAFT (idempotent per request id).
     pub async fn create_release(
         &self,
@@ -460,13 +561,14 @@ impl Engine {
         let unknown: Vec<_> = release
             .features
             .iter()
-            .filter(|k| !state.features.contains_key(*k))
-            .map(|k| {
-                crate::domain::PreconditionViolation::new(
+            .filter_map(|k| match state.features.get(k) {
+                None => Some(crate::domain::PreconditionViolation::new(
                     "FEATURE_EXISTS",
                     format!("features/{k}"),
                     "the release names a feature that does not exist; create it first",
-                )
+                )),
+                Some(f) if f.archived_ms.is_some() => Some(archived(k)),
+                Some(_) => None,
             })
             .collect();
         if !unknown.is_empty() {
@@ -516,6 +618,20 @@ impl Engine {
         let calendar = self.calendar.environment(environment).await;
         let mut state = self.state.lock().await;
         let now = self.clock.now_ms();
+        // An archived feature is not brought back by an import: unarchive it first.
+        let archived_keys: Vec<_> = flags
+            .iter()
+            .filter(|f| {
+                state
+                    .features
+                    .get(&f.key)
+                    .is_some_and(|f| f.archived_ms.is_some())
+            })
+            .map(|f| archived(&f.key))
+            .collect();
+        if !archived_keys.is_empty() {
+            return Err(Error::FailedPrecondition(archived_keys));
+        }
         // Flags not yet fully released in the environment get one release at 100%, which
         // the environment's policies govern like any other: checked before anything is
         // written.

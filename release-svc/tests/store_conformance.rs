@@ -38,6 +38,8 @@ fn feature(key: &str, revision: i64) -> Feature {
         revision,
         create_ms: 1,
         update_ms: revision,
+        // Archived from the second revision on: stored and loaded back alike.
+        archived_ms: (revision > 1).then_some(revision * 10),
     }
 }
 

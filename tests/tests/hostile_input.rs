@@ -41,6 +41,7 @@ async fn state(c: &mut Client) -> (Vec<rpb::Feature>, Vec<rpb::AuditRecord>) {
         .list_features(rpb::ListFeaturesRequest {
             page_size: 1000,
             page_token: String::new(),
+            show_archived: true,
         })
         .await
         .unwrap()

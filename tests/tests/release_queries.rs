@@ -354,11 +354,7 @@ async fn a_timeline_tells_the_story_of_a_release_and_its_steps_to_come() {
     assert_eq!(t.events[0].principal, "rita");
     assert_eq!(t.events[2].principal, "system");
     assert_eq!(t.events[3].reason, "SOAK_TIME");
-    let times: Vec<_> = t
-        .events
-        .iter()
-        .map(|e| e.time.unwrap().seconds)
-        .collect();
+    let times: Vec<_> = t.events.iter().map(|e| e.time.unwrap().seconds).collect();
     assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
     assert_eq!(t.upcoming.len(), 1, "{t:#?}");
     let next = &t.upcoming[0];
@@ -381,11 +377,7 @@ async fn a_timeline_tells_the_story_of_a_release_and_its_steps_to_come() {
         .unwrap();
     // qa's one step is its start.
     let started = qa.start_time.unwrap();
-    assert_eq!(
-        next.due_time.unwrap(),
-        started,
-        "due when qa's step began"
-    );
+    assert_eq!(next.due_time.unwrap(), started, "due when qa's step began");
 
     // The kill switch and its resumption, with who and why.
     rc.pause_release(release::by(
@@ -454,5 +446,165 @@ async fn a_timeline_tells_the_story_of_a_release_and_its_steps_to_come() {
             name: "releases/999".into(),
         })
         .await;
+    tests::status::expect_code(missing, tonic::Code::NotFound);
+}
+
+/// GetFeature of `key`.
+async fn get_feature(rc: &mut release::Client, key: &str) -> rpb::Feature {
+    rc.get_feature(rpb::GetFeatureRequest {
+        name: format!("features/{key}"),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+async fn listed(rc: &mut release::Client, show_archived: bool) -> Vec<String> {
+    rc.list_features(rpb::ListFeaturesRequest {
+        show_archived,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .features
+    .into_iter()
+    .map(|f| f.key)
+    .collect()
+}
+
+fn archive(key: &str, etag: &str) -> rpb::ArchiveFeatureRequest {
+    rpb::ArchiveFeatureRequest {
+        name: format!("features/{key}"),
+        etag: etag.into(),
+    }
+}
+
+#[tokio::test]
+async fn an_archived_feature_leaves_evaluation_and_lists_survives_a_restart_and_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = tests::test_database(dir.path(), "release").await;
+    let r = tests::Binary::release_alone(&db, &[]).await;
+    let mut rc = release::connect(r.addr).await;
+    release::plain_feature(&mut rc, "old-flag", false).await;
+    release::plain_feature(&mut rc, "kept", false).await;
+    let rel = released(&mut rc, &["old-flag"], "dev", 100.0).await;
+
+    // Refused while a release includes it, naming the release.
+    let refused = rc.archive_feature(archive("old-flag", "")).await;
+    assert_eq!(
+        tests::status::violated_rules(refused),
+        ["FEATURE_IN_RELEASE"]
+    );
+    assert_eq!(
+        release::evaluate(&mut rc, "old-flag", "dev", "u1")
+            .await
+            .reason(),
+        rpb::Reason::Static
+    );
+    rc.rollback_release(rpb::RollbackReleaseRequest {
+        name: rel,
+        reason: "flag removed from the code".into(),
+    })
+    .await
+    .unwrap();
+
+    // A stale etag is ABORTED; then archived, with its time.
+    let etag = get_feature(&mut rc, "old-flag").await.etag;
+    let stale = rc.archive_feature(archive("old-flag", "\"0\"")).await;
+    tests::status::expect_code(stale, tonic::Code::Aborted);
+    let archived = rc
+        .archive_feature(archive("old-flag", &etag))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(archived.archive_time.is_some(), "{archived:?}");
+    // Again: nothing changes.
+    let again = rc
+        .archive_feature(archive("old-flag", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.etag, archived.etag);
+
+    let gone = |r: &mut release::Client| {
+        let mut r = r.clone();
+        async move {
+            let e = r
+                .evaluate(rpb::EvaluateRequest {
+                    feature: "old-flag".into(),
+                    context: Some(rpb::EvaluationContext {
+                        environment: "dev".into(),
+                        targeting_key: "u1".into(),
+                        attributes: None,
+                    }),
+                })
+                .await;
+            tests::status::expect_code(e, tonic::Code::NotFound);
+            assert_eq!(listed(&mut r, false).await, ["kept"]);
+            assert_eq!(listed(&mut r, true).await, ["kept", "old-flag"]);
+            let m = matrix(&mut r, rpb::ListVisibilityRequest::default()).await;
+            assert!(m.features.iter().all(|f| f.feature != "old-flag"), "{m:?}");
+            let update = r
+                .update_feature(rpb::UpdateFeatureRequest {
+                    feature: Some(rpb::Feature {
+                        name: "features/old-flag".into(),
+                        ..Default::default()
+                    }),
+                })
+                .await;
+            assert_eq!(tests::status::violated_rules(update), ["FEATURE_ARCHIVED"]);
+            let rel = r
+                .create_release(rpb::CreateReleaseRequest {
+                    release: Some(rpb::Release {
+                        features: vec!["old-flag".into()],
+                        environments: vec![rpb::ReleaseEnvironment {
+                            environment: "dev".into(),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }),
+                    request_id: String::new(),
+                })
+                .await;
+            assert_eq!(tests::status::violated_rules(rel), ["FEATURE_ARCHIVED"]);
+        }
+    };
+    gone(&mut rc).await;
+
+    // Still archived after a restart on the same database.
+    r.kill().await;
+    let r = tests::Binary::release_alone(&db, &[]).await;
+    let mut rc = release::connect(r.addr).await;
+    gone(&mut rc).await;
+    assert!(get_feature(&mut rc, "old-flag")
+        .await
+        .archive_time
+        .is_some());
+
+    // Unarchived: back, not released anywhere.
+    let back = rc
+        .unarchive_feature(rpb::UnarchiveFeatureRequest {
+            name: "features/old-flag".into(),
+            etag: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(back.archive_time.is_none());
+    assert_eq!(
+        release::evaluate(&mut rc, "old-flag", "dev", "u1")
+            .await
+            .reason(),
+        rpb::Reason::NotReleased
+    );
+    assert_eq!(listed(&mut rc, false).await, ["kept", "old-flag"]);
+
+    // Bad input names its field; an unknown feature is NOT_FOUND.
+    let bad = rc.archive_feature(archive("Not A Key", "")).await;
+    assert_eq!(tests::status::bad_fields(bad), ["name"]);
+    let bad = rc.archive_feature(archive("kept", "etag?")).await;
+    assert_eq!(tests::status::bad_fields(bad), ["etag"]);
+    let missing = rc.archive_feature(archive("nothing-here", "")).await;
     tests::status::expect_code(missing, tonic::Code::NotFound);
 }

@@ -89,6 +89,14 @@ impl FeatureEntry {
     }
 }
 
+/// The features that are not archived (an archived feature has no snapshot entry: it
+/// evaluates as unknown everywhere).
+fn live(
+    features: &BTreeMap<String, Arc<Feature>>,
+) -> impl Iterator<Item = (&String, &Arc<Feature>)> {
+    features.iter().filter(|(_, f)| f.archived_ms.is_none())
+}
+
 /// An immutable view of everything a decision needs.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -217,18 +225,17 @@ impl Snapshot {
         };
         let (entries, keys) = match scope {
             Scope::All => {
-                let entries: HashMap<Arc<str>, Arc<FeatureEntry>> = features
-                    .iter()
+                let entries: HashMap<Arc<str>, Arc<FeatureEntry>> = live(features)
                     .map(|(k, f)| (Arc::from(k.as_str()), entry_for(f)))
                     .collect();
-                let keys = features.keys().map(|k| Arc::from(k.as_str())).collect();
+                let keys = live(features).map(|(k, _)| Arc::from(k.as_str())).collect();
                 (entries, Arc::new(keys))
             }
             Scope::Keys(changed) => {
                 let mut entries = self.features.clone();
                 let mut key_set_changed = false;
                 for key in changed {
-                    match features.get(key) {
+                    match features.get(key).filter(|f| f.archived_ms.is_none()) {
                         Some(f) => {
                             key_set_changed |= !entries.contains_key(key.as_str());
                             entries.insert(Arc::from(key.as_str()), entry_for(f));
@@ -237,7 +244,7 @@ impl Snapshot {
                     }
                 }
                 let keys = if key_set_changed {
-                    Arc::new(features.keys().map(|k| Arc::from(k.as_str())).collect())
+                    Arc::new(live(features).map(|(k, _)| Arc::from(k.as_str())).collect())
                 } else {
                     self.keys.clone()
                 };
@@ -453,6 +460,7 @@ mod tests {
             revision: 1,
             create_ms: 0,
             update_ms: 0,
+            archived_ms: None,
         }
     }
 

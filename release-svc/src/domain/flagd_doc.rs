@@ -54,6 +54,7 @@ impl ImportedFlag {
             revision: 0,
             create_ms: 0,
             update_ms: 0,
+            archived_ms: None,
         });
         Feature {
             variants: self.variants.clone(),

@@ -53,6 +53,8 @@ pub struct Feature {
     pub create_ms: Millis,
     /// Last update.
     pub update_ms: Millis,
+    /// When it was archived: hidden from lists and evaluations (None: live).
+    pub archived_ms: Option<Millis>,
 }
 
 impl Feature {
@@ -121,6 +123,11 @@ impl ReleaseState {
     /// Whether features of a release in this state may be visible.
     pub fn is_active(self) -> bool {
         matches!(self, Self::Releasing | Self::Released)
+    }
+
+    /// Whether nothing can happen to the release any more (cancelled, rolled back).
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Cancelled | Self::RolledBack)
     }
 }
 

@@ -92,6 +92,7 @@ impl Engine {
         let rows = state
             .features
             .values()
+            .filter(|f| f.archived_ms.is_none())
             .filter(|f| feature.is_none_or(|k| f.key == k))
             .filter(|f| after.is_none_or(|a| f.key.as_str() > a))
             .take(limit + 1)

@@ -277,6 +277,7 @@ pub fn feature(f: pb::Feature, create: bool) -> Result<(Feature, Option<i64>)> {
             revision: 0,
             create_ms: 0,
             update_ms: 0,
+            archived_ms: None,
         },
         expected,
     ))
@@ -296,6 +297,7 @@ pub fn feature_pb(f: &Feature) -> pb::Feature {
             .collect(),
         default_variant: f.default_variant.clone(),
         off_variant: f.off_variant.clone(),
+        archive_time: f.archived_ms.and_then(timestamp),
         metadata: f
             .metadata
             .iter()

@@ -116,6 +116,34 @@ impl ReleaseApi {
 type Result<T> = std::result::Result<Response<T>, Status>;
 
 impl ReleaseApi {
+    /// ArchiveFeature (`archive`) and UnarchiveFeature.
+    async fn archive(
+        &self,
+        actor: Actor,
+        feature: &str,
+        etag: &str,
+        archive: bool,
+    ) -> Result<pb::Feature> {
+        let mut v = Violations::default();
+        let key = v
+            .check("name", names::parse_feature(feature))
+            .unwrap_or_default();
+        let expected = match etag.trim_matches('"') {
+            "" => None,
+            e => v.check(
+                "etag",
+                e.parse::<i64>()
+                    .map_err(|_| "is not an etag this service returned".to_owned()),
+            ),
+        };
+        v.finish()?;
+        let feature = self
+            .engine
+            .archive_feature(&key, archive, expected, &actor)
+            .await?;
+        Ok(Response::new(convert::feature_pb(&feature)))
+    }
+
     /// Checks `p` in every environment of release `id` (NOT_FOUND first for an unknown
     /// release).
     async fn require_release<T>(
@@ -238,7 +266,10 @@ impl ReleaseService for ReleaseApi {
         let mut v = Violations::default();
         let (size, after) = page(&mut v, req.page_size, &req.page_token);
         v.finish()?;
-        let mut features = self.engine.features(after.as_deref(), size).await;
+        let mut features = self
+            .engine
+            .features(after.as_deref(), size, req.show_archived)
+            .await;
         let more = features.len() > size;
         features.truncate(size);
         Ok(Response::new(pb::ListFeaturesResponse {
@@ -256,6 +287,24 @@ impl ReleaseService for ReleaseApi {
             .update_feature(feature, expected, &actor)
             .await?;
         Ok(Response::new(convert::feature_pb(&feature)))
+    }
+
+    async fn archive_feature(
+        &self,
+        req: Request<pb::ArchiveFeatureRequest>,
+    ) -> Result<pb::Feature> {
+        let actor = actor(&req, "")?;
+        let req = req.into_inner();
+        self.archive(actor, &req.name, &req.etag, true).await
+    }
+
+    async fn unarchive_feature(
+        &self,
+        req: Request<pb::UnarchiveFeatureRequest>,
+    ) -> Result<pb::Feature> {
+        let actor = actor(&req, "")?;
+        let req = req.into_inner();
+        self.archive(actor, &req.name, &req.etag, false).await
     }
 
     async fn create_release(&self, req: Request<pb::CreateReleaseRequest>) -> Result<pb::Release> {

@@ -93,6 +93,9 @@ struct FeatureBody {
     /// Absent in rows written before features had metadata.
     #[serde(default)]
     metadata: BTreeMap<String, serde_json::Value>,
+    /// When the feature was archived; absent while it is live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    archived_ms: Option<i64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -348,6 +351,7 @@ pub(super) fn feature_body(f: &Feature) -> Result<String> {
             .collect(),
         disabled: f.disabled,
         metadata: f.metadata.clone(),
+        archived_ms: f.archived_ms,
     })
     .map_err(internal)
 }
@@ -391,6 +395,7 @@ pub(super) fn feature_from(
         revision,
         create_ms,
         update_ms,
+        archived_ms: b.archived_ms,
     })
 }
 

@@ -313,6 +313,16 @@ pub const TABLE: &[Rule] = &[
         Global,
     ),
     rule(
+        "/release.v1.ReleaseService/ArchiveFeature",
+        P::FeaturesWrite,
+        Global,
+    ),
+    rule(
+        "/release.v1.ReleaseService/UnarchiveFeature",
+        P::FeaturesWrite,
+        Global,
+    ),
+    rule(
         "/release.v1.ReleaseService/CreateRelease",
         P::ReleasesCreate,
         Env,

@@ -100,6 +100,12 @@ impl ReleaseService for Noop {
     ) -> R<pb::ReleaseTimeline> {
         no()
     }
+    async fn archive_feature(&self, _: Request<pb::ArchiveFeatureRequest>) -> R<pb::Feature> {
+        no()
+    }
+    async fn unarchive_feature(&self, _: Request<pb::UnarchiveFeatureRequest>) -> R<pb::Feature> {
+        no()
+    }
     async fn get_consumer_status(
         &self,
         _: Request<pb::GetConsumerStatusRequest>,
