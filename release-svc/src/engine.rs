@@ -102,6 +102,23 @@ impl Actor {
     }
 }
 
+/// Feature `key` as it stands, if its revision is `expected` (when given): NOT_FOUND or
+/// ABORTED otherwise.
+fn current_feature(state: &State, key: &str, expected: Option<i64>) -> Result<Arc<Feature>> {
+    let current = state
+        .features
+        .get(key)
+        .cloned()
+        .ok_or_else(|| Error::NotFound(format!("features/{key}")))?;
+    if expected.is_some_and(|e| e != current.revision) {
+        return Err(Error::Aborted(format!(
+            "etag is stale: features/{key} is at etag \"{}\"; read it again and retry",
+            current.revision
+        )));
+    }
+    Ok(current)
+}
+
 /// The violation of naming an archived feature.
 fn archived(key: &str) -> crate::domain::PreconditionViolation {
     crate::domain::PreconditionViolation::new(
@@ -438,17 +455,7 @@ impl Engine {
         actor: &Actor,
     ) -> Result<Arc<Feature>> {
         let mut state = self.state.lock().await;
-        let current = state
-            .features
-            .get(&feature.key)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("features/{}", feature.key)))?;
-        if expected.is_some_and(|e| e != current.revision) {
-            return Err(Error::Aborted(format!(
-                "etag is stale: features/{} is at etag \"{}\"; read it again and retry",
-                feature.key, current.revision
-            )));
-        }
+        let current = current_feature(&state, &feature.key, expected)?;
         if current.archived_ms.is_some() {
             return Err(Error::FailedPrecondition(vec![archived(&feature.key)]));
         }
@@ -489,17 +496,7 @@ impl Engine {
         actor: &Actor,
     ) -> Result<Arc<Feature>> {
         let mut state = self.state.lock().await;
-        let current = state
-            .features
-            .get(key)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("features/{key}")))?;
-        if expected.is_some_and(|e| e != current.revision) {
-            return Err(Error::Aborted(format!(
-                "etag is stale: features/{key} is at etag \"{}\"; read it again and retry",
-                current.revision
-            )));
-        }
+        let current = current_feature(&state, key, expected)?;
         if current.archived_ms.is_some() == archive {
             return Ok(current);
         }
