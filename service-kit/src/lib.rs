@@ -22,6 +22,8 @@
 //! - [`connect`]: the Connect protocol (JSON or protobuf, HTTP/1.1 or HTTP/2) beside gRPC
 //!   for chosen services, translated to gRPC calls; 415 for other content types.
 //! - [`cors`]: the page origins allowed to call an HTTP face cross-origin.
+//! - [`deadline`]: per-call deadlines (`grpc-timeout`, `--rpc-timeout-ms`); expired calls
+//!   are DEADLINE_EXCEEDED.
 //! - [`client`]: outbound gRPC channels with TLS, client certificates and bearer tokens.
 //! - [`reload`]: values that follow their file (policies, token files, JWKS).
 //! - [`redact`]: secrets out of URLs before they are logged or returned.
@@ -33,17 +35,21 @@
 //! - `sqlite` (cargo feature `sqlite`): the SQLite error mapping and migration runner of the
 //!   embedded stores.
 //! - [`telemetry`]: Prometheus metrics on their own plain-HTTP port (`--metrics-listen`).
+//! - [`admission`]: refuses at once a call that the calls in flight would keep past half
+//!   of its deadline (`--deadline-admission`).
 //! - [`access`]: the layer that writes one access-log line per call and the per-RPC
 //!   metrics (counts by status code, latency, open streams).
 //! - [`validate`]: limits and checks every API shares (text, keys, pages, page tokens).
 //! - [`principal()`]: who is calling with authentication off (the `x-principal` metadata).
 
 pub mod access;
+pub mod admission;
 pub mod auth;
 pub mod backoff;
 pub mod client;
 pub mod connect;
 pub mod cors;
+pub mod deadline;
 pub mod error;
 pub mod health;
 pub mod otel;
@@ -248,13 +254,19 @@ pub struct LimitArgs {
     #[arg(long, env = "MAX_STREAMS_PER_CONNECTION", default_value_t = 256)]
     pub max_streams_per_connection: u32,
     /// Calls being handled at once across all connections (a stream counts until its
-    /// first message); beyond it, calls are refused at once with UNAVAILABLE instead of
-    /// queueing.
+    /// first message); beyond it, calls are refused at once with RESOURCE_EXHAUSTED instead
+    /// of queueing.
     #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 2048)]
     pub max_in_flight: usize,
-    /// Longest a unary call may take, in milliseconds (a shorter `grpc-timeout` wins).
+    /// Longest a unary call may take, in milliseconds (a shorter `grpc-timeout` wins);
+    /// past it the call is answered DEADLINE_EXCEEDED.
     #[arg(long, env = "RPC_TIMEOUT_MS", default_value_t = 30_000)]
     pub rpc_timeout_ms: u64,
+    /// Also refuse a call at once (RESOURCE_EXHAUSTED) when the calls in flight, at the rate
+    /// calls complete now, would keep it past half of its deadline (see
+    /// `service_kit::admission`); `false` leaves only the `--max-in-flight` count.
+    #[arg(long, env = "DEADLINE_ADMISSION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub deadline_admission: bool,
 }
 
 impl Default for LimitArgs {
@@ -264,6 +276,7 @@ impl Default for LimitArgs {
             max_streams_per_connection: 256,
             max_in_flight: 2048,
             rpc_timeout_ms: 30_000,
+            deadline_admission: true,
         }
     }
 }
@@ -410,7 +423,12 @@ pub async fn serve_gracefully(
 ) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let limits = &serving.limits;
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(limits.max_in_flight.max(1)));
+    let max_in_flight = limits.max_in_flight.max(1);
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(max_in_flight));
+    let rpc_timeout = Duration::from_millis(limits.rpc_timeout_ms.max(1));
+    let admission = limits
+        .deadline_admission
+        .then(|| admission::Admission::new(in_flight.clone(), max_in_flight, rpc_timeout));
     let server = tonic::transport::Server::builder()
         // Connect's clients (browsers' fetch among them) may speak HTTP/1.1.
         .accept_http1(serving.connect.is_some())
@@ -424,15 +442,18 @@ pub async fn serve_gracefully(
         // Detects dead peers on idle connections (watchers behind a NAT, crashed agents).
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        // Unary calls end within the deadline (streams are bounded by their own limits).
-        .timeout(Duration::from_millis(limits.rpc_timeout_ms.max(1)))
         // gRPC passes; Connect calls become gRPC calls (and back); anything else is 415.
         .layer(connect::ConnectLayer::new(serving.connect.clone()))
         // One access-log line and the RPC metrics per call, refused calls included.
         .layer(access::CallLayer)
+        // Unary calls end within the deadline, answered DEADLINE_EXCEEDED (streams are
+        // bounded by their own limits); inside the access layer, so it counts them.
+        .layer(deadline::DeadlineLayer::new(rpc_timeout))
         // Authenticate and authorize first: an anonymous caller never holds an in-flight
         // slot (health checks, which need no credentials, have their own small pool).
         .layer(auth::layer::AuthLayer::new(serving.auth.clone()))
+        // A call the calls in flight would keep past half its deadline: refused at once.
+        .layer(admission::AdmissionLayer::new(admission))
         // Over the in-flight cap, refuse at once instead of queueing.
         .layer(tower::load_shed::LoadShedLayer::new())
         .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(

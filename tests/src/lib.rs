@@ -19,6 +19,7 @@
 //! - [`digest`], [`environment`], [`targets`], [`artifact`], [`deploy`], [`report`]:
 //!   deploy-svc fixtures in one call each.
 //! - [`status`]: assertions on codes, field violations and precondition violations.
+//! - [`rss_kib`]: a process's resident memory, for the memory bounds of tests and benchmarks.
 //! - [`watch`]: WatchPlacements helpers (open, snapshot, events, heartbeats, gap checks).
 //! - [`Churn`]: a deployment whose targets report forever (one event per report).
 //! - [`release`]: release-svc in-process, its client and fixtures (features, releases,
@@ -271,6 +272,16 @@ pub fn bin_dir() -> PathBuf {
     } else {
         dir.to_path_buf()
     }
+}
+
+/// The resident memory (VmRSS) of process `pid` in KiB; `None` once it has exited.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
 }
 
 /// Where `scripts/test` installs the Node packages (`OFREP_NODE_MODULES` overrides).
@@ -1294,14 +1305,7 @@ pub mod fleet {
             self.child
                 .as_ref()
                 .and_then(Child::id)
-                .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
-                .and_then(|status| {
-                    status
-                        .lines()
-                        .find(|l| l.starts_with("VmRSS:"))
-                        .and_then(|l| l.split_whitespace().nth(1))
-                        .and_then(|v| v.parse().ok())
-                })
+                .and_then(super::rss_kib)
                 .unwrap_or(0)
         }
 

@@ -1,7 +1,9 @@
 //! Server limits against the real binaries: streams per HTTP/2 connection, the cap on open
 //! placement watches (deploy-svc) and on open change streams (release-svc: WatchVisibility
-//! and flagd EventStream v1 and v2 under one cap). Replays "10,000 WatchPlacements streams on one
-//! connection" (which once took RSS from 14 to 163 MB with no limit).
+//! and flagd EventStream v1 and v2 under one cap), the in-flight cap (a call past it is
+//! RESOURCE_EXHAUSTED at once, never queued) and per-call deadlines (DEADLINE_EXCEEDED).
+//! Replays "10,000 WatchPlacements streams on one connection" (which once took RSS from 14
+//! to 163 MB with no limit).
 
 #![allow(clippy::unwrap_used)]
 
@@ -12,16 +14,7 @@ use tests::Binary;
 use tonic::Code;
 
 fn rss_kib(b: &Binary) -> u64 {
-    let pid = b.child.id().expect("running");
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .expect("VmRSS")
+    tests::rss_kib(b.child.id().expect("running")).expect("VmRSS")
 }
 
 /// 10,000 WatchPlacements calls on one connection: the server admits at most its
@@ -165,4 +158,148 @@ async fn release_svc_change_streams_beyond_the_cap_are_resource_exhausted() {
             }
         }
     }
+}
+
+/// A unary call (ListEnvironments) on its own bare HTTP/2 connection, whose request never
+/// ends: the server holds it in flight (its handler waits for the message) until its
+/// deadline or until the connection goes (drop the future). `grpc_timeout` is sent as
+/// is (a tonic channel would also enforce it itself, and report CANCELLED first). Returns
+/// the answer's `grpc-status` and `grpc-message` headers (a trailers-only answer).
+async fn stalled_call(addr: std::net::SocketAddr, grpc_timeout: Option<&str>) -> (String, String) {
+    let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    let never_ends = http_body_util::StreamBody::new(futures::stream::pending::<
+        Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+    >());
+    let mut request = http::Request::post(format!(
+        "http://{addr}/deploy.v1.DeployService/ListEnvironments"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers");
+    if let Some(t) = grpc_timeout {
+        request = request.header("grpc-timeout", t);
+    }
+    let request = request.body(never_ends).unwrap();
+    // The connection is driven here: dropping this future closes it.
+    let answer = tokio::select! {
+        answer = sender.send_request(request) => answer.unwrap(),
+        end = conn => panic!("connection ended: {end:?}"),
+    };
+    let header = |name: &str| {
+        answer
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    (header("grpc-status"), header("grpc-message"))
+}
+
+fn list_environments(deadline: Duration) -> tonic::Request<pb::ListEnvironmentsRequest> {
+    let mut r = tonic::Request::new(pb::ListEnvironmentsRequest::default());
+    r.set_timeout(deadline);
+    r
+}
+
+/// `--max-in-flight 2` with two calls held in flight: a third call is refused with
+/// RESOURCE_EXHAUSTED at once (a queued call would wait out its 60 s deadline and end
+/// DEADLINE_EXCEEDED instead), and calls are admitted again once the held ones go.
+#[tokio::test]
+async fn calls_past_max_in_flight_are_refused_at_once_not_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    // Held calls wait for the server's deadline at most: far longer than the test.
+    let b = Binary::start(
+        &dir.path().join("d.db"),
+        &["--max-in-flight", "2", "--rpc-timeout-ms", "600000"],
+    )
+    .await;
+    let mut c = tests::connect(b.addr).await;
+    c.list_environments(list_environments(Duration::from_secs(60)))
+        .await
+        .expect("served under the cap");
+    let hold = || tokio::spawn(stalled_call(b.addr, None));
+    let mut held = vec![hold(), hold()];
+    // Once both held calls have reached the server, the next is refused. (A held call that
+    // arrived while this test's own call had the other place was refused: hold it again.)
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    let refused = loop {
+        for h in &mut held {
+            if h.is_finished() {
+                *h = hold();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let answer = c
+            .list_environments(list_environments(Duration::from_secs(60)))
+            .await;
+        if let Err(e) = answer {
+            if held.iter().all(|h| !h.is_finished()) {
+                break e;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "never refused with 2 calls held in flight"
+        );
+    };
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    // Refused every time while both are held, whichever connection asks.
+    let mut other = tests::connect(b.addr).await;
+    for _ in 0..20 {
+        let e = other
+            .list_environments(list_environments(Duration::from_secs(60)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    }
+    for h in &held {
+        assert!(!h.is_finished(), "a held call ended: {h:?}");
+    }
+    // The held calls go (their streams are reset); the places come back.
+    for h in held {
+        h.abort();
+    }
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    while let Err(e) = c
+        .list_environments(list_environments(Duration::from_secs(60)))
+        .await
+    {
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        assert!(
+            tokio::time::Instant::now() < until,
+            "places never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A call still unanswered at its deadline is DEADLINE_EXCEEDED (not CANCELLED, which a
+/// client cannot tell from its own cancellation): the caller's `grpc-timeout`, and
+/// `--rpc-timeout-ms` when the caller sets none or a longer one.
+#[tokio::test]
+async fn an_expired_deadline_is_deadline_exceeded() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Binary::start(&dir.path().join("d.db"), &["--rpc-timeout-ms", "1500"]).await;
+    // The caller's deadline, shorter than the server's.
+    let (status, message) =
+        tokio::time::timeout(Duration::from_secs(30), stalled_call(b.addr, Some("200m")))
+            .await
+            .expect("answered before the server's own deadline");
+    assert_eq!(status, "4", "{message}");
+    assert!(message.contains("200"), "{message}");
+    // No deadline from the caller, or a longer one: the server's.
+    for timeout in [None, Some("600S")] {
+        let (status, message) = stalled_call(b.addr, timeout).await;
+        assert_eq!(status, "4", "{timeout:?}: {message}");
+        assert!(message.contains("1500"), "{timeout:?}: {message}");
+    }
+    // The server still serves.
+    tests::connect(b.addr)
+        .await
+        .list_environments(pb::ListEnvironmentsRequest::default())
+        .await
+        .unwrap();
 }

@@ -7,6 +7,9 @@
 //! group, which is what makes durable acknowledgements fast. Because a single writer
 //! assigns sequences and commits in order, sequences follow commit order with no gaps.
 //!
+//! A queued write whose caller has gone (deadline passed, call cancelled) is skipped, not
+//! run for nobody.
+//!
 //! Every write job also appends its audit record (if it changed anything) inside its own
 //! SAVEPOINT, so a record commits exactly when its change does.
 //!
@@ -162,6 +165,12 @@ impl Backend for SqliteBackend {
     async fn write<T: Send + 'static>(&self, _lock: Option<i64>, f: WriteJob<T>) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |conn, now, events| {
+            // The caller has gone (its deadline passed, or it cancelled): its write is not
+            // done for nobody. Under overload, queued writes of callers that gave up would
+            // otherwise keep the writer busy while every live caller times out too.
+            if tx.is_closed() {
+                return (false, Box::new(|_| {}) as Completion);
+            }
             let result = f(conn, now, events);
             let ok = result.is_ok();
             let done: Completion = Box::new(move |commit| {

@@ -53,13 +53,7 @@ enum Cmd {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap()
+    tests::rss_kib(pid).expect("the server is running")
 }
 
 /// The agent's flags, parsed like the `deploy-agent` binary parses them.

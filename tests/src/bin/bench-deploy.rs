@@ -7,6 +7,7 @@
 //! target/release/bench-deploy ingest      # group commit vs one commit per report
 //! target/release/bench-deploy delivery    # commit-to-delivery latency, 100 watchers, one slow
 //! target/release/bench-deploy postgres    # NOTIFY cost; 8 writers on 2 PostgreSQL replicas
+//! target/release/bench-deploy overload    # 4x capacity for 30 s, with and without shedding
 //! ```
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
@@ -67,6 +68,29 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Overload: measures ReportPlacement capacity (closed loop), then offers a multiple of
+    /// it open-loop, then half of it, against a server that sheds load (the default limits)
+    /// and one that does not (limits raised out of reach).
+    Overload {
+        /// Offered load during the overload, as a multiple of the measured capacity.
+        #[arg(long, default_value_t = 4.0)]
+        factor: f64,
+        /// Seconds of overload.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Seconds at half the capacity after the overload (recovery is measured here).
+        #[arg(long, default_value_t = 10)]
+        after: u64,
+        /// HTTP/2 connections the calls are spread over.
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        /// The deadline every call carries (`grpc-timeout`), in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        deadline_ms: u64,
+        /// Runs (each: both set-ups, each on a fresh database).
+        #[arg(long, default_value_t = 2)]
+        runs: usize,
+    },
     /// Request-to-delivery latency with 100 watchers, without and with one slow watcher.
     Delivery {
         /// Watchers (one of them slow in the second phase).
@@ -107,6 +131,23 @@ async fn main() {
             println!("| one commit per report (--max-batch 1) | {baseline:.0} |");
             println!("| group commit (--max-batch 1024) | {grouped:.0} |");
             println!("ratio: {:.1}x", grouped / baseline);
+        }
+        Cmd::Overload {
+            factor,
+            seconds,
+            after,
+            connections,
+            deadline_ms,
+            runs,
+        } => {
+            let plan = overload::Plan {
+                factor,
+                overload: Duration::from_secs(seconds),
+                after: Duration::from_secs(after),
+                connections,
+                deadline: Duration::from_millis(deadline_ms),
+            };
+            overload::run(&args.dir, &plan, runs).await;
         }
         Cmd::Delivery {
             watchers,
@@ -667,4 +708,483 @@ async fn postgres(dir: &std::path::Path, url: &str, writers: usize, seconds: u64
         )
         .await
         .unwrap();
+}
+
+/// The overload benchmark: capacity, then a multiple of it offered open-loop, then half of
+/// it; with and without load shedding.
+mod overload {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use hdrhistogram::Histogram;
+    use proto::deploy::v1 as pb;
+    use tests::{Churn, Client};
+    use tonic::Code;
+
+    /// Every run writes one commit (and one fsync) per report, so that the single writer,
+    /// not the CPU the load generator shares, is what bounds the server. Targets whose
+    /// reports are refused for a while are not agents gone silent: no lost-agent timeout
+    /// (it would fail the deployment, and every later report with it).
+    const STORE: &[&str] = &["--max-batch", "1", "--agent-timeout-ms", "86400000"];
+    /// The set-ups: name and flags.
+    const SETUPS: &[(&str, &[&str])] = &[
+        // The default limits: the in-flight cap (2048) and admission by deadline.
+        ("shedding (defaults)", &[]),
+        // The in-flight cap alone.
+        ("in-flight cap only", &["--deadline-admission", "false"]),
+        // No shedding: no admission by deadline, and the in-flight cap and the
+        // per-connection stream cap (which would otherwise bound the queue at 256 calls per
+        // connection) out of reach.
+        (
+            "no shedding",
+            &[
+                "--deadline-admission",
+                "false",
+                "--max-in-flight",
+                "10000000",
+                "--max-streams-per-connection",
+                "1000000",
+            ],
+        ),
+    ];
+    /// Targets the reports go round (one deployment over all of them).
+    const TARGETS: usize = 4096;
+    /// Width of the throughput and recovery windows.
+    const WINDOW: Duration = Duration::from_millis(250);
+    /// The code recorded for a call the client itself gave up on (no answer by its
+    /// deadline plus 2 s).
+    const NO_ANSWER: i32 = -1;
+    /// The code recorded for a call whose deadline the client's own timer saw pass first:
+    /// tonic's channel enforces `grpc-timeout` itself and reports it as CANCELLED
+    /// ("Timeout expired").
+    const CLIENT_DEADLINE: i32 = -2;
+
+    /// What one run offers.
+    pub struct Plan {
+        pub factor: f64,
+        pub overload: Duration,
+        pub after: Duration,
+        pub connections: usize,
+        pub deadline: Duration,
+    }
+
+    /// One open-loop call.
+    #[derive(Clone, Copy)]
+    struct Call {
+        /// When it was issued, since the origin of the run.
+        at: Duration,
+        /// How late it was issued against its schedule.
+        lag: Duration,
+        /// Issue to answer.
+        latency: Duration,
+        /// Its gRPC code, or [`NO_ANSWER`].
+        code: i32,
+    }
+
+    /// What one set-up measured.
+    struct Outcome {
+        name: &'static str,
+        offered: f64,
+        ok_per_s: f64,
+        admitted: Histogram<u64>,
+        refused: Histogram<u64>,
+        /// DEADLINE_EXCEEDED answered by the server.
+        deadline_exceeded: u64,
+        /// Deadlines the client's own timer saw pass first.
+        client_deadline: u64,
+        others: BTreeMap<String, u64>,
+        rss_before_kib: u64,
+        rss_peak_kib: u64,
+        rss_end_kib: u64,
+        lag_p99: Duration,
+        baseline_p99: Duration,
+        recovery: Option<Duration>,
+        timeline: Vec<u64>,
+    }
+
+    pub async fn run(dir: &Path, plan: &Plan, runs: usize) {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, m)| m.trim().to_owned())
+            })
+            .unwrap_or_default();
+        println!(
+            "machine: nproc {}, {cpu}, load average at start {}",
+            std::thread::available_parallelism().map_or(0, usize::from),
+            std::fs::read_to_string("/proc/loadavg")
+                .unwrap_or_default()
+                .split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        for run in 1..=runs {
+            // Capacity is measured on the default server; every set-up gets the same load.
+            let (bin, tmp) = super::start(dir, "overload", &[STORE, SETUPS[0].1].concat()).await;
+            let (clients, churn) = setup(&bin, plan.connections).await;
+            let capacity = capacity(&clients, &churn).await;
+            println!(
+                "run {run}: capacity {capacity:.0} OK calls/s (closed loop, 256 callers); \
+                 offering {:.0}/s for {} s, then {:.0}/s for {} s",
+                capacity * plan.factor,
+                plan.overload.as_secs(),
+                capacity / 2.0,
+                plan.after.as_secs()
+            );
+            let mut outcomes = vec![drive(&bin, clients, churn, capacity, plan, SETUPS[0].0).await];
+            drop((bin, tmp));
+            for (name, flags) in &SETUPS[1..] {
+                let (bin, _tmp) = super::start(dir, "overload", &[STORE, flags].concat()).await;
+                let (clients, churn) = setup(&bin, plan.connections).await;
+                outcomes.push(drive(&bin, clients, churn, capacity, plan, name).await);
+            }
+            print_table(run, &outcomes);
+        }
+    }
+
+    async fn setup(bin: &tests::Binary, connections: usize) -> (Vec<Client>, Arc<Churn>) {
+        let mut c = tests::connect(bin.addr).await;
+        let churn = Arc::new(Churn::setup(&mut c, "bench", "api", TARGETS).await);
+        let mut clients = Vec::new();
+        for _ in 0..connections {
+            clients.push(tests::connect(bin.addr).await);
+        }
+        (clients, churn)
+    }
+
+    /// The report call number `k` makes: round the targets, alternating states.
+    fn request(
+        churn: &Churn,
+        k: usize,
+        deadline: Duration,
+    ) -> tonic::Request<pb::ReportPlacementRequest> {
+        let mut r = tonic::Request::new(pb::ReportPlacementRequest {
+            deployment: churn.deployment.clone(),
+            target: churn.targets[k % TARGETS].clone(),
+            state: Churn::state(k / TARGETS).into(),
+            message: String::new(),
+        });
+        r.set_timeout(deadline);
+        r
+    }
+
+    /// OK calls per second from 256 closed-loop callers over 5 s (each call may take 30 s:
+    /// these must not fail).
+    async fn capacity(clients: &[Client], churn: &Arc<Churn>) -> f64 {
+        let (clients, churn) = (clients.to_vec(), churn.clone());
+        let deadline = Duration::from_secs(30);
+        let next = Arc::new(AtomicU64::new(0));
+        super::closed_loop(256, 5, move |w, _| {
+            let mut c = clients[w % clients.len()].clone();
+            let k = next.fetch_add(1, Ordering::Relaxed) as usize;
+            let r = request(&churn, k, deadline);
+            async move {
+                c.report_placement(r).await.unwrap();
+            }
+        })
+        .await
+    }
+
+    /// Issues calls at `rate` per second for `duration`, on a schedule that does not wait
+    /// for answers; each answer is pushed to `calls`.
+    #[allow(clippy::too_many_arguments)]
+    async fn open_loop(
+        clients: &[Client],
+        churn: &Arc<Churn>,
+        rate: f64,
+        duration: Duration,
+        origin: Instant,
+        deadline: Duration,
+        next: &AtomicU64,
+        calls: &Arc<Mutex<Vec<Call>>>,
+        pending: &Arc<AtomicU64>,
+    ) {
+        let started = Instant::now();
+        let mut issued: u64 = 0;
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            let elapsed = started.elapsed();
+            if elapsed >= duration {
+                break;
+            }
+            let due = (elapsed.as_secs_f64() * rate) as u64;
+            while issued < due {
+                let scheduled = started + Duration::from_secs_f64(issued as f64 / rate);
+                issued += 1;
+                let k = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let mut c = clients[k % clients.len()].clone();
+                let r = request(churn, k, deadline);
+                let (calls, pending) = (calls.clone(), pending.clone());
+                pending.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let at = Instant::now();
+                    let answer = tokio::time::timeout(
+                        deadline + Duration::from_secs(2),
+                        c.report_placement(r),
+                    )
+                    .await;
+                    let latency = at.elapsed();
+                    let code = match answer {
+                        Ok(Ok(_)) => Code::Ok as i32,
+                        Ok(Err(status)) if client_deadline(&status) => CLIENT_DEADLINE,
+                        Ok(Err(status)) => status.code() as i32,
+                        Err(_) => NO_ANSWER,
+                    };
+                    calls.lock().unwrap().push(Call {
+                        at: at.duration_since(origin),
+                        lag: at.saturating_duration_since(scheduled),
+                        latency,
+                        code,
+                    });
+                    pending.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+        }
+    }
+
+    /// Whether `status` is the client's own timer for the call's deadline.
+    fn client_deadline(status: &tonic::Status) -> bool {
+        let mut source = std::error::Error::source(status);
+        while let Some(e) = source {
+            if e.is::<tonic::TimeoutExpired>() {
+                return status.code() == Code::Cancelled;
+            }
+            source = e.source();
+        }
+        false
+    }
+
+    /// Half the capacity for 5 s (the baseline), `factor` times it for the overload, half
+    /// again for the recovery; RSS sampled every 200 ms throughout.
+    async fn drive(
+        bin: &tests::Binary,
+        clients: Vec<Client>,
+        churn: Arc<Churn>,
+        capacity: f64,
+        plan: &Plan,
+        name: &'static str,
+    ) -> Outcome {
+        let pid = bin.child.id().unwrap();
+        let origin = Instant::now();
+        let rss: Arc<Mutex<Vec<(Duration, u64)>>> = Arc::default();
+        let sampler = {
+            let rss = rss.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(200));
+                loop {
+                    tick.tick().await;
+                    let Some(kib) = tests::rss_kib(pid) else {
+                        break;
+                    };
+                    rss.lock().unwrap().push((origin.elapsed(), kib));
+                }
+            })
+        };
+        let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
+        let pending = Arc::new(AtomicU64::new(0));
+        let next = AtomicU64::new(0);
+        let baseline = Duration::from_secs(5);
+        let phases = [
+            (capacity / 2.0, baseline),
+            (capacity * plan.factor, plan.overload),
+            (capacity / 2.0, plan.after),
+        ];
+        let mut bounds = Vec::new();
+        for (rate, duration) in phases {
+            let from = origin.elapsed();
+            open_loop(
+                &clients,
+                &churn,
+                rate,
+                duration,
+                origin,
+                plan.deadline,
+                &next,
+                &calls,
+                &pending,
+            )
+            .await;
+            bounds.push((from, origin.elapsed()));
+        }
+        while pending.load(Ordering::Relaxed) > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        sampler.abort();
+        let calls = calls.lock().unwrap().clone();
+        let rss = rss.lock().unwrap().clone();
+        analyse(name, &calls, &rss, &bounds)
+    }
+
+    fn analyse(
+        name: &'static str,
+        calls: &[Call],
+        rss: &[(Duration, u64)],
+        bounds: &[(Duration, Duration)],
+    ) -> Outcome {
+        let (base, over, after) = (bounds[0], bounds[1], bounds[2]);
+        let within = |c: &Call, (from, to): (Duration, Duration)| c.at >= from && c.at < to;
+        let histogram = || Histogram::<u64>::new(3).unwrap();
+        let us = |d: Duration| d.as_micros() as u64;
+
+        let mut baseline = histogram();
+        for c in calls
+            .iter()
+            .filter(|c| within(c, base) && c.code == Code::Ok as i32)
+        {
+            baseline.record(us(c.latency)).unwrap();
+        }
+        let baseline_p99 = Duration::from_micros(baseline.value_at_quantile(0.99));
+
+        let (mut admitted, mut refused, mut lag) = (histogram(), histogram(), histogram());
+        let (mut deadline_exceeded, mut client_deadline) = (0, 0);
+        let mut others = BTreeMap::new();
+        let mut offered = 0u64;
+        for c in calls.iter().filter(|c| within(c, over)) {
+            offered += 1;
+            lag.record(us(c.lag)).unwrap();
+            match c.code {
+                x if x == Code::Ok as i32 => admitted.record(us(c.latency)).unwrap(),
+                x if x == Code::ResourceExhausted as i32 => refused.record(us(c.latency)).unwrap(),
+                x if x == Code::DeadlineExceeded as i32 => deadline_exceeded += 1,
+                CLIENT_DEADLINE => client_deadline += 1,
+                NO_ANSWER => *others.entry("no answer".to_owned()).or_insert(0) += 1,
+                x => *others.entry(format!("{:?}", Code::from(x))).or_insert(0) += 1,
+            }
+        }
+        let seconds = (over.1 - over.0).as_secs_f64();
+
+        // Recovery: windows of calls issued after the overload; a window is normal when its
+        // p99 (a call not answered OK counts as endless) is within max(2x the baseline p99,
+        // 10 ms): at least 99% of its calls OK, and fast. Recovered at the start of the first
+        // run of 4 normal windows (1 s).
+        let limit = (baseline_p99 * 2).max(Duration::from_millis(10));
+        let windows = ((after.1 - after.0).as_secs_f64() / WINDOW.as_secs_f64()) as usize;
+        let mut latencies = vec![Vec::new(); windows];
+        for c in calls.iter().filter(|c| within(c, after)) {
+            let w = ((c.at - after.0).as_secs_f64() / WINDOW.as_secs_f64()) as usize;
+            if let Some(l) = latencies.get_mut(w) {
+                l.push(if c.code == Code::Ok as i32 {
+                    c.latency
+                } else {
+                    Duration::MAX
+                });
+            }
+        }
+        let normal: Vec<bool> = latencies
+            .iter_mut()
+            .map(|l| {
+                l.sort();
+                l.is_empty() || l[(l.len() * 99).div_ceil(100) - 1] <= limit
+            })
+            .collect();
+        let recovery = normal
+            .windows(4)
+            .position(|run| run.iter().all(|n| *n))
+            .map(|w| WINDOW * w as u32);
+
+        // OK answers per window (by answer time), from 1 s before the overload ends to 3 s
+        // after.
+        let from = over.1.saturating_sub(Duration::from_secs(1));
+        let mut timeline = vec![0u64; 16];
+        for c in calls.iter().filter(|c| c.code == Code::Ok as i32) {
+            let done = c.at + c.latency;
+            if done >= from {
+                let w = ((done - from).as_secs_f64() / WINDOW.as_secs_f64()) as usize;
+                if let Some(n) = timeline.get_mut(w) {
+                    *n += 1;
+                }
+            }
+        }
+
+        let rss_before_kib = rss
+            .iter()
+            .take_while(|(t, _)| *t < over.0)
+            .last()
+            .map_or(0, |(_, k)| *k);
+        let rss_peak_kib = rss
+            .iter()
+            .filter(|(t, _)| *t >= over.0)
+            .map(|(_, k)| *k)
+            .max()
+            .unwrap_or(0);
+        let rss_end_kib = rss.last().map_or(0, |(_, k)| *k);
+        Outcome {
+            name,
+            offered: offered as f64 / seconds,
+            ok_per_s: admitted.len() as f64 / seconds,
+            admitted,
+            refused,
+            deadline_exceeded,
+            client_deadline,
+            others,
+            rss_before_kib,
+            rss_peak_kib,
+            rss_end_kib,
+            lag_p99: Duration::from_micros(lag.value_at_quantile(0.99)),
+            baseline_p99,
+            recovery,
+            timeline,
+        }
+    }
+
+    fn print_table(run: usize, outcomes: &[Outcome]) {
+        let ms = |v: u64| v as f64 / 1000.0;
+        println!();
+        println!(
+            "| run | set-up | offered/s | OK/s | admitted p50 / p99 / max ms | refused | refused p99 ms | deadline passed (server / client timer) | other errors | RSS before / peak / end MiB | recovery |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
+        for o in outcomes {
+            let others = if o.others.is_empty() {
+                "0".to_owned()
+            } else {
+                o.others
+                    .iter()
+                    .map(|(k, v)| format!("{v} {k}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let refused_p99 = if o.refused.is_empty() {
+                "-".to_owned()
+            } else {
+                format!("{:.2}", ms(o.refused.value_at_quantile(0.99)))
+            };
+            let recovery = o.recovery.map_or("not within the phase".to_owned(), |d| {
+                format!("{:.2} s", d.as_secs_f64())
+            });
+            println!(
+                "| {run} | {} | {:.0} | {:.0} | {:.1} / {:.1} / {:.1} | {} | {refused_p99} | {} / {} | {others} | {:.0} / {:.0} / {:.0} | {recovery} |",
+                o.name,
+                o.offered,
+                o.ok_per_s,
+                ms(o.admitted.value_at_quantile(0.5)),
+                ms(o.admitted.value_at_quantile(0.99)),
+                ms(o.admitted.max()),
+                o.refused.len(),
+                o.deadline_exceeded,
+                o.client_deadline,
+                o.rss_before_kib as f64 / 1024.0,
+                o.rss_peak_kib as f64 / 1024.0,
+                o.rss_end_kib as f64 / 1024.0,
+            );
+        }
+        for o in outcomes {
+            println!(
+                "{}: baseline p99 {:.1} ms; client issue lag p99 {:.1} ms; OK answers per 250 ms from 1 s before the overload ends: {:?}",
+                o.name,
+                o.baseline_p99.as_secs_f64() * 1000.0,
+                o.lag_p99.as_secs_f64() * 1000.0,
+                o.timeline
+            );
+        }
+    }
 }

@@ -965,13 +965,7 @@ async fn gate(dir: &Path, flips: usize) {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap()
+    tests::rss_kib(pid).expect("the server is running")
 }
 
 async fn memory(dir: &Path, features: usize, environments: usize) {
