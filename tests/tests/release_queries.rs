@@ -354,11 +354,7 @@ async fn a_timeline_tells_the_story_of_a_release_and_its_steps_to_come() {
     assert_eq!(t.events[0].principal, "rita");
     assert_eq!(t.events[2].principal, "system");
     assert_eq!(t.events[3].reason, "SOAK_TIME");
-    let times: Vec<_> = t
-        .events
-        .iter()
-        .map(|e| e.time.unwrap().seconds)
-        .collect();
+    let times: Vec<_> = t.events.iter().map(|e| e.time.unwrap().seconds).collect();
     assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
     assert_eq!(t.upcoming.len(), 1, "{t:#?}");
     let next = &t.upcoming[0];
@@ -381,11 +377,7 @@ async fn a_timeline_tells_the_story_of_a_release_and_its_steps_to_come() {
         .unwrap();
     // qa's one step is its start.
     let started = qa.start_time.unwrap();
-    assert_eq!(
-        next.due_time.unwrap(),
-        started,
-        "due when qa's step began"
-    );
+    assert_eq!(next.due_time.unwrap(), started, "due when qa's step began");
 
     // The kill switch and its resumption, with who and why.
     rc.pause_release(release::by(
