@@ -80,7 +80,7 @@ async function denied(page, errors) {
   let page;
   try {
     page = await browser.newPage();
-    await page.setViewport({ width: 1100, height: 640 });
+    await page.setViewport({ width: 1000, height: 360 });
     page.on('console', (m) => { if (m.type() === 'error') errors.push(m.text()); });
     page.on('pageerror', (e) => errors.push(String(e)));
     if (process.env.CONSOLE_TOKEN) {
