@@ -11,7 +11,7 @@
 //!
 //! - [`backend`]: the gRPC clients, the identity a call is made with, service errors as
 //!   shown to people.
-//! - [`events`]: the two watches, their broadcast, the `/events` stream.
+//! - [`events`]: the two watches, their broadcast, the server-sent event stream.
 //! - [`views`]: the pages and fragments (inventory, visibility, release).
 //! - [`actions`]: kill switch, resume, approve, continue and roll back, with the CSRF check.
 //! - `templates/` and `assets/`: the HTML templates, the CSS and the vendored htmx files.
