@@ -9,7 +9,8 @@
 //!   `ListVisibility`), coloured by decision class, with the reason of each cell;
 //! - release (`/releases/{id}`): state, rollout, timeline (`GetReleaseTimeline`) and the
 //!   policy check of its next step (`CheckRelease`), with the kill switch and the other
-//!   actions a person expects there.
+//!   actions a person expects there;
+//! - audit (`/audit`): the last week's audit records of both services, newest first.
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -40,6 +41,7 @@ pub fn templates() -> minijinja::Environment<'static> {
         ("release.html", include_str!("../templates/release.html")),
         ("failure.html", include_str!("../templates/failure.html")),
         ("flash.html", include_str!("../templates/flash.html")),
+        ("audit.html", include_str!("../templates/audit.html")),
     ] {
         // The sources are compiled in: a syntax error fails the unit test `templates_compile`.
         if let Err(e) = env.add_template(name, source) {
@@ -154,6 +156,18 @@ pub async fn release_fragment(
     fragment(&state, "release.html", data)
 }
 
+/// `GET /audit`.
+pub async fn audit_page(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let data = audit(&state, &User::from_headers(&headers)).await;
+    page(&state, "audit", "Audit", data)
+}
+
+/// `GET /fragments/audit`.
+pub async fn audit_fragment(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let data = audit(&state, &User::from_headers(&headers)).await;
+    fragment(&state, "audit.html", data)
+}
+
 // --- inventory ---
 
 /// The environment x artifact matrix.
@@ -225,29 +239,22 @@ pub struct Flight {
 }
 
 async fn inventory(state: &AppState, user: &User) -> Result<Inventory, Failure> {
-    let mut environments = Vec::new();
-    let mut page_token = String::new();
-    for _ in 0..MAX_PAGES {
-        let request = state.backends.request(
+    let b = &state.backends;
+    let environments = pages(|page_token| {
+        let request = b.request(
             dpb::ListInventoryRequest {
-                page_token: page_token.clone(),
+                page_token,
                 ..Default::default()
             },
             user,
-        )?;
-        let response = state
-            .backends
-            .deploy
-            .clone()
-            .list_inventory(request)
-            .await?
-            .into_inner();
-        environments.extend(response.environments);
-        page_token = response.next_page_token;
-        if page_token.is_empty() {
-            break;
+        );
+        let mut client = b.deploy.clone();
+        async move {
+            let r = client.list_inventory(request?).await?.into_inner();
+            Ok((r.environments, r.next_page_token))
         }
-    }
+    })
+    .await?;
     Ok(inventory_matrix(environments))
 }
 
@@ -678,6 +685,110 @@ pub fn release_view(timeline: &rpb::ReleaseTimeline) -> ReleaseView {
     }
 }
 
+// --- audit ---
+
+/// How many records the feed shows.
+const AUDIT_RECORDS: usize = 200;
+/// How far back the feed reads.
+const AUDIT_DAYS: i64 = 7;
+/// The page size asked for.
+const AUDIT_PAGE: i32 = 500;
+
+/// One audit record of either service.
+#[derive(Debug, Serialize)]
+pub struct AuditEntry {
+    /// `deploy-svc` or `release-svc`.
+    pub service: &'static str,
+    /// When, for people.
+    pub time: String,
+    /// For ordering (seconds, nanoseconds).
+    #[serde(skip)]
+    pub at: (i64, i32),
+    /// Who.
+    pub principal: String,
+    /// The call.
+    pub action: String,
+    /// On what.
+    pub resource: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// The feed: the latest records of both services, newest first.
+#[derive(Debug, Serialize)]
+pub struct Audit {
+    /// The records.
+    pub entries: Vec<AuditEntry>,
+}
+
+async fn audit(state: &AppState, user: &User) -> Result<Audit, Failure> {
+    let b = &state.backends;
+    // The trail is listed oldest first: the last week's, keeping the newest records.
+    let since = chrono::Utc::now() - chrono::Duration::days(AUDIT_DAYS);
+    let start_time = Some(prost_types::Timestamp {
+        seconds: since.timestamp(),
+        nanos: 0,
+    });
+    // The two services' audit calls differ only in their types.
+    macro_rules! trail {
+        ($client:ident, $pb:ident, $service:literal) => {
+            pages(|page_token| {
+                let request = b.request(
+                    $pb::ListAuditRecordsRequest {
+                        start_time,
+                        page_size: AUDIT_PAGE,
+                        page_token,
+                        ..Default::default()
+                    },
+                    user,
+                );
+                let mut client = b.$client.clone();
+                async move {
+                    let r = client.list_audit_records(request?).await?.into_inner();
+                    let entries = r.records.iter().map(|r| AuditEntry {
+                        service: $service,
+                        time: time(r.time.as_ref()),
+                        at: r.time.map_or((0, 0), |t| (t.seconds, t.nanos)),
+                        principal: r.principal.clone(),
+                        action: r.action.clone(),
+                        resource: r.resource.clone(),
+                        reason: r.reason.clone(),
+                    });
+                    Ok((entries.collect(), r.next_page_token))
+                }
+            })
+        };
+    }
+    let deploy = trail!(deploy, dpb, "deploy-svc");
+    let release = trail!(release, rpb, "release-svc");
+    let (deploy, release) = tokio::join!(deploy, release);
+    let mut entries = deploy?;
+    entries.extend(release?);
+    entries.sort_by_key(|e| std::cmp::Reverse(e.at));
+    entries.truncate(AUDIT_RECORDS);
+    Ok(Audit { entries })
+}
+
+/// Every page of a listing (at most [`MAX_PAGES`]): `fetch` takes a page token and answers
+/// with the page's items and the next token.
+async fn pages<T, F, Fut>(mut fetch: F) -> Result<Vec<T>, tonic::Status>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, String), tonic::Status>>,
+{
+    let mut all = Vec::new();
+    let mut token = String::new();
+    for _ in 0..MAX_PAGES {
+        let (items, next) = fetch(token).await?;
+        all.extend(items);
+        if next.is_empty() {
+            break;
+        }
+        token = next;
+    }
+    Ok(all)
+}
+
 // --- shared ---
 
 fn violation(v: &rpb::PolicyViolation) -> String {
@@ -718,9 +829,34 @@ mod tests {
             "release.html",
             "failure.html",
             "flash.html",
+            "audit.html",
         ] {
             assert!(env.get_template(name).is_ok(), "{name}");
         }
+    }
+
+    #[test]
+    fn the_audit_feed_renders() {
+        let data = Audit {
+            entries: vec![AuditEntry {
+                service: "release-svc",
+                time: String::new(),
+                at: (0, 0),
+                principal: "ann".into(),
+                action: "PauseRelease".into(),
+                resource: "releases/1".into(),
+                reason: "why".into(),
+            }],
+        };
+        let html = templates()
+            .get_template("audit.html")
+            .unwrap()
+            .render(minijinja::context! { data })
+            .unwrap();
+        assert!(
+            html.contains("<a href=") && html.contains("PauseRelease"),
+            "{html}"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //         prod); prints {"phase":"placed"} as soon as the matrix shows that version; then
 //         screenshots the visibility and release views, clicks the kill switch (accepting
 //         the confirmation), waits for the release to show `paused` and prints
-//         {"phase":"killed"}.
+//         {"phase":"killed"}; then waits for the audit feed to list the PauseRelease.
 // denied: opens the release page, clicks the kill switch (confirmation accepted) and
 //         prints {"phase":"denied","text":...} with the error the page shows.
 // Both end with {"phase":"done","errors":[...]}: the console errors seen (denied: before
@@ -55,6 +55,12 @@ async function live(page) {
   await page.waitForSelector('.state.paused', { timeout: 5000 });
   await shot(page, 'release-paused');
   out({ phase: 'killed' });
+  await page.goto(`${base}/audit`, { waitUntil: 'load' });
+  await page.waitForFunction(
+    () => [...document.querySelectorAll('table.audit strong')].some((e) => e.textContent.includes('PauseRelease')),
+    { timeout: 5000 },
+  );
+  await shot(page, 'audit');
 }
 
 async function denied(page, errors) {

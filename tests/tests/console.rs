@@ -4,7 +4,8 @@
 //! the inventory shows a placement within 1 s of its report (pushed by WatchPlacements over
 //! server-sent events, no polling); the kill switch, confirmed in the page, makes the next
 //! Evaluate of the feature not visible; with authentication on, a viewer's kill switch is
-//! refused and the page shows PERMISSION_DENIED with the service's message. Screenshots of
+//! refused and the page shows PERMISSION_DENIED with the service's message; the audit feed
+//! lists the kill switch. Screenshots of
 //! each view are saved in target/console-screenshots.
 #![allow(clippy::unwrap_used)]
 
@@ -140,7 +141,13 @@ async fn live_inventory_and_the_kill_switch() {
 
     no_errors(&next(&mut lines, "done").await);
     assert!(node.wait().await.unwrap().success());
-    for view in ["inventory", "visibility", "release", "release-paused"] {
+    for view in [
+        "inventory",
+        "visibility",
+        "release",
+        "release-paused",
+        "audit",
+    ] {
         assert!(screenshots().join(format!("{view}.png")).exists(), "{view}");
     }
 }
