@@ -6,7 +6,8 @@
 //! - inventory (`/`): the environment x artifact matrix (deploy-svc `ListInventory`):
 //!   versions with coverage bars, in-flight deployments with their strategy step, freezes;
 //! - visibility (`/visibility`): the feature x environment matrix (release-svc
-//!   `ListVisibility`), coloured by decision class, with the reason of each cell;
+//!   `ListVisibility`), coloured by decision class, with the reason of each cell, and the
+//!   stale flags (the same answer everywhere: ready to leave the code);
 //! - release (`/releases/{id}`): state, rollout, timeline (`GetReleaseTimeline`) and the
 //!   policy check of its next step (`CheckRelease`), with the kill switch and the other
 //!   actions a person expects there;
@@ -373,6 +374,38 @@ pub struct Visibility {
     pub environments: Vec<String>,
     /// One row per feature.
     pub features: Vec<FeatureRow>,
+    /// Flags whose answer no longer depends on anything.
+    pub stale: Vec<StaleFlag>,
+}
+
+/// A stale flag: the same answer everywhere, so the flag can leave the code.
+#[derive(Debug, Serialize)]
+pub struct StaleFlag {
+    /// The feature key.
+    pub feature: String,
+    /// Why, for people.
+    pub why: &'static str,
+}
+
+/// The stale flags of `features` (pure, for tests): shown to everyone in every environment
+/// of the matrix, or disabled.
+pub fn stale(features: &[FeatureRow]) -> Vec<StaleFlag> {
+    features
+        .iter()
+        .filter_map(|f| {
+            let why = if f.disabled {
+                "disabled: hidden for everyone"
+            } else if !f.cells.is_empty() && f.cells.iter().all(|c| c.class == "static") {
+                "released to everyone in every environment"
+            } else {
+                return None;
+            };
+            Some(StaleFlag {
+                feature: f.feature.clone(),
+                why,
+            })
+        })
+        .collect()
 }
 
 /// A row.
@@ -405,6 +438,7 @@ async fn visibility(state: &AppState, user: &User) -> Result<Visibility, Failure
     let mut matrix = Visibility {
         environments: Vec::new(),
         features: Vec::new(),
+        stale: Vec::new(),
     };
     let mut page_token = String::new();
     for _ in 0..MAX_PAGES {
@@ -431,6 +465,7 @@ async fn visibility(state: &AppState, user: &User) -> Result<Visibility, Failure
             break;
         }
     }
+    matrix.stale = stale(&matrix.features);
     Ok(matrix)
 }
 
@@ -833,6 +868,35 @@ mod tests {
         ] {
             assert!(env.get_template(name).is_ok(), "{name}");
         }
+    }
+
+    #[test]
+    fn stale_flags_give_the_same_answer_everywhere() {
+        let row = |feature: &str, disabled: bool, classes: &[&str]| FeatureRow {
+            feature: feature.into(),
+            disabled,
+            targeted: false,
+            cells: classes
+                .iter()
+                .map(|c| {
+                    visibility_cell(&rpb::VisibilityCell {
+                        class: match *c {
+                            "static" => rpb::VisibilityClass::Static,
+                            _ => rpb::VisibilityClass::Rollout,
+                        }
+                        .into(),
+                        ..Default::default()
+                    })
+                })
+                .collect(),
+        };
+        let found = stale(&[
+            row("done", false, &["static", "static"]),
+            row("half", false, &["static", "rollout"]),
+            row("off", true, &["rollout"]),
+        ]);
+        let keys: Vec<&str> = found.iter().map(|s| s.feature.as_str()).collect();
+        assert_eq!(keys, ["done", "off"]);
     }
 
     #[test]

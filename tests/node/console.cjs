@@ -45,6 +45,8 @@ async function live(page) {
   await shot(page, 'inventory');
   await page.goto(`${base}/visibility`, { waitUntil: 'load' });
   await page.waitForSelector('td.cell[data-feature="new-cart"][data-environment="prod"].static');
+  // Released to everyone in its only environment: listed as a stale flag.
+  await page.waitForSelector('ul.stale li[data-feature="new-cart"]');
   await shot(page, 'visibility');
   await page.goto(`${base}/releases/${release}`, { waitUntil: 'load' });
   await page.waitForSelector('#live.on', { timeout: 10000 });
