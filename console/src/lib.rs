@@ -12,7 +12,8 @@
 //! - [`backend`]: the gRPC clients, the identity a call is made with, service errors as
 //!   shown to people.
 //! - [`events`]: the two watches, their broadcast, the server-sent event stream.
-//! - [`views`]: the pages and fragments (inventory, visibility, release, audit).
+//! - [`views`]: the pages and fragments (inventory, visibility, release, calendar,
+//!   audit).
 //! - [`actions`]: kill switch, resume, approve, continue and roll back, with the CSRF check.
 //! - `templates/` and `assets/`: the HTML templates, the CSS and the vendored htmx files.
 
@@ -93,6 +94,7 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(views::inventory_page))
         .route("/visibility", get(views::visibility_page))
         .route("/releases/{id}", get(views::release_page))
+        .route("/calendar", get(views::calendar_page))
         .route("/audit", get(views::audit_page))
         .route("/fragments/audit", get(views::audit_fragment))
         .route("/fragments/inventory", get(views::inventory_fragment))

@@ -11,6 +11,7 @@
 //! - release (`/releases/{id}`): state, rollout, timeline (`GetReleaseTimeline`) and the
 //!   policy check of its next step (`CheckRelease`), with the kill switch and the other
 //!   actions a person expects there;
+//! - calendar (`/calendar`): each environment's freeze windows over the next two weeks;
 //! - audit (`/audit`): the last week's audit records of both services, newest first.
 
 use axum::extract::{Path, State};
@@ -43,6 +44,7 @@ pub fn templates() -> minijinja::Environment<'static> {
         ("failure.html", include_str!("../templates/failure.html")),
         ("flash.html", include_str!("../templates/flash.html")),
         ("audit.html", include_str!("../templates/audit.html")),
+        ("calendar.html", include_str!("../templates/calendar.html")),
     ] {
         // The sources are compiled in: a syntax error fails the unit test `templates_compile`.
         if let Err(e) = env.add_template(name, source) {
@@ -720,6 +722,113 @@ pub fn release_view(timeline: &rpb::ReleaseTimeline) -> ReleaseView {
     }
 }
 
+// --- calendar ---
+
+/// How many days the calendar shows.
+const CALENDAR_DAYS: i64 = 14;
+/// The calendar's resolution.
+const SLOT_MS: i64 = 15 * 60 * 1000;
+const DAY_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// Freeze windows, environment x day.
+#[derive(Debug, Serialize)]
+pub struct FreezeCalendar {
+    /// The columns: days, for people.
+    pub days: Vec<String>,
+    /// One row per environment.
+    pub rows: Vec<CalendarRow>,
+}
+
+/// An environment's freezes.
+#[derive(Debug, Serialize)]
+pub struct CalendarRow {
+    /// The environment id.
+    pub environment: String,
+    /// Its windows' names.
+    pub windows: Vec<String>,
+    /// Per day, in column order.
+    pub days: Vec<CalendarDay>,
+}
+
+/// A day of an environment.
+#[derive(Debug, Serialize)]
+pub struct CalendarDay {
+    /// How much of the day (UTC) is frozen, in percent.
+    pub percent: u32,
+    /// The windows that freeze part of it.
+    pub names: String,
+}
+
+/// `GET /calendar`.
+pub async fn calendar_page(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let data = freeze_calendar(&state, &User::from_headers(&headers)).await;
+    page(&state, "calendar", "Freeze calendar", data)
+}
+
+async fn freeze_calendar(state: &AppState, user: &User) -> Result<FreezeCalendar, Failure> {
+    let b = &state.backends;
+    let environments = pages(|page_token| {
+        let request = b.request(
+            dpb::ListEnvironmentsRequest {
+                page_token,
+                ..Default::default()
+            },
+            user,
+        );
+        let mut client = b.deploy.clone();
+        async move {
+            let r = client.list_environments(request?).await?.into_inner();
+            Ok((r.environments, r.next_page_token))
+        }
+    })
+    .await?;
+    let now = chrono::Utc::now().timestamp_millis();
+    Ok(calendar_of(&environments, now - now.rem_euclid(DAY_MS)))
+}
+
+/// The calendar of `environments` for the days from `start_ms` (pure, for tests).
+pub fn calendar_of(environments: &[dpb::Environment], start_ms: i64) -> FreezeCalendar {
+    let days = (0..CALENDAR_DAYS)
+        .filter_map(|d| chrono::DateTime::from_timestamp_millis(start_ms + d * DAY_MS))
+        .map(|t| t.format("%a %d").to_string())
+        .collect();
+    let rows = environments
+        .iter()
+        .map(|e| {
+            let windows: Vec<calendar::FreezeWindow> = e
+                .freeze_windows
+                .iter()
+                .filter_map(calendar::from_proto::window)
+                .collect();
+            let days = (0..CALENDAR_DAYS)
+                .map(|d| {
+                    let mut names = std::collections::BTreeSet::new();
+                    let mut frozen = 0;
+                    let slots = DAY_MS / SLOT_MS;
+                    for slot in 0..slots {
+                        let active =
+                            calendar::active(&windows, start_ms + d * DAY_MS + slot * SLOT_MS);
+                        if !active.is_empty() {
+                            frozen += 1;
+                            names.extend(active.iter().map(|w| w.name.clone()));
+                        }
+                    }
+                    CalendarDay {
+                        percent: u32::try_from(frozen * 100 / slots).unwrap_or(100),
+                        names: names.into_iter().collect::<Vec<_>>().join(", "),
+                    }
+                })
+                .collect();
+            CalendarRow {
+                environment: id(&e.name, "environments/"),
+                windows: windows.iter().map(|w| w.name.clone()).collect(),
+                days,
+            }
+        })
+        .collect();
+    FreezeCalendar { days, rows }
+}
+
 // --- audit ---
 
 /// How many records the feed shows.
@@ -865,6 +974,7 @@ mod tests {
             "failure.html",
             "flash.html",
             "audit.html",
+            "calendar.html",
         ] {
             assert!(env.get_template(name).is_ok(), "{name}");
         }
@@ -897,6 +1007,36 @@ mod tests {
         ]);
         let keys: Vec<&str> = found.iter().map(|s| s.feature.as_str()).collect();
         assert_eq!(keys, ["done", "off"]);
+    }
+
+    #[test]
+    fn the_calendar_marks_the_frozen_days() {
+        let day = |d: i64| prost_types::Timestamp {
+            seconds: d * 86_400,
+            nanos: 0,
+        };
+        let prod = dpb::Environment {
+            name: "environments/prod".into(),
+            freeze_windows: vec![dpb::FreezeWindow {
+                name: "launch".into(),
+                schedule: Some(dpb::freeze_window::Schedule::Absolute(
+                    dpb::AbsoluteWindow {
+                        start_time: Some(day(1)),
+                        end_time: Some(prost_types::Timestamp {
+                            seconds: 2 * 86_400 + 43_200,
+                            nanos: 0,
+                        }),
+                    },
+                )),
+            }],
+            ..Default::default()
+        };
+        let c = calendar_of(&[prod], 0);
+        assert_eq!(c.days.len(), 14);
+        let percents: Vec<u32> = c.rows[0].days.iter().take(4).map(|d| d.percent).collect();
+        assert_eq!(percents, [0, 100, 50, 0]);
+        assert_eq!(c.rows[0].days[1].names, "launch");
+        assert_eq!(c.rows[0].environment, "prod");
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //         prod); prints {"phase":"placed"} as soon as the matrix shows that version; then
 //         screenshots the visibility and release views, clicks the kill switch (accepting
 //         the confirmation), waits for the release to show `paused` and prints
-//         {"phase":"killed"}; then waits for the audit feed to list the PauseRelease.
+//         {"phase":"killed"}; then waits for the audit feed to list the PauseRelease and for
+//         the calendar to show stage's freeze window.
 // denied: opens the release page, clicks the kill switch (confirmation accepted) and
 //         prints {"phase":"denied","text":...} with the error the page shows.
 // Both end with {"phase":"done","errors":[...]}: the console errors seen (denied: before
@@ -63,6 +64,9 @@ async function live(page) {
     { timeout: 5000 },
   );
   await shot(page, 'audit');
+  await page.goto(`${base}/calendar`, { waitUntil: 'load' });
+  await page.waitForSelector('td.day.frozen[title="launch"]', { timeout: 5000 });
+  await shot(page, 'calendar');
 }
 
 async function denied(page, errors) {

@@ -5,7 +5,7 @@
 //! server-sent events, no polling); the kill switch, confirmed in the page, makes the next
 //! Evaluate of the feature not visible; with authentication on, a viewer's kill switch is
 //! refused and the page shows PERMISSION_DENIED with the service's message; the audit feed
-//! lists the kill switch. Screenshots of
+//! lists the kill switch; the calendar shows a freeze window. Screenshots of
 //! each view are saved in target/console-screenshots.
 #![allow(clippy::unwrap_used)]
 
@@ -91,6 +91,32 @@ async fn live_inventory_and_the_kill_switch() {
     let mut dc = tests::connect(deploy.addr).await;
     let mut rc = release::connect(release_svc.addr).await;
     tests::environment(&mut dc, "prod", None, false).await;
+    // stage: frozen for the whole day after tomorrow (UTC), for the calendar.
+    let today = chrono_day();
+    dc.create_environment(dpb::CreateEnvironmentRequest {
+        environment_id: "stage".into(),
+        environment: Some(dpb::Environment {
+            freeze_windows: vec![dpb::FreezeWindow {
+                name: "launch".into(),
+                schedule: Some(dpb::freeze_window::Schedule::Absolute(
+                    dpb::AbsoluteWindow {
+                        start_time: Some(prost_types::Timestamp {
+                            seconds: today + 2 * 86_400,
+                            nanos: 0,
+                        }),
+                        end_time: Some(prost_types::Timestamp {
+                            seconds: today + 3 * 86_400,
+                            nanos: 0,
+                        }),
+                    },
+                )),
+            }],
+            ..Default::default()
+        }),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
     let targets = tests::targets(&mut dc, "prod", "p", 2).await;
     tests::artifact(&mut dc, "checkout", "1.0.0").await;
     let deployment = tests::deploy(&mut dc, "checkout", "1.0.0", "prod", "CHG-1")
@@ -150,6 +176,15 @@ async fn live_inventory_and_the_kill_switch() {
     ] {
         assert!(screenshots().join(format!("{view}.png")).exists(), "{view}");
     }
+}
+
+/// The start of today (UTC), in seconds since the epoch.
+fn chrono_day() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    now - now % 86_400
 }
 
 /// `msg` sent with `token`.
