@@ -24,6 +24,12 @@ async fn main() -> anyhow::Result<()> {
         println!("console listening on {addr}");
     }
     tracing::info!(url = %format!("http://{addr}/"), "console serving");
+    if !addr.ip().is_loopback() {
+        tracing::warn!(
+            address = %addr,
+            "the console is reachable beyond this machine: put a proxy that signs people in and forwards their bearer token in front of it"
+        );
+    }
     let stop = tokio_util::sync::CancellationToken::new();
     let on_signal = stop.clone();
     tokio::spawn(async move {
