@@ -8,13 +8,15 @@
 //!
 //! # Layout
 //!
-//! One file, `src/lib.rs`:
+//! `src/lib.rs`, and [`from_proto`] (deploy.v1 windows in these terms):
 //! - [`FreezeWindow`] with its [`Schedule`] (absolute, or weekly between two [`WeekTime`]s
 //!   in a time zone): whether a window covers an instant.
 //! - [`active`]: the windows of a list that cover an instant ([`Millis`]).
 //! - [`frozen_until`], [`next_occurrence`]: when a calendar stops freezing, and the next
 //!   window to come (from `FreezeWindow::next_change`: when one window starts or ends).
 //! - [`parse_minute`] / [`format_minute`]: `HH:MM` to and from a minute of the day.
+
+pub mod from_proto;
 
 use std::str::FromStr;
 

@@ -7,13 +7,12 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use calendar::{FreezeWindow, Schedule, WeekTime};
+use calendar::FreezeWindow;
 use proto::deploy::v1 as dpb;
 use proto::deploy::v1::deploy_service_client::DeployServiceClient;
 use tokio::sync::OnceCell;
 
 use crate::engine::{Calendar, EnvironmentFacts};
-use crate::grpc::convert::millis;
 
 /// deploy-svc's change calendar.
 #[derive(Debug)]
@@ -47,27 +46,7 @@ impl Calendar for NoCalendar {
 
 /// A deploy.v1 freeze window in the calendar's terms (`None` for an unusable one).
 pub fn window(w: &dpb::FreezeWindow) -> Option<FreezeWindow> {
-    let schedule = match w.schedule.as_ref()? {
-        dpb::freeze_window::Schedule::Absolute(a) => Schedule::Absolute {
-            start_ms: millis(a.start_time.as_ref()?),
-            end_ms: millis(a.end_time.as_ref()?),
-        },
-        dpb::freeze_window::Schedule::Weekly(wk) => Schedule::Weekly {
-            time_zone: wk.time_zone.clone(),
-            start: WeekTime {
-                day: u32::try_from(wk.start_day - 1).ok()?,
-                minute: calendar::parse_minute(&wk.start_time).ok()?,
-            },
-            end: WeekTime {
-                day: u32::try_from(wk.end_day - 1).ok()?,
-                minute: calendar::parse_minute(&wk.end_time).ok()?,
-            },
-        },
-    };
-    Some(FreezeWindow {
-        name: w.name.clone(),
-        schedule,
-    })
+    calendar::from_proto::window(w)
 }
 
 #[async_trait]
