@@ -331,11 +331,14 @@ async fn heartbeats(
             () = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let beat = client
-            .heartbeat_target(pb::HeartbeatTargetRequest {
+        // A call to a deploy-svc that stopped answering never ends on its own: the session
+        // ending (its order stream lost) cancels it, so the agent reconnects at once.
+        let beat = tokio::select! {
+            () = stop.cancelled() => return,
+            beat = client.heartbeat_target(pb::HeartbeatTargetRequest {
                 name: format!("environments/{environment}/targets/{target}"),
-            })
-            .await;
+            }) => beat,
+        };
         if let Err(e) = beat {
             tracing::debug!(error = %e, "heartbeat failed");
         }
