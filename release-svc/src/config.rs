@@ -136,6 +136,15 @@ pub struct Config {
         default_value_t = 1000
     )]
     pub scheduler_interval_ms: u64,
+    /// How often evaluation usage (counts per feature, environment and variant) is written
+    /// to the database, in seconds; also written at shutdown. A replica killed without a
+    /// shutdown loses at most this much usage (never a decision).
+    #[arg(
+        long,
+        env = "RELEASE_SVC_USAGE_FLUSH_INTERVAL_SECONDS",
+        default_value_t = 60
+    )]
+    pub usage_flush_interval_seconds: u64,
     /// TLS, authentication, authorization and limits of the listeners.
     #[command(flatten)]
     pub server: service_kit::ServerArgs,

@@ -26,10 +26,12 @@ use crate::store::{AuditEntry, Store, Withdrawal};
 
 mod governance;
 mod timeline;
+mod usage;
 mod visibility;
 
 pub use governance::{Calendar, EnvironmentFacts};
 pub use timeline::{Event, Timeline, Upcoming};
+pub use usage::{EnvironmentUsage, Stale, VariantCount, DAY_MS};
 pub use visibility::{Cell, Class, Matrix, Row};
 
 /// The time source (injectable: tests run schedules and windows on a simulated clock).

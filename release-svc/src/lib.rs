@@ -242,6 +242,11 @@ impl Server {
             Duration::from_millis(config.scheduler_interval_ms.max(1)),
             streams.clone(),
         ));
+        let usage_flusher = tokio::spawn(usage_flusher(
+            engine.clone(),
+            Duration::from_secs(config.usage_flush_interval_seconds.max(1)),
+            streams.clone(),
+        ));
         // One cap for every change stream (WatchVisibility, flagd EventStream v1 and v2),
         // on every listener.
         let change_streams =
@@ -414,6 +419,7 @@ impl Server {
         }
         let _ = consumer.await;
         let _ = scheduler.await;
+        let _ = usage_flusher.await;
         if let Some(r) = refresher {
             let _ = r.await;
         }
@@ -424,6 +430,27 @@ impl Server {
 
 /// Advances planned releases: one engine pass every `interval` until `stop`, on the replica
 /// that applies placement events only (the others reload what it commits).
+/// Flushes evaluation usage every `interval`, and once more at shutdown (after the
+/// listeners drained: the last evaluations are in it). A failed flush keeps its counts for
+/// the next one.
+async fn usage_flusher(engine: Arc<Engine>, interval: Duration, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        let last = tokio::select! {
+            () = stop.cancelled() => true,
+            _ = ticks.tick() => false,
+        };
+        if let Err(e) = engine.flush_usage().await {
+            tracing::warn!(error = %e, "evaluation usage not flushed; its counts go with the next flush");
+        }
+        if last {
+            return;
+        }
+    }
+}
+
 async fn scheduler(
     engine: Arc<Engine>,
     status: consumer::SharedStatus,

@@ -10,6 +10,11 @@
 pub const EVALUATIONS: &str = "release_svc_evaluations_total";
 /// Counter: evaluations whose targeting rule ran out of its budget (served the default).
 pub const RULE_BUDGET_EXCEEDED: &str = "release_svc_rule_budget_exceeded_total";
+/// Counter: evaluations not counted in the feature's usage (it has its maximum of
+/// environment x variant slots).
+pub const USAGE_UNTRACKED: &str = "release_svc_usage_untracked_total";
+/// Counter, label `outcome` (`ok`, `error`): flushes of evaluation usage to the store.
+pub const USAGE_FLUSHES: &str = "release_svc_usage_flushes_total";
 /// Counter: features withdrawn automatically because a placement went away.
 pub const WITHDRAWALS: &str = "release_svc_withdrawals_total";
 /// Gauge: deploy-svc's placement-log head as last seen.
@@ -93,6 +98,14 @@ pub fn describe() {
     metrics::describe_counter!(
         RULE_BUDGET_EXCEEDED,
         "evaluations whose targeting rule ran out of its budget and served the default"
+    );
+    metrics::describe_counter!(
+        USAGE_UNTRACKED,
+        "evaluations not counted in their feature's usage (slots full)"
+    );
+    metrics::describe_counter!(
+        USAGE_FLUSHES,
+        "flushes of evaluation usage to the store, by outcome"
     );
     metrics::describe_counter!(
         WITHDRAWALS,

@@ -443,6 +443,17 @@ impl Binary {
         self.child.kill().await.unwrap();
     }
 
+    /// Sends SIGTERM and waits (at most 30 s) for the process to finish its graceful
+    /// shutdown; panics if it does not exit cleanly.
+    pub async fn stop(mut self) {
+        self.signal("TERM");
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("no exit within 30 s of SIGTERM")
+            .unwrap();
+        assert!(status.success(), "exit after SIGTERM: {status}");
+    }
+
     /// Sends `signal` (for example `TERM`) with the `kill` command.
     pub fn signal(&self, signal: &str) {
         let pid = self.child.id().unwrap().to_string();

@@ -608,3 +608,192 @@ async fn an_archived_feature_leaves_evaluation_and_lists_survives_a_restart_and_
     let missing = rc.archive_feature(archive("nothing-here", "")).await;
     tests::status::expect_code(missing, tonic::Code::NotFound);
 }
+
+/// Evaluates `feature` in `env` for `n` users; the variants served, counted.
+async fn evaluations(
+    rc: &mut release::Client,
+    feature: &str,
+    env: &str,
+    n: usize,
+) -> std::collections::BTreeMap<String, u64> {
+    let mut served = std::collections::BTreeMap::new();
+    for i in 0..n {
+        let d = release::evaluate(rc, feature, env, &format!("user-{i}")).await;
+        *served.entry(d.variant).or_default() += 1;
+    }
+    served
+}
+
+/// Per environment, the (variant, last 24 h, last 7 days) counts of `feature`.
+async fn usage(
+    rc: &mut release::Client,
+    feature: &str,
+) -> std::collections::BTreeMap<String, Vec<(String, u64, u64)>> {
+    let u = rc
+        .get_feature_usage(rpb::GetFeatureUsageRequest {
+            name: format!("features/{feature}"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(u.name, format!("features/{feature}"));
+    if !u.environments.is_empty() {
+        assert!(u.last_evaluate_time.is_some(), "{u:?}");
+    }
+    u.environments
+        .into_iter()
+        .map(|e| {
+            assert!(e.last_evaluate_time.is_some(), "{e:?}");
+            let counts = e
+                .variants
+                .into_iter()
+                .map(|v| (v.variant, v.last_day, v.last_week))
+                .collect();
+            (e.environment, counts)
+        })
+        .collect()
+}
+
+/// The stale features listed for the two thresholds: (key, not evaluated, environments at
+/// 100% for long enough).
+async fn stale(
+    rc: &mut release::Client,
+    released_for: Duration,
+    unevaluated_for: Duration,
+) -> Vec<(String, bool, Vec<String>)> {
+    let d = |d: Duration| prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap(),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap(),
+    };
+    rc.list_stale_features(rpb::ListStaleFeaturesRequest {
+        released_for: Some(d(released_for)),
+        unevaluated_for: Some(d(unevaluated_for)),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .features
+    .into_iter()
+    .map(|f| {
+        (
+            f.name.trim_start_matches("features/").to_owned(),
+            f.not_evaluated,
+            f.fully_released
+                .into_iter()
+                .map(|r| r.environment)
+                .collect(),
+        )
+    })
+    .collect()
+}
+
+/// The counts of `served` as usage rows (every variant served counted in both windows).
+fn as_rows(served: &std::collections::BTreeMap<String, u64>) -> Vec<(String, u64, u64)> {
+    served.iter().map(|(v, n)| (v.clone(), *n, *n)).collect()
+}
+
+#[tokio::test]
+async fn usage_is_counted_per_environment_and_variant_survives_a_restart_and_finds_stale_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = tests::test_database(dir.path(), "release").await;
+    let fast_flush = ["--usage-flush-interval-seconds", "1"];
+    let r = tests::Binary::release_alone(&db, &fast_flush).await;
+    let mut rc = release::connect(r.addr).await;
+    for key in ["used", "unused", "done"] {
+        release::plain_feature(&mut rc, key, false).await;
+    }
+    released(&mut rc, &["used"], "dev", 50.0).await;
+    released(&mut rc, &["done"], "dev", 100.0).await;
+
+    // Counted at once, per variant as served; an environment no release names is counted
+    // under "*".
+    let dev = evaluations(&mut rc, "used", "dev", 40).await;
+    assert_eq!(dev.len(), 2, "a 50% rollout serves both variants: {dev:?}");
+    let elsewhere = evaluations(&mut rc, "used", "made-up-env", 5).await;
+    let expected = std::collections::BTreeMap::from([
+        ("*".to_owned(), as_rows(&elsewhere)),
+        ("dev".to_owned(), as_rows(&dev)),
+    ]);
+    assert_eq!(usage(&mut rc, "used").await, expected);
+    assert_eq!(usage(&mut rc, "unused").await, Default::default());
+
+    // Flushed once a second: counts neither lost nor added twice by the flushes.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(usage(&mut rc, "used").await, expected);
+
+    // Stale: "done" is at 100% in dev; "unused" and "done" were never evaluated (counted
+    // from their creation, 2.5 s ago); "used" was just evaluated.
+    evaluations(&mut rc, "used", "dev", 1).await;
+    let hour = Duration::from_secs(3600);
+    assert_eq!(
+        stale(&mut rc, Duration::ZERO, Duration::from_secs(2)).await,
+        [
+            ("done".to_owned(), true, vec!["dev".to_owned()]),
+            ("unused".to_owned(), true, vec![]),
+        ]
+    );
+    assert_eq!(stale(&mut rc, hour, hour).await, []);
+
+    // A graceful stop writes what is left; a restart (flushing once a minute) reads it back
+    // and adds its own evaluations to it.
+    let more = evaluations(&mut rc, "used", "dev", 7).await;
+    r.stop().await;
+    let r = tests::Binary::release_alone(&db, &[]).await;
+    let mut rc = release::connect(r.addr).await;
+    let later = evaluations(&mut rc, "used", "dev", 3).await;
+    let mut dev_total = dev.clone();
+    for (v, n) in [more, later].iter().flatten() {
+        *dev_total.entry(v.clone()).or_default() += n;
+    }
+    *dev_total
+        .entry(
+            // user-0 twice more: before the stale listing, and now.
+            release::evaluate(&mut rc, "used", "dev", "user-0")
+                .await
+                .variant,
+        )
+        .or_default() += 2;
+    let expected = std::collections::BTreeMap::from([
+        ("*".to_owned(), as_rows(&elsewhere)),
+        ("dev".to_owned(), as_rows(&dev_total)),
+    ]);
+    assert_eq!(usage(&mut rc, "used").await, expected);
+    assert_eq!(
+        stale(&mut rc, Duration::ZERO, hour).await,
+        [("done".to_owned(), false, vec!["dev".to_owned()])],
+        "evaluated within the hour: only the release at 100% makes it stale"
+    );
+
+    // Bad requests name their field; an unknown feature is NOT_FOUND.
+    let unknown = rc
+        .get_feature_usage(rpb::GetFeatureUsageRequest {
+            name: "features/nope".into(),
+        })
+        .await;
+    tests::status::expect_code(unknown, tonic::Code::NotFound);
+    let bad = rc
+        .get_feature_usage(rpb::GetFeatureUsageRequest {
+            name: "used".into(),
+        })
+        .await;
+    assert_eq!(tests::status::bad_fields(bad), ["name"]);
+    let bad = rc
+        .list_stale_features(rpb::ListStaleFeaturesRequest {
+            released_for: Some(prost_types::Duration {
+                seconds: -1,
+                nanos: 0,
+            }),
+            unevaluated_for: Some(prost_types::Duration {
+                seconds: 3651 * 86_400,
+                nanos: 0,
+            }),
+            page_size: -1,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        tests::status::bad_fields(bad),
+        ["page_size", "released_for", "unevaluated_for"]
+    );
+}

@@ -22,6 +22,7 @@ use super::hash::in_rollout;
 use super::model::{Feature, Release};
 use super::placements::PlacementIndex;
 use super::rules::{Bucketing, Data};
+use super::usage::{FeatureUsage, UsageBook};
 
 /// Why a decision came out as it did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +78,8 @@ pub struct FeatureEntry {
     /// Per environment where an active release includes it (a handful: searched linearly;
     /// environment names are shared between features).
     pub environments: Vec<(Arc<str>, Governing)>,
+    /// Its evaluation counters (kept across snapshot versions).
+    pub usage: Arc<FeatureUsage>,
 }
 
 impl FeatureEntry {
@@ -111,6 +114,8 @@ pub struct Snapshot {
     pub bucketing: Bucketing,
     /// Evaluations whose rule ran out of budget (shared by every later snapshot).
     pub over_budget: Arc<AtomicU64>,
+    /// Evaluation counters of every feature (shared by every later snapshot).
+    pub usage: Arc<UsageBook>,
 }
 
 /// Which features a change may affect.
@@ -182,6 +187,9 @@ impl Snapshot {
         // release with the highest rollout there (the newest on a tie).
         let mut governing: HashMap<&str, Vec<(&str, i64, f64)>> = HashMap::new();
         for r in releases.values().filter(|r| r.state.is_active()) {
+            for env in &r.environments {
+                self.usage.learn_environment(&env.environment);
+            }
             for key in r.features.iter().filter(|k| scope.contains(k)) {
                 let envs = governing.entry(key.as_str()).or_default();
                 for env in &r.environments {
@@ -221,6 +229,7 @@ impl Snapshot {
             Arc::new(FeatureEntry {
                 feature: f.clone(),
                 environments,
+                usage: self.usage.feature(&f.key),
             })
         };
         let (entries, keys) = match scope {
@@ -257,6 +266,7 @@ impl Snapshot {
             keys,
             bucketing: self.bucketing,
             over_budget: self.over_budget.clone(),
+            usage: self.usage.clone(),
         }
     }
 
@@ -334,6 +344,13 @@ impl Snapshot {
         let decision = decide(entry, key, ctx, self);
         metrics::counter!(crate::telemetry::EVALUATIONS, "reason" => decision.reason.name())
             .increment(1);
+        // Counted under its environment where a release governs the feature (or has named
+        // the environment), else under OTHER_ENVIRONMENT: callers choose the name.
+        let environment = match decision.reason {
+            Reason::NotReleased | Reason::Disabled => self.usage.environment_name(&ctx.environment),
+            _ => &ctx.environment,
+        };
+        entry.usage.record(environment, &decision.variant, 1);
         Some(decision)
     }
 }

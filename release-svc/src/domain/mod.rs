@@ -11,6 +11,7 @@
 //! - [`flagd_doc`]: flagd flag-definition documents <-> features (import, export).
 //! - [`policy`]: environment policies and the release checks (freeze, cadence, soak, approvals, change reference, coverage).
 //! - [`names`]: resource names (release.v1, and the deploy.v1 names the consumer reads).
+//! - [`usage`]: evaluation counters per feature, environment and variant (stale flags).
 //! - [`values`]: limits on variant values and evaluation contexts (depth, size, count).
 
 pub mod evaluate;
@@ -21,6 +22,7 @@ pub mod names;
 pub mod placements;
 pub mod policy;
 pub mod rules;
+pub mod usage;
 pub mod values;
 
 pub use service_kit::error::{Error, FieldViolation, PreconditionViolation, Result, Violations};

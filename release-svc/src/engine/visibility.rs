@@ -5,12 +5,13 @@
 //! the gate come from the snapshot, the rest (plan steps, waits, the coverage a gated
 //! feature waits for, paused and pending releases) from the state.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use super::{Engine, State};
 use crate::domain::evaluate::Snapshot;
 use crate::domain::model::{Feature, Release, ReleaseState};
+use crate::domain::placements::CoverageView;
 use crate::domain::PreconditionViolation;
 
 /// How Evaluate decides a feature in one environment.
@@ -64,12 +65,20 @@ pub struct Row {
     pub cells: Vec<Cell>,
 }
 
+/// At most this many cells (features x environments) in one page: with many environments a
+/// page holds fewer features, so one call costs the same whatever the fleet's shape.
+pub const MAX_CELLS_PER_PAGE: usize = 20_000;
+
 /// A page of the matrix.
 #[derive(Debug, Clone)]
 pub struct Matrix {
     /// The columns, sorted.
     pub environments: Vec<String>,
-    /// Up to `limit + 1` rows (one more than asked tells the caller there is another page).
+    /// The rows this page holds at most: the limit asked for, lowered so that the page
+    /// holds at most [`MAX_CELLS_PER_PAGE`] cells (at least one row).
+    pub limit: usize,
+    /// Up to `limit + 1` rows (one more than `limit` tells the caller there is another
+    /// page).
     pub rows: Vec<Row>,
 }
 
@@ -89,16 +98,39 @@ impl Engine {
             Some(e) => vec![e.to_owned()],
             None => known_environments(&state),
         };
-        let rows = state
+        let limit = limit.min((MAX_CELLS_PER_PAGE / environments.len().max(1)).max(1));
+        let page: Vec<&Arc<Feature>> = state
             .features
             .values()
             .filter(|f| f.archived_ms.is_none())
             .filter(|f| feature.is_none_or(|k| f.key == k))
             .filter(|f| after.is_none_or(|a| f.key.as_str() > a))
             .take(limit + 1)
-            .map(|f| row(&state, &snapshot, f, &environments))
             .collect();
-        Matrix { environments, rows }
+        let view = state.placements.coverage_view();
+        let inactive = not_active(&state, &page);
+        let rows = page
+            .into_iter()
+            .map(|f| {
+                let cells = environments
+                    .iter()
+                    .map(|env| {
+                        let shown = inactive.get(&(f.key.as_str(), env.as_str())).copied();
+                        cell(&state, &snapshot, &view, f, env, shown)
+                    })
+                    .collect();
+                Row {
+                    feature: f.clone(),
+                    targeted: targeted(f),
+                    cells,
+                }
+            })
+            .collect();
+        Matrix {
+            environments,
+            limit,
+            rows,
+        }
     }
 }
 
@@ -114,86 +146,94 @@ fn known_environments(state: &State) -> Vec<String> {
     names.into_iter().map(str::to_owned).collect()
 }
 
-fn row(state: &State, snapshot: &Snapshot, f: &Arc<Feature>, environments: &[String]) -> Row {
-    let targeted = f.targeting.is_some() || !f.allow.is_empty() || !f.deny.is_empty();
-    let entry = snapshot.features.get(f.key.as_str());
-    let view = state.placements.coverage_view();
-    let cells = environments
-        .iter()
-        .map(|env| {
-            let governing = entry.and_then(|e| e.governing(env));
-            let shown = match governing {
-                Some(g) => state.releases.get(&g.release),
-                None => not_active(state, &f.key, env),
-            };
-            let mut cell = Cell {
-                environment: env.clone(),
-                class: Class::NotReleased,
-                rollout_percent: 0.0,
-                release: None,
-                step: 0,
-                steps: 0,
-                not_deployed: String::new(),
-                waiting: Vec::new(),
-            };
-            if let Some(r) = shown {
-                cell.release = Some((r.id, r.state));
-                if let Some(e) = r.environments.iter().find(|e| e.environment == *env) {
-                    cell.rollout_percent = e.rollout_percent;
-                    cell.step = e.step.map_or(0, |s| s + 1);
-                    cell.steps = e.steps.len();
-                }
-                let next_here = r
-                    .next_step()
-                    .and_then(|(i, _)| r.environments.get(i))
-                    .is_some_and(|e| e.environment == *env);
-                if next_here {
-                    cell.waiting = r.governance.waiting.clone();
-                }
-            }
-            cell.class = match governing {
-                _ if f.disabled => Class::Disabled,
-                None if shown.is_some_and(|r| r.state == ReleaseState::Paused) => Class::Paused,
-                None => Class::NotReleased,
-                Some(g) if !g.deployed => {
-                    cell.not_deployed = view.gate(env, &f.carriers).err().unwrap_or_default();
-                    Class::NotDeployed
-                }
-                Some(g) if g.rollout_percent < 100.0 => Class::Rollout,
-                Some(_) if targeted => Class::Targeted,
-                Some(_) => Class::Static,
-            };
-            cell
-        })
-        .collect();
-    Row {
-        feature: f.clone(),
-        targeted,
-        cells,
-    }
+fn targeted(f: &Feature) -> bool {
+    f.targeting.is_some() || !f.allow.is_empty() || !f.deny.is_empty()
 }
 
-/// The release that is not active but names `feature` in `env`: a paused one first (the
-/// kill switch is what an operator looks for), else the newest on its way (draft,
-/// planned, approved).
-fn not_active<'a>(state: &'a State, feature: &str, env: &str) -> Option<&'a Release> {
-    let names = |r: &&Release| {
-        r.features.iter().any(|k| k == feature)
-            && r.environments.iter().any(|e| e.environment == env)
+/// One cell; `inactive` is the release [`not_active`] found for it.
+fn cell(
+    state: &State,
+    snapshot: &Snapshot,
+    view: &CoverageView<'_>,
+    f: &Feature,
+    env: &str,
+    inactive: Option<&Release>,
+) -> Cell {
+    let governing = snapshot
+        .features
+        .get(f.key.as_str())
+        .and_then(|e| e.governing(env));
+    let shown = match governing {
+        Some(g) => state.releases.get(&g.release),
+        None => inactive,
     };
-    let newest = |states: &[ReleaseState]| {
-        state
-            .releases
-            .values()
-            .rev()
-            .filter(|r| states.contains(&r.state))
-            .find(names)
+    let mut cell = Cell {
+        environment: env.to_owned(),
+        class: Class::NotReleased,
+        rollout_percent: 0.0,
+        release: None,
+        step: 0,
+        steps: 0,
+        not_deployed: String::new(),
+        waiting: Vec::new(),
     };
-    newest(&[ReleaseState::Paused]).or_else(|| {
-        newest(&[
-            ReleaseState::Approved,
-            ReleaseState::Planned,
-            ReleaseState::Draft,
-        ])
-    })
+    if let Some(r) = shown {
+        cell.release = Some((r.id, r.state));
+        if let Some(e) = r.environments.iter().find(|e| e.environment == env) {
+            cell.rollout_percent = e.rollout_percent;
+            cell.step = e.step.map_or(0, |s| s + 1);
+            cell.steps = e.steps.len();
+        }
+        let next_here = r
+            .next_step()
+            .and_then(|(i, _)| r.environments.get(i))
+            .is_some_and(|e| e.environment == env);
+        if next_here {
+            cell.waiting = r.governance.waiting.clone();
+        }
+    }
+    cell.class = match governing {
+        _ if f.disabled => Class::Disabled,
+        None if shown.is_some_and(|r| r.state == ReleaseState::Paused) => Class::Paused,
+        None => Class::NotReleased,
+        Some(g) if !g.deployed => {
+            cell.not_deployed = view.gate(env, &f.carriers).err().unwrap_or_default();
+            Class::NotDeployed
+        }
+        Some(g) if g.rollout_percent < 100.0 => Class::Rollout,
+        Some(_) if targeted(f) => Class::Targeted,
+        Some(_) => Class::Static,
+    };
+    cell
+}
+
+/// Per (feature, environment) of the page, the release that is not active but names it
+/// there: a paused one first (the kill switch is what an operator looks for), else the
+/// newest on its way (draft, planned, approved). One pass over the releases for the whole
+/// page.
+fn not_active<'a>(
+    state: &'a State,
+    page: &[&'a Arc<Feature>],
+) -> HashMap<(&'a str, &'a str), &'a Release> {
+    let wanted: HashSet<&str> = page.iter().map(|f| f.key.as_str()).collect();
+    let mut paused = HashMap::new();
+    let mut pending = HashMap::new();
+    // Newest first: the first release found for a cell is the newest.
+    for r in state.releases.values().rev() {
+        let into = match r.state {
+            ReleaseState::Paused => &mut paused,
+            ReleaseState::Approved | ReleaseState::Planned | ReleaseState::Draft => &mut pending,
+            _ => continue,
+        };
+        for key in r.features.iter().filter(|k| wanted.contains(k.as_str())) {
+            for e in &r.environments {
+                into.entry((key.as_str(), e.environment.as_str()))
+                    .or_insert(r);
+            }
+        }
+    }
+    for (cell, r) in pending {
+        paused.entry(cell).or_insert(r);
+    }
+    paused
 }

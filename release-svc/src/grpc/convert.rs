@@ -16,6 +16,7 @@ use crate::domain::policy::Policy;
 use crate::domain::rules::Rule;
 use crate::domain::PreconditionViolation;
 use crate::domain::{Result, Violations};
+use crate::engine::{EnvironmentUsage, Stale};
 use crate::store::AuditEntry;
 use crate::store::Withdrawal;
 
@@ -801,5 +802,52 @@ pub fn withdrawal(w: &Withdrawal) -> pb::Withdrawal {
         reason: w.reason.clone(),
         sequence: w.sequence,
         time: timestamp(w.time_ms),
+    }
+}
+
+/// A feature's usage.
+pub fn usage_pb(name: String, environments: &[EnvironmentUsage]) -> pb::FeatureUsage {
+    pb::FeatureUsage {
+        name,
+        last_evaluate_time: environments
+            .iter()
+            .filter_map(|e| e.last_ms)
+            .max()
+            .and_then(timestamp),
+        environments: environments
+            .iter()
+            .map(|e| pb::EnvironmentUsage {
+                environment: e.environment.clone(),
+                last_evaluate_time: e.last_ms.and_then(timestamp),
+                variants: e
+                    .variants
+                    .iter()
+                    .map(|v| pb::VariantCount {
+                        variant: v.variant.clone(),
+                        last_day: v.last_day,
+                        last_week: v.last_week,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// A stale feature.
+pub fn stale_pb(s: &Stale) -> pb::StaleFeature {
+    pb::StaleFeature {
+        name: format!("features/{}", s.feature),
+        create_time: timestamp(s.create_ms),
+        last_evaluate_time: s.last_evaluated_ms.and_then(timestamp),
+        not_evaluated: s.not_evaluated,
+        fully_released: s
+            .fully_released
+            .iter()
+            .map(|(environment, release, since)| pb::FullyReleased {
+                environment: environment.clone(),
+                release: format!("releases/{release}"),
+                since: timestamp(*since),
+            })
+            .collect(),
     }
 }

@@ -25,9 +25,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::consumer::SharedStatus;
+use crate::domain::model::Millis;
 use crate::domain::model::Transition;
 use crate::domain::{names, Error, Violations};
-use crate::engine::{Actor, Change, Engine};
+use crate::engine::{Actor, Change, Engine, DAY_MS};
 
 /// The caller of a request: the authenticated principal (or, with authentication off, the
 /// `x-principal` metadata; see [`service_kit::auth`]) and the request id (`request_id`,
@@ -206,6 +207,19 @@ fn id_token(v: &mut Violations, after: Option<String>) -> Option<i64> {
             .parse::<i64>()
             .map_err(|_| "is not a page token returned by this service".to_owned()),
     )
+}
+
+/// A stale-view threshold: unset for 30 days, else between 0 and 3650 days.
+fn stale_after(v: &mut Violations, field: &str, d: Option<&prost_types::Duration>) -> Millis {
+    const MAX_DAYS: i64 = 3650;
+    let Some(d) = d else {
+        return 30 * DAY_MS;
+    };
+    let ms = convert::duration_ms(d);
+    if d.seconds < 0 || d.nanos < 0 || ms > MAX_DAYS * DAY_MS {
+        v.push(field, format!("must be between 0 and {MAX_DAYS} days"));
+    }
+    ms
 }
 
 fn next_token(more: bool, last: Option<String>) -> String {
@@ -582,8 +596,8 @@ impl ReleaseService for ReleaseApi {
             .engine
             .visibility(environment, feature, after.as_deref(), size)
             .await;
-        let more = matrix.rows.len() > size;
-        matrix.rows.truncate(size);
+        let more = matrix.rows.len() > matrix.limit;
+        matrix.rows.truncate(matrix.limit);
         Ok(Response::new(pb::ListVisibilityResponse {
             next_page_token: next_token(more, matrix.rows.last().map(|r| r.feature.key.clone())),
             features: matrix.rows.iter().map(convert::visibility_row_pb).collect(),
@@ -599,6 +613,38 @@ impl ReleaseService for ReleaseApi {
         Ok(Response::new(convert::timeline_pb(
             &self.engine.timeline(id).await?,
         )))
+    }
+
+    async fn get_feature_usage(
+        &self,
+        req: Request<pb::GetFeatureUsageRequest>,
+    ) -> Result<pb::FeatureUsage> {
+        let name = req.into_inner().name;
+        let key = self::name("name", &name, names::parse_feature)?;
+        let environments = self.engine.feature_usage(&key).await?;
+        Ok(Response::new(convert::usage_pb(name, &environments)))
+    }
+
+    async fn list_stale_features(
+        &self,
+        req: Request<pb::ListStaleFeaturesRequest>,
+    ) -> Result<pb::ListStaleFeaturesResponse> {
+        let req = req.into_inner();
+        let mut v = Violations::default();
+        let (size, after) = page(&mut v, req.page_size, &req.page_token);
+        let released_for = stale_after(&mut v, "released_for", req.released_for.as_ref());
+        let unevaluated_for = stale_after(&mut v, "unevaluated_for", req.unevaluated_for.as_ref());
+        v.finish()?;
+        let mut stale = self
+            .engine
+            .stale_features(released_for, unevaluated_for, after.as_deref(), size)
+            .await?;
+        let more = stale.len() > size;
+        stale.truncate(size);
+        Ok(Response::new(pb::ListStaleFeaturesResponse {
+            next_page_token: next_token(more, stale.last().map(|s| s.feature.clone())),
+            features: stale.iter().map(convert::stale_pb).collect(),
+        }))
     }
 
     async fn get_consumer_status(

@@ -91,6 +91,50 @@ pub struct Withdrawal {
     pub time_ms: Millis,
 }
 
+/// Evaluations of one feature in one environment that served one variant, in one hour.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageCount {
+    /// Feature key.
+    pub feature: String,
+    /// Environment (`*`: environments no release names).
+    pub environment: String,
+    /// Variant served.
+    pub variant: String,
+    /// The start of the hour (Unix milliseconds).
+    pub hour_ms: Millis,
+    /// Evaluations.
+    pub count: u64,
+}
+
+/// When a feature was last evaluated in an environment (to the flush).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastEvaluated {
+    /// Feature key.
+    pub feature: String,
+    /// Environment.
+    pub environment: String,
+    /// When (the flush that wrote it).
+    pub time_ms: Millis,
+}
+
+/// Adds one hour's count (SQLite; PostgreSQL adds many in one statement).
+pub(crate) const ADD_USAGE: &str = "INSERT INTO evaluation_usage (feature, environment, variant, hour_ms, count) VALUES ($1, $2, $3, $4, $5) \
+     ON CONFLICT (feature, environment, variant, hour_ms) DO UPDATE SET count = evaluation_usage.count + excluded.count";
+/// Records a feature as evaluated in an environment at a time (never moving back).
+pub(crate) const SEEN: &str = "INSERT INTO evaluation_seen (feature, environment, last_ms) VALUES ($1, $2, $3) \
+     ON CONFLICT (feature, environment) DO UPDATE SET last_ms = \
+     CASE WHEN excluded.last_ms > evaluation_seen.last_ms THEN excluded.last_ms ELSE evaluation_seen.last_ms END";
+/// Drops counts older than the longest window.
+pub(crate) const PRUNE_USAGE: &str = "DELETE FROM evaluation_usage WHERE hour_ms < $1";
+/// One feature's counts from a time on.
+pub(crate) const USAGE_OF: &str = "SELECT feature, environment, variant, hour_ms, count FROM evaluation_usage WHERE feature = $1 AND hour_ms >= $2";
+/// One feature's last evaluations per environment.
+pub(crate) const SEEN_OF: &str =
+    "SELECT feature, environment, last_ms FROM evaluation_seen WHERE feature = $1";
+/// Every feature's last evaluation.
+pub(crate) const LAST_EVALUATED: &str =
+    "SELECT feature, max(last_ms) FROM evaluation_seen GROUP BY feature";
+
 /// Every read and write of release-svc.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -160,6 +204,25 @@ pub trait Store: Send + Sync + 'static {
         cursor: u64,
         withdrawals: Vec<Withdrawal>,
     ) -> Result<()>;
+    /// Adds evaluation counts (to the hour's counts already stored: replicas add theirs),
+    /// records the hours' features as evaluated at `now_ms`, and drops counts of hours
+    /// before `prune_before_ms`, in one transaction. Changes nothing Evaluate decides
+    /// (replicas are not told).
+    async fn add_usage(
+        &self,
+        counts: Vec<UsageCount>,
+        now_ms: Millis,
+        prune_before_ms: Millis,
+    ) -> Result<()>;
+    /// The hourly counts of `feature` from `since_ms` on, and when it was last evaluated
+    /// per environment.
+    async fn usage(
+        &self,
+        feature: String,
+        since_ms: Millis,
+    ) -> Result<(Vec<UsageCount>, Vec<LastEvaluated>)>;
+    /// When each feature was last evaluated, in any environment.
+    async fn last_evaluated(&self) -> Result<Vec<(String, Millis)>>;
     /// Lists withdrawals, newest first, before the id `before` (exclusive).
     async fn list_withdrawals(
         &self,

@@ -20,8 +20,11 @@ use super::sqlite::{
     corrupt, feature_body, feature_from, placement_state, policy_body, policy_from,
     release_columns, release_from, withdrawal_entries,
 };
-use super::{AuditEntry, AuditFilter, Loaded, Store, Withdrawal};
-use crate::domain::model::{Feature, Release};
+use super::{
+    AuditEntry, AuditFilter, LastEvaluated, Loaded, Store, UsageCount, Withdrawal, LAST_EVALUATED,
+    PRUNE_USAGE, SEEN_OF, USAGE_OF,
+};
+use crate::domain::model::{Feature, Millis, Release};
 use crate::domain::placements::Placement;
 use crate::domain::policy::Policy;
 use crate::domain::{Error, Result};
@@ -29,6 +32,7 @@ use crate::domain::{Error, Result};
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/postgres/0001_init.sql"),
     include_str!("migrations/postgres/0002_audit_truncate.sql"),
+    include_str!("migrations/postgres/0003_usage.sql"),
 ];
 
 /// The PostgreSQL store.
@@ -700,6 +704,101 @@ impl Store for PostgresStore {
                 .await
                 .map_err(pg)?;
                 Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn add_usage(
+        &self,
+        counts: Vec<UsageCount>,
+        now_ms: Millis,
+        prune_before_ms: Millis,
+    ) -> Result<()> {
+        // One statement per table for the whole flush (each (feature, environment,
+        // variant) appears once per flush: the counters are unique).
+        self.tx(false, |tx| {
+            Box::pin(async move {
+                let features: Vec<&str> = counts.iter().map(|c| c.feature.as_str()).collect();
+                let environments: Vec<&str> =
+                    counts.iter().map(|c| c.environment.as_str()).collect();
+                let variants: Vec<&str> = counts.iter().map(|c| c.variant.as_str()).collect();
+                let hours: Vec<i64> = counts.iter().map(|c| c.hour_ms).collect();
+                let numbers: Vec<i64> = counts.iter().map(|c| to_i64(c.count)).collect();
+                tx.execute(
+                    "INSERT INTO evaluation_usage (feature, environment, variant, hour_ms, count) \
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[]) \
+                     ON CONFLICT (feature, environment, variant, hour_ms) \
+                     DO UPDATE SET count = evaluation_usage.count + excluded.count",
+                    &[&features, &environments, &variants, &hours, &numbers],
+                )
+                .await
+                .map_err(pg)?;
+                tx.execute(
+                    "INSERT INTO evaluation_seen (feature, environment, last_ms) \
+                     SELECT DISTINCT f, e, $3::bigint FROM unnest($1::text[], $2::text[]) AS u(f, e) \
+                     ON CONFLICT (feature, environment) DO UPDATE SET last_ms = \
+                     GREATEST(evaluation_seen.last_ms, excluded.last_ms)",
+                    &[&features, &environments, &now_ms],
+                )
+                .await
+                .map_err(pg)?;
+                tx.execute(PRUNE_USAGE, &[&prune_before_ms])
+                    .await
+                    .map_err(pg)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn usage(
+        &self,
+        feature: String,
+        since_ms: Millis,
+    ) -> Result<(Vec<UsageCount>, Vec<LastEvaluated>)> {
+        self.tx(false, |tx| {
+            Box::pin(async move {
+                let counts = tx
+                    .query(USAGE_OF, &[&feature, &since_ms])
+                    .await
+                    .map_err(pg)?
+                    .iter()
+                    .map(|r| UsageCount {
+                        feature: r.get("feature"),
+                        environment: r.get("environment"),
+                        variant: r.get("variant"),
+                        hour_ms: r.get("hour_ms"),
+                        count: to_u64(r.get("count")),
+                    })
+                    .collect();
+                let seen = tx
+                    .query(SEEN_OF, &[&feature])
+                    .await
+                    .map_err(pg)?
+                    .iter()
+                    .map(|r| LastEvaluated {
+                        feature: r.get("feature"),
+                        environment: r.get("environment"),
+                        time_ms: r.get("last_ms"),
+                    })
+                    .collect();
+                Ok((counts, seen))
+            })
+        })
+        .await
+    }
+
+    async fn last_evaluated(&self) -> Result<Vec<(String, Millis)>> {
+        self.tx(false, |tx| {
+            Box::pin(async move {
+                Ok(tx
+                    .query(LAST_EVALUATED, &[])
+                    .await
+                    .map_err(pg)?
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1)))
+                    .collect())
             })
         })
         .await

@@ -10,9 +10,12 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use service_kit::sqlite::error as sql;
 
-use super::{AuditEntry, AuditFilter, Loaded, Store, Withdrawal};
+use super::{
+    AuditEntry, AuditFilter, LastEvaluated, Loaded, Store, UsageCount, Withdrawal, ADD_USAGE,
+    LAST_EVALUATED, PRUNE_USAGE, SEEN, SEEN_OF, USAGE_OF,
+};
 use crate::domain::model::{
-    Approval, Carrier, EmergencyOverride, Feature, Governance, Release, ReleaseEnvironment,
+    Approval, Carrier, EmergencyOverride, Feature, Governance, Millis, Release, ReleaseEnvironment,
     ReleaseState, Step,
 };
 use crate::domain::placements::{Placement, PlacementState};
@@ -25,6 +28,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0001_init.sql"),
     include_str!("migrations/sqlite/0002_governance.sql"),
     include_str!("migrations/sqlite/0003_audit_append_only.sql"),
+    include_str!("migrations/sqlite/0004_usage.sql"),
 ];
 
 /// The SQLite store.
@@ -883,6 +887,82 @@ impl Store for SqliteStore {
                         ))
                     },
                 )
+                .map_err(sql)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(sql)
+        })
+        .await
+    }
+
+    async fn add_usage(
+        &self,
+        counts: Vec<UsageCount>,
+        now_ms: Millis,
+        prune_before_ms: Millis,
+    ) -> Result<()> {
+        self.transaction(move |conn| {
+            let mut add = conn.prepare_cached(ADD_USAGE).map_err(sql)?;
+            let mut seen = conn.prepare_cached(SEEN).map_err(sql)?;
+            for c in &counts {
+                add.execute(params![
+                    c.feature,
+                    c.environment,
+                    c.variant,
+                    c.hour_ms,
+                    to_i64(c.count)
+                ])
+                .map_err(sql)?;
+                seen.execute(params![c.feature, c.environment, now_ms])
+                    .map_err(sql)?;
+            }
+            conn.execute(PRUNE_USAGE, params![prune_before_ms])
+                .map_err(sql)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn usage(
+        &self,
+        feature: String,
+        since_ms: Millis,
+    ) -> Result<(Vec<UsageCount>, Vec<LastEvaluated>)> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(USAGE_OF).map_err(sql)?;
+            let counts = stmt
+                .query_map(params![feature, since_ms], |r| {
+                    Ok(UsageCount {
+                        feature: r.get("feature")?,
+                        environment: r.get("environment")?,
+                        variant: r.get("variant")?,
+                        hour_ms: r.get("hour_ms")?,
+                        count: to_u64(r.get("count")?),
+                    })
+                })
+                .map_err(sql)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(sql)?;
+            let mut stmt = conn.prepare_cached(SEEN_OF).map_err(sql)?;
+            let seen = stmt
+                .query_map(params![feature], |r| {
+                    Ok(LastEvaluated {
+                        feature: r.get("feature")?,
+                        environment: r.get("environment")?,
+                        time_ms: r.get("last_ms")?,
+                    })
+                })
+                .map_err(sql)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(sql)?;
+            Ok((counts, seen))
+        })
+        .await
+    }
+
+    async fn last_evaluated(&self) -> Result<Vec<(String, Millis)>> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(LAST_EVALUATED).map_err(sql)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
                 .map_err(sql)?;
             rows.collect::<rusqlite::Result<_>>().map_err(sql)
         })

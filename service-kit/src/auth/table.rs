@@ -370,6 +370,16 @@ pub const TABLE: &[Rule] = &[
         Global,
     ),
     rule(
+        "/release.v1.ReleaseService/GetFeatureUsage",
+        P::FeaturesRead,
+        Global,
+    ),
+    rule(
+        "/release.v1.ReleaseService/ListStaleFeatures",
+        P::FeaturesRead,
+        Global,
+    ),
+    rule(
         "/release.v1.ReleaseService/ListVisibility",
         P::ReleasesRead,
         Global,

@@ -100,6 +100,18 @@ impl ReleaseService for Noop {
     ) -> R<pb::ReleaseTimeline> {
         no()
     }
+    async fn get_feature_usage(
+        &self,
+        _: Request<pb::GetFeatureUsageRequest>,
+    ) -> R<pb::FeatureUsage> {
+        no()
+    }
+    async fn list_stale_features(
+        &self,
+        _: Request<pb::ListStaleFeaturesRequest>,
+    ) -> R<pb::ListStaleFeaturesResponse> {
+        no()
+    }
     async fn archive_feature(&self, _: Request<pb::ArchiveFeatureRequest>) -> R<pb::Feature> {
         no()
     }
