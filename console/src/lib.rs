@@ -96,6 +96,7 @@ pub fn router(state: AppState) -> Router {
         .route("/releases/{id}", get(views::release_page))
         .route("/calendar", get(views::calendar_page))
         .route("/audit", get(views::audit_page))
+        .route("/stale", get(views::stale_page))
         .route("/fragments/audit", get(views::audit_fragment))
         .route("/fragments/inventory", get(views::inventory_fragment))
         .route("/fragments/visibility", get(views::visibility_fragment))

@@ -12,9 +12,11 @@
 //!   policy check of its next step (`CheckRelease`), with the kill switch and the other
 //!   actions a person expects there;
 //! - calendar (`/calendar`): each environment's freeze windows over the next two weeks;
-//! - audit (`/audit`): the last week's audit records of both services, newest first.
+//! - audit (`/audit`): the last week's audit records of both services, newest first;
+//! - stale flags (`/stale?days=N`): release-svc `ListStaleFeatures`, features at 100% or
+//!   not evaluated for N days (30 by default), with their last evaluation.
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use proto::deploy::v1 as dpb;
@@ -45,6 +47,7 @@ pub fn templates() -> minijinja::Environment<'static> {
         ("flash.html", include_str!("../templates/flash.html")),
         ("audit.html", include_str!("../templates/audit.html")),
         ("calendar.html", include_str!("../templates/calendar.html")),
+        ("stale.html", include_str!("../templates/stale.html")),
     ] {
         // The sources are compiled in: a syntax error fails the unit test `templates_compile`.
         if let Err(e) = env.add_template(name, source) {
@@ -911,6 +914,88 @@ async fn audit(state: &AppState, user: &User) -> Result<Audit, Failure> {
     entries.sort_by_key(|e| std::cmp::Reverse(e.at));
     entries.truncate(AUDIT_RECORDS);
     Ok(Audit { entries })
+}
+
+// --- stale flags ---
+
+/// `?days=N` of the stale view.
+#[derive(Debug, serde::Deserialize)]
+pub struct StaleQuery {
+    /// At 100% or not evaluated for this many days (default 30, at most 3650).
+    pub days: Option<u32>,
+}
+
+/// Flags to clean up.
+#[derive(Debug, Serialize)]
+pub struct StaleView {
+    /// The threshold, in days.
+    pub days: u32,
+    /// The features, by key.
+    pub features: Vec<StaleFeature>,
+}
+
+/// A flag to clean up, and why.
+#[derive(Debug, Serialize)]
+pub struct StaleFeature {
+    /// The feature key.
+    pub key: String,
+    /// Not evaluated anywhere for `days`.
+    pub not_evaluated: bool,
+    /// When it was last evaluated (empty: never).
+    pub last_evaluated: String,
+    /// Where it is at 100%, with since when, for people.
+    pub fully_released: Vec<String>,
+}
+
+/// `GET /stale`.
+pub async fn stale_page(
+    State(state): State<AppState>,
+    Query(q): Query<StaleQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let data = stale_view(&state, &User::from_headers(&headers), q.days).await;
+    page(&state, "stale", "Stale flags", data)
+}
+
+async fn stale_view(
+    state: &AppState,
+    user: &User,
+    days: Option<u32>,
+) -> Result<StaleView, Failure> {
+    let b = &state.backends;
+    let days = days.unwrap_or(30).min(3650);
+    let threshold = Some(prost_types::Duration {
+        seconds: i64::from(days) * 86_400,
+        nanos: 0,
+    });
+    let features = pages(|page_token| {
+        let request = b.request(
+            rpb::ListStaleFeaturesRequest {
+                released_for: threshold,
+                unevaluated_for: threshold,
+                page_size: 1000,
+                page_token,
+            },
+            user,
+        );
+        let mut client = b.release.clone();
+        async move {
+            let r = client.list_stale_features(request?).await?.into_inner();
+            let flags = r.features.iter().map(|f| StaleFeature {
+                key: id(&f.name, "features/"),
+                not_evaluated: f.not_evaluated,
+                last_evaluated: time(f.last_evaluate_time.as_ref()),
+                fully_released: f
+                    .fully_released
+                    .iter()
+                    .map(|r| format!("{} since {}", r.environment, time(r.since.as_ref())))
+                    .collect(),
+            });
+            Ok((flags.collect(), r.next_page_token))
+        }
+    })
+    .await?;
+    Ok(StaleView { days, features })
 }
 
 /// Every page of a listing (at most [`MAX_PAGES`]): `fetch` takes a page token and answers

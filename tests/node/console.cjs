@@ -49,6 +49,10 @@ async function live(page) {
   // Released to everyone in its only environment: listed as a stale flag.
   await page.waitForSelector('ul.stale li[data-feature="new-cart"]');
   await shot(page, 'visibility');
+  // At 100% in prod (for 0 days or more): listed by ListStaleFeatures.
+  await page.goto(`${base}/stale?days=0`, { waitUntil: 'load' });
+  await page.waitForSelector('table.stale tr[data-feature="new-cart"] .chip.static', { timeout: 5000 });
+  await shot(page, 'stale');
   await page.goto(`${base}/releases/${release}`, { waitUntil: 'load' });
   await page.waitForSelector('#live.on', { timeout: 10000 });
   await shot(page, 'release');

@@ -170,6 +170,7 @@ async fn live_inventory_and_the_kill_switch() {
     for view in [
         "inventory",
         "visibility",
+        "stale",
         "release",
         "release-paused",
         "audit",

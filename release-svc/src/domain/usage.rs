@@ -190,11 +190,7 @@ impl UsageBook {
         }
     }
 
-    fn collect(
-        &self,
-        feature: Option<&str>,
-        read: fn(&FeatureUsage) -> Counts,
-    ) -> Vec<Pending> {
+    fn collect(&self, feature: Option<&str>, read: fn(&FeatureUsage) -> Counts) -> Vec<Pending> {
         let features: Vec<(Arc<str>, Arc<FeatureUsage>)> = {
             let all = self.features.lock().unwrap_or_else(|p| p.into_inner());
             all.iter()
