@@ -32,6 +32,14 @@ pub async fn action(
         return (StatusCode::FORBIDDEN, why).into_response();
     }
     let user = User::from_headers(&headers);
+    if user.is_anonymous() && state.backends.has_own_token {
+        // The console's own identity reads; it never acts for someone unknown.
+        return (
+            StatusCode::UNAUTHORIZED,
+            "sign in: actions are made as you, with your own token",
+        )
+            .into_response();
+    }
     let name = format!("{collection}/{id}");
     match perform(&state.backends, &user, &collection, &verb, name.clone()).await {
         Ok(Some(done)) => {

@@ -3,8 +3,10 @@
 //!
 //! A call made for a browser request carries that person's bearer token when the browser
 //! sent one (an `Authorization: Bearer` header, or the `console_token` cookie), else the
-//! console's own token (`--token-file`), if any: the services' RBAC decides either way. The
-//! live streams always use the console's own identity.
+//! console's own token (`--token-file`), if any: the services' RBAC decides either way.
+//! Actions are never made with the console's own token: with one configured, an action
+//! without the person's token is refused (401). The live streams always use the console's
+//! own identity.
 
 use axum::http::{header, HeaderMap, StatusCode};
 use proto::deploy::v1::deploy_service_client::DeployServiceClient;
@@ -29,6 +31,9 @@ pub struct Backends {
     /// release-svc.
     pub release: ReleaseServiceClient<Channel>,
     own: service_kit::client::Bearer,
+    /// The console has a token of its own (`--token-file`): authentication is on, and
+    /// actions need the person's own token.
+    pub has_own_token: bool,
 }
 
 impl Backends {
@@ -41,6 +46,7 @@ impl Backends {
                 security.endpoint(&config.release_svc)?.connect_lazy(),
             ),
             own: security.bearer()?,
+            has_own_token: config.client.token_file.is_some(),
         })
     }
 
@@ -64,6 +70,11 @@ impl Backends {
 pub struct User(Option<AsciiMetadataValue>);
 
 impl User {
+    /// The browser sent no token.
+    pub fn is_anonymous(&self) -> bool {
+        self.0.is_none()
+    }
+
     /// From the `Authorization: Bearer` header, else the `console_token` cookie.
     pub fn from_headers(headers: &HeaderMap) -> Self {
         let bearer = headers
@@ -154,6 +165,8 @@ mod tests {
             listen: ([127, 0, 0, 1], 0).into(),
             deploy_svc: "http://127.0.0.1:9".into(),
             release_svc: "http://127.0.0.1:9".into(),
+            public_origins: Vec::new(),
+            max_live_streams: 10,
             client: Default::default(),
         })
         .unwrap()

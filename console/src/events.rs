@@ -2,13 +2,17 @@
 //! with the console's own identity, broadcast to every open page over `/events`
 //! (server-sent events). An event names what changed (`placement` or `visibility`); the
 //! page fetches the fragment that shows it again. The broadcast is bounded: a browser that
-//! falls behind is cut off (its EventSource reconnects and the page re-fetches).
+//! falls behind is cut off (its EventSource reconnects and the page re-fetches), and at
+//! most `--max-live-streams` pages are followed at once (more are answered 503; htmx's
+//! EventSource retries).
 
 use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use proto::deploy::v1 as dpb;
 use proto::release::v1 as rpb;
@@ -75,14 +79,22 @@ impl Hub {
 }
 
 /// `GET /events`: the server-sent events of one page.
-pub async fn stream(
-    State(state): State<AppState>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let events = state
-        .events
-        .subscribe()
-        .map(|c| Ok(Event::default().event(c.name()).data(c.name())));
-    Sse::new(events).keep_alive(KeepAlive::default())
+pub async fn stream(State(state): State<AppState>) -> Response {
+    // One slot per open stream, given back when the browser goes.
+    let Ok(slot) = state.live_streams.clone().try_acquire_owned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many live pages open; retrying",
+        )
+            .into_response();
+    };
+    let events = state.events.subscribe().map(move |c| {
+        let _held = &slot;
+        Ok::<_, Infallible>(Event::default().event(c.name()).data(c.name()))
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 /// Sends `change`, then waits a moment and swallows what `more` yields meanwhile.

@@ -445,6 +445,8 @@ async fn visibility(state: &AppState, user: &User) -> Result<Visibility, Failure
         features: Vec::new(),
         stale: Vec::new(),
     };
+    let mut columns = std::collections::HashSet::new();
+    let mut rows: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     let mut page_token = String::new();
     for _ in 0..MAX_PAGES {
         let request = state.backends.request(
@@ -461,10 +463,24 @@ async fn visibility(state: &AppState, user: &User) -> Result<Visibility, Failure
             .list_visibility(request)
             .await?
             .into_inner();
-        matrix.environments = response.environments;
-        matrix
-            .features
-            .extend(response.features.iter().map(feature_row));
+        // With many environments a page brings a chunk of the columns: the same features
+        // come again with the next chunk, their cells appended in column order.
+        for e in response.environments {
+            if columns.insert(e.clone()) {
+                matrix.environments.push(e);
+            }
+        }
+        for f in &response.features {
+            match rows.get(&f.feature) {
+                Some(&i) => matrix.features[i]
+                    .cells
+                    .extend(f.cells.iter().map(visibility_cell)),
+                None => {
+                    rows.insert(f.feature.clone(), matrix.features.len());
+                    matrix.features.push(feature_row(f));
+                }
+            }
+        }
         page_token = response.next_page_token;
         if page_token.is_empty() {
             break;

@@ -32,7 +32,7 @@ mod visibility;
 pub use governance::{Calendar, EnvironmentFacts};
 pub use timeline::{Event, Timeline, Upcoming};
 pub use usage::{EnvironmentUsage, Stale, VariantCount, DAY_MS};
-pub use visibility::{Cell, Class, Matrix, Row};
+pub use visibility::{Cell, Class, Cursor, Matrix, Row};
 
 /// The time source (injectable: tests run schedules and windows on a simulated clock).
 pub trait Clock: Send + Sync + 'static {

@@ -8,11 +8,12 @@
 //! calls for seconds, past their callers' deadlines: admitted calls then fail with
 //! DEADLINE_EXCEEDED after doing their work for nobody. This layer estimates the wait a
 //! new call would have by Little's law (calls in flight divided by completions per
-//! second, measured over the last 100 ms or more) and refuses the call when that wait
-//! exceeds half of the shorter of its `grpc-timeout` and `--rpc-timeout-ms`. It only
-//! acts with at least [`MIN_IN_FLIGHT`] calls in flight and a measured completion rate, so
-//! a quiet server and a burst after an idle spell are admitted (the count cap still
-//! applies). `--deadline-admission false` turns it off.
+//! second, measured over a recent window of 100 ms to 1 s holding at least 16 completions)
+//! and refuses the call when that wait exceeds half of the shorter of its `grpc-timeout`
+//! and `--rpc-timeout-ms`. It only acts with at least [`MIN_IN_FLIGHT`] calls in flight and
+//! such a measured rate, so a quiet server, a burst after an idle spell or a trickle, and
+//! calls held open by a slow or hostile client without load behind them are admitted (the
+//! count cap still applies). `--deadline-admission false` turns it off.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -28,8 +29,10 @@ use tonic::body::Body;
 pub const MIN_IN_FLIGHT: usize = 16;
 /// The shortest interval the completion rate is measured over.
 const RATE_INTERVAL: Duration = Duration::from_millis(100);
-/// An interval this long without a completion leaves the rate unknown.
+/// A window this long with fewer than [`MIN_SAMPLE`] completions leaves the rate unknown.
 const IDLE_INTERVAL: Duration = Duration::from_secs(1);
+/// The completions a window needs before its rate counts.
+const MIN_SAMPLE: u64 = 16;
 
 /// What the layers share: calls in flight (the in-flight semaphore) and completions.
 #[derive(Debug)]
@@ -68,16 +71,22 @@ impl Admission {
     }
 
     /// Completions per second, re-measured when the last measure is older than
-    /// [`RATE_INTERVAL`]. An interval without completions grows (a stall shows as a lower
-    /// rate once calls complete again) until [`IDLE_INTERVAL`].
+    /// [`RATE_INTERVAL`] and the window holds at least [`MIN_SAMPLE`] completions. A
+    /// window that reaches [`IDLE_INTERVAL`] with fewer (a quiet spell, a trickle, a
+    /// stall, or calls held open without completing) says nothing about the server's
+    /// capacity: it is dropped and the rate is unknown until a new window fills.
     fn rate(&self) -> Option<f64> {
         let mut rate = self.rate.lock().unwrap_or_else(|p| p.into_inner());
         let elapsed = rate.since.elapsed();
         if elapsed >= RATE_INTERVAL {
             let completed = self.completed.load(Ordering::Relaxed);
             let done = completed.saturating_sub(rate.completed_then);
-            if done > 0 || elapsed >= IDLE_INTERVAL {
-                rate.per_second = (done > 0).then(|| done as f64 / elapsed.as_secs_f64());
+            if done >= MIN_SAMPLE {
+                rate.per_second = Some(done as f64 / elapsed.as_secs_f64());
+                rate.since = Instant::now();
+                rate.completed_then = completed;
+            } else if elapsed >= IDLE_INTERVAL {
+                rate.per_second = None;
                 rate.since = Instant::now();
                 rate.completed_then = completed;
             }
@@ -212,5 +221,17 @@ mod tests {
         std::thread::sleep(RATE_INTERVAL);
         assert_eq!(a.rate(), None);
         assert_eq!(a.too_long(Duration::from_millis(1)), None);
+    }
+
+    #[test]
+    fn a_trickle_over_a_quiet_spell_is_not_taken_for_the_capacity() {
+        let sem = Arc::new(Semaphore::new(100));
+        let a = Admission::new(sem.clone(), 100, Duration::from_secs(30));
+        // Five completions over a second: too few to measure anything.
+        a.completed.fetch_add(5, Ordering::Relaxed);
+        std::thread::sleep(IDLE_INTERVAL);
+        let _burst = sem.clone().try_acquire_many_owned(64).unwrap();
+        assert_eq!(a.rate(), None);
+        assert_eq!(a.too_long(Duration::from_millis(100)), None);
     }
 }

@@ -7,10 +7,13 @@
 //
 // live:   opens the inventory and waits for the live stream; prints {"phase":"loaded"};
 //         waits for a line on stdin (the test has reported a placement of checkout 1.0.0 in
-//         prod); prints {"phase":"placed"} as soon as the matrix shows that version; then
+//         prod); prints {"phase":"placed"} as soon as the matrix shows that version; rolls
+//         back that deployment, still in flight, from the inventory ({"phase":"rolled-back"});
+//         then
 //         screenshots the visibility and release views, clicks the kill switch (accepting
 //         the confirmation), waits for the release to show `paused` and prints
-//         {"phase":"killed"}; then waits for the audit feed to list the PauseRelease and for
+//         {"phase":"killed"}; after a line on stdin clicks Resume and prints
+//         {"phase":"resumed"} once the release shows `released`; then waits for the audit feed to list the PauseRelease and for
 //         the calendar to show stage's freeze window.
 // denied: opens the release page, clicks the kill switch (confirmation accepted) and
 //         prints {"phase":"denied","text":...} with the error the page shows.
@@ -44,6 +47,11 @@ async function live(page) {
   );
   out({ phase: 'placed' });
   await shot(page, 'inventory');
+  // Roll back the deployment still in flight (one of its two targets placed).
+  page.once('dialog', (d) => d.accept());
+  await page.click('button[hx-post$="/rollback"]');
+  await page.waitForSelector('#flash .done', { timeout: 5000 });
+  out({ phase: 'rolled-back' });
   await page.goto(`${base}/visibility`, { waitUntil: 'load' });
   await page.waitForSelector('td.cell[data-feature="new-cart"][data-environment="prod"].static');
   // Released to everyone in its only environment: listed as a stale flag.
@@ -62,12 +70,22 @@ async function live(page) {
   await page.waitForSelector('.state.paused', { timeout: 5000 });
   await shot(page, 'release-paused');
   out({ phase: 'killed' });
+  // The test has seen Evaluate hide the feature: resume, confirmed in the page.
+  await stdinLines.next();
+  page.once('dialog', (d) => d.accept());
+  await page.click('#resume');
+  await page.waitForSelector('.state.released', { timeout: 5000 });
+  out({ phase: 'resumed' });
   await page.goto(`${base}/audit`, { waitUntil: 'load' });
   await page.waitForFunction(
     () => [...document.querySelectorAll('table.audit strong')].some((e) => e.textContent.includes('PauseRelease')),
     { timeout: 5000 },
   );
   await shot(page, 'audit');
+  // Seven pages so far: each one's live stream was closed when it was left (a browser
+  // keeps six connections per host).
+  await page.goto(`${base}/`, { waitUntil: 'load' });
+  await page.waitForSelector('#live.on', { timeout: 10000 });
   await page.goto(`${base}/calendar`, { waitUntil: 'load' });
   await page.waitForSelector('td.day.frozen[title="launch"]', { timeout: 5000 });
   await shot(page, 'calendar');

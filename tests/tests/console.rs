@@ -5,7 +5,8 @@
 //! server-sent events, no polling); the kill switch, confirmed in the page, makes the next
 //! Evaluate of the feature not visible; with authentication on, a viewer's kill switch is
 //! refused and the page shows PERMISSION_DENIED with the service's message; the audit feed
-//! lists the kill switch; the calendar shows a freeze window. Screenshots of
+//! lists the kill switch; Resume shows the feature again; Roll back in the inventory cancels
+//! the deployment in flight and starts its rollback; the calendar shows a freeze window. Screenshots of
 //! each view are saved in target/console-screenshots.
 #![allow(clippy::unwrap_used)]
 
@@ -118,6 +119,16 @@ async fn live_inventory_and_the_kill_switch() {
     .await
     .unwrap();
     let targets = tests::targets(&mut dc, "prod", "p", 2).await;
+    // 0.9.0 placed everywhere: what a rollback of 1.0.0 goes back to.
+    tests::artifact(&mut dc, "checkout", "0.9.0").await;
+    let earlier = tests::deploy(&mut dc, "checkout", "0.9.0", "prod", "CHG-0")
+        .await
+        .unwrap();
+    for t in &targets {
+        tests::report(&mut dc, &earlier.name, t, dpb::PlacementState::Placed)
+            .await
+            .unwrap();
+    }
     tests::artifact(&mut dc, "checkout", "1.0.0").await;
     let deployment = tests::deploy(&mut dc, "checkout", "1.0.0", "prod", "CHG-1")
         .await
@@ -154,6 +165,35 @@ async fn live_inventory_and_the_kill_switch() {
     eprintln!("placement shown {} ms after its report", shown.as_millis());
     assert!(shown < Duration::from_secs(1), "{shown:?}");
 
+    // Roll back, confirmed in the inventory: the deployment in flight is cancelled and a
+    // rollback to 0.9.0 starts.
+    next(&mut lines, "rolled-back").await;
+    let rolled = dc
+        .get_deployment(dpb::GetDeploymentRequest {
+            name: deployment.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        rolled.state(),
+        dpb::DeploymentState::Cancelled,
+        "{rolled:?}"
+    );
+    let rollback = dc
+        .list_deployments(dpb::ListDeploymentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .deployments
+        .into_iter()
+        .find(|d| d.rollback_of == deployment.name)
+        .expect("a rollback deployment");
+    assert!(
+        rollback.artifact_version.ends_with("/versions/0.9.0"),
+        "{rollback:?}"
+    );
+
     // The kill switch, confirmed in the page: the next Evaluate hides the feature.
     next(&mut lines, "killed").await;
     let after = release::evaluate(&mut rc, "new-cart", "prod", "u1").await;
@@ -164,6 +204,12 @@ async fn live_inventory_and_the_kill_switch() {
         .unwrap()
         .into_inner();
     assert_eq!(paused.state(), rpb::ReleaseState::Paused);
+
+    // Resume, confirmed in the page: visible again.
+    stdin.write_all(b"checked\n").await.unwrap();
+    next(&mut lines, "resumed").await;
+    let resumed = release::evaluate(&mut rc, "new-cart", "prod", "u1").await;
+    assert!(resumed.visible, "{resumed:?}");
 
     no_errors(&next(&mut lines, "done").await);
     assert!(node.wait().await.unwrap().success());
@@ -311,4 +357,93 @@ async fn a_denied_action_shows_the_permission_error() {
         .unwrap()
         .into_inner();
     assert_eq!(still.state(), rpb::ReleaseState::Released);
+}
+
+/// Sends one HTTP/1.1 request to `addr` and returns the response's status code, leaving
+/// the connection open (a stream's response never ends) in `keep`.
+async fn status_of(
+    addr: std::net::SocketAddr,
+    head: &str,
+    keep: &mut Vec<tokio::net::TcpStream>,
+) -> u16 {
+    use tokio::io::AsyncReadExt;
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(2).any(|w| w == b"\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .expect("a status line within 10 s")
+            .unwrap();
+        assert!(n > 0, "closed before a status line");
+        got.extend_from_slice(&buf[..n]);
+    }
+    keep.push(conn);
+    let line = String::from_utf8_lossy(&got);
+    line.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+/// Attacks on the console itself, replayed against the binary: a page on another site
+/// whose name resolves to the console (DNS rebinding) is refused whatever it asks; with
+/// authentication on, an action without the person's own token is refused instead of being
+/// made with the console's identity; live streams past `--max-live-streams` are 503.
+#[tokio::test]
+async fn rebinding_anonymous_actions_and_too_many_streams_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = write(&dir.path().join("console.token"), &pki::random_token());
+    // No service behind it: every refusal here happens in the console.
+    let console = Binary::spawn(
+        "console",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--deploy-svc",
+            "http://127.0.0.1:9",
+            "--release-svc",
+            "http://127.0.0.1:9",
+            "--token-file",
+            &token,
+            "--max-live-streams",
+            "2",
+        ],
+    )
+    .await;
+    let addr = console.addr;
+    let port = addr.port();
+    let mut keep = Vec::new();
+    let evil = format!("attacker.example:{port}");
+    let action = |host: &str| {
+        format!(
+            "POST /actions/releases/1/pause HTTP/1.1\r\nHost: {host}\r\nOrigin: http://{host}\r\nHX-Request: true\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    let get = |host: &str, path: &str| format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    // DNS rebinding: same-origin to itself, refused for its Host.
+    assert_eq!(status_of(addr, &action(&evil), &mut keep).await, 421);
+    assert_eq!(status_of(addr, &get(&evil, "/"), &mut keep).await, 421);
+    assert_eq!(
+        status_of(addr, &get(&evil, "/events"), &mut keep).await,
+        421
+    );
+    // The console's own address, with no token: an action is not made as the console.
+    let own = addr.to_string();
+    assert_eq!(status_of(addr, &action(&own), &mut keep).await, 401);
+    let local = format!("localhost:{port}");
+    assert_eq!(status_of(addr, &action(&local), &mut keep).await, 401);
+    // Two live streams open; a third is 503 until one goes.
+    assert_eq!(status_of(addr, &get(&own, "/events"), &mut keep).await, 200);
+    assert_eq!(status_of(addr, &get(&own, "/events"), &mut keep).await, 200);
+    assert_eq!(status_of(addr, &get(&own, "/events"), &mut keep).await, 503);
+    keep.clear();
+    let mut again = Vec::new();
+    let mut status = 0;
+    for _ in 0..50 {
+        status = status_of(addr, &get(&own, "/events"), &mut again).await;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200, "a slot comes back when a stream goes");
 }

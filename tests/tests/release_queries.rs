@@ -797,3 +797,65 @@ async fn usage_is_counted_per_environment_and_variant_survives_a_restart_and_fin
         ["page_size", "released_for", "unevaluated_for"]
     );
 }
+
+/// With more environments than a page holds, the matrix comes in column chunks: the same
+/// features with the next 200 columns, then the next features. (Policies for 250 made-up
+/// environment names once made a one-row page of every column, past the message limit,
+/// for everyone.)
+#[tokio::test]
+async fn many_environments_come_in_column_chunks_of_bounded_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = tests::test_database(dir.path(), "release").await;
+    let r = tests::Binary::release_alone(&db, &[]).await;
+    let mut rc = release::connect(r.addr).await;
+    release::plain_feature(&mut rc, "a", false).await;
+    release::plain_feature(&mut rc, "b", false).await;
+    let names: Vec<String> = (0..250).map(|i| format!("env-{i:03}")).collect();
+    for env in &names {
+        rc.set_policy(rpb::SetPolicyRequest {
+            policy: Some(rpb::Policy {
+                environment: env.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    }
+    let mut columns = Vec::new();
+    let mut rows_seen = Vec::new();
+    let mut page_token = String::new();
+    for _ in 0..10 {
+        let m = matrix(
+            &mut rc,
+            rpb::ListVisibilityRequest {
+                page_token: page_token.clone(),
+                ..Default::default()
+            },
+        )
+        .await;
+        assert!(m.environments.len() <= 200, "{}", m.environments.len());
+        for f in &m.features {
+            assert_eq!(f.cells.len(), m.environments.len(), "{}", f.feature);
+            for (cell, env) in f.cells.iter().zip(&m.environments) {
+                assert_eq!(&cell.environment, env);
+            }
+            rows_seen.push((f.feature.clone(), f.cells.len()));
+        }
+        columns.extend(m.environments);
+        page_token = m.next_page_token;
+        if page_token.is_empty() {
+            break;
+        }
+    }
+    columns.dedup();
+    assert_eq!(columns, names, "every column once, in order");
+    assert_eq!(
+        rows_seen,
+        [
+            ("a".to_owned(), 200),
+            ("b".to_owned(), 200),
+            ("a".to_owned(), 50),
+            ("b".to_owned(), 50)
+        ]
+    );
+}

@@ -303,3 +303,40 @@ async fn an_expired_deadline_is_deadline_exceeded() {
         .await
         .unwrap();
 }
+
+/// Admission by deadline acts on a measured load, never on a quiet spell: a trickle of
+/// calls, then a burst of 64 writes with a 2 s deadline, all admitted. (It once measured
+/// the trickle as the server's capacity and refused most of the burst as "needing" many
+/// seconds.)
+#[tokio::test]
+async fn a_burst_after_a_quiet_trickle_is_admitted() {
+    use proto::release::v1 as rpb;
+    let dir = tempfile::tempdir().unwrap();
+    let r = Binary::release_alone(&dir.path().join("r.db"), &[]).await;
+    let rc = tests::release::connect(r.addr).await;
+    let create = |key: String| {
+        let mut rc = rc.clone();
+        async move {
+            let mut request = tonic::Request::new(rpb::CreateFeatureRequest {
+                feature: Some(rpb::Feature {
+                    key,
+                    ..Default::default()
+                }),
+            });
+            request.set_timeout(Duration::from_secs(2));
+            rc.create_feature(request).await.map(|_| ())
+        }
+    };
+    for i in 0..4 {
+        create(format!("trickle-{i}")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let burst = futures::future::join_all((0..64).map(|i| create(format!("burst-{i}")))).await;
+    let refused: Vec<_> = burst.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        refused.is_empty(),
+        "{} refused: {:?}",
+        refused.len(),
+        refused.first()
+    );
+}

@@ -69,7 +69,6 @@ impl Engine {
         let release = self.release(id).await?;
         let resource = format!("releases/{id}");
         let mut events = Vec::new();
-        // The prefix also matches releases/{id}N: keep the exact resource only.
         let mut after_id = 0;
         let mut read = 0;
         while read < MAX_EVENTS {
@@ -77,6 +76,7 @@ impl Engine {
                 .store
                 .list_audit(AuditFilter {
                     resource_prefix: resource.clone(),
+                    exact: true,
                     after_id,
                     limit: 500,
                     ..AuditFilter::default()

@@ -67,52 +67,90 @@ pub struct Row {
 
 /// At most this many cells (features x environments) in one page: with many environments a
 /// page holds fewer features, so one call costs the same whatever the fleet's shape.
-pub const MAX_CELLS_PER_PAGE: usize = 20_000;
+pub const MAX_CELLS_PER_PAGE: usize = 10_000;
+
+/// At most this many environments (columns) in one page: with more, a page's features come
+/// with a chunk of the columns, and the next page carries on with the next chunk.
+pub const MAX_COLUMNS_PER_PAGE: usize = 200;
+
+/// Where a page starts: after this feature (by key), and, within the columns, after this
+/// environment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cursor {
+    /// The rows start after this feature key.
+    pub feature: Option<String>,
+    /// The columns start after this environment.
+    pub environment: Option<String>,
+}
 
 /// A page of the matrix.
 #[derive(Debug, Clone)]
 pub struct Matrix {
-    /// The columns, sorted.
+    /// The columns of this page, sorted.
     pub environments: Vec<String>,
-    /// The rows this page holds at most: the limit asked for, lowered so that the page
-    /// holds at most [`MAX_CELLS_PER_PAGE`] cells (at least one row).
-    pub limit: usize,
-    /// Up to `limit + 1` rows (one more than `limit` tells the caller there is another
-    /// page).
+    /// The rows, by feature key.
     pub rows: Vec<Row>,
+    /// Where the next page starts, if there is one.
+    pub next: Option<Cursor>,
 }
 
 impl Engine {
-    /// The matrix for `environment` (else every environment known here) and `feature`
-    /// (else the features after `after` by key, at most `limit + 1`).
+    /// A page of the matrix for `environment` (else every environment known here) and
+    /// `feature` (else every feature), starting at `from`: at most `limit` rows, at most
+    /// [`MAX_COLUMNS_PER_PAGE`] columns and at most [`MAX_CELLS_PER_PAGE`] cells.
     pub async fn visibility(
         &self,
         environment: Option<&str>,
         feature: Option<&str>,
-        after: Option<&str>,
+        from: &Cursor,
         limit: usize,
     ) -> Matrix {
         let state = self.state.lock().await;
         let snapshot = self.snapshot.load();
-        let environments = match environment {
+        let all = match environment {
             Some(e) => vec![e.to_owned()],
             None => known_environments(&state),
         };
-        let limit = limit.min((MAX_CELLS_PER_PAGE / environments.len().max(1)).max(1));
-        let page: Vec<&Arc<Feature>> = state
+        let mut columns: Vec<String> = all
+            .into_iter()
+            .filter(|e| from.environment.as_ref().is_none_or(|a| e > a))
+            .take(MAX_COLUMNS_PER_PAGE + 1)
+            .collect();
+        let more_columns = columns.len() > MAX_COLUMNS_PER_PAGE;
+        columns.truncate(MAX_COLUMNS_PER_PAGE);
+        let limit = limit.min((MAX_CELLS_PER_PAGE / columns.len().max(1)).max(1));
+        let mut page: Vec<&Arc<Feature>> = state
             .features
             .values()
             .filter(|f| f.archived_ms.is_none())
             .filter(|f| feature.is_none_or(|k| f.key == k))
-            .filter(|f| after.is_none_or(|a| f.key.as_str() > a))
+            .filter(|f| from.feature.as_ref().is_none_or(|a| &f.key > a))
             .take(limit + 1)
             .collect();
+        let more_rows = page.len() > limit;
+        page.truncate(limit);
+        let next = if page.is_empty() {
+            None
+        } else if more_columns {
+            // The same features, the next columns.
+            Some(Cursor {
+                feature: from.feature.clone(),
+                environment: columns.last().cloned(),
+            })
+        } else if more_rows {
+            Some(Cursor {
+                feature: page.last().map(|f| f.key.clone()),
+                environment: None,
+            })
+        } else {
+            None
+        };
         let view = state.placements.coverage_view();
         let inactive = not_active(&state, &page);
         let rows = page
             .into_iter()
             .map(|f| {
-                let cells = environments
+                let cells = columns
                     .iter()
                     .map(|env| {
                         let shown = inactive.get(&(f.key.as_str(), env.as_str())).copied();
@@ -127,9 +165,9 @@ impl Engine {
             })
             .collect();
         Matrix {
-            environments,
-            limit,
+            environments: columns,
             rows,
+            next,
         }
     }
 }

@@ -28,7 +28,7 @@ use crate::consumer::SharedStatus;
 use crate::domain::model::Millis;
 use crate::domain::model::Transition;
 use crate::domain::{names, Error, Violations};
-use crate::engine::{Actor, Change, Engine, DAY_MS};
+use crate::engine::{Actor, Change, Cursor, Engine, DAY_MS};
 
 /// The caller of a request: the authenticated principal (or, with authentication off, the
 /// `x-principal` metadata; see [`service_kit::auth`]) and the request id (`request_id`,
@@ -216,7 +216,7 @@ fn stale_after(v: &mut Violations, field: &str, d: Option<&prost_types::Duration
         return 30 * DAY_MS;
     };
     let ms = convert::duration_ms(d);
-    if d.seconds < 0 || d.nanos < 0 || ms > MAX_DAYS * DAY_MS {
+    if d.seconds < 0 || !(0..1_000_000_000).contains(&d.nanos) || ms > MAX_DAYS * DAY_MS {
         v.push(field, format!("must be between 0 and {MAX_DAYS} days"));
     }
     ms
@@ -592,14 +592,35 @@ impl ReleaseService for ReleaseApi {
             v.check("feature", names::validate_feature_key(f));
         }
         v.finish()?;
-        let mut matrix = self
+        let from = after.map_or_else(Cursor::default, |a| match a.split_once('\n') {
+            Some((f, e)) => Cursor {
+                feature: (!f.is_empty()).then(|| f.to_owned()),
+                environment: Some(e.to_owned()),
+            },
+            None => Cursor {
+                feature: Some(a),
+                environment: None,
+            },
+        });
+        let matrix = self
             .engine
-            .visibility(environment, feature, after.as_deref(), size)
+            .visibility(environment, feature, &from, size)
             .await;
-        let more = matrix.rows.len() > matrix.limit;
-        matrix.rows.truncate(matrix.limit);
+        // A token names the last feature before the page, and the last column before it
+        // when the columns come in chunks ("{feature}\n{environment}").
+        let next_page_token = matrix
+            .next
+            .map(|c| {
+                let feature = c.feature.unwrap_or_default();
+                let after = match c.environment {
+                    Some(e) => format!("{feature}\n{e}"),
+                    None => feature,
+                };
+                service_kit::validate::encode_page_token(&after)
+            })
+            .unwrap_or_default();
         Ok(Response::new(pb::ListVisibilityResponse {
-            next_page_token: next_token(more, matrix.rows.last().map(|r| r.feature.key.clone())),
+            next_page_token,
             features: matrix.rows.iter().map(convert::visibility_row_pb).collect(),
             environments: matrix.environments,
         }))
@@ -912,6 +933,7 @@ impl ReleaseService for ReleaseApi {
             .store()
             .list_audit(crate::store::AuditFilter {
                 resource_prefix: req.resource,
+                exact: false,
                 principal: req.principal,
                 start_ms,
                 end_ms,

@@ -64,6 +64,8 @@ pub struct AuditEntry {
 pub struct AuditFilter {
     /// Resource name or prefix (empty: all).
     pub resource_prefix: String,
+    /// Only the resource named by `resource_prefix` itself (not the names it prefixes).
+    pub exact: bool,
     /// Exact principal (empty: all).
     pub principal: String,
     /// From (inclusive).

@@ -609,7 +609,7 @@ impl Store for PostgresStore {
                     .query(
                         "SELECT id, time_ms, principal, action, resource, before, after, request_id, reason FROM audit_records
                          WHERE id > $1 AND starts_with(resource, $2) AND ($3 = '' OR principal = $3)
-                           AND time_ms >= $4 AND time_ms < $5
+                           AND time_ms >= $4 AND time_ms < $5 AND (NOT $7 OR resource = $2)
                          ORDER BY id LIMIT $6",
                         &[
                             &filter.after_id,
@@ -618,6 +618,7 @@ impl Store for PostgresStore {
                             &filter.start_ms.unwrap_or(i64::MIN),
                             &filter.end_ms.unwrap_or(i64::MAX),
                             &i64::try_from(filter.limit).unwrap_or(i64::MAX),
+                            &filter.exact,
                         ],
                     )
                     .await

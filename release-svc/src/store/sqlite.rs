@@ -856,6 +856,7 @@ impl Store for SqliteStore {
                     "SELECT id, time_ms, principal, action, resource, before, after, request_id, reason FROM audit_records
                      WHERE id > ?1 AND resource >= ?2 AND resource < CAST(?7 AS TEXT)
                        AND substr(resource, 1, length(?2)) = ?2 AND (?3 = '' OR principal = ?3)
+                       AND (?8 = 0 OR resource = ?2)
                        AND time_ms >= ?4 AND time_ms < ?5
                      ORDER BY id LIMIT ?6",
                 )
@@ -869,7 +870,8 @@ impl Store for SqliteStore {
                         filter.start_ms.unwrap_or(i64::MIN),
                         filter.end_ms.unwrap_or(i64::MAX),
                         i64::try_from(filter.limit).unwrap_or(i64::MAX),
-                        upper
+                        upper,
+                        filter.exact
                     ],
                     |r| {
                         Ok((
@@ -1003,6 +1005,44 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An exact audit listing counts only its own resource's records toward its limit: a
+    /// release's timeline is not pushed out by the records of releases whose names it
+    /// prefixes (releases/1 and releases/10..19).
+    #[tokio::test]
+    async fn an_exact_audit_listing_skips_the_names_it_prefixes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("r.db")).unwrap();
+        for (i, resource) in (10..20)
+            .map(|n| format!("releases/{n}"))
+            .chain(["releases/1".to_owned()])
+            .enumerate()
+        {
+            let policy = Policy {
+                environment: format!("env-{i}"),
+                ..Policy::default()
+            };
+            let audit = AuditEntry {
+                resource,
+                action: "CancelRelease".into(),
+                ..AuditEntry::default()
+            };
+            store.put_policy(policy, 0, audit).await.unwrap();
+        }
+        let list = |exact| {
+            store.list_audit(AuditFilter {
+                resource_prefix: "releases/1".into(),
+                exact,
+                limit: 5,
+                ..AuditFilter::default()
+            })
+        };
+        let prefixed = list(false).await.unwrap();
+        assert!(prefixed.iter().all(|(_, a)| a.resource != "releases/1"));
+        let exact = list(true).await.unwrap();
+        let resources: Vec<&str> = exact.iter().map(|(_, a)| a.resource.as_str()).collect();
+        assert_eq!(resources, ["releases/1"]);
+    }
 
     /// A panic while the store holds its connection leaves a store that says it can no
     /// longer write; later calls fail as UNAVAILABLE.
