@@ -3,10 +3,10 @@
 //!
 //! # Cost on the hot path
 //!
-//! Every decision adds one to a counter: a lock-free read of the feature's slot list (an
-//! `ArcSwap`, a handful of slots: environments x variants), a linear search and a relaxed
-//! atomic add. A slot is added under a lock only the first time an (environment, variant)
-//! pair is seen. Counters live here until the flusher takes them (swapping each to zero)
+//! Every decision adds one to a counter: a search of the feature's first eight
+//! (environment, variant) slots, each set once and read without a lock, and a relaxed
+//! atomic add. A slot is set under a lock only the first time a pair is seen; a feature
+//! with more pairs keeps the rest behind that lock. Counters live here until the flusher takes them (swapping each to zero)
 //! and writes them to the store by the hour.
 //!
 //! # Bounds
@@ -20,7 +20,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 
@@ -33,6 +33,10 @@ pub const MAX_SLOTS: usize = 256;
 /// Counts read from a feature's slots: (environment, variant, count).
 type Counts = Vec<(Arc<str>, Arc<str>, u64)>;
 
+/// The slots a feature holds inline (searched without a lock): a feature evaluated in a
+/// few environments with two or three variants fits.
+const INLINE: usize = 8;
+
 /// One (environment, variant) counter.
 #[derive(Debug)]
 struct Slot {
@@ -41,76 +45,88 @@ struct Slot {
     count: AtomicU64,
 }
 
-/// One feature's counters since the last flush.
+impl Slot {
+    fn new(environment: &str, variant: &str, n: u64) -> Self {
+        Self {
+            environment: Arc::from(environment),
+            variant: Arc::from(variant),
+            count: AtomicU64::new(n),
+        }
+    }
+
+    #[inline]
+    fn is(&self, environment: &str, variant: &str) -> bool {
+        &*self.environment == environment && &*self.variant == variant
+    }
+}
+
+/// One feature's counters since the last flush: [`INLINE`] slots set once each and read
+/// without a lock, then more (up to [`MAX_SLOTS`]) behind a lock.
 #[derive(Debug, Default)]
 pub struct FeatureUsage {
-    slots: ArcSwap<Vec<Arc<Slot>>>,
-    grow: Mutex<()>,
+    inline: [OnceLock<Slot>; INLINE],
+    more: Mutex<Vec<Slot>>,
 }
 
 impl FeatureUsage {
     /// Counts `n` evaluations that served `variant` in `environment`.
     #[inline]
     pub fn record(&self, environment: &str, variant: &str, n: u64) {
-        let slots = self.slots.load();
-        if let Some(s) = slots
-            .iter()
-            .find(|s| &*s.environment == environment && &*s.variant == variant)
-        {
-            s.count.fetch_add(n, Ordering::Relaxed);
-            return;
+        for slot in &self.inline {
+            match slot.get() {
+                Some(s) if s.is(environment, variant) => {
+                    s.count.fetch_add(n, Ordering::Relaxed);
+                    return;
+                }
+                Some(_) => {}
+                None => break,
+            }
         }
-        drop(slots);
         self.add(environment, variant, n);
     }
 
     #[cold]
     fn add(&self, environment: &str, variant: &str, n: u64) {
-        let _grow = self.grow.lock().unwrap_or_else(|p| p.into_inner());
-        let current = self.slots.load_full();
-        if let Some(s) = current
-            .iter()
-            .find(|s| &*s.environment == environment && &*s.variant == variant)
-        {
+        let mut more = self.more.lock().unwrap_or_else(|p| p.into_inner());
+        // Under the lock: a slot set meanwhile is found, an empty one is taken once.
+        for slot in &self.inline {
+            let s = slot.get_or_init(|| Slot::new(environment, variant, 0));
+            if s.is(environment, variant) {
+                s.count.fetch_add(n, Ordering::Relaxed);
+                return;
+            }
+        }
+        if let Some(s) = more.iter().find(|s| s.is(environment, variant)) {
             s.count.fetch_add(n, Ordering::Relaxed);
-            return;
-        }
-        if current.len() >= MAX_SLOTS {
+        } else if INLINE + more.len() < MAX_SLOTS {
+            more.push(Slot::new(environment, variant, n));
+        } else {
             metrics::counter!(crate::telemetry::USAGE_UNTRACKED).increment(n);
-            return;
         }
-        let mut next = Vec::with_capacity(current.len() + 1);
-        next.extend(current.iter().cloned());
-        next.push(Arc::new(Slot {
-            environment: Arc::from(environment),
-            variant: Arc::from(variant),
-            count: AtomicU64::new(n),
-        }));
-        self.slots.store(Arc::new(next));
     }
 
-    /// The counts since the last flush, each reset to zero: (environment, variant, count).
-    fn take(&self) -> Counts {
-        self.slots
-            .load()
+    /// The counts since the last flush, read by `read` (which may reset them).
+    fn read(&self, read: impl Fn(&AtomicU64) -> u64) -> Counts {
+        let more = self.more.lock().unwrap_or_else(|p| p.into_inner());
+        self.inline
             .iter()
+            .filter_map(OnceLock::get)
+            .chain(more.iter())
             .filter_map(|s| {
-                let n = s.count.swap(0, Ordering::Relaxed);
+                let n = read(&s.count);
                 (n > 0).then(|| (s.environment.clone(), s.variant.clone(), n))
             })
             .collect()
+    }
+
+    /// The counts since the last flush, each reset to zero.
+    fn take(&self) -> Counts {
+        self.read(|c| c.swap(0, Ordering::Relaxed))
     }
 
     /// The counts since the last flush, left in place.
     fn peek(&self) -> Counts {
-        self.slots
-            .load()
-            .iter()
-            .filter_map(|s| {
-                let n = s.count.load(Ordering::Relaxed);
-                (n > 0).then(|| (s.environment.clone(), s.variant.clone(), n))
-            })
-            .collect()
+        self.read(|c| c.load(Ordering::Relaxed))
     }
 }
 
