@@ -34,43 +34,7 @@ pub use timeline::{Event, Timeline, Upcoming};
 pub use usage::{EnvironmentUsage, Stale, VariantCount, DAY_MS};
 pub use visibility::{Cell, Class, Cursor, Matrix, Row};
 
-/// The time source (injectable: tests run schedules and windows on a simulated clock).
-pub trait Clock: Send + Sync + 'static {
-    /// Now, in milliseconds since the Unix epoch.
-    fn now_ms(&self) -> Millis;
-}
-
-/// The wall clock.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_ms(&self) -> Millis {
-        now_ms()
-    }
-}
-
-/// A clock that moves only when told (tests).
-#[derive(Debug, Default)]
-pub struct ManualClock(std::sync::atomic::AtomicI64);
-
-impl ManualClock {
-    /// A clock showing `now_ms`.
-    pub fn new(now_ms: Millis) -> Self {
-        Self(std::sync::atomic::AtomicI64::new(now_ms))
-    }
-
-    /// Moves the clock forward by `ms`.
-    pub fn advance(&self, ms: Millis) {
-        self.0.fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now_ms(&self) -> Millis {
-        self.0.load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
+pub use service_kit::time::{now_ms, Clock, ManualClock, SystemClock};
 
 /// Who asks for a change: the principal (`x-principal` metadata until authentication
 /// arrives) and the request id, for the audit trail.
@@ -201,14 +165,6 @@ impl std::fmt::Debug for Engine {
             .field("version", &self.snapshot.load().version)
             .finish()
     }
-}
-
-/// The wall clock in milliseconds.
-pub fn now_ms() -> Millis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 impl Engine {

@@ -39,6 +39,8 @@
 //!   of its deadline (`--deadline-admission`).
 //! - [`access`]: the layer that writes one access-log line per call and the per-RPC
 //!   metrics (counts by status code, latency, open streams).
+//! - [`time`]: milliseconds, the injectable clock, SQL integer conversions and the
+//!   registry of PostgreSQL advisory-lock keys.
 //! - [`validate`]: limits and checks every API shares (text, keys, pages, page tokens).
 //! - [`principal()`]: who is calling with authentication off (the `x-principal` metadata).
 
@@ -63,6 +65,7 @@ pub mod sqlite;
 pub mod status;
 pub mod streams;
 pub mod telemetry;
+pub mod time;
 pub mod tls;
 pub mod validate;
 

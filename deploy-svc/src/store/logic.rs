@@ -100,13 +100,7 @@ pub(crate) fn internal(e: impl std::fmt::Display) -> Error {
     Error::Internal(e.to_string())
 }
 
-pub(crate) fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-pub(crate) fn to_u64(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
+pub(crate) use service_kit::time::{to_i64, to_u64};
 
 fn map_json(map: &BTreeMap<String, String>) -> Result<String> {
     serde_json::to_string(map).map_err(internal)

@@ -664,8 +664,11 @@ fn migrate(client: &mut Client) -> Result<()> {
     let mut tx = client.transaction().map_err(|e| pg_error(&e))?;
     // A runtime role without CREATE on the schema opens an up-to-date database: no DDL
     // runs unless a migration is due.
-    tx.batch_execute("SELECT pg_advisory_xact_lock(7305)")
-        .map_err(|e| pg_error(&e))?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&service_kit::time::locks::DEPLOY_MIGRATIONS],
+    )
+    .map_err(|e| pg_error(&e))?;
     let tracked: bool = tx
         .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
         .map_err(|e| pg_error(&e))?

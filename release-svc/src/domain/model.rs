@@ -6,8 +6,7 @@ use serde_json::Value;
 
 use super::rules::Rule;
 
-/// Milliseconds since the Unix epoch.
-pub type Millis = i64;
+pub use service_kit::time::Millis;
 
 /// An artifact that must be placed for a feature to be visible.
 #[derive(Debug, Clone, PartialEq)]

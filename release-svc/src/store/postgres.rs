@@ -68,13 +68,7 @@ fn pg(e: tokio_postgres::Error) -> Error {
     }
 }
 
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn to_u64(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
+use service_kit::time::{locks, to_i64, to_u64};
 
 /// The server process id of a connection.
 async fn backend_pid(client: &Client) -> Result<i32> {
@@ -116,9 +110,12 @@ impl PostgresStore {
         let tx = client.transaction().await.map_err(pg)?;
         // A runtime role without CREATE on the schema opens an up-to-date database: no
         // DDL runs unless a migration is due.
-        tx.batch_execute("SELECT pg_advisory_xact_lock(7303)")
-            .await
-            .map_err(pg)?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&locks::RELEASE_MIGRATIONS],
+        )
+        .await
+        .map_err(pg)?;
         let tracked: bool = tx
             .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
             .await
@@ -191,11 +188,8 @@ impl PostgresStore {
 /// The notification channel of committed changes.
 const CHANNEL: &str = "release_svc_changes";
 
-/// The advisory lock the placement applier holds.
-const APPLIER_LOCK: i64 = 7_304;
-
-/// The first key of the transaction locks taken per CreateRelease request id.
-const REQUEST_ID_LOCK: i32 = 7_306;
+const APPLIER_LOCK: i64 = locks::RELEASE_APPLIER;
+const REQUEST_ID_LOCK: i32 = locks::RELEASE_REQUEST_ID;
 
 /// Drives `connection`, forwarding notifications to `tx` until it ends.
 async fn pump<S, T>(

@@ -73,13 +73,7 @@ pub(super) fn placement_state(code: i64, deployment: i64, target: &str) -> Resul
     })
 }
 
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn to_u64(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
+use service_kit::time::{to_i64, to_u64};
 
 /// The stored form of a feature's mutable fields.
 #[derive(Serialize, Deserialize)]
