@@ -808,8 +808,11 @@ async fn many_environments_come_in_column_chunks_of_bounded_pages() {
     let db = tests::test_database(dir.path(), "release").await;
     let r = tests::Binary::release_alone(&db, &[]).await;
     let mut rc = release::connect(r.addr).await;
-    release::plain_feature(&mut rc, "a", false).await;
-    release::plain_feature(&mut rc, "b", false).await;
+    // 60 features: more than a page of 200 columns holds (10,000 / 200 = 50 rows).
+    let keys: Vec<String> = (0..60).map(|i| format!("f-{i:02}")).collect();
+    for key in &keys {
+        release::plain_feature(&mut rc, key, false).await;
+    }
     let names: Vec<String> = (0..250).map(|i| format!("env-{i:03}")).collect();
     for env in &names {
         rc.set_policy(rpb::SetPolicyRequest {
@@ -821,41 +824,52 @@ async fn many_environments_come_in_column_chunks_of_bounded_pages() {
         .await
         .unwrap();
     }
-    let mut columns = Vec::new();
-    let mut rows_seen = Vec::new();
+    let mut columns = std::collections::BTreeSet::new();
+    let mut cells: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut pages = 0;
     let mut page_token = String::new();
-    for _ in 0..10 {
+    loop {
         let m = matrix(
             &mut rc,
             rpb::ListVisibilityRequest {
                 page_token: page_token.clone(),
+                // More than a page of 200 columns holds: the cell cap decides.
+                page_size: 100,
                 ..Default::default()
             },
         )
         .await;
+        pages += 1;
         assert!(m.environments.len() <= 200, "{}", m.environments.len());
+        assert!(
+            m.features.len() * m.environments.len() <= 10_000,
+            "{} x {}",
+            m.features.len(),
+            m.environments.len()
+        );
         for f in &m.features {
             assert_eq!(f.cells.len(), m.environments.len(), "{}", f.feature);
             for (cell, env) in f.cells.iter().zip(&m.environments) {
                 assert_eq!(&cell.environment, env);
             }
-            rows_seen.push((f.feature.clone(), f.cells.len()));
+            cells
+                .entry(f.feature.clone())
+                .or_default()
+                .extend(f.cells.iter().map(|c| c.environment.clone()));
         }
         columns.extend(m.environments);
         page_token = m.next_page_token;
         if page_token.is_empty() {
             break;
         }
+        assert!(pages < 20, "paging does not end");
     }
-    columns.dedup();
-    assert_eq!(columns, names, "every column once, in order");
-    assert_eq!(
-        rows_seen,
-        [
-            ("a".to_owned(), 200),
-            ("b".to_owned(), 200),
-            ("a".to_owned(), 50),
-            ("b".to_owned(), 50)
-        ]
-    );
+    assert_eq!(columns.into_iter().collect::<Vec<_>>(), names);
+    // Every feature got every column exactly once, in order, across the chunks.
+    assert_eq!(cells.keys().cloned().collect::<Vec<_>>(), keys);
+    for (feature, envs) in &cells {
+        assert_eq!(envs, &names, "{feature}");
+    }
+    // Two chunks of columns for each of two pages of features.
+    assert_eq!(pages, 4);
 }

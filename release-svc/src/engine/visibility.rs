@@ -111,6 +111,10 @@ impl Engine {
             Some(e) => vec![e.to_owned()],
             None => known_environments(&state),
         };
+        // Rows per page from the widest chunk, the same for every chunk of columns: each
+        // chunk of a page's columns must cover the same features.
+        let per_row = all.len().clamp(1, MAX_COLUMNS_PER_PAGE);
+        let limit = limit.min((MAX_CELLS_PER_PAGE / per_row).max(1));
         let mut columns: Vec<String> = all
             .into_iter()
             .filter(|e| from.environment.as_ref().is_none_or(|a| e > a))
@@ -118,7 +122,6 @@ impl Engine {
             .collect();
         let more_columns = columns.len() > MAX_COLUMNS_PER_PAGE;
         columns.truncate(MAX_COLUMNS_PER_PAGE);
-        let limit = limit.min((MAX_CELLS_PER_PAGE / columns.len().max(1)).max(1));
         let mut page: Vec<&Arc<Feature>> = state
             .features
             .values()
