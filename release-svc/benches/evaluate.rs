@@ -1,117 +1,151 @@
-//! In-process evaluation: 1,000 features with rules and a carrier gate, one decision per
-//! iteration over varying features and users (`cargo bench -p release-svc --bench evaluate`).
+//! In-process evaluation (`cargo bench -p release-svc --bench evaluate`):
+//!
+//! - `evaluate 1000 features with rules`: one decision per iteration over varying features
+//!   and users (a rule, an allow list, a carrier gate and a 50% rollout each);
+//! - `peers/*`: the same rule, rollout and contexts decided by release-svc, by `datalogic-rs`
+//!   (the rule compiled once, the context converted once) and by flagd's Rust evaluator
+//!   (`flagd-evaluation-engine`, through its public `Operator::apply`), after a check that
+//!   all three reach the same answers.
 
-use std::collections::BTreeMap;
+#![allow(clippy::unwrap_used)]
+
+#[path = "fixture/mod.rs"]
+mod fixture;
+
 use std::hint::black_box;
-use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use release_svc::domain::evaluate::{Context, Snapshot};
-use release_svc::domain::model::{Carrier, Feature, Release, ReleaseEnvironment, ReleaseState};
-use release_svc::domain::placements::{Placement, PlacementIndex, PlacementState};
-use release_svc::domain::rules::Rule;
-use serde_json::{Map, Value};
-
-fn snapshot(n: usize) -> Snapshot {
-    let mut features = BTreeMap::new();
-    for i in 0..n {
-        let key = format!("feature-{i:04}");
-        let rule = format!(
-            r#"{{"if": [{{"and": [{{"in": [{{"var": "plan"}}, ["pro", "team"]]}}, {{"ends_with": [{{"var": "email"}}, "@corp-{}.com"]}}]}}, "on", {{"sem_ver": [{{"var": "app_version"}}, ">=", "2.{}.0"]}}, "on", null]}}"#,
-            i % 7,
-            i % 5
-        );
-        let f = Feature {
-            key: key.clone(),
-            description: String::new(),
-            owner: String::new(),
-            variants: Feature::boolean_variants(),
-            default_variant: "off".into(),
-            off_variant: "off".into(),
-            targeting: Some(Rule::parse(&rule).expect("rule")),
-            allow: vec![format!("vip-{i}")],
-            deny: vec![],
-            carriers: vec![Carrier {
-                artifact: format!("svc-{}", i % 20),
-                min_version: semver::Version::new(1, 0, 0),
-                required_coverage: 1.0,
-            }],
-            disabled: false,
-            metadata: Default::default(),
-            revision: 1,
-            create_ms: 0,
-            update_ms: 0,
-            archived_ms: None,
-        };
-        features.insert(key, Arc::new(f));
-    }
-    let release = Release {
-        id: 1,
-        description: String::new(),
-        features: features.keys().cloned().collect(),
-        environments: vec![ReleaseEnvironment {
-            environment: "prod".into(),
-            rollout_percent: 50.0,
-            ..ReleaseEnvironment::default()
-        }],
-        state: ReleaseState::Releasing,
-        governance: Default::default(),
-        revision: 1,
-        create_ms: 0,
-        update_ms: 0,
-    };
-    let mut placements = PlacementIndex::default();
-    for a in 0..20 {
-        for t in 0..4 {
-            placements.apply(Placement {
-                deployment: a,
-                environment: "prod".into(),
-                target: format!("t{t}"),
-                artifact: format!("svc-{a}"),
-                version: "1.2.0".into(),
-                state: PlacementState::Placed,
-                sequence: (a * 4 + t) as u64 + 1,
-            });
-        }
-    }
-    Snapshot::build(1, &features, &BTreeMap::from([(1, release)]), &placements)
-}
+use datalogic_rs::Engine;
+use flagd_evaluation_engine::Operator;
+use open_feature::EvaluationContext;
+use release_svc::domain::evaluate::Context;
+use release_svc::domain::rules::Bucketing;
+use serde_json::{json, Value};
 
 fn bench(c: &mut Criterion) {
-    let s = snapshot(1000);
-    let keys: Vec<String> = (0..1000).map(|i| format!("feature-{i:04}")).collect();
-    let contexts: Vec<Context> = (0..256)
-        .map(|u| {
-            let mut attributes = Map::new();
-            attributes.insert(
-                "plan".into(),
-                Value::String(if u % 3 == 0 { "pro" } else { "free" }.into()),
-            );
-            attributes.insert(
-                "email".into(),
-                Value::String(format!("user{u}@corp-{}.com", u % 7)),
-            );
-            attributes.insert(
-                "app_version".into(),
-                Value::String(format!("2.{}.1", u % 6)),
-            );
-            Context {
-                environment: "prod".into(),
-                targeting_key: format!("user-{u}"),
-                attributes,
-            }
-        })
-        .collect();
+    let s = fixture::snapshot(1000);
+    let keys: Vec<String> = (0..1000).map(fixture::key).collect();
+    let contexts = fixture::contexts();
     let mut i = 0usize;
     c.bench_function("evaluate 1000 features with rules", |b| {
         b.iter(|| {
             i = i.wrapping_add(1);
             let key = &keys[i % keys.len()];
             let ctx = &contexts[(i / 7) % contexts.len()];
-            black_box(s.evaluate(black_box(key), black_box(ctx)))
+            black_box(s.decide(black_box(key), black_box(ctx)))
         })
     });
 }
 
-criterion_group!(benches, bench);
+/// Feature 1's decision as one JSON Logic rule, as release-svc renders it for flagd: inside
+/// the 50% rollout (flagd's `fractional` over `"feature-0001/{targetingKey}"`) and the rule
+/// names `on` -> `on`, else `off`.
+fn peer_rule() -> Value {
+    let rule: Value = serde_json::from_str(&fixture::rule(1)).unwrap();
+    let matched = &rule["if"];
+    json!({"if": [
+        {"and": [
+            {"==": [{"fractional": [
+                {"cat": ["feature-0001/", {"var": "targetingKey"}]},
+                ["in", 5000],
+                ["out", 5000],
+            ]}, "in"]},
+            {"or": [matched[0], matched[2]]},
+        ]},
+        "on",
+        "off",
+    ]})
+}
+
+/// The context as a flagd provider hands it to its rule engine.
+fn flagd_context(c: &Context) -> Value {
+    let mut data = c.attributes.clone();
+    data.insert("targetingKey".into(), c.targeting_key.clone().into());
+    data.insert("$flagd".into(), json!({"flagKey": "feature-0001"}));
+    Value::Object(data)
+}
+
+fn openfeature_context(c: &Context) -> EvaluationContext {
+    let mut ctx = EvaluationContext::default().with_targeting_key(c.targeting_key.clone());
+    for (k, v) in &c.attributes {
+        ctx = ctx.with_custom_field(k.clone(), v.as_str().unwrap().to_owned());
+    }
+    ctx
+}
+
+fn peers(c: &mut Criterion) {
+    let key = fixture::key(1);
+    let contexts = fixture::contexts();
+    let rule = peer_rule();
+    let rule_text = rule.to_string();
+    let datalogic = Engine::builder().build();
+    let compiled = datalogic
+        .compile(&rule_text)
+        .expect("datalogic compiles the rule");
+    let data: Vec<Value> = contexts.iter().map(flagd_context).collect();
+    let flagd = Operator::new();
+    let of_contexts: Vec<EvaluationContext> = contexts.iter().map(openfeature_context).collect();
+
+    // The same answers, or the comparison means nothing. Both peers bucket `fractional` as
+    // flagd 0.15-0.16 did (release-svc's V2): datalogic-rs's built-in operator (its `flagd`
+    // feature), which also takes the place of flagd-evaluation-engine's own CBOR (V3)
+    // operator once that feature is on in the build.
+    for name in ["datalogic-rs", "flagd"] {
+        let mut s = fixture::snapshot(2);
+        s.bucketing = Bucketing::V2;
+        let mut served = 0;
+        for (u, ctx) in contexts.iter().enumerate() {
+            let ours = s.decide(&key, ctx).unwrap().variant.to_owned();
+            let theirs = if name == "flagd" {
+                flagd
+                    .apply(&key, &rule_text, &of_contexts[u])
+                    .unwrap()
+                    .unwrap()
+            } else {
+                let arena = datalogic_rs::bumpalo::Bump::new();
+                let v = datalogic.evaluate(&compiled, &data[u], &arena).unwrap();
+                v.as_str().unwrap().to_owned()
+            };
+            assert_eq!(ours, theirs, "{name} disagrees for user {u}");
+            served += usize::from(ours == "on");
+        }
+        assert!(
+            served > 10 && served < 246,
+            "{name}: {served} of 256 served"
+        );
+    }
+
+    let s = fixture::snapshot(2);
+    let mut g = c.benchmark_group("peers");
+    let mut i = 0usize;
+    g.bench_function("release-svc", |b| {
+        b.iter(|| {
+            i = i.wrapping_add(1);
+            let ctx = &contexts[i % contexts.len()];
+            black_box(s.decide(black_box(&key), black_box(ctx)).map(|d| d.visible))
+        })
+    });
+    let mut arena = datalogic_rs::bumpalo::Bump::new();
+    g.bench_function("datalogic-rs", |b| {
+        b.iter(|| {
+            i = i.wrapping_add(1);
+            let input = &data[i % data.len()];
+            let v = datalogic
+                .evaluate(&compiled, black_box(input), &arena)
+                .unwrap();
+            black_box(v.as_str() == Some("on"));
+            arena.reset();
+        })
+    });
+    g.bench_function("flagd-evaluation-engine", |b| {
+        b.iter(|| {
+            i = i.wrapping_add(1);
+            let ctx = &of_contexts[i % of_contexts.len()];
+            black_box(flagd.apply(&key, black_box(&rule_text), ctx).unwrap())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, peers);
 criterion_main!(benches);

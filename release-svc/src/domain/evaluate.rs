@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde_json::{Map, Value};
 
@@ -44,6 +44,17 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, in declaration order (`reason as usize` indexes it).
+    pub const ALL: [Reason; 7] = [
+        Self::Disabled,
+        Self::NotReleased,
+        Self::NotDeployed,
+        Self::TargetingMatch,
+        Self::Split,
+        Self::Default,
+        Self::Static,
+    ];
+
     /// The name in metrics and logs (as in the API's enum, without its prefix).
     pub fn name(self) -> &'static str {
         match self {
@@ -100,6 +111,11 @@ fn live(
     features.iter().filter(|(_, f)| f.archived_ms.is_none())
 }
 
+/// The snapshot's features by key, hashed with foldhash (per-process random seed): a
+/// third of SipHash's cost on the hot path. Only the server's own writes insert keys;
+/// callers only look keys up, so they cannot build collision chains.
+pub type FeatureMap = HashMap<Arc<str>, Arc<FeatureEntry>, foldhash::fast::RandomState>;
+
 /// An immutable view of everything a decision needs.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -107,7 +123,7 @@ pub struct Snapshot {
     pub version: u64,
     /// Features by key (hashed: the hot path is one lookup). Entries are shared between
     /// snapshot versions: an update replaces only the entries it recomputes.
-    pub features: HashMap<Arc<str>, Arc<FeatureEntry>>,
+    pub features: FeatureMap,
     /// The feature keys in order (for batch evaluation and listings).
     pub keys: Arc<Vec<Arc<str>>>,
     /// How `fractional` buckets (kept across updates).
@@ -116,6 +132,33 @@ pub struct Snapshot {
     pub over_budget: Arc<AtomicU64>,
     /// Evaluation counters of every feature (shared by every later snapshot).
     pub usage: Arc<UsageBook>,
+    /// The evaluations metric's handles (shared by every later snapshot).
+    pub counters: Arc<EvaluationCounters>,
+}
+
+/// The evaluations metric, one handle per reason, registered at the first decision (after
+/// the process has installed its metrics recorder, whenever the snapshot was built): a
+/// decision increments a handle (no metric key built, no registry lookup, no allocation).
+#[derive(Debug, Default)]
+pub struct EvaluationCounters(OnceLock<CounterHandles>);
+
+#[derive(Debug)]
+struct CounterHandles {
+    by_reason: [metrics::Counter; Reason::ALL.len()],
+    not_found: metrics::Counter,
+}
+
+impl EvaluationCounters {
+    fn handles(&self) -> &CounterHandles {
+        self.0.get_or_init(|| {
+            use crate::telemetry::EVALUATIONS;
+            CounterHandles {
+                by_reason: Reason::ALL
+                    .map(|r| metrics::counter!(EVALUATIONS, "reason" => r.name())),
+                not_found: metrics::counter!(EVALUATIONS, "reason" => "FEATURE_NOT_FOUND"),
+            }
+        })
+    }
 }
 
 /// Which features a change may affect.
@@ -132,6 +175,35 @@ impl Scope {
         match self {
             Self::All => true,
             Self::Keys(keys) => keys.contains(key),
+        }
+    }
+}
+
+/// A decision borrowing its variant and value from the snapshot: deciding allocates
+/// nothing (a test counts the allocations).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DecisionRef<'a> {
+    /// Whether the feature is visible.
+    pub visible: bool,
+    /// The variant served.
+    pub variant: &'a str,
+    /// Its value.
+    pub value: &'a Value,
+    /// Why.
+    pub reason: Reason,
+    /// The deciding release.
+    pub release: Option<i64>,
+}
+
+impl DecisionRef<'_> {
+    /// The decision with its own copies of the variant and the value.
+    pub fn to_decision(&self) -> Decision {
+        Decision {
+            visible: self.visible,
+            variant: self.variant.to_owned(),
+            value: self.value.clone(),
+            reason: self.reason,
+            release: self.release,
         }
     }
 }
@@ -234,10 +306,14 @@ impl Snapshot {
         };
         let (entries, keys) = match scope {
             Scope::All => {
-                let entries: HashMap<Arc<str>, Arc<FeatureEntry>> = live(features)
-                    .map(|(k, f)| (Arc::from(k.as_str()), entry_for(f)))
+                // One shared copy of each key for the map and the list.
+                let keys: Vec<Arc<str>> =
+                    live(features).map(|(k, _)| Arc::from(k.as_str())).collect();
+                let entries: FeatureMap = keys
+                    .iter()
+                    .cloned()
+                    .zip(live(features).map(|(_, f)| entry_for(f)))
                     .collect();
-                let keys = live(features).map(|(k, _)| Arc::from(k.as_str())).collect();
                 (entries, Arc::new(keys))
             }
             Scope::Keys(changed) => {
@@ -253,7 +329,23 @@ impl Snapshot {
                     }
                 }
                 let keys = if key_set_changed {
-                    Arc::new(live(features).map(|(k, _)| Arc::from(k.as_str())).collect())
+                    // The previous list with the changed keys put in or taken out, sharing
+                    // the map's copies of the keys (not a new copy of every key per write).
+                    let mut keys: Vec<Arc<str>> = self.keys.as_ref().clone();
+                    for key in changed {
+                        let live = entries.get_key_value(key.as_str()).map(|(k, _)| k.clone());
+                        match (
+                            keys.binary_search_by(|k| k.as_ref().cmp(key.as_str())),
+                            live,
+                        ) {
+                            (Err(i), Some(k)) => keys.insert(i, k),
+                            (Ok(i), None) => {
+                                keys.remove(i);
+                            }
+                            _ => {}
+                        }
+                    }
+                    Arc::new(keys)
                 } else {
                     self.keys.clone()
                 };
@@ -267,6 +359,7 @@ impl Snapshot {
             bucketing: self.bucketing,
             over_budget: self.over_budget.clone(),
             usage: self.usage.clone(),
+            counters: self.counters.clone(),
         }
     }
 
@@ -336,43 +429,48 @@ impl Snapshot {
 
     /// Decides one feature for one context; `None` for an unknown feature.
     pub fn evaluate(&self, key: &str, ctx: &Context) -> Option<Decision> {
+        self.decide(key, ctx).map(|d| d.to_decision())
+    }
+
+    /// The decision for `key` in `ctx`, borrowed from the snapshot, counted in the
+    /// evaluations metric and the feature's usage; `None` when the feature is unknown.
+    pub fn decide<'a>(&'a self, key: &str, ctx: &Context) -> Option<DecisionRef<'a>> {
         let Some(entry) = self.features.get(key) else {
-            metrics::counter!(crate::telemetry::EVALUATIONS, "reason" => "FEATURE_NOT_FOUND")
-                .increment(1);
+            self.counters.handles().not_found.increment(1);
             return None;
         };
         let decision = decide(entry, key, ctx, self);
-        metrics::counter!(crate::telemetry::EVALUATIONS, "reason" => decision.reason.name())
-            .increment(1);
+        self.counters.handles().by_reason[decision.reason as usize].increment(1);
         // Counted under its environment where a release governs the feature (or has named
         // the environment), else under OTHER_ENVIRONMENT: callers choose the name.
         let environment = match decision.reason {
             Reason::NotReleased | Reason::Disabled => self.usage.environment_name(&ctx.environment),
             _ => &ctx.environment,
         };
-        entry.usage.record(environment, &decision.variant, 1);
+        entry.usage.record(environment, decision.variant, 1);
         Some(decision)
     }
 }
 
-fn variant_value(f: &Feature, variant: &str) -> Value {
-    f.variants.get(variant).cloned().unwrap_or(Value::Null)
+fn variant_value<'a>(f: &'a Feature, variant: &str) -> &'a Value {
+    static NULL: Value = Value::Null;
+    f.variants.get(variant).unwrap_or(&NULL)
 }
 
-fn hidden(f: &Feature, reason: Reason, release: Option<i64>) -> Decision {
-    Decision {
+fn hidden(f: &Feature, reason: Reason, release: Option<i64>) -> DecisionRef<'_> {
+    DecisionRef {
         visible: false,
-        variant: f.off_variant.clone(),
+        variant: &f.off_variant,
         value: variant_value(f, &f.off_variant),
         reason,
         release,
     }
 }
 
-fn served(f: &Feature, variant: String, reason: Reason, release: i64) -> Decision {
-    Decision {
+fn served<'a>(f: &'a Feature, variant: &'a str, reason: Reason, release: i64) -> DecisionRef<'a> {
+    DecisionRef {
         visible: variant != f.off_variant,
-        value: variant_value(f, &variant),
+        value: variant_value(f, variant),
         variant,
         reason,
         release: Some(release),
@@ -381,7 +479,12 @@ fn served(f: &Feature, variant: String, reason: Reason, release: i64) -> Decisio
 
 /// The variant the targeting rule picks, if it names one of the feature's variants (none
 /// when the rule runs out of budget: counted, and the feature serves its default).
-fn rule_variant(f: &Feature, key: &str, ctx: &Context, snapshot: &Snapshot) -> Option<String> {
+fn rule_variant<'a>(
+    f: &'a Feature,
+    key: &str,
+    ctx: &Context,
+    snapshot: &Snapshot,
+) -> Option<&'a str> {
     let rule = f.targeting.as_ref()?;
     let data = Data {
         attributes: &ctx.attributes,
@@ -396,20 +499,25 @@ fn rule_variant(f: &Feature, key: &str, ctx: &Context, snapshot: &Snapshot) -> O
         return None;
     };
     match picked.as_ref() {
-        Value::String(v) if f.variants.contains_key(v) => Some(v.clone()),
+        Value::String(v) => f.variants.get_key_value(v).map(|(k, _)| k.as_str()),
         // flagd names the variant by the result's text ("true"); "on"/"off" are ours.
         Value::Bool(b) => {
             let named = if *b { ["true", "on"] } else { ["false", "off"] };
             named
                 .into_iter()
-                .find(|n| f.variants.contains_key(*n))
-                .map(str::to_owned)
+                .find_map(|n| f.variants.get_key_value(n))
+                .map(|(k, _)| k.as_str())
         }
         _ => None,
     }
 }
 
-fn decide(entry: &FeatureEntry, key: &str, ctx: &Context, snapshot: &Snapshot) -> Decision {
+fn decide<'a>(
+    entry: &'a FeatureEntry,
+    key: &str,
+    ctx: &Context,
+    snapshot: &Snapshot,
+) -> DecisionRef<'a> {
     let f = &entry.feature;
     if f.disabled {
         return hidden(f, Reason::Disabled, None);
@@ -425,8 +533,7 @@ fn decide(entry: &FeatureEntry, key: &str, ctx: &Context, snapshot: &Snapshot) -
         return hidden(f, Reason::TargetingMatch, Some(g.release));
     }
     if !tk.is_empty() && f.allow.iter().any(|a| a == tk) {
-        let variant =
-            rule_variant(f, key, ctx, snapshot).unwrap_or_else(|| f.default_variant.clone());
+        let variant = rule_variant(f, key, ctx, snapshot).unwrap_or(f.default_variant.as_str());
         return served(f, variant, Reason::TargetingMatch, g.release);
     }
     if g.rollout_percent < 100.0 {
@@ -435,7 +542,7 @@ fn decide(entry: &FeatureEntry, key: &str, ctx: &Context, snapshot: &Snapshot) -
         }
         return match rule_variant(f, key, ctx, snapshot) {
             Some(v) => served(f, v, Reason::TargetingMatch, g.release),
-            None => served(f, f.default_variant.clone(), Reason::Split, g.release),
+            None => served(f, &f.default_variant, Reason::Split, g.release),
         };
     }
     match rule_variant(f, key, ctx, snapshot) {
@@ -445,9 +552,9 @@ fn decide(entry: &FeatureEntry, key: &str, ctx: &Context, snapshot: &Snapshot) -
             || !f.deny.is_empty()
             || f.default_variant.is_empty() =>
         {
-            served(f, f.default_variant.clone(), Reason::Default, g.release)
+            served(f, &f.default_variant, Reason::Default, g.release)
         }
-        None => served(f, f.default_variant.clone(), Reason::Static, g.release),
+        None => served(f, &f.default_variant, Reason::Static, g.release),
     }
 }
 
@@ -820,6 +927,7 @@ mod tests {
                 let key = format!("f{i}-{shape}");
                 let mut f = feature(&key);
                 f.variants
+                    .make_mut()
                     .insert("blue".into(), Value::String("blue".into()));
                 match shape {
                     1 => f.allow = vec!["u1".into(), "u7".into()],

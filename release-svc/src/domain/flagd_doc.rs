@@ -42,7 +42,7 @@ impl ImportedFlag {
             key: self.key.clone(),
             description: "imported from a flagd flag definition".into(),
             owner: String::new(),
-            variants: BTreeMap::new(),
+            variants: BTreeMap::new().into(),
             default_variant: String::new(),
             off_variant: String::new(),
             targeting: None,
@@ -57,7 +57,7 @@ impl ImportedFlag {
             archived_ms: None,
         });
         Feature {
-            variants: self.variants.clone(),
+            variants: self.variants.clone().into(),
             default_variant: self.default_variant.clone(),
             off_variant: self.default_variant.clone(),
             targeting: self.targeting.clone(),
@@ -233,7 +233,7 @@ pub fn parse(document: &str, skip_invalid: bool) -> Result<Parsed, super::Error>
         expanded += flag
             .targeting
             .as_ref()
-            .map_or(0, |r| r.as_json().to_string().len());
+            .map_or(0, |r| r.to_json().to_string().len());
         if expanded > MAX_DOCUMENT_EXPANDED_BYTES {
             let mut all = Violations::default();
             all.push(
@@ -371,7 +371,12 @@ pub fn render(snapshot: &Snapshot, environment: &str) -> Value {
         );
         flag.insert(
             "variants".into(),
-            Value::Object(f.variants.clone().into_iter().collect()),
+            Value::Object(
+                f.variants
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
         );
         flag.insert(
             "defaultVariant".into(),
@@ -385,7 +390,7 @@ pub fn render(snapshot: &Snapshot, environment: &str) -> Value {
             "targeting".into(),
             f.targeting
                 .as_ref()
-                .map(|r| r.as_json().clone())
+                .map(|r| r.to_json())
                 .unwrap_or(Value::Object(Map::new())),
         );
         let mut metadata: Map<String, Value> = f.metadata.clone().into_iter().collect();
@@ -441,7 +446,12 @@ pub fn render_decisions(snapshot: &Snapshot, environment: &str) -> Value {
         flag.insert("state".into(), Value::String("ENABLED".into()));
         flag.insert(
             "variants".into(),
-            Value::Object(f.variants.clone().into_iter().collect()),
+            Value::Object(
+                f.variants
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
         );
         let governing = entry
             .governing(environment)
@@ -494,7 +504,7 @@ fn decision_rule(f: &Feature, key: &str, percent: f64, default: Value) -> Value 
     let served = match &f.targeting {
         None => default,
         Some(rule) => {
-            let r = rule.as_json();
+            let r = &rule.to_json();
             let names: Vec<Value> = f.variants.keys().cloned().map(Value::String).collect();
             let mut branches = vec![json!({"in": [r, names]}), r.clone()];
             for (result, named) in [(true, ["true", "on"]), (false, ["false", "off"])] {
@@ -566,7 +576,7 @@ mod tests {
             .targeting
             .as_ref()
             .unwrap()
-            .as_json()
+            .to_json()
             .to_string()
             .contains("@corp.com"));
         assert!(flags[1].disabled);

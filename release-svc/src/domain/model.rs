@@ -1,6 +1,8 @@
 //! Features and releases as plain data, with the release state machine.
 
 use std::collections::BTreeMap;
+use std::ops::Deref;
+use std::sync::{Arc, LazyLock};
 
 use serde_json::Value;
 
@@ -29,7 +31,7 @@ pub struct Feature {
     /// Owner.
     pub owner: String,
     /// Variants by name.
-    pub variants: BTreeMap<String, Value>,
+    pub variants: Variants,
     /// Served when visible and no rule picks a variant.
     pub default_variant: String,
     /// Served when not visible.
@@ -58,11 +60,55 @@ pub struct Feature {
 
 impl Feature {
     /// The boolean variants used when a feature names none.
-    pub fn boolean_variants() -> BTreeMap<String, Value> {
-        BTreeMap::from([
-            ("on".to_owned(), Value::Bool(true)),
-            ("off".to_owned(), Value::Bool(false)),
-        ])
+    pub fn boolean_variants() -> Variants {
+        Variants(BOOLEAN.clone())
+    }
+}
+
+/// A feature's variants by name, immutable and shared: every feature with the boolean
+/// variants (most of them) points at one map instead of holding a copy (a map of two
+/// entries costs over 600 bytes).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Variants(Arc<BTreeMap<String, Value>>);
+
+static BOOLEAN: LazyLock<Arc<BTreeMap<String, Value>>> = LazyLock::new(|| {
+    Arc::new(BTreeMap::from([
+        ("on".to_owned(), Value::Bool(true)),
+        ("off".to_owned(), Value::Bool(false)),
+    ]))
+});
+
+impl From<BTreeMap<String, Value>> for Variants {
+    fn from(map: BTreeMap<String, Value>) -> Self {
+        if map == **BOOLEAN {
+            Self(BOOLEAN.clone())
+        } else {
+            Self(Arc::new(map))
+        }
+    }
+}
+
+impl Variants {
+    /// The map to change: this feature's own copy (copied on the first change if shared).
+    pub fn make_mut(&mut self) -> &mut BTreeMap<String, Value> {
+        Arc::make_mut(&mut self.0)
+    }
+}
+
+impl Deref for Variants {
+    type Target = BTreeMap<String, Value>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl<'a> IntoIterator for &'a Variants {
+    type Item = (&'a String, &'a Value);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, Value>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
     }
 }
 

@@ -181,6 +181,18 @@ impl Budget {
     fn exceeded(&self) -> bool {
         self.over
     }
+
+    /// Takes `ops` operations and `bytes` of output at once (a constant's whole cost);
+    /// false (and the whole budget gone) when they do not fit.
+    fn take(&mut self, ops: u32, bytes: usize) -> bool {
+        if ops > self.ops {
+            self.ops = 0;
+            self.over = true;
+            return false;
+        }
+        self.ops -= ops;
+        self.spend(bytes)
+    }
 }
 
 /// The bytes a copy of `v` costs, roughly (iterative: values nest deeply).
@@ -223,9 +235,115 @@ fn owned(v: Cow<'_, Value>, budget: &mut Budget) -> Value {
     }
 }
 
-/// A checked targeting rule.
+/// A checked targeting rule, compiled: operators resolved once, constants kept as JSON and
+/// read in place. About a quarter of the memory of the rule's JSON tree (whose every
+/// operator object is a map), and no operator name compared to a list per evaluation.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Rule(Value);
+pub struct Rule(Node);
+
+/// One node of a compiled rule.
+#[derive(Debug, Clone, PartialEq)]
+enum Node {
+    /// A scalar or `{}`: one operation, read in place.
+    Lit(Value),
+    /// An array without an operator inside, read in place. It costs what evaluating it
+    /// item by item would: one operation per value in it and its items' bytes.
+    Const { value: Value, ops: u32, bytes: u32 },
+    /// An array with an operator inside: evaluated item by item.
+    Array(Box<[Node]>),
+    /// An operator (its name from [`OPERATORS`]) and its arguments; `bare` when the rule
+    /// wrote the single argument without an array (`{"var": "plan"}`).
+    Op {
+        name: &'static str,
+        args: Box<[Node]>,
+        bare: bool,
+    },
+    /// `sem_ver` against a constant version (its usual form), the version parsed once.
+    SemVer {
+        args: Box<[Node]>,
+        against: Box<semver::Version>,
+    },
+}
+
+/// The argument an operator reads where the rule gives none.
+static NULL_NODE: Node = Node::Lit(Value::Null);
+/// Answers that need no copy (an owned `Value` would be built and dropped per operator).
+static NULL: Value = Value::Null;
+static TRUE: Value = Value::Bool(true);
+static FALSE: Value = Value::Bool(false);
+
+impl Node {
+    /// Compiles a checked rule.
+    fn compile(v: &Value) -> Self {
+        match v {
+            Value::Object(map) => match map.iter().next() {
+                Some((op, raw)) => {
+                    let name = OPERATORS
+                        .iter()
+                        .copied()
+                        .find(|o| *o == op)
+                        .unwrap_or("unknown");
+                    let (args, bare): (Box<[Node]>, bool) = match raw {
+                        Value::Array(items) => (items.iter().map(Self::compile).collect(), false),
+                        other => (Box::from([Self::compile(other)]), true),
+                    };
+                    if let ("sem_ver", [_, _, Self::Lit(Value::String(b))]) = (name, &args[..]) {
+                        if let Some(against) = parse_version(b) {
+                            let against = Box::new(against);
+                            return Self::SemVer { args, against };
+                        }
+                    }
+                    Self::Op { name, args, bare }
+                }
+                None => Self::Lit(v.clone()),
+            },
+            Value::Array(items) => {
+                let items: Box<[Node]> = items.iter().map(Self::compile).collect();
+                if items
+                    .iter()
+                    .all(|n| matches!(n, Self::Lit(_) | Self::Const { .. }))
+                {
+                    let (ops, bytes) = items.iter().fold((1u32, 0u32), |(o, b), n| match n {
+                        Self::Const { ops, bytes, .. } => (o + ops, b + bytes),
+                        Self::Lit(v) => (o + 1, b + weight(v) as u32),
+                        _ => (o, b),
+                    });
+                    Self::Const {
+                        value: v.clone(),
+                        ops,
+                        bytes,
+                    }
+                } else {
+                    Self::Array(items)
+                }
+            }
+            other => Self::Lit(other.clone()),
+        }
+    }
+
+    /// The JSON the node was compiled from.
+    fn to_json(&self) -> Value {
+        match self {
+            Self::Lit(v) | Self::Const { value: v, .. } => v.clone(),
+            Self::Array(items) => Value::Array(items.iter().map(Self::to_json).collect()),
+            Self::SemVer { args, .. } => {
+                let args = args.iter().map(Self::to_json).collect();
+                let mut map = Map::with_capacity(1);
+                map.insert("sem_ver".to_owned(), Value::Array(args));
+                Value::Object(map)
+            }
+            Self::Op { name, args, bare } => {
+                let args = match (bare, &args[..]) {
+                    (true, [one]) => one.to_json(),
+                    _ => Value::Array(args.iter().map(Self::to_json).collect()),
+                };
+                let mut map = Map::with_capacity(1);
+                map.insert((*name).to_owned(), args);
+                Value::Object(map)
+            }
+        }
+    }
+}
 
 impl Rule {
     /// Parses and checks a rule written as JSON: at most [`MAX_RULE_BYTES`], nested at
@@ -240,12 +358,12 @@ impl Rule {
         let value: Value =
             serde_json::from_str(text).map_err(|e| format!("is not valid JSON: {e}"))?;
         check(&value, 0)?;
-        Ok(Self(value))
+        Ok(Self(Node::compile(&value)))
     }
 
-    /// The rule as JSON.
-    pub fn as_json(&self) -> &Value {
-        &self.0
+    /// The rule as JSON (as written, object keys in order).
+    pub fn to_json(&self) -> Value {
+        self.0.to_json()
     }
 
     /// Evaluates the rule against `data` within the evaluation budget.
@@ -342,10 +460,14 @@ fn var<'a>(
 ) -> Cow<'a, Value> {
     if let Some(item) = data.item {
         return walk(item, path)
-            .map_or_else(|| default.unwrap_or(Cow::Owned(Value::Null)), Cow::Borrowed);
+            .map_or_else(|| default.unwrap_or(Cow::Borrowed(&NULL)), Cow::Borrowed);
     }
-    let mut parts = path.split('.');
-    let first = parts.next().unwrap_or_default();
+    // Most paths are one key: find the dot by a plain byte scan (no searcher set up).
+    let (first, rest) = match path.bytes().position(|b| b == b'.') {
+        Some(i) => (&path[..i], Some(&path[i + 1..])),
+        None => (path, None),
+    };
+    let mut parts = rest.into_iter().flat_map(|r| r.split('.'));
     let mut current: &'a Value = match first {
         "" => return Cow::Owned(whole(data, budget)),
         "targetingKey" => return Cow::Owned(Value::String(data.targeting_key.to_owned())),
@@ -353,12 +475,12 @@ fn var<'a>(
             return match parts.next() {
                 Some("flagKey") => Cow::Owned(Value::String(data.flag_key.to_owned())),
                 Some("timestamp") => Cow::Owned(Value::from(unix_seconds())),
-                _ => default.unwrap_or(Cow::Owned(Value::Null)),
+                _ => default.unwrap_or(Cow::Borrowed(&NULL)),
             }
         }
         key => match data.attributes.get(key) {
             Some(v) => v,
-            None => return default.unwrap_or(Cow::Owned(Value::Null)),
+            None => return default.unwrap_or(Cow::Borrowed(&NULL)),
         },
     };
     for part in parts {
@@ -369,7 +491,7 @@ fn var<'a>(
         };
         match next {
             Some(v) => current = v,
-            None => return default.unwrap_or(Cow::Owned(Value::Null)),
+            None => return default.unwrap_or(Cow::Borrowed(&NULL)),
         }
     }
     Cow::Borrowed(current)
@@ -430,7 +552,7 @@ fn compare(op: &str, a: f64, b: f64) -> bool {
 }
 
 fn bool_value<'a>(b: bool) -> Cow<'a, Value> {
-    Cow::Owned(Value::Bool(b))
+    Cow::Borrowed(if b { &TRUE } else { &FALSE })
 }
 
 fn number_value<'a>(f: Option<f64>) -> Cow<'a, Value> {
@@ -455,34 +577,58 @@ fn paid_text<'v>(v: &'v Value, budget: &mut Budget) -> Cow<'v, str> {
 /// Evaluates `rule` against `data`, borrowing from the rule and the data where it can and
 /// paying every operation and copy from `budget` (null once it is spent). Recursion is
 /// bounded by the rule's checked depth.
-fn apply<'a>(rule: &'a Value, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, Value> {
-    if !budget.op() {
-        return Cow::Owned(Value::Null);
-    }
-    let map = match rule {
-        Value::Object(map) if map.len() == 1 => map,
-        Value::Array(items) => {
+fn apply<'a>(rule: &'a Node, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, Value> {
+    let (op, args): (&str, &'a [Node]) = match rule {
+        Node::Op { name, args, .. } => (name, args),
+        Node::Lit(v) => {
+            return if budget.op() {
+                Cow::Borrowed(v)
+            } else {
+                Cow::Borrowed(&NULL)
+            };
+        }
+        Node::Const { value, ops, bytes } => {
+            return if budget.take(*ops, *bytes as usize) {
+                Cow::Borrowed(value)
+            } else {
+                Cow::Borrowed(&NULL)
+            };
+        }
+        Node::SemVer { args, against } => {
+            // The operations and copies of the general form: the operator, its three
+            // arguments (the version a literal), texts borrowed.
+            if !budget.op() {
+                return Cow::Borrowed(&NULL);
+            }
+            let (a, o) = (apply(&args[0], data, budget), apply(&args[1], data, budget));
+            if !budget.op() {
+                return Cow::Borrowed(&NULL);
+            }
+            let (a, o) = (paid_text(&a, budget), paid_text(&o, budget));
+            return parse_version(&a)
+                .and_then(|a| compare_versions(&a, &o, against))
+                .map_or(Cow::Borrowed(&NULL), bool_value);
+        }
+        Node::Array(items) => {
+            if !budget.op() {
+                return Cow::Borrowed(&NULL);
+            }
             let mut out = Vec::with_capacity(items.len());
-            for v in items {
+            for v in items.iter() {
                 let item = apply(v, data, budget);
                 out.push(owned(item, budget));
             }
             return Cow::Owned(Value::Array(out));
         }
-        other => return Cow::Borrowed(other),
     };
-    let Some((op, raw)) = map.iter().next() else {
-        return Cow::Owned(Value::Null);
-    };
-    let args: &'a [Value] = match raw {
-        Value::Array(items) => items,
-        other => std::slice::from_ref(other),
-    };
+    if !budget.op() {
+        return Cow::Borrowed(&NULL);
+    }
     let eval = |i: usize, budget: &mut Budget| {
         args.get(i)
-            .map_or(Cow::Owned(Value::Null), |v| apply(v, data, budget))
+            .map_or(Cow::Borrowed(&NULL), |v| apply(v, data, budget))
     };
-    match op.as_str() {
+    match op {
         "var" => {
             let path = eval(0, budget);
             let default = args.get(1).map(|v| apply(v, data, budget));
@@ -506,7 +652,7 @@ fn apply<'a>(rule: &'a Value, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, 
             if i < args.len() {
                 eval(i, budget)
             } else {
-                Cow::Owned(Value::Null)
+                Cow::Borrowed(&NULL)
             }
         }
         "==" => bool_value(loose_eq(&eval(0, budget), &eval(1, budget))),
@@ -516,7 +662,7 @@ fn apply<'a>(rule: &'a Value, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, 
         "!" => bool_value(!truthy(&eval(0, budget))),
         "!!" => bool_value(truthy(&eval(0, budget))),
         "and" => {
-            let mut last = Cow::Owned(Value::Bool(true));
+            let mut last = bool_value(true);
             for i in 0..args.len() {
                 last = eval(i, budget);
                 if !truthy(&last) {
@@ -526,7 +672,7 @@ fn apply<'a>(rule: &'a Value, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, 
             last
         }
         "or" => {
-            let mut last = Cow::Owned(Value::Bool(false));
+            let mut last = bool_value(false);
             for i in 0..args.len() {
                 last = eval(i, budget);
                 if truthy(&last) {
@@ -565,7 +711,7 @@ fn apply<'a>(rule: &'a Value, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, 
                 let piece = eval(i, budget);
                 let piece = paid_text(&piece, budget);
                 if !budget.spend(piece.len()) {
-                    return Cow::Owned(Value::Null);
+                    return Cow::Borrowed(&NULL);
                 }
                 out.push_str(&piece);
             }
@@ -574,7 +720,7 @@ fn apply<'a>(rule: &'a Value, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, 
         "+" | "*" | "min" | "max" => {
             let nums: Option<Vec<f64>> =
                 (0..args.len()).map(|i| number(&eval(i, budget))).collect();
-            number_value(nums.filter(|n| !n.is_empty()).map(|n| match op.as_str() {
+            number_value(nums.filter(|n| !n.is_empty()).map(|n| match op {
                 "+" => n.iter().sum(),
                 "*" => n.iter().product(),
                 "min" => n.iter().copied().fold(f64::INFINITY, f64::min),
@@ -595,7 +741,7 @@ fn apply<'a>(rule: &'a Value, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, 
         // non-strings, invalid versions or operators; the flag then serves its default.
         "starts_with" | "ends_with" => {
             if args.len() != 2 {
-                return Cow::Owned(Value::Null);
+                return Cow::Borrowed(&NULL);
             }
             let (s, p) = (eval(0, budget), eval(1, budget));
             match (s.as_ref(), p.as_ref()) {
@@ -603,12 +749,12 @@ fn apply<'a>(rule: &'a Value, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, 
                     bool_value(s.starts_with(p.as_str()))
                 }
                 (Value::String(s), Value::String(p)) => bool_value(s.ends_with(p.as_str())),
-                _ => Cow::Owned(Value::Null),
+                _ => Cow::Borrowed(&NULL),
             }
         }
         "sem_ver" => {
             if args.len() != 3 {
-                return Cow::Owned(Value::Null);
+                return Cow::Borrowed(&NULL);
             }
             let (a, o, b) = (eval(0, budget), eval(1, budget), eval(2, budget));
             let (a, o, b) = (
@@ -616,7 +762,7 @@ fn apply<'a>(rule: &'a Value, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, 
                 paid_text(&o, budget),
                 paid_text(&b, budget),
             );
-            sem_ver(&a, &o, &b).map_or(Cow::Owned(Value::Null), bool_value)
+            sem_ver(&a, &o, &b).map_or(Cow::Borrowed(&NULL), bool_value)
         }
         "fractional" => Cow::Owned(fractional(args, data, budget)),
         "missing" => Cow::Owned(missing(args, data, budget)),
@@ -624,7 +770,7 @@ fn apply<'a>(rule: &'a Value, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, 
             let need = number(&eval(0, budget)).unwrap_or(0.0);
             let keys = args
                 .get(1)
-                .map_or(Cow::Owned(Value::Null), |v| apply(v, data, budget));
+                .map_or(Cow::Borrowed(&NULL), |v| apply(v, data, budget));
             let Value::Array(keys) = keys.as_ref() else {
                 return Cow::Owned(Value::Array(Vec::new()));
             };
@@ -638,10 +784,10 @@ fn apply<'a>(rule: &'a Value, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, 
         }
         "map" | "filter" | "all" | "none" | "some" => {
             let mut items = eval(0, budget);
-            if let (Value::String(text), "all") = (items.as_ref(), op.as_str()) {
+            if let (Value::String(text), "all") = (items.as_ref(), op) {
                 // json-logic-js's `all` walks a string's characters.
                 if !budget.spend(text.len() * 9) {
-                    return Cow::Owned(Value::Null);
+                    return Cow::Borrowed(&NULL);
                 }
                 let chars = text.chars().map(|c| Value::String(c.into())).collect();
                 items = Cow::Owned(Value::Array(chars));
@@ -649,24 +795,24 @@ fn apply<'a>(rule: &'a Value, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, 
             let Value::Array(items) = items.as_ref() else {
                 // JSON Logic: over anything but an array, map and filter give [], all and
                 // some false, none true.
-                return Cow::Owned(match op.as_str() {
+                return Cow::Owned(match op {
                     "map" | "filter" => Value::Array(Vec::new()),
                     "none" => Value::Bool(true),
                     _ => Value::Bool(false),
                 });
             };
-            let logic = args.get(1).unwrap_or(&Value::Null);
+            let logic = args.get(1).unwrap_or(&NULL_NODE);
             let mut out = Vec::new();
             for item in items {
                 if budget.exceeded() {
-                    return Cow::Owned(Value::Null);
+                    return Cow::Borrowed(&NULL);
                 }
                 let inner = Scope {
                     data: data.data,
                     item: Some(item),
                 };
                 let result = apply(logic, &inner, budget);
-                match op.as_str() {
+                match op {
                     "map" => {
                         let v = owned(result, budget);
                         out.push(v);
@@ -680,7 +826,7 @@ fn apply<'a>(rule: &'a Value, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, 
                     _ => {}
                 }
             }
-            Cow::Owned(match op.as_str() {
+            Cow::Owned(match op {
                 "map" | "filter" => Value::Array(out),
                 // `all` of nothing is false in JSON Logic.
                 "all" => Value::Bool(!items.is_empty()),
@@ -695,10 +841,10 @@ fn apply<'a>(rule: &'a Value, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, 
             let Value::Array(items) = items.as_ref() else {
                 return Cow::Owned(accumulator);
             };
-            let logic = args.get(1).unwrap_or(&Value::Null);
+            let logic = args.get(1).unwrap_or(&NULL_NODE);
             for item in items {
                 if budget.exceeded() || !budget.spend(weight(item)) {
-                    return Cow::Owned(Value::Null);
+                    return Cow::Borrowed(&NULL);
                 }
                 let mut state = Map::with_capacity(2);
                 state.insert("current".into(), item.clone());
@@ -739,7 +885,7 @@ fn apply<'a>(rule: &'a Value, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, 
                 .iter()
                 .collect();
             if !budget.spend(piece.len()) {
-                return Cow::Owned(Value::Null);
+                return Cow::Borrowed(&NULL);
             }
             Cow::Owned(Value::String(piece))
         }
@@ -751,7 +897,7 @@ fn apply<'a>(rule: &'a Value, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, 
                     Cow::Borrowed(Value::Array(items)) => {
                         for item in items {
                             if !budget.spend(weight(item)) {
-                                return Cow::Owned(Value::Null);
+                                return Cow::Borrowed(&NULL);
                             }
                             out.push(item.clone());
                         }
@@ -764,13 +910,13 @@ fn apply<'a>(rule: &'a Value, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, 
             }
             Cow::Owned(Value::Array(out))
         }
-        _ => Cow::Owned(Value::Null),
+        _ => Cow::Borrowed(&NULL),
     }
 }
 
 /// JSON Logic's `missing`: the keys (the arguments, or the first argument when it is an
 /// array) whose value is null or the empty string.
-fn missing<'a>(args: &'a [Value], data: &Scope<'a>, budget: &mut Budget) -> Value {
+fn missing<'a>(args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -> Value {
     let mut keys = Vec::with_capacity(args.len());
     for v in args {
         let key = apply(v, data, budget);
@@ -815,9 +961,12 @@ fn parse_version(v: &str) -> Option<semver::Version> {
 /// flagd's `sem_ver`: `[version, operator, version]` with `= != < <= > >= ^ ~`; `None`
 /// for an invalid version or operator.
 pub fn sem_ver(a: &str, op: &str, b: &str) -> Option<bool> {
-    let (a, b) = (parse_version(a)?, parse_version(b)?);
+    compare_versions(&parse_version(a)?, op, &parse_version(b)?)
+}
+
+fn compare_versions(a: &semver::Version, op: &str, b: &semver::Version) -> Option<bool> {
     // Precedence ignores build metadata (SemVer 2.0 section 10): 1.0.0+build = 1.0.0.
-    let order = a.cmp_precedence(&b);
+    let order = a.cmp_precedence(b);
     Some(match op {
         "=" => order.is_eq(),
         "!=" => order.is_ne(),
@@ -831,7 +980,7 @@ pub fn sem_ver(a: &str, op: &str, b: &str) -> Option<bool> {
     })
 }
 
-fn fractional<'a>(raw_args: &'a [Value], data: &Scope<'a>, budget: &mut Budget) -> Value {
+fn fractional<'a>(raw_args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -> Value {
     // Names and weights may be expressions (flagd's "nested" fractional): evaluate first.
     let mut args: Vec<Value> = Vec::with_capacity(raw_args.len());
     for v in raw_args {

@@ -60,10 +60,17 @@ impl Slot {
     }
 }
 
-/// One feature's counters since the last flush: [`INLINE`] slots set once each and read
-/// without a lock, then more (up to [`MAX_SLOTS`]) behind a lock.
+/// One feature's counters since the last flush, allocated at its first evaluation (a
+/// feature never evaluated costs one pointer, not the 400 bytes of its slots).
 #[derive(Debug, Default)]
 pub struct FeatureUsage {
+    block: OnceLock<Box<Block>>,
+}
+
+/// [`INLINE`] slots set once each and read without a lock, then more (up to
+/// [`MAX_SLOTS`]) behind a lock.
+#[derive(Debug, Default)]
+struct Block {
     inline: [OnceLock<Slot>; INLINE],
     more: Mutex<Vec<Slot>>,
 }
@@ -72,6 +79,29 @@ impl FeatureUsage {
     /// Counts `n` evaluations that served `variant` in `environment`.
     #[inline]
     pub fn record(&self, environment: &str, variant: &str, n: u64) {
+        self.block
+            .get_or_init(Box::default)
+            .record(environment, variant, n);
+    }
+
+    /// The counts since the last flush, each reset to zero.
+    fn take(&self) -> Counts {
+        self.block
+            .get()
+            .map_or_else(Vec::new, |b| b.read(|c| c.swap(0, Ordering::Relaxed)))
+    }
+
+    /// The counts since the last flush, left in place.
+    fn peek(&self) -> Counts {
+        self.block
+            .get()
+            .map_or_else(Vec::new, |b| b.read(|c| c.load(Ordering::Relaxed)))
+    }
+}
+
+impl Block {
+    #[inline]
+    fn record(&self, environment: &str, variant: &str, n: u64) {
         for slot in &self.inline {
             match slot.get() {
                 Some(s) if s.is(environment, variant) => {
@@ -117,16 +147,6 @@ impl FeatureUsage {
                 (n > 0).then(|| (s.environment.clone(), s.variant.clone(), n))
             })
             .collect()
-    }
-
-    /// The counts since the last flush, each reset to zero.
-    fn take(&self) -> Counts {
-        self.read(|c| c.swap(0, Ordering::Relaxed))
-    }
-
-    /// The counts since the last flush, left in place.
-    fn peek(&self) -> Counts {
-        self.read(|c| c.load(Ordering::Relaxed))
     }
 }
 

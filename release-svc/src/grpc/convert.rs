@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 
 use crate::domain::evaluate::{Context, Decision, Reason};
 use crate::domain::model::{
-    Carrier, Feature, Governance, Millis, Release, ReleaseEnvironment, ReleaseState, Step,
+    Carrier, Feature, Governance, Millis, Release, ReleaseEnvironment, ReleaseState, Step, Variants,
 };
 use crate::domain::names;
 use crate::domain::policy::Policy;
@@ -152,13 +152,14 @@ pub fn feature(f: pb::Feature, create: bool) -> Result<(Feature, Option<i64>)> {
         service_kit::validate::MAX_TEXT,
     );
     text(&mut v, "feature.owner", &f.owner, 256);
-    let variants: BTreeMap<String, Value> = if f.variants.is_empty() {
+    let variants: Variants = if f.variants.is_empty() {
         Feature::boolean_variants()
     } else {
         f.variants
             .iter()
             .map(|(k, val)| (k.clone(), to_json(val)))
-            .collect()
+            .collect::<BTreeMap<String, Value>>()
+            .into()
     };
     if variants.len() > MAX_VARIANTS || variants.keys().any(|k| k.is_empty() || k.len() > 128) {
         v.push(
@@ -307,7 +308,7 @@ pub fn feature_pb(f: &Feature) -> pb::Feature {
         targeting: f
             .targeting
             .as_ref()
-            .map(|r| r.as_json().to_string())
+            .map(|r| r.to_json().to_string())
             .unwrap_or_default(),
         allow: f.allow.clone(),
         deny: f.deny.clone(),

@@ -332,10 +332,10 @@ pub(super) fn feature_body(f: &Feature) -> Result<String> {
     serde_json::to_string(&FeatureBody {
         description: f.description.clone(),
         owner: f.owner.clone(),
-        variants: f.variants.clone(),
+        variants: (*f.variants).clone(),
         default_variant: f.default_variant.clone(),
         off_variant: f.off_variant.clone(),
-        targeting: f.targeting.as_ref().map(|r| r.as_json().clone()),
+        targeting: f.targeting.as_ref().map(|r| r.to_json()),
         allow: f.allow.clone(),
         deny: f.deny.clone(),
         carriers: f
@@ -381,7 +381,7 @@ pub(super) fn feature_from(
         key,
         description: b.description,
         owner: b.owner,
-        variants: b.variants,
+        variants: b.variants.into(),
         default_variant: b.default_variant,
         off_variant: b.off_variant,
         targeting,
@@ -450,7 +450,8 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(sql)?;
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;
+             PRAGMA cache_size = -1024;",
         )
         .map_err(sql)?;
         service_kit::sqlite::migrate(&conn, MIGRATIONS).map_err(sql)?;
@@ -461,6 +462,11 @@ impl SqliteStore {
         .map_err(sql)?;
         reader
             .busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(sql)?;
+        // Decisions are served from memory and the store is read in full only at start:
+        // 1 MiB of page cache per connection (SQLite's default is 2 MiB) is plenty.
+        reader
+            .execute_batch("PRAGMA cache_size = -1024;")
             .map_err(sql)?;
         Ok(Self {
             path: path.to_owned(),

@@ -809,6 +809,7 @@ async fn secure_throughput(dir: &Path, requests: u64, clients: u32, streams: u32
     println!("| round | set-up | requests/s | h2load status codes |");
     println!("|---|---|---|---|");
     let mut ratios = vec![Vec::new(); Setup::ALL.len()];
+    let mut same_flags = Vec::new();
     for round in 1..=rounds {
         // Rotate which goes first, so drift on the machine favours none.
         let mut rps = [0.0; Setup::ALL.len()];
@@ -826,6 +827,9 @@ async fn secure_throughput(dir: &Path, requests: u64, clients: u32, streams: u32
         for (k, r) in rps.iter().enumerate() {
             ratios[k].push(r / rps[0]);
         }
+        // The same h2load flags on both sides: the token header sent to a server with
+        // TLS and authentication off, against TLS + JWT.
+        same_flags.push(rps[Setup::Secure as usize] / rps[Setup::PlainWithToken as usize]);
     }
     // Still answering correctly, and with OK, after the load.
     let checks = 1000;
@@ -851,6 +855,13 @@ async fn secure_throughput(dir: &Path, requests: u64, clients: u32, streams: u32
             ratios[ratios.len() / 2]
         );
     }
+    same_flags.sort_by(f64::total_cmp);
+    println!(
+        "ratio {} / {} (same h2load flags): median {:.3} (rounds: {same_flags:.3?})",
+        Setup::Secure.name(),
+        Setup::PlainWithToken.name(),
+        same_flags[same_flags.len() / 2]
+    );
 }
 
 async fn flagd(dir: &Path, requests: u64, clients: u32, streams: u32, rounds: usize) {
