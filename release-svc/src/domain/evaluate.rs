@@ -69,6 +69,16 @@ impl Reason {
     }
 }
 
+// `Reason::ALL` is in declaration order (checked when compiling): the metric handles are
+// indexed by `reason as usize`.
+const _: () = {
+    let mut i = 0;
+    while i < Reason::ALL.len() {
+        assert!(Reason::ALL[i] as usize == i);
+        i += 1;
+    }
+};
+
 /// The release that governs a feature in an environment, and the gate there.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Governing {
@@ -453,8 +463,7 @@ impl Snapshot {
 }
 
 fn variant_value<'a>(f: &'a Feature, variant: &str) -> &'a Value {
-    static NULL: Value = Value::Null;
-    f.variants.get(variant).unwrap_or(&NULL)
+    f.variants.get(variant).unwrap_or(&super::rules::NULL)
 }
 
 fn hidden(f: &Feature, reason: Reason, release: Option<i64>) -> DecisionRef<'_> {

@@ -369,15 +369,7 @@ pub fn render(snapshot: &Snapshot, environment: &str) -> Value {
             "state".into(),
             Value::String(if enabled { "ENABLED" } else { "DISABLED" }.into()),
         );
-        flag.insert(
-            "variants".into(),
-            Value::Object(
-                f.variants
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-            ),
-        );
+        flag.insert("variants".into(), f.variants.to_json());
         flag.insert(
             "defaultVariant".into(),
             if f.default_variant.is_empty() {
@@ -444,15 +436,7 @@ pub fn render_decisions(snapshot: &Snapshot, environment: &str) -> Value {
         let served = variant_ref(f, &f.default_variant);
         let mut flag = Map::new();
         flag.insert("state".into(), Value::String("ENABLED".into()));
-        flag.insert(
-            "variants".into(),
-            Value::Object(
-                f.variants
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-            ),
-        );
+        flag.insert("variants".into(), f.variants.to_json());
         let governing = entry
             .governing(environment)
             .filter(|g| !f.disabled && g.deployed);

@@ -93,6 +93,11 @@ impl Variants {
     pub fn make_mut(&mut self) -> &mut BTreeMap<String, Value> {
         Arc::make_mut(&mut self.0)
     }
+
+    /// The variants as a JSON object (name -> value).
+    pub fn to_json(&self) -> Value {
+        Value::Object(self.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
 }
 
 impl Deref for Variants {

@@ -268,7 +268,7 @@ enum Node {
 /// The argument an operator reads where the rule gives none.
 static NULL_NODE: Node = Node::Lit(Value::Null);
 /// Answers that need no copy (an owned `Value` would be built and dropped per operator).
-static NULL: Value = Value::Null;
+pub(crate) static NULL: Value = Value::Null;
 static TRUE: Value = Value::Bool(true);
 static FALSE: Value = Value::Bool(false);
 
