@@ -3,15 +3,17 @@
 
 /// Gauge: the newest sequence in the placement log.
 pub const LOG_HEAD: &str = "deploy_svc_placement_log_head";
-/// Histogram: writes committed in one transaction (SQLite group commit).
+/// Histogram: writes committed in one transaction (SQLite's group commit, and PostgreSQL's
+/// groups of placement reports).
 pub const GROUP_COMMIT_WRITES: &str = "deploy_svc_group_commit_writes";
 /// Histogram, label `outcome` (`committed`, `failed`): time from BEGIN to COMMIT of a
-/// group commit (SQLite) or of one write transaction attempt (PostgreSQL).
+/// group commit (SQLite, or a group of placement reports on PostgreSQL) or of one write
+/// transaction attempt (PostgreSQL).
 pub const COMMIT_SECONDS: &str = "deploy_svc_commit_seconds";
 /// Counter: PostgreSQL write transactions run again after a serialization failure or a
 /// deadlock (each extra attempt counts once).
 pub const STORE_RETRIES: &str = "deploy_svc_store_retries_total";
-/// Histogram, label `pool` (`write`, `tail`): time a PostgreSQL task waited for a free
+/// Histogram, label `pool` (`write`, `report`, `tail`): time a PostgreSQL task waited for a free
 /// pooled connection.
 pub const POOL_WAIT_SECONDS: &str = "deploy_svc_store_pool_wait_seconds";
 /// Counter: WatchPlacements streams cut off because their queue stayed full.

@@ -346,3 +346,124 @@ async fn a_killed_replica_loses_no_acknowledged_report() {
     restarted.kill().await;
     bins.remove(0).kill().await;
 }
+
+/// The address of a free local port (for `--metrics-listen`).
+fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// The value of a sample named exactly `series` in a `/metrics` scrape of `addr` (0 when
+/// it is not exported yet).
+async fn metric(addr: &str, series: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Reports arriving together on one replica are committed in groups (fewer transactions
+/// than reports), each keeps its own outcome: the valid ones are acknowledged with their
+/// own sequence, stored once, streamed in order and counted on their deployment; the ones
+/// naming an unknown target or deployment, or a target of another environment, fail alone
+/// with their own status while the rest of their group commits.
+#[tokio::test]
+async fn reports_arriving_together_commit_in_groups_and_a_failing_report_fails_alone() {
+    let Some(url) = server() else { return };
+    let (_admin, db_url, _) = fresh_database(&url, "deploy_groups").await;
+    let metrics = free_port();
+    let bin = Binary::start(Path::new(&db_url), &["--metrics-listen", &metrics]).await;
+    let mut c = tests::connect(bin.addr).await;
+    let dev = Churn::setup(&mut c, "dev", "api", 40).await;
+    let stage = Churn::setup(&mut c, "stage", "web", 20).await;
+    let mut w = watch::open(&mut c, Some(stage.head), "", "").await.unwrap();
+    let before = (
+        metric(&metrics, "deploy_svc_group_commit_writes_sum").await,
+        metric(&metrics, "deploy_svc_group_commit_writes_count").await,
+    );
+
+    // (deployment, target, the status code expected: None for success)
+    let mut calls: Vec<(String, String, Option<tonic::Code>)> = Vec::new();
+    for (i, (churn, other)) in [(&dev, &stage), (&stage, &dev)].into_iter().enumerate() {
+        for t in &churn.targets {
+            calls.push((churn.deployment.clone(), t.clone(), None));
+        }
+        calls.push((
+            churn.deployment.clone(),
+            format!("{}ghost", churn.targets[0]),
+            Some(tonic::Code::NotFound),
+        ));
+        calls.push((
+            churn.deployment.clone(),
+            other.targets[i].clone(),
+            Some(tonic::Code::FailedPrecondition),
+        ));
+        calls.push((
+            format!("deployments/{}", 9000 + i),
+            churn.targets[1].clone(),
+            Some(tonic::Code::NotFound),
+        ));
+    }
+    let outcomes = join_all(calls.iter().map(|(d, t, _)| {
+        let mut c = c.clone();
+        async move { tests::report(&mut c, d, t, pb::PlacementState::Placing).await }
+    }))
+    .await;
+    let mut acked = Vec::new();
+    for ((d, t, expected), outcome) in calls.iter().zip(outcomes) {
+        match (expected, outcome) {
+            (None, Ok(r)) => {
+                assert!(r.changed, "{d} {t}");
+                acked.push(r.sequence);
+            }
+            (Some(code), Err(s)) => assert_eq!(s.code(), *code, "{d} {t}: {s:?}"),
+            (expected, got) => panic!("{d} {t}: expected {expected:?}, got {got:?}"),
+        }
+    }
+    acked.sort_unstable();
+    acked.dedup();
+    assert_eq!(acked.len(), 60, "each valid report has its own sequence");
+
+    let db = client(&db_url).await;
+    let log: Vec<u64> = stored(&db, stage.head).await.iter().map(|e| e.0).collect();
+    assert_eq!(log, acked, "exactly the valid reports are stored");
+    assert_eq!(sequences(&watch::events(&mut w, 60).await), acked);
+    let placing: Vec<i64> = db
+        .query("SELECT n_placing FROM deployments ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(placing, [40, 20], "each deployment counts its own reports");
+    let audited: i64 = db
+        .query_one(
+            "SELECT count(*) FROM audit_records WHERE action = 'ReportPlacement'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        audited, 60,
+        "one audit record per stored report, none for a failed one"
+    );
+
+    // Every report went through a group; fewer groups than reports.
+    let (sum, count) = (
+        metric(&metrics, "deploy_svc_group_commit_writes_sum").await - before.0,
+        metric(&metrics, "deploy_svc_group_commit_writes_count").await - before.1,
+    );
+    assert_eq!(sum, calls.len() as f64, "every report was in one group");
+    assert!(
+        count < sum,
+        "{sum} reports arriving together were committed in {count} groups"
+    );
+    bin.kill().await;
+}

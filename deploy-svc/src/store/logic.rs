@@ -41,8 +41,9 @@ pub type ReadJob<T> = Box<dyn FnOnce(&dyn Db) -> Result<T> + Send>;
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// Runs `job` in a write transaction and commits; the result is returned only once the
-    /// commit is durable. Writes naming the same `lock` (a deployment id) may be queued
-    /// one after the other rather than run concurrently.
+    /// commit is durable. A write naming a `lock` (a deployment id: a placement report)
+    /// runs with that deployment locked against every other writer (the backend takes the
+    /// lock before the job starts); such writes may be committed together.
     async fn write<T: Send + 'static>(&self, lock: Option<i64>, job: WriteJob<T>) -> Result<T>;
     /// Runs `job` on a consistent snapshot.
     async fn read<T: Send + 'static>(&self, job: ReadJob<T>) -> Result<T>;
@@ -79,6 +80,7 @@ impl<B: Backend> SqlStore<B> {
         self.backend.write(None, Arc::new(f)).await
     }
 
+    /// A write with deployment `lock` locked before `f` runs (see [`Backend::write`]).
     async fn write_locked<T, F>(&self, lock: i64, f: F) -> Result<T>
     where
         T: Send + 'static,
@@ -667,21 +669,53 @@ fn load_deployment(conn: &dyn Db, id: i64, with_placements: bool) -> Result<Depl
 
 const COUNT_COLUMNS: &str = "n_pending, n_placing, n_placed, n_failed, n_removed";
 
-fn placement_counts(conn: &dyn Db, deployment: i64) -> Result<PlacementCounts> {
-    conn.row(
-        &format!("SELECT {COUNT_COLUMNS} FROM deployments WHERE id = ?1"),
-        p![deployment],
-        |r| {
-            Ok(PlacementCounts {
-                pending: to_u64(r.get(0)?),
-                placing: to_u64(r.get(1)?),
-                placed: to_u64(r.get(2)?),
-                failed: to_u64(r.get(3)?),
-                removed: to_u64(r.get(4)?),
-            })
-        },
-    )
+/// The placement counts stored in a row's columns `at..at + 5` ([`COUNT_COLUMNS`]).
+fn counts_at(r: &SqlRow, at: usize) -> Result<PlacementCounts> {
+    Ok(PlacementCounts {
+        pending: to_u64(r.get(at)?),
+        placing: to_u64(r.get(at + 1)?),
+        placed: to_u64(r.get(at + 2)?),
+        failed: to_u64(r.get(at + 3)?),
+        removed: to_u64(r.get(at + 4)?),
+    })
 }
+
+/// How many columns [`DEPLOYMENT_COLUMNS`] names.
+const DEPLOYMENT_COLUMN_COUNT: usize = {
+    let (bytes, mut i, mut n) = (DEPLOYMENT_COLUMNS.as_bytes(), 0, 1);
+    while i < bytes.len() {
+        if bytes[i] == b',' {
+            n += 1;
+        }
+        i += 1;
+    }
+    n
+};
+/// Where [`REPORT_READ`]'s columns after the deployment's and its counts start.
+const REPORT_READ_TARGET: usize = DEPLOYMENT_COLUMN_COUNT + 5;
+
+/// A report's one read: [`DEPLOYMENT_COLUMNS`], [`COUNT_COLUMNS`], 1 if the target is
+/// registered, the placement's state, message, seq and update_ms (NULL before its first
+/// report), the artifact's digest. Parameters: deployment, environment, target.
+static REPORT_READ: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let qualified = |columns: &str| {
+        columns
+            .split(", ")
+            .map(|c| format!("d.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "SELECT {}, {},
+           (SELECT 1 FROM targets t WHERE t.environment = ?2 AND t.id = ?3),
+           p.state, p.message, p.seq, p.update_ms,
+           (SELECT a.digest FROM artifacts a WHERE a.name = d.artifact AND a.version = d.version)
+         FROM deployments d LEFT JOIN placements p ON p.deployment = d.id AND p.target = ?3
+         WHERE d.id = ?1",
+        qualified(DEPLOYMENT_COLUMNS),
+        qualified(COUNT_COLUMNS)
+    )
+});
 
 pub(crate) fn event_row(r: &SqlRow) -> Result<PlacementEvent> {
     let stored: i64 = r.get(0)?;
@@ -760,14 +794,35 @@ fn apply_report(
     report: PlacementReport,
     caller: &Caller,
 ) -> Result<ReportOutcome> {
-    lock_deployment(conn, report.deployment)?;
-    let d = conn
-        .one(
-            &format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE id = ?1"),
-            p![report.deployment],
-            deployment_row,
-        )?
-        .ok_or_else(|| Error::NotFound(deployment_name(report.deployment)))?;
+    // One statement reads everything the report needs: the deployment (locked by the
+    // backend before the job runs: see `SqlStore::write_locked`), its counts, whether the
+    // target is registered, the placement so far and the artifact's digest.
+    let Some(read) = conn.one(
+        &REPORT_READ,
+        p![report.deployment, &report.environment, &report.target],
+        |r| {
+            Ok((
+                deployment_row(r)?,
+                counts_at(r, DEPLOYMENT_COLUMN_COUNT)?,
+                r.get::<Option<i64>>(REPORT_READ_TARGET)?.is_some(),
+                r.get::<Option<i64>>(REPORT_READ_TARGET + 1)?
+                    .map(|state| -> Result<(i64, String, i64, i64)> {
+                        Ok((
+                            state,
+                            r.get(REPORT_READ_TARGET + 2)?,
+                            r.get(REPORT_READ_TARGET + 3)?,
+                            r.get(REPORT_READ_TARGET + 4)?,
+                        ))
+                    })
+                    .transpose()?,
+                r.get::<Option<String>>(REPORT_READ_TARGET + 5)?,
+            ))
+        },
+    )?
+    else {
+        return Err(Error::NotFound(deployment_name(report.deployment)));
+    };
+    let (d, mut counts, registered, current, digest) = read;
     let target = target_name(&report.environment, &report.target);
     if d.environment != report.environment {
         return Err(Error::precondition(
@@ -780,17 +835,9 @@ fn apply_report(
             ),
         ));
     }
-    let registered: Option<i64> = conn.one(
-        "SELECT 1 FROM targets WHERE environment = ?1 AND id = ?2",
-        p![&report.environment, &report.target],
-        |r| r.get(0),
-    )?;
-    if registered.is_none() {
+    if !registered {
         return Err(Error::NotFound(target));
     }
-    let current: Option<(i64, String, i64, i64)> = conn.one("SELECT state, message, seq, update_ms FROM placements WHERE deployment = ?1 AND target = ?2", p![d.id, report.target], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })?;
     let from = match &current {
         Some(c) => placement_state(
             "placements",
@@ -800,11 +847,16 @@ fn apply_report(
         )?,
         None => PlacementState::Pending,
     };
-    let digest: String = conn.row(
-        "SELECT digest FROM artifacts WHERE name = ?1 AND version = ?2",
-        p![&d.artifact, &d.version],
-        |r| r.get(0),
-    )?;
+    let digest = digest.ok_or_else(|| {
+        Error::corrupt(
+            "deployments",
+            &deployment_name(d.id),
+            format!(
+                "artifact {} is missing",
+                artifact_version_name(&d.artifact, &d.version)
+            ),
+        )
+    })?;
     let changed = check_transition(d.state, from, report.state)
         .map_err(|why| Error::precondition("PLACEMENT_TRANSITION", target.clone(), why))?;
     let mut placement = Placement {
@@ -829,7 +881,6 @@ fn apply_report(
     placement.state = report.state;
     placement.message = report.message;
     events.push(append_event(conn, now, &mut placement, from, caller)?);
-    let mut counts = placement_counts(conn, d.id)?;
     if current.is_some() {
         counts.remove(from);
     }

@@ -7,6 +7,7 @@
 //! target/release/bench-deploy ingest      # group commit vs one commit per report
 //! target/release/bench-deploy delivery    # commit-to-delivery latency, 100 watchers, one slow
 //! target/release/bench-deploy postgres    # NOTIFY cost; 8 writers on 2 PostgreSQL replicas
+//! target/release/bench-deploy scale-out   # 2 PostgreSQL replicas against raw INSERTs, 8 and 64 writers
 //! target/release/bench-deploy overload    # 4x capacity for 30 s, with and without shedding
 //! ```
 
@@ -54,6 +55,31 @@ enum Cmd {
         seconds: u64,
         /// Rounds.
         #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+    /// Scale-out ingest: acknowledged reports/s over 2 deploy-svc replicas on PostgreSQL
+    /// against raw single-row INSERTs from as many connections (the database's own
+    /// limit), for each writer count, on independent deployments and on one deployment
+    /// with a target per writer, in alternating rounds.
+    ScaleOut {
+        /// A PostgreSQL server (databases are created on it).
+        #[arg(
+            long,
+            env = "TEST_DATABASE_URL",
+            default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+        )]
+        url: String,
+        /// Writer counts (concurrent closed-loop writers), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "8,64")]
+        writers: Vec<usize>,
+        /// deploy-svc replicas the writers are spread over.
+        #[arg(long, default_value_t = 2)]
+        replicas: usize,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 4)]
+        seconds: u64,
+        /// Rounds.
+        #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
     /// Acknowledged reports per second with synchronous=FULL: group commit vs max-batch 1.
@@ -119,6 +145,13 @@ async fn main() {
             seconds,
             rounds,
         } => postgres(&args.dir, &url, writers, seconds, rounds).await,
+        Cmd::ScaleOut {
+            url,
+            writers,
+            replicas,
+            seconds,
+            rounds,
+        } => scale_out(&url, &writers, replicas, seconds, rounds).await,
         Cmd::Ingest {
             concurrency,
             connections,
@@ -503,15 +536,40 @@ async fn raw_inserts(url: &str, writers: usize, seconds: u64, how: Raw) -> f64 {
 
 /// Acknowledged reports/s from `writers` writers (each on its own deployment) spread over
 /// the deploy-svc replicas `bins`; checks a watcher on the last replica saw every event.
+/// How the writers' reports spread over deployments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Shape {
+    /// Each writer on its own deployment and target.
+    Independent,
+    /// One deployment with a target per writer.
+    OneDeployment,
+}
+
+/// Acknowledged reports/s of `writers` closed-loop writers spread over `bins` (each
+/// writer on its own deployment); checks the last replica streamed every one, in order.
 async fn service_ingest(bins: &[Binary], writers: usize, seconds: u64) -> f64 {
+    shaped_ingest(bins, writers, seconds, Shape::Independent).await
+}
+
+/// [`service_ingest`] with the writers' reports spread as `shape` says.
+async fn shaped_ingest(bins: &[Binary], writers: usize, seconds: u64, shape: Shape) -> f64 {
     let mut c = connect(bins[0].addr).await;
     let mut churns = Vec::new();
-    for w in 0..writers {
-        churns.push(Arc::new(
-            Churn::setup(&mut c, &format!("w{w}"), "api", 1).await,
-        ));
+    match shape {
+        Shape::Independent => {
+            for w in 0..writers {
+                churns.push((
+                    Arc::new(Churn::setup(&mut c, &format!("w{w}"), "api", 1).await),
+                    0,
+                ));
+            }
+        }
+        Shape::OneDeployment => {
+            let churn = Arc::new(Churn::setup(&mut c, "shared", "api", writers).await);
+            churns.extend((0..writers).map(|w| (churn.clone(), w)));
+        }
     }
-    let head = churns.last().unwrap().head;
+    let head = churns.last().unwrap().0.head;
     let mut clients = Vec::new();
     for w in 0..writers {
         clients.push(connect(bins[w % bins.len()].addr).await);
@@ -523,12 +581,12 @@ async fn service_ingest(bins: &[Binary], writers: usize, seconds: u64) -> f64 {
     let acked = Arc::new(Mutex::new(Vec::new()));
     let sink = acked.clone();
     let rate = closed_loop(writers, seconds, move |w, i| {
-        let (mut c, churn, sink) = (clients[w].clone(), churns[w].clone(), sink.clone());
+        let (mut c, (churn, t), sink) = (clients[w].clone(), churns[w].clone(), sink.clone());
         async move {
             let r = tests::report(
                 &mut c,
                 &churn.deployment,
-                &churn.targets[0],
+                &churn.targets[t],
                 Churn::state(i),
             )
             .await
@@ -583,15 +641,18 @@ async fn cross_replica(bins: &[Binary], reports: usize) -> (Histogram<u64>, Hist
     (ack, cross)
 }
 
+/// The raw-insert baseline's table: `placement_events`' columns, a plain sequence.
+const BENCH_EVENTS: &str = "DROP TABLE IF EXISTS bench_events;
+     CREATE TABLE bench_events (seq BIGSERIAL PRIMARY KEY, commit_ms BIGINT NOT NULL, deployment BIGINT NOT NULL,
+       environment TEXT NOT NULL, target TEXT NOT NULL, artifact TEXT NOT NULL, version TEXT NOT NULL,
+       digest TEXT NOT NULL, state BIGINT NOT NULL, previous_state BIGINT NOT NULL, message TEXT NOT NULL);";
+
 async fn postgres(dir: &std::path::Path, url: &str, writers: usize, seconds: u64, rounds: usize) {
     let admin = pg(url).await;
+    admin.batch_execute(BENCH_EVENTS).await.unwrap();
     admin
         .batch_execute(
-            "DROP TABLE IF EXISTS bench_events;
-             CREATE TABLE bench_events (seq BIGSERIAL PRIMARY KEY, commit_ms BIGINT NOT NULL, deployment BIGINT NOT NULL,
-               environment TEXT NOT NULL, target TEXT NOT NULL, artifact TEXT NOT NULL, version TEXT NOT NULL,
-               digest TEXT NOT NULL, state BIGINT NOT NULL, previous_state BIGINT NOT NULL, message TEXT NOT NULL);
-             DROP TABLE IF EXISTS bench_outbox;
+            "DROP TABLE IF EXISTS bench_outbox;
              DROP SEQUENCE IF EXISTS bench_outbox_seq;
              CREATE SEQUENCE bench_outbox_seq;
              CREATE TABLE bench_outbox (LIKE bench_events);
@@ -706,6 +767,76 @@ async fn postgres(dir: &std::path::Path, url: &str, writers: usize, seconds: u64
         .batch_execute(
             "DROP TABLE bench_events; DROP TABLE bench_outbox; DROP SEQUENCE bench_outbox_seq",
         )
+        .await
+        .unwrap();
+}
+
+/// Scale-out ingest against the database's own limit (see [`Cmd::ScaleOut`]).
+async fn scale_out(
+    url: &str,
+    writer_counts: &[usize],
+    replicas: usize,
+    seconds: u64,
+    rounds: usize,
+) {
+    let admin = pg(url).await;
+    admin.batch_execute(BENCH_EVENTS).await.unwrap();
+    println!("| round | writers | what | ops/s | / raw INSERT |");
+    println!("|---|---|---|---|---|");
+    let mut ratios: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    for round in 1..=rounds {
+        for &writers in writer_counts {
+            let mut steps = [None, Some(Shape::Independent), Some(Shape::OneDeployment)];
+            if round % 2 == 0 {
+                steps.reverse();
+            }
+            let mut rates = HashMap::new();
+            for step in steps {
+                admin.batch_execute("CHECKPOINT").await.unwrap();
+                let rate = match step {
+                    None => raw_inserts(url, writers, seconds, Raw::Plain).await,
+                    Some(shape) => {
+                        let (_, db_url, _) = tests::fresh_database(url, "bench_deploy").await;
+                        // The raw baseline's connections are plain TCP: so are the
+                        // services' (the default, sslmode=prefer, takes TLS when offered).
+                        let db_url = format!("{db_url}?sslmode=disable");
+                        let mut bins = Vec::new();
+                        for _ in 0..replicas {
+                            bins.push(Binary::start(std::path::Path::new(&db_url), &[]).await);
+                        }
+                        let rate = shaped_ingest(&bins, writers, seconds, shape).await;
+                        for b in bins {
+                            b.kill().await;
+                        }
+                        rate
+                    }
+                };
+                rates.insert(step, rate);
+            }
+            let raw = rates[&None];
+            println!("| {round} | {writers} | raw INSERT, {writers} connections (baseline) | {raw:.0} | 1 |");
+            for (shape, what) in [
+                (Shape::Independent, "each writer on its own deployment"),
+                (Shape::OneDeployment, "one deployment, a target per writer"),
+            ] {
+                let rate = rates[&Some(shape)];
+                println!(
+                    "| {round} | {writers} | ReportPlacement, {replicas} replicas, {what} | {rate:.0} | {:.3} |",
+                    rate / raw
+                );
+                ratios
+                    .entry(format!("{writers} writers, {what} / raw INSERT"))
+                    .or_default()
+                    .push(rate / raw);
+            }
+        }
+    }
+    for (k, v) in &mut ratios {
+        let rounds = v.clone();
+        println!("ratio {k}: median {:.3} (rounds: {rounds:.3?})", median(v));
+    }
+    admin
+        .batch_execute("DROP TABLE bench_events")
         .await
         .unwrap();
 }

@@ -7,11 +7,12 @@
 //! A pool of connections, each on its own thread (the synchronous `postgres` client). Each
 //! write is one SERIALIZABLE transaction, retried on a serialization failure, a deadlock
 //! or a unique violation from a concurrent insert; PostgreSQL's group commit batches
-//! concurrent commits. A placement report (the hot path) is the exception: READ COMMITTED
-//! after `SELECT ... FOR UPDATE` of its deployment's row, which every write touching that
-//! deployment updates, so reports of one deployment queue instead of aborting each other
-//! (and a SERIALIZABLE write meeting the locked row fails and runs again). The trigger
-//! that draws an event's sequence first forces the transaction's id
+//! concurrent commits. A placement report (the hot path) is the exception ([`reports`]):
+//! reports are queued and committed in groups, one READ COMMITTED transaction per group
+//! after `SELECT ... FOR UPDATE` of the group's deployments' rows, which every write
+//! touching a deployment updates, so reports of one deployment queue instead of aborting
+//! each other (and a SERIALIZABLE write meeting a locked row fails and runs again). The
+//! trigger that draws an event's sequence first forces the transaction's id
 //! (`pg_current_xact_id()`), which the log's hole rule below relies on.
 //!
 //! # The log and the late commit
@@ -41,6 +42,8 @@
 //! LISTENs and then reads the table (catch-up read). A replica's own writes wake its
 //! tailer directly; a lost notification costs at most the poll interval.
 
+mod reports;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
@@ -60,9 +63,9 @@ use crate::domain::{Error, Result};
 use crate::placement_log::Feed;
 
 const MIGRATIONS: &[&str] = &[
-    include_str!("migrations/postgres/0001_init.sql"),
-    include_str!("migrations/postgres/0002_audit_truncate.sql"),
-    include_str!("migrations/postgres/0003_trace_parent.sql"),
+    include_str!("../migrations/postgres/0001_init.sql"),
+    include_str!("../migrations/postgres/0002_audit_truncate.sql"),
+    include_str!("../migrations/postgres/0003_trace_parent.sql"),
 ];
 
 /// The notification channel.
@@ -113,6 +116,10 @@ pub type PostgresStore = SqlStore<PostgresBackend>;
 /// The PostgreSQL backend.
 pub struct PostgresBackend {
     pool: Arc<Pool>,
+    /// Placement reports, committed in groups on their own connections ([`reports`]).
+    reports: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Box<dyn reports::Queued>>>>,
+    /// The task that groups them (awaited on close, so queued reports are committed).
+    grouper: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The tailer's own connection, so reading the log never queues behind writes.
     tail_pool: Arc<Pool>,
     feed: Arc<Feed>,
@@ -456,19 +463,18 @@ impl Pool {
 /// How many times a conflicting write runs before ABORTED.
 const MAX_ATTEMPTS: u32 = 30;
 
-/// Runs one write transaction with retries; `lock` names the deployment a report locks.
+/// Runs one write transaction with retries.
 fn run_write<T>(
     conn: &mut Conn,
     clock: &dyn Clock,
     notify: NotifyMode,
-    lock: Option<i64>,
     job: &WriteJob<T>,
 ) -> Result<(T, u64)> {
     {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let outcome = write_once(conn, clock, notify, lock, job);
+            let outcome = write_once(conn, clock, notify, job);
             match outcome {
                 Err((e, true)) if attempt < MAX_ATTEMPTS => {
                     tracing::debug!(error = %e, attempt, "write conflicted; running it again");
@@ -496,35 +502,23 @@ fn write_once<T>(
     conn: &mut Conn,
     clock: &dyn Clock,
     notify: NotifyMode,
-    deployment: Option<i64>,
     job: &WriteJob<T>,
 ) -> std::result::Result<(T, u64), (Error, bool)> {
     let plain = |e: postgres::Error| {
         let retry = is_conflict(&e);
         (pg_error(&e), retry)
     };
-    // A placement report runs in READ COMMITTED after locking its deployment's row (every
-    // other write touching that deployment updates the row, so they queue instead of
-    // aborting each other); everything else is SERIALIZABLE.
-    let isolation = match deployment {
-        Some(_) => IsolationLevel::ReadCommitted,
-        None => IsolationLevel::Serializable,
-    };
     let started = std::time::Instant::now();
     let record = |outcome: &'static str| {
         metrics::histogram!(crate::telemetry::COMMIT_SECONDS, "outcome" => outcome)
             .record(started.elapsed().as_secs_f64());
     };
-    let mut tx = conn
+    let tx = conn
         .client
         .build_transaction()
-        .isolation_level(isolation)
+        .isolation_level(IsolationLevel::Serializable)
         .start()
         .map_err(plain)?;
-    if let Some(id) = deployment {
-        tx.execute("SELECT 1 FROM deployments WHERE id = $1 FOR UPDATE", &[&id])
-            .map_err(plain)?;
-    }
     let db = PgDb {
         tx: std::cell::RefCell::new(tx),
         statements: std::cell::RefCell::new(&mut conn.statements),
@@ -575,15 +569,6 @@ struct Tail {
     hole: Option<Hole>,
 }
 
-/// The snapshot's oldest running transaction id.
-fn xmin(db: &dyn Db) -> Result<i64> {
-    db.row(
-        "SELECT CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS text) AS bigint)",
-        &[],
-        |r| r.get(0),
-    )
-}
-
 /// A transaction id newer than every id assigned so far (a transaction of its own that
 /// writes nothing).
 fn fresh_xid(conn: &mut Conn) -> Result<i64> {
@@ -597,12 +582,45 @@ fn fresh_xid(conn: &mut Conn) -> Result<i64> {
     Ok(row.get(0))
 }
 
+/// The tailer's one statement (one snapshot, one round trip): the snapshot's oldest
+/// running transaction id, where retention pruned the log through, and up to `$2` events
+/// after `$1` (none: one row with NULL event columns).
+const TAIL_READ: &str = "SELECT m.xmin, m.pruned, e.seq, e.commit_ms, e.deployment, e.environment, e.target, e.artifact, e.version, e.digest, e.state, e.previous_state, e.message, e.trace_parent
+     FROM (SELECT CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS text) AS bigint) AS xmin,
+                  (SELECT pruned_through FROM log_meta WHERE id = 1) AS pruned) m
+     LEFT JOIN LATERAL (SELECT * FROM placement_events WHERE seq > $1 ORDER BY seq LIMIT $2) e ON true";
+
 /// Reads what follows `tail` and returns the events safe to deliver, in order, the new
 /// position, and whether a newly seen hole still needs its transaction id (see the module
 /// documentation for the hole rule).
-fn tail_read(db: &dyn Db, tail: Tail, max: usize) -> Result<(Vec<PlacementEvent>, Tail, bool)> {
-    let xmin = xmin(db)?;
-    let events = logic::read_log(db, tail.cursor, u64::MAX >> 1, max)?;
+fn tail_read(conn: &mut Conn, tail: Tail, max: usize) -> Result<(Vec<PlacementEvent>, Tail, bool)> {
+    let statement = match conn.statements.get(TAIL_READ) {
+        Some(s) => s.clone(),
+        None => {
+            let s = conn.client.prepare(TAIL_READ).map_err(|e| pg_error(&e))?;
+            conn.statements.insert(TAIL_READ.to_owned(), s.clone());
+            s
+        }
+    };
+    let limit = i64::try_from(max).unwrap_or(i64::MAX);
+    let rows = conn
+        .client
+        .query(&statement, &[&to_i64(tail.cursor), &limit])
+        .map_err(|e| pg_error(&e))?;
+    let mut xmin = 0;
+    let mut events = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let SqlRow(mut values) = pg_row(row)?;
+        let head = SqlRow(values.drain(..2).collect());
+        xmin = head.get(0)?;
+        let pruned = to_u64(head.get(1)?);
+        if tail.cursor < pruned {
+            return Err(crate::placement_log::retention_error(tail.cursor, pruned));
+        }
+        if values.first().is_some_and(|v| *v != V::N) {
+            events.push(logic::event_row(&SqlRow(values))?);
+        }
+    }
     let mut out = Vec::with_capacity(events.len());
     let mut next = tail;
     let mut new_hole = false;
@@ -710,8 +728,17 @@ impl SqlStore<PostgresBackend> {
         .join()
         .map_err(|_| Error::Internal("the PostgreSQL open thread panicked".into()))??;
         let feed = Arc::new(Feed::new(head, 65_536));
+        let (report_queue, queued) = tokio::sync::mpsc::unbounded_channel();
+        let grouper = tokio::spawn(reports::run_groups(
+            queued,
+            Arc::new(Pool::start("report", &options.url, reports::IN_FLIGHT, "")?),
+            clock.clone(),
+            options.notify,
+        ));
         let backend = PostgresBackend {
             pool: Arc::new(Pool::start("write", &options.url, options.pool_size, "")?),
+            reports: Mutex::new(Some(report_queue)),
+            grouper: Mutex::new(Some(grouper)),
             // The tailer's transaction ids for holes commit nothing worth waiting for.
             tail_pool: Arc::new(Pool::start(
                 "tail",
@@ -816,8 +843,7 @@ impl TailerParts {
                 let read = self
                     .pool
                     .run(move |conn| {
-                        let (events, mut next, new_hole) =
-                            read_tx(conn, |db| tail_read(db, tail, 4096))?;
+                        let (events, mut next, new_hole) = tail_read(conn, tail, 4096)?;
                         if new_hole {
                             if let Some(h) = next.hole.as_mut() {
                                 h.xid = fresh_xid(conn)?;
@@ -1011,7 +1037,17 @@ async fn listener(
 #[async_trait]
 impl Backend for PostgresBackend {
     async fn write<T: Send + 'static>(&self, lock: Option<i64>, job: WriteJob<T>) -> Result<T> {
-        self.write_locked(lock, job).await
+        let (value, newest) = match lock {
+            Some(lock) => self.queue_report(lock, job).await?,
+            None => {
+                let (clock, notify) = (self.clock.clone(), self.notify);
+                self.pool
+                    .run(move |conn| run_write(conn, &*clock, notify, &job))
+                    .await?
+            }
+        };
+        self.committed(newest).await;
+        Ok(value)
     }
 
     async fn read<T: Send + 'static>(&self, job: ReadJob<T>) -> Result<T> {
@@ -1083,6 +1119,19 @@ impl Backend for PostgresBackend {
     }
 
     async fn close(&self) {
+        // Queued reports are committed first.
+        self.reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let grouper = self
+            .grouper
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(grouper) = grouper {
+            let _ = grouper.await;
+        }
         self.stop.cancel();
         self.pool.close().await;
         self.tail_pool.close().await;
@@ -1090,17 +1139,33 @@ impl Backend for PostgresBackend {
 }
 
 impl PostgresBackend {
-    /// A write; `lock` names the deployment a placement report locks first.
-    pub(crate) async fn write_locked<T: Send + 'static>(
+    /// Queues a placement report for the next group commit ([`reports`]).
+    async fn queue_report<T: Send + 'static>(
         &self,
-        lock: Option<i64>,
+        lock: i64,
         job: WriteJob<T>,
-    ) -> Result<T> {
-        let (clock, notify) = (self.clock.clone(), self.notify);
-        let (value, newest) = self
-            .pool
-            .run(move |conn| run_write(conn, &*clock, notify, lock, &job))
-            .await?;
+    ) -> Result<(T, u64)> {
+        let closed = || Error::Unavailable("the store is closed".into());
+        let (reply, answer) = oneshot::channel();
+        let report = Box::new(reports::Report {
+            lock,
+            job,
+            value: None,
+            reply,
+        });
+        self.reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .ok_or_else(closed)?
+            .send(report)
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+
+    /// After a local commit whose newest event is `newest` (0: none): wakes the tailer and
+    /// the other replicas, then waits until this replica's stream holds the events.
+    async fn committed(&self, newest: u64) {
         self.tail_wake.notify_one();
         self.local_commit.notify_one();
         if newest > 0 {
@@ -1117,6 +1182,5 @@ impl PostgresBackend {
                 );
             }
         }
-        Ok(value)
     }
 }

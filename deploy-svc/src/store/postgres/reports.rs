@@ -1,0 +1,245 @@
+//! Placement reports committed in groups.
+//!
+//! Reports are the hot write path: one per target per state change. Each replica queues
+//! them and commits whatever arrived meanwhile in one READ COMMITTED transaction: one
+//! `BEGIN`, one statement locking every deployment the group names (in id order, so two
+//! groups never wait for each other in a cycle on those rows), each report in its own
+//! savepoint (a report that fails rolls back alone and gets its own error), one `COMMIT`
+//! (one WAL flush for the group). Reports keep their arrival order, so reports of one
+//! deployment draw their sequences in the order they came. A conflict (a deadlock with
+//! another replica's group, a unique key taken) runs the whole group again. Up to
+//! [`IN_FLIGHT`] groups commit at once per replica, so one group fills while another
+//! commits.
+//!
+//! Each report is still acknowledged only after its replica's stream holds its event
+//! (read-your-writes, see [`super::PostgresBackend::write`]); the log's hole rule is
+//! unchanged: a group is one transaction whose id is taken before it draws a sequence.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use postgres::IsolationLevel;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::{is_conflict, pg_error, rand_u16, Conn, NotifyMode, PgDb, Pool, CHANNEL, MAX_ATTEMPTS};
+use crate::domain::clock::{Clock, Millis};
+use crate::domain::model::PlacementEvent;
+use crate::domain::{Error, Result};
+use crate::store::db::Db;
+use crate::store::logic::WriteJob;
+
+/// The most reports committed in one transaction.
+pub(super) const MAX_GROUP: usize = 256;
+/// Groups committing at once on one replica (each on its own connection).
+pub(super) const IN_FLIGHT: usize = 2;
+
+/// A queued report of any result type.
+pub(super) trait Queued: Send {
+    /// The deployment the report locks.
+    fn lock(&self) -> i64;
+    /// Runs the report's job; keeps its value for [`Queued::finish`].
+    fn run(&mut self, db: &dyn Db, now: Millis, events: &mut Vec<PlacementEvent>) -> Result<()>;
+    /// Answers the caller: the job's value and its newest sequence, or why it failed.
+    fn finish(self: Box<Self>, outcome: Result<u64>);
+}
+
+/// A report and the caller waiting for it.
+pub(super) struct Report<T> {
+    pub(super) lock: i64,
+    pub(super) job: WriteJob<T>,
+    pub(super) value: Option<T>,
+    pub(super) reply: oneshot::Sender<Result<(T, u64)>>,
+}
+
+impl<T: Send + 'static> Queued for Report<T> {
+    fn lock(&self) -> i64 {
+        self.lock
+    }
+
+    fn run(&mut self, db: &dyn Db, now: Millis, events: &mut Vec<PlacementEvent>) -> Result<()> {
+        self.value = Some((self.job)(db, now, events)?);
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>, outcome: Result<u64>) {
+        let answer = match (outcome, self.value) {
+            (Ok(newest), Some(v)) => Ok((v, newest)),
+            (Err(e), _) => Err(e),
+            (Ok(_), None) => Err(Error::Internal("a committed report has no result".into())),
+        };
+        let _ = self.reply.send(answer);
+    }
+}
+
+/// Takes queued reports in groups and commits each group on `pool`, [`IN_FLIGHT`] at a
+/// time, until the queue closes.
+pub(super) async fn run_groups(
+    mut queue: mpsc::UnboundedReceiver<Box<dyn Queued>>,
+    pool: Arc<Pool>,
+    clock: Arc<dyn Clock>,
+    notify: NotifyMode,
+) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = queue.recv().await else {
+            // Closed: wait for the groups still committing, then stop.
+            drop(slot);
+            let _ = slots.acquire_many(IN_FLIGHT as u32).await;
+            return;
+        };
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(next) => group.push(next),
+                Err(_) => break,
+            }
+        }
+        let (pool, clock) = (pool.clone(), clock.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            // If the pool is closed the group is dropped unanswered: its callers see the
+            // store closing.
+            let _ = pool
+                .run(move |conn| {
+                    commit_group(conn, &*clock, notify, group);
+                    Ok(())
+                })
+                .await;
+        });
+    }
+}
+
+/// Commits `group`, running it again after a conflict; answers every report.
+fn commit_group(
+    conn: &mut Conn,
+    clock: &dyn Clock,
+    notify: NotifyMode,
+    mut group: Vec<Box<dyn Queued>>,
+) {
+    metrics::histogram!(crate::telemetry::GROUP_COMMIT_WRITES).record(group.len() as f64);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match group_once(conn, clock, notify, &mut group) {
+            Ok(outcomes) => {
+                for (report, outcome) in group.into_iter().zip(outcomes) {
+                    report.finish(outcome);
+                }
+                return;
+            }
+            Err((e, true)) if attempt < MAX_ATTEMPTS => {
+                tracing::debug!(error = %e, attempt, reports = group.len(), "report group conflicted; running it again");
+                metrics::counter!(crate::telemetry::STORE_RETRIES).increment(1);
+                let micros = 200 * u64::from(attempt) + u64::from(rand_u16()) % 500;
+                std::thread::sleep(Duration::from_micros(micros));
+            }
+            Err((e, _)) => {
+                for report in group {
+                    report.finish(Err(for_each(&e)));
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// The error of a group that failed as a whole, for each of its reports.
+fn for_each(e: &Error) -> Error {
+    match e {
+        Error::Unavailable(m) => Error::Unavailable(m.clone()),
+        Error::Aborted(m) => Error::Aborted(m.clone()),
+        other => Error::Internal(other.to_string()),
+    }
+}
+
+/// One attempt at a group: each report's outcome, or the error that failed the whole
+/// group and whether running it again may succeed.
+fn group_once(
+    conn: &mut Conn,
+    clock: &dyn Clock,
+    notify: NotifyMode,
+    group: &mut [Box<dyn Queued>],
+) -> std::result::Result<Vec<Result<u64>>, (Error, bool)> {
+    let plain = |e: postgres::Error| {
+        let retry = is_conflict(&e);
+        (pg_error(&e), retry)
+    };
+    let started = std::time::Instant::now();
+    let mut tx = conn
+        .client
+        .build_transaction()
+        .isolation_level(IsolationLevel::ReadCommitted)
+        .start()
+        .map_err(plain)?;
+    let mut locks: Vec<i64> = group.iter().map(|r| r.lock()).collect();
+    locks.sort_unstable();
+    locks.dedup();
+    tx.execute(
+        "SELECT 1 FROM deployments WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        &[&locks],
+    )
+    .map_err(plain)?;
+    let db = PgDb {
+        tx: std::cell::RefCell::new(tx),
+        statements: std::cell::RefCell::new(&mut conn.statements),
+        last_error: std::cell::RefCell::new(None),
+    };
+    let now = clock.now_ms();
+    let mut events = Vec::new();
+    let mut outcomes = Vec::with_capacity(group.len());
+    // A group of one needs no savepoint: if its report fails, the transaction rolls back.
+    let alone = group.len() == 1;
+    for (i, report) in group.iter_mut().enumerate() {
+        if !alone {
+            let savepoint = if i == 0 {
+                "SAVEPOINT report"
+            } else {
+                "RELEASE SAVEPOINT report; SAVEPOINT report"
+            };
+            db.tx.borrow_mut().batch_execute(savepoint).map_err(plain)?;
+        }
+        let mark = events.len();
+        db.last_error.borrow_mut().take();
+        match report.run(&db, now, &mut events) {
+            Ok(()) => outcomes.push(Ok(events[mark..].last().map_or(0, |e| e.sequence))),
+            Err(e) => {
+                if db
+                    .last_error
+                    .borrow_mut()
+                    .take()
+                    .is_some_and(|pe| is_conflict(&pe))
+                {
+                    return Err((e, true));
+                }
+                if alone {
+                    // Dropping the transaction rolls it back.
+                    return Ok(vec![Err(e)]);
+                }
+                events.truncate(mark);
+                db.tx
+                    .borrow_mut()
+                    .batch_execute("ROLLBACK TO SAVEPOINT report")
+                    .map_err(plain)?;
+                outcomes.push(Err(e));
+            }
+        }
+    }
+    let mut tx = db.tx.into_inner();
+    let committed = match notify {
+        NotifyMode::PerTransaction => tx.batch_execute(&format!("NOTIFY {CHANNEL}")),
+        _ => Ok(()),
+    }
+    .and_then(|()| tx.commit());
+    let outcome = if committed.is_ok() {
+        "committed"
+    } else {
+        "failed"
+    };
+    metrics::histogram!(crate::telemetry::COMMIT_SECONDS, "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
+    committed.map_err(plain)?;
+    Ok(outcomes)
+}
