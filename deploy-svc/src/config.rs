@@ -69,6 +69,10 @@ pub struct Config {
     /// PostgreSQL: connections (each on its own thread) for reads and writes.
     #[arg(long, env = "DEPLOY_SVC_PG_POOL_SIZE", default_value_t = 8)]
     pub pg_pool_size: usize,
+    /// PostgreSQL: groups of placement reports committing at once (each on its own
+    /// connection; the reports that arrive meanwhile form the next group).
+    #[arg(long, env = "DEPLOY_SVC_PG_REPORT_GROUPS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub pg_report_groups: u16,
     /// PostgreSQL: how replicas wake each other after writes: `coalesced` (one NOTIFY
     /// outside the write transactions), `per-transaction` (a NOTIFY in every write, for
     /// comparison) or `off` (replicas only poll).
@@ -123,6 +127,7 @@ impl Config {
     pub fn postgres_options(&self, url: String) -> PostgresOptions {
         PostgresOptions {
             pool_size: self.pg_pool_size,
+            report_groups: usize::from(self.pg_report_groups),
             retention: self.retention_events,
             notify: self.pg_notify,
             poll_interval: Duration::from_millis(self.pg_poll_ms.max(1)),

@@ -75,6 +75,10 @@ enum Cmd {
         /// deploy-svc replicas the writers are spread over.
         #[arg(long, default_value_t = 2)]
         replicas: usize,
+        /// An extra argument for every replica (repeat it: `--deploy-arg=--pg-report-groups
+        /// --deploy-arg=4`).
+        #[arg(long = "deploy-arg", allow_hyphen_values = true)]
+        deploy_args: Vec<String>,
         /// Seconds per measurement.
         #[arg(long, default_value_t = 4)]
         seconds: u64,
@@ -149,9 +153,16 @@ async fn main() {
             url,
             writers,
             replicas,
+            deploy_args,
             seconds,
             rounds,
-        } => scale_out(&url, &writers, replicas, seconds, rounds).await,
+        } => {
+            let replicas = Replicas {
+                count: replicas,
+                args: deploy_args,
+            };
+            scale_out(&url, &writers, &replicas, seconds, rounds).await;
+        }
         Cmd::Ingest {
             concurrency,
             connections,
@@ -772,13 +783,20 @@ async fn postgres(dir: &std::path::Path, url: &str, writers: usize, seconds: u64
 }
 
 /// Scale-out ingest against the database's own limit (see [`Cmd::ScaleOut`]).
+/// How many deploy-svc replicas, started with which extra arguments.
+struct Replicas {
+    count: usize,
+    args: Vec<String>,
+}
+
 async fn scale_out(
     url: &str,
     writer_counts: &[usize],
-    replicas: usize,
+    replicas: &Replicas,
     seconds: u64,
     rounds: usize,
 ) {
+    let args: Vec<&str> = replicas.args.iter().map(String::as_str).collect();
     let admin = pg(url).await;
     admin.batch_execute(BENCH_EVENTS).await.unwrap();
     println!("| round | writers | what | ops/s | / raw INSERT |");
@@ -801,8 +819,8 @@ async fn scale_out(
                         // services' (the default, sslmode=prefer, takes TLS when offered).
                         let db_url = format!("{db_url}?sslmode=disable");
                         let mut bins = Vec::new();
-                        for _ in 0..replicas {
-                            bins.push(Binary::start(std::path::Path::new(&db_url), &[]).await);
+                        for _ in 0..replicas.count {
+                            bins.push(Binary::start(std::path::Path::new(&db_url), &args).await);
                         }
                         let rate = shaped_ingest(&bins, writers, seconds, shape).await;
                         for b in bins {
@@ -821,7 +839,8 @@ async fn scale_out(
             ] {
                 let rate = rates[&Some(shape)];
                 println!(
-                    "| {round} | {writers} | ReportPlacement, {replicas} replicas, {what} | {rate:.0} | {:.3} |",
+                    "| {round} | {writers} | ReportPlacement, {} replicas, {what} | {rate:.0} | {:.3} |",
+                    replicas.count,
                     rate / raw
                 );
                 ratios

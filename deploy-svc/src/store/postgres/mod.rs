@@ -89,6 +89,8 @@ pub struct PostgresOptions {
     pub url: String,
     /// Connections (and threads) for reads and writes.
     pub pool_size: usize,
+    /// Groups of placement reports committing at once, each on its own connection.
+    pub report_groups: usize,
     /// Events kept in the log.
     pub retention: u64,
     /// How other replicas are woken.
@@ -103,6 +105,7 @@ impl PostgresOptions {
         Self {
             url: url.into(),
             pool_size: 8,
+            report_groups: 2,
             retention: 1_000_000,
             notify: NotifyMode::Coalesced,
             poll_interval: Duration::from_millis(100),
@@ -729,9 +732,11 @@ impl SqlStore<PostgresBackend> {
         .map_err(|_| Error::Internal("the PostgreSQL open thread panicked".into()))??;
         let feed = Arc::new(Feed::new(head, 65_536));
         let (report_queue, queued) = tokio::sync::mpsc::unbounded_channel();
+        let groups = options.report_groups.clamp(1, 64);
         let grouper = tokio::spawn(reports::run_groups(
             queued,
-            Arc::new(Pool::start("report", &options.url, reports::IN_FLIGHT, "")?),
+            groups,
+            Arc::new(Pool::start("report", &options.url, groups, "")?),
             clock.clone(),
             options.notify,
         ));

@@ -8,8 +8,8 @@
 //! (one WAL flush for the group). Reports keep their arrival order, so reports of one
 //! deployment draw their sequences in the order they came. A conflict (a deadlock with
 //! another replica's group, a unique key taken) runs the whole group again. Up to
-//! [`IN_FLIGHT`] groups commit at once per replica, so one group fills while another
-//! commits.
+//! `--pg-report-groups` groups (2 by default) commit at once per replica, each on its own
+//! connection, so one group fills while another commits.
 //!
 //! Each report is still acknowledged only after its replica's stream holds its event
 //! (read-your-writes, see [`super::PostgresBackend::write`]); the log's hole rule is
@@ -30,8 +30,6 @@ use crate::store::logic::WriteJob;
 
 /// The most reports committed in one transaction.
 pub(super) const MAX_GROUP: usize = 256;
-/// Groups committing at once on one replica (each on its own connection).
-pub(super) const IN_FLIGHT: usize = 2;
 
 /// A queued report of any result type.
 pub(super) trait Queued: Send {
@@ -71,15 +69,16 @@ impl<T: Send + 'static> Queued for Report<T> {
     }
 }
 
-/// Takes queued reports in groups and commits each group on `pool`, [`IN_FLIGHT`] at a
+/// Takes queued reports in groups and commits each group on `pool`, `in_flight` at a
 /// time, until the queue closes.
 pub(super) async fn run_groups(
     mut queue: mpsc::UnboundedReceiver<Box<dyn Queued>>,
+    in_flight: usize,
     pool: Arc<Pool>,
     clock: Arc<dyn Clock>,
     notify: NotifyMode,
 ) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let slots = Arc::new(Semaphore::new(in_flight));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
@@ -87,7 +86,9 @@ pub(super) async fn run_groups(
         let Some(first) = queue.recv().await else {
             // Closed: wait for the groups still committing, then stop.
             drop(slot);
-            let _ = slots.acquire_many(IN_FLIGHT as u32).await;
+            let _ = slots
+                .acquire_many(u32::try_from(in_flight).unwrap_or(u32::MAX))
+                .await;
             return;
         };
         let mut group = vec![first];
