@@ -44,7 +44,11 @@ pub trait Backend: Send + Sync + 'static {
     /// commit is durable. A write naming a `lock` (a deployment id: a placement report)
     /// runs with that deployment locked against every other writer (the backend takes the
     /// lock before the job starts); such writes may be committed together.
-    async fn write<T: Send + 'static>(&self, lock: Option<i64>, job: WriteJob<T>) -> Result<T>;
+    async fn write<T: Send + 'static>(
+        &self,
+        lock: Option<ReportLock>,
+        job: WriteJob<T>,
+    ) -> Result<T>;
     /// Runs `job` on a consistent snapshot.
     async fn read<T: Send + 'static>(&self, job: ReadJob<T>) -> Result<T>;
     /// Up to `max` events after `after` that watchers may see, in order.
@@ -65,6 +69,19 @@ pub trait Backend: Send + Sync + 'static {
     async fn close(&self);
 }
 
+/// What a placement report locks: its deployment's row (taken by the backend before the job
+/// runs) and its target's row (the heartbeat it writes). Ordered by target, so a backend
+/// that commits reports together can take the target rows in one order.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ReportLock {
+    /// The target's environment.
+    pub environment: String,
+    /// The target.
+    pub target: String,
+    /// The deployment.
+    pub deployment: i64,
+}
+
 /// A [`Store`] over a [`Backend`].
 #[derive(Debug)]
 pub struct SqlStore<B> {
@@ -81,7 +98,7 @@ impl<B: Backend> SqlStore<B> {
     }
 
     /// A write with deployment `lock` locked before `f` runs (see [`Backend::write`]).
-    async fn write_locked<T, F>(&self, lock: i64, f: F) -> Result<T>
+    async fn write_locked<T, F>(&self, lock: ReportLock, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: Fn(&dyn Db, Millis, &mut Vec<PlacementEvent>) -> Result<T> + Send + Sync + 'static,
@@ -1676,7 +1693,8 @@ impl<B: Backend> Store for SqlStore<B> {
                      FROM placements p
                      JOIN deployments d ON d.id = p.deployment
                      JOIN targets t ON t.environment = d.environment AND t.id = p.target
-                     WHERE p.ordered = 1 AND p.state IN (?1, ?2) AND d.state IN (?3, ?4) AND t.heartbeat_ms < ?5", p![
+                     WHERE p.ordered = 1 AND p.state IN (?1, ?2) AND d.state IN (?3, ?4) AND t.heartbeat_ms < ?5
+                     ORDER BY p.deployment, p.target", p![
                         PlacementState::Pending.code(),
                         PlacementState::Placing.code(),
                         DeploymentState::Pending.code(),
@@ -1686,6 +1704,8 @@ impl<B: Backend> Store for SqlStore<B> {
             for (deployment, environment, target, heartbeat) in lost {
                 // An earlier lost target may have failed the deployment already: a final
                 // deployment takes no new FAILED report (and must not fail the whole pass).
+                // Locked first, as a report locks it (its row before its placements).
+                lock_deployment(conn, deployment)?;
                 if load_deployment(conn, deployment, false)?.state.is_final() {
                     continue;
                 }
@@ -1760,7 +1780,12 @@ impl<B: Backend> Store for SqlStore<B> {
         report: PlacementReport,
         caller: Caller,
     ) -> Result<ReportOutcome> {
-        self.write_locked(report.deployment, move |conn, now, events| {
+        let lock = ReportLock {
+            environment: report.environment.clone(),
+            target: report.target.clone(),
+            deployment: report.deployment,
+        };
+        self.write_locked(lock, move |conn, now, events| {
             let (environment, target) = (report.environment.clone(), report.target.clone());
             let outcome = apply_report(conn, now, events, report.clone(), &caller)?;
             // A report is a sign of life too: a target reporting without heartbeats (a

@@ -162,7 +162,11 @@ impl SqlStore<SqliteBackend> {
 
 #[async_trait]
 impl Backend for SqliteBackend {
-    async fn write<T: Send + 'static>(&self, _lock: Option<i64>, f: WriteJob<T>) -> Result<T> {
+    async fn write<T: Send + 'static>(
+        &self,
+        _lock: Option<logic::ReportLock>,
+        f: WriteJob<T>,
+    ) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |conn, now, events| {
             // The caller has gone (its deadline passed, or it cancelled): its write is not

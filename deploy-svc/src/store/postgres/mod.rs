@@ -591,7 +591,8 @@ fn fresh_xid(conn: &mut Conn) -> Result<i64> {
 const TAIL_READ: &str = "SELECT m.xmin, m.pruned, e.seq, e.commit_ms, e.deployment, e.environment, e.target, e.artifact, e.version, e.digest, e.state, e.previous_state, e.message, e.trace_parent
      FROM (SELECT CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS text) AS bigint) AS xmin,
                   (SELECT pruned_through FROM log_meta WHERE id = 1) AS pruned) m
-     LEFT JOIN LATERAL (SELECT * FROM placement_events WHERE seq > $1 ORDER BY seq LIMIT $2) e ON true";
+     LEFT JOIN LATERAL (SELECT * FROM placement_events WHERE seq > $1 ORDER BY seq LIMIT $2) e ON true
+     ORDER BY e.seq";
 
 /// Reads what follows `tail` and returns the events safe to deliver, in order, the new
 /// position, and whether a newly seen hole still needs its transaction id (see the module
@@ -1041,7 +1042,11 @@ async fn listener(
 
 #[async_trait]
 impl Backend for PostgresBackend {
-    async fn write<T: Send + 'static>(&self, lock: Option<i64>, job: WriteJob<T>) -> Result<T> {
+    async fn write<T: Send + 'static>(
+        &self,
+        lock: Option<logic::ReportLock>,
+        job: WriteJob<T>,
+    ) -> Result<T> {
         let (value, newest) = match lock {
             Some(lock) => self.queue_report(lock, job).await?,
             None => {
@@ -1147,7 +1152,7 @@ impl PostgresBackend {
     /// Queues a placement report for the next group commit ([`reports`]).
     async fn queue_report<T: Send + 'static>(
         &self,
-        lock: i64,
+        lock: logic::ReportLock,
         job: WriteJob<T>,
     ) -> Result<(T, u64)> {
         let closed = || Error::Unavailable("the store is closed".into());

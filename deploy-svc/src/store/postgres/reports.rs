@@ -2,11 +2,15 @@
 //!
 //! Reports are the hot write path: one per target per state change. Each replica queues
 //! them and commits whatever arrived meanwhile in one READ COMMITTED transaction: one
-//! `BEGIN`, one statement locking every deployment the group names (in id order, so two
-//! groups never wait for each other in a cycle on those rows), each report in its own
-//! savepoint (a report that fails rolls back alone and gets its own error), one `COMMIT`
-//! (one WAL flush for the group). Reports keep their arrival order, so reports of one
-//! deployment draw their sequences in the order they came. A conflict (a deadlock with
+//! `BEGIN`, one statement locking every deployment the group names (in id order), each
+//! report in its own savepoint (a report that fails rolls back alone and gets its own
+//! error), one `COMMIT` (one WAL flush for the group). A group runs its reports ordered by
+//! target (stably: reports of one target keep their arrival order and draw their sequences
+//! in it), so the target rows their heartbeats write are locked in one order too: two
+//! groups never wait for each other in a cycle, whether on deployments or on targets.
+//! Groups of at most [`MAX_GROUP`] reports: each savepoint that writes takes a
+//! subtransaction id, and past 64 in one transaction PostgreSQL's per-backend cache
+//! overflows and every other session's snapshots get slower. A conflict (a deadlock with
 //! another replica's group, a unique key taken) runs the whole group again. Up to
 //! `--pg-report-groups` groups (2 by default) commit at once per replica, each on its own
 //! connection, so one group fills while another commits.
@@ -26,15 +30,16 @@ use crate::domain::clock::{Clock, Millis};
 use crate::domain::model::PlacementEvent;
 use crate::domain::{Error, Result};
 use crate::store::db::Db;
-use crate::store::logic::WriteJob;
+use crate::store::logic::{ReportLock, WriteJob};
 
-/// The most reports committed in one transaction.
-pub(super) const MAX_GROUP: usize = 256;
+/// The most reports committed in one transaction (64 subtransactions fit PostgreSQL's
+/// per-backend cache).
+pub(super) const MAX_GROUP: usize = 64;
 
 /// A queued report of any result type.
 pub(super) trait Queued: Send {
-    /// The deployment the report locks.
-    fn lock(&self) -> i64;
+    /// What the report locks.
+    fn lock(&self) -> &ReportLock;
     /// Runs the report's job; keeps its value for [`Queued::finish`].
     fn run(&mut self, db: &dyn Db, now: Millis, events: &mut Vec<PlacementEvent>) -> Result<()>;
     /// Answers the caller: the job's value and its newest sequence, or why it failed.
@@ -43,15 +48,15 @@ pub(super) trait Queued: Send {
 
 /// A report and the caller waiting for it.
 pub(super) struct Report<T> {
-    pub(super) lock: i64,
+    pub(super) lock: ReportLock,
     pub(super) job: WriteJob<T>,
     pub(super) value: Option<T>,
     pub(super) reply: oneshot::Sender<Result<(T, u64)>>,
 }
 
 impl<T: Send + 'static> Queued for Report<T> {
-    fn lock(&self) -> i64 {
-        self.lock
+    fn lock(&self) -> &ReportLock {
+        &self.lock
     }
 
     fn run(&mut self, db: &dyn Db, now: Millis, events: &mut Vec<PlacementEvent>) -> Result<()> {
@@ -98,6 +103,11 @@ pub(super) async fn run_groups(
                 Err(_) => break,
             }
         }
+        // By target, stably (see the module documentation).
+        group.sort_by(|a, b| {
+            let (a, b) = (a.lock(), b.lock());
+            (&a.environment, &a.target).cmp(&(&b.environment, &b.target))
+        });
         let (pool, clock) = (pool.clone(), clock.clone());
         tokio::spawn(async move {
             let _slot = slot;
@@ -175,7 +185,7 @@ fn group_once(
         .isolation_level(IsolationLevel::ReadCommitted)
         .start()
         .map_err(plain)?;
-    let mut locks: Vec<i64> = group.iter().map(|r| r.lock()).collect();
+    let mut locks: Vec<i64> = group.iter().map(|r| r.lock().deployment).collect();
     locks.sort_unstable();
     locks.dedup();
     tx.execute(
