@@ -41,9 +41,9 @@ pub type ReadJob<T> = Box<dyn FnOnce(&dyn Db) -> Result<T> + Send>;
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// Runs `job` in a write transaction and commits; the result is returned only once the
-    /// commit is durable. A write naming a `lock` (a deployment id: a placement report)
-    /// runs with that deployment locked against every other writer (the backend takes the
-    /// lock before the job starts); such writes may be committed together.
+    /// commit is durable. A write naming a `lock` (a placement report) runs with its
+    /// deployment locked against every other writer (the backend takes the lock before the
+    /// job starts); such writes may be committed together.
     async fn write<T: Send + 'static>(
         &self,
         lock: Option<ReportLock>,

@@ -530,20 +530,10 @@ fn write_once<T>(
     let mut events = Vec::new();
     let result = job(&db, clock.now_ms(), &mut events);
     let PgDb { tx, last_error, .. } = db;
-    let mut tx = tx.into_inner();
+    let tx = tx.into_inner();
     match result {
         Ok(v) => {
-            let committed = match notify {
-                NotifyMode::PerTransaction => tx.batch_execute(&format!("NOTIFY {CHANNEL}")),
-                _ => Ok(()),
-            }
-            .and_then(|()| tx.commit());
-            record(if committed.is_ok() {
-                "committed"
-            } else {
-                "failed"
-            });
-            committed.map_err(plain)?;
+            commit(tx, notify, started).map_err(plain)?;
             Ok((v, events.last().map_or(0, |e| e.sequence)))
         }
         Err(e) => {
@@ -553,6 +543,28 @@ fn write_once<T>(
             Err((e, retry))
         }
     }
+}
+
+/// Commits `tx` (after its NOTIFY in [`NotifyMode::PerTransaction`]) and records the time
+/// since `started` (its BEGIN) by outcome.
+fn commit(
+    mut tx: postgres::Transaction<'_>,
+    notify: NotifyMode,
+    started: std::time::Instant,
+) -> std::result::Result<(), postgres::Error> {
+    let committed = match notify {
+        NotifyMode::PerTransaction => tx.batch_execute(&format!("NOTIFY {CHANNEL}")),
+        _ => Ok(()),
+    }
+    .and_then(|()| tx.commit());
+    let outcome = if committed.is_ok() {
+        "committed"
+    } else {
+        "failed"
+    };
+    metrics::histogram!(crate::telemetry::COMMIT_SECONDS, "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
+    committed
 }
 
 // ---- the tail of the log ----

@@ -25,7 +25,7 @@ use std::time::Duration;
 use postgres::IsolationLevel;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::{is_conflict, pg_error, rand_u16, Conn, NotifyMode, PgDb, Pool, CHANNEL, MAX_ATTEMPTS};
+use super::{is_conflict, pg_error, rand_u16, Conn, NotifyMode, PgDb, Pool, MAX_ATTEMPTS};
 use crate::domain::clock::{Clock, Millis};
 use crate::domain::model::PlacementEvent;
 use crate::domain::{Error, Result};
@@ -238,19 +238,6 @@ fn group_once(
             }
         }
     }
-    let mut tx = db.tx.into_inner();
-    let committed = match notify {
-        NotifyMode::PerTransaction => tx.batch_execute(&format!("NOTIFY {CHANNEL}")),
-        _ => Ok(()),
-    }
-    .and_then(|()| tx.commit());
-    let outcome = if committed.is_ok() {
-        "committed"
-    } else {
-        "failed"
-    };
-    metrics::histogram!(crate::telemetry::COMMIT_SECONDS, "outcome" => outcome)
-        .record(started.elapsed().as_secs_f64());
-    committed.map_err(plain)?;
+    super::commit(db.tx.into_inner(), notify, started).map_err(plain)?;
     Ok(outcomes)
 }
