@@ -187,11 +187,8 @@ impl Server {
             ),
             None => None,
         };
-        let routes = tonic::service::Routes::new(health_service).add_service(
-            DeployServiceServer::new(api)
-                .max_decoding_message_size(config.max_message_bytes)
-                .max_encoding_message_size(config.max_message_bytes),
-        );
+        let routes = tonic::service::Routes::new(health_service)
+            .add_service(grpc::watch::WatchRoute::new(api, config.max_message_bytes));
         let routes = service_kit::reflection(routes, &[SERVICE_NAME])?;
         let database = match config.postgres_url() {
             Some(url) => service_kit::redact::url(&url),

@@ -18,9 +18,10 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use service_kit::streams::StreamSlot;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -47,6 +48,30 @@ pub fn retention_error(after: u64, pruned_through: u64) -> Error {
     )
 }
 
+/// A committed event as watchers share it: the event and, once the first watcher has sent
+/// it, its wire form, so a hundred watchers encode it once rather than a hundred times.
+#[derive(Debug)]
+pub struct LoggedEvent {
+    /// The event.
+    pub event: PlacementEvent,
+    wire: OnceLock<Bytes>,
+}
+
+impl LoggedEvent {
+    /// Wraps a committed event.
+    pub fn new(event: PlacementEvent) -> Self {
+        Self {
+            event,
+            wire: OnceLock::new(),
+        }
+    }
+
+    /// The event's wire form: encoded by `encode` on the first call, shared afterwards.
+    pub fn wire(&self, encode: impl FnOnce(&PlacementEvent) -> Bytes) -> Bytes {
+        self.wire.get_or_init(|| encode(&self.event)).clone()
+    }
+}
+
 /// The committed tail of the placement log, shared by the store (which publishes) and the
 /// watchers (which read).
 #[derive(Debug)]
@@ -54,7 +79,7 @@ pub struct Feed {
     /// The newest events and the sequence through which the ring is complete (events at or
     /// below it are only in the store). Sequences increase; on PostgreSQL a rolled-back
     /// transaction leaves a hole, so neighbours may differ by more than one.
-    ring: RwLock<(VecDeque<Arc<PlacementEvent>>, u64)>,
+    ring: RwLock<(VecDeque<Arc<LoggedEvent>>, u64)>,
     capacity: usize,
     head: watch::Sender<u64>,
 }
@@ -78,11 +103,11 @@ impl Feed {
             let mut guard = self.ring.write().unwrap_or_else(|p| p.into_inner());
             let (ring, floor) = &mut *guard;
             for event in events {
-                ring.push_back(Arc::new(event));
+                ring.push_back(Arc::new(LoggedEvent::new(event)));
             }
             while ring.len() > self.capacity {
                 if let Some(gone) = ring.pop_front() {
-                    *floor = gone.sequence;
+                    *floor = gone.event.sequence;
                 }
             }
         }
@@ -102,13 +127,13 @@ impl Feed {
 
     /// Up to `max` events after `after` from memory, or `None` when the ring does not hold
     /// the event right after `after` (the caller reads the store instead).
-    pub fn read_after(&self, after: u64, max: usize) -> Option<Vec<Arc<PlacementEvent>>> {
+    pub fn read_after(&self, after: u64, max: usize) -> Option<Vec<Arc<LoggedEvent>>> {
         let guard = self.ring.read().unwrap_or_else(|p| p.into_inner());
         let (ring, floor) = &*guard;
         if after < *floor {
             return None;
         }
-        let start = ring.partition_point(|e| e.sequence <= after);
+        let start = ring.partition_point(|e| e.event.sequence <= after);
         let end = start.saturating_add(max).min(ring.len());
         Some(ring.range(start..end).cloned().collect())
     }
@@ -173,7 +198,7 @@ pub enum WatchItem {
         count: u64,
     },
     /// A committed event.
-    Event(Arc<PlacementEvent>),
+    Event(Arc<LoggedEvent>),
     /// An idle heartbeat.
     Heartbeat {
         /// The stream's cursor.
@@ -371,7 +396,7 @@ impl Watcher {
                     .read_events(cursor, self.limits.batch)
                     .await?
                     .into_iter()
-                    .map(Arc::new)
+                    .map(|e| Arc::new(LoggedEvent::new(e)))
                     .collect(),
             };
             if batch.is_empty() {
@@ -399,14 +424,14 @@ impl Watcher {
             for event in batch {
                 // Sequences only grow. They may skip a number: on PostgreSQL a rolled-back
                 // transaction leaves a hole, published only once nothing can fill it.
-                if event.sequence <= cursor {
+                if event.event.sequence <= cursor {
                     return Err(Error::Internal(format!(
                         "placement log out of order: read sequence {} after {cursor}",
-                        event.sequence
+                        event.event.sequence
                     )));
                 }
-                cursor = event.sequence;
-                if self.matches(&event.placement) {
+                cursor = event.event.sequence;
+                if self.matches(&event.event.placement) {
                     if let Flow::Stop = self.send(WatchItem::Event(event), cursor).await {
                         return Ok(());
                     }
@@ -471,14 +496,14 @@ mod tests {
             .read_after(12, 10)
             .unwrap_or_default()
             .iter()
-            .map(|e| e.sequence)
+            .map(|e| e.event.sequence)
             .collect();
         assert_eq!(seqs, [13, 14, 15, 16]);
         let seqs: Vec<_> = feed
             .read_after(14, 1)
             .unwrap_or_default()
             .iter()
-            .map(|e| e.sequence)
+            .map(|e| e.event.sequence)
             .collect();
         assert_eq!(seqs, [15]);
         assert_eq!(feed.read_after(16, 10).map(|v| v.len()), Some(0));
@@ -490,7 +515,7 @@ mod tests {
         feed.publish([11, 14, 15].into_iter().map(event).collect());
         let seqs = |after| -> Option<Vec<u64>> {
             feed.read_after(after, 10)
-                .map(|v| v.iter().map(|e| e.sequence).collect())
+                .map(|v| v.iter().map(|e| e.event.sequence).collect())
         };
         // A cursor inside the hole (12, 13) resumes at the next event, not from the store.
         assert_eq!(seqs(12), Some(vec![14, 15]));
@@ -500,5 +525,26 @@ mod tests {
         assert_eq!(seqs(13), None);
         assert_eq!(seqs(14), Some(vec![15, 20, 21]));
         assert_eq!(seqs(17), Some(vec![20, 21]));
+    }
+
+    #[test]
+    fn an_event_in_the_ring_is_encoded_once_for_all_its_readers() {
+        let feed = Feed::new(10, 4);
+        feed.publish(vec![event(11)]);
+        let encodings = std::cell::Cell::new(0);
+        let encode = |e: &PlacementEvent| {
+            encodings.set(encodings.get() + 1);
+            Bytes::from(e.sequence.to_string())
+        };
+        for _ in 0..3 {
+            let wires: Vec<_> = feed
+                .read_after(10, 10)
+                .unwrap_or_default()
+                .iter()
+                .map(|e| e.wire(encode))
+                .collect();
+            assert_eq!(wires, [Bytes::from("11")]);
+        }
+        assert_eq!(encodings.get(), 1);
     }
 }

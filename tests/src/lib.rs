@@ -284,6 +284,18 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// The CPU time (user + system) process `pid` has used, in milliseconds; `None` once it has
+/// exited.
+pub fn cpu_ms(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3, state.
+    let mut fields = stat.get(stat.rfind(')')? + 2..)?.split_whitespace();
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // Linux reports clock ticks of 1/100 s to user space.
+    Some((utime + stime) * 10)
+}
+
 /// Where `scripts/test` installs the Node packages (`OFREP_NODE_MODULES` overrides).
 pub fn node_modules() -> String {
     std::env::var("OFREP_NODE_MODULES").unwrap_or_else(|_| {

@@ -6,8 +6,10 @@
 //! # Layout
 //!
 //! - [`convert`]: proto <-> domain conversions and request validation.
+//! - [`watch`]: WatchPlacements on the wire, each event encoded once for all watchers.
 
 pub mod convert;
+pub mod watch;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -27,7 +29,7 @@ use crate::domain::error::Violations;
 use crate::domain::inventory::InventoryQuery;
 use crate::domain::model::{DeploymentFilter, HealthWindows};
 use crate::domain::names;
-use crate::placement_log::{self, Feed, WatchItem, WatchLimits};
+use crate::placement_log::{self, Feed, WatchLimits};
 use crate::store::Store;
 
 /// The DeployService implementation.
@@ -53,6 +55,26 @@ impl DeployApi {
 
     fn bell(&self) {
         Self::orders_changed(&self.orders);
+    }
+
+    /// Opens a watch: validates the request and takes a place under the cap on watchers.
+    /// Served by [`watch::WatchRoute`]; the generated trait method shares it.
+    pub async fn open_watch(
+        &self,
+        request: pb::WatchPlacementsRequest,
+    ) -> std::result::Result<placement_log::WatchStream, Status> {
+        let request = convert::watch_request(request)?;
+        let slot = self.watchers.take()?;
+        Ok(placement_log::watch(
+            self.store.clone(),
+            self.feed.clone(),
+            request,
+            self.watch_limits,
+            slot,
+            self.streams.clone(),
+            &self.tasks,
+        )
+        .await?)
     }
 
     /// The orders bell, for work outside the handlers that changes orders.
@@ -288,23 +310,6 @@ fn order_stream(
 /// The response stream of WatchPlacements.
 pub type WatchPlacementsStream =
     Pin<Box<dyn Stream<Item = std::result::Result<pb::WatchPlacementsResponse, Status>> + Send>>;
-
-fn watch_message(item: WatchItem) -> pb::WatchPlacementsResponse {
-    use pb::watch_placements_response::Kind;
-    let kind = match item {
-        WatchItem::Snapshot(p) => Kind::SnapshotPlacement(convert::placement(&p)),
-        WatchItem::SnapshotEnd { sequence, count } => Kind::SnapshotEnd(pb::SnapshotEnd {
-            sequence,
-            placement_count: count,
-        }),
-        WatchItem::Event(e) => Kind::Event(convert::event(&e)),
-        WatchItem::Heartbeat { sequence, head } => Kind::Heartbeat(pb::Heartbeat {
-            sequence,
-            head_sequence: head,
-        }),
-    };
-    pb::WatchPlacementsResponse { kind: Some(kind) }
-}
 
 #[tonic::async_trait]
 impl DeployService for DeployApi {
@@ -654,19 +659,8 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::WatchPlacementsRequest>,
     ) -> Result<Self::WatchPlacementsStream> {
-        let request = convert::watch_request(req.into_inner())?;
-        let slot = self.watchers.take()?;
-        let stream = placement_log::watch(
-            self.store.clone(),
-            self.feed.clone(),
-            request,
-            self.watch_limits,
-            slot,
-            self.streams.clone(),
-            &self.tasks,
-        )
-        .await?;
-        let stream = stream.map(|item| item.map(watch_message).map_err(Status::from));
+        let stream = self.open_watch(req.into_inner()).await?;
+        let stream = stream.map(|item| item.map(watch::watch_message).map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))
     }
 

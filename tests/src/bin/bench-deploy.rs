@@ -400,7 +400,10 @@ async fn delivery(
             }
         }));
     }
+    let pid = bin.child.id().unwrap();
+    let cpu_before = tests::cpu_ms(pid).unwrap();
     tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let cpu = tests::cpu_ms(pid).unwrap() - cpu_before;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.unwrap();
@@ -408,9 +411,11 @@ async fn delivery(
     let sent = sent.lock().unwrap().clone();
     let acks = acks.lock().unwrap().clone();
     println!(
-        "  (request-to-acknowledgement in this phase: p50 {:.2} ms, p99 {:.2} ms)",
+        "  (request-to-acknowledgement in this phase: p50 {:.2} ms, p99 {:.2} ms; deploy-svc CPU {:.0} ms per second, {:.2} ms per report)",
         acks.value_at_quantile(0.5) as f64 / 1000.0,
-        acks.value_at_quantile(0.99) as f64 / 1000.0
+        acks.value_at_quantile(0.99) as f64 / 1000.0,
+        cpu as f64 / seconds as f64,
+        cpu as f64 / sent.len().max(1) as f64
     );
     let mut h = Histogram::<u64>::new(3).unwrap();
     for w in watchers {
