@@ -276,10 +276,20 @@ pub fn bin_dir() -> PathBuf {
 
 /// The resident memory (VmRSS) of process `pid` in KiB; `None` once it has exited.
 pub fn rss_kib(pid: u32) -> Option<u64> {
+    proc_status_kib(pid, "VmRSS:")
+}
+
+/// The anonymous part of process `pid`'s resident memory (RssAnon: its heap and stacks,
+/// without the pages of its binary and libraries) in KiB; `None` once it has exited.
+pub fn rss_anon_kib(pid: u32) -> Option<u64> {
+    proc_status_kib(pid, "RssAnon:")
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
 }

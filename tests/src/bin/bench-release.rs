@@ -979,10 +979,20 @@ fn rss_kib(pid: u32) -> u64 {
     tests::rss_kib(pid).expect("the server is running")
 }
 
+/// VmRSS and RssAnon of `pid`, in MiB, for printing.
+fn rss_mib(pid: u32) -> String {
+    let anon = tests::rss_anon_kib(pid).expect("the server is running");
+    format!(
+        "{:.1} MiB (anonymous {:.1} MiB)",
+        rss_kib(pid) as f64 / 1024.0,
+        anon as f64 / 1024.0
+    )
+}
+
 async fn memory(dir: &Path, features: usize, environments: usize) {
     let mut p = pair(dir).await;
     let mut rc = release::connect(p.release.addr).await;
-    let idle = rss_kib(p.release.child.id().unwrap());
+    let idle = rss_mib(p.release.child.id().unwrap());
     let started = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..8 {
@@ -1022,14 +1032,10 @@ async fn memory(dir: &Path, features: usize, environments: usize) {
         }
     }
     let load_time = started.elapsed();
-    let loaded = rss_kib(p.release.child.id().unwrap());
+    let loaded = rss_mib(p.release.child.id().unwrap());
     let probe = evaluate(&mut rc, "feature-00042", "env-3", "u").await;
     println!("loaded {features} features x {environments} environments in {load_time:.1?}");
-    println!(
-        "release-svc RSS: idle {:.1} MiB, loaded {:.1} MiB",
-        idle as f64 / 1024.0,
-        loaded as f64 / 1024.0
-    );
+    println!("release-svc RSS: idle {idle}, loaded {loaded}");
 
     // Restart to serving from the stored state.
     p.release.signal("TERM");
@@ -1046,10 +1052,10 @@ async fn memory(dir: &Path, features: usize, environments: usize) {
         "the restarted service answers as before"
     );
     println!(
-        "restart: listening after {:.0} ms, first Evaluate answered after {:.0} ms; RSS after restart {:.1} MiB",
+        "restart: listening after {:.0} ms, first Evaluate answered after {:.0} ms; RSS after restart {}",
         listening.as_secs_f64() * 1000.0,
         serving.as_secs_f64() * 1000.0,
-        rss_kib(restarted.child.id().unwrap()) as f64 / 1024.0
+        rss_mib(restarted.child.id().unwrap())
     );
     drop(p.deploy);
 }
