@@ -719,10 +719,8 @@ impl Engine {
         if fresh.is_empty() && cursor_after <= state.cursor {
             return Ok(Vec::new());
         }
-        let mut next_placements = state.placements.clone();
-        for e in &fresh {
-            next_placements.apply(e.clone());
-        }
+        // Applied in place (not to a copy of every placement): undone if the store refuses.
+        let undo = state.placements.apply_all(&fresh);
         let artifacts: HashSet<&str> = fresh.iter().map(|e| e.artifact.as_str()).collect();
         let scope = Self::carried_by(&state, &artifacts);
         let before = self.snapshot.load_full();
@@ -731,21 +729,27 @@ impl Engine {
             &scope,
             &state.features,
             &state.releases,
-            &next_placements,
+            &state.placements,
         );
         let withdrawals = self.withdrawals(
             &state,
             &before,
             &next,
             &scope,
-            &next_placements,
+            &state.placements,
             cursor_after,
         );
-        let applied = self
+        let applied = match self
             .store
             .apply_placements(fresh.clone(), cursor_after, withdrawals.clone())
-            .await?;
-        state.placements = next_placements;
+            .await
+        {
+            Ok(applied) => applied,
+            Err(e) => {
+                state.placements.undo(undo);
+                return Err(e);
+            }
+        };
         state.cursor = state.cursor.max(cursor_after);
         state.events_applied = applied;
         metrics::counter!(crate::telemetry::WITHDRAWALS).increment(withdrawals.len() as u64);

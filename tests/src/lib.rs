@@ -306,6 +306,25 @@ pub fn cpu_ms(pid: u32) -> Option<u64> {
     Some((utime + stime) * 10)
 }
 
+/// One release-svc replica per deploy-svc replica in `deploys`, each following its own, all
+/// on the database `release_db`.
+pub async fn release_replicas(deploys: &[Binary], release_db: &str) -> Vec<Binary> {
+    let mut releases = Vec::new();
+    for d in deploys {
+        let deploy_url = format!("http://{}", d.addr);
+        let args = [
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            release_db,
+            "--deploy-svc",
+            &deploy_url,
+        ];
+        releases.push(Binary::spawn("release-svc", &args).await);
+    }
+    releases
+}
+
 /// Where `scripts/test` installs the Node packages (`OFREP_NODE_MODULES` overrides).
 pub fn node_modules() -> String {
     std::env::var("OFREP_NODE_MODULES").unwrap_or_else(|_| {
@@ -1186,6 +1205,48 @@ impl Gated {
         for t in targets {
             report(dc, &self.deployment, t, state).await.unwrap();
         }
+    }
+
+    /// Opens and closes the gate `flips` times (built with 2 targets at 50% coverage: the
+    /// first target placed opens it, removed closes it; the second stays pending), reporting
+    /// through `dc` and evaluating through `rc`: microseconds from sending each report until
+    /// `rc` answers with the new reason.
+    pub async fn flip_latencies(
+        &self,
+        dc: &mut Client,
+        rc: &mut release::Client,
+        flips: usize,
+    ) -> hdrhistogram::Histogram<u64> {
+        use proto::release::v1::Reason;
+        let mut h = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+        let target = &self.targets[0];
+        for i in 0..flips {
+            let opening = i % 2 == 0;
+            if opening && i > 0 {
+                report(dc, &self.deployment, target, pb::PlacementState::Placing)
+                    .await
+                    .unwrap();
+            }
+            let (state, want) = if opening {
+                (pb::PlacementState::Placed, Reason::Static)
+            } else {
+                (pb::PlacementState::Removed, Reason::NotDeployed)
+            };
+            let start = std::time::Instant::now();
+            report(dc, &self.deployment, target, state).await.unwrap();
+            while release::evaluate(rc, "new-cart", "prod", "u")
+                .await
+                .reason()
+                != want
+            {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "flip {i} never seen"
+                );
+            }
+            h.record(start.elapsed().as_micros() as u64).unwrap();
+        }
+        h
     }
 }
 

@@ -936,6 +936,10 @@ fn apply_report(
         },
     )?;
     if !state.is_final()
+        // An all-at-once deployment ordered every target when it was created: a report never
+        // lets it order more, and pacing reads every placement of the deployment (a cost
+        // that grows with the fleet, paid by every report).
+        && !matches!(d.strategy, Strategy::AllAtOnce)
         && matches!(
             report.state,
             PlacementState::Placed | PlacementState::Failed | PlacementState::Removed

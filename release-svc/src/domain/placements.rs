@@ -7,7 +7,9 @@
 //! newest PLACED placement of the artifact (highest sequence) is V. A rollback to an older
 //! version, a REMOVED or a FAILED placement therefore lowers coverage at once.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
 
 use super::model::Carrier;
 
@@ -70,11 +72,21 @@ pub struct Placement {
     pub sequence: u64,
 }
 
-/// Every placement, by (deployment, target).
+/// One (environment, artifact)'s placements, by (deployment, target).
+type Group = HashMap<(i64, String), Placement>;
+
+/// Every placement, grouped by environment and artifact (what a coverage question asks
+/// about), then by (deployment, target). A deployment places one artifact in one
+/// environment, so a (deployment, target) is always in the same group.
 #[derive(Debug, Clone, Default)]
 pub struct PlacementIndex {
-    placements: HashMap<(i64, String), Placement>,
+    groups: HashMap<String, HashMap<String, Group>>,
+    len: usize,
 }
+
+/// What [`PlacementIndex::apply_all`] replaced, to put back with [`PlacementIndex::undo`].
+#[derive(Debug, Default)]
+pub struct Undo(Vec<(Placement, Option<Placement>)>);
 
 /// Coverage of one carrier in one environment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,24 +97,79 @@ pub struct Coverage {
     pub targets: usize,
 }
 
-/// Per environment, artifact and target: the newest PLACED (sequence, version), if any.
-type Current<'a> = HashMap<(&'a str, &'a str), BTreeMap<&'a str, Option<(u64, &'a str)>>>;
-
 impl PlacementIndex {
+    /// Applies one placement (a newer event replaces the stored state); returns what it
+    /// replaced: `None` when nothing changed, `Some(None)` when the placement is new.
+    fn put(&mut self, p: Placement) -> Option<Option<Placement>> {
+        let group = match self
+            .groups
+            .get_mut(&p.environment)
+            .and_then(|g| g.get_mut(&p.artifact))
+        {
+            Some(group) => group,
+            None => self
+                .groups
+                .entry(p.environment.clone())
+                .or_default()
+                .entry(p.artifact.clone())
+                .or_default(),
+        };
+        let key = (p.deployment, p.target.clone());
+        match group.get(&key) {
+            Some(existing) if existing.sequence > p.sequence => None,
+            _ => {
+                let before = group.insert(key, p);
+                if before.is_none() {
+                    self.len += 1;
+                }
+                Some(before)
+            }
+        }
+    }
+
     /// Applies one placement (a newer event replaces the stored state).
     pub fn apply(&mut self, p: Placement) {
-        let key = (p.deployment, p.target.clone());
-        match self.placements.get(&key) {
-            Some(existing) if existing.sequence > p.sequence => {}
-            _ => {
-                self.placements.insert(key, p);
+        self.put(p);
+    }
+
+    /// Applies placements in order; what they replaced comes back for [`Self::undo`].
+    pub fn apply_all(&mut self, placements: &[Placement]) -> Undo {
+        let mut undo = Undo::default();
+        for p in placements {
+            if let Some(before) = self.put(p.clone()) {
+                undo.0.push((p.clone(), before));
+            }
+        }
+        undo
+    }
+
+    /// Puts back what [`Self::apply_all`] replaced (latest first).
+    pub fn undo(&mut self, undo: Undo) {
+        for (applied, before) in undo.0.into_iter().rev() {
+            let Some(group) = self
+                .groups
+                .get_mut(&applied.environment)
+                .and_then(|g| g.get_mut(&applied.artifact))
+            else {
+                continue;
+            };
+            let key = (applied.deployment, applied.target);
+            match before {
+                Some(before) => {
+                    group.insert(key, before);
+                }
+                None => {
+                    if group.remove(&key).is_some() {
+                        self.len -= 1;
+                    }
+                }
             }
         }
     }
 
     /// Replaces everything (a resync from a snapshot).
     pub fn replace(&mut self, placements: impl IntoIterator<Item = Placement>) {
-        self.placements.clear();
+        *self = Self::default();
         for p in placements {
             self.apply(p);
         }
@@ -110,60 +177,84 @@ impl PlacementIndex {
 
     /// Every placement.
     pub fn iter(&self) -> impl Iterator<Item = &Placement> {
-        self.placements.values()
+        self.groups
+            .values()
+            .flat_map(|g| g.values())
+            .flat_map(|g| g.values())
     }
 
     /// Number of placements.
     pub fn len(&self) -> usize {
-        self.placements.len()
+        self.len
     }
 
     /// Whether there is none.
     pub fn is_empty(&self) -> bool {
-        self.placements.is_empty()
+        self.len == 0
     }
 
-    /// A view that answers coverage questions quickly.
+    /// A view that answers coverage questions, computing each (environment, artifact)'s
+    /// coverage from that group alone, once per view.
     pub fn coverage_view(&self) -> CoverageView<'_> {
-        let mut current: Current<'_> = HashMap::new();
-        for p in self.placements.values() {
-            let targets = current
-                .entry((p.environment.as_str(), p.artifact.as_str()))
-                .or_default();
-            let slot = targets.entry(p.target.as_str()).or_insert(None);
-            if p.state == PlacementState::Placed && slot.is_none_or(|(seq, _)| seq < p.sequence) {
-                *slot = Some((p.sequence, p.version.as_str()));
-            }
+        CoverageView {
+            index: self,
+            current: RefCell::new(HashMap::new()),
         }
-        CoverageView { current }
     }
 }
+
+/// The current version of each target of one (environment, artifact): its newest PLACED
+/// placement's, `None` when it carries none.
+type Versions = Rc<[Option<semver::Version>]>;
 
 /// Coverage answers over a [`PlacementIndex`].
 #[derive(Debug)]
 pub struct CoverageView<'a> {
-    current: Current<'a>,
+    index: &'a PlacementIndex,
+    /// Per (environment, artifact) asked so far.
+    current: RefCell<HashMap<(&'a str, &'a str), Versions>>,
 }
 
-impl CoverageView<'_> {
+impl<'a> CoverageView<'a> {
+    /// The current versions of the targets of `artifact` in `environment`.
+    fn current(&self, environment: &str, artifact: &str) -> Versions {
+        let Some((env, (art, group))) = self
+            .index
+            .groups
+            .get_key_value(environment)
+            .and_then(|(e, g)| g.get_key_value(artifact).map(|a| (e, a)))
+        else {
+            return Rc::from([]);
+        };
+        let key = (env.as_str(), art.as_str());
+        if let Some(found) = self.current.borrow().get(&key) {
+            return found.clone();
+        }
+        let mut newest: BTreeMap<&str, Option<(u64, &str)>> = BTreeMap::new();
+        for p in group.values() {
+            let slot = newest.entry(p.target.as_str()).or_insert(None);
+            if p.state == PlacementState::Placed && slot.is_none_or(|(seq, _)| seq < p.sequence) {
+                *slot = Some((p.sequence, p.version.as_str()));
+            }
+        }
+        let versions: Versions = newest
+            .into_values()
+            .map(|v| v.and_then(|(_, version)| semver::Version::parse(version).ok()))
+            .collect();
+        self.current.borrow_mut().insert(key, versions.clone());
+        versions
+    }
+
     /// How many of the environment's targets of the carrier's artifact carry it.
     pub fn coverage(&self, environment: &str, carrier: &Carrier) -> Coverage {
-        let Some(targets) = self.current.get(&(environment, carrier.artifact.as_str())) else {
-            return Coverage {
-                carrying: 0,
-                targets: 0,
-            };
-        };
-        let carrying = targets
-            .values()
-            .filter(|v| {
-                v.and_then(|(_, version)| semver::Version::parse(version).ok())
-                    .is_some_and(|v| v >= carrier.min_version)
-            })
+        let current = self.current(environment, &carrier.artifact);
+        let carrying = current
+            .iter()
+            .filter(|v| v.as_ref().is_some_and(|v| *v >= carrier.min_version))
             .count();
         Coverage {
             carrying,
-            targets: targets.len(),
+            targets: current.len(),
         }
     }
 
@@ -282,6 +373,54 @@ mod tests {
         assert_eq!(
             idx.iter().find(|x| x.deployment == 3).map(|x| x.state),
             Some(Placed)
+        );
+    }
+
+    #[test]
+    fn undo_puts_back_what_a_batch_replaced() {
+        use PlacementState::*;
+        let mut idx = PlacementIndex::default();
+        idx.apply(p(1, "a", "2.0.0", Placed, 1));
+        idx.apply(p(1, "b", "2.0.0", Pending, 2));
+        let before: Vec<_> = {
+            let mut v: Vec<_> = idx
+                .iter()
+                .cloned()
+                .map(|p| (p.target, p.state, p.sequence))
+                .collect();
+            v.sort_by(|x, y| x.0.cmp(&y.0));
+            v
+        };
+        let undo = idx.apply_all(&[
+            p(1, "a", "2.0.0", Removed, 3),
+            p(1, "b", "2.0.0", Placed, 4),
+            p(1, "c", "2.0.0", Placed, 5),
+            // Older than what is stored: ignored, and nothing to undo.
+            p(1, "a", "2.0.0", Placing, 1),
+        ]);
+        assert_eq!(idx.len(), 3);
+        assert_eq!(
+            idx.coverage_view().coverage("prod", &carrier("2.0.0", 1.0)),
+            Coverage {
+                carrying: 2,
+                targets: 3
+            }
+        );
+        idx.undo(undo);
+        let mut after: Vec<_> = idx
+            .iter()
+            .cloned()
+            .map(|p| (p.target, p.state, p.sequence))
+            .collect();
+        after.sort_by(|x, y| x.0.cmp(&y.0));
+        assert_eq!(after, before);
+        assert_eq!(idx.len(), 2);
+        assert_eq!(
+            idx.coverage_view().coverage("prod", &carrier("2.0.0", 1.0)),
+            Coverage {
+                carrying: 1,
+                targets: 2
+            }
         );
     }
 }

@@ -16,7 +16,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use hdrhistogram::Histogram;
 use prost::Message;
 use proto::deploy::v1::PlacementState as P;
 use proto::release::v1 as rpb;
@@ -940,32 +939,7 @@ async fn gate(dir: &Path, flips: usize) {
     // 50% coverage of 2 targets: p-1 placed opens the gate, p-1 removed closes it; p-2
     // stays pending so the deployment never finishes and p-1 can cycle.
     let g = Gated::setup(&mut dc, &mut rc, 2, 0.5, 100.0).await;
-    let (d, pt) = (g.deployment.clone(), g.targets.clone());
-    let mut h = Histogram::<u64>::new(3).unwrap();
-    for i in 0..flips {
-        let opening = i % 2 == 0;
-        if opening && i > 0 {
-            report(&mut dc, &d, &pt[0], P::Placing).await.unwrap();
-        }
-        let want = if opening {
-            rpb::Reason::Static
-        } else {
-            rpb::Reason::NotDeployed
-        };
-        let state = if opening { P::Placed } else { P::Removed };
-        let start = Instant::now();
-        report(&mut dc, &d, &pt[0], state).await.unwrap();
-        loop {
-            if evaluate(&mut rc, "new-cart", "prod", "u").await.reason() == want {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(5),
-                "flip {i} never seen"
-            );
-        }
-        h.record(start.elapsed().as_micros() as u64).unwrap();
-    }
+    let h = g.flip_latencies(&mut dc, &mut rc, flips).await;
     println!(
         "placement report sent -> Evaluate sees the change, {} flips: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         h.len(),
@@ -1071,19 +1045,7 @@ async fn replicas(dir: &Path, url: &str, requests: u64, clients: u32, streams: u
     for _ in 0..2 {
         deploys.push(Binary::start(Path::new(&deploy_db), &[]).await);
     }
-    let mut releases = Vec::new();
-    for d in &deploys {
-        let deploy_url = format!("http://{}", d.addr);
-        let args = [
-            "--listen",
-            "127.0.0.1:0",
-            "--database",
-            &release_db,
-            "--deploy-svc",
-            &deploy_url,
-        ];
-        releases.push(Binary::spawn("release-svc", &args).await);
-    }
+    let releases = tests::release_replicas(&deploys, &release_db).await;
     let mut dc = tests::connect(deploys[0].addr).await;
     let mut rc = release::connect(releases[0].addr).await;
     load(&mut dc, &mut rc).await;
