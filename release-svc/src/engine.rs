@@ -244,6 +244,45 @@ impl Engine {
         Ok(())
     }
 
+    /// Reads the placements another replica (the applier) committed since this one last
+    /// read them, and updates the snapshot for the features they carry: what a replica
+    /// that does not apply placement events does when the applier commits a batch (instead
+    /// of reloading everything). Returns how many placements it read.
+    pub async fn catch_up_placements(&self) -> Result<usize> {
+        let mut state = self.state.lock().await;
+        let after = self
+            .store
+            .placements_after(state.placements.max_sequence())
+            .await?;
+        state.cursor = state.cursor.max(after.cursor);
+        state.events_applied = state.events_applied.max(after.events_applied);
+        if after.placements.is_empty() {
+            return Ok(0);
+        }
+        state.placements.apply_all(&after.placements);
+        let artifacts: HashSet<&str> = after
+            .placements
+            .iter()
+            .map(|p| p.artifact.as_str())
+            .collect();
+        let scope = Self::carried_by(&state, &artifacts);
+        let before = self.snapshot.load_full();
+        let next = before.update(
+            before.version + 1,
+            &scope,
+            &state.features,
+            &state.releases,
+            &state.placements,
+        );
+        self.swap(
+            &before,
+            next,
+            &scope,
+            "placements applied by another replica".into(),
+        );
+        Ok(after.placements.len())
+    }
+
     /// The current snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()

@@ -177,12 +177,32 @@ impl Server {
                 let (engine, stop) = (engine.clone(), streams.clone());
                 Some(tokio::spawn(async move {
                     loop {
-                        tokio::select! {
+                        let changed = tokio::select! {
                             () = stop.cancelled() => return,
-                            got = changes.recv() => if got.is_none() { return },
-                        }
-                        if let Err(e) = engine.reload().await {
-                            tracing::warn!(error = %e, "reload after a change failed");
+                            got = changes.recv() => match got {
+                                Some(changed) => changed,
+                                None => return,
+                            },
+                        };
+                        let caught_up = changed == store::Changed::Placements
+                            && match engine.catch_up_placements().await {
+                                Ok(_) => true,
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "reading placements after a change failed; reloading everything");
+                                    false
+                                }
+                            };
+                        let kind = if caught_up {
+                            "placements"
+                        } else {
+                            "everything"
+                        };
+                        metrics::counter!(telemetry::REPLICA_REFRESHES, "kind" => kind)
+                            .increment(1);
+                        if !caught_up {
+                            if let Err(e) = engine.reload().await {
+                                tracing::warn!(error = %e, "reload after a change failed");
+                            }
                         }
                     }
                 }))

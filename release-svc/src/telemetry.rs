@@ -28,6 +28,11 @@ pub const CONSUMER_CONNECTED: &str = "release_svc_consumer_connected";
 /// Counter: placement streams lost (errors, ends, missed heartbeats).
 pub const CONSUMER_STREAM_LOSSES: &str = "release_svc_consumer_stream_losses_total";
 
+/// Counter, label `kind` (`placements`, `everything`): times this replica refreshed its
+/// state after another replica committed (read the placements since its last read, or
+/// reloaded everything).
+pub const REPLICA_REFRESHES: &str = "release_svc_replica_refreshes_total";
+
 /// Gauge: the version of the decision snapshot Evaluate answers from (it grows by one per
 /// published change).
 pub const SNAPSHOT_VERSION: &str = "release_svc_snapshot_version";
@@ -106,6 +111,10 @@ pub fn describe() {
     metrics::describe_counter!(
         USAGE_FLUSHES,
         "flushes of evaluation usage to the store, by outcome"
+    );
+    metrics::describe_counter!(
+        REPLICA_REFRESHES,
+        "refreshes after another replica committed, by kind (placements read since the last read, or everything reloaded)"
     );
     metrics::describe_counter!(
         WITHDRAWALS,

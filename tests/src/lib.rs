@@ -325,6 +325,27 @@ pub async fn release_replicas(deploys: &[Binary], release_db: &str) -> Vec<Binar
     releases
 }
 
+/// The address of a free local port (for `--metrics-listen`).
+pub fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// The value of a sample named exactly `series` (with its labels, as exported) in a
+/// `/metrics` scrape of `addr` (0 when it is not exported yet).
+pub async fn metric(addr: &str, series: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Where `scripts/test` installs the Node packages (`OFREP_NODE_MODULES` overrides).
 pub fn node_modules() -> String {
     std::env::var("OFREP_NODE_MODULES").unwrap_or_else(|_| {

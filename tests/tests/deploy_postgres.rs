@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use proto::deploy::v1 as pb;
 use tests::watch::{self, sequences};
-use tests::{fresh_database, Binary, Churn};
+use tests::{free_port, fresh_database, metric, Binary, Churn};
 use tonic::Streaming;
 
 fn server() -> Option<String> {
@@ -345,27 +345,6 @@ async fn a_killed_replica_loses_no_acknowledged_report() {
     assert_eq!(placements.len(), 4);
     restarted.kill().await;
     bins.remove(0).kill().await;
-}
-
-/// The address of a free local port (for `--metrics-listen`).
-fn free_port() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
-/// The value of a sample named exactly `series` in a `/metrics` scrape of `addr` (0 when
-/// it is not exported yet).
-async fn metric(addr: &str, series: &str) -> f64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Reports arriving together on one replica are committed in groups (fewer transactions

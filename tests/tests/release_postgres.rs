@@ -12,18 +12,36 @@ use tests::release::{self, eventually};
 use tests::{fresh_database, Binary, Gated};
 
 async fn release_svc(db_url: &str, deploy: &Binary) -> Binary {
-    Binary::spawn(
-        "release-svc",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--database",
-            db_url,
-            "--deploy-svc",
-            &format!("http://{}", deploy.addr),
-        ],
-    )
-    .await
+    release_svc_with(db_url, deploy, &[]).await
+}
+
+async fn release_svc_with(db_url: &str, deploy: &Binary, extra: &[&str]) -> Binary {
+    let deploy_url = format!("http://{}", deploy.addr);
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--database",
+        db_url,
+        "--deploy-svc",
+        &deploy_url,
+    ];
+    args.extend_from_slice(extra);
+    Binary::spawn("release-svc", &args).await
+}
+
+/// The replica of `clients` that applies placement events (waiting for one to take it).
+async fn applier(clients: &mut [release::Client]) -> usize {
+    let start = std::time::Instant::now();
+    loop {
+        let a = status(&mut clients[0]).await.active;
+        let b = status(&mut clients[1]).await.active;
+        assert!(!(a && b), "two appliers");
+        if a || b {
+            return usize::from(b);
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "no applier");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]
@@ -130,17 +148,7 @@ async fn two_replicas_share_one_database_with_one_applier_and_failover() {
         release::connect(replicas[1].addr).await,
     ];
     // Exactly one applier.
-    let start = std::time::Instant::now();
-    let active = loop {
-        let a = status(&mut clients[0]).await.active;
-        let b = status(&mut clients[1]).await.active;
-        assert!(!(a && b), "two appliers");
-        if a || b {
-            break usize::from(b);
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "no applier");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let active = applier(&mut clients).await;
     let standby = 1 - active;
 
     // A feature and its release written through the standby are served by the applier.
@@ -263,6 +271,108 @@ async fn two_replicas_share_one_database_with_one_applier_and_failover() {
 
     drop(replicas);
     drop(clients);
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
+
+/// A replica that does not apply placement events follows the applier's batches by reading
+/// only the placements committed since its last read (not by reloading everything): the
+/// gate opens and closes on it as on the applier, its consumer position follows, and its
+/// refresh counter shows placement reads and no full reload.
+#[tokio::test]
+async fn a_standby_replica_follows_placements_without_reloading_everything() {
+    let Some(url) = tests::report::postgres_or_skip("release-svc replicas") else {
+        return;
+    };
+    let (admin, db_url, db) = fresh_database(&url, "release_follow").await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = Binary::start(&dir.path().join("deploy.db"), &[]).await;
+    let metrics = [tests::free_port(), tests::free_port()];
+    let replicas = [
+        release_svc_with(&db_url, &d, &["--metrics-listen", &metrics[0]]).await,
+        release_svc_with(&db_url, &d, &["--metrics-listen", &metrics[1]]).await,
+    ];
+    let mut clients = vec![
+        release::connect(replicas[0].addr).await,
+        release::connect(replicas[1].addr).await,
+    ];
+    let active = applier(&mut clients).await;
+    let standby = 1 - active;
+    let mut dc = tests::connect(d.addr).await;
+    // 50% of 2 targets: p-1 placed opens the gate, removed closes it.
+    let g = Gated::setup(&mut dc, &mut clients[active], 2, 0.5, 100.0).await;
+    let mut sc = clients[standby].clone();
+    // The standby sees the release, the gate closed.
+    eventually(
+        &mut sc,
+        "new-cart",
+        "prod",
+        "u",
+        rpb::Reason::NotDeployed,
+        Duration::from_secs(10),
+    )
+    .await;
+    let series = |kind: &str| format!("release_svc_replica_refreshes_total{{kind=\"{kind}\"}}");
+    let everything_before = tests::metric(&metrics[standby], &series("everything")).await;
+    let placements_before = tests::metric(&metrics[standby], &series("placements")).await;
+
+    for flip in 0..6 {
+        let opening = flip % 2 == 0;
+        if opening && flip > 0 {
+            tests::report(&mut dc, &g.deployment, &g.targets[0], P::Placing)
+                .await
+                .unwrap();
+        }
+        let (state, want) = if opening {
+            (P::Placed, rpb::Reason::Static)
+        } else {
+            (P::Removed, rpb::Reason::NotDeployed)
+        };
+        tests::report(&mut dc, &g.deployment, &g.targets[0], state)
+            .await
+            .unwrap();
+        let start = std::time::Instant::now();
+        while release::evaluate(&mut sc, "new-cart", "prod", "u")
+            .await
+            .reason()
+            != want
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "flip {flip} not seen on the standby"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    // The standby's consumer position follows the applier's.
+    let start = std::time::Instant::now();
+    loop {
+        let (a, s) = (status(&mut clients[active]).await, status(&mut sc).await);
+        if s.cursor == a.cursor && s.events_applied == a.events_applied && a.cursor > 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "standby {s:?} behind applier {a:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let placements_after = tests::metric(&metrics[standby], &series("placements")).await;
+    let everything_after = tests::metric(&metrics[standby], &series("everything")).await;
+    assert!(
+        placements_after > placements_before,
+        "placement reads: {placements_before} -> {placements_after}"
+    );
+    assert_eq!(
+        everything_after, everything_before,
+        "no full reload while only placements changed"
+    );
+
+    drop(replicas);
+    drop(clients);
+    drop(sc);
     admin
         .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
         .await

@@ -82,11 +82,16 @@ type Group = HashMap<(i64, String), Placement>;
 pub struct PlacementIndex {
     groups: HashMap<String, HashMap<String, Group>>,
     len: usize,
+    /// The highest sequence applied.
+    max_sequence: u64,
 }
 
 /// What [`PlacementIndex::apply_all`] replaced, to put back with [`PlacementIndex::undo`].
 #[derive(Debug, Default)]
-pub struct Undo(Vec<(Placement, Option<Placement>)>);
+pub struct Undo {
+    replaced: Vec<(Placement, Option<Placement>)>,
+    max_sequence: u64,
+}
 
 /// Coverage of one carrier in one environment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +123,7 @@ impl PlacementIndex {
         match group.get(&key) {
             Some(existing) if existing.sequence > p.sequence => None,
             _ => {
+                self.max_sequence = self.max_sequence.max(p.sequence);
                 let before = group.insert(key, p);
                 if before.is_none() {
                     self.len += 1;
@@ -134,10 +140,13 @@ impl PlacementIndex {
 
     /// Applies placements in order; what they replaced comes back for [`Self::undo`].
     pub fn apply_all(&mut self, placements: &[Placement]) -> Undo {
-        let mut undo = Undo::default();
+        let mut undo = Undo {
+            replaced: Vec::new(),
+            max_sequence: self.max_sequence,
+        };
         for p in placements {
             if let Some(before) = self.put(p.clone()) {
-                undo.0.push((p.clone(), before));
+                undo.replaced.push((p.clone(), before));
             }
         }
         undo
@@ -145,7 +154,8 @@ impl PlacementIndex {
 
     /// Puts back what [`Self::apply_all`] replaced (latest first).
     pub fn undo(&mut self, undo: Undo) {
-        for (applied, before) in undo.0.into_iter().rev() {
+        self.max_sequence = undo.max_sequence;
+        for (applied, before) in undo.replaced.into_iter().rev() {
             let Some(group) = self
                 .groups
                 .get_mut(&applied.environment)
@@ -181,6 +191,11 @@ impl PlacementIndex {
             .values()
             .flat_map(|g| g.values())
             .flat_map(|g| g.values())
+    }
+
+    /// The highest sequence applied (0: none).
+    pub fn max_sequence(&self) -> u64 {
+        self.max_sequence
     }
 
     /// Number of placements.
@@ -398,7 +413,7 @@ mod tests {
             // Older than what is stored: ignored, and nothing to undo.
             p(1, "a", "2.0.0", Placing, 1),
         ]);
-        assert_eq!(idx.len(), 3);
+        assert_eq!((idx.len(), idx.max_sequence()), (3, 5));
         assert_eq!(
             idx.coverage_view().coverage("prod", &carrier("2.0.0", 1.0)),
             Coverage {
@@ -414,7 +429,7 @@ mod tests {
             .collect();
         after.sort_by(|x, y| x.0.cmp(&y.0));
         assert_eq!(after, before);
-        assert_eq!(idx.len(), 2);
+        assert_eq!((idx.len(), idx.max_sequence()), (2, 2));
         assert_eq!(
             idx.coverage_view().coverage("prod", &carrier("2.0.0", 1.0)),
             Coverage {

@@ -38,6 +38,92 @@ pub struct Loaded {
     pub policies: BTreeMap<String, Policy>,
 }
 
+/// The placements committed since a replica last read them (by another replica, the
+/// applier), with the consumer's position after them.
+#[derive(Debug, Default)]
+pub struct PlacementsAfter {
+    /// Placements whose stored sequence is above the one asked for, by sequence.
+    pub placements: Vec<Placement>,
+    /// The consumer cursor.
+    pub cursor: u64,
+    /// Events applied so far.
+    pub events_applied: u64,
+}
+
+/// What another replica committed, as far as this one needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Changed {
+    /// Only placement events were applied: reading the placements since the last read
+    /// is enough.
+    Placements,
+    /// Anything else (features, releases, policies, a resync of every placement), or the
+    /// replica may have missed notifications: reload everything.
+    Everything,
+}
+
+/// Wake-ups of a replica when others commit (see [`Store::changes`]). Notifications that
+/// arrive while the replica is busy are folded into one wake-up; a wake-up asks for
+/// [`Changed::Everything`] if any of them was more than placements.
+#[derive(Debug)]
+pub struct Changes {
+    wake: tokio::sync::mpsc::Receiver<()>,
+    everything: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Changes {
+    /// A receiver and the sender side: `notify(everything)` records a change and wakes it.
+    pub fn channel() -> (Self, ChangeNotifier) {
+        let (tx, wake) = tokio::sync::mpsc::channel(1);
+        let everything = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        (
+            Self {
+                wake,
+                everything: everything.clone(),
+            },
+            ChangeNotifier { tx, everything },
+        )
+    }
+
+    /// The next change; `None` once the sender is gone.
+    pub async fn recv(&mut self) -> Option<Changed> {
+        self.wake.recv().await?;
+        Some(
+            if self
+                .everything
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                Changed::Everything
+            } else {
+                Changed::Placements
+            },
+        )
+    }
+}
+
+/// The sending side of [`Changes`].
+#[derive(Debug, Clone)]
+pub struct ChangeNotifier {
+    tx: tokio::sync::mpsc::Sender<()>,
+    everything: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ChangeNotifier {
+    /// Records a change (the flag first, so the wake-up that follows sees it) and wakes
+    /// the receiver (a wake-up already pending covers this one).
+    pub fn notify(&self, changed: Changed) {
+        if changed == Changed::Everything {
+            self.everything
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        let _ = self.tx.try_send(());
+    }
+
+    /// Whether the receiver is gone.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
 /// One audit record to append (with the change it records, in its transaction).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct AuditEntry {
@@ -140,11 +226,14 @@ pub(crate) const LAST_EVALUATED: &str =
 /// Every read and write of release-svc.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// A signal for every change committed by any process sharing the database (replicas
-    /// reload their state from it); `None` when this process is the only writer (SQLite).
-    async fn changes(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
+    /// A signal for every change committed by any other process sharing the database
+    /// (replicas reload their state from it, or read the placements since their last read);
+    /// `None` when this process is the only writer (SQLite).
+    async fn changes(&self) -> Option<Changes> {
         None
     }
+    /// The placements stored with a sequence above `after`, and the consumer's position.
+    async fn placements_after(&self, after: u64) -> Result<PlacementsAfter>;
     /// Waits until this process holds the right to apply placement events (one replica at
     /// a time); the returned token is cancelled when the right is lost. SQLite: at once,
     /// for good.

@@ -21,8 +21,8 @@ use super::sqlite::{
     release_columns, release_from, withdrawal_entries,
 };
 use super::{
-    AuditEntry, AuditFilter, LastEvaluated, Loaded, Store, UsageCount, Withdrawal, LAST_EVALUATED,
-    PRUNE_USAGE, SEEN_OF, USAGE_OF,
+    AuditEntry, AuditFilter, ChangeNotifier, Changed, Changes, LastEvaluated, Loaded,
+    PlacementsAfter, Store, UsageCount, Withdrawal, LAST_EVALUATED, PRUNE_USAGE, SEEN_OF, USAGE_OF,
 };
 use crate::domain::model::{Feature, Millis, Release};
 use crate::domain::placements::Placement;
@@ -33,6 +33,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/postgres/0001_init.sql"),
     include_str!("migrations/postgres/0002_audit_truncate.sql"),
     include_str!("migrations/postgres/0003_usage.sql"),
+    include_str!("migrations/postgres/0004_placements_seq.sql"),
 ];
 
 /// The PostgreSQL store.
@@ -191,10 +192,13 @@ const CHANNEL: &str = "release_svc_changes";
 const APPLIER_LOCK: i64 = locks::RELEASE_APPLIER;
 const REQUEST_ID_LOCK: i32 = locks::RELEASE_REQUEST_ID;
 
+/// The payload of a commit that applied placement events and changed nothing else.
+const PLACEMENTS: &str = "placements";
+
 /// Drives `connection`, forwarding notifications to `tx` until it ends.
 async fn pump<S, T>(
     mut connection: tokio_postgres::Connection<S, T>,
-    tx: tokio::sync::mpsc::Sender<()>,
+    tx: ChangeNotifier,
     own_pid: Arc<AtomicI32>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -206,8 +210,12 @@ async fn pump<S, T>(
             // This replica's own commits are in its memory already.
             Some(Ok(tokio_postgres::AsyncMessage::Notification(n)))
                 if n.process_id() == own_pid.load(Ordering::Relaxed) => {}
-            Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
-                let _ = tx.try_send(());
+            Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                tx.notify(if n.payload() == PLACEMENTS {
+                    Changed::Placements
+                } else {
+                    Changed::Everything
+                });
             }
             Some(Ok(_)) => {}
             Some(Err(e)) => {
@@ -217,6 +225,36 @@ async fn pump<S, T>(
             None => return,
         }
     }
+}
+
+/// The columns [`placement_row`] reads.
+const PLACEMENT_COLUMNS: &str = "deployment, target, environment, artifact, version, state, seq";
+
+/// A placement read with [`PLACEMENT_COLUMNS`].
+fn placement_row(r: &tokio_postgres::Row) -> Result<Placement> {
+    let deployment: i64 = r.get(0);
+    let target: String = r.get(1);
+    Ok(Placement {
+        state: placement_state(r.get(5), deployment, &target)?,
+        deployment,
+        target,
+        environment: r.get(2),
+        artifact: r.get(3),
+        version: r.get(4),
+        sequence: to_u64(r.get(6)),
+    })
+}
+
+/// The consumer's cursor and events-applied counter.
+async fn consumer_position(tx: &Transaction<'_>) -> Result<(u64, u64)> {
+    let c = tx
+        .query_one(
+            "SELECT cursor, events_applied FROM consumer WHERE id = 1",
+            &[],
+        )
+        .await
+        .map_err(pg)?;
+    Ok((to_u64(c.get(0)), to_u64(c.get(1))))
 }
 
 async fn insert_audit(tx: &Transaction<'_>, a: &AuditEntry) -> Result<()> {
@@ -258,8 +296,8 @@ async fn insert_withdrawals(tx: &Transaction<'_>, withdrawals: &[Withdrawal]) ->
 
 #[async_trait]
 impl Store for PostgresStore {
-    async fn changes(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
+    async fn changes(&self) -> Option<Changes> {
+        let (rx, tx) = Changes::channel();
         let (url, schema, tls) = (self.url.clone(), self.schema.clone(), self.tls.clone());
         let own_pid = self.own_pid.clone();
         tokio::spawn(async move {
@@ -274,7 +312,7 @@ impl Store for PostgresStore {
                         };
                         if client.batch_execute(&listen).await.is_ok() {
                             // Whatever happened while not listening: reload once.
-                            let _ = tx.try_send(());
+                            tx.notify(Changed::Everything);
                             let _ = pumping.await;
                         }
                         drop(client);
@@ -341,6 +379,29 @@ impl Store for PostgresStore {
         }
     }
 
+    async fn placements_after(&self, after: u64) -> Result<PlacementsAfter> {
+        self.tx(false, |tx| {
+            Box::pin(async move {
+                let mut out = PlacementsAfter::default();
+                for r in tx
+                    .query(
+                        &format!(
+                            "SELECT {PLACEMENT_COLUMNS} FROM placements WHERE seq > $1 ORDER BY seq"
+                        ),
+                        &[&to_i64(after)],
+                    )
+                    .await
+                    .map_err(pg)?
+                {
+                    out.placements.push(placement_row(&r)?);
+                }
+                (out.cursor, out.events_applied) = consumer_position(tx).await?;
+                Ok(out)
+            })
+        })
+        .await
+    }
+
     async fn load(&self) -> Result<Loaded> {
         self.tx(false, |tx| {
             Box::pin(async move {
@@ -379,28 +440,13 @@ impl Store for PostgresStore {
                     loaded.releases.insert(id, release);
                 }
                 for r in tx
-                    .query("SELECT deployment, target, environment, artifact, version, state, seq FROM placements", &[])
+                    .query(&format!("SELECT {PLACEMENT_COLUMNS} FROM placements"), &[])
                     .await
                     .map_err(pg)?
                 {
-                    let deployment: i64 = r.get(0);
-                    let target: String = r.get(1);
-                    loaded.placements.push(Placement {
-                        state: placement_state(r.get(5), deployment, &target)?,
-                        deployment,
-                        target,
-                        environment: r.get(2),
-                        artifact: r.get(3),
-                        version: r.get(4),
-                        sequence: to_u64(r.get(6)),
-                    });
+                    loaded.placements.push(placement_row(&r)?);
                 }
-                let c = tx
-                    .query_one("SELECT cursor, events_applied FROM consumer WHERE id = 1", &[])
-                    .await
-                    .map_err(pg)?;
-                loaded.cursor = to_u64(c.get(0));
-                loaded.events_applied = to_u64(c.get(1));
+                (loaded.cursor, loaded.events_applied) = consumer_position(tx).await?;
                 for r in tx
                     .query("SELECT environment, body, revision, update_ms FROM policies", &[])
                     .await
@@ -646,8 +692,13 @@ impl Store for PostgresStore {
         cursor: u64,
         withdrawals: Vec<Withdrawal>,
     ) -> Result<u64> {
-        self.tx(true, |tx| {
+        self.tx(false, |tx| {
             Box::pin(async move {
+                // Replicas read only the placements since their last read (delivered at
+                // commit, only if the transaction commits).
+                tx.batch_execute(&format!("NOTIFY {CHANNEL}, '{PLACEMENTS}'"))
+                    .await
+                    .map_err(pg)?;
                 // The consumer row is locked first: one applier at a time, whatever replica.
                 let stored: i64 = tx
                     .query_one("SELECT cursor FROM consumer WHERE id = 1 FOR UPDATE", &[])

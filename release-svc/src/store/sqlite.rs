@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use service_kit::sqlite::error as sql;
 
 use super::{
-    AuditEntry, AuditFilter, LastEvaluated, Loaded, Store, UsageCount, Withdrawal, ADD_USAGE,
-    LAST_EVALUATED, PRUNE_USAGE, SEEN, SEEN_OF, USAGE_OF,
+    AuditEntry, AuditFilter, LastEvaluated, Loaded, PlacementsAfter, Store, UsageCount, Withdrawal,
+    ADD_USAGE, LAST_EVALUATED, PRUNE_USAGE, SEEN, SEEN_OF, USAGE_OF,
 };
 use crate::domain::model::{
     Approval, Carrier, EmergencyOverride, Feature, Governance, Millis, Release, ReleaseEnvironment,
@@ -29,6 +29,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0002_governance.sql"),
     include_str!("migrations/sqlite/0003_audit_append_only.sql"),
     include_str!("migrations/sqlite/0004_usage.sql"),
+    include_str!("migrations/sqlite/0005_placements_seq.sql"),
 ];
 
 /// The SQLite store.
@@ -537,10 +538,69 @@ impl SqliteStore {
     }
 }
 
+/// The placements stored with a sequence above `after`, by sequence.
+fn placements_from(conn: &Connection, after: u64) -> Result<Vec<Placement>> {
+    let mut stmt = conn
+        .prepare_cached("SELECT deployment, target, environment, artifact, version, state, seq FROM placements WHERE seq > ?1 ORDER BY seq")
+        .map_err(sql)?;
+    let rows = stmt
+        .query_map([to_i64(after)], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, i64>(6)?,
+            ))
+        })
+        .map_err(sql)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (deployment, target, environment, artifact, version, state, seq) = row.map_err(sql)?;
+        out.push(Placement {
+            state: placement_state(state, deployment, &target)?,
+            deployment,
+            target,
+            environment,
+            artifact,
+            version,
+            sequence: to_u64(seq),
+        });
+    }
+    Ok(out)
+}
+
+/// The consumer's cursor and events-applied counter.
+fn consumer_position(conn: &Connection) -> Result<(u64, u64)> {
+    let (cursor, applied): (i64, i64) = conn
+        .query_row(
+            "SELECT cursor, events_applied FROM consumer WHERE id = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(sql)?;
+    Ok((to_u64(cursor), to_u64(applied)))
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     fn writer_alive(&self) -> tokio::sync::watch::Receiver<bool> {
         self.alive.subscribe()
+    }
+
+    async fn placements_after(&self, after: u64) -> Result<PlacementsAfter> {
+        self.run(move |conn| {
+            let placements = placements_from(conn, after)?;
+            let (cursor, events_applied) = consumer_position(conn)?;
+            Ok(PlacementsAfter {
+                placements,
+                cursor,
+                events_applied,
+            })
+        })
+        .await
     }
 
     async fn load(&self) -> Result<Loaded> {
@@ -584,39 +644,8 @@ impl Store for SqliteStore {
                         .map_err(|e| corrupt("releases", &id, e))?,
                 );
             }
-            let mut stmt = conn
-                .prepare("SELECT deployment, target, environment, artifact, version, state, seq FROM placements")
-                .map_err(sql)?;
-            let rows = stmt
-                .query_map([], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, String>(4)?,
-                        r.get::<_, i64>(5)?,
-                        r.get::<_, i64>(6)?,
-                    ))
-                })
-                .map_err(sql)?;
-            for row in rows {
-                let (deployment, target, environment, artifact, version, state, seq) = row.map_err(sql)?;
-                loaded.placements.push(Placement {
-                    state: placement_state(state, deployment, &target)?,
-                    deployment,
-                    target,
-                    environment,
-                    artifact,
-                    version,
-                    sequence: to_u64(seq),
-                });
-            }
-            let (cursor, applied): (i64, i64) = conn
-                .query_row("SELECT cursor, events_applied FROM consumer WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
-                .map_err(sql)?;
-            loaded.cursor = to_u64(cursor);
-            loaded.events_applied = to_u64(applied);
+            loaded.placements = placements_from(conn, 0)?;
+            (loaded.cursor, loaded.events_applied) = consumer_position(conn)?;
             let mut stmt = conn
                 .prepare("SELECT environment, body, revision, update_ms FROM policies")
                 .map_err(sql)?;
