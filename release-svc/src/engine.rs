@@ -260,20 +260,8 @@ impl Engine {
             return Ok(0);
         }
         state.placements.apply_all(&after.placements);
-        let artifacts: HashSet<&str> = after
-            .placements
-            .iter()
-            .map(|p| p.artifact.as_str())
-            .collect();
-        let scope = Self::carried_by(&state, &artifacts);
         let before = self.snapshot.load_full();
-        let next = before.update(
-            before.version + 1,
-            &scope,
-            &state.features,
-            &state.releases,
-            &state.placements,
-        );
+        let (scope, next) = Self::after_placements(&state, &after.placements, &before);
         self.swap(
             &before,
             next,
@@ -281,6 +269,25 @@ impl Engine {
             "placements applied by another replica".into(),
         );
         Ok(after.placements.len())
+    }
+
+    /// The snapshot after `placements` (already in `state.placements`): only the features
+    /// their artifacts carry are recomputed; the scope says which.
+    fn after_placements(
+        state: &State,
+        placements: &[Placement],
+        before: &Snapshot,
+    ) -> (Scope, Snapshot) {
+        let artifacts: HashSet<&str> = placements.iter().map(|p| p.artifact.as_str()).collect();
+        let scope = Self::carried_by(state, &artifacts);
+        let next = before.update(
+            before.version + 1,
+            &scope,
+            &state.features,
+            &state.releases,
+            &state.placements,
+        );
+        (scope, next)
     }
 
     /// The current snapshot.
@@ -760,16 +767,8 @@ impl Engine {
         }
         // Applied in place (not to a copy of every placement): undone if the store refuses.
         let undo = state.placements.apply_all(&fresh);
-        let artifacts: HashSet<&str> = fresh.iter().map(|e| e.artifact.as_str()).collect();
-        let scope = Self::carried_by(&state, &artifacts);
         let before = self.snapshot.load_full();
-        let next = before.update(
-            before.version + 1,
-            &scope,
-            &state.features,
-            &state.releases,
-            &state.placements,
-        );
+        let (scope, next) = Self::after_placements(&state, &fresh, &before);
         let withdrawals = self.withdrawals(
             &state,
             &before,

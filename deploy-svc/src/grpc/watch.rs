@@ -60,13 +60,10 @@ pub fn watch_message(item: WatchItem) -> pb::WatchPlacementsResponse {
 /// A watch item on the wire: a committed event's shared encoding, or a message.
 pub fn wire(item: WatchItem) -> Wire {
     match item {
-        WatchItem::Event(e) => Wire::Encoded(e.wire(|event| {
-            use pb::watch_placements_response::Kind;
-            pb::WatchPlacementsResponse {
-                kind: Some(Kind::Event(convert::event(event))),
-            }
-            .encode_to_vec()
-            .into()
+        WatchItem::Event(e) => Wire::Encoded(e.wire(|_| {
+            watch_message(WatchItem::Event(e.clone()))
+                .encode_to_vec()
+                .into()
         })),
         item => Wire::Message(Box::new(watch_message(item))),
     }
