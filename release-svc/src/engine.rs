@@ -642,9 +642,7 @@ impl Engine {
             .map(|f| f.key.clone())
             .filter(|k| {
                 snapshot
-                    .features
-                    .get(k.as_str())
-                    .and_then(|e| e.governing(environment))
+                    .governing(k, environment)
                     .is_none_or(|g| g.rollout_percent < 100.0)
             })
             .collect();

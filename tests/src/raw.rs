@@ -4,6 +4,7 @@
 
 use bytes::{Buf, BufMut};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::transport::Channel;
 use tonic::Status;
 
 /// A codec passing message bytes through.
@@ -48,23 +49,63 @@ impl Decoder for RawCodec {
 
 /// Calls `path` with an empty message and `metadata` (key, value) pairs; server streams
 /// count as successful once the response headers arrive. Returns the status of the call.
-pub async fn call<S>(
-    service: S,
+pub async fn call(
+    channel: Channel,
     path: &str,
     metadata: &[(&str, &str)],
     streaming: bool,
-) -> Result<(), Status>
-where
-    S: tonic::client::GrpcService<tonic::body::Body>,
-    S::Error: Into<tonic::codegen::StdError>,
-    S::ResponseBody: tonic::codegen::Body<Data = bytes::Bytes> + Send + 'static,
-    <S::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
-{
-    let mut grpc = tonic::client::Grpc::new(service);
+) -> Result<(), Status> {
+    let until = if streaming {
+        Until::Headers
+    } else {
+        Until::Answer
+    };
+    invoke(channel, path, metadata, Vec::new(), until)
+        .await
+        .map(|_| ())
+}
+
+/// Calls `path` with `body` as the message bytes (anything, valid or not); a server stream
+/// returns its first message (or the status that ended it first), a unary call its answer.
+pub async fn call_with(
+    channel: Channel,
+    path: &str,
+    metadata: &[(&str, &str)],
+    body: Vec<u8>,
+    streaming: bool,
+) -> Result<Vec<u8>, Status> {
+    let until = if streaming {
+        Until::FirstMessage
+    } else {
+        Until::Answer
+    };
+    let answer = invoke(channel, path, metadata, body, until).await?;
+    answer.ok_or_else(|| Status::unknown("the stream ended without a message"))
+}
+
+/// How far a call is followed.
+#[derive(Clone, Copy, PartialEq)]
+enum Until {
+    /// A unary call's answer.
+    Answer,
+    /// A server stream's response headers.
+    Headers,
+    /// A server stream's first message.
+    FirstMessage,
+}
+
+async fn invoke(
+    channel: Channel,
+    path: &str,
+    metadata: &[(&str, &str)],
+    body: Vec<u8>,
+    until: Until,
+) -> Result<Option<Vec<u8>>, Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready()
         .await
-        .map_err(|e| Status::unavailable(format!("not ready: {}", e.into())))?;
-    let mut request = tonic::Request::new(Vec::new());
+        .map_err(|e| Status::unavailable(format!("not ready: {e}")))?;
+    let mut request = tonic::Request::new(body);
     for (k, v) in metadata {
         let key: tonic::metadata::MetadataKey<tonic::metadata::Ascii> = k
             .parse()
@@ -76,11 +117,21 @@ where
         );
     }
     let path: http::uri::PathAndQuery = path.parse().map_err(|_| Status::internal("bad path"))?;
-    if streaming {
-        grpc.server_streaming(request, path, RawCodec)
+    match until {
+        Until::Answer => grpc
+            .unary(request, path, RawCodec)
             .await
-            .map(|_| ())
-    } else {
-        grpc.unary(request, path, RawCodec).await.map(|_| ())
+            .map(|r| Some(r.into_inner())),
+        Until::Headers => grpc
+            .server_streaming(request, path, RawCodec)
+            .await
+            .map(|_| None),
+        Until::FirstMessage => {
+            let mut stream = grpc
+                .server_streaming(request, path, RawCodec)
+                .await?
+                .into_inner();
+            stream.message().await
+        }
     }
 }

@@ -477,3 +477,52 @@ async fn stored_events(database: &std::path::Path, after: u64) -> Vec<(u64, Stri
     .collect::<Result<_, _>>()
     .unwrap()
 }
+
+/// Hostile bodies sent to WatchPlacements (served by its own route, which shares one
+/// encoding of each event between watchers) against the real binary: a body past the
+/// message limit, bytes that are not a request, and a position past the head. Each gets a
+/// clear error status;
+/// the process keeps serving, and an honest watcher afterwards still gets the snapshot
+/// and the next event.
+#[tokio::test]
+async fn hostile_watch_requests_are_refused_and_the_route_keeps_serving() {
+    const PATH: &str = "/deploy.v1.DeployService/WatchPlacements";
+    let dir = tempfile::tempdir().unwrap();
+    let db = tests::deploy_database(dir.path()).await;
+    let mut bin = Binary::start(&db, &[]).await;
+    let mut c = tests::connect(bin.addr).await;
+    let churn = Churn::setup(&mut c, "dev", "api", 1).await;
+    let ch = tests::channel(bin.addr).await;
+    let raw = |body: Vec<u8>, metadata: &'static [(&'static str, &'static str)]| {
+        let ch = ch.clone();
+        async move { tests::raw::call_with(ch, PATH, metadata, body, true).await }
+    };
+
+    // 5 MB: past the 4 MiB message limit.
+    let big = raw(vec![0x0a; 5 << 20], &[]).await.unwrap_err();
+    assert_eq!(big.code(), Code::OutOfRange, "{big:?}");
+    // Not a protobuf message: a field tag with wire type 7 (none exists).
+    let garbage = raw(vec![0xff; 64], &[]).await.unwrap_err();
+    assert_ne!(garbage.code(), Code::Unknown, "a clear status: {garbage:?}");
+    // A position past the head of the log.
+    let future = pb::WatchPlacementsRequest {
+        start: Some(pb::watch_placements_request::Start::AfterSequence(1 << 40)),
+        ..Default::default()
+    };
+    let ahead = raw(prost::Message::encode_to_vec(&future), &[])
+        .await
+        .unwrap_err();
+    assert_eq!(ahead.code(), Code::OutOfRange, "{ahead:?}");
+
+    // The process lives and the route still serves an honest watcher in order.
+    assert!(
+        matches!(bin.child.try_wait(), Ok(None)),
+        "deploy-svc exited under hostile WatchPlacements bodies"
+    );
+    let mut w = watch::open(&mut c, None, "", "").await.unwrap();
+    let (_, start) = watch::snapshot(&mut w).await;
+    let acked = churn.run(&mut c, 0, 0, 3).await;
+    let got = watch::events(&mut w, 3).await;
+    assert_gap_free(&got, start + 1);
+    assert_eq!(sequences(&got), acked);
+}

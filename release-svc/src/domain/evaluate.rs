@@ -79,16 +79,56 @@ const _: () = {
     }
 };
 
-/// The release that governs a feature in an environment, and the gate there.
+/// The release that governs a feature in an environment, and the gate there: 24 bytes
+/// (the environment is an index into the snapshot's [`Environments`], not a name).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Governing {
     /// Release id.
     pub release: i64,
     /// Rollout percentage.
     pub rollout_percent: f64,
+    /// The environment.
+    pub environment: EnvId,
     /// Whether the carriers are placed at coverage (the reason when not is computed on
     /// demand from the placements, never stored per pair).
     pub deployed: bool,
+}
+
+/// An environment's index in [`Environments`]: stable across snapshot updates (names are
+/// only ever added), so an entry shared between versions keeps meaning the same name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EnvId(u32);
+
+/// The environment names some active release has named, each once, indexed by [`EnvId`].
+/// Their number is bounded by the releases operators create.
+#[derive(Debug, Clone, Default)]
+pub struct Environments {
+    names: Vec<Arc<str>>,
+    ids: HashMap<Arc<str>, EnvId, foldhash::fast::RandomState>,
+}
+
+impl Environments {
+    /// The id of `name`, if a release has named it.
+    pub fn id(&self, name: &str) -> Option<EnvId> {
+        self.ids.get(name).copied()
+    }
+
+    /// The name of `id` (empty for an id this table never gave out).
+    pub fn name(&self, id: EnvId) -> &str {
+        self.names.get(id.0 as usize).map_or("", AsRef::as_ref)
+    }
+
+    /// The id of `name`, added when new.
+    fn intern(&mut self, name: &str) -> EnvId {
+        if let Some(id) = self.id(name) {
+            return id;
+        }
+        let id = EnvId(u32::try_from(self.names.len()).unwrap_or(u32::MAX));
+        let name: Arc<str> = Arc::from(name);
+        self.names.push(name.clone());
+        self.ids.insert(name, id);
+        id
+    }
 }
 
 /// One feature in the snapshot.
@@ -96,20 +136,18 @@ pub struct Governing {
 pub struct FeatureEntry {
     /// The feature.
     pub feature: Arc<Feature>,
-    /// Per environment where an active release includes it (a handful: searched linearly;
-    /// environment names are shared between features).
-    pub environments: Vec<(Arc<str>, Governing)>,
+    /// Per environment where an active release includes it (a handful: searched linearly).
+    pub environments: Box<[Governing]>,
     /// Its evaluation counters (kept across snapshot versions).
     pub usage: Arc<FeatureUsage>,
 }
 
 impl FeatureEntry {
     /// The governing release in `environment`, if any.
-    pub fn governing(&self, environment: &str) -> Option<&Governing> {
+    pub fn governing(&self, environment: EnvId) -> Option<&Governing> {
         self.environments
             .iter()
-            .find(|(e, _)| e.as_ref() == environment)
-            .map(|(_, g)| g)
+            .find(|g| g.environment == environment)
     }
 }
 
@@ -136,6 +174,8 @@ pub struct Snapshot {
     pub features: FeatureMap,
     /// The feature keys in order (for batch evaluation and listings).
     pub keys: Arc<Vec<Arc<str>>>,
+    /// The environments the entries name (only ever added to: shared by later snapshots).
+    pub environments: Arc<Environments>,
     /// How `fractional` buckets (kept across updates).
     pub bucketing: Bucketing,
     /// Evaluations whose rule ran out of budget (shared by every later snapshot).
@@ -290,27 +330,27 @@ impl Snapshot {
             }
         }
         let view = placements.coverage_view();
-        let mut names: HashMap<&str, Arc<str>> = HashMap::new();
+        let mut environments = self.environments.clone();
         let mut entry_for = |f: &Arc<Feature>| {
-            let environments = governing
+            let governing: Box<[Governing]> = governing
                 .get(f.key.as_str())
                 .map(|envs| {
                     envs.iter()
-                        .map(|(env, release, rollout_percent)| {
-                            let name = names.entry(env).or_insert_with(|| Arc::from(*env)).clone();
-                            let g = Governing {
-                                release: *release,
-                                rollout_percent: *rollout_percent,
-                                deployed: view.gate(env, &f.carriers).is_ok(),
-                            };
-                            (name, g)
+                        .map(|(env, release, rollout_percent)| Governing {
+                            release: *release,
+                            rollout_percent: *rollout_percent,
+                            environment: match environments.id(env) {
+                                Some(id) => id,
+                                None => Arc::make_mut(&mut environments).intern(env),
+                            },
+                            deployed: view.gate(env, &f.carriers).is_ok(),
                         })
                         .collect()
                 })
                 .unwrap_or_default();
             Arc::new(FeatureEntry {
                 feature: f.clone(),
-                environments,
+                environments: governing,
                 usage: self.usage.feature(&f.key),
             })
         };
@@ -366,6 +406,7 @@ impl Snapshot {
             version,
             features: entries,
             keys,
+            environments,
             bucketing: self.bucketing,
             over_budget: self.over_budget.clone(),
             usage: self.usage.clone(),
@@ -393,15 +434,11 @@ impl Snapshot {
             let Some(entry) = self.features.get(key) else {
                 continue;
             };
-            for (env, g) in &entry.environments {
-                let closed = g.deployed
-                    && next
-                        .features
-                        .get(key)
-                        .and_then(|e| e.governing(env))
-                        .is_some_and(|g| !g.deployed);
+            for g in &entry.environments {
+                let env = self.environments.name(g.environment);
+                let closed = g.deployed && next.governing(key, env).is_some_and(|g| !g.deployed);
                 if closed {
-                    out.push((key.to_owned(), env.to_string()));
+                    out.push((key.to_owned(), env.to_owned()));
                 }
             }
         }
@@ -410,7 +447,7 @@ impl Snapshot {
 
     /// The (feature, environment) pairs in `scope` whose governing state differs between
     /// the two snapshots (feature definition, release, rollout or gate).
-    pub fn changed_in(&self, next: &Snapshot, scope: &Scope) -> Vec<(String, String)> {
+    pub fn changed_in<'a>(&'a self, next: &'a Snapshot, scope: &'a Scope) -> Vec<(String, String)> {
         let mut out = Vec::new();
         for key in self.keys_in(next, scope) {
             let before = self.features.get(key);
@@ -419,22 +456,33 @@ impl Snapshot {
                 (Some(a), Some(b)) => !Arc::ptr_eq(&a.feature, &b.feature),
                 _ => true,
             };
-            let mut envs: Vec<&str> = before
-                .iter()
-                .chain(after.iter())
-                .flat_map(|e| e.environments.iter().map(|(name, _)| name.as_ref()))
-                .collect();
+            let names = |snapshot: &'a Snapshot, entry: Option<&'a Arc<FeatureEntry>>| {
+                entry
+                    .into_iter()
+                    .flat_map(|e| e.environments.iter())
+                    .map(move |g| snapshot.environments.name(g.environment))
+            };
+            let mut envs: Vec<&str> = names(self, before).chain(names(next, after)).collect();
             envs.sort_unstable();
             envs.dedup();
             for env in envs {
-                let was = before.and_then(|e| e.governing(env));
-                let is = after.and_then(|e| e.governing(env));
+                // Compared without the environment's id (two snapshots built apart may
+                // number the same name differently).
+                let state = |g: &Governing| (g.release, g.rollout_percent, g.deployed);
+                let was = self.governing(key, env).map(state);
+                let is = next.governing(key, env).map(state);
                 if feature_changed || was != is {
                     out.push((key.to_owned(), env.to_owned()));
                 }
             }
         }
         out
+    }
+
+    /// The release governing `key` in `environment`, if any.
+    pub fn governing(&self, key: &str, environment: &str) -> Option<&Governing> {
+        let id = self.environments.id(environment)?;
+        self.features.get(key)?.governing(id)
     }
 
     /// Decides one feature for one context; `None` for an unknown feature.
@@ -531,7 +579,13 @@ fn decide<'a>(
     if f.disabled {
         return hidden(f, Reason::Disabled, None);
     }
-    let Some(g) = entry.governing(&ctx.environment) else {
+    // By name through the entry's few environments: cheaper than hashing the name first.
+    let names = &snapshot.environments;
+    let Some(g) = entry
+        .environments
+        .iter()
+        .find(|g| names.name(g.environment) == ctx.environment)
+    else {
         return hidden(f, Reason::NotReleased, None);
     };
     if !g.deployed {

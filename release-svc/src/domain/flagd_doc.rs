@@ -357,12 +357,13 @@ fn parse_flag(
 /// Renders the features as a flagd document for `environment`.
 pub fn render(snapshot: &Snapshot, environment: &str) -> Value {
     let mut flags = Map::new();
+    let env = snapshot.environments.id(environment);
     for key in snapshot.keys.iter() {
         let Some(entry) = snapshot.features.get(key) else {
             continue;
         };
         let f = &entry.feature;
-        let governing = entry.governing(environment);
+        let governing = env.and_then(|id| entry.governing(id));
         let enabled = governing.is_some() && !f.disabled;
         let mut flag = Map::new();
         flag.insert(
@@ -427,6 +428,7 @@ pub fn render(snapshot: &Snapshot, environment: &str) -> Value {
 /// says SPLIT or NOT_DEPLOYED); values and variants do not.
 pub fn render_decisions(snapshot: &Snapshot, environment: &str) -> Value {
     let mut flags = Map::new();
+    let env = snapshot.environments.id(environment);
     for key in snapshot.keys.iter() {
         let Some(entry) = snapshot.features.get(key) else {
             continue;
@@ -437,8 +439,8 @@ pub fn render_decisions(snapshot: &Snapshot, environment: &str) -> Value {
         let mut flag = Map::new();
         flag.insert("state".into(), Value::String("ENABLED".into()));
         flag.insert("variants".into(), f.variants.to_json());
-        let governing = entry
-            .governing(environment)
+        let governing = env
+            .and_then(|id| entry.governing(id))
             .filter(|g| !f.disabled && g.deployed);
         let (default, targeting) = match governing {
             None => (off, None),

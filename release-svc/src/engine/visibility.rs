@@ -200,10 +200,7 @@ fn cell(
     env: &str,
     inactive: Option<&Release>,
 ) -> Cell {
-    let governing = snapshot
-        .features
-        .get(f.key.as_str())
-        .and_then(|e| e.governing(env));
+    let governing = snapshot.governing(&f.key, env);
     let shown = match governing {
         Some(g) => state.releases.get(&g.release),
         None => inactive,
