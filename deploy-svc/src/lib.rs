@@ -21,6 +21,7 @@
 //! - [`Server`] / [`serve`]: opens the store, then serves an already-bound listener until a
 //!   shutdown future resolves.
 
+pub mod app;
 pub mod config;
 pub mod domain;
 pub mod grpc;

@@ -1,22 +1,21 @@
-//! Storage: one trait, one implementation per backend.
+//! Storage: the [`Store`] trait the handlers call, and the databases under it.
 //!
 //! # Layout
 //!
 //! - [`Store`]: every read and write the service needs. Each write is one transaction that
 //!   includes its placement events (transactional outbox) and its audit record: every
-//!   mutating method takes the [`Caller`] the record names.
-//! - [`logic`]: every read and write, written once as SQL over [`db::Db`], for both
-//!   backends ([`logic::SqlStore`] over a [`logic::Backend`]).
-//! - [`inventory`]: the inventory reads (placed versions, deployments in flight, the
-//!   versions on each target), over [`db::Db`] too.
+//!   mutating method takes the [`Caller`] the record names. Implemented once, by the
+//!   application layer ([`crate::app`]), over a [`backend::Backend`].
+//! - [`db`]: the small SQL surface (`Db`) the application layer's SQL is written against.
+//! - [`backend`]: what a database provides: write and read transactions, the log, liveness.
+//! - [`log`]: the placement log as the backends read it.
 //! - [`postgres`]: PostgreSQL (`postgres://` URL), for several replicas on one database.
 //! - [`sqlite`]: the embedded default (WAL, group commit by one writer thread).
-
 //! - `migrations/sqlite/`, `migrations/postgres/`: embedded schema migrations.
 
+pub mod backend;
 pub mod db;
-pub mod inventory;
-pub mod logic;
+pub mod log;
 pub mod postgres;
 pub mod sqlite;
 
@@ -33,7 +32,7 @@ use crate::domain::model::{
 };
 use crate::domain::Result;
 
-pub use logic::OrderRow;
+pub use crate::app::OrderRow;
 
 /// Every read and write of deploy-svc.
 #[async_trait]

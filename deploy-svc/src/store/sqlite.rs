@@ -24,8 +24,10 @@ use rusqlite::Connection;
 use service_kit::sqlite::error as sql;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::backend::{internal, to_i64, Backend, ReadJob, ReportLock, WriteJob};
 use super::db::Db;
-use super::logic::{self, internal, to_i64, Backend, ReadJob, SqlStore, WriteJob};
+use super::log;
+use crate::app::SqlStore;
 use crate::domain::clock::{Clock, Millis};
 use crate::domain::model::{LogBounds, Placement, PlacementEvent};
 use crate::domain::{Error, Result};
@@ -164,7 +166,7 @@ impl SqlStore<SqliteBackend> {
 impl Backend for SqliteBackend {
     async fn write<T: Send + 'static>(
         &self,
-        _lock: Option<logic::ReportLock>,
+        _lock: Option<ReportLock>,
         f: WriteJob<T>,
     ) -> Result<T> {
         let (tx, rx) = oneshot::channel();
@@ -209,7 +211,7 @@ impl Backend for SqliteBackend {
 
     async fn read_events(&self, after: u64, max: usize) -> Result<Vec<PlacementEvent>> {
         self.read(Box::new(move |conn: &dyn Db| {
-            logic::read_log(conn, after, u64::MAX >> 1, max)
+            log::read_log(conn, after, u64::MAX >> 1, max)
         }))
         .await
     }
@@ -217,7 +219,7 @@ impl Backend for SqliteBackend {
     async fn snapshot(&self) -> Result<(Vec<Placement>, u64)> {
         self.read(Box::new(|conn: &dyn Db| {
             let head = head_sequence(conn)?;
-            Ok((logic::all_placements(conn)?, head))
+            Ok((log::all_placements(conn)?, head))
         }))
         .await
     }
@@ -225,7 +227,7 @@ impl Backend for SqliteBackend {
     async fn log_bounds(&self) -> Result<LogBounds> {
         self.read(Box::new(|conn: &dyn Db| {
             Ok(LogBounds {
-                pruned_through: logic::pruned_through(conn)?,
+                pruned_through: log::pruned_through(conn)?,
                 head: head_sequence(conn)?,
             })
         }))

@@ -1,5 +1,5 @@
 //! The PostgreSQL backend (a `postgres://` database URL), for several replicas of deploy-svc
-//! on one database. The logic is the shared one ([`super::logic`]); this file owns
+//! on one database. The application layer is the shared one ([`crate::app`]); this file owns
 //! connections, transactions and the placement log's tail.
 //!
 //! # Writes
@@ -55,8 +55,10 @@ use postgres::{Client, IsolationLevel, Statement};
 use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
+use super::backend::{internal, to_i64, to_u64, Backend, ReadJob, ReportLock, WriteJob};
 use super::db::{Db, Dialect, SqlRow, V};
-use super::logic::{self, to_i64, to_u64, Backend, ReadJob, SqlStore, WriteJob};
+use super::log;
+use crate::app::SqlStore;
 use crate::domain::clock::Clock;
 use crate::domain::model::{LogBounds, Placement, PlacementEvent};
 use crate::domain::{Error, Result};
@@ -404,7 +406,7 @@ impl Pool {
                         task(&mut conn);
                     }
                 })
-                .map_err(logic::internal)?;
+                .map_err(internal)?;
             threads.push(handle);
         }
         Ok(Self {
@@ -634,7 +636,7 @@ fn tail_read(conn: &mut Conn, tail: Tail, max: usize) -> Result<(Vec<PlacementEv
             return Err(crate::placement_log::retention_error(tail.cursor, pruned));
         }
         if values.first().is_some_and(|v| *v != V::N) {
-            events.push(logic::event_row(&SqlRow(values))?);
+            events.push(log::event_row(&SqlRow(values))?);
         }
     }
     let mut out = Vec::with_capacity(events.len());
@@ -1056,7 +1058,7 @@ async fn listener(
 impl Backend for PostgresBackend {
     async fn write<T: Send + 'static>(
         &self,
-        lock: Option<logic::ReportLock>,
+        lock: Option<ReportLock>,
         job: WriteJob<T>,
     ) -> Result<T> {
         let (value, newest) = match lock {
@@ -1079,7 +1081,7 @@ impl Backend for PostgresBackend {
     async fn read_events(&self, after: u64, max: usize) -> Result<Vec<PlacementEvent>> {
         let through = self.feed.head();
         self.read(Box::new(move |db: &dyn Db| {
-            logic::read_log(db, after, through, max)
+            log::read_log(db, after, through, max)
         }))
         .await
     }
@@ -1090,7 +1092,7 @@ impl Backend for PostgresBackend {
         let head = self.feed.head();
         self.read(Box::new(move |db: &dyn Db| {
             let mut out = Vec::new();
-            for p in logic::all_placements(db)? {
+            for p in log::all_placements(db)? {
                 if p.sequence <= head {
                     out.push(p);
                     continue;
@@ -1100,7 +1102,7 @@ impl Backend for PostgresBackend {
                      FROM placement_events e WHERE e.deployment = ?1 AND e.target = ?2 AND e.seq <= ?3
                      ORDER BY e.seq DESC LIMIT 1",
                     super::db::p![p.deployment, p.target, to_i64(head)],
-                    logic::placement_row,
+                    log::placement_row,
                 )?;
                 match earlier {
                     Some(e) => out.push(e),
@@ -1129,7 +1131,7 @@ impl Backend for PostgresBackend {
         let head = self.feed.head();
         self.read(Box::new(move |db: &dyn Db| {
             Ok(LogBounds {
-                pruned_through: logic::pruned_through(db)?,
+                pruned_through: log::pruned_through(db)?,
                 head,
             })
         }))
@@ -1164,7 +1166,7 @@ impl PostgresBackend {
     /// Queues a placement report for the next group commit ([`reports`]).
     async fn queue_report<T: Send + 'static>(
         &self,
-        lock: logic::ReportLock,
+        lock: ReportLock,
         job: WriteJob<T>,
     ) -> Result<(T, u64)> {
         let closed = || Error::Unavailable("the store is closed".into());

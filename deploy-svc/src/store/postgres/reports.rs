@@ -29,8 +29,8 @@ use super::{is_conflict, pg_error, rand_u16, Conn, NotifyMode, PgDb, Pool, MAX_A
 use crate::domain::clock::{Clock, Millis};
 use crate::domain::model::PlacementEvent;
 use crate::domain::{Error, Result};
+use crate::store::backend::{ReportLock, WriteJob};
 use crate::store::db::Db;
-use crate::store::logic::{ReportLock, WriteJob};
 
 /// The most reports committed in one transaction (64 subtransactions fit PostgreSQL's
 /// per-backend cache).

@@ -4,8 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use super::db::{p, Db};
-use super::logic::{deployment_row, env_row, limit, slots, DEPLOYMENT_COLUMNS, ENV_COLUMNS};
+use super::deployments::{deployment_row, slots, DEPLOYMENT_COLUMNS};
+use super::environments::{env_row, ENV_COLUMNS};
+use super::limit;
 use crate::domain::inventory::{
     ArtifactInventory, EnvironmentInventory, InFlight, InventoryKey, InventoryQuery, PlacedVersion,
     TargetVersion, MAX_IN_FLIGHT,
@@ -13,6 +14,7 @@ use crate::domain::inventory::{
 use crate::domain::model::{DeploymentState, Environment, Page, PlacementState};
 use crate::domain::strategy;
 use crate::domain::Result;
+use crate::store::db::{p, Db};
 
 /// Environments read at a time while looking for the ones the caller may view.
 const ENVIRONMENT_BATCH: i64 = 100;

@@ -1,0 +1,334 @@
+//! Placement reports (one read and the writes they need, with their events) and the orders
+//! an agent reads.
+
+use serde_json::json;
+
+use super::audit::append_audit;
+use super::deployments::{
+    counts_at, deployment_row, pace_deployment, COUNT_COLUMNS, DEPLOYMENT_COLUMNS,
+};
+use super::SqlStore;
+use crate::domain::audit::{self, action, AuditEntry, Caller};
+use crate::domain::clock::Millis;
+use crate::domain::deployment::{check_transition, derive_state};
+use crate::domain::model::{
+    Deployment, DeploymentState, Placement, PlacementEvent, PlacementReport, PlacementState,
+    ReportOutcome,
+};
+use crate::domain::names::{artifact_version_name, deployment_name, environment_name, target_name};
+use crate::domain::strategy::Strategy;
+use crate::domain::{Error, Result};
+use crate::store::backend::{to_i64, to_u64, Backend, ReportLock};
+use crate::store::db::{p, Db};
+use crate::store::log::placement_state;
+
+/// How many columns [`DEPLOYMENT_COLUMNS`] names.
+pub(super) const DEPLOYMENT_COLUMN_COUNT: usize = {
+    let (bytes, mut i, mut n) = (DEPLOYMENT_COLUMNS.as_bytes(), 0, 1);
+    while i < bytes.len() {
+        if bytes[i] == b',' {
+            n += 1;
+        }
+        i += 1;
+    }
+    n
+};
+/// Where [`REPORT_READ`]'s columns after the deployment's and its counts start.
+pub(super) const REPORT_READ_TARGET: usize = DEPLOYMENT_COLUMN_COUNT + 5;
+
+/// A report's one read: [`DEPLOYMENT_COLUMNS`], [`COUNT_COLUMNS`], 1 if the target is
+/// registered, the placement's state, message, seq and update_ms (NULL before its first
+/// report), the artifact's digest. Parameters: deployment, environment, target.
+pub(super) static REPORT_READ: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let qualified = |columns: &str| {
+        columns
+            .split(", ")
+            .map(|c| format!("d.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "SELECT {}, {},
+           (SELECT 1 FROM targets t WHERE t.environment = ?2 AND t.id = ?3),
+           p.state, p.message, p.seq, p.update_ms,
+           (SELECT a.digest FROM artifacts a WHERE a.name = d.artifact AND a.version = d.version)
+         FROM deployments d LEFT JOIN placements p ON p.deployment = d.id AND p.target = ?3
+         WHERE d.id = ?1",
+        qualified(DEPLOYMENT_COLUMNS),
+        qualified(COUNT_COLUMNS)
+    )
+});
+
+/// Appends the event of `placement` (already in its new state) to the outbox, with the
+/// trace context of the call that caused it, and sets the placement's sequence; returns the
+/// event, to publish after commit.
+pub(super) fn append_event(
+    conn: &dyn Db,
+    now: Millis,
+    placement: &mut Placement,
+    previous: PlacementState,
+    caller: &Caller,
+) -> Result<PlacementEvent> {
+    let seq: i64 = conn.row("INSERT INTO placement_events (commit_ms, deployment, environment, target, artifact, version, digest, state, previous_state, message, trace_parent)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) RETURNING seq", p![
+        now,
+        placement.deployment,
+        placement.environment,
+        placement.target,
+        placement.artifact,
+        placement.version,
+        placement.digest,
+        placement.state.code(),
+        previous.code(),
+        placement.message,
+        caller.trace_parent
+    ], |r| r.get(0))?;
+    conn.execute("INSERT INTO placements (deployment, target, state, message, seq, update_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (deployment, target) DO UPDATE SET state = excluded.state, message = excluded.message, seq = excluded.seq, update_ms = excluded.update_ms", p![
+        placement.deployment,
+        placement.target,
+        placement.state.code(),
+        placement.message,
+        seq,
+        now
+    ])?;
+    placement.sequence = to_u64(seq);
+    placement.update_ms = now;
+    Ok(PlacementEvent {
+        sequence: placement.sequence,
+        commit_ms: now,
+        placement: placement.clone(),
+        previous_state: previous,
+        trace_parent: caller.trace_parent.clone(),
+    })
+}
+
+pub(super) fn apply_report(
+    conn: &dyn Db,
+    now: Millis,
+    events: &mut Vec<PlacementEvent>,
+    report: PlacementReport,
+    caller: &Caller,
+) -> Result<ReportOutcome> {
+    // One statement reads everything the report needs: the deployment (locked by the
+    // backend before the job runs: see `SqlStore::write_locked`), its counts, whether the
+    // target is registered, the placement so far and the artifact's digest.
+    let Some(read) = conn.one(
+        &REPORT_READ,
+        p![report.deployment, &report.environment, &report.target],
+        |r| {
+            Ok((
+                deployment_row(r)?,
+                counts_at(r, DEPLOYMENT_COLUMN_COUNT)?,
+                r.get::<Option<i64>>(REPORT_READ_TARGET)?.is_some(),
+                r.get::<Option<i64>>(REPORT_READ_TARGET + 1)?
+                    .map(|state| -> Result<(i64, String, i64, i64)> {
+                        Ok((
+                            state,
+                            r.get(REPORT_READ_TARGET + 2)?,
+                            r.get(REPORT_READ_TARGET + 3)?,
+                            r.get(REPORT_READ_TARGET + 4)?,
+                        ))
+                    })
+                    .transpose()?,
+                r.get::<Option<String>>(REPORT_READ_TARGET + 5)?,
+            ))
+        },
+    )?
+    else {
+        return Err(Error::NotFound(deployment_name(report.deployment)));
+    };
+    let (d, mut counts, registered, current, digest) = read;
+    let target = target_name(&report.environment, &report.target);
+    if d.environment != report.environment {
+        return Err(Error::precondition(
+            "TARGET_NOT_IN_ENVIRONMENT",
+            target,
+            format!(
+                "{} deploys to {}, not to the target's environment",
+                deployment_name(d.id),
+                environment_name(&d.environment)
+            ),
+        ));
+    }
+    if !registered {
+        return Err(Error::NotFound(target));
+    }
+    let from = match &current {
+        Some(c) => placement_state(
+            "placements",
+            "state",
+            &format!("{}/{}", d.id, report.target),
+            c.0,
+        )?,
+        None => PlacementState::Pending,
+    };
+    let digest = digest.ok_or_else(|| {
+        Error::corrupt(
+            "deployments",
+            &deployment_name(d.id),
+            format!(
+                "artifact {} is missing",
+                artifact_version_name(&d.artifact, &d.version)
+            ),
+        )
+    })?;
+    let changed = check_transition(d.state, from, report.state)
+        .map_err(|why| Error::precondition("PLACEMENT_TRANSITION", target.clone(), why))?;
+    let mut placement = Placement {
+        deployment: d.id,
+        environment: d.environment.clone(),
+        target: report.target.clone(),
+        artifact: d.artifact.clone(),
+        version: d.version.clone(),
+        digest,
+        state: from,
+        message: current.as_ref().map(|c| c.1.clone()).unwrap_or_default(),
+        sequence: current.as_ref().map(|c| to_u64(c.2)).unwrap_or(0),
+        update_ms: current.as_ref().map(|c| c.3).unwrap_or(now),
+    };
+    if !changed {
+        return Ok(ReportOutcome {
+            placement,
+            deployment_state: d.state,
+            changed: false,
+        });
+    }
+    placement.state = report.state;
+    placement.message = report.message;
+    events.push(append_event(conn, now, &mut placement, from, caller)?);
+    if current.is_some() {
+        counts.remove(from);
+    }
+    counts.add(report.state, 1);
+    let state = derive_state(d.state, counts, d.strategy.max_failures());
+    conn.execute("UPDATE deployments SET state = ?1, update_ms = ?2, n_pending = ?3, n_placing = ?4, n_placed = ?5, n_failed = ?6, n_removed = ?7 WHERE id = ?8", p![
+        state.code(),
+        now,
+        to_i64(counts.pending),
+        to_i64(counts.placing),
+        to_i64(counts.placed),
+        to_i64(counts.failed),
+        to_i64(counts.removed),
+        d.id
+    ])?;
+    let mut before = json!({"target": target, "state": from.name()});
+    let mut after =
+        json!({"target": target, "state": placement.state.name(), "sequence": placement.sequence});
+    if !placement.message.is_empty() {
+        after["message"] = placement.message.clone().into();
+    }
+    if state != d.state {
+        before["deployment_state"] = d.state.name().into();
+        after["deployment_state"] = state.name().into();
+    }
+    append_audit(
+        conn,
+        now,
+        caller,
+        AuditEntry {
+            action: action::REPORT_PLACEMENT,
+            resource: deployment_name(d.id),
+            before: audit::text(&before),
+            after: audit::text(&after),
+            reason: String::new(),
+        },
+    )?;
+    if !state.is_final()
+        // An all-at-once deployment ordered every target when it was created: a report never
+        // lets it order more, and pacing reads every placement of the deployment (a cost
+        // that grows with the fleet, paid by every report).
+        && !matches!(d.strategy, Strategy::AllAtOnce)
+        && matches!(
+            report.state,
+            PlacementState::Placed | PlacementState::Failed | PlacementState::Removed
+        )
+    {
+        // A finished target may let the strategy order the next ones.
+        let d = Deployment { state, ..d };
+        pace_deployment(conn, &d, now)?;
+    }
+    Ok(ReportOutcome {
+        placement,
+        deployment_state: state,
+        changed: true,
+    })
+}
+
+/// An order as the store reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderRow {
+    /// Deployment id.
+    pub deployment: i64,
+    /// Artifact name.
+    pub artifact: String,
+    /// Version.
+    pub version: String,
+    /// Digest.
+    pub digest: String,
+    /// Source URI.
+    pub source_uri: String,
+}
+
+pub(super) async fn orders<B: Backend>(
+    store: &SqlStore<B>,
+    environment: &str,
+    target: &str,
+) -> Result<Vec<OrderRow>> {
+    let (environment, target) = (environment.to_owned(), target.to_owned());
+    store
+        .read(move |conn| {
+            conn.all(
+                "SELECT p.deployment, d.artifact, d.version, a.digest, a.source_uri
+                 FROM placements p
+                 JOIN deployments d ON d.id = p.deployment
+                 JOIN artifacts a ON a.name = d.artifact AND a.version = d.version
+                 WHERE p.target = ?2 AND d.environment = ?1 AND p.ordered = 1
+                   AND p.state IN (?3, ?4) AND d.state IN (?5, ?6)
+                 ORDER BY p.deployment",
+                p![
+                    environment,
+                    target,
+                    PlacementState::Pending.code(),
+                    PlacementState::Placing.code(),
+                    DeploymentState::Pending.code(),
+                    DeploymentState::InProgress.code()
+                ],
+                |r| {
+                    Ok(OrderRow {
+                        deployment: r.get(0)?,
+                        artifact: r.get(1)?,
+                        version: r.get(2)?,
+                        digest: r.get(3)?,
+                        source_uri: r.get(4)?,
+                    })
+                },
+            )
+        })
+        .await
+}
+
+pub(super) async fn report_placement<B: Backend>(
+    store: &SqlStore<B>,
+    report: PlacementReport,
+    caller: Caller,
+) -> Result<ReportOutcome> {
+    let lock = ReportLock {
+        environment: report.environment.clone(),
+        target: report.target.clone(),
+        deployment: report.deployment,
+    };
+    store
+        .write_locked(lock, move |conn, now, events| {
+            let (environment, target) = (report.environment.clone(), report.target.clone());
+            let outcome = apply_report(conn, now, events, report.clone(), &caller)?;
+            // A report is a sign of life too: a target reporting without heartbeats (a
+            // pipeline, say) is not taken for a lost agent.
+            conn.execute(
+                "UPDATE targets SET heartbeat_ms = ?1 WHERE environment = ?2 AND id = ?3",
+                p![now, environment, target],
+            )?;
+            Ok(outcome)
+        })
+        .await
+}
