@@ -124,15 +124,14 @@ impl Server {
             streams.clone(),
             tasks.clone(),
         );
-        let orders = api.orders_bell();
         // Other replicas' writes may order our agents' targets.
         let remote = store.remote_changes().map(|bell| {
-            let (orders, stop) = (orders.clone(), streams.clone());
+            let (store, stop) = (store.clone(), streams.clone());
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
                         () = stop.cancelled() => return,
-                        () = bell.notified() => DeployApi::orders_changed(&orders),
+                        () = bell.notified() => store.remote_orders_changed(),
                     }
                 }
             })
@@ -157,11 +156,7 @@ impl Server {
                         _ = ticks.tick() => {}
                     }
                     let wrote = match store.tick(timeout).await {
-                        Ok(true) => {
-                            DeployApi::orders_changed(&orders);
-                            true
-                        }
-                        Ok(false) => true,
+                        Ok(_) => true,
                         Err(e) => {
                             tracing::warn!(error = %e, "periodic deployment work failed; retrying");
                             false

@@ -43,9 +43,32 @@ mod tick;
 #[derive(Debug)]
 pub struct SqlStore<B> {
     pub(crate) backend: B,
+    /// Rung after each commit that may change orders (see [`Store::order_changes`]).
+    orders: tokio::sync::watch::Sender<u64>,
 }
 
 impl<B: Backend> SqlStore<B> {
+    /// The application over `backend`.
+    pub(crate) fn new(backend: B) -> Self {
+        Self {
+            backend,
+            orders: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    /// Rings [`Store::order_changes`].
+    fn orders_changed(&self) {
+        self.orders.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Rings [`Store::order_changes`] once `written` committed.
+    fn ring<T>(&self, written: Result<T>) -> Result<T> {
+        if written.is_ok() {
+            self.orders_changed();
+        }
+        written
+    }
+
     async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
@@ -179,7 +202,7 @@ impl<B: Backend> Store for SqlStore<B> {
         request_id: Option<String>,
         caller: Caller,
     ) -> Result<Deployment> {
-        deployments::create_deployment(self, new, request_id, caller).await
+        self.ring(deployments::create_deployment(self, new, request_id, caller).await)
     }
 
     async fn get_deployment(&self, id: i64) -> Result<Deployment> {
@@ -200,11 +223,11 @@ impl<B: Backend> Store for SqlStore<B> {
         reason: String,
         caller: Caller,
     ) -> Result<Deployment> {
-        deployments::cancel_deployment(self, id, reason, caller).await
+        self.ring(deployments::cancel_deployment(self, id, reason, caller).await)
     }
 
     async fn continue_deployment(&self, id: i64, caller: Caller) -> Result<Deployment> {
-        deployments::continue_deployment(self, id, caller).await
+        self.ring(deployments::continue_deployment(self, id, caller).await)
     }
 
     async fn rollback_deployment(
@@ -214,7 +237,7 @@ impl<B: Backend> Store for SqlStore<B> {
         emergency: Option<EmergencyOverride>,
         caller: Caller,
     ) -> Result<Deployment> {
-        deployments::rollback_deployment(self, id, reason, emergency, caller).await
+        self.ring(deployments::rollback_deployment(self, id, reason, emergency, caller).await)
     }
 
     async fn orders(&self, environment: &str, target: &str) -> Result<Vec<OrderRow>> {
@@ -222,7 +245,11 @@ impl<B: Backend> Store for SqlStore<B> {
     }
 
     async fn tick(&self, agent_timeout_ms: i64) -> Result<bool> {
-        tick::tick(self, agent_timeout_ms).await
+        let worked = tick::tick(self, agent_timeout_ms).await?;
+        if worked {
+            self.orders_changed();
+        }
+        Ok(worked)
     }
 
     async fn report_placement(
@@ -230,7 +257,11 @@ impl<B: Backend> Store for SqlStore<B> {
         report: PlacementReport,
         caller: Caller,
     ) -> Result<ReportOutcome> {
-        reports::report_placement(self, report, caller).await
+        let outcome = reports::report_placement(self, report, caller).await?;
+        if outcome.changed {
+            self.orders_changed();
+        }
+        Ok(outcome)
     }
 
     async fn list_audit_records(
@@ -253,6 +284,14 @@ impl<B: Backend> Store for SqlStore<B> {
         self.backend.log_bounds().await
     }
 
+    fn order_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.orders.subscribe()
+    }
+
+    fn remote_orders_changed(&self) {
+        self.orders_changed();
+    }
+
     fn remote_changes(&self) -> Option<Arc<tokio::sync::Notify>> {
         self.backend.remote_changes()
     }
@@ -263,5 +302,93 @@ impl<B: Backend> Store for SqlStore<B> {
 
     async fn close(&self) {
         self.backend.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::clock::SystemClock;
+    use crate::store::sqlite::{SqliteOptions, SqliteStore};
+
+    fn changed(orders: &mut tokio::sync::watch::Receiver<u64>) -> bool {
+        orders.has_changed().unwrap_or(false) && {
+            orders.borrow_and_update();
+            true
+        }
+    }
+
+    /// The orders signal follows commits: a deployment created or cancelled rings it (with
+    /// no handler involved); a read, a write that orders nothing, and a refused write do not.
+    #[tokio::test]
+    async fn commits_that_change_orders_ring_the_orders_signal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _feed) = SqliteStore::open(
+            SqliteOptions::new(dir.path().join("d.db")),
+            Arc::new(SystemClock),
+        )
+        .unwrap();
+        let mut orders = store.order_changes();
+        let env = NewEnvironment {
+            id: "dev".into(),
+            description: String::new(),
+            protected: false,
+            upstream: None,
+            freeze_windows: vec![],
+        };
+        store
+            .create_environment(env, None, Caller::default())
+            .await
+            .unwrap();
+        let labels = BTreeMap::new();
+        store
+            .register_target("dev", "t1", labels, Caller::default())
+            .await
+            .unwrap();
+        let artifact = Artifact {
+            name: "api".into(),
+            version: "1.0.0".into(),
+            digest: format!("sha256:{}", "a".repeat(64)),
+            metadata: BTreeMap::new(),
+            source_uri: String::new(),
+            create_ms: 0,
+        };
+        store
+            .register_artifact(artifact, Caller::default())
+            .await
+            .unwrap();
+        assert!(!changed(&mut orders), "no orders changed yet");
+
+        let new = NewDeployment {
+            artifact: "api".into(),
+            version: "1.0.0".into(),
+            environment: "dev".into(),
+            change_reference: String::new(),
+            emergency: None,
+            strategy: Default::default(),
+            auto_rollback: false,
+            targets: None,
+            rollback_of: None,
+        };
+        let d = store
+            .create_deployment(new, None, Caller::default())
+            .await
+            .unwrap();
+        assert!(changed(&mut orders), "a new deployment orders its targets");
+        store.get_deployment(d.id).await.unwrap();
+        assert!(!changed(&mut orders), "a read changes no orders");
+        store
+            .cancel_deployment(d.id, "stop".into(), Caller::default())
+            .await
+            .unwrap();
+        assert!(
+            changed(&mut orders),
+            "a cancelled deployment withdraws its orders"
+        );
+        let again = store
+            .cancel_deployment(d.id, "stop".into(), Caller::default())
+            .await;
+        assert!(again.is_err(), "{again:?}");
+        assert!(!changed(&mut orders), "a refused write changes no orders");
     }
 }

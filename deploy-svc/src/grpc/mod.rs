@@ -44,19 +44,9 @@ pub struct DeployApi {
     watchers: StreamCap,
     streams: CancellationToken,
     tasks: TaskTracker,
-    orders: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl DeployApi {
-    /// Rings the orders bell: WatchOrders streams re-read their target's orders.
-    pub fn orders_changed(orders: &tokio::sync::watch::Sender<u64>) {
-        orders.send_modify(|n| *n = n.wrapping_add(1));
-    }
-
-    fn bell(&self) {
-        Self::orders_changed(&self.orders);
-    }
-
     /// Opens a watch: validates the request and takes a place under the cap on watchers.
     /// Served by [`watch::WatchRoute`]; the generated trait method shares it.
     pub async fn open_watch(
@@ -77,11 +67,6 @@ impl DeployApi {
         .await?)
     }
 
-    /// The orders bell, for work outside the handlers that changes orders.
-    pub fn orders_bell(&self) -> Arc<tokio::sync::watch::Sender<u64>> {
-        self.orders.clone()
-    }
-
     /// A service over `store`; watch streams end when `streams` is cancelled.
     pub fn new(
         store: Arc<dyn Store>,
@@ -92,8 +77,6 @@ impl DeployApi {
         streams: CancellationToken,
         tasks: TaskTracker,
     ) -> Self {
-        let (orders, _) = tokio::sync::watch::channel(0u64);
-        let orders = Arc::new(orders);
         Self {
             store,
             feed,
@@ -103,7 +86,6 @@ impl DeployApi {
             watchers: StreamCap::new(watch_limits.max_watchers, "placement watches"),
             streams,
             tasks,
-            orders,
         }
     }
 }
@@ -492,7 +474,6 @@ impl DeployService for DeployApi {
             .store
             .create_deployment(deployment, request_id, caller)
             .await?;
-        self.bell();
         Ok(Response::new(convert::deployment(deployment)))
     }
 
@@ -554,7 +535,6 @@ impl DeployService for DeployApi {
         let id = deployment_and_reason(&req.name, &req.reason)?;
         self.require_deployment(&access, id).await?;
         let d = self.store.cancel_deployment(id, req.reason, caller).await?;
-        self.bell();
         Ok(Response::new(convert::deployment(d)))
     }
 
@@ -567,7 +547,6 @@ impl DeployService for DeployApi {
         let id = convert::name("name", &req.into_inner().name, names::parse_deployment)?;
         self.require_deployment(&access, id).await?;
         let d = self.store.continue_deployment(id, caller).await?;
-        self.bell();
         Ok(Response::new(convert::deployment(d)))
     }
 
@@ -589,7 +568,6 @@ impl DeployService for DeployApi {
             .store
             .rollback_deployment(id, req.reason, emergency, caller)
             .await?;
-        self.bell();
         Ok(Response::new(convert::deployment(d)))
     }
 
@@ -609,7 +587,7 @@ impl DeployService for DeployApi {
             self.store.clone(),
             environment,
             target,
-            self.orders.subscribe(),
+            self.store.order_changes(),
             self.streams.clone(),
         )))
     }
@@ -642,9 +620,6 @@ impl DeployService for DeployApi {
             return Err(denied);
         }
         let outcome = self.store.report_placement(report, caller).await?;
-        if outcome.changed {
-            self.bell();
-        }
         Ok(Response::new(pb::ReportPlacementResponse {
             sequence: outcome.placement.sequence,
             placement: Some(convert::placement(&outcome.placement)),

@@ -157,6 +157,15 @@ pub trait Store: Send + Sync + 'static {
     /// The bounds of the retained log.
     async fn log_bounds(&self) -> Result<LogBounds>;
 
+    /// Changes after every commit that may have changed some target's orders: a deployment
+    /// created, cancelled, continued or rolled back, a report that moved its deployment on,
+    /// a tick that did work, and (see [`Store::remote_orders_changed`]) another replica's
+    /// commits. WatchOrders streams re-read their target's orders when it changes.
+    fn order_changes(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// Tells [`Store::order_changes`] that another replica committed.
+    fn remote_orders_changed(&self);
+
     /// Rung when another replica changed something (orders included), for backends shared
     /// by several replicas; `None` when this process is the only writer.
     fn remote_changes(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {

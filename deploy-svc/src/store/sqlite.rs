@@ -149,14 +149,12 @@ impl SqlStore<SqliteBackend> {
             idle: Mutex::new(Vec::new()),
         });
         Ok((
-            Self {
-                backend: SqliteBackend {
-                    writes: tx,
-                    readers,
-                    writer: Mutex::new(Some(writer)),
-                    alive,
-                },
-            },
+            Self::new(SqliteBackend {
+                writes: tx,
+                readers,
+                writer: Mutex::new(Some(writer)),
+                alive,
+            }),
             feed,
         ))
     }

@@ -774,7 +774,7 @@ impl SqlStore<PostgresBackend> {
             remote: Arc::new(Notify::new()),
             stop: CancellationToken::new(),
         };
-        let store = Self { backend };
+        let store = Self::new(backend);
         store.backend.start(&options, head);
         Ok((store, feed))
     }
