@@ -13,8 +13,8 @@ use crate::domain::clock::Millis;
 use crate::domain::deployment::PlacementCounts;
 use crate::domain::freeze;
 use crate::domain::model::{
-    Deployment, DeploymentFilter, DeploymentState, EmergencyOverride, NewDeployment, Page,
-    PageRequest, Placement, PlacementEvent, PlacementState,
+    Deployment, DeploymentFilter, DeploymentState, EmergencyOverride, Environment, NewDeployment,
+    Page, PageRequest, Placement, PlacementEvent, PlacementState,
 };
 use crate::domain::names::{artifact_version_name, deployment_name, environment_name};
 use crate::domain::promotion::check_new_deployment;
@@ -334,21 +334,7 @@ pub(super) fn insert_deployment(
         let id = crate::domain::names::parse_deployment(&resource).map_err(internal)?;
         return load_deployment(conn, id, true);
     }
-    if find_artifact(conn, &new.artifact, &new.version)?.is_none() {
-        return Err(Error::NotFound(artifact_version_name(
-            &new.artifact,
-            &new.version,
-        )));
-    }
-    let env = load_environment(conn, &new.environment)?;
-    let upstream_succeeded = match &env.upstream {
-        None => false,
-        Some(upstream) => conn.one("SELECT 1 FROM deployments WHERE artifact = ?1 AND version = ?2 AND environment = ?3 AND state = ?4 LIMIT 1", p![new.artifact, new.version, upstream, DeploymentState::Succeeded.code()], |r| r.get::<i64>(0))?.is_some(),
-    };
-    let violations = check_new_deployment(&new, &env, upstream_succeeded, now);
-    if !violations.is_empty() {
-        return Err(Error::FailedPrecondition(violations));
-    }
+    let env = check_deployable(conn, &new, now)?;
     let (emergency_reason, emergency_approver) = new
         .emergency
         .as_ref()
@@ -367,22 +353,7 @@ pub(super) fn insert_deployment(
             strategy_with(&new.strategy, new.auto_rollback),
             new.rollback_of
         ], |r| r.get(0))?;
-    let only = new
-        .targets
-        .as_ref()
-        .map(|t| serde_json::to_string(t).map_err(internal))
-        .transpose()?;
-    let each = match conn.dialect() {
-        Dialect::Sqlite => "SELECT value FROM json_each(?5)",
-        Dialect::Postgres => "SELECT json_array_elements_text(CAST(?5 AS json))",
-    };
-    let pending = conn.execute(&format!("INSERT INTO placements (deployment, target, state, message, seq, update_ms, ordered, ordinal)
-             SELECT ?1, id, ?2, '', 0, ?3, 0, ROW_NUMBER() OVER (ORDER BY id) FROM targets
-             WHERE environment = ?4 AND (CAST(?5 AS TEXT) IS NULL OR id IN ({each}))"), p![id, PlacementState::Pending.code(), now, new.environment, only])?;
-    conn.execute(
-        "UPDATE deployments SET n_pending = ?1 WHERE id = ?2",
-        p![i64::try_from(pending).unwrap_or(i64::MAX), id],
-    )?;
+    order_targets(conn, id, &new, now)?;
     // Announce every included target with a PENDING event: consumers learn the
     // deployment's target set (the denominator of coverage) from the stream.
     let mut deployment = load_deployment(conn, id, true)?;
@@ -404,6 +375,64 @@ pub(super) fn insert_deployment(
         &deployment_name(id),
         now,
     )?;
+    audit_created(conn, now, caller, &new, &env, &deployment)?;
+    Ok(deployment)
+}
+
+/// The environment of `new` once every rule for a new deployment holds (the artifact
+/// version exists; promotion, protection and freeze windows: every violated rule at once).
+fn check_deployable(conn: &dyn Db, new: &NewDeployment, now: Millis) -> Result<Environment> {
+    if find_artifact(conn, &new.artifact, &new.version)?.is_none() {
+        return Err(Error::NotFound(artifact_version_name(
+            &new.artifact,
+            &new.version,
+        )));
+    }
+    let env = load_environment(conn, &new.environment)?;
+    let upstream_succeeded = match &env.upstream {
+        None => false,
+        Some(upstream) => conn.one("SELECT 1 FROM deployments WHERE artifact = ?1 AND version = ?2 AND environment = ?3 AND state = ?4 LIMIT 1", p![new.artifact, new.version, upstream, DeploymentState::Succeeded.code()], |r| r.get::<i64>(0))?.is_some(),
+    };
+    let violations = check_new_deployment(new, &env, upstream_succeeded, now);
+    if !violations.is_empty() {
+        return Err(Error::FailedPrecondition(violations));
+    }
+    Ok(env)
+}
+
+/// Orders the deployment's targets (every target of the environment, or the ones `new`
+/// names) as PENDING placements in ordinal order, and counts them.
+fn order_targets(conn: &dyn Db, id: i64, new: &NewDeployment, now: Millis) -> Result<()> {
+    let only = new
+        .targets
+        .as_ref()
+        .map(|t| serde_json::to_string(t).map_err(internal))
+        .transpose()?;
+    let each = match conn.dialect() {
+        Dialect::Sqlite => "SELECT value FROM json_each(?5)",
+        Dialect::Postgres => "SELECT json_array_elements_text(CAST(?5 AS json))",
+    };
+    let pending = conn.execute(&format!("INSERT INTO placements (deployment, target, state, message, seq, update_ms, ordered, ordinal)
+             SELECT ?1, id, ?2, '', 0, ?3, 0, ROW_NUMBER() OVER (ORDER BY id) FROM targets
+             WHERE environment = ?4 AND (CAST(?5 AS TEXT) IS NULL OR id IN ({each}))"), p![id, PlacementState::Pending.code(), now, new.environment, only])?;
+    conn.execute(
+        "UPDATE deployments SET n_pending = ?1 WHERE id = ?2",
+        p![i64::try_from(pending).unwrap_or(i64::MAX), id],
+    )?;
+    Ok(())
+}
+
+/// The audit record of a created deployment (with the freeze windows an emergency
+/// override overrode).
+fn audit_created(
+    conn: &dyn Db,
+    now: Millis,
+    caller: &Caller,
+    new: &NewDeployment,
+    env: &Environment,
+    deployment: &Deployment,
+) -> Result<()> {
+    let id = deployment.id;
     let mut after = json!({
         "artifact_version": artifact_version_name(&new.artifact, &new.version),
         "environment": environment_name(&new.environment),
@@ -422,7 +451,7 @@ pub(super) fn insert_deployment(
                 "approver": e.approver,
                 // The windows it overrode; empty when none was active (the override
                 // was not needed but is kept on the record).
-                "overrode_freeze_windows": freeze::active_names(&env, now),
+                "overrode_freeze_windows": freeze::active_names(env, now),
             });
             audit::override_reason(e)
         }
@@ -439,8 +468,7 @@ pub(super) fn insert_deployment(
             after: audit::text(&after),
             reason,
         },
-    )?;
-    Ok(deployment)
+    )
 }
 
 pub(super) async fn create_deployment<B: Backend>(

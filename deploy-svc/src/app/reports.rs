@@ -10,7 +10,7 @@ use super::deployments::{
 use super::SqlStore;
 use crate::domain::audit::{self, action, AuditEntry, Caller};
 use crate::domain::clock::Millis;
-use crate::domain::deployment::{check_transition, derive_state};
+use crate::domain::deployment::{check_transition, derive_state, PlacementCounts};
 use crate::domain::model::{
     Deployment, DeploymentState, Placement, PlacementEvent, PlacementReport, PlacementState,
     ReportOutcome,
@@ -103,6 +103,10 @@ pub(super) fn append_event(
     })
 }
 
+/// Applies one placement report in the report's transaction (see
+/// [`crate::store::Store::report_placement`]): the transition checked, the placement, its
+/// event, the deployment's counts and state, the audit record, and the next targets
+/// ordered when the strategy allows.
 pub(super) fn apply_report(
     conn: &dyn Db,
     now: Millis,
@@ -110,35 +114,7 @@ pub(super) fn apply_report(
     report: PlacementReport,
     caller: &Caller,
 ) -> Result<ReportOutcome> {
-    // One statement reads everything the report needs: the deployment (locked by the
-    // backend before the job runs: see `SqlStore::write_locked`), its counts, whether the
-    // target is registered, the placement so far and the artifact's digest.
-    let Some(read) = conn.one(
-        &REPORT_READ,
-        p![report.deployment, &report.environment, &report.target],
-        |r| {
-            Ok((
-                deployment_row(r)?,
-                counts_at(r, DEPLOYMENT_COLUMN_COUNT)?,
-                r.get::<Option<i64>>(REPORT_READ_TARGET)?.is_some(),
-                r.get::<Option<i64>>(REPORT_READ_TARGET + 1)?
-                    .map(|state| -> Result<(i64, String, i64, i64)> {
-                        Ok((
-                            state,
-                            r.get(REPORT_READ_TARGET + 2)?,
-                            r.get(REPORT_READ_TARGET + 3)?,
-                            r.get(REPORT_READ_TARGET + 4)?,
-                        ))
-                    })
-                    .transpose()?,
-                r.get::<Option<String>>(REPORT_READ_TARGET + 5)?,
-            ))
-        },
-    )?
-    else {
-        return Err(Error::NotFound(deployment_name(report.deployment)));
-    };
-    let (d, mut counts, registered, current, digest) = read;
+    let (d, mut counts, registered, current, digest) = read_report(conn, &report)?;
     let target = target_name(&report.environment, &report.target);
     if d.environment != report.environment {
         return Err(Error::precondition(
@@ -201,6 +177,76 @@ pub(super) fn apply_report(
         counts.remove(from);
     }
     counts.add(report.state, 1);
+    let state = record_counts(conn, &d, counts, now)?;
+    audit_report(conn, now, caller, (&d, from), (&placement, state))?;
+    if !state.is_final()
+        // An all-at-once deployment ordered every target when it was created: a report never
+        // lets it order more, and pacing reads every placement of the deployment (a cost
+        // that grows with the fleet, paid by every report).
+        && !matches!(d.strategy, Strategy::AllAtOnce)
+        && matches!(
+            report.state,
+            PlacementState::Placed | PlacementState::Failed | PlacementState::Removed
+        )
+    {
+        // A finished target may let the strategy order the next ones.
+        let d = Deployment { state, ..d };
+        pace_deployment(conn, &d, now)?;
+    }
+    Ok(ReportOutcome {
+        placement,
+        deployment_state: state,
+        changed: true,
+    })
+}
+
+/// What a report reads: the deployment, its counts, whether the target is registered, the
+/// placement so far (state, message, sequence, update time) and the artifact's digest.
+type ReportRead = (
+    Deployment,
+    PlacementCounts,
+    bool,
+    Option<(i64, String, i64, i64)>,
+    Option<String>,
+);
+
+/// The report's one read ([`REPORT_READ`]).
+fn read_report(conn: &dyn Db, report: &PlacementReport) -> Result<ReportRead> {
+    // One statement reads everything the report needs: the deployment (locked by the
+    // backend before the job runs: see `SqlStore::write_locked`), its counts, whether the
+    // target is registered, the placement so far and the artifact's digest.
+    let read = conn.one(
+        &REPORT_READ,
+        p![report.deployment, &report.environment, &report.target],
+        |r| {
+            Ok((
+                deployment_row(r)?,
+                counts_at(r, DEPLOYMENT_COLUMN_COUNT)?,
+                r.get::<Option<i64>>(REPORT_READ_TARGET)?.is_some(),
+                r.get::<Option<i64>>(REPORT_READ_TARGET + 1)?
+                    .map(|state| -> Result<(i64, String, i64, i64)> {
+                        Ok((
+                            state,
+                            r.get(REPORT_READ_TARGET + 2)?,
+                            r.get(REPORT_READ_TARGET + 3)?,
+                            r.get(REPORT_READ_TARGET + 4)?,
+                        ))
+                    })
+                    .transpose()?,
+                r.get::<Option<String>>(REPORT_READ_TARGET + 5)?,
+            ))
+        },
+    )?;
+    read.ok_or_else(|| Error::NotFound(deployment_name(report.deployment)))
+}
+
+/// Stores the deployment's new counts and the state they derive; returns that state.
+fn record_counts(
+    conn: &dyn Db,
+    d: &Deployment,
+    counts: PlacementCounts,
+    now: Millis,
+) -> Result<DeploymentState> {
     let state = derive_state(d.state, counts, d.strategy.max_failures());
     conn.execute("UPDATE deployments SET state = ?1, update_ms = ?2, n_pending = ?3, n_placing = ?4, n_placed = ?5, n_failed = ?6, n_removed = ?7 WHERE id = ?8", p![
         state.code(),
@@ -212,6 +258,19 @@ pub(super) fn apply_report(
         to_i64(counts.removed),
         d.id
     ])?;
+    Ok(state)
+}
+
+/// The audit record of an accepted report: the placement's state before and after, and
+/// the deployment's when the report moved it.
+fn audit_report(
+    conn: &dyn Db,
+    now: Millis,
+    caller: &Caller,
+    (d, from): (&Deployment, PlacementState),
+    (placement, state): (&Placement, DeploymentState),
+) -> Result<()> {
+    let target = target_name(&placement.environment, &placement.target);
     let mut before = json!({"target": target, "state": from.name()});
     let mut after =
         json!({"target": target, "state": placement.state.name(), "sequence": placement.sequence});
@@ -233,26 +292,7 @@ pub(super) fn apply_report(
             after: audit::text(&after),
             reason: String::new(),
         },
-    )?;
-    if !state.is_final()
-        // An all-at-once deployment ordered every target when it was created: a report never
-        // lets it order more, and pacing reads every placement of the deployment (a cost
-        // that grows with the fleet, paid by every report).
-        && !matches!(d.strategy, Strategy::AllAtOnce)
-        && matches!(
-            report.state,
-            PlacementState::Placed | PlacementState::Failed | PlacementState::Removed
-        )
-    {
-        // A finished target may let the strategy order the next ones.
-        let d = Deployment { state, ..d };
-        pace_deployment(conn, &d, now)?;
-    }
-    Ok(ReportOutcome {
-        placement,
-        deployment_state: state,
-        changed: true,
-    })
+    )
 }
 
 /// An order as the store reads it.
