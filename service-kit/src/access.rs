@@ -139,7 +139,7 @@ where
             .headers()
             .get(REQUEST_ID)
             .and_then(|v| v.to_str().ok())
-            .filter(|v| plain_token(v))
+            .filter(|v| crate::principal::plain_token(v))
             .map_or_else(new_request_id, str::to_owned);
         let peer = req.extensions().get::<ConnInfo>().and_then(|c| c.remote);
         let principal = PrincipalSlot::default();
@@ -207,13 +207,6 @@ fn labels(path: &str) -> (&'static str, &'static str, &'static str) {
         .map(|r| r.path.trim_start_matches('/'))
         .and_then(|name| name.split_once('/').map(|(s, m)| (name, s, m)))
         .unwrap_or(("unknown", "unknown", "unknown"))
-}
-
-fn plain_token(v: &str) -> bool {
-    !v.is_empty()
-        && v.len() <= 128
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
 fn new_request_id() -> String {

@@ -1,6 +1,6 @@
 //! Who is calling when authentication is off: the caller names itself in the
 //! `x-principal` request metadata. With authentication on it is never read (see
-//! [`crate::auth`]).
+//! [`crate::auth`]). Also the `x-request-id` metadata, read by one policy in both services.
 
 use tonic::metadata::MetadataMap;
 
@@ -44,6 +44,41 @@ fn parse(value: Option<&[u8]>) -> Result<String, Error> {
     Ok(text.to_owned())
 }
 
+/// The request metadata key of a request id, for calls whose request has no `request_id`
+/// field of its own (and for those that leave it empty).
+pub const REQUEST_ID_METADATA: &str = "x-request-id";
+
+/// Whether `v` is a plain token: 1-128 characters of `A-Z a-z 0-9 . _ : -`. The only
+/// request ids the services take from `x-request-id` (the access log makes one up for any
+/// other value; a change refuses it).
+pub fn plain_token(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 128
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// The request id of a call: `own` (the request's own `request_id` field) when not empty,
+/// else the `x-request-id` metadata, else empty. A metadata value that is not a
+/// [`plain_token`] is INVALID_ARGUMENT naming `x-request-id`: never cut or rewritten, so
+/// the audit trail, the access log and the response header carry the same id.
+pub fn request_id(own: &str, metadata: &MetadataMap) -> Result<String, Error> {
+    if !own.is_empty() {
+        return Ok(own.to_owned());
+    }
+    let Some(value) = metadata.get(REQUEST_ID_METADATA) else {
+        return Ok(String::new());
+    };
+    match value.to_str() {
+        Ok("") => Ok(String::new()),
+        Ok(text) if plain_token(text) => Ok(text.to_owned()),
+        _ => Err(Error::invalid(
+            REQUEST_ID_METADATA,
+            "must be 1-128 characters of letters, digits and '._:-'",
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,5 +105,33 @@ mod tests {
         assert_eq!(principal(&with("alice")).ok().as_deref(), Some("alice"));
         assert!(principal(&with("al ice")).is_err());
         assert!(principal(&with(&"a".repeat(129))).is_err());
+    }
+
+    #[test]
+    fn the_request_id_is_the_requests_own_else_the_metadata_else_empty() {
+        let mut m = MetadataMap::new();
+        assert_eq!(request_id("", &m).ok().as_deref(), Some(""));
+        m.insert(
+            REQUEST_ID_METADATA,
+            "req-7".parse().unwrap_or_else(|_| unreachable!()),
+        );
+        assert_eq!(request_id("", &m).ok().as_deref(), Some("req-7"));
+        assert_eq!(request_id("own-1", &m).ok().as_deref(), Some("own-1"));
+    }
+
+    #[test]
+    fn a_bad_request_id_is_refused_naming_the_metadata_not_cut() {
+        for bad in ["a".repeat(129), "two words".to_owned(), "a/b".to_owned()] {
+            let mut m = MetadataMap::new();
+            m.insert(
+                REQUEST_ID_METADATA,
+                bad.parse().unwrap_or_else(|_| unreachable!()),
+            );
+            let err = request_id("", &m).unwrap_err();
+            assert!(
+                err.to_string().contains(REQUEST_ID_METADATA),
+                "{bad}: {err}"
+            );
+        }
     }
 }

@@ -378,8 +378,8 @@ fn rang(orders: &mut tokio::sync::watch::Receiver<u64>) -> bool {
     changed
 }
 
-/// The orders signal follows commits: a deployment created or cancelled rings it; a read,
-/// a write that orders nothing, and a refused write do not.
+/// The orders signal follows commits: a deployment created or cancelled and a report that
+/// changed a placement ring it; a read, a repeated report and a refused write do not.
 async fn commits_that_change_orders_ring_the_orders_signal(store: &dyn Store) {
     let mut orders = store.order_changes();
     fleet(store, &["t1"]).await;
@@ -391,6 +391,17 @@ async fn commits_that_change_orders_ring_the_orders_signal(store: &dyn Store) {
     assert!(rang(&mut orders), "a new deployment orders its targets");
     store.get_deployment(d.id).await.unwrap();
     assert!(!rang(&mut orders), "a read changes no orders");
+    let placing = report(d.id, "t1", PlacementState::Placing);
+    store
+        .report_placement(placing.clone(), caller("agent", ""))
+        .await
+        .unwrap();
+    assert!(rang(&mut orders), "a report that moves the deployment on");
+    store
+        .report_placement(placing, caller("agent", ""))
+        .await
+        .unwrap();
+    assert!(!rang(&mut orders), "a repeated report changes nothing");
     store
         .cancel_deployment(d.id, "stop".into(), caller("alice", ""))
         .await

@@ -347,3 +347,53 @@ async fn deeply_nested_values_are_invalid_arguments() {
     }
     survived(&mut r, &mut c, &before).await;
 }
+
+/// A CreateFeature carrying `x-request-id: id`.
+fn with_request_id(key: &str, id: &str) -> tonic::Request<rpb::CreateFeatureRequest> {
+    let mut req = tonic::Request::new(rpb::CreateFeatureRequest {
+        feature: Some(rpb::Feature {
+            key: key.into(),
+            ..Default::default()
+        }),
+    });
+    req.metadata_mut()
+        .insert("x-request-id", id.parse().unwrap());
+    req
+}
+
+/// A malformed `x-request-id` (300 characters; with a space) was cut to 128 characters or
+/// kept as sent by release-svc and written into its audit trail, while deploy-svc refused
+/// it: both now refuse it as INVALID_ARGUMENT naming the metadata, change nothing, and
+/// record a well-formed id exactly as sent.
+#[tokio::test]
+async fn malformed_request_ids_are_refused_by_both_services() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = release_svc(dir.path()).await;
+    let mut c = release::connect(r.addr).await;
+    let before = state(&mut c).await;
+    for bad in ["r".repeat(300), "two words".to_owned()] {
+        let fields = bad_fields(c.create_feature(with_request_id("f", &bad)).await);
+        assert_eq!(fields, ["x-request-id"], "{bad:?}");
+    }
+    survived(&mut r, &mut c, &before).await;
+    c.create_feature(with_request_id("f", "req-1.a"))
+        .await
+        .unwrap();
+    let (_, audit) = state(&mut c).await;
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].request_id, "req-1.a");
+
+    let deploy = Binary::start(&tests::deploy_database(dir.path()).await, &[]).await;
+    let mut d = tests::connect(deploy.addr).await;
+    let mut req = tonic::Request::new(proto::deploy::v1::CreateEnvironmentRequest {
+        environment_id: "dev".into(),
+        environment: Some(Default::default()),
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("x-request-id", "r".repeat(300).parse().unwrap());
+    assert_eq!(
+        bad_fields(d.create_environment(req).await),
+        ["x-request-id"]
+    );
+}

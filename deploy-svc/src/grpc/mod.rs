@@ -187,26 +187,15 @@ impl DeployApi {
 }
 
 /// The metadata key of a request id for calls whose request has no `request_id` field.
-pub const REQUEST_ID_METADATA: &str = "x-request-id";
+pub use service_kit::principal::REQUEST_ID_METADATA;
 
 /// Who makes a call: the principal (authenticated, or `x-principal` with authentication
 /// off; see [`service_kit::auth`]), the `x-request-id` metadata (empty when absent) and,
 /// while traces are exported, the call's span (for the placement events it causes). Bad
 /// values are INVALID_ARGUMENT naming the metadata key.
 pub fn caller<T>(req: &Request<T>) -> std::result::Result<Caller, Status> {
-    let metadata = req.metadata();
     let principal = auth::caller(req)?.principal().to_owned();
-    let request_id = match metadata.get(REQUEST_ID_METADATA) {
-        None => String::new(),
-        Some(value) => {
-            let text = value.to_str().map_err(|_| {
-                crate::domain::Error::invalid(REQUEST_ID_METADATA, "must be visible ASCII")
-            })?;
-            names::validate_key(text)
-                .map_err(|d| crate::domain::Error::invalid(REQUEST_ID_METADATA, d))?;
-            text.to_owned()
-        }
-    };
+    let request_id = service_kit::principal::request_id("", req.metadata())?;
     Ok(Caller {
         principal,
         request_id,

@@ -32,18 +32,10 @@ use crate::engine::{Actor, Change, Cursor, Engine, DAY_MS};
 
 /// The caller of a request: the authenticated principal (or, with authentication off, the
 /// `x-principal` metadata; see [`service_kit::auth`]) and the request id (`request_id`,
-/// else `x-request-id`).
+/// else `x-request-id`, refused when malformed: [`service_kit::principal::request_id`]).
 fn actor<T>(req: &Request<T>, request_id: &str) -> std::result::Result<Actor, Status> {
     let principal = auth::caller(req)?.principal().to_owned();
-    let request_id = if request_id.is_empty() {
-        req.metadata()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.chars().take(128).collect())
-            .unwrap_or_default()
-    } else {
-        request_id.to_owned()
-    };
+    let request_id = service_kit::principal::request_id(request_id, req.metadata())?;
     Ok(Actor {
         principal,
         request_id,
