@@ -9,17 +9,18 @@
 //! - [`config`]: command-line flags and environment variables.
 //! - [`domain`]: resources, validation, the deployment state machine, the promotion rule,
 //!   freeze windows, audit records.
-//! - [`store`]: the storage trait, every read and write written once as SQL, and two
-//!   backends: SQLite (the embedded default, group commit) and PostgreSQL (several
-//!   replicas on one database); transactional outbox, each change's audit record in the
-//!   change's transaction, migrations per backend.
+//! - [`app`]: the use cases, one module per resource, each a transaction written once as
+//!   SQL over the store's `Db`: transactional outbox, each change's audit record in the
+//!   change's transaction, the orders signal rung on commit.
+//! - [`store`]: the storage trait and two backends: SQLite (the embedded default, group
+//!   commit) and PostgreSQL (several replicas on one database); migrations per backend.
 //! - [`placement_log`]: the in-memory tail of the event log and WatchPlacements watchers
 //!   (on PostgreSQL fed by a tailer that follows the other replicas' commits).
 //! - [`grpc`]: the `deploy.v1.DeployService` handlers, conversions and status mapping
 //!   (including WatchOrders, the agents' order stream).
 //! - [`telemetry`]: deploy-svc's own Prometheus metrics (names and HELP text).
-//! - [`Server`] / [`serve`]: opens the store, then serves an already-bound listener until a
-//!   shutdown future resolves.
+//! - [`Server`] / [`serve`]: opens the store, starts the background work, then serves an
+//!   already-bound listener until a shutdown future resolves, and drains.
 
 pub mod app;
 pub mod config;
@@ -34,6 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proto::deploy::v1::deploy_service_server::DeployServiceServer;
+use service_kit::background::Background;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -124,65 +126,26 @@ impl Server {
             streams.clone(),
             tasks.clone(),
         );
-        // Other replicas' writes may order our agents' targets.
-        let remote = store.remote_changes().map(|bell| {
-            let (store, stop) = (store.clone(), streams.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        () = bell.notified() => store.remote_orders_changed(),
-                    }
-                }
-            })
-        });
-        // Periodic work: lost agents, baked canaries, automatic rollbacks. Each pass is a
-        // write transaction, so its outcome also says whether the store can write (a dead
-        // SQLite writer, an unreachable PostgreSQL): health follows it, both ways.
-        let (writable_tx, writable) = tokio::sync::watch::channel(true);
-        let ticker = {
-            let (store, stop) = (store.clone(), streams.clone());
-            let alive = store.writer_alive();
-            let (interval, timeout) = (
-                Duration::from_millis(config.tick_interval_ms.max(10)),
-                i64::try_from(config.agent_timeout_ms).unwrap_or(i64::MAX),
-            );
-            tokio::spawn(async move {
-                let mut ticks = tokio::time::interval(interval);
-                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        _ = ticks.tick() => {}
-                    }
-                    let wrote = match store.tick(timeout).await {
-                        Ok(_) => true,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "periodic deployment work failed; retrying");
-                            false
-                        }
-                    };
-                    let writable = wrote && *alive.borrow();
-                    writable_tx.send_if_modified(|w| std::mem::replace(w, writable) != writable);
-                }
-            })
-        };
+        let mut background = Background::new(streams.clone());
+        let writable = spawn_background(&mut background, &store, &config);
+        if let Some(metrics_server) = &metrics_server {
+            background.abort_on_drain(metrics_server);
+        }
 
         let (health, health_service) = service_kit::health::reporter(streams.clone());
         health.set_serving::<DeployServiceServer<DeployApi>>().await;
         // A store that can no longer write takes the replica out of service.
-        let store_health = tokio::spawn(service_kit::health::follow_store(
+        background.spawn_abortable(service_kit::health::follow_store(
             writable,
             health.clone(),
             vec![SERVICE_NAME],
             streams.clone(),
         ));
-        let probes = match config.server.health_listen {
-            Some(addr) => Some(
-                service_kit::serve_health(addr, health_service.clone(), streams.clone()).await?,
-            ),
-            None => None,
-        };
+        if let Some(addr) = config.server.health_listen {
+            let probes =
+                service_kit::serve_health(addr, health_service.clone(), streams.clone()).await?;
+            background.abort_on_drain(&probes);
+        }
         let routes = tonic::service::Routes::new(health_service)
             .add_service(grpc::watch::WatchRoute::new(api, config.max_message_bytes));
         let routes = service_kit::reflection(routes, &[SERVICE_NAME])?;
@@ -196,7 +159,7 @@ impl Server {
             routes,
             health,
             &[SERVICE_NAME],
-            streams,
+            streams.clone(),
             service_kit::Drain {
                 timeout: Duration::from_millis(config.drain_timeout_ms),
             },
@@ -204,17 +167,7 @@ impl Server {
             shutdown,
         )
         .await;
-        ticker.abort();
-        store_health.abort();
-        if let Some(metrics_server) = metrics_server {
-            metrics_server.abort();
-        }
-        if let Some(probes) = probes {
-            probes.abort();
-        }
-        if let Some(remote) = remote {
-            remote.abort();
-        }
+        background.drain().await;
         tasks.close();
         if tokio::time::timeout(Duration::from_secs(2), tasks.wait())
             .await
@@ -226,4 +179,51 @@ impl Server {
         tracing::info!("deploy-svc stopped");
         result
     }
+}
+
+/// Starts deploy-svc's background work on `background` (aborted by its drain): the periodic
+/// pass (lost agents, baked canaries, automatic rollbacks) and, with a database shared by
+/// replicas, the relay of their commits to the orders signal. Returns whether the store can
+/// write, as the periodic pass finds it (each pass is a write transaction: a dead SQLite
+/// writer or an unreachable PostgreSQL shows there), for health to follow, both ways.
+fn spawn_background(
+    background: &mut Background,
+    store: &Arc<dyn store::Store>,
+    config: &Config,
+) -> tokio::sync::watch::Receiver<bool> {
+    let stop = background.stop();
+    // Other replicas' writes may order our agents' targets.
+    if let Some(bell) = store.remote_changes() {
+        let (store, stop) = (store.clone(), stop.clone());
+        background.spawn_abortable(async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = bell.notified() => store.remote_orders_changed(),
+                }
+            }
+        });
+    }
+    let (writable_tx, writable) = tokio::sync::watch::channel(true);
+    let store = store.clone();
+    let alive = store.writer_alive();
+    let (interval, timeout) = (
+        Duration::from_millis(config.tick_interval_ms.max(10)),
+        i64::try_from(config.agent_timeout_ms).unwrap_or(i64::MAX),
+    );
+    background.spawn_abortable(service_kit::background::every(interval, stop, move || {
+        let (store, alive, writable_tx) = (store.clone(), alive.clone(), writable_tx.clone());
+        async move {
+            let wrote = match store.tick(timeout).await {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "periodic deployment work failed; retrying");
+                    false
+                }
+            };
+            let writable = wrote && *alive.borrow();
+            writable_tx.send_if_modified(|w| std::mem::replace(w, writable) != writable);
+        }
+    }));
+    writable
 }

@@ -37,6 +37,7 @@ use proto::flagd::evaluation::v1::service_server::ServiceServer as FlagdV1Server
 use proto::flagd::evaluation::v2::service_server::ServiceServer as FlagdV2Server;
 use proto::flagd::sync::v1::flag_sync_service_server::FlagSyncServiceServer;
 use proto::release::v1::release_service_server::ReleaseServiceServer;
+use service_kit::background::Background;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -158,7 +159,6 @@ impl Server {
                 config.max_message_bytes,
                 cors.clone(),
             )?);
-        let deploy_security = config.deploy_svc_security();
         let streams = CancellationToken::new();
         let metrics_server = service_kit::telemetry::serve_metrics(
             &config.server.metrics,
@@ -170,103 +170,7 @@ impl Server {
         // Lost until the consumer has opened deploy-svc's stream.
         consumer::report_feed(&health, false).await;
         let status = consumer::SharedStatus::default();
-        // Replicas sharing the database reload when another one commits.
-        let refresher = match engine.store().changes().await {
-            None => None,
-            Some(mut changes) => {
-                let (engine, stop) = (engine.clone(), streams.clone());
-                Some(tokio::spawn(async move {
-                    loop {
-                        let changed = tokio::select! {
-                            () = stop.cancelled() => return,
-                            got = changes.recv() => match got {
-                                Some(changed) => changed,
-                                None => return,
-                            },
-                        };
-                        let caught_up = changed == store::Changed::Placements
-                            && match engine.catch_up_placements().await {
-                                Ok(_) => true,
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "reading placements after a change failed; reloading everything");
-                                    false
-                                }
-                            };
-                        let kind = if caught_up {
-                            "placements"
-                        } else {
-                            "everything"
-                        };
-                        metrics::counter!(telemetry::REPLICA_REFRESHES, "kind" => kind)
-                            .increment(1);
-                        if !caught_up {
-                            if let Err(e) = engine.reload().await {
-                                tracing::warn!(error = %e, "reload after a change failed");
-                            }
-                        }
-                    }
-                }))
-            }
-        };
-        let shared = refresher.is_some();
-        // One applier of placement events at a time across replicas: the consumer runs
-        // while this process holds the store's applier lease.
-        let consumer = {
-            let (engine, url, security, status, health, stop) = (
-                engine.clone(),
-                config.deploy_svc.clone(),
-                deploy_security.clone(),
-                status.clone(),
-                health.clone(),
-                streams.clone(),
-            );
-            tokio::spawn(async move {
-                while !stop.is_cancelled() {
-                    let lease = match engine.store().applier_lease(&stop).await {
-                        Ok(lease) => lease,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot take the applier lease; retrying");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                            continue;
-                        }
-                    };
-                    if stop.is_cancelled() {
-                        break;
-                    }
-                    consumer::set_active(&status, true);
-                    tracing::info!("placement applier: this replica applies deploy-svc's events");
-                    // A new applier starts from what the last one committed.
-                    if shared {
-                        if let Err(e) = engine.reload().await {
-                            tracing::warn!(error = %e, "reload before applying failed");
-                        }
-                    }
-                    consumer::run(
-                        engine.clone(),
-                        url.clone(),
-                        security.clone(),
-                        status.clone(),
-                        health.clone(),
-                        lease.clone(),
-                    )
-                    .await;
-                    consumer::set_active(&status, false);
-                    lease.cancel();
-                }
-            })
-        };
-
-        let scheduler = tokio::spawn(scheduler(
-            engine.clone(),
-            status.clone(),
-            Duration::from_millis(config.scheduler_interval_ms.max(1)),
-            streams.clone(),
-        ));
-        let usage_flusher = tokio::spawn(usage_flusher(
-            engine.clone(),
-            Duration::from_secs(config.usage_flush_interval_seconds.max(1)),
-            streams.clone(),
-        ));
+        let mut background = spawn_background(&engine, &config, &status, &health, &streams).await;
         // One cap for every change stream (WatchVisibility, flagd EventStream v1 and v2),
         // on every listener.
         let change_streams =
@@ -314,12 +218,14 @@ impl Server {
         health
             .set_serving::<FlagSyncServiceServer<grpc::flagd_sync::FlagSync>>()
             .await;
-        let probes = match config.server.health_listen {
-            Some(addr) => Some(
-                service_kit::serve_health(addr, health_service.clone(), streams.clone()).await?,
-            ),
-            None => None,
-        };
+        if let Some(addr) = config.server.health_listen {
+            let probes =
+                service_kit::serve_health(addr, health_service.clone(), streams.clone()).await?;
+            background.abort_on_drain(&probes);
+        }
+        if let Some(metrics_server) = &metrics_server {
+            background.abort_on_drain(metrics_server);
+        }
         let names = [
             SERVICE_NAME,
             "flagd.evaluation.v1.Service",
@@ -327,7 +233,7 @@ impl Server {
             "flagd.sync.v1.FlagSyncService",
         ];
         // A store that can no longer write takes the replica out of service.
-        let store_health = tokio::spawn(service_kit::health::follow_store(
+        background.spawn_abortable(service_kit::health::follow_store(
             store_alive,
             health.clone(),
             names.to_vec(),
@@ -429,22 +335,141 @@ impl Server {
                 Ok(Ok(())) => {}
             }
         }
-        streams.cancel();
-        store_health.abort();
-        if let Some(metrics_server) = metrics_server {
-            metrics_server.abort();
-        }
-        if let Some(probes) = probes {
-            probes.abort();
-        }
-        let _ = consumer.await;
-        let _ = scheduler.await;
-        let _ = usage_flusher.await;
-        if let Some(r) = refresher {
-            let _ = r.await;
-        }
+        background.drain().await;
         tracing::info!("release-svc stopped");
         result
+    }
+}
+
+/// Starts release-svc's background work, stopped by one [`Background::drain`]: the refresher
+/// (replicas sharing a database follow each other's commits), the placement applier (the
+/// deploy-svc consumer, on the replica holding the applier lease), the release scheduler
+/// and the usage flusher. Each watches `streams`.
+async fn spawn_background(
+    engine: &Arc<Engine>,
+    config: &Config,
+    status: &consumer::SharedStatus,
+    health: &tonic_health::server::HealthReporter,
+    streams: &CancellationToken,
+) -> Background {
+    let mut background = Background::new(streams.clone());
+    // Replicas sharing the database reload when another one commits.
+    let changes = engine.store().changes().await;
+    let shared = changes.is_some();
+    if let Some(changes) = changes {
+        background.spawn(
+            "refresher",
+            refresher(engine.clone(), changes, streams.clone()),
+        );
+    }
+    background.spawn(
+        "placement applier",
+        applier(
+            engine.clone(),
+            config,
+            status.clone(),
+            health.clone(),
+            shared,
+            streams.clone(),
+        ),
+    );
+    background.spawn(
+        "scheduler",
+        scheduler(
+            engine.clone(),
+            status.clone(),
+            Duration::from_millis(config.scheduler_interval_ms.max(1)),
+            streams.clone(),
+        ),
+    );
+    background.spawn(
+        "usage flusher",
+        usage_flusher(
+            engine.clone(),
+            Duration::from_secs(config.usage_flush_interval_seconds.max(1)),
+            streams.clone(),
+        ),
+    );
+    background
+}
+
+/// Follows the commits of the replicas sharing the database: the placements they committed
+/// (read incrementally), else everything (reloaded), until `stop`.
+async fn refresher(engine: Arc<Engine>, mut changes: store::Changes, stop: CancellationToken) {
+    loop {
+        let changed = tokio::select! {
+            () = stop.cancelled() => return,
+            got = changes.recv() => match got {
+                Some(changed) => changed,
+                None => return,
+            },
+        };
+        let caught_up = changed == store::Changed::Placements
+            && match engine.catch_up_placements().await {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading placements after a change failed; reloading everything");
+                    false
+                }
+            };
+        let kind = if caught_up {
+            "placements"
+        } else {
+            "everything"
+        };
+        metrics::counter!(telemetry::REPLICA_REFRESHES, "kind" => kind).increment(1);
+        if !caught_up {
+            if let Err(e) = engine.reload().await {
+                tracing::warn!(error = %e, "reload after a change failed");
+            }
+        }
+    }
+}
+
+/// One applier of placement events at a time across replicas: the deploy-svc consumer runs
+/// while this process holds the store's applier lease, until `stop`.
+fn applier(
+    engine: Arc<Engine>,
+    config: &Config,
+    status: consumer::SharedStatus,
+    health: tonic_health::server::HealthReporter,
+    shared: bool,
+    stop: CancellationToken,
+) -> impl Future<Output = ()> + Send + 'static {
+    let (url, security) = (config.deploy_svc.clone(), config.deploy_svc_security());
+    async move {
+        while !stop.is_cancelled() {
+            let lease = match engine.store().applier_lease(&stop).await {
+                Ok(lease) => lease,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot take the applier lease; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if stop.is_cancelled() {
+                break;
+            }
+            consumer::set_active(&status, true);
+            tracing::info!("placement applier: this replica applies deploy-svc's events");
+            // A new applier starts from what the last one committed.
+            if shared {
+                if let Err(e) = engine.reload().await {
+                    tracing::warn!(error = %e, "reload before applying failed");
+                }
+            }
+            consumer::run(
+                engine.clone(),
+                url.clone(),
+                security.clone(),
+                status.clone(),
+                health.clone(),
+                lease.clone(),
+            )
+            .await;
+            consumer::set_active(&status, false);
+            lease.cancel();
+        }
     }
 }
 
@@ -477,15 +502,9 @@ async fn scheduler(
     interval: Duration,
     stop: CancellationToken,
 ) {
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
+    service_kit::background::every(interval, stop, || async {
         if !status.lock().unwrap_or_else(|p| p.into_inner()).active {
-            continue;
+            return;
         }
         match engine.tick().await {
             Ok(advanced) => {
@@ -497,5 +516,6 @@ async fn scheduler(
                 tracing::warn!(error = %e, "scheduler pass failed; retrying at the next tick")
             }
         }
-    }
+    })
+    .await;
 }

@@ -47,6 +47,7 @@
 pub mod access;
 pub mod admission;
 pub mod auth;
+pub mod background;
 pub mod backoff;
 pub mod client;
 pub mod connect;
