@@ -101,6 +101,17 @@ impl Error {
         Self::FailedPrecondition(vec![PreconditionViolation::new(kind, subject, description)])
     }
 
+    /// An internal error from `e`, keeping its whole source chain in the message (logged
+    /// once, when the error becomes a status; never returned to the caller).
+    pub fn internal(e: impl std::error::Error) -> Self {
+        Self::Internal(chain(&e))
+    }
+
+    /// An internal error from a message of ours.
+    pub fn internal_message(message: impl std::fmt::Display) -> Self {
+        Self::Internal(message.to_string())
+    }
+
     /// A stored row that cannot be decoded: logged as an error naming its table and row,
     /// INTERNAL to the caller. Stored forms are never decoded into a default instead (an
     /// empty label map or a PENDING state would hide the corruption and act on it).
@@ -108,6 +119,23 @@ impl Error {
         tracing::error!(table, row = %row, error = %e, "corrupt stored row");
         Self::Internal(format!("corrupt stored row {row} in {table}: {e}"))
     }
+}
+
+/// `e` and every error under it, outermost first (`a: b: c`). A source whose text its
+/// wrapper already shows is not repeated. A PostgreSQL error, for one, says only
+/// "db error" itself: the server's message is its source.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(source) = next {
+        let more = source.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        next = source.source();
+    }
+    text
 }
 
 fn describe_fields(v: &[FieldViolation]) -> String {
@@ -162,5 +190,36 @@ impl Violations {
         } else {
             Err(Error::InvalidArgument(self.0))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("db error")]
+    struct Outer(#[source] Inner);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("relation \"deployments\" does not exist")]
+    struct Inner;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("wrapped: db error")]
+    struct Repeats(#[source] Outer);
+
+    #[test]
+    fn an_internal_error_keeps_its_source_chain() {
+        let e = Error::internal(Outer(Inner));
+        assert_eq!(
+            e.to_string(),
+            "internal error: db error: relation \"deployments\" does not exist"
+        );
+        // A source already shown by its wrapper is not repeated.
+        assert_eq!(
+            chain(&Repeats(Outer(Inner))),
+            "wrapped: db error: relation \"deployments\" does not exist"
+        );
     }
 }

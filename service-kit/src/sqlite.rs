@@ -18,7 +18,7 @@ pub fn error(e: rusqlite::Error) -> Error {
         {
             Error::Unavailable(format!("storage unavailable: {e}"))
         }
-        e => Error::Internal(format!("sqlite: {e}")),
+        e => Error::Internal(format!("sqlite: {}", crate::error::chain(&e))),
     }
 }
 

@@ -1025,3 +1025,60 @@ async fn sigterm_with_500_streams_and_unary_load_fails_no_call() {
         started.elapsed()
     );
 }
+
+/// A storage failure the service cannot classify reaches the log with its whole chain
+/// (PostgreSQL's client says only "db error"; the server's message is its source), and
+/// the caller gets INTERNAL without it.
+#[tokio::test]
+async fn an_internal_storage_error_is_logged_with_its_cause_and_not_returned() {
+    let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
+        eprintln!("TEST_DATABASE_URL is not set: skipped");
+        return;
+    };
+    let (admin, db_url, db) = tests::fresh_database(&url, "deploy_chain").await;
+    let d = Proc::spawn(
+        "deploy-svc",
+        &["--listen", "127.0.0.1:0", "--database", &db_url],
+        &[],
+        true,
+    )
+    .await;
+    let mut dc = tests::connect(d.addr).await;
+    environment(&mut dc, "dev", None, false).await;
+    // Break the schema under the running service.
+    let (broken, connection) = tokio_postgres::connect(
+        &format!("{}/{db}", url.rsplit_once('/').unwrap().0),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    broken
+        .batch_execute("DROP TABLE targets CASCADE")
+        .await
+        .unwrap();
+    drop(admin);
+    let failed = dc
+        .register_target(pb::RegisterTargetRequest {
+            parent: "environments/dev".into(),
+            target_id: "t1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(failed.code(), tonic::Code::Internal, "{failed:?}");
+    assert!(
+        !failed.message().contains("targets"),
+        "the cause stays in the log: {failed:?}"
+    );
+    let line = d
+        .log("the internal error with its cause", |v| {
+            v["fields"]["message"] == "internal error"
+        })
+        .await;
+    let error = line["fields"]["error"].as_str().unwrap();
+    assert!(
+        error.contains("db error") && error.contains(r#"relation "targets" does not exist"#),
+        "{error}"
+    );
+}

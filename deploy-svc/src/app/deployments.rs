@@ -331,7 +331,8 @@ pub(super) fn insert_deployment(
         "CreateDeployment",
         &fingerprint,
     )? {
-        let id = crate::domain::names::parse_deployment(&resource).map_err(internal)?;
+        let id =
+            crate::domain::names::parse_deployment(&resource).map_err(Error::internal_message)?;
         return load_deployment(conn, id, true);
     }
     let env = check_deployable(conn, &new, now)?;

@@ -68,8 +68,12 @@ pub(super) fn windows_json(windows: &[FreezeWindow]) -> Result<String> {
 /// The stored windows; a column that does not parse fails the read (never an empty
 /// calendar, which would silently lift every freeze).
 pub(super) fn json_windows(text: &str) -> Result<Vec<FreezeWindow>> {
-    let stored: Vec<StoredWindow> = serde_json::from_str(text)
-        .map_err(|e| internal(format!("stored freeze windows do not parse: {e}")))?;
+    let stored: Vec<StoredWindow> = serde_json::from_str(text).map_err(|e| {
+        Error::internal_message(format!(
+            "stored freeze windows do not parse: {}",
+            service_kit::error::chain(&e)
+        ))
+    })?;
     Ok(stored
         .into_iter()
         .map(|w| FreezeWindow {

@@ -64,6 +64,6 @@ pub struct ReportLock {
     pub deployment: i64,
 }
 
-pub(crate) fn internal(e: impl std::fmt::Display) -> Error {
-    Error::Internal(e.to_string())
+pub(crate) fn internal(e: impl std::error::Error) -> Error {
+    Error::internal(e)
 }

@@ -65,7 +65,7 @@ fn pg(e: tokio_postgres::Error) -> Error {
     if e.is_closed() || transient {
         Error::Unavailable(format!("PostgreSQL: {e}"))
     } else {
-        Error::Internal(format!("PostgreSQL: {e}"))
+        Error::Internal(format!("PostgreSQL: {}", service_kit::error::chain(&e)))
     }
 }
 

@@ -50,8 +50,8 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
-pub(super) fn internal(e: impl std::fmt::Display) -> Error {
-    Error::Internal(e.to_string())
+pub(super) fn internal(e: impl std::error::Error) -> Error {
+    Error::internal(e)
 }
 
 /// A stored row that cannot be decoded: see [`Error::corrupt`].
@@ -238,7 +238,8 @@ pub(super) fn release_from(
         description,
         features: serde_json::from_str(features).map_err(internal)?,
         environments: envs.into_iter().map(EnvBody::into_model).collect(),
-        state: ReleaseState::from_code(state).ok_or_else(|| internal("bad release state"))?,
+        state: ReleaseState::from_code(state)
+            .ok_or_else(|| Error::internal_message("bad release state"))?,
         governance: governance_from(governance)?,
         revision,
         create_ms,
@@ -364,7 +365,7 @@ pub(super) fn feature_from(
 ) -> Result<Feature> {
     let b: FeatureBody = serde_json::from_str(body).map_err(internal)?;
     let targeting = match b.targeting {
-        Some(v) => Some(Rule::parse(&v.to_string()).map_err(internal)?),
+        Some(v) => Some(Rule::parse(&v.to_string()).map_err(Error::internal_message)?),
         None => None,
     };
     let carriers = b

@@ -165,7 +165,7 @@ fn pg_error(e: &postgres::Error) -> Error {
     } else if is_conflict(e) {
         Error::Aborted(format!("concurrent changes kept conflicting ({e}); retry"))
     } else {
-        Error::Internal(format!("PostgreSQL: {e}"))
+        Error::Internal(format!("PostgreSQL: {}", service_kit::error::chain(e)))
     }
 }
 

@@ -162,7 +162,7 @@ fn for_each(e: &Error) -> Error {
     match e {
         Error::Unavailable(m) => Error::Unavailable(m.clone()),
         Error::Aborted(m) => Error::Aborted(m.clone()),
-        other => Error::Internal(other.to_string()),
+        other => Error::internal(other),
     }
 }
 
