@@ -1,11 +1,13 @@
-//! One conformance suite for release-svc's storage backends: every scenario runs against
-//! SQLite (a temp file) and PostgreSQL (TEST_DATABASE_URL, a fresh schema per run). Without
-//! TEST_DATABASE_URL the PostgreSQL half is reported as skipped (`scripts/test` counts it);
-//! `scripts/test` finds or starts a server and sets it.
+//! One conformance suite for release-svc's storage backends: every scenario is one test per
+//! backend, each on a fresh store: SQLite (a temp file) and PostgreSQL (TEST_DATABASE_URL, a
+//! fresh schema per test). Without TEST_DATABASE_URL the PostgreSQL half is reported as
+//! skipped (`scripts/test` counts it); `scripts/test` finds or starts a server and sets it.
 
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use release_svc::domain::model::{Feature, Release, ReleaseEnvironment, ReleaseState};
@@ -84,13 +86,101 @@ fn placement(seq: u64, target: &str, state: PlacementState) -> Placement {
     }
 }
 
-/// Every scenario, against one backend; `reopen` gives a second handle on the same data.
-async fn conformance<F, Fut>(name: &str, store: Arc<dyn Store>, reopen: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Arc<dyn Store>>,
-{
-    // Features: insert, duplicate, optimistic update.
+/// One `#[tokio::test]` per scenario per backend, each on a fresh store.
+macro_rules! conformance {
+    ($($scenario:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    let backend = super::sqlite();
+                    super::$scenario(&backend).await;
+                    super::report::used(&backend.database);
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    let Some(backend) = super::postgres().await else { return };
+                    super::$scenario(&backend).await;
+                    super::report::used(&backend.database);
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    features_are_unique_and_updated_optimistically,
+    releases_are_idempotent_per_request_id_and_updated_optimistically,
+    a_policy_is_created_once,
+    placements_apply_once_with_their_withdrawals,
+    everything_survives_a_reopen_as_written,
+    a_resync_replaces_every_placement,
+    the_audit_trail_holds_only_what_committed_in_order,
+    audit_filters_prefixes_and_pages_hold,
+);
+
+type Reopen = Box<dyn Fn() -> Pin<Box<dyn Future<Output = Arc<dyn Store>>>>>;
+
+/// A fresh store on one backend, and a way to open a second handle on the same data.
+struct Backend {
+    store: Arc<dyn Store>,
+    reopen: Reopen,
+    database: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn sqlite() -> Backend {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("release.db");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+    let database = path.to_string_lossy().into_owned();
+    Backend {
+        store,
+        reopen: Box::new(move || {
+            let path = path.clone();
+            Box::pin(async move { Arc::new(SqliteStore::open(&path).unwrap()) as Arc<dyn Store> })
+        }),
+        database,
+        _dir: Some(dir),
+    }
+}
+
+async fn postgres() -> Option<Backend> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let url = report::postgres_or_skip("release-svc's PostgreSQL store")?;
+    let schema = format!(
+        "conformance_{}_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let store: Arc<dyn Store> = PostgresStore::open(&url, Some(&schema))
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {url} is not usable: {e}"));
+    let database = url.clone();
+    Some(Backend {
+        store,
+        reopen: Box::new(move || {
+            let (url, schema) = (url.clone(), schema.clone());
+            Box::pin(async move {
+                PostgresStore::open(&url, Some(&schema)).await.unwrap() as Arc<dyn Store>
+            })
+        }),
+        database,
+        _dir: None,
+    })
+}
+
+/// Feature `a`: inserted, refused a second time, updated to revision 2, refused a stale
+/// update.
+async fn write_features(store: &dyn Store) {
     store
         .insert_feature(
             feature("a", 1),
@@ -104,10 +194,7 @@ where
             audit("CreateFeature", "features/a", "ann", 11),
         )
         .await;
-    assert!(
-        matches!(dup, Err(Error::AlreadyExists { .. })),
-        "{name}: {dup:?}"
-    );
+    assert!(matches!(dup, Err(Error::AlreadyExists { .. })), "{dup:?}");
     store
         .update_feature(
             feature("a", 2),
@@ -123,9 +210,12 @@ where
             audit("UpdateFeature", "features/a", "ben", 13),
         )
         .await;
-    assert!(matches!(stale, Err(Error::Aborted(_))), "{name}: {stale:?}");
+    assert!(matches!(stale, Err(Error::Aborted(_))), "{stale:?}");
+}
 
-    // Releases: ids, request-id idempotency, optimistic update.
+/// A release of `a`: created once per request id, updated to revision 2 (released at
+/// 100%), refused a stale update. Returns its id and what it became.
+async fn write_release(store: &dyn Store) -> (i64, Release) {
     let (id, created) = store
         .insert_release(
             release(&["a"]),
@@ -146,7 +236,7 @@ where
     assert_eq!(
         (again, created),
         (id, false),
-        "{name}: a retry returns the first release"
+        "a retry returns the first release"
     );
     let other = store
         .insert_release(
@@ -155,10 +245,7 @@ where
             audit("CreateRelease", "releases/", "rita", 22),
         )
         .await;
-    assert!(
-        matches!(other, Err(Error::InvalidArgument(_))),
-        "{name}: {other:?}"
-    );
+    assert!(matches!(other, Err(Error::InvalidArgument(_))), "{other:?}");
     let mut next = release(&["a"]);
     next.id = id;
     next.revision = 2;
@@ -182,12 +269,12 @@ where
             vec![audit("SetRollout", &format!("releases/{id}"), "rita", 31)],
         )
         .await;
-    assert!(
-        matches!(conflict, Err(Error::Aborted(_))),
-        "{name}: {conflict:?}"
-    );
+    assert!(matches!(conflict, Err(Error::Aborted(_))), "{conflict:?}");
+    (id, next)
+}
 
-    // Policies: create, etag.
+/// The policy of `prod`: created, refused a second creation. Returns it.
+async fn write_policy(store: &dyn Store) -> Policy {
     let policy = Policy {
         environment: "prod".into(),
         required_approvals: 2,
@@ -212,10 +299,13 @@ where
             audit("SetPolicy", "policies/prod", "pat", 41),
         )
         .await;
-    assert!(matches!(twice, Err(Error::Aborted(_))), "{name}: {twice:?}");
+    assert!(matches!(twice, Err(Error::Aborted(_))), "{twice:?}");
+    policy
+}
 
-    // Placements: applied once, cursor and counter in the same transaction, withdrawals
-    // recorded with their audit records.
+/// Three placement events applied once (a replay applies nothing) with a withdrawal of
+/// `a` in `prod` and its audit record.
+async fn write_placements(store: &dyn Store) {
     let events = vec![
         placement(1, "t1", PlacementState::Pending),
         placement(2, "t1", PlacementState::Placed),
@@ -234,17 +324,52 @@ where
         .unwrap();
     assert_eq!(applied, 3);
     let replay = store.apply_placements(events, 3, Vec::new()).await.unwrap();
-    assert_eq!(replay, 3, "{name}: a replay applies nothing");
+    assert_eq!(replay, 3, "a replay applies nothing");
     let withdrawals = store.list_withdrawals(None, 10).await.unwrap();
     assert_eq!(withdrawals.len(), 1);
     assert_eq!(withdrawals[0].1, w);
+}
 
-    // Everything survives a reopen, as written.
-    let loaded = reopen().await.load().await.unwrap();
-    assert_eq!(*loaded.features["a"], feature("a", 2), "{name}");
-    assert_eq!(loaded.releases[&id], next, "{name}");
-    assert_eq!(loaded.policies["prod"], policy, "{name}");
-    assert_eq!((loaded.cursor, loaded.events_applied), (3, 3), "{name}");
+/// Every write of the suite, in order: features, a release, a policy, placements.
+async fn write_everything(store: &dyn Store) -> (i64, Release, Policy) {
+    write_features(store).await;
+    let (id, next) = write_release(store).await;
+    let policy = write_policy(store).await;
+    write_placements(store).await;
+    (id, next, policy)
+}
+
+async fn features_are_unique_and_updated_optimistically(b: &Backend) {
+    write_features(b.store.as_ref()).await;
+    let loaded = b.store.load().await.unwrap();
+    assert_eq!(*loaded.features["a"], feature("a", 2));
+}
+
+async fn releases_are_idempotent_per_request_id_and_updated_optimistically(b: &Backend) {
+    let (id, next) = write_release(b.store.as_ref()).await;
+    let loaded = b.store.load().await.unwrap();
+    assert_eq!(loaded.releases[&id], next);
+    assert_eq!(loaded.releases.len(), 1, "one release for one request id");
+}
+
+async fn a_policy_is_created_once(b: &Backend) {
+    let policy = write_policy(b.store.as_ref()).await;
+    assert_eq!(b.store.load().await.unwrap().policies["prod"], policy);
+}
+
+async fn placements_apply_once_with_their_withdrawals(b: &Backend) {
+    write_placements(b.store.as_ref()).await;
+    let loaded = b.store.load().await.unwrap();
+    assert_eq!((loaded.cursor, loaded.events_applied), (3, 3));
+}
+
+async fn everything_survives_a_reopen_as_written(b: &Backend) {
+    let (id, next, policy) = write_everything(b.store.as_ref()).await;
+    let loaded = (b.reopen)().await.load().await.unwrap();
+    assert_eq!(*loaded.features["a"], feature("a", 2));
+    assert_eq!(loaded.releases[&id], next);
+    assert_eq!(loaded.policies["prod"], policy);
+    assert_eq!((loaded.cursor, loaded.events_applied), (3, 3));
     let mut placements: BTreeMap<String, PlacementState> = BTreeMap::new();
     for p in &loaded.placements {
         placements.insert(p.target.clone(), p.state);
@@ -255,10 +380,12 @@ where
             ("t1".to_owned(), PlacementState::Placed),
             ("t2".to_owned(), PlacementState::Placed)
         ]),
-        "{name}"
     );
+}
 
-    // A resync replaces every placement.
+async fn a_resync_replaces_every_placement(b: &Backend) {
+    let store = &b.store;
+    write_placements(store.as_ref()).await;
     store
         .replace_placements(
             vec![placement(9, "t3", PlacementState::Placed)],
@@ -268,10 +395,14 @@ where
         .await
         .unwrap();
     let loaded = store.load().await.unwrap();
-    assert_eq!(loaded.placements.len(), 1, "{name}");
+    assert_eq!(loaded.placements.len(), 1);
     assert_eq!(loaded.cursor, 9);
+}
 
-    // The audit trail: only what committed, in order; filters and pages.
+/// Every write of the suite, then the whole audit trail (the release's record names the
+/// release it created).
+async fn audited(store: &dyn Store) -> Vec<(i64, AuditEntry)> {
+    let (id, _, _) = write_everything(store).await;
     let all = store
         .list_audit(AuditFilter {
             limit: 100,
@@ -279,6 +410,13 @@ where
         })
         .await
         .unwrap();
+    assert_eq!(all[2].1.resource, format!("releases/{id}"));
+    all
+}
+
+async fn the_audit_trail_holds_only_what_committed_in_order(b: &Backend) {
+    let store = &b.store;
+    let all = audited(store.as_ref()).await;
     let actions: Vec<(&str, &str)> = all
         .iter()
         .map(|(_, a)| (a.action.as_str(), a.principal.as_str()))
@@ -293,9 +431,8 @@ where
             ("SetPolicy", "pat"),
             ("auto.withdraw", "system")
         ],
-        "{name}: refused writes left no record"
+        "refused writes left no record"
     );
-    assert_eq!(all[2].1.resource, format!("releases/{id}"));
     let rita = store
         .list_audit(AuditFilter {
             principal: "rita".into(),
@@ -306,7 +443,12 @@ where
         })
         .await
         .unwrap();
-    assert_eq!(rita.len(), 1, "{name}: {rita:?}");
+    assert_eq!(rita.len(), 1, "{rita:?}");
+}
+
+async fn audit_filters_prefixes_and_pages_hold(b: &Backend) {
+    let store = &b.store;
+    let all = audited(store.as_ref()).await;
     // A prefix is a prefix: every record under it, in order, and nothing else (SQLite reads
     // it as an index range on its read-only connection).
     let by_prefix = |prefix: String| {
@@ -328,20 +470,15 @@ where
     assert_eq!(
         by_prefix("features/".into()).await,
         ["CreateFeature", "UpdateFeature", "auto.withdraw"],
-        "{name}"
     );
     assert_eq!(
         by_prefix(all[2].1.resource.clone()).await,
         ["CreateRelease", "SetRollout"],
-        "{name}"
     );
-    assert!(
-        by_prefix(format!("{}0", all[2].1.resource))
-            .await
-            .is_empty(),
-        "{name}"
-    );
-    assert!(by_prefix("releases0".into()).await.is_empty(), "{name}");
+    assert!(by_prefix(format!("{}0", all[2].1.resource))
+        .await
+        .is_empty(),);
+    assert!(by_prefix("releases0".into()).await.is_empty());
     let first_page = store
         .list_audit(AuditFilter {
             limit: 4,
@@ -357,42 +494,7 @@ where
         })
         .await
         .unwrap();
-    assert_eq!(first_page.len() + rest.len(), all.len(), "{name}");
-}
-
-#[tokio::test]
-async fn sqlite_backend_conforms() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("release.db");
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
-    conformance("sqlite", store, || async {
-        Arc::new(SqliteStore::open(&path).unwrap()) as Arc<dyn Store>
-    })
-    .await;
-    report::used(&path.to_string_lossy());
-}
-
-#[tokio::test]
-async fn postgres_backend_conforms() {
-    let Some(url) = report::postgres_or_skip("release-svc's PostgreSQL store") else {
-        return;
-    };
-    let schema = format!(
-        "conformance_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
-    let store: Arc<dyn Store> = PostgresStore::open(&url, Some(&schema))
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL at {url} is not usable: {e}"));
-    conformance("postgres", store, || async {
-        PostgresStore::open(&url, Some(&schema)).await.unwrap() as Arc<dyn Store>
-    })
-    .await;
-    report::used(&url);
+    assert_eq!(first_page.len() + rest.len(), all.len());
 }
 
 /// The report to `scripts/test` (backends used, tests skipped), shared with the end-to-end

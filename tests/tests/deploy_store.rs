@@ -1,6 +1,7 @@
 //! deploy-svc's store, one conformance suite for both backends: every scenario is one test
 //! per backend, each on a fresh database (a new SQLite file; a new PostgreSQL database). The
-//! PostgreSQL tests run whenever `TEST_DATABASE_URL` is set and say so when they skip.
+//! PostgreSQL tests run whenever `TEST_DATABASE_URL` is set; without it they are reported
+//! as skipped (`scripts/test` counts them).
 
 #![allow(clippy::unwrap_used)]
 
@@ -58,20 +59,17 @@ conformance!(
 
 fn sqlite() -> (SqliteStore, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let (store, _feed) = SqliteStore::open(
-        SqliteOptions::new(dir.path().join("deploy.db")),
-        Arc::new(SystemClock),
-    )
-    .unwrap();
+    let path = dir.path().join("deploy.db");
+    tests::report::used(&path.to_string_lossy());
+    let (store, _feed) =
+        SqliteStore::open(SqliteOptions::new(path), Arc::new(SystemClock)).unwrap();
     (store, dir)
 }
 
 async fn postgres() -> Option<PostgresStore> {
-    let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
-        eprintln!("TEST_DATABASE_URL is not set: the PostgreSQL store is not tested");
-        return None;
-    };
+    let url = tests::report::postgres_or_skip("deploy-svc's PostgreSQL store")?;
     let (_admin, url, _name) = tests::fresh_database(&url, "deploy_store").await;
+    tests::report::used(&url);
     let (store, _feed) = tokio::task::spawn_blocking(move || {
         PostgresStore::open(PostgresOptions::new(url), Arc::new(SystemClock))
     })
