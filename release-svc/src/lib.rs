@@ -175,68 +175,30 @@ impl Server {
         // on every listener.
         let change_streams =
             service_kit::streams::StreamCap::new(config.max_watchers, "change streams");
-        let flagd = grpc::flagd::Flagd::new(
-            engine.clone(),
-            grpc::flagd::FlagdOptions {
-                default_environment: config.flagd_default_environment.clone(),
-                keep_alive: Duration::from_secs(config.flagd_keep_alive_seconds.max(1)),
-                environment_attribute: config.flagd_environment_attribute.clone(),
-                source_aliases: config.flagd_source_aliases.iter().cloned().collect(),
-                static_context: config
-                    .flagd_context
-                    .iter()
-                    .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-                    .collect(),
-                max_response_bytes: config.max_message_bytes,
-            },
-            streams.clone(),
-        )
-        .with_stream_cap(change_streams.clone());
+        let flagd = FlagdServices::new(&engine, &config, &streams, &change_streams);
         let store_alive = engine.store().writer_alive();
         let api = ReleaseApi::new(engine, status, config.deploy_svc.clone(), streams.clone())
             .with_max_response_bytes(config.max_message_bytes)
             .with_stream_cap(change_streams);
-        let flag_sync = grpc::flagd_sync::FlagSync::new(
-            flagd.clone(),
-            service_kit::streams::StreamCap::new(config.max_sync_streams, "sync streams"),
-        );
-        let flagd_routes = |routes: tonic::service::Routes| {
-            routes
-                .add_service(DecodeErrors(FlagdV1Server::new(flagd.clone())))
-                .add_service(DecodeErrors(FlagdV2Server::new(flagd.clone())))
-                .add_service(DecodeErrors(FlagSyncServiceServer::new(flag_sync.clone())))
-        };
         health
             .set_serving::<ReleaseServiceServer<ReleaseApi>>()
             .await;
-        health
-            .set_serving::<FlagdV1Server<grpc::flagd::Flagd>>()
-            .await;
-        health
-            .set_serving::<FlagdV2Server<grpc::flagd::Flagd>>()
-            .await;
-        health
-            .set_serving::<FlagSyncServiceServer<grpc::flagd_sync::FlagSync>>()
-            .await;
+        flagd.set_serving(&health).await;
+        if let Some(metrics_server) = &metrics_server {
+            background.abort_on_drain(metrics_server);
+        }
+        let mut names = vec![SERVICE_NAME];
+        names.extend_from_slice(&FLAGD_SERVICES);
+        // Probes, and a store that can no longer write takes the replica out of service.
         if let Some(addr) = config.server.health_listen {
             let probes =
                 service_kit::serve_health(addr, health_service.clone(), streams.clone()).await?;
             background.abort_on_drain(&probes);
         }
-        if let Some(metrics_server) = &metrics_server {
-            background.abort_on_drain(metrics_server);
-        }
-        let names = [
-            SERVICE_NAME,
-            "flagd.evaluation.v1.Service",
-            "flagd.evaluation.v2.Service",
-            "flagd.sync.v1.FlagSyncService",
-        ];
-        // A store that can no longer write takes the replica out of service.
         background.spawn_abortable(service_kit::health::follow_store(
             store_alive,
             health.clone(),
-            names.to_vec(),
+            names.clone(),
             streams.clone(),
         ));
         let routes = tonic::service::Routes::new(health_service).add_service(DecodeErrors(
@@ -244,7 +206,7 @@ impl Server {
                 .max_decoding_message_size(config.max_message_bytes)
                 .max_encoding_message_size(config.max_message_bytes),
         ));
-        let routes = service_kit::reflection(flagd_routes(routes), &names)?;
+        let routes = service_kit::reflection(flagd.routes(routes), &names)?;
         let drain = service_kit::Drain {
             timeout: Duration::from_millis(config.drain_timeout_ms),
         };
@@ -252,50 +214,22 @@ impl Server {
         let stop = CancellationToken::new();
         let ofrep_task = match ofrep_listener {
             Some(l) => {
-                tracing::info!(address = %l.local_addr()?, "OFREP serving");
-                let ofrep = Arc::new(
-                    ofrep::Ofrep::new(flagd.clone(), &serving, config.max_message_bytes)
-                        .with_cors_origins(cors),
-                );
-                let (serving, stop) = (serving.clone(), stop.clone());
-                Some(tokio::spawn(async move {
-                    ofrep::serve(l, ofrep, &serving, stop).await
-                }))
+                let ofrep =
+                    ofrep::Ofrep::new(flagd.flagd.clone(), &serving, config.max_message_bytes)
+                        .with_cors_origins(cors);
+                Some(serve_ofrep(l, ofrep, &serving, &stop)?)
             }
             None => None,
         };
         let second = match flagd_listener {
-            Some(flagd_listener) => {
-                let (flagd_health, flagd_health_service) =
-                    service_kit::health::reporter(streams.clone());
-                flagd_health
-                    .set_serving::<FlagdV1Server<grpc::flagd::Flagd>>()
-                    .await;
-                flagd_health
-                    .set_serving::<FlagdV2Server<grpc::flagd::Flagd>>()
-                    .await;
-                flagd_health
-                    .set_serving::<FlagSyncServiceServer<grpc::flagd_sync::FlagSync>>()
-                    .await;
-                let routes = service_kit::reflection(
-                    flagd_routes(tonic::service::Routes::new(flagd_health_service)),
-                    &names[1..],
-                )?;
-                tracing::info!(address = %flagd_listener.local_addr()?, "flagd protocols serving on their own port");
-                let (streams, stop, serving) = (streams.clone(), stop.clone(), serving.clone());
-                Some(tokio::spawn(async move {
-                    service_kit::serve_gracefully(
-                        flagd_listener,
-                        routes,
-                        flagd_health,
-                        &names[1..],
-                        streams,
-                        drain,
-                        &serving,
-                        stop.cancelled_owned(),
-                    )
-                    .await
-                }))
+            Some(l) => {
+                let port = FlagdPort {
+                    streams: streams.clone(),
+                    drain,
+                    serving: serving.clone(),
+                    stop: stop.clone(),
+                };
+                Some(port.serve(l, &flagd).await?)
             }
             None => None,
         };
@@ -321,23 +255,135 @@ impl Server {
         )
         .await;
         stop.cancel();
-        if let Some(task) = ofrep_task {
-            match task.await {
-                Ok(Err(e)) => tracing::error!(error = %e, "OFREP listener failed"),
-                Err(e) => tracing::error!(error = %e, "OFREP listener task failed"),
-                Ok(Ok(())) => {}
-            }
-        }
-        if let Some(second) = second {
-            match second.await {
-                Ok(Err(e)) => tracing::error!(error = %e, "flagd listener failed"),
-                Err(e) => tracing::error!(error = %e, "flagd listener task failed"),
-                Ok(Ok(())) => {}
-            }
-        }
+        join_listener(ofrep_task, "OFREP").await;
+        join_listener(second, "flagd").await;
         background.drain().await;
         tracing::info!("release-svc stopped");
         result
+    }
+}
+
+/// The flagd protocols' services: evaluation v1 and v2 and flag sync.
+const FLAGD_SERVICES: [&str; 3] = [
+    "flagd.evaluation.v1.Service",
+    "flagd.evaluation.v2.Service",
+    "flagd.sync.v1.FlagSyncService",
+];
+
+/// The flagd evaluation services and flag sync, served on the main listener and, when
+/// asked, on a port of their own.
+struct FlagdServices {
+    flagd: grpc::flagd::Flagd,
+    sync: grpc::flagd_sync::FlagSync,
+}
+
+impl FlagdServices {
+    fn new(
+        engine: &Arc<Engine>,
+        config: &Config,
+        streams: &CancellationToken,
+        change_streams: &service_kit::streams::StreamCap,
+    ) -> Self {
+        let options = grpc::flagd::FlagdOptions {
+            default_environment: config.flagd_default_environment.clone(),
+            keep_alive: Duration::from_secs(config.flagd_keep_alive_seconds.max(1)),
+            environment_attribute: config.flagd_environment_attribute.clone(),
+            source_aliases: config.flagd_source_aliases.iter().cloned().collect(),
+            static_context: config
+                .flagd_context
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect(),
+            max_response_bytes: config.max_message_bytes,
+        };
+        let flagd = grpc::flagd::Flagd::new(engine.clone(), options, streams.clone())
+            .with_stream_cap(change_streams.clone());
+        let sync = grpc::flagd_sync::FlagSync::new(
+            flagd.clone(),
+            service_kit::streams::StreamCap::new(config.max_sync_streams, "sync streams"),
+        );
+        Self { flagd, sync }
+    }
+
+    fn routes(&self, routes: tonic::service::Routes) -> tonic::service::Routes {
+        routes
+            .add_service(DecodeErrors(FlagdV1Server::new(self.flagd.clone())))
+            .add_service(DecodeErrors(FlagdV2Server::new(self.flagd.clone())))
+            .add_service(DecodeErrors(FlagSyncServiceServer::new(self.sync.clone())))
+    }
+
+    async fn set_serving(&self, health: &tonic_health::server::HealthReporter) {
+        health
+            .set_serving::<FlagdV1Server<grpc::flagd::Flagd>>()
+            .await;
+        health
+            .set_serving::<FlagdV2Server<grpc::flagd::Flagd>>()
+            .await;
+        health
+            .set_serving::<FlagSyncServiceServer<grpc::flagd_sync::FlagSync>>()
+            .await;
+    }
+}
+
+/// The flagd protocols on a port of their own (`--flagd-listen`), with their own health
+/// service, stopped with the main listener.
+struct FlagdPort {
+    streams: CancellationToken,
+    drain: service_kit::Drain,
+    serving: service_kit::Serving,
+    stop: CancellationToken,
+}
+
+impl FlagdPort {
+    async fn serve(
+        self,
+        listener: TcpListener,
+        flagd: &FlagdServices,
+    ) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+        let (health, health_service) = service_kit::health::reporter(self.streams.clone());
+        flagd.set_serving(&health).await;
+        let routes = service_kit::reflection(
+            flagd.routes(tonic::service::Routes::new(health_service)),
+            &FLAGD_SERVICES,
+        )?;
+        tracing::info!(address = %listener.local_addr()?, "flagd protocols serving on their own port");
+        Ok(tokio::spawn(async move {
+            service_kit::serve_gracefully(
+                listener,
+                routes,
+                health,
+                &FLAGD_SERVICES,
+                self.streams,
+                self.drain,
+                &self.serving,
+                self.stop.cancelled_owned(),
+            )
+            .await
+        }))
+    }
+}
+
+/// OFREP on `listener` until `stop`.
+fn serve_ofrep(
+    listener: TcpListener,
+    ofrep: ofrep::Ofrep,
+    serving: &service_kit::Serving,
+    stop: &CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    tracing::info!(address = %listener.local_addr()?, "OFREP serving");
+    let (ofrep, serving, stop) = (Arc::new(ofrep), serving.clone(), stop.clone());
+    Ok(tokio::spawn(async move {
+        ofrep::serve(listener, ofrep, &serving, stop).await
+    }))
+}
+
+/// Waits for a listener's task, logging how it failed.
+async fn join_listener(task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>, what: &str) {
+    let Some(task) = task else { return };
+    match task.await {
+        Ok(Err(e)) => tracing::error!(error = %e, listener = what, "listener failed"),
+        Err(e) => tracing::error!(error = %e, listener = what, "listener task failed"),
+        Ok(Ok(())) => {}
     }
 }
 
