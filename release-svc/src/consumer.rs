@@ -244,7 +244,11 @@ async fn follow(
                         .resync(std::mem::take(&mut snapshot), end.sequence)
                         .await
                     {
-                        return Outcome::Retry(format!("cannot store the snapshot: {e}"));
+                        tracing::error!(error = %e, "cannot store the snapshot");
+                        return Outcome::Retry(format!(
+                            "cannot store the snapshot: {}",
+                            e.for_caller()
+                        ));
                     }
                     applied = end.sequence;
                     update(status, |s| s.head = s.head.max(end.sequence));
@@ -274,7 +278,13 @@ async fn follow(
         if let Some(cursor_after) = cursor_after {
             match engine.apply_placements(events, cursor_after).await {
                 Ok(withdrawals) => trace_withdrawals(&withdrawals, &causes),
-                Err(e) => return Outcome::Retry(format!("cannot apply placement events: {e}")),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot apply placement events");
+                    return Outcome::Retry(format!(
+                        "cannot apply placement events: {}",
+                        e.for_caller()
+                    ));
+                }
             }
             applied = cursor_after;
         }

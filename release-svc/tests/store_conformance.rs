@@ -397,21 +397,30 @@ async fn a_resync_replaces_every_placement(b: &Backend) {
     let loaded = store.load().await.unwrap();
     assert_eq!(loaded.placements.len(), 1);
     assert_eq!(loaded.cursor, 9);
+    // A resync is not a change anyone made: the trail holds only the withdrawal's record.
+    let trail = trail(store.as_ref()).await;
+    let actions: Vec<&str> = trail.iter().map(|(_, a)| a.action.as_str()).collect();
+    assert_eq!(actions, ["auto.withdraw"]);
 }
 
 /// Every write of the suite, then the whole audit trail (the release's record names the
 /// release it created).
 async fn audited(store: &dyn Store) -> Vec<(i64, AuditEntry)> {
     let (id, _, _) = write_everything(store).await;
-    let all = store
+    let all = trail(store).await;
+    assert_eq!(all[2].1.resource, format!("releases/{id}"));
+    all
+}
+
+/// The whole audit trail, oldest first.
+async fn trail(store: &dyn Store) -> Vec<(i64, AuditEntry)> {
+    store
         .list_audit(AuditFilter {
             limit: 100,
             ..AuditFilter::default()
         })
         .await
-        .unwrap();
-    assert_eq!(all[2].1.resource, format!("releases/{id}"));
-    all
+        .unwrap()
 }
 
 async fn the_audit_trail_holds_only_what_committed_in_order(b: &Backend) {

@@ -6,8 +6,9 @@
 //! and `peer`; `--log-format json` makes it one JSON object. Turn it off with
 //! `RUST_LOG=info,access=off`.
 //!
-//! The request id is the caller's `x-request-id` metadata when it is a plain token (at most
-//! 128 characters of `A-Z a-z 0-9 . _ : -`), otherwise one made up here; either way it is
+//! The request id is the caller's `x-request-id` metadata when it is a plain token (1-128
+//! visible ASCII characters without quotes or backslashes:
+//! [`crate::principal::plain_token`]), otherwise one made up here; either way it is
 //! returned in the `x-request-id` response header so a caller can quote it. Nothing else of
 //! the request is logged: no payload, no credentials.
 //!

@@ -83,6 +83,9 @@ pub enum Error {
     Internal(String),
 }
 
+/// What a caller sees of an internal error.
+pub const INTERNAL_FOR_CALLERS: &str = "internal error; see the server log";
+
 /// The result type of both services.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -105,6 +108,15 @@ impl Error {
     /// once, when the error becomes a status; never returned to the caller).
     pub fn internal(e: impl std::error::Error) -> Self {
         Self::Internal(chain(&e))
+    }
+
+    /// What a caller may see of this error: its text, except for an internal error, whose
+    /// details stay in the server log ([`INTERNAL_FOR_CALLERS`]).
+    pub fn for_caller(&self) -> String {
+        match self {
+            Self::Internal(_) => INTERNAL_FOR_CALLERS.to_owned(),
+            other => other.to_string(),
+        }
     }
 
     /// An internal error from a message of ours.

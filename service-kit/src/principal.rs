@@ -48,35 +48,35 @@ fn parse(value: Option<&[u8]>) -> Result<String, Error> {
 /// field of its own (and for those that leave it empty).
 pub const REQUEST_ID_METADATA: &str = "x-request-id";
 
-/// Whether `v` is a plain token: 1-128 characters of `A-Z a-z 0-9 . _ : -`. The only
-/// request ids the services take from `x-request-id` (the access log makes one up for any
-/// other value; a change refuses it).
+/// Whether `v` is a plain token: 1-128 visible ASCII characters, without quotes or
+/// backslashes (`ci/run/7`, a UUID, base64 and `Root=1-5759e988` are; anything with a
+/// space, a control character or non-ASCII text is not). The only request ids the
+/// services take from `x-request-id`: the access log makes one up for any other value, and
+/// a change refuses it.
 pub fn plain_token(v: &str) -> bool {
     !v.is_empty()
         && v.len() <= 128
         && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
 }
 
 /// The request id of a call: `own` (the request's own `request_id` field) when not empty,
 /// else the `x-request-id` metadata, else empty. A metadata value that is not a
-/// [`plain_token`] is INVALID_ARGUMENT naming `x-request-id`: never cut or rewritten, so
-/// the audit trail, the access log and the response header carry the same id.
+/// [`plain_token`] is INVALID_ARGUMENT naming `x-request-id`, whether or not the request
+/// has an id of its own: never cut or rewritten, so the access log, the response header
+/// and (without an id of the request's own) the audit record carry the id as sent.
 pub fn request_id(own: &str, metadata: &MetadataMap) -> Result<String, Error> {
-    if !own.is_empty() {
-        return Ok(own.to_owned());
-    }
-    let Some(value) = metadata.get(REQUEST_ID_METADATA) else {
-        return Ok(String::new());
+    let sent = match metadata.get(REQUEST_ID_METADATA).map(|v| v.to_str()) {
+        None | Some(Ok("")) => String::new(),
+        Some(Ok(text)) if plain_token(text) => text.to_owned(),
+        Some(_) => {
+            return Err(Error::invalid(
+                REQUEST_ID_METADATA,
+                "must be 1-128 visible ASCII characters without quotes or backslashes",
+            ))
+        }
     };
-    match value.to_str() {
-        Ok("") => Ok(String::new()),
-        Ok(text) if plain_token(text) => Ok(text.to_owned()),
-        _ => Err(Error::invalid(
-            REQUEST_ID_METADATA,
-            "must be 1-128 characters of letters, digits and '._:-'",
-        )),
-    }
+    Ok(if own.is_empty() { sent } else { own.to_owned() })
 }
 
 #[cfg(test)]
@@ -117,11 +117,22 @@ mod tests {
         );
         assert_eq!(request_id("", &m).ok().as_deref(), Some("req-7"));
         assert_eq!(request_id("own-1", &m).ok().as_deref(), Some("own-1"));
+        for good in ["ci/run/7", "Root=1-5759e988", "dGVzdA=="] {
+            m.insert(
+                REQUEST_ID_METADATA,
+                good.parse().unwrap_or_else(|_| unreachable!()),
+            );
+            assert_eq!(request_id("", &m).ok().as_deref(), Some(good));
+        }
     }
 
     #[test]
     fn a_bad_request_id_is_refused_naming_the_metadata_not_cut() {
-        for bad in ["a".repeat(129), "two words".to_owned(), "a/b".to_owned()] {
+        for bad in [
+            "a".repeat(129),
+            "two words".to_owned(),
+            "quo\"te".to_owned(),
+        ] {
             let mut m = MetadataMap::new();
             m.insert(
                 REQUEST_ID_METADATA,

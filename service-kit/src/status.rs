@@ -39,7 +39,7 @@ impl From<Error> for Status {
             Error::Unavailable(_) => Status::unavailable(message),
             Error::Internal(source) => {
                 tracing::error!(error = %source, "internal error");
-                Status::internal("internal error; see the server log")
+                Status::internal(crate::error::INTERNAL_FOR_CALLERS)
             }
         }
     }

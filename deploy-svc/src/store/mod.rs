@@ -5,7 +5,7 @@
 //! - [`Store`]: every read and write the service needs. Each write is one transaction that
 //!   includes its placement events (transactional outbox) and its audit record: every
 //!   mutating method takes the [`Caller`] the record names. Implemented once, by the
-//!   application layer ([`crate::app`]), over a [`backend::Backend`].
+//!   application layer (the crate's `app` module), over a [`backend::Backend`].
 //! - [`db`]: the small SQL surface (`Db`) the application layer's SQL is written against.
 //! - [`backend`]: what a database provides: write and read transactions, the log, liveness.
 //! - [`log`]: the placement log as the backends read it.
