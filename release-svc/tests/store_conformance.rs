@@ -106,6 +106,7 @@ macro_rules! conformance {
                     let Some(backend) = super::postgres().await else { return };
                     super::$scenario(&backend).await;
                     super::report::used(&backend.database);
+                    super::drop_schema(&backend).await;
                 }
             )*
         }
@@ -130,6 +131,8 @@ struct Backend {
     store: Arc<dyn Store>,
     reopen: Reopen,
     database: String,
+    /// The PostgreSQL schema of the scenario.
+    schema: Option<String>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -145,6 +148,7 @@ fn sqlite() -> Backend {
             Box::pin(async move { Arc::new(SqliteStore::open(&path).unwrap()) as Arc<dyn Store> })
         }),
         database,
+        schema: None,
         _dir: Some(dir),
     }
 }
@@ -165,6 +169,7 @@ async fn postgres() -> Option<Backend> {
         .await
         .unwrap_or_else(|e| panic!("PostgreSQL at {url} is not usable: {e}"));
     let database = url.clone();
+    let kept = Some(schema.clone());
     Some(Backend {
         store,
         reopen: Box::new(move || {
@@ -174,8 +179,44 @@ async fn postgres() -> Option<Backend> {
             })
         }),
         database,
+        schema: kept,
         _dir: None,
     })
+}
+
+/// Drops the scenario's schema once it passed, and any an earlier run left over an hour ago
+/// (a failed scenario keeps its schema for a look).
+async fn drop_schema(b: &Backend) {
+    let Some(schema) = &b.schema else { return };
+    let (client, connection) = tokio_postgres::connect(&b.database, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let rows = client
+        .query(
+            "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'conformance\\_%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    for row in rows {
+        let name: String = row.get(0);
+        let born: u128 = name
+            .split('_')
+            .nth(2)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(now_ns);
+        if name == *schema || now_ns.saturating_sub(born) > 3_600_000_000_000 {
+            client
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
+                .await
+                .unwrap();
+        }
+    }
 }
 
 /// Feature `a`: inserted, refused a second time, updated to revision 2, refused a stale
