@@ -36,27 +36,17 @@ pub use visibility::{Cell, Class, Cursor, Matrix, Row};
 
 pub use service_kit::time::{now_ms, Clock, ManualClock, SystemClock};
 
-/// Who asks for a change: the principal (`x-principal` metadata until authentication
-/// arrives) and the request id, for the audit trail.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Actor {
-    /// Who.
-    pub principal: String,
-    /// The request's idempotency key or `x-request-id`.
-    pub request_id: String,
+/// Who asks for a change (shared with deploy-svc: the principal, the request id).
+pub use service_kit::principal::Caller;
+
+/// An audit entry by an actor.
+pub trait AuditBy {
+    /// The entry of `action` on `resource` at `now_ms`, by this actor.
+    fn audit(&self, now_ms: Millis, action: &str, resource: String) -> AuditEntry;
 }
 
-impl Actor {
-    /// The service itself (automatic actions).
-    pub fn system() -> Self {
-        Self {
-            principal: "system".into(),
-            request_id: String::new(),
-        }
-    }
-
-    /// An audit entry by this actor.
-    pub fn audit(&self, now_ms: Millis, action: &str, resource: String) -> AuditEntry {
+impl AuditBy for Caller {
+    fn audit(&self, now_ms: Millis, action: &str, resource: String) -> AuditEntry {
         AuditEntry {
             time_ms: now_ms,
             principal: self.principal.clone(),
@@ -430,7 +420,7 @@ impl Engine {
     pub async fn create_feature(
         &self,
         mut feature: Feature,
-        actor: &Actor,
+        actor: &Caller,
     ) -> Result<Arc<Feature>> {
         let mut state = self.state.lock().await;
         let now = self.clock.now_ms();
@@ -456,7 +446,7 @@ impl Engine {
         &self,
         mut feature: Feature,
         expected: Option<i64>,
-        actor: &Actor,
+        actor: &Caller,
     ) -> Result<Arc<Feature>> {
         let mut state = self.state.lock().await;
         let current = current_feature(&state, &feature.key, expected)?;
@@ -497,7 +487,7 @@ impl Engine {
         key: &str,
         archive: bool,
         expected: Option<i64>,
-        actor: &Actor,
+        actor: &Caller,
     ) -> Result<Arc<Feature>> {
         let mut state = self.state.lock().await;
         let current = current_feature(&state, key, expected)?;
@@ -556,7 +546,7 @@ impl Engine {
         &self,
         mut release: Release,
         request_id: Option<String>,
-        actor: &Actor,
+        actor: &Caller,
     ) -> Result<Release> {
         let mut state = self.state.lock().await;
         let unknown: Vec<_> = release
@@ -614,7 +604,7 @@ impl Engine {
         &self,
         environment: &str,
         flags: Vec<crate::domain::flagd_doc::ImportedFlag>,
-        actor: &Actor,
+        actor: &Caller,
     ) -> Result<(Vec<String>, Vec<String>, Vec<String>, Option<Release>)> {
         let calendar = self.calendar.environment(environment).await;
         let mut state = self.state.lock().await;

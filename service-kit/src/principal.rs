@@ -44,6 +44,38 @@ fn parse(value: Option<&[u8]>) -> Result<String, Error> {
     Ok(text.to_owned())
 }
 
+/// Who makes a call, as the audit trails of both services record it (the authenticated
+/// identity behind it, with its groups, is [`crate::auth::Caller`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Caller {
+    /// The principal (`anonymous` without one; `system` for the service's own actions).
+    pub principal: String,
+    /// The request id (the request's own field, else the `x-request-id` metadata, else
+    /// empty: see [`request_id`]).
+    pub request_id: String,
+    /// The W3C `traceparent` of the call's server span while traces are exported (deploy-svc's
+    /// placement events carry it).
+    pub trace_parent: Option<String>,
+}
+
+impl Caller {
+    /// The service itself (automatic actions).
+    pub fn system() -> Self {
+        Self {
+            principal: "system".into(),
+            ..Self::default()
+        }
+    }
+
+    /// The same caller with the request's own request id, when it has one.
+    pub fn with_request_id(mut self, request_id: Option<&str>) -> Self {
+        if let Some(id) = request_id.filter(|id| !id.is_empty()) {
+            id.clone_into(&mut self.request_id);
+        }
+        self
+    }
+}
+
 /// The request metadata key of a request id, for calls whose request has no `request_id`
 /// field of its own (and for those that leave it empty).
 pub const REQUEST_ID_METADATA: &str = "x-request-id";

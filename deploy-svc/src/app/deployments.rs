@@ -233,11 +233,7 @@ pub(super) fn counts_at(r: &SqlRow, at: usize) -> Result<PlacementCounts> {
 }
 /// The caller automatic actions are recorded with.
 pub(super) fn system() -> Caller {
-    Caller {
-        principal: "system".into(),
-        request_id: String::new(),
-        trace_parent: None,
-    }
+    Caller::system()
 }
 
 /// Rolls deployment `id` back (see [`Store::rollback_deployment`]).

@@ -32,28 +32,7 @@ pub mod action {
     pub const REPORT_PLACEMENT: &str = "ReportPlacement";
 }
 
-/// Who makes a call, as the audit trail records it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Caller {
-    /// The principal (`anonymous` without one).
-    pub principal: String,
-    /// The request id (the request's own field, else the `x-request-id` metadata, else
-    /// empty).
-    pub request_id: String,
-    /// The W3C `traceparent` of the call's server span while traces are exported: the
-    /// placement events the change writes carry it.
-    pub trace_parent: Option<String>,
-}
-
-impl Caller {
-    /// The same caller with the request's own request id, when it has one.
-    pub fn with_request_id(mut self, request_id: Option<&str>) -> Self {
-        if let Some(id) = request_id.filter(|id| !id.is_empty()) {
-            id.clone_into(&mut self.request_id);
-        }
-        self
-    }
-}
+pub use service_kit::principal::Caller;
 
 /// What a change appends to the trail (the store adds id, time and caller).
 #[derive(Debug, Clone, PartialEq, Eq)]

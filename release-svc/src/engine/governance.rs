@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use async_trait::async_trait;
 use calendar::FreezeWindow;
 
-use super::{release_summary, Actor, Engine, State};
+use super::{release_summary, AuditBy, Caller, Engine, State};
 use crate::domain::evaluate::Scope;
 use crate::domain::model::{
     Approval, EmergencyOverride, Millis, Release, ReleaseState, Transition,
@@ -61,7 +61,7 @@ impl Engine {
         &self,
         mut policy: Policy,
         etag: Option<i64>,
-        actor: &Actor,
+        actor: &Caller,
     ) -> Result<Policy> {
         let mut state = self.state.lock().await;
         let current = state.policies.get(&policy.environment).cloned();
@@ -198,7 +198,7 @@ impl Engine {
         &self,
         id: i64,
         t: Transition,
-        actor: &Actor,
+        actor: &Caller,
         action: &str,
         reason: &str,
     ) -> Result<Release> {
@@ -349,7 +349,7 @@ impl Engine {
     /// release, and only a principal holding the approver role of one of the release's
     /// environments can approve. A PLANNED release whose approvals satisfy every
     /// environment's policy becomes APPROVED.
-    pub async fn approve(&self, id: i64, actor: &Actor) -> Result<Release> {
+    pub async fn approve(&self, id: i64, actor: &Caller) -> Result<Release> {
         let mut state = self.state.lock().await;
         let current = state
             .releases
@@ -421,7 +421,7 @@ impl Engine {
     }
 
     /// DRAFT -> PLANNED (-> APPROVED at once when no policy asks for approvals).
-    pub async fn submit(&self, id: i64, actor: &Actor) -> Result<Release> {
+    pub async fn submit(&self, id: i64, actor: &Caller) -> Result<Release> {
         let mut state = self.state.lock().await;
         let current = state
             .releases
@@ -450,7 +450,7 @@ impl Engine {
         reason: String,
         approver: String,
         caller_is_approver: bool,
-        actor: &Actor,
+        actor: &Caller,
     ) -> Result<Release> {
         let mut state = self.state.lock().await;
         let current = state
@@ -579,7 +579,7 @@ impl Engine {
         let env = next.environments[index].environment.clone();
         let cal = calendars.iter().find(|(n, _)| *n == env).map(|c| &c.1);
         let violations = self.violations(&state, &current, &next, index, cal, now);
-        let system = Actor::system();
+        let system = Caller::system();
         if !violations.is_empty() {
             // The same rules still block: nothing new to record (descriptions such as the
             // soak time elapsed change every minute and are not a new reason).
@@ -652,7 +652,7 @@ fn promote_if_approved(state: &State, release: &mut Release) {
 }
 
 /// The record of a change that passed a freeze window on an emergency override.
-fn override_record(actor: &Actor, now: Millis, id: i64, release: &Release) -> AuditEntry {
+fn override_record(actor: &Caller, now: Millis, id: i64, release: &Release) -> AuditEntry {
     let mut audit = actor.audit(now, "freeze.override", format!("releases/{id}"));
     if let Some(e) = &release.governance.emergency {
         audit.after = format!("passed a freeze window, approved by {}", e.approver);

@@ -28,17 +28,18 @@ use crate::consumer::SharedStatus;
 use crate::domain::model::Millis;
 use crate::domain::model::Transition;
 use crate::domain::{names, Error, Violations};
-use crate::engine::{Actor, Change, Cursor, Engine, DAY_MS};
+use crate::engine::{Caller, Change, Cursor, Engine, DAY_MS};
 
 /// The caller of a request: the authenticated principal (or, with authentication off, the
 /// `x-principal` metadata; see [`service_kit::auth`]) and the request id (`request_id`,
 /// else `x-request-id`, refused when malformed: [`service_kit::principal::request_id`]).
-fn actor<T>(req: &Request<T>, request_id: &str) -> std::result::Result<Actor, Status> {
+fn actor<T>(req: &Request<T>, request_id: &str) -> std::result::Result<Caller, Status> {
     let principal = auth::caller(req)?.principal().to_owned();
     let request_id = service_kit::principal::request_id(request_id, req.metadata())?;
-    Ok(Actor {
+    Ok(Caller {
         principal,
         request_id,
+        trace_parent: None,
     })
 }
 
@@ -112,7 +113,7 @@ impl ReleaseApi {
     /// ArchiveFeature (`archive`) and UnarchiveFeature.
     async fn archive(
         &self,
-        actor: Actor,
+        actor: Caller,
         feature: &str,
         etag: &str,
         archive: bool,
