@@ -32,8 +32,6 @@
 //! - [`error`]: the request error type (field and precondition violations), no tonic types.
 //! - [`status`]: the one exhaustive `From<Error> for Status`, with rich error details.
 //! - [`streams`]: a cap on open server streams (RESOURCE_EXHAUSTED past it).
-//! - `sqlite` (cargo feature `sqlite`): the SQLite error mapping and migration runner of the
-//!   embedded stores.
 //! - [`telemetry`]: Prometheus metrics on their own plain-HTTP port (`--metrics-listen`).
 //! - [`admission`]: refuses at once a call that the calls in flight would keep past half
 //!   of its deadline (`--deadline-admission`).
@@ -61,8 +59,6 @@ pub mod pg;
 pub mod principal;
 pub mod redact;
 pub mod reload;
-#[cfg(feature = "sqlite")]
-pub mod sqlite;
 pub mod status;
 pub mod streams;
 pub mod telemetry;

@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 
 use async_trait::async_trait;
 use rusqlite::Connection;
-use service_kit::sqlite::error as sql;
+use store_kit::sqlite::error as sql;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::backend::{internal, to_i64, Backend, ReadJob, ReportLock, WriteJob};
@@ -128,7 +128,7 @@ impl SqlStore<SqliteBackend> {
                 .map_err(|e| Error::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
         }
         let conn = open_connection(&options.path, options.synchronous_full).map_err(sql)?;
-        service_kit::sqlite::migrate(&conn, MIGRATIONS).map_err(sql)?;
+        store_kit::sqlite::migrate(&conn, MIGRATIONS)?;
         let head = head_sequence(&conn)?;
         let feed = Arc::new(Feed::new(head, 65_536));
         let (tx, rx) = mpsc::channel(options.queue.max(1));

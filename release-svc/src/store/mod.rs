@@ -4,11 +4,16 @@
 //!
 //! - [`Store`]: every read and write of release-svc. Placement events, the consumer cursor
 //!   and the withdrawals they cause are written in one transaction.
+//! - [`sql`]: the one implementation of [`Store`], its SQL written once against
+//!   the shared crate's `Db`, over a [`sql::Backend`] that provides transactions.
+//! - `forms`: the stored forms of features, releases and policies, decoded strictly.
 //! - [`sqlite`]: the embedded default (WAL, `synchronous=FULL`).
-//! - [`postgres`]: PostgreSQL, for a `postgres://` database URL.
+//! - [`postgres`]: PostgreSQL, for a `postgres://` database URL (replicas).
 //! - `migrations/sqlite/`, `migrations/postgres/`: embedded schema migrations per backend.
 
+mod forms;
 pub mod postgres;
+pub mod sql;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -204,24 +209,6 @@ pub struct LastEvaluated {
     /// When (the flush that wrote it).
     pub time_ms: Millis,
 }
-
-/// Adds one hour's count (SQLite; PostgreSQL adds many in one statement).
-pub(crate) const ADD_USAGE: &str = "INSERT INTO evaluation_usage (feature, environment, variant, hour_ms, count) VALUES ($1, $2, $3, $4, $5) \
-     ON CONFLICT (feature, environment, variant, hour_ms) DO UPDATE SET count = evaluation_usage.count + excluded.count";
-/// Records a feature as evaluated in an environment at a time (never moving back).
-pub(crate) const SEEN: &str = "INSERT INTO evaluation_seen (feature, environment, last_ms) VALUES ($1, $2, $3) \
-     ON CONFLICT (feature, environment) DO UPDATE SET last_ms = \
-     CASE WHEN excluded.last_ms > evaluation_seen.last_ms THEN excluded.last_ms ELSE evaluation_seen.last_ms END";
-/// Drops counts older than the longest window.
-pub(crate) const PRUNE_USAGE: &str = "DELETE FROM evaluation_usage WHERE hour_ms < $1";
-/// One feature's counts from a time on.
-pub(crate) const USAGE_OF: &str = "SELECT feature, environment, variant, hour_ms, count FROM evaluation_usage WHERE feature = $1 AND hour_ms >= $2";
-/// One feature's last evaluations per environment.
-pub(crate) const SEEN_OF: &str =
-    "SELECT feature, environment, last_ms FROM evaluation_seen WHERE feature = $1";
-/// Every feature's last evaluation.
-pub(crate) const LAST_EVALUATED: &str =
-    "SELECT feature, max(last_ms) FROM evaluation_seen GROUP BY feature";
 
 /// Every read and write of release-svc.
 #[async_trait]

@@ -44,19 +44,20 @@
 
 mod reports;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use postgres::types::{IsNull, ToSql, Type};
-use postgres::{Client, IsolationLevel, Statement};
+use store_kit::postgres::{
+    connect, connect_async, connect_spawned, retrying, Conn, Failed, IsolationLevel, PgDb, Pool,
+    PoolConfig,
+};
 use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::backend::{internal, to_i64, to_u64, Backend, ReadJob, ReportLock, WriteJob};
-use super::db::{Db, Dialect, SqlRow, V};
+use super::backend::{to_i64, to_u64, Backend, ReadJob, ReportLock, WriteJob};
+use super::db::{p, Db, V};
 use super::log;
 use crate::app::SqlStore;
 use crate::domain::clock::Clock;
@@ -146,419 +147,77 @@ impl std::fmt::Debug for PostgresBackend {
     }
 }
 
-// ---- errors ----
-
-/// What a PostgreSQL error means for the caller.
+/// The error a PostgreSQL failure means for the caller (see [`store_kit::postgres::error`]).
 fn pg_error(e: &postgres::Error) -> Error {
-    // The server shutting down or out of resources (57, 53), the connection (08), a
-    // read-only server after a failover (25006), or the socket itself: retryable.
-    let transient = match e.as_db_error() {
-        Some(d) => {
-            let code = d.code().code();
-            matches!(&code[..2], "57" | "53" | "08") || code == "25006"
-        }
-        None => std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()),
-    };
-    let lock_wait = e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE);
-    if e.is_closed() || transient || lock_wait {
-        Error::Unavailable(format!("PostgreSQL: {e}; retry"))
-    } else if is_conflict(e) {
-        Error::Aborted(format!("concurrent changes kept conflicting ({e}); retry"))
-    } else {
-        Error::Internal(format!("PostgreSQL: {}", service_kit::error::chain(e)))
-    }
+    store_kit::postgres::error(e)
 }
 
-/// Serialization failure, deadlock, or a unique key taken by a concurrent insert: running
-/// the transaction again resolves it.
-fn is_conflict(e: &postgres::Error) -> bool {
-    e.code()
-        .is_some_and(|c| matches!(c.code(), "40001" | "40P01" | "23505"))
+/// A connection of `url` for a pool named `name`, set up with `init`.
+fn pool(name: &'static str, url: &str, size: usize, init: &str) -> Result<Pool> {
+    Pool::start(PoolConfig {
+        name,
+        url: url.to_owned(),
+        size,
+        init: init.to_owned(),
+        wait_metric: Some(crate::telemetry::POOL_WAIT_SECONDS),
+    })
 }
 
-// ---- Db over a PostgreSQL transaction ----
-
-/// A NULL of whatever type the statement expects.
-#[derive(Debug)]
-struct Null;
-
-impl ToSql for Null {
-    fn to_sql(
-        &self,
-        _: &Type,
-        _: &mut postgres::types::private::BytesMut,
-    ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        Ok(IsNull::Yes)
-    }
-    fn accepts(_: &Type) -> bool {
-        true
-    }
-    postgres::types::to_sql_checked!();
-}
-
-/// SQLite's `?N` placeholders as PostgreSQL's `$N` (outside string literals).
-fn dollar_placeholders(sql: &str) -> String {
-    let mut out = String::with_capacity(sql.len());
-    let mut quoted = false;
-    for c in sql.chars() {
-        match c {
-            '\'' => {
-                quoted = !quoted;
-                out.push(c);
-            }
-            '?' if !quoted => out.push('$'),
-            _ => out.push(c),
-        }
-    }
-    out
-}
-
-/// One pooled connection: the client and its prepared statements.
-struct Conn {
-    client: Client,
-    statements: HashMap<String, Statement>,
-}
-
-/// A transaction on a pooled connection, as the logic sees it.
-struct PgDb<'a> {
-    tx: std::cell::RefCell<postgres::Transaction<'a>>,
-    statements: std::cell::RefCell<&'a mut HashMap<String, Statement>>,
-    /// The last PostgreSQL error, so the runner can tell a conflict (retry) from a failure.
-    last_error: std::cell::RefCell<Option<postgres::Error>>,
-}
-
-impl PgDb<'_> {
-    fn statement(&self, sql: &str) -> Result<Statement> {
-        if let Some(s) = self.statements.borrow().get(sql) {
-            return Ok(s.clone());
-        }
-        let prepared = self
-            .tx
-            .borrow_mut()
-            .prepare(&dollar_placeholders(sql))
-            .map_err(|e| self.fail(e))?;
-        self.statements
-            .borrow_mut()
-            .insert(sql.to_owned(), prepared.clone());
-        Ok(prepared)
-    }
-
-    fn fail(&self, e: postgres::Error) -> Error {
-        let mapped = pg_error(&e);
-        *self.last_error.borrow_mut() = Some(e);
-        mapped
-    }
-}
-
-fn pg_params(params: &[V]) -> Vec<Box<dyn ToSql + Sync>> {
-    params
-        .iter()
-        .map(|v| -> Box<dyn ToSql + Sync> {
-            match v {
-                V::I(i) => Box::new(*i),
-                V::T(s) => Box::new(s.clone()),
-                V::N => Box::new(Null),
-            }
-        })
-        .collect()
-}
-
-fn pg_row(row: &postgres::Row) -> Result<SqlRow> {
-    let mut values = Vec::with_capacity(row.len());
-    for (i, column) in row.columns().iter().enumerate() {
-        let ty = column.type_();
-        let bad = |e: postgres::Error| Error::Internal(format!("column {i}: {e}"));
-        let v = if *ty == Type::INT8 {
-            row.try_get::<_, Option<i64>>(i)
-                .map_err(bad)?
-                .map_or(V::N, V::I)
-        } else if *ty == Type::INT4 {
-            row.try_get::<_, Option<i32>>(i)
-                .map_err(bad)?
-                .map_or(V::N, |v| V::I(v.into()))
-        } else if *ty == Type::INT2 {
-            row.try_get::<_, Option<i16>>(i)
-                .map_err(bad)?
-                .map_or(V::N, |v| V::I(v.into()))
-        } else if *ty == Type::BOOL {
-            row.try_get::<_, Option<bool>>(i)
-                .map_err(bad)?
-                .map_or(V::N, |v| V::I(v.into()))
-        } else {
-            row.try_get::<_, Option<String>>(i)
-                .map_err(bad)?
-                .map_or(V::N, V::T)
-        };
-        values.push(v);
-    }
-    Ok(SqlRow(values))
-}
-
-impl Db for PgDb<'_> {
-    fn dialect(&self) -> Dialect {
-        Dialect::Postgres
-    }
-
-    fn execute(&self, sql: &str, params: &[V]) -> Result<u64> {
-        let values = pg_params(params);
-        let refs: Vec<&(dyn ToSql + Sync)> = values.iter().map(AsRef::as_ref).collect();
-        if params.is_empty() && !sql.contains('?') {
-            // SAVEPOINT and friends: no statement to prepare.
-            return self
-                .tx
-                .borrow_mut()
-                .batch_execute(sql)
-                .map(|()| 0)
-                .map_err(|e| self.fail(e));
-        }
-        let statement = self.statement(sql)?;
-        self.tx
-            .borrow_mut()
-            .execute(&statement, &refs)
-            .map_err(|e| self.fail(e))
-    }
-
-    fn query(&self, sql: &str, params: &[V]) -> Result<Vec<SqlRow>> {
-        let values = pg_params(params);
-        let refs: Vec<&(dyn ToSql + Sync)> = values.iter().map(AsRef::as_ref).collect();
-        let statement = self.statement(sql)?;
-        let rows = self
-            .tx
-            .borrow_mut()
-            .query(&statement, &refs)
-            .map_err(|e| self.fail(e))?;
-        rows.iter().map(pg_row).collect()
-    }
-}
-
-// ---- the connection pool ----
-
-type Task = Box<dyn FnOnce(&mut Option<Conn>) + Send>;
-
-/// Connections, each owned by a thread that runs one task at a time.
-struct Pool {
-    /// `write` or `tail`: the `pool` label of the wait metric.
-    name: &'static str,
-    tasks: Mutex<Option<std_mpsc::Sender<Task>>>,
-    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
-}
-
-/// A pooled connection. No wait is unbounded: a lock held elsewhere for 10 s (a stuck
-/// client, a long maintenance transaction) fails the call as UNAVAILABLE instead of hanging
-/// it, and so does a statement running for 60 s.
-fn connect(url: &str, init: &str) -> Result<Client> {
-    let (url, tls) = tls(url)?;
-    let mut config: postgres::Config = url.parse().map_err(|e| pg_error(&e))?;
-    // A server that stops answering (a network partition) is noticed, not waited on.
-    config
-        .connect_timeout(Duration::from_secs(5))
-        .keepalives(true)
-        .keepalives_idle(Duration::from_secs(10))
-        .tcp_user_timeout(Duration::from_secs(30));
-    let mut client = config.connect(tls).map_err(|e| pg_error(&e))?;
-    client
-        .batch_execute("SET lock_timeout = '10s'; SET statement_timeout = '60s'")
-        .map_err(|e| pg_error(&e))?;
-    client.batch_execute(init).map_err(|e| pg_error(&e))?;
-    Ok(client)
-}
-
-/// The URL the client understands and the TLS its `sslmode` asks for (see
-/// [`service_kit::pg`]).
-fn tls(url: &str) -> Result<(String, service_kit::pg::MakeRustlsConnect)> {
-    service_kit::pg::connector(url).map_err(|e| Error::Unavailable(format!("PostgreSQL: {e:#}")))
-}
-
-impl Pool {
-    /// `size` connections named `name`, each set up with `init` (SQL) after connecting.
-    fn start(name: &'static str, url: &str, size: usize, init: &'static str) -> Result<Self> {
-        let (tx, rx) = std_mpsc::channel::<Task>();
-        let rx = Arc::new(Mutex::new(rx));
-        let mut threads = Vec::new();
-        for i in 0..size.max(1) {
-            let (rx, url) = (rx.clone(), url.to_owned());
-            let handle = std::thread::Builder::new()
-                .name(format!("pg-{i}"))
-                .spawn(move || {
-                    let mut conn: Option<Conn> = None;
-                    loop {
-                        let task = {
-                            let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
-                            rx.recv()
-                        };
-                        let Ok(task) = task else { return };
-                        if conn.as_ref().is_some_and(|c| c.client.is_closed()) {
-                            conn = None;
-                        }
-                        if conn.is_none() {
-                            match connect(&url, init) {
-                                Ok(client) => {
-                                    conn = Some(Conn {
-                                        client,
-                                        statements: HashMap::new(),
-                                    })
-                                }
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "cannot connect to PostgreSQL")
-                                }
-                            }
-                        }
-                        task(&mut conn);
-                    }
-                })
-                .map_err(internal)?;
-            threads.push(handle);
-        }
-        Ok(Self {
-            name,
-            tasks: Mutex::new(Some(tx)),
-            threads: Mutex::new(threads),
-        })
-    }
-
-    /// Runs `f` on a connection thread; UNAVAILABLE when no connection can be made.
-    async fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Conn) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        let (tx, rx) = oneshot::channel();
-        let (queued, pool) = (std::time::Instant::now(), self.name);
-        let task: Task = Box::new(move |conn| {
-            metrics::histogram!(crate::telemetry::POOL_WAIT_SECONDS, "pool" => pool)
-                .record(queued.elapsed().as_secs_f64());
-            let result = match conn.as_mut() {
-                Some(c) => f(c),
-                None => Err(Error::Unavailable(
-                    "PostgreSQL is unreachable; retry".into(),
-                )),
-            };
-            if matches!(result, Err(Error::Unavailable(_))) {
-                // A broken connection is replaced on the next task.
-                if conn.as_ref().is_some_and(|c| c.client.is_closed()) {
-                    *conn = None;
-                }
-            }
-            let _ = tx.send(result);
-        });
-        {
-            let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-            let sender = tasks
-                .as_ref()
-                .ok_or_else(|| Error::Unavailable("the store is closed".into()))?;
-            sender
-                .send(task)
-                .map_err(|_| Error::Unavailable("the store is closed".into()))?;
-        }
-        rx.await
-            .map_err(|_| Error::Unavailable("the store is closed".into()))?
-    }
-
-    async fn close(&self) {
-        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
-        let _ = tokio::task::spawn_blocking(move || {
-            for t in threads {
-                let _ = t.join();
-            }
-        })
-        .await;
-    }
-}
-
-/// How many times a conflicting write runs before ABORTED.
-const MAX_ATTEMPTS: u32 = 30;
-
-/// Runs one write transaction with retries.
+/// Runs one write transaction, running it again after a conflict.
 fn run_write<T>(
     conn: &mut Conn,
     clock: &dyn Clock,
     notify: NotifyMode,
     job: &WriteJob<T>,
 ) -> Result<(T, u64)> {
-    {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let outcome = write_once(conn, clock, notify, job);
-            match outcome {
-                Err((e, true)) if attempt < MAX_ATTEMPTS => {
-                    tracing::debug!(error = %e, attempt, "write conflicted; running it again");
-                    metrics::counter!(crate::telemetry::STORE_RETRIES).increment(1);
-                    // Jittered backoff, growing with the attempts.
-                    let micros = 200 * u64::from(attempt) + u64::from(rand_u16()) % 500;
-                    std::thread::sleep(Duration::from_micros(micros));
-                }
-                Err((e, _)) => return Err(e),
-                Ok(v) => return Ok(v),
-            }
-        }
-    }
+    retrying(
+        || write_once(conn, clock, notify, job),
+        |e, attempt| {
+            tracing::debug!(error = %e, attempt, "write conflicted; running it again");
+            metrics::counter!(crate::telemetry::STORE_RETRIES).increment(1);
+        },
+    )
 }
 
-fn rand_u16() -> u16 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(u64::from(std::process::id()));
-    (h.finish() & 0xffff) as u16
-}
-
-/// One attempt: the error and whether running again may succeed.
+/// One attempt: the result and the sequence of its last event, or the failure.
 fn write_once<T>(
     conn: &mut Conn,
     clock: &dyn Clock,
     notify: NotifyMode,
     job: &WriteJob<T>,
-) -> std::result::Result<(T, u64), (Error, bool)> {
-    let plain = |e: postgres::Error| {
-        let retry = is_conflict(&e);
-        (pg_error(&e), retry)
-    };
+) -> std::result::Result<(T, u64), Failed> {
     let started = std::time::Instant::now();
-    let record = |outcome: &'static str| {
-        metrics::histogram!(crate::telemetry::COMMIT_SECONDS, "outcome" => outcome)
-            .record(started.elapsed().as_secs_f64());
-    };
-    let tx = conn
-        .client
-        .build_transaction()
-        .isolation_level(IsolationLevel::Serializable)
-        .start()
-        .map_err(plain)?;
-    let db = PgDb {
-        tx: std::cell::RefCell::new(tx),
-        statements: std::cell::RefCell::new(&mut conn.statements),
-        last_error: std::cell::RefCell::new(None),
-    };
+    let db = PgDb::begin(conn, IsolationLevel::Serializable, false)?;
     let mut events = Vec::new();
-    let result = job(&db, clock.now_ms(), &mut events);
-    let PgDb { tx, last_error, .. } = db;
-    let tx = tx.into_inner();
-    match result {
+    match job(&db, clock.now_ms(), &mut events) {
         Ok(v) => {
-            commit(tx, notify, started).map_err(plain)?;
+            commit(db, notify, started)?;
             Ok((v, events.last().map_or(0, |e| e.sequence)))
         }
         Err(e) => {
-            let retry = last_error.into_inner().is_some_and(|pe| is_conflict(&pe));
-            let _ = tx.rollback();
-            record("failed");
-            Err((e, retry))
+            let failed = db.failed(e);
+            drop(db);
+            metrics::histogram!(crate::telemetry::COMMIT_SECONDS, "outcome" => "failed")
+                .record(started.elapsed().as_secs_f64());
+            Err(failed)
         }
     }
 }
 
-/// Commits `tx` (after its NOTIFY in [`NotifyMode::PerTransaction`]) and records the time
+/// Commits `db` (after its NOTIFY in [`NotifyMode::PerTransaction`]) and records the time
 /// since `started` (its BEGIN) by outcome.
 fn commit(
-    mut tx: postgres::Transaction<'_>,
+    db: PgDb<'_>,
     notify: NotifyMode,
     started: std::time::Instant,
-) -> std::result::Result<(), postgres::Error> {
-    let committed = match notify {
-        NotifyMode::PerTransaction => tx.batch_execute(&format!("NOTIFY {CHANNEL}")),
+) -> std::result::Result<(), Failed> {
+    let notified = match notify {
+        NotifyMode::PerTransaction => db
+            .batch(&format!("NOTIFY {CHANNEL}"))
+            .map_err(|e| db.failed(e)),
         _ => Ok(()),
-    }
-    .and_then(|()| tx.commit());
+    };
+    let committed = notified.and_then(|()| db.commit());
     let outcome = if committed.is_ok() {
         "committed"
     } else {
@@ -605,38 +264,25 @@ fn fresh_xid(conn: &mut Conn) -> Result<i64> {
 const TAIL_READ: &str = "SELECT m.xmin, m.pruned, e.seq, e.commit_ms, e.deployment, e.environment, e.target, e.artifact, e.version, e.digest, e.state, e.previous_state, e.message, e.trace_parent
      FROM (SELECT CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS text) AS bigint) AS xmin,
                   (SELECT pruned_through FROM log_meta WHERE id = 1) AS pruned) m
-     LEFT JOIN LATERAL (SELECT * FROM placement_events WHERE seq > $1 ORDER BY seq LIMIT $2) e ON true
+     LEFT JOIN LATERAL (SELECT * FROM placement_events WHERE seq > ?1 ORDER BY seq LIMIT ?2) e ON true
      ORDER BY e.seq";
 
 /// Reads what follows `tail` and returns the events safe to deliver, in order, the new
 /// position, and whether a newly seen hole still needs its transaction id (see the module
 /// documentation for the hole rule).
 fn tail_read(conn: &mut Conn, tail: Tail, max: usize) -> Result<(Vec<PlacementEvent>, Tail, bool)> {
-    let statement = match conn.statements.get(TAIL_READ) {
-        Some(s) => s.clone(),
-        None => {
-            let s = conn.client.prepare(TAIL_READ).map_err(|e| pg_error(&e))?;
-            conn.statements.insert(TAIL_READ.to_owned(), s.clone());
-            s
-        }
-    };
     let limit = i64::try_from(max).unwrap_or(i64::MAX);
-    let rows = conn
-        .client
-        .query(&statement, &[&to_i64(tail.cursor), &limit])
-        .map_err(|e| pg_error(&e))?;
+    let rows = conn.query(TAIL_READ, p![to_i64(tail.cursor), limit])?;
     let mut xmin = 0;
     let mut events = Vec::with_capacity(rows.len());
     for row in &rows {
-        let SqlRow(mut values) = pg_row(row)?;
-        let head = SqlRow(values.drain(..2).collect());
-        xmin = head.get(0)?;
-        let pruned = to_u64(head.get(1)?);
+        xmin = row.get(0)?;
+        let pruned = to_u64(row.get(1)?);
         if tail.cursor < pruned {
             return Err(crate::placement_log::retention_error(tail.cursor, pruned));
         }
-        if values.first().is_some_and(|v| *v != V::N) {
-            events.push(log::event_row(&SqlRow(values))?);
+        if row.values().get(2).is_some_and(|v| *v != V::N) {
+            events.push(log::event_row(&row.skip(2))?);
         }
     }
     let mut out = Vec::with_capacity(events.len());
@@ -696,51 +342,18 @@ fn settled_head(conn: &mut Conn) -> Result<u64> {
     ))
 }
 
-fn migrate(client: &mut Client) -> Result<()> {
-    let mut tx = client.transaction().map_err(|e| pg_error(&e))?;
-    // A runtime role without CREATE on the schema opens an up-to-date database: no DDL
-    // runs unless a migration is due.
-    tx.execute(
-        "SELECT pg_advisory_xact_lock($1)",
-        &[&service_kit::time::locks::DEPLOY_MIGRATIONS],
-    )
-    .map_err(|e| pg_error(&e))?;
-    let tracked: bool = tx
-        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
-        .map_err(|e| pg_error(&e))?
-        .get(0);
-    if !tracked {
-        tx.batch_execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY)")
-            .map_err(|e| pg_error(&e))?;
-    }
-    let applied: i64 = tx
-        .query_one("SELECT count(*) FROM schema_migrations", &[])
-        .map_err(|e| pg_error(&e))?
-        .get(0);
-    for (i, m) in MIGRATIONS.iter().enumerate().skip(to_u64(applied) as usize) {
-        tx.batch_execute(m).map_err(|e| pg_error(&e))?;
-        let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
-        tx.execute(
-            "INSERT INTO schema_migrations (version) VALUES ($1)",
-            &[&version],
-        )
-        .map_err(|e| pg_error(&e))?;
-    }
-    tx.commit().map_err(|e| pg_error(&e))
-}
-
 impl SqlStore<PostgresBackend> {
     /// Connects, migrates, settles the log head and starts the tailer, the notifier and the
     /// listener (call inside a Tokio runtime). Returns the store and the feed.
     pub fn open(options: PostgresOptions, clock: Arc<dyn Clock>) -> Result<(Self, Arc<Feed>)> {
         let url = options.url.clone();
         let head = std::thread::spawn(move || -> Result<u64> {
-            let client = connect(&url, "")?;
-            let mut conn = Conn {
-                client,
-                statements: HashMap::new(),
-            };
-            migrate(&mut conn.client)?;
+            let mut conn = Conn::new(connect(&url, "")?);
+            store_kit::postgres::migrate(
+                &mut conn.client,
+                service_kit::time::locks::DEPLOY_MIGRATIONS,
+                MIGRATIONS,
+            )?;
             settled_head(&mut conn)
         })
         .join()
@@ -751,16 +364,16 @@ impl SqlStore<PostgresBackend> {
         let grouper = tokio::spawn(reports::run_groups(
             queued,
             groups,
-            Arc::new(Pool::start("report", &options.url, groups, "")?),
+            Arc::new(pool("report", &options.url, groups, "")?),
             clock.clone(),
             options.notify,
         ));
         let backend = PostgresBackend {
-            pool: Arc::new(Pool::start("write", &options.url, options.pool_size, "")?),
+            pool: Arc::new(pool("write", &options.url, options.pool_size, "")?),
             reports: Mutex::new(Some(report_queue)),
             grouper: Mutex::new(Some(grouper)),
             // The tailer's transaction ids for holes commit nothing worth waiting for.
-            tail_pool: Arc::new(Pool::start(
+            tail_pool: Arc::new(pool(
                 "tail",
                 &options.url,
                 1,
@@ -915,39 +528,6 @@ impl TailerParts {
     }
 }
 
-/// Runs `f` in a read-only REPEATABLE READ transaction (one snapshot).
-fn read_tx<T>(conn: &mut Conn, f: impl FnOnce(&dyn Db) -> Result<T>) -> Result<T> {
-    let tx = conn
-        .client
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .map_err(|e| pg_error(&e))?;
-    let db = PgDb {
-        tx: std::cell::RefCell::new(tx),
-        statements: std::cell::RefCell::new(&mut conn.statements),
-        last_error: std::cell::RefCell::new(None),
-    };
-    let result = f(&db);
-    let tx = db.tx.into_inner();
-    let _ = tx.commit();
-    result
-}
-
-async fn connect_async(url: &str) -> Result<tokio_postgres::Client> {
-    let (url, tls) = tls(url)?;
-    let (client, connection) = tokio_postgres::connect(&url, tls)
-        .await
-        .map_err(|e| pg_error(&e))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "PostgreSQL notification connection ended");
-        }
-    });
-    Ok(client)
-}
-
 async fn notifier(
     url: String,
     bell: Arc<Notify>,
@@ -964,7 +544,7 @@ async fn notifier(
             .as_ref()
             .is_none_or(tokio_postgres::Client::is_closed)
         {
-            client = match connect_async(&url).await {
+            client = match connect_spawned(&url).await {
                 Ok(c) => {
                     let ok = c
                         .batch_execute("SET synchronous_commit = off")
@@ -1005,12 +585,7 @@ async fn listener(
     use futures::StreamExt;
     let mut backoff = Duration::from_millis(100);
     loop {
-        let connected = match tls(&url) {
-            Ok((url, tls)) => tokio_postgres::connect(&url, tls)
-                .await
-                .map_err(|e| pg_error(&e)),
-            Err(e) => Err(e),
-        };
+        let connected = connect_async(&url).await;
         let (client, mut connection) = match connected {
             Ok(pair) => pair,
             Err(e) => {
@@ -1075,7 +650,7 @@ impl Backend for PostgresBackend {
     }
 
     async fn read<T: Send + 'static>(&self, job: ReadJob<T>) -> Result<T> {
-        self.pool.run(move |conn| read_tx(conn, job)).await
+        self.pool.run(move |conn| conn.read(job)).await
     }
 
     async fn read_events(&self, after: u64, max: usize) -> Result<Vec<PlacementEvent>> {
@@ -1101,7 +676,7 @@ impl Backend for PostgresBackend {
                     "SELECT e.deployment, e.environment, e.target, e.artifact, e.version, e.digest, e.state, e.message, e.seq, e.commit_ms
                      FROM placement_events e WHERE e.deployment = ?1 AND e.target = ?2 AND e.seq <= ?3
                      ORDER BY e.seq DESC LIMIT 1",
-                    super::db::p![p.deployment, p.target, to_i64(head)],
+                    p![p.deployment, p.target, to_i64(head)],
                     log::placement_row,
                 )?;
                 match earlier {
@@ -1111,7 +686,7 @@ impl Backend for PostgresBackend {
                         // snapshot. Or its earlier events were pruned: retry later.
                         let first: Option<i64> = db.value(
                             "SELECT MIN(seq) FROM placement_events WHERE deployment = ?1 AND target = ?2",
-                            super::db::p![p.deployment, p.target],
+                            p![p.deployment, p.target],
                         )?;
                         if first.is_none_or(|f| to_u64(f) <= head) {
                             return Err(Error::Unavailable(

@@ -20,17 +20,17 @@
 //! unchanged: a group is one transaction whose id is taken before it draws a sequence.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use postgres::IsolationLevel;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::{is_conflict, pg_error, rand_u16, Conn, NotifyMode, PgDb, Pool, MAX_ATTEMPTS};
+use super::NotifyMode;
 use crate::domain::clock::{Clock, Millis};
 use crate::domain::model::PlacementEvent;
 use crate::domain::{Error, Result};
 use crate::store::backend::{ReportLock, WriteJob};
 use crate::store::db::Db;
+use store_kit::postgres::{retrying, Conn, Failed, IsolationLevel, PgDb, Pool};
+use store_kit::V;
 
 /// The most reports committed in one transaction (64 subtransactions fit PostgreSQL's
 /// per-backend cache).
@@ -131,27 +131,23 @@ fn commit_group(
     mut group: Vec<Box<dyn Queued>>,
 ) {
     metrics::histogram!(crate::telemetry::GROUP_COMMIT_WRITES).record(group.len() as f64);
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match group_once(conn, clock, notify, &mut group) {
-            Ok(outcomes) => {
-                for (report, outcome) in group.into_iter().zip(outcomes) {
-                    report.finish(outcome);
-                }
-                return;
+    let reports = group.len();
+    let outcome = retrying(
+        || group_once(conn, clock, notify, &mut group),
+        |e, attempt| {
+            tracing::debug!(error = %e, attempt, reports, "report group conflicted; running it again");
+            metrics::counter!(crate::telemetry::STORE_RETRIES).increment(1);
+        },
+    );
+    match outcome {
+        Ok(outcomes) => {
+            for (report, outcome) in group.into_iter().zip(outcomes) {
+                report.finish(outcome);
             }
-            Err((e, true)) if attempt < MAX_ATTEMPTS => {
-                tracing::debug!(error = %e, attempt, reports = group.len(), "report group conflicted; running it again");
-                metrics::counter!(crate::telemetry::STORE_RETRIES).increment(1);
-                let micros = 200 * u64::from(attempt) + u64::from(rand_u16()) % 500;
-                std::thread::sleep(Duration::from_micros(micros));
-            }
-            Err((e, _)) => {
-                for report in group {
-                    report.finish(Err(for_each(&e)));
-                }
-                return;
+        }
+        Err(e) => {
+            for report in group {
+                report.finish(Err(for_each(&e)));
             }
         }
     }
@@ -166,38 +162,24 @@ fn for_each(e: &Error) -> Error {
     }
 }
 
-/// One attempt at a group: each report's outcome, or the error that failed the whole
-/// group and whether running it again may succeed.
+/// One attempt at a group: each report's outcome, or the failure of the whole group.
 fn group_once(
     conn: &mut Conn,
     clock: &dyn Clock,
     notify: NotifyMode,
     group: &mut [Box<dyn Queued>],
-) -> std::result::Result<Vec<Result<u64>>, (Error, bool)> {
-    let plain = |e: postgres::Error| {
-        let retry = is_conflict(&e);
-        (pg_error(&e), retry)
-    };
+) -> std::result::Result<Vec<Result<u64>>, Failed> {
     let started = std::time::Instant::now();
-    let mut tx = conn
-        .client
-        .build_transaction()
-        .isolation_level(IsolationLevel::ReadCommitted)
-        .start()
-        .map_err(plain)?;
+    let db = PgDb::begin(conn, IsolationLevel::ReadCommitted, false)?;
     let mut locks: Vec<i64> = group.iter().map(|r| r.lock().deployment).collect();
     locks.sort_unstable();
     locks.dedup();
-    tx.execute(
-        "SELECT 1 FROM deployments WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-        &[&locks],
-    )
-    .map_err(plain)?;
-    let db = PgDb {
-        tx: std::cell::RefCell::new(tx),
-        statements: std::cell::RefCell::new(&mut conn.statements),
-        last_error: std::cell::RefCell::new(None),
-    };
+    (&db as &dyn Db)
+        .execute(
+            "SELECT 1 FROM deployments WHERE id = ANY(?1) ORDER BY id FOR UPDATE",
+            &[V::Is(locks)],
+        )
+        .map_err(|e| db.failed(e))?;
     let now = clock.now_ms();
     let mut events = Vec::new();
     let mut outcomes = Vec::with_capacity(group.len());
@@ -210,34 +192,28 @@ fn group_once(
             } else {
                 "RELEASE SAVEPOINT report; SAVEPOINT report"
             };
-            db.tx.borrow_mut().batch_execute(savepoint).map_err(plain)?;
+            db.batch(savepoint).map_err(|e| db.failed(e))?;
         }
         let mark = events.len();
-        db.last_error.borrow_mut().take();
+        db.clear_error();
         match report.run(&db, now, &mut events) {
             Ok(()) => outcomes.push(Ok(events[mark..].last().map_or(0, |e| e.sequence))),
             Err(e) => {
-                if db
-                    .last_error
-                    .borrow_mut()
-                    .take()
-                    .is_some_and(|pe| is_conflict(&pe))
-                {
-                    return Err((e, true));
+                let failed = db.failed(e);
+                if failed.retry {
+                    return Err(failed);
                 }
                 if alone {
                     // Dropping the transaction rolls it back.
-                    return Ok(vec![Err(e)]);
+                    return Ok(vec![Err(failed.error)]);
                 }
                 events.truncate(mark);
-                db.tx
-                    .borrow_mut()
-                    .batch_execute("ROLLBACK TO SAVEPOINT report")
-                    .map_err(plain)?;
-                outcomes.push(Err(e));
+                db.batch("ROLLBACK TO SAVEPOINT report")
+                    .map_err(|e| db.failed(e))?;
+                outcomes.push(Err(failed.error));
             }
         }
     }
-    super::commit(db.tx.into_inner(), notify, started).map_err(plain)?;
+    super::commit(db, notify, started)?;
     Ok(outcomes)
 }
