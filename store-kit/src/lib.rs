@@ -202,6 +202,10 @@ pub trait Db {
     fn execute(&self, sql: &str, params: &[V]) -> Result<u64>;
     /// Runs a query; returns every row.
     fn query(&self, sql: &str, params: &[V]) -> Result<Vec<SqlRow>>;
+    /// Runs a query and hands each row to `f` as it is read, keeping none (a large table
+    /// read at start costs one row of memory, not the table).
+    fn each(&self, sql: &str, params: &[V], f: &mut dyn FnMut(&SqlRow) -> Result<()>)
+        -> Result<()>;
 }
 
 impl dyn Db + '_ {

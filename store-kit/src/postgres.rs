@@ -377,6 +377,26 @@ impl Db for PgDb<'_> {
         let columns = column_names(&statement);
         rows.iter().map(|r| pg_row(r, &columns)).collect()
     }
+
+    fn each(
+        &self,
+        sql: &str,
+        params: &[V],
+        f: &mut dyn FnMut(&SqlRow) -> Result<()>,
+    ) -> Result<()> {
+        use postgres::fallible_iterator::FallibleIterator;
+        let values = pg_params(params);
+        let statement = self.statement(sql)?;
+        let columns = column_names(&statement);
+        let mut tx = self.tx.borrow_mut();
+        let mut rows = tx
+            .query_raw(&statement, values.iter().map(AsRef::as_ref))
+            .map_err(|e| self.fail(e))?;
+        while let Some(row) = rows.next().map_err(|e| self.fail(e))? {
+            f(&pg_row(&row, &columns)?)?;
+        }
+        Ok(())
+    }
 }
 
 // ---- connecting ----

@@ -77,13 +77,26 @@ impl Db for rusqlite::Connection {
     }
 
     fn query(&self, sql: &str, params: &[V]) -> Result<Vec<SqlRow>> {
+        let mut out = Vec::new();
+        self.each(sql, params, &mut |row| {
+            out.push(row.clone());
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn each(
+        &self,
+        sql: &str,
+        params: &[V],
+        f: &mut dyn FnMut(&SqlRow) -> Result<()>,
+    ) -> Result<()> {
         use rusqlite::types::ValueRef;
         let mut stmt = self.prepare_cached(sql).map_err(error)?;
         let columns: Arc<[String]> = stmt.column_names().into_iter().map(str::to_owned).collect();
         let mut rows = stmt
             .query(rusqlite::params_from_iter(params))
             .map_err(error)?;
-        let mut out = Vec::new();
         while let Some(row) = rows.next().map_err(error)? {
             let mut values = Vec::with_capacity(columns.len());
             for i in 0..columns.len() {
@@ -95,9 +108,9 @@ impl Db for rusqlite::Connection {
                     ValueRef::Blob(b) => V::T(String::from_utf8_lossy(b).into_owned()),
                 });
             }
-            out.push(SqlRow::new(columns.clone(), values));
+            f(&SqlRow::new(columns.clone(), values))?;
         }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -132,6 +145,13 @@ mod tests {
             })
             .unwrap();
         assert_eq!(name, "a");
+        let mut seen = Vec::new();
+        db.each("SELECT name FROM t", &[], &mut |r| {
+            seen.push(r.col::<String>("name")?);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, ["a"]);
         let arrays = db.execute("SELECT ?1", &[V::Is(vec![1])]);
         assert!(matches!(arrays, Err(Error::Internal(_))), "{arrays:?}");
     }

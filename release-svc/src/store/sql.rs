@@ -237,38 +237,49 @@ fn policy_row(r: &SqlRow, environment: &str) -> Result<Policy> {
 /// Every stored feature, release, placement and policy, and the consumer's position.
 fn load(db: &dyn Db) -> Result<Loaded> {
     let mut loaded = Loaded::default();
-    for r in db.query(
+    db.each(
         "SELECT key, body, revision, create_ms, update_ms FROM features",
         &[],
-    )? {
-        let key: String = r.col("key")?;
-        let body: String = r.col("body")?;
-        let f = feature_from(
-            key.clone(),
-            &body,
-            r.col("revision")?,
-            r.col("create_ms")?,
-            r.col("update_ms")?,
-        )
-        .map_err(|e| corrupt("features", &key, e))?;
-        loaded.features.insert(key, Arc::new(f));
-    }
-    for r in db.query("SELECT id, description, features, environments, state, revision, create_ms, update_ms, governance FROM releases", &[])? {
-        let id: i64 = r.col("id")?;
-        let release = release_row(&r).map_err(|e| corrupt("releases", &id, e))?;
-        loaded.releases.insert(id, release);
-    }
-    loaded.placements = placements_from(db, 0)?;
+        &mut |r| {
+            let key: String = r.col("key")?;
+            let f = feature_from(
+                key.clone(),
+                &r.col::<String>("body")?,
+                r.col("revision")?,
+                r.col("create_ms")?,
+                r.col("update_ms")?,
+            )
+            .map_err(|e| corrupt("features", &key, e))?;
+            loaded.features.insert(key, Arc::new(f));
+            Ok(())
+        },
+    )?;
+    db.each(
+        "SELECT id, description, features, environments, state, revision, create_ms, update_ms, governance FROM releases",
+        &[],
+        &mut |r| {
+            let id: i64 = r.col("id")?;
+            let release = release_row(r).map_err(|e| corrupt("releases", &id, e))?;
+            loaded.releases.insert(id, release);
+            Ok(())
+        },
+    )?;
+    db.each(PLACEMENTS_AFTER, p![0i64], &mut |r| {
+        loaded.placements.push(placement_row(r)?);
+        Ok(())
+    })?;
     (loaded.cursor, loaded.events_applied) = consumer_position(db)?;
-    for r in db.query(
+    db.each(
         "SELECT environment, body, revision, update_ms FROM policies",
         &[],
-    )? {
-        let environment: String = r.col("environment")?;
-        let policy =
-            policy_row(&r, &environment).map_err(|e| corrupt("policies", &environment, e))?;
-        loaded.policies.insert(environment, policy);
-    }
+        &mut |r| {
+            let environment: String = r.col("environment")?;
+            let policy =
+                policy_row(r, &environment).map_err(|e| corrupt("policies", &environment, e))?;
+            loaded.policies.insert(environment, policy);
+            Ok(())
+        },
+    )?;
     Ok(loaded)
 }
 
