@@ -122,6 +122,7 @@ conformance!(
     a_resync_replaces_every_placement,
     the_audit_trail_holds_only_what_committed_in_order,
     audit_filters_prefixes_and_pages_hold,
+    stored_rows_that_do_not_decode_fail_loudly_naming_their_row,
 );
 
 type Reopen = Box<dyn Fn() -> Pin<Box<dyn Future<Output = Arc<dyn Store>>>>>;
@@ -551,3 +552,67 @@ async fn audit_filters_prefixes_and_pages_hold(b: &Backend) {
 /// tests.
 #[path = "../../tests/src/report.rs"]
 mod report;
+
+/// Runs `sql` on the backend's database directly, beside the store (as a bad migration, a
+/// hand edit or disk corruption would).
+async fn raw(b: &Backend, sql: &str) {
+    match &b.schema {
+        None => rusqlite::Connection::open(&b.database)
+            .unwrap()
+            .execute_batch(sql)
+            .unwrap(),
+        Some(schema) => {
+            let (client, connection) = tokio_postgres::connect(&b.database, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(connection);
+            client
+                .batch_execute(&format!("SET search_path TO \"{schema}\"; {sql}"))
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// The load's error, which must be INTERNAL and name `table` and `row`.
+async fn load_fails(store: &dyn Store, table: &str, row: &str) {
+    let err = store.load().await.unwrap_err();
+    assert!(matches!(err, Error::Internal(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains(table) && text.contains(row), "{text}");
+}
+
+async fn stored_rows_that_do_not_decode_fail_loudly_naming_their_row(b: &Backend) {
+    let store = &*b.store;
+    store.load().await.unwrap();
+    raw(
+        b,
+        "INSERT INTO placements (deployment, target, environment, artifact, version, state, seq) VALUES (1, 't1', 'prod', 'web', '1.0.0', 99, 1)",
+    )
+    .await;
+    load_fails(store, "placements", "1/t1").await;
+    raw(b, "UPDATE placements SET state = 2").await;
+    store.load().await.unwrap();
+    raw(
+        b,
+        "INSERT INTO features (key, body, revision, create_ms, update_ms) VALUES ('broken', '{\"description\": 1', 1, 0, 0)",
+    )
+    .await;
+    load_fails(store, "features", "broken").await;
+    raw(b, "DELETE FROM features").await;
+    raw(
+        b,
+        "INSERT INTO releases (id, description, features, environments, state, revision, create_ms, update_ms, governance) VALUES (41, 'r', '[]', '[]', 99, 1, 0, 0, '{}')",
+    )
+    .await;
+    load_fails(store, "releases", "41").await;
+    raw(b, "DELETE FROM releases").await;
+    raw(
+        b,
+        "INSERT INTO policies (environment, body, revision, update_ms) VALUES ('prod', '[]', 1, 0)",
+    )
+    .await;
+    load_fails(store, "policies", "prod").await;
+    raw(b, "DELETE FROM policies").await;
+    store.load().await.unwrap();
+}

@@ -196,33 +196,4 @@ mod tests {
         let after = store.load().await;
         assert!(matches!(after, Err(Error::Unavailable(_))), "{after:?}");
     }
-
-    /// Stored forms are decoded strictly: a row that does not decode is INTERNAL naming
-    /// its table and row, never a default.
-    #[tokio::test]
-    async fn corrupt_rows_fail_loudly() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("r.db");
-        let store = SqliteStore::open(&path).unwrap();
-        store.load().await.unwrap();
-        let raw = Connection::open(&path).unwrap();
-        raw.execute(
-            "INSERT INTO placements (deployment, target, environment, artifact, version, state, seq) VALUES (1, 't1', 'prod', 'web', '1.0.0', 99, 1)",
-            [],
-        )
-        .unwrap();
-        let err = store.load().await.unwrap_err().to_string();
-        assert!(err.contains("placements") && err.contains("1/t1"), "{err}");
-        raw.execute("UPDATE placements SET state = 2", []).unwrap();
-        store.load().await.unwrap();
-        raw.execute(
-            "INSERT INTO features (key, body, revision, create_ms, update_ms) VALUES ('broken', '{\"description\": 1', 1, 0, 0)",
-            [],
-        )
-        .unwrap();
-        let err = store.load().await.unwrap_err();
-        assert!(matches!(err, Error::Internal(_)), "{err:?}");
-        let err = err.to_string();
-        assert!(err.contains("features") && err.contains("broken"), "{err}");
-    }
 }
