@@ -169,8 +169,11 @@ pub fn dollar_placeholders(sql: &str) -> String {
 pub struct Conn {
     /// The client, for what the [`Db`] surface does not cover (the log's tail, for one).
     pub client: Client,
-    statements: HashMap<String, Statement>,
+    statements: Statements,
 }
+
+/// Prepared statements by their text, with their column names.
+type Statements = HashMap<String, (Statement, Arc<[String]>)>;
 
 impl Conn {
     /// A connection with an empty statement cache.
@@ -183,15 +186,16 @@ impl Conn {
 
     /// Runs one query outside a transaction (its own snapshot, one round trip).
     pub fn query(&mut self, sql: &str, params: &[V]) -> Result<Vec<SqlRow>> {
-        let statement = match self.statements.get(sql) {
+        let (statement, columns) = match self.statements.get(sql) {
             Some(s) => s.clone(),
             None => {
                 let s = self
                     .client
                     .prepare(&dollar_placeholders(sql))
                     .map_err(|e| error(&e))?;
-                self.statements.insert(sql.to_owned(), s.clone());
-                s
+                let prepared = (s.clone(), column_names(&s));
+                self.statements.insert(sql.to_owned(), prepared.clone());
+                prepared
             }
         };
         let values = pg_params(params);
@@ -200,7 +204,6 @@ impl Conn {
             .client
             .query(&statement, &refs)
             .map_err(|e| error(&e))?;
-        let columns = column_names(&statement);
         rows.iter().map(|r| pg_row(r, &columns)).collect()
     }
 
@@ -216,7 +219,7 @@ impl Conn {
 /// A transaction on a pooled connection, as SQL written against [`Db`] sees it.
 pub struct PgDb<'a> {
     tx: RefCell<Transaction<'a>>,
-    statements: RefCell<&'a mut HashMap<String, Statement>>,
+    statements: RefCell<&'a mut Statements>,
     /// The last PostgreSQL error, so a runner can tell a conflict (retry) from a failure.
     last_error: RefCell<Option<postgres::Error>>,
 }
@@ -270,15 +273,17 @@ impl<'a> PgDb<'a> {
         self.tx.into_inner().commit().map_err(Failed::from)
     }
 
-    fn statement(&self, sql: &str) -> Result<Statement> {
+    /// The prepared statement of `sql` and its column names.
+    fn statement(&self, sql: &str) -> Result<(Statement, Arc<[String]>)> {
         if let Some(s) = self.statements.borrow().get(sql) {
             return Ok(s.clone());
         }
-        let prepared = self
+        let statement = self
             .tx
             .borrow_mut()
             .prepare(&dollar_placeholders(sql))
             .map_err(|e| self.fail(e))?;
+        let prepared = (statement.clone(), column_names(&statement));
         self.statements
             .borrow_mut()
             .insert(sql.to_owned(), prepared.clone());
@@ -358,7 +363,7 @@ impl Db for PgDb<'_> {
         }
         let values = pg_params(params);
         let refs: Vec<&(dyn ToSql + Sync)> = values.iter().map(AsRef::as_ref).collect();
-        let statement = self.statement(sql)?;
+        let (statement, _) = self.statement(sql)?;
         self.tx
             .borrow_mut()
             .execute(&statement, &refs)
@@ -368,13 +373,12 @@ impl Db for PgDb<'_> {
     fn query(&self, sql: &str, params: &[V]) -> Result<Vec<SqlRow>> {
         let values = pg_params(params);
         let refs: Vec<&(dyn ToSql + Sync)> = values.iter().map(AsRef::as_ref).collect();
-        let statement = self.statement(sql)?;
+        let (statement, columns) = self.statement(sql)?;
         let rows = self
             .tx
             .borrow_mut()
             .query(&statement, &refs)
             .map_err(|e| self.fail(e))?;
-        let columns = column_names(&statement);
         rows.iter().map(|r| pg_row(r, &columns)).collect()
     }
 
@@ -386,8 +390,7 @@ impl Db for PgDb<'_> {
     ) -> Result<()> {
         use postgres::fallible_iterator::FallibleIterator;
         let values = pg_params(params);
-        let statement = self.statement(sql)?;
-        let columns = column_names(&statement);
+        let (statement, columns) = self.statement(sql)?;
         let mut tx = self.tx.borrow_mut();
         let mut rows = tx
             .query_raw(&statement, values.iter().map(AsRef::as_ref))

@@ -78,8 +78,8 @@ impl Db for rusqlite::Connection {
 
     fn query(&self, sql: &str, params: &[V]) -> Result<Vec<SqlRow>> {
         let mut out = Vec::new();
-        self.each(sql, params, &mut |row| {
-            out.push(row.clone());
+        read_rows(self, sql, params, &mut |row| {
+            out.push(row);
             Ok(())
         })?;
         Ok(out)
@@ -91,27 +91,62 @@ impl Db for rusqlite::Connection {
         params: &[V],
         f: &mut dyn FnMut(&SqlRow) -> Result<()>,
     ) -> Result<()> {
-        use rusqlite::types::ValueRef;
-        let mut stmt = self.prepare_cached(sql).map_err(error)?;
-        let columns: Arc<[String]> = stmt.column_names().into_iter().map(str::to_owned).collect();
-        let mut rows = stmt
-            .query(rusqlite::params_from_iter(params))
-            .map_err(error)?;
-        while let Some(row) = rows.next().map_err(error)? {
-            let mut values = Vec::with_capacity(columns.len());
-            for i in 0..columns.len() {
-                values.push(match row.get_ref(i).map_err(error)? {
-                    ValueRef::Null => V::N,
-                    ValueRef::Integer(v) => V::I(v),
-                    ValueRef::Text(t) => V::T(String::from_utf8_lossy(t).into_owned()),
-                    ValueRef::Real(f) => V::T(f.to_string()),
-                    ValueRef::Blob(b) => V::T(String::from_utf8_lossy(b).into_owned()),
-                });
-            }
-            f(&SqlRow::new(columns.clone(), values))?;
-        }
-        Ok(())
+        read_rows(self, sql, params, &mut |row| f(&row))
     }
+}
+
+thread_local! {
+    /// Column names by statement text, so a query does not allocate them again.
+    static COLUMNS: std::cell::RefCell<std::collections::HashMap<String, Arc<[String]>>> =
+        std::cell::RefCell::default();
+}
+
+/// The statement's column names, shared by every query of the same text (at most 512
+/// texts kept per thread; statements built at run time do not grow it without bound).
+fn column_names(sql: &str, stmt: &rusqlite::Statement<'_>) -> Arc<[String]> {
+    COLUMNS.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some(names) = cache.get(sql) {
+            if names.len() == stmt.column_count() {
+                return names.clone();
+            }
+        }
+        if cache.len() >= 512 {
+            cache.clear();
+        }
+        let names: Arc<[String]> = stmt.column_names().into_iter().map(str::to_owned).collect();
+        cache.insert(sql.to_owned(), names.clone());
+        names
+    })
+}
+
+/// Runs a query and hands each row over as it is read.
+fn read_rows(
+    conn: &rusqlite::Connection,
+    sql: &str,
+    params: &[V],
+    f: &mut dyn FnMut(SqlRow) -> Result<()>,
+) -> Result<()> {
+    use rusqlite::types::ValueRef;
+    let mut stmt = conn.prepare_cached(sql).map_err(error)?;
+    let columns = column_names(sql, &stmt);
+    let mut rows = stmt
+        .query(rusqlite::params_from_iter(params))
+        .map_err(error)?;
+    while let Some(row) = rows.next().map_err(error)? {
+        let mut values = Vec::with_capacity(columns.len());
+        for i in 0..columns.len() {
+            values.push(match row.get_ref(i).map_err(error)? {
+                ValueRef::Null => V::N,
+                ValueRef::Integer(v) => V::I(v),
+                ValueRef::Text(t) => V::T(String::from_utf8_lossy(t).into_owned()),
+                ValueRef::Real(f) => V::T(f.to_string()),
+                ValueRef::Blob(b) => V::T(String::from_utf8_lossy(b).into_owned()),
+            });
+        }
+        f(SqlRow::new(columns.clone(), values))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
