@@ -14,7 +14,8 @@ use crate::store::db::{p, Db, SqlRow};
 pub(super) const ARTIFACT_COLUMNS: &str = "name, version, digest, metadata, create_ms, source_uri";
 
 pub(super) fn artifact_row(r: &SqlRow) -> Result<Artifact> {
-    let (name, version, metadata): (String, String, String) = (r.get(0)?, r.get(1)?, r.get(3)?);
+    let (name, version, metadata): (String, String, String) =
+        (r.col("name")?, r.col("version")?, r.col("metadata")?);
     let metadata = json_map(
         "artifacts",
         "metadata",
@@ -24,10 +25,10 @@ pub(super) fn artifact_row(r: &SqlRow) -> Result<Artifact> {
     Ok(Artifact {
         name,
         version,
-        digest: r.get(2)?,
+        digest: r.col("digest")?,
         metadata,
-        create_ms: r.get(4)?,
-        source_uri: r.get(5)?,
+        create_ms: r.col("create_ms")?,
+        source_uri: r.col("source_uri")?,
     })
 }
 

@@ -32,15 +32,15 @@ pub(super) fn append_audit(
 
 pub(super) fn audit_row(r: &SqlRow) -> Result<AuditRecord> {
     Ok(AuditRecord {
-        id: r.get(0)?,
-        time_ms: r.get(1)?,
-        principal: r.get(2)?,
-        action: r.get(3)?,
-        resource: r.get(4)?,
-        before: r.get(5)?,
-        after: r.get(6)?,
-        request_id: r.get(7)?,
-        reason: r.get(8)?,
+        id: r.col("id")?,
+        time_ms: r.col("time_ms")?,
+        principal: r.col("principal")?,
+        action: r.col("action")?,
+        resource: r.col("resource")?,
+        before: r.col("before_summary")?,
+        after: r.col("after_summary")?,
+        request_id: r.col("request_id")?,
+        reason: r.col("reason")?,
     })
 }
 

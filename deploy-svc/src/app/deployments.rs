@@ -27,29 +27,30 @@ use crate::store::log::placement_state;
 pub(super) const DEPLOYMENT_COLUMNS: &str = "id, artifact, version, environment, change_reference, state, create_ms, update_ms, emergency_reason, emergency_approver, strategy, continued, rollback_of";
 
 pub(super) fn deployment_row(r: &SqlRow) -> Result<Deployment> {
-    let id: i64 = r.get(0)?;
-    let state: i64 = r.get(5)?;
-    let (reason, approver): (String, String) = (r.get(8)?, r.get(9)?);
+    let id: i64 = r.col("id")?;
+    let state: i64 = r.col("state")?;
+    let (reason, approver): (String, String) =
+        (r.col("emergency_reason")?, r.col("emergency_approver")?);
     let corrupt = |e: String| Error::corrupt("deployments", &deployment_name(id), e);
-    let stored_strategy: String = r.get(10)?;
+    let stored_strategy: String = r.col("strategy")?;
     let (strategy, auto_rollback) = strategy_from(&stored_strategy).map_err(corrupt)?;
     let state = DeploymentState::from_code(state)
         .ok_or_else(|| corrupt(format!("state: unknown state {state}")))?;
     Ok(Deployment {
         id,
-        artifact: r.get(1)?,
-        version: r.get(2)?,
-        environment: r.get(3)?,
-        change_reference: r.get(4)?,
+        artifact: r.col("artifact")?,
+        version: r.col("version")?,
+        environment: r.col("environment")?,
+        change_reference: r.col("change_reference")?,
         emergency: (!approver.is_empty()).then_some(EmergencyOverride { reason, approver }),
         strategy,
         auto_rollback,
-        continued: r.get::<i64>(11)? != 0,
-        rollback_of: r.get(12)?,
+        continued: r.col::<i64>("continued")? != 0,
+        rollback_of: r.col("rollback_of")?,
         state,
         placements: Vec::new(),
-        create_ms: r.get(6)?,
-        update_ms: r.get(7)?,
+        create_ms: r.col("create_ms")?,
+        update_ms: r.col("update_ms")?,
     })
 }
 
@@ -142,15 +143,15 @@ pub(super) fn slots(conn: &dyn Db, id: i64) -> Result<Vec<(String, Slot)>> {
         "SELECT target, state, ordered, update_ms FROM placements WHERE deployment = ?1 ORDER BY ordinal, target",
         p![id],
         |r| {
-            let target: String = r.get(0)?;
+            let target: String = r.col("target")?;
             let state =
-                placement_state("placements", "state", &format!("{id}/{target}"), r.get(1)?)?;
+                placement_state("placements", "state", &format!("{id}/{target}"), r.col("state")?)?;
             Ok((
                 target,
                 Slot {
                     state,
-                    ordered: r.get::<i64>(2)? != 0,
-                    update_ms: r.get(3)?,
+                    ordered: r.col::<i64>("ordered")? != 0,
+                    update_ms: r.col("update_ms")?,
                 },
             ))
         },
@@ -198,9 +199,9 @@ pub(super) fn load_deployment(conn: &dyn Db, id: i64, with_placements: bool) -> 
             "SELECT target, state, message, seq, update_ms FROM placements WHERE deployment = ?1 ORDER BY target",
             p![id],
             |r| {
-                let target: String = r.get(0)?;
+                let target: String = r.col("target")?;
                 let state =
-                    placement_state("placements", "state", &format!("{id}/{target}"), r.get(1)?)?;
+                    placement_state("placements", "state", &format!("{id}/{target}"), r.col("state")?)?;
                 Ok(Placement {
                     deployment: id,
                     environment: d.environment.clone(),
@@ -209,9 +210,9 @@ pub(super) fn load_deployment(conn: &dyn Db, id: i64, with_placements: bool) -> 
                     version: d.version.clone(),
                     digest: digest.clone(),
                     state,
-                    message: r.get(2)?,
-                    sequence: to_u64(r.get(3)?),
-                    update_ms: r.get(4)?,
+                    message: r.col("message")?,
+                    sequence: to_u64(r.col("seq")?),
+                    update_ms: r.col("update_ms")?,
                 })
             },
         )?;

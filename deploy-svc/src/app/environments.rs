@@ -108,15 +108,15 @@ pub(super) const ENV_COLUMNS: &str =
     "id, description, protected, upstream, revision, create_ms, update_ms, freeze_windows";
 
 pub(super) fn env_row(r: &SqlRow) -> Result<Environment> {
-    let windows: String = r.get(7)?;
+    let windows: String = r.col("freeze_windows")?;
     Ok(Environment {
-        id: r.get(0)?,
-        description: r.get(1)?,
-        protected: r.get(2)?,
-        upstream: r.get(3)?,
-        revision: r.get(4)?,
-        create_ms: r.get(5)?,
-        update_ms: r.get(6)?,
+        id: r.col("id")?,
+        description: r.col("description")?,
+        protected: r.col("protected")?,
+        upstream: r.col("upstream")?,
+        revision: r.col("revision")?,
+        create_ms: r.col("create_ms")?,
+        update_ms: r.col("update_ms")?,
         promotion_path: Vec::new(),
         freeze_windows: json_windows(&windows)?,
     })

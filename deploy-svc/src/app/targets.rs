@@ -20,7 +20,8 @@ use crate::store::db::{p, Db, SqlRow};
 pub(super) const TARGET_COLUMNS: &str = "environment, id, labels, register_ms, heartbeat_ms";
 
 pub(super) fn target_row(r: &SqlRow) -> Result<Target> {
-    let (environment, id, labels): (String, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
+    let (environment, id, labels): (String, String, String) =
+        (r.col("environment")?, r.col("id")?, r.col("labels")?);
     let labels = json_map(
         "targets",
         "labels",
@@ -31,8 +32,8 @@ pub(super) fn target_row(r: &SqlRow) -> Result<Target> {
         environment,
         id,
         labels,
-        register_ms: r.get(3)?,
-        heartbeat_ms: r.get(4)?,
+        register_ms: r.col("register_ms")?,
+        heartbeat_ms: r.col("heartbeat_ms")?,
     })
 }
 

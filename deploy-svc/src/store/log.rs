@@ -6,29 +6,29 @@ use crate::domain::{Error, Result};
 use crate::store::backend::{to_i64, to_u64};
 use crate::store::db::{p, Db, SqlRow};
 
+/// An event read with `placement_events`' columns (by name).
 pub(crate) fn event_row(r: &SqlRow) -> Result<PlacementEvent> {
-    let stored: i64 = r.get(0)?;
+    let stored: i64 = r.col("seq")?;
     let seq = u64::try_from(stored)
         .map_err(|e| Error::corrupt("placement_events", &stored, format!("seq: {e}")))?;
-    let state =
-        |i: usize, column: &str| placement_state("placement_events", column, &seq, r.get(i)?);
+    let state = |column: &str| placement_state("placement_events", column, &seq, r.col(column)?);
     Ok(PlacementEvent {
         sequence: seq,
-        commit_ms: r.get(1)?,
-        previous_state: state(9, "previous_state")?,
+        commit_ms: r.col("commit_ms")?,
+        previous_state: state("previous_state")?,
         placement: Placement {
-            deployment: r.get(2)?,
-            environment: r.get(3)?,
-            target: r.get(4)?,
-            artifact: r.get(5)?,
-            version: r.get(6)?,
-            digest: r.get(7)?,
-            state: state(8, "state")?,
-            message: r.get(10)?,
+            deployment: r.col("deployment")?,
+            environment: r.col("environment")?,
+            target: r.col("target")?,
+            artifact: r.col("artifact")?,
+            version: r.col("version")?,
+            digest: r.col("digest")?,
+            state: state("state")?,
+            message: r.col("message")?,
             sequence: seq,
-            update_ms: r.get(1)?,
+            update_ms: r.col("commit_ms")?,
         },
-        trace_parent: r.get(11)?,
+        trace_parent: r.col("trace_parent")?,
     })
 }
 
@@ -37,7 +37,7 @@ pub(crate) fn pruned_through(conn: &dyn Db) -> Result<u64> {
     let pruned: i64 = conn.row(
         "SELECT pruned_through FROM log_meta WHERE id = 1",
         &[],
-        |r| r.get(0),
+        |r| r.col("pruned_through"),
     )?;
     Ok(to_u64(pruned))
 }
@@ -74,26 +74,26 @@ pub(crate) fn all_placements(conn: &dyn Db) -> Result<Vec<Placement>> {
     )
 }
 
-/// A placement read with [`all_placements`]' columns.
+/// A placement read with [`all_placements`]' columns (by name).
 pub(crate) fn placement_row(r: &SqlRow) -> Result<Placement> {
-    let (deployment, target): (i64, String) = (r.get(0)?, r.get(2)?);
+    let (deployment, target): (i64, String) = (r.col("deployment")?, r.col("target")?);
     let state = placement_state(
         "placements",
         "state",
         &format!("{deployment}/{target}"),
-        r.get(6)?,
+        r.col("state")?,
     )?;
     Ok(Placement {
         deployment,
-        environment: r.get(1)?,
+        environment: r.col("environment")?,
         target,
-        artifact: r.get(3)?,
-        version: r.get(4)?,
-        digest: r.get(5)?,
+        artifact: r.col("artifact")?,
+        version: r.col("version")?,
+        digest: r.col("digest")?,
         state,
-        message: r.get(7)?,
-        sequence: to_u64(r.get(8)?),
-        update_ms: r.get(9)?,
+        message: r.col("message")?,
+        sequence: to_u64(r.col("seq")?),
+        update_ms: r.col("update_ms")?,
     })
 }
 
