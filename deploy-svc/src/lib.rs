@@ -110,13 +110,7 @@ impl Server {
             .serving("deploy-svc", &[listener.local_addr()?])?;
         let streams = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let metrics_server = service_kit::telemetry::serve_metrics(
-            &config.server.metrics,
-            telemetry::describe,
-            streams.clone(),
-        )
-        .await?;
-        metrics::gauge!(telemetry::LOG_HEAD).set(feed.head() as f64);
+        let (mut background, writable) = start_background(&config, &store, &feed, &streams).await?;
         let api = DeployApi::new(
             store.clone(),
             feed,
@@ -126,11 +120,6 @@ impl Server {
             streams.clone(),
             tasks.clone(),
         );
-        let mut background = Background::new(streams.clone());
-        let writable = spawn_background(&mut background, &store, &config);
-        if let Some(metrics_server) = &metrics_server {
-            background.abort_on_drain(metrics_server);
-        }
 
         let (health, health_service) = service_kit::health::reporter(streams.clone());
         health.set_serving::<DeployServiceServer<DeployApi>>().await;
@@ -149,11 +138,7 @@ impl Server {
         let routes = tonic::service::Routes::new(health_service)
             .add_service(grpc::watch::WatchRoute::new(api, config.max_message_bytes));
         let routes = service_kit::reflection(routes, &[SERVICE_NAME])?;
-        let database = match config.postgres_url() {
-            Some(url) => service_kit::redact::url(&url),
-            None => config.database.display().to_string(),
-        };
-        tracing::info!(address = %listener.local_addr()?, database = %database, "deploy-svc serving");
+        tracing::info!(address = %listener.local_addr()?, database = %database(&config), "deploy-svc serving");
         let result = service_kit::serve_gracefully(
             listener,
             routes,
@@ -167,18 +152,56 @@ impl Server {
             shutdown,
         )
         .await;
-        background.drain().await;
-        tasks.close();
-        if tokio::time::timeout(Duration::from_secs(2), tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("watch tasks still running at exit");
-        }
-        store.close().await;
-        tracing::info!("deploy-svc stopped");
+        shut_down(background, tasks, store.as_ref()).await;
         result
     }
+}
+
+/// Starts the metrics endpoint (with the log head already on it) and deploy-svc's
+/// background work (see [`spawn_background`]), all of it stopped by `streams` or by the
+/// returned [`Background`]'s drain; also returns whether the store can write.
+async fn start_background(
+    config: &Config,
+    store: &Arc<dyn store::Store>,
+    feed: &placement_log::Feed,
+    streams: &CancellationToken,
+) -> anyhow::Result<(Background, tokio::sync::watch::Receiver<bool>)> {
+    let metrics_server = service_kit::telemetry::serve_metrics(
+        &config.server.metrics,
+        telemetry::describe,
+        streams.clone(),
+    )
+    .await?;
+    metrics::gauge!(telemetry::LOG_HEAD).set(feed.head() as f64);
+    let mut background = Background::new(streams.clone());
+    let writable = spawn_background(&mut background, store, config);
+    if let Some(metrics_server) = &metrics_server {
+        background.abort_on_drain(metrics_server);
+    }
+    Ok((background, writable))
+}
+
+/// The database as the log shows it (a PostgreSQL URL without its secrets).
+fn database(config: &Config) -> String {
+    match config.postgres_url() {
+        Some(url) => service_kit::redact::url(&url),
+        None => config.database.display().to_string(),
+    }
+}
+
+/// After serving: drains the background work, gives the watch tasks a moment to end and
+/// closes the store.
+async fn shut_down(background: Background, tasks: TaskTracker, store: &dyn store::Store) {
+    background.drain().await;
+    tasks.close();
+    if tokio::time::timeout(Duration::from_secs(2), tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("watch tasks still running at exit");
+    }
+    store.close().await;
+    tracing::info!("deploy-svc stopped");
 }
 
 /// Starts deploy-svc's background work on `background` (aborted by its drain): the periodic

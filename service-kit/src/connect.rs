@@ -401,6 +401,35 @@ fn take_envelope(buf: &mut BytesMut) -> Option<(u8, Bytes)> {
     Some((flags, buf.split_to(len).freeze()))
 }
 
+/// Makes a Connect request's headers a gRPC call's: Connect's and gRPC's protocol
+/// headers and the body's length and encodings removed, the gRPC content type and
+/// `te: trailers` set.
+fn to_grpc_headers(headers: &mut HeaderMap) {
+    for name in [
+        "connect-protocol-version",
+        "connect-timeout-ms",
+        "connect-content-encoding",
+        "connect-accept-encoding",
+        "grpc-encoding",
+        "grpc-accept-encoding",
+        "grpc-timeout",
+    ] {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONTENT_LENGTH,
+        header::CONTENT_ENCODING,
+        header::ACCEPT_ENCODING,
+    ] {
+        headers.remove(name);
+    }
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert(header::TE, HeaderValue::from_static("trailers"));
+}
+
 impl Call {
     fn max(&self) -> usize {
         self.connect.max_message_bytes
@@ -467,6 +496,8 @@ impl Call {
         }
     }
 
+    /// Answers a Connect request: checks its headers, makes it a gRPC call to `inner` and
+    /// turns the answer back into Connect's form, allowed origins marked.
     async fn run<S>(self, mut inner: S, req: Request<Body>) -> Result<Response<Body>, BoxError>
     where
         S: tower::Service<Request<Body>, Response = Response<Body>>,
@@ -474,19 +505,38 @@ impl Call {
     {
         let origin = self.connect.origins.allowed(req.headers());
         let (mut parts, body) = req.into_parts();
+        let mut answer = match self.check_headers(&parts.headers) {
+            Err(status) => self.error(&status, None),
+            Ok(timeout) => {
+                to_grpc_headers(&mut parts.headers);
+                let grpc = Request::from_parts(parts, self.request_body(body));
+                self.forward(&mut inner, grpc, timeout).await
+            }
+        };
+        self.connect
+            .origins
+            .mark(origin, answer.headers_mut(), EXPOSE_HEADERS);
+        Ok(answer)
+    }
+
+    /// Checks a request's headers: a content encoding other than identity is UNIMPLEMENTED,
+    /// then a bad `connect-timeout-ms` INVALID_ARGUMENT. Returns the call's timeout, if any.
+    fn check_headers(&self, headers: &HeaderMap) -> Result<Option<Duration>, Status> {
         let encoding = if self.streaming {
             "connect-content-encoding"
         } else {
             "content-encoding"
         };
-        let refused = match parts.headers.get(encoding).map(|v| v.as_bytes()) {
-            None | Some(b"identity") => None,
-            Some(other) => Some(Status::unimplemented(format!(
-                "{encoding} {} is not supported; send identity",
-                String::from_utf8_lossy(other)
-            ))),
-        };
-        let timeout = match parts.headers.get("connect-timeout-ms") {
+        match headers.get(encoding).map(|v| v.as_bytes()) {
+            None | Some(b"identity") => {}
+            Some(other) => {
+                return Err(Status::unimplemented(format!(
+                    "{encoding} {} is not supported; send identity",
+                    String::from_utf8_lossy(other)
+                )))
+            }
+        }
+        match headers.get("connect-timeout-ms") {
             None => Ok(None),
             Some(v) => v
                 .to_str()
@@ -499,60 +549,38 @@ impl Call {
                         "connect-timeout-ms: not a positive integer of at most 10 digits",
                     )
                 }),
+        }
+    }
+
+    /// Makes the gRPC call `grpc` to `inner` and answers in Connect's form; a unary call
+    /// still running after `timeout` is DEADLINE_EXCEEDED.
+    async fn forward<S>(
+        &self,
+        inner: &mut S,
+        grpc: Request<Body>,
+        timeout: Option<Duration>,
+    ) -> Response<Body>
+    where
+        S: tower::Service<Request<Body>, Response = Response<Body>>,
+        S::Error: Into<BoxError>,
+    {
+        if self.streaming {
+            let response = inner.call(grpc).await.map_err(Into::into);
+            return self.stream(response);
+        }
+        let unary = async {
+            let response = inner.call(grpc).await.map_err(Into::into);
+            self.unary(response).await
         };
-        let mut answer = match (refused, timeout) {
-            (Some(status), _) | (None, Err(status)) => self.error(&status, None),
-            (None, Ok(timeout)) => {
-                for name in [
-                    "connect-protocol-version",
-                    "connect-timeout-ms",
-                    "connect-content-encoding",
-                    "connect-accept-encoding",
-                    "grpc-encoding",
-                    "grpc-accept-encoding",
-                    "grpc-timeout",
-                ] {
-                    parts.headers.remove(name);
-                }
-                for name in [
-                    header::CONTENT_LENGTH,
-                    header::CONTENT_ENCODING,
-                    header::ACCEPT_ENCODING,
-                ] {
-                    parts.headers.remove(name);
-                }
-                parts.headers.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/grpc"),
-                );
-                parts
-                    .headers
-                    .insert(header::TE, HeaderValue::from_static("trailers"));
-                let grpc = Request::from_parts(parts, self.request_body(body));
-                if self.streaming {
-                    let response = inner.call(grpc).await.map_err(Into::into);
-                    self.stream(response)
-                } else {
-                    let unary = async {
-                        let response = inner.call(grpc).await.map_err(Into::into);
-                        self.unary(response).await
-                    };
-                    match timeout {
-                        None => unary.await,
-                        Some(t) => tokio::time::timeout(t, unary).await.unwrap_or_else(|_| {
-                            unary_error(
-                                &Status::deadline_exceeded("the call's connect-timeout-ms passed"),
-                                None,
-                            )
-                        }),
-                    }
-                }
-            }
-        };
-        self.connect
-            .origins
-            .mark(origin, answer.headers_mut(), EXPOSE_HEADERS);
-        Ok(answer)
+        match timeout {
+            None => unary.await,
+            Some(t) => tokio::time::timeout(t, unary).await.unwrap_or_else(|_| {
+                unary_error(
+                    &Status::deadline_exceeded("the call's connect-timeout-ms passed"),
+                    None,
+                )
+            }),
+        }
     }
 
     /// An error answer in the call's protocol (unary: status and JSON body; streaming:

@@ -422,6 +422,42 @@ pub async fn serve_gracefully(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
+    let server = server(listener, routes, serving, &stop);
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => return result.map_err(Into::into),
+        () = shutdown => {}
+    }
+    mark_not_serving(&health, service_names).await;
+    // Keep serving while callers learn that this replica is going (health watchers at
+    // once, load balancers and endpoint lists within the delay).
+    if !serving.shutdown_delay.is_zero() {
+        tracing::info!(delay = ?serving.shutdown_delay, "NOT_SERVING; still serving until the shutdown delay ends");
+        tokio::select! {
+            result = &mut server => return result.map_err(Into::into),
+            () = tokio::time::sleep(serving.shutdown_delay) => {}
+        }
+    }
+    streams.cancel();
+    stop.cancel();
+    match tokio::time::timeout(drain.timeout, &mut server).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(_) => {
+            tracing::warn!(timeout = ?drain.timeout, "drain timeout reached; exiting with calls in flight");
+            Ok(())
+        }
+    }
+}
+
+/// The server of `routes` on `listener`, with the limits and layers `serving` asks for;
+/// once `stop` is cancelled it accepts no more connections and ends when the calls in
+/// flight have.
+fn server(
+    listener: TcpListener,
+    routes: Routes,
+    serving: &Serving,
+    stop: &CancellationToken,
+) -> impl Future<Output = Result<(), tonic::transport::Error>> {
     let limits = &serving.limits;
     let max_in_flight = limits.max_in_flight.max(1);
     let in_flight = Arc::new(tokio::sync::Semaphore::new(max_in_flight));
@@ -429,7 +465,7 @@ pub async fn serve_gracefully(
     let admission = limits
         .deadline_admission
         .then(|| admission::Admission::new(in_flight.clone(), max_in_flight, rpc_timeout));
-    let server = tonic::transport::Server::builder()
+    tonic::transport::Server::builder()
         // Connect's clients (browsers' fetch among them) may speak HTTP/1.1.
         .accept_http1(serving.connect.is_some())
         // Per-connection concurrency cap: a single client cannot monopolise the server.
@@ -471,12 +507,12 @@ pub async fn serve_gracefully(
                 stop.clone(),
             ),
             stop.clone().cancelled_owned(),
-        );
-    tokio::pin!(server);
-    tokio::select! {
-        result = &mut server => return result.map_err(Into::into),
-        () = shutdown => {}
-    }
+        )
+}
+
+/// Sets the health of every service in `service_names`, and the overall one, to
+/// NOT_SERVING.
+async fn mark_not_serving(health: &HealthReporter, service_names: &[&str]) {
     for name in service_names {
         health
             .set_service_status(*name, tonic_health::ServingStatus::NotServing)
@@ -485,22 +521,4 @@ pub async fn serve_gracefully(
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
-    // Keep serving while callers learn that this replica is going (health watchers at
-    // once, load balancers and endpoint lists within the delay).
-    if !serving.shutdown_delay.is_zero() {
-        tracing::info!(delay = ?serving.shutdown_delay, "NOT_SERVING; still serving until the shutdown delay ends");
-        tokio::select! {
-            result = &mut server => return result.map_err(Into::into),
-            () = tokio::time::sleep(serving.shutdown_delay) => {}
-        }
-    }
-    streams.cancel();
-    stop.cancel();
-    match tokio::time::timeout(drain.timeout, &mut server).await {
-        Ok(result) => result.map_err(Into::into),
-        Err(_) => {
-            tracing::warn!(timeout = ?drain.timeout, "drain timeout reached; exiting with calls in flight");
-            Ok(())
-        }
-    }
 }

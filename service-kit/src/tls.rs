@@ -343,79 +343,106 @@ pub fn incoming(
     stop: CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    tokio::spawn(async move {
-        loop {
-            let slot = tokio::select! {
-                () = stop.cancelled() => return,
-                slot = slots.clone().acquire_owned() => match slot {
-                    Ok(s) => s,
-                    Err(_) => return,
-                },
-            };
-            let accepted = tokio::select! {
-                () = stop.cancelled() => return,
-                accepted = listener.accept() => accepted,
-            };
-            let (socket, remote) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            // Small unary messages: do not wait to coalesce packets (without this a client
-            // sending one call at a time waits ~40 ms per call for the delayed ACK).
-            if let Err(e) = socket.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-            let Some(tls) = tls.clone() else {
-                let conn = Conn {
-                    io: Io::Plain(socket),
-                    info: ConnInfo {
-                        remote: Some(remote),
-                        peer_certs: None,
-                    },
-                    _slot: slot,
-                };
-                if tx.send(Ok(conn)).await.is_err() {
-                    return;
-                }
-                continue;
-            };
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let acceptor = TlsAcceptor::from(tls.config());
-                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(socket)).await
-                {
-                    Ok(Ok(stream)) => {
-                        let peer_certs = stream
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .map(|c| Arc::new(c.to_vec()));
-                        let conn = Conn {
-                            io: Io::Tls(Box::new(tokio::io::BufWriter::with_capacity(
-                                TLS_WRITE_BUFFER,
-                                stream,
-                            ))),
-                            info: ConnInfo {
-                                remote: Some(remote),
-                                peer_certs,
-                            },
-                            _slot: slot,
-                        };
-                        let _ = tx.send(Ok(conn)).await;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::debug!(peer = %remote, error = %e, "tls handshake failed")
-                    }
-                    Err(_) => tracing::debug!(peer = %remote, "tls handshake timed out"),
-                }
-            });
-        }
-    });
+    tokio::spawn(accept_loop(listener, tls, limits, stop, tx));
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// The accept loop of [`incoming`]: at most `limits.max_connections` open at once (a
+/// connection holds its slot until it closes), each sent to `tx` in plaintext or handed to
+/// a task of its own for the TLS handshake. Ends with `stop` or when the server is gone.
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<Arc<ServerTls>>,
+    limits: AcceptLimits,
+    stop: CancellationToken,
+    tx: tokio::sync::mpsc::Sender<io::Result<Conn>>,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    loop {
+        let slot = tokio::select! {
+            () = stop.cancelled() => return,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+        };
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (socket, remote) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Small unary messages: do not wait to coalesce packets (without this a client
+        // sending one call at a time waits ~40 ms per call for the delayed ACK).
+        if let Err(e) = socket.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let Some(tls) = tls.clone() else {
+            let conn = Conn {
+                io: Io::Plain(socket),
+                info: ConnInfo {
+                    remote: Some(remote),
+                    peer_certs: None,
+                },
+                _slot: slot,
+            };
+            if tx.send(Ok(conn)).await.is_err() {
+                return;
+            }
+            continue;
+        };
+        tokio::spawn(handshake(
+            tls,
+            socket,
+            remote,
+            slot,
+            limits.handshake_timeout,
+            tx.clone(),
+        ));
+    }
+}
+
+/// Completes the TLS handshake of `socket` within `timeout` and sends the connection to
+/// `tx`; a failed or timed-out handshake is logged (at debug) and frees its `slot`.
+async fn handshake(
+    tls: Arc<ServerTls>,
+    socket: TcpStream,
+    remote: SocketAddr,
+    slot: OwnedSemaphorePermit,
+    timeout: Duration,
+    tx: tokio::sync::mpsc::Sender<io::Result<Conn>>,
+) {
+    let acceptor = TlsAcceptor::from(tls.config());
+    match tokio::time::timeout(timeout, acceptor.accept(socket)).await {
+        Ok(Ok(stream)) => {
+            let peer_certs = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| Arc::new(c.to_vec()));
+            let conn = Conn {
+                io: Io::Tls(Box::new(tokio::io::BufWriter::with_capacity(
+                    TLS_WRITE_BUFFER,
+                    stream,
+                ))),
+                info: ConnInfo {
+                    remote: Some(remote),
+                    peer_certs,
+                },
+                _slot: slot,
+            };
+            let _ = tx.send(Ok(conn)).await;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %remote, error = %e, "tls handshake failed")
+        }
+        Err(_) => tracing::debug!(peer = %remote, "tls handshake timed out"),
+    }
 }

@@ -203,28 +203,64 @@ impl Placer {
         let want = Metadata {
             artifact: order.artifact.clone(),
             version: order.version.clone(),
-            digest: expected.clone(),
+            digest: expected,
         };
         let name = dir_name(&order.artifact, &order.version);
         let dir = self.versions().join(&name);
 
-        if let Some(on_disk) = self.current() {
-            if on_disk.path == dir && Metadata::from(&on_disk) == want {
-                tracing::info!(artifact = %order.artifact, version = %order.version, "already current");
-                return Ok(Placed {
-                    path: dir,
-                    reused: true,
-                });
-            }
+        if self.already_current(&dir, &want) {
+            tracing::info!(artifact = %order.artifact, version = %order.version, "already current");
+            return Ok(Placed {
+                path: dir,
+                reused: true,
+            });
         }
 
         self.clean_leftovers()?;
         let previous = self.current_target()?;
-        let is_current = previous.as_ref().is_some_and(|p| self.root.join(p) == dir);
+        self.ensure_version_dir(order, &source, &want, &name, &dir, previous.as_deref())?;
 
-        match read_metadata(&dir) {
-            Some(found) if found == want => {
+        let env = self.env(order, &dir);
+        self.run_pre_switch(&dir, &env)?;
+        touch(&dir);
+        self.switch(&Path::new(VERSIONS).join(&name))?;
+        tracing::info!(artifact = %order.artifact, version = %order.version, "switched current");
+        self.run_health_check(order, &env, previous.as_deref())?;
+
+        let mut protected = vec![dir.clone()];
+        protected.extend(previous.map(|p| self.root.join(p)));
+        if let Err(e) = self.prune(&protected) {
+            tracing::warn!(error = %e, "pruning old versions failed");
+        }
+        Ok(Placed {
+            path: dir,
+            reused: false,
+        })
+    }
+
+    /// Whether `current` already points at `dir`, complete and holding `want`.
+    fn already_current(&self, dir: &Path, want: &Metadata) -> bool {
+        self.current()
+            .is_some_and(|on_disk| on_disk.path == dir && Metadata::from(&on_disk) == *want)
+    }
+
+    /// Makes `dir` (`versions/<name>`) a complete version directory of `want`: kept if it
+    /// already is one, else fetched and unpacked afresh, unless it is the one `current`
+    /// points at (`previous`): the running version is never pulled out from under itself.
+    fn ensure_version_dir(
+        &self,
+        order: &Order,
+        source: &Source,
+        want: &Metadata,
+        name: &str,
+        dir: &Path,
+        previous: Option<&Path>,
+    ) -> Result<(), PlaceError> {
+        let is_current = previous.is_some_and(|p| self.root.join(p) == dir);
+        match read_metadata(dir) {
+            Some(found) if found == *want => {
                 tracing::info!(artifact = %order.artifact, version = %order.version, "version directory already complete, not fetching");
+                Ok(())
             }
             found => {
                 if is_current {
@@ -240,83 +276,90 @@ impl Placer {
                         ),
                     }));
                 }
-                self.fetch_and_unpack(order, &source, &expected, &name, &dir)?;
+                self.fetch_and_unpack(order, source, &want.digest, name, dir)
             }
         }
+    }
 
-        let env = self.env(order, &dir);
-        if let Some(pre_switch) = &self.pre_switch {
-            let output = self.tmp().join(unique("pre-switch"));
-            let result = command::run(&Hook {
-                command: pre_switch,
-                what: "pre-switch",
-                cwd: &dir,
-                env: &env,
-                timeout: self.pre_switch_timeout,
-                stop: &self.stop,
-                output: &output,
-            });
-            let _ = fs::remove_file(&output);
-            if let Err(why) = result {
-                // The command may have changed the directory half-way: unpack afresh next time.
-                if let Err(e) = self.delete_dir(&dir) {
-                    tracing::warn!(dir = %dir.display(), error = %e, "could not delete the version directory after a failed pre-switch");
-                }
-                return Err(PlaceError::PreSwitch(why));
+    /// Runs the pre-switch command, if any, in the version directory `dir`; if it fails,
+    /// `dir` is deleted and `current` is left as it is.
+    fn run_pre_switch(
+        &self,
+        dir: &Path,
+        env: &[(&'static str, OsString)],
+    ) -> Result<(), PlaceError> {
+        let Some(pre_switch) = &self.pre_switch else {
+            return Ok(());
+        };
+        if let Err(why) = self.run_hook(pre_switch, "pre-switch", dir, env, self.pre_switch_timeout)
+        {
+            // The command may have changed the directory half-way: unpack afresh next time.
+            if let Err(e) = self.delete_dir(dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "could not delete the version directory after a failed pre-switch");
             }
+            return Err(PlaceError::PreSwitch(why));
         }
+        Ok(())
+    }
 
-        // Pruning keeps the most recently switched-to versions.
-        let touched = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(
-                (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::DIRECTORY).bits() as i32,
-            )
-            .open(&dir)
-            .and_then(|d| d.set_modified(SystemTime::now()));
-        if let Err(e) = touched {
-            tracing::warn!(dir = %dir.display(), error = %e, "could not touch the version directory");
+    /// Runs the health check, if any, in `current`; if it fails, `current` is switched back
+    /// to `previous` (or removed if there was none) and the error says both.
+    fn run_health_check(
+        &self,
+        order: &Order,
+        env: &[(&'static str, OsString)],
+        previous: Option<&Path>,
+    ) -> Result<(), PlaceError> {
+        let Some(health_check) = &self.health_check else {
+            return Ok(());
+        };
+        let cwd = self.root.join(CURRENT);
+        if let Err(why) =
+            self.run_hook(health_check, "health check", &cwd, env, self.health_timeout)
+        {
+            let restored = self.restore(previous);
+            tracing::warn!(artifact = %order.artifact, version = %order.version, reason = %why, %restored, "health check failed");
+            return Err(PlaceError::HealthCheck(format!("{why}; {restored}")));
         }
-        self.switch(&Path::new(VERSIONS).join(&name))?;
-        tracing::info!(artifact = %order.artifact, version = %order.version, "switched current");
+        Ok(())
+    }
 
-        if let Some(health_check) = &self.health_check {
-            let output = self.tmp().join(unique("health-check"));
-            let result = command::run(&Hook {
-                command: health_check,
-                what: "health check",
-                cwd: &self.root.join(CURRENT),
-                env: &env,
-                timeout: self.health_timeout,
-                stop: &self.stop,
-                output: &output,
-            });
-            let _ = fs::remove_file(&output);
-            if let Err(why) = result {
-                let restored = match &previous {
-                    Some(target) => self
-                        .switch(target)
-                        .map(|()| format!("current switched back to {}", target.display())),
-                    None => self
-                        .remove_current()
-                        .map(|()| "current removed, there was no previous version".to_owned()),
-                };
-                let restored =
-                    restored.unwrap_or_else(|e| format!("restoring current failed too: {e}"));
-                tracing::warn!(artifact = %order.artifact, version = %order.version, reason = %why, %restored, "health check failed");
-                return Err(PlaceError::HealthCheck(format!("{why}; {restored}")));
-            }
-        }
+    /// Switches `current` back to `previous`, or removes it if there was none; says what
+    /// happened, failures included.
+    fn restore(&self, previous: Option<&Path>) -> String {
+        let restored = match previous {
+            Some(target) => self
+                .switch(target)
+                .map(|()| format!("current switched back to {}", target.display())),
+            None => self
+                .remove_current()
+                .map(|()| "current removed, there was no previous version".to_owned()),
+        };
+        restored.unwrap_or_else(|e| format!("restoring current failed too: {e}"))
+    }
 
-        let mut protected = vec![dir.clone()];
-        protected.extend(previous.map(|p| self.root.join(p)));
-        if let Err(e) = self.prune(&protected) {
-            tracing::warn!(error = %e, "pruning old versions failed");
-        }
-        Ok(Placed {
-            path: dir,
-            reused: false,
-        })
+    /// Runs `command` as the hook `what` (see [`command::run`]), its output in a file of
+    /// `tmp/` named after the hook and deleted afterwards.
+    fn run_hook(
+        &self,
+        command: &str,
+        what: &'static str,
+        cwd: &Path,
+        env: &[(&'static str, OsString)],
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let output = self.tmp().join(unique(&what.replace(' ', "-")));
+        let result = command::run(&Hook {
+            command,
+            what,
+            cwd,
+            env,
+            timeout,
+            stop: &self.stop,
+            output: &output,
+        });
+        let _ = fs::remove_file(&output);
+        result
     }
 
     /// Removes: root/current is removed (atomically) if it points at `version`; the version
@@ -417,6 +460,36 @@ impl Placer {
         name: &str,
         dir: &Path,
     ) -> Result<(), PlaceError> {
+        let download = self.fetch_verified(order, source, expected)?;
+        if fs::symlink_metadata(dir).is_ok() {
+            self.delete_dir(dir)?;
+        }
+        let partial = TempDir(self.versions().join(format!("{name}{PARTIAL_SUFFIX}")));
+        fs::create_dir(&partial.0).map_err(|e| io_error("could not create", &partial.0, e))?;
+        let kind =
+            unpack::detect(&download.0).map_err(|e| io_error("could not read", &download.0, e))?;
+        let version_dir =
+            Beneath::open(&partial.0).map_err(|e| io_error("could not open", &partial.0, e))?;
+        self.unpack_into(order, kind, &download.0, &partial.0, &version_dir)?;
+        drop(download);
+
+        let metadata = Metadata {
+            artifact: order.artifact.clone(),
+            version: order.version.clone(),
+            digest: expected.to_owned(),
+        };
+        write_metadata(&version_dir, &partial.0, &metadata)?;
+        self.complete(partial, dir)
+    }
+
+    /// Fetches the artifact into a file of `tmp/` (deleted when dropped) and checks that
+    /// its digest is `expected`.
+    fn fetch_verified(
+        &self,
+        order: &Order,
+        source: &Source,
+        expected: &str,
+    ) -> Result<TempPath, PlaceError> {
         let download = TempPath(self.tmp().join(unique("fetch")));
         let actual = fetch::fetch(
             &self.sources,
@@ -436,20 +509,24 @@ impl Placer {
             });
         }
         tracing::info!(artifact = %order.artifact, version = %order.version, digest = %actual, "fetched and verified");
+        Ok(download)
+    }
 
-        if fs::symlink_metadata(dir).is_ok() {
-            self.delete_dir(dir)?;
-        }
-        let partial = TempDir(self.versions().join(format!("{name}{PARTIAL_SUFFIX}")));
-        fs::create_dir(&partial.0).map_err(|e| io_error("could not create", &partial.0, e))?;
-        let kind =
-            unpack::detect(&download.0).map_err(|e| io_error("could not read", &download.0, e))?;
-        let version_dir =
-            Beneath::open(&partial.0).map_err(|e| io_error("could not open", &partial.0, e))?;
+    /// Unpacks `download`, of `kind`, into `partial` (open as `version_dir`): a tar.gz
+    /// within the limits, or the single file moved in under the artifact's name with the
+    /// single-file mode.
+    fn unpack_into(
+        &self,
+        order: &Order,
+        kind: Kind,
+        download: &Path,
+        partial: &Path,
+        version_dir: &Beneath,
+    ) -> Result<(), PlaceError> {
         match kind {
             Kind::TarGz => unpack::extract_tar_gz(
-                &download.0,
-                &partial.0,
+                download,
+                partial,
                 UnpackLimits {
                     bytes: self.limits.unpacked_bytes,
                     entries: self.limits.entries,
@@ -457,8 +534,8 @@ impl Placer {
                 &self.stop,
             )?,
             Kind::File => {
-                let file = partial.0.join(&order.artifact);
-                fs::rename(&download.0, &file)
+                let file = partial.join(&order.artifact);
+                fs::rename(download, &file)
                     .map_err(|e| io_error("could not move the download to", &file, e))?;
                 beneath::open_nofollow(version_dir.root(), order.artifact.as_ref())
                     .and_then(|f| {
@@ -471,21 +548,12 @@ impl Placer {
                     .map_err(|e| io_error("could not set permissions on", &file, e))?;
             }
         }
-        drop(download);
+        Ok(())
+    }
 
-        let metadata = Metadata {
-            artifact: order.artifact.clone(),
-            version: order.version.clone(),
-            digest: expected.to_owned(),
-        };
-        let metadata_path = partial.0.join(METADATA_FILE);
-        let json = serde_json::to_vec_pretty(&metadata)
-            .map_err(|e| PlaceError::Io(format!("could not encode {METADATA_FILE}: {e}")))?;
-        // Never through a link, never over something the archive put there.
-        let mut file = beneath::create_new_file(version_dir.root(), METADATA_FILE.as_ref(), 0o644)
-            .map_err(|e| io_error("could not create", &metadata_path, e))?;
-        file.write_all(&json)
-            .map_err(|e| io_error("could not write", &metadata_path, e))?;
+    /// Makes the unpacked `partial` directory the complete version directory `dir`: on
+    /// disk first, then renamed, the rename made durable.
+    fn complete(&self, partial: TempDir, dir: &Path) -> Result<(), PlaceError> {
         // Everything unpacked reaches the disk before the directory counts as complete.
         File::open(&partial.0)
             .and_then(|d| rustix::fs::syncfs(d).map_err(std::io::Error::from))
@@ -493,8 +561,7 @@ impl Placer {
         fs::rename(&partial.0, dir)
             .map_err(|e| io_error("could not rename the unpacked version to", dir, e))?;
         partial.disarm();
-        sync_dir(&self.versions())?;
-        Ok(())
+        sync_dir(&self.versions())
     }
 
     /// `current`'s raw link target, if `current` exists.
@@ -573,6 +640,36 @@ impl Placer {
             tracing::info!(dir = %path.display(), "pruned old version");
         }
         Ok(())
+    }
+}
+
+/// Writes [`METADATA_FILE`] into the unpacked directory `partial` (open as
+/// `version_dir`).
+fn write_metadata(
+    version_dir: &Beneath,
+    partial: &Path,
+    metadata: &Metadata,
+) -> Result<(), PlaceError> {
+    let metadata_path = partial.join(METADATA_FILE);
+    let json = serde_json::to_vec_pretty(metadata)
+        .map_err(|e| PlaceError::Io(format!("could not encode {METADATA_FILE}: {e}")))?;
+    // Never through a link, never over something the archive put there.
+    let mut file = beneath::create_new_file(version_dir.root(), METADATA_FILE.as_ref(), 0o644)
+        .map_err(|e| io_error("could not create", &metadata_path, e))?;
+    file.write_all(&json)
+        .map_err(|e| io_error("could not write", &metadata_path, e))
+}
+
+/// Sets the modification time of the version directory `dir` to now: pruning keeps the
+/// most recently switched-to versions. A failure is only logged.
+fn touch(dir: &Path) {
+    let touched = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::DIRECTORY).bits() as i32)
+        .open(dir)
+        .and_then(|d| d.set_modified(SystemTime::now()));
+    if let Err(e) = touched {
+        tracing::warn!(dir = %dir.display(), error = %e, "could not touch the version directory");
     }
 }
 

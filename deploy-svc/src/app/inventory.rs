@@ -14,7 +14,7 @@ use crate::domain::inventory::{
 use crate::domain::model::{DeploymentState, Environment, Page, PlacementState};
 use crate::domain::strategy;
 use crate::domain::Result;
-use crate::store::db::{p, Db};
+use crate::store::db::{p, Db, V};
 
 /// Environments read at a time while looking for the ones the caller may view.
 const ENVIRONMENT_BATCH: i64 = 100;
@@ -25,9 +25,7 @@ pub(super) fn inventory(
     conn: &dyn Db,
     query: &InventoryQuery,
 ) -> Result<Page<EnvironmentInventory>> {
-    let mut out: Vec<EnvironmentInventory> = Vec::new();
-    let mut entries = 0usize;
-    let mut last: Option<InventoryKey> = None;
+    let mut page = Filling::default();
     // Environments from the one the page continues in (included: it may have artifacts
     // left), or the first.
     let mut from = query
@@ -37,29 +35,9 @@ pub(super) fn inventory(
         .unwrap_or_default();
     let mut inclusive = true;
     loop {
-        let batch: Vec<Environment> = match &query.environment {
-            Some(id) if inclusive => conn.all(
-                &format!("SELECT {ENV_COLUMNS} FROM environments WHERE id = ?1 AND id >= ?2"),
-                p![id, from],
-                env_row,
-            )?,
-            Some(_) => Vec::new(),
-            None => {
-                let op = if inclusive { ">=" } else { ">" };
-                conn.all(
-                    &format!(
-                        "SELECT {ENV_COLUMNS} FROM environments WHERE id {op} ?1 ORDER BY id LIMIT ?2"
-                    ),
-                    p![from, ENVIRONMENT_BATCH],
-                    env_row,
-                )?
-            }
-        };
+        let batch = environment_batch(conn, query, &from, inclusive)?;
         let Some(tail) = batch.last() else {
-            return Ok(Page {
-                items: out,
-                next: None,
-            });
+            return Ok(page.finish(false));
         };
         from = tail.id.clone();
         inclusive = false;
@@ -67,75 +45,140 @@ pub(super) fn inventory(
             if !(query.may_view)(&env.id) {
                 continue;
             }
-            // Continuing inside this environment: after the last artifact returned; an
-            // environment returned whole (no artifacts) is done.
-            let after_artifact = match &query.after {
-                Some(k) if k.environment == env.id => {
-                    if k.artifact.is_empty() {
-                        continue;
-                    }
-                    Some(k.artifact.clone())
-                }
-                _ => None,
-            };
-            let left = query.size - entries;
-            let names: Vec<String> = conn.all(
-                "SELECT DISTINCT artifact FROM deployments WHERE environment = ?1 AND artifact > ?2 AND (state IN (?3, ?4) OR n_placed > 0) ORDER BY artifact LIMIT ?5",
-                p![
-                    env.id,
-                    after_artifact.clone().unwrap_or_default(),
-                    DeploymentState::Pending.code(),
-                    DeploymentState::InProgress.code(),
-                    limit(left)
-                ],
-                |r| r.get(0),
-            )?;
-            if after_artifact.is_some() && names.is_empty() {
-                continue;
-            }
-            if left == 0 {
-                // Something remains after a full page.
-                return Ok(Page {
-                    items: out,
-                    next: last.map(|k| k.encode()),
-                });
-            }
-            let more = names.len() > left;
-            let mut names = names;
-            names.truncate(left);
-            let artifacts = artifacts_inventory(
-                conn,
-                &env.id,
-                after_artifact.as_deref().unwrap_or_default(),
-                names,
-            )?;
-            let targets: i64 = conn
-                .value(
-                    "SELECT COUNT(*) FROM targets WHERE environment = ?1",
-                    p![env.id],
-                )?
-                .unwrap_or(0);
-            entries += artifacts.len().max(1);
-            last = Some(InventoryKey {
-                environment: env.id.clone(),
-                artifact: artifacts
-                    .last()
-                    .map(|a: &ArtifactInventory| a.artifact.clone())
-                    .unwrap_or_default(),
-            });
-            out.push(EnvironmentInventory {
-                environment: env,
-                targets: u64::try_from(targets).unwrap_or(0),
-                artifacts,
-            });
-            if more {
-                return Ok(Page {
-                    items: out,
-                    next: last.map(|k| k.encode()),
-                });
+            if let Some(full) = page.add(conn, query, env)? {
+                return Ok(full);
             }
         }
     }
+}
+
+/// The next environments to look at, from `from` (itself included when `inclusive`): the
+/// one the query names, or a batch of all in order.
+fn environment_batch(
+    conn: &dyn Db,
+    query: &InventoryQuery,
+    from: &str,
+    inclusive: bool,
+) -> Result<Vec<Environment>> {
+    match &query.environment {
+        Some(id) if inclusive => conn.all(
+            &format!("SELECT {ENV_COLUMNS} FROM environments WHERE id = ?1 AND id >= ?2"),
+            p![id, from],
+            env_row,
+        ),
+        Some(_) => Ok(Vec::new()),
+        None => {
+            let op = if inclusive { ">=" } else { ">" };
+            conn.all(
+                &format!(
+                    "SELECT {ENV_COLUMNS} FROM environments WHERE id {op} ?1 ORDER BY id LIMIT ?2"
+                ),
+                p![from, ENVIRONMENT_BATCH],
+                env_row,
+            )
+        }
+    }
+}
+
+/// An inventory page being filled: its environments, how many entries they count (one per
+/// artifact, or one for an environment without any) and the position of the last.
+#[derive(Default)]
+struct Filling {
+    out: Vec<EnvironmentInventory>,
+    entries: usize,
+    last: Option<InventoryKey>,
+}
+
+impl Filling {
+    /// The page as filled; when `more`, it continues after its last entry.
+    fn finish(self, more: bool) -> Page<EnvironmentInventory> {
+        Page {
+            items: self.out,
+            next: if more {
+                self.last.map(|k| k.encode())
+            } else {
+                None
+            },
+        }
+    }
+
+    /// Adds as many artifacts of `env` (which the caller may view) as the page has room
+    /// for, from where the query's position says. Returns the finished page once it is
+    /// full and something remains after it.
+    fn add(
+        &mut self,
+        conn: &dyn Db,
+        query: &InventoryQuery,
+        env: Environment,
+    ) -> Result<Option<Page<EnvironmentInventory>>> {
+        // Continuing inside this environment: after the last artifact returned; an
+        // environment returned whole (no artifacts) is done.
+        let after_artifact = match &query.after {
+            Some(k) if k.environment == env.id => {
+                if k.artifact.is_empty() {
+                    return Ok(None);
+                }
+                Some(k.artifact.clone())
+            }
+            _ => None,
+        };
+        let left = query.size - self.entries;
+        let after = after_artifact.as_deref().unwrap_or_default();
+        let names = artifact_names(conn, &env.id, after, left)?;
+        if after_artifact.is_some() && names.is_empty() {
+            return Ok(None);
+        }
+        if left == 0 {
+            // Something remains after a full page.
+            return Ok(Some(std::mem::take(self).finish(true)));
+        }
+        let more = names.len() > left;
+        let mut names = names;
+        names.truncate(left);
+        let artifacts = artifacts_inventory(conn, &env.id, after, names)?;
+        let targets = target_count(conn, &env.id)?;
+        self.entries += artifacts.len().max(1);
+        self.last = Some(InventoryKey {
+            environment: env.id.clone(),
+            artifact: artifacts
+                .last()
+                .map(|a: &ArtifactInventory| a.artifact.clone())
+                .unwrap_or_default(),
+        });
+        self.out.push(EnvironmentInventory {
+            environment: env,
+            targets,
+            artifacts,
+        });
+        Ok(more.then(|| std::mem::take(self).finish(true)))
+    }
+}
+
+/// The artifacts of `env` after `after` that are in flight or placed somewhere, in order:
+/// at most `left` and one more (which says that more remain).
+fn artifact_names(conn: &dyn Db, env: &str, after: &str, left: usize) -> Result<Vec<String>> {
+    conn.all(
+        "SELECT DISTINCT artifact FROM deployments WHERE environment = ?1 AND artifact > ?2 AND (state IN (?3, ?4) OR n_placed > 0) ORDER BY artifact LIMIT ?5",
+        p![
+            env,
+            after,
+            DeploymentState::Pending.code(),
+            DeploymentState::InProgress.code(),
+            limit(left)
+        ],
+        |r| r.get(0),
+    )
+}
+
+/// How many targets `env` has.
+fn target_count(conn: &dyn Db, env: &str) -> Result<u64> {
+    let targets: i64 = conn
+        .value(
+            "SELECT COUNT(*) FROM targets WHERE environment = ?1",
+            p![env],
+        )?
+        .unwrap_or(0);
+    Ok(u64::try_from(targets).unwrap_or(0))
 }
 
 /// What is placed and in flight of the artifacts `names` (in order, every artifact of
@@ -162,6 +205,29 @@ fn artifacts_inventory(
             (artifact, a)
         })
         .collect();
+    add_placed_versions(
+        conn,
+        &mut by_name,
+        p![env, after, upto, PlacementState::Placed.code()],
+    )?;
+    let unfinished = p![
+        env,
+        after,
+        upto,
+        DeploymentState::Pending.code(),
+        DeploymentState::InProgress.code()
+    ];
+    add_in_flight(conn, &mut by_name, unfinished)?;
+    Ok(by_name.into_values().collect())
+}
+
+/// Adds to `by_name` the versions placed of its artifacts. `range`: the environment, the
+/// artifacts after and up to, the PLACED state.
+fn add_placed_versions(
+    conn: &dyn Db,
+    by_name: &mut BTreeMap<String, ArtifactInventory>,
+    range: &[V],
+) -> Result<()> {
     // The current version of an artifact on a target is its newest PLACED placement (as
     // release-svc's coverage gate counts it).
     let versions = conn.all(
@@ -175,7 +241,7 @@ fn artifacts_inventory(
          WHERE c.newest = 1
          GROUP BY c.artifact, c.version, a.digest
          ORDER BY c.artifact, MAX(c.seq) DESC",
-        p![env, after, upto, PlacementState::Placed.code()],
+        range,
         |r| {
             Ok((
                 r.get::<String>(0)?,
@@ -193,13 +259,17 @@ fn artifacts_inventory(
             a.versions.push(v);
         }
     }
-    let unfinished = p![
-        env,
-        after,
-        upto,
-        DeploymentState::Pending.code(),
-        DeploymentState::InProgress.code()
-    ];
+    Ok(())
+}
+
+/// Adds to `by_name` how many deployments of its artifacts are in flight and the oldest
+/// [`MAX_IN_FLIGHT`] of each with their strategy step. `unfinished`: the environment, the
+/// artifacts after and up to, the PENDING and IN_PROGRESS states.
+fn add_in_flight(
+    conn: &dyn Db,
+    by_name: &mut BTreeMap<String, ArtifactInventory>,
+    unfinished: &[V],
+) -> Result<()> {
     let totals: Vec<(String, i64)> = conn.all(
         "SELECT artifact, COUNT(*) FROM deployments WHERE environment = ?1 AND artifact > ?2 AND artifact <= ?3 AND state IN (?4, ?5) GROUP BY artifact",
         unfinished,
@@ -232,7 +302,7 @@ fn artifacts_inventory(
             a.in_flight.push(InFlight { deployment, step });
         }
     }
-    Ok(by_name.into_values().collect())
+    Ok(())
 }
 
 /// The current version of every artifact on the targets `first..=last` of `env`, by

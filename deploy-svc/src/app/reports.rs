@@ -116,53 +116,12 @@ pub(super) fn apply_report(
 ) -> Result<ReportOutcome> {
     let (d, mut counts, registered, current, digest) = read_report(conn, &report)?;
     let target = target_name(&report.environment, &report.target);
-    if d.environment != report.environment {
-        return Err(Error::precondition(
-            "TARGET_NOT_IN_ENVIRONMENT",
-            target,
-            format!(
-                "{} deploys to {}, not to the target's environment",
-                deployment_name(d.id),
-                environment_name(&d.environment)
-            ),
-        ));
-    }
-    if !registered {
-        return Err(Error::NotFound(target));
-    }
-    let from = match &current {
-        Some(c) => placement_state(
-            "placements",
-            "state",
-            &format!("{}/{}", d.id, report.target),
-            c.0,
-        )?,
-        None => PlacementState::Pending,
-    };
-    let digest = digest.ok_or_else(|| {
-        Error::corrupt(
-            "deployments",
-            &deployment_name(d.id),
-            format!(
-                "artifact {} is missing",
-                artifact_version_name(&d.artifact, &d.version)
-            ),
-        )
-    })?;
+    check_target(&d, &report, registered, &target)?;
+    let from = previous_state(&d, &report, current.as_ref())?;
+    let digest = digest.ok_or_else(|| missing_artifact(&d))?;
     let changed = check_transition(d.state, from, report.state)
         .map_err(|why| Error::precondition("PLACEMENT_TRANSITION", target.clone(), why))?;
-    let mut placement = Placement {
-        deployment: d.id,
-        environment: d.environment.clone(),
-        target: report.target.clone(),
-        artifact: d.artifact.clone(),
-        version: d.version.clone(),
-        digest,
-        state: from,
-        message: current.as_ref().map(|c| c.1.clone()).unwrap_or_default(),
-        sequence: current.as_ref().map(|c| to_u64(c.2)).unwrap_or(0),
-        update_ms: current.as_ref().map(|c| c.3).unwrap_or(now),
-    };
+    let mut placement = placement_so_far(&d, &report, current.as_ref(), digest, from, now);
     if !changed {
         return Ok(ReportOutcome {
             placement,
@@ -179,16 +138,7 @@ pub(super) fn apply_report(
     counts.add(report.state, 1);
     let state = record_counts(conn, &d, counts, now)?;
     audit_report(conn, now, caller, (&d, from), (&placement, state))?;
-    if !state.is_final()
-        // An all-at-once deployment ordered every target when it was created: a report never
-        // lets it order more, and pacing reads every placement of the deployment (a cost
-        // that grows with the fleet, paid by every report).
-        && !matches!(d.strategy, Strategy::AllAtOnce)
-        && matches!(
-            report.state,
-            PlacementState::Placed | PlacementState::Failed | PlacementState::Removed
-        )
-    {
+    if may_order_more(&d, report.state, state) {
         // A finished target may let the strategy order the next ones.
         let d = Deployment { state, ..d };
         pace_deployment(conn, &d, now)?;
@@ -200,13 +150,109 @@ pub(super) fn apply_report(
     })
 }
 
+/// Refuses a report for a target (named `target`) outside the deployment's environment,
+/// or one not `registered`.
+fn check_target(
+    d: &Deployment,
+    report: &PlacementReport,
+    registered: bool,
+    target: &str,
+) -> Result<()> {
+    if d.environment != report.environment {
+        return Err(Error::precondition(
+            "TARGET_NOT_IN_ENVIRONMENT",
+            target.to_owned(),
+            format!(
+                "{} deploys to {}, not to the target's environment",
+                deployment_name(d.id),
+                environment_name(&d.environment)
+            ),
+        ));
+    }
+    if !registered {
+        return Err(Error::NotFound(target.to_owned()));
+    }
+    Ok(())
+}
+
+/// The state of the placement before the report: its stored state, PENDING before its
+/// first report.
+fn previous_state(
+    d: &Deployment,
+    report: &PlacementReport,
+    current: Option<&StoredPlacement>,
+) -> Result<PlacementState> {
+    match current {
+        Some(c) => placement_state(
+            "placements",
+            "state",
+            &format!("{}/{}", d.id, report.target),
+            c.0,
+        ),
+        None => Ok(PlacementState::Pending),
+    }
+}
+
+/// The error of a deployment whose artifact version is gone (the store is corrupt).
+fn missing_artifact(d: &Deployment) -> Error {
+    Error::corrupt(
+        "deployments",
+        &deployment_name(d.id),
+        format!(
+            "artifact {} is missing",
+            artifact_version_name(&d.artifact, &d.version)
+        ),
+    )
+}
+
+/// The placement as it stands before the report (state `from`; sequence 0 and update
+/// time `now` before its first report).
+fn placement_so_far(
+    d: &Deployment,
+    report: &PlacementReport,
+    current: Option<&StoredPlacement>,
+    digest: String,
+    from: PlacementState,
+    now: Millis,
+) -> Placement {
+    Placement {
+        deployment: d.id,
+        environment: d.environment.clone(),
+        target: report.target.clone(),
+        artifact: d.artifact.clone(),
+        version: d.version.clone(),
+        digest,
+        state: from,
+        message: current.map(|c| c.1.clone()).unwrap_or_default(),
+        sequence: current.map(|c| to_u64(c.2)).unwrap_or(0),
+        update_ms: current.map(|c| c.3).unwrap_or(now),
+    }
+}
+
+/// Whether an accepted report moving a placement to `reported` (the deployment now in
+/// `state`) lets deployment `d`'s strategy order more targets.
+fn may_order_more(d: &Deployment, reported: PlacementState, state: DeploymentState) -> bool {
+    !state.is_final()
+        // An all-at-once deployment ordered every target when it was created: a report never
+        // lets it order more, and pacing reads every placement of the deployment (a cost
+        // that grows with the fleet, paid by every report).
+        && !matches!(d.strategy, Strategy::AllAtOnce)
+        && matches!(
+            reported,
+            PlacementState::Placed | PlacementState::Failed | PlacementState::Removed
+        )
+}
+
+/// A placement as stored: state, message, sequence, update time.
+type StoredPlacement = (i64, String, i64, i64);
+
 /// What a report reads: the deployment, its counts, whether the target is registered, the
 /// placement so far (state, message, sequence, update time) and the artifact's digest.
 type ReportRead = (
     Deployment,
     PlacementCounts,
     bool,
-    Option<(i64, String, i64, i64)>,
+    Option<StoredPlacement>,
     Option<String>,
 );
 
@@ -224,7 +270,7 @@ fn read_report(conn: &dyn Db, report: &PlacementReport) -> Result<ReportRead> {
                 counts_at(r, DEPLOYMENT_COLUMN_COUNT)?,
                 r.get::<Option<i64>>(REPORT_READ_TARGET)?.is_some(),
                 r.get::<Option<i64>>(REPORT_READ_TARGET + 1)?
-                    .map(|state| -> Result<(i64, String, i64, i64)> {
+                    .map(|state| -> Result<StoredPlacement> {
                         Ok((
                             state,
                             r.get(REPORT_READ_TARGET + 2)?,

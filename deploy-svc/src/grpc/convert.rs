@@ -14,9 +14,9 @@ use crate::domain::freeze;
 use crate::domain::freeze::MAX_WINDOWS;
 use crate::domain::inventory::{EnvironmentInventory, InventoryKey, TargetVersion};
 use crate::domain::model::{
-    Artifact, Deployment, DeploymentState, EmergencyOverride, Environment, EnvironmentUpdate,
-    HealthWindows, NewDeployment, NewEnvironment, PageRequest, Placement, PlacementEvent,
-    PlacementReport, PlacementState, Target, TargetHealth,
+    Artifact, Deployment, DeploymentFilter, DeploymentState, EmergencyOverride, Environment,
+    EnvironmentUpdate, HealthWindows, NewDeployment, NewEnvironment, Page, PageRequest, Placement,
+    PlacementEvent, PlacementReport, PlacementState, Target, TargetHealth,
 };
 use crate::domain::names::{
     self, artifact_version_name, decode_page_token, deployment_name, environment_name, target_name,
@@ -118,24 +118,7 @@ pub fn freeze_windows(
     let mut out = Vec::with_capacity(windows.len());
     for (i, w) in windows.iter().enumerate() {
         let at = format!("{field}[{i}]");
-        if w.name.trim().is_empty() {
-            v.push(&format!("{at}.name"), "must not be empty");
-        } else if v
-            .check(
-                &format!("{at}.name"),
-                names::validate_text(&w.name, MAX_KEY),
-            )
-            .is_some()
-            && !names.insert(w.name.as_str())
-        {
-            v.push(
-                &format!("{at}.name"),
-                format!(
-                    "{:?} names another window too; window names must be unique",
-                    w.name
-                ),
-            );
-        }
+        window_name(v, &at, &w.name, &mut names);
         // Fields that fail to parse get a placeholder, and the calendar's own checks of
         // them are skipped, so every field is reported once.
         let (schedule, parsed) = match &w.schedule {
@@ -143,76 +126,103 @@ pub fn freeze_windows(
                 v.push(&format!("{at}.schedule"), "must set absolute or weekly");
                 continue;
             }
-            Some(pb::freeze_window::Schedule::Absolute(a)) => {
-                let start = required_millis(
-                    v,
-                    &format!("{at}.absolute.start_time"),
-                    a.start_time.as_ref(),
-                );
-                let end =
-                    required_millis(v, &format!("{at}.absolute.end_time"), a.end_time.as_ref());
-                (
-                    Schedule::Absolute {
-                        start_ms: start.unwrap_or_default(),
-                        end_ms: end.unwrap_or_default(),
-                    },
-                    start.is_some() && end.is_some(),
-                )
-            }
-            Some(pb::freeze_window::Schedule::Weekly(wk)) => {
-                if wk.time_zone.len() > MAX_TIME_ZONE {
-                    v.push(
-                        &format!("{at}.weekly.time_zone"),
-                        format!("must be at most {MAX_TIME_ZONE} characters"),
-                    );
-                }
-                let start_day = day(v, &format!("{at}.weekly.start_day"), wk.start_day);
-                let start_minute = minute(v, &format!("{at}.weekly.start_time"), &wk.start_time);
-                let end_day = day(v, &format!("{at}.weekly.end_day"), wk.end_day);
-                let end_minute = minute(v, &format!("{at}.weekly.end_time"), &wk.end_time);
-                let parsed = start_day.is_some()
-                    && start_minute.is_some()
-                    && end_day.is_some()
-                    && end_minute.is_some();
-                (
-                    Schedule::Weekly {
-                        time_zone: wk.time_zone.clone(),
-                        start: WeekTime {
-                            day: start_day.unwrap_or_default(),
-                            minute: start_minute.unwrap_or_default(),
-                        },
-                        end: WeekTime {
-                            day: end_day.unwrap_or_default(),
-                            minute: end_minute.unwrap_or_default(),
-                        },
-                    },
-                    parsed,
-                )
-            }
+            Some(pb::freeze_window::Schedule::Absolute(a)) => absolute_schedule(v, &at, a),
+            Some(pb::freeze_window::Schedule::Weekly(wk)) => weekly_schedule(v, &at, wk),
         };
         let window = FreezeWindow {
             name: w.name.clone(),
             schedule,
         };
-        // Each field is reported once: the name was checked above, a time zone that is
-        // too long is not looked up, and times only when they all parsed.
-        let long_time_zone = matches!(
-            &window.schedule,
-            Schedule::Weekly { time_zone, .. } if time_zone.len() > MAX_TIME_ZONE
-        );
-        for (problem, description) in window.problems() {
-            let report = match problem {
-                "name" => false,
-                "weekly.time_zone" => !long_time_zone,
-                _ => parsed,
-            };
-            if report {
-                v.push(&format!("{at}.{}", calendar_field(problem)), description);
-            }
-        }
+        calendar_problems(v, &at, &window, parsed);
         out.push(window);
     }
     out
+}
+
+/// Checks the name of the window at `at`: not empty, valid text, and not one of `seen`
+/// (the names of the windows before it, which it joins).
+fn window_name<'a>(v: &mut Violations, at: &str, name: &'a str, seen: &mut HashSet<&'a str>) {
+    if name.trim().is_empty() {
+        v.push(&format!("{at}.name"), "must not be empty");
+    } else if v
+        .check(&format!("{at}.name"), names::validate_text(name, MAX_KEY))
+        .is_some()
+        && !seen.insert(name)
+    {
+        v.push(
+            &format!("{at}.name"),
+            format!("{name:?} names another window too; window names must be unique"),
+        );
+    }
+}
+
+/// The absolute schedule of the window at `at`, and whether both its times parsed (a
+/// time that did not is a placeholder).
+fn absolute_schedule(v: &mut Violations, at: &str, a: &pb::AbsoluteWindow) -> (Schedule, bool) {
+    let start = required_millis(
+        v,
+        &format!("{at}.absolute.start_time"),
+        a.start_time.as_ref(),
+    );
+    let end = required_millis(v, &format!("{at}.absolute.end_time"), a.end_time.as_ref());
+    (
+        Schedule::Absolute {
+            start_ms: start.unwrap_or_default(),
+            end_ms: end.unwrap_or_default(),
+        },
+        start.is_some() && end.is_some(),
+    )
+}
+
+/// The weekly schedule of the window at `at`, and whether its days and times all parsed
+/// (one that did not is a placeholder). A time zone that is too long is reported here.
+fn weekly_schedule(v: &mut Violations, at: &str, wk: &pb::WeeklyWindow) -> (Schedule, bool) {
+    if wk.time_zone.len() > MAX_TIME_ZONE {
+        v.push(
+            &format!("{at}.weekly.time_zone"),
+            format!("must be at most {MAX_TIME_ZONE} characters"),
+        );
+    }
+    let start_day = day(v, &format!("{at}.weekly.start_day"), wk.start_day);
+    let start_minute = minute(v, &format!("{at}.weekly.start_time"), &wk.start_time);
+    let end_day = day(v, &format!("{at}.weekly.end_day"), wk.end_day);
+    let end_minute = minute(v, &format!("{at}.weekly.end_time"), &wk.end_time);
+    let parsed =
+        start_day.is_some() && start_minute.is_some() && end_day.is_some() && end_minute.is_some();
+    (
+        Schedule::Weekly {
+            time_zone: wk.time_zone.clone(),
+            start: WeekTime {
+                day: start_day.unwrap_or_default(),
+                minute: start_minute.unwrap_or_default(),
+            },
+            end: WeekTime {
+                day: end_day.unwrap_or_default(),
+                minute: end_minute.unwrap_or_default(),
+            },
+        },
+        parsed,
+    )
+}
+
+/// Reports the calendar's own problems with the window at `at`, those not reported
+/// already: the name was checked by [`window_name`], a time zone that is too long is not
+/// looked up, and times only when they all `parsed`.
+fn calendar_problems(v: &mut Violations, at: &str, window: &FreezeWindow, parsed: bool) {
+    let long_time_zone = matches!(
+        &window.schedule,
+        Schedule::Weekly { time_zone, .. } if time_zone.len() > MAX_TIME_ZONE
+    );
+    for (problem, description) in window.problems() {
+        let report = match problem {
+            "name" => false,
+            "weekly.time_zone" => !long_time_zone,
+            _ => parsed,
+        };
+        if report {
+            v.push(&format!("{at}.{}", calendar_field(problem)), description);
+        }
+    }
 }
 
 /// A page request from a page size and token, reporting bad values against `page_size` and
@@ -225,17 +235,120 @@ pub fn page_request(v: &mut Violations, size: i32, token: &str) -> PageRequest {
     PageRequest { size, after }
 }
 
+/// A page in its proto form: the items converted with `item`, and the token of the next
+/// page (empty after the last).
+pub fn list_page<T, U>(page: Page<T>, item: impl FnMut(T) -> U) -> (Vec<U>, String) {
+    let next_page_token = page
+        .next
+        .map(|k| names::encode_page_token(&k))
+        .unwrap_or_default();
+    (page.items.into_iter().map(item).collect(), next_page_token)
+}
+
 fn optional_request_id(v: &mut Violations, request_id: &str) -> Option<String> {
     v.check("request_id", names::validate_key(request_id));
     (!request_id.is_empty()).then(|| request_id.to_owned())
 }
 
+/// An optional environment filter: none when empty, else the environment's name parsed.
 fn optional_environment(v: &mut Violations, field: &str, name: &str) -> Option<String> {
     if name.is_empty() {
         None
     } else {
         v.check(field, names::parse_environment(name))
     }
+}
+
+/// An optional artifact filter: none when empty, else an artifact id checked as such.
+fn optional_artifact(v: &mut Violations, field: &str, artifact: &str) -> Option<String> {
+    if artifact.is_empty() {
+        None
+    } else {
+        v.check(field, names::validate_id(artifact))
+            .map(|()| artifact.to_owned())
+    }
+}
+
+/// Validates a ListEnvironments request: its page.
+pub fn environments_query(req: &pb::ListEnvironmentsRequest) -> Result<PageRequest> {
+    let mut v = Violations::default();
+    let page = page_request(&mut v, req.page_size, &req.page_token);
+    v.finish()?;
+    Ok(page)
+}
+
+/// Validates a ListTargets request: the environment and the page.
+pub fn targets_query(req: &pb::ListTargetsRequest) -> Result<(String, PageRequest)> {
+    let mut v = Violations::default();
+    let env = v
+        .check("parent", names::parse_environment(&req.parent))
+        .unwrap_or_default();
+    let page = page_request(&mut v, req.page_size, &req.page_token);
+    v.finish()?;
+    Ok((env, page))
+}
+
+/// Validates a ListArtifacts request: the artifact filter and the page.
+pub fn artifacts_query(req: &pb::ListArtifactsRequest) -> Result<(Option<String>, PageRequest)> {
+    let mut v = Violations::default();
+    let artifact = optional_artifact(&mut v, "artifact", &req.artifact);
+    let page = page_request(&mut v, req.page_size, &req.page_token);
+    v.finish()?;
+    Ok((artifact, page))
+}
+
+/// Validates a ListDeployments request: the filter and the page.
+pub fn deployments_query(
+    req: &pb::ListDeploymentsRequest,
+) -> Result<(DeploymentFilter, PageRequest)> {
+    let mut v = Violations::default();
+    let environment = optional_environment(&mut v, "environment", &req.environment);
+    let artifact = optional_artifact(&mut v, "artifact", &req.artifact);
+    let page = page_request(&mut v, req.page_size, &req.page_token);
+    v.finish()?;
+    Ok((
+        DeploymentFilter {
+            environment,
+            artifact,
+        },
+        page,
+    ))
+}
+
+/// Validates a GrantEmergencyOverride request made by `approver` (who may not grant an
+/// override to itself); returns the environment id.
+pub fn emergency_grant(req: &pb::GrantEmergencyOverrideRequest, approver: &str) -> Result<String> {
+    let mut v = Violations::default();
+    let environment = v
+        .check("environment", names::parse_environment(&req.environment))
+        .unwrap_or_default();
+    if v.check("requester", names::validate_key(&req.requester))
+        .is_some()
+        && req.requester.eq_ignore_ascii_case(approver)
+    {
+        v.push(
+            "requester",
+            "an approver cannot grant an override to itself",
+        );
+    }
+    if req.reason.trim().is_empty() {
+        v.push("reason", "must say why the change cannot wait");
+    } else {
+        v.check("reason", names::validate_text(&req.reason, names::MAX_TEXT));
+    }
+    v.finish()?;
+    Ok(environment)
+}
+
+/// Validates a deployment name and a free-text reason together (every bad field at once).
+pub fn deployment_and_reason(name: &str, reason: &str) -> Result<i64> {
+    let mut v = Violations::default();
+    let id = v
+        .check("name", names::parse_deployment(name))
+        .unwrap_or_default();
+    v.check("reason", names::validate_text(reason, names::MAX_TEXT));
+    v.finish()?;
+    Ok(id)
 }
 
 fn labels(
@@ -604,12 +717,7 @@ pub fn watch_request(
         }
     };
     let environment = optional_environment(&mut v, "environment", &req.environment);
-    let artifact = if req.artifact.is_empty() {
-        None
-    } else {
-        v.check("artifact", names::validate_id(&req.artifact))
-            .map(|()| req.artifact.clone())
-    };
+    let artifact = optional_artifact(&mut v, "artifact", &req.artifact);
     let heartbeat = match req.heartbeat_interval_seconds {
         0 => 5,
         s @ 1..=300 => s,

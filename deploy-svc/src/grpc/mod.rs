@@ -25,9 +25,8 @@ use tonic::{Request, Response, Status};
 
 use crate::domain::audit::{AuditEntry, AuditFilter, Caller};
 use crate::domain::clock::Clock;
-use crate::domain::error::Violations;
 use crate::domain::inventory::InventoryQuery;
-use crate::domain::model::{DeploymentFilter, HealthWindows};
+use crate::domain::model::HealthWindows;
 use crate::domain::names;
 use crate::placement_log::{self, Feed, WatchLimits};
 use crate::store::Store;
@@ -159,6 +158,11 @@ impl DeployApi {
         .into())
     }
 
+    /// The proto form of `target`, its health as of now.
+    fn target(&self, target: crate::domain::model::Target) -> pb::Target {
+        convert::target(target, &self.health, self.clock.now_ms())
+    }
+
     /// Removing or shortening the freeze windows of an environment while one is active
     /// needs the override permission there, as does lifting `protected`.
     async fn check_freeze_removal(
@@ -203,15 +207,12 @@ pub fn caller<T>(req: &Request<T>) -> std::result::Result<Caller, Status> {
     })
 }
 
-/// Validates a deployment name and a free-text reason together (every bad field at once).
-fn deployment_and_reason(name: &str, reason: &str) -> std::result::Result<i64, Status> {
-    let mut v = Violations::default();
-    let id = v
-        .check("name", names::parse_deployment(name))
-        .unwrap_or_default();
-    v.check("reason", names::validate_text(reason, names::MAX_TEXT));
-    v.finish()?;
-    Ok(id)
+/// The prologue of a mutating call: what the caller may do (its grants, for the
+/// permission checks) and who it is (for the audit record), in that order.
+fn access_and_caller<T>(req: &Request<T>) -> std::result::Result<(auth::Caller, Caller), Status> {
+    let access = auth::caller(req)?;
+    let caller = caller(req)?;
+    Ok((access, caller))
 }
 
 /// The response stream of WatchOrders.
@@ -288,8 +289,7 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::CreateEnvironmentRequest>,
     ) -> Result<pb::Environment> {
-        let access = auth::caller(&req)?;
-        let caller = caller(&req)?;
+        let (access, caller) = access_and_caller(&req)?;
         let (env, request_id) = convert::new_environment(req.into_inner())?;
         access.require_environment(&env.id)?;
         let caller = caller.with_request_id(request_id.as_deref());
@@ -314,17 +314,12 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::ListEnvironmentsRequest>,
     ) -> Result<pb::ListEnvironmentsResponse> {
-        let req = req.into_inner();
-        let mut v = Violations::default();
-        let page = convert::page_request(&mut v, req.page_size, &req.page_token);
-        v.finish()?;
+        let page = convert::environments_query(req.get_ref())?;
         let page = self.store.list_environments(page).await?;
+        let (environments, next_page_token) = convert::list_page(page, convert::environment);
         Ok(Response::new(pb::ListEnvironmentsResponse {
-            environments: page.items.into_iter().map(convert::environment).collect(),
-            next_page_token: page
-                .next
-                .map(|k| names::encode_page_token(&k))
-                .unwrap_or_default(),
+            environments,
+            next_page_token,
         }))
     }
 
@@ -332,8 +327,7 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::UpdateEnvironmentRequest>,
     ) -> Result<pb::Environment> {
-        let access = auth::caller(&req)?;
-        let caller = caller(&req)?;
+        let (access, caller) = access_and_caller(&req)?;
         let update = convert::environment_update(req.into_inner())?;
         access.require_environment(&update.id)?;
         self.check_freeze_removal(&access, &update).await?;
@@ -343,44 +337,29 @@ impl DeployService for DeployApi {
     }
 
     async fn register_target(&self, req: Request<pb::RegisterTargetRequest>) -> Result<pb::Target> {
-        let access = auth::caller(&req)?;
-        let caller = caller(&req)?;
+        let (access, caller) = access_and_caller(&req)?;
         let (env, id, labels) = convert::register_target(req.into_inner())?;
         access.require_target(&env, &id)?;
         let target = self
             .store
             .register_target(&env, &id, labels, caller)
             .await?;
-        Ok(Response::new(convert::target(
-            target,
-            &self.health,
-            self.clock.now_ms(),
-        )))
+        Ok(Response::new(self.target(target)))
     }
 
     async fn list_targets(
         &self,
         req: Request<pb::ListTargetsRequest>,
     ) -> Result<pb::ListTargetsResponse> {
-        let req = req.into_inner();
-        let mut v = Violations::default();
-        let env = v
-            .check("parent", names::parse_environment(&req.parent))
-            .unwrap_or_default();
-        let page = convert::page_request(&mut v, req.page_size, &req.page_token);
-        v.finish()?;
+        let (env, page) = convert::targets_query(req.get_ref())?;
         let page = self.store.list_targets(&env, page).await?;
         let now = self.clock.now_ms();
+        let (targets, next_page_token) = convert::list_page(page, |(t, versions)| {
+            convert::target_with_versions(t, versions, &self.health, now)
+        });
         Ok(Response::new(pb::ListTargetsResponse {
-            targets: page
-                .items
-                .into_iter()
-                .map(|(t, versions)| convert::target_with_versions(t, versions, &self.health, now))
-                .collect(),
-            next_page_token: page
-                .next
-                .map(|k| names::encode_page_token(&k))
-                .unwrap_or_default(),
+            targets,
+            next_page_token,
         }))
     }
 
@@ -392,11 +371,7 @@ impl DeployService for DeployApi {
         let (env, id) = convert::name("name", &req.into_inner().name, names::parse_target)?;
         access.require_target(&env, &id)?;
         let target = self.store.heartbeat_target(&env, &id).await?;
-        Ok(Response::new(convert::target(
-            target,
-            &self.health,
-            self.clock.now_ms(),
-        )))
+        Ok(Response::new(self.target(target)))
     }
 
     async fn register_artifact(
@@ -425,23 +400,12 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::ListArtifactsRequest>,
     ) -> Result<pb::ListArtifactsResponse> {
-        let req = req.into_inner();
-        let mut v = Violations::default();
-        let artifact = if req.artifact.is_empty() {
-            None
-        } else {
-            v.check("artifact", names::validate_id(&req.artifact))
-                .map(|()| req.artifact.clone())
-        };
-        let page = convert::page_request(&mut v, req.page_size, &req.page_token);
-        v.finish()?;
+        let (artifact, page) = convert::artifacts_query(req.get_ref())?;
         let page = self.store.list_artifacts(artifact, page).await?;
+        let (artifacts, next_page_token) = convert::list_page(page, convert::artifact);
         Ok(Response::new(pb::ListArtifactsResponse {
-            artifacts: page.items.into_iter().map(convert::artifact).collect(),
-            next_page_token: page
-                .next
-                .map(|k| names::encode_page_token(&k))
-                .unwrap_or_default(),
+            artifacts,
+            next_page_token,
         }))
     }
 
@@ -449,8 +413,7 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::CreateDeploymentRequest>,
     ) -> Result<pb::Deployment> {
-        let access = auth::caller(&req)?;
-        let caller = caller(&req)?;
+        let (access, caller) = access_and_caller(&req)?;
         let (deployment, request_id) =
             convert::new_deployment(req.into_inner(), &caller.principal)?;
         access.require_environment(&deployment.environment)?;
@@ -480,37 +443,12 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::ListDeploymentsRequest>,
     ) -> Result<pb::ListDeploymentsResponse> {
-        let req = req.into_inner();
-        let mut v = Violations::default();
-        let environment = if req.environment.is_empty() {
-            None
-        } else {
-            v.check("environment", names::parse_environment(&req.environment))
-        };
-        let artifact = if req.artifact.is_empty() {
-            None
-        } else {
-            v.check("artifact", names::validate_id(&req.artifact))
-                .map(|()| req.artifact.clone())
-        };
-        let page = convert::page_request(&mut v, req.page_size, &req.page_token);
-        v.finish()?;
-        let page = self
-            .store
-            .list_deployments(
-                DeploymentFilter {
-                    environment,
-                    artifact,
-                },
-                page,
-            )
-            .await?;
+        let (filter, page) = convert::deployments_query(req.get_ref())?;
+        let page = self.store.list_deployments(filter, page).await?;
+        let (deployments, next_page_token) = convert::list_page(page, convert::deployment);
         Ok(Response::new(pb::ListDeploymentsResponse {
-            deployments: page.items.into_iter().map(convert::deployment).collect(),
-            next_page_token: page
-                .next
-                .map(|k| names::encode_page_token(&k))
-                .unwrap_or_default(),
+            deployments,
+            next_page_token,
         }))
     }
 
@@ -518,10 +456,9 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::CancelDeploymentRequest>,
     ) -> Result<pb::Deployment> {
-        let access = auth::caller(&req)?;
-        let caller = caller(&req)?;
+        let (access, caller) = access_and_caller(&req)?;
         let req = req.into_inner();
-        let id = deployment_and_reason(&req.name, &req.reason)?;
+        let id = convert::deployment_and_reason(&req.name, &req.reason)?;
         self.require_deployment(&access, id).await?;
         let d = self.store.cancel_deployment(id, req.reason, caller).await?;
         Ok(Response::new(convert::deployment(d)))
@@ -531,8 +468,7 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::ContinueDeploymentRequest>,
     ) -> Result<pb::Deployment> {
-        let access = auth::caller(&req)?;
-        let caller = caller(&req)?;
+        let (access, caller) = access_and_caller(&req)?;
         let id = convert::name("name", &req.into_inner().name, names::parse_deployment)?;
         self.require_deployment(&access, id).await?;
         let d = self.store.continue_deployment(id, caller).await?;
@@ -543,10 +479,9 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::RollbackDeploymentRequest>,
     ) -> Result<pb::Deployment> {
-        let access = auth::caller(&req)?;
-        let caller = caller(&req)?;
+        let (access, caller) = access_and_caller(&req)?;
         let req = req.into_inner();
-        let id = deployment_and_reason(&req.name, &req.reason)?;
+        let id = convert::deployment_and_reason(&req.name, &req.reason)?;
         let emergency = convert::override_of(req.emergency, &caller.principal)?;
         let environment = self.require_deployment(&access, id).await?;
         if let Some(e) = &emergency {
@@ -585,8 +520,7 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::ReportPlacementRequest>,
     ) -> Result<pb::ReportPlacementResponse> {
-        let access = auth::caller(&req)?;
-        let caller = caller(&req)?;
+        let (access, caller) = access_and_caller(&req)?;
         let report = convert::placement_report(req.into_inner())?;
         // An agent reports only for its own target: a forged placement cannot open a
         // release gate. The attempt is audited.
@@ -632,28 +566,9 @@ impl DeployService for DeployApi {
         &self,
         req: Request<pb::GrantEmergencyOverrideRequest>,
     ) -> Result<pb::EmergencyGrant> {
-        let access = auth::caller(&req)?;
-        let caller = caller(&req)?;
+        let (access, caller) = access_and_caller(&req)?;
         let req = req.into_inner();
-        let mut v = Violations::default();
-        let environment = v
-            .check("environment", names::parse_environment(&req.environment))
-            .unwrap_or_default();
-        if v.check("requester", names::validate_key(&req.requester))
-            .is_some()
-            && req.requester.eq_ignore_ascii_case(&caller.principal)
-        {
-            v.push(
-                "requester",
-                "an approver cannot grant an override to itself",
-            );
-        }
-        if req.reason.trim().is_empty() {
-            v.push("reason", "must say why the change cannot wait");
-        } else {
-            v.check("reason", names::validate_text(&req.reason, names::MAX_TEXT));
-        }
-        v.finish()?;
+        let environment = convert::emergency_grant(&req, &caller.principal)?;
         access.require_environment(&environment)?;
         self.store.get_environment(&environment).await?;
         let now = self.clock.now_ms();
@@ -697,16 +612,11 @@ impl DeployService for DeployApi {
             })
             .await?;
         let now = self.clock.now_ms();
+        let (environments, next_page_token) =
+            convert::list_page(page, |e| convert::environment_inventory(e, now));
         Ok(Response::new(pb::ListInventoryResponse {
-            environments: page
-                .items
-                .into_iter()
-                .map(|e| convert::environment_inventory(e, now))
-                .collect(),
-            next_page_token: page
-                .next
-                .map(|k| names::encode_page_token(&k))
-                .unwrap_or_default(),
+            environments,
+            next_page_token,
         }))
     }
 
@@ -716,12 +626,10 @@ impl DeployService for DeployApi {
     ) -> Result<pb::ListAuditRecordsResponse> {
         let (filter, page) = convert::audit_query(req.into_inner())?;
         let page = self.store.list_audit_records(filter, page).await?;
+        let (records, next_page_token) = convert::list_page(page, convert::audit_record);
         Ok(Response::new(pb::ListAuditRecordsResponse {
-            records: page.items.into_iter().map(convert::audit_record).collect(),
-            next_page_token: page
-                .next
-                .map(|k| names::encode_page_token(&k))
-                .unwrap_or_default(),
+            records,
+            next_page_token,
         }))
     }
 }

@@ -120,6 +120,86 @@ struct Enforcing {
     health: Arc<tokio::sync::Semaphore>,
 }
 
+impl Enforcing {
+    /// The current policy. A key, token or policy reloaded from its file empties the
+    /// cache: a key or token taken out of its file stops working at once.
+    fn current_policy(&self) -> Arc<policy::Policy> {
+        let (policy, mut reloaded) = self.policy.get();
+        if let Some((keys, _)) = &self.jwt {
+            reloaded |= keys.get().1;
+        }
+        if let Some(tokens) = &self.tokens {
+            reloaded |= tokens.get().1;
+        }
+        if reloaded {
+            self.cache
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        }
+        policy
+    }
+
+    /// The caller cached for credential `key`, unless it has expired at `now`.
+    fn cached(&self, key: &[u8], now: u64) -> Option<Caller> {
+        match self
+            .cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+        {
+            Some((caller, exp)) if *exp > now => Some(caller.clone()),
+            _ => None,
+        }
+    }
+
+    /// Caches `caller` for credential `key` until `exp` (the cache is emptied when full).
+    fn remember(&self, key: &[u8], caller: Caller, exp: u64) {
+        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key.to_vec(), (caller, exp));
+    }
+}
+
+/// The bearer token of the `authorization` header, if there is one; UNAUTHENTICATED if
+/// the header is not `Bearer <token>`.
+fn bearer_token(headers: &http::HeaderMap) -> Result<Option<&str>, Status> {
+    let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| unauthenticated("malformed authorization header"))?;
+    text.strip_prefix("Bearer ")
+        .or_else(|| text.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(Some)
+        .ok_or_else(|| unauthenticated("authorization header is not `Bearer <token>`"))
+}
+
+/// The identity the connection's client certificate names, and until when (seconds) it
+/// stands.
+fn certificate_identity(conn: Option<&ConnInfo>, now: u64) -> Result<(Identity, u64), Status> {
+    let leaf = conn
+        .and_then(|c| c.peer_certs.as_ref())
+        .and_then(|c| c.first().cloned())
+        .ok_or_else(|| unauthenticated("no client certificate"))?;
+    let principal = mtls::principal(leaf.as_ref())
+        .ok_or_else(|| unauthenticated("client certificate names no principal"))?;
+    // Re-read the policy at least every minute for long-lived connections.
+    Ok((
+        Identity {
+            principal,
+            groups: Vec::new(),
+            method: "mtls",
+        },
+        now + 60,
+    ))
+}
+
 /// The authenticator and authorizer of one server.
 #[derive(Debug)]
 pub struct Auth {
@@ -283,41 +363,17 @@ impl Auth {
         Ok(caller)
     }
 
+    /// Who calls, from its bearer token or else its client certificate (with mTLS on),
+    /// and what the policy grants it; verified credentials are cached a while.
     fn authenticate(
         &self,
         e: &Enforcing,
         headers: &http::HeaderMap,
         conn: Option<&ConnInfo>,
     ) -> Result<Caller, Status> {
-        let (policy, mut reloaded) = e.policy.get();
-        // A key or token taken out of its file stops working at once.
-        if let Some((keys, _)) = &e.jwt {
-            reloaded |= keys.get().1;
-        }
-        if let Some(tokens) = &e.tokens {
-            reloaded |= tokens.get().1;
-        }
-        if reloaded {
-            e.cache.write().unwrap_or_else(|p| p.into_inner()).clear();
-        }
+        let policy = e.current_policy();
         let now = now_secs();
-        let bearer = match headers.get(http::header::AUTHORIZATION) {
-            None => None,
-            Some(value) => {
-                let text = value
-                    .to_str()
-                    .map_err(|_| unauthenticated("malformed authorization header"))?;
-                let token = text
-                    .strip_prefix("Bearer ")
-                    .or_else(|| text.strip_prefix("bearer "))
-                    .map(str::trim)
-                    .filter(|t| !t.is_empty())
-                    .ok_or_else(|| {
-                        unauthenticated("authorization header is not `Bearer <token>`")
-                    })?;
-                Some(token)
-            }
-        };
+        let bearer = bearer_token(headers)?;
         // A token is looked up as it is (no copy on the hot path); a certificate under a
         // prefix, so it can never collide with a token.
         let cert_key: Vec<u8>;
@@ -335,30 +391,12 @@ impl Auth {
                 ))
             }
         };
-        if let Some((caller, exp)) = e.cache.read().unwrap_or_else(|p| p.into_inner()).get(key) {
-            if *exp > now {
-                return Ok(caller.clone());
-            }
+        if let Some(caller) = e.cached(key, now) {
+            return Ok(caller);
         }
         let (identity, exp) = match bearer {
             Some(token) => self.bearer(e, token, now)?,
-            None => {
-                let leaf = conn
-                    .and_then(|c| c.peer_certs.as_ref())
-                    .and_then(|c| c.first().cloned())
-                    .ok_or_else(|| unauthenticated("no client certificate"))?;
-                let principal = mtls::principal(leaf.as_ref())
-                    .ok_or_else(|| unauthenticated("client certificate names no principal"))?;
-                // Re-read the policy at least every minute for long-lived connections.
-                (
-                    Identity {
-                        principal,
-                        groups: Vec::new(),
-                        method: "mtls",
-                    },
-                    now + 60,
-                )
-            }
+            None => certificate_identity(conn, now)?,
         };
         let exp = exp.min(now + CACHE_TTL_SECS);
         let grants = policy.grants(&identity);
@@ -369,11 +407,7 @@ impl Auth {
             service: self.service,
             enforced: true,
         };
-        let mut cache = e.cache.write().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= CACHE_MAX {
-            cache.clear();
-        }
-        cache.insert(key.to_vec(), (caller.clone(), exp));
+        e.remember(key, caller.clone(), exp);
         Ok(caller)
     }
 

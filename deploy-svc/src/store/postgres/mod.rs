@@ -445,6 +445,8 @@ struct TailerParts {
 }
 
 impl TailerParts {
+    /// Follows the placement log from `head` until the store stops: reads and publishes
+    /// what was committed whenever woken (or polled), then prunes.
     async fn run(self, head: u64) {
         let mut tail = Tail {
             cursor: head,
@@ -472,57 +474,73 @@ impl TailerParts {
                     }
                 }
             }
-            loop {
-                let read = self
-                    .pool
-                    .run(move |conn| {
-                        let (events, mut next, new_hole) = tail_read(conn, tail, 4096)?;
-                        if new_hole {
-                            if let Some(h) = next.hole.as_mut() {
-                                h.xid = fresh_xid(conn)?;
-                            }
-                        }
-                        Ok((events, next))
-                    })
-                    .await;
-                match read {
-                    Ok((events, next)) => {
-                        let more = events.len() == 4096;
-                        tail = next;
-                        self.feed.publish(events);
-                        if !more {
-                            break;
+            tail = self.read_log(tail).await;
+            pruned = self.prune(pruned).await;
+        }
+    }
+
+    /// Reads the log after `tail` and publishes it, 4096 events at a time until a read
+    /// returns fewer; a failed read is logged and left for the next round. Returns the
+    /// position reached.
+    async fn read_log(&self, mut tail: Tail) -> Tail {
+        loop {
+            let read = self
+                .pool
+                .run(move |conn| {
+                    let (events, mut next, new_hole) = tail_read(conn, tail, 4096)?;
+                    if new_hole {
+                        if let Some(h) = next.hole.as_mut() {
+                            h.xid = fresh_xid(conn)?;
                         }
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot read the placement log; retrying");
+                    Ok((events, next))
+                })
+                .await;
+            match read {
+                Ok((events, next)) => {
+                    let more = events.len() == 4096;
+                    tail = next;
+                    self.feed.publish(events);
+                    if !more {
                         break;
                     }
                 }
-            }
-            {
-                // Prune in steps of a tenth of the retention (any replica may; they agree).
-                let (head, retention) = (self.feed.head(), self.retention);
-                if head.saturating_sub(pruned) > retention + retention / 10 {
-                    let through = to_i64(head - retention);
-                    let outcome = self
-                        .pool.run(move |conn| {
-                            let mut tx = conn.client.transaction().map_err(|e| pg_error(&e))?;
-                            tx.execute("DELETE FROM placement_events WHERE seq <= $1", &[&through])
-                                .map_err(|e| pg_error(&e))?;
-                            tx.execute(
-                                "UPDATE log_meta SET pruned_through = GREATEST(pruned_through, $1) WHERE id = 1",
-                                &[&through],
-                            )
-                            .map_err(|e| pg_error(&e))?;
-                            tx.commit().map_err(|e| pg_error(&e))
-                        })
-                        .await;
-                    match outcome {
-                        Ok(()) => pruned = to_u64(through),
-                        Err(e) => tracing::warn!(error = %e, "cannot prune the placement log"),
-                    }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the placement log; retrying");
+                    break;
                 }
+            }
+        }
+        tail
+    }
+
+    /// Prunes the log, in steps of a tenth of the retention (any replica may; they agree).
+    /// `pruned`: the sequence the log was last pruned through; returns it, moved on when
+    /// this prune happened.
+    async fn prune(&self, pruned: u64) -> u64 {
+        let (head, retention) = (self.feed.head(), self.retention);
+        if head.saturating_sub(pruned) <= retention + retention / 10 {
+            return pruned;
+        }
+        let through = to_i64(head - retention);
+        let outcome = self
+            .pool.run(move |conn| {
+                let mut tx = conn.client.transaction().map_err(|e| pg_error(&e))?;
+                tx.execute("DELETE FROM placement_events WHERE seq <= $1", &[&through])
+                    .map_err(|e| pg_error(&e))?;
+                tx.execute(
+                    "UPDATE log_meta SET pruned_through = GREATEST(pruned_through, $1) WHERE id = 1",
+                    &[&through],
+                )
+                .map_err(|e| pg_error(&e))?;
+                tx.commit().map_err(|e| pg_error(&e))
+            })
+            .await;
+        match outcome {
+            Ok(()) => to_u64(through),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot prune the placement log");
+                pruned
             }
         }
     }
