@@ -42,22 +42,26 @@
 //! LISTENs and then reads the table (catch-up read). A replica's own writes wake its
 //! tailer directly; a lost notification costs at most the poll interval.
 
+mod notify;
 mod reports;
+mod tail;
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use notify::{listener, notifier};
+use tail::{settled_head, TailerParts};
+
+use std::sync::atomic::AtomicI32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use store_kit::postgres::{
-    connect, connect_async, connect_spawned, retrying, Conn, Failed, IsolationLevel, PgDb, Pool,
-    PoolConfig,
+    connect, retrying, Conn, Failed, IsolationLevel, PgDb, Pool, PoolConfig,
 };
 use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::backend::{to_i64, to_u64, Backend, ReadJob, ReportLock, WriteJob};
-use super::db::{p, Db, V};
+use super::db::{p, Db};
 use super::log;
 use crate::app::SqlStore;
 use crate::domain::clock::Clock;
@@ -228,120 +232,6 @@ fn commit(
     committed
 }
 
-// ---- the tail of the log ----
-
-/// A hole in the sequence: where it starts and a transaction id assigned after the
-/// snapshot that saw it (so above the id of any transaction that could fill it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Hole {
-    start: u64,
-    xid: i64,
-}
-
-/// The tailer's position.
-#[derive(Debug, Clone, Copy)]
-struct Tail {
-    cursor: u64,
-    hole: Option<Hole>,
-}
-
-/// A transaction id newer than every id assigned so far (a transaction of its own that
-/// writes nothing).
-fn fresh_xid(conn: &mut Conn) -> Result<i64> {
-    let row = conn
-        .client
-        .query_one(
-            "SELECT CAST(CAST(pg_current_xact_id() AS text) AS bigint)",
-            &[],
-        )
-        .map_err(|e| pg_error(&e))?;
-    Ok(row.get(0))
-}
-
-/// The tailer's one statement (one snapshot, one round trip): the snapshot's oldest
-/// running transaction id, where retention pruned the log through, and up to `$2` events
-/// after `$1` (none: one row with NULL event columns).
-const TAIL_READ: &str = "SELECT m.xmin, m.pruned, e.seq, e.commit_ms, e.deployment, e.environment, e.target, e.artifact, e.version, e.digest, e.state, e.previous_state, e.message, e.trace_parent
-     FROM (SELECT CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS text) AS bigint) AS xmin,
-                  (SELECT pruned_through FROM log_meta WHERE id = 1) AS pruned) m
-     LEFT JOIN LATERAL (SELECT * FROM placement_events WHERE seq > ?1 ORDER BY seq LIMIT ?2) e ON true
-     ORDER BY e.seq";
-
-/// Reads what follows `tail` and returns the events safe to deliver, in order, the new
-/// position, and whether a newly seen hole still needs its transaction id (see the module
-/// documentation for the hole rule).
-fn tail_read(conn: &mut Conn, tail: Tail, max: usize) -> Result<(Vec<PlacementEvent>, Tail, bool)> {
-    let limit = i64::try_from(max).unwrap_or(i64::MAX);
-    let rows = conn.query(TAIL_READ, p![to_i64(tail.cursor), limit])?;
-    let mut xmin = 0;
-    let mut events = Vec::with_capacity(rows.len());
-    for row in &rows {
-        xmin = row.get(0)?;
-        let pruned = to_u64(row.get(1)?);
-        if tail.cursor < pruned {
-            return Err(crate::placement_log::retention_error(tail.cursor, pruned));
-        }
-        if row.values().get(2).is_some_and(|v| *v != V::N) {
-            events.push(log::event_row(&row.skip(2))?);
-        }
-    }
-    let mut out = Vec::with_capacity(events.len());
-    let mut next = tail;
-    let mut new_hole = false;
-    for event in events {
-        let expected = next.cursor + 1;
-        if event.sequence != expected {
-            match next.hole {
-                // Every transaction that could fill it has ended: it stays empty.
-                Some(h) if h.start == expected && xmin > h.xid => {}
-                Some(h) if h.start == expected => break,
-                _ => {
-                    // Seen now; its transaction id is taken right after this snapshot.
-                    next.hole = Some(Hole {
-                        start: expected,
-                        xid: i64::MAX,
-                    });
-                    new_hole = true;
-                    break;
-                }
-            }
-        }
-        next.hole = None;
-        next.cursor = event.sequence;
-        out.push(event);
-    }
-    Ok((out, next, new_hole))
-}
-
-/// The log head every replica can agree on at start: the newest sequence of a snapshot,
-/// once every transaction running at that snapshot has ended (so nothing at or below it
-/// can still commit).
-fn settled_head(conn: &mut Conn) -> Result<u64> {
-    let max_seq: i64 = conn
-        .client
-        .query_one("SELECT COALESCE(MAX(seq), 0) FROM placement_events", &[])
-        .map_err(|e| pg_error(&e))?
-        .get(0);
-    let xid = fresh_xid(conn)?;
-    for _ in 0..6000 {
-        let xmin: i64 = conn
-            .client
-            .query_one(
-                "SELECT CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS text) AS bigint)",
-                &[],
-            )
-            .map_err(|e| pg_error(&e))?
-            .get(0);
-        if xmin > xid {
-            return Ok(to_u64(max_seq));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Err(Error::Unavailable(
-        "a transaction older than this start is still running; retry".into(),
-    ))
-}
-
 impl SqlStore<PostgresBackend> {
     /// Connects, migrates, settles the log head and starts the tailer, the notifier and the
     /// listener (call inside a Tokio runtime). Returns the store and the feed.
@@ -429,221 +319,6 @@ impl PostgresBackend {
             notify: options.notify,
         };
         tokio::spawn(async move { backend.run(head).await });
-    }
-}
-
-/// What the tailer task needs (it outlives no one: it stops with the store).
-struct TailerParts {
-    pool: Arc<Pool>,
-    feed: Arc<Feed>,
-    wake: Arc<Notify>,
-    stop: CancellationToken,
-    poll: Duration,
-    retention: u64,
-    remote: Arc<Notify>,
-    notify: NotifyMode,
-}
-
-impl TailerParts {
-    /// Follows the placement log from `head` until the store stops: reads and publishes
-    /// what was committed whenever woken (or polled), then prunes.
-    async fn run(self, head: u64) {
-        let mut tail = Tail {
-            cursor: head,
-            hole: None,
-        };
-        let mut pruned = 0u64;
-        let mut hole_wait = Duration::ZERO;
-        loop {
-            // At a hole, look again soon, less often the longer it stays open.
-            let wait = if tail.hole.is_some() {
-                hole_wait =
-                    (hole_wait * 2).clamp(Duration::from_millis(1), Duration::from_millis(50));
-                hole_wait
-            } else {
-                hole_wait = Duration::ZERO;
-                self.poll
-            };
-            tokio::select! {
-                () = self.stop.cancelled() => return,
-                () = self.wake.notified() => {}
-                () = tokio::time::sleep(wait) => {
-                    if self.notify == NotifyMode::Off {
-                        // Without notifications, a poll that finds events stands for them.
-                        self.remote.notify_one();
-                    }
-                }
-            }
-            tail = self.read_log(tail).await;
-            pruned = self.prune(pruned).await;
-        }
-    }
-
-    /// Reads the log after `tail` and publishes it, 4096 events at a time until a read
-    /// returns fewer; a failed read is logged and left for the next round. Returns the
-    /// position reached.
-    async fn read_log(&self, mut tail: Tail) -> Tail {
-        loop {
-            let read = self
-                .pool
-                .run(move |conn| {
-                    let (events, mut next, new_hole) = tail_read(conn, tail, 4096)?;
-                    if new_hole {
-                        if let Some(h) = next.hole.as_mut() {
-                            h.xid = fresh_xid(conn)?;
-                        }
-                    }
-                    Ok((events, next))
-                })
-                .await;
-            match read {
-                Ok((events, next)) => {
-                    let more = events.len() == 4096;
-                    tail = next;
-                    self.feed.publish(events);
-                    if !more {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the placement log; retrying");
-                    break;
-                }
-            }
-        }
-        tail
-    }
-
-    /// Prunes the log, in steps of a tenth of the retention (any replica may; they agree).
-    /// `pruned`: the sequence the log was last pruned through; returns it, moved on when
-    /// this prune happened.
-    async fn prune(&self, pruned: u64) -> u64 {
-        let (head, retention) = (self.feed.head(), self.retention);
-        if head.saturating_sub(pruned) <= retention + retention / 10 {
-            return pruned;
-        }
-        let through = to_i64(head - retention);
-        let outcome = self
-            .pool.run(move |conn| {
-                let mut tx = conn.client.transaction().map_err(|e| pg_error(&e))?;
-                tx.execute("DELETE FROM placement_events WHERE seq <= $1", &[&through])
-                    .map_err(|e| pg_error(&e))?;
-                tx.execute(
-                    "UPDATE log_meta SET pruned_through = GREATEST(pruned_through, $1) WHERE id = 1",
-                    &[&through],
-                )
-                .map_err(|e| pg_error(&e))?;
-                tx.commit().map_err(|e| pg_error(&e))
-            })
-            .await;
-        match outcome {
-            Ok(()) => to_u64(through),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot prune the placement log");
-                pruned
-            }
-        }
-    }
-}
-
-async fn notifier(
-    url: String,
-    bell: Arc<Notify>,
-    stop: CancellationToken,
-    own_pid: Arc<AtomicI32>,
-) {
-    let mut client: Option<tokio_postgres::Client> = None;
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = bell.notified() => {}
-        }
-        if client
-            .as_ref()
-            .is_none_or(tokio_postgres::Client::is_closed)
-        {
-            client = match connect_spawned(&url).await {
-                Ok(c) => {
-                    let ok = c
-                        .batch_execute("SET synchronous_commit = off")
-                        .await
-                        .is_ok();
-                    if let Ok(row) = c.query_one("SELECT pg_backend_pid()", &[]).await {
-                        own_pid.store(row.get(0), Ordering::Relaxed);
-                    }
-                    ok.then_some(c)
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot connect to notify other replicas");
-                    None
-                }
-            };
-        }
-        if let Some(c) = &client {
-            if let Err(e) = c.batch_execute(&format!("NOTIFY {CHANNEL}")).await {
-                tracing::warn!(error = %e, "cannot notify other replicas");
-            }
-        }
-        // At most one notification per window: commits meanwhile ride on the next one, so
-        // under load the other replicas read the log in batches rather than per commit.
-        tokio::time::sleep(NOTIFY_WINDOW).await;
-    }
-}
-
-/// The shortest time between two notifications of one replica.
-const NOTIFY_WINDOW: Duration = Duration::from_millis(2);
-
-async fn listener(
-    url: String,
-    tail: Arc<Notify>,
-    remote: Arc<Notify>,
-    stop: CancellationToken,
-    own_pid: Arc<AtomicI32>,
-) {
-    use futures::StreamExt;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let connected = connect_async(&url).await;
-        let (client, mut connection) = match connected {
-            Ok(pair) => pair,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot connect to listen for other replicas");
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-                continue;
-            }
-        };
-        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-        let listen_sql = format!("LISTEN {CHANNEL}");
-        let listen = client.batch_execute(&listen_sql);
-        let mut listen = std::pin::pin!(listen);
-        let mut listening = false;
-        backoff = Duration::from_millis(100);
-        // Catch up on whatever committed while we were not listening.
-        tail.notify_one();
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                r = &mut listen, if !listening => {
-                    if r.is_err() { break; }
-                    listening = true;
-                }
-                m = messages.next() => match m {
-                    Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
-                        if n.process_id() != own_pid.load(Ordering::Relaxed) {
-                            tail.notify_one();
-                            remote.notify_one();
-                        }
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(_)) | None => break,
-                },
-            }
-        }
-        tracing::warn!("lost the PostgreSQL notification connection; reconnecting");
     }
 }
 
