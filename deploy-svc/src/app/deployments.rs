@@ -232,10 +232,6 @@ pub(super) fn counts_at(r: &SqlRow, at: usize) -> Result<PlacementCounts> {
         removed: to_u64(r.get(at + 4)?),
     })
 }
-/// The caller automatic actions are recorded with.
-pub(super) fn system() -> Caller {
-    Caller::system()
-}
 
 /// Rolls deployment `id` back (see [`Store::rollback_deployment`]).
 pub(super) fn rollback(

@@ -4,12 +4,11 @@ use serde_json::json;
 
 use super::audit::append_audit;
 use super::deployments::{
-    deployment_row, load_deployment, lock_deployment, pace_deployment, rollback, system,
-    DEPLOYMENT_COLUMNS,
+    deployment_row, load_deployment, lock_deployment, pace_deployment, rollback, DEPLOYMENT_COLUMNS,
 };
 use super::reports::apply_report;
 use super::SqlStore;
-use crate::domain::audit::{self, AuditEntry};
+use crate::domain::audit::{self, AuditEntry, Caller};
 use crate::domain::clock::Millis;
 use crate::domain::model::{
     Deployment, DeploymentState, PlacementEvent, PlacementReport, PlacementState,
@@ -76,7 +75,7 @@ fn fail_lost_placements(
                     (now - heartbeat) / 1000
                 ),
             },
-            &system(),
+            &Caller::system(),
         )?;
         changed = true;
     }
@@ -129,7 +128,7 @@ fn auto_rollback(
         id,
         "automatic rollback after failure",
         None,
-        &system(),
+        &Caller::system(),
     );
     // A conflict or an outage is not a refusal: the whole pass runs again.
     let outcome = match outcome {
@@ -154,7 +153,7 @@ fn auto_rollback(
     append_audit(
         conn,
         now,
-        &system(),
+        &Caller::system(),
         AuditEntry {
             action: "auto.rollback",
             resource: deployment_name(id),
