@@ -158,6 +158,7 @@ pub async fn run(
     }
 }
 
+/// Opens the stream and applies what it sends until it ends, fails or falls silent.
 async fn follow(
     engine: &Engine,
     deploy_svc: &str,
@@ -167,29 +168,7 @@ async fn follow(
     resync: bool,
     backoff: &mut Backoff,
 ) -> Outcome {
-    // A frozen deploy-svc accepts TCP connections and then says nothing: bound the
-    // connection and the call that opens the stream like the stream itself.
-    let span = tracing::info_span!(
-        target: service_kit::otel::TARGET,
-        parent: None,
-        "placement-feed.open",
-        otel.kind = "client",
-        rpc.system = "grpc",
-        rpc.service = "deploy.v1.DeployService",
-        rpc.method = "WatchPlacements",
-        resync,
-    );
-    let opened = tokio::time::timeout(
-        SILENCE_LIMIT,
-        tracing::Instrument::instrument(open(engine, deploy_svc, security, resync), span),
-    )
-    .await
-    .unwrap_or_else(|_| {
-        Err(Outcome::Retry(format!(
-            "deploy-svc did not answer WatchPlacements within {SILENCE_LIMIT:?}"
-        )))
-    });
-    let (mut stream, cursor) = match opened {
+    let (mut stream, cursor) = match open_bounded(engine, deploy_svc, security, resync).await {
         Ok(opened) => opened,
         Err(outcome) => return outcome,
     };
@@ -203,95 +182,170 @@ async fn follow(
     let mut applied = cursor;
     let mut snapshot = Vec::new();
     loop {
-        let first = match tokio::time::timeout(SILENCE_LIMIT, stream.message()).await {
-            Err(_) => {
-                return Outcome::Retry(format!(
-                    "no message from deploy-svc for {SILENCE_LIMIT:?} (heartbeats are due every {HEARTBEAT_INTERVAL:?}): the stream is dead"
-                ))
-            }
-            Ok(Ok(Some(m))) => m,
-            Ok(Ok(None)) => return Outcome::Retry("deploy-svc ended the stream".into()),
-            Ok(Err(s)) if matches!(s.code(), Code::FailedPrecondition | Code::OutOfRange) => {
-                return Outcome::Resync(s.message().to_owned())
-            }
-            Ok(Err(s)) => return Outcome::Retry(format!("stream error: {s}")),
+        let batch = match next_batch(&mut stream).await {
+            Ok(batch) => batch,
+            Err(outcome) => return outcome,
         };
-        // Take whatever else is already buffered, so one transaction covers a burst.
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
-            match stream.message().now_or_never() {
-                Some(Ok(Some(m))) => batch.push(m),
-                _ => break,
-            }
-        }
         let now = now_ms();
         update(status, |s| s.last_message_ms = now);
         metrics::gauge!(telemetry::CONSUMER_LAST_MESSAGE).set(now as f64 / 1000.0);
-        let mut events = Vec::new();
-        // (environment, traceparent) of the events that carry one, while traces are on.
-        let mut causes: Vec<(String, String)> = Vec::new();
-        let mut cursor_after = None;
+        let mut events = Events::default();
         for msg in batch {
-            use dpb::watch_placements_response::Kind;
-            match msg.kind {
-                Some(Kind::SnapshotPlacement(p)) => {
-                    if let Some(p) = placement(&p) {
-                        snapshot.push(p);
-                    }
-                }
-                Some(Kind::SnapshotEnd(end)) => {
-                    if let Err(e) = engine
-                        .resync(std::mem::take(&mut snapshot), end.sequence)
-                        .await
-                    {
-                        tracing::error!(error = %e, "cannot store the snapshot");
-                        return Outcome::Retry(format!(
-                            "cannot store the snapshot: {}",
-                            e.for_caller()
-                        ));
-                    }
-                    applied = end.sequence;
-                    update(status, |s| s.head = s.head.max(end.sequence));
-                }
-                Some(Kind::Event(e)) => {
-                    cursor_after = Some(e.sequence);
-                    match e.placement.as_ref().and_then(placement) {
-                        Some(p) => {
-                            if let Some(tp) =
-                                e.trace_parent.filter(|_| service_kit::otel::enabled())
-                            {
-                                causes.push((p.environment.clone(), tp));
-                            }
-                            events.push(p);
-                        }
-                        None => tracing::error!(
-                            sequence = e.sequence,
-                            "malformed placement event skipped"
-                        ),
-                    }
-                    update(status, |s| s.head = s.head.max(e.sequence));
-                }
-                Some(Kind::Heartbeat(h)) => update(status, |s| s.head = h.head_sequence),
-                None => {}
+            let taken = take(engine, status, msg, &mut snapshot, &mut events).await;
+            match taken {
+                Ok(Some(sequence)) => applied = sequence,
+                Ok(None) => {}
+                Err(outcome) => return outcome,
             }
         }
-        if let Some(cursor_after) = cursor_after {
-            match engine.apply_placements(events, cursor_after).await {
-                Ok(withdrawals) => trace_withdrawals(&withdrawals, &causes),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot apply placement events");
-                    return Outcome::Retry(format!(
-                        "cannot apply placement events: {}",
-                        e.for_caller()
-                    ));
-                }
-            }
-            applied = cursor_after;
+        match apply(engine, events).await {
+            Ok(Some(sequence)) => applied = sequence,
+            Ok(None) => {}
+            Err(outcome) => return outcome,
         }
         let head = status.lock().unwrap_or_else(|p| p.into_inner()).head;
         metrics::gauge!(telemetry::CONSUMER_HEAD).set(head as f64);
         metrics::gauge!(telemetry::CONSUMER_LAG).set(head.saturating_sub(applied) as f64);
     }
+}
+
+/// [`open`] in its span, bounded by [`SILENCE_LIMIT`].
+async fn open_bounded(
+    engine: &Engine,
+    deploy_svc: &str,
+    security: &service_kit::client::ClientSecurity,
+    resync: bool,
+) -> Result<Opened, Outcome> {
+    // A frozen deploy-svc accepts TCP connections and then says nothing: bound the
+    // connection and the call that opens the stream like the stream itself.
+    let span = tracing::info_span!(
+        target: service_kit::otel::TARGET,
+        parent: None,
+        "placement-feed.open",
+        otel.kind = "client",
+        rpc.system = "grpc",
+        rpc.service = "deploy.v1.DeployService",
+        rpc.method = "WatchPlacements",
+        resync,
+    );
+    tokio::time::timeout(
+        SILENCE_LIMIT,
+        tracing::Instrument::instrument(open(engine, deploy_svc, security, resync), span),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(Outcome::Retry(format!(
+            "deploy-svc did not answer WatchPlacements within {SILENCE_LIMIT:?}"
+        )))
+    })
+}
+
+/// The next message, waited for at most [`SILENCE_LIMIT`], and whatever else is already
+/// buffered behind it (at most [`BATCH`] in all).
+async fn next_batch(
+    stream: &mut tonic::Streaming<dpb::WatchPlacementsResponse>,
+) -> Result<Vec<dpb::WatchPlacementsResponse>, Outcome> {
+    let first = match tokio::time::timeout(SILENCE_LIMIT, stream.message()).await {
+        Err(_) => {
+            return Err(Outcome::Retry(format!(
+                "no message from deploy-svc for {SILENCE_LIMIT:?} (heartbeats are due every {HEARTBEAT_INTERVAL:?}): the stream is dead"
+            )))
+        }
+        Ok(Ok(Some(m))) => m,
+        Ok(Ok(None)) => return Err(Outcome::Retry("deploy-svc ended the stream".into())),
+        Ok(Err(s)) if matches!(s.code(), Code::FailedPrecondition | Code::OutOfRange) => {
+            return Err(Outcome::Resync(s.message().to_owned()))
+        }
+        Ok(Err(s)) => return Err(Outcome::Retry(format!("stream error: {s}"))),
+    };
+    // Take whatever else is already buffered, so one transaction covers a burst.
+    let mut batch = vec![first];
+    while batch.len() < BATCH {
+        match stream.message().now_or_never() {
+            Some(Ok(Some(m))) => batch.push(m),
+            _ => break,
+        }
+    }
+    Ok(batch)
+}
+
+/// The placement events of one batch, applied together after it is read.
+#[derive(Default)]
+struct Events {
+    placements: Vec<Placement>,
+    /// (environment, traceparent) of the events that carry one, while traces are on.
+    causes: Vec<(String, String)>,
+    /// The sequence of the batch's last event (a malformed one included).
+    cursor_after: Option<u64>,
+}
+
+/// Takes one message: a snapshot placement into `snapshot` (stored as a resync at the
+/// snapshot's end), an event into `events`, a heartbeat's head into the status. Returns the
+/// sequence a stored snapshot reaches.
+async fn take(
+    engine: &Engine,
+    status: &SharedStatus,
+    msg: dpb::WatchPlacementsResponse,
+    snapshot: &mut Vec<Placement>,
+    events: &mut Events,
+) -> Result<Option<u64>, Outcome> {
+    use dpb::watch_placements_response::Kind;
+    match msg.kind {
+        Some(Kind::SnapshotPlacement(p)) => {
+            if let Some(p) = placement(&p) {
+                snapshot.push(p);
+            }
+        }
+        Some(Kind::SnapshotEnd(end)) => {
+            if let Err(e) = engine.resync(std::mem::take(snapshot), end.sequence).await {
+                tracing::error!(error = %e, "cannot store the snapshot");
+                return Err(Outcome::Retry(format!(
+                    "cannot store the snapshot: {}",
+                    e.for_caller()
+                )));
+            }
+            update(status, |s| s.head = s.head.max(end.sequence));
+            return Ok(Some(end.sequence));
+        }
+        Some(Kind::Event(e)) => {
+            events.cursor_after = Some(e.sequence);
+            match e.placement.as_ref().and_then(placement) {
+                Some(p) => {
+                    if let Some(tp) = e.trace_parent.filter(|_| service_kit::otel::enabled()) {
+                        events.causes.push((p.environment.clone(), tp));
+                    }
+                    events.placements.push(p);
+                }
+                None => tracing::error!(sequence = e.sequence, "malformed placement event skipped"),
+            }
+            update(status, |s| s.head = s.head.max(e.sequence));
+        }
+        Some(Kind::Heartbeat(h)) => update(status, |s| s.head = h.head_sequence),
+        None => {}
+    }
+    Ok(None)
+}
+
+/// Applies a batch's events and advances the cursor past them (tracing any automatic
+/// withdrawal); returns the new cursor when the batch had events.
+async fn apply(engine: &Engine, events: Events) -> Result<Option<u64>, Outcome> {
+    let Some(cursor_after) = events.cursor_after else {
+        return Ok(None);
+    };
+    match engine
+        .apply_placements(events.placements, cursor_after)
+        .await
+    {
+        Ok(withdrawals) => trace_withdrawals(&withdrawals, &events.causes),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot apply placement events");
+            return Err(Outcome::Retry(format!(
+                "cannot apply placement events: {}",
+                e.for_caller()
+            )));
+        }
+    }
+    Ok(Some(cursor_after))
 }
 
 /// One span per automatic withdrawal, linked to the trace context of every event of the

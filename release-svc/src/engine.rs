@@ -17,18 +17,20 @@ use tokio::sync::{broadcast, Mutex};
 use std::collections::{BTreeSet, HashSet};
 
 use crate::domain::evaluate::{Context, Decision, Scope, Snapshot};
+use crate::domain::flagd_doc::ImportedFlag;
 use crate::domain::model::{Feature, Millis, Release, ReleaseState, Transition};
 use crate::domain::placements::{Placement, PlacementIndex};
 use crate::domain::policy::Policy;
 use crate::domain::rules::Bucketing;
 use crate::domain::{Error, Result};
-use crate::store::{AuditEntry, Store, Withdrawal};
+use crate::store::{AuditEntry, Loaded, Store, Withdrawal};
 
 mod governance;
 mod timeline;
 mod usage;
 mod visibility;
 
+use governance::CalendarRead;
 pub use governance::{Calendar, EnvironmentFacts};
 pub use timeline::{Event, Timeline, Upcoming};
 pub use usage::{EnvironmentUsage, Stale, VariantCount, DAY_MS};
@@ -82,6 +84,32 @@ fn archived(key: &str) -> crate::domain::PreconditionViolation {
         format!("features/{key}"),
         "the feature is archived; unarchive it first",
     )
+}
+
+/// What an import did with one flag.
+enum Imported {
+    Created,
+    Updated,
+    Unchanged,
+}
+
+/// An archived feature is not brought back by an import: FAILED_PRECONDITION naming every
+/// archived feature among `flags` (unarchive them first).
+fn refuse_archived(state: &State, flags: &[ImportedFlag]) -> Result<()> {
+    let archived_keys: Vec<_> = flags
+        .iter()
+        .filter(|f| {
+            state
+                .features
+                .get(&f.key)
+                .is_some_and(|f| f.archived_ms.is_some())
+        })
+        .map(|f| archived(&f.key))
+        .collect();
+    if !archived_keys.is_empty() {
+        return Err(Error::FailedPrecondition(archived_keys));
+    }
+    Ok(())
 }
 
 fn audit_word(archive: bool) -> &'static str {
@@ -139,6 +167,52 @@ struct State {
     policies: BTreeMap<String, Policy>,
 }
 
+impl State {
+    /// The state as stored.
+    fn loaded(loaded: Loaded) -> Self {
+        let mut placements = PlacementIndex::default();
+        placements.replace(loaded.placements);
+        Self {
+            features: loaded.features,
+            releases: loaded.releases,
+            placements,
+            cursor: loaded.cursor,
+            events_applied: loaded.events_applied,
+            policies: loaded.policies,
+        }
+    }
+
+    /// The snapshot after `before` with the entries in `scope` recomputed from this state.
+    fn next_snapshot(&self, before: &Snapshot, scope: &Scope) -> Snapshot {
+        before.update(
+            before.version + 1,
+            scope,
+            &self.features,
+            &self.releases,
+            &self.placements,
+        )
+    }
+
+    /// Release `id` as it stands (NOT_FOUND when there is none).
+    fn release(&self, id: i64) -> Result<Release> {
+        self.releases
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("releases/{id}")))
+    }
+
+    /// The stored policy of `environment` (an empty one, revision 0, if none was set).
+    fn policy(&self, environment: &str) -> Policy {
+        self.policies
+            .get(environment)
+            .cloned()
+            .unwrap_or_else(|| Policy {
+                environment: environment.to_owned(),
+                ..Policy::default()
+            })
+    }
+}
+
 /// The engine.
 pub struct Engine {
     store: Arc<dyn Store>,
@@ -166,31 +240,17 @@ impl Engine {
         clock: Arc<dyn Clock>,
         calendar: Arc<dyn Calendar>,
     ) -> Result<Self> {
-        let loaded = store.load().await?;
-        let mut placements = PlacementIndex::default();
-        placements.replace(loaded.placements);
-        let snapshot = Snapshot {
+        let state = State::loaded(store.load().await?);
+        // Version 1, the first after the empty snapshot.
+        let empty = Snapshot {
             bucketing,
             ..Snapshot::default()
-        }
-        .update(
-            1,
-            &Scope::All,
-            &loaded.features,
-            &loaded.releases,
-            &placements,
-        );
+        };
+        let snapshot = state.next_snapshot(&empty, &Scope::All);
         let (changes, _) = broadcast::channel(1024);
         Ok(Self {
             store,
-            state: Mutex::new(State {
-                features: loaded.features,
-                releases: loaded.releases,
-                placements,
-                cursor: loaded.cursor,
-                events_applied: loaded.events_applied,
-                policies: loaded.policies,
-            }),
+            state: Mutex::new(state),
             snapshot: ArcSwap::from_pointee(snapshot),
             changes,
             clock,
@@ -204,25 +264,9 @@ impl Engine {
         // Under the writers' lock: a load that started before one of this replica's own
         // commits must not overwrite it with older data.
         let mut state = self.state.lock().await;
-        let loaded = self.store.load().await?;
-        let mut placements = PlacementIndex::default();
-        placements.replace(loaded.placements);
-        *state = State {
-            features: loaded.features,
-            releases: loaded.releases,
-            placements,
-            cursor: loaded.cursor,
-            events_applied: loaded.events_applied,
-            policies: loaded.policies,
-        };
+        *state = State::loaded(self.store.load().await?);
         let before = self.snapshot.load_full();
-        let next = before.update(
-            before.version + 1,
-            &Scope::All,
-            &state.features,
-            &state.releases,
-            &state.placements,
-        );
+        let next = state.next_snapshot(&before, &Scope::All);
         // Announce only the decisions that changed (a reload after this replica's own
         // commit changes none).
         self.swap(
@@ -270,13 +314,7 @@ impl Engine {
     ) -> (Scope, Snapshot) {
         let artifacts: HashSet<&str> = placements.iter().map(|p| p.artifact.as_str()).collect();
         let scope = Self::carried_by(state, &artifacts);
-        let next = before.update(
-            before.version + 1,
-            &scope,
-            &state.features,
-            &state.releases,
-            &state.placements,
-        );
+        let next = state.next_snapshot(before, &scope);
         (scope, next)
     }
 
@@ -316,13 +354,7 @@ impl Engine {
 
     /// A feature by key.
     pub async fn feature(&self, key: &str) -> Result<Arc<Feature>> {
-        self.state
-            .lock()
-            .await
-            .features
-            .get(key)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("features/{key}")))
+        current_feature(&*self.state.lock().await, key, None)
     }
 
     /// Features after `after` in key order, at most `limit + 1` (to tell if more follow);
@@ -345,13 +377,7 @@ impl Engine {
 
     /// A release by id.
     pub async fn release(&self, id: i64) -> Result<Release> {
-        self.state
-            .lock()
-            .await
-            .releases
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("releases/{id}")))
+        self.state.lock().await.release(id)
     }
 
     /// Releases before id `before`, newest first, at most `limit + 1`.
@@ -375,14 +401,22 @@ impl Engine {
     /// announces what changed.
     fn publish(&self, state: &State, scope: Scope, cause: String) {
         let before = self.snapshot.load_full();
-        let next = before.update(
-            before.version + 1,
-            &scope,
-            &state.features,
-            &state.releases,
-            &state.placements,
-        );
+        let next = state.next_snapshot(&before, &scope);
         self.swap(&before, next, &scope, cause);
+    }
+
+    /// Puts `feature` in `state` and publishes its decisions ("feature features/{key}
+    /// {done}").
+    fn publish_feature(&self, state: &mut State, feature: Feature, done: &str) -> Arc<Feature> {
+        let feature = Arc::new(feature);
+        state.features.insert(feature.key.clone(), feature.clone());
+        let scope = Scope::Keys(BTreeSet::from([feature.key.clone()]));
+        self.publish(
+            state,
+            scope,
+            format!("feature features/{} {done}", feature.key),
+        );
+        feature
     }
 
     /// Swaps `next` in and announces the pairs of `scope` that differ from `before`.
@@ -430,15 +464,7 @@ impl Engine {
         let mut audit = actor.audit(now, "CreateFeature", format!("features/{}", feature.key));
         audit.after = feature_summary(&feature);
         self.store.insert_feature(feature.clone(), audit).await?;
-        let feature = Arc::new(feature);
-        state.features.insert(feature.key.clone(), feature.clone());
-        let scope = Scope::Keys(BTreeSet::from([feature.key.clone()]));
-        self.publish(
-            &state,
-            scope,
-            format!("feature features/{} created", feature.key),
-        );
-        Ok(feature)
+        Ok(self.publish_feature(&mut state, feature, "created"))
     }
 
     /// Replaces a feature's mutable fields; `expected` is the caller's revision, if any.
@@ -466,15 +492,7 @@ impl Engine {
         self.store
             .update_feature(feature.clone(), current.revision, audit)
             .await?;
-        let feature = Arc::new(feature);
-        state.features.insert(feature.key.clone(), feature.clone());
-        let scope = Scope::Keys(BTreeSet::from([feature.key.clone()]));
-        self.publish(
-            &state,
-            scope,
-            format!("feature features/{} updated", feature.key),
-        );
-        Ok(feature)
+        Ok(self.publish_feature(&mut state, feature, "updated"))
     }
 
     /// Archives feature `key` (`archive`) or brings it back: an archived feature is hidden
@@ -530,15 +548,7 @@ impl Engine {
         self.store
             .update_feature(next.clone(), current.revision, audit)
             .await?;
-        let next = Arc::new(next);
-        state.features.insert(key.to_owned(), next.clone());
-        let scope = Scope::Keys(BTreeSet::from([key.to_owned()]));
-        self.publish(
-            &state,
-            scope,
-            format!("feature features/{key} {}", audit_word(archive)),
-        );
-        Ok(next)
+        Ok(self.publish_feature(&mut state, next, audit_word(archive)))
     }
 
     /// Creates a release in DRAFT (idempotent per request id).
@@ -603,115 +613,22 @@ impl Engine {
     pub async fn import_flagd(
         &self,
         environment: &str,
-        flags: Vec<crate::domain::flagd_doc::ImportedFlag>,
+        flags: Vec<ImportedFlag>,
         actor: &Caller,
     ) -> Result<(Vec<String>, Vec<String>, Vec<String>, Option<Release>)> {
         let calendar = self.calendar.environment(environment).await;
         let mut state = self.state.lock().await;
         let now = self.clock.now_ms();
-        // An archived feature is not brought back by an import: unarchive it first.
-        let archived_keys: Vec<_> = flags
-            .iter()
-            .filter(|f| {
-                state
-                    .features
-                    .get(&f.key)
-                    .is_some_and(|f| f.archived_ms.is_some())
-            })
-            .map(|f| archived(&f.key))
-            .collect();
-        if !archived_keys.is_empty() {
-            return Err(Error::FailedPrecondition(archived_keys));
-        }
-        // Flags not yet fully released in the environment get one release at 100%, which
-        // the environment's policies govern like any other: checked before anything is
-        // written.
-        let snapshot = self.snapshot.load();
-        let unreleased: Vec<String> = flags
-            .iter()
-            .map(|f| f.key.clone())
-            .filter(|k| {
-                snapshot
-                    .governing(k, environment)
-                    .is_none_or(|g| g.rollout_percent < 100.0)
-            })
-            .collect();
-        // The release, planned and checked before anything is written.
-        let planned = if unreleased.is_empty() {
-            None
-        } else {
-            let draft = Release {
-                id: 0,
-                description: format!("imported from a flagd flag definition into {environment}"),
-                features: unreleased,
-                environments: vec![crate::domain::model::ReleaseEnvironment {
-                    environment: environment.to_owned(),
-                    ..Default::default()
-                }],
-                state: ReleaseState::Draft,
-                governance: crate::domain::model::Governance {
-                    requester: actor.principal.clone(),
-                    ..Default::default()
-                },
-                revision: 1,
-                create_ms: now,
-                update_ms: now,
-            };
-            let mut full = draft.clone();
-            full.apply(&Transition::SetRollout {
-                environment: environment.to_owned(),
-                percent: 100.0,
-            })
-            .map_err(Error::Internal)?;
-            let violations = self.violations(&state, &draft, &full, 0, Some(&calendar), now);
-            if !violations.is_empty() {
-                return Err(Error::FailedPrecondition(violations));
-            }
-            full.stamp(&draft, now);
-            Some(full)
-        };
+        refuse_archived(&state, &flags)?;
+        let planned = self.import_release(&state, environment, &flags, actor, &calendar, now)?;
         let (mut created, mut updated, mut unchanged) = (Vec::new(), Vec::new(), Vec::new());
         for flag in &flags {
-            let existing = state.features.get(&flag.key).cloned();
-            let mut next = flag.to_feature(existing.as_deref());
-            match existing {
-                Some(current)
-                    if *current
-                        == Feature {
-                            revision: current.revision,
-                            create_ms: current.create_ms,
-                            update_ms: current.update_ms,
-                            ..next.clone()
-                        } =>
-                {
-                    unchanged.push(flag.key.clone());
-                    continue;
-                }
-                Some(current) => {
-                    next.revision = current.revision + 1;
-                    next.create_ms = current.create_ms;
-                    next.update_ms = now;
-                    let mut audit =
-                        actor.audit(now, "ImportFlagd", format!("features/{}", next.key));
-                    audit.before = feature_summary(&current);
-                    audit.after = feature_summary(&next);
-                    self.store
-                        .update_feature(next.clone(), current.revision, audit)
-                        .await?;
-                    updated.push(flag.key.clone());
-                }
-                None => {
-                    next.revision = 1;
-                    next.create_ms = now;
-                    next.update_ms = now;
-                    let mut audit =
-                        actor.audit(now, "ImportFlagd", format!("features/{}", next.key));
-                    audit.after = feature_summary(&next);
-                    self.store.insert_feature(next.clone(), audit).await?;
-                    created.push(flag.key.clone());
-                }
-            }
-            state.features.insert(next.key.clone(), Arc::new(next));
+            let list = match self.import_flag(&mut state, flag, actor, now).await? {
+                Imported::Created => &mut created,
+                Imported::Updated => &mut updated,
+                Imported::Unchanged => &mut unchanged,
+            };
+            list.push(flag.key.clone());
         }
         let release = match planned {
             None => None,
@@ -734,6 +651,111 @@ impl Engine {
             format!("flagd flags imported into {environment}"),
         );
         Ok((created, updated, unchanged, release))
+    }
+
+    /// The release an import creates for its flags not yet fully released in `environment`
+    /// (`None` when all are): at 100% there, governed by the environment's policies like
+    /// any other and checked before anything is written.
+    fn import_release(
+        &self,
+        state: &State,
+        environment: &str,
+        flags: &[ImportedFlag],
+        actor: &Caller,
+        calendar: &CalendarRead,
+        now: Millis,
+    ) -> Result<Option<Release>> {
+        let snapshot = self.snapshot.load();
+        let unreleased: Vec<String> = flags
+            .iter()
+            .map(|f| f.key.clone())
+            .filter(|k| {
+                snapshot
+                    .governing(k, environment)
+                    .is_none_or(|g| g.rollout_percent < 100.0)
+            })
+            .collect();
+        if unreleased.is_empty() {
+            return Ok(None);
+        }
+        let draft = Release {
+            id: 0,
+            description: format!("imported from a flagd flag definition into {environment}"),
+            features: unreleased,
+            environments: vec![crate::domain::model::ReleaseEnvironment {
+                environment: environment.to_owned(),
+                ..Default::default()
+            }],
+            state: ReleaseState::Draft,
+            governance: crate::domain::model::Governance {
+                requester: actor.principal.clone(),
+                ..Default::default()
+            },
+            revision: 1,
+            create_ms: now,
+            update_ms: now,
+        };
+        let mut full = draft.clone();
+        full.apply(&Transition::SetRollout {
+            environment: environment.to_owned(),
+            percent: 100.0,
+        })
+        .map_err(Error::Internal)?;
+        let violations = self.violations(state, &draft, &full, 0, Some(calendar), now);
+        if !violations.is_empty() {
+            return Err(Error::FailedPrecondition(violations));
+        }
+        full.stamp(&draft, now);
+        Ok(Some(full))
+    }
+
+    /// Writes one imported flag as a feature (created, or updated when it differs from the
+    /// stored one) and puts it in `state`.
+    async fn import_flag(
+        &self,
+        state: &mut State,
+        flag: &ImportedFlag,
+        actor: &Caller,
+        now: Millis,
+    ) -> Result<Imported> {
+        let existing = state.features.get(&flag.key).cloned();
+        let mut next = flag.to_feature(existing.as_deref());
+        let imported = match existing {
+            Some(current)
+                if *current
+                    == Feature {
+                        revision: current.revision,
+                        create_ms: current.create_ms,
+                        update_ms: current.update_ms,
+                        ..next.clone()
+                    } =>
+            {
+                return Ok(Imported::Unchanged);
+            }
+            Some(current) => {
+                next.revision = current.revision + 1;
+                next.create_ms = current.create_ms;
+                next.update_ms = now;
+                let mut audit = actor.audit(now, "ImportFlagd", format!("features/{}", next.key));
+                audit.before = feature_summary(&current);
+                audit.after = feature_summary(&next);
+                self.store
+                    .update_feature(next.clone(), current.revision, audit)
+                    .await?;
+                Imported::Updated
+            }
+            None => {
+                next.revision = 1;
+                next.create_ms = now;
+                next.update_ms = now;
+                let mut audit = actor.audit(now, "ImportFlagd", format!("features/{}", next.key));
+                audit.after = feature_summary(&next);
+                self.store.insert_feature(next.clone(), audit).await?;
+                Imported::Created
+            }
+        };
+        state.features.insert(next.key.clone(), Arc::new(next));
+        Ok(imported)
     }
 
     /// Applies placement events received after `cursor` (ordered), advancing the cursor to

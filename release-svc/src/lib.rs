@@ -144,69 +144,16 @@ impl Server {
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
         let Self { config, engine } = self;
-        let mut addresses = vec![listener.local_addr()?];
-        for l in flagd_listener.iter().chain(ofrep_listener.iter()) {
-            addresses.push(l.local_addr()?);
-        }
         let cors = service_kit::cors::Origins::new(config.cors_origins.clone(), "--cors-origin");
-        // Browsers (the flagd web provider) speak Connect to the flagd evaluation services,
-        // on every gRPC listener.
-        let serving = config
-            .server
-            .serving("release-svc", &addresses)?
-            .with_connect(service_kit::connect::Connect::new(
-                &CONNECT_SERVICES,
-                config.max_message_bytes,
-                cors.clone(),
-            )?);
+        let others = [flagd_listener.as_ref(), ofrep_listener.as_ref()];
+        let serving = serving(&config, &listener, others, &cors)?;
         let streams = CancellationToken::new();
-        let metrics_server = service_kit::telemetry::serve_metrics(
-            &config.server.metrics,
-            telemetry::describe,
-            streams.clone(),
-        )
-        .await?;
-        let (health, health_service) = service_kit::health::reporter(streams.clone());
-        // Lost until the consumer has opened deploy-svc's stream.
-        consumer::report_feed(&health, false).await;
-        let status = consumer::SharedStatus::default();
-        let mut background = spawn_background(&engine, &config, &status, &health, &streams).await;
-        // One cap for every change stream (WatchVisibility, flagd EventStream v1 and v2),
-        // on every listener.
-        let change_streams =
-            service_kit::streams::StreamCap::new(config.max_watchers, "change streams");
-        let flagd = FlagdServices::new(&engine, &config, &streams, &change_streams);
-        let store_alive = engine.store().writer_alive();
-        let api = ReleaseApi::new(engine, status, config.deploy_svc.clone(), streams.clone())
-            .with_max_response_bytes(config.max_message_bytes)
-            .with_stream_cap(change_streams);
-        health
-            .set_serving::<ReleaseServiceServer<ReleaseApi>>()
-            .await;
-        flagd.set_serving(&health).await;
-        if let Some(metrics_server) = &metrics_server {
-            background.abort_on_drain(metrics_server);
-        }
-        let mut names = vec![SERVICE_NAME];
-        names.extend_from_slice(&FLAGD_SERVICES);
-        // Probes, and a store that can no longer write takes the replica out of service.
-        if let Some(addr) = config.server.health_listen {
-            let probes =
-                service_kit::serve_health(addr, health_service.clone(), streams.clone()).await?;
-            background.abort_on_drain(&probes);
-        }
-        background.spawn_abortable(service_kit::health::follow_store(
-            store_alive,
-            health.clone(),
-            names.clone(),
-            streams.clone(),
-        ));
-        let routes = tonic::service::Routes::new(health_service).add_service(DecodeErrors(
-            ReleaseServiceServer::new(api)
-                .max_decoding_message_size(config.max_message_bytes)
-                .max_encoding_message_size(config.max_message_bytes),
-        ));
-        let routes = service_kit::reflection(flagd.routes(routes), &names)?;
+        let Started {
+            routes,
+            health,
+            flagd,
+            background,
+        } = start(&config, engine, &streams).await?;
         let drain = service_kit::Drain {
             timeout: Duration::from_millis(config.drain_timeout_ms),
         };
@@ -244,7 +191,7 @@ impl Server {
             listener,
             routes,
             health,
-            &names,
+            &service_names(),
             streams.clone(),
             drain,
             &serving,
@@ -261,6 +208,104 @@ impl Server {
         tracing::info!("release-svc stopped");
         result
     }
+}
+
+/// How every listener serves (TLS, authentication, limits), judged from all their
+/// addresses; browsers (the flagd web provider) speak Connect to the flagd evaluation
+/// services, on every gRPC listener.
+fn serving(
+    config: &Config,
+    listener: &TcpListener,
+    others: [Option<&TcpListener>; 2],
+    cors: &service_kit::cors::Origins,
+) -> anyhow::Result<service_kit::Serving> {
+    let mut addresses = vec![listener.local_addr()?];
+    for l in others.into_iter().flatten() {
+        addresses.push(l.local_addr()?);
+    }
+    Ok(config
+        .server
+        .serving("release-svc", &addresses)?
+        .with_connect(service_kit::connect::Connect::new(
+            &CONNECT_SERVICES,
+            config.max_message_bytes,
+            cors.clone(),
+        )?))
+}
+
+/// The main listener's routes and health, the flagd services (for their own port and
+/// OFREP) and the background work, once started.
+struct Started {
+    routes: tonic::service::Routes,
+    health: tonic_health::server::HealthReporter,
+    flagd: FlagdServices,
+    background: Background,
+}
+
+/// Starts the metrics endpoint, the health probes and the background work, and builds the
+/// services of the main listener, marked SERVING.
+async fn start(
+    config: &Config,
+    engine: Arc<Engine>,
+    streams: &CancellationToken,
+) -> anyhow::Result<Started> {
+    let metrics_server = service_kit::telemetry::serve_metrics(
+        &config.server.metrics,
+        telemetry::describe,
+        streams.clone(),
+    )
+    .await?;
+    let (health, health_service) = service_kit::health::reporter(streams.clone());
+    // Lost until the consumer has opened deploy-svc's stream.
+    consumer::report_feed(&health, false).await;
+    let status = consumer::SharedStatus::default();
+    let mut background = spawn_background(&engine, config, &status, &health, streams).await;
+    // One cap for every change stream (WatchVisibility, flagd EventStream v1 and v2),
+    // on every listener.
+    let change_streams =
+        service_kit::streams::StreamCap::new(config.max_watchers, "change streams");
+    let flagd = FlagdServices::new(&engine, config, streams, &change_streams);
+    let store_alive = engine.store().writer_alive();
+    let api = ReleaseApi::new(engine, status, config.deploy_svc.clone(), streams.clone())
+        .with_max_response_bytes(config.max_message_bytes)
+        .with_stream_cap(change_streams);
+    health
+        .set_serving::<ReleaseServiceServer<ReleaseApi>>()
+        .await;
+    flagd.set_serving(&health).await;
+    if let Some(metrics_server) = &metrics_server {
+        background.abort_on_drain(metrics_server);
+    }
+    // Probes, and a store that can no longer write takes the replica out of service.
+    if let Some(addr) = config.server.health_listen {
+        let probes =
+            service_kit::serve_health(addr, health_service.clone(), streams.clone()).await?;
+        background.abort_on_drain(&probes);
+    }
+    background.spawn_abortable(service_kit::health::follow_store(
+        store_alive,
+        health.clone(),
+        service_names(),
+        streams.clone(),
+    ));
+    let routes = tonic::service::Routes::new(health_service).add_service(DecodeErrors(
+        ReleaseServiceServer::new(api)
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes),
+    ));
+    Ok(Started {
+        routes: service_kit::reflection(flagd.routes(routes), &service_names())?,
+        health,
+        flagd,
+        background,
+    })
+}
+
+/// Every service of the main listener: release-svc's own and the flagd protocols'.
+fn service_names() -> Vec<&'static str> {
+    let mut names = vec![SERVICE_NAME];
+    names.extend_from_slice(&FLAGD_SERVICES);
+    names
 }
 
 /// The flagd protocols' services: evaluation v1 and v2 and flag sync.
@@ -519,8 +564,6 @@ fn applier(
     }
 }
 
-/// Advances planned releases: one engine pass every `interval` until `stop`, on the replica
-/// that applies placement events only (the others reload what it commits).
 /// Flushes evaluation usage every `interval`, and once more at shutdown (after the
 /// listeners drained: the last evaluations are in it). A failed flush keeps its counts for
 /// the next one.
@@ -542,6 +585,8 @@ async fn usage_flusher(engine: Arc<Engine>, interval: Duration, stop: Cancellati
     }
 }
 
+/// Advances planned releases: one engine pass every `interval` until `stop`, on the replica
+/// that applies placement events only (the others reload what it commits).
 async fn scheduler(
     engine: Arc<Engine>,
     status: consumer::SharedStatus,

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 use tonic::{Code, Status};
 
-use crate::domain::evaluate::{Decision, Reason, Snapshot};
+use crate::domain::evaluate::{Context, Decision, Reason, Snapshot};
 use crate::grpc::flagd::{cacheable, code_default, Flagd};
 
 const SINGLE: &str = "/ofrep/v1/evaluate/flags/";
@@ -116,20 +116,12 @@ impl Ofrep {
         answer
     }
 
+    /// Answers an OFREP call: the flag it names (none for the bulk path), the caller and its
+    /// context, then the decision or decisions.
     async fn route(&self, req: Request<Incoming>, conn: Option<&ConnInfo>) -> Answer {
-        let path = req.uri().path().to_owned();
-        let key = if path == BULK {
-            None
-        } else if let Some(key) = path.strip_prefix(SINGLE).filter(|k| !k.is_empty()) {
-            match percent_decode(key) {
-                Some(key) => Some(key),
-                None => return general(StatusCode::NOT_FOUND, "the flag key is not valid UTF-8"),
-            }
-        } else {
-            return general(
-                StatusCode::NOT_FOUND,
-                &format!("no OFREP endpoint at {path}"),
-            );
+        let key = match flag_key(req.uri().path()) {
+            Ok(key) => key,
+            Err(answer) => return *answer,
         };
         if req.method() != Method::POST {
             let mut answer = general(StatusCode::METHOD_NOT_ALLOWED, "use POST");
@@ -153,37 +145,17 @@ impl Ofrep {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             return answer;
         };
-        let json_body = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-        if !json_body {
+        if !json_body(&req) {
             return general(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "send the request as Content-Type: application/json",
             );
         }
-        let selector = req
-            .headers()
-            .get("flagd-selector")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let if_none_match = req
-            .headers()
-            .get(header::IF_NONE_MATCH)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let body = match Limited::new(req.into_body(), self.max_body).collect().await {
-            Ok(body) => body.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return general(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!("the request body is above {} bytes", self.max_body),
-                );
-            }
-            Err(e) => return general(StatusCode::BAD_REQUEST, &format!("unreadable body: {e}")),
+        let selector = header_text(&req, "flagd-selector");
+        let if_none_match = header_text(&req, header::IF_NONE_MATCH);
+        let body = match self.read_body(req).await {
+            Ok(body) => body,
+            Err(answer) => return *answer,
         };
         let attributes = match parse_context(&body) {
             Ok(a) => a,
@@ -199,75 +171,61 @@ impl Ofrep {
             };
         let snapshot = self.flagd.engine().snapshot();
         match key {
-            Some(key) => match snapshot.evaluate(&key, &ctx) {
-                None => json_answer(
-                    StatusCode::NOT_FOUND,
-                    &json!({
-                        "key": key,
-                        "errorCode": "FLAG_NOT_FOUND",
-                        "errorDetails": format!("flag {key:?} was not found"),
-                    }),
-                ),
-                Some(d) => json_answer(
-                    StatusCode::OK,
-                    &evaluation(&snapshot, &key, &cacheable(d, fixed)),
-                ),
-            },
-            None => {
-                let flags: Vec<Value> = snapshot
-                    .keys
-                    .iter()
-                    .filter_map(|key| {
-                        snapshot
-                            .evaluate(key, &ctx)
-                            .map(|d| evaluation(&snapshot, key, &cacheable(d, fixed)))
-                    })
-                    .collect();
-                let body = json!({
-                    "flags": flags,
-                    "metadata": {"flagSetId": ctx.environment},
-                })
-                .to_string();
-                let limit = self.flagd.max_response_bytes();
-                if body.len() > limit {
-                    return failure(
-                        None,
-                        "GENERAL",
-                        &format!(
-                            "the evaluated flags would be {} bytes, above the {limit} byte response limit; evaluate flags one by one",
-                            body.len()
-                        ),
-                    );
-                }
-                let tag = format!(
-                    "\"{}\"",
-                    hex::encode(&Sha256::digest(body.as_bytes())[..16])
-                );
-                let status = if if_none_match.is_some_and(|h| matches(&h, &tag)) {
-                    StatusCode::NOT_MODIFIED
-                } else {
-                    StatusCode::OK
-                };
-                let body = if status == StatusCode::NOT_MODIFIED {
-                    Bytes::new()
-                } else {
-                    Bytes::from(body)
-                };
-                let mut answer = Response::new(Full::new(body));
-                *answer.status_mut() = status;
-                let headers = answer.headers_mut();
-                if status == StatusCode::OK {
-                    headers.insert(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("application/json"),
-                    );
-                }
-                if let Ok(v) = HeaderValue::from_str(&tag) {
-                    headers.insert(header::ETAG, v);
-                }
-                answer
-            }
+            Some(key) => single(&snapshot, &key, &ctx, fixed),
+            None => self.bulk(&snapshot, &ctx, fixed, if_none_match.as_deref()),
         }
+    }
+
+    /// The request body, at most `max_body` bytes (413 above, 400 when unreadable).
+    async fn read_body(&self, req: Request<Incoming>) -> Result<Bytes, Box<Answer>> {
+        match Limited::new(req.into_body(), self.max_body).collect().await {
+            Ok(body) => Ok(body.to_bytes()),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Box::new(general(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("the request body is above {} bytes", self.max_body),
+            ))),
+            Err(e) => Err(Box::new(general(
+                StatusCode::BAD_REQUEST,
+                &format!("unreadable body: {e}"),
+            ))),
+        }
+    }
+
+    /// Every flag's decision for one context with its `ETag` (304 when `if_none_match`
+    /// names it); a general failure when the answer would be above the response limit.
+    fn bulk(
+        &self,
+        snapshot: &Snapshot,
+        ctx: &Context,
+        fixed: bool,
+        if_none_match: Option<&str>,
+    ) -> Answer {
+        let flags: Vec<Value> = snapshot
+            .keys
+            .iter()
+            .filter_map(|key| {
+                snapshot
+                    .evaluate(key, ctx)
+                    .map(|d| evaluation(snapshot, key, &cacheable(d, fixed)))
+            })
+            .collect();
+        let body = json!({
+            "flags": flags,
+            "metadata": {"flagSetId": ctx.environment},
+        })
+        .to_string();
+        let limit = self.flagd.max_response_bytes();
+        if body.len() > limit {
+            return failure(
+                None,
+                "GENERAL",
+                &format!(
+                    "the evaluated flags would be {} bytes, above the {limit} byte response limit; evaluate flags one by one",
+                    body.len()
+                ),
+            );
+        }
+        tagged_answer(body, if_none_match)
     }
 
     /// The caller, checked as a flagd ResolveAll call; `X-API-Key` stands for a bearer
@@ -308,6 +266,94 @@ fn parse_context(body: &[u8]) -> Result<Map<String, Value>, (&'static str, Strin
         Some(Value::Object(context)) => Ok(context),
         Some(_) => Err(("INVALID_CONTEXT", "`context` must be a JSON object".into())),
     }
+}
+
+/// The flag an OFREP path names: `None` for the bulk path; 404 for any other path or a key
+/// that is not UTF-8 once decoded.
+fn flag_key(path: &str) -> Result<Option<String>, Box<Answer>> {
+    if path == BULK {
+        Ok(None)
+    } else if let Some(key) = path.strip_prefix(SINGLE).filter(|k| !k.is_empty()) {
+        match percent_decode(key) {
+            Some(key) => Ok(Some(key)),
+            None => Err(Box::new(general(
+                StatusCode::NOT_FOUND,
+                "the flag key is not valid UTF-8",
+            ))),
+        }
+    } else {
+        Err(Box::new(general(
+            StatusCode::NOT_FOUND,
+            &format!("no OFREP endpoint at {path}"),
+        )))
+    }
+}
+
+/// Whether the request says its body is JSON (`Content-Type: application/json`, any
+/// parameters).
+fn json_body(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// A header's value when it is visible ASCII.
+fn header_text(req: &Request<Incoming>, name: impl header::AsHeaderName) -> Option<String> {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// One flag's decision: 404 `FLAG_NOT_FOUND` when the snapshot has no such flag.
+fn single(snapshot: &Snapshot, key: &str, ctx: &Context, fixed: bool) -> Answer {
+    match snapshot.evaluate(key, ctx) {
+        None => json_answer(
+            StatusCode::NOT_FOUND,
+            &json!({
+                "key": key,
+                "errorCode": "FLAG_NOT_FOUND",
+                "errorDetails": format!("flag {key:?} was not found"),
+            }),
+        ),
+        Some(d) => json_answer(
+            StatusCode::OK,
+            &evaluation(snapshot, key, &cacheable(d, fixed)),
+        ),
+    }
+}
+
+/// A JSON `body` with its `ETag`: 304 with no body when `if_none_match` names the tag.
+fn tagged_answer(body: String, if_none_match: Option<&str>) -> Answer {
+    let tag = format!(
+        "\"{}\"",
+        hex::encode(&Sha256::digest(body.as_bytes())[..16])
+    );
+    let status = if if_none_match.is_some_and(|h| matches(h, &tag)) {
+        StatusCode::NOT_MODIFIED
+    } else {
+        StatusCode::OK
+    };
+    let body = if status == StatusCode::NOT_MODIFIED {
+        Bytes::new()
+    } else {
+        Bytes::from(body)
+    };
+    let mut answer = Response::new(Full::new(body));
+    *answer.status_mut() = status;
+    let headers = answer.headers_mut();
+    if status == StatusCode::OK {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+    if let Ok(v) = HeaderValue::from_str(&tag) {
+        headers.insert(header::ETAG, v);
+    }
+    answer
 }
 
 /// One flag's evaluation in OFREP's shape: no `value` means "use the code default" (then

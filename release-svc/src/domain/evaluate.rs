@@ -20,7 +20,7 @@ use serde_json::{Map, Value};
 
 use super::hash::in_rollout;
 use super::model::{Feature, Release};
-use super::placements::PlacementIndex;
+use super::placements::{CoverageView, PlacementIndex};
 use super::rules::{Bucketing, Data};
 use super::usage::{FeatureUsage, UsageBook};
 
@@ -157,6 +157,25 @@ fn live(
     features: &BTreeMap<String, Arc<Feature>>,
 ) -> impl Iterator<Item = (&String, &Arc<Feature>)> {
     features.iter().filter(|(_, f)| f.archived_ms.is_none())
+}
+
+/// Per feature key, the release governing it in each environment an active release
+/// names: (environment, release id, rollout percentage).
+type Candidates<'a> = HashMap<&'a str, Vec<(&'a str, i64, f64)>>;
+
+/// Every live feature's entry, and the keys in order (one shared copy of each key for the
+/// map and the list).
+fn all_entries(
+    features: &BTreeMap<String, Arc<Feature>>,
+    entry_for: &mut impl FnMut(&Arc<Feature>) -> Arc<FeatureEntry>,
+) -> (FeatureMap, Arc<Vec<Arc<str>>>) {
+    let keys: Vec<Arc<str>> = live(features).map(|(k, _)| Arc::from(k.as_str())).collect();
+    let entries: FeatureMap = keys
+        .iter()
+        .cloned()
+        .zip(live(features).map(|(_, f)| entry_for(f)))
+        .collect();
+    (entries, Arc::new(keys))
 }
 
 /// The snapshot's features by key, hashed with foldhash (per-process random seed): a
@@ -305,9 +324,38 @@ impl Snapshot {
         releases: &BTreeMap<i64, Release>,
         placements: &PlacementIndex,
     ) -> Self {
-        // The governing release of (feature, environment) for features in scope: the active
-        // release with the highest rollout there (the newest on a tie).
-        let mut governing: HashMap<&str, Vec<(&str, i64, f64)>> = HashMap::new();
+        let governing = self.governing_releases(scope, releases);
+        let view = placements.coverage_view();
+        let mut environments = self.environments.clone();
+        let mut entry_for = |f: &Arc<Feature>| {
+            let candidates = governing.get(f.key.as_str()).map(Vec::as_slice);
+            self.entry(f, candidates, &view, &mut environments)
+        };
+        let (entries, keys) = match scope {
+            Scope::All => all_entries(features, &mut entry_for),
+            Scope::Keys(changed) => self.changed_entries(changed, features, &mut entry_for),
+        };
+        Self {
+            version,
+            features: entries,
+            keys,
+            environments,
+            bucketing: self.bucketing,
+            over_budget: self.over_budget.clone(),
+            usage: self.usage.clone(),
+            counters: self.counters.clone(),
+        }
+    }
+
+    /// The governing release of (feature, environment) for features in `scope`: the active
+    /// release with the highest rollout there (the newest on a tie). The usage book learns
+    /// every environment an active release names.
+    fn governing_releases<'a>(
+        &self,
+        scope: &Scope,
+        releases: &'a BTreeMap<i64, Release>,
+    ) -> Candidates<'a> {
+        let mut governing: Candidates<'a> = HashMap::new();
         for r in releases.values().filter(|r| r.state.is_active()) {
             for env in &r.environments {
                 self.usage.learn_environment(&env.environment);
@@ -329,89 +377,85 @@ impl Snapshot {
                 }
             }
         }
-        let view = placements.coverage_view();
-        let mut environments = self.environments.clone();
-        let mut entry_for = |f: &Arc<Feature>| {
-            let governing: Box<[Governing]> = governing
-                .get(f.key.as_str())
-                .map(|envs| {
-                    envs.iter()
-                        .map(|(env, release, rollout_percent)| Governing {
-                            release: *release,
-                            rollout_percent: *rollout_percent,
-                            environment: match environments.id(env) {
-                                Some(id) => id,
-                                None => Arc::make_mut(&mut environments).intern(env),
-                            },
-                            deployed: view.gate(env, &f.carriers).is_ok(),
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            Arc::new(FeatureEntry {
-                feature: f.clone(),
-                environments: governing,
-                usage: self.usage.feature(&f.key),
+        governing
+    }
+
+    /// The entry of feature `f`, governed by `candidates` (environment, release, rollout),
+    /// with its gate in each of those environments (`environments` learns the new names).
+    fn entry(
+        &self,
+        f: &Arc<Feature>,
+        candidates: Option<&[(&str, i64, f64)]>,
+        view: &CoverageView<'_>,
+        environments: &mut Arc<Environments>,
+    ) -> Arc<FeatureEntry> {
+        let governing: Box<[Governing]> = candidates
+            .map(|envs| {
+                envs.iter()
+                    .map(|(env, release, rollout_percent)| Governing {
+                        release: *release,
+                        rollout_percent: *rollout_percent,
+                        environment: match environments.id(env) {
+                            Some(id) => id,
+                            None => Arc::make_mut(environments).intern(env),
+                        },
+                        deployed: view.gate(env, &f.carriers).is_ok(),
+                    })
+                    .collect()
             })
-        };
-        let (entries, keys) = match scope {
-            Scope::All => {
-                // One shared copy of each key for the map and the list.
-                let keys: Vec<Arc<str>> =
-                    live(features).map(|(k, _)| Arc::from(k.as_str())).collect();
-                let entries: FeatureMap = keys
-                    .iter()
-                    .cloned()
-                    .zip(live(features).map(|(_, f)| entry_for(f)))
-                    .collect();
-                (entries, Arc::new(keys))
-            }
-            Scope::Keys(changed) => {
-                let mut entries = self.features.clone();
-                let mut key_set_changed = false;
-                for key in changed {
-                    match features.get(key).filter(|f| f.archived_ms.is_none()) {
-                        Some(f) => {
-                            key_set_changed |= !entries.contains_key(key.as_str());
-                            entries.insert(Arc::from(key.as_str()), entry_for(f));
-                        }
-                        None => key_set_changed |= entries.remove(key.as_str()).is_some(),
-                    }
+            .unwrap_or_default();
+        Arc::new(FeatureEntry {
+            feature: f.clone(),
+            environments: governing,
+            usage: self.usage.feature(&f.key),
+        })
+    }
+
+    /// `self`'s entries with those of the `changed` keys recomputed (or taken out, for a
+    /// feature gone or archived), and the key list to match.
+    fn changed_entries(
+        &self,
+        changed: &BTreeSet<String>,
+        features: &BTreeMap<String, Arc<Feature>>,
+        entry_for: &mut impl FnMut(&Arc<Feature>) -> Arc<FeatureEntry>,
+    ) -> (FeatureMap, Arc<Vec<Arc<str>>>) {
+        let mut entries = self.features.clone();
+        let mut key_set_changed = false;
+        for key in changed {
+            match features.get(key).filter(|f| f.archived_ms.is_none()) {
+                Some(f) => {
+                    key_set_changed |= !entries.contains_key(key.as_str());
+                    entries.insert(Arc::from(key.as_str()), entry_for(f));
                 }
-                let keys = if key_set_changed {
-                    // The previous list with the changed keys put in or taken out, sharing
-                    // the map's copies of the keys (not a new copy of every key per write).
-                    let mut keys: Vec<Arc<str>> = self.keys.as_ref().clone();
-                    for key in changed {
-                        let live = entries.get_key_value(key.as_str()).map(|(k, _)| k.clone());
-                        match (
-                            keys.binary_search_by(|k| k.as_ref().cmp(key.as_str())),
-                            live,
-                        ) {
-                            (Err(i), Some(k)) => keys.insert(i, k),
-                            (Ok(i), None) => {
-                                keys.remove(i);
-                            }
-                            _ => {}
-                        }
-                    }
-                    Arc::new(keys)
-                } else {
-                    self.keys.clone()
-                };
-                (entries, keys)
+                None => key_set_changed |= entries.remove(key.as_str()).is_some(),
             }
-        };
-        Self {
-            version,
-            features: entries,
-            keys,
-            environments,
-            bucketing: self.bucketing,
-            over_budget: self.over_budget.clone(),
-            usage: self.usage.clone(),
-            counters: self.counters.clone(),
         }
+        let keys = if key_set_changed {
+            Arc::new(self.keys_after(changed, &entries))
+        } else {
+            self.keys.clone()
+        };
+        (entries, keys)
+    }
+
+    /// The previous key list with the `changed` keys put in or taken out as `entries` has
+    /// them, sharing the map's copies of the keys (not a new copy of every key per write).
+    fn keys_after(&self, changed: &BTreeSet<String>, entries: &FeatureMap) -> Vec<Arc<str>> {
+        let mut keys: Vec<Arc<str>> = self.keys.as_ref().clone();
+        for key in changed {
+            let live = entries.get_key_value(key.as_str()).map(|(k, _)| k.clone());
+            match (
+                keys.binary_search_by(|k| k.as_ref().cmp(key.as_str())),
+                live,
+            ) {
+                (Err(i), Some(k)) => keys.insert(i, k),
+                (Ok(i), None) => {
+                    keys.remove(i);
+                }
+                _ => {}
+            }
+        }
+        keys
     }
 
     /// The keys a comparison with `next` must look at.

@@ -175,47 +175,23 @@ pub struct Parsed {
 /// `skip_invalid`, when it is listed in [`Parsed::invalid`] and the others are kept (flagd
 /// itself loads such files and fails only the broken flags at evaluation).
 pub fn parse(document: &str, skip_invalid: bool) -> Result<Parsed, super::Error> {
-    let mut doc_violations = Violations::default();
-    let doc: Value = match serde_json::from_str(document) {
-        Ok(doc) => doc,
-        Err(e) => {
-            doc_violations.push("document", format!("is not valid JSON: {e}"));
-            doc_violations.finish()?;
-            return Ok(Parsed::default());
-        }
-    };
+    let doc: Value = serde_json::from_str(document)
+        .map_err(|e| super::Error::invalid("document", format!("is not valid JSON: {e}")))?;
     let empty = Map::new();
     let evaluators = doc
         .get("$evaluators")
         .and_then(Value::as_object)
         .unwrap_or(&empty);
     let Some(flags) = doc.get("flags").and_then(Value::as_object) else {
-        doc_violations.push("document", "has no \"flags\" object");
-        doc_violations.finish()?;
-        return Ok(Parsed::default());
+        return Err(super::Error::invalid("document", "has no \"flags\" object"));
     };
     if flags.len() > MAX_FLAGS {
-        doc_violations.push(
+        return Err(super::Error::invalid(
             "document.flags",
             format!("must have at most {MAX_FLAGS} flags, got {}", flags.len()),
-        );
-        doc_violations.finish()?;
+        ));
     }
-    // The flag set's metadata: every flag carries it, under its own.
-    let mut set_violations = Violations::default();
-    let set_metadata: BTreeMap<String, Value> = match doc.get("metadata") {
-        None | Some(Value::Null) => BTreeMap::new(),
-        Some(Value::Object(m)) => m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        Some(_) => {
-            set_violations.push("document.metadata", "must be an object");
-            BTreeMap::new()
-        }
-    };
-    set_violations.check(
-        "document.metadata",
-        values::check_metadata(set_metadata.iter()),
-    );
-    set_violations.finish()?;
+    let set_metadata = set_metadata(&doc)?;
     let mut out = Parsed::default();
     let mut expanded = 0usize;
     for (key, flag) in flags {
@@ -235,14 +211,12 @@ pub fn parse(document: &str, skip_invalid: bool) -> Result<Parsed, super::Error>
             .as_ref()
             .map_or(0, |r| r.to_json().to_string().len());
         if expanded > MAX_DOCUMENT_EXPANDED_BYTES {
-            let mut all = Violations::default();
-            all.push(
+            return Err(super::Error::invalid(
                 "document",
                 format!(
                     "expands ($ref included) to more than {MAX_DOCUMENT_EXPANDED_BYTES} bytes of targeting"
                 ),
-            );
-            all.finish()?;
+            ));
         }
         if v.recorded().is_empty() {
             out.flags.push(flag);
@@ -260,6 +234,23 @@ pub fn parse(document: &str, skip_invalid: bool) -> Result<Parsed, super::Error>
     Ok(out)
 }
 
+/// The flag set's metadata (the document's `metadata`): every flag carries it, under its
+/// own.
+fn set_metadata(doc: &Value) -> Result<BTreeMap<String, Value>, super::Error> {
+    let mut v = Violations::default();
+    let metadata: BTreeMap<String, Value> = match doc.get("metadata") {
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(Value::Object(m)) => m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        Some(_) => {
+            v.push("document.metadata", "must be an object");
+            BTreeMap::new()
+        }
+    };
+    v.check("document.metadata", values::check_metadata(metadata.iter()));
+    v.finish()?;
+    Ok(metadata)
+}
+
 /// One flag; problems go to `v` (the flag is meaningless when any were recorded).
 fn parse_flag(
     key: &str,
@@ -269,6 +260,30 @@ fn parse_flag(
 ) -> ImportedFlag {
     let field = format!("document.flags.{key}");
     v.check(&field, validate_feature_key(key));
+    let variants = flag_variants(&field, flag, v);
+    let default_variant = default_variant(&field, flag, &variants, v);
+    let disabled = match flag.get("state").and_then(Value::as_str) {
+        Some("ENABLED") => false,
+        Some("DISABLED") => true,
+        _ => {
+            v.push(&format!("{field}.state"), "must be ENABLED or DISABLED");
+            false
+        }
+    };
+    let targeting = flag_targeting(&field, flag, evaluators, v);
+    let metadata = flag_metadata(&field, flag, v);
+    ImportedFlag {
+        key: key.to_owned(),
+        variants,
+        default_variant,
+        targeting,
+        disabled,
+        metadata,
+    }
+}
+
+/// A flag's `variants`: one to [`MAX_VARIANTS`], named by 1-128 characters.
+fn flag_variants(field: &str, flag: &Value, v: &mut Violations) -> BTreeMap<String, Value> {
     let variants: BTreeMap<String, Value> = flag
         .get("variants")
         .and_then(Value::as_object)
@@ -290,7 +305,17 @@ fn parse_flag(
         &format!("{field}.variants"),
         values::check_variants(&variants),
     );
-    let default_variant = match flag.get("defaultVariant") {
+    variants
+}
+
+/// A flag's `defaultVariant`: one of `variants`, or empty when absent or null.
+fn default_variant(
+    field: &str,
+    flag: &Value,
+    variants: &BTreeMap<String, Value>,
+    v: &mut Violations,
+) -> String {
+    match flag.get("defaultVariant") {
         Some(Value::String(d)) if variants.contains_key(d) => d.clone(),
         Some(Value::String(d)) => {
             v.push(
@@ -308,16 +333,17 @@ fn parse_flag(
             );
             String::new()
         }
-    };
-    let disabled = match flag.get("state").and_then(Value::as_str) {
-        Some("ENABLED") => false,
-        Some("DISABLED") => true,
-        _ => {
-            v.push(&format!("{field}.state"), "must be ENABLED or DISABLED");
-            false
-        }
-    };
-    let targeting = match flag.get("targeting") {
+    }
+}
+
+/// A flag's `targeting` with its `$ref`s resolved (none when absent, null or empty).
+fn flag_targeting(
+    field: &str,
+    flag: &Value,
+    evaluators: &Map<String, Value>,
+    v: &mut Violations,
+) -> Option<Rule> {
+    match flag.get("targeting") {
         None | Some(Value::Null) => None,
         Some(Value::Object(m)) if m.is_empty() => None,
         Some(t) => match resolve_refs(t, evaluators) {
@@ -330,8 +356,12 @@ fn parse_flag(
                 None
             }
         },
-    };
-    let metadata = match flag.get("metadata") {
+    }
+}
+
+/// A flag's own `metadata`, without the release state that export writes.
+fn flag_metadata(field: &str, flag: &Value, v: &mut Violations) -> BTreeMap<String, Value> {
+    match flag.get("metadata") {
         None | Some(Value::Null) => BTreeMap::new(),
         // The release state that export writes is not the flag's own metadata.
         Some(Value::Object(m)) => m
@@ -343,14 +373,6 @@ fn parse_flag(
             v.push(&format!("{field}.metadata"), "must be an object");
             BTreeMap::new()
         }
-    };
-    ImportedFlag {
-        key: key.to_owned(),
-        variants,
-        default_variant,
-        targeting,
-        disabled,
-        metadata,
     }
 }
 

@@ -401,44 +401,20 @@ impl Release {
         match (self.state, t) {
             (RolledBack, _) => Err("the release was rolled back; create a new release".into()),
             (Cancelled, _) => Err("the release was cancelled; create a new release".into()),
-            (Draft, Transition::Submit) => {
-                if let Some(e) = self.environments.iter().find(|e| e.steps.is_empty()) {
-                    return Err(format!(
-                        "{:?} has no rollout steps; a plan needs steps in every environment",
-                        e.environment
-                    ));
-                }
-                self.state = Planned;
-                Ok(())
-            }
+            (Draft, Transition::Submit) => self.submit(),
             (state, Transition::Submit) => Err(format!(
                 "only a DRAFT release can be submitted; it is {state:?}"
             )),
-            (Planned, Transition::Approve) => {
-                self.state = Approved;
-                Ok(())
-            }
+            (Planned, Transition::Approve) => self.enter(Approved),
             (state, Transition::Approve) => Err(format!(
                 "only a PLANNED release becomes APPROVED; it is {state:?}"
             )),
-            (Draft | Planned | Approved, Transition::Cancel) => {
-                self.state = Cancelled;
-                Ok(())
-            }
+            (Draft | Planned | Approved, Transition::Cancel) => self.enter(Cancelled),
             (state, Transition::Cancel) => Err(format!(
                 "only a release that has not started can be cancelled (roll it back instead); it is {state:?}"
             )),
             (Approved | Releasing, Transition::Step { environment, step, now_ms }) => {
-                let env = self
-                    .environments
-                    .get_mut(*environment)
-                    .ok_or("no such environment in the plan")?;
-                let percent = env.steps.get(*step).ok_or("no such step in the plan")?.percent;
-                env.rollout_percent = percent;
-                env.step = Some(*step);
-                env.step_since_ms = *now_ms;
-                self.state = self.active_state();
-                Ok(())
+                self.take_step(*environment, *step, *now_ms)
             }
             (state, Transition::Step { .. }) => Err(format!(
                 "a plan advances only when APPROVED or RELEASING; it is {state:?}"
@@ -452,42 +428,73 @@ impl Release {
                     environment,
                     percent,
                 },
-            ) => {
-                let env = self
-                    .environments
-                    .iter_mut()
-                    .find(|e| &e.environment == environment)
-                    .ok_or_else(|| {
-                        format!("{environment:?} is not an environment of this release")
-                    })?;
-                env.rollout_percent = *percent;
-                self.state = self.active_state();
-                Ok(())
-            }
-            (Releasing | Released | Approved, Transition::Pause) => {
-                self.state = Paused;
-                Ok(())
-            }
+            ) => self.set_rollout(environment, *percent),
+            (Releasing | Released | Approved, Transition::Pause) => self.enter(Paused),
             (state, Transition::Pause) => Err(format!(
                 "only an APPROVED, RELEASING or RELEASED release can be paused; it is {state:?}"
             )),
-            (Paused, Transition::Resume) => {
-                self.state = if self.environments.iter().all(|e| e.rollout_percent <= 0.0)
-                    && !self.environments.iter().all(|e| e.steps.is_empty())
-                {
-                    Approved
-                } else {
-                    self.active_state()
-                };
-                Ok(())
-            }
+            (Paused, Transition::Resume) => self.enter(self.resumed_state()),
             (state, Transition::Resume) => Err(format!(
                 "only a PAUSED release can be resumed; it is {state:?}"
             )),
-            (_, Transition::Rollback) => {
-                self.state = RolledBack;
-                Ok(())
-            }
+            (_, Transition::Rollback) => self.enter(RolledBack),
+        }
+    }
+
+    /// Moves to `state`.
+    fn enter(&mut self, state: ReleaseState) -> Result<(), String> {
+        self.state = state;
+        Ok(())
+    }
+
+    /// DRAFT -> PLANNED, when every environment has rollout steps.
+    fn submit(&mut self) -> Result<(), String> {
+        if let Some(e) = self.environments.iter().find(|e| e.steps.is_empty()) {
+            return Err(format!(
+                "{:?} has no rollout steps; a plan needs steps in every environment",
+                e.environment
+            ));
+        }
+        self.enter(ReleaseState::Planned)
+    }
+
+    /// Takes step `step` of environment `environment` (indexes into the plan) at `now_ms`.
+    fn take_step(&mut self, environment: usize, step: usize, now_ms: Millis) -> Result<(), String> {
+        let env = self
+            .environments
+            .get_mut(environment)
+            .ok_or("no such environment in the plan")?;
+        let percent = env
+            .steps
+            .get(step)
+            .ok_or("no such step in the plan")?
+            .percent;
+        env.rollout_percent = percent;
+        env.step = Some(step);
+        env.step_since_ms = now_ms;
+        self.enter(self.active_state())
+    }
+
+    /// Sets the rollout of `environment` by hand.
+    fn set_rollout(&mut self, environment: &str, percent: f64) -> Result<(), String> {
+        let env = self
+            .environments
+            .iter_mut()
+            .find(|e| e.environment == environment)
+            .ok_or_else(|| format!("{environment:?} is not an environment of this release"))?;
+        env.rollout_percent = percent;
+        self.enter(self.active_state())
+    }
+
+    /// The state a paused release resumes in: APPROVED for a plan that has taken no step,
+    /// else the state its rollouts imply.
+    fn resumed_state(&self) -> ReleaseState {
+        if self.environments.iter().all(|e| e.rollout_percent <= 0.0)
+            && !self.environments.iter().all(|e| e.steps.is_empty())
+        {
+            ReleaseState::Approved
+        } else {
+            self.active_state()
         }
     }
 }

@@ -87,92 +87,14 @@ fn minutes(ms: Millis) -> String {
 pub fn check(policy: &Policy, facts: &Facts<'_>) -> Vec<PreconditionViolation> {
     let env = format!("environments/{}", policy.environment);
     let mut out = Vec::new();
-    if !facts.emergency {
-        for w in calendar::active(facts.freeze_windows, facts.now_ms) {
-            out.push(PreconditionViolation::new(
-                "FREEZE_WINDOW",
-                env.clone(),
-                format!(
-                    "the freeze window {:?} covers now; wait for it to end or give an emergency override (reason and approver)",
-                    w.name
-                ),
-            ));
-        }
-    }
-    if facts.starting {
-        for (kind, limit, span, label) in [
-            (
-                "CADENCE_DAY",
-                policy.max_releases_per_day,
-                DAY_MS,
-                "24 hours",
-            ),
-            (
-                "CADENCE_WEEK",
-                policy.max_releases_per_week,
-                7 * DAY_MS,
-                "7 days",
-            ),
-        ] {
-            let started = facts
-                .starts_ms
-                .iter()
-                .filter(|t| **t > facts.now_ms - span && **t <= facts.now_ms)
-                .count();
-            if limit > 0 && started >= limit as usize {
-                out.push(PreconditionViolation::new(
-                    kind,
-                    env.clone(),
-                    format!("{started} releases started here in the last {label}; the policy allows {limit}"),
-                ));
-            }
-        }
-    }
-    if policy.min_soak_ms > 0 {
-        if let Some((previous, full_since)) = facts.previous {
-            let soaked = full_since.map(|t| facts.now_ms - t);
-            if soaked.is_none_or(|s| s < policy.min_soak_ms) {
-                out.push(PreconditionViolation::new(
-                    "SOAK_TIME",
-                    format!("environments/{previous}"),
-                    match soaked {
-                        None => format!(
-                            "the release must be at 100% in {previous} for {} before {}; it is not at 100% there",
-                            minutes(policy.min_soak_ms),
-                            policy.environment
-                        ),
-                        Some(s) => format!(
-                            "the release has been at 100% in {previous} for {}; {} needs {}",
-                            minutes(s),
-                            policy.environment,
-                            minutes(policy.min_soak_ms)
-                        ),
-                    },
-                ));
-            }
-        }
-    }
-    if policy.required_approvals > 0 {
-        let valid = facts
-            .approvals
-            .iter()
-            .filter(|p| policy.approvers.iter().any(|a| a == *p))
-            .count();
-        if valid < policy.required_approvals as usize {
-            out.push(PreconditionViolation::new(
-                "APPROVALS",
-                env.clone(),
-                format!(
-                    "{valid} of {} required approvals by approvers of {}",
-                    policy.required_approvals, policy.environment
-                ),
-            ));
-        }
-    }
+    freeze_windows(facts, &env, &mut out);
+    cadence(policy, facts, &env, &mut out);
+    soak_time(policy, facts, &mut out);
+    approvals(policy, facts, &env, &mut out);
     if (policy.require_change_reference || facts.protected) && facts.change_reference.is_empty() {
         out.push(PreconditionViolation::new(
             "CHANGE_REFERENCE",
-            env.clone(),
+            env,
             "releases here need a change reference",
         ));
     }
@@ -188,6 +110,111 @@ pub fn check(policy: &Policy, facts: &Facts<'_>) -> Vec<PreconditionViolation> {
         ));
     }
     out
+}
+
+/// `FREEZE_WINDOW`: each freeze window covering now, unless an emergency override holds.
+fn freeze_windows(facts: &Facts<'_>, env: &str, out: &mut Vec<PreconditionViolation>) {
+    if facts.emergency {
+        return;
+    }
+    for w in calendar::active(facts.freeze_windows, facts.now_ms) {
+        out.push(PreconditionViolation::new(
+            "FREEZE_WINDOW",
+            env,
+            format!(
+                "the freeze window {:?} covers now; wait for it to end or give an emergency override (reason and approver)",
+                w.name
+            ),
+        ));
+    }
+}
+
+/// `CADENCE_DAY` / `CADENCE_WEEK`: the releases started here in the last 24 hours / 7 days,
+/// when this step starts the release here.
+fn cadence(policy: &Policy, facts: &Facts<'_>, env: &str, out: &mut Vec<PreconditionViolation>) {
+    if !facts.starting {
+        return;
+    }
+    for (kind, limit, span, label) in [
+        (
+            "CADENCE_DAY",
+            policy.max_releases_per_day,
+            DAY_MS,
+            "24 hours",
+        ),
+        (
+            "CADENCE_WEEK",
+            policy.max_releases_per_week,
+            7 * DAY_MS,
+            "7 days",
+        ),
+    ] {
+        let started = facts
+            .starts_ms
+            .iter()
+            .filter(|t| **t > facts.now_ms - span && **t <= facts.now_ms)
+            .count();
+        if limit > 0 && started >= limit as usize {
+            out.push(PreconditionViolation::new(
+                kind,
+                env,
+                format!("{started} releases started here in the last {label}; the policy allows {limit}"),
+            ));
+        }
+    }
+}
+
+/// `SOAK_TIME`: how long the previous environment has been at 100%.
+fn soak_time(policy: &Policy, facts: &Facts<'_>, out: &mut Vec<PreconditionViolation>) {
+    if policy.min_soak_ms <= 0 {
+        return;
+    }
+    let Some((previous, full_since)) = facts.previous else {
+        return;
+    };
+    let soaked = full_since.map(|t| facts.now_ms - t);
+    if soaked.is_some_and(|s| s >= policy.min_soak_ms) {
+        return;
+    }
+    out.push(PreconditionViolation::new(
+        "SOAK_TIME",
+        format!("environments/{previous}"),
+        match soaked {
+            None => format!(
+                "the release must be at 100% in {previous} for {} before {}; it is not at 100% there",
+                minutes(policy.min_soak_ms),
+                policy.environment
+            ),
+            Some(s) => format!(
+                "the release has been at 100% in {previous} for {}; {} needs {}",
+                minutes(s),
+                policy.environment,
+                minutes(policy.min_soak_ms)
+            ),
+        },
+    ));
+}
+
+/// `APPROVALS`: the distinct approvals by the environment's approvers.
+fn approvals(policy: &Policy, facts: &Facts<'_>, env: &str, out: &mut Vec<PreconditionViolation>) {
+    if policy.required_approvals == 0 {
+        return;
+    }
+    let valid = facts
+        .approvals
+        .iter()
+        .filter(|p| policy.approvers.iter().any(|a| a == *p))
+        .count();
+    if valid < policy.required_approvals as usize {
+        out.push(PreconditionViolation::new(
+            "APPROVALS",
+            env,
+            format!(
+                "{valid} of {} required approvals by approvers of {}",
+                policy.required_approvals, policy.environment
+            ),
+        ));
+    }
 }
 
 #[cfg(test)]

@@ -44,15 +44,7 @@ pub(super) type CalendarRead = std::result::Result<EnvironmentFacts, String>;
 impl Engine {
     /// The stored policy of `environment` (an empty one, revision 0, if none was set).
     pub async fn policy(&self, environment: &str) -> Policy {
-        let state = self.state.lock().await;
-        state
-            .policies
-            .get(environment)
-            .cloned()
-            .unwrap_or_else(|| Policy {
-                environment: environment.to_owned(),
-                ..Policy::default()
-            })
+        self.state.lock().await.policy(environment)
     }
 
     /// Writes an environment's policy; `etag`, if given, must be the stored revision
@@ -134,32 +126,7 @@ impl Engine {
             }
             None => EnvironmentFacts::default(),
         };
-        let policy = state.policies.get(name).cloned().unwrap_or_else(|| Policy {
-            environment: name.to_owned(),
-            ..Policy::default()
-        });
-        let starts_ms = state
-            .releases
-            .values()
-            .filter(|r| r.id != next.id)
-            .filter_map(|r| {
-                r.environments
-                    .iter()
-                    .find(|e| e.environment == name)
-                    .and_then(|e| e.started_ms)
-            })
-            .collect();
-        let view = state.placements.coverage_view();
-        let undeployed = next
-            .features
-            .iter()
-            .filter_map(|k| state.features.get(k))
-            .filter_map(|f| {
-                view.gate(name, &f.carriers)
-                    .err()
-                    .map(|why| (f.key.clone(), why))
-            })
-            .collect();
+        let policy = state.policy(name);
         let previous = index.checked_sub(1).and_then(|i| {
             next.environments
                 .get(i)
@@ -179,12 +146,12 @@ impl Engine {
                 .environments
                 .get(index)
                 .is_none_or(|e| e.started_ms.is_none()),
-            starts_ms,
+            starts_ms: starts_ms(state, next.id, name),
             previous,
             approvals: approvals.into_iter().collect(),
             change_reference: &next.governance.change_reference,
             emergency: next.governance.emergency.is_some(),
-            undeployed,
+            undeployed: undeployed(state, next, name),
         };
         out.extend(policy::check(&policy, &facts));
         out
@@ -214,11 +181,7 @@ impl Engine {
             Vec::new()
         };
         let mut state = self.state.lock().await;
-        let current = state
-            .releases
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("releases/{id}")))?;
+        let current = state.release(id)?;
         let now = self.clock.now_ms();
         let mut next = current.clone();
         next.apply(&t)
@@ -238,14 +201,8 @@ impl Engine {
                 let widens = e.rollout_percent > before.rollout_percent
                     || (reactivated && e.rollout_percent > 0.0);
                 if widens {
-                    let cal = calendars
-                        .iter()
-                        .find(|(n, _)| *n == e.environment)
-                        .map(|c| &c.1);
-                    frozen |= cal.is_some_and(|c| {
-                        c.as_ref()
-                            .is_ok_and(|f| !calendar::active(&f.freeze_windows, now).is_empty())
-                    });
+                    let cal = calendar_of(&calendars, &e.environment);
+                    frozen |= frozen_now(cal, now);
                     violations.extend(self.violations(&state, &current, &next, i, cal, now));
                 }
             }
@@ -255,9 +212,7 @@ impl Engine {
         }
         next.stamp(&current, now);
         next.governance.waiting.clear();
-        let mut audit = actor.audit(now, action, format!("releases/{id}"));
-        audit.before = release_summary(&current);
-        audit.after = release_summary(&next);
+        let mut audit = release_audit(actor, now, action, &current, &next);
         audit.reason = reason.to_owned();
         let mut records = vec![audit];
         if frozen {
@@ -299,11 +254,7 @@ impl Engine {
     ) -> Result<Vec<PreconditionViolation>> {
         let calendars = self.calendars(id).await?;
         let state = self.state.lock().await;
-        let current = state
-            .releases
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("releases/{id}")))?;
+        let current = state.release(id)?;
         let index = current
             .environments
             .iter()
@@ -337,10 +288,7 @@ impl Engine {
                 why,
             ));
         }
-        let cal = calendars
-            .iter()
-            .find(|(n, _)| n == environment)
-            .map(|c| &c.1);
+        let cal = calendar_of(&calendars, environment);
         out.extend(self.violations(&state, &current, &next, index, cal, now));
         Ok(out)
     }
@@ -351,11 +299,7 @@ impl Engine {
     /// environment's policy becomes APPROVED.
     pub async fn approve(&self, id: i64, actor: &Caller) -> Result<Release> {
         let mut state = self.state.lock().await;
-        let current = state
-            .releases
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("releases/{id}")))?;
+        let current = state.release(id)?;
         let subject = format!("releases/{id}");
         if !matches!(
             current.state,
@@ -414,31 +358,20 @@ impl Engine {
             time_ms: now,
         });
         promote_if_approved(&state, &mut next);
-        let mut audit = actor.audit(now, "ApproveRelease", subject);
-        audit.before = release_summary(&current);
-        audit.after = release_summary(&next);
+        let audit = release_audit(actor, now, "ApproveRelease", &current, &next);
         self.commit(&mut state, &current, next, vec![audit]).await
     }
 
     /// DRAFT -> PLANNED (-> APPROVED at once when no policy asks for approvals).
     pub async fn submit(&self, id: i64, actor: &Caller) -> Result<Release> {
         let mut state = self.state.lock().await;
-        let current = state
-            .releases
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("releases/{id}")))?;
+        let current = state.release(id)?;
         let mut next = current.clone();
         next.apply(&Transition::Submit)
             .map_err(|why| Error::precondition("RELEASE_STATE", format!("releases/{id}"), why))?;
         promote_if_approved(&state, &mut next);
-        let mut audit = actor.audit(
-            self.clock.now_ms(),
-            "SubmitRelease",
-            format!("releases/{id}"),
-        );
-        audit.before = release_summary(&current);
-        audit.after = release_summary(&next);
+        let now = self.clock.now_ms();
+        let audit = release_audit(actor, now, "SubmitRelease", &current, &next);
         self.commit(&mut state, &current, next, vec![audit]).await
     }
 
@@ -453,11 +386,7 @@ impl Engine {
         actor: &Caller,
     ) -> Result<Release> {
         let mut state = self.state.lock().await;
-        let current = state
-            .releases
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("releases/{id}")))?;
+        let current = state.release(id)?;
         if approver == current.governance.requester
             || (approver == actor.principal && !caller_is_approver)
         {
@@ -577,7 +506,7 @@ impl Engine {
         })
         .map_err(Error::Internal)?;
         let env = next.environments[index].environment.clone();
-        let cal = calendars.iter().find(|(n, _)| *n == env).map(|c| &c.1);
+        let cal = calendar_of(&calendars, &env);
         let violations = self.violations(&state, &current, &next, index, cal, now);
         let system = Caller::system();
         if !violations.is_empty() {
@@ -611,15 +540,10 @@ impl Engine {
                 .await?;
             return Ok(false);
         }
-        let frozen = cal.is_some_and(|c| {
-            c.as_ref()
-                .is_ok_and(|f| !calendar::active(&f.freeze_windows, now).is_empty())
-        });
+        let frozen = frozen_now(cal, now);
         next.stamp(&current, now);
         next.governance.waiting.clear();
-        let mut audit = system.audit(now, "auto.advance", format!("releases/{id}"));
-        audit.before = release_summary(&current);
-        audit.after = release_summary(&next);
+        let mut audit = release_audit(&system, now, "auto.advance", &current, &next);
         audit.reason = format!("step {} of {env}", step + 1);
         let mut records = vec![audit];
         if frozen {
@@ -628,6 +552,37 @@ impl Engine {
         self.commit(&mut state, &current, next, records).await?;
         Ok(true)
     }
+}
+
+/// When the releases other than `id` started in environment `name`.
+fn starts_ms(state: &State, id: i64, name: &str) -> Vec<Millis> {
+    state
+        .releases
+        .values()
+        .filter(|r| r.id != id)
+        .filter_map(|r| {
+            r.environments
+                .iter()
+                .find(|e| e.environment == name)
+                .and_then(|e| e.started_ms)
+        })
+        .collect()
+}
+
+/// The features of `release` not deployed at their required coverage in environment
+/// `name`, with why.
+fn undeployed(state: &State, release: &Release, name: &str) -> Vec<(String, String)> {
+    let view = state.placements.coverage_view();
+    release
+        .features
+        .iter()
+        .filter_map(|k| state.features.get(k))
+        .filter_map(|f| {
+            view.gate(name, &f.carriers)
+                .err()
+                .map(|why| (f.key.clone(), why))
+        })
+        .collect()
 }
 
 /// A PLANNED release becomes APPROVED when its approvals satisfy every environment.
@@ -649,6 +604,39 @@ fn promote_if_approved(state: &State, release: &mut Release) {
     if approved {
         let _ = release.apply(&Transition::Approve);
     }
+}
+
+/// The audit record of `actor`'s `action` changing `current` into `next`.
+fn release_audit(
+    actor: &Caller,
+    now: Millis,
+    action: &str,
+    current: &Release,
+    next: &Release,
+) -> AuditEntry {
+    let mut audit = actor.audit(now, action, format!("releases/{}", current.id));
+    audit.before = release_summary(current);
+    audit.after = release_summary(next);
+    audit
+}
+
+/// What the calendar read says about `environment`, if it was read.
+fn calendar_of<'a>(
+    calendars: &'a [(String, CalendarRead)],
+    environment: &str,
+) -> Option<&'a CalendarRead> {
+    calendars
+        .iter()
+        .find(|(n, _)| n == environment)
+        .map(|c| &c.1)
+}
+
+/// Whether a freeze window of a calendar that could be read covers `now`.
+fn frozen_now(calendar: Option<&CalendarRead>, now: Millis) -> bool {
+    calendar.is_some_and(|c| {
+        c.as_ref()
+            .is_ok_and(|f| !calendar::active(&f.freeze_windows, now).is_empty())
+    })
 }
 
 /// The record of a change that passed a freeze window on an emergency override.

@@ -67,7 +67,36 @@ impl Engine {
     /// The timeline of release `id` (NOT_FOUND when there is none).
     pub async fn timeline(&self, id: i64) -> Result<Timeline> {
         let release = self.release(id).await?;
-        let resource = format!("releases/{id}");
+        let mut events = self.audit_events(&format!("releases/{id}")).await?;
+        // Its creation, from the release itself when the records read hold none (a
+        // release created by ImportFlagd is recorded under that call's name).
+        if !events.iter().any(|e| e.kind == "CreateRelease") {
+            events.insert(
+                0,
+                Event {
+                    time_ms: release.create_ms,
+                    kind: "CreateRelease".into(),
+                    principal: release.governance.requester.clone(),
+                    summary: release.description.clone(),
+                    reason: release.governance.change_reference.clone(),
+                    environment: String::new(),
+                },
+            );
+        }
+        events.extend(self.withdrawal_events(&release).await?);
+        // Stable: records of one instant keep the order they were written in.
+        events.sort_by_key(|e| e.time_ms);
+        let upcoming = upcoming(&release);
+        Ok(Timeline {
+            release,
+            events,
+            upcoming,
+        })
+    }
+
+    /// The audit records of `resource` itself, oldest first: at most [`MAX_EVENTS`] read,
+    /// in pages of 500.
+    async fn audit_events(&self, resource: &str) -> Result<Vec<Event>> {
         let mut events = Vec::new();
         let mut after_id = 0;
         let mut read = 0;
@@ -75,7 +104,7 @@ impl Engine {
             let page = self
                 .store
                 .list_audit(AuditFilter {
-                    resource_prefix: resource.clone(),
+                    resource_prefix: resource.to_owned(),
                     exact: true,
                     after_id,
                     limit: 500,
@@ -101,54 +130,36 @@ impl Engine {
                 break;
             }
         }
-        // Its creation, from the release itself when the records read hold none (a
-        // release created by ImportFlagd is recorded under that call's name).
-        if !events.iter().any(|e| e.kind == "CreateRelease") {
-            events.insert(
-                0,
-                Event {
-                    time_ms: release.create_ms,
-                    kind: "CreateRelease".into(),
-                    principal: release.governance.requester.clone(),
-                    summary: release.description.clone(),
-                    reason: release.governance.change_reference.clone(),
-                    environment: String::new(),
-                },
-            );
-        }
+        Ok(events)
+    }
+
+    /// The automatic withdrawals of `release`'s features in its environments since it was
+    /// created, among the newest [`WITHDRAWALS_SCANNED`].
+    async fn withdrawal_events(&self, release: &Release) -> Result<Vec<Event>> {
         let withdrawals = self
             .store
             .list_withdrawals(None, WITHDRAWALS_SCANNED)
             .await?;
-        events.extend(
-            withdrawals
-                .into_iter()
-                .map(|(_, w)| w)
-                .filter(|w| {
-                    w.time_ms >= release.create_ms
-                        && release.features.contains(&w.feature)
-                        && release
-                            .environments
-                            .iter()
-                            .any(|e| e.environment == w.environment)
-                })
-                .map(|w| Event {
-                    time_ms: w.time_ms,
-                    kind: "auto.withdraw".into(),
-                    principal: "system".into(),
-                    summary: format!("{} hidden in {}", w.feature, w.environment),
-                    reason: w.reason,
-                    environment: w.environment,
-                }),
-        );
-        // Stable: records of one instant keep the order they were written in.
-        events.sort_by_key(|e| e.time_ms);
-        let upcoming = upcoming(&release);
-        Ok(Timeline {
-            release,
-            events,
-            upcoming,
-        })
+        Ok(withdrawals
+            .into_iter()
+            .map(|(_, w)| w)
+            .filter(|w| {
+                w.time_ms >= release.create_ms
+                    && release.features.contains(&w.feature)
+                    && release
+                        .environments
+                        .iter()
+                        .any(|e| e.environment == w.environment)
+            })
+            .map(|w| Event {
+                time_ms: w.time_ms,
+                kind: "auto.withdraw".into(),
+                principal: "system".into(),
+                summary: format!("{} hidden in {}", w.feature, w.environment),
+                reason: w.reason,
+                environment: w.environment,
+            })
+            .collect())
     }
 }
 

@@ -119,6 +119,18 @@ pub fn principal_text(v: &mut Violations, field: &str, s: &str) {
     text(v, field, s, MAX_PRINCIPAL);
 }
 
+/// An etag sent back (quoted or not; empty for none), checked into `v` as `field`.
+pub(crate) fn etag(v: &mut Violations, field: &str, etag: &str) -> Option<i64> {
+    match etag.trim_matches('"') {
+        "" => None,
+        e => v.check(
+            field,
+            e.parse::<i64>()
+                .map_err(|_| "is not an etag this service returned".to_owned()),
+        ),
+    }
+}
+
 fn at_most(v: &mut Violations, field: &str, len: usize, max: usize, what: &str) {
     if len > max {
         v.push(field, format!("must have at most {max} {what}, got {len}"));
@@ -138,13 +150,7 @@ fn keys(v: &mut Violations, field: &str, list: &[String]) {
 /// from `feature.key`, on update from `feature.name`; the etag, if any, is returned parsed.
 pub fn feature(f: pb::Feature, create: bool) -> Result<(Feature, Option<i64>)> {
     let mut v = Violations::default();
-    let key = if create {
-        v.check("feature.key", names::validate_feature_key(&f.key));
-        f.key.clone()
-    } else {
-        v.check("feature.name", names::parse_feature(&f.name))
-            .unwrap_or_default()
-    };
+    let key = feature_key(&mut v, &f, create);
     text(
         &mut v,
         "feature.description",
@@ -152,6 +158,74 @@ pub fn feature(f: pb::Feature, create: bool) -> Result<(Feature, Option<i64>)> {
         service_kit::validate::MAX_TEXT,
     );
     text(&mut v, "feature.owner", &f.owner, 256);
+    let (variants, default_variant, off_variant) = feature_variants(&mut v, &f);
+    let targeting = if f.targeting.trim().is_empty() {
+        None
+    } else {
+        // Size and depth limits are the rule language's own (imports obey them too).
+        v.check("feature.targeting", Rule::parse(&f.targeting))
+    };
+    let metadata: BTreeMap<String, Value> = f
+        .metadata
+        .iter()
+        .map(|(k, val)| (k.clone(), to_json(val)))
+        .collect();
+    v.check(
+        "feature.metadata",
+        crate::domain::values::check_metadata(metadata.iter()),
+    );
+    keys(&mut v, "feature.allow", &f.allow);
+    keys(&mut v, "feature.deny", &f.deny);
+    let carriers = feature_carriers(&mut v, &f.carriers);
+    let expected = if f.etag.is_empty() {
+        None
+    } else {
+        v.check(
+            "feature.etag",
+            f.etag
+                .trim_matches('"')
+                .parse::<i64>()
+                .map_err(|_| "is not an etag returned by this service".to_owned()),
+        )
+    };
+    v.finish()?;
+    Ok((
+        Feature {
+            key,
+            description: f.description,
+            owner: f.owner,
+            variants,
+            default_variant,
+            off_variant,
+            targeting,
+            allow: f.allow,
+            deny: f.deny,
+            carriers,
+            disabled: f.disabled,
+            metadata,
+            revision: 0,
+            create_ms: 0,
+            update_ms: 0,
+            archived_ms: None,
+        },
+        expected,
+    ))
+}
+
+/// The key of a feature being created (`feature.key`) or updated (`feature.name`).
+fn feature_key(v: &mut Violations, f: &pb::Feature, create: bool) -> String {
+    if create {
+        v.check("feature.key", names::validate_feature_key(&f.key));
+        f.key.clone()
+    } else {
+        v.check("feature.name", names::parse_feature(&f.name))
+            .unwrap_or_default()
+    }
+}
+
+/// A feature's variants (on/off when none are given) and its default and off variants
+/// (`on` and `off` when unset), each of which must be one of the variants.
+fn feature_variants(v: &mut Violations, f: &pb::Feature) -> (Variants, String, String) {
     let variants: Variants = if f.variants.is_empty() {
         Feature::boolean_variants()
     } else {
@@ -193,34 +267,17 @@ pub fn feature(f: pb::Feature, create: bool) -> Result<(Feature, Option<i64>)> {
             format!("{off_variant:?} is not one of the variants"),
         );
     }
-    let targeting = if f.targeting.trim().is_empty() {
-        None
-    } else {
-        // Size and depth limits are the rule language's own (imports obey them too).
-        v.check("feature.targeting", Rule::parse(&f.targeting))
-    };
-    let metadata: BTreeMap<String, Value> = f
-        .metadata
-        .iter()
-        .map(|(k, val)| (k.clone(), to_json(val)))
-        .collect();
-    v.check(
-        "feature.metadata",
-        crate::domain::values::check_metadata(metadata.iter()),
-    );
-    keys(&mut v, "feature.allow", &f.allow);
-    keys(&mut v, "feature.deny", &f.deny);
-    at_most(
-        &mut v,
-        "feature.carriers",
-        f.carriers.len(),
-        MAX_CARRIERS,
-        "carriers",
-    );
+    (variants, default_variant, off_variant)
+}
+
+/// A feature's carriers: at most [`MAX_CARRIERS`], each a deploy-svc artifact with a
+/// semantic minimum version and a coverage in (0, 1] (0 means 1.0).
+fn feature_carriers(v: &mut Violations, list: &[pb::Carrier]) -> Vec<Carrier> {
+    at_most(v, "feature.carriers", list.len(), MAX_CARRIERS, "carriers");
     // Exact capacity: the feature keeps this vector for its lifetime (a vector grown by
     // pushes holds room for four carriers, 288 bytes, per feature).
-    let mut carriers = Vec::with_capacity(f.carriers.len().min(MAX_CARRIERS));
-    for (i, c) in f.carriers.iter().enumerate() {
+    let mut carriers = Vec::with_capacity(list.len().min(MAX_CARRIERS));
+    for (i, c) in list.iter().enumerate() {
         let field = format!("feature.carriers[{i}]");
         if c.artifact.is_empty() || c.artifact.len() > 63 {
             v.push(
@@ -252,39 +309,7 @@ pub fn feature(f: pb::Feature, create: bool) -> Result<(Feature, Option<i64>)> {
             });
         }
     }
-    let expected = if f.etag.is_empty() {
-        None
-    } else {
-        v.check(
-            "feature.etag",
-            f.etag
-                .trim_matches('"')
-                .parse::<i64>()
-                .map_err(|_| "is not an etag returned by this service".to_owned()),
-        )
-    };
-    v.finish()?;
-    Ok((
-        Feature {
-            key,
-            description: f.description,
-            owner: f.owner,
-            variants,
-            default_variant,
-            off_variant,
-            targeting,
-            allow: f.allow,
-            deny: f.deny,
-            carriers,
-            disabled: f.disabled,
-            metadata,
-            revision: 0,
-            create_ms: 0,
-            update_ms: 0,
-            archived_ms: None,
-        },
-        expected,
-    ))
+    carriers
 }
 
 /// The proto form of a feature.
@@ -346,86 +371,11 @@ pub fn new_release(req: pb::CreateReleaseRequest) -> Result<(Release, Option<Str
         &r.description,
         service_kit::validate::MAX_TEXT,
     );
-    if r.features.is_empty() {
-        v.push("release.features", "must name at least one feature key");
-    }
-    at_most(
-        &mut v,
-        "release.features",
-        r.features.len(),
-        MAX_RELEASE_FEATURES,
-        "features",
-    );
-    at_most(
-        &mut v,
-        "release.environments",
-        r.environments.len(),
-        MAX_RELEASE_ENVIRONMENTS,
-        "environments",
-    );
-    for (i, k) in r.features.iter().enumerate() {
-        v.check(
-            &format!("release.features[{i}]"),
-            names::validate_feature_key(k),
-        );
-    }
-    if r.environments.is_empty() {
-        v.push("release.environments", "must name at least one environment");
-    }
+    release_lists(&mut v, &r);
     let mut seen = std::collections::HashSet::new();
     for (i, e) in r.environments.iter().enumerate() {
-        v.check(
-            &format!("release.environments[{i}].environment"),
-            names::validate_environment(&e.environment),
-        );
-        if !seen.insert(e.environment.clone()) {
-            v.push(
-                &format!("release.environments[{i}].environment"),
-                "is listed twice",
-            );
-        }
-        percent(
-            &mut v,
-            &format!("release.environments[{i}].rollout_percent"),
-            e.rollout_percent,
-        );
-        if !e.steps.is_empty() && e.rollout_percent != 0.0 {
-            v.push(
-                &format!("release.environments[{i}].rollout_percent"),
-                "must be 0 in a planned environment (its steps set it)",
-            );
-        }
-        at_most(
-            &mut v,
-            &format!("release.environments[{i}].steps"),
-            e.steps.len(),
-            MAX_STEPS,
-            "steps",
-        );
-        let mut last = 0.0;
-        for (j, step) in e.steps.iter().enumerate() {
-            let field = format!("release.environments[{i}].steps[{j}]");
-            if !(step.percent > last && step.percent <= 100.0) {
-                v.push(
-                    &format!("{field}.percent"),
-                    "must be above the previous step's and at most 100",
-                );
-            }
-            last = step.percent;
-            if step
-                .min_duration
-                .as_ref()
-                .is_some_and(|d| duration_ms(d) < 0)
-            {
-                v.push(&format!("{field}.min_duration"), "must not be negative");
-            }
-        }
-        if !e.steps.is_empty() && last < 100.0 {
-            v.push(
-                &format!("release.environments[{i}].steps"),
-                "must end at 100%",
-            );
-        }
+        let twice = !seen.insert(e.environment.clone());
+        release_environment(&mut v, i, e, twice);
     }
     text(
         &mut v,
@@ -446,39 +396,123 @@ pub fn new_release(req: pb::CreateReleaseRequest) -> Result<(Release, Option<Str
     );
     v.finish()?;
     Ok((
-        Release {
-            id: 0,
-            description: r.description,
-            features: r.features,
-            environments: r
-                .environments
-                .into_iter()
-                .map(|e| ReleaseEnvironment {
-                    environment: e.environment,
-                    rollout_percent: e.rollout_percent,
-                    steps: e
-                        .steps
-                        .iter()
-                        .map(|s| Step {
-                            percent: s.percent,
-                            min_duration_ms: s.min_duration.as_ref().map_or(0, duration_ms),
-                        })
-                        .collect(),
-                    ..ReleaseEnvironment::default()
-                })
-                .collect(),
-            state: ReleaseState::Draft,
-            governance: Governance {
-                change_reference: r.change_reference,
-                planned_start_ms: r.planned_start_time.as_ref().map_or(0, millis),
-                ..Governance::default()
-            },
-            revision: 0,
-            create_ms: 0,
-            update_ms: 0,
-        },
+        draft_release(r),
         (!req.request_id.is_empty()).then_some(req.request_id),
     ))
+}
+
+/// A release's features and environments: one to [`MAX_RELEASE_FEATURES`] feature keys and
+/// one to [`MAX_RELEASE_ENVIRONMENTS`] environments.
+fn release_lists(v: &mut Violations, r: &pb::Release) {
+    if r.features.is_empty() {
+        v.push("release.features", "must name at least one feature key");
+    }
+    at_most(
+        v,
+        "release.features",
+        r.features.len(),
+        MAX_RELEASE_FEATURES,
+        "features",
+    );
+    at_most(
+        v,
+        "release.environments",
+        r.environments.len(),
+        MAX_RELEASE_ENVIRONMENTS,
+        "environments",
+    );
+    for (i, k) in r.features.iter().enumerate() {
+        v.check(
+            &format!("release.features[{i}]"),
+            names::validate_feature_key(k),
+        );
+    }
+    if r.environments.is_empty() {
+        v.push("release.environments", "must name at least one environment");
+    }
+}
+
+/// The `i`th environment of a release (`twice` when an earlier one has the same name): its
+/// name, its rollout percentage (0 when it has steps) and its steps.
+fn release_environment(v: &mut Violations, i: usize, e: &pb::ReleaseEnvironment, twice: bool) {
+    let field = format!("release.environments[{i}]");
+    v.check(
+        &format!("{field}.environment"),
+        names::validate_environment(&e.environment),
+    );
+    if twice {
+        v.push(&format!("{field}.environment"), "is listed twice");
+    }
+    percent(v, &format!("{field}.rollout_percent"), e.rollout_percent);
+    if !e.steps.is_empty() && e.rollout_percent != 0.0 {
+        v.push(
+            &format!("{field}.rollout_percent"),
+            "must be 0 in a planned environment (its steps set it)",
+        );
+    }
+    at_most(
+        v,
+        &format!("{field}.steps"),
+        e.steps.len(),
+        MAX_STEPS,
+        "steps",
+    );
+    let mut last = 0.0;
+    for (j, step) in e.steps.iter().enumerate() {
+        let field = format!("{field}.steps[{j}]");
+        if !(step.percent > last && step.percent <= 100.0) {
+            v.push(
+                &format!("{field}.percent"),
+                "must be above the previous step's and at most 100",
+            );
+        }
+        last = step.percent;
+        if step
+            .min_duration
+            .as_ref()
+            .is_some_and(|d| duration_ms(d) < 0)
+        {
+            v.push(&format!("{field}.min_duration"), "must not be negative");
+        }
+    }
+    if !e.steps.is_empty() && last < 100.0 {
+        v.push(&format!("{field}.steps"), "must end at 100%");
+    }
+}
+
+/// The draft a validated CreateRelease request describes.
+fn draft_release(r: pb::Release) -> Release {
+    Release {
+        id: 0,
+        description: r.description,
+        features: r.features,
+        environments: r
+            .environments
+            .into_iter()
+            .map(|e| ReleaseEnvironment {
+                environment: e.environment,
+                rollout_percent: e.rollout_percent,
+                steps: e
+                    .steps
+                    .iter()
+                    .map(|s| Step {
+                        percent: s.percent,
+                        min_duration_ms: s.min_duration.as_ref().map_or(0, duration_ms),
+                    })
+                    .collect(),
+                ..ReleaseEnvironment::default()
+            })
+            .collect(),
+        state: ReleaseState::Draft,
+        governance: Governance {
+            change_reference: r.change_reference,
+            planned_start_ms: r.planned_start_time.as_ref().map_or(0, millis),
+            ..Governance::default()
+        },
+        revision: 0,
+        create_ms: 0,
+        update_ms: 0,
+    }
 }
 
 /// Validates a rollout percentage field.
@@ -677,14 +711,7 @@ pub fn policy(p: pb::Policy) -> Result<(Policy, Option<i64>)> {
             ),
         );
     }
-    let etag = match p.etag.trim_matches('"') {
-        "" => None,
-        e => v.check(
-            "policy.etag",
-            e.parse::<i64>()
-                .map_err(|_| "is not an etag this service returned".to_owned()),
-        ),
-    };
+    let etag = etag(&mut v, "policy.etag", &p.etag);
     v.finish()?;
     Ok((
         Policy {

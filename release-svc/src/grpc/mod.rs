@@ -25,8 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::consumer::SharedStatus;
-use crate::domain::model::Millis;
-use crate::domain::model::Transition;
+use crate::domain::model::{Millis, Release, Transition};
 use crate::domain::{names, Error, Violations};
 use crate::engine::{Caller, Change, Cursor, Engine, DAY_MS};
 
@@ -122,14 +121,7 @@ impl ReleaseApi {
         let key = v
             .check("name", names::parse_feature(feature))
             .unwrap_or_default();
-        let expected = match etag.trim_matches('"') {
-            "" => None,
-            e => v.check(
-                "etag",
-                e.parse::<i64>()
-                    .map_err(|_| "is not an etag this service returned".to_owned()),
-            ),
-        };
+        let expected = convert::etag(&mut v, "etag", etag);
         v.finish()?;
         let feature = self
             .engine
@@ -156,6 +148,38 @@ impl ReleaseApi {
         }
         Ok(())
     }
+
+    /// The caller of a call on release `name` and the release's id, once the caller may act
+    /// in every environment of the release ([`ReleaseApi::require_release`]).
+    async fn release_call<T>(
+        &self,
+        req: &Request<T>,
+        name: &str,
+    ) -> std::result::Result<(Caller, i64), Status> {
+        let actor = actor(req, "")?;
+        let id = release_id(name)?;
+        self.require_release(req, id, None).await?;
+        Ok((actor, id))
+    }
+
+    /// Transition `t` of release `id` by `actor` as `action`, for the caller's free-text
+    /// `reason` (INVALID_ARGUMENT when it is too long).
+    async fn transition_for(
+        &self,
+        actor: &Caller,
+        id: i64,
+        t: Transition,
+        action: &str,
+        reason: &str,
+    ) -> std::result::Result<Release, Status> {
+        check_reason(reason)?;
+        Ok(self.engine.transition(id, t, actor, action, reason).await?)
+    }
+}
+
+/// The answer carrying `release`.
+fn release_reply(release: &Release) -> Result<pb::Release> {
+    Ok(Response::new(convert::release_pb(release)))
 }
 
 /// The response stream of WatchVisibility.
@@ -168,6 +192,21 @@ fn name<T>(
     parse: impl Fn(&str) -> std::result::Result<T, String>,
 ) -> std::result::Result<T, Status> {
     parse(value).map_err(|d| Status::from(Error::invalid(field, d)))
+}
+
+/// The id of release `name` (`releases/{id}`): INVALID_ARGUMENT naming `name` otherwise.
+fn release_id(name: &str) -> std::result::Result<i64, Status> {
+    self::name("name", name, names::parse_release)
+}
+
+/// Checks release `name` and the `environment` named with it into `v`; the release's id
+/// (0 when `name` names none).
+fn release_and_environment(v: &mut Violations, name: &str, environment: &str) -> i64 {
+    let id = v
+        .check("name", names::parse_release(name))
+        .unwrap_or_default();
+    v.check("environment", names::validate_environment(environment));
+    id
 }
 
 /// A free-text reason (kill switch, rollback, cancel): INVALID_ARGUMENT naming `reason`
@@ -215,12 +254,33 @@ fn stale_after(v: &mut Violations, field: &str, d: Option<&prost_types::Duration
     ms
 }
 
-fn next_token(more: bool, last: Option<String>) -> String {
-    if more {
-        last.map(|k| service_kit::validate::encode_page_token(&k))
-            .unwrap_or_default()
-    } else {
-        String::new()
+/// The first `size` of `rows` (read one past the page) and, when more follow, what names
+/// the last of them (`last`).
+fn one_page<T>(
+    mut rows: Vec<T>,
+    size: usize,
+    last: impl FnOnce(&T) -> String,
+) -> (Vec<T>, Option<String>) {
+    let more = rows.len() > size;
+    rows.truncate(size);
+    let last = if more { rows.last().map(last) } else { None };
+    (rows, last)
+}
+
+/// The page token after the row named `last` (empty on the last page).
+fn next_token(last: Option<String>) -> String {
+    last.map(|k| service_kit::validate::encode_page_token(&k))
+        .unwrap_or_default()
+}
+
+/// A change that asks the watcher to evaluate everything again, for `cause`.
+fn everything(snapshot_version: u64, cause: &str) -> pb::VisibilityChange {
+    pb::VisibilityChange {
+        snapshot_version,
+        features: Vec::new(),
+        environments: Vec::new(),
+        all_features: true,
+        cause: cause.into(),
     }
 }
 
@@ -273,14 +333,13 @@ impl ReleaseService for ReleaseApi {
         let mut v = Violations::default();
         let (size, after) = page(&mut v, req.page_size, &req.page_token);
         v.finish()?;
-        let mut features = self
+        let features = self
             .engine
             .features(after.as_deref(), size, req.show_archived)
             .await;
-        let more = features.len() > size;
-        features.truncate(size);
+        let (features, last) = one_page(features, size, |f| f.key.clone());
         Ok(Response::new(pb::ListFeaturesResponse {
-            next_page_token: next_token(more, features.last().map(|f| f.key.clone())),
+            next_page_token: next_token(last),
             features: features.iter().map(|f| convert::feature_pb(f)).collect(),
         }))
     }
@@ -325,14 +384,12 @@ impl ReleaseService for ReleaseApi {
             .engine
             .create_release(release, request_id, &actor)
             .await?;
-        Ok(Response::new(convert::release_pb(&release)))
+        release_reply(&release)
     }
 
     async fn get_release(&self, req: Request<pb::GetReleaseRequest>) -> Result<pb::Release> {
-        let id = name("name", &req.into_inner().name, names::parse_release)?;
-        Ok(Response::new(convert::release_pb(
-            &self.engine.release(id).await?,
-        )))
+        let id = release_id(&req.into_inner().name)?;
+        release_reply(&self.engine.release(id).await?)
     }
 
     async fn list_releases(
@@ -344,11 +401,10 @@ impl ReleaseService for ReleaseApi {
         let (size, after) = page(&mut v, req.page_size, &req.page_token);
         let before = id_token(&mut v, after);
         v.finish()?;
-        let mut releases = self.engine.releases(before, size).await;
-        let more = releases.len() > size;
-        releases.truncate(size);
+        let releases = self.engine.releases(before, size).await;
+        let (releases, last) = one_page(releases, size, |r| r.id.to_string());
         Ok(Response::new(pb::ListReleasesResponse {
-            next_page_token: next_token(more, releases.last().map(|r| r.id.to_string())),
+            next_page_token: next_token(last),
             releases: releases.iter().map(convert::release_pb).collect(),
         }))
     }
@@ -358,10 +414,7 @@ impl ReleaseService for ReleaseApi {
         let access = auth::caller(&req)?;
         let req = req.into_inner();
         let mut v = Violations::default();
-        let id = v
-            .check("name", names::parse_release(&req.name))
-            .unwrap_or_default();
-        v.check("environment", names::validate_environment(&req.environment));
+        let id = release_and_environment(&mut v, &req.name, &req.environment);
         v.finish()?;
         access.require_environment(&req.environment)?;
         let percent = convert::rollout(req.rollout_percent)?;
@@ -378,56 +431,45 @@ impl ReleaseService for ReleaseApi {
                 "",
             )
             .await?;
-        Ok(Response::new(convert::release_pb(&release)))
+        release_reply(&release)
     }
 
     async fn pause_release(&self, req: Request<pb::PauseReleaseRequest>) -> Result<pb::Release> {
-        let actor = actor(&req, "")?;
-        let id = name("name", &req.get_ref().name, names::parse_release)?;
-        self.require_release(&req, id, None).await?;
+        let (actor, id) = self.release_call(&req, &req.get_ref().name).await?;
         let req = req.into_inner();
-        check_reason(&req.reason)?;
         let release = self
-            .engine
-            .transition(id, Transition::Pause, &actor, "PauseRelease", &req.reason)
+            .transition_for(&actor, id, Transition::Pause, "PauseRelease", &req.reason)
             .await?;
         tracing::info!(release = %req.name, reason = %req.reason, "release paused (kill switch)");
-        Ok(Response::new(convert::release_pb(&release)))
+        release_reply(&release)
     }
 
     async fn resume_release(&self, req: Request<pb::ResumeReleaseRequest>) -> Result<pb::Release> {
-        let actor = actor(&req, "")?;
-        let id = name("name", &req.get_ref().name, names::parse_release)?;
-        self.require_release(&req, id, None).await?;
-        Ok(Response::new(convert::release_pb(
-            &self
-                .engine
-                .transition(id, Transition::Resume, &actor, "ResumeRelease", "")
-                .await?,
-        )))
+        let (actor, id) = self.release_call(&req, &req.get_ref().name).await?;
+        let release = self
+            .engine
+            .transition(id, Transition::Resume, &actor, "ResumeRelease", "")
+            .await?;
+        release_reply(&release)
     }
 
     async fn rollback_release(
         &self,
         req: Request<pb::RollbackReleaseRequest>,
     ) -> Result<pb::Release> {
-        let actor = actor(&req, "")?;
-        let id = name("name", &req.get_ref().name, names::parse_release)?;
-        self.require_release(&req, id, None).await?;
+        let (actor, id) = self.release_call(&req, &req.get_ref().name).await?;
         let req = req.into_inner();
-        check_reason(&req.reason)?;
         let release = self
-            .engine
-            .transition(
+            .transition_for(
+                &actor,
                 id,
                 Transition::Rollback,
-                &actor,
                 "RollbackRelease",
                 &req.reason,
             )
             .await?;
         tracing::info!(release = %req.name, reason = %req.reason, "release rolled back");
-        Ok(Response::new(convert::release_pb(&release)))
+        release_reply(&release)
     }
 
     async fn evaluate(&self, req: Request<pb::EvaluateRequest>) -> Result<pb::EvaluateResponse> {
@@ -518,13 +560,10 @@ impl ReleaseService for ReleaseApi {
         }
         let slot = self.watchers.take()?;
         let rx = self.engine.subscribe();
-        let first = pb::VisibilityChange {
-            snapshot_version: self.engine.snapshot().version,
-            features: Vec::new(),
-            environments: Vec::new(),
-            all_features: true,
-            cause: "stream start: evaluate everything you cache".into(),
-        };
+        let first = everything(
+            self.engine.snapshot().version,
+            "stream start: evaluate everything you cache",
+        );
         let start = (
             Some(first),
             rx,
@@ -553,13 +592,10 @@ impl ReleaseService for ReleaseApi {
                     match next {
                         Ok(change) => pending = change_message(&change, &env),
                         Err(RecvError::Lagged(_)) => {
-                            pending = Some(pb::VisibilityChange {
-                            snapshot_version: engine.snapshot().version,
-                            features: Vec::new(),
-                            environments: Vec::new(),
-                            all_features: true,
-                            cause: "changes were dropped for this slow stream: evaluate everything again".into(),
-                        });
+                            pending = Some(everything(
+                                engine.snapshot().version,
+                                "changes were dropped for this slow stream: evaluate everything again",
+                            ));
                         }
                         Err(RecvError::Closed) => return None,
                     }
@@ -623,10 +659,9 @@ impl ReleaseService for ReleaseApi {
         &self,
         req: Request<pb::GetReleaseTimelineRequest>,
     ) -> Result<pb::ReleaseTimeline> {
-        let id = name("name", &req.into_inner().name, names::parse_release)?;
-        Ok(Response::new(convert::timeline_pb(
-            &self.engine.timeline(id).await?,
-        )))
+        let id = release_id(&req.into_inner().name)?;
+        let timeline = self.engine.timeline(id).await?;
+        Ok(Response::new(convert::timeline_pb(&timeline)))
     }
 
     async fn get_feature_usage(
@@ -649,14 +684,13 @@ impl ReleaseService for ReleaseApi {
         let released_for = stale_after(&mut v, "released_for", req.released_for.as_ref());
         let unevaluated_for = stale_after(&mut v, "unevaluated_for", req.unevaluated_for.as_ref());
         v.finish()?;
-        let mut stale = self
+        let stale = self
             .engine
             .stale_features(released_for, unevaluated_for, after.as_deref(), size)
             .await?;
-        let more = stale.len() > size;
-        stale.truncate(size);
+        let (stale, last) = one_page(stale, size, |s| s.feature.clone());
         Ok(Response::new(pb::ListStaleFeaturesResponse {
-            next_page_token: next_token(more, stale.last().map(|s| s.feature.clone())),
+            next_page_token: next_token(last),
             features: stale.iter().map(convert::stale_pb).collect(),
         }))
     }
@@ -696,15 +730,14 @@ impl ReleaseService for ReleaseApi {
         let (size, after) = page(&mut v, req.page_size, &req.page_token);
         let before = id_token(&mut v, after);
         v.finish()?;
-        let mut rows = self
+        let rows = self
             .engine
             .store()
             .list_withdrawals(before, size + 1)
             .await?;
-        let more = rows.len() > size;
-        rows.truncate(size);
+        let (rows, last) = one_page(rows, size, |r| r.0.to_string());
         Ok(Response::new(pb::ListWithdrawalsResponse {
-            next_page_token: next_token(more, rows.last().map(|r| r.0.to_string())),
+            next_page_token: next_token(last),
             withdrawals: rows.iter().map(|(_, w)| convert::withdrawal(w)).collect(),
         }))
     }
@@ -763,40 +796,27 @@ impl ReleaseService for ReleaseApi {
     }
 
     async fn submit_release(&self, req: Request<pb::SubmitReleaseRequest>) -> Result<pb::Release> {
-        let actor = actor(&req, "")?;
-        let id = name("name", &req.get_ref().name, names::parse_release)?;
-        self.require_release(&req, id, None).await?;
-        Ok(Response::new(convert::release_pb(
-            &self.engine.submit(id, &actor).await?,
-        )))
+        let (actor, id) = self.release_call(&req, &req.get_ref().name).await?;
+        release_reply(&self.engine.submit(id, &actor).await?)
     }
 
     async fn approve_release(
         &self,
         req: Request<pb::ApproveReleaseRequest>,
     ) -> Result<pb::Release> {
-        let actor = actor(&req, "")?;
-        let id = name("name", &req.get_ref().name, names::parse_release)?;
         // An approver approves only where its binding holds: every environment of the
         // release.
-        self.require_release(&req, id, None).await?;
-        Ok(Response::new(convert::release_pb(
-            &self.engine.approve(id, &actor).await?,
-        )))
+        let (actor, id) = self.release_call(&req, &req.get_ref().name).await?;
+        release_reply(&self.engine.approve(id, &actor).await?)
     }
 
     async fn cancel_release(&self, req: Request<pb::CancelReleaseRequest>) -> Result<pb::Release> {
-        let actor = actor(&req, "")?;
-        let id = name("name", &req.get_ref().name, names::parse_release)?;
-        self.require_release(&req, id, None).await?;
-        let req = req.into_inner();
-        check_reason(&req.reason)?;
-        Ok(Response::new(convert::release_pb(
-            &self
-                .engine
-                .transition(id, Transition::Cancel, &actor, "CancelRelease", &req.reason)
-                .await?,
-        )))
+        let (actor, id) = self.release_call(&req, &req.get_ref().name).await?;
+        let reason = &req.get_ref().reason;
+        let release = self
+            .transition_for(&actor, id, Transition::Cancel, "CancelRelease", reason)
+            .await?;
+        release_reply(&release)
     }
 
     async fn set_emergency_override(
@@ -836,12 +856,11 @@ impl ReleaseService for ReleaseApi {
         } else {
             req.approver
         };
-        Ok(Response::new(convert::release_pb(
-            &self
-                .engine
-                .emergency_override(id, req.reason, approver, self_approved, &actor)
-                .await?,
-        )))
+        let release = self
+            .engine
+            .emergency_override(id, req.reason, approver, self_approved, &actor)
+            .await?;
+        release_reply(&release)
     }
 
     async fn check_release(
@@ -850,10 +869,7 @@ impl ReleaseService for ReleaseApi {
     ) -> Result<pb::CheckReleaseResponse> {
         let req = req.into_inner();
         let mut v = Violations::default();
-        let id = v
-            .check("name", names::parse_release(&req.name))
-            .unwrap_or_default();
-        v.check("environment", names::validate_environment(&req.environment));
+        let id = release_and_environment(&mut v, &req.name, &req.environment);
         v.finish()?;
         let violations = self
             .engine
@@ -921,7 +937,7 @@ impl ReleaseService for ReleaseApi {
             }
         }
         v.finish()?;
-        let mut rows = self
+        let rows = self
             .engine
             .store()
             .list_audit(crate::store::AuditFilter {
@@ -934,16 +950,9 @@ impl ReleaseService for ReleaseApi {
                 limit: size + 1,
             })
             .await?;
-        let more = rows.len() > size;
-        rows.truncate(size);
+        let (rows, last) = one_page(rows, size, |(id, _)| id.to_string());
         Ok(Response::new(pb::ListAuditRecordsResponse {
-            next_page_token: if more {
-                rows.last()
-                    .map(|(id, _)| id.to_string())
-                    .unwrap_or_default()
-            } else {
-                String::new()
-            },
+            next_page_token: last.unwrap_or_default(),
             records: rows
                 .iter()
                 .map(|(id, a)| convert::audit_pb(*id, a))
