@@ -913,6 +913,8 @@ mod tests {
         assert!(after.withdrawn_in(&before, &Scope::All).is_empty());
     }
 
+    // Long by design: one story of updates (a feature, a release, a placement removed),
+    // each step compared with a full rebuild on the state the step left.
     #[test]
     fn incremental_updates_equal_a_full_rebuild() {
         let carrier = |artifact: &str| Carrier {
@@ -1018,6 +1020,7 @@ mod tests {
         (name, value)
     }
 
+    // Long by design: one table of feature shapes, each rendered and decided both ways.
     #[test]
     fn rendered_decisions_decide_as_evaluate() {
         use crate::domain::rules::Rule;
