@@ -33,6 +33,7 @@
 //! - [`status`]: the one exhaustive `From<Error> for Status`, with rich error details.
 //! - [`streams`]: a cap on open server streams (RESOURCE_EXHAUSTED past it).
 //! - [`telemetry`]: Prometheus metrics on their own plain-HTTP port (`--metrics-listen`).
+//! - [`audit`]: the audit record both services keep (who, what, which resource, why).
 //! - [`admission`]: refuses at once a call that the calls in flight would keep past half
 //!   of its deadline (`--deadline-admission`).
 //! - [`access`]: the layer that writes one access-log line per call and the per-RPC
@@ -44,6 +45,7 @@
 
 pub mod access;
 pub mod admission;
+pub mod audit;
 pub mod auth;
 pub mod background;
 pub mod backoff;

@@ -33,14 +33,16 @@ pub(super) fn append_audit(
 pub(super) fn audit_row(r: &SqlRow) -> Result<AuditRecord> {
     Ok(AuditRecord {
         id: r.col("id")?,
-        time_ms: r.col("time_ms")?,
-        principal: r.col("principal")?,
-        action: r.col("action")?,
-        resource: r.col("resource")?,
-        before: r.col("before_summary")?,
-        after: r.col("after_summary")?,
-        request_id: r.col("request_id")?,
-        reason: r.col("reason")?,
+        record: service_kit::audit::AuditRecord {
+            time_ms: r.col("time_ms")?,
+            principal: r.col("principal")?,
+            action: r.col("action")?,
+            resource: r.col("resource")?,
+            before: r.col("before_summary")?,
+            after: r.col("after_summary")?,
+            request_id: r.col("request_id")?,
+            reason: r.col("reason")?,
+        },
     })
 }
 

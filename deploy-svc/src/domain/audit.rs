@@ -49,27 +49,21 @@ pub struct AuditEntry {
     pub reason: String,
 }
 
-/// A stored audit record.
+/// A stored audit record: its position in the trail and the record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditRecord {
     /// Position in the trail, increasing in commit order.
     pub id: i64,
-    /// Commit time.
-    pub time_ms: Millis,
-    /// Who.
-    pub principal: String,
-    /// The RPC name.
-    pub action: String,
-    /// The resource changed.
-    pub resource: String,
-    /// Changed fields before.
-    pub before: String,
-    /// Changed fields after.
-    pub after: String,
-    /// The request id.
-    pub request_id: String,
-    /// Why.
-    pub reason: String,
+    /// The record (its fields read through this one: `record.principal` as `principal`).
+    pub record: service_kit::audit::AuditRecord,
+}
+
+impl std::ops::Deref for AuditRecord {
+    type Target = service_kit::audit::AuditRecord;
+
+    fn deref(&self) -> &Self::Target {
+        &self.record
+    }
 }
 
 /// Filters of ListAuditRecords; `None` matches everything.

@@ -809,9 +809,9 @@ pub fn audit_query(req: pb::ListAuditRecordsRequest) -> Result<(AuditFilter, Pag
 }
 
 /// The proto form of an audit record.
-pub fn audit_record(r: AuditRecord) -> pb::AuditRecord {
+pub fn audit_record(AuditRecord { id, record: r }: AuditRecord) -> pb::AuditRecord {
     pb::AuditRecord {
-        id: r.id,
+        id,
         time: timestamp(r.time_ms),
         principal: r.principal,
         action: r.action,

@@ -129,26 +129,10 @@ impl ChangeNotifier {
     }
 }
 
-/// One audit record to append (with the change it records, in its transaction).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct AuditEntry {
-    /// When.
-    pub time_ms: Millis,
-    /// Who (`x-principal` metadata; `system` for automatic actions).
-    pub principal: String,
-    /// What: the RPC name, or `auto.*` for automatic actions.
-    pub action: String,
-    /// The resource changed (`releases/3`; `releases/` is completed with a new release's id).
-    pub resource: String,
-    /// A short summary of the resource before.
-    pub before: String,
-    /// A short summary of the resource after.
-    pub after: String,
-    /// The request's idempotency key or `x-request-id`.
-    pub request_id: String,
-    /// Why: a change reference, an override reason, a withdrawal cause.
-    pub reason: String,
-}
+/// One audit record to append (with the change it records, in its transaction). Its
+/// `principal` is `system` for automatic actions; a new release's `resource` is given as
+/// `releases/` and completed with the release's id.
+pub use service_kit::audit::AuditRecord as AuditEntry;
 
 /// Which audit records to list.
 #[derive(Debug, Clone, Default)]
