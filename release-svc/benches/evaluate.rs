@@ -2,10 +2,11 @@
 //!
 //! - `evaluate 1000 features with rules`: one decision per iteration over varying features
 //!   and users (a rule, an allow list, a carrier gate and a 50% rollout each);
-//! - `peers/*`: the same rule, rollout and contexts decided by release-svc, by `datalogic-rs`
+//! - `peers/*`: the same rule, rollout and contexts decided by release-svc (its whole
+//!   decision, and its rule engine alone on the peers' JSON Logic rule), by `datalogic-rs`
 //!   (the rule compiled once, the context converted once) and by flagd's Rust evaluator
 //!   (`flagd-evaluation-engine`, through its public `Operator::apply`), after a check that
-//!   all three reach the same answers.
+//!   all of them reach the same answers.
 
 #![allow(clippy::unwrap_used)]
 
@@ -19,7 +20,7 @@ use datalogic_rs::Engine;
 use flagd_evaluation_engine::Operator;
 use open_feature::EvaluationContext;
 use release_svc::domain::evaluate::Context;
-use release_svc::domain::rules::Bucketing;
+use release_svc::domain::rules::{Bucketing, Data, Rule};
 use serde_json::{json, Value};
 
 fn bench(c: &mut Criterion) {
@@ -73,6 +74,16 @@ fn openfeature_context(c: &Context) -> EvaluationContext {
     ctx
 }
 
+/// What release-svc's rule engine reads for `ctx` deciding `key` (the peers' bucketing).
+fn rule_data<'a>(ctx: &'a Context, key: &'a str) -> Data<'a> {
+    Data {
+        attributes: &ctx.attributes,
+        targeting_key: &ctx.targeting_key,
+        flag_key: key,
+        bucketing: Bucketing::V2,
+    }
+}
+
 fn peers(c: &mut Criterion) {
     let key = fixture::key(1);
     let contexts = fixture::contexts();
@@ -85,12 +96,13 @@ fn peers(c: &mut Criterion) {
     let data: Vec<Value> = contexts.iter().map(flagd_context).collect();
     let flagd = Operator::new();
     let of_contexts: Vec<EvaluationContext> = contexts.iter().map(openfeature_context).collect();
+    let our_rule = Rule::parse(&rule_text).expect("release-svc parses the rule");
 
     // The same answers, or the comparison means nothing. Both peers bucket `fractional` as
     // flagd 0.15-0.16 did (release-svc's V2): datalogic-rs's built-in operator (its `flagd`
     // feature), which also takes the place of flagd-evaluation-engine's own CBOR (V3)
     // operator once that feature is on in the build.
-    for name in ["datalogic-rs", "flagd"] {
+    for name in ["datalogic-rs", "flagd", "release-svc rule"] {
         let mut s = fixture::snapshot(2);
         s.bucketing = Bucketing::V2;
         let mut served = 0;
@@ -101,6 +113,9 @@ fn peers(c: &mut Criterion) {
                     .apply(&key, &rule_text, &of_contexts[u])
                     .unwrap()
                     .unwrap()
+            } else if name == "release-svc rule" {
+                let v = our_rule.evaluate(&rule_data(ctx, &key)).unwrap();
+                v.as_str().unwrap().to_owned()
             } else {
                 let arena = datalogic_rs::bumpalo::Bump::new();
                 let v = datalogic.evaluate(&compiled, &data[u], &arena).unwrap();
@@ -123,6 +138,14 @@ fn peers(c: &mut Criterion) {
             i = i.wrapping_add(1);
             let ctx = &contexts[i % contexts.len()];
             black_box(s.decide(black_box(&key), black_box(ctx)).map(|d| d.visible))
+        })
+    });
+    g.bench_function("release-svc rule", |b| {
+        b.iter(|| {
+            i = i.wrapping_add(1);
+            let data = rule_data(&contexts[i % contexts.len()], &key);
+            let v = our_rule.evaluate(black_box(&data)).unwrap();
+            black_box(v.as_str() == Some("on"))
         })
     });
     let mut arena = datalogic_rs::bumpalo::Bump::new();

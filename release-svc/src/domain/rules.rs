@@ -255,14 +255,82 @@ enum Node {
     /// wrote the single argument without an array (`{"var": "plan"}`).
     Op {
         name: &'static str,
+        code: Code,
         args: Box<[Node]>,
         bare: bool,
     },
+    /// `var` of a constant path without a default (its usual form): one call instead of
+    /// the operator's and its path's.
+    Var { path: Box<str>, bare: bool },
     /// `sem_ver` against a constant version (its usual form), the version parsed once.
     SemVer {
         args: Box<[Node]>,
         against: Box<semver::Version>,
     },
+}
+
+/// An operator resolved when the rule is compiled, so evaluation dispatches on a small
+/// integer instead of comparing the operator's name against each arm. Operators that share
+/// an arm share a code (the arm tells them apart by name where it must).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Code {
+    Var,
+    If,
+    Eq,
+    Ne,
+    StrictEq,
+    StrictNe,
+    Not,
+    NotNot,
+    And,
+    Or,
+    Compare,
+    In,
+    Cat,
+    Fold,
+    Arith,
+    Affix,
+    SemVer,
+    Fractional,
+    Missing,
+    MissingSome,
+    Iterate,
+    Reduce,
+    Substr,
+    Merge,
+    Unknown,
+}
+
+impl Code {
+    fn of(name: &str) -> Self {
+        match name {
+            "var" => Self::Var,
+            "if" | "?:" => Self::If,
+            "==" => Self::Eq,
+            "!=" => Self::Ne,
+            "===" => Self::StrictEq,
+            "!==" => Self::StrictNe,
+            "!" => Self::Not,
+            "!!" => Self::NotNot,
+            "and" => Self::And,
+            "or" => Self::Or,
+            "<" | "<=" | ">" | ">=" => Self::Compare,
+            "in" => Self::In,
+            "cat" => Self::Cat,
+            "+" | "*" | "min" | "max" => Self::Fold,
+            "-" | "/" | "%" => Self::Arith,
+            "starts_with" | "ends_with" => Self::Affix,
+            "sem_ver" => Self::SemVer,
+            "fractional" => Self::Fractional,
+            "missing" => Self::Missing,
+            "missing_some" => Self::MissingSome,
+            "map" | "filter" | "all" | "none" | "some" => Self::Iterate,
+            "reduce" => Self::Reduce,
+            "substr" => Self::Substr,
+            "merge" => Self::Merge,
+            _ => Self::Unknown,
+        }
+    }
 }
 
 /// The argument an operator reads where the rule gives none.
@@ -293,7 +361,17 @@ impl Node {
                             return Self::SemVer { args, against };
                         }
                     }
-                    Self::Op { name, args, bare }
+                    if let ("var", [Self::Lit(Value::String(path))]) = (name, &args[..]) {
+                        let path = path.as_str().into();
+                        return Self::Var { path, bare };
+                    }
+                    let code = Code::of(name);
+                    Self::Op {
+                        name,
+                        code,
+                        args,
+                        bare,
+                    }
                 }
                 None => Self::Lit(v.clone()),
             },
@@ -326,13 +404,26 @@ impl Node {
         match self {
             Self::Lit(v) | Self::Const { value: v, .. } => v.clone(),
             Self::Array(items) => Value::Array(items.iter().map(Self::to_json).collect()),
+            Self::Var { path, bare } => {
+                let path = Value::String(path.to_string());
+                let args = if *bare {
+                    path
+                } else {
+                    Value::Array(vec![path])
+                };
+                let mut map = Map::with_capacity(1);
+                map.insert("var".to_owned(), args);
+                Value::Object(map)
+            }
             Self::SemVer { args, .. } => {
                 let args = args.iter().map(Self::to_json).collect();
                 let mut map = Map::with_capacity(1);
                 map.insert("sem_ver".to_owned(), Value::Array(args));
                 Value::Object(map)
             }
-            Self::Op { name, args, bare } => {
+            Self::Op {
+                name, args, bare, ..
+            } => {
                 let args = match (bare, &args[..]) {
                     (true, [one]) => one.to_json(),
                     _ => Value::Array(args.iter().map(Self::to_json).collect()),
@@ -497,6 +588,19 @@ fn var<'a>(
     Cow::Borrowed(current)
 }
 
+/// The text `{"var": "targetingKey"}` or `{"var": "$flagd.flagKey"}` reads outside a
+/// `map`-like scope (where `var` reads the current item instead); `None` for any other node.
+fn own_text<'a>(node: &Node, data: &Scope<'a>) -> Option<&'a str> {
+    match (node, data.item) {
+        (Node::Var { path, .. }, None) => match path.as_ref() {
+            "targetingKey" => Some(data.targeting_key),
+            "$flagd.flagKey" => Some(data.flag_key),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// `path` (dot-separated keys and array indexes) inside `v`; the empty path is `v`.
 fn walk<'v>(v: &'v Value, path: &str) -> Option<&'v Value> {
     if path.is_empty() {
@@ -581,8 +685,10 @@ fn paid_text<'v>(v: &'v Value, budget: &mut Budget) -> Cow<'v, str> {
 /// Long by design: one arm per operator of [`OPERATORS`], each with its budget accounting
 /// beside its evaluation, so the whole operator table reads (and is fuzzed) in one place.
 fn apply<'a>(rule: &'a Node, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, Value> {
-    let (op, args): (&str, &'a [Node]) = match rule {
-        Node::Op { name, args, .. } => (name, args),
+    let (op, code, args): (&str, Code, &'a [Node]) = match rule {
+        Node::Op {
+            name, code, args, ..
+        } => (name, *code, args),
         Node::Lit(v) => {
             return if budget.op() {
                 Cow::Borrowed(v)
@@ -596,6 +702,13 @@ fn apply<'a>(rule: &'a Node, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, V
             } else {
                 Cow::Borrowed(&NULL)
             };
+        }
+        Node::Var { path, .. } => {
+            // The operations of the general form: the operator and its path.
+            if !budget.op() || !budget.op() {
+                return Cow::Borrowed(&NULL);
+            }
+            return var(data, path, None, budget);
         }
         Node::SemVer { args, against } => {
             // The operations and copies of the general form: the operator, its three
@@ -631,8 +744,8 @@ fn apply<'a>(rule: &'a Node, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, V
         args.get(i)
             .map_or(Cow::Borrowed(&NULL), |v| apply(v, data, budget))
     };
-    match op {
-        "var" => {
+    match code {
+        Code::Var => {
             let path = eval(0, budget);
             let default = args.get(1).map(|v| apply(v, data, budget));
             match path.as_ref() {
@@ -644,7 +757,7 @@ fn apply<'a>(rule: &'a Node, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, V
                 }
             }
         }
-        "if" | "?:" => {
+        Code::If => {
             let mut i = 0;
             while i + 1 < args.len() {
                 if truthy(&eval(i, budget)) {
@@ -658,13 +771,13 @@ fn apply<'a>(rule: &'a Node, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, V
                 Cow::Borrowed(&NULL)
             }
         }
-        "==" => bool_value(loose_eq(&eval(0, budget), &eval(1, budget))),
-        "!=" => bool_value(!loose_eq(&eval(0, budget), &eval(1, budget))),
-        "===" => bool_value(eval(0, budget) == eval(1, budget)),
-        "!==" => bool_value(eval(0, budget) != eval(1, budget)),
-        "!" => bool_value(!truthy(&eval(0, budget))),
-        "!!" => bool_value(truthy(&eval(0, budget))),
-        "and" => {
+        Code::Eq => bool_value(loose_eq(&eval(0, budget), &eval(1, budget))),
+        Code::Ne => bool_value(!loose_eq(&eval(0, budget), &eval(1, budget))),
+        Code::StrictEq => bool_value(eval(0, budget) == eval(1, budget)),
+        Code::StrictNe => bool_value(eval(0, budget) != eval(1, budget)),
+        Code::Not => bool_value(!truthy(&eval(0, budget))),
+        Code::NotNot => bool_value(truthy(&eval(0, budget))),
+        Code::And => {
             let mut last = bool_value(true);
             for i in 0..args.len() {
                 last = eval(i, budget);
@@ -674,7 +787,7 @@ fn apply<'a>(rule: &'a Node, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, V
             }
             last
         }
-        "or" => {
+        Code::Or => {
             let mut last = bool_value(false);
             for i in 0..args.len() {
                 last = eval(i, budget);
@@ -684,7 +797,7 @@ fn apply<'a>(rule: &'a Node, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, V
             }
             last
         }
-        "<" | "<=" | ">" | ">=" => {
+        Code::Compare => {
             let a = number(&eval(0, budget));
             let b = number(&eval(1, budget));
             let ok = match (a, b, args.len()) {
@@ -697,7 +810,7 @@ fn apply<'a>(rule: &'a Node, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, V
             };
             bool_value(ok)
         }
-        "in" => {
+        Code::In => {
             let needle = eval(0, budget);
             let ok = match eval(1, budget).as_ref() {
                 Value::String(hay) => hay.contains(paid_text(&needle, budget).as_ref()),
@@ -708,9 +821,18 @@ fn apply<'a>(rule: &'a Node, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, V
             };
             bool_value(ok)
         }
-        "cat" => {
-            let mut out = String::new();
-            for i in 0..args.len() {
+        Code::Cat => {
+            let mut out = String::with_capacity(32);
+            for (i, arg) in args.iter().enumerate() {
+                // The request's own texts (`targetingKey`, `$flagd.flagKey`: flagd's usual
+                // bucketing seed) are appended in place, at the general form's cost.
+                if let Some(own) = own_text(arg, data) {
+                    if !budget.op() || !budget.op() || !budget.spend(own.len()) {
+                        return Cow::Borrowed(&NULL);
+                    }
+                    out.push_str(own);
+                    continue;
+                }
                 let piece = eval(i, budget);
                 let piece = paid_text(&piece, budget);
                 if !budget.spend(piece.len()) {
@@ -720,29 +842,11 @@ fn apply<'a>(rule: &'a Node, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, V
             }
             Cow::Owned(Value::String(out))
         }
-        "+" | "*" | "min" | "max" => {
-            let nums: Option<Vec<f64>> =
-                (0..args.len()).map(|i| number(&eval(i, budget))).collect();
-            number_value(nums.filter(|n| !n.is_empty()).map(|n| match op {
-                "+" => n.iter().sum(),
-                "*" => n.iter().product(),
-                "min" => n.iter().copied().fold(f64::INFINITY, f64::min),
-                _ => n.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-            }))
-        }
-        "-" | "/" | "%" => number_value(match (number(&eval(0, budget)), args.len()) {
-            (Some(a), 1) if op == "-" => Some(-a),
-            (Some(a), _) => match number(&eval(1, budget)) {
-                Some(b) if op == "-" => Some(a - b),
-                Some(b) if b != 0.0 && op == "/" => Some(a / b),
-                Some(b) if b != 0.0 => Some(a % b),
-                _ => None,
-            },
-            _ => None,
-        }),
+        Code::Fold => fold(op, args, data, budget),
+        Code::Arith => arith(op, args, data, budget),
         // flagd's operators answer null (not false) to bad input: wrong argument counts,
         // non-strings, invalid versions or operators; the flag then serves its default.
-        "starts_with" | "ends_with" => {
+        Code::Affix => {
             if args.len() != 2 {
                 return Cow::Borrowed(&NULL);
             }
@@ -755,7 +859,7 @@ fn apply<'a>(rule: &'a Node, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, V
                 _ => Cow::Borrowed(&NULL),
             }
         }
-        "sem_ver" => {
+        Code::SemVer => {
             if args.len() != 3 {
                 return Cow::Borrowed(&NULL);
             }
@@ -767,153 +871,247 @@ fn apply<'a>(rule: &'a Node, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, V
             );
             sem_ver(&a, &o, &b).map_or(Cow::Borrowed(&NULL), bool_value)
         }
-        "fractional" => Cow::Owned(fractional(args, data, budget)),
-        "missing" => Cow::Owned(missing(args, data, budget)),
-        "missing_some" => {
-            let need = number(&eval(0, budget)).unwrap_or(0.0);
-            let keys = args
-                .get(1)
-                .map_or(Cow::Borrowed(&NULL), |v| apply(v, data, budget));
-            let Value::Array(keys) = keys.as_ref() else {
-                return Cow::Owned(Value::Array(Vec::new()));
-            };
-            let absent = missing_keys(keys, data, budget);
-            let present = keys.len() - absent.len();
-            if present as f64 >= need {
-                Cow::Owned(Value::Array(Vec::new()))
-            } else {
-                Cow::Owned(Value::Array(absent))
-            }
+        Code::Fractional => Cow::Owned(fractional(args, data, budget)),
+        Code::Missing => Cow::Owned(missing(args, data, budget)),
+        Code::MissingSome => missing_some(args, data, budget),
+        Code::Iterate => iterate(op, args, data, budget),
+        Code::Reduce => reduce(args, data, budget),
+        Code::Substr => substr(args, data, budget),
+        Code::Merge => merge(args, data, budget),
+        Code::Unknown => Cow::Borrowed(&NULL),
+    }
+}
+
+/// `+`, `*`, `min` and `max`, apart from [`apply`] (rarely used; a smaller `apply` is faster).
+#[inline(never)]
+fn fold<'a>(op: &str, args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, Value> {
+    let eval = |i: usize, budget: &mut Budget| {
+        args.get(i)
+            .map_or(Cow::Borrowed(&NULL), |v| apply(v, data, budget))
+    };
+    {
+        let nums: Option<Vec<f64>> = (0..args.len()).map(|i| number(&eval(i, budget))).collect();
+        number_value(nums.filter(|n| !n.is_empty()).map(|n| match op {
+            "+" => n.iter().sum(),
+            "*" => n.iter().product(),
+            "min" => n.iter().copied().fold(f64::INFINITY, f64::min),
+            _ => n.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        }))
+    }
+}
+
+/// `-`, `/` and `%`, apart from [`apply`] (rarely used; a smaller `apply` is faster).
+#[inline(never)]
+fn arith<'a>(op: &str, args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, Value> {
+    let eval = |i: usize, budget: &mut Budget| {
+        args.get(i)
+            .map_or(Cow::Borrowed(&NULL), |v| apply(v, data, budget))
+    };
+    {
+        number_value(match (number(&eval(0, budget)), args.len()) {
+            (Some(a), 1) if op == "-" => Some(-a),
+            (Some(a), _) => match number(&eval(1, budget)) {
+                Some(b) if op == "-" => Some(a - b),
+                Some(b) if b != 0.0 && op == "/" => Some(a / b),
+                Some(b) if b != 0.0 => Some(a % b),
+                _ => None,
+            },
+            _ => None,
+        })
+    }
+}
+
+/// `missing_some`, apart from [`apply`] (rarely used; a smaller `apply` is faster).
+#[inline(never)]
+fn missing_some<'a>(args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, Value> {
+    let eval = |i: usize, budget: &mut Budget| {
+        args.get(i)
+            .map_or(Cow::Borrowed(&NULL), |v| apply(v, data, budget))
+    };
+    {
+        let need = number(&eval(0, budget)).unwrap_or(0.0);
+        let keys = args
+            .get(1)
+            .map_or(Cow::Borrowed(&NULL), |v| apply(v, data, budget));
+        let Value::Array(keys) = keys.as_ref() else {
+            return Cow::Owned(Value::Array(Vec::new()));
+        };
+        let absent = missing_keys(keys, data, budget);
+        let present = keys.len() - absent.len();
+        if present as f64 >= need {
+            Cow::Owned(Value::Array(Vec::new()))
+        } else {
+            Cow::Owned(Value::Array(absent))
         }
-        "map" | "filter" | "all" | "none" | "some" => {
-            let mut items = eval(0, budget);
-            if let (Value::String(text), "all") = (items.as_ref(), op) {
-                // json-logic-js's `all` walks a string's characters.
-                if !budget.spend(text.len() * 9) {
-                    return Cow::Borrowed(&NULL);
-                }
-                let chars = text.chars().map(|c| Value::String(c.into())).collect();
-                items = Cow::Owned(Value::Array(chars));
-            }
-            let Value::Array(items) = items.as_ref() else {
-                // JSON Logic: over anything but an array, map and filter give [], all and
-                // some false, none true.
-                return Cow::Owned(match op {
-                    "map" | "filter" => Value::Array(Vec::new()),
-                    "none" => Value::Bool(true),
-                    _ => Value::Bool(false),
-                });
-            };
-            let logic = args.get(1).unwrap_or(&NULL_NODE);
-            let mut out = Vec::new();
-            for item in items {
-                if budget.exceeded() {
-                    return Cow::Borrowed(&NULL);
-                }
-                let inner = Scope {
-                    data: data.data,
-                    item: Some(item),
-                };
-                let result = apply(logic, &inner, budget);
-                match op {
-                    "map" => {
-                        let v = owned(result, budget);
-                        out.push(v);
-                    }
-                    "filter" if truthy(&result) && budget.spend(weight(item)) => {
-                        out.push(item.clone());
-                    }
-                    "all" if !truthy(&result) => return bool_value(false),
-                    "none" if truthy(&result) => return bool_value(false),
-                    "some" if truthy(&result) => return bool_value(true),
-                    _ => {}
-                }
-            }
-            Cow::Owned(match op {
-                "map" | "filter" => Value::Array(out),
-                // `all` of nothing is false in JSON Logic.
-                "all" => Value::Bool(!items.is_empty()),
-                "none" => Value::Bool(true),
-                _ => Value::Bool(false),
-            })
-        }
-        "reduce" => {
-            let items = eval(0, budget);
-            let initial = eval(2, budget);
-            let mut accumulator = owned(initial, budget);
-            let Value::Array(items) = items.as_ref() else {
-                return Cow::Owned(accumulator);
-            };
-            let logic = args.get(1).unwrap_or(&NULL_NODE);
-            for item in items {
-                if budget.exceeded() || !budget.spend(weight(item)) {
-                    return Cow::Borrowed(&NULL);
-                }
-                let mut state = Map::with_capacity(2);
-                state.insert("current".into(), item.clone());
-                state.insert("accumulator".into(), accumulator);
-                let state = Value::Object(state);
-                let inner = Scope {
-                    data: data.data,
-                    item: Some(&state),
-                };
-                let next = apply(logic, &inner, budget);
-                accumulator = owned(next, budget);
-            }
-            Cow::Owned(accumulator)
-        }
-        "substr" => {
-            let source = eval(0, budget);
-            let source = paid_text(&source, budget);
-            let chars: Vec<char> = source.chars().collect();
-            let len = chars.len() as i64;
-            let start = number(&eval(1, budget)).unwrap_or(0.0) as i64;
-            let start = if start < 0 {
-                (len + start).max(0)
-            } else {
-                start.min(len)
-            };
-            let end = match args.get(2) {
-                None => len,
-                Some(_) => {
-                    let n = number(&eval(2, budget)).unwrap_or(0.0) as i64;
-                    if n < 0 {
-                        (len + n).max(start)
-                    } else {
-                        (start + n).min(len)
-                    }
-                }
-            };
-            let piece: String = chars[start as usize..end.max(start) as usize]
-                .iter()
-                .collect();
-            if !budget.spend(piece.len()) {
+    }
+}
+
+/// `map`, `filter`, `all`, `none` and `some`, apart from [`apply`] (rarely used; a smaller `apply` is faster).
+#[inline(never)]
+fn iterate<'a>(
+    op: &str,
+    args: &'a [Node],
+    data: &Scope<'a>,
+    budget: &mut Budget,
+) -> Cow<'a, Value> {
+    let eval = |i: usize, budget: &mut Budget| {
+        args.get(i)
+            .map_or(Cow::Borrowed(&NULL), |v| apply(v, data, budget))
+    };
+    {
+        let mut items = eval(0, budget);
+        if let (Value::String(text), "all") = (items.as_ref(), op) {
+            // json-logic-js's `all` walks a string's characters.
+            if !budget.spend(text.len() * 9) {
                 return Cow::Borrowed(&NULL);
             }
-            Cow::Owned(Value::String(piece))
+            let chars = text.chars().map(|c| Value::String(c.into())).collect();
+            items = Cow::Owned(Value::Array(chars));
         }
-        "merge" => {
-            let mut out = Vec::new();
-            for i in 0..args.len() {
-                match eval(i, budget) {
-                    Cow::Owned(Value::Array(items)) => out.extend(items),
-                    Cow::Borrowed(Value::Array(items)) => {
-                        for item in items {
-                            if !budget.spend(weight(item)) {
-                                return Cow::Borrowed(&NULL);
-                            }
-                            out.push(item.clone());
-                        }
-                    }
-                    other => {
-                        let v = owned(other, budget);
-                        out.push(v);
-                    }
+        let Value::Array(items) = items.as_ref() else {
+            // JSON Logic: over anything but an array, map and filter give [], all and
+            // some false, none true.
+            return Cow::Owned(match op {
+                "map" | "filter" => Value::Array(Vec::new()),
+                "none" => Value::Bool(true),
+                _ => Value::Bool(false),
+            });
+        };
+        let logic = args.get(1).unwrap_or(&NULL_NODE);
+        let mut out = Vec::new();
+        for item in items {
+            if budget.exceeded() {
+                return Cow::Borrowed(&NULL);
+            }
+            let inner = Scope {
+                data: data.data,
+                item: Some(item),
+            };
+            let result = apply(logic, &inner, budget);
+            match op {
+                "map" => {
+                    let v = owned(result, budget);
+                    out.push(v);
+                }
+                "filter" if truthy(&result) && budget.spend(weight(item)) => {
+                    out.push(item.clone());
+                }
+                "all" if !truthy(&result) => return bool_value(false),
+                "none" if truthy(&result) => return bool_value(false),
+                "some" if truthy(&result) => return bool_value(true),
+                _ => {}
+            }
+        }
+        Cow::Owned(match op {
+            "map" | "filter" => Value::Array(out),
+            // `all` of nothing is false in JSON Logic.
+            "all" => Value::Bool(!items.is_empty()),
+            "none" => Value::Bool(true),
+            _ => Value::Bool(false),
+        })
+    }
+}
+
+/// `reduce`, apart from [`apply`] (rarely used; a smaller `apply` is faster).
+#[inline(never)]
+fn reduce<'a>(args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, Value> {
+    let eval = |i: usize, budget: &mut Budget| {
+        args.get(i)
+            .map_or(Cow::Borrowed(&NULL), |v| apply(v, data, budget))
+    };
+    {
+        let items = eval(0, budget);
+        let initial = eval(2, budget);
+        let mut accumulator = owned(initial, budget);
+        let Value::Array(items) = items.as_ref() else {
+            return Cow::Owned(accumulator);
+        };
+        let logic = args.get(1).unwrap_or(&NULL_NODE);
+        for item in items {
+            if budget.exceeded() || !budget.spend(weight(item)) {
+                return Cow::Borrowed(&NULL);
+            }
+            let mut state = Map::with_capacity(2);
+            state.insert("current".into(), item.clone());
+            state.insert("accumulator".into(), accumulator);
+            let state = Value::Object(state);
+            let inner = Scope {
+                data: data.data,
+                item: Some(&state),
+            };
+            let next = apply(logic, &inner, budget);
+            accumulator = owned(next, budget);
+        }
+        Cow::Owned(accumulator)
+    }
+}
+
+/// `substr`, apart from [`apply`] (rarely used; a smaller `apply` is faster).
+#[inline(never)]
+fn substr<'a>(args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, Value> {
+    let eval = |i: usize, budget: &mut Budget| {
+        args.get(i)
+            .map_or(Cow::Borrowed(&NULL), |v| apply(v, data, budget))
+    };
+    {
+        let source = eval(0, budget);
+        let source = paid_text(&source, budget);
+        let chars: Vec<char> = source.chars().collect();
+        let len = chars.len() as i64;
+        let start = number(&eval(1, budget)).unwrap_or(0.0) as i64;
+        let start = if start < 0 {
+            (len + start).max(0)
+        } else {
+            start.min(len)
+        };
+        let end = match args.get(2) {
+            None => len,
+            Some(_) => {
+                let n = number(&eval(2, budget)).unwrap_or(0.0) as i64;
+                if n < 0 {
+                    (len + n).max(start)
+                } else {
+                    (start + n).min(len)
                 }
             }
-            Cow::Owned(Value::Array(out))
+        };
+        let piece: String = chars[start as usize..end.max(start) as usize]
+            .iter()
+            .collect();
+        if !budget.spend(piece.len()) {
+            return Cow::Borrowed(&NULL);
         }
-        _ => Cow::Borrowed(&NULL),
+        Cow::Owned(Value::String(piece))
+    }
+}
+
+/// `merge`, apart from [`apply`] (rarely used; a smaller `apply` is faster).
+#[inline(never)]
+fn merge<'a>(args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, Value> {
+    let eval = |i: usize, budget: &mut Budget| {
+        args.get(i)
+            .map_or(Cow::Borrowed(&NULL), |v| apply(v, data, budget))
+    };
+    {
+        let mut out = Vec::new();
+        for i in 0..args.len() {
+            match eval(i, budget) {
+                Cow::Owned(Value::Array(items)) => out.extend(items),
+                Cow::Borrowed(Value::Array(items)) => {
+                    for item in items {
+                        if !budget.spend(weight(item)) {
+                            return Cow::Borrowed(&NULL);
+                        }
+                        out.push(item.clone());
+                    }
+                }
+                other => {
+                    let v = owned(other, budget);
+                    out.push(v);
+                }
+            }
+        }
+        Cow::Owned(Value::Array(out))
     }
 }
 
@@ -950,6 +1148,9 @@ fn missing_keys(keys: &[Value], data: &Scope<'_>, budget: &mut Budget) -> Vec<Va
 
 fn parse_version(v: &str) -> Option<semver::Version> {
     let v = v.trim().trim_start_matches(['v', 'V']);
+    if let Some(plain) = plain_version(v) {
+        return Some(plain);
+    }
     semver::Version::parse(v).ok().or_else(|| {
         // flagd accepts "1" and "1.2" as 1.0.0 and 1.2.0.
         let parts: Vec<&str> = v.split('.').collect();
@@ -959,6 +1160,31 @@ fn parse_version(v: &str) -> Option<semver::Version> {
             _ => None,
         }
     })
+}
+
+/// The usual version, `MAJOR.MINOR.PATCH` in plain decimal, read without the general
+/// parser (a context's version is read on every evaluation of a `sem_ver` rule); `None`
+/// for anything else (pre-release, build, leading zeros, more than 18 digits), which the
+/// general parser then reads or refuses exactly as before.
+fn plain_version(v: &str) -> Option<semver::Version> {
+    let mut parts = [0u64; 3];
+    let mut rest = v.as_bytes();
+    for (i, part) in parts.iter_mut().enumerate() {
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        if digits == 0 || digits > 18 || (digits > 1 && rest[0] == b'0') {
+            return None;
+        }
+        *part = rest[..digits]
+            .iter()
+            .fold(0, |n, d| n * 10 + u64::from(d - b'0'));
+        rest = &rest[digits..];
+        match (i, rest.first()) {
+            (2, None) => {}
+            (0 | 1, Some(b'.')) => rest = &rest[1..],
+            _ => return None,
+        }
+    }
+    Some(semver::Version::new(parts[0], parts[1], parts[2]))
 }
 
 /// flagd's `sem_ver`: `[version, operator, version]` with `= != < <= > >= ^ ~`; `None`
@@ -985,33 +1211,37 @@ fn compare_versions(a: &semver::Version, op: &str, b: &semver::Version) -> Optio
 
 fn fractional<'a>(raw_args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -> Value {
     // Names and weights may be expressions (flagd's "nested" fractional): evaluate first.
-    let mut args: Vec<Value> = Vec::with_capacity(raw_args.len());
+    // Constant buckets are read in place, their copy paid for as if made.
+    let mut args: Vec<Cow<'a, Value>> = Vec::with_capacity(raw_args.len());
     for v in raw_args {
-        let item = apply(v, data, budget);
-        args.push(owned(item, budget));
+        let item = match apply(v, data, budget) {
+            Cow::Borrowed(v) if !budget.spend(weight(v)) => Cow::Borrowed(&NULL),
+            item => item,
+        };
+        args.push(item);
     }
     // An optional first argument that is not a [variant, weight] pair is the bucketing input.
-    let explicit = match args.first() {
+    let explicit = match args.first().map(AsRef::as_ref) {
         None | Some(Value::Array(_)) => None,
         Some(_) => Some(args.remove(0)),
     };
     // Variants keep their JSON type: `[[false, 0], [true, 100]]` may serve as a condition.
-    let buckets = args.iter().filter_map(|b| match b {
+    let buckets = args.iter().filter_map(|b| match b.as_ref() {
         Value::Array(pair) if !pair.is_empty() => Some((&pair[0], pair.get(1))),
         _ => None,
     });
     let picked = match data.bucketing {
         Bucketing::V1 => {
-            let key = match explicit {
-                Some(Value::String(s)) => s,
+            let key: Cow<'_, str> = match explicit.as_deref() {
+                Some(Value::String(s)) => Cow::Borrowed(s),
                 // A bucketing expression that found nothing (a missing attribute).
                 Some(_) => return Value::Null,
-                None => format!("{}{}", data.flag_key, data.targeting_key),
+                None => Cow::Owned(format!("{}{}", data.flag_key, data.targeting_key)),
             };
             pick_v1(murmur3_32(key.as_bytes(), 0), buckets)
         }
         Bucketing::V2 => {
-            let hash = match explicit {
+            let hash = match explicit.as_deref() {
                 Some(Value::String(s)) => murmur3_32(s.as_bytes(), 0),
                 Some(_) => return Value::Null,
                 None if data.targeting_key.is_empty() => return Value::Null,
@@ -1024,13 +1254,13 @@ fn fractional<'a>(raw_args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -
         }
         Bucketing::V3 => {
             let input = match explicit {
-                Some(Value::Null) => return Value::Null,
+                Some(v) if v.is_null() => return Value::Null,
                 Some(v) => v,
                 None if data.targeting_key.is_empty() => return Value::Null,
-                None => Value::Array(vec![
+                None => Cow::Owned(Value::Array(vec![
                     Value::String(data.flag_key.to_owned()),
                     Value::String(data.targeting_key.to_owned()),
-                ]),
+                ])),
             };
             if !budget.spend(weight(&input)) {
                 return Value::Null;
@@ -1325,6 +1555,128 @@ mod tests {
             ),
             json!("on")
         );
+    }
+
+    #[test]
+    fn plain_versions_read_as_the_general_parser_reads_them() {
+        for v in [
+            "0.0.0",
+            "1.2.3",
+            "10.20.30",
+            "2.1.0",
+            "999999999999999999.0.1",
+            "01.2.3",
+            "1.02.3",
+            "1.2.03",
+            "1.2",
+            "1",
+            "1.2.3.4",
+            "1.2.3-rc.1",
+            "1.2.3+build",
+            "1..3",
+            ".1.2",
+            "1.2.",
+            "a.b.c",
+            "1.2.3 ",
+            "",
+            "9999999999999999999.0.0",
+            "1.2.x",
+        ] {
+            let general = semver::Version::parse(v).ok();
+            match plain_version(v) {
+                Some(plain) => assert_eq!(Some(plain), general, "{v}"),
+                // Not the plain form: left to the general parser (which may still accept it).
+                None => assert!(
+                    general.as_ref().is_none_or(|g| !g.pre.is_empty()
+                        || !g.build.is_empty()
+                        || v.split('.').any(|p| p.len() > 18)),
+                    "{v} is plain but was not read as such"
+                ),
+            }
+        }
+    }
+
+    /// The compiled shortcuts (`var` of a constant path, the request's texts in `cat`, the
+    /// plain version) answer as the general forms they stand for, and a rule reads back as
+    /// written.
+    #[test]
+    fn shortcuts_answer_as_the_general_forms() {
+        let ctx =
+            json!({"plan": "pro", "user": {"name": "ada"}, "v": "2.10.0", "list": ["x", "y"]});
+        for (short, general) in [
+            (json!({"var": "plan"}), json!({"var": ["plan", null]})),
+            (
+                json!({"var": ["user.name"]}),
+                json!({"var": ["user.name", null]}),
+            ),
+            (json!({"var": "nothing"}), json!({"var": ["nothing", null]})),
+            (
+                json!({"var": "targetingKey"}),
+                json!({"var": ["targetingKey", null]}),
+            ),
+            (
+                json!({"var": "$flagd.flagKey"}),
+                json!({"var": ["$flagd.flagKey", null]}),
+            ),
+            (
+                json!({"cat": ["a/", {"var": "targetingKey"}, "/", {"var": "$flagd.flagKey"}]}),
+                json!({"cat": ["a/", {"var": ["targetingKey", null]}, "/", {"var": ["$flagd.flagKey", null]}]}),
+            ),
+            (
+                json!({"map": [{"var": "list"}, {"cat": [{"var": ""}, {"var": "targetingKey"}]}]}),
+                json!({"map": [{"var": "list"}, {"cat": [{"var": ""}, {"var": ["targetingKey", null]}]}]}),
+            ),
+            (
+                json!({"sem_ver": [{"var": "v"}, ">", "2.9.0"]}),
+                json!({"sem_ver": [{"var": "v"}, ">", {"cat": ["2.9", ".0"]}]}),
+            ),
+            (
+                json!({"fractional": [{"cat": ["s", {"var": "targetingKey"}]}, ["a", 1], ["b", 1]]}),
+                json!({"fractional": [{"cat": ["s", {"var": ["targetingKey", null]}]}, ["a", 1], {"merge": [["b", 1]]}]}),
+            ),
+        ] {
+            for user in ["u1", "u2", "u3", ""] {
+                assert_eq!(
+                    eval_for(short.clone(), ctx.clone(), user),
+                    eval_for(general.clone(), ctx.clone(), user),
+                    "{short} / {general} for {user:?}"
+                );
+            }
+            for rule in [&short, &general] {
+                let text = rule.to_string();
+                assert_eq!(&Rule::parse(&text).unwrap().to_json(), rule);
+            }
+        }
+    }
+
+    /// A `var` of a constant path costs what its general form did (the operator and its
+    /// path: two operations): `100 x inner` of them inside two `map`s fit the budget exactly
+    /// up to `inner = 332` (2 + 3 x 100 + 3 x 100 x 332 = 99,902 operations).
+    #[test]
+    fn constant_var_paths_cost_two_operations() {
+        let over = |inner: usize| {
+            let outer = vec![0; 100];
+            let inner = vec![0; inner];
+            let rule = json!({"map": [outer, {"map": [inner, {"var": "x"}]}]});
+            let rule = Rule::parse(&rule.to_string()).unwrap();
+            let attributes = Map::new();
+            let data = Data {
+                attributes: &attributes,
+                targeting_key: "u",
+                flag_key: "f",
+                bucketing: Bucketing::default(),
+            };
+            rule.evaluate(&data).is_err()
+        };
+        assert!(!over(332));
+        assert!(over(333));
+    }
+
+    #[test]
+    fn every_operator_has_its_own_arm() {
+        for name in OPERATORS {
+            assert_ne!(Code::of(name), Code::Unknown, "{name}");
+        }
     }
 
     #[test]
