@@ -9,37 +9,96 @@ use super::rules::Bucketing;
 
 /// MurmurHash3 x86 32-bit.
 pub fn murmur3_32(data: &[u8], seed: u32) -> u32 {
-    const C1: u32 = 0xcc9e_2d51;
-    const C2: u32 = 0x1b87_3593;
-    let mut h = seed;
-    let chunks = data.chunks_exact(4);
-    let tail = chunks.remainder();
-    for c in chunks {
-        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-        k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
-        h ^= k;
-        h = h.rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64);
+    let mut h = Murmur3::new(seed);
+    h.write(data);
+    h.finish()
+}
+
+const C1: u32 = 0xcc9e_2d51;
+const C2: u32 = 0x1b87_3593;
+
+/// MurmurHash3 x86 32-bit over input given in pieces: the hash of their concatenation,
+/// without building it (a rollout hashes `feature`, `/` and the key on every decision).
+pub struct Murmur3 {
+    h: u32,
+    /// Bytes of an unfinished 4-byte block, and how many.
+    carry: [u8; 4],
+    carried: usize,
+    len: usize,
+}
+
+impl Murmur3 {
+    /// A hash with `seed`.
+    pub fn new(seed: u32) -> Self {
+        Self {
+            h: seed,
+            carry: [0; 4],
+            carried: 0,
+            len: 0,
+        }
     }
-    let mut k = 0u32;
-    if tail.len() >= 3 {
-        k ^= u32::from(tail[2]) << 16;
+
+    fn block(&mut self, b: [u8; 4]) {
+        let k = u32::from_le_bytes(b)
+            .wrapping_mul(C1)
+            .rotate_left(15)
+            .wrapping_mul(C2);
+        self.h ^= k;
+        self.h = self
+            .h
+            .rotate_left(13)
+            .wrapping_mul(5)
+            .wrapping_add(0xe654_6b64);
     }
-    if tail.len() >= 2 {
-        k ^= u32::from(tail[1]) << 8;
+
+    /// Adds `data` to the input.
+    pub fn write(&mut self, mut data: &[u8]) {
+        self.len = self.len.wrapping_add(data.len());
+        if self.carried > 0 {
+            let take = (4 - self.carried).min(data.len());
+            self.carry[self.carried..self.carried + take].copy_from_slice(&data[..take]);
+            self.carried += take;
+            data = &data[take..];
+            if self.carried < 4 {
+                return;
+            }
+            self.block(self.carry);
+            self.carried = 0;
+        }
+        let chunks = data.chunks_exact(4);
+        let tail = chunks.remainder();
+        for c in chunks {
+            self.block([c[0], c[1], c[2], c[3]]);
+        }
+        self.carry[..tail.len()].copy_from_slice(tail);
+        self.carried = tail.len();
     }
-    if let Some(first) = tail.first() {
-        k ^= u32::from(*first);
-        k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
-        h ^= k;
+
+    /// The hash of everything written.
+    pub fn finish(&self) -> u32 {
+        let tail = &self.carry[..self.carried];
+        let mut h = self.h;
+        let mut k = 0u32;
+        if tail.len() >= 3 {
+            k ^= u32::from(tail[2]) << 16;
+        }
+        if tail.len() >= 2 {
+            k ^= u32::from(tail[1]) << 8;
+        }
+        if let Some(first) = tail.first() {
+            k ^= u32::from(*first);
+            k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
+            h ^= k;
+        }
+        // The length is mixed in modulo 2^32, as in the reference implementation.
+        h ^= u32::try_from(self.len & 0xffff_ffff).unwrap_or(0);
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^= h >> 16;
+        h
     }
-    // The length is mixed in modulo 2^32, as in the reference implementation.
-    h ^= u32::try_from(data.len() & 0xffff_ffff).unwrap_or(0);
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^= h >> 16;
-    h
 }
 
 /// The total weight a rollout is split into: basis points, so percentages have 0.01%
@@ -67,28 +126,15 @@ pub fn rollout_input(feature: &str, targeting_key: &str) -> String {
 /// so a key inside at 10% is inside at every larger percentage.
 pub fn in_rollout(bucketing: Bucketing, feature: &str, targeting_key: &str, percent: f64) -> bool {
     let threshold = basis_points(percent);
-    // The hot path: inputs up to 256 bytes (and V3's CBOR head) are built on the stack.
-    let len = feature.len() + 1 + targeting_key.len();
-    let mut stack = [0u8; 265];
-    let mut heap = Vec::new();
-    let head = if bucketing == Bucketing::V3 {
-        cbor_text_head(len)
-    } else {
-        ([0; 9], 0)
-    };
-    let total = head.1 + len;
-    let buf: &mut [u8] = if total <= stack.len() {
-        &mut stack[..total]
-    } else {
-        heap.resize(total, 0);
-        &mut heap
-    };
-    buf[..head.1].copy_from_slice(&head.0[..head.1]);
-    let body = &mut buf[head.1..];
-    body[..feature.len()].copy_from_slice(feature.as_bytes());
-    body[feature.len()] = b'/';
-    body[feature.len() + 1..].copy_from_slice(targeting_key.as_bytes());
-    let hash = murmur3_32(buf, 0);
+    let mut hasher = Murmur3::new(0);
+    if bucketing == Bucketing::V3 {
+        let (head, used) = cbor_text_head(feature.len() + 1 + targeting_key.len());
+        hasher.write(&head[..used]);
+    }
+    hasher.write(feature.as_bytes());
+    hasher.write(b"/");
+    hasher.write(targeting_key.as_bytes());
+    let hash = hasher.finish();
     match bucketing {
         // flagd up to 0.14: `abs(h as i32) / i32::MAX * 100` against the cumulative
         // percentage `t * 100 / total`.
@@ -139,6 +185,28 @@ fn cbor_text_head(len: usize) -> ([u8; 9], usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Written in pieces, at every split (blocks straddling pieces, empty pieces), the hash
+    /// is that of the whole.
+    #[test]
+    fn murmur3_in_pieces_is_murmur3_of_the_whole() {
+        let text: Vec<u8> = (0u8..23)
+            .map(|i| i.wrapping_mul(37).wrapping_add(5))
+            .collect();
+        for len in 0..text.len() {
+            let whole = &text[..len];
+            for a in 0..=len {
+                for b in a..=len {
+                    let mut h = Murmur3::new(7);
+                    h.write(&whole[..a]);
+                    h.write(&[]);
+                    h.write(&whole[a..b]);
+                    h.write(&whole[b..]);
+                    assert_eq!(h.finish(), murmur3_32(whole, 7), "{len} split at {a}, {b}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn murmur3_reference_vectors() {

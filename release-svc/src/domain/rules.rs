@@ -17,7 +17,7 @@ use std::borrow::Cow;
 
 use serde_json::{Map, Value};
 
-use super::hash::murmur3_32;
+use super::hash::{murmur3_32, Murmur3};
 
 /// What a rule reads: the context's attributes, `targetingKey` and `$flagd.flagKey`, looked
 /// up in place (no merged copy is built per evaluation).
@@ -1147,6 +1147,10 @@ fn missing_keys(keys: &[Value], data: &Scope<'_>, budget: &mut Budget) -> Vec<Va
 }
 
 fn parse_version(v: &str) -> Option<semver::Version> {
+    // A plain version has nothing to trim.
+    if let Some(plain) = plain_version(v) {
+        return Some(plain);
+    }
     let v = v.trim().trim_start_matches(['v', 'V']);
     if let Some(plain) = plain_version(v) {
         return Some(plain);
@@ -1245,10 +1249,12 @@ fn fractional<'a>(raw_args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -
                 Some(Value::String(s)) => murmur3_32(s.as_bytes(), 0),
                 Some(_) => return Value::Null,
                 None if data.targeting_key.is_empty() => return Value::Null,
-                None => murmur3_32(
-                    format!("{}{}", data.flag_key, data.targeting_key).as_bytes(),
-                    0,
-                ),
+                None => {
+                    let mut h = Murmur3::new(0);
+                    h.write(data.flag_key.as_bytes());
+                    h.write(data.targeting_key.as_bytes());
+                    h.finish()
+                }
             };
             pick_weighted(hash, buckets)
         }
