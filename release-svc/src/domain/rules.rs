@@ -199,6 +199,10 @@ impl Budget {
 fn weight(v: &Value) -> usize {
     match v {
         Value::String(s) => return 8 + s.len(),
+        // The usual array (a bucket, a list of names): scalars only, no stack needed.
+        Value::Array(items) if items.iter().all(|i| !i.is_array() && !i.is_object()) => {
+            return 8 + items.iter().map(weight).sum::<usize>();
+        }
         Value::Array(_) | Value::Object(_) => {}
         _ => return 8,
     }
@@ -588,6 +592,33 @@ fn var<'a>(
     Cow::Borrowed(current)
 }
 
+/// `cat`: each piece of `args` in order, paid for, handed to `sink`; false when the budget
+/// ran out. The request's own texts (`targetingKey`, `$flagd.flagKey`: flagd's usual
+/// bucketing seed) are handed over in place, at the general form's cost.
+fn cat_pieces<'a>(
+    args: &'a [Node],
+    data: &Scope<'a>,
+    budget: &mut Budget,
+    mut sink: impl FnMut(&str),
+) -> bool {
+    for arg in args {
+        if let Some(own) = own_text(arg, data) {
+            if !budget.op() || !budget.op() || !budget.spend(own.len()) {
+                return false;
+            }
+            sink(own);
+            continue;
+        }
+        let piece = apply(arg, data, budget);
+        let piece = paid_text(&piece, budget);
+        if !budget.spend(piece.len()) {
+            return false;
+        }
+        sink(&piece);
+    }
+    true
+}
+
 /// The text `{"var": "targetingKey"}` or `{"var": "$flagd.flagKey"}` reads outside a
 /// `map`-like scope (where `var` reads the current item instead); `None` for any other node.
 fn own_text<'a>(node: &Node, data: &Scope<'a>) -> Option<&'a str> {
@@ -823,22 +854,8 @@ fn apply<'a>(rule: &'a Node, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, V
         }
         Code::Cat => {
             let mut out = String::with_capacity(32);
-            for (i, arg) in args.iter().enumerate() {
-                // The request's own texts (`targetingKey`, `$flagd.flagKey`: flagd's usual
-                // bucketing seed) are appended in place, at the general form's cost.
-                if let Some(own) = own_text(arg, data) {
-                    if !budget.op() || !budget.op() || !budget.spend(own.len()) {
-                        return Cow::Borrowed(&NULL);
-                    }
-                    out.push_str(own);
-                    continue;
-                }
-                let piece = eval(i, budget);
-                let piece = paid_text(&piece, budget);
-                if !budget.spend(piece.len()) {
-                    return Cow::Borrowed(&NULL);
-                }
-                out.push_str(&piece);
+            if !cat_pieces(args, data, budget, |piece| out.push_str(piece)) {
+                return Cow::Borrowed(&NULL);
             }
             Cow::Owned(Value::String(out))
         }
@@ -871,7 +888,7 @@ fn apply<'a>(rule: &'a Node, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, V
             );
             sem_ver(&a, &o, &b).map_or(Cow::Borrowed(&NULL), bool_value)
         }
-        Code::Fractional => Cow::Owned(fractional(args, data, budget)),
+        Code::Fractional => fractional(args, data, budget),
         Code::Missing => Cow::Owned(missing(args, data, budget)),
         Code::MissingSome => missing_some(args, data, budget),
         Code::Iterate => iterate(op, args, data, budget),
@@ -1213,42 +1230,95 @@ fn compare_versions(a: &semver::Version, op: &str, b: &semver::Version) -> Optio
     })
 }
 
-fn fractional<'a>(raw_args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -> Value {
+fn fractional<'a>(raw_args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, Value> {
     // Names and weights may be expressions (flagd's "nested" fractional): evaluate first.
-    // Constant buckets are read in place, their copy paid for as if made.
-    let mut args: Vec<Cow<'a, Value>> = Vec::with_capacity(raw_args.len());
-    for v in raw_args {
+    // The trailing constant buckets (the usual form: a seed, then `[variant, weight]`
+    // literals) are read in place, with no list built; values read in place are paid for
+    // as if copied, in argument order.
+    let constant = raw_args
+        .iter()
+        .rev()
+        .take_while(|n| {
+            matches!(
+                n,
+                Node::Const {
+                    value: Value::Array(_),
+                    ..
+                }
+            )
+        })
+        .count();
+    let (evaluated, constant) = raw_args.split_at(raw_args.len() - constant);
+    // The usual seed, a `cat` (of the flag key and a targeting attribute, say), is hashed
+    // as its pieces come, at the same cost, without building its text (not for V3, whose
+    // input starts with the text's length).
+    let streamed = match (evaluated, data.bucketing) {
+        (
+            [Node::Op {
+                code: Code::Cat,
+                args: pieces,
+                ..
+            }],
+            Bucketing::V1 | Bucketing::V2,
+        ) => {
+            let mut h = Murmur3::new(0);
+            if !budget.op() || !cat_pieces(pieces, data, budget, |p| h.write(p.as_bytes())) {
+                return Cow::Borrowed(&NULL);
+            }
+            Some(h.finish())
+        }
+        _ => None,
+    };
+    let evaluated = if streamed.is_some() { &[] } else { evaluated };
+    let mut args: Vec<Cow<'a, Value>> = Vec::new();
+    for v in evaluated {
         let item = match apply(v, data, budget) {
             Cow::Borrowed(v) if !budget.spend(weight(v)) => Cow::Borrowed(&NULL),
             item => item,
         };
         args.push(item);
     }
+    for node in constant {
+        if let Node::Const { value, ops, bytes } = node {
+            if !budget.take(*ops, *bytes as usize) || !budget.spend(weight(value)) {
+                return Cow::Borrowed(&NULL);
+            }
+        }
+    }
     // An optional first argument that is not a [variant, weight] pair is the bucketing input.
     let explicit = match args.first().map(AsRef::as_ref) {
         None | Some(Value::Array(_)) => None,
-        Some(_) => Some(args.remove(0)),
+        Some(v) => Some(v),
     };
     // Variants keep their JSON type: `[[false, 0], [true, 100]]` may serve as a condition.
-    let buckets = args.iter().filter_map(|b| match b.as_ref() {
-        Value::Array(pair) if !pair.is_empty() => Some((&pair[0], pair.get(1))),
+    let dynamic = args[usize::from(explicit.is_some())..]
+        .iter()
+        .filter_map(|b| bucket(b));
+    let fixed = constant.iter().filter_map(|n| match n {
+        Node::Const { value, .. } => bucket(value),
         _ => None,
     });
-    let picked = match data.bucketing {
-        Bucketing::V1 => {
-            let key: Cow<'_, str> = match explicit.as_deref() {
+    let weights = dynamic
+        .clone()
+        .map(|b| b.1)
+        .chain(fixed.clone().map(|b| b.1));
+    let picked = match (data.bucketing, streamed) {
+        (Bucketing::V1, Some(hash)) => pick_v1(hash, weights),
+        (Bucketing::V2, Some(hash)) => pick_weighted(hash, weights),
+        (Bucketing::V1, _) => {
+            let key: Cow<'_, str> = match explicit {
                 Some(Value::String(s)) => Cow::Borrowed(s),
                 // A bucketing expression that found nothing (a missing attribute).
-                Some(_) => return Value::Null,
+                Some(_) => return Cow::Borrowed(&NULL),
                 None => Cow::Owned(format!("{}{}", data.flag_key, data.targeting_key)),
             };
-            pick_v1(murmur3_32(key.as_bytes(), 0), buckets)
+            pick_v1(murmur3_32(key.as_bytes(), 0), weights)
         }
-        Bucketing::V2 => {
-            let hash = match explicit.as_deref() {
+        (Bucketing::V2, _) => {
+            let hash = match explicit {
                 Some(Value::String(s)) => murmur3_32(s.as_bytes(), 0),
-                Some(_) => return Value::Null,
-                None if data.targeting_key.is_empty() => return Value::Null,
+                Some(_) => return Cow::Borrowed(&NULL),
+                None if data.targeting_key.is_empty() => return Cow::Borrowed(&NULL),
                 None => {
                     let mut h = Murmur3::new(0);
                     h.write(data.flag_key.as_bytes());
@@ -1256,63 +1326,86 @@ fn fractional<'a>(raw_args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -
                     h.finish()
                 }
             };
-            pick_weighted(hash, buckets)
+            pick_weighted(hash, weights)
         }
-        Bucketing::V3 => {
+        (Bucketing::V3, _) => {
+            let implicit;
             let input = match explicit {
-                Some(v) if v.is_null() => return Value::Null,
+                Some(v) if v.is_null() => return Cow::Borrowed(&NULL),
                 Some(v) => v,
-                None if data.targeting_key.is_empty() => return Value::Null,
-                None => Cow::Owned(Value::Array(vec![
-                    Value::String(data.flag_key.to_owned()),
-                    Value::String(data.targeting_key.to_owned()),
-                ])),
+                None if data.targeting_key.is_empty() => return Cow::Borrowed(&NULL),
+                None => {
+                    implicit = Value::Array(vec![
+                        Value::String(data.flag_key.to_owned()),
+                        Value::String(data.targeting_key.to_owned()),
+                    ]);
+                    &implicit
+                }
             };
-            if !budget.spend(weight(&input)) {
-                return Value::Null;
+            if !budget.spend(weight(input)) {
+                return Cow::Borrowed(&NULL);
             }
             let mut bytes = Vec::new();
-            cbor(&input, &mut bytes);
-            pick_weighted(murmur3_32(&bytes, 0), buckets)
+            cbor(input, &mut bytes);
+            pick_weighted(murmur3_32(&bytes, 0), weights)
         }
     };
-    picked.cloned().unwrap_or(Value::Null)
+    // The chosen bucket's variant: borrowed from the rule when it is a constant bucket.
+    let Some(picked) = picked else {
+        return Cow::Borrowed(&NULL);
+    };
+    let evaluated = dynamic.clone().count();
+    match picked.checked_sub(evaluated) {
+        None => dynamic
+            .clone()
+            .nth(picked)
+            .map_or(Cow::Borrowed(&NULL), |b| Cow::Owned(b.0.clone())),
+        Some(i) => fixed
+            .clone()
+            .nth(i)
+            .map_or(Cow::Borrowed(&NULL), |b| Cow::Borrowed(b.0)),
+    }
 }
 
 /// V1: cumulative percentages against `abs(h as i32) / i32::MAX * 100`.
+/// A `fractional` bucket, `[variant, weight]` (weight optional); `None` for anything else.
+fn bucket(b: &Value) -> Option<(&Value, Option<&Value>)> {
+    match b {
+        Value::Array(pair) if !pair.is_empty() => Some((&pair[0], pair.get(1))),
+        _ => None,
+    }
+}
+
 fn pick_v1<'v>(
     hash: u32,
-    buckets: impl Iterator<Item = (&'v Value, Option<&'v Value>)>,
-) -> Option<&'v Value> {
-    let buckets: Vec<(&Value, f64)> = buckets
-        .map(|(v, w)| (v, w.and_then(number).unwrap_or(1.0)))
-        .collect();
-    let total: f64 = buckets.iter().map(|b| b.1).sum();
-    if buckets.is_empty() || total <= 0.0 {
+    weights: impl Iterator<Item = Option<&'v Value>> + Clone,
+) -> Option<usize> {
+    let weight = |w: Option<&Value>| w.and_then(number).unwrap_or(1.0);
+    let count = weights.clone().count();
+    let total: f64 = weights.clone().map(weight).sum();
+    if count == 0 || total <= 0.0 {
         return None;
     }
     let signed = i32::from_ne_bytes(hash.to_ne_bytes());
     let bucket = (f64::from(signed).abs() / f64::from(i32::MAX)) * 100.0;
     let mut end = 0.0;
-    for (variant, weight) in &buckets {
-        end += weight * 100.0 / total;
+    for (i, w) in weights.enumerate() {
+        end += weight(w) * 100.0 / total;
         if bucket < end {
-            return Some(variant);
+            return Some(i);
         }
     }
-    buckets.last().map(|b| b.0)
+    Some(count - 1)
 }
 
 /// V2 and V3: integer weights (missing or null: 1, negative: 0; fractional or above
 /// `i32::MAX`: no decision), `(h * total) >> 32` against the cumulative weights.
 fn pick_weighted<'v>(
     hash: u32,
-    buckets: impl Iterator<Item = (&'v Value, Option<&'v Value>)>,
-) -> Option<&'v Value> {
-    let mut weighted = Vec::new();
-    let mut total: u64 = 0;
-    for (variant, weight) in buckets {
-        let w: u64 = match weight {
+    weights: impl Iterator<Item = Option<&'v Value>> + Clone,
+) -> Option<usize> {
+    let weight = |w: Option<&Value>| -> Option<u64> {
+        let w = match w {
             None | Some(Value::Null) => 1,
             Some(Value::Number(n)) => match (n.as_i64(), n.as_f64()) {
                 (Some(i), _) => u64::try_from(i.max(0)).unwrap_or(0),
@@ -1321,21 +1414,21 @@ fn pick_weighted<'v>(
             },
             Some(_) => return None,
         };
-        if w > i32::MAX as u64 {
-            return None;
-        }
-        total += w;
-        weighted.push((variant, w));
+        (w <= i32::MAX as u64).then_some(w)
+    };
+    let mut total: u64 = 0;
+    for w in weights.clone() {
+        total += weight(w)?;
     }
     if total == 0 || total > i32::MAX as u64 {
         return None;
     }
     let bucket = (u64::from(hash) * total) >> 32;
     let mut end = 0;
-    for (variant, w) in weighted {
-        end += w;
+    for (i, w) in weights.enumerate() {
+        end += weight(w)?;
         if bucket < end {
-            return Some(variant);
+            return Some(i);
         }
     }
     None
@@ -1640,13 +1733,30 @@ mod tests {
                 json!({"fractional": [{"cat": ["s", {"var": "targetingKey"}]}, ["a", 1], ["b", 1]]}),
                 json!({"fractional": [{"cat": ["s", {"var": ["targetingKey", null]}]}, ["a", 1], {"merge": [["b", 1]]}]}),
             ),
+            (
+                json!({"fractional": [{"var": "targetingKey"}, ["a", 1], ["b", 1], ["c", 1]]}),
+                json!({"fractional": [{"var": "targetingKey"}, {"merge": [["a", 1]]}, ["b", 1], {"merge": [["c", 1]]}]}),
+            ),
+            (
+                json!({"fractional": [["a", 1], ["b", 1]]}),
+                json!({"fractional": [{"merge": [["a", 1]]}, ["b", 1]]}),
+            ),
         ] {
-            for user in ["u1", "u2", "u3", ""] {
+            for user in ["u1", "u2", "u3", "u4", "u5", "u6", ""] {
                 assert_eq!(
                     eval_for(short.clone(), ctx.clone(), user),
                     eval_for(general.clone(), ctx.clone(), user),
                     "{short} / {general} for {user:?}"
                 );
+            }
+            if short.get("fractional").is_some() {
+                // The users land in more than one bucket, constant and evaluated alike.
+                let landed: std::collections::BTreeSet<String> =
+                    ["u1", "u2", "u3", "u4", "u5", "u6"]
+                        .iter()
+                        .map(|u| eval_for(general.clone(), ctx.clone(), u).to_string())
+                        .collect();
+                assert!(landed.len() > 1, "{general}: {landed:?}");
             }
             for rule in [&short, &general] {
                 let text = rule.to_string();
