@@ -1249,25 +1249,9 @@ fn fractional<'a>(raw_args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -
         })
         .count();
     let (evaluated, constant) = raw_args.split_at(raw_args.len() - constant);
-    // The usual seed, a `cat` (of the flag key and a targeting attribute, say), is hashed
-    // as its pieces come, at the same cost, without building its text (not for V3, whose
-    // input starts with the text's length).
-    let streamed = match (evaluated, data.bucketing) {
-        (
-            [Node::Op {
-                code: Code::Cat,
-                args: pieces,
-                ..
-            }],
-            Bucketing::V1 | Bucketing::V2,
-        ) => {
-            let mut h = Murmur3::new(0);
-            if !budget.op() || !cat_pieces(pieces, data, budget, |p| h.write(p.as_bytes())) {
-                return Cow::Borrowed(&NULL);
-            }
-            Some(h.finish())
-        }
-        _ => None,
+    let streamed = match streamed_seed(evaluated, data, budget) {
+        Ok(hash) => hash,
+        Err(OverBudget) => return Cow::Borrowed(&NULL),
     };
     let evaluated = if streamed.is_some() { &[] } else { evaluated };
     let mut args: Vec<Cow<'a, Value>> = Vec::new();
@@ -1302,53 +1286,12 @@ fn fractional<'a>(raw_args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -
         .clone()
         .map(|b| b.1)
         .chain(fixed.clone().map(|b| b.1));
-    let picked = match (data.bucketing, streamed) {
-        (Bucketing::V1, Some(hash)) => pick_v1(hash, weights),
-        (Bucketing::V2, Some(hash)) => pick_weighted(hash, weights),
-        (Bucketing::V1, _) => {
-            let key: Cow<'_, str> = match explicit {
-                Some(Value::String(s)) => Cow::Borrowed(s),
-                // A bucketing expression that found nothing (a missing attribute).
-                Some(_) => return Cow::Borrowed(&NULL),
-                None => Cow::Owned(format!("{}{}", data.flag_key, data.targeting_key)),
-            };
-            pick_v1(murmur3_32(key.as_bytes(), 0), weights)
-        }
-        (Bucketing::V2, _) => {
-            let hash = match explicit {
-                Some(Value::String(s)) => murmur3_32(s.as_bytes(), 0),
-                Some(_) => return Cow::Borrowed(&NULL),
-                None if data.targeting_key.is_empty() => return Cow::Borrowed(&NULL),
-                None => {
-                    let mut h = Murmur3::new(0);
-                    h.write(data.flag_key.as_bytes());
-                    h.write(data.targeting_key.as_bytes());
-                    h.finish()
-                }
-            };
-            pick_weighted(hash, weights)
-        }
-        (Bucketing::V3, _) => {
-            let implicit;
-            let input = match explicit {
-                Some(v) if v.is_null() => return Cow::Borrowed(&NULL),
-                Some(v) => v,
-                None if data.targeting_key.is_empty() => return Cow::Borrowed(&NULL),
-                None => {
-                    implicit = Value::Array(vec![
-                        Value::String(data.flag_key.to_owned()),
-                        Value::String(data.targeting_key.to_owned()),
-                    ]);
-                    &implicit
-                }
-            };
-            if !budget.spend(weight(input)) {
-                return Cow::Borrowed(&NULL);
-            }
-            let mut bytes = Vec::new();
-            cbor(input, &mut bytes);
-            pick_weighted(murmur3_32(&bytes, 0), weights)
-        }
+    let Some(hash) = streamed.or_else(|| seed_hash(explicit, data, budget)) else {
+        return Cow::Borrowed(&NULL);
+    };
+    let picked = match data.bucketing {
+        Bucketing::V1 => pick_v1(hash, weights),
+        Bucketing::V2 | Bucketing::V3 => pick_weighted(hash, weights),
     };
     // The chosen bucket's variant: borrowed from the rule when it is a constant bucket.
     let Some(picked) = picked else {
@@ -1364,6 +1307,81 @@ fn fractional<'a>(raw_args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -
             .clone()
             .nth(i)
             .map_or(Cow::Borrowed(&NULL), |b| Cow::Borrowed(b.0)),
+    }
+}
+
+/// The hash of `fractional`'s usual seed, a `cat` (of the flag key and a targeting
+/// attribute, say), taken as its pieces come, at the same cost, without building its text;
+/// `None` for any other seed and under V3 (whose input starts with the text's length).
+fn streamed_seed<'a>(
+    evaluated: &'a [Node],
+    data: &Scope<'a>,
+    budget: &mut Budget,
+) -> Result<Option<u32>, OverBudget> {
+    let (
+        [Node::Op {
+            code: Code::Cat,
+            args: pieces,
+            ..
+        }],
+        Bucketing::V1 | Bucketing::V2,
+    ) = (evaluated, data.bucketing)
+    else {
+        return Ok(None);
+    };
+    let mut h = Murmur3::new(0);
+    if !budget.op() || !cat_pieces(pieces, data, budget, |p| h.write(p.as_bytes())) {
+        return Err(OverBudget);
+    }
+    Ok(Some(h.finish()))
+}
+
+/// V1 and V2's implicit bucketing input: the flag key followed by the targeting key.
+fn implicit_seed(data: &Scope<'_>) -> u32 {
+    let mut h = Murmur3::new(0);
+    h.write(data.flag_key.as_bytes());
+    h.write(data.targeting_key.as_bytes());
+    h.finish()
+}
+
+/// The hash `fractional` buckets by under the evaluation's profile: of the bucketing input
+/// `explicit` when given, else of the flag and targeting keys; `None` where flagd answers
+/// null (an input of the wrong type, no targeting key).
+fn seed_hash(explicit: Option<&Value>, data: &Scope<'_>, budget: &mut Budget) -> Option<u32> {
+    match data.bucketing {
+        Bucketing::V1 => match explicit {
+            Some(Value::String(s)) => Some(murmur3_32(s.as_bytes(), 0)),
+            // A bucketing expression that found nothing (a missing attribute).
+            Some(_) => None,
+            None => Some(implicit_seed(data)),
+        },
+        Bucketing::V2 => match explicit {
+            Some(Value::String(s)) => Some(murmur3_32(s.as_bytes(), 0)),
+            Some(_) => None,
+            None if data.targeting_key.is_empty() => None,
+            None => Some(implicit_seed(data)),
+        },
+        Bucketing::V3 => {
+            let implicit;
+            let input = match explicit {
+                Some(v) if v.is_null() => return None,
+                Some(v) => v,
+                None if data.targeting_key.is_empty() => return None,
+                None => {
+                    implicit = Value::Array(vec![
+                        Value::String(data.flag_key.to_owned()),
+                        Value::String(data.targeting_key.to_owned()),
+                    ]);
+                    &implicit
+                }
+            };
+            if !budget.spend(weight(input)) {
+                return None;
+            }
+            let mut bytes = Vec::new();
+            cbor(input, &mut bytes);
+            Some(murmur3_32(&bytes, 0))
+        }
     }
 }
 
