@@ -1076,8 +1076,9 @@ fn substr<'a>(args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -> Cow<'a
         let chars: Vec<char> = source.chars().collect();
         let len = chars.len() as i64;
         let start = number(&eval(1, budget)).unwrap_or(0.0) as i64;
+        // Saturating: the numbers come from the rule or the context, as large as i64 goes.
         let start = if start < 0 {
-            (len + start).max(0)
+            len.saturating_add(start).max(0)
         } else {
             start.min(len)
         };
@@ -1086,9 +1087,9 @@ fn substr<'a>(args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -> Cow<'a
             Some(_) => {
                 let n = number(&eval(2, budget)).unwrap_or(0.0) as i64;
                 if n < 0 {
-                    (len + n).max(start)
+                    len.saturating_add(n).max(start)
                 } else {
-                    (start + n).min(len)
+                    start.saturating_add(n).min(len)
                 }
             }
         };
@@ -1804,6 +1805,19 @@ mod tests {
         };
         assert!(!over(332));
         assert!(over(333));
+    }
+
+    /// Found by fuzzing: `substr` with a start and a length near `i64::MAX` (JSON numbers
+    /// far past it, cast with saturation) overflowed adding them.
+    #[test]
+    fn substr_takes_lengths_as_large_as_numbers_go() {
+        let huge =
+            json!({"substr": ["abcdef", 2, 22222222222222222222308222220000001126706813402.0]});
+        assert_eq!(eval(huge, json!({})), json!("cdef"));
+        let negative = json!({"substr": ["abcdef", -1e300, -1e300]});
+        assert_eq!(eval(negative, json!({})), json!(""));
+        let from_end = json!({"substr": ["abcdef", -1e300]});
+        assert_eq!(eval(from_end, json!({})), json!("abcdef"));
     }
 
     #[test]
