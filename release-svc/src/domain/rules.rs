@@ -771,10 +771,7 @@ fn apply<'a>(rule: &'a Node, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, V
     if !budget.op() {
         return Cow::Borrowed(&NULL);
     }
-    let eval = |i: usize, budget: &mut Budget| {
-        args.get(i)
-            .map_or(Cow::Borrowed(&NULL), |v| apply(v, data, budget))
-    };
+    let eval = |i: usize, budget: &mut Budget| arg(args, i, data, budget);
     match code {
         Code::Var => {
             let path = eval(0, budget);
@@ -899,67 +896,58 @@ fn apply<'a>(rule: &'a Node, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, V
     }
 }
 
+/// Argument `i` of an operator evaluated (null where the rule gives none).
+fn arg<'a>(args: &'a [Node], i: usize, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, Value> {
+    args.get(i)
+        .map_or(Cow::Borrowed(&NULL), |v| apply(v, data, budget))
+}
+
 /// `+`, `*`, `min` and `max`, apart from [`apply`] (rarely used; a smaller `apply` is faster).
 #[inline(never)]
 fn fold<'a>(op: &str, args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, Value> {
-    let eval = |i: usize, budget: &mut Budget| {
-        args.get(i)
-            .map_or(Cow::Borrowed(&NULL), |v| apply(v, data, budget))
-    };
-    {
-        let nums: Option<Vec<f64>> = (0..args.len()).map(|i| number(&eval(i, budget))).collect();
-        number_value(nums.filter(|n| !n.is_empty()).map(|n| match op {
-            "+" => n.iter().sum(),
-            "*" => n.iter().product(),
-            "min" => n.iter().copied().fold(f64::INFINITY, f64::min),
-            _ => n.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-        }))
-    }
+    let eval = |i: usize, budget: &mut Budget| arg(args, i, data, budget);
+    let nums: Option<Vec<f64>> = (0..args.len()).map(|i| number(&eval(i, budget))).collect();
+    number_value(nums.filter(|n| !n.is_empty()).map(|n| match op {
+        "+" => n.iter().sum(),
+        "*" => n.iter().product(),
+        "min" => n.iter().copied().fold(f64::INFINITY, f64::min),
+        _ => n.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    }))
 }
 
 /// `-`, `/` and `%`, apart from [`apply`] (rarely used; a smaller `apply` is faster).
 #[inline(never)]
 fn arith<'a>(op: &str, args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, Value> {
-    let eval = |i: usize, budget: &mut Budget| {
-        args.get(i)
-            .map_or(Cow::Borrowed(&NULL), |v| apply(v, data, budget))
-    };
-    {
-        number_value(match (number(&eval(0, budget)), args.len()) {
-            (Some(a), 1) if op == "-" => Some(-a),
-            (Some(a), _) => match number(&eval(1, budget)) {
-                Some(b) if op == "-" => Some(a - b),
-                Some(b) if b != 0.0 && op == "/" => Some(a / b),
-                Some(b) if b != 0.0 => Some(a % b),
-                _ => None,
-            },
+    let eval = |i: usize, budget: &mut Budget| arg(args, i, data, budget);
+    number_value(match (number(&eval(0, budget)), args.len()) {
+        (Some(a), 1) if op == "-" => Some(-a),
+        (Some(a), _) => match number(&eval(1, budget)) {
+            Some(b) if op == "-" => Some(a - b),
+            Some(b) if b != 0.0 && op == "/" => Some(a / b),
+            Some(b) if b != 0.0 => Some(a % b),
             _ => None,
-        })
-    }
+        },
+        _ => None,
+    })
 }
 
 /// `missing_some`, apart from [`apply`] (rarely used; a smaller `apply` is faster).
 #[inline(never)]
 fn missing_some<'a>(args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, Value> {
-    let eval = |i: usize, budget: &mut Budget| {
-        args.get(i)
-            .map_or(Cow::Borrowed(&NULL), |v| apply(v, data, budget))
+    let eval = |i: usize, budget: &mut Budget| arg(args, i, data, budget);
+    let need = number(&eval(0, budget)).unwrap_or(0.0);
+    let keys = args
+        .get(1)
+        .map_or(Cow::Borrowed(&NULL), |v| apply(v, data, budget));
+    let Value::Array(keys) = keys.as_ref() else {
+        return Cow::Owned(Value::Array(Vec::new()));
     };
-    {
-        let need = number(&eval(0, budget)).unwrap_or(0.0);
-        let keys = args
-            .get(1)
-            .map_or(Cow::Borrowed(&NULL), |v| apply(v, data, budget));
-        let Value::Array(keys) = keys.as_ref() else {
-            return Cow::Owned(Value::Array(Vec::new()));
-        };
-        let absent = missing_keys(keys, data, budget);
-        let present = keys.len() - absent.len();
-        if present as f64 >= need {
-            Cow::Owned(Value::Array(Vec::new()))
-        } else {
-            Cow::Owned(Value::Array(absent))
-        }
+    let absent = missing_keys(keys, data, budget);
+    let present = keys.len() - absent.len();
+    if present as f64 >= need {
+        Cow::Owned(Value::Array(Vec::new()))
+    } else {
+        Cow::Owned(Value::Array(absent))
     }
 }
 
@@ -971,166 +959,146 @@ fn iterate<'a>(
     data: &Scope<'a>,
     budget: &mut Budget,
 ) -> Cow<'a, Value> {
-    let eval = |i: usize, budget: &mut Budget| {
-        args.get(i)
-            .map_or(Cow::Borrowed(&NULL), |v| apply(v, data, budget))
-    };
-    {
-        let mut items = eval(0, budget);
-        if let (Value::String(text), "all") = (items.as_ref(), op) {
-            // json-logic-js's `all` walks a string's characters.
-            if !budget.spend(text.len() * 9) {
-                return Cow::Borrowed(&NULL);
-            }
-            let chars = text.chars().map(|c| Value::String(c.into())).collect();
-            items = Cow::Owned(Value::Array(chars));
+    let eval = |i: usize, budget: &mut Budget| arg(args, i, data, budget);
+    let mut items = eval(0, budget);
+    if let (Value::String(text), "all") = (items.as_ref(), op) {
+        // json-logic-js's `all` walks a string's characters.
+        if !budget.spend(text.len() * 9) {
+            return Cow::Borrowed(&NULL);
         }
-        let Value::Array(items) = items.as_ref() else {
-            // JSON Logic: over anything but an array, map and filter give [], all and
-            // some false, none true.
-            return Cow::Owned(match op {
-                "map" | "filter" => Value::Array(Vec::new()),
-                "none" => Value::Bool(true),
-                _ => Value::Bool(false),
-            });
-        };
-        let logic = args.get(1).unwrap_or(&NULL_NODE);
-        let mut out = Vec::new();
-        for item in items {
-            if budget.exceeded() {
-                return Cow::Borrowed(&NULL);
-            }
-            let inner = Scope {
-                data: data.data,
-                item: Some(item),
-            };
-            let result = apply(logic, &inner, budget);
-            match op {
-                "map" => {
-                    let v = owned(result, budget);
-                    out.push(v);
-                }
-                "filter" if truthy(&result) && budget.spend(weight(item)) => {
-                    out.push(item.clone());
-                }
-                "all" if !truthy(&result) => return bool_value(false),
-                "none" if truthy(&result) => return bool_value(false),
-                "some" if truthy(&result) => return bool_value(true),
-                _ => {}
-            }
-        }
-        Cow::Owned(match op {
-            "map" | "filter" => Value::Array(out),
-            // `all` of nothing is false in JSON Logic.
-            "all" => Value::Bool(!items.is_empty()),
+        let chars = text.chars().map(|c| Value::String(c.into())).collect();
+        items = Cow::Owned(Value::Array(chars));
+    }
+    let Value::Array(items) = items.as_ref() else {
+        // JSON Logic: over anything but an array, map and filter give [], all and
+        // some false, none true.
+        return Cow::Owned(match op {
+            "map" | "filter" => Value::Array(Vec::new()),
             "none" => Value::Bool(true),
             _ => Value::Bool(false),
-        })
+        });
+    };
+    let logic = args.get(1).unwrap_or(&NULL_NODE);
+    let mut out = Vec::new();
+    for item in items {
+        if budget.exceeded() {
+            return Cow::Borrowed(&NULL);
+        }
+        let inner = Scope {
+            data: data.data,
+            item: Some(item),
+        };
+        let result = apply(logic, &inner, budget);
+        match op {
+            "map" => {
+                let v = owned(result, budget);
+                out.push(v);
+            }
+            "filter" if truthy(&result) && budget.spend(weight(item)) => {
+                out.push(item.clone());
+            }
+            "all" if !truthy(&result) => return bool_value(false),
+            "none" if truthy(&result) => return bool_value(false),
+            "some" if truthy(&result) => return bool_value(true),
+            _ => {}
+        }
     }
+    Cow::Owned(match op {
+        "map" | "filter" => Value::Array(out),
+        // `all` of nothing is false in JSON Logic.
+        "all" => Value::Bool(!items.is_empty()),
+        "none" => Value::Bool(true),
+        _ => Value::Bool(false),
+    })
 }
 
 /// `reduce`, apart from [`apply`] (rarely used; a smaller `apply` is faster).
 #[inline(never)]
 fn reduce<'a>(args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, Value> {
-    let eval = |i: usize, budget: &mut Budget| {
-        args.get(i)
-            .map_or(Cow::Borrowed(&NULL), |v| apply(v, data, budget))
+    let eval = |i: usize, budget: &mut Budget| arg(args, i, data, budget);
+    let items = eval(0, budget);
+    let initial = eval(2, budget);
+    let mut accumulator = owned(initial, budget);
+    let Value::Array(items) = items.as_ref() else {
+        return Cow::Owned(accumulator);
     };
-    {
-        let items = eval(0, budget);
-        let initial = eval(2, budget);
-        let mut accumulator = owned(initial, budget);
-        let Value::Array(items) = items.as_ref() else {
-            return Cow::Owned(accumulator);
-        };
-        let logic = args.get(1).unwrap_or(&NULL_NODE);
-        for item in items {
-            if budget.exceeded() || !budget.spend(weight(item)) {
-                return Cow::Borrowed(&NULL);
-            }
-            let mut state = Map::with_capacity(2);
-            state.insert("current".into(), item.clone());
-            state.insert("accumulator".into(), accumulator);
-            let state = Value::Object(state);
-            let inner = Scope {
-                data: data.data,
-                item: Some(&state),
-            };
-            let next = apply(logic, &inner, budget);
-            accumulator = owned(next, budget);
+    let logic = args.get(1).unwrap_or(&NULL_NODE);
+    for item in items {
+        if budget.exceeded() || !budget.spend(weight(item)) {
+            return Cow::Borrowed(&NULL);
         }
-        Cow::Owned(accumulator)
+        let mut state = Map::with_capacity(2);
+        state.insert("current".into(), item.clone());
+        state.insert("accumulator".into(), accumulator);
+        let state = Value::Object(state);
+        let inner = Scope {
+            data: data.data,
+            item: Some(&state),
+        };
+        let next = apply(logic, &inner, budget);
+        accumulator = owned(next, budget);
     }
+    Cow::Owned(accumulator)
 }
 
 /// `substr`, apart from [`apply`] (rarely used; a smaller `apply` is faster).
 #[inline(never)]
 fn substr<'a>(args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, Value> {
-    let eval = |i: usize, budget: &mut Budget| {
-        args.get(i)
-            .map_or(Cow::Borrowed(&NULL), |v| apply(v, data, budget))
+    let eval = |i: usize, budget: &mut Budget| arg(args, i, data, budget);
+    let source = eval(0, budget);
+    let source = paid_text(&source, budget);
+    let chars: Vec<char> = source.chars().collect();
+    let len = chars.len() as i64;
+    let start = number(&eval(1, budget)).unwrap_or(0.0) as i64;
+    // Saturating: the numbers come from the rule or the context, as large as i64 goes.
+    let start = if start < 0 {
+        len.saturating_add(start).max(0)
+    } else {
+        start.min(len)
     };
-    {
-        let source = eval(0, budget);
-        let source = paid_text(&source, budget);
-        let chars: Vec<char> = source.chars().collect();
-        let len = chars.len() as i64;
-        let start = number(&eval(1, budget)).unwrap_or(0.0) as i64;
-        // Saturating: the numbers come from the rule or the context, as large as i64 goes.
-        let start = if start < 0 {
-            len.saturating_add(start).max(0)
-        } else {
-            start.min(len)
-        };
-        let end = match args.get(2) {
-            None => len,
-            Some(_) => {
-                let n = number(&eval(2, budget)).unwrap_or(0.0) as i64;
-                if n < 0 {
-                    len.saturating_add(n).max(start)
-                } else {
-                    start.saturating_add(n).min(len)
-                }
+    let end = match args.get(2) {
+        None => len,
+        Some(_) => {
+            let n = number(&eval(2, budget)).unwrap_or(0.0) as i64;
+            if n < 0 {
+                len.saturating_add(n).max(start)
+            } else {
+                start.saturating_add(n).min(len)
             }
-        };
-        let piece: String = chars[start as usize..end.max(start) as usize]
-            .iter()
-            .collect();
-        if !budget.spend(piece.len()) {
-            return Cow::Borrowed(&NULL);
         }
-        Cow::Owned(Value::String(piece))
+    };
+    let piece: String = chars[start as usize..end.max(start) as usize]
+        .iter()
+        .collect();
+    if !budget.spend(piece.len()) {
+        return Cow::Borrowed(&NULL);
     }
+    Cow::Owned(Value::String(piece))
 }
 
 /// `merge`, apart from [`apply`] (rarely used; a smaller `apply` is faster).
 #[inline(never)]
 fn merge<'a>(args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, Value> {
-    let eval = |i: usize, budget: &mut Budget| {
-        args.get(i)
-            .map_or(Cow::Borrowed(&NULL), |v| apply(v, data, budget))
-    };
-    {
-        let mut out = Vec::new();
-        for i in 0..args.len() {
-            match eval(i, budget) {
-                Cow::Owned(Value::Array(items)) => out.extend(items),
-                Cow::Borrowed(Value::Array(items)) => {
-                    for item in items {
-                        if !budget.spend(weight(item)) {
-                            return Cow::Borrowed(&NULL);
-                        }
-                        out.push(item.clone());
+    let eval = |i: usize, budget: &mut Budget| arg(args, i, data, budget);
+    let mut out = Vec::new();
+    for i in 0..args.len() {
+        match eval(i, budget) {
+            Cow::Owned(Value::Array(items)) => out.extend(items),
+            Cow::Borrowed(Value::Array(items)) => {
+                for item in items {
+                    if !budget.spend(weight(item)) {
+                        return Cow::Borrowed(&NULL);
                     }
-                }
-                other => {
-                    let v = owned(other, budget);
-                    out.push(v);
+                    out.push(item.clone());
                 }
             }
+            other => {
+                let v = owned(other, budget);
+                out.push(v);
+            }
         }
-        Cow::Owned(Value::Array(out))
     }
+    Cow::Owned(Value::Array(out))
 }
 
 /// JSON Logic's `missing`: the keys (the arguments, or the first argument when it is an
