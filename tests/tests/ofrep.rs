@@ -534,22 +534,25 @@ async fn stock_ofrep_providers_evaluate_and_follow_changes() {
     r.kill().await;
 }
 
-/// What the server has sent on each of `streams` so far (read for up to a second each),
-/// to say why a test's stalled calls did not hold their places.
-async fn answers_so_far(streams: &mut [tokio::net::TcpStream]) -> Vec<String> {
-    let mut answers = Vec::new();
-    for s in streams {
-        let mut buf = vec![0u8; 4096];
-        answers.push(
-            match tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
-                Err(_) => "nothing yet".to_owned(),
-                Ok(Ok(0)) => "closed".to_owned(),
-                Ok(Ok(n)) => String::from_utf8_lossy(&buf[..n]).into_owned(),
-                Ok(Err(e)) => format!("error: {e}"),
-            },
-        );
-    }
-    answers
+/// Opens a connection and sends an OFREP call's headers and half its body, then stalls.
+async fn stalled_call(ofrep: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(ofrep).await.unwrap();
+    s.write_all(
+        format!(
+            "POST {SINGLE}/new-cart HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"context\""
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    s
+}
+
+/// Whether the server has answered (or closed) a stalled call: it was refused instead of
+/// holding a place, because its handler ran while another call held one.
+fn answered(s: &tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 64];
+    !matches!(s.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 /// Found by attacking the listener: calls whose bodies never finish held memory without
@@ -577,22 +580,14 @@ async fn stalled_calls_and_silent_connections_are_bounded() {
     // Two calls that send their headers and half a body, then stall.
     let mut stalled = Vec::new();
     for _ in 0..2 {
-        let mut s = tokio::net::TcpStream::connect(ofrep).await.unwrap();
-        s.write_all(
-            format!(
-                "POST {SINGLE}/new-cart HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"context\""
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
-        stalled.push(s);
+        stalled.push(stalled_call(ofrep).await);
     }
-    // Each holds its place once its handler runs: a third call is refused at once. (Bounded
-    // generously: on a loaded machine the handlers may start seconds apart.)
+    // Each holds its place once its handler runs: a third call is refused at once. On a
+    // loaded machine a stalled call's handler may run only after one of the calls below has
+    // taken a place; that stalled call is then refused itself, and is stalled again.
     let user = r#"{"context": {"targetingKey": "u1"}}"#;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    let mut served = 0;
+    let (mut served, mut restalled) = (0, 0);
     loop {
         let third = post(ofrep, &format!("{SINGLE}/new-cart"), &[], user).await;
         if third.status == 429 {
@@ -601,11 +596,15 @@ async fn stalled_calls_and_silent_connections_are_bounded() {
         }
         assert_eq!(third.status, 200, "{}", third.body);
         served += 1;
-        if tokio::time::Instant::now() >= deadline {
-            panic!(
-                "never refused ({served} calls served); the stalled calls got: {:?}",
-                answers_so_far(&mut stalled).await
-            );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never refused ({served} calls served, {restalled} stalled calls refused and stalled again)"
+        );
+        for s in &mut stalled {
+            if answered(s) {
+                *s = stalled_call(ofrep).await;
+                restalled += 1;
+            }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
