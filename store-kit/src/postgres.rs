@@ -263,6 +263,12 @@ impl<'a> PgDb<'a> {
         Failed { error, retry }
     }
 
+    /// Whether a statement failed since the last [`PgDb::failed`] or [`PgDb::clear_error`]
+    /// (the transaction is then aborted: PostgreSQL takes no more statements in it).
+    pub fn statement_failed(&self) -> bool {
+        self.last_error.borrow().is_some()
+    }
+
     /// Forgets the last statement's error (a savepoint rolled back past it).
     pub fn clear_error(&self) {
         self.last_error.borrow_mut().take();

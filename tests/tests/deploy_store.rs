@@ -335,13 +335,21 @@ async fn every_change_leaves_one_audit_record(store: &dyn Store) {
         .create_deployment(deployment("dev"), None, caller("bob", "req-9"))
         .await
         .unwrap();
-    store
+    let registered = last_heartbeat(store, "t1").await;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let placing = store
         .report_placement(
-            report(d.id, "t1", PlacementState::Placing),
+            PlacementReport {
+                message: "pulling \"sequence\":1 layers".into(),
+                ..report(d.id, "t1", PlacementState::Placing)
+            },
             caller("agent", ""),
         )
         .await
         .unwrap();
+    // A report is a sign of life: the target's heartbeat moves with it.
+    let reported_at = last_heartbeat(store, "t1").await;
+    assert!(reported_at > registered, "{reported_at} > {registered}");
     // Reads and heartbeats are not changes.
     store.get_deployment(d.id).await.unwrap();
     store.heartbeat_target("dev", "t1").await.unwrap();
@@ -366,7 +374,36 @@ async fn every_change_leaves_one_audit_record(store: &dyn Store) {
         .expect("the deployment's record");
     assert_eq!(created.request_id, "req-9");
     assert_eq!(created.resource, format!("deployments/{}", d.id));
-    assert!(trail.items.iter().any(|r| r.principal == "agent"));
+    // The report's record names the placement's states, its sequence and message, and the
+    // deployment's move, exactly (PostgreSQL writes it in the report's one statement).
+    let reported = trail
+        .items
+        .iter()
+        .find(|r| r.principal == "agent")
+        .expect("the report's record");
+    let summary = |text: &str| serde_json::from_str::<serde_json::Value>(text).unwrap();
+    assert_eq!(
+        summary(&reported.before),
+        serde_json::json!({"target": "environments/dev/targets/t1", "state": "PENDING",
+            "deployment_state": "PENDING"})
+    );
+    assert_eq!(
+        summary(&reported.after),
+        serde_json::json!({"target": "environments/dev/targets/t1", "state": "PLACING",
+            "sequence": placing.placement.sequence, "message": "pulling \"sequence\":1 layers",
+            "deployment_state": "IN_PROGRESS"})
+    );
+}
+
+/// The last heartbeat of target `id` in `dev`.
+async fn last_heartbeat(store: &dyn Store, id: &str) -> i64 {
+    let targets = store.list_targets("dev", page()).await.unwrap();
+    targets
+        .items
+        .iter()
+        .find(|(t, _)| t.id == id)
+        .map(|(t, _)| t.heartbeat_ms)
+        .expect("the target is listed")
 }
 
 /// Whether `orders` changed since last seen (and marks it seen).

@@ -19,7 +19,7 @@ use crate::domain::names::{artifact_version_name, deployment_name, environment_n
 use crate::domain::strategy::Strategy;
 use crate::domain::{Error, Result};
 use crate::store::backend::{to_i64, to_u64, Backend, ReportLock};
-use crate::store::db::{p, Db};
+use crate::store::db::{p, Db, Dialect};
 use crate::store::log::placement_state;
 
 /// How many columns [`DEPLOYMENT_COLUMNS`] names.
@@ -105,14 +105,21 @@ pub(super) fn append_event(
 
 /// Applies one placement report in the report's transaction (see
 /// [`crate::store::Store::report_placement`]): the transition checked, the placement, its
-/// event, the deployment's counts and state, the audit record, and the next targets
-/// ordered when the strategy allows.
+/// event, the deployment's counts and state, the audit record, the target's heartbeat when
+/// the report is the target's own (`heartbeat`), and the next targets ordered when the
+/// strategy allows.
+///
+/// Everything that can refuse the report is checked before its first write, so a refused
+/// report has written nothing (the PostgreSQL backend commits reports in groups without a
+/// savepoint each, relying on it); a failure after that is a failed statement or a row that
+/// does not decode, and the backend then runs the group again without the report.
 pub(super) fn apply_report(
     conn: &dyn Db,
     now: Millis,
     events: &mut Vec<PlacementEvent>,
     report: PlacementReport,
     caller: &Caller,
+    heartbeat: bool,
 ) -> Result<ReportOutcome> {
     let (d, mut counts, registered, current, digest) = read_report(conn, &report)?;
     let target = target_name(&report.environment, &report.target);
@@ -123,6 +130,9 @@ pub(super) fn apply_report(
         .map_err(|why| Error::precondition("PLACEMENT_TRANSITION", target.clone(), why))?;
     let mut placement = placement_so_far(&d, &report, current.as_ref(), digest, from, now);
     if !changed {
+        if heartbeat {
+            record_heartbeat(conn, now, &placement)?;
+        }
         return Ok(ReportOutcome {
             placement,
             deployment_state: d.state,
@@ -131,13 +141,24 @@ pub(super) fn apply_report(
     }
     placement.state = report.state;
     placement.message = report.message;
-    events.push(append_event(conn, now, &mut placement, from, caller)?);
     if current.is_some() {
         counts.remove(from);
     }
     counts.add(report.state, 1);
-    let state = record_counts(conn, &d, counts, now)?;
-    audit_report(conn, now, caller, (&d, from), (&placement, state))?;
+    let state = derive_state(d.state, counts, d.strategy.max_failures());
+    let change = Change {
+        now,
+        caller,
+        deployment: &d,
+        from,
+        counts,
+        state,
+        heartbeat,
+    };
+    events.push(match conn.dialect() {
+        Dialect::Sqlite => record_in_statements(conn, &change, &mut placement)?,
+        Dialect::Postgres => record_in_one_statement(conn, &change, &mut placement)?,
+    });
     if may_order_more(&d, report.state, state) {
         // A finished target may let the strategy order the next ones.
         let d = Deployment { state, ..d };
@@ -148,6 +169,139 @@ pub(super) fn apply_report(
         deployment_state: state,
         changed: true,
     })
+}
+
+/// An accepted report's change, for its writes.
+struct Change<'a> {
+    now: Millis,
+    caller: &'a Caller,
+    /// The deployment before the report.
+    deployment: &'a Deployment,
+    /// The placement's state before the report.
+    from: PlacementState,
+    /// The deployment's counts after the report, and the state they derive.
+    counts: PlacementCounts,
+    state: DeploymentState,
+    /// Whether the target's heartbeat is written too.
+    heartbeat: bool,
+}
+
+/// The report's writes as one statement each (SQLite, in process: a statement costs no
+/// round trip). Returns the event.
+fn record_in_statements(
+    conn: &dyn Db,
+    change: &Change,
+    placement: &mut Placement,
+) -> Result<PlacementEvent> {
+    let event = append_event(conn, change.now, placement, change.from, change.caller)?;
+    record_counts(
+        conn,
+        change.deployment.id,
+        change.counts,
+        change.state,
+        change.now,
+    )?;
+    let (before, after) = report_audit(change, placement);
+    append_audit(
+        conn,
+        change.now,
+        change.caller,
+        report_entry(change, before, &after),
+    )?;
+    if change.heartbeat {
+        record_heartbeat(conn, change.now, placement)?;
+    }
+    Ok(event)
+}
+
+/// The same writes as [`record_in_statements`] in one statement (PostgreSQL: one round trip
+/// instead of five; the event's sequence, drawn by its insert, is handed to the placement and
+/// written into the audit record by the statement itself). Returns the event.
+fn record_in_one_statement(
+    conn: &dyn Db,
+    change: &Change,
+    placement: &mut Placement,
+) -> Result<PlacementEvent> {
+    // The audit record's `after` names the sequence: rendered with a stand-in number, and
+    // split around it. (A key's quotes are never escaped and a string's always are, so
+    // the stand-in is found only as the value of the key.)
+    placement.sequence = u64::MAX;
+    let (before, after) = report_audit(change, placement);
+    let number = u64::MAX.to_string();
+    let key = format!("\"sequence\":{number}");
+    let at = after
+        .find(&key)
+        .map(|at| at + key.len() - number.len())
+        .ok_or_else(|| Error::Internal("a report's audit record names no sequence".into()))?;
+    let (after_head, after_tail) = (&after[..at], &after[at + number.len()..]);
+    let entry = report_entry(change, before, "");
+    let counts = change.counts;
+    let seq: i64 = conn.row(
+        "WITH event AS (
+           INSERT INTO placement_events (commit_ms, deployment, environment, target, artifact, version, digest, state, previous_state, message, trace_parent)
+           VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) RETURNING seq),
+         placement AS (
+           INSERT INTO placements (deployment, target, state, message, seq, update_ms)
+           SELECT ?2::BIGINT, ?4::TEXT, ?8::BIGINT, ?10::TEXT, seq, ?1::BIGINT FROM event
+           ON CONFLICT (deployment, target) DO UPDATE SET state = excluded.state, message = excluded.message, seq = excluded.seq, update_ms = excluded.update_ms),
+         deployment AS (
+           UPDATE deployments SET state = ?12, update_ms = ?1, n_pending = ?13, n_placing = ?14, n_placed = ?15, n_failed = ?16, n_removed = ?17
+           WHERE id = ?2),
+         audit AS (
+           INSERT INTO audit_records (time_ms, principal, action, resource, before_summary, after_summary, request_id, reason)
+           SELECT ?1::BIGINT, ?18::TEXT, ?19::TEXT, ?20::TEXT, ?21::TEXT, ?22::TEXT || seq::TEXT || ?23::TEXT, ?24::TEXT, ?25::TEXT FROM event),
+         heartbeat AS (
+           UPDATE targets SET heartbeat_ms = ?1 WHERE ?26::BIGINT = 1 AND environment = ?3 AND id = ?4)
+         SELECT seq FROM event",
+        p![
+            change.now,
+            placement.deployment,
+            placement.environment,
+            placement.target,
+            placement.artifact,
+            placement.version,
+            placement.digest,
+            placement.state.code(),
+            change.from.code(),
+            placement.message,
+            change.caller.trace_parent,
+            change.state.code(),
+            to_i64(counts.pending),
+            to_i64(counts.placing),
+            to_i64(counts.placed),
+            to_i64(counts.failed),
+            to_i64(counts.removed),
+            change.caller.principal,
+            entry.action,
+            entry.resource,
+            entry.before,
+            after_head,
+            after_tail,
+            change.caller.request_id,
+            entry.reason,
+            i64::from(change.heartbeat)
+        ],
+        |r| r.get(0),
+    )?;
+    placement.sequence = to_u64(seq);
+    placement.update_ms = change.now;
+    Ok(PlacementEvent {
+        sequence: placement.sequence,
+        commit_ms: change.now,
+        placement: placement.clone(),
+        previous_state: change.from,
+        trace_parent: change.caller.trace_parent.clone(),
+    })
+}
+
+/// A report is a sign of life too: a target reporting without heartbeats (a pipeline, say)
+/// is not taken for a lost agent.
+fn record_heartbeat(conn: &dyn Db, now: Millis, placement: &Placement) -> Result<()> {
+    conn.execute(
+        "UPDATE targets SET heartbeat_ms = ?1 WHERE environment = ?2 AND id = ?3",
+        p![now, placement.environment, placement.target],
+    )?;
+    Ok(())
 }
 
 /// Refuses a report for a target (named `target`) outside the deployment's environment,
@@ -286,14 +440,14 @@ fn read_report(conn: &dyn Db, report: &PlacementReport) -> Result<ReportRead> {
     read.ok_or_else(|| Error::NotFound(deployment_name(report.deployment)))
 }
 
-/// Stores the deployment's new counts and the state they derive; returns that state.
+/// Stores the deployment's new counts and the state they derive.
 fn record_counts(
     conn: &dyn Db,
-    d: &Deployment,
+    deployment: i64,
     counts: PlacementCounts,
+    state: DeploymentState,
     now: Millis,
-) -> Result<DeploymentState> {
-    let state = derive_state(d.state, counts, d.strategy.max_failures());
+) -> Result<()> {
     conn.execute("UPDATE deployments SET state = ?1, update_ms = ?2, n_pending = ?3, n_placing = ?4, n_placed = ?5, n_failed = ?6, n_removed = ?7 WHERE id = ?8", p![
         state.code(),
         now,
@@ -302,43 +456,38 @@ fn record_counts(
         to_i64(counts.placed),
         to_i64(counts.failed),
         to_i64(counts.removed),
-        d.id
+        deployment
     ])?;
-    Ok(state)
+    Ok(())
 }
 
-/// The audit record of an accepted report: the placement's state before and after, and
-/// the deployment's when the report moved it.
-fn audit_report(
-    conn: &dyn Db,
-    now: Millis,
-    caller: &Caller,
-    (d, from): (&Deployment, PlacementState),
-    (placement, state): (&Placement, DeploymentState),
-) -> Result<()> {
+/// The audit summaries of an accepted report (`placement` in its new state, with its
+/// sequence): the placement's state before and after, and the deployment's when the report
+/// moved it.
+fn report_audit(change: &Change, placement: &Placement) -> (String, String) {
     let target = target_name(&placement.environment, &placement.target);
-    let mut before = json!({"target": target, "state": from.name()});
+    let mut before = json!({"target": target, "state": change.from.name()});
     let mut after =
         json!({"target": target, "state": placement.state.name(), "sequence": placement.sequence});
     if !placement.message.is_empty() {
         after["message"] = placement.message.clone().into();
     }
-    if state != d.state {
-        before["deployment_state"] = d.state.name().into();
-        after["deployment_state"] = state.name().into();
+    if change.state != change.deployment.state {
+        before["deployment_state"] = change.deployment.state.name().into();
+        after["deployment_state"] = change.state.name().into();
     }
-    append_audit(
-        conn,
-        now,
-        caller,
-        AuditEntry {
-            action: action::REPORT_PLACEMENT,
-            resource: deployment_name(d.id),
-            before: audit::text(&before),
-            after: audit::text(&after),
-            reason: String::new(),
-        },
-    )
+    (audit::text(&before), audit::text(&after))
+}
+
+/// The audit record of an accepted report.
+fn report_entry(change: &Change, before: String, after: &str) -> AuditEntry {
+    AuditEntry {
+        action: action::REPORT_PLACEMENT,
+        resource: deployment_name(change.deployment.id),
+        before,
+        after: after.to_owned(),
+        reason: String::new(),
+    }
 }
 
 /// An order as the store reads it.
@@ -406,15 +555,7 @@ pub(super) async fn report_placement<B: Backend>(
     };
     store
         .write_locked(lock, move |conn, now, events| {
-            let (environment, target) = (report.environment.clone(), report.target.clone());
-            let outcome = apply_report(conn, now, events, report.clone(), &caller)?;
-            // A report is a sign of life too: a target reporting without heartbeats (a
-            // pipeline, say) is not taken for a lost agent.
-            conn.execute(
-                "UPDATE targets SET heartbeat_ms = ?1 WHERE environment = ?2 AND id = ?3",
-                p![now, environment, target],
-            )?;
-            Ok(outcome)
+            apply_report(conn, now, events, report.clone(), &caller, true)
         })
         .await
 }

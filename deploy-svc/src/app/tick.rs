@@ -76,6 +76,8 @@ fn fail_lost_placements(
                 ),
             },
             &Caller::system(),
+            // Not the target's own report: its heartbeat stays as it was.
+            false,
         )?;
         changed = true;
     }

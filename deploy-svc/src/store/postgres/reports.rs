@@ -3,14 +3,16 @@
 //! Reports are the hot write path: one per target per state change. Each replica queues
 //! them and commits whatever arrived meanwhile in one READ COMMITTED transaction: one
 //! `BEGIN`, one statement locking every deployment the group names (in id order), each
-//! report in its own savepoint (a report that fails rolls back alone and gets its own
-//! error), one `COMMIT` (one WAL flush for the group). A group runs its reports ordered by
+//! report's read and its writes (one statement each on PostgreSQL: see
+//! [`crate::app::reports`]), one `COMMIT` (one WAL flush for the group). No savepoint per
+//! report (each was a round trip): a report is refused before its first write, so a refused
+//! report leaves the transaction as it was and gets its own error; a report that fails after
+//! writing (a failed statement aborts the whole transaction) gets its error and the group
+//! runs again without it. A group runs its reports ordered by
 //! target (stably: reports of one target keep their arrival order and draw their sequences
 //! in it), so the target rows their heartbeats write are locked in one order too: two
 //! groups never wait for each other in a cycle, whether on deployments or on targets.
-//! Groups of at most [`MAX_GROUP`] reports: each savepoint that writes takes a
-//! subtransaction id, and past 64 in one transaction PostgreSQL's per-backend cache
-//! overflows and every other session's snapshots get slower. A conflict (a deadlock with
+//! Groups of at most [`MAX_GROUP`] reports. A conflict (a deadlock with
 //! another replica's group, a unique key taken) runs the whole group again. Up to
 //! `--pg-report-groups` groups (2 by default) commit at once per replica, each on its own
 //! connection, so one group fills while another commits.
@@ -32,15 +34,16 @@ use crate::store::db::Db;
 use store_kit::postgres::{retrying, Conn, Failed, IsolationLevel, PgDb, Pool};
 use store_kit::V;
 
-/// The most reports committed in one transaction (64 subtransactions fit PostgreSQL's
-/// per-backend cache).
+/// The most reports committed in one transaction (a bound on the transaction's length and on
+/// the work a conflict repeats).
 pub(super) const MAX_GROUP: usize = 64;
 
 /// A queued report of any result type.
 pub(super) trait Queued: Send {
     /// What the report locks.
     fn lock(&self) -> &ReportLock;
-    /// Runs the report's job; keeps its value for [`Queued::finish`].
+    /// Runs the report's job; keeps its value for [`Queued::finish`]. A job that fails with
+    /// no failed statement and no event appended has written nothing.
     fn run(&mut self, db: &dyn Db, now: Millis, events: &mut Vec<PlacementEvent>) -> Result<()>;
     /// Answers the caller: the job's value and its newest sequence, or why it failed.
     fn finish(self: Box<Self>, outcome: Result<u64>);
@@ -123,7 +126,8 @@ pub(super) async fn run_groups(
     }
 }
 
-/// Commits `group`, running it again after a conflict; answers every report.
+/// Commits `group`, running it again after a conflict or without a report that failed
+/// after writing; answers every report.
 fn commit_group(
     conn: &mut Conn,
     clock: &dyn Clock,
@@ -132,24 +136,41 @@ fn commit_group(
 ) {
     metrics::histogram!(crate::telemetry::GROUP_COMMIT_WRITES).record(group.len() as f64);
     let reports = group.len();
-    let outcome = retrying(
-        || group_once(conn, clock, notify, &mut group),
-        |e, attempt| {
-            tracing::debug!(error = %e, attempt, reports, "report group conflicted; running it again");
-            metrics::counter!(crate::telemetry::STORE_RETRIES).increment(1);
-        },
-    );
-    match outcome {
-        Ok(outcomes) => {
-            for (report, outcome) in group.into_iter().zip(outcomes) {
-                report.finish(outcome);
+    let mut answers: Vec<Option<Result<u64>>> = (0..reports).map(|_| None).collect();
+    let mut live: Vec<usize> = (0..reports).collect();
+    while !live.is_empty() {
+        let outcome = retrying(
+            || group_once(conn, clock, notify, &mut group, &live),
+            |e, attempt| {
+                tracing::debug!(error = %e, attempt, reports, "report group conflicted; running it again");
+                metrics::counter!(crate::telemetry::STORE_RETRIES).increment(1);
+            },
+        );
+        match outcome {
+            Ok(Attempt::Committed(outcomes)) => {
+                for (&i, outcome) in live.iter().zip(outcomes) {
+                    answers[i] = Some(outcome);
+                }
+                break;
+            }
+            Ok(Attempt::Without(i, error)) => {
+                answers[i] = Some(Err(error));
+                live.retain(|&j| j != i);
+            }
+            Err(e) => {
+                for &i in &live {
+                    answers[i] = Some(Err(for_each(&e)));
+                }
+                break;
             }
         }
-        Err(e) => {
-            for report in group {
-                report.finish(Err(for_each(&e)));
-            }
-        }
+    }
+    for (report, answer) in group.into_iter().zip(answers) {
+        report.finish(answer.unwrap_or_else(|| {
+            Err(Error::Internal(
+                "a report of a group was not answered".into(),
+            ))
+        }));
     }
 }
 
@@ -162,16 +183,26 @@ fn for_each(e: &Error) -> Error {
     }
 }
 
-/// One attempt at a group: each report's outcome, or the failure of the whole group.
+/// How an attempt at a group ended.
+enum Attempt {
+    /// Committed: the outcome of each report run, in order.
+    Committed(Vec<Result<u64>>),
+    /// Rolled back: the report at this index failed after writing (its error); the group
+    /// runs again without it.
+    Without(usize, Error),
+}
+
+/// One attempt at the reports of `group` at the indices `live`.
 fn group_once(
     conn: &mut Conn,
     clock: &dyn Clock,
     notify: NotifyMode,
     group: &mut [Box<dyn Queued>],
-) -> std::result::Result<Vec<Result<u64>>, Failed> {
+    live: &[usize],
+) -> std::result::Result<Attempt, Failed> {
     let started = std::time::Instant::now();
     let db = PgDb::begin(conn, IsolationLevel::ReadCommitted, false)?;
-    let mut locks: Vec<i64> = group.iter().map(|r| r.lock().deployment).collect();
+    let mut locks: Vec<i64> = live.iter().map(|&i| group[i].lock().deployment).collect();
     locks.sort_unstable();
     locks.dedup();
     (&db as &dyn Db)
@@ -182,38 +213,124 @@ fn group_once(
         .map_err(|e| db.failed(e))?;
     let now = clock.now_ms();
     let mut events = Vec::new();
-    let mut outcomes = Vec::with_capacity(group.len());
-    // A group of one needs no savepoint: if its report fails, the transaction rolls back.
-    let alone = group.len() == 1;
-    for (i, report) in group.iter_mut().enumerate() {
-        if !alone {
-            let savepoint = if i == 0 {
-                "SAVEPOINT report"
-            } else {
-                "RELEASE SAVEPOINT report; SAVEPOINT report"
-            };
-            db.batch(savepoint).map_err(|e| db.failed(e))?;
-        }
+    let mut outcomes = Vec::with_capacity(live.len());
+    for &i in live {
         let mark = events.len();
         db.clear_error();
-        match report.run(&db, now, &mut events) {
+        match group[i].run(&db, now, &mut events) {
             Ok(()) => outcomes.push(Ok(events[mark..].last().map_or(0, |e| e.sequence))),
             Err(e) => {
+                let wrote = db.statement_failed() || events.len() > mark;
                 let failed = db.failed(e);
                 if failed.retry {
                     return Err(failed);
                 }
-                if alone {
+                if wrote {
                     // Dropping the transaction rolls it back.
-                    return Ok(vec![Err(failed.error)]);
+                    return Ok(Attempt::Without(i, failed.error));
                 }
-                events.truncate(mark);
-                db.batch("ROLLBACK TO SAVEPOINT report")
-                    .map_err(|e| db.failed(e))?;
                 outcomes.push(Err(failed.error));
             }
         }
     }
     super::commit(db, notify, started)?;
-    Ok(outcomes)
+    Ok(Attempt::Committed(outcomes))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::domain::clock::SystemClock;
+    use crate::store::db::p;
+    use store_kit::postgres::connect;
+
+    /// A queued report whose job is `job`, and the receiver of its answer.
+    fn report(
+        deployment: i64,
+        target: &str,
+        job: impl Fn(&dyn Db) -> Result<()> + Send + Sync + 'static,
+    ) -> (Box<dyn Queued>, oneshot::Receiver<Result<((), u64)>>) {
+        let (reply, answer) = oneshot::channel();
+        let queued = Report {
+            lock: ReportLock {
+                environment: "dev".into(),
+                target: target.into(),
+                deployment,
+            },
+            job: Arc::new(move |db: &dyn Db, _, _: &mut Vec<PlacementEvent>| job(db)),
+            value: None,
+            reply,
+        };
+        (Box::new(queued), answer)
+    }
+
+    /// A group without savepoints: a report refused before writing fails alone and the
+    /// group commits; a report whose statement fails after it wrote takes the transaction
+    /// down with it, so the group runs again without it: its write is gone, the others'
+    /// are stored once.
+    #[test]
+    fn a_report_failing_after_its_write_is_dropped_and_the_group_runs_again() {
+        let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
+            eprintln!("TEST_DATABASE_URL is not set: skipped");
+            return;
+        };
+        let schema = format!("deploy_groups_{}", std::process::id());
+        let mut conn = Conn::new(
+            connect(
+                &url,
+                &format!(
+                    "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}; SET search_path TO {schema};
+                     CREATE TABLE deployments (id BIGINT PRIMARY KEY); INSERT INTO deployments VALUES (1), (2);
+                     CREATE TABLE written (v BIGINT NOT NULL)"
+                ),
+            )
+            .unwrap(),
+        );
+        let write = |v: i64| {
+            move |db: &dyn Db| {
+                db.execute("INSERT INTO written (v) VALUES (?1)", p![v])
+                    .map(drop)
+            }
+        };
+        let (a, a_answer) = report(1, "a", write(1));
+        let (refused, refused_answer) = report(1, "b", |_: &dyn Db| {
+            Err(Error::NotFound("targets/dev/b".into()))
+        });
+        let (broken, broken_answer) = report(2, "c", move |db: &dyn Db| {
+            write(3)(db)?;
+            db.execute("SELECT 1 / (?1 - 1)", p![1]).map(drop)
+        });
+        let (d, d_answer) = report(2, "d", write(4));
+        commit_group(
+            &mut conn,
+            &SystemClock,
+            NotifyMode::Off,
+            vec![a, refused, broken, d],
+        );
+        assert!(a_answer.blocking_recv().unwrap().is_ok());
+        assert!(matches!(
+            refused_answer.blocking_recv().unwrap(),
+            Err(Error::NotFound(_))
+        ));
+        let broken = broken_answer.blocking_recv().unwrap().unwrap_err();
+        assert!(!matches!(broken, Error::Aborted(_)), "{broken:?}");
+        assert!(d_answer.blocking_recv().unwrap().is_ok());
+        let written: Vec<i64> = conn
+            .client
+            .query("SELECT v FROM written ORDER BY v", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(
+            written,
+            [1, 4],
+            "the dropped report's write was rolled back"
+        );
+        conn.client
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .unwrap();
+    }
 }
