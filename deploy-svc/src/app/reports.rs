@@ -214,6 +214,26 @@ fn record_in_statements(
     Ok(event)
 }
 
+/// A report's writes in one statement (PostgreSQL): the event (its insert draws the
+/// sequence), the placement, the deployment's counts and state, the audit record (its
+/// `after` is ?22, the sequence, ?23) and, when ?26 is 1, the target's heartbeat.
+const REPORT_WRITES: &str = "WITH event AS (
+           INSERT INTO placement_events (commit_ms, deployment, environment, target, artifact, version, digest, state, previous_state, message, trace_parent)
+           VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) RETURNING seq),
+         placement AS (
+           INSERT INTO placements (deployment, target, state, message, seq, update_ms)
+           SELECT ?2::BIGINT, ?4::TEXT, ?8::BIGINT, ?10::TEXT, seq, ?1::BIGINT FROM event
+           ON CONFLICT (deployment, target) DO UPDATE SET state = excluded.state, message = excluded.message, seq = excluded.seq, update_ms = excluded.update_ms),
+         deployment AS (
+           UPDATE deployments SET state = ?12, update_ms = ?1, n_pending = ?13, n_placing = ?14, n_placed = ?15, n_failed = ?16, n_removed = ?17
+           WHERE id = ?2),
+         audit AS (
+           INSERT INTO audit_records (time_ms, principal, action, resource, before_summary, after_summary, request_id, reason)
+           SELECT ?1::BIGINT, ?18::TEXT, ?19::TEXT, ?20::TEXT, ?21::TEXT, ?22::TEXT || seq::TEXT || ?23::TEXT, ?24::TEXT, ?25::TEXT FROM event),
+         heartbeat AS (
+           UPDATE targets SET heartbeat_ms = ?1 WHERE ?26::BIGINT = 1 AND environment = ?3 AND id = ?4)
+         SELECT seq FROM event";
+
 /// The same writes as [`record_in_statements`] in one statement (PostgreSQL: one round trip
 /// instead of five; the event's sequence, drawn by its insert, is handed to the placement and
 /// written into the audit record by the statement itself). Returns the event.
@@ -237,22 +257,7 @@ fn record_in_one_statement(
     let entry = report_entry(change, before, "");
     let counts = change.counts;
     let seq: i64 = conn.row(
-        "WITH event AS (
-           INSERT INTO placement_events (commit_ms, deployment, environment, target, artifact, version, digest, state, previous_state, message, trace_parent)
-           VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) RETURNING seq),
-         placement AS (
-           INSERT INTO placements (deployment, target, state, message, seq, update_ms)
-           SELECT ?2::BIGINT, ?4::TEXT, ?8::BIGINT, ?10::TEXT, seq, ?1::BIGINT FROM event
-           ON CONFLICT (deployment, target) DO UPDATE SET state = excluded.state, message = excluded.message, seq = excluded.seq, update_ms = excluded.update_ms),
-         deployment AS (
-           UPDATE deployments SET state = ?12, update_ms = ?1, n_pending = ?13, n_placing = ?14, n_placed = ?15, n_failed = ?16, n_removed = ?17
-           WHERE id = ?2),
-         audit AS (
-           INSERT INTO audit_records (time_ms, principal, action, resource, before_summary, after_summary, request_id, reason)
-           SELECT ?1::BIGINT, ?18::TEXT, ?19::TEXT, ?20::TEXT, ?21::TEXT, ?22::TEXT || seq::TEXT || ?23::TEXT, ?24::TEXT, ?25::TEXT FROM event),
-         heartbeat AS (
-           UPDATE targets SET heartbeat_ms = ?1 WHERE ?26::BIGINT = 1 AND environment = ?3 AND id = ?4)
-         SELECT seq FROM event",
+        REPORT_WRITES,
         p![
             change.now,
             placement.deployment,

@@ -246,12 +246,15 @@ mod tests {
     use crate::store::db::p;
     use store_kit::postgres::connect;
 
+    /// The answer a queued report of the test gets.
+    type Answer = oneshot::Receiver<Result<((), u64)>>;
+
     /// A queued report whose job is `job`, and the receiver of its answer.
     fn report(
         deployment: i64,
         target: &str,
         job: impl Fn(&dyn Db) -> Result<()> + Send + Sync + 'static,
-    ) -> (Box<dyn Queued>, oneshot::Receiver<Result<((), u64)>>) {
+    ) -> (Box<dyn Queued>, Answer) {
         let (reply, answer) = oneshot::channel();
         let queued = Report {
             lock: ReportLock {
