@@ -109,10 +109,10 @@ pub(super) fn append_event(
 /// the report is the target's own (`heartbeat`), and the next targets ordered when the
 /// strategy allows.
 ///
-/// Everything that can refuse the report is checked before its first write, so a refused
-/// report has written nothing (the PostgreSQL backend commits reports in groups without a
-/// savepoint each, relying on it); a failure after that is a failed statement or a row that
-/// does not decode, and the backend then runs the group again without the report.
+/// Everything that can refuse the report (NOT_FOUND, FAILED_PRECONDITION) is checked before
+/// its first write, so a refused report has written nothing: the PostgreSQL backend commits
+/// reports in groups without a savepoint each, relying on it, and runs a group again without
+/// a report that failed in any other way.
 pub(super) fn apply_report(
     conn: &dyn Db,
     now: Millis,

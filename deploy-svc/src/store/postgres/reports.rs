@@ -3,12 +3,14 @@
 //! Reports are the hot write path: one per target per state change. Each replica queues
 //! them and commits whatever arrived meanwhile in one READ COMMITTED transaction: one
 //! `BEGIN`, one statement locking every deployment the group names (in id order), each
-//! report's read and its writes (one statement each on PostgreSQL: see
+//! report's read and its writes (one statement each on PostgreSQL, plus the pacing of the
+//! next targets when a finished target lets a gradual strategy order more: see
 //! [`crate::app::reports`]), one `COMMIT` (one WAL flush for the group). No savepoint per
 //! report (each was a round trip): a report is refused before its first write, so a refused
-//! report leaves the transaction as it was and gets its own error; a report that fails after
-//! writing (a failed statement aborts the whole transaction) gets its error and the group
-//! runs again without it. A group runs its reports ordered by
+//! report (NOT_FOUND, FAILED_PRECONDITION, INVALID_ARGUMENT with no failed statement and no
+//! event) leaves the transaction as it was and gets its own error; any other failure (a
+//! failed statement aborts the whole transaction) drops the report with its error and the
+//! group runs again without it. A group runs its reports ordered by
 //! target (stably: reports of one target keep their arrival order and draw their sequences
 //! in it), so the target rows their heartbeats write are locked in one order too: two
 //! groups never wait for each other in a cycle, whether on deployments or on targets.
@@ -183,6 +185,15 @@ fn for_each(e: &Error) -> Error {
     }
 }
 
+/// Whether `e` is the rules refusing a report, which happens before its first write; any
+/// other failure drops the report and runs its group again, whether it wrote or not.
+fn refusal(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::InvalidArgument(_) | Error::NotFound(_) | Error::FailedPrecondition(_)
+    )
+}
+
 /// How an attempt at a group ended.
 enum Attempt {
     /// Committed: the outcome of each report run, in order.
@@ -218,9 +229,17 @@ fn group_once(
         let mark = events.len();
         db.clear_error();
         match group[i].run(&db, now, &mut events) {
+            // A job that went on after a failed statement: the transaction is aborted (its
+            // COMMIT would roll everything back), and the report cannot be trusted.
+            Ok(()) if db.statement_failed() => {
+                return Ok(Attempt::Without(
+                    i,
+                    Error::Internal("a report went on after a failed statement".into()),
+                ))
+            }
             Ok(()) => outcomes.push(Ok(events[mark..].last().map_or(0, |e| e.sequence))),
             Err(e) => {
-                let wrote = db.statement_failed() || events.len() > mark;
+                let wrote = db.statement_failed() || events.len() > mark || !refusal(&e);
                 let failed = db.failed(e);
                 if failed.retry {
                     return Err(failed);
@@ -271,8 +290,8 @@ mod tests {
 
     /// A group without savepoints: a report refused before writing fails alone and the
     /// group commits; a report whose statement fails after it wrote takes the transaction
-    /// down with it, so the group runs again without it: its write is gone, the others'
-    /// are stored once.
+    /// down with it, and one that fails otherwise may have written, so the group runs again
+    /// without each: their writes are gone, the others' are stored once.
     #[test]
     fn a_report_failing_after_its_write_is_dropped_and_the_group_runs_again() {
         let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
@@ -306,11 +325,17 @@ mod tests {
             db.execute("SELECT 1 / (?1 - 1)", p![1]).map(drop)
         });
         let (d, d_answer) = report(2, "d", write(4));
+        // Fails after writing, with no failed statement and no event: not a refusal, so it
+        // is dropped too.
+        let (undecoded, undecoded_answer) = report(2, "e", move |db: &dyn Db| {
+            write(5)(db)?;
+            Err(Error::Internal("a row that does not decode".into()))
+        });
         commit_group(
             &mut conn,
             &SystemClock,
             NotifyMode::Off,
-            vec![a, refused, broken, d],
+            vec![a, refused, broken, d, undecoded],
         );
         assert!(a_answer.blocking_recv().unwrap().is_ok());
         assert!(matches!(
@@ -320,6 +345,10 @@ mod tests {
         let broken = broken_answer.blocking_recv().unwrap().unwrap_err();
         assert!(!matches!(broken, Error::Aborted(_)), "{broken:?}");
         assert!(d_answer.blocking_recv().unwrap().is_ok());
+        assert!(matches!(
+            undecoded_answer.blocking_recv().unwrap(),
+            Err(Error::Internal(_))
+        ));
         let written: Vec<i64> = conn
             .client
             .query("SELECT v FROM written ORDER BY v", &[])
