@@ -162,6 +162,50 @@ async fn a_late_commit_is_delivered_in_order_and_a_rolled_back_sequence_is_skipp
     }
 }
 
+/// A snapshot taken while a placement's newest event is beyond the replica's settled head
+/// (a lower sequence is still open) shows the placement as of its last settled event. Found
+/// by the scale benchmark: that path read its rows by a column name it did not select, and
+/// the stream failed with INTERNAL.
+#[tokio::test]
+async fn a_snapshot_shows_a_placement_changed_past_a_hole_as_it_was_before() {
+    let Some(url) = server() else { return };
+    let Watched {
+        db_url,
+        bins,
+        client: mut c,
+        churn,
+        streams,
+    } = watched(&url, "deploy_snapshot_hole").await;
+    drop(streams);
+    let (held, held_seq) = held_event(&db_url, "held").await;
+    // Committed above the hole (its acknowledgement waits up to 2 s for the held stream).
+    let acked = churn.run(&mut c, 0, 0, 1).await;
+    assert!(acked[0] > held_seq);
+    for b in &bins {
+        let mut bc = tests::connect(b.addr).await;
+        let mut s = watch::open(&mut bc, None, "", "").await.unwrap();
+        let (placements, at) = watch::snapshot(&mut s).await;
+        assert!(
+            at < held_seq,
+            "the snapshot stops at the hole: {at} < {held_seq}"
+        );
+        let p = placements
+            .iter()
+            .find(|p| p.target == churn.targets[0])
+            .expect("the placement is in the snapshot");
+        assert_eq!(
+            p.state(),
+            pb::PlacementState::Pending,
+            "as of its settled event"
+        );
+        assert!(p.sequence <= at, "{p:?}");
+    }
+    held.batch_execute("ROLLBACK").await.unwrap();
+    for b in bins {
+        b.kill().await;
+    }
+}
+
 /// The case that defeats a rule based on the snapshot's `xmax`: transaction A takes its id
 /// first; B takes a later id but draws the lower sequence; A draws the next one and commits.
 /// While B is open its id is above the newest completed one, so only the fresh-id rule

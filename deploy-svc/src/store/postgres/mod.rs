@@ -366,7 +366,7 @@ impl Backend for PostgresBackend {
                     continue;
                 }
                 let earlier = db.one(
-                    "SELECT e.deployment, e.environment, e.target, e.artifact, e.version, e.digest, e.state, e.message, e.seq, e.commit_ms
+                    "SELECT e.deployment, e.environment, e.target, e.artifact, e.version, e.digest, e.state, e.message, e.seq, e.commit_ms AS update_ms
                      FROM placement_events e WHERE e.deployment = ?1 AND e.target = ?2 AND e.seq <= ?3
                      ORDER BY e.seq DESC LIMIT 1",
                     p![p.deployment, p.target, to_i64(head)],
