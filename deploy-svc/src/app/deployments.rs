@@ -222,14 +222,14 @@ pub(super) fn load_deployment(conn: &dyn Db, id: i64, with_placements: bool) -> 
 
 pub(super) const COUNT_COLUMNS: &str = "n_pending, n_placing, n_placed, n_failed, n_removed";
 
-/// The placement counts stored in a row's columns `at..at + 5` ([`COUNT_COLUMNS`]).
-pub(super) fn counts_at(r: &SqlRow, at: usize) -> Result<PlacementCounts> {
+/// The placement counts stored in a row's [`COUNT_COLUMNS`].
+pub(super) fn counts_row(r: &SqlRow) -> Result<PlacementCounts> {
     Ok(PlacementCounts {
-        pending: to_u64(r.get(at)?),
-        placing: to_u64(r.get(at + 1)?),
-        placed: to_u64(r.get(at + 2)?),
-        failed: to_u64(r.get(at + 3)?),
-        removed: to_u64(r.get(at + 4)?),
+        pending: to_u64(r.col("n_pending")?),
+        placing: to_u64(r.col("n_placing")?),
+        placed: to_u64(r.col("n_placed")?),
+        failed: to_u64(r.col("n_failed")?),
+        removed: to_u64(r.col("n_removed")?),
     })
 }
 

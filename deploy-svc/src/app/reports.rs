@@ -5,7 +5,7 @@ use serde_json::json;
 
 use super::audit::append_audit;
 use super::deployments::{
-    counts_at, deployment_row, pace_deployment, COUNT_COLUMNS, DEPLOYMENT_COLUMNS,
+    counts_row, deployment_row, pace_deployment, COUNT_COLUMNS, DEPLOYMENT_COLUMNS,
 };
 use super::SqlStore;
 use crate::domain::audit::{self, action, AuditEntry, Caller};
@@ -22,23 +22,11 @@ use crate::store::backend::{to_i64, to_u64, Backend, ReportLock};
 use crate::store::db::{p, Db, Dialect};
 use crate::store::log::placement_state;
 
-/// How many columns [`DEPLOYMENT_COLUMNS`] names.
-pub(super) const DEPLOYMENT_COLUMN_COUNT: usize = {
-    let (bytes, mut i, mut n) = (DEPLOYMENT_COLUMNS.as_bytes(), 0, 1);
-    while i < bytes.len() {
-        if bytes[i] == b',' {
-            n += 1;
-        }
-        i += 1;
-    }
-    n
-};
-/// Where [`REPORT_READ`]'s columns after the deployment's and its counts start.
-pub(super) const REPORT_READ_TARGET: usize = DEPLOYMENT_COLUMN_COUNT + 5;
-
-/// A report's one read: [`DEPLOYMENT_COLUMNS`], [`COUNT_COLUMNS`], 1 if the target is
-/// registered, the placement's state, message, seq and update_ms (NULL before its first
-/// report), the artifact's digest. Parameters: deployment, environment, target.
+/// A report's one read, every column by its own name: [`DEPLOYMENT_COLUMNS`],
+/// [`COUNT_COLUMNS`], `registered` (1 if the target is registered), the placement's
+/// `placement_state`, `placement_message`, `placement_seq` and `placement_update_ms` (NULL
+/// before its first report), the artifact's `digest`. Parameters: deployment, environment,
+/// target.
 pub(super) static REPORT_READ: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let qualified = |columns: &str| {
         columns
@@ -49,9 +37,10 @@ pub(super) static REPORT_READ: std::sync::LazyLock<String> = std::sync::LazyLock
     };
     format!(
         "SELECT {}, {},
-           (SELECT 1 FROM targets t WHERE t.environment = ?2 AND t.id = ?3),
-           p.state, p.message, p.seq, p.update_ms,
-           (SELECT a.digest FROM artifacts a WHERE a.name = d.artifact AND a.version = d.version)
+           (SELECT 1 FROM targets t WHERE t.environment = ?2 AND t.id = ?3) AS registered,
+           p.state AS placement_state, p.message AS placement_message, p.seq AS placement_seq,
+           p.update_ms AS placement_update_ms,
+           (SELECT a.digest FROM artifacts a WHERE a.name = d.artifact AND a.version = d.version) AS digest
          FROM deployments d LEFT JOIN placements p ON p.deployment = d.id AND p.target = ?3
          WHERE d.id = ?1",
         qualified(DEPLOYMENT_COLUMNS),
@@ -426,19 +415,19 @@ fn read_report(conn: &dyn Db, report: &PlacementReport) -> Result<ReportRead> {
         |r| {
             Ok((
                 deployment_row(r)?,
-                counts_at(r, DEPLOYMENT_COLUMN_COUNT)?,
-                r.get::<Option<i64>>(REPORT_READ_TARGET)?.is_some(),
-                r.get::<Option<i64>>(REPORT_READ_TARGET + 1)?
+                counts_row(r)?,
+                r.col::<Option<i64>>("registered")?.is_some(),
+                r.col::<Option<i64>>("placement_state")?
                     .map(|state| -> Result<StoredPlacement> {
                         Ok((
                             state,
-                            r.get(REPORT_READ_TARGET + 2)?,
-                            r.get(REPORT_READ_TARGET + 3)?,
-                            r.get(REPORT_READ_TARGET + 4)?,
+                            r.col("placement_message")?,
+                            r.col("placement_seq")?,
+                            r.col("placement_update_ms")?,
                         ))
                     })
                     .transpose()?,
-                r.get::<Option<String>>(REPORT_READ_TARGET + 5)?,
+                r.col::<Option<String>>("digest")?,
             ))
         },
     )?;
