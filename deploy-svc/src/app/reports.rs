@@ -19,7 +19,7 @@ use crate::domain::names::{artifact_version_name, deployment_name, environment_n
 use crate::domain::strategy::Strategy;
 use crate::domain::{Error, Result};
 use crate::store::backend::{to_i64, to_u64, Backend, ReportLock};
-use crate::store::db::{p, Db, Dialect};
+use crate::store::db::{p, Db, Dialect, V};
 use crate::store::log::placement_state;
 
 /// A report's one read, every column by its own name: [`DEPLOYMENT_COLUMNS`],
@@ -59,7 +59,30 @@ pub(super) fn append_event(
     caller: &Caller,
 ) -> Result<PlacementEvent> {
     let seq: i64 = conn.row("INSERT INTO placement_events (commit_ms, deployment, environment, target, artifact, version, digest, state, previous_state, message, trace_parent)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) RETURNING seq", p![
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) RETURNING seq",
+        &event_values(now, placement, previous, caller), |r| r.get(0))?;
+    conn.execute("INSERT INTO placements (deployment, target, state, message, seq, update_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (deployment, target) DO UPDATE SET state = excluded.state, message = excluded.message, seq = excluded.seq, update_ms = excluded.update_ms", p![
+        placement.deployment,
+        placement.target,
+        placement.state.code(),
+        placement.message,
+        seq,
+        now
+    ])?;
+    Ok(stored_event(placement, seq, now, previous, caller))
+}
+
+/// The values of an event's columns, `?1` to `?11` of its insert (in both forms of a
+/// report's writes): commit time, deployment, environment, target, artifact, version,
+/// digest, state, previous state, message, trace context.
+fn event_values(
+    now: Millis,
+    placement: &Placement,
+    previous: PlacementState,
+    caller: &Caller,
+) -> Vec<V> {
+    p![
         now,
         placement.deployment,
         placement.environment,
@@ -71,25 +94,27 @@ pub(super) fn append_event(
         previous.code(),
         placement.message,
         caller.trace_parent
-    ], |r| r.get(0))?;
-    conn.execute("INSERT INTO placements (deployment, target, state, message, seq, update_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (deployment, target) DO UPDATE SET state = excluded.state, message = excluded.message, seq = excluded.seq, update_ms = excluded.update_ms", p![
-        placement.deployment,
-        placement.target,
-        placement.state.code(),
-        placement.message,
-        seq,
-        now
-    ])?;
+    ]
+    .to_vec()
+}
+
+/// `placement` stored with sequence `seq` at `now`, and its event, to publish after commit.
+fn stored_event(
+    placement: &mut Placement,
+    seq: i64,
+    now: Millis,
+    previous: PlacementState,
+    caller: &Caller,
+) -> PlacementEvent {
     placement.sequence = to_u64(seq);
     placement.update_ms = now;
-    Ok(PlacementEvent {
+    PlacementEvent {
         sequence: placement.sequence,
         commit_ms: now,
         placement: placement.clone(),
         previous_state: previous,
         trace_parent: caller.trace_parent.clone(),
-    })
+    }
 }
 
 /// Applies one placement report in the report's transaction (see
@@ -245,47 +270,32 @@ fn record_in_one_statement(
     let (after_head, after_tail) = (&after[..at], &after[at + number.len()..]);
     let entry = report_entry(change, before, "");
     let counts = change.counts;
-    let seq: i64 = conn.row(
-        REPORT_WRITES,
-        p![
-            change.now,
-            placement.deployment,
-            placement.environment,
-            placement.target,
-            placement.artifact,
-            placement.version,
-            placement.digest,
-            placement.state.code(),
-            change.from.code(),
-            placement.message,
-            change.caller.trace_parent,
-            change.state.code(),
-            to_i64(counts.pending),
-            to_i64(counts.placing),
-            to_i64(counts.placed),
-            to_i64(counts.failed),
-            to_i64(counts.removed),
-            change.caller.principal,
-            entry.action,
-            entry.resource,
-            entry.before,
-            after_head,
-            after_tail,
-            change.caller.request_id,
-            entry.reason,
-            i64::from(change.heartbeat)
-        ],
-        |r| r.get(0),
-    )?;
-    placement.sequence = to_u64(seq);
-    placement.update_ms = change.now;
-    Ok(PlacementEvent {
-        sequence: placement.sequence,
-        commit_ms: change.now,
-        placement: placement.clone(),
-        previous_state: change.from,
-        trace_parent: change.caller.trace_parent.clone(),
-    })
+    let mut values = event_values(change.now, placement, change.from, change.caller);
+    values.extend_from_slice(p![
+        change.state.code(),
+        to_i64(counts.pending),
+        to_i64(counts.placing),
+        to_i64(counts.placed),
+        to_i64(counts.failed),
+        to_i64(counts.removed),
+        change.caller.principal,
+        entry.action,
+        entry.resource,
+        entry.before,
+        after_head,
+        after_tail,
+        change.caller.request_id,
+        entry.reason,
+        i64::from(change.heartbeat)
+    ]);
+    let seq: i64 = conn.row(REPORT_WRITES, &values, |r| r.get(0))?;
+    Ok(stored_event(
+        placement,
+        seq,
+        change.now,
+        change.from,
+        change.caller,
+    ))
 }
 
 /// A report is a sign of life too: a target reporting without heartbeats (a pipeline, say)
