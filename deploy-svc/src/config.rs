@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::domain::model::HealthWindows;
 use crate::placement_log::WatchLimits;
-use crate::store::postgres::{NotifyMode, PostgresOptions};
+use crate::store::postgres::{NotifyMode, PostgresOptions, ReportStatements};
 use crate::store::sqlite::SqliteOptions;
 
 /// deploy-svc's configuration.
@@ -70,9 +70,22 @@ pub struct Config {
     #[arg(long, env = "DEPLOY_SVC_PG_POOL_SIZE", default_value_t = 8)]
     pub pg_pool_size: usize,
     /// PostgreSQL: groups of placement reports committing at once (each on its own
-    /// connection; the reports that arrive meanwhile form the next group).
-    #[arg(long, env = "DEPLOY_SVC_PG_REPORT_GROUPS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    /// connection; the reports that arrive meanwhile form the next group). One by default:
+    /// a group is four round trips whatever its size, so the reports queued behind it
+    /// make the next group larger rather than a second transaction contending for the
+    /// same rows.
+    #[arg(long, env = "DEPLOY_SVC_PG_REPORT_GROUPS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub pg_report_groups: u16,
+    /// PostgreSQL: how a group of placement reports is written: `group` (one read and one
+    /// write statement for the whole group) or `each` (one of each per report, for
+    /// comparison).
+    #[arg(
+        long,
+        env = "DEPLOY_SVC_PG_REPORT_STATEMENTS",
+        value_enum,
+        default_value = "group"
+    )]
+    pub pg_report_statements: ReportStatements,
     /// PostgreSQL: how replicas wake each other after writes: `coalesced` (one NOTIFY
     /// outside the write transactions), `per-transaction` (a NOTIFY in every write, for
     /// comparison) or `off` (replicas only poll).
@@ -128,6 +141,7 @@ impl Config {
         PostgresOptions {
             pool_size: self.pg_pool_size,
             report_groups: usize::from(self.pg_report_groups),
+            report_statements: self.pg_report_statements,
             retention: self.retention_events,
             notify: self.pg_notify,
             poll_interval: Duration::from_millis(self.pg_poll_ms.max(1)),

@@ -490,3 +490,164 @@ async fn reports_arriving_together_commit_in_groups_and_a_failing_report_fails_a
     );
     bin.kill().await;
 }
+
+/// What a replica answered to a scenario's reports (each wave's answers sorted: which of
+/// two concurrent reports of one placement comes first is a race) and what it stored.
+#[derive(Debug, PartialEq)]
+struct Applied {
+    answers: Vec<Vec<String>>,
+    rows: Vec<String>,
+}
+
+/// Runs the same waves of concurrent reports (each wave sent at once, so its reports are
+/// committed in groups; no wave holds two reports whose order would change an answer) on a fresh database through a replica started with
+/// `--pg-report-statements statements`; returns the answers and the stored rows, with
+/// sequence numbers and times left out. The waves hold what a group applies together and
+/// what sends it one report at a time: refusals of every kind, repeats (accepted without a
+/// change), several targets of one deployment, two reports of one placement, a report
+/// that lets a rolling deployment order its next batch, and reports that finish a
+/// deployment and the refusal after it.
+async fn applied_with(url: &str, statements: &str) -> Applied {
+    use pb::PlacementState::{Failed, Placed, Placing};
+    let (_admin, db_url, _) = fresh_database(url, &format!("deploy_applied_{statements}")).await;
+    let metrics = free_port();
+    let args = [
+        "--pg-report-statements",
+        statements,
+        "--metrics-listen",
+        &metrics,
+    ];
+    let bin = Binary::start(Path::new(&db_url), &args).await;
+    let mut c = tests::connect(bin.addr).await;
+    let dev = Churn::setup(&mut c, "dev", "api", 6).await;
+    tests::environment(&mut c, "stage", None, false).await;
+    let stage = tests::targets(&mut c, "stage", "s", 4).await;
+    let rolling = pb::strategy::Kind::Rolling(pb::Rolling {
+        batch_size: 2,
+        batch_percent: 0.0,
+        max_failures: 1,
+    });
+    let rolled = tests::fleet::deploy(&mut c, "api", "1.0.0", "stage", Some(rolling)).await;
+    let (a, t, r) = (&dev.deployment, &dev.targets, &rolled.name);
+    let ghost = format!("{}-ghost", t[0]);
+    let waves: Vec<Vec<(&str, &str, pb::PlacementState)>> = vec![
+        // Each deployment's first report (it moves the deployment: which report does is
+        // in its audit record).
+        vec![(a, &t[0], Placing), (r, &stage[0], Placing)],
+        // Every other dev target starts; refusals: an unknown target, a target of another
+        // environment, an unknown deployment.
+        t[1..]
+            .iter()
+            .map(|t| (a.as_str(), t.as_str(), Placing))
+            .chain([
+                (a.as_str(), ghost.as_str(), Placing),
+                (a.as_str(), stage[0].as_str(), Placing),
+                ("deployments/9999", t[0].as_str(), Placing),
+                (r.as_str(), stage[1].as_str(), Placing),
+            ])
+            .collect(),
+        // Repeats, two reports of one placement, and the rolling deployment's first batch
+        // finishing (its next batch is ordered).
+        vec![
+            (a, &t[0], Placing),
+            (a, &t[1], Placed),
+            (a, &t[1], Placed),
+            (a, &t[2], Placed),
+            (r, &stage[0], Placed),
+            (r, &stage[1], Placed),
+        ],
+        vec![
+            (a, &t[0], Placed),
+            (a, &t[4], Placed),
+            (r, &stage[2], Placing),
+            (r, &stage[3], Placing),
+        ],
+        // A failure alone (whether it comes before or after another report of the
+        // deployment decides that report's fate): the deployment fails.
+        vec![(a, &t[3], Failed)],
+        // After the end: refused; the rolling deployment goes on.
+        vec![
+            (a, &t[5], Placed),
+            (a, &t[0], Placing),
+            (r, &stage[2], Placed),
+        ],
+    ];
+    let mut answers = Vec::new();
+    for wave in &waves {
+        let replies = join_all(wave.iter().map(|&(d, t, state)| {
+            let mut c = c.clone();
+            async move { tests::report(&mut c, d, t, state).await }
+        }))
+        .await;
+        let mut wave_answers: Vec<String> = wave
+            .iter()
+            .zip(replies)
+            .map(|((d, t, state), reply)| match reply {
+                Ok(r) => {
+                    let p = r.placement.clone().unwrap_or_default();
+                    format!(
+                        "{d} {t} {state:?}: changed {} {:?} {:?}",
+                        r.changed,
+                        p.state(),
+                        r.deployment_state()
+                    )
+                }
+                Err(s) => format!("{d} {t} {state:?}: {:?}", s.code()),
+            })
+            .collect();
+        wave_answers.sort();
+        answers.push(wave_answers);
+    }
+    let db = client(&db_url).await;
+    let mut rows = Vec::new();
+    for query in [
+        "SELECT deployment::TEXT || ' ' || target || ' ' || state || ' ' || message || ' ' || ordered FROM placements ORDER BY deployment, target",
+        "SELECT id::TEXT || ' ' || state || ' ' || n_pending || ' ' || n_placing || ' ' || n_placed || ' ' || n_failed || ' ' || n_removed FROM deployments ORDER BY id",
+        // Per placement in sequence order.
+        "SELECT deployment::TEXT || ' ' || target || ' ' || previous_state || ' -> ' || state || ' ' || digest FROM placement_events ORDER BY deployment, target, seq",
+        // Each report's audit record, its sequence that of its event.
+        "SELECT 'audit ' || (e.seq IS NOT NULL) || ' ' || a.principal || ' ' || a.resource || ' ' || a.before_summary || ' ' || regexp_replace(a.after_summary, '\"sequence\":[0-9]+', '\"sequence\":_') || ' ' || (e.seq IS NOT NULL)
+         FROM audit_records a LEFT JOIN placement_events e ON e.seq = (a.after_summary::jsonb->>'sequence')::BIGINT AND a.resource = 'deployments/' || e.deployment AND a.after_summary::jsonb->>'target' LIKE '%/' || e.target
+         WHERE a.action = 'ReportPlacement' ORDER BY 1",
+        "SELECT environment || '/' || id || ' ' || (heartbeat_ms > 0) FROM targets ORDER BY environment, id",
+    ] {
+        for row in db.query(query, &[]).await.unwrap() {
+            rows.push(row.get::<_, String>(0));
+        }
+    }
+    let groups = |applied: &str| {
+        let series = format!("deploy_svc_report_groups_total{{applied=\"{applied}\"}}");
+        let metrics = metrics.clone();
+        async move { metric(&metrics, &series).await }
+    };
+    let (together, one_by_one) = (groups("together").await, groups("one_by_one").await);
+    if statements == "group" {
+        assert!(together > 0.0, "no group was applied together");
+        assert!(
+            one_by_one > 0.0,
+            "no group was applied one report at a time"
+        );
+    } else {
+        assert_eq!(
+            together, 0.0,
+            "--pg-report-statements each applied a group together"
+        );
+    }
+    bin.kill().await;
+    Applied { answers, rows }
+}
+
+/// A group's reports written together (one read and one write statement for the group)
+/// answer and store exactly what the same reports written one at a time do.
+#[tokio::test]
+async fn reports_applied_together_answer_and_store_what_reports_applied_each_do() {
+    let Some(url) = server() else { return };
+    let together = applied_with(&url, "group").await;
+    let each = applied_with(&url, "each").await;
+    assert!(
+        together.rows.iter().all(|r| !r.starts_with("audit false")),
+        "an audit record names a sequence no event of its placement has: {:#?}",
+        together.rows
+    );
+    assert_eq!(together, each);
+}

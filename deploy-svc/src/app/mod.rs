@@ -25,9 +25,10 @@ use crate::domain::model::{
     PlacementReport, ReportOutcome, Target,
 };
 use crate::domain::{Error, Result};
-use crate::store::backend::{internal, Backend, ReportLock};
+use crate::store::backend::{internal, Backend};
 use crate::store::db::Db;
 use crate::store::Store;
+pub(crate) use reports::apply_group;
 pub use reports::OrderRow;
 
 mod artifacts;
@@ -74,16 +75,7 @@ impl<B: Backend> SqlStore<B> {
         T: Send + 'static,
         F: Fn(&dyn Db, Millis, &mut Vec<PlacementEvent>) -> Result<T> + Send + Sync + 'static,
     {
-        self.backend.write(None, Arc::new(f)).await
-    }
-
-    /// A write with deployment `lock` locked before `f` runs (see [`Backend::write`]).
-    async fn write_locked<T, F>(&self, lock: ReportLock, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: Fn(&dyn Db, Millis, &mut Vec<PlacementEvent>) -> Result<T> + Send + Sync + 'static,
-    {
-        self.backend.write(Some(lock), Arc::new(f)).await
+        self.backend.write(Arc::new(f)).await
     }
 
     async fn read<T, F>(&self, f: F) -> Result<T>

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::db::Db;
+use crate::domain::audit::Caller;
 use crate::domain::clock::Millis;
-use crate::domain::model::{LogBounds, Placement, PlacementEvent};
+use crate::domain::model::{LogBounds, Placement, PlacementEvent, PlacementReport, ReportOutcome};
 use crate::domain::{Error, Result};
 
 pub(crate) use service_kit::time::{to_i64, to_u64};
@@ -23,14 +24,18 @@ pub type ReadJob<T> = Box<dyn FnOnce(&dyn Db) -> Result<T> + Send>;
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// Runs `job` in a write transaction and commits; the result is returned only once the
-    /// commit is durable. A write naming a `lock` (a placement report) runs with its
-    /// deployment locked against every other writer (the backend takes the lock before the
-    /// job starts); such writes may be committed together.
-    async fn write<T: Send + 'static>(
+    /// commit is durable.
+    async fn write<T: Send + 'static>(&self, job: WriteJob<T>) -> Result<T>;
+    /// A placement report: a write run with `lock`'s deployment locked against every other
+    /// writer (the backend takes the lock before the job starts). Reports may be committed
+    /// together, and a backend may apply `input` alongside other reports' inputs in fewer
+    /// statements instead of running `job` (the same rules: see [`crate::app`]).
+    async fn report(
         &self,
-        lock: Option<ReportLock>,
-        job: WriteJob<T>,
-    ) -> Result<T>;
+        lock: ReportLock,
+        input: Arc<ReportInput>,
+        job: WriteJob<ReportOutcome>,
+    ) -> Result<ReportOutcome>;
     /// Runs `job` on a consistent snapshot.
     async fn read<T: Send + 'static>(&self, job: ReadJob<T>) -> Result<T>;
     /// Up to `max` events after `after` that watchers may see, in order.
@@ -62,6 +67,15 @@ pub struct ReportLock {
     pub target: String,
     /// The deployment.
     pub deployment: i64,
+}
+
+/// A placement report and its caller, as the application applies it.
+#[derive(Debug, Clone)]
+pub struct ReportInput {
+    /// The report.
+    pub report: PlacementReport,
+    /// Who sent it.
+    pub caller: Caller,
 }
 
 pub(crate) fn internal(e: impl std::error::Error) -> Error {

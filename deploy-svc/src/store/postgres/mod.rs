@@ -60,12 +60,12 @@ use store_kit::postgres::{
 use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::backend::{to_i64, to_u64, Backend, ReadJob, ReportLock, WriteJob};
+use super::backend::{to_i64, to_u64, Backend, ReadJob, ReportInput, ReportLock, WriteJob};
 use super::db::{p, Db};
 use super::log;
 use crate::app::SqlStore;
 use crate::domain::clock::Clock;
-use crate::domain::model::{LogBounds, Placement, PlacementEvent};
+use crate::domain::model::{LogBounds, Placement, PlacementEvent, ReportOutcome};
 use crate::domain::{Error, Result};
 use crate::placement_log::Feed;
 
@@ -89,6 +89,17 @@ pub enum NotifyMode {
     Off,
 }
 
+/// How a group of placement reports is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportStatements {
+    /// One read and one write statement for the whole group (the default; a group with two
+    /// reports of one placement, or one that lets a strategy order more targets, is applied
+    /// one report at a time).
+    Group,
+    /// One read and one write statement for each report (for comparison).
+    Each,
+}
+
 /// Options of the PostgreSQL backend.
 #[derive(Debug, Clone)]
 pub struct PostgresOptions {
@@ -98,6 +109,8 @@ pub struct PostgresOptions {
     pub pool_size: usize,
     /// Groups of placement reports committing at once, each on its own connection.
     pub report_groups: usize,
+    /// How a group of placement reports is written.
+    pub report_statements: ReportStatements,
     /// Events kept in the log.
     pub retention: u64,
     /// How other replicas are woken.
@@ -112,7 +125,8 @@ impl PostgresOptions {
         Self {
             url: url.into(),
             pool_size: 8,
-            report_groups: 2,
+            report_groups: 1,
+            report_statements: ReportStatements::Group,
             retention: 1_000_000,
             notify: NotifyMode::Coalesced,
             poll_interval: Duration::from_millis(100),
@@ -127,7 +141,7 @@ pub type PostgresStore = SqlStore<PostgresBackend>;
 pub struct PostgresBackend {
     pool: Arc<Pool>,
     /// Placement reports, committed in groups on their own connections ([`reports`]).
-    reports: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Box<dyn reports::Queued>>>>,
+    reports: Mutex<Option<tokio::sync::mpsc::UnboundedSender<reports::Report>>>,
     /// The task that groups them (awaited on close, so queued reports are committed).
     grouper: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The tailer's own connection, so reading the log never queues behind writes.
@@ -253,8 +267,16 @@ impl SqlStore<PostgresBackend> {
         let groups = options.report_groups.clamp(1, 64);
         let grouper = tokio::spawn(reports::run_groups(
             queued,
+            options.report_statements,
             groups,
-            Arc::new(pool("report", &options.url, groups, "")?),
+            // Generic plans: a group's statements take arrays, whose sizes make PostgreSQL
+            // plan them afresh on every run (custom plans), which costs more than running them.
+            Arc::new(pool(
+                "report",
+                &options.url,
+                groups,
+                "SET plan_cache_mode = force_generic_plan",
+            )?),
             clock.clone(),
             options.notify,
         ));
@@ -324,20 +346,23 @@ impl PostgresBackend {
 
 #[async_trait]
 impl Backend for PostgresBackend {
-    async fn write<T: Send + 'static>(
+    async fn write<T: Send + 'static>(&self, job: WriteJob<T>) -> Result<T> {
+        let (clock, notify) = (self.clock.clone(), self.notify);
+        let (value, newest) = self
+            .pool
+            .run(move |conn| run_write(conn, &*clock, notify, &job))
+            .await?;
+        self.committed(newest).await;
+        Ok(value)
+    }
+
+    async fn report(
         &self,
-        lock: Option<ReportLock>,
-        job: WriteJob<T>,
-    ) -> Result<T> {
-        let (value, newest) = match lock {
-            Some(lock) => self.queue_report(lock, job).await?,
-            None => {
-                let (clock, notify) = (self.clock.clone(), self.notify);
-                self.pool
-                    .run(move |conn| run_write(conn, &*clock, notify, &job))
-                    .await?
-            }
-        };
+        lock: ReportLock,
+        input: Arc<ReportInput>,
+        job: WriteJob<ReportOutcome>,
+    ) -> Result<ReportOutcome> {
+        let (value, newest) = self.queue_report(lock, input, job).await?;
         self.committed(newest).await;
         Ok(value)
     }
@@ -432,19 +457,21 @@ impl Backend for PostgresBackend {
 
 impl PostgresBackend {
     /// Queues a placement report for the next group commit ([`reports`]).
-    async fn queue_report<T: Send + 'static>(
+    async fn queue_report(
         &self,
         lock: ReportLock,
-        job: WriteJob<T>,
-    ) -> Result<(T, u64)> {
+        input: Arc<ReportInput>,
+        job: WriteJob<ReportOutcome>,
+    ) -> Result<(ReportOutcome, u64)> {
         let closed = || Error::Unavailable("the store is closed".into());
         let (reply, answer) = oneshot::channel();
-        let report = Box::new(reports::Report {
+        let report = reports::Report {
             lock,
+            input: Some(input),
             job,
             value: None,
             reply,
-        });
+        };
         self.reports
             .lock()
             .unwrap_or_else(|p| p.into_inner())

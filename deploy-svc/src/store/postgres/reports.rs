@@ -2,22 +2,26 @@
 //!
 //! Reports are the hot write path: one per target per state change. Each replica queues
 //! them and commits whatever arrived meanwhile in one READ COMMITTED transaction: one
-//! `BEGIN`, one statement locking every deployment the group names (in id order), each
-//! report's read and its writes (one statement each on PostgreSQL, plus the pacing of the
-//! next targets when a finished target lets a gradual strategy order more: see
-//! [`crate::app::reports`]), one `COMMIT` (one WAL flush for the group). No savepoint per
-//! report (each was a round trip): a report is refused before its first write, so a refused
-//! report (NOT_FOUND, FAILED_PRECONDITION, INVALID_ARGUMENT with no failed statement and no
-//! event) leaves the transaction as it was and gets its own error; any other failure (a
-//! failed statement aborts the whole transaction) drops the report with its error and the
-//! group runs again without it. A group runs its reports ordered by
+//! `BEGIN`, one statement locking every deployment the group names (in id order), one read
+//! statement for all the group's reports, the rules applied to each in turn, one write
+//! statement for all ([`apply_group`]), one `COMMIT` (one WAL flush for the group): four
+//! round trips whatever the group's size. A group with two reports of one placement, or
+//! with a report that lets a gradual strategy order more targets, is applied one report at
+//! a time instead (each report's job: its read, its write, the pacing: see
+//! [`crate::app`]). No savepoint per report: a report is refused before its first write, so
+//! a refused report (NOT_FOUND, FAILED_PRECONDITION, INVALID_ARGUMENT with no failed
+//! statement and no event) leaves the transaction as it was and gets its own error. A
+//! group whose statements fail runs again one report at a time; there, any other failure of
+//! a report (a failed statement aborts the whole transaction) drops the report with its
+//! error and the group runs again without it. A group runs its reports ordered by
 //! target (stably: reports of one target keep their arrival order and draw their sequences
-//! in it), so the target rows their heartbeats write are locked in one order too: two
-//! groups never wait for each other in a cycle, whether on deployments or on targets.
+//! in it), so the target rows their heartbeats write are locked in one order too when
+//! applied one at a time (applied together, the write statement takes them in the order
+//! of its plan; a deadlock with another replica's group is a conflict like any other).
 //! Groups of at most [`MAX_GROUP`] reports. A conflict (a deadlock with
 //! another replica's group, a unique key taken) runs the whole group again. Up to
-//! `--pg-report-groups` groups (2 by default) commit at once per replica, each on its own
-//! connection, so one group fills while another commits.
+//! `--pg-report-groups` groups (1 by default) commit at once per replica, each on its own
+//! connection (with more than one, the next group fills while one commits).
 //!
 //! Each report is still acknowledged only after its replica's stream holds its event
 //! (read-your-writes, see [`super::PostgresBackend::write`]); the log's hole rule is
@@ -27,11 +31,12 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::NotifyMode;
+use super::{NotifyMode, ReportStatements};
+use crate::app::apply_group;
 use crate::domain::clock::{Clock, Millis};
-use crate::domain::model::PlacementEvent;
+use crate::domain::model::{PlacementEvent, ReportOutcome};
 use crate::domain::{Error, Result};
-use crate::store::backend::{ReportLock, WriteJob};
+use crate::store::backend::{ReportInput, ReportLock, WriteJob};
 use crate::store::db::Db;
 use store_kit::postgres::{retrying, Conn, Failed, IsolationLevel, PgDb, Pool};
 use store_kit::V;
@@ -40,36 +45,28 @@ use store_kit::V;
 /// the work a conflict repeats).
 pub(super) const MAX_GROUP: usize = 64;
 
-/// A queued report of any result type.
-pub(super) trait Queued: Send {
-    /// What the report locks.
-    fn lock(&self) -> &ReportLock;
-    /// Runs the report's job; keeps its value for [`Queued::finish`]. A job that fails with
-    /// no failed statement and no event appended has written nothing.
-    fn run(&mut self, db: &dyn Db, now: Millis, events: &mut Vec<PlacementEvent>) -> Result<()>;
-    /// Answers the caller: the job's value and its newest sequence, or why it failed.
-    fn finish(self: Box<Self>, outcome: Result<u64>);
-}
-
 /// A report and the caller waiting for it.
-pub(super) struct Report<T> {
+pub(super) struct Report {
     pub(super) lock: ReportLock,
-    pub(super) job: WriteJob<T>,
-    pub(super) value: Option<T>,
-    pub(super) reply: oneshot::Sender<Result<(T, u64)>>,
+    /// What the report is, for applying it with the rest of its group; without it (tests)
+    /// the group runs each job in turn.
+    pub(super) input: Option<Arc<ReportInput>>,
+    /// Applies the report alone. A job that fails with no failed statement and no event
+    /// appended has written nothing.
+    pub(super) job: WriteJob<ReportOutcome>,
+    pub(super) value: Option<ReportOutcome>,
+    pub(super) reply: oneshot::Sender<Result<(ReportOutcome, u64)>>,
 }
 
-impl<T: Send + 'static> Queued for Report<T> {
-    fn lock(&self) -> &ReportLock {
-        &self.lock
-    }
-
+impl Report {
+    /// Runs the report's job; keeps its value for [`Report::finish`].
     fn run(&mut self, db: &dyn Db, now: Millis, events: &mut Vec<PlacementEvent>) -> Result<()> {
         self.value = Some((self.job)(db, now, events)?);
         Ok(())
     }
 
-    fn finish(self: Box<Self>, outcome: Result<u64>) {
+    /// Answers the caller: the report's outcome and its newest sequence, or why it failed.
+    fn finish(self, outcome: Result<u64>) {
         let answer = match (outcome, self.value) {
             (Ok(newest), Some(v)) => Ok((v, newest)),
             (Err(e), _) => Err(e),
@@ -82,7 +79,8 @@ impl<T: Send + 'static> Queued for Report<T> {
 /// Takes queued reports in groups and commits each group on `pool`, `in_flight` at a
 /// time, until the queue closes.
 pub(super) async fn run_groups(
-    mut queue: mpsc::UnboundedReceiver<Box<dyn Queued>>,
+    mut queue: mpsc::UnboundedReceiver<Report>,
+    statements: ReportStatements,
     in_flight: usize,
     pool: Arc<Pool>,
     clock: Arc<dyn Clock>,
@@ -110,7 +108,7 @@ pub(super) async fn run_groups(
         }
         // By target, stably (see the module documentation).
         group.sort_by(|a, b| {
-            let (a, b) = (a.lock(), b.lock());
+            let (a, b) = (&a.lock, &b.lock);
             (&a.environment, &a.target).cmp(&(&b.environment, &b.target))
         });
         let (pool, clock) = (pool.clone(), clock.clone());
@@ -120,7 +118,7 @@ pub(super) async fn run_groups(
             // store closing.
             let _ = pool
                 .run(move |conn| {
-                    commit_group(conn, &*clock, notify, group);
+                    commit_group(conn, &*clock, notify, statements, group);
                     Ok(())
                 })
                 .await;
@@ -128,21 +126,23 @@ pub(super) async fn run_groups(
     }
 }
 
-/// Commits `group`, running it again after a conflict or without a report that failed
-/// after writing; answers every report.
+/// Commits `group`, running it again after a conflict, one report at a time when applying
+/// it together failed, or without a report that failed after writing; answers every report.
 fn commit_group(
     conn: &mut Conn,
     clock: &dyn Clock,
     notify: NotifyMode,
-    mut group: Vec<Box<dyn Queued>>,
+    statements: ReportStatements,
+    mut group: Vec<Report>,
 ) {
     metrics::histogram!(crate::telemetry::GROUP_COMMIT_WRITES).record(group.len() as f64);
     let reports = group.len();
     let mut answers: Vec<Option<Result<u64>>> = (0..reports).map(|_| None).collect();
     let mut live: Vec<usize> = (0..reports).collect();
+    let mut together = statements == ReportStatements::Group;
     while !live.is_empty() {
         let outcome = retrying(
-            || group_once(conn, clock, notify, &mut group, &live),
+            || group_once(conn, clock, notify, together, &mut group, &live),
             |e, attempt| {
                 tracing::debug!(error = %e, attempt, reports, "report group conflicted; running it again");
                 metrics::counter!(crate::telemetry::STORE_RETRIES).increment(1);
@@ -158,6 +158,10 @@ fn commit_group(
             Ok(Attempt::Without(i, error)) => {
                 answers[i] = Some(Err(error));
                 live.retain(|&j| j != i);
+            }
+            Ok(Attempt::OneByOne(error)) => {
+                tracing::debug!(error = %error, reports, "a report group's statements failed; applying its reports one at a time");
+                together = false;
             }
             Err(e) => {
                 for &i in &live {
@@ -201,19 +205,25 @@ enum Attempt {
     /// Rolled back: the report at this index failed after writing (its error); the group
     /// runs again without it.
     Without(usize, Error),
+    /// Rolled back: the group's reports applied together failed (the error, logged); the
+    /// group runs again one report at a time, which tells whose report it was.
+    OneByOne(Error),
 }
 
-/// One attempt at the reports of `group` at the indices `live`.
+/// One attempt at the reports of `group` at the indices `live`: together (one read and
+/// one write statement for all, [`apply_group`]) when `together` and the group allows it,
+/// else one report at a time.
 fn group_once(
     conn: &mut Conn,
     clock: &dyn Clock,
     notify: NotifyMode,
-    group: &mut [Box<dyn Queued>],
+    together: bool,
+    group: &mut [Report],
     live: &[usize],
 ) -> std::result::Result<Attempt, Failed> {
     let started = std::time::Instant::now();
     let db = PgDb::begin(conn, IsolationLevel::ReadCommitted, false)?;
-    let mut locks: Vec<i64> = live.iter().map(|&i| group[i].lock().deployment).collect();
+    let mut locks: Vec<i64> = live.iter().map(|&i| group[i].lock.deployment).collect();
     locks.sort_unstable();
     locks.dedup();
     (&db as &dyn Db)
@@ -223,6 +233,50 @@ fn group_once(
         )
         .map_err(|e| db.failed(e))?;
     let now = clock.now_ms();
+    let inputs: Option<Vec<&ReportInput>> =
+        live.iter().map(|&i| group[i].input.as_deref()).collect();
+    if let Some(inputs) = inputs.filter(|_| together) {
+        let mut events = Vec::new();
+        match apply_group(&db, now, &inputs, &mut events) {
+            Ok(Some(applied)) => {
+                let mut outcomes = Vec::with_capacity(live.len());
+                for (&i, applied) in live.iter().zip(applied) {
+                    outcomes.push(applied.map(|(outcome, newest)| {
+                        group[i].value = Some(outcome);
+                        newest
+                    }));
+                }
+                metrics::counter!(crate::telemetry::REPORT_GROUPS, "applied" => "together")
+                    .increment(1);
+                super::commit(db, notify, started)?;
+                return Ok(Attempt::Committed(outcomes));
+            }
+            // Nothing written: one report at a time in this transaction.
+            Ok(None) => {}
+            Err(e) => {
+                let failed = db.failed(e);
+                if failed.retry {
+                    return Err(failed);
+                }
+                // Dropping the transaction rolls it back.
+                return Ok(Attempt::OneByOne(failed.error));
+            }
+        }
+    }
+    one_by_one(db, notify, group, live, started, now)
+}
+
+/// The rest of [`group_once`] one report at a time: each report's job in turn, in the
+/// transaction `db` (the group's deployments locked), then the commit.
+fn one_by_one(
+    db: PgDb<'_>,
+    notify: NotifyMode,
+    group: &mut [Report],
+    live: &[usize],
+    started: std::time::Instant,
+    now: Millis,
+) -> std::result::Result<Attempt, Failed> {
+    metrics::counter!(crate::telemetry::REPORT_GROUPS, "applied" => "one_by_one").increment(1);
     let mut events = Vec::new();
     let mut outcomes = Vec::with_capacity(live.len());
     for &i in live {
@@ -266,14 +320,35 @@ mod tests {
     use store_kit::postgres::connect;
 
     /// The answer a queued report of the test gets.
-    type Answer = oneshot::Receiver<Result<((), u64)>>;
+    type Answer = oneshot::Receiver<Result<(ReportOutcome, u64)>>;
+
+    /// The outcome the test's jobs return (its contents do not matter here).
+    fn outcome() -> ReportOutcome {
+        use crate::domain::model::{DeploymentState, Placement, PlacementState};
+        ReportOutcome {
+            placement: Placement {
+                deployment: 1,
+                environment: "dev".into(),
+                target: "a".into(),
+                artifact: "web".into(),
+                version: "1".into(),
+                digest: String::new(),
+                state: PlacementState::Placed,
+                message: String::new(),
+                sequence: 0,
+                update_ms: 0,
+            },
+            deployment_state: DeploymentState::InProgress,
+            changed: false,
+        }
+    }
 
     /// A queued report whose job is `job`, and the receiver of its answer.
     fn report(
         deployment: i64,
         target: &str,
         job: impl Fn(&dyn Db) -> Result<()> + Send + Sync + 'static,
-    ) -> (Box<dyn Queued>, Answer) {
+    ) -> (Report, Answer) {
         let (reply, answer) = oneshot::channel();
         let queued = Report {
             lock: ReportLock {
@@ -281,11 +356,14 @@ mod tests {
                 target: target.into(),
                 deployment,
             },
-            job: Arc::new(move |db: &dyn Db, _, _: &mut Vec<PlacementEvent>| job(db)),
+            input: None,
+            job: Arc::new(move |db: &dyn Db, _, _: &mut Vec<PlacementEvent>| {
+                job(db).map(|()| outcome())
+            }),
             value: None,
             reply,
         };
-        (Box::new(queued), answer)
+        (queued, answer)
     }
 
     /// A group without savepoints: a report refused before writing fails alone and the
@@ -335,6 +413,7 @@ mod tests {
             &mut conn,
             &SystemClock,
             NotifyMode::Off,
+            ReportStatements::Group,
             vec![a, refused, broken, d, undecoded],
         );
         assert!(a_answer.blocking_recv().unwrap().is_ok());

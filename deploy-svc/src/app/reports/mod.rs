@@ -1,7 +1,12 @@
 //! Placement reports (one read and the writes they need, with their events) and the orders
 //! an agent reads.
 
+use std::sync::Arc;
+
 use serde_json::json;
+
+mod group;
+pub(crate) use group::apply_group;
 
 use super::audit::append_audit;
 use super::deployments::{
@@ -18,16 +23,16 @@ use crate::domain::model::{
 use crate::domain::names::{artifact_version_name, deployment_name, environment_name, target_name};
 use crate::domain::strategy::Strategy;
 use crate::domain::{Error, Result};
-use crate::store::backend::{to_i64, to_u64, Backend, ReportLock};
-use crate::store::db::{p, Db, Dialect, V};
+use crate::store::backend::{to_i64, to_u64, Backend, ReportInput, ReportLock};
+use crate::store::db::{p, Db, Dialect, SqlRow, V};
 use crate::store::log::placement_state;
 
-/// A report's one read, every column by its own name: [`DEPLOYMENT_COLUMNS`],
-/// [`COUNT_COLUMNS`], `registered` (1 if the target is registered), the placement's
-/// `placement_state`, `placement_message`, `placement_seq` and `placement_update_ms` (NULL
-/// before its first report), the artifact's `digest`. Parameters: deployment, environment,
-/// target.
-pub(super) static REPORT_READ: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+/// A report's read, every column by its own name: [`DEPLOYMENT_COLUMNS`], [`COUNT_COLUMNS`],
+/// `registered` (1 if the target is registered), the placement's `placement_state`,
+/// `placement_message`, `placement_seq` and `placement_update_ms` (NULL before its first
+/// report), the artifact's `digest`; `from` and the three expressions name the report's
+/// deployment, environment and target.
+fn report_read(from: &str, deployment: &str, environment: &str, target: &str) -> String {
     let qualified = |columns: &str| {
         columns
             .split(", ")
@@ -37,16 +42,20 @@ pub(super) static REPORT_READ: std::sync::LazyLock<String> = std::sync::LazyLock
     };
     format!(
         "SELECT {}, {},
-           (SELECT 1 FROM targets t WHERE t.environment = ?2 AND t.id = ?3) AS registered,
+           (SELECT 1 FROM targets t WHERE t.environment = {environment} AND t.id = {target}) AS registered,
            p.state AS placement_state, p.message AS placement_message, p.seq AS placement_seq,
            p.update_ms AS placement_update_ms,
            (SELECT a.digest FROM artifacts a WHERE a.name = d.artifact AND a.version = d.version) AS digest
-         FROM deployments d LEFT JOIN placements p ON p.deployment = d.id AND p.target = ?3
-         WHERE d.id = ?1",
+         FROM {from} JOIN deployments d ON d.id = {deployment}
+         LEFT JOIN placements p ON p.deployment = d.id AND p.target = {target}",
         qualified(DEPLOYMENT_COLUMNS),
         qualified(COUNT_COLUMNS)
     )
-});
+}
+
+/// One report's read ([`report_read`]). Parameters: deployment, environment, target.
+pub(super) static REPORT_READ: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| report_read("(SELECT 1) AS one", "?1", "?2", "?3"));
 
 /// Appends the event of `placement` (already in its new state) to the outbox, with the
 /// trace context of the call that caused it, and sets the placement's sequence; returns the
@@ -135,7 +144,91 @@ pub(super) fn apply_report(
     caller: &Caller,
     heartbeat: bool,
 ) -> Result<ReportOutcome> {
-    let (d, mut counts, registered, current, digest) = read_report(conn, &report)?;
+    let accepted = match decide(read_report(conn, &report)?, report, now)? {
+        Decision::Unchanged(outcome) => {
+            if heartbeat {
+                record_heartbeat(conn, now, &outcome.placement)?;
+            }
+            return Ok(outcome);
+        }
+        Decision::Changed(accepted) => accepted,
+    };
+    let change = accepted.change(now, caller, heartbeat);
+    let mut placement = accepted.placement.clone();
+    events.push(match conn.dialect() {
+        Dialect::Sqlite => record_in_statements(conn, &change, &mut placement)?,
+        Dialect::Postgres => record_in_one_statement(conn, &change, &mut placement)?,
+    });
+    if accepted.orders_more() {
+        // A finished target may let the strategy order the next ones.
+        let d = Deployment {
+            state: accepted.state,
+            ..accepted.deployment
+        };
+        pace_deployment(conn, &d, now)?;
+    }
+    Ok(ReportOutcome {
+        placement,
+        deployment_state: accepted.state,
+        changed: true,
+    })
+}
+
+/// What the rules make of a report, before any write.
+enum Decision {
+    /// Accepted without a change (a repeated state): its outcome.
+    Unchanged(ReportOutcome),
+    /// Accepted with a change.
+    Changed(Box<Accepted>),
+}
+
+/// An accepted report that changes its placement.
+struct Accepted {
+    /// The deployment before the report.
+    deployment: Deployment,
+    /// The placement's state before the report.
+    from: PlacementState,
+    /// The deployment's counts after the report, and the state they derive.
+    counts: PlacementCounts,
+    state: DeploymentState,
+    /// The placement in its new state (its sequence and update time as before).
+    placement: Placement,
+}
+
+impl Accepted {
+    /// The change to write.
+    fn change<'a>(&'a self, now: Millis, caller: &'a Caller, heartbeat: bool) -> Change<'a> {
+        Change {
+            now,
+            caller,
+            deployment: &self.deployment,
+            from: self.from,
+            counts: self.counts,
+            state: self.state,
+            heartbeat,
+        }
+    }
+
+    /// Whether the report lets the deployment's strategy order more targets.
+    fn orders_more(&self) -> bool {
+        may_order_more(&self.deployment, self.placement.state, self.state)
+    }
+
+    /// The deployment after the report, at `now`, and its counts.
+    fn deployment_after(&self, now: Millis) -> (Deployment, PlacementCounts) {
+        let d = Deployment {
+            state: self.state,
+            update_ms: now,
+            ..self.deployment.clone()
+        };
+        (d, self.counts)
+    }
+}
+
+/// The rules over what a report read (`read`): refuses it (NOT_FOUND, FAILED_PRECONDITION),
+/// or accepts it with or without a change.
+fn decide(read: ReportRead, report: PlacementReport, now: Millis) -> Result<Decision> {
+    let (d, mut counts, registered, current, digest) = read;
     let target = target_name(&report.environment, &report.target);
     check_target(&d, &report, registered, &target)?;
     let from = previous_state(&d, &report, current.as_ref())?;
@@ -144,14 +237,11 @@ pub(super) fn apply_report(
         .map_err(|why| Error::precondition("PLACEMENT_TRANSITION", target.clone(), why))?;
     let mut placement = placement_so_far(&d, &report, current.as_ref(), digest, from, now);
     if !changed {
-        if heartbeat {
-            record_heartbeat(conn, now, &placement)?;
-        }
-        return Ok(ReportOutcome {
+        return Ok(Decision::Unchanged(ReportOutcome {
             placement,
             deployment_state: d.state,
             changed: false,
-        });
+        }));
     }
     placement.state = report.state;
     placement.message = report.message;
@@ -160,29 +250,13 @@ pub(super) fn apply_report(
     }
     counts.add(report.state, 1);
     let state = derive_state(d.state, counts, d.strategy.max_failures());
-    let change = Change {
-        now,
-        caller,
-        deployment: &d,
+    Ok(Decision::Changed(Box::new(Accepted {
+        deployment: d,
         from,
         counts,
         state,
-        heartbeat,
-    };
-    events.push(match conn.dialect() {
-        Dialect::Sqlite => record_in_statements(conn, &change, &mut placement)?,
-        Dialect::Postgres => record_in_one_statement(conn, &change, &mut placement)?,
-    });
-    if may_order_more(&d, report.state, state) {
-        // A finished target may let the strategy order the next ones.
-        let d = Deployment { state, ..d };
-        pace_deployment(conn, &d, now)?;
-    }
-    Ok(ReportOutcome {
         placement,
-        deployment_state: state,
-        changed: true,
-    })
+    })))
 }
 
 /// An accepted report's change, for its writes.
@@ -256,19 +330,7 @@ fn record_in_one_statement(
     change: &Change,
     placement: &mut Placement,
 ) -> Result<PlacementEvent> {
-    // The audit record's `after` names the sequence: rendered with a stand-in number, and
-    // split around it. (A key's quotes are never escaped and a string's always are, so
-    // the stand-in is found only as the value of the key.)
-    placement.sequence = u64::MAX;
-    let (before, after) = report_audit(change, placement);
-    let number = u64::MAX.to_string();
-    let key = format!("\"sequence\":{number}");
-    let at = after
-        .find(&key)
-        .map(|at| at + key.len() - number.len())
-        .ok_or_else(|| Error::Internal("a report's audit record names no sequence".into()))?;
-    let (after_head, after_tail) = (&after[..at], &after[at + number.len()..]);
-    let entry = report_entry(change, before, "");
+    let (entry, after_head, after_tail) = audit_around_sequence(change, placement)?;
     let counts = change.counts;
     let mut values = event_values(change.now, placement, change.from, change.caller);
     values.extend_from_slice(p![
@@ -296,6 +358,30 @@ fn record_in_one_statement(
         change.from,
         change.caller,
     ))
+}
+
+/// The audit record of an accepted report (`placement` in its new state) for a statement
+/// that draws the sequence itself: the record and its `after` split around the sequence.
+fn audit_around_sequence(
+    change: &Change,
+    placement: &mut Placement,
+) -> Result<(AuditEntry, String, String)> {
+    // Rendered with a stand-in number, and split around it. (A key's quotes are never
+    // escaped and a string's always are, so the stand-in is found only as the value of
+    // the key.)
+    placement.sequence = u64::MAX;
+    let (before, after) = report_audit(change, placement);
+    let number = u64::MAX.to_string();
+    let key = format!("\"sequence\":{number}");
+    let at = after
+        .find(&key)
+        .map(|at| at + key.len() - number.len())
+        .ok_or_else(|| Error::Internal("a report's audit record names no sequence".into()))?;
+    let (head, tail) = (
+        after[..at].to_owned(),
+        after[at + number.len()..].to_owned(),
+    );
+    Ok((report_entry(change, before, ""), head, tail))
 }
 
 /// A report is a sign of life too: a target reporting without heartbeats (a pipeline, say)
@@ -422,26 +508,29 @@ fn read_report(conn: &dyn Db, report: &PlacementReport) -> Result<ReportRead> {
     let read = conn.one(
         &REPORT_READ,
         p![report.deployment, &report.environment, &report.target],
-        |r| {
-            Ok((
-                deployment_row(r)?,
-                counts_row(r)?,
-                r.col::<Option<i64>>("registered")?.is_some(),
-                r.col::<Option<i64>>("placement_state")?
-                    .map(|state| -> Result<StoredPlacement> {
-                        Ok((
-                            state,
-                            r.col("placement_message")?,
-                            r.col("placement_seq")?,
-                            r.col("placement_update_ms")?,
-                        ))
-                    })
-                    .transpose()?,
-                r.col::<Option<String>>("digest")?,
-            ))
-        },
+        report_row,
     )?;
     read.ok_or_else(|| Error::NotFound(deployment_name(report.deployment)))
+}
+
+/// What a row of [`report_read`] holds.
+fn report_row(r: &SqlRow) -> Result<ReportRead> {
+    Ok((
+        deployment_row(r)?,
+        counts_row(r)?,
+        r.col::<Option<i64>>("registered")?.is_some(),
+        r.col::<Option<i64>>("placement_state")?
+            .map(|state| -> Result<StoredPlacement> {
+                Ok((
+                    state,
+                    r.col("placement_message")?,
+                    r.col("placement_seq")?,
+                    r.col("placement_update_ms")?,
+                ))
+            })
+            .transpose()?,
+        r.col::<Option<String>>("digest")?,
+    ))
 }
 
 /// Stores the deployment's new counts and the state they derive.
@@ -557,9 +646,14 @@ pub(super) async fn report_placement<B: Backend>(
         target: report.target.clone(),
         deployment: report.deployment,
     };
-    store
-        .write_locked(lock, move |conn, now, events| {
-            apply_report(conn, now, events, report.clone(), &caller, true)
-        })
-        .await
+    let input = Arc::new(ReportInput { report, caller });
+    let job = {
+        let input = input.clone();
+        Arc::new(
+            move |conn: &dyn Db, now, events: &mut Vec<PlacementEvent>| {
+                apply_report(conn, now, events, input.report.clone(), &input.caller, true)
+            },
+        )
+    };
+    store.backend.report(lock, input, job).await
 }
