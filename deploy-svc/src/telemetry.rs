@@ -6,9 +6,9 @@ pub const LOG_HEAD: &str = "deploy_svc_placement_log_head";
 /// Histogram: writes committed in one transaction (SQLite's group commit, and PostgreSQL's
 /// groups of placement reports).
 pub const GROUP_COMMIT_WRITES: &str = "deploy_svc_group_commit_writes";
-/// Counter, label `applied` (`together`, `one_by_one`): PostgreSQL attempts at a group of
-/// placement reports, by how its reports were applied (`together`: one read and one write
-/// statement for the group).
+/// Counter, label `applied` (`together`, `one_by_one`): groups of placement reports
+/// committed on PostgreSQL, by how their reports were applied (`together`: one read and one
+/// write statement for the group).
 pub const REPORT_GROUPS: &str = "deploy_svc_report_groups_total";
 /// Histogram, label `outcome` (`committed`, `failed`): time from BEGIN to COMMIT of a
 /// group commit (SQLite, or a group of placement reports on PostgreSQL) or of one write
@@ -32,7 +32,7 @@ pub fn describe() {
     );
     metrics::describe_counter!(
         REPORT_GROUPS,
-        "PostgreSQL attempts at a group of placement reports, by how its reports were applied"
+        "groups of placement reports committed on PostgreSQL, by how their reports were applied"
     );
     metrics::describe_histogram!(
         COMMIT_SECONDS,

@@ -216,9 +216,109 @@ impl Conn {
     }
 }
 
+/// A transaction: begun by the client library (`BEGIN` on its own round trip), or by a
+/// batch of ours ([`PgDb::begin_with`]: the batch's statements travel with it).
+enum Tx<'a> {
+    Library(Transaction<'a>),
+    Own(OwnTx<'a>),
+}
+
+/// A transaction begun by a batch of ours: committed by [`PgDb::commit`], rolled back when
+/// dropped otherwise (as the library's own transactions are).
+struct OwnTx<'a> {
+    client: &'a mut Client,
+    open: bool,
+}
+
+impl Drop for OwnTx<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            // A broken connection is dropped by its pool anyway.
+            let _ = self.client.batch_execute("ROLLBACK");
+        }
+    }
+}
+
+impl Tx<'_> {
+    fn client(&mut self) -> &mut dyn ClientLike {
+        match self {
+            Tx::Library(t) => t,
+            Tx::Own(o) => o.client,
+        }
+    }
+
+    fn commit(self) -> std::result::Result<(), postgres::Error> {
+        match self {
+            Tx::Library(t) => t.commit(),
+            Tx::Own(mut o) => {
+                o.open = false;
+                o.client.batch_execute("COMMIT")
+            }
+        }
+    }
+}
+
+/// What a transaction runs statements on: the library's transaction or the client itself.
+trait ClientLike {
+    fn prepare(&mut self, sql: &str) -> std::result::Result<Statement, postgres::Error>;
+    fn execute(
+        &mut self,
+        statement: &Statement,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> std::result::Result<u64, postgres::Error>;
+    fn query(
+        &mut self,
+        statement: &Statement,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> std::result::Result<Vec<postgres::Row>, postgres::Error>;
+    fn query_raw<'b>(
+        &'b mut self,
+        statement: &Statement,
+        params: Vec<&'b (dyn ToSql + Sync)>,
+    ) -> std::result::Result<postgres::RowIter<'b>, postgres::Error>;
+    fn batch_execute(&mut self, sql: &str) -> std::result::Result<(), postgres::Error>;
+}
+
+/// [`ClientLike`] for the client and the library's transaction, which have the same methods.
+macro_rules! client_like {
+    ($t:ty) => {
+        impl ClientLike for $t {
+            fn prepare(&mut self, sql: &str) -> std::result::Result<Statement, postgres::Error> {
+                <$t>::prepare(self, sql)
+            }
+            fn execute(
+                &mut self,
+                statement: &Statement,
+                params: &[&(dyn ToSql + Sync)],
+            ) -> std::result::Result<u64, postgres::Error> {
+                <$t>::execute(self, statement, params)
+            }
+            fn query(
+                &mut self,
+                statement: &Statement,
+                params: &[&(dyn ToSql + Sync)],
+            ) -> std::result::Result<Vec<postgres::Row>, postgres::Error> {
+                <$t>::query(self, statement, params)
+            }
+            fn query_raw<'b>(
+                &'b mut self,
+                statement: &Statement,
+                params: Vec<&'b (dyn ToSql + Sync)>,
+            ) -> std::result::Result<postgres::RowIter<'b>, postgres::Error> {
+                <$t>::query_raw(self, statement, params)
+            }
+            fn batch_execute(&mut self, sql: &str) -> std::result::Result<(), postgres::Error> {
+                <$t>::batch_execute(self, sql)
+            }
+        }
+    };
+}
+client_like!(Client);
+client_like!(Transaction<'_>);
+
 /// A transaction on a pooled connection, as SQL written against [`Db`] sees it.
 pub struct PgDb<'a> {
-    tx: RefCell<Transaction<'a>>,
+    tx: RefCell<Tx<'a>>,
     statements: RefCell<&'a mut Statements>,
     /// The last PostgreSQL error, so a runner can tell a conflict (retry) from a failure.
     last_error: RefCell<Option<postgres::Error>>,
@@ -238,7 +338,25 @@ impl<'a> PgDb<'a> {
             .read_only(read_only)
             .start()?;
         Ok(Self {
-            tx: RefCell::new(tx),
+            tx: RefCell::new(Tx::Library(tx)),
+            statements: RefCell::new(statements),
+            last_error: RefCell::new(None),
+        })
+    }
+
+    /// Begins a transaction on `conn` with `batch`: statements without parameters, the
+    /// first of them `START TRANSACTION ...`, sent together in one round trip (say, the
+    /// transaction and the locks it takes first). If the batch fails, the transaction is
+    /// rolled back.
+    pub fn begin_with(
+        conn: &'a mut Conn,
+        batch: &str,
+    ) -> std::result::Result<Self, postgres::Error> {
+        let Conn { client, statements } = conn;
+        let own = OwnTx { client, open: true };
+        own.client.batch_execute(batch)?;
+        Ok(Self {
+            tx: RefCell::new(Tx::Own(own)),
             statements: RefCell::new(statements),
             last_error: RefCell::new(None),
         })
@@ -248,6 +366,7 @@ impl<'a> PgDb<'a> {
     pub fn batch(&self, sql: &str) -> Result<()> {
         self.tx
             .borrow_mut()
+            .client()
             .batch_execute(sql)
             .map_err(|e| self.fail(e))
     }
@@ -287,6 +406,7 @@ impl<'a> PgDb<'a> {
         let statement = self
             .tx
             .borrow_mut()
+            .client()
             .prepare(&dollar_placeholders(sql))
             .map_err(|e| self.fail(e))?;
         let prepared = (statement.clone(), column_names(&statement));
@@ -372,6 +492,7 @@ impl Db for PgDb<'_> {
         let (statement, _) = self.statement(sql)?;
         self.tx
             .borrow_mut()
+            .client()
             .execute(&statement, &refs)
             .map_err(|e| self.fail(e))
     }
@@ -383,6 +504,7 @@ impl Db for PgDb<'_> {
         let rows = self
             .tx
             .borrow_mut()
+            .client()
             .query(&statement, &refs)
             .map_err(|e| self.fail(e))?;
         rows.iter().map(|r| pg_row(r, &columns)).collect()
@@ -398,8 +520,10 @@ impl Db for PgDb<'_> {
         let values = pg_params(params);
         let (statement, columns) = self.statement(sql)?;
         let mut tx = self.tx.borrow_mut();
+        let refs: Vec<&(dyn ToSql + Sync)> = values.iter().map(AsRef::as_ref).collect();
         let mut rows = tx
-            .query_raw(&statement, values.iter().map(AsRef::as_ref))
+            .client()
+            .query_raw(&statement, refs)
             .map_err(|e| self.fail(e))?;
         while let Some(row) = rows.next().map_err(|e| self.fail(e))? {
             f(&pg_row(&row, &columns)?)?;
@@ -632,6 +756,73 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A transaction begun with a batch: its statements run in it (a row it locks stays
+    /// locked for another session until it ends), it commits, and it is rolled back when
+    /// dropped uncommitted or when the batch fails.
+    #[test]
+    fn a_transaction_begun_with_a_batch_commits_or_rolls_back() {
+        let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
+            eprintln!("TEST_DATABASE_URL is not set: skipped");
+            return;
+        };
+        let table = format!("store_kit_begin_with_{}", std::process::id());
+        let mut other = connect(&url, "SET lock_timeout = '100ms'").unwrap();
+        other
+            .batch_execute(&format!(
+                "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (v BIGINT PRIMARY KEY); INSERT INTO {table} VALUES (1)"
+            ))
+            .unwrap();
+        let mut conn = Conn::new(connect(&url, "").unwrap());
+        let values = |c: &mut Client| -> Vec<i64> {
+            c.query(&format!("SELECT v FROM {table} ORDER BY v"), &[])
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
+        };
+        let begin = format!(
+            "START TRANSACTION ISOLATION LEVEL READ COMMITTED; SELECT 1 FROM {table} WHERE v = 1 FOR UPDATE"
+        );
+
+        // Locked by the batch; written and dropped: rolled back, the lock released.
+        let db = PgDb::begin_with(&mut conn, &begin).unwrap();
+        let locked = other.batch_execute(&format!("UPDATE {table} SET v = 1 WHERE v = 1"));
+        assert!(locked.is_err(), "the batch's lock was not held");
+        (&db as &dyn Db)
+            .execute(&format!("INSERT INTO {table} VALUES (?1)"), &[V::I(2)])
+            .unwrap();
+        drop(db);
+        assert_eq!(values(&mut other), [1], "dropped uncommitted: rolled back");
+        other
+            .batch_execute(&format!("UPDATE {table} SET v = 1 WHERE v = 1"))
+            .unwrap();
+
+        // Committed.
+        let db = PgDb::begin_with(&mut conn, &begin).unwrap();
+        (&db as &dyn Db)
+            .execute(&format!("INSERT INTO {table} VALUES (?1)"), &[V::I(3)])
+            .unwrap();
+        db.commit().unwrap();
+        assert_eq!(values(&mut other), [1, 3]);
+
+        // A batch that fails leaves no transaction open on the connection.
+        let failed = PgDb::begin_with(
+            &mut conn,
+            "START TRANSACTION; INSERT INTO no_such_table_here VALUES (1)",
+        )
+        .is_err();
+        assert!(failed);
+        conn.client
+            .batch_execute(&format!("INSERT INTO {table} VALUES (4)"))
+            .unwrap();
+        assert_eq!(
+            values(&mut other),
+            [1, 3, 4],
+            "autocommit again after a failed batch"
+        );
+        other.batch_execute(&format!("DROP TABLE {table}")).unwrap();
+    }
 
     #[test]
     fn placeholders_are_rewritten_outside_literals() {

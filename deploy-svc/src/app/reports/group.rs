@@ -1,6 +1,6 @@
 //! A group of placement reports applied together (PostgreSQL): one read statement for all,
 //! the rules for each in turn in Rust, one write statement for all. A group committed by
-//! the PostgreSQL backend is then four round trips (`BEGIN`, the lock of its deployments,
+//! the PostgreSQL backend is then five round trips (`BEGIN`, the lock of its deployments,
 //! these two statements, `COMMIT`) whatever its size.
 
 use std::collections::{HashMap, HashSet};
@@ -35,7 +35,8 @@ static GROUP_READ: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 /// order: the events (their inserts draw the sequences in the reports' order), the
 /// placements, the audit records (`after` is the head, the sequence and the tail), then each
 /// changed deployment's counts and state as the group leaves them, and the heartbeat of
-/// every accepted report's target. `?1` is the time, `?18` the audit action; the rest are
+/// every accepted report's target (their rows locked in target order first, as one report
+/// at a time locks them, so two groups never wait for each other in a cycle on targets). `?1` is the time, `?18` the audit action; the rest are
 /// arrays (see [`write_group`]). An event's trace context is NULL when its text is empty
 /// (a W3C `traceparent` never is). Returns each event's sequence, deployment and target.
 const GROUP_WRITES: &str = "WITH input AS (
@@ -63,10 +64,13 @@ const GROUP_WRITES: &str = "WITH input AS (
            FROM unnest(?19::BIGINT[], ?20::BIGINT[], ?21::BIGINT[], ?22::BIGINT[], ?23::BIGINT[], ?24::BIGINT[], ?25::BIGINT[])
              AS c(id, state, n_pending, n_placing, n_placed, n_failed, n_removed)
            WHERE d.id = c.id),
+         beating AS MATERIALIZED (
+           SELECT t.environment, t.id FROM targets t JOIN unnest(?26::TEXT[], ?27::TEXT[]) AS h(environment, id)
+             ON t.environment = h.environment AND t.id = h.id
+           ORDER BY t.environment, t.id FOR UPDATE OF t),
          heartbeat AS (
-           UPDATE targets t SET heartbeat_ms = ?1::BIGINT
-           FROM unnest(?26::TEXT[], ?27::TEXT[]) AS h(environment, id)
-           WHERE t.environment = h.environment AND t.id = h.id)
+           UPDATE targets t SET heartbeat_ms = ?1::BIGINT FROM beating b
+           WHERE t.environment = b.environment AND t.id = b.id)
          SELECT seq, deployment, target FROM event";
 
 /// One report's outcome in a group, and its event's sequence (0: none).

@@ -503,8 +503,8 @@ type ReportRead = (
 /// The report's one read ([`REPORT_READ`]).
 fn read_report(conn: &dyn Db, report: &PlacementReport) -> Result<ReportRead> {
     // One statement reads everything the report needs: the deployment (locked by the
-    // backend before the job runs: see `SqlStore::write_locked`), its counts, whether the
-    // target is registered, the placement so far and the artifact's digest.
+    // backend before the job runs: see `Backend::report`), its counts, whether the target
+    // is registered, the placement so far and the artifact's digest.
     let read = conn.one(
         &REPORT_READ,
         p![report.deployment, &report.environment, &report.target],

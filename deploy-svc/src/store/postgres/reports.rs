@@ -1,23 +1,24 @@
 //! Placement reports committed in groups.
 //!
 //! Reports are the hot write path: one per target per state change. Each replica queues
-//! them and commits whatever arrived meanwhile in one READ COMMITTED transaction: one
-//! `BEGIN`, one statement locking every deployment the group names (in id order), one read
-//! statement for all the group's reports, the rules applied to each in turn, one write
-//! statement for all ([`apply_group`]), one `COMMIT` (one WAL flush for the group): four
-//! round trips whatever the group's size. A group with two reports of one placement, or
+//! them and commits whatever arrived meanwhile in one READ COMMITTED transaction: `BEGIN`
+//! sent with the statement locking every deployment the group names (in id order), one
+//! read statement for all the group's reports, the rules applied to each in turn, one
+//! write statement for all ([`apply_group`]), one `COMMIT` (one WAL flush for the group):
+//! four round trips whatever the group's size. A group with two reports of one placement, or
 //! with a report that lets a gradual strategy order more targets, is applied one report at
 //! a time instead (each report's job: its read, its write, the pacing: see
 //! [`crate::app`]). No savepoint per report: a report is refused before its first write, so
 //! a refused report (NOT_FOUND, FAILED_PRECONDITION, INVALID_ARGUMENT with no failed
 //! statement and no event) leaves the transaction as it was and gets its own error. A
-//! group whose statements fail runs again one report at a time; there, any other failure of
-//! a report (a failed statement aborts the whole transaction) drops the report with its
-//! error and the group runs again without it. A group runs its reports ordered by
-//! target (stably: reports of one target keep their arrival order and draw their sequences
-//! in it), so the target rows their heartbeats write are locked in one order too when
-//! applied one at a time (applied together, the write statement takes them in the order
-//! of its plan; a deadlock with another replica's group is a conflict like any other).
+//! group whose read or write statement fails other than by a conflict runs again one
+//! report at a time; there, any other failure of a report (a failed statement aborts the
+//! whole transaction) drops the report with its error and the group runs again without
+//! it. A group runs its reports ordered by target (stably: reports of one target keep
+//! their arrival order and draw their sequences in it), and its write statement locks
+//! their target rows in target order too, so the target rows heartbeats write are locked
+//! in one order: two groups never wait for each other in a cycle, whether on deployments
+//! or on targets.
 //! Groups of at most [`MAX_GROUP`] reports. A conflict (a deadlock with
 //! another replica's group, a unique key taken) runs the whole group again. Up to
 //! `--pg-report-groups` groups (1 by default) commit at once per replica, each on its own
@@ -38,8 +39,7 @@ use crate::domain::model::{PlacementEvent, ReportOutcome};
 use crate::domain::{Error, Result};
 use crate::store::backend::{ReportInput, ReportLock, WriteJob};
 use crate::store::db::Db;
-use store_kit::postgres::{retrying, Conn, Failed, IsolationLevel, PgDb, Pool};
-use store_kit::V;
+use store_kit::postgres::{retrying, Conn, Failed, PgDb, Pool};
 
 /// The most reports committed in one transaction (a bound on the transaction's length and on
 /// the work a conflict repeats).
@@ -222,16 +222,19 @@ fn group_once(
     live: &[usize],
 ) -> std::result::Result<Attempt, Failed> {
     let started = std::time::Instant::now();
-    let db = PgDb::begin(conn, IsolationLevel::ReadCommitted, false)?;
     let mut locks: Vec<i64> = live.iter().map(|&i| group[i].lock.deployment).collect();
     locks.sort_unstable();
     locks.dedup();
-    (&db as &dyn Db)
-        .execute(
-            "SELECT 1 FROM deployments WHERE id = ANY(?1) ORDER BY id FOR UPDATE",
-            &[V::Is(locks)],
-        )
-        .map_err(|e| db.failed(e))?;
+    // The lock travels with `BEGIN` (one round trip); the ids are numbers, written out.
+    let ids: Vec<String> = locks.iter().map(i64::to_string).collect();
+    let db = PgDb::begin_with(
+        conn,
+        &format!(
+            "START TRANSACTION ISOLATION LEVEL READ COMMITTED;
+             SELECT 1 FROM deployments WHERE id IN ({}) ORDER BY id FOR UPDATE",
+            ids.join(", ")
+        ),
+    )?;
     let now = clock.now_ms();
     let inputs: Option<Vec<&ReportInput>> =
         live.iter().map(|&i| group[i].input.as_deref()).collect();
@@ -246,9 +249,9 @@ fn group_once(
                         newest
                     }));
                 }
+                super::commit(db, notify, started)?;
                 metrics::counter!(crate::telemetry::REPORT_GROUPS, "applied" => "together")
                     .increment(1);
-                super::commit(db, notify, started)?;
                 return Ok(Attempt::Committed(outcomes));
             }
             // Nothing written: one report at a time in this transaction.
@@ -276,7 +279,6 @@ fn one_by_one(
     started: std::time::Instant,
     now: Millis,
 ) -> std::result::Result<Attempt, Failed> {
-    metrics::counter!(crate::telemetry::REPORT_GROUPS, "applied" => "one_by_one").increment(1);
     let mut events = Vec::new();
     let mut outcomes = Vec::with_capacity(live.len());
     for &i in live {
@@ -307,6 +309,7 @@ fn one_by_one(
         }
     }
     super::commit(db, notify, started)?;
+    metrics::counter!(crate::telemetry::REPORT_GROUPS, "applied" => "one_by_one").increment(1);
     Ok(Attempt::Committed(outcomes))
 }
 
