@@ -71,7 +71,7 @@ pub struct Config {
     pub pg_pool_size: usize,
     /// PostgreSQL: groups of placement reports committing at once (each on its own
     /// connection; the reports that arrive meanwhile form the next group). One by default:
-    /// a group is five round trips whatever its size, so the reports queued behind it
+    /// a group is four round trips whatever its size, so the reports queued behind it
     /// make the next group larger rather than a second transaction contending for the
     /// same rows.
     #[arg(long, env = "DEPLOY_SVC_PG_REPORT_GROUPS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]

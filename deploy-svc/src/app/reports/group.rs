@@ -1,7 +1,7 @@
 //! A group of placement reports applied together (PostgreSQL): one read statement for all,
 //! the rules for each in turn in Rust, one write statement for all. A group committed by
-//! the PostgreSQL backend is then five round trips (`BEGIN`, the lock of its deployments,
-//! these two statements, `COMMIT`) whatever its size.
+//! the PostgreSQL backend is then four round trips (`BEGIN` sent with the lock of its
+//! deployments, these two statements, `COMMIT`) whatever its size.
 
 use std::collections::{HashMap, HashSet};
 
