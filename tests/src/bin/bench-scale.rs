@@ -188,15 +188,19 @@ async fn register_fleet(deploys: &[Binary], fleet: usize) -> Vec<String> {
         tasks.push(tokio::spawn(async move {
             let mut names = Vec::new();
             for i in (w..fleet).step_by(8) {
-                let t = c
-                    .register_target(pb::RegisterTargetRequest {
-                        parent: "environments/fleet".into(),
-                        target_id: format!("t-{i}"),
-                        labels: Default::default(),
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
+                let request = pb::RegisterTargetRequest {
+                    parent: "environments/fleet".into(),
+                    target_id: format!("t-{i}"),
+                    labels: Default::default(),
+                };
+                // ABORTED (a write that kept conflicting with the other registrations) is
+                // the service asking its caller to retry, as a client does.
+                let t = loop {
+                    match c.register_target(request.clone()).await {
+                        Err(s) if s.code() == tonic::Code::Aborted => continue,
+                        other => break other.unwrap().into_inner(),
+                    }
+                };
                 names.push((i, t.name));
             }
             names
