@@ -22,6 +22,7 @@ use super::hash::in_rollout;
 use super::model::{Feature, Release};
 use super::placements::{CoverageView, PlacementIndex};
 use super::rules::{Bucketing, Data};
+use super::text::same;
 use super::usage::{FeatureUsage, UsageBook};
 
 /// Why a decision came out as it did.
@@ -555,7 +556,19 @@ impl Snapshot {
 }
 
 fn variant_value<'a>(f: &'a Feature, variant: &str) -> &'a Value {
-    f.variants.get(variant).unwrap_or(&super::rules::NULL)
+    named_variant(f, variant).map_or(&super::rules::NULL, |(_, v)| v)
+}
+
+/// The variant `name` of `f` and its value: a feature's few variants scanned in place.
+#[inline]
+fn named_variant<'a>(f: &'a Feature, name: &str) -> Option<(&'a str, &'a Value)> {
+    if f.variants.len() > 8 {
+        return f.variants.get_key_value(name).map(|(k, v)| (k.as_str(), v));
+    }
+    f.variants
+        .iter()
+        .find(|(k, _)| same(k, name))
+        .map(|(k, v)| (k.as_str(), v))
 }
 
 fn hidden(f: &Feature, reason: Reason, release: Option<i64>) -> DecisionRef<'_> {
@@ -569,23 +582,34 @@ fn hidden(f: &Feature, reason: Reason, release: Option<i64>) -> DecisionRef<'_> 
 }
 
 fn served<'a>(f: &'a Feature, variant: &'a str, reason: Reason, release: i64) -> DecisionRef<'a> {
+    picked(f, (variant, variant_value(f, variant)), reason, release)
+}
+
+/// A variant the rule picked, with its value (found together, one lookup).
+fn picked<'a>(
+    f: &'a Feature,
+    (variant, value): (&'a str, &'a Value),
+    reason: Reason,
+    release: i64,
+) -> DecisionRef<'a> {
     DecisionRef {
-        visible: variant != f.off_variant,
-        value: variant_value(f, variant),
+        visible: !same(variant, &f.off_variant),
+        value,
         variant,
         reason,
         release: Some(release),
     }
 }
 
-/// The variant the targeting rule picks, if it names one of the feature's variants (none
-/// when the rule runs out of budget: counted, and the feature serves its default).
+/// The variant the targeting rule picks and its value, if it names one of the feature's
+/// variants (none when the rule runs out of budget: counted, and the feature serves its
+/// default).
 fn rule_variant<'a>(
     f: &'a Feature,
     key: &str,
     ctx: &Context,
     snapshot: &Snapshot,
-) -> Option<&'a str> {
+) -> Option<(&'a str, &'a Value)> {
     let rule = f.targeting.as_ref()?;
     let data = Data {
         attributes: &ctx.attributes,
@@ -600,14 +624,11 @@ fn rule_variant<'a>(
         return None;
     };
     match picked.as_ref() {
-        Value::String(v) => f.variants.get_key_value(v).map(|(k, _)| k.as_str()),
+        Value::String(v) => named_variant(f, v),
         // flagd names the variant by the result's text ("true"); "on"/"off" are ours.
         Value::Bool(b) => {
             let named = if *b { ["true", "on"] } else { ["false", "off"] };
-            named
-                .into_iter()
-                .find_map(|n| f.variants.get_key_value(n))
-                .map(|(k, _)| k.as_str())
+            named.into_iter().find_map(|n| named_variant(f, n))
         }
         _ => None,
     }
@@ -628,7 +649,7 @@ fn decide<'a>(
     let Some(g) = entry
         .environments
         .iter()
-        .find(|g| names.name(g.environment) == ctx.environment)
+        .find(|g| same(names.name(g.environment), &ctx.environment))
     else {
         return hidden(f, Reason::NotReleased, None);
     };
@@ -640,20 +661,22 @@ fn decide<'a>(
         return hidden(f, Reason::TargetingMatch, Some(g.release));
     }
     if !tk.is_empty() && f.allow.iter().any(|a| a == tk) {
-        let variant = rule_variant(f, key, ctx, snapshot).unwrap_or(f.default_variant.as_str());
-        return served(f, variant, Reason::TargetingMatch, g.release);
+        return match rule_variant(f, key, ctx, snapshot) {
+            Some(v) => picked(f, v, Reason::TargetingMatch, g.release),
+            None => served(f, &f.default_variant, Reason::TargetingMatch, g.release),
+        };
     }
     if g.rollout_percent < 100.0 {
         if !in_rollout(snapshot.bucketing, key, tk, g.rollout_percent) {
             return hidden(f, Reason::Split, Some(g.release));
         }
         return match rule_variant(f, key, ctx, snapshot) {
-            Some(v) => served(f, v, Reason::TargetingMatch, g.release),
+            Some(v) => picked(f, v, Reason::TargetingMatch, g.release),
             None => served(f, &f.default_variant, Reason::Split, g.release),
         };
     }
     match rule_variant(f, key, ctx, snapshot) {
-        Some(v) => served(f, v, Reason::TargetingMatch, g.release),
+        Some(v) => picked(f, v, Reason::TargetingMatch, g.release),
         None if f.targeting.is_some()
             || !f.allow.is_empty()
             || !f.deny.is_empty()

@@ -21,9 +21,9 @@ const C2: u32 = 0x1b87_3593;
 /// without building it (a rollout hashes `feature`, `/` and the key on every decision).
 pub struct Murmur3 {
     h: u32,
-    /// Bytes of an unfinished 4-byte block, and how many.
-    carry: [u8; 4],
-    carried: usize,
+    /// The bytes of an unfinished 4-byte block, little-endian, and how many.
+    carry: u32,
+    carried: u32,
     len: usize,
 }
 
@@ -32,17 +32,15 @@ impl Murmur3 {
     pub fn new(seed: u32) -> Self {
         Self {
             h: seed,
-            carry: [0; 4],
+            carry: 0,
             carried: 0,
             len: 0,
         }
     }
 
-    fn block(&mut self, b: [u8; 4]) {
-        let k = u32::from_le_bytes(b)
-            .wrapping_mul(C1)
-            .rotate_left(15)
-            .wrapping_mul(C2);
+    #[inline]
+    fn block(&mut self, b: u32) {
+        let k = b.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
         self.h ^= k;
         self.h = self
             .h
@@ -51,44 +49,43 @@ impl Murmur3 {
             .wrapping_add(0xe654_6b64);
     }
 
+    /// Adds one byte to the unfinished block (a block once it holds four).
+    #[inline]
+    fn byte(&mut self, b: u8) {
+        self.carry |= u32::from(b) << (8 * self.carried);
+        self.carried += 1;
+        if self.carried == 4 {
+            self.block(self.carry);
+            self.carry = 0;
+            self.carried = 0;
+        }
+    }
+
     /// Adds `data` to the input.
     pub fn write(&mut self, mut data: &[u8]) {
         self.len = self.len.wrapping_add(data.len());
-        if self.carried > 0 {
-            let take = (4 - self.carried).min(data.len());
-            self.carry[self.carried..self.carried + take].copy_from_slice(&data[..take]);
-            self.carried += take;
-            data = &data[take..];
-            if self.carried < 4 {
+        while self.carried > 0 {
+            let Some((first, rest)) = data.split_first() else {
                 return;
-            }
-            self.block(self.carry);
-            self.carried = 0;
+            };
+            self.byte(*first);
+            data = rest;
         }
         let chunks = data.chunks_exact(4);
         let tail = chunks.remainder();
         for c in chunks {
-            self.block([c[0], c[1], c[2], c[3]]);
+            self.block(u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
         }
-        self.carry[..tail.len()].copy_from_slice(tail);
-        self.carried = tail.len();
+        for b in tail {
+            self.byte(*b);
+        }
     }
 
     /// The hash of everything written.
     pub fn finish(&self) -> u32 {
-        let tail = &self.carry[..self.carried];
         let mut h = self.h;
-        let mut k = 0u32;
-        if tail.len() >= 3 {
-            k ^= u32::from(tail[2]) << 16;
-        }
-        if tail.len() >= 2 {
-            k ^= u32::from(tail[1]) << 8;
-        }
-        if let Some(first) = tail.first() {
-            k ^= u32::from(*first);
-            k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
-            h ^= k;
+        if self.carried > 0 {
+            h ^= self.carry.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
         }
         // The length is mixed in modulo 2^32, as in the reference implementation.
         h ^= u32::try_from(self.len & 0xffff_ffff).unwrap_or(0);

@@ -12,6 +12,7 @@
 //! - [`policy`]: environment policies and the release checks (freeze, cadence, soak, approvals, change reference, coverage).
 //! - [`names`]: resource names (release.v1, and the deploy.v1 names the consumer reads).
 //! - [`usage`]: evaluation counters per feature, environment and variant (stale flags).
+//! - [`text`]: short texts compared in place (the evaluator's hot comparisons).
 //! - [`values`]: limits on variant values and evaluation contexts (depth, size, count).
 
 pub mod evaluate;
@@ -22,6 +23,7 @@ pub mod names;
 pub mod placements;
 pub mod policy;
 pub mod rules;
+pub mod text;
 pub mod usage;
 pub mod values;
 

@@ -19,6 +19,8 @@ use serde_json::{Map, Value};
 
 use super::hash::{murmur3_32, Murmur3};
 
+mod fast;
+
 /// What a rule reads: the context's attributes, `targetingKey` and `$flagd.flagKey`, looked
 /// up in place (no merged copy is built per evaluation).
 #[derive(Debug, Clone, Copy)]
@@ -225,6 +227,17 @@ fn weight(v: &Value) -> usize {
     total
 }
 
+/// [`weight`] of a constant array whose items weigh `bytes` (as [`Node::Const`] counts
+/// them): for the usual array of scalars (a `fractional` bucket), without walking it again.
+fn const_weight(v: &Value, bytes: u32) -> usize {
+    match v {
+        Value::Array(items) if items.iter().all(|i| !i.is_array() && !i.is_object()) => {
+            8 + bytes as usize
+        }
+        other => weight(other),
+    }
+}
+
 /// `v` owned, its copy paid from `budget` (null when it does not fit).
 fn owned(v: Cow<'_, Value>, budget: &mut Budget) -> Value {
     match v {
@@ -242,8 +255,17 @@ fn owned(v: Cow<'_, Value>, budget: &mut Budget) -> Value {
 /// A checked targeting rule, compiled: operators resolved once, constants kept as JSON and
 /// read in place. About a quarter of the memory of the rule's JSON tree (whose every
 /// operator object is a map), and no operator name compared to a list per evaluation.
+///
+/// A rule whose operators are all of the usual targeting kind is evaluated on a fast path
+/// first (the `fast` module): the same tree, borrowed values only, and the walker's exact
+/// answers (it hands over to the walker wherever it cannot be sure of them).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Rule(Node);
+pub struct Rule {
+    root: Node,
+    /// The most operations the fast path's nodes cost outside `fractional`; `None` when
+    /// the rule is not for the fast path.
+    fast: Option<u32>,
+}
 
 /// One node of a compiled rule.
 #[derive(Debug, Clone, PartialEq)]
@@ -265,12 +287,53 @@ enum Node {
     },
     /// `var` of a constant path without a default (its usual form): one call instead of
     /// the operator's and its path's.
-    Var { path: Box<str>, bare: bool },
+    Var {
+        path: Box<str>,
+        bare: bool,
+        kind: VarKind,
+    },
     /// `sem_ver` against a constant version (its usual form), the version parsed once.
     SemVer {
         args: Box<[Node]>,
         against: Box<semver::Version>,
     },
+}
+
+/// What a constant `var` path reads outside a `map`-like scope, told when the rule is
+/// compiled (the walker reads the path itself; the fast path goes by this).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VarKind {
+    /// One attribute (no dot in the path).
+    Key,
+    /// An attribute and keys or indexes inside it.
+    Path,
+    /// The targeting key (the path's first part is `targetingKey`).
+    TargetingKey,
+    /// The flag key (`$flagd.flagKey`).
+    FlagKey,
+    /// Nothing: a `$flagd` path other than the flag key and the timestamp.
+    Null,
+    /// The whole data (an empty first part) or `$flagd.timestamp`: the walker's.
+    Slow,
+}
+
+impl VarKind {
+    fn of(path: &str) -> Self {
+        let (first, rest) = path
+            .split_once('.')
+            .map_or((path, None), |(f, r)| (f, Some(r)));
+        match first {
+            "" => Self::Slow,
+            "targetingKey" => Self::TargetingKey,
+            "$flagd" => match rest.and_then(|r| r.split('.').next()) {
+                Some("flagKey") => Self::FlagKey,
+                Some("timestamp") => Self::Slow,
+                _ => Self::Null,
+            },
+            _ if rest.is_some() => Self::Path,
+            _ => Self::Key,
+        }
+    }
 }
 
 /// An operator resolved when the rule is compiled, so evaluation dispatches on a small
@@ -366,8 +429,9 @@ impl Node {
                         }
                     }
                     if let ("var", [Self::Lit(Value::String(path))]) = (name, &args[..]) {
+                        let kind = VarKind::of(path);
                         let path = path.as_str().into();
-                        return Self::Var { path, bare };
+                        return Self::Var { path, bare, kind };
                     }
                     let code = Code::of(name);
                     Self::Op {
@@ -408,7 +472,7 @@ impl Node {
         match self {
             Self::Lit(v) | Self::Const { value: v, .. } => v.clone(),
             Self::Array(items) => Value::Array(items.iter().map(Self::to_json).collect()),
-            Self::Var { path, bare } => {
+            Self::Var { path, bare, .. } => {
                 let path = Value::String(path.to_string());
                 let args = if *bare {
                     path
@@ -453,22 +517,36 @@ impl Rule {
         let value: Value =
             serde_json::from_str(text).map_err(|e| format!("is not valid JSON: {e}"))?;
         check(&value, 0)?;
-        Ok(Self(Node::compile(&value)))
+        let root = Node::compile(&value);
+        let fast = fast::cost(&root).filter(|&ops| ops <= MAX_EVAL_OPS);
+        Ok(Self { root, fast })
     }
 
     /// The rule as JSON (as written, object keys in order).
     pub fn to_json(&self) -> Value {
-        self.0.to_json()
+        self.root.to_json()
     }
 
     /// Evaluates the rule against `data` within the evaluation budget.
     pub fn evaluate<'a>(&'a self, data: &Data<'a>) -> Result<Cow<'a, Value>, OverBudget> {
+        if let Some(spent) = self.fast {
+            if let Some(v) = fast::eval(&self.root, data, &mut fast::budget(spent)) {
+                return Ok(v.into_cow());
+            }
+        }
+        self.evaluate_walked(data)
+    }
+
+    /// Evaluates the rule with the general walker alone (what [`Rule::evaluate`] answers,
+    /// always; public so that tests and the fuzzer can hold the fast path to it).
+    #[doc(hidden)]
+    pub fn evaluate_walked<'a>(&'a self, data: &Data<'a>) -> Result<Cow<'a, Value>, OverBudget> {
         let mut budget = Budget::new();
         let scope = Scope {
             data: *data,
             item: None,
         };
-        let v = apply(&self.0, &scope, &mut budget);
+        let v = apply(&self.root, &scope, &mut budget);
         if budget.exceeded() {
             Err(OverBudget)
         } else {
@@ -563,7 +641,7 @@ fn var<'a>(
         None => (path, None),
     };
     let mut parts = rest.into_iter().flat_map(|r| r.split('.'));
-    let mut current: &'a Value = match first {
+    let current: &'a Value = match first {
         "" => return Cow::Owned(whole(data, budget)),
         "targetingKey" => return Cow::Owned(Value::String(data.targeting_key.to_owned())),
         "$flagd" => {
@@ -578,18 +656,10 @@ fn var<'a>(
             None => return default.unwrap_or(Cow::Borrowed(&NULL)),
         },
     };
-    for part in parts {
-        let next = match current {
-            Value::Object(map) => map.get(part),
-            Value::Array(items) => part.parse::<usize>().ok().and_then(|i| items.get(i)),
-            _ => None,
-        };
-        match next {
-            Some(v) => current = v,
-            None => return default.unwrap_or(Cow::Borrowed(&NULL)),
-        }
+    match walk_parts(current, parts) {
+        Some(v) => Cow::Borrowed(v),
+        None => default.unwrap_or(Cow::Borrowed(&NULL)),
     }
-    Cow::Borrowed(current)
 }
 
 /// `cat`: each piece of `args` in order, paid for, handed to `sink`; false when the budget
@@ -637,8 +707,15 @@ fn walk<'v>(v: &'v Value, path: &str) -> Option<&'v Value> {
     if path.is_empty() {
         return Some(v);
     }
-    let mut current = v;
-    for part in path.split('.') {
+    walk_parts(v, path.split('.'))
+}
+
+/// `parts` (keys and array indexes) inside `v`, one after the other.
+fn walk_parts<'v, 'p>(
+    mut current: &'v Value,
+    parts: impl Iterator<Item = &'p str>,
+) -> Option<&'v Value> {
+    for part in parts {
         current = match current {
             Value::Object(map) => map.get(part)?,
             Value::Array(items) => items.get(part.parse::<usize>().ok()?)?,
@@ -1157,20 +1234,24 @@ fn parse_version(v: &str) -> Option<semver::Version> {
 /// for anything else (pre-release, build, leading zeros, more than 18 digits), which the
 /// general parser then reads or refuses exactly as before.
 fn plain_version(v: &str) -> Option<semver::Version> {
+    let b = v.as_bytes();
     let mut parts = [0u64; 3];
-    let mut rest = v.as_bytes();
-    for (i, part) in parts.iter_mut().enumerate() {
-        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-        if digits == 0 || digits > 18 || (digits > 1 && rest[0] == b'0') {
+    let mut i = 0;
+    for (n, part) in parts.iter_mut().enumerate() {
+        let start = i;
+        while let Some(d) = b.get(i).filter(|d| d.is_ascii_digit()) {
+            if i - start == 18 {
+                return None;
+            }
+            *part = *part * 10 + u64::from(d - b'0');
+            i += 1;
+        }
+        if i == start || (i - start > 1 && b[start] == b'0') {
             return None;
         }
-        *part = rest[..digits]
-            .iter()
-            .fold(0, |n, d| n * 10 + u64::from(d - b'0'));
-        rest = &rest[digits..];
-        match (i, rest.first()) {
+        match (n, b.get(i)) {
             (2, None) => {}
-            (0 | 1, Some(b'.')) => rest = &rest[1..],
+            (0 | 1, Some(b'.')) => i += 1,
             _ => return None,
         }
     }
@@ -1233,7 +1314,7 @@ fn fractional<'a>(raw_args: &'a [Node], data: &Scope<'a>, budget: &mut Budget) -
     }
     for node in constant {
         if let Node::Const { value, ops, bytes } = node {
-            if !budget.take(*ops, *bytes as usize) || !budget.spend(weight(value)) {
+            if !budget.take(*ops, *bytes as usize) || !budget.spend(const_weight(value, *bytes)) {
                 return Cow::Borrowed(&NULL);
             }
         }
@@ -1749,6 +1830,24 @@ mod tests {
                 let text = rule.to_string();
                 assert_eq!(&Rule::parse(&text).unwrap().to_json(), rule);
             }
+        }
+    }
+
+    /// A constant array's weight as `fractional` pays it (from the items' counted bytes)
+    /// is the weight of walking it.
+    #[test]
+    fn constant_weights_are_the_walked_weights() {
+        for text in [
+            r#"["in", 5000]"#,
+            r#"[1, 2.5, null, true, "x", {}]"#,
+            r#"[["a", 1], "b", [[]]]"#,
+            "[]",
+        ] {
+            let rule = Rule::parse(text).unwrap();
+            let Node::Const { value, bytes, .. } = &rule.root else {
+                panic!("{text} is a constant");
+            };
+            assert_eq!(const_weight(value, *bytes), weight(value), "{text}");
         }
     }
 

@@ -24,6 +24,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 
+use super::text::same;
+
 /// The environment evaluations are counted under when no release names theirs.
 pub const OTHER_ENVIRONMENT: &str = "*";
 
@@ -56,7 +58,7 @@ impl Slot {
 
     #[inline]
     fn is(&self, environment: &str, variant: &str) -> bool {
-        &*self.environment == environment && &*self.variant == variant
+        same(&self.environment, environment) && same(&self.variant, variant)
     }
 }
 

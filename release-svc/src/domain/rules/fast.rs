@@ -1,0 +1,513 @@
+//! The fast path of rule evaluation: the same compiled rule, walked for the usual targeting
+//! operators (`if`, `and`, `or`, `!`, `!!`, the equalities, comparisons, `in`,
+//! `starts_with`, `ends_with`, `sem_ver`, `fractional`) with values that are only ever
+//! borrowed ([`Val`]: a reference into the rule or the context, no drop, no copy) and no
+//! operation budget counted per node.
+//!
+//! The fast path answers exactly what the general walker ([`super::apply`]) answers, or
+//! nothing: wherever the walker would pay for a copy or a rendering (a number compared as
+//! text, say) or where `fractional` would build a value, it gives up (`None`) and the rule is
+//! evaluated again by the walker, which has no side effects to repeat. A rule is only
+//! walked here when every operator in it is one of the above and its evaluation cannot run
+//! out of operations outside `fractional` (which is given what remains of the budget, and
+//! gives up when it runs out): so the fast path never answers where the walker would have
+//! answered [`super::OverBudget`].
+
+use std::borrow::Cow;
+
+use serde_json::Value;
+
+use super::super::text::{ends_with, same, starts_with};
+use super::{
+    compare, compare_versions, fractional, loose_eq, number, parse_version, sem_ver, truthy,
+    walk_parts, Budget, Code, Data, Node, Scope, VarKind, FALSE, MAX_EVAL_OPS, NULL, TRUE,
+};
+
+/// A value during fast evaluation: borrowed from the rule or the context, or one of the
+/// request's own texts (the targeting key, the flag key).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Val<'a> {
+    Json(&'a Value),
+    Text(&'a str),
+}
+
+use Val::{Json, Text};
+
+impl<'a> Val<'a> {
+    fn boolean(b: bool) -> Self {
+        Json(if b { &TRUE } else { &FALSE })
+    }
+
+    fn truthy(self) -> bool {
+        match self {
+            Json(v) => truthy(v),
+            Text(s) => !s.is_empty(),
+        }
+    }
+
+    fn text(self) -> Option<&'a str> {
+        match self {
+            Json(Value::String(s)) => Some(s),
+            Text(s) => Some(s),
+            Json(_) => None,
+        }
+    }
+
+    /// The text the walker reads for free (strings, and null as the empty text); `None`
+    /// where it would pay for a rendering.
+    fn free_text(self) -> Option<&'a str> {
+        match self {
+            Json(Value::Null) => Some(""),
+            other => other.text(),
+        }
+    }
+
+    fn number(self) -> Option<f64> {
+        match self {
+            Json(v) => number(v),
+            Text(s) => s.trim().parse().ok(),
+        }
+    }
+
+    /// The value as the walker answers it (a request text as an owned string, as `var`
+    /// gives it there).
+    pub(super) fn into_cow(self) -> Cow<'a, Value> {
+        match self {
+            Json(v) => Cow::Borrowed(v),
+            Text(s) => Cow::Owned(Value::String(s.to_owned())),
+        }
+    }
+}
+
+/// The most operations the walker spends on `node` outside `fractional`, or `None` when
+/// the node (or one inside it) is outside the fast path's operators.
+pub(super) fn cost(node: &Node) -> Option<u32> {
+    let sum = |args: &[Node]| {
+        args.iter()
+            .try_fold(0u32, |total, n| total.checked_add(cost(n)?))
+    };
+    match node {
+        Node::Lit(_) => Some(1),
+        Node::Const { ops, .. } => Some(*ops),
+        Node::Array(_) => None,
+        Node::Var { kind, .. } => (*kind != VarKind::Slow).then_some(2),
+        Node::SemVer { args, .. } => sum(args)?.checked_add(2),
+        Node::Op { code, args, .. } => match code {
+            Code::If
+            | Code::Eq
+            | Code::Ne
+            | Code::StrictEq
+            | Code::StrictNe
+            | Code::Not
+            | Code::NotNot
+            | Code::And
+            | Code::Or
+            | Code::Compare
+            | Code::In
+            | Code::Affix
+            | Code::SemVer => sum(args)?.checked_add(1),
+            // Its arguments are walked by `fractional` itself, from the budget it is given.
+            Code::Fractional => Some(1),
+            _ => None,
+        },
+    }
+}
+
+/// The budget `fractional` may spend in a rule whose other nodes cost at most `spent`.
+pub(super) fn budget(spent: u32) -> Budget {
+    let mut budget = Budget::new();
+    budget.ops = MAX_EVAL_OPS.saturating_sub(spent);
+    budget
+}
+
+/// `var` of a constant path outside any `map`-like scope, as the walker reads it.
+fn var<'a>(path: &str, kind: VarKind, data: &Data<'a>) -> Option<Val<'a>> {
+    let (first, rest) = match kind {
+        VarKind::TargetingKey => return Some(Text(data.targeting_key)),
+        VarKind::FlagKey => return Some(Text(data.flag_key)),
+        VarKind::Null => return Some(Json(&NULL)),
+        VarKind::Slow => return None,
+        VarKind::Key => (path, ""),
+        VarKind::Path => path.split_once('.')?,
+    };
+    let found = match (attribute(data, first), kind) {
+        (Some(v), VarKind::Path) => walk_parts(v, rest.split('.')),
+        (found, _) => found,
+    };
+    Some(Json(found.unwrap_or(&NULL)))
+}
+
+/// The attribute `key`. A context's few attributes are scanned with their lengths compared
+/// first (most keys differ in length), rather than ordered by comparing their texts.
+#[inline]
+fn attribute<'a>(data: &Data<'a>, key: &str) -> Option<&'a Value> {
+    if data.attributes.len() > 8 {
+        return data.attributes.get(key);
+    }
+    data.attributes
+        .iter()
+        .find(|(k, _)| same(k, key))
+        .map(|(_, v)| v)
+}
+
+/// JSON Logic's `==` where the walker's answer needs no rendering.
+fn loose(a: Val<'_>, b: Val<'_>) -> Option<bool> {
+    match (a, b) {
+        (Json(x), Json(y)) => Some(loose_eq(x, y)),
+        (Text(s), other) | (other, Text(s)) => match other {
+            Json(Value::Null) => Some(false),
+            // A number or a boolean against a text compares as numbers: left to the walker.
+            other => other.text().map(|t| t == s),
+        },
+    }
+}
+
+fn strict(a: Val<'_>, b: Val<'_>) -> bool {
+    match (a, b) {
+        (Json(x), Json(y)) => x == y,
+        (Text(s), other) | (other, Text(s)) => other.text() == Some(s),
+    }
+}
+
+fn within(needle: Val<'_>, hay: Val<'_>) -> Option<bool> {
+    Some(match hay {
+        Json(Value::Array(items)) => match needle {
+            Json(Value::String(s)) => items.iter().any(|v| v.as_str().is_some_and(|v| same(v, s))),
+            Json(n) => items
+                .iter()
+                .any(|v| v.is_string() == n.is_string() && loose_eq(v, n)),
+            Text(s) => items.iter().any(|v| v.as_str().is_some_and(|v| same(v, s))),
+        },
+        hay => match hay.text() {
+            Some(h) => h.contains(needle.free_text()?),
+            None => false,
+        },
+    })
+}
+
+/// Evaluates `node` as the walker would, or `None` where the walker must (see the module).
+/// Recursion is bounded by the rule's checked depth.
+pub(super) fn eval<'a>(node: &'a Node, data: &Data<'a>, budget: &mut Budget) -> Option<Val<'a>> {
+    let (name, code, args): (&str, Code, &'a [Node]) = match node {
+        Node::Lit(v) | Node::Const { value: v, .. } => return Some(Json(v)),
+        Node::Var { path, kind, .. } => return var(path, *kind, data),
+        Node::SemVer { args, against } => {
+            let a = eval(&args[0], data, budget)?.free_text()?;
+            let o = eval(&args[1], data, budget)?.free_text()?;
+            let answer = parse_version(a).and_then(|a| compare_versions(&a, o, against));
+            return Some(answer.map_or(Json(&NULL), Val::boolean));
+        }
+        Node::Array(_) => return None,
+        Node::Op {
+            name, code, args, ..
+        } => (name, *code, args),
+    };
+    let mut arg = |i: usize| match args.get(i) {
+        Some(n) => eval(n, data, budget),
+        None => Some(Json(&NULL)),
+    };
+    Some(match code {
+        Code::If => {
+            let mut i = 0;
+            while i + 1 < args.len() {
+                if arg(i)?.truthy() {
+                    return arg(i + 1);
+                }
+                i += 2;
+            }
+            return arg(i);
+        }
+        Code::And | Code::Or => {
+            let stop = code == Code::Or;
+            let mut last = Val::boolean(!stop);
+            for i in 0..args.len() {
+                last = arg(i)?;
+                if last.truthy() == stop {
+                    break;
+                }
+            }
+            last
+        }
+        Code::Not | Code::NotNot => Val::boolean(arg(0)?.truthy() == (code == Code::NotNot)),
+        Code::Eq | Code::Ne => Val::boolean(loose(arg(0)?, arg(1)?)? == (code == Code::Eq)),
+        Code::StrictEq | Code::StrictNe => {
+            Val::boolean(strict(arg(0)?, arg(1)?) == (code == Code::StrictEq))
+        }
+        Code::In => {
+            let needle = arg(0)?;
+            Val::boolean(within(needle, arg(1)?)?)
+        }
+        Code::Compare => return comparison(name, args, data, budget),
+        Code::Affix if args.len() == 2 => {
+            let (s, p) = (arg(0)?, arg(1)?);
+            match (s.text(), p.text()) {
+                (Some(s), Some(p)) if name == "starts_with" => Val::boolean(starts_with(s, p)),
+                (Some(s), Some(p)) => Val::boolean(ends_with(s, p)),
+                _ => Json(&NULL),
+            }
+        }
+        Code::SemVer if args.len() == 3 => return versions(args, data, budget),
+        Code::Affix | Code::SemVer => Json(&NULL),
+        Code::Fractional => return split(args, data, budget),
+        _ => return None,
+    })
+}
+
+/// `<`, `<=`, `>`, `>=` (apart from [`eval`], whose frame stays small).
+#[inline(never)]
+fn comparison<'a>(
+    name: &str,
+    args: &'a [Node],
+    data: &Data<'a>,
+    b: &mut Budget,
+) -> Option<Val<'a>> {
+    let mut arg = |i: usize| args.get(i).map_or(Some(Json(&NULL)), |n| eval(n, data, b));
+    let (x, y) = (arg(0)?.number(), arg(1)?.number());
+    Some(Val::boolean(match (x, y, args.len()) {
+        (Some(x), Some(y), 2) => compare(name, x, y),
+        // JSON Logic's "between": x < y < z.
+        (Some(x), Some(y), 3) if name == "<" || name == "<=" => {
+            compare(name, x, y) && arg(2)?.number().is_some_and(|z| compare(name, y, z))
+        }
+        _ => false,
+    }))
+}
+
+/// `sem_ver` of three evaluated arguments (the version not a literal).
+#[inline(never)]
+fn versions<'a>(args: &'a [Node], data: &Data<'a>, budget: &mut Budget) -> Option<Val<'a>> {
+    let a = eval(&args[0], data, budget)?.free_text()?;
+    let o = eval(&args[1], data, budget)?.free_text()?;
+    let b = eval(&args[2], data, budget)?.free_text()?;
+    Some(sem_ver(a, o, b).map_or(Json(&NULL), Val::boolean))
+}
+
+/// `fractional`, by the walker's own function, from what remains of the budget.
+#[inline(never)]
+fn split<'a>(args: &'a [Node], data: &Data<'a>, budget: &mut Budget) -> Option<Val<'a>> {
+    let scope = Scope {
+        data: *data,
+        item: None,
+    };
+    match fractional(args, &scope, budget) {
+        _ if budget.exceeded() => None,
+        Cow::Borrowed(v) => Some(Json(v)),
+        Cow::Owned(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Bucketing, Data, Rule};
+    use super::*;
+    use serde_json::{json, Map};
+
+    /// A small deterministic generator (xorshift), so a failure replays.
+    struct Gen(u64);
+
+    impl Gen {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn pick<'v, T>(&mut self, items: &'v [T]) -> &'v T {
+            &items[(self.next() % items.len() as u64) as usize]
+        }
+
+        fn scalar(&mut self) -> Value {
+            self.pick(&[
+                json!("pro"),
+                json!("team"),
+                json!(""),
+                json!("2.1.0"),
+                json!("v1.2"),
+                json!("1.2.3-beta"),
+                json!("user-3"),
+                json!("@corp.com"),
+                json!(" 3 "),
+                json!(3),
+                json!(0),
+                json!(2.5),
+                json!(true),
+                json!(false),
+                json!(null),
+                json!(["pro", "team", 3]),
+                json!({}),
+            ])
+            .clone()
+        }
+
+        fn var(&mut self) -> Value {
+            let path = self.pick(&[
+                "plan",
+                "email",
+                "version",
+                "n",
+                "flag",
+                "absent",
+                "user.tier",
+                "user.tier.x",
+                "user.org.id",
+                "list.1",
+                "list.9",
+                "targetingKey",
+                "targetingKey.x",
+                "$flagd.flagKey",
+                "$flagd.other",
+                "$flagd",
+            ]);
+            if self.next().is_multiple_of(4) {
+                json!({ "var": [path] })
+            } else {
+                json!({ "var": path })
+            }
+        }
+
+        fn expr(&mut self, depth: u32) -> Value {
+            match self.next() % 8 {
+                0 | 1 => self.scalar(),
+                2..=4 => self.var(),
+                5 if depth > 0 => self.fractional(),
+                _ if depth > 0 => self.rule(depth - 1),
+                _ => self.var(),
+            }
+        }
+
+        fn args(&mut self, n: u64, depth: u32) -> Vec<Value> {
+            (0..n).map(|_| self.expr(depth)).collect()
+        }
+
+        fn fractional(&mut self) -> Value {
+            let seed = json!({"cat": [{"var": "$flagd.flagKey"}, {"var": "targetingKey"}]});
+            match self.next() % 3 {
+                0 => json!({"fractional": [["a", 50], ["b", 50]]}),
+                1 => json!({"fractional": [seed, ["a", 1], ["b", 3], ["c", 0]]}),
+                _ => json!({"fractional": [{"var": "plan"}, ["a", 50], ["b", 50]]}),
+            }
+        }
+
+        /// A rule of the fast path's operators, argument counts right and wrong.
+        fn rule(&mut self, depth: u32) -> Value {
+            let count = 1 + self.next() % 3;
+            let op = *self.pick(&[
+                "if",
+                "?:",
+                "and",
+                "or",
+                "!",
+                "!!",
+                "==",
+                "!=",
+                "===",
+                "!==",
+                "<",
+                "<=",
+                ">",
+                ">=",
+                "in",
+                "starts_with",
+                "ends_with",
+                "sem_ver",
+            ]);
+            let args = match op {
+                "if" | "?:" => {
+                    let n = 1 + self.next() % 5;
+                    self.args(n, depth)
+                }
+                "and" | "or" => self.args(count, depth),
+                "!" | "!!" => return json!({ op: self.expr(depth) }),
+                "<" | "<=" | ">" | ">=" => {
+                    let n = 2 + self.next() % 2;
+                    self.args(n, depth)
+                }
+                "sem_ver" => {
+                    let ops = ["=", "!=", "<", "<=", ">", ">=", "^", "~", "=="];
+                    let o = json!(*self.pick(&ops));
+                    let version = self.pick(&["2.1.0", "1", "v1.2", "x"]).to_string();
+                    let against = if self.next().is_multiple_of(2) {
+                        json!(version)
+                    } else {
+                        self.expr(depth)
+                    };
+                    vec![self.expr(depth), o, against]
+                }
+                _ if self.next().is_multiple_of(8) => self.args(count, depth),
+                _ => self.args(2, depth),
+            };
+            json!({ op: args })
+        }
+
+        fn attributes(&mut self) -> Map<String, Value> {
+            let mut m = Map::new();
+            for key in ["plan", "email", "version", "n", "flag"] {
+                if !self.next().is_multiple_of(5) {
+                    m.insert(key.into(), self.scalar());
+                }
+            }
+            let (tier, id) = (self.scalar(), self.scalar());
+            m.insert("user".into(), json!({ "tier": tier, "org": { "id": id } }));
+            m.insert("list".into(), json!([self.scalar(), self.scalar()]));
+            m
+        }
+    }
+
+    /// Thousands of generated rules and contexts: the fast path's answer (where it gives
+    /// one) is the walker's, and the rule's answer is always the walker's.
+    #[test]
+    fn the_fast_path_answers_what_the_walker_answers() {
+        let mut g = Gen(0x9e37_79b9_7f4a_7c15);
+        let (mut answered, mut handed_over) = (0, 0);
+        for _ in 0..3000 {
+            let text = g.rule(3).to_string();
+            let rule = Rule::parse(&text).expect("a generated rule parses");
+            let spent = rule.fast.expect("a rule of the fast path's operators");
+            for _ in 0..8 {
+                let attributes = g.attributes();
+                let tk = g.pick(&["user-3", "", "3"]).to_string();
+                for bucketing in [Bucketing::V1, Bucketing::V2, Bucketing::V3] {
+                    let data = Data {
+                        attributes: &attributes,
+                        targeting_key: &tk,
+                        flag_key: "flag-a",
+                        bucketing,
+                    };
+                    let walked = rule.evaluate_walked(&data);
+                    match eval(&rule.root, &data, &mut budget(spent)) {
+                        Some(v) => {
+                            answered += 1;
+                            assert_eq!(Ok(v.into_cow()), walked, "{text} on {attributes:?}");
+                        }
+                        None => handed_over += 1,
+                    }
+                    assert_eq!(rule.evaluate(&data), walked, "{text} on {attributes:?}");
+                }
+            }
+        }
+        // Both ways were exercised, and the fast path answered most evaluations.
+        assert!(answered > 10 * handed_over, "{answered} / {handed_over}");
+        assert!(handed_over > 0);
+    }
+
+    #[test]
+    fn rules_outside_the_fast_paths_operators_are_walked() {
+        for text in [
+            r#"{"cat": ["a", "b"]}"#,
+            r#"{"if": [{"missing": ["a"]}, "on", null]}"#,
+            r#"{"==": [{"var": ""}, 1]}"#,
+            r#"{"<": [{"var": "$flagd.timestamp"}, 1]}"#,
+            r#"{"in": ["a", [{"var": "x"}]]}"#,
+            r#"{"var": ["x", "default"]}"#,
+        ] {
+            assert_eq!(Rule::parse(text).unwrap().fast, None, "{text}");
+        }
+        for text in [
+            r#"{"if": [{"in": [{"var": "plan"}, ["pro", "team"]]}, "on", null]}"#,
+            r#"{"fractional": [{"cat": [{"var": "$flagd.flagKey"}, {"var": "targetingKey"}]}, ["a", 1]]}"#,
+        ] {
+            assert!(Rule::parse(text).unwrap().fast.is_some(), "{text}");
+        }
+    }
+}
