@@ -18,7 +18,7 @@ use std::sync::{Arc, OnceLock};
 
 use serde_json::{Map, Value};
 
-use super::hash::in_rollout;
+use super::hash::{basis_points, in_rollout_points};
 use super::model::{Feature, Release};
 use super::placements::{CoverageView, PlacementIndex};
 use super::rules::{Bucketing, Data};
@@ -88,6 +88,8 @@ pub struct Governing {
     pub release: i64,
     /// Rollout percentage.
     pub rollout_percent: f64,
+    /// The same in basis points, as the rollout compares it (in the struct's padding).
+    pub rollout_points: u16,
     /// The environment.
     pub environment: EnvId,
     /// Whether the carriers are placed at coverage (the reason when not is computed on
@@ -396,6 +398,7 @@ impl Snapshot {
                     .map(|(env, release, rollout_percent)| Governing {
                         release: *release,
                         rollout_percent: *rollout_percent,
+                        rollout_points: basis_points(*rollout_percent) as u16,
                         environment: match environments.id(env) {
                             Some(id) => id,
                             None => Arc::make_mut(environments).intern(env),
@@ -667,7 +670,8 @@ fn decide<'a>(
         };
     }
     if g.rollout_percent < 100.0 {
-        if !in_rollout(snapshot.bucketing, key, tk, g.rollout_percent) {
+        let points = u32::from(g.rollout_points);
+        if !in_rollout_points(snapshot.bucketing, key, tk, points) {
             return hidden(f, Reason::Split, Some(g.release));
         }
         return match rule_variant(f, key, ctx, snapshot) {

@@ -122,7 +122,16 @@ pub fn rollout_input(feature: &str, targeting_key: &str) -> String {
 /// `flagd_doc::render_decisions`). A key's position does not depend on the percentage,
 /// so a key inside at 10% is inside at every larger percentage.
 pub fn in_rollout(bucketing: Bucketing, feature: &str, targeting_key: &str, percent: f64) -> bool {
-    let threshold = basis_points(percent);
+    in_rollout_points(bucketing, feature, targeting_key, basis_points(percent))
+}
+
+/// [`in_rollout`] of a percentage already in basis points ([`basis_points`]).
+pub fn in_rollout_points(
+    bucketing: Bucketing,
+    feature: &str,
+    targeting_key: &str,
+    threshold: u32,
+) -> bool {
     let mut hasher = Murmur3::new(0);
     if bucketing == Bucketing::V3 {
         let (head, used) = cbor_text_head(feature.len() + 1 + targeting_key.len());

@@ -262,9 +262,6 @@ fn owned(v: Cow<'_, Value>, budget: &mut Budget) -> Value {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rule {
     root: Node,
-    /// The most operations the fast path's nodes cost outside `fractional`; `None` when
-    /// the rule is not for the fast path.
-    fast: Option<u32>,
 }
 
 /// One node of a compiled rule.
@@ -279,11 +276,15 @@ enum Node {
     Array(Box<[Node]>),
     /// An operator (its name from [`OPERATORS`]) and its arguments; `bare` when the rule
     /// wrote the single argument without an array (`{"var": "plan"}`).
+    ///
+    /// `fast` is set on a rule's root operator when the whole rule is for the fast path (it
+    /// lives in the node's padding: a rule costs no more memory for it).
     Op {
         name: &'static str,
         code: Code,
         args: Box<[Node]>,
         bare: bool,
+        fast: bool,
     },
     /// `var` of a constant path without a default (its usual form): one call instead of
     /// the operator's and its path's.
@@ -439,6 +440,7 @@ impl Node {
                         code,
                         args,
                         bare,
+                        fast: false,
                     }
                 }
                 None => Self::Lit(v.clone()),
@@ -517,9 +519,12 @@ impl Rule {
         let value: Value =
             serde_json::from_str(text).map_err(|e| format!("is not valid JSON: {e}"))?;
         check(&value, 0)?;
-        let root = Node::compile(&value);
-        let fast = fast::cost(&root).filter(|&ops| ops <= MAX_EVAL_OPS);
-        Ok(Self { root, fast })
+        let mut root = Node::compile(&value);
+        let applies = fast::applies(&root);
+        if let Node::Op { fast, .. } = &mut root {
+            *fast = applies;
+        }
+        Ok(Self { root })
     }
 
     /// The rule as JSON (as written, object keys in order).
@@ -529,8 +534,8 @@ impl Rule {
 
     /// Evaluates the rule against `data` within the evaluation budget.
     pub fn evaluate<'a>(&'a self, data: &Data<'a>) -> Result<Cow<'a, Value>, OverBudget> {
-        if let Some(spent) = self.fast {
-            if let Some(v) = fast::eval(&self.root, data, &mut fast::budget(spent)) {
+        if let Node::Op { fast: true, .. } = &self.root {
+            if let Some(v) = fast::eval(&self.root, data, &mut fast::budget()) {
                 return Ok(v.into_cow());
             }
         }

@@ -22,7 +22,11 @@ fn half(b: &[u8]) -> u32 {
 /// end; longer texts by the library.
 #[inline]
 pub fn same(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
+    same_bytes(a.as_bytes(), b.as_bytes())
+}
+
+#[inline]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     let n = a.len();
     if n != b.len() {
         return false;
@@ -36,16 +40,19 @@ pub fn same(a: &str, b: &str) -> bool {
     }
 }
 
-/// `s.ends_with(suffix)`, compared in place.
+/// `s.ends_with(suffix)`, compared in place (as bytes: the end of `s` need not fall on a
+/// character boundary).
 #[inline]
 pub fn ends_with(s: &str, suffix: &str) -> bool {
-    s.len() >= suffix.len() && same(&s[s.len() - suffix.len()..], suffix)
+    let (s, suffix) = (s.as_bytes(), suffix.as_bytes());
+    s.len() >= suffix.len() && same_bytes(&s[s.len() - suffix.len()..], suffix)
 }
 
-/// `s.starts_with(prefix)`, compared in place.
+/// `s.starts_with(prefix)`, compared in place (as bytes).
 #[inline]
 pub fn starts_with(s: &str, prefix: &str) -> bool {
-    s.len() >= prefix.len() && same(&s[..prefix.len()], prefix)
+    let (s, prefix) = (s.as_bytes(), prefix.as_bytes());
+    s.len() >= prefix.len() && same_bytes(&s[..prefix.len()], prefix)
 }
 
 #[cfg(test)]
@@ -67,6 +74,11 @@ mod tests {
                 assert_eq!(ends_with(&a, &b[i..]), a.ends_with(&b[i..]));
                 assert_eq!(starts_with(&a, &b[..=i]), a.starts_with(&b[..=i]));
             }
+        }
+        // Where the other text's length falls inside a character of this one.
+        for (s, affix) in [("é", "x"), ("aé", "©"), ("€uro", "ab"), ("x€", "€")] {
+            assert_eq!(ends_with(s, affix), s.ends_with(affix), "{s} {affix}");
+            assert_eq!(starts_with(s, affix), s.starts_with(affix), "{s} {affix}");
         }
     }
 }

@@ -20,7 +20,8 @@ use serde_json::Value;
 use super::super::text::{ends_with, same, starts_with};
 use super::{
     compare, compare_versions, fractional, loose_eq, number, parse_version, sem_ver, truthy,
-    walk_parts, Budget, Code, Data, Node, Scope, VarKind, FALSE, MAX_EVAL_OPS, NULL, TRUE,
+    walk_parts, Budget, Code, Data, Node, Scope, VarKind, FALSE, MAX_EVAL_OPS, MAX_RULE_BYTES,
+    NULL, TRUE,
 };
 
 /// A value during fast evaluation: borrowed from the rule or the context, or one of the
@@ -113,10 +114,23 @@ pub(super) fn cost(node: &Node) -> Option<u32> {
     }
 }
 
-/// The budget `fractional` may spend in a rule whose other nodes cost at most `spent`.
-pub(super) fn budget(spent: u32) -> Budget {
+/// Whether a rule is for the fast path: every node of its operators, and no more
+/// operations outside `fractional` than [`budget`] leaves aside for them.
+pub(super) fn applies(root: &Node) -> bool {
+    cost(root).is_some_and(|ops| ops <= RESERVED)
+}
+
+/// Operations set aside for the fast path's nodes outside `fractional`. A node costs at
+/// most as many operations as its compact JSON has bytes (a literal one, a constant one per
+/// item and one for itself, `var` two, an operator one more than its arguments), so every
+/// rule of at most [`MAX_RULE_BYTES`] of compact JSON fits.
+const RESERVED: u32 = MAX_RULE_BYTES as u32;
+
+/// The budget `fractional` may spend on the fast path: what remains once the rule's other
+/// nodes have taken the most they can ([`RESERVED`]); it gives up when that runs out.
+pub(super) fn budget() -> Budget {
     let mut budget = Budget::new();
-    budget.ops = MAX_EVAL_OPS.saturating_sub(spent);
+    budget.ops = MAX_EVAL_OPS - RESERVED;
     budget
 }
 
@@ -327,6 +341,8 @@ mod tests {
                 json!("1.2.3-beta"),
                 json!("user-3"),
                 json!("@corp.com"),
+                json!("é"),
+                json!("x€"),
                 json!(" 3 "),
                 json!(3),
                 json!(0),
@@ -463,7 +479,12 @@ mod tests {
         for _ in 0..3000 {
             let text = g.rule(3).to_string();
             let rule = Rule::parse(&text).expect("a generated rule parses");
-            let spent = rule.fast.expect("a rule of the fast path's operators");
+            // (A rule whose root is not an operator, a `sem_ver` against a literal version
+            // say, is walked: the flag lives in the root operator.)
+            assert!(
+                matches!(rule.root, Node::Op { fast: true, .. } | Node::SemVer { .. }),
+                "a rule of the fast path's operators: {text}"
+            );
             for _ in 0..8 {
                 let attributes = g.attributes();
                 let tk = g.pick(&["user-3", "", "3"]).to_string();
@@ -475,7 +496,7 @@ mod tests {
                         bucketing,
                     };
                     let walked = rule.evaluate_walked(&data);
-                    match eval(&rule.root, &data, &mut budget(spent)) {
+                    match eval(&rule.root, &data, &mut budget()) {
                         Some(v) => {
                             answered += 1;
                             assert_eq!(Ok(v.into_cow()), walked, "{text} on {attributes:?}");
@@ -501,13 +522,15 @@ mod tests {
             r#"{"in": ["a", [{"var": "x"}]]}"#,
             r#"{"var": ["x", "default"]}"#,
         ] {
-            assert_eq!(Rule::parse(text).unwrap().fast, None, "{text}");
+            let rule = Rule::parse(text).unwrap();
+            assert!(!matches!(rule.root, Node::Op { fast: true, .. }), "{text}");
         }
         for text in [
             r#"{"if": [{"in": [{"var": "plan"}, ["pro", "team"]]}, "on", null]}"#,
             r#"{"fractional": [{"cat": [{"var": "$flagd.flagKey"}, {"var": "targetingKey"}]}, ["a", 1]]}"#,
         ] {
-            assert!(Rule::parse(text).unwrap().fast.is_some(), "{text}");
+            let rule = Rule::parse(text).unwrap();
+            assert!(matches!(rule.root, Node::Op { fast: true, .. }), "{text}");
         }
     }
 }
