@@ -236,6 +236,34 @@ async fn a_rule_that_multiplies_a_large_attribute_is_bounded() {
     survived(&mut r, &mut c, &before).await;
 }
 
+/// `starts_with` and `ends_with` against a text whose characters are longer than one
+/// byte: the affix's length can fall inside a character of the attribute. Each answers as
+/// text comparison does (no panic, no dropped call), and the service carries on.
+#[tokio::test]
+async fn affixes_against_texts_of_any_script_answer_and_the_service_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = release_svc(dir.path()).await;
+    let mut c = release::connect(r.addr).await;
+    let rule = r#"{"if":[{"ends_with":[{"var":"a"},"x"]},"on",{"starts_with":[{"var":"a"},"é"]},"on","off"]}"#;
+    ruled_feature(&mut c, "affixes", rule.into()).await;
+    let before = state(&mut c).await;
+    for (a, variant) in [
+        ("é", "on"),
+        ("€x", "on"),
+        ("x€", "off"),
+        ("ü", "off"),
+        ("", "off"),
+    ] {
+        let got = c
+            .evaluate(evaluate_with("affixes", a.into()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.variant, variant, "{a:?}: {got:?}");
+    }
+    survived(&mut r, &mut c, &before).await;
+}
+
 /// Attack 9: PauseRelease with a 3.9 MB reason and an emergency approver of 3.9 MB were
 /// accepted, and afterwards the release's audit trail could not be listed any more.
 #[tokio::test]

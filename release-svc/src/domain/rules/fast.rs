@@ -20,8 +20,8 @@ use serde_json::Value;
 use super::super::text::{ends_with, same, starts_with};
 use super::{
     compare, compare_versions, fractional, loose_eq, number, parse_version, sem_ver, truthy,
-    walk_parts, Budget, Code, Data, Node, Scope, VarKind, FALSE, MAX_EVAL_OPS, MAX_RULE_BYTES,
-    NULL, TRUE,
+    walk_parts, Budget, Code, Data, Node, Scope, VarKind, FALSE, MAX_EVAL_OPS,
+    MAX_EVAL_OUTPUT_BYTES, MAX_RULE_BYTES, NULL, TRUE,
 };
 
 /// A value during fast evaluation: borrowed from the rule or the context, or one of the
@@ -80,19 +80,44 @@ impl<'a> Val<'a> {
     }
 }
 
-/// The most operations the walker spends on `node` outside `fractional`, or `None` when
-/// the node (or one inside it) is outside the fast path's operators.
-pub(super) fn cost(node: &Node) -> Option<u32> {
-    let sum = |args: &[Node]| {
+/// The most the walker spends on a node outside `fractional`: operations, and bytes of
+/// output (the fast path's nodes pay bytes only for constants read in place; wherever the
+/// walker would pay for a rendering, the fast path hands over).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Cost {
+    ops: u32,
+    bytes: u32,
+}
+
+impl Cost {
+    fn plus(self, other: Cost) -> Option<Cost> {
+        Some(Cost {
+            ops: self.ops.checked_add(other.ops)?,
+            bytes: self.bytes.checked_add(other.bytes)?,
+        })
+    }
+
+    fn ops(ops: u32) -> Cost {
+        Cost { ops, bytes: 0 }
+    }
+}
+
+/// [`Cost`] of `node`, or `None` when the node (or one inside it) is outside the fast
+/// path's operators.
+pub(super) fn cost(node: &Node) -> Option<Cost> {
+    let sum = |args: &[Node], own: u32| {
         args.iter()
-            .try_fold(0u32, |total, n| total.checked_add(cost(n)?))
+            .try_fold(Cost::ops(own), |total, n| total.plus(cost(n)?))
     };
     match node {
-        Node::Lit(_) => Some(1),
-        Node::Const { ops, .. } => Some(*ops),
+        Node::Lit(_) => Some(Cost::ops(1)),
+        Node::Const { ops, bytes, .. } => Some(Cost {
+            ops: *ops,
+            bytes: *bytes,
+        }),
         Node::Array(_) => None,
-        Node::Var { kind, .. } => (*kind != VarKind::Slow).then_some(2),
-        Node::SemVer { args, .. } => sum(args)?.checked_add(2),
+        Node::Var { kind, .. } => (*kind != VarKind::Slow).then_some(Cost::ops(2)),
+        Node::SemVer { args, .. } => sum(args, 2),
         Node::Op { code, args, .. } => match code {
             Code::If
             | Code::Eq
@@ -106,31 +131,36 @@ pub(super) fn cost(node: &Node) -> Option<u32> {
             | Code::Compare
             | Code::In
             | Code::Affix
-            | Code::SemVer => sum(args)?.checked_add(1),
+            | Code::SemVer => sum(args, 1),
             // Its arguments are walked by `fractional` itself, from the budget it is given.
-            Code::Fractional => Some(1),
+            Code::Fractional => Some(Cost::ops(1)),
             _ => None,
         },
     }
 }
 
-/// Whether a rule is for the fast path: every node of its operators, and no more
-/// operations outside `fractional` than [`budget`] leaves aside for them.
+/// Whether a rule is for the fast path: every node of its operators, and no more spent
+/// outside `fractional` than [`budget`] leaves aside for them.
 pub(super) fn applies(root: &Node) -> bool {
-    cost(root).is_some_and(|ops| ops <= RESERVED)
+    cost(root).is_some_and(|c| c.ops <= RESERVED.ops && c.bytes <= RESERVED.bytes)
 }
 
-/// Operations set aside for the fast path's nodes outside `fractional`. A node costs at
-/// most as many operations as its compact JSON has bytes (a literal one, a constant one per
-/// item and one for itself, `var` two, an operator one more than its arguments), so every
-/// rule of at most [`MAX_RULE_BYTES`] of compact JSON fits.
-const RESERVED: u32 = MAX_RULE_BYTES as u32;
+/// What is set aside for the fast path's nodes outside `fractional`. A node costs at most
+/// as many operations as its compact JSON has bytes (a literal one, a constant one per item
+/// and one for itself, `var` two, an operator one more than its arguments), and a constant
+/// at most 4 bytes of output per byte of its JSON (`1,` weighs 8), so every rule of at most
+/// [`MAX_RULE_BYTES`] of compact JSON fits.
+const RESERVED: Cost = Cost {
+    ops: MAX_RULE_BYTES as u32,
+    bytes: 4 * MAX_RULE_BYTES as u32,
+};
 
 /// The budget `fractional` may spend on the fast path: what remains once the rule's other
 /// nodes have taken the most they can ([`RESERVED`]); it gives up when that runs out.
 pub(super) fn budget() -> Budget {
     let mut budget = Budget::new();
-    budget.ops = MAX_EVAL_OPS - RESERVED;
+    budget.ops = MAX_EVAL_OPS - RESERVED.ops;
+    budget.bytes = MAX_EVAL_OUTPUT_BYTES - RESERVED.bytes as usize;
     budget
 }
 
@@ -510,6 +540,40 @@ mod tests {
         // Both ways were exercised, and the fast path answered most evaluations.
         assert!(answered > 10 * handed_over, "{answered} / {handed_over}");
         assert!(handed_over > 0);
+    }
+
+    /// Constants read outside `fractional` and `fractional`'s own copies together just over
+    /// the output budget (each alone within it): over budget on both paths.
+    #[test]
+    fn output_spent_outside_fractional_counts_against_it() {
+        let ones = vec!["1"; 7000].join(",");
+        let vars = vec![r#"{"var":"b"}"#; 501].join(",");
+        let text = format!(r#"{{"if": [[{ones}], {{"fractional": [{vars}, ["a", 1]]}}, null]}}"#);
+        let rule = Rule::parse(&text).unwrap();
+        assert!(matches!(rule.root, Node::Op { fast: true, .. }));
+        let mut attributes = Map::new();
+        attributes.insert("b".into(), json!("x".repeat(1992)));
+        for bucketing in [Bucketing::V1, Bucketing::V2, Bucketing::V3] {
+            let data = Data {
+                attributes: &attributes,
+                targeting_key: "u",
+                flag_key: "flag",
+                bucketing,
+            };
+            assert_eq!(rule.evaluate_walked(&data), Err(super::super::OverBudget));
+            assert_eq!(rule.evaluate(&data), Err(super::super::OverBudget));
+        }
+        // Without the constant, the same split fits and both paths pick its variant.
+        let text = format!(r#"{{"if": [true, {{"fractional": [{vars}, ["a", 1]]}}, null]}}"#);
+        let rule = Rule::parse(&text).unwrap();
+        let data = Data {
+            attributes: &attributes,
+            targeting_key: "u",
+            flag_key: "flag",
+            bucketing: Bucketing::V2,
+        };
+        assert_eq!(rule.evaluate(&data), Ok(Cow::Owned(json!("a"))));
+        assert_eq!(rule.evaluate_walked(&data), rule.evaluate(&data));
     }
 
     #[test]
