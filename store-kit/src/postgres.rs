@@ -216,15 +216,9 @@ impl Conn {
     }
 }
 
-/// A transaction: begun by the client library (`BEGIN` on its own round trip), or by a
-/// batch of ours ([`PgDb::begin_with`]: the batch's statements travel with it).
-enum Tx<'a> {
-    Library(Transaction<'a>),
-    Own(OwnTx<'a>),
-}
-
-/// A transaction begun by a batch of ours: committed by [`PgDb::commit`], rolled back when
-/// dropped otherwise (as the library's own transactions are).
+/// A transaction begun by a batch of ours (`START TRANSACTION ...`, alone or with the
+/// statements that travel with it): committed by [`PgDb::commit`], rolled back when dropped
+/// otherwise (as the library's own transactions are).
 struct OwnTx<'a> {
     client: &'a mut Client,
     open: bool,
@@ -239,86 +233,29 @@ impl Drop for OwnTx<'_> {
     }
 }
 
-impl Tx<'_> {
-    fn client(&mut self) -> &mut dyn ClientLike {
-        match self {
-            Tx::Library(t) => t,
-            Tx::Own(o) => o.client,
-        }
-    }
-
-    fn commit(self) -> std::result::Result<(), postgres::Error> {
-        match self {
-            Tx::Library(t) => t.commit(),
-            Tx::Own(mut o) => {
-                o.open = false;
-                o.client.batch_execute("COMMIT")
-            }
-        }
+impl OwnTx<'_> {
+    fn commit(mut self) -> std::result::Result<(), postgres::Error> {
+        self.open = false;
+        self.client.batch_execute("COMMIT")
     }
 }
 
-/// What a transaction runs statements on: the library's transaction or the client itself.
-trait ClientLike {
-    fn prepare(&mut self, sql: &str) -> std::result::Result<Statement, postgres::Error>;
-    fn execute(
-        &mut self,
-        statement: &Statement,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> std::result::Result<u64, postgres::Error>;
-    fn query(
-        &mut self,
-        statement: &Statement,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> std::result::Result<Vec<postgres::Row>, postgres::Error>;
-    fn query_raw<'b>(
-        &'b mut self,
-        statement: &Statement,
-        params: Vec<&'b (dyn ToSql + Sync)>,
-    ) -> std::result::Result<postgres::RowIter<'b>, postgres::Error>;
-    fn batch_execute(&mut self, sql: &str) -> std::result::Result<(), postgres::Error>;
-}
-
-/// [`ClientLike`] for the client and the library's transaction, which have the same methods.
-macro_rules! client_like {
-    ($t:ty) => {
-        impl ClientLike for $t {
-            fn prepare(&mut self, sql: &str) -> std::result::Result<Statement, postgres::Error> {
-                <$t>::prepare(self, sql)
-            }
-            fn execute(
-                &mut self,
-                statement: &Statement,
-                params: &[&(dyn ToSql + Sync)],
-            ) -> std::result::Result<u64, postgres::Error> {
-                <$t>::execute(self, statement, params)
-            }
-            fn query(
-                &mut self,
-                statement: &Statement,
-                params: &[&(dyn ToSql + Sync)],
-            ) -> std::result::Result<Vec<postgres::Row>, postgres::Error> {
-                <$t>::query(self, statement, params)
-            }
-            fn query_raw<'b>(
-                &'b mut self,
-                statement: &Statement,
-                params: Vec<&'b (dyn ToSql + Sync)>,
-            ) -> std::result::Result<postgres::RowIter<'b>, postgres::Error> {
-                <$t>::query_raw(self, statement, params)
-            }
-            fn batch_execute(&mut self, sql: &str) -> std::result::Result<(), postgres::Error> {
-                <$t>::batch_execute(self, sql)
-            }
-        }
+/// The statement that begins a transaction of `isolation`, read-only or not (what the
+/// client library sends for its own transactions).
+fn start_transaction(isolation: IsolationLevel, read_only: bool) -> String {
+    let level = match isolation {
+        IsolationLevel::ReadUncommitted => "READ UNCOMMITTED",
+        IsolationLevel::ReadCommitted => "READ COMMITTED",
+        IsolationLevel::RepeatableRead => "REPEATABLE READ",
+        _ => "SERIALIZABLE",
     };
+    let access = if read_only { "READ ONLY" } else { "READ WRITE" };
+    format!("START TRANSACTION ISOLATION LEVEL {level}, {access}")
 }
-client_like!(Client);
-client_like!(Transaction<'_>);
 
 /// A transaction on a pooled connection, as SQL written against [`Db`] sees it.
 pub struct PgDb<'a> {
-    tx: RefCell<Tx<'a>>,
+    tx: RefCell<OwnTx<'a>>,
     statements: RefCell<&'a mut Statements>,
     /// The last PostgreSQL error, so a runner can tell a conflict (retry) from a failure.
     last_error: RefCell<Option<postgres::Error>>,
@@ -331,17 +268,7 @@ impl<'a> PgDb<'a> {
         isolation: IsolationLevel,
         read_only: bool,
     ) -> std::result::Result<Self, postgres::Error> {
-        let Conn { client, statements } = conn;
-        let tx = client
-            .build_transaction()
-            .isolation_level(isolation)
-            .read_only(read_only)
-            .start()?;
-        Ok(Self {
-            tx: RefCell::new(Tx::Library(tx)),
-            statements: RefCell::new(statements),
-            last_error: RefCell::new(None),
-        })
+        Self::begin_with(conn, &start_transaction(isolation, read_only))
     }
 
     /// Begins a transaction on `conn` with `batch`: statements without parameters, the
@@ -356,7 +283,7 @@ impl<'a> PgDb<'a> {
         let own = OwnTx { client, open: true };
         own.client.batch_execute(batch)?;
         Ok(Self {
-            tx: RefCell::new(Tx::Own(own)),
+            tx: RefCell::new(own),
             statements: RefCell::new(statements),
             last_error: RefCell::new(None),
         })
@@ -366,7 +293,7 @@ impl<'a> PgDb<'a> {
     pub fn batch(&self, sql: &str) -> Result<()> {
         self.tx
             .borrow_mut()
-            .client()
+            .client
             .batch_execute(sql)
             .map_err(|e| self.fail(e))
     }
@@ -406,7 +333,7 @@ impl<'a> PgDb<'a> {
         let statement = self
             .tx
             .borrow_mut()
-            .client()
+            .client
             .prepare(&dollar_placeholders(sql))
             .map_err(|e| self.fail(e))?;
         let prepared = (statement.clone(), column_names(&statement));
@@ -492,7 +419,7 @@ impl Db for PgDb<'_> {
         let (statement, _) = self.statement(sql)?;
         self.tx
             .borrow_mut()
-            .client()
+            .client
             .execute(&statement, &refs)
             .map_err(|e| self.fail(e))
     }
@@ -504,7 +431,7 @@ impl Db for PgDb<'_> {
         let rows = self
             .tx
             .borrow_mut()
-            .client()
+            .client
             .query(&statement, &refs)
             .map_err(|e| self.fail(e))?;
         rows.iter().map(|r| pg_row(r, &columns)).collect()
@@ -522,7 +449,7 @@ impl Db for PgDb<'_> {
         let mut tx = self.tx.borrow_mut();
         let refs: Vec<&(dyn ToSql + Sync)> = values.iter().map(AsRef::as_ref).collect();
         let mut rows = tx
-            .client()
+            .client
             .query_raw(&statement, refs)
             .map_err(|e| self.fail(e))?;
         while let Some(row) = rows.next().map_err(|e| self.fail(e))? {
@@ -756,6 +683,33 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A transaction begun for an isolation level and access mode runs at that level and
+    /// refuses writes when read-only.
+    #[test]
+    fn a_transaction_has_the_isolation_and_access_it_was_begun_with() {
+        let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
+            eprintln!("TEST_DATABASE_URL is not set: skipped");
+            return;
+        };
+        let mut conn = Conn::new(connect(&url, "").unwrap());
+        for (isolation, name) in [
+            (IsolationLevel::ReadCommitted, "read committed"),
+            (IsolationLevel::RepeatableRead, "repeatable read"),
+            (IsolationLevel::Serializable, "serializable"),
+        ] {
+            for read_only in [true, false] {
+                let db = PgDb::begin(&mut conn, isolation, read_only).unwrap();
+                let rows = (&db as &dyn Db)
+                    .query("SHOW transaction_isolation", &[])
+                    .unwrap();
+                assert_eq!(rows[0].get::<String>(0).unwrap(), name);
+                let write = db.batch("CREATE TEMP TABLE store_kit_access (v INT)");
+                assert_eq!(write.is_err(), read_only, "{name} read_only={read_only}");
+                drop(db);
+            }
+        }
+    }
 
     /// A transaction begun with a batch: its statements run in it (a row it locks stays
     /// locked for another session until it ends), it commits, and it is rolled back when

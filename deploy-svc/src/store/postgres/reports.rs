@@ -160,7 +160,7 @@ fn commit_group(
                 live.retain(|&j| j != i);
             }
             Ok(Attempt::OneByOne(error)) => {
-                tracing::debug!(error = %error, reports, "a report group's statements failed; applying its reports one at a time");
+                tracing::warn!(error = %error, reports, "a report group's statements failed; applying its reports one at a time");
                 together = false;
             }
             Err(e) => {
