@@ -536,7 +536,7 @@ impl Rule {
     pub fn evaluate<'a>(&'a self, data: &Data<'a>) -> Result<Cow<'a, Value>, OverBudget> {
         if let Node::Op { fast: true, .. } = &self.root {
             if let Some(v) = fast::eval(&self.root, data, &mut fast::budget()) {
-                return Ok(v.into_cow());
+                return Ok(v.into_cow(data));
             }
         }
         self.evaluate_walked(data)

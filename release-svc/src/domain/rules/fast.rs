@@ -25,20 +25,49 @@ use super::{
 };
 
 /// A value during fast evaluation: borrowed from the rule or the context, or one of the
-/// request's own texts (the targeting key, the flag key).
+/// request's own texts named (two words: returned in registers).
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Val<'a> {
+    Value(&'a Value),
+    TargetingKey,
+    FlagKey,
+}
+
+impl<'a> Val<'a> {
+    fn boolean(b: bool) -> Self {
+        Self::Value(if b { &TRUE } else { &FALSE })
+    }
+
+    /// The value read: the request's texts looked up in `data`.
+    #[inline]
+    fn see(self, data: &Data<'a>) -> Seen<'a> {
+        match self {
+            Self::Value(v) => Json(v),
+            Self::TargetingKey => Text(data.targeting_key),
+            Self::FlagKey => Text(data.flag_key),
+        }
+    }
+
+    /// The value as the walker answers it (a request text as an owned string, as `var`
+    /// gives it there).
+    pub(super) fn into_cow(self, data: &Data<'a>) -> Cow<'a, Value> {
+        match self.see(data) {
+            Json(v) => Cow::Borrowed(v),
+            Text(s) => Cow::Owned(Value::String(s.to_owned())),
+        }
+    }
+}
+
+/// A [`Val`] read: a JSON value, or one of the request's texts.
+#[derive(Debug, Clone, Copy)]
+enum Seen<'a> {
     Json(&'a Value),
     Text(&'a str),
 }
 
-use Val::{Json, Text};
+use Seen::{Json, Text};
 
-impl<'a> Val<'a> {
-    fn boolean(b: bool) -> Self {
-        Json(if b { &TRUE } else { &FALSE })
-    }
-
+impl<'a> Seen<'a> {
     fn truthy(self) -> bool {
         match self {
             Json(v) => truthy(v),
@@ -67,15 +96,6 @@ impl<'a> Val<'a> {
         match self {
             Json(v) => number(v),
             Text(s) => s.trim().parse().ok(),
-        }
-    }
-
-    /// The value as the walker answers it (a request text as an owned string, as `var`
-    /// gives it there).
-    pub(super) fn into_cow(self) -> Cow<'a, Value> {
-        match self {
-            Json(v) => Cow::Borrowed(v),
-            Text(s) => Cow::Owned(Value::String(s.to_owned())),
         }
     }
 }
@@ -167,9 +187,9 @@ pub(super) fn budget() -> Budget {
 /// `var` of a constant path outside any `map`-like scope, as the walker reads it.
 fn var<'a>(path: &str, kind: VarKind, data: &Data<'a>) -> Option<Val<'a>> {
     let (first, rest) = match kind {
-        VarKind::TargetingKey => return Some(Text(data.targeting_key)),
-        VarKind::FlagKey => return Some(Text(data.flag_key)),
-        VarKind::Null => return Some(Json(&NULL)),
+        VarKind::TargetingKey => return Some(Val::TargetingKey),
+        VarKind::FlagKey => return Some(Val::FlagKey),
+        VarKind::Null => return Some(Val::Value(&NULL)),
         VarKind::Slow => return None,
         VarKind::Key => (path, ""),
         VarKind::Path => path.split_once('.')?,
@@ -178,7 +198,7 @@ fn var<'a>(path: &str, kind: VarKind, data: &Data<'a>) -> Option<Val<'a>> {
         (Some(v), VarKind::Path) => walk_parts(v, rest.split('.')),
         (found, _) => found,
     };
-    Some(Json(found.unwrap_or(&NULL)))
+    Some(Val::Value(found.unwrap_or(&NULL)))
 }
 
 /// The attribute `key`. A context's few attributes are scanned with their lengths compared
@@ -195,7 +215,7 @@ fn attribute<'a>(data: &Data<'a>, key: &str) -> Option<&'a Value> {
 }
 
 /// JSON Logic's `==` where the walker's answer needs no rendering.
-fn loose(a: Val<'_>, b: Val<'_>) -> Option<bool> {
+fn loose(a: Seen<'_>, b: Seen<'_>) -> Option<bool> {
     match (a, b) {
         (Json(x), Json(y)) => Some(loose_eq(x, y)),
         (Text(s), other) | (other, Text(s)) => match other {
@@ -206,14 +226,14 @@ fn loose(a: Val<'_>, b: Val<'_>) -> Option<bool> {
     }
 }
 
-fn strict(a: Val<'_>, b: Val<'_>) -> bool {
+fn strict(a: Seen<'_>, b: Seen<'_>) -> bool {
     match (a, b) {
         (Json(x), Json(y)) => x == y,
         (Text(s), other) | (other, Text(s)) => other.text() == Some(s),
     }
 }
 
-fn within(needle: Val<'_>, hay: Val<'_>) -> Option<bool> {
+fn within(needle: Seen<'_>, hay: Seen<'_>) -> Option<bool> {
     Some(match hay {
         Json(Value::Array(items)) => match needle {
             Json(Value::String(s)) => items.iter().any(|v| v.as_str().is_some_and(|v| same(v, s))),
@@ -233,13 +253,13 @@ fn within(needle: Val<'_>, hay: Val<'_>) -> Option<bool> {
 /// Recursion is bounded by the rule's checked depth.
 pub(super) fn eval<'a>(node: &'a Node, data: &Data<'a>, budget: &mut Budget) -> Option<Val<'a>> {
     let (name, code, args): (&str, Code, &'a [Node]) = match node {
-        Node::Lit(v) | Node::Const { value: v, .. } => return Some(Json(v)),
+        Node::Lit(v) | Node::Const { value: v, .. } => return Some(Val::Value(v)),
         Node::Var { path, kind, .. } => return var(path, *kind, data),
         Node::SemVer { args, against } => {
-            let a = eval(&args[0], data, budget)?.free_text()?;
-            let o = eval(&args[1], data, budget)?.free_text()?;
+            let a = eval(&args[0], data, budget)?.see(data).free_text()?;
+            let o = eval(&args[1], data, budget)?.see(data).free_text()?;
             let answer = parse_version(a).and_then(|a| compare_versions(&a, o, against));
-            return Some(answer.map_or(Json(&NULL), Val::boolean));
+            return Some(answer.map_or(Val::Value(&NULL), Val::boolean));
         }
         Node::Array(_) => return None,
         Node::Op {
@@ -248,13 +268,13 @@ pub(super) fn eval<'a>(node: &'a Node, data: &Data<'a>, budget: &mut Budget) -> 
     };
     let mut arg = |i: usize| match args.get(i) {
         Some(n) => eval(n, data, budget),
-        None => Some(Json(&NULL)),
+        None => Some(Val::Value(&NULL)),
     };
     Some(match code {
         Code::If => {
             let mut i = 0;
             while i + 1 < args.len() {
-                if arg(i)?.truthy() {
+                if arg(i)?.see(data).truthy() {
                     return arg(i + 1);
                 }
                 i += 2;
@@ -266,32 +286,36 @@ pub(super) fn eval<'a>(node: &'a Node, data: &Data<'a>, budget: &mut Budget) -> 
             let mut last = Val::boolean(!stop);
             for i in 0..args.len() {
                 last = arg(i)?;
-                if last.truthy() == stop {
+                if last.see(data).truthy() == stop {
                     break;
                 }
             }
             last
         }
-        Code::Not | Code::NotNot => Val::boolean(arg(0)?.truthy() == (code == Code::NotNot)),
-        Code::Eq | Code::Ne => Val::boolean(loose(arg(0)?, arg(1)?)? == (code == Code::Eq)),
+        Code::Not | Code::NotNot => {
+            Val::boolean(arg(0)?.see(data).truthy() == (code == Code::NotNot))
+        }
+        Code::Eq | Code::Ne => {
+            Val::boolean(loose(arg(0)?.see(data), arg(1)?.see(data))? == (code == Code::Eq))
+        }
         Code::StrictEq | Code::StrictNe => {
-            Val::boolean(strict(arg(0)?, arg(1)?) == (code == Code::StrictEq))
+            Val::boolean(strict(arg(0)?.see(data), arg(1)?.see(data)) == (code == Code::StrictEq))
         }
         Code::In => {
             let needle = arg(0)?;
-            Val::boolean(within(needle, arg(1)?)?)
+            Val::boolean(within(needle.see(data), arg(1)?.see(data))?)
         }
         Code::Compare => return comparison(name, args, data, budget),
         Code::Affix if args.len() == 2 => {
-            let (s, p) = (arg(0)?, arg(1)?);
+            let (s, p) = (arg(0)?.see(data), arg(1)?.see(data));
             match (s.text(), p.text()) {
                 (Some(s), Some(p)) if name == "starts_with" => Val::boolean(starts_with(s, p)),
                 (Some(s), Some(p)) => Val::boolean(ends_with(s, p)),
-                _ => Json(&NULL),
+                _ => Val::Value(&NULL),
             }
         }
         Code::SemVer if args.len() == 3 => return versions(args, data, budget),
-        Code::Affix | Code::SemVer => Json(&NULL),
+        Code::Affix | Code::SemVer => Val::Value(&NULL),
         Code::Fractional => return split(args, data, budget),
         _ => return None,
     })
@@ -305,13 +329,20 @@ fn comparison<'a>(
     data: &Data<'a>,
     b: &mut Budget,
 ) -> Option<Val<'a>> {
-    let mut arg = |i: usize| args.get(i).map_or(Some(Json(&NULL)), |n| eval(n, data, b));
-    let (x, y) = (arg(0)?.number(), arg(1)?.number());
+    let mut arg = |i: usize| {
+        args.get(i)
+            .map_or(Some(Val::Value(&NULL)), |n| eval(n, data, b))
+    };
+    let (x, y) = (arg(0)?.see(data).number(), arg(1)?.see(data).number());
     Some(Val::boolean(match (x, y, args.len()) {
         (Some(x), Some(y), 2) => compare(name, x, y),
         // JSON Logic's "between": x < y < z.
         (Some(x), Some(y), 3) if name == "<" || name == "<=" => {
-            compare(name, x, y) && arg(2)?.number().is_some_and(|z| compare(name, y, z))
+            compare(name, x, y)
+                && arg(2)?
+                    .see(data)
+                    .number()
+                    .is_some_and(|z| compare(name, y, z))
         }
         _ => false,
     }))
@@ -320,10 +351,10 @@ fn comparison<'a>(
 /// `sem_ver` of three evaluated arguments (the version not a literal).
 #[inline(never)]
 fn versions<'a>(args: &'a [Node], data: &Data<'a>, budget: &mut Budget) -> Option<Val<'a>> {
-    let a = eval(&args[0], data, budget)?.free_text()?;
-    let o = eval(&args[1], data, budget)?.free_text()?;
-    let b = eval(&args[2], data, budget)?.free_text()?;
-    Some(sem_ver(a, o, b).map_or(Json(&NULL), Val::boolean))
+    let a = eval(&args[0], data, budget)?.see(data).free_text()?;
+    let o = eval(&args[1], data, budget)?.see(data).free_text()?;
+    let b = eval(&args[2], data, budget)?.see(data).free_text()?;
+    Some(sem_ver(a, o, b).map_or(Val::Value(&NULL), Val::boolean))
 }
 
 /// `fractional`, by the walker's own function, from what remains of the budget.
@@ -335,7 +366,7 @@ fn split<'a>(args: &'a [Node], data: &Data<'a>, budget: &mut Budget) -> Option<V
     };
     match fractional(args, &scope, budget) {
         _ if budget.exceeded() => None,
-        Cow::Borrowed(v) => Some(Json(v)),
+        Cow::Borrowed(v) => Some(Val::Value(v)),
         Cow::Owned(_) => None,
     }
 }
@@ -529,7 +560,7 @@ mod tests {
                     match eval(&rule.root, &data, &mut budget()) {
                         Some(v) => {
                             answered += 1;
-                            assert_eq!(Ok(v.into_cow()), walked, "{text} on {attributes:?}");
+                            assert_eq!(Ok(v.into_cow(&data)), walked, "{text} on {attributes:?}");
                         }
                         None => handed_over += 1,
                     }
