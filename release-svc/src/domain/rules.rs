@@ -1239,6 +1239,12 @@ fn parse_version(v: &str) -> Option<semver::Version> {
 /// for anything else (pre-release, build, leading zeros, more than 18 digits), which the
 /// general parser then reads or refuses exactly as before.
 fn plain_version(v: &str) -> Option<semver::Version> {
+    plain_parts(v).map(|[major, minor, patch]| semver::Version::new(major, minor, patch))
+}
+
+/// The numbers of a plain version ([`plain_version`]).
+#[inline]
+fn plain_parts(v: &str) -> Option<[u64; 3]> {
     let b = v.as_bytes();
     let mut parts = [0u64; 3];
     let mut i = 0;
@@ -1260,7 +1266,7 @@ fn plain_version(v: &str) -> Option<semver::Version> {
             _ => return None,
         }
     }
-    Some(semver::Version::new(parts[0], parts[1], parts[2]))
+    Some(parts)
 }
 
 /// flagd's `sem_ver`: `[version, operator, version]` with `= != < <= > >= ^ ~`; `None`
@@ -1271,7 +1277,30 @@ pub fn sem_ver(a: &str, op: &str, b: &str) -> Option<bool> {
 
 fn compare_versions(a: &semver::Version, op: &str, b: &semver::Version) -> Option<bool> {
     // Precedence ignores build metadata (SemVer 2.0 section 10): 1.0.0+build = 1.0.0.
-    let order = a.cmp_precedence(b);
+    order_answer(
+        a.cmp_precedence(b),
+        op,
+        [a.major, a.minor],
+        [b.major, b.minor],
+    )
+}
+
+/// `sem_ver` of a plain version (`MAJOR.MINOR.PATCH`: no pre-release, no build) against
+/// `b`, compared as numbers without building a version; `None` where [`compare_versions`]
+/// must answer (`a` not plain, `b` a pre-release).
+#[inline]
+fn compare_plain(a: &str, op: &str, b: &semver::Version) -> Option<Option<bool>> {
+    if !b.pre.is_empty() {
+        return None;
+    }
+    let a = plain_parts(a)?;
+    let order = a.cmp(&[b.major, b.minor, b.patch]);
+    Some(order_answer(order, op, [a[0], a[1]], [b.major, b.minor]))
+}
+
+/// flagd's `sem_ver` operators on an ordering (and the major and minor numbers, for `^`
+/// and `~`).
+fn order_answer(order: std::cmp::Ordering, op: &str, a: [u64; 2], b: [u64; 2]) -> Option<bool> {
     Some(match op {
         "=" => order.is_eq(),
         "!=" => order.is_ne(),
@@ -1279,8 +1308,8 @@ fn compare_versions(a: &semver::Version, op: &str, b: &semver::Version) -> Optio
         "<=" => order.is_le(),
         ">" => order.is_gt(),
         ">=" => order.is_ge(),
-        "^" => a.major == b.major,
-        "~" => a.major == b.major && a.minor == b.minor,
+        "^" => a[0] == b[0],
+        "~" => a == b,
         _ => return None,
     })
 }

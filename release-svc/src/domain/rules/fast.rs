@@ -19,8 +19,8 @@ use serde_json::Value;
 
 use super::super::text::{ends_with, same, starts_with};
 use super::{
-    compare, compare_versions, fractional, loose_eq, number, parse_version, sem_ver, truthy,
-    walk_parts, Budget, Code, Data, Node, Scope, VarKind, FALSE, MAX_EVAL_OPS,
+    compare, compare_plain, compare_versions, fractional, loose_eq, number, parse_version, sem_ver,
+    truthy, walk_parts, Budget, Code, Data, Node, Scope, VarKind, FALSE, MAX_EVAL_OPS,
     MAX_EVAL_OUTPUT_BYTES, MAX_RULE_BYTES, NULL, TRUE,
 };
 
@@ -258,7 +258,8 @@ pub(super) fn eval<'a>(node: &'a Node, data: &Data<'a>, budget: &mut Budget) -> 
         Node::SemVer { args, against } => {
             let a = eval(&args[0], data, budget)?.see(data).free_text()?;
             let o = eval(&args[1], data, budget)?.see(data).free_text()?;
-            let answer = parse_version(a).and_then(|a| compare_versions(&a, o, against));
+            let answer = compare_plain(a, o, against)
+                .unwrap_or_else(|| parse_version(a).and_then(|a| compare_versions(&a, o, against)));
             return Some(answer.map_or(Val::Value(&NULL), Val::boolean));
         }
         Node::Array(_) => return None,
@@ -400,6 +401,8 @@ mod tests {
                 json!("2.1.0"),
                 json!("v1.2"),
                 json!("1.2.3-beta"),
+                json!("2.1.0+b"),
+                json!("2.0.10"),
                 json!("user-3"),
                 json!("@corp.com"),
                 json!("é"),
@@ -503,7 +506,9 @@ mod tests {
                 "sem_ver" => {
                     let ops = ["=", "!=", "<", "<=", ">", ">=", "^", "~", "=="];
                     let o = json!(*self.pick(&ops));
-                    let version = self.pick(&["2.1.0", "1", "v1.2", "x"]).to_string();
+                    let version = self
+                        .pick(&["2.1.0", "1", "v1.2", "x", "1.2.3-beta", "2.1.0+b", "2.0.9"])
+                        .to_string();
                     let against = if self.next().is_multiple_of(2) {
                         json!(version)
                     } else {
