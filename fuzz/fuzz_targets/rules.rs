@@ -32,10 +32,11 @@ fuzz_target!(|data: &[u8]| {
             flag_key: "flag",
             bucketing,
         };
-        let answer = rule.evaluate(&data);
-        // (`$flagd.timestamp` may tick between two evaluations.)
-        if !text.contains("timestamp") {
-            assert_eq!(answer, rule.evaluate_walked(&data), "{text}");
+        if rule.evaluate(&data) != rule.evaluate_walked(&data) {
+            // The walker reads the clock (`$flagd.timestamp`, also inside `{"var": ""}`): a
+            // second may have ticked between the two. Only a difference that repeats is a
+            // fault.
+            assert_eq!(rule.evaluate(&data), rule.evaluate_walked(&data), "{text}");
         }
     }
 });

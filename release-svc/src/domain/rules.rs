@@ -607,7 +607,26 @@ fn text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Null => String::new(),
+        Value::Number(n) => number_text(n),
         other => other.to_string(),
+    }
+}
+
+/// A number as JSON Logic's JavaScript and flagd's Go write it: a whole number without a
+/// fraction (`1`, not `1.0`: a request's numbers arrive as floats), whatever its JSON type.
+fn number_text(n: &serde_json::Number) -> String {
+    match n.as_f64() {
+        Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 1e21 => (f as i128).to_string(),
+        _ => n.to_string(),
+    }
+}
+
+/// JSON Logic's `===`: numbers by value (`1 === 1.0`: a request's numbers arrive as
+/// floats, a rule's whole numbers as integers), everything else by JSON equality.
+fn strict_eq(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        _ => a == b,
     }
 }
 
@@ -883,8 +902,8 @@ fn apply<'a>(rule: &'a Node, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, V
         }
         Code::Eq => bool_value(loose_eq(&eval(0, budget), &eval(1, budget))),
         Code::Ne => bool_value(!loose_eq(&eval(0, budget), &eval(1, budget))),
-        Code::StrictEq => bool_value(eval(0, budget) == eval(1, budget)),
-        Code::StrictNe => bool_value(eval(0, budget) != eval(1, budget)),
+        Code::StrictEq => bool_value(strict_eq(&eval(0, budget), &eval(1, budget))),
+        Code::StrictNe => bool_value(!strict_eq(&eval(0, budget), &eval(1, budget))),
         Code::Not => bool_value(!truthy(&eval(0, budget))),
         Code::NotNot => bool_value(truthy(&eval(0, budget))),
         Code::And => {
@@ -1671,6 +1690,31 @@ mod tests {
             bucketing: Bucketing::default(),
         };
         rule.evaluate(&data).unwrap().into_owned()
+    }
+
+    /// A request's numbers arrive as floats (`1.0`): `===` compares numbers by value, and a
+    /// whole number reads as text without a fraction, as JavaScript and Go write it.
+    #[test]
+    fn whole_numbers_from_a_request_compare_and_read_as_whole_numbers() {
+        let whole = json!({"n": 1.0, "m": -0.0, "big": 1e20, "half": 1.5});
+        for (rule, answer) in [
+            (json!({"===": [{"var": "n"}, 1]}), json!(true)),
+            (json!({"!==": [{"var": "n"}, 1]}), json!(false)),
+            (json!({"===": [{"var": "m"}, 0]}), json!(true)),
+            (json!({"===": [{"var": "n"}, "1"]}), json!(false)),
+            (
+                json!({"cat": [{"var": "n"}, "/", {"var": "half"}]}),
+                json!("1/1.5"),
+            ),
+            (
+                json!({"cat": [{"var": "m"}, "/", {"var": "big"}]}),
+                json!("0/100000000000000000000"),
+            ),
+            (json!({"in": [{"var": "n"}, "abc1def"]}), json!(true)),
+            (json!({"in": [{"var": "half"}, "a1.5"]}), json!(true)),
+        ] {
+            assert_eq!(eval(rule.clone(), whole.clone()), answer, "{rule}");
+        }
     }
 
     #[test]

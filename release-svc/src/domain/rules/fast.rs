@@ -21,9 +21,9 @@ use super::super::hash::Murmur3;
 use super::super::text::{ends_with, same, starts_with};
 use super::{
     bucket, compare, compare_plain, compare_versions, const_weight, fractional, loose_eq, number,
-    parse_version, pick_v1, pick_weighted, sem_ver, truthy, walk_parts, Bucketing, Budget, Code,
-    Data, Node, Scope, VarKind, FALSE, MAX_EVAL_OPS, MAX_EVAL_OUTPUT_BYTES, MAX_RULE_BYTES, NULL,
-    TRUE,
+    parse_version, pick_v1, pick_weighted, sem_ver, strict_eq, truthy, walk_parts, Bucketing,
+    Budget, Code, Data, Node, Scope, VarKind, FALSE, MAX_EVAL_OPS, MAX_EVAL_OUTPUT_BYTES,
+    MAX_RULE_BYTES, NULL, TRUE,
 };
 
 /// A value during fast evaluation: borrowed from the rule or the context, or one of the
@@ -230,7 +230,7 @@ fn loose(a: Seen<'_>, b: Seen<'_>) -> Option<bool> {
 
 fn strict(a: Seen<'_>, b: Seen<'_>) -> bool {
     match (a, b) {
-        (Json(x), Json(y)) => x == y,
+        (Json(x), Json(y)) => strict_eq(x, y),
         (Text(s), other) | (other, Text(s)) => other.text() == Some(s),
     }
 }
@@ -507,6 +507,8 @@ mod tests {
                 json!(3),
                 json!(0),
                 json!(2.5),
+                json!(3.0),
+                json!(-0.0),
                 json!(true),
                 json!(false),
                 json!(null),
