@@ -19,6 +19,8 @@ const C2: u32 = 0x1b87_3593;
 
 /// MurmurHash3 x86 32-bit over input given in pieces: the hash of their concatenation,
 /// without building it (a rollout hashes `feature`, `/` and the key on every decision).
+/// A state can be kept and copied: input that always starts the same is hashed once.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Murmur3 {
     h: u32,
     /// The bytes of an unfinished 4-byte block, little-endian, and how many.

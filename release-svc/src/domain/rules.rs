@@ -278,13 +278,16 @@ enum Node {
     /// wrote the single argument without an array (`{"var": "plan"}`).
     ///
     /// `fast` is set on a rule's root operator when the whole rule is for the fast path (it
-    /// lives in the node's padding: a rule costs no more memory for it).
+    /// lives in the node's padding: a rule costs no more memory for it). `split` is the
+    /// fast path's plan of a `fractional` in flagd's usual form ([`fast::Split`]; `None` on
+    /// every other operator: a rule without one costs no more memory for it).
     Op {
         name: &'static str,
         code: Code,
         args: Box<[Node]>,
         bare: bool,
         fast: bool,
+        split: Option<Box<fast::Split>>,
     },
     /// `var` of a constant path without a default (its usual form): one call instead of
     /// the operator's and its path's.
@@ -435,12 +438,18 @@ impl Node {
                         return Self::Var { path, bare, kind };
                     }
                     let code = Code::of(name);
+                    let split = if code == Code::Fractional {
+                        fast::Split::plan(&args)
+                    } else {
+                        None
+                    };
                     Self::Op {
                         name,
                         code,
                         args,
                         bare,
                         fast: false,
+                        split,
                     }
                 }
                 None => Self::Lit(v.clone()),
@@ -1519,24 +1528,28 @@ fn pick_v1<'v>(
     Some(count - 1)
 }
 
+/// A bucket's weight under V2 and V3: missing or null 1, negative 0; `None` (no decision)
+/// for a fraction, a non-number or a weight above `i32::MAX`.
+fn weight_v2(w: Option<&Value>) -> Option<u64> {
+    let w = match w {
+        None | Some(Value::Null) => 1,
+        Some(Value::Number(n)) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => u64::try_from(i.max(0)).unwrap_or(0),
+            (None, Some(f)) if f.fract() == 0.0 && f < 0.0 => 0,
+            _ => return None,
+        },
+        Some(_) => return None,
+    };
+    (w <= i32::MAX as u64).then_some(w)
+}
+
 /// V2 and V3: integer weights (missing or null: 1, negative: 0; fractional or above
 /// `i32::MAX`: no decision), `(h * total) >> 32` against the cumulative weights.
 fn pick_weighted<'v>(
     hash: u32,
     weights: impl Iterator<Item = Option<&'v Value>> + Clone,
 ) -> Option<usize> {
-    let weight = |w: Option<&Value>| -> Option<u64> {
-        let w = match w {
-            None | Some(Value::Null) => 1,
-            Some(Value::Number(n)) => match (n.as_i64(), n.as_f64()) {
-                (Some(i), _) => u64::try_from(i.max(0)).unwrap_or(0),
-                (None, Some(f)) if f.fract() == 0.0 && f < 0.0 => 0,
-                _ => return None,
-            },
-            Some(_) => return None,
-        };
-        (w <= i32::MAX as u64).then_some(w)
-    };
+    let weight = weight_v2;
     let mut total: u64 = 0;
     for w in weights.clone() {
         total += weight(w)?;
@@ -1675,6 +1688,15 @@ fn f16_bits(f: f64) -> Option<u16> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A compiled rule's nodes stay as small as the memory target was measured with: the
+    /// fast path's flags and plans live in padding or behind a pointer on the few nodes
+    /// that have one.
+    #[test]
+    fn compiled_nodes_keep_their_size() {
+        assert_eq!(std::mem::size_of::<Node>(), 48);
+        assert_eq!(std::mem::size_of::<Rule>(), 48);
+    }
 
     fn eval(rule: Value, attributes: Value) -> Value {
         eval_for(rule, attributes, "user")

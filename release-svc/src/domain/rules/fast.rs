@@ -21,9 +21,9 @@ use super::super::hash::Murmur3;
 use super::super::text::{ends_with, same, starts_with};
 use super::{
     bucket, compare, compare_plain, compare_versions, const_weight, fractional, loose_eq, number,
-    parse_version, pick_v1, pick_weighted, sem_ver, strict_eq, truthy, walk_parts, Bucketing,
-    Budget, Code, Data, Node, Scope, VarKind, FALSE, MAX_EVAL_OPS, MAX_EVAL_OUTPUT_BYTES,
-    MAX_RULE_BYTES, NULL, TRUE,
+    parse_version, pick_v1, pick_weighted, sem_ver, strict_eq, truthy, walk_parts, weight_v2,
+    Bucketing, Budget, Code, Data, Node, Scope, VarKind, FALSE, MAX_EVAL_OPS,
+    MAX_EVAL_OUTPUT_BYTES, MAX_RULE_BYTES, NULL, TRUE,
 };
 
 /// A value during fast evaluation: borrowed from the rule or the context, or one of the
@@ -279,6 +279,12 @@ fn operator<'a>(node: &'a Node, data: &Data<'a>, budget: &mut Budget) -> Option<
         }
         Node::Array(_) => return None,
         Node::Op {
+            code: Code::Fractional,
+            args,
+            split: plan,
+            ..
+        } => return split(plan.as_deref(), args, data, budget),
+        Node::Op {
             name, code, args, ..
         } => (name, *code, args),
     };
@@ -332,7 +338,6 @@ fn operator<'a>(node: &'a Node, data: &Data<'a>, budget: &mut Budget) -> Option<
         }
         Code::SemVer if args.len() == 3 => return versions(args, data, budget),
         Code::Affix | Code::SemVer => Val::Value(&NULL),
-        Code::Fractional => return split(args, data, budget),
         _ => return None,
     })
 }
@@ -373,9 +378,20 @@ fn versions<'a>(args: &'a [Node], data: &Data<'a>, budget: &mut Budget) -> Optio
     Some(sem_ver(a, o, b).map_or(Val::Value(&NULL), Val::boolean))
 }
 
-/// `fractional`, by the walker's own function, from what remains of the budget.
+/// `fractional`, by its plan under V2, else by the walker's own function, from what
+/// remains of the budget.
 #[inline(never)]
-fn split<'a>(args: &'a [Node], data: &Data<'a>, budget: &mut Budget) -> Option<Val<'a>> {
+fn split<'a>(
+    plan: Option<&Split>,
+    args: &'a [Node],
+    data: &Data<'a>,
+    budget: &mut Budget,
+) -> Option<Val<'a>> {
+    if let (Some(plan), Bucketing::V2) = (plan, data.bucketing) {
+        if let Some(answer) = plan.split(args, data, budget) {
+            return answer;
+        }
+    }
     if let Some(answer) = usual_split(args, data, budget) {
         return answer;
     }
@@ -387,6 +403,137 @@ fn split<'a>(args: &'a [Node], data: &Data<'a>, budget: &mut Budget) -> Option<V
         _ if budget.exceeded() => None,
         Cow::Borrowed(v) => Some(Val::Value(v)),
         Cow::Owned(_) => None,
+    }
+}
+
+/// flagd's usual `fractional` (a `cat` of literal texts and `var`s as the seed, then
+/// constant non-empty buckets whose weights decide under V2), planned when the rule is
+/// compiled: what the walker charges for everything but the `var`s' texts, and the V2
+/// cumulative weights. Evaluating it hashes the seed's pieces as they come, charges the
+/// budget once, and finds the bucket among the plan's integers (the buckets' JSON is read
+/// only for the variant chosen).
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Split {
+    /// Operations: the `cat`, one per literal piece, two per `var`, the buckets'.
+    ops: u32,
+    /// Output bytes: the literal pieces' and the buckets' (read in place and paid as
+    /// copies), without the `var`s' texts.
+    bytes: u32,
+    /// The V2 total weight (from 1 to `i32::MAX`).
+    total: u32,
+    /// Each bucket's cumulative V2 weight.
+    ends: Box<[u32]>,
+    /// The hash of the seed's leading literal pieces, and how many there are (flagd's
+    /// usual seed starts with the flag's own text: hashed once, here).
+    prefix: Murmur3,
+    literal: usize,
+}
+
+impl Split {
+    /// The plan of a `fractional` with these arguments, when they are in the usual form
+    /// and their weights decide under V2 (`None` otherwise: the other paths run).
+    pub(super) fn plan(args: &[Node]) -> Option<Box<Split>> {
+        let (pieces, buckets) = cat_seed(args)?;
+        let (mut ops, mut bytes) = (1u64, 0u64);
+        let mut prefix = Murmur3::new(0);
+        let literal = pieces
+            .iter()
+            .take_while(|p| matches!(p, Node::Lit(Value::String(_))))
+            .count();
+        for piece in &pieces[..literal] {
+            if let Node::Lit(Value::String(s)) = piece {
+                prefix.write(s.as_bytes());
+            }
+        }
+        for piece in pieces.iter() {
+            match piece {
+                Node::Lit(Value::String(s)) => (ops, bytes) = (ops + 1, bytes + s.len() as u64),
+                Node::Var { kind, .. } if *kind != VarKind::Slow => ops += 2,
+                _ => return None,
+            }
+        }
+        let mut ends = Vec::with_capacity(buckets.len());
+        let mut total = 0u64;
+        for b in buckets {
+            let Node::Const {
+                value: value @ Value::Array(_),
+                ops: o,
+                bytes: n,
+            } = b
+            else {
+                return None;
+            };
+            let (_, w) = bucket(value)?;
+            ops += u64::from(*o);
+            bytes += u64::from(*n) + const_weight(value, *n) as u64;
+            total += weight_v2(w)?;
+            ends.push(u32::try_from(total).ok()?);
+        }
+        if total == 0 || total > i32::MAX as u64 {
+            return None;
+        }
+        Some(Box::new(Split {
+            ops: u32::try_from(ops).ok()?,
+            bytes: u32::try_from(bytes).ok()?,
+            total: u32::try_from(total).ok()?,
+            ends: ends.into(),
+            prefix,
+            literal,
+        }))
+    }
+
+    /// The split under V2 as the walker answers it; `None` when a piece of the seed is not
+    /// a text the walker reads for free (nothing charged: the walker's `fractional` runs),
+    /// `Some(None)` when the budget runs out.
+    fn split<'a>(
+        &self,
+        args: &'a [Node],
+        data: &Data<'a>,
+        budget: &mut Budget,
+    ) -> Option<Option<Val<'a>>> {
+        let (pieces, buckets) = cat_seed(args)?;
+        let mut hash = self.prefix.clone();
+        let mut read = 0usize;
+        for piece in pieces.get(self.literal..)? {
+            let text = seed_piece(piece, data)?;
+            if matches!(piece, Node::Var { .. }) {
+                read += text.len();
+            }
+            hash.write(text.as_bytes());
+        }
+        // Every charge fits exactly when their sum does (the walker charges piece by piece).
+        if !budget.take(self.ops, self.bytes as usize + read) {
+            return Some(None);
+        }
+        let at = (u64::from(hash.finish()) * u64::from(self.total)) >> 32;
+        let i = self
+            .ends
+            .iter()
+            .take_while(|&&end| u64::from(end) <= at)
+            .count();
+        let variant = match buckets.get(i) {
+            Some(Node::Const {
+                value: Value::Array(pair),
+                ..
+            }) => pair.first(),
+            _ => None,
+        };
+        Some(Some(Val::Value(variant.unwrap_or(&NULL))))
+    }
+}
+
+/// A `fractional` seeded by a `cat`: the `cat`'s pieces and the arguments after it.
+fn cat_seed(args: &[Node]) -> Option<(&[Node], &[Node])> {
+    match args.split_first()? {
+        (
+            Node::Op {
+                code: Code::Cat,
+                args: pieces,
+                ..
+            },
+            rest,
+        ) => Some((pieces, rest)),
+        _ => None,
     }
 }
 
@@ -413,17 +560,7 @@ fn usual_split<'a>(
     if !matches!(data.bucketing, Bucketing::V1 | Bucketing::V2) {
         return None;
     }
-    let (
-        Node::Op {
-            code: Code::Cat,
-            args: pieces,
-            ..
-        },
-        buckets,
-    ) = args.split_first()?
-    else {
-        return None;
-    };
+    let (pieces, buckets) = cat_seed(args)?;
     let constant = |n: &Node| {
         matches!(
             n,
@@ -561,7 +698,12 @@ mod tests {
         fn fractional(&mut self) -> Value {
             let seed = json!({"cat": [{"var": "$flagd.flagKey"}, {"var": "targetingKey"}]});
             let mixed = json!({"cat": ["f/", {"var": "plan"}, {"var": ["targetingKey"]}]});
-            match self.next() % 5 {
+            match self.next() % 8 {
+                // Planned (the usual form, weights that decide under V2).
+                5 => json!({"fractional": [mixed, ["a", 2], ["b"], ["c", -1], [true, null, 1]]}),
+                6 => json!({"fractional": [seed, ["a", 2_147_483_646], ["b", 1], ["c", 0]]}),
+                // Not planned: no weight, too much weight.
+                7 => json!({"fractional": [seed, ["a", 0]]}),
                 0 => json!({"fractional": [["a", 50], ["b", 50]]}),
                 1 => json!({"fractional": [seed, ["a", 1], ["b", 3], ["c", 0]]}),
                 2 => json!({"fractional": [mixed, ["a", 2.5], [], ["b"], ["c", -1], [true, 7]]}),
@@ -711,6 +853,57 @@ mod tests {
         };
         assert_eq!(rule.evaluate(&data), Ok(Cow::Owned(json!("a"))));
         assert_eq!(rule.evaluate_walked(&data), rule.evaluate(&data));
+    }
+
+    /// flagd's usual split is planned when its weights decide under V2, and the plan charges
+    /// what the walker charges: around the output budget's edge (the seed's texts growing
+    /// byte by byte across it), both paths answer alike, a variant and then over budget.
+    #[test]
+    fn the_usual_split_is_planned_and_charged_as_walked() {
+        let planned = |text: &str| match Rule::parse(text).unwrap().root {
+            Node::Op { split, .. } => split.is_some(),
+            _ => false,
+        };
+        let seed = r#"{"cat": ["f/", {"var": "targetingKey"}, {"var": "plan"}]}"#;
+        assert!(planned(&format!(
+            r#"{{"fractional": [{seed}, ["a", 1], ["b"], ["c", null]]}}"#
+        )));
+        for buckets in [
+            r#"["a", 1.5]"#,
+            r#"["a", 0]"#,
+            "[]",
+            r#"["a", "1"]"#,
+            r#"["a", 2147483648]"#,
+        ] {
+            let text = format!(r#"{{"fractional": [{seed}, {buckets}]}}"#);
+            assert!(!planned(&text), "{text}");
+        }
+        assert!(!planned(r#"{"fractional": [{"cat": [1, "a"]}, ["a", 1]]}"#));
+        assert!(!planned(r#"{"fractional": [{"var": "plan"}, ["a", 1]]}"#));
+
+        let pieces = vec![r#"{"var":"b"}"#; 400].join(",");
+        let text = format!(r#"{{"fractional": [{{"cat": [{pieces}]}}, ["a", 1], ["b", 1]]}}"#);
+        assert!(planned(&text));
+        let rule = Rule::parse(&text).unwrap();
+        let (mut answered, mut over) = (0, 0);
+        // 400 copies of the attribute's text: the budget runs out at about 2,621 bytes each.
+        for len in 2600..2640 {
+            let mut attributes = Map::new();
+            attributes.insert("b".into(), json!("x".repeat(len)));
+            let data = Data {
+                attributes: &attributes,
+                targeting_key: "u",
+                flag_key: "flag",
+                bucketing: Bucketing::V2,
+            };
+            let walked = rule.evaluate_walked(&data);
+            assert_eq!(rule.evaluate(&data), walked, "{len}");
+            match walked {
+                Ok(_) => answered += 1,
+                Err(_) => over += 1,
+            }
+        }
+        assert!(answered > 0 && over > 0, "{answered} answered, {over} over");
     }
 
     #[test]
