@@ -796,6 +796,28 @@ fn compare(op: &str, a: f64, b: f64) -> bool {
     }
 }
 
+/// `<`, `<=`, `>`, `>=` on two texts, in code point order (the order of their UTF-8
+/// bytes), as the JSON Logic engines of flagd and its providers compare two strings (dates
+/// written as ISO 8601 texts order as dates).
+fn compare_text(op: &str, a: &str, b: &str) -> bool {
+    let order = a.cmp(b);
+    match op {
+        "<" => order.is_lt(),
+        "<=" => order.is_le(),
+        ">" => order.is_gt(),
+        _ => order.is_ge(),
+    }
+}
+
+/// JSON Logic's order of two values: two texts as texts, anything else as numbers (false
+/// when either is no number).
+fn ordered(op: &str, a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::String(x), Value::String(y)) => compare_text(op, x, y),
+        _ => matches!((number(a), number(b)), (Some(x), Some(y)) if compare(op, x, y)),
+    }
+}
+
 fn bool_value<'a>(b: bool) -> Cow<'a, Value> {
     Cow::Borrowed(if b { &TRUE } else { &FALSE })
 }
@@ -936,13 +958,13 @@ fn apply<'a>(rule: &'a Node, data: &Scope<'a>, budget: &mut Budget) -> Cow<'a, V
             last
         }
         Code::Compare => {
-            let a = number(&eval(0, budget));
-            let b = number(&eval(1, budget));
-            let ok = match (a, b, args.len()) {
-                (Some(a), Some(b), 2) => compare(op, a, b),
+            let a = eval(0, budget);
+            let b = eval(1, budget);
+            let ok = match args.len() {
+                2 => ordered(op, &a, &b),
                 // JSON Logic's "between": a < b < c.
-                (Some(a), Some(b), 3) if op == "<" || op == "<=" => {
-                    compare(op, a, b) && number(&eval(2, budget)).is_some_and(|c| compare(op, b, c))
+                3 if op == "<" || op == "<=" => {
+                    ordered(op, &a, &b) && ordered(op, &b, &eval(2, budget))
                 }
                 _ => false,
             };
@@ -1247,7 +1269,9 @@ fn parse_version(v: &str) -> Option<semver::Version> {
     if let Some(plain) = plain_version(v) {
         return Some(plain);
     }
-    let v = v.trim().trim_start_matches(['v', 'V']);
+    // One `v` (or `V`) prefix, as flagd reads it: `vv1.2.3` is no version.
+    let v = v.trim();
+    let v = v.strip_prefix(['v', 'V']).unwrap_or(v);
     if let Some(plain) = plain_version(v) {
         return Some(plain);
     }
@@ -1528,14 +1552,17 @@ fn pick_v1<'v>(
     Some(count - 1)
 }
 
-/// A bucket's weight under V2 and V3: missing or null 1, negative 0; `None` (no decision)
-/// for a fraction, a non-number or a weight above `i32::MAX`.
+/// A bucket's weight under V2 and V3: missing or null 1, negative 0, a whole number
+/// written with a fraction (`50.0`) that number, as flagd reads JSON numbers; `None` (no
+/// decision) for a fraction, a non-number or a weight above `i32::MAX`.
 fn weight_v2(w: Option<&Value>) -> Option<u64> {
     let w = match w {
         None | Some(Value::Null) => 1,
         Some(Value::Number(n)) => match (n.as_i64(), n.as_f64()) {
             (Some(i), _) => u64::try_from(i.max(0)).unwrap_or(0),
             (None, Some(f)) if f.fract() == 0.0 && f < 0.0 => 0,
+            // Exact: a whole float up to i32::MAX converts without rounding.
+            (None, Some(f)) if f.fract() == 0.0 && f <= f64::from(i32::MAX) => f as u64,
             _ => return None,
         },
         Some(_) => return None,
@@ -1712,6 +1739,58 @@ mod tests {
             bucketing: Bucketing::default(),
         };
         rule.evaluate(&data).unwrap().into_owned()
+    }
+
+    /// `<`, `<=`, `>`, `>=` compare two texts as texts (ISO 8601 dates order as dates, `"10"`
+    /// comes before `"9"`), as flagd's JSON Logic engines do, and anything else as numbers:
+    /// on both paths, the targeting key included, in the two- and three-argument forms.
+    #[test]
+    fn two_texts_order_as_texts_and_anything_else_as_numbers() {
+        let rule = |op: &str, args: Value| {
+            let text = json!({ op: args }).to_string();
+            Rule::parse(&text).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let attributes = json!({"signup": "2026-03-14", "n": "10", "m": 9});
+        let attributes = attributes.as_object().cloned().unwrap_or_default();
+        let data = Data {
+            attributes: &attributes,
+            targeting_key: "user-2",
+            flag_key: "flag",
+            bucketing: Bucketing::default(),
+        };
+        for (op, args, want) in [
+            ("<", json!([{"var": "signup"}, "2026-04-01"]), true),
+            ("<", json!(["2026-12-01", {"var": "signup"}]), false),
+            (">=", json!([{"var": "signup"}, "2026-03-14"]), true),
+            ("<", json!([{"var": "n"}, "9"]), true),
+            ("<", json!([{"var": "n"}, 9]), false),
+            ("<", json!([{"var": "m"}, {"var": "n"}]), true),
+            ("<", json!(["a", "b"]), true),
+            ("<", json!(["b", "a"]), false),
+            ("<", json!(["é", "z"]), false),
+            (">", json!([{"var": "targetingKey"}, "user-10"]), true),
+            (
+                "<",
+                json!(["2026-01-01", {"var": "signup"}, "2026-06-30"]),
+                true,
+            ),
+            (
+                "<=",
+                json!(["2026-01-01", {"var": "signup"}, "2026-02-28"]),
+                false,
+            ),
+            ("<", json!(["a", 1]), false),
+            ("<", json!([null, "b"]), false),
+        ] {
+            let r = rule(op, args.clone());
+            let walked = r.evaluate_walked(&data).unwrap().into_owned();
+            assert_eq!(walked, json!(want), "{op} {args}");
+            assert_eq!(
+                r.evaluate(&data).unwrap().into_owned(),
+                walked,
+                "{op} {args}"
+            );
+        }
     }
 
     /// A request's numbers arrive as floats (`1.0`): `===` compares numbers by value, and a
@@ -2136,6 +2215,47 @@ mod tests {
         assert_eq!(eval_for(shorthand, json!({}), ""), Value::Null);
     }
 
+    /// A whole weight written with a fraction (`50.0`, as YAML tools and some encoders write
+    /// numbers) weighs as that whole number, as in flagd (whose JSON numbers are all
+    /// floats): every key lands in the same bucket as with `50`, on both paths, whatever
+    /// the seed; above `i32::MAX` it is still no decision.
+    #[test]
+    fn whole_weights_written_as_floats_split_as_whole_numbers() {
+        let seeds = [
+            json!({"cat": ["f/", {"var": "targetingKey"}]}),
+            json!({"var": "k"}),
+        ];
+        for seed in seeds {
+            let as_floats = json!({"fractional": [seed, ["a", 25.0], ["b", 75.0], ["c", -0.0]]});
+            let as_ints = json!({"fractional": [seed, ["a", 25], ["b", 75], ["c", 0]]});
+            let (floats, ints) = (
+                Rule::parse(&as_floats.to_string()).unwrap(),
+                Rule::parse(&as_ints.to_string()).unwrap(),
+            );
+            for bucketing in [Bucketing::V2, Bucketing::V3] {
+                let mut seen = std::collections::BTreeSet::new();
+                for i in 0..400 {
+                    let key = format!("user-{i}");
+                    let attributes = json!({"k": key});
+                    let attributes = attributes.as_object().cloned().unwrap_or_default();
+                    let data = Data {
+                        attributes: &attributes,
+                        targeting_key: &key,
+                        flag_key: "flag",
+                        bucketing,
+                    };
+                    let want = ints.evaluate(&data).unwrap().into_owned();
+                    assert_eq!(floats.evaluate(&data).unwrap().into_owned(), want, "{key}");
+                    assert_eq!(floats.evaluate_walked(&data).unwrap().into_owned(), want);
+                    seen.insert(want.to_string());
+                }
+                assert_eq!(seen.len(), 2, "{as_floats} under {bucketing:?}: {seen:?}");
+            }
+        }
+        let over = json!({"fractional": [{"var": "k"}, ["one", 2_147_483_648.0], ["two", 1]]});
+        assert_eq!(eval(over, json!({"k": "x"})), Value::Null);
+    }
+
     #[test]
     fn cbor_is_deterministic_and_shortest() {
         let enc = |v: Value| {
@@ -2188,6 +2308,8 @@ mod tests {
             ("v1.0.0", "match"),
             ("V1.0.0", "match"),
             ("2.0.0", "no-match"),
+            ("vv1.0.0", "no-match"),
+            ("vV1.0.0", "no-match"),
         ] {
             assert_eq!(
                 eval(prefix.clone(), json!({"version": v})),

@@ -20,10 +20,10 @@ use serde_json::Value;
 use super::super::hash::Murmur3;
 use super::super::text::{ends_with, same, starts_with};
 use super::{
-    bucket, compare, compare_plain, compare_versions, const_weight, fractional, loose_eq, number,
-    parse_version, pick_v1, pick_weighted, sem_ver, strict_eq, truthy, walk_parts, weight_v2,
-    Bucketing, Budget, Code, Data, Node, Scope, VarKind, FALSE, MAX_EVAL_OPS,
-    MAX_EVAL_OUTPUT_BYTES, MAX_RULE_BYTES, NULL, TRUE,
+    bucket, compare, compare_plain, compare_text, compare_versions, const_weight, fractional,
+    loose_eq, number, parse_version, pick_v1, pick_weighted, sem_ver, strict_eq, truthy,
+    walk_parts, weight_v2, Bucketing, Budget, Code, Data, Node, Scope, VarKind, FALSE,
+    MAX_EVAL_OPS, MAX_EVAL_OUTPUT_BYTES, MAX_RULE_BYTES, NULL, TRUE,
 };
 
 /// A value during fast evaluation: borrowed from the rule or the context, or one of the
@@ -354,17 +354,16 @@ fn comparison<'a>(
         args.get(i)
             .map_or(Some(Val::Value(&NULL)), |n| eval(n, data, b))
     };
-    let (x, y) = (arg(0)?.see(data).number(), arg(1)?.see(data).number());
-    Some(Val::boolean(match (x, y, args.len()) {
-        (Some(x), Some(y), 2) => compare(name, x, y),
+    // Two texts as texts, anything else as numbers (the walker's `ordered`).
+    let order = |x: Seen<'_>, y: Seen<'_>| match (x.text(), y.text()) {
+        (Some(x), Some(y)) => compare_text(name, x, y),
+        _ => matches!((x.number(), y.number()), (Some(x), Some(y)) if compare(name, x, y)),
+    };
+    let (x, y) = (arg(0)?.see(data), arg(1)?.see(data));
+    Some(Val::boolean(match args.len() {
+        2 => order(x, y),
         // JSON Logic's "between": x < y < z.
-        (Some(x), Some(y), 3) if name == "<" || name == "<=" => {
-            compare(name, x, y)
-                && arg(2)?
-                    .see(data)
-                    .number()
-                    .is_some_and(|z| compare(name, y, z))
-        }
+        3 if name == "<" || name == "<=" => order(x, y) && order(y, arg(2)?.see(data)),
         _ => false,
     }))
 }
