@@ -77,6 +77,9 @@ fn colours(key: &str, rule: &str, allow: &[&str], deny: &[&str]) -> rpb::Feature
 const RULE: &str = r#"{"if": [{"in": [{"var": "country"}, ["de", "fr"]]}, "eu",
     {">=": [{"var": "age"}, 40]}, "senior", null]}"#;
 
+const DATED: &str = r#"{"if": [{"<": [{"var": "signup"}, "2026-07-01"]}, "eu",
+    {">=": [{"var": "signup"}, "2026-10-01"]}, "senior", null]}"#;
+
 /// The features of the run, with their type: every decision class.
 async fn features(
     rc: &mut Client,
@@ -136,8 +139,11 @@ async fn features(
         Some(100.0),
     )
     .await;
+    // Dates as ISO 8601 texts: two texts order as texts, in every engine.
+    released(rc, colours("dated", DATED, &[], &[]), Some(100.0)).await;
     flags.extend(
-        ["targeted", "targeted-half", "listed", "split-rule"].map(|k| (k.to_owned(), "string")),
+        ["targeted", "targeted-half", "listed", "split-rule", "dated"]
+            .map(|k| (k.to_owned(), "string")),
     );
     let p100 = rc
         .list_releases(rpb::ListReleasesRequest::default())
@@ -152,7 +158,8 @@ async fn features(
     (flags, p100, targets)
 }
 
-/// The generated contexts: keys `user-0`.., every 97th without one; countries, ages.
+/// The generated contexts: keys `user-0`.., every 97th without one; countries, ages,
+/// signup dates.
 fn contexts(n: usize) -> Vec<(Option<String>, serde_json::Map<String, Value>)> {
     let countries = ["de", "fr", "us", "jp", "br"];
     (0..n)
@@ -163,6 +170,8 @@ fn contexts(n: usize) -> Vec<(Option<String>, serde_json::Map<String, Value>)> {
             if i % 4 != 0 {
                 attrs.insert("age".into(), json!((i * 7) % 80));
             }
+            let signup = format!("2026-{:02}-{:02}", 1 + i % 12, 1 + (i * 5) % 28);
+            attrs.insert("signup".into(), json!(signup));
             (key, attrs)
         })
         .collect()
@@ -302,6 +311,9 @@ async fn equivalence(profile: &str, mut provider: tokio::process::Command, n: us
         "listed TargetingMatch a",
         "listed TargetingMatch z",
         "split-rule TargetingMatch senior",
+        "dated TargetingMatch eu",
+        "dated TargetingMatch senior",
+        "dated Default a",
     ] {
         assert!(classes.contains_key(class), "no {class:?} in {classes:#?}");
     }
