@@ -701,7 +701,7 @@ mod tests {
                 // Planned (the usual form, weights that decide under V2).
                 5 => json!({"fractional": [mixed, ["a", 2], ["b"], ["c", -1], [true, null, 1]]}),
                 6 => json!({"fractional": [seed, ["a", 2_147_483_646], ["b", 1], ["c", 0]]}),
-                // Not planned: no weight, too much weight.
+                // Not planned: no weight in total.
                 7 => json!({"fractional": [seed, ["a", 0]]}),
                 0 => json!({"fractional": [["a", 50], ["b", 50]]}),
                 1 => json!({"fractional": [seed, ["a", 1], ["b", 3], ["c", 0]]}),
@@ -884,9 +884,11 @@ mod tests {
         let text = format!(r#"{{"fractional": [{{"cat": [{pieces}]}}, ["a", 1], ["b", 1]]}}"#);
         assert!(planned(&text));
         let rule = Rule::parse(&text).unwrap();
-        let (mut answered, mut over) = (0, 0);
-        // 400 copies of the attribute's text: the budget runs out at about 2,621 bytes each.
-        for len in 2600..2640 {
+        // 400 copies of the attribute's text: the fast path's share of the budget runs out
+        // at about 1,966 bytes each (it hands over to the walker), the walker's own budget
+        // at about 2,621.
+        let (mut fast, mut handed_over, mut answered, mut over) = (0, 0, 0, 0);
+        for len in (1940..1990).chain(2600..2640) {
             let mut attributes = Map::new();
             attributes.insert("b".into(), json!("x".repeat(len)));
             let data = Data {
@@ -897,12 +899,26 @@ mod tests {
             };
             let walked = rule.evaluate_walked(&data);
             assert_eq!(rule.evaluate(&data), walked, "{len}");
+            match eval(&rule.root, &data, &mut budget()) {
+                Some(v) => {
+                    fast += 1;
+                    assert_eq!(Ok(v.into_cow(&data)), walked, "{len}");
+                }
+                None => handed_over += 1,
+            }
             match walked {
                 Ok(_) => answered += 1,
                 Err(_) => over += 1,
             }
         }
-        assert!(answered > 0 && over > 0, "{answered} answered, {over} over");
+        assert!(
+            fast > 0 && handed_over > 0,
+            "{fast} on the fast path, {handed_over} handed over"
+        );
+        assert!(
+            answered > fast && over > 0,
+            "{answered} answered, {over} over"
+        );
     }
 
     #[test]
