@@ -1576,10 +1576,9 @@ fn pick_weighted<'v>(
     hash: u32,
     weights: impl Iterator<Item = Option<&'v Value>> + Clone,
 ) -> Option<usize> {
-    let weight = weight_v2;
     let mut total: u64 = 0;
     for w in weights.clone() {
-        total += weight(w)?;
+        total += weight_v2(w)?;
     }
     if total == 0 || total > i32::MAX as u64 {
         return None;
@@ -1587,7 +1586,7 @@ fn pick_weighted<'v>(
     let bucket = (u64::from(hash) * total) >> 32;
     let mut end = 0;
     for (i, w) in weights.enumerate() {
-        end += weight(w)?;
+        end += weight_v2(w)?;
         if bucket < end {
             return Some(i);
         }

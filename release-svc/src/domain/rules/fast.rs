@@ -418,9 +418,7 @@ pub(super) struct Split {
     /// Output bytes: the literal pieces' and the buckets' (read in place and paid as
     /// copies), without the `var`s' texts.
     bytes: u32,
-    /// The V2 total weight (from 1 to `i32::MAX`).
-    total: u32,
-    /// Each bucket's cumulative V2 weight.
+    /// Each bucket's cumulative V2 weight (the last is the total, from 1 to `i32::MAX`).
     ends: Box<[u32]>,
     /// The hash of the seed's leading literal pieces, and how many there are (flagd's
     /// usual seed starts with the flag's own text: hashed once, here).
@@ -474,7 +472,6 @@ impl Split {
         Some(Box::new(Split {
             ops: u32::try_from(ops).ok()?,
             bytes: u32::try_from(bytes).ok()?,
-            total: u32::try_from(total).ok()?,
             ends: ends.into(),
             prefix,
             literal,
@@ -504,7 +501,8 @@ impl Split {
         if !budget.take(self.ops, self.bytes as usize + read) {
             return Some(None);
         }
-        let at = (u64::from(hash.finish()) * u64::from(self.total)) >> 32;
+        let total = self.ends.last().copied().unwrap_or_default();
+        let at = (u64::from(hash.finish()) * u64::from(total)) >> 32;
         let i = self
             .ends
             .iter()
